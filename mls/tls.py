@@ -177,6 +177,9 @@ class Reader:
 class Struct:
     """Base for wire structures: subclasses implement `write` and `read`."""
 
+    # Empty slots so that `@dataclass(slots=True)` subclasses carry no per-instance __dict__.
+    __slots__ = ()
+
     def write(self, w: Writer) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
