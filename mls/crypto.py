@@ -326,7 +326,9 @@ class Crypto:
             if scheme is SignatureScheme.ed448:
                 return ed448.Ed448PrivateKey.from_private_bytes(private)
             curve, _, size = _ECDSA[scheme]
-            if len(private) != size:
+            # Some implementations drop leading zero octets of the scalar (seen in the P-521
+            # vectors): accept any length up to the field size, as a big-endian integer.
+            if not 0 < len(private) <= size:
                 raise ValueError("wrong length")
             return ec.derive_private_key(int.from_bytes(private, "big"), curve)
         except _KEY_ERRORS:
@@ -400,7 +402,9 @@ class Crypto:
             return private._key
         kem = self.kem_id
         try:
-            if len(private) != self._nsk:
+            # EC scalars may come without leading zero octets (as for signature keys).
+            short_ok = kem in _KEM_CURVE and 0 < len(private) < self._nsk
+            if len(private) != self._nsk and not short_ok:
                 raise ValueError("wrong length")
             if kem is KEMId.DHKEM_X25519_HKDF_SHA256:
                 key: Any = x25519.X25519PrivateKey.from_private_bytes(private)

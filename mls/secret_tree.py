@@ -1,0 +1,350 @@
+"""The secret tree and its per-sender hash ratchets (RFC 9420 §9, §9.1, §9.2).
+
+A `SecretTree` starts from an epoch's `encryption_secret` and derives, lazily and only along the
+path that is needed, the `tree_node_[N]_secret` of each leaf and from it the leaf's handshake and
+application `HashRatchet`. Groups have thousands of leaves, so nothing is expanded up front.
+
+Deletion (§9.2): a parent secret is dropped as soon as both of its children are derived, a leaf
+secret as soon as its two ratchets are initialised, a ratchet secret as soon as the next one is
+derived, and a key/nonce pair as soon as it has been handed out for sending or its message has been
+successfully decrypted. Python cannot zero immutable `bytes`; "deleted" means this module keeps no
+reference to the value.
+
+Receiving is two-step so that a message that fails decryption or verification changes nothing:
+`SecretTree.key_for` computes a `PendingKey` without touching the ratchet, and
+`SecretTree.consume` applies it (advances the ratchet, keeps skipped keys within the window,
+deletes the used key). Out-of-order generations are accepted within a configurable
+`RatchetWindow` (§15.3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from .errors import SecretReuseError, ValidationError
+from .tree_math import left, level, right, root
+
+if TYPE_CHECKING:
+    from .crypto import Crypto
+
+# Generations are uint32 on the wire (SenderData.generation, DeriveTreeSecret's context).
+MAX_GENERATION = (1 << 32) - 1
+
+
+class RatchetType(Enum):
+    """Which of a leaf's two hash ratchets (§9): handshake for proposals and commits."""
+
+    HANDSHAKE = "handshake"
+    APPLICATION = "application"
+
+
+@dataclass(frozen=True)
+class RatchetWindow:
+    """How far a receiver lets a sender's ratchet be reordered (§15.3).
+
+    `out_of_order_tolerance`: keys of generations skipped over are kept while they are at most this
+    many generations behind the ratchet's next generation; older ones are deleted.
+    `maximum_forward_distance`: a message may be at most this many generations ahead of the next
+    expected one; further ahead is refused without deriving anything (a malicious generation
+    0xffffffff must not cost billions of derivations).
+    """
+
+    out_of_order_tolerance: int = 64
+    maximum_forward_distance: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.out_of_order_tolerance < 0 or self.maximum_forward_distance < 0:
+            raise ValueError("RatchetWindow limits must be non-negative")
+
+
+DEFAULT_WINDOW = RatchetWindow()
+
+
+@dataclass(frozen=True)
+class RatchetKey:
+    """`ratchet_key_[N]_[j]` and `ratchet_nonce_[N]_[j]` for generation j (§9.1)."""
+
+    generation: int
+    key: bytes = field(repr=False)
+    nonce: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class PendingKey:
+    """A receiving key computed but not yet consumed; `SecretTree.consume` applies it.
+
+    Holds the ratchet state that consuming will install, so nothing is derived twice.
+    """
+
+    leaf_index: int
+    ratchet_type: RatchetType
+    ratchet_key: RatchetKey
+    _ratchet: HashRatchet = field(repr=False)
+    _state_version: int = field(repr=False)
+    # Only set when the generation is at or past the ratchet's next generation.
+    _next_secret: bytes | None = field(repr=False, default=None)
+    _skipped: tuple[RatchetKey, ...] = field(repr=False, default=())
+
+    @property
+    def generation(self) -> int:
+        return self.ratchet_key.generation
+
+    @property
+    def key(self) -> bytes:
+        return self.ratchet_key.key
+
+    @property
+    def nonce(self) -> bytes:
+        return self.ratchet_key.nonce
+
+
+class HashRatchet:
+    """One sender ratchet (§9.1): `ratchet_secret_[N]_[j]` -> key, nonce, next secret.
+
+    State: the secret of `next_generation` (every later generation is derivable from it) and the
+    keys of earlier, skipped generations that are still within the window.
+    """
+
+    __slots__ = ("_crypto", "_secret", "_next_generation", "_skipped", "_window", "_version")
+
+    def __init__(self, crypto: Crypto, secret: bytes, window: RatchetWindow = DEFAULT_WINDOW):
+        self._crypto = crypto
+        self._secret: bytes | None = secret
+        self._next_generation = 0
+        self._skipped: dict[int, RatchetKey] = {}
+        self._window = window
+        # Bumped on every change: a PendingKey computed before a change is re-checked.
+        self._version = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"HashRatchet(next_generation={self._next_generation}, "
+            f"retained_generations={self.retained_generations})"
+        )
+
+    @property
+    def next_generation(self) -> int:
+        """The lowest generation not yet derived (the next one a sender would use)."""
+        return self._next_generation
+
+    @property
+    def retained_generations(self) -> list[int]:
+        """Generations before `next_generation` whose keys are still kept (skipped, unused)."""
+        return sorted(self._skipped)
+
+    def _key_at(self, secret: bytes, generation: int) -> RatchetKey:
+        c = self._crypto
+        return RatchetKey(
+            generation,
+            key=c.derive_tree_secret(secret, b"key", generation, c.aead_key_length),
+            nonce=c.derive_tree_secret(secret, b"nonce", generation, c.aead_nonce_length),
+        )
+
+    def _next_secret(self, secret: bytes, generation: int) -> bytes:
+        return self._crypto.derive_tree_secret(
+            secret, b"secret", generation, self._crypto.hash_length
+        )
+
+    def _require_secret(self) -> bytes:
+        if self._secret is None:
+            raise SecretReuseError("this ratchet is exhausted: all 2^32 generations were used")
+        return self._secret
+
+    def next(self) -> RatchetKey:
+        """Sending: the key and nonce of the next generation, consumed at once (§9.2)."""
+        secret = self._require_secret()
+        generation = self._next_generation
+        out = self._key_at(secret, generation)
+        self._secret = (
+            None if generation == MAX_GENERATION else self._next_secret(secret, generation)
+        )
+        self._next_generation = generation + 1
+        self._version += 1
+        self._prune()
+        return out
+
+    def _prune(self) -> None:
+        oldest = self._next_generation - self._window.out_of_order_tolerance
+        for g in [g for g in self._skipped if g < oldest]:
+            del self._skipped[g]
+
+    def prepare(self, generation: int) -> tuple[RatchetKey, bytes | None, tuple[RatchetKey, ...]]:
+        """Receiving: compute generation's key without changing state.
+
+        Returns (key, secret of generation + 1 or None if generation was already derived, keys of
+        the skipped generations to keep). Raises SecretReuseError for a used or expired generation
+        and ValidationError for one too far ahead.
+        """
+        if not 0 <= generation <= MAX_GENERATION:
+            raise ValidationError(f"generation {generation} is not a uint32")
+        if generation < self._next_generation:
+            skipped = self._skipped.get(generation)
+            if skipped is not None:
+                return skipped, None, ()
+            if generation < self._next_generation - self._window.out_of_order_tolerance:
+                raise SecretReuseError(
+                    f"generation {generation} is older than the out-of-order window "
+                    f"({self._window.out_of_order_tolerance} generations before "
+                    f"{self._next_generation}); its key has been deleted"
+                )
+            raise SecretReuseError(
+                f"generation {generation} has already been used; its key has been deleted"
+            )
+        distance = generation - self._next_generation
+        if distance > self._window.maximum_forward_distance:
+            raise ValidationError(
+                f"generation {generation} is {distance} generations ahead of the next expected "
+                f"({self._next_generation}); the limit is {self._window.maximum_forward_distance}"
+            )
+        secret = self._require_secret()
+        # Keys of skipped generations that would fall out of the window at once are not derived.
+        keep_from = generation + 1 - self._window.out_of_order_tolerance
+        skipped_keys: list[RatchetKey] = []
+        for j in range(self._next_generation, generation):
+            if j >= keep_from:
+                skipped_keys.append(self._key_at(secret, j))
+            secret = self._next_secret(secret, j)
+        out = self._key_at(secret, generation)
+        next_secret = (
+            None if generation == MAX_GENERATION else self._next_secret(secret, generation)
+        )
+        return out, next_secret, tuple(skipped_keys)
+
+    def commit(self, pending: PendingKey) -> None:
+        """Apply a `PendingKey` from `prepare`: the generation becomes used (§9.2).
+
+        If the ratchet moved since the key was computed (another message was consumed in
+        between), the generation is checked again and SecretReuseError raised if it has since
+        been used or fallen out of the window.
+        """
+        if pending._ratchet is not self:
+            raise ValidationError("this pending key belongs to another ratchet")
+        generation = pending.generation
+        next_secret, skipped = pending._next_secret, pending._skipped
+        if pending._state_version != self._version:
+            _, next_secret, skipped = self.prepare(generation)
+        if generation < self._next_generation:
+            del self._skipped[generation]
+            self._version += 1
+            return
+        for k in skipped:
+            self._skipped[k.generation] = k
+        self._secret = next_secret
+        self._next_generation = generation + 1
+        self._version += 1
+        self._prune()
+
+
+class SecretTree:
+    """The secret tree of one epoch (§9), deriving leaves' ratchets on demand.
+
+    `n_leaves` is the ratchet tree's leaf count (a power of two in RFC 9420 trees; another count
+    is rounded up to one, which leaves every real leaf's secret unchanged).
+    """
+
+    __slots__ = ("_crypto", "_n_leaves", "_width_leaves", "_nodes", "_ratchets", "_window")
+
+    def __init__(
+        self,
+        crypto: Crypto,
+        encryption_secret: bytes,
+        n_leaves: int,
+        window: RatchetWindow = DEFAULT_WINDOW,
+    ) -> None:
+        if n_leaves < 1:
+            raise ValueError("a secret tree needs at least one leaf")
+        if len(encryption_secret) != crypto.hash_length:
+            raise ValueError(
+                f"encryption_secret must be {crypto.hash_length} bytes, got {len(encryption_secret)}"
+            )
+        self._crypto = crypto
+        self._n_leaves = n_leaves
+        self._width_leaves = 1 << (n_leaves - 1).bit_length()
+        self._window = window
+        # tree_node_[N]_secret for the nodes derived but not yet expanded further.
+        self._nodes: dict[int, bytes] = {root(self._width_leaves): encryption_secret}
+        self._ratchets: dict[int, tuple[HashRatchet, HashRatchet]] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"SecretTree(n_leaves={self._n_leaves}, retained_nodes={self.retained_nodes}, "
+            f"initialised_leaves={sorted(self._ratchets)})"
+        )
+
+    @property
+    def n_leaves(self) -> int:
+        return self._n_leaves
+
+    @property
+    def window(self) -> RatchetWindow:
+        return self._window
+
+    @property
+    def retained_nodes(self) -> list[int]:
+        """Node indices whose tree secrets are still held (for tests and audits)."""
+        return sorted(self._nodes)
+
+    def ratchet(self, leaf_index: int, ratchet_type: RatchetType) -> HashRatchet:
+        """The leaf's handshake or application ratchet, derived on first use."""
+        pair = self._ratchets.get(leaf_index)
+        if pair is None:
+            pair = self._init_leaf(leaf_index)
+        return pair[0] if ratchet_type is RatchetType.HANDSHAKE else pair[1]
+
+    def _init_leaf(self, leaf_index: int) -> tuple[HashRatchet, HashRatchet]:
+        if not 0 <= leaf_index < self._n_leaves:
+            raise ValidationError(
+                f"leaf index {leaf_index} is outside the group's tree of {self._n_leaves} leaves"
+            )
+        c = self._crypto
+        target = 2 * leaf_index
+        node = root(self._width_leaves)
+        # Walk down to the lowest retained ancestor, then expand each node into both children
+        # and delete it (§9.2: the parent is no longer needed once both children exist).
+        while node not in self._nodes:
+            node = left(node) if target < node else right(node)
+            if level(node) == 0 and node not in self._nodes:
+                # Below a retained node every path node is retained, so this means the
+                # leaf's ratchets were built before and dropped; that cannot happen here.
+                raise SecretReuseError(f"the secret of leaf {leaf_index} has been deleted")
+        while node != target:
+            secret = self._nodes.pop(node)
+            lo, hi = left(node), right(node)
+            self._nodes[lo] = c.expand_with_label(secret, b"tree", b"left", c.hash_length)
+            self._nodes[hi] = c.expand_with_label(secret, b"tree", b"right", c.hash_length)
+            node = lo if target < node else hi
+        leaf_secret = self._nodes.pop(target)
+        pair = (
+            HashRatchet(
+                c, c.expand_with_label(leaf_secret, b"handshake", b"", c.hash_length), self._window
+            ),
+            HashRatchet(
+                c,
+                c.expand_with_label(leaf_secret, b"application", b"", c.hash_length),
+                self._window,
+            ),
+        )
+        self._ratchets[leaf_index] = pair
+        return pair
+
+    def next_key(self, leaf_index: int, ratchet_type: RatchetType) -> RatchetKey:
+        """Sending as `leaf_index`: the next unused generation's key and nonce, consumed."""
+        return self.ratchet(leaf_index, ratchet_type).next()
+
+    def key_for(self, leaf_index: int, ratchet_type: RatchetType, generation: int) -> PendingKey:
+        """Receiving: the key for (leaf, generation), not yet consumed.
+
+        Deriving the leaf's path is the only change this may make; it keeps every secret
+        still needed, so a message that later fails leaves all keys usable as before.
+        """
+        ratchet = self.ratchet(leaf_index, ratchet_type)
+        key, next_secret, skipped = ratchet.prepare(generation)
+        return PendingKey(
+            leaf_index, ratchet_type, key, ratchet, ratchet._version, next_secret, skipped
+        )
+
+    def consume(self, pending: PendingKey) -> None:
+        """Mark a received generation used after its message decrypted and verified (§9.2)."""
+        pending._ratchet.commit(pending)
