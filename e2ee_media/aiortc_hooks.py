@@ -1,0 +1,209 @@
+"""Every hook of `e2ee_media` into aiortc's internals, in one place.
+
+Tested with aiortc 1.16.0 (pyproject pins ``aiortc>=1.16,<1.17``). It relies on:
+
+Send side (`aiortc.rtcrtpsender.RTCRtpSender`):
+- ``_next_encoded_frame(codec)`` is looked up on the instance and awaited once per frame by
+  ``_run_rtp``; it creates the encoder with ``aiortc.codecs.get_encoder(codec)`` only while the
+  name-mangled ``_RTCRtpSender__encoder`` is None. We pre-create it and wrap its packetizer, so
+  aiortc keeps running the real encoder: PLI/FIR -> ``force_keyframe``, REMB ->
+  ``encoder.target_bitrate``, and the audio level computed from the raw `AudioFrame` all keep
+  working.
+- ``Vp8Encoder._packetize(buffer, picture_id)`` and ``H264Encoder._packetize(nal_units)`` are
+  classmethods called as ``self._packetize`` by ``encode()`` and ``pack()``: an instance
+  attribute overrides them, so the frame is encrypted after the encoder and before RTP
+  packetization.
+- Audio encoders (``OpusEncoder`` ...) return ``(payloads, timestamp)`` from ``encode`` and
+  ``pack`` with one frame per payload; an empty list sends nothing.
+- ``RTCRtpSender._send_keyframe()`` makes the next encoded frame a keyframe (after a frame had
+  to be dropped because it could not be encrypted).
+
+Receive side (`aiortc.rtcrtpreceiver.RTCRtpReceiver`):
+- ``_RTCRtpReceiver__decoder_queue`` (a ``queue.Queue``) gets ``(codec, JitterFrame)`` for each
+  frame the jitter buffer completes (already depayloaded and reassembled), or None to stop; the
+  decoder thread captures the queue object when ``receive()`` starts it, so it must be replaced
+  before (``pc.on("track")`` runs early enough).
+- ``_RTCRtpReceiver__decoder_error`` (a ``threading.Event``): when set, the receiver sends a PLI
+  with the next video packet.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import aiortc
+from aiortc import codecs as aiortc_codecs
+from aiortc.codecs.h264 import H264Encoder
+from aiortc.codecs.vpx import Vp8Encoder
+from aiortc.rtcrtpreceiver import RTCRtpReceiver
+from aiortc.rtcrtpsender import RTCRtpSender
+
+from .codecs import H264, VP8
+from .errors import SFrameError
+from .transform import DEFAULT_HOLDBACK, FrameDecryptor, FrameEncryptor, FrameKeys, TrackStats
+
+TESTED_AIORTC_VERSIONS = ("1.16.",)
+
+# Failures that a keyframe can repair at once (a frame lost or damaged in transit) ask for one
+# immediately; an unknown KID (keys not there yet) asks at most this often.
+UNKNOWN_KID_PLI_INTERVAL = 1.0
+
+
+def check_aiortc_version() -> None:
+    """Refuse to hook an aiortc whose internals were not tested with these hooks."""
+    if not aiortc.__version__.startswith(TESTED_AIORTC_VERSIONS):
+        raise SFrameError(
+            f"e2ee_media hooks were tested with aiortc {', '.join(TESTED_AIORTC_VERSIONS)}x, "
+            f"not {aiortc.__version__}; install a tested version"
+        )
+
+
+def encrypt_sender(
+    sender: RTCRtpSender,
+    keys: FrameKeys,
+    *,
+    context: int,
+    stats: TrackStats | None = None,
+) -> FrameEncryptor:
+    """Encrypt every frame `sender` sends. Call before the connection starts sending.
+
+    `context` must differ between the outgoing tracks of one participant (it is part of the KID
+    and keeps their CTR sequences apart). Returns the encryptor; its `stats` count frames.
+    """
+    check_aiortc_version()
+    if getattr(sender, "_RTCRtpSender__encoder", None) is not None:
+        raise SFrameError("the sender has already encoded frames in the clear; hook it earlier")
+    encryptor = FrameEncryptor(keys, "", context=context, stats=stats)
+    original = sender._next_encoded_frame
+
+    async def next_encoded_frame(codec: Any) -> Any:
+        if sender._RTCRtpSender__encoder is None:  # type: ignore[attr-defined]
+            encryptor.mime_type = codec.mimeType.lower()
+            encoder = aiortc_codecs.get_encoder(codec)
+            _wrap_encoder(encoder, encryptor, sender._send_keyframe)
+            sender._RTCRtpSender__encoder = encoder  # type: ignore[attr-defined]
+        return await original(codec)
+
+    sender._next_encoded_frame = next_encoded_frame  # type: ignore[method-assign]
+    return encryptor
+
+
+def _wrap_encoder(
+    encoder: Any, encryptor: FrameEncryptor, request_keyframe: Callable[[], None]
+) -> None:
+    """Encrypt between `encoder`'s encoder and its packetizer.
+
+    A frame that cannot be encrypted (no keys yet, counter exhausted, malformed) is dropped,
+    never sent in the clear; it is counted in `encryptor.stats`, and the next video frame is
+    made a keyframe so that receivers can decode again at once.
+    """
+
+    def encrypt_or_drop(encrypt: Callable[[Any], Any], frame: Any) -> Any:
+        try:
+            return encrypt(frame)
+        except SFrameError:
+            request_keyframe()
+            return None
+
+    if encryptor.mime_type == VP8:
+        assert isinstance(encoder, Vp8Encoder)
+
+        def vp8_packetize(buffer: bytes, picture_id: int) -> list[bytes]:
+            if not buffer:  # libvpx dropped the frame: nothing to send
+                return []
+            ciphertext = encrypt_or_drop(encryptor.encrypt_frame, buffer)
+            return [] if ciphertext is None else Vp8Encoder._packetize(ciphertext, picture_id)
+
+        encoder._packetize = vp8_packetize
+    elif encryptor.mime_type == H264:
+        assert isinstance(encoder, H264Encoder)
+
+        def h264_packetize(nal_units: Iterable[bytes]) -> list[bytes]:
+            nals = list(nal_units)
+            if not nals:
+                return []
+            encrypted = encrypt_or_drop(encryptor.encrypt_nal_units, nals)
+            return [] if encrypted is None else H264Encoder._packetize(encrypted)
+
+        encoder._packetize = h264_packetize
+    else:
+        # Audio codecs: one frame per payload.
+        encode, pack = encoder.encode, encoder.pack
+
+        def encrypt_payloads(result: tuple[list[bytes], Any]) -> tuple[list[bytes], Any]:
+            payloads, timestamp = result
+            encrypted = [encrypt_or_drop(encryptor.encrypt_frame, p) for p in payloads]
+            return [p for p in encrypted if p is not None], timestamp
+
+        encoder.encode = lambda frame, force_keyframe=False: encrypt_payloads(
+            encode(frame, force_keyframe)
+        )
+        encoder.pack = lambda packet: encrypt_payloads(pack(packet))
+
+
+class _DecryptingQueue(queue.Queue):  # type: ignore[type-arg]
+    """Stands in for the receiver's decoder queue: decrypts each frame on its way in (in the
+    event loop thread, where aiortc calls `put`), drops the frames that fail and asks for a
+    keyframe when that can help."""
+
+    def __init__(
+        self,
+        decryptor: FrameDecryptor,
+        decoder_error: threading.Event,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.decryptor = decryptor
+        self.decoder_error = decoder_error
+        self.clock = clock
+        self._last_unknown_kid_pli = float("-inf")
+        decryptor.on_failure = self._on_failure
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        if item is None:
+            super().put(None, block, timeout)
+            return
+        codec, jitter_frame = item
+        ready = self.decryptor.push(item, jitter_frame.data, codec.mimeType.lower())
+        for (ready_codec, ready_frame), plaintext in ready:
+            ready_frame.data = plaintext
+            super().put((ready_codec, ready_frame), block, timeout)
+
+    def _on_failure(self, exc: SFrameError) -> None:
+        if exc.reason in ("authentication", "malformed"):
+            self.decoder_error.set()
+        elif exc.reason == "unknown_kid":
+            now = self.clock()
+            if now - self._last_unknown_kid_pli >= UNKNOWN_KID_PLI_INTERVAL:
+                self._last_unknown_kid_pli = now
+                self.decoder_error.set()
+
+
+def decrypt_receiver(
+    receiver: RTCRtpReceiver,
+    keys: FrameKeys,
+    *,
+    stats: TrackStats | None = None,
+    holdback: float = DEFAULT_HOLDBACK,
+) -> FrameDecryptor:
+    """Decrypt every frame `receiver` gets before it reaches the decoder.
+
+    Call from ``pc.on("track")`` (before the receiver starts). Frames that fail are dropped and
+    counted in the returned decryptor's `stats`; frames of the next epoch wait up to `holdback`
+    seconds for its keys (see `FrameDecryptor`).
+    """
+    check_aiortc_version()
+    if getattr(receiver, "_RTCRtpReceiver__decoder_thread", None) is not None:
+        raise SFrameError(
+            "the receiver is already decoding; hook it in pc.on('track') before it starts"
+        )
+    decryptor = FrameDecryptor(keys, stats=stats, holdback=holdback)
+    receiver._RTCRtpReceiver__decoder_queue = _DecryptingQueue(  # type: ignore[attr-defined]
+        decryptor,
+        receiver._RTCRtpReceiver__decoder_error,  # type: ignore[attr-defined]
+    )
+    return decryptor

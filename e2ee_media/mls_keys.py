@@ -1,0 +1,298 @@
+"""SFrame keys from MLS (RFC 9605 §5.2).
+
+Per MLS epoch: ``base_key = MLS-Exporter("SFrame 1.0 Base Key", "", AEAD.Nk)``. Each member
+sends under KIDs ::
+
+    KID = (context << (S + E)) + (sender_index << E) + (epoch % (1 << E))
+
+where S is the smallest value with ``group_size <= 1 << S`` (group_size = the number of leaves up
+to the highest occupied leaf index, so every leaf index fits), E is a setting, and `context` is
+chosen by the sender (one per outgoing stream, so streams never share a CTR sequence). Each
+KID's sframe_key and sframe_salt come from base_key and that KID (§4.4.2).
+
+Transitions: the sender switches to the new epoch's keys at once; a receiver keeps earlier
+epochs for `grace_period` seconds, picks the key by the KID's epoch bits, then deletes them. An
+older epoch with the same low E bits as a new one is dropped when the new one arrives (§5.2).
+
+This module needs only a group's exporter, epoch, leaf index and member list (`ExporterGroup`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .cipher_suites import CipherSuite
+from .context import RecvKeyContext, SendKeyContext, SFrameContext
+from .errors import KeyScheduleError
+from .header import decode_header
+from .replay import DEFAULT_WINDOW
+
+BASE_KEY_LABEL = b"SFrame 1.0 Base Key"
+DEFAULT_EPOCH_BITS = 4
+DEFAULT_GRACE_PERIOD = 2.0
+
+
+class ExporterGroup(Protocol):
+    """What the key schedule needs of an MLS group (`mls.Group` provides it)."""
+
+    @property
+    def epoch(self) -> int: ...
+
+    @property
+    def leaf_index(self) -> int: ...
+
+    @property
+    def members(self) -> Any: ...
+
+    def export_secret(self, label: bytes, context: bytes, length: int) -> bytes: ...
+
+
+def leaf_indices(members: Any) -> list[int]:
+    """The leaf indices of `members`: a mapping keyed by leaf index, or an iterable of leaf
+    indices or of objects with a `leaf_index` attribute."""
+    if isinstance(members, Mapping):
+        items: Iterable[Any] = members.keys()
+    else:
+        items = members
+    indices = []
+    for member in items:
+        if isinstance(member, int):
+            indices.append(member)
+        elif isinstance(getattr(member, "leaf_index", None), int):
+            indices.append(member.leaf_index)
+        else:
+            raise KeyScheduleError(
+                f"cannot read a leaf index from group member {type(member).__name__}; "
+                "expected an int or an object with a `leaf_index` attribute"
+            )
+    return indices
+
+
+def index_bits(group_size: int) -> int:
+    """S: the smallest value such that ``group_size <= 1 << S``."""
+    return max(0, group_size - 1).bit_length()
+
+
+@dataclass
+class EpochKeys:
+    """One epoch's SFrame state: its base_key (until the epoch is deleted) and derived KIDs."""
+
+    epoch: int
+    index_bits: int
+    senders: frozenset[int]
+    base_key: bytes = field(repr=False)
+    recv_kids: set[int] = field(default_factory=set)
+    expires_at: float | None = None  # set when a newer epoch arrives
+
+
+class MLSKeyManager:
+    """The SFrame key schedule of one member of an MLS group.
+
+    Call `update(group)` after every change of epoch (creation, join, each merged commit). Then
+    `encrypt` seals under the sender's KID of the newest epoch and `decrypt` opens frames of any
+    retained epoch. `clock` is injectable for tests; expired epochs are deleted on the next
+    `decrypt`, `update` or `expire` call.
+    """
+
+    def __init__(
+        self,
+        cipher_suite: int = CipherSuite.AES_128_GCM_SHA256_128,
+        *,
+        epoch_bits: int = DEFAULT_EPOCH_BITS,
+        grace_period: float = DEFAULT_GRACE_PERIOD,
+        replay_window: int = DEFAULT_WINDOW,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not 1 <= epoch_bits <= 32:
+            raise ValueError("epoch_bits (E) must be between 1 and 32")
+        if grace_period < 0:
+            raise ValueError("grace_period must not be negative")
+        self.sframe = SFrameContext(
+            cipher_suite, replay_window=replay_window, resolver=self._resolve
+        )
+        self.params = self.sframe.params
+        self.epoch_bits = epoch_bits
+        self.grace_period = grace_period
+        self.clock = clock
+        self.current: EpochKeys | None = None
+        self.leaf_index: int | None = None
+        # Retained epochs by their low E bits: the KID carries only those.
+        self._epochs: dict[int, EpochKeys] = {}
+        self._send: dict[int, SendKeyContext] = {}  # context value -> key of the current epoch
+        self._next_expiry: float | None = None
+        self._send_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        epoch = None if self.current is None else self.current.epoch
+        return (
+            f"MLSKeyManager({self.params.suite.name}, E={self.epoch_bits}, epoch={epoch}, "
+            f"retained={sorted(e.epoch for e in self._epochs.values())})"
+        )
+
+    # --- KID layout ----------------------------------------------------------------------------
+
+    def kid(self, sender_index: int, epoch: int, index_bits: int, context: int = 0) -> int:
+        """KID = (context << (S + E)) + (sender_index << E) + (epoch % (1 << E))."""
+        e = self.epoch_bits
+        if not 0 <= sender_index < (1 << index_bits):
+            raise KeyScheduleError(
+                f"sender index {sender_index} does not fit in S={index_bits} bits"
+            )
+        kid = (context << (index_bits + e)) + (sender_index << e) + (epoch % (1 << e))
+        if context < 0 or kid >= 1 << 64:
+            raise KeyScheduleError(
+                f"context {context} does not fit in the {64 - index_bits - e} KID bits left"
+            )
+        return kid
+
+    def split_kid(self, kid: int, index_bits: int) -> tuple[int, int, int]:
+        """``(context, sender_index, epoch_low_bits)`` of `kid` for a group with S=index_bits."""
+        e = self.epoch_bits
+        return (
+            kid >> (index_bits + e),
+            (kid >> e) & ((1 << index_bits) - 1),
+            kid & ((1 << e) - 1),
+        )
+
+    # --- Epochs --------------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int | None:
+        return None if self.current is None else self.current.epoch
+
+    @property
+    def retained_epochs(self) -> list[int]:
+        self.expire()
+        return sorted(keys.epoch for keys in self._epochs.values())
+
+    def update(self, group: ExporterGroup) -> bool:
+        """Install the group's current epoch if it is new; True if it was."""
+        epoch = group.epoch
+        if self.current is not None:
+            if epoch == self.current.epoch:
+                return False
+            if epoch < self.current.epoch:
+                raise KeyScheduleError(
+                    f"group epoch went back from {self.current.epoch} to {epoch}"
+                )
+        members = leaf_indices(group.members)
+        leaf = group.leaf_index
+        group_size = max([*members, leaf]) + 1
+        s = index_bits(group_size)
+        if s + self.epoch_bits > 64:
+            raise KeyScheduleError(f"a group of {group_size} leaves leaves no room for E bits")
+        base_key = group.export_secret(BASE_KEY_LABEL, b"", self.params.Nk)
+        now = self.clock()
+        with self._send_lock:
+            self._install(epoch, s, frozenset(members) - {leaf}, leaf, base_key, now)
+        self.expire(now)
+        return True
+
+    def _install(
+        self, epoch: int, s: int, senders: frozenset[int], leaf: int, base_key: bytes, now: float
+    ) -> None:
+        # Sender: the old epoch's send keys go at once (and with them their secrets).
+        for key in self._send.values():
+            self.sframe.remove_key(key.kid)
+        self._send.clear()
+        # Receiver: earlier epochs stay for the grace period.
+        if self.current is not None:
+            self.current.expires_at = now + self.grace_period
+        slot = epoch % (1 << self.epoch_bits)
+        if slot in self._epochs:
+            self._drop(self._epochs.pop(slot))  # same low E bits: the RFC says remove it now
+        keys = EpochKeys(epoch, s, senders, base_key)
+        self._epochs[slot] = keys
+        self.current = keys
+        self.leaf_index = leaf
+
+    def expire(self, now: float | None = None) -> None:
+        """Delete epochs whose grace period has passed."""
+        if self._next_expiry is None and not self._retiring():
+            return
+        now = self.clock() if now is None else now
+        next_expiry = None
+        for slot, keys in list(self._epochs.items()):
+            if keys.expires_at is None:
+                continue
+            if keys.expires_at <= now:
+                self._drop(self._epochs.pop(slot))
+            elif next_expiry is None or keys.expires_at < next_expiry:
+                next_expiry = keys.expires_at
+        self._next_expiry = next_expiry
+
+    def _retiring(self) -> bool:
+        return any(keys.expires_at is not None for keys in self._epochs.values())
+
+    def _drop(self, keys: EpochKeys) -> None:
+        for kid in keys.recv_kids:
+            self.sframe.remove_key(kid)
+        keys.recv_kids.clear()
+        keys.base_key = b""
+
+    def _resolve(self, kid: int) -> RecvKeyContext | None:
+        """Derive the receive key of a KID of a retained epoch, for a member other than us."""
+        keys = self._epochs.get(kid & ((1 << self.epoch_bits) - 1))
+        if keys is None or not keys.base_key:
+            return None
+        _, sender, _ = self.split_kid(kid, keys.index_bits)
+        if sender not in keys.senders:
+            return None
+        keys.recv_kids.add(kid)
+        return RecvKeyContext(self.params, kid, keys.base_key, self.sframe.replay_window)
+
+    # --- Frames --------------------------------------------------------------------------------
+
+    def send_kid(self, context: int = 0) -> int:
+        """The KID this member sends under in the current epoch for stream `context`."""
+        if self.current is None or self.leaf_index is None:
+            raise KeyScheduleError("no MLS epoch installed yet: call update(group) first")
+        return self.kid(self.leaf_index, self.current.epoch, self.current.index_bits, context)
+
+    def encrypt(self, metadata: bytes, plaintext: bytes, context: int = 0) -> bytes | bytearray:
+        """Seal a frame under this member's key for stream `context` in the current epoch."""
+        key = self._send.get(context)
+        if key is None:
+            key = self._new_send_key(context)
+        return key.encrypt(metadata, plaintext)
+
+    def _new_send_key(self, context: int) -> SendKeyContext:
+        # aiortc encodes in executor threads while `update` runs in the event loop: the KID, the
+        # base_key and the `_send` entry must all come from the same epoch.
+        with self._send_lock:
+            key = self._send.get(context)
+            if key is None:
+                kid = self.send_kid(context)  # raises if no epoch is installed
+                assert self.current is not None
+                key = self.sframe.add_send_key(kid, self.current.base_key)
+                self._send[context] = key
+            return key
+
+    def decrypt(self, metadata: bytes, ciphertext: bytes | bytearray | memoryview) -> bytes:
+        """Open a frame of any member of any retained epoch."""
+        if self._next_expiry is not None and self.clock() >= self._next_expiry:
+            self.expire()
+        return self.sframe.decrypt(metadata, ciphertext)
+
+    def awaits_kid(self, kid: int) -> bool:
+        """True if `kid` names the epoch after the current one: its keys should come with the
+        next commit, so a frame under it is worth holding back briefly."""
+        if self.current is None:
+            return False
+        slot = kid & ((1 << self.epoch_bits) - 1)
+        return (
+            slot == (self.current.epoch + 1) % (1 << self.epoch_bits) and slot not in self._epochs
+        )
+
+    def sender_of(self, ciphertext: bytes | bytearray | memoryview) -> tuple[int, int] | None:
+        """``(epoch, sender leaf index)`` named by a frame's KID, if its epoch is retained. Not
+        authenticated until `decrypt` succeeds."""
+        kid, _, _ = decode_header(ciphertext)
+        keys = self._epochs.get(kid & ((1 << self.epoch_bits) - 1))
+        if keys is None:
+            return None
+        return keys.epoch, self.split_kid(kid, keys.index_bits)[1]

@@ -1,0 +1,210 @@
+"""Per-track frame transforms: codec-aware SFrame encryption of encoded frames, with counters.
+
+They sit between an encoder and its RTP packetizer (send) and between the jitter buffer and the
+decoder (receive); `aiortc_hooks` installs them into aiortc. Keys come from any `FrameKeys`
+(normally `MLSKeyManager`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from .codecs import (
+    ANNEX_B_START_CODE,
+    H264,
+    H264_NAL_HEADER,
+    H264_STOP_BYTE,
+    clear_prefix_length,
+    escape_emulation,
+    split_annex_b,
+    unescape_emulation,
+)
+from .errors import MalformedFrame, SFrameError, UnknownKeyId
+
+FAILURE_REASONS = ("unknown_kid", "replay", "authentication", "malformed")
+# How long a frame of the next epoch may wait for its keys: a commit reaches all members through
+# the delivery service within far less, and waiting delays the frames behind it.
+DEFAULT_HOLDBACK = 0.5
+
+T = TypeVar("T")
+
+
+class FrameKeys(Protocol):
+    """Where a transform gets its keys: `MLSKeyManager` implements this."""
+
+    def encrypt(self, metadata: bytes, plaintext: bytes, context: int = 0) -> bytes | bytearray: ...
+
+    def decrypt(self, metadata: bytes, ciphertext: bytes | bytearray | memoryview) -> bytes: ...
+
+
+@dataclass
+class TrackStats:
+    """Counters of one track: frames encrypted, decrypted, and failures by reason."""
+
+    frames_encrypted: int = 0
+    frames_decrypted: int = 0
+    frames_held: int = 0  # delayed to wait for the next epoch's keys (then decrypted or failed)
+    encrypt_failures: int = 0
+    failures: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, int]:
+        out = {
+            "frames_encrypted": self.frames_encrypted,
+            "frames_decrypted": self.frames_decrypted,
+            "frames_held": self.frames_held,
+            "encrypt_failures": self.encrypt_failures,
+        }
+        for reason in FAILURE_REASONS:
+            out[f"failed_{reason}"] = self.failures[reason]
+        return out
+
+
+class FrameEncryptor:
+    """Encrypts the encoded frames of one outgoing track.
+
+    `context` is the KID context value of this stream (RFC 9605 §5.2): give every outgoing track
+    of a participant its own, so that tracks never share a CTR sequence.
+    """
+
+    def __init__(
+        self, keys: FrameKeys, mime_type: str, *, context: int = 0, stats: TrackStats | None = None
+    ) -> None:
+        self.keys = keys
+        self.mime_type = mime_type.lower()
+        self.context = context
+        self.stats = stats if stats is not None else TrackStats()
+
+    def encrypt_frame(self, frame: bytes) -> bytes:
+        """clear prefix || SFrame ciphertext of the rest, the prefix authenticated as metadata."""
+        try:
+            n = clear_prefix_length(self.mime_type, frame)
+            prefix = bytes(frame[:n])
+            body = memoryview(frame)[n:] if n else frame
+            out = prefix + self.keys.encrypt(prefix, body, self.context)  # type: ignore[arg-type]
+        except SFrameError:
+            self.stats.encrypt_failures += 1
+            raise
+        self.stats.frames_encrypted += 1
+        return out
+
+    def encrypt_nal_units(self, nal_units: Iterable[bytes]) -> list[bytes]:
+        """H.264: each NAL unit keeps its header; its body becomes an escaped SFrame ciphertext
+        followed by a stop byte. One frame = all NAL units of one access unit."""
+        out = []
+        try:
+            for nal in nal_units:
+                if len(nal) < H264_NAL_HEADER:
+                    raise MalformedFrame("empty H.264 NAL unit")
+                header = bytes(nal[:H264_NAL_HEADER])
+                ct = self.keys.encrypt(header, nal[H264_NAL_HEADER:], self.context)
+                out.append(header + escape_emulation(ct) + bytes((H264_STOP_BYTE,)))
+        except SFrameError:
+            self.stats.encrypt_failures += 1
+            raise
+        self.stats.frames_encrypted += 1
+        return out
+
+
+class FrameDecryptor:
+    """Decrypts the encoded frames of one incoming track; counts successes and failures.
+
+    `push` keeps frames in order and lets a frame whose KID names the *next* epoch (the sender
+    processed a commit before we did) wait up to `holdback` seconds for its keys, so that a key
+    rotation loses no frame (RFC 9605 §4.4.3 allows buffering on a missing key). It needs
+    `keys.awaits_kid(kid)` (`MLSKeyManager` has it); without it nothing waits.
+    """
+
+    def __init__(
+        self,
+        keys: FrameKeys,
+        *,
+        stats: TrackStats | None = None,
+        holdback: float = DEFAULT_HOLDBACK,
+        clock: Callable[[], float] = time.monotonic,
+        on_failure: Callable[[SFrameError], None] | None = None,
+    ) -> None:
+        self.keys = keys
+        self.stats = stats if stats is not None else TrackStats()
+        self.holdback = holdback
+        self.clock = clock
+        self.on_failure = on_failure
+        self._awaits_kid: Callable[[int], bool] | None = getattr(keys, "awaits_kid", None)
+        self._pending: deque[tuple[float, Any, bytes, str]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        """Frames held back for the keys of the next epoch."""
+        return len(self._pending)
+
+    def decrypt_frame(self, data: bytes, mime_type: str) -> bytes:
+        """The plaintext frame; raises (and counts) an `SFrameError` if it cannot be had."""
+        try:
+            out = self._decrypt(data, mime_type)
+        except SFrameError as exc:
+            self._fail(exc)
+            raise
+        self.stats.frames_decrypted += 1
+        return out
+
+    def push(self, item: T, data: bytes, mime_type: str) -> list[tuple[T, bytes]]:
+        """Queue one frame; return the ``(item, plaintext)`` pairs ready now, in arrival order.
+        Frames that fail are counted, reported to `on_failure` and left out."""
+        self._pending.append((self.clock() + self.holdback, item, data, mime_type))
+        ready = self.drain()
+        if self._pending and self._pending[-1][1] is item:
+            self.stats.frames_held += 1
+        return ready
+
+    def drain(self) -> list[tuple[Any, bytes]]:
+        """Retry the held frames (e.g. after new keys arrived); return those now ready."""
+        ready = []
+        now: float | None = None
+        pending = self._pending
+        while pending:
+            deadline, item, data, mime_type = pending[0]
+            try:
+                plaintext = self._decrypt(data, mime_type)
+            except UnknownKeyId as exc:
+                if self.holdback > 0 and self._awaits_kid is not None and self._awaits_kid(exc.kid):
+                    now = self.clock() if now is None else now
+                    if now < deadline:
+                        break  # keep order: everything behind it waits too
+                pending.popleft()
+                self._fail(exc)
+                continue
+            except SFrameError as exc:
+                pending.popleft()
+                self._fail(exc)
+                continue
+            pending.popleft()
+            self.stats.frames_decrypted += 1
+            ready.append((item, plaintext))
+        return ready
+
+    def _fail(self, exc: SFrameError) -> None:
+        self.stats.failures[exc.reason] += 1
+        if self.on_failure is not None:
+            self.on_failure(exc)
+
+    def _decrypt(self, data: bytes, mime_type: str) -> bytes:
+        if mime_type == H264:
+            return self._decrypt_annex_b(data)
+        n = clear_prefix_length(mime_type, data)
+        prefix = bytes(data[:n])
+        return prefix + self.keys.decrypt(prefix, memoryview(data)[n:])
+
+    def _decrypt_annex_b(self, stream: bytes) -> bytes:
+        parts = []
+        for nal in split_annex_b(stream):
+            if len(nal) < H264_NAL_HEADER + 1 or nal[-1] != H264_STOP_BYTE:
+                raise MalformedFrame("H.264 NAL unit without the E2EE stop byte")
+            header = nal[:H264_NAL_HEADER]
+            plaintext = self.keys.decrypt(header, unescape_emulation(nal[H264_NAL_HEADER:-1]))
+            parts += (ANNEX_B_START_CODE, header, plaintext)
+        if not parts:
+            raise MalformedFrame("H.264 frame without NAL units")
+        return b"".join(parts)

@@ -1,0 +1,310 @@
+"""The MLS-to-SFrame key schedule (RFC 9605 §5.2) against fake MLS groups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from e2ee_media.cipher_suites import CipherSuite, suite_params
+from e2ee_media.errors import AuthenticationFailure, KeyScheduleError, SFrameError, UnknownKeyId
+from e2ee_media.header import decode_header
+from e2ee_media.mls_keys import MLSKeyManager, index_bits, leaf_indices
+from tests.e2ee_media.fake_mls import FakeGroup, FakeWorld
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def member(
+    world: FakeWorld, leaf: int, clock: Clock, **kwargs: object
+) -> tuple[FakeGroup, MLSKeyManager]:
+    group = FakeGroup(world, leaf)
+    manager = MLSKeyManager(clock=clock, **kwargs)  # type: ignore[arg-type]
+    manager.update(group)
+    return group, manager
+
+
+@pytest.mark.parametrize(
+    "epoch, index, context, expected",
+    [
+        # RFC 9605 Figure 8: E=4, S=6
+        (14, 3, 0, 0x3E),
+        (14, 7, 0, 0x7E),
+        (14, 20, 0, 0x14E),
+        (15, 3, 0, 0x3F),
+        (15, 5, 0, 0x5F),
+        (16, 2, 2, 0x820),
+        (16, 2, 3, 0xC20),
+        (17, 33, 0, 0x211),
+        (17, 51, 0, 0x331),
+    ],
+)
+def test_kid_layout_matches_rfc_figure(epoch: int, index: int, context: int, expected: int) -> None:
+    manager = MLSKeyManager(epoch_bits=4)
+    assert manager.kid(index, epoch, 6, context) == expected
+    assert manager.split_kid(expected, 6) == (context, index, epoch % 16)
+
+
+@pytest.mark.parametrize("size, bits", [(1, 0), (2, 1), (3, 2), (4, 2), (5, 3), (64, 6), (65, 7)])
+def test_index_bits(size: int, bits: int) -> None:
+    assert index_bits(size) == bits
+
+
+def test_kid_overflow_refused() -> None:
+    manager = MLSKeyManager(epoch_bits=4)
+    with pytest.raises(KeyScheduleError):
+        manager.kid(64, 0, 6)
+    with pytest.raises(KeyScheduleError):
+        manager.kid(1, 0, 6, context=1 << 54)
+
+
+def test_base_key_comes_from_the_exporter() -> None:
+    world = FakeWorld()
+    for suite in (CipherSuite.AES_128_CTR_HMAC_SHA256_80, CipherSuite.AES_256_GCM_SHA512_128):
+        world.exports.clear()
+        member(world, 0, Clock(), cipher_suite=suite)
+        assert world.exports == [(b"SFrame 1.0 Base Key", b"", suite_params(suite).Nk)]
+
+
+def test_s_covers_the_highest_leaf_index() -> None:
+    world = FakeWorld(members={0, 5})
+    _, manager = member(world, 0, Clock())
+    assert manager.current is not None and manager.current.index_bits == 3
+    world.commit(remove=(5,))
+    group = FakeGroup(world, 0)
+    manager.update(group)
+    assert manager.current.index_bits == 0
+    assert manager.send_kid() == world.epoch % 16
+
+
+@dataclass
+class Member:
+    leaf_index: int
+
+
+def test_member_list_forms() -> None:
+    assert leaf_indices([0, 2]) == [0, 2]
+    assert leaf_indices([Member(1), Member(4)]) == [1, 4]
+    assert leaf_indices({3: "x", 7: "y"}) == [3, 7]
+    with pytest.raises(KeyScheduleError, match="leaf index"):
+        leaf_indices(["alice"])
+
+
+def test_everyone_decrypts_everyone_in_every_epoch() -> None:
+    clock = Clock()
+    world = FakeWorld()
+    members = {0: member(world, 0, clock)}
+    # Grow, shrink and refresh: epochs 1..5 with different member sets.
+    for add, remove in [((1,), ()), ((2, 3), ()), ((), (1,)), ((), ()), ((4,), (2,))]:
+        world.commit(add, remove)
+        for leaf in remove:
+            del members[leaf]
+        for group, manager in members.values():
+            group.sync()
+            manager.update(group)
+        for leaf in add:
+            members[leaf] = member(world, leaf, clock)
+        for sender_leaf, (_, sender) in members.items():
+            frame = sender.encrypt(b"meta", f"{sender_leaf}@{world.epoch}".encode())
+            kid = decode_header(frame)[0]
+            assert kid & 0xF == world.epoch % 16
+            for receiver_leaf, (_, receiver) in members.items():
+                if receiver_leaf == sender_leaf:
+                    with pytest.raises(UnknownKeyId):  # own KID: a send key, never a receive key
+                        receiver.decrypt(b"meta", frame)
+                else:
+                    assert (
+                        receiver.decrypt(b"meta", frame) == f"{sender_leaf}@{world.epoch}".encode()
+                    )
+
+
+def test_removed_member_cannot_decrypt_later_epochs() -> None:
+    clock = Clock()
+    world = FakeWorld(members={0, 1, 2})
+    a, alice = member(world, 0, clock)
+    b, bob = member(world, 1, clock)
+    c, carol = member(world, 2, clock)
+    assert carol.decrypt(b"", alice.encrypt(b"", b"before")) == b"before"
+    world.commit(remove=(2,))
+    for group, manager in ((a, alice), (b, bob), (c, carol)):
+        group.sync()
+        manager.update(group)
+    assert carol.epoch == 0  # carol never sees the new epoch
+    frame = alice.encrypt(b"", b"after")
+    assert bob.decrypt(b"", frame) == b"after"
+    with pytest.raises(UnknownKeyId):
+        carol.decrypt(b"", frame)
+    # A frame of a later epoch with epoch 0's low bits stays unreadable: carol holds only epoch
+    # 0's keys, so the frame is refused (as a replay of a CTR she saw, or failing authentication).
+    for _ in range(15):
+        world.commit()
+        a.sync()
+        alice.update(a)
+    frame = alice.encrypt(b"", b"much later")
+    assert decode_header(frame)[0] & 0xF == 0
+    with pytest.raises(SFrameError):
+        carol.decrypt(b"", frame)
+    alice.sframe.send_keys[decode_header(frame)[0]].next_counter = 1000
+    with pytest.raises(AuthenticationFailure):
+        carol.decrypt(b"", alice.encrypt(b"", b"much later"))
+
+
+def test_new_member_cannot_decrypt_earlier_epochs() -> None:
+    clock = Clock()
+    world = FakeWorld(members={0, 1})
+    a, alice = member(world, 0, clock)
+    b, bob = member(world, 1, clock)
+    old = alice.encrypt(b"", b"before dave")
+    world.commit(add=(2,))
+    a.sync()
+    alice.update(a)
+    d, dave = member(world, 2, clock)
+    assert dave.decrypt(b"", alice.encrypt(b"", b"after dave")) == b"after dave"
+    with pytest.raises(UnknownKeyId):
+        dave.decrypt(b"", old)
+    assert bob.decrypt(b"", old) == b"before dave"
+
+
+def test_sender_switches_at_once_and_drops_old_send_key() -> None:
+    clock = Clock()
+    world = FakeWorld(members={0, 1})
+    a, alice = member(world, 0, clock)
+    old_kid = decode_header(alice.encrypt(b"", b"x"))[0]
+    world.commit()
+    a.sync()
+    alice.update(a)
+    new_kid = decode_header(alice.encrypt(b"", b"y"))[0]
+    assert new_kid != old_kid and new_kid & 0xF == 1
+    assert list(alice.sframe.send_keys) == [new_kid]
+
+
+def test_rotation_with_frames_in_flight_loses_none() -> None:
+    clock = Clock()
+    world = FakeWorld(members={0, 1})
+    a, alice = member(world, 0, clock)
+    b, bob = member(world, 1, clock)
+    in_flight = [alice.encrypt(b"", b"e0-%d" % i) for i in range(5)]
+    world.commit()
+    # Bob processes the commit before Alice: he must still accept her epoch-0 frames.
+    b.sync()
+    bob.update(b)
+    clock.now += 0.5
+    delivered = [bob.decrypt(b"", f) for f in in_flight[:2]]
+    a.sync()
+    alice.update(a)
+    in_flight += [alice.encrypt(b"", b"e1-%d" % i) for i in range(5)]
+    # Interleave old and new frames, out of order.
+    order = [5, 2, 6, 3, 7, 4, 9, 8]
+    clock.now += 1.0
+    delivered += [bob.decrypt(b"", in_flight[i]) for i in order]
+    expected = [b"e0-%d" % i for i in range(5)] + [b"e1-%d" % i for i in range(5)]
+    assert sorted(delivered) == expected
+    # Bob sends too: Alice, already in epoch 1, decrypts his epoch-1 frames.
+    assert alice.decrypt(b"", bob.encrypt(b"", b"hi")) == b"hi"
+
+
+def test_old_epoch_deleted_after_grace_period() -> None:
+    clock = Clock()
+    world = FakeWorld(members={0, 1})
+    a, alice = member(world, 0, clock)
+    b, bob = member(world, 1, clock, grace_period=2.0)
+    old = [alice.encrypt(b"", b"old%d" % i) for i in range(2)]
+    assert bob.decrypt(b"", old[0]) == b"old0"
+    world.commit()
+    b.sync()
+    bob.update(b)
+    assert bob.retained_epochs == [0, 1]
+    clock.now += 1.9
+    assert bob.retained_epochs == [0, 1]
+    clock.now += 0.2
+    with pytest.raises(UnknownKeyId):
+        bob.decrypt(b"", old[1])
+    assert bob.retained_epochs == [1]
+    assert all(kid & 0xF == 1 for kid in bob.sframe.recv_keys)
+
+
+def test_grace_period_is_configurable() -> None:
+    clock = Clock()
+    world = FakeWorld(members={0, 1})
+    a, alice = member(world, 0, clock)
+    b, bob = member(world, 1, clock, grace_period=0.0)
+    old = alice.encrypt(b"", b"old")
+    world.commit()
+    b.sync()
+    bob.update(b)
+    with pytest.raises(UnknownKeyId):
+        bob.decrypt(b"", old)
+
+
+def test_epoch_with_same_low_bits_replaces_old_one_at_once() -> None:
+    clock = Clock()
+    world = FakeWorld(members={0, 1})
+    a, alice = member(world, 0, clock, epoch_bits=1)
+    b, bob = member(world, 1, clock, epoch_bits=1, grace_period=60.0)
+    epoch0 = alice.encrypt(b"", b"epoch 0")
+    for _ in range(2):
+        world.commit()
+        for group, manager in ((a, alice), (b, bob)):
+            group.sync()
+            manager.update(group)
+    # Epoch 2 has the same low bit as epoch 0: epoch 0 is gone although its grace has not passed.
+    assert bob.retained_epochs == [1, 2]
+    assert decode_header(epoch0)[0] == decode_header(alice.encrypt(b"", b"x"))[0]
+    with pytest.raises(AuthenticationFailure):  # tried under epoch 2's key for the same KID
+        bob.decrypt(b"", epoch0)
+
+
+def test_stream_contexts_have_separate_kids_and_counters() -> None:
+    clock = Clock()
+    world = FakeWorld(members={0, 1})
+    _, alice = member(world, 0, clock)
+    _, bob = member(world, 1, clock)
+    audio = [alice.encrypt(b"", b"a%d" % i, context=0) for i in range(3)]
+    video = [alice.encrypt(b"", b"v%d" % i, context=1) for i in range(3)]
+    assert {decode_header(f)[:2] for f in audio} == {(alice.send_kid(0), i) for i in range(3)}
+    assert {decode_header(f)[:2] for f in video} == {(alice.send_kid(1), i) for i in range(3)}
+    assert [bob.decrypt(b"", f) for f in audio + video] == [
+        b"a0",
+        b"a1",
+        b"a2",
+        b"v0",
+        b"v1",
+        b"v2",
+    ]
+
+
+def test_errors_before_an_epoch_and_on_going_back() -> None:
+    manager = MLSKeyManager()
+    with pytest.raises(KeyScheduleError, match="update"):
+        manager.encrypt(b"", b"x")
+    world = FakeWorld(members={0})
+    world.commit()
+    group = FakeGroup(world, 0)
+    manager.update(group)
+    assert manager.update(group) is False
+    group.epoch = 0
+    with pytest.raises(KeyScheduleError, match="back"):
+        manager.update(group)
+
+
+def test_secrets_not_in_repr() -> None:
+    world = FakeWorld()
+    _, manager = member(world, 0, Clock())
+    assert manager.current is not None
+    assert manager.current.base_key.hex() not in repr(manager) + repr(manager.current)
+
+
+def test_sender_of_names_epoch_and_leaf() -> None:
+    clock = Clock()
+    world = FakeWorld(members={0, 1, 2})
+    _, bob = member(world, 1, clock)
+    _, carol = member(world, 2, clock)
+    frame = carol.encrypt(b"", b"x", context=5)
+    assert bob.sender_of(frame) == (0, 2)
+    assert MLSKeyManager().sender_of(frame) is None
