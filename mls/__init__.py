@@ -1,5 +1,31 @@
 """MLS (RFC 9420), sans-IO: objects in, objects or bytes out."""
 
-from .errors import CryptoError, DecodeError, MLSError, UnsupportedCipherSuite, ValidationError
+from .client import Client
+from .crypto import CipherSuite
+from .errors import (
+    CryptoError,
+    DecodeError,
+    MLSError,
+    SecretReuseError,
+    UnsupportedCipherSuite,
+    ValidationError,
+)
+from .group import CommitResult, Group, Member, ProcessedMessage
+from .public_group import PublicGroup, PublicProcessed
 
-__all__ = ["CryptoError", "DecodeError", "MLSError", "UnsupportedCipherSuite", "ValidationError"]
+__all__ = [
+    "CipherSuite",
+    "Client",
+    "CommitResult",
+    "CryptoError",
+    "DecodeError",
+    "Group",
+    "MLSError",
+    "Member",
+    "ProcessedMessage",
+    "PublicGroup",
+    "PublicProcessed",
+    "SecretReuseError",
+    "UnsupportedCipherSuite",
+    "ValidationError",
+]

@@ -1,0 +1,141 @@
+"""PublicGroup: a secret-free view that follows PublicMessage commits like the members do."""
+
+from __future__ import annotations
+
+import pytest
+
+from mls.client import Client
+from mls.errors import MLSError, ValidationError
+from mls.group import Group
+from mls.public_group import PublicGroup
+
+from .test_group import make_group
+
+
+def agrees(pub: PublicGroup, g: Group) -> None:
+    assert pub.epoch == g.epoch
+    assert pub.group_context == g.group_context
+    assert pub.ratchet_tree() == g.ratchet_tree()
+    assert pub.members == g.members
+
+
+@pytest.mark.parametrize("suite", [1, 2, 5])
+def test_public_group_follows_members(suite: int) -> None:
+    ga, gb = make_group(2, suite)
+    pub = PublicGroup.from_group_info(ga.group_info())
+    agrees(pub, ga)
+    carol = Client(b"carol", suite)
+    result = gb.add([carol.key_package()])
+    gb.merge_pending_commit()
+    processed = pub.process(result.commit)
+    assert processed.kind == "commit" and processed.added == (2,)
+    ga.process(result.commit)
+    assert result.welcome is not None
+    gc = Group.join(carol, result.welcome)
+    agrees(pub, ga)
+    # Proposals by reference, including an Update.
+    for p in (gb.propose_update(), ga.propose_remove(1)):
+        assert pub.process(p).kind == "proposal"
+        for g in (ga, gb, gc):
+            g.process(p)
+    # gb's Update and its removal touch the same leaf: the committer must drop one; here the
+    # committer commits only the Remove, by value.
+    commit = gc.remove([1]).commit
+    gc.merge_pending_commit()
+    pub_result = pub.process(commit)
+    assert pub_result.removed == (1,)
+    ga.process(commit)
+    agrees(pub, ga)
+    # An Update by reference.
+    proposal = gc.propose_update()
+    pub.process(proposal)
+    ga.process(proposal)
+    commit = ga.commit().commit
+    ga.merge_pending_commit()
+    pub.process(commit)
+    gc.process(commit)
+    agrees(pub, gc)
+    # External join.
+    dave = Client(b"dave", suite)
+    gd, ext = Group.join_external(dave, gc.group_info())
+    assert pub.process(ext).sender.sender_type.name == "new_member_commit"
+    for g in (ga, gc):
+        g.process(ext)
+    agrees(pub, gd)
+    # Restart: the state round-trips through bytes.
+    restored = PublicGroup.from_bytes(pub.to_bytes())
+    update = gd.update().commit
+    restored.process(update)
+    ga.process(update)
+    agrees(restored, ga)
+
+
+def test_public_group_refuses_bad_messages_unchanged() -> None:
+    ga, gb = make_group(2)
+    pub = PublicGroup.from_group_info(ga.group_info(), None)
+    before = pub.to_bytes()
+    commit = gb.update().commit
+    # A forged signature (last bytes of the content region) and stale epochs are refused.
+    for pos in range(8, len(commit), max(1, len(commit) // 61)):
+        tampered = bytearray(commit)
+        tampered[pos] ^= 0x04
+        try:
+            pub.process(bytes(tampered))
+        except MLSError:
+            assert pub.to_bytes() == before
+        else:  # only the unverifiable membership tag / confirmation tag may change unnoticed
+            pub = PublicGroup.from_bytes(before)
+    with pytest.raises(ValidationError, match="PublicMessage"):
+        pub.process(ga.encrypt_application(b"x"))
+    pub.process(commit)
+    with pytest.raises(ValidationError, match="epoch"):
+        pub.process(commit)
+
+
+def test_public_group_checks_group_info_signature() -> None:
+    ga, _ = make_group(2)
+    info = bytearray(ga.group_info())
+    info[-3] ^= 1
+    with pytest.raises(MLSError):
+        PublicGroup.from_group_info(bytes(info))
+
+
+def test_public_group_needs_a_tree() -> None:
+    ga, _ = make_group(2)
+    with pytest.raises(ValidationError, match="ratchet_tree"):
+        PublicGroup.from_group_info(ga.group_info(with_ratchet_tree=False))
+    pub = PublicGroup.from_group_info(ga.group_info(with_ratchet_tree=False), ga.ratchet_tree())
+    agrees(pub, ga)
+
+
+def test_public_group_applies_the_proposal_rules() -> None:
+    from mls.proposals import Proposal, ProposalOrRef, Remove
+
+    from .test_group_validation import forge_commit
+
+    ga, gb, _ = make_group(3)
+    pub = PublicGroup.from_group_info(ga.group_info())
+    before = pub.to_bytes()
+    for proposals, match in (
+        ([ProposalOrRef.by_value(Proposal(Remove(0)))], "committer"),
+        ([ProposalOrRef.by_value(Proposal(Remove(2)))], "UpdatePath"),
+        ([ProposalOrRef.by_reference(b"\x00" * 32)], "has not received"),
+    ):
+        with pytest.raises(ValidationError, match=match):
+            pub.process(forge_commit(ga, proposals))
+        assert pub.to_bytes() == before
+
+
+def test_public_group_from_epoch_zero() -> None:
+    """§11: the creator's interim transcript hash is derived from the epoch-0 confirmation tag,
+    as a verifier starting from the epoch-0 GroupInfo derives it."""
+    alice, bob = Client(b"alice"), Client(b"bob")
+    ga = Group.create(alice)
+    pub = PublicGroup.from_group_info(ga.group_info())
+    result = ga.add([bob.key_package()])
+    ga.merge_pending_commit()
+    pub.process(result.commit)
+    agrees(pub, ga)
+    carol = Client(b"carol")
+    gc, commit = Group.join_external(carol, Group.create(Client(b"dave")).group_info())
+    assert gc.epoch == 1 and commit
