@@ -5,6 +5,7 @@ from .crypto import CipherSuite
 from .errors import (
     CryptoError,
     DecodeError,
+    EncodeError,
     MLSError,
     SecretReuseError,
     UnsupportedCipherSuite,
@@ -19,6 +20,7 @@ __all__ = [
     "CommitResult",
     "CryptoError",
     "DecodeError",
+    "EncodeError",
     "Group",
     "MLSError",
     "Member",

@@ -279,6 +279,8 @@ class Crypto:
 
     def derive_tree_secret(self, secret: bytes, label: bytes, generation: int, length: int) -> bytes:
         """DeriveTreeSecret (§9.1): the generation is a uint32 context."""
+        if not 0 <= generation <= 0xFFFFFFFF:
+            raise CryptoError(f"generation {generation} is not a uint32")
         return self.expand_with_label(secret, label, struct.pack(">I", generation), length)
 
     # --- hash-based identifiers (§5.2) ----------------------------------------------------------
@@ -478,10 +480,16 @@ class Crypto:
                 "HPKE decryption failed: wrong private key, bad kem_output or tampered ciphertext"
             ) from None
 
+    def _check_export_length(self, length: int) -> None:
+        # RFC 9180 §5.3: Export's L is at most 255 * Nh of the HPKE KDF (the suite's hash here).
+        if not 0 <= length <= 255 * self.hash_length:
+            raise CryptoError(f"HPKE export length {length} outside 0..255 * Nh")
+
     def hpke_export_send(
         self, public: bytes, info: bytes, exporter_context: bytes, length: int
     ) -> tuple[bytes, bytes]:
         """SetupBaseS(public, info) then Export(exporter_context, length) -> (kem_output, secret)."""
+        self._check_export_length(length)
         pkr = _hpke_public_key(self.kem_id, public)
         try:
             kem_output, ctx = self._hpke.create_sender_context(pkr, info)
@@ -498,6 +506,7 @@ class Crypto:
         length: int,
     ) -> bytes:
         """SetupBaseR(kem_output, private, info) then Export(exporter_context, length)."""
+        self._check_export_length(length)
         skr = self._hpke_private_key(private)
         try:
             ctx = self._hpke.create_recipient_context(kem_output, skr, info)

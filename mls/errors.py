@@ -19,6 +19,11 @@ class DecodeError(MLSError):
         super().__init__(f"{field}: {message}" if field else message)
 
 
+class EncodeError(MLSError, ValueError):
+    """A value the TLS presentation language cannot encode: an integer outside its uintN range or
+    a vector longer than 2^30 - 1 bytes (§2.1.2). Also a `ValueError`, as it used to be."""
+
+
 class CryptoError(MLSError):
     """A cryptographic operation failed: bad key, failed signature or AEAD check."""
 

@@ -12,7 +12,7 @@ extensions decode and re-encode unchanged. Helpers build and parse the known one
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TypeVar
@@ -100,7 +100,10 @@ def check_unique_extension_types(extensions: Iterable[Extension], where: str) ->
         seen.add(t)
 
 
-def _parse(data: bytes, read, what: str):  # type: ignore[no-untyped-def]
+P = TypeVar("P")
+
+
+def _parse(data: bytes, read: Callable[[Reader], P], what: str) -> P:
     r = Reader(data)
     value = read(r)
     r.finish(what)
@@ -118,7 +121,7 @@ def application_id_extension(application_id: bytes) -> Extension:
 
 def parse_application_id(ext: Extension) -> bytes:
     _expect(ext, ExtensionType.application_id)
-    return _parse(ext.extension_data, lambda r: r.opaque("application_id"), "application_id")  # type: ignore[no-any-return]
+    return _parse(ext.extension_data, lambda r: r.opaque("application_id"), "application_id")
 
 
 # required_capabilities (§11.1)
@@ -204,7 +207,7 @@ def external_senders_extension(senders: Iterable[ExternalSender]) -> Extension:
 
 def parse_external_senders(ext: Extension) -> list[ExternalSender]:
     _expect(ext, ExtensionType.external_senders)
-    return _parse(  # type: ignore[no-any-return]
+    return _parse(
         ext.extension_data,
         lambda r: r.structs(ExternalSender, "external_senders"),
         "external_senders",

@@ -15,9 +15,13 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from .credential import Credential
-from .crypto import Crypto
+from .crypto import Crypto, SignaturePrivateKey
 from .errors import CryptoError, ValidationError
-from .extensions import DEFAULT_EXTENSION_TYPES, RequiredCapabilities
+from .extensions import (
+    DEFAULT_EXTENSION_TYPES,
+    RequiredCapabilities,
+    check_unique_extension_types,
+)
 from .key_package import LeafNode, LeafNodeSource
 from .proposals import DEFAULT_PROPOSAL_TYPES
 from .ratchet_tree import RatchetTree
@@ -61,7 +65,7 @@ def verify_leaf_signature(
 def sign_leaf_node(
     crypto: Crypto,
     leaf: LeafNode,
-    signature_priv: bytes,
+    signature_priv: bytes | SignaturePrivateKey,
     group_id: bytes | None = None,
     leaf_index: int | None = None,
 ) -> LeafNode:
@@ -103,10 +107,21 @@ def _check_capabilities(
             raise ValidationError(f"{where}: does not support required credential type {t}")
 
 
-def _check_lifetime(leaf: LeafNode, now: int | None, where: str) -> None:
-    if now is None or leaf.leaf_node_source != LeafNodeSource.key_package:
+def _check_lifetime(
+    leaf: LeafNode, now: int | None, max_lifetime: int | None, where: str
+) -> None:
+    if leaf.leaf_node_source != LeafNodeSource.key_package:
         return
     lifetime = leaf.lifetime
+    if max_lifetime is not None and (
+        lifetime is None or lifetime.not_after - lifetime.not_before > max_lifetime
+    ):
+        raise ValidationError(
+            f"{where}: lifetime is longer than the {max_lifetime} s this application accepts"
+            + ("" if lifetime is None else f" ({lifetime.not_before}..{lifetime.not_after})")
+        )
+    if now is None:
+        return
     if lifetime is None or not lifetime.not_before <= now <= lifetime.not_after:
         raise ValidationError(
             f"{where}: lifetime does not cover the current time"
@@ -125,6 +140,7 @@ def validate_leaf_node(
     now: int | None = None,
     required_capabilities: RequiredCapabilities | None = None,
     credential_validator: CredentialValidator | None = None,
+    max_lifetime: int | None = None,
 ) -> None:
     """Validates one LeafNode as §7.3 says.
 
@@ -136,6 +152,8 @@ def validate_leaf_node(
       signature and encryption keys are not used by another member. The leaf at `leaf_index` (the
       one this leaf replaces) is left out of these checks, but its encryption key must change.
     - `now`: seconds since the epoch; when given, a key_package leaf's lifetime must cover it.
+    - `max_lifetime`: seconds; when given, a key_package leaf whose lifetime spans longer is
+      refused (§7.2: applications MUST set such a maximum).
     """
     where = "LeafNode" if leaf_index is None else f"leaf {leaf_index}"
     if source is not None and leaf.leaf_node_source != source:
@@ -145,8 +163,10 @@ def validate_leaf_node(
     if credential_validator is not None:
         credential_validator(leaf.credential, leaf.signature_key)
     verify_leaf_signature(crypto, leaf, group_id, leaf_index, where)
+    # §13.4: no list of extensions holds two of one type (also a leaf in a received tree).
+    check_unique_extension_types(leaf.extensions, where)
     _check_capabilities(leaf, required_capabilities, where)
-    _check_lifetime(leaf, now, where)
+    _check_lifetime(leaf, now, max_lifetime, where)
     if tree is None:
         return
     replaced = None if leaf_index is None else tree.leaf_node(leaf_index)
@@ -181,6 +201,7 @@ def validate_ratchet_tree(
     now: int | None = None,
     required_capabilities: RequiredCapabilities | None = None,
     credential_validator: CredentialValidator | None = None,
+    max_lifetime: int | None = None,
 ) -> None:
     """The integrity checks of a ratchet tree a joiner receives (§12.4.3.1):
 
@@ -204,6 +225,7 @@ def validate_ratchet_tree(
             now=now,
             required_capabilities=required_capabilities,
             credential_validator=credential_validator,
+            max_lifetime=max_lifetime,
         )
         in_use.setdefault(int(leaf.credential.credential_type), index)
     # Every member supports every credential type in use (checked once per type, not per pair).

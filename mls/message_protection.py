@@ -30,7 +30,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .crypto import Crypto
+from .crypto import Crypto, SignaturePrivateKey
 from .errors import CryptoError, ValidationError
 from .framing import (
     AuthenticatedContent,
@@ -48,6 +48,7 @@ from .framing import (
     WireFormat,
 )
 from .group_context import GroupContext, ProtocolVersion
+from .proposals import EXTERNAL_SENDER_PROPOSAL_TYPES, ProposalType
 from .secret_tree import PendingKey, RatchetType, SecretTree
 from .tls import Reader, Writer
 
@@ -134,7 +135,7 @@ def sign_framed_content(
     crypto: Crypto,
     wire_format: WireFormat,
     content: FramedContent,
-    signature_private_key: bytes,
+    signature_private_key: bytes | SignaturePrivateKey,
     group_context: GroupContextLike,
 ) -> AuthenticatedContent:
     """SignWithLabel(., "FramedContentTBS", FramedContentTBS) (§6.1).
@@ -192,6 +193,34 @@ def verify_membership_tag(
         )
 
 
+def _check_sender_content(content: FramedContent) -> None:
+    """§6.1: what a non-member sender may send (external: a proposal of a type §12.1.8 allows;
+    new_member_proposal: an Add; new_member_commit: a Commit)."""
+    sender_type = content.sender.sender_type
+    if sender_type == SenderType.member:
+        return
+    content_type = content.content_type
+    if sender_type == SenderType.new_member_commit:
+        if content_type != ContentType.commit:
+            raise ValidationError(
+                f"a new_member_commit sender can only send a commit, not {content_type.name}"
+            )
+        return
+    proposal = content.proposal
+    if content_type != ContentType.proposal or proposal is None:
+        raise ValidationError(
+            f"a {sender_type.name} sender can only send a proposal, not {content_type.name}"
+        )
+    if sender_type == SenderType.new_member_proposal:
+        allowed: frozenset[ProposalType] = frozenset({ProposalType.add})
+    else:
+        allowed = EXTERNAL_SENDER_PROPOSAL_TYPES
+    if proposal.proposal_type not in allowed:
+        raise ValidationError(
+            f"a {sender_type.name} sender cannot propose {proposal.proposal_type.name}"
+        )
+
+
 def _check_auth_shape(ac: AuthenticatedContent) -> None:
     is_commit = ac.content.content_type == ContentType.commit
     if is_commit and ac.auth.confirmation_tag is None:
@@ -214,6 +243,7 @@ def protect_public(
         )
     if ac.content.content_type == ContentType.application:
         raise ValidationError("application messages must be sent as PrivateMessage (§6)")
+    _check_sender_content(ac.content)
     _check_auth_shape(ac)
     tag = None
     if ac.content.sender.sender_type == SenderType.member:
@@ -234,12 +264,14 @@ def unprotect_public(
 
     The caller finds `signature_public_key` from `message.content.sender` (§6.1). For member
     senders the membership tag is checked with `membership_key`; passing None skips that check,
-    which only a party without the group's secrets (the delivery service) may do.
+    which only a party without the group's secrets (the delivery service) may do. A non-member
+    sender may only send what §6.1 allows it (`ValidationError` otherwise).
     """
     content = message.content
     if content.content_type == ContentType.application:
         raise ValidationError("application messages must not be sent as PublicMessage (§6)")
     _check_group_and_epoch(content.group_id, content.epoch, group_context)
+    _check_sender_content(content)
     if content.sender.sender_type == SenderType.member:
         if membership_key is not None:
             verify_membership_tag(crypto, membership_key, message, group_context)
@@ -304,12 +336,12 @@ def protect_private(
             f"a {content.sender.sender_type.name} sender cannot send a PrivateMessage"
         )
     if padding < 0:
-        raise ValueError("padding must be non-negative")
+        raise ValidationError(f"padding must be non-negative, got {padding}")
     _check_auth_shape(ac)
     if reuse_guard is None:
         reuse_guard = os.urandom(REUSE_GUARD_LENGTH)
     elif len(reuse_guard) != REUSE_GUARD_LENGTH:
-        raise ValueError("reuse_guard must be 4 bytes")
+        raise ValidationError(f"reuse_guard must be 4 bytes, got {len(reuse_guard)}")
     plaintext = PrivateMessageContent(
         content.content_type,
         ac.auth,

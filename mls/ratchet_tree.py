@@ -16,8 +16,10 @@ validation (§7.3, §12.4.3.1) in `mls.leaf_validation`.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from collections.abc import Set as AbstractSet
+from contextlib import contextmanager
 from dataclasses import replace
 
 from . import tree_math as tm
@@ -43,8 +45,8 @@ def _write_parent(w: Writer, node: ParentNode) -> None:
 class RatchetTree:
     """The public state of a group's ratchet tree (RFC 9420 §7).
 
-    Mutating methods change the tree in place; take a `copy()` first when a failed check must
-    leave the original untouched.
+    Mutating methods change the tree in place; take a `copy()` first, or make the changes inside
+    `with tree.atomic():`, when a failed check must leave the original untouched.
     """
 
     __slots__ = ("crypto", "_nodes", "_hashes")
@@ -94,6 +96,17 @@ class RatchetTree:
         new._hashes = self._hashes.copy()
         return new
 
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        """Every change made to this tree inside the block is undone if the block raises, so an
+        in-place operation that fails halfway (a bad UpdatePath) leaves the tree as it was."""
+        nodes, hashes = self._nodes.copy(), self._hashes.copy()
+        try:
+            yield
+        except BaseException:
+            self._nodes, self._hashes = nodes, hashes
+            raise
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, RatchetTree):
             return NotImplemented
@@ -123,6 +136,9 @@ class RatchetTree:
         return sum(1 for i in range(0, len(self._nodes), 2) if self._nodes[i] is not None)
 
     def node(self, x: int) -> TreeNode | None:
+        """The node at index `x` (None when blank); `ValidationError` outside the tree (a negative
+        index would otherwise silently name a node counted from the end)."""
+        self._check_node(x)
         return self._nodes[x]
 
     def leaf_node(self, leaf_index: int) -> LeafNode | None:
@@ -133,12 +149,12 @@ class RatchetTree:
 
     def parent_node(self, x: int) -> ParentNode | None:
         if not x & 1:
-            raise ValueError(f"node {x} is a leaf, not a parent node")
-        return self._nodes[x]  # type: ignore[return-value]
+            raise ValidationError(f"node {x} is a leaf, not a parent node")
+        return self.node(x)  # type: ignore[return-value]
 
     def encryption_key(self, x: int) -> bytes:
         """The HPKE public key of the non-blank node `x`."""
-        node = self._nodes[x]
+        node = self.node(x)
         if node is None:
             raise ValidationError(f"node {x} is blank and has no encryption key")
         return node.encryption_key
@@ -189,8 +205,12 @@ class RatchetTree:
 
     def set_parent(self, x: int, node: ParentNode | None) -> None:
         if not x & 1:
-            raise ValueError(f"node {x} is a leaf, not a parent node")
+            raise ValidationError(f"node {x} is a leaf, not a parent node")
         self._set(x, node)
+
+    def _check_node(self, x: int) -> None:
+        if not 0 <= x < len(self._nodes):
+            raise ValidationError(f"node {x} is outside the tree of {len(self._nodes)} nodes")
 
     def _check_leaf_index(self, leaf_index: int) -> None:
         if leaf_index < 0 or leaf_index >= self.n_leaves:
@@ -370,8 +390,17 @@ class RatchetTree:
     def original_tree_hash(self, x: int, removed_leaves: AbstractSet[int]) -> bytes:
         """The tree hash of `x` with the leaves in `removed_leaves` blanked and dropped from every
         unmerged_leaves list: the original_sibling_tree_hash of §7.9."""
+        # Sorted node indices, so that "does this subtree hold a removed leaf" is a bisection:
+        # a parent with thousands of unmerged leaves would otherwise cost O(U) per visited node.
+        removed_nodes = sorted(2 * leaf for leaf in removed_leaves)
+        return self._original_tree_hash(x, frozenset(removed_leaves), removed_nodes)
+
+    def _original_tree_hash(
+        self, x: int, removed_leaves: AbstractSet[int], removed_nodes: Sequence[int]
+    ) -> bytes:
         lo, hi = tm.subtree_range(x)
-        if not any(lo <= 2 * leaf <= hi for leaf in removed_leaves):
+        i = bisect_left(removed_nodes, lo)
+        if i == len(removed_nodes) or removed_nodes[i] > hi:
             return self.tree_hash(x)
         if x & 1 == 0:
             return self._node_tree_hash(x, None)
@@ -382,8 +411,8 @@ class RatchetTree:
         return self._node_tree_hash(
             x,
             node,
-            self.original_tree_hash(tm.left(x), removed_leaves),
-            self.original_tree_hash(tm.right(x), removed_leaves),
+            self._original_tree_hash(tm.left(x), removed_leaves, removed_nodes),
+            self._original_tree_hash(tm.right(x), removed_leaves, removed_nodes),
         )
 
     # --- parent hashes (§7.9) ------------------------------------------------------------------
@@ -469,12 +498,15 @@ class RatchetTree:
         """Each unmerged leaf of a parent P is sorted, a non-blank descendant leaf of P, and listed
         by every non-blank node between it and P (§7.1, §12.4.3.1)."""
         nodes = self._nodes
-        n = self.n_leaves
-        for p in range(1, len(nodes), 2):
-            node = nodes[p]
-            if node is None:
-                continue
-            unmerged = node.unmerged_leaves  # type: ignore[union-attr]
+        # Sets, not lists, for the membership checks: parents listing thousands of unmerged leaves
+        # would otherwise cost O(U^2).
+        listed = {
+            p: frozenset(node.unmerged_leaves)  # type: ignore[union-attr]
+            for p, node in enumerate(nodes)
+            if p & 1 and node is not None
+        }
+        for p in listed:
+            unmerged = nodes[p].unmerged_leaves  # type: ignore[union-attr]
             if any(a >= b for a, b in zip(unmerged, unmerged[1:], strict=False)):
                 raise ValidationError(
                     f"parent node {p}: unmerged_leaves are not in strictly increasing order"
@@ -488,15 +520,23 @@ class RatchetTree:
                     )
                 if nodes[x] is None:
                     raise ValidationError(f"parent node {p}: unmerged leaf {leaf} is blank")
-                y = tm.parent(x, n)
-                while y != p:
-                    between = nodes[y]
-                    if between is not None and leaf not in between.unmerged_leaves:  # type: ignore[union-attr]
+                # Only the highest non-blank node between P and the leaf needs checking here:
+                # that node's own entry in this loop then checks the rest of the way down.
+                y = p
+                while True:
+                    k = tm.level(y) - 1
+                    y = y ^ (1 << k) if x < y else y ^ (3 << k)  # the child towards the leaf
+                    if y == x:
+                        break
+                    between = listed.get(y)
+                    if between is None:
+                        continue
+                    if leaf not in between:
                         raise ValidationError(
                             f"parent node {p} lists unmerged leaf {leaf} but node {y} between them"
                             " does not"
                         )
-                    y = tm.parent(y, n)
+                    break
 
     def verify_unique_keys(self) -> None:
         """Encryption keys are unique over all nodes, signature keys over all leaves (§7.3,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from .errors import SecretReuseError, ValidationError
+from .errors import CryptoError, SecretReuseError, ValidationError
 from .tree_math import left, level, right, root
 
 if TYPE_CHECKING:
@@ -56,7 +56,11 @@ class RatchetWindow:
 
     def __post_init__(self) -> None:
         if self.out_of_order_tolerance < 0 or self.maximum_forward_distance < 0:
-            raise ValueError("RatchetWindow limits must be non-negative")
+            raise ValidationError(
+                "RatchetWindow limits must be non-negative, got "
+                f"out_of_order_tolerance={self.out_of_order_tolerance}, "
+                f"maximum_forward_distance={self.maximum_forward_distance}"
+            )
 
 
 DEFAULT_WINDOW = RatchetWindow()
@@ -109,7 +113,9 @@ class HashRatchet:
 
     __slots__ = ("_crypto", "_secret", "_next_generation", "_skipped", "_window", "_version")
 
-    def __init__(self, crypto: Crypto, secret: bytes, window: RatchetWindow = DEFAULT_WINDOW):
+    def __init__(
+        self, crypto: Crypto, secret: bytes, window: RatchetWindow = DEFAULT_WINDOW
+    ) -> None:
         self._crypto = crypto
         self._secret: bytes | None = secret
         self._next_generation = 0
@@ -254,9 +260,9 @@ class SecretTree:
         window: RatchetWindow = DEFAULT_WINDOW,
     ) -> None:
         if n_leaves < 1:
-            raise ValueError("a secret tree needs at least one leaf")
+            raise ValidationError(f"a secret tree needs at least one leaf, got {n_leaves}")
         if len(encryption_secret) != crypto.hash_length:
-            raise ValueError(
+            raise CryptoError(
                 f"encryption_secret must be {crypto.hash_length} bytes, got {len(encryption_secret)}"
             )
         self._crypto = crypto

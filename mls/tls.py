@@ -11,9 +11,10 @@ and (through `finish`) on trailing bytes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from enum import IntEnum
 from typing import Self, TypeVar
 
-from .errors import DecodeError
+from .errors import DecodeError, EncodeError
 
 T = TypeVar("T")
 
@@ -23,12 +24,16 @@ VARINT_MAX = (1 << 30) - 1
 
 def encode_varint(value: int) -> bytes:
     if value < 0 or value > VARINT_MAX:
-        raise ValueError(f"varint out of range: {value}")
+        raise EncodeError(f"varint out of range: {value} is not in 0..2^30 - 1")
     if value < 1 << 6:
         return bytes([value])
     if value < 1 << 14:
         return (value | 0x4000).to_bytes(2, "big")
     return (value | 0x80000000).to_bytes(4, "big")
+
+
+def _out_of_range(value: int, width: int) -> EncodeError:
+    return EncodeError(f"{value} does not fit in a uint{8 * width} (0..{(1 << (8 * width)) - 1})")
 
 
 class Writer:
@@ -39,17 +44,32 @@ class Writer:
     def __init__(self) -> None:
         self._buf = bytearray()
 
+    # Out-of-range integers: the error is caught rather than pre-checked, which keeps the common
+    # path free; without it a caller would see a bare OverflowError naming no type.
+
     def uint8(self, value: int) -> None:
-        self._buf.append(value)
+        try:
+            self._buf.append(value)
+        except (ValueError, OverflowError):
+            raise _out_of_range(value, 1) from None
 
     def uint16(self, value: int) -> None:
-        self._buf += value.to_bytes(2, "big")
+        try:
+            self._buf += value.to_bytes(2, "big")
+        except OverflowError:
+            raise _out_of_range(value, 2) from None
 
     def uint32(self, value: int) -> None:
-        self._buf += value.to_bytes(4, "big")
+        try:
+            self._buf += value.to_bytes(4, "big")
+        except OverflowError:
+            raise _out_of_range(value, 4) from None
 
     def uint64(self, value: int) -> None:
-        self._buf += value.to_bytes(8, "big")
+        try:
+            self._buf += value.to_bytes(8, "big")
+        except OverflowError:
+            raise _out_of_range(value, 8) from None
 
     def varint(self, value: int) -> None:
         self._buf += encode_varint(value)
@@ -91,7 +111,9 @@ class Reader:
 
     __slots__ = ("_data", "_pos", "_end")
 
-    def __init__(self, data: bytes | bytearray | memoryview, pos: int = 0, end: int | None = None):
+    def __init__(
+        self, data: bytes | bytearray | memoryview, pos: int = 0, end: int | None = None
+    ) -> None:
         self._data = bytes(data) if not isinstance(data, bytes) else data
         self._pos = pos
         self._end = len(self._data) if end is None else end
@@ -204,7 +226,10 @@ class Struct:
 S = TypeVar("S", bound=Struct)
 
 
-def read_enum(r: Reader, enum_cls: type, width: int, field: str):  # type: ignore[no-untyped-def]
+E = TypeVar("E", bound=IntEnum)
+
+
+def read_enum(r: Reader, enum_cls: type[E], width: int, field: str) -> E:
     """Read an IntEnum of `width` bytes; unknown values raise `DecodeError`."""
     value = r._int(width, field)
     try:

@@ -6,8 +6,9 @@ the keys of the parent nodes it knows, §4.2) are a `TreeKEMPrivateState`, which
 which never shows a key in `repr()`.
 
 Both `create_update_path` and `process_update_path` change the tree they are given in place and
-return a *new* private state. A Group applies a Commit on `tree.copy()` and keeps the copy and the
-new state only when every check has passed, so a Commit that fails leaves it unchanged.
+return a *new* private state. Each is all-or-nothing on its own (a failure restores the tree), but
+a Group also applies the Commit's proposals first, so it works on `tree.copy()` and keeps the copy
+and the new state only when every check has passed.
 
 The GroupContext for the HPKE encryptions is the provisional one of §12.4.1/§12.4.2, which holds
 the tree hash of the tree *after* the UpdatePath is merged. The caller supplies it as a function
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field, replace
 
 from . import tree_math as tm
 from .commit import HPKECiphertext, UpdatePath, UpdatePathNode
-from .crypto import Crypto
+from .crypto import Crypto, SignaturePrivateKey
 from .errors import CryptoError, ValidationError
 from .key_package import LeafNode, LeafNodeSource
 from .leaf_validation import sign_leaf_node
@@ -193,8 +194,10 @@ class UpdatePathResult:
 
     update_path: UpdatePath
     commit_secret: bytes = field(repr=False)
-    # Node index -> path secret for each node of the filtered direct path: a new member's Welcome
-    # carries the one of its lowest common ancestor with the committer (§12.4.1).
+    # Node index -> path secret, for the nodes a Welcome needs: a new member's Welcome carries the
+    # one of its lowest common ancestor with the committer (§12.4.1). Only the common ancestors of
+    # the committer and the Commit's `new_leaves` are kept; the other path secrets were consumed
+    # deriving the path keys and are deleted (§9.2).
     path_secrets: dict[int, bytes] = field(repr=False)
     private_state: TreeKEMPrivateState
 
@@ -233,7 +236,7 @@ def create_update_path(
     leaf_index: int,
     *,
     group_id: bytes,
-    signature_priv: bytes,
+    signature_priv: bytes | SignaturePrivateKey,
     provisional_context: ProvisionalContext,
     new_leaves: AbstractSet[int] = frozenset(),
     leaf_node: LeafNode | None = None,
@@ -247,11 +250,39 @@ def create_update_path(
     For an external commit (§12.4.3.2), `leaf_index` is `tree.free_leaf()` and `leaf_node` the
     joiner's LeafNode.
 
-    - `new_leaves`: leaf indices added by this Commit; they get no encryption (§7.6).
+    - `new_leaves`: leaf indices added by this Commit; they get no encryption (§7.6), and only
+      the path secrets their Welcomes need are returned.
     - `leaf_node`: the leaf content to use (new credential, capabilities, extensions, signature key);
       default the current leaf. Its encryption key, source, parent hash and signature are replaced.
     - `path_secret`: path_secret[0]; default fresh random. Only tests need to pass it.
+
+    All-or-nothing: if anything fails (a bad signature key, an unusable public key in the tree),
+    `tree` is left as it was.
     """
+    with tree.atomic():
+        return _create_update_path(
+            tree,
+            leaf_index,
+            group_id=group_id,
+            signature_priv=signature_priv,
+            provisional_context=provisional_context,
+            new_leaves=new_leaves,
+            leaf_node=leaf_node,
+            path_secret=path_secret,
+        )
+
+
+def _create_update_path(
+    tree: RatchetTree,
+    leaf_index: int,
+    *,
+    group_id: bytes,
+    signature_priv: bytes | SignaturePrivateKey,
+    provisional_context: ProvisionalContext,
+    new_leaves: AbstractSet[int],
+    leaf_node: LeafNode | None,
+    path_secret: bytes | None,
+) -> UpdatePathResult:
     crypto = tree.crypto
     index = leaf_index
     template = leaf_node if leaf_node is not None else tree.leaf_node(index)
@@ -287,6 +318,7 @@ def create_update_path(
         ]
         nodes.append(UpdatePathNode(pair.public, encrypted))
 
+    for_welcomes = {tm.common_ancestor(2 * index, 2 * leaf) for leaf in new_leaves}
     state = TreeKEMPrivateState(
         index,
         NodeKeyPair(leaf_private, leaf_public),
@@ -295,7 +327,7 @@ def create_update_path(
     return UpdatePathResult(
         update_path=UpdatePath(new_leaf, nodes),
         commit_secret=secrets[-1],
-        path_secrets={p: s for (p, _), s in zip(path, secrets, strict=False)},
+        path_secrets={p: s for (p, _), s in zip(path, secrets, strict=False) if p in for_welcomes},
         private_state=state,
     )
 
@@ -307,8 +339,14 @@ def merge_update_path(tree: RatchetTree, sender: int, update_path: UpdatePath) -
     Checks the leaf_node_source, the number of path nodes, that no new public key is already in the
     tree, and the leaf's parent hash. It does not check the LeafNode's signature, credential or
     capabilities: call `leaf_validation.validate_leaf_node(..., source=commit)` for that. The
-    delivery service can use this alone to follow the public tree.
+    delivery service can use this alone to follow the public tree. All-or-nothing: on any error
+    `tree` is left as it was.
     """
+    with tree.atomic():
+        _merge_update_path(tree, sender, update_path)
+
+
+def _merge_update_path(tree: RatchetTree, sender: int, update_path: UpdatePath) -> None:
     leaf = update_path.leaf_node
     where = f"UpdatePath from leaf {sender}"
     if leaf.leaf_node_source != LeafNodeSource.commit:
@@ -354,8 +392,23 @@ def process_update_path(
     the commit_secret with the new private state. Changes `tree` in place.
 
     Errors: `ValidationError` for a malformed or inconsistent path, `CryptoError` when the
-    ciphertext meant for this member does not decrypt.
+    ciphertext meant for this member does not decrypt. All-or-nothing: on any error `tree` is left
+    as it was (and `private` is never changed).
     """
+    with tree.atomic():
+        return _process_update_path(
+            tree, private, sender, update_path, provisional_context, new_leaves
+        )
+
+
+def _process_update_path(
+    tree: RatchetTree,
+    private: TreeKEMPrivateState,
+    sender: int,
+    update_path: UpdatePath,
+    provisional_context: ProvisionalContext,
+    new_leaves: AbstractSet[int],
+) -> ProcessedUpdatePath:
     crypto = tree.crypto
     me = private.leaf_index
     if me == sender:
@@ -364,7 +417,7 @@ def process_update_path(
         )
     if me in new_leaves:
         raise ValidationError(f"leaf {me} was added by this Commit and joins by Welcome instead")
-    merge_update_path(tree, sender, update_path)
+    _merge_update_path(tree, sender, update_path)
     path = tree.filtered_direct_path_with_copath(sender)
     context = provisional_context(tree.tree_hash())
 

@@ -170,3 +170,21 @@ def test_loaded_private_keys_behave_like_bytes(crypto: Crypto) -> None:
     )
     with pytest.raises(CryptoError):
         other.sign_with_label(loaded, b"L", b"c")
+
+
+def test_out_of_range_lengths_and_generations_raise_crypto_error(crypto: Crypto) -> None:
+    """Not struct.error or a pyhpke error: every bad argument is a CryptoError."""
+    priv, pub = crypto.hpke_key_pair()
+    kem_output, _ = crypto.hpke_export_send(pub, b"", b"label", crypto.hash_length)
+    too_long = 255 * crypto.hash_length + 1
+    for length in (-1, too_long, 1 << 16):
+        with pytest.raises(CryptoError, match="export length"):
+            crypto.hpke_export_send(pub, b"", b"label", length)
+        with pytest.raises(CryptoError, match="export length"):
+            crypto.hpke_export_receive(priv, kem_output, b"", b"label", length)
+    assert len(crypto.hpke_export_send(pub, b"", b"l", too_long - 1)[1]) == too_long - 1
+    secret = crypto.random_secret()
+    assert len(crypto.derive_tree_secret(secret, b"key", 0xFFFFFFFF, 16)) == 16
+    for generation in (-1, 1 << 32):
+        with pytest.raises(CryptoError, match="not a uint32"):
+            crypto.derive_tree_secret(secret, b"key", generation, 16)

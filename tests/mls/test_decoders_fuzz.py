@@ -18,15 +18,28 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mls.commit import Commit
+from mls.credential import Credential
+from mls.crypto import get_crypto
 from mls.errors import DecodeError
+from mls.extensions import (
+    Extension,
+    ExtensionType,
+    ExternalSender,
+    RequiredCapabilities,
+    external_senders_extension,
+    parse_external_senders,
+)
 from mls.framing import (
     AuthenticatedContent,
     ContentType,
     MLSMessage,
     PrivateMessageContent,
+    SenderData,
 )
+from mls.group_context import GroupContext
 from mls.key_package import KeyPackage, LeafNode
 from mls.proposals import Proposal, ProposalType
+from mls.ratchet_tree import RatchetTree
 from mls.tree_nodes import decode_ratchet_tree, encode_ratchet_tree
 from mls.welcome import GroupInfo, GroupSecrets, Welcome
 from tests.vectors import vector_path
@@ -49,6 +62,9 @@ class Decoder:
         self.decode = decode
         self.encode = encode
         self.seeds = seeds
+
+
+X509 = Credential.x509([b"end-entity", b"intermediate"])
 
 
 def _h(case: dict[str, Any], name: str) -> bytes:
@@ -128,6 +144,33 @@ DECODERS: dict[str, Decoder] = {
             b"\x00\x01" + _public_without_tag(_h(c, k))
             for k in ("public_message_proposal", "public_message_commit")
         ],
+    ),
+    "GroupContext": Decoder(
+        GroupContext.decode,
+        GroupContext.encode,
+        lambda c: [GroupInfo.decode(_h(c, "mls_group_info")[4:]).group_context.encode()],
+    ),
+    "RatchetTree": Decoder(
+        lambda b: RatchetTree.decode(get_crypto(1), b),
+        RatchetTree.encode,
+        lambda c: [_h(c, "ratchet_tree")],
+    ),
+    "SenderData": Decoder(
+        SenderData.decode, SenderData.encode, lambda c: [bytes(range(12)), b"\xff" * 12]
+    ),
+    "external_senders": Decoder(
+        lambda b: parse_external_senders(Extension(ExtensionType.external_senders, b)),
+        lambda v: external_senders_extension(v).extension_data,
+        lambda c: [
+            external_senders_extension(
+                [ExternalSender(b"key", Credential.basic(b"ds")), ExternalSender(b"k2", X509)]
+            ).extension_data
+        ],
+    ),
+    "RequiredCapabilities": Decoder(
+        RequiredCapabilities.decode,
+        RequiredCapabilities.encode,
+        lambda c: [RequiredCapabilities([0x0A0A, 7], [0xFF00], [1, 2]).encode()],
     ),
     "PrivateMessageContent[application]": _private_content_decoder(ContentType.application),
     "PrivateMessageContent[proposal]": _private_content_decoder(ContentType.proposal),

@@ -37,7 +37,7 @@ from mls.message_protection import (
     unprotect_private,
     unprotect_public,
 )
-from mls.proposals import Proposal, Remove
+from mls.proposals import ExternalInit, Proposal, Remove
 from mls.secret_tree import RatchetType, SecretTree
 from tests.vectors import vector_cases
 
@@ -536,8 +536,15 @@ def test_protect_refuses_wrong_shapes() -> None:
     )
     with pytest.raises(ValidationError, match="external"):
         protect_private(g.crypto, ext_ac, g.sender_tree, SENDER_DATA_SECRET)
+    # Bad padding or reuse guard arguments.
+    app_ac = g.signed(g.content())
+    with pytest.raises(ValidationError, match="padding must be non-negative, got -1"):
+        protect_private(g.crypto, app_ac, g.sender_tree, SENDER_DATA_SECRET, padding=-1)
+    with pytest.raises(ValidationError, match="reuse_guard must be 4 bytes, got 3"):
+        protect_private(g.crypto, app_ac, g.sender_tree, SENDER_DATA_SECRET, reuse_guard=b"abc")
     # None of these consumed a sending generation.
     assert g.sender_tree.ratchet(SENDER, RatchetType.HANDSHAKE).next_generation == 0
+    assert g.sender_tree.ratchet(SENDER, RatchetType.APPLICATION).next_generation == 0
 
 
 def test_group_context_bytes_and_struct_agree() -> None:
@@ -556,3 +563,54 @@ def test_group_context_bytes_and_struct_agree() -> None:
         g.crypto, message, g.context.encode(), g.receiver_tree, SENDER_DATA_SECRET, g.keys_for
     )
     assert ac.content == content
+
+
+@pytest.mark.parametrize(
+    "sender, body",
+    [
+        (Sender.external(0), Commit()),  # external: proposals only
+        (Sender.external(0), Proposal(ExternalInit(b"kem output"))),  # not allowed externally
+        (Sender.new_member_proposal(), Proposal(Remove(1))),  # new_member_proposal: Add only
+        (Sender.new_member_proposal(), Commit()),
+        (Sender.new_member_commit(), Proposal(Remove(1))),  # new_member_commit: Commit only
+    ],
+    ids=["external-commit", "external-external_init", "new_member-remove", "new_member-commit",
+         "new_member_commit-proposal"],
+)
+def test_non_member_sender_limited_to_its_content(sender: Sender, body: Any) -> None:
+    """§6.1: a correctly signed PublicMessage is still refused if its sender type may not send
+    that content; and it cannot be built either."""
+    g = Group()
+    if isinstance(body, Commit):
+        content = FramedContent(b"group", 7, sender, b"", ContentType.commit, commit=body)
+    else:
+        content = FramedContent(b"group", 7, sender, b"", ContentType.proposal, proposal=body)
+    ac = g.signed(content, WireFormat.mls_public_message)
+    message = PublicMessage(ac.content, ac.auth, None)
+    with pytest.raises(ValidationError, match=f"a {sender.sender_type.name} sender"):
+        unprotect_public(g.crypto, _roundtrip(message), g.context, g.sig_pub, MEMBERSHIP_KEY)
+    with pytest.raises(ValidationError, match=f"a {sender.sender_type.name} sender"):
+        protect_public(g.crypto, ac, g.context, None)
+
+
+def test_new_member_commit_public_message_accepted() -> None:
+    g = Group()
+    content = FramedContent(
+        b"group", 7, Sender.new_member_commit(), b"", ContentType.commit, commit=Commit()
+    )
+    message = protect_public(
+        g.crypto, g.signed(content, WireFormat.mls_public_message), g.context, None
+    )
+    ac = unprotect_public(g.crypto, _roundtrip(message), g.context, g.sig_pub, MEMBERSHIP_KEY)
+    assert ac.content == content
+
+
+def test_loaded_signature_key_signs_like_bytes() -> None:
+    """A key parsed once (`Crypto.load_signature_private_key`) can sign every message, so the hot
+    path need not re-parse the private key per message."""
+    g = Group()
+    loaded = g.crypto.load_signature_private_key(g.sig_priv)
+    content = g.content()
+    ac = sign_framed_content(g.crypto, WireFormat.mls_private_message, content, loaded, g.context)
+    message = protect_private(g.crypto, ac, g.sender_tree, SENDER_DATA_SECRET)
+    assert g.unprotect(message).content == content

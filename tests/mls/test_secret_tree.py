@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mls.crypto import CipherSuite, get_crypto
-from mls.errors import SecretReuseError, ValidationError
+from mls.errors import CryptoError, SecretReuseError, ValidationError
 from mls.message_protection import sender_data_key_nonce
 from mls.secret_tree import MAX_GENERATION, RatchetType, RatchetWindow, SecretTree
 from tests.vectors import vector_cases
@@ -256,3 +256,13 @@ def test_ratchet_stops_at_the_last_uint32_generation() -> None:
         ratchet.next()
     with pytest.raises(ValidationError, match="uint32"):
         tree.key_for(0, APP, MAX_GENERATION + 1)
+
+
+def test_bad_arguments_raise_mls_errors_naming_the_value() -> None:
+    crypto = get_crypto(SUITE)
+    with pytest.raises(CryptoError, match="encryption_secret must be 32 bytes, got 31"):
+        SecretTree(crypto, SECRET[:31], 4)
+    with pytest.raises(ValidationError, match="at least one leaf, got 0"):
+        SecretTree(crypto, SECRET, 0)
+    with pytest.raises(ValidationError, match="out_of_order_tolerance=-1"):
+        RatchetWindow(out_of_order_tolerance=-1)

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mls.errors import DecodeError
+from mls.errors import DecodeError, EncodeError, MLSError
+from mls.proposals import Remove
 from mls.tls import VARINT_MAX, Reader, Writer, encode_varint
 
 
@@ -40,6 +41,34 @@ def test_varint_rejects_bad_encodings(data: bytes, message: str) -> None:
 def test_varint_out_of_range_is_refused_on_encode() -> None:
     with pytest.raises(ValueError):
         encode_varint(VARINT_MAX + 1)
+    with pytest.raises(EncodeError, match="varint out of range"):
+        encode_varint(-1)
+
+
+@pytest.mark.parametrize(
+    "method, value, width",
+    [
+        ("uint8", 256, 8),
+        ("uint8", -1, 8),
+        ("uint16", 1 << 16, 16),
+        ("uint16", -1, 16),
+        ("uint32", 1 << 32, 32),
+        ("uint64", 1 << 64, 64),
+        ("uint64", -5, 64),
+    ],
+)
+def test_out_of_range_integers_raise_encode_error(method: str, value: int, width: int) -> None:
+    w = Writer()
+    w.uint8(1)
+    with pytest.raises(EncodeError, match=f"{value} does not fit in a uint{width}") as info:
+        getattr(w, method)(value)
+    assert isinstance(info.value, MLSError) and isinstance(info.value, ValueError)
+    assert w.getvalue() == b"\x01"  # nothing half-written
+
+
+def test_struct_with_out_of_range_field_raises_encode_error() -> None:
+    with pytest.raises(EncodeError, match="uint32"):
+        Remove(1 << 32).encode()
 
 
 def test_vector_optional_and_fixed_width_round_trip() -> None:

@@ -229,3 +229,60 @@ def test_tree_hash_cache_rehashes_only_the_changed_path() -> None:
     copy.remove_leaf(63)  # blank leaf 63 and its path; the tree keeps 64 leaves
     copy.tree_hash()
     assert counter.hashes == 7
+
+
+def test_node_index_outside_tree_is_refused() -> None:
+    tree = RatchetTree(CRYPTO, [LEAVES[0], None, LEAVES[1], None, LEAVES[2]])  # 7 nodes
+    assert tree.node(4) == LEAVES[2]
+    for x in (-1, -7, 7, 100):
+        with pytest.raises(ValidationError, match=f"node {x} is outside the tree of 7 nodes"):
+            tree.node(x)
+        with pytest.raises(ValidationError, match="outside the tree"):
+            tree.encryption_key(x)
+    with pytest.raises(ValidationError, match="node 2 is a leaf, not a parent node"):
+        tree.parent_node(2)
+    with pytest.raises(ValidationError, match="outside the tree"):
+        tree.parent_node(9)
+
+
+def test_atomic_undoes_changes_only_on_error() -> None:
+    tree = RatchetTree(CRYPTO, [LEAVES[0], None, LEAVES[1], None, LEAVES[2]])
+    before, before_hash = tree.encode(), tree.tree_hash()
+    with pytest.raises(ValidationError):
+        with tree.atomic():
+            tree.add_leaf(LEAVES[3])
+            tree.extend()
+            tree.set_parent(1, ParentNode(KEYS[0]))
+            tree.remove_leaf(9)  # blank: refused after the changes above
+    assert tree.encode() == before and tree.tree_hash() == before_hash == _fresh_hash(tree)
+    with tree.atomic():
+        tree.add_leaf(LEAVES[3])
+    assert tree.leaf_node(3) == LEAVES[3] and tree.tree_hash() == _fresh_hash(tree)
+
+
+def _blanked_reference(tree: RatchetTree, x: int, removed: set[int]) -> bytes:
+    """original_tree_hash by definition (§7.9): a copy with the removed leaves blanked and dropped
+    from every unmerged_leaves list, hashed from scratch."""
+    nodes = list(tree.nodes)
+    for i, node in enumerate(nodes):
+        if node is None:
+            continue
+        if i & 1 == 0 and i >> 1 in removed:
+            nodes[i] = None
+        elif i & 1:
+            kept = [u for u in node.unmerged_leaves if u not in removed]  # type: ignore[union-attr]
+            nodes[i] = ParentNode(node.encryption_key, node.parent_hash, kept)  # type: ignore[union-attr]
+    return RatchetTree(CRYPTO, nodes).tree_hash(x)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**16), st.sets(st.integers(0, 31), max_size=12))
+def test_original_tree_hash_matches_definition(seed: int, removed: set[int]) -> None:
+    tree = RatchetTree(CRYPTO, [LEAVES[0]])
+    for i in range(1, 32):
+        x = 2 * (seed * i % max(tree.width // 2, 1)) + 1
+        if seed >> (i % 16) & 1 and x < tree.width and tree.node(x) is None:
+            tree.set_parent(x, ParentNode(KEYS[i % len(KEYS)]))
+        tree.add_leaf(LEAVES[i % len(LEAVES)])  # unmerged under every non-blank parent above
+    for x in range(tree.width):
+        assert tree.original_tree_hash(x, removed) == _blanked_reference(tree, x, removed)

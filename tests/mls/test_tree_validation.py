@@ -282,3 +282,49 @@ def test_unmerged_leaf_missing_from_intermediate_node_refused(signer: Any) -> No
         tree.verify_unmerged_leaves()
     nodes[5] = ParentNode(keys[2], unmerged_leaves=[2])
     RatchetTree(crypto, nodes).verify_unmerged_leaves()
+
+
+@pytest.mark.parametrize("node_3_blank", [False, True])
+def test_unmerged_leaf_missing_two_levels_down_refused(signer: Any, node_3_blank: bool) -> None:
+    """Every non-blank node between the leaf and the listing parent must list it, however far
+    down and across blank nodes (§12.4.3.1)."""
+    crypto, _, _ = signer
+    leaves = [make_leaf(crypto, b"m%d" % i)[1] for i in range(8)]
+    keys = [crypto.hpke_key_pair()[1] for _ in range(3)]
+    nodes: list[Any] = [None] * 15
+    nodes[0::2] = leaves
+    nodes[7] = ParentNode(keys[0], unmerged_leaves=[0])  # root lists leaf 0
+    nodes[3] = None if node_3_blank else ParentNode(keys[1], unmerged_leaves=[0])
+    nodes[1] = ParentNode(keys[2])  # ...but node 1, right above leaf 0, does not
+    with pytest.raises(ValidationError, match="leaf 0 but node 1 between them does not"):
+        RatchetTree(crypto, nodes).verify_unmerged_leaves()
+    nodes[1] = ParentNode(keys[2], unmerged_leaves=[0])
+    RatchetTree(crypto, nodes).verify_unmerged_leaves()
+
+
+def test_duplicate_leaf_extension_types_refused(signer: Any) -> None:
+    """§13.4: a list of extensions holds at most one of each type, in a received tree too."""
+    crypto, priv, leaf = signer
+    caps = replace(leaf.capabilities, extensions=[0xFF00])
+    twice = [Extension(0xFF00, b"a"), Extension(0xFF00, b"b")]
+    bad = sign_leaf_node(crypto, replace(leaf, capabilities=caps, extensions=twice), priv)
+    with pytest.raises(ValidationError, match="extension type 65280 appears more than once"):
+        validate_leaf_node(crypto, bad, source=LeafNodeSource.key_package)
+    with pytest.raises(ValidationError, match="leaf 0: extension type 65280 appears more than once"):
+        validate_ratchet_tree(RatchetTree(crypto, [bad]), group_id=b"g")
+    once = sign_leaf_node(crypto, replace(bad, extensions=twice[:1]), priv)
+    validate_ratchet_tree(RatchetTree(crypto, [once]), group_id=b"g")
+
+
+def test_lifetime_longer_than_the_application_maximum_refused(signer: Any) -> None:
+    """§7.2: applications set a maximum total lifetime and refuse longer ones."""
+    crypto, priv, leaf = signer
+    day = 86400
+    short = sign_leaf_node(crypto, replace(leaf, lifetime=Lifetime(1000, 1000 + day)), priv)
+    validate_leaf_node(crypto, short, source=LeafNodeSource.key_package, max_lifetime=day)
+    long = sign_leaf_node(crypto, replace(leaf, lifetime=Lifetime(1000, 1001 + day)), priv)
+    validate_leaf_node(crypto, long, source=LeafNodeSource.key_package)  # no maximum given
+    with pytest.raises(ValidationError, match="lifetime is longer than the 86400 s"):
+        validate_leaf_node(crypto, long, source=LeafNodeSource.key_package, max_lifetime=day)
+    with pytest.raises(ValidationError, match="leaf 0: lifetime is longer"):
+        validate_ratchet_tree(RatchetTree(crypto, [long]), group_id=b"g", max_lifetime=day)

@@ -482,3 +482,92 @@ def test_random_histories_stay_consistent(history: list[tuple[int, int, int]]) -
         group.commit(committer, adds=adds, removes=tuple(sorted(set(removes))))
     some = next(iter(group.trees.values()))
     validate_ratchet_tree(some, group_id=GROUP_ID)
+
+
+# --- all-or-nothing: a refused UpdatePath leaves the tree it was applied to unchanged ------------
+
+
+def _refused_path(path: UpdatePath, stage: str) -> UpdatePath:
+    """An UpdatePath refused only after the receiver's tree was already changed."""
+    if stage == "parent hash":  # detected once the new path keys are in the tree
+        return replace(path, leaf_node=replace(path.leaf_node, parent_hash=bytes(32)))
+    node = path.nodes[-1]  # "ciphertext": detected once the whole path is merged
+    ct = node.encrypted_path_secret[0]
+    bad_ct = HPKECiphertext(ct.kem_output, bytes([ct.ciphertext[0] ^ 1]) + ct.ciphertext[1:])
+    return replace(path, nodes=[*path.nodes[:-1], replace(node, encrypted_path_secret=[bad_ct])])
+
+
+@pytest.mark.parametrize(
+    ("stage", "error"), [("parent hash", ValidationError), ("ciphertext", CryptoError)]
+)
+def test_refused_path_leaves_tree_unchanged(
+    four: tuple[Group, Any], stage: str, error: type[Exception]
+) -> None:
+    group, result = four
+    bad = _refused_path(result.update_path, stage)
+    tree = group.trees[2].copy()
+    before, hash_before = tree.encode(), tree.tree_hash()
+    with pytest.raises(error):
+        process_update_path(tree, group.states[2], 1, bad, provisional_context=group.context)
+    assert tree.encode() == before and tree.tree_hash() == hash_before
+    if stage == "parent hash":
+        merged = group.trees[2].copy()
+        with pytest.raises(ValidationError):
+            merge_update_path(merged, 1, bad)
+        assert merged.encode() == before and merged.tree_hash() == hash_before
+    # The same tree still processes the genuine path afterwards.
+    out = process_update_path(
+        tree, group.states[2], 1, result.update_path, provisional_context=group.context
+    )
+    assert out.commit_secret == result.commit_secret
+
+
+def test_failed_create_update_path_leaves_tree_unchanged(four: tuple[Group, Any]) -> None:
+    group, _ = four
+    tree = group.trees[1].copy()
+    before, hash_before = tree.encode(), tree.tree_hash()
+
+    def failing_context(tree_hash: bytes) -> bytes:
+        raise ValidationError("no provisional context")
+
+    with pytest.raises(ValidationError, match="no provisional context"):
+        create_update_path(
+            tree, 1, group_id=GROUP_ID, signature_priv=group.sigs[1],
+            provisional_context=failing_context,
+        )
+    assert tree.encode() == before and tree.tree_hash() == hash_before
+    with pytest.raises(CryptoError):
+        create_update_path(
+            tree, 1, group_id=GROUP_ID, signature_priv=b"not a key",
+            provisional_context=group.context,
+        )
+    assert tree.encode() == before and tree.tree_hash() == hash_before
+
+
+def test_committer_keeps_only_the_path_secrets_welcomes_need() -> None:
+    """§9.2: each path secret is consumed once the next one and its node key are derived; only
+    those a new member's Welcome carries (its common ancestor with the committer) are kept."""
+    group = Group(get_crypto(1))
+    group.commit(0, adds=4)  # leaves 0..4, tree of 8 leaves
+    tree = group.trees[1].copy()
+    added = [tree.add_leaf(make_leaf(group.crypto, b"new%d" % i)[1]) for i in range(2)]
+    assert added == [5, 6]
+    result = create_update_path(
+        tree, 1, group_id=GROUP_ID, signature_priv=group.sigs[1],
+        provisional_context=group.context, new_leaves=set(added),
+    )
+    assert set(result.path_secrets) == {7} == {tm.common_ancestor(2, 2 * a) for a in added}
+    assert result.path_secret_for(1, 5) == result.path_secret_for(1, 6)
+    # The Welcome's secret leads every new member to the committer's keys above it.
+    state = TreeKEMPrivateState.from_leaf_private(group.crypto, 5, group.crypto.hpke_key_pair()[0])
+    welcomed = state.with_welcome_path_secret(
+        group.crypto, tree, 1, result.path_secret_for(1, 5)
+    )
+    assert welcomed.path[7] == result.private_state.path[7]
+    no_adds = create_update_path(
+        group.trees[1].copy(), 1, group_id=GROUP_ID, signature_priv=group.sigs[1],
+        provisional_context=group.context,
+    )
+    assert no_adds.path_secrets == {}
+    with pytest.raises(ValidationError, match="no path secret for node 1, the common ancestor of leaves 1 and 0"):
+        result.path_secret_for(1, 0)
