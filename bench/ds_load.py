@@ -1,0 +1,238 @@
+"""Delivery-service load: G groups x C clients on loopback, for SQLite and PostgreSQL.
+
+Each group's members commit one after another (one commit per epoch, the winner's author picks
+the next member) while every member holds a WebSocket; all groups run at once. Measured: handshake
+messages accepted per second, and post-to-push latency (from the start of the POST to the push
+arriving at each other member) p50 / p99. The reference, measured in the same run on the same
+loopback, is a bare aiohttp endpoint that answers a CBOR POST without storage: the ceiling that
+HTTP and CBOR alone allow.
+
+    python bench/ds_load.py                      # 100 groups x 10 clients, both backends
+    python bench/ds_load.py --groups 20 --seconds 5 --backends sqlite
+
+PostgreSQL needs CONCLAVE_PG_DSN (`bash .ci/postgres.sh && source .ci/postgres.env`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import cbor2
+from aiohttp import web
+
+from delivery_service.client import DeliveryClient, Message, PushStream
+from delivery_service.errors import StaleEpochRejected
+from mls.client import Client
+from mls.commit import Commit
+from mls.framing import (
+    ContentType,
+    FramedContent,
+    FramedContentAuthData,
+    MLSMessage,
+    PublicMessage,
+    Sender,
+)
+
+
+def commit(group_id: bytes, epoch: int, leaf: int) -> bytes:
+    content = FramedContent(group_id, epoch, Sender.member(leaf), b"", ContentType.commit,
+                            commit=Commit())
+    auth = FramedContentAuthData(os.urandom(64), os.urandom(32))
+    return MLSMessage(PublicMessage(content, auth, os.urandom(32))).encode()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_healthy(url: str, proc: subprocess.Popen[bytes]) -> None:
+    async with aiohttp.ClientSession() as http:
+        for _ in range(400):
+            if proc.poll() is not None:
+                raise SystemExit("the service exited; see its log")
+            try:
+                async with http.get(url + "/healthz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    raise SystemExit("the service did not start")
+
+
+async def reference_rate(http: aiohttp.ClientSession, seconds: float, concurrency: int) -> float:
+    """Requests per second of a bare CBOR POST handler on loopback."""
+
+    async def handler(request: web.Request) -> web.Response:
+        cbor2.loads(await request.read())
+        return web.Response(body=cbor2.dumps({"seq": 1, "epoch": 1}),
+                            content_type="application/cbor")
+
+    app = web.Application()
+    app.router.add_post("/", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    body = cbor2.dumps({"message": commit(b"g" * 16, 1, 0)})
+    count = 0
+    deadline = time.monotonic() + seconds
+
+    async def worker() -> None:
+        nonlocal count
+        while time.monotonic() < deadline:
+            async with http.post(f"http://127.0.0.1:{port}/", data=body,
+                                 headers={"Content-Type": "application/cbor"}) as r:
+                await r.read()
+            count += 1
+
+    start = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    rate = count / (time.monotonic() - start)
+    await runner.cleanup()
+    return rate
+
+
+async def run_backend(backend: str, args: argparse.Namespace) -> dict[str, float]:
+    tmp = Path(tempfile.mkdtemp(prefix="ds_load_"))
+    port = free_port()
+    cli = ["--db", str(tmp / "ds.sqlite3")]
+    schema = None
+    if backend == "postgres":
+        dsn = os.environ.get("CONCLAVE_PG_DSN")
+        if not dsn:
+            raise SystemExit("CONCLAVE_PG_DSN unset: run .ci/postgres.sh and source .ci/postgres.env")
+        schema = "ds_bench_" + os.urandom(4).hex()
+        cli = ["--db", dsn, "--pg-schema", schema]
+    log = (tmp / "service.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "delivery_service", *cli, "--host", "127.0.0.1", "--port",
+         str(port), "--log-level", "WARNING", "--tracker", "basic"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_healthy(url, proc)
+        connector = aiohttp.TCPConnector(limit=args.connections)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            return await load(url, http, args)
+    finally:
+        proc.terminate()
+        proc.wait()
+        if schema is not None:
+            import asyncpg
+
+            conn = await asyncpg.connect(os.environ["CONCLAVE_PG_DSN"])
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            await conn.close()
+
+
+async def load(url: str, http: aiohttp.ClientSession, args: argparse.Namespace) -> dict[str, float]:
+    groups: list[tuple[bytes, list[DeliveryClient]]] = []
+    sem = asyncio.Semaphore(50)
+
+    async def make(name: str) -> DeliveryClient:
+        c = Client(name.encode(), 1)
+        ds = DeliveryClient(url, name, 1, c.signature_priv, c.signature_key, http=http)
+        async with sem:
+            await ds.register()
+        return ds
+
+    for g in range(args.groups):
+        members = await asyncio.gather(*(make(f"g{g}c{i}") for i in range(args.clients)))
+        gid = os.urandom(16)
+        await members[0].create_group(gid)
+        await members[0].send(gid, commit(gid, 0, 0), adds=[m.identity for m in members[1:]])
+        groups.append((gid, list(members)))
+
+    sent_at: dict[bytes, float] = {}
+    latencies: list[float] = []
+    streams: list[PushStream] = []
+
+    async def listen(stream: PushStream) -> None:
+        async for event in stream:
+            if isinstance(event, Message):
+                t0 = sent_at.get(event.message)
+                if t0 is not None:
+                    latencies.append(time.perf_counter() - t0)
+
+    listeners = []
+    for gid, members in groups:
+        for m in members:
+            s = await m.connect()
+            await s.subscribe(gid, after=1)
+            streams.append(s)
+            listeners.append(asyncio.create_task(listen(s)))
+
+    accepted = 0
+    deadline = time.monotonic() + args.seconds
+
+    async def drive(gid: bytes, members: list[DeliveryClient]) -> None:
+        nonlocal accepted
+        epoch, turn = 1, 0
+        while time.monotonic() < deadline:
+            data = commit(gid, epoch, turn)
+            sent_at[data] = time.perf_counter()
+            try:
+                acc = await members[turn].send(gid, data)
+            except StaleEpochRejected as exc:
+                epoch = exc.current_epoch
+                continue
+            accepted += 1
+            epoch = acc.epoch
+            turn = (turn + 1) % len(members)
+
+    start = time.monotonic()
+    await asyncio.gather(*(drive(gid, members) for gid, members in groups))
+    elapsed = time.monotonic() - start
+    await asyncio.sleep(0.5)  # let the last pushes land
+    for s in streams:
+        await s.close()
+    for t in listeners:
+        t.cancel()
+    latencies.sort()
+    q = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [0.0] * 99
+    return {"accepted_per_s": accepted / elapsed, "p50_ms": q[49] * 1000, "p99_ms": q[98] * 1000,
+            "pushes": len(latencies)}
+
+
+async def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--groups", type=int, default=100)
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--seconds", type=float, default=10)
+    p.add_argument("--connections", type=int, default=0,
+                   help="HTTP connection pool size (0: unlimited; each WebSocket holds one)")
+    p.add_argument("--backends", default="sqlite,postgres")
+    args = p.parse_args()
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.connections)) as h:
+        ref = await reference_rate(h, min(args.seconds, 5), args.groups)
+    rows = []
+    for backend in args.backends.split(","):
+        r = await run_backend(backend, args)
+        rows.append((backend, r))
+    print(f"\n{args.groups} groups x {args.clients} clients, {args.seconds:g} s, loopback")
+    print(f"{'backend':<12}{'accepted/s':>12}{'% of ref':>10}{'push p50 ms':>13}"
+          f"{'push p99 ms':>13}{'pushes':>9}")
+    print(f"{'reference':<12}{ref:>12.0f}{100:>9.0f}%{'-':>13}{'-':>13}{'-':>9}")
+    for backend, r in rows:
+        print(f"{backend:<12}{r['accepted_per_s']:>12.0f}{100 * r['accepted_per_s'] / ref:>9.1f}%"
+              f"{r['p50_ms']:>13.1f}{r['p99_ms']:>13.1f}{int(r['pushes']):>9}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

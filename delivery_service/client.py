@@ -1,0 +1,426 @@
+"""The asyncio client library of the delivery service, used by the app.
+
+    async with DeliveryClient(url, identity, suite, sig_priv, sig_pub) as ds:
+        await ds.register()
+        await ds.upload_key_packages([kp1, kp2], last_resort=kp0)
+        stream = await ds.connect()
+        await stream.subscribe(group_id, after=last_seq)
+        async for event in stream: ...
+
+Each `PushStream` holds one connection of the client's aiohttp session for as long as it is open:
+a session shared by many clients (`http=`) needs a connector limit above the number of streams.
+
+A `PushStream` reconnects by itself and resubscribes from the last sequence number it delivered,
+so a consumer sees each group's messages once, in order, across reconnects. Refusals raise
+`RequestFailed` (a 409 for a stale epoch raises `StaleEpochRejected` with `current_epoch`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Self
+from urllib.parse import quote
+
+import aiohttp
+import cbor2
+
+from .errors import RequestFailed, StaleEpochRejected
+from .signatures import CHALLENGE_LABEL, challenge_content, sign_with_label
+
+log = logging.getLogger(__name__)
+CBOR = "application/cbor"
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message of a group's log: handshake (commit, proposal, welcome) or application."""
+
+    group_id: bytes
+    seq: int
+    kind: str
+    epoch: int
+    sender: str
+    sender_index: int | None
+    time_ms: int
+    message: bytes = field(repr=False)
+
+    @classmethod
+    def from_body(cls, b: dict[str, Any]) -> Message:
+        return cls(b["group_id"], b["seq"], b["kind"], b["epoch"], b["sender"],
+                   b["sender_index"], b["time_ms"], b["message"])
+
+
+@dataclass(frozen=True)
+class WelcomeMessage:
+    id: int
+    group_id: bytes
+    seq: int
+    welcome: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Removed:
+    """This client's identity is no longer a member of the group: no more pushes for it."""
+
+    group_id: bytes
+    seq: int
+
+
+@dataclass(frozen=True)
+class PushError:
+    code: str
+    reason: str
+    group_id: bytes | None
+
+
+@dataclass(frozen=True)
+class Accepted:
+    seq: int
+    epoch: int
+
+
+@dataclass(frozen=True)
+class RoomToken:
+    room: str
+    token: str = field(repr=False)
+    expires_at: int
+    epoch: int
+
+
+PushEvent = Message | WelcomeMessage | Removed | PushError
+
+
+class DeliveryClient:
+    def __init__(
+        self,
+        base_url: str,
+        identity: str,
+        cipher_suite: int,
+        signature_private: bytes,
+        signature_public: bytes,
+        *,
+        http: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.identity = identity
+        self.cipher_suite = cipher_suite
+        self._signature_private = signature_private
+        self.signature_public = signature_public
+        self._http = http
+        self._owns_http = http is None
+        self.session: str | None = None
+
+    def __repr__(self) -> str:
+        return f"DeliveryClient({self.base_url!r}, {self.identity!r})"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        return self._http
+
+    async def close(self) -> None:
+        if self._owns_http and self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    # -- plumbing
+
+    async def _raw(
+        self, method: str, path: str, body: dict[str, Any] | None, auth: bool
+    ) -> tuple[int, Any]:
+        headers = {}
+        data = None
+        if body is not None:
+            headers["Content-Type"] = CBOR
+            data = cbor2.dumps(body)
+        if auth:
+            if self.session is None:
+                await self.login()
+            headers["Authorization"] = f"Bearer {self.session}"
+        async with self.http.request(
+            method, self.base_url + path, data=data, headers=headers
+        ) as resp:
+            raw = await resp.read()
+            if resp.content_type == CBOR and raw:
+                return resp.status, cbor2.loads(raw)
+            return resp.status, None
+
+    async def _request(
+        self, method: str, path: str, body: dict[str, Any] | None = None, auth: bool = True
+    ) -> Any:
+        status, answer = await self._raw(method, path, body, auth)
+        if status == 401 and auth:
+            # The session expired or was revoked: prove possession again, once.
+            await self.login()
+            status, answer = await self._raw(method, path, body, auth)
+        if status >= 400:
+            answer = answer if isinstance(answer, dict) else {}
+            code = str(answer.pop("error", "http_error"))
+            reason = str(answer.pop("reason", f"HTTP {status}"))
+            cls = StaleEpochRejected if code == "stale_epoch" else RequestFailed
+            raise cls(status, code, reason, **answer)
+        return answer
+
+    async def _proof(self) -> dict[str, Any]:
+        challenge = (await self._request("POST", "/v1/challenges", auth=False))["challenge"]
+        signature = sign_with_label(
+            self.cipher_suite,
+            self._signature_private,
+            CHALLENGE_LABEL,
+            challenge_content(challenge, self.identity),
+        )
+        return {"identity": self.identity, "challenge": challenge, "signature": signature}
+
+    # -- identity
+
+    async def register(self) -> None:
+        """Register the identity and its signature key (idempotent), and open a session."""
+        body = await self._proof()
+        body |= {"cipher_suite": self.cipher_suite, "signature_key": self.signature_public}
+        self.session = (await self._request("POST", "/v1/identities", body, auth=False))["session"]
+
+    async def login(self) -> None:
+        body = await self._proof()
+        self.session = (await self._request("POST", "/v1/sessions", body, auth=False))["session"]
+
+    async def logout(self) -> None:
+        if self.session is not None:
+            with contextlib.suppress(RequestFailed):
+                await self._raw("DELETE", "/v1/sessions", None, True)
+            self.session = None
+
+    # -- key packages
+
+    async def upload_key_packages(
+        self, key_packages: list[bytes], last_resort: bytes | None = None
+    ) -> int:
+        """Upload MLSMessage-framed KeyPackages; returns how many unclaimed ones are stored."""
+        body: dict[str, Any] = {"key_packages": list(key_packages)}
+        if last_resort is not None:
+            body["last_resort"] = last_resort
+        return int((await self._request("POST", "/v1/key_packages", body))["count"])
+
+    async def key_package_count(self) -> int:
+        return int((await self._request("GET", "/v1/key_packages/count"))["count"])
+
+    async def claim_key_package(self, identity: str) -> bytes:
+        path = f"/v1/identities/{quote(identity, safe='')}/key_package"
+        return bytes((await self._request("POST", path))["key_package"])
+
+    # -- groups
+
+    async def create_group(self, group_id: bytes, group_info: bytes | None = None) -> int:
+        body: dict[str, Any] = {"group_id": group_id}
+        if group_info is not None:
+            body["group_info"] = group_info
+        return int((await self._request("POST", "/v1/groups", body))["epoch"])
+
+    async def group(self, group_id: bytes) -> dict[str, Any]:
+        """{"group_id", "epoch", "seq", "members"} as the service sees the group."""
+        return dict(await self._request("GET", f"/v1/groups/{group_id.hex()}"))
+
+    async def send(
+        self,
+        group_id: bytes,
+        message: bytes,
+        *,
+        adds: list[str] | tuple[str, ...] = (),
+        removes: list[str] | tuple[str, ...] = (),
+        group_info: bytes | None = None,
+    ) -> Accepted:
+        """Post a PublicMessage or PrivateMessage (an MLSMessage). For a commit, `adds` and
+        `removes` name the identities it adds and removes, and `group_info` is the new epoch's
+        GroupInfo for external joiners."""
+        body: dict[str, Any] = {"message": message}
+        if adds:
+            body["adds"] = list(adds)
+        if removes:
+            body["removes"] = list(removes)
+        if group_info is not None:
+            body["group_info"] = group_info
+        answer = await self._request("POST", f"/v1/groups/{group_id.hex()}/messages", body)
+        return Accepted(answer["seq"], answer["epoch"])
+
+    async def send_welcome(self, group_id: bytes, welcome: bytes) -> int:
+        answer = await self._request(
+            "POST", f"/v1/groups/{group_id.hex()}/welcomes", {"welcome": welcome}
+        )
+        return int(answer["seq"])
+
+    async def publish_group_info(self, group_id: bytes, group_info: bytes) -> int:
+        answer = await self._request(
+            "PUT", f"/v1/groups/{group_id.hex()}/group_info", {"group_info": group_info}
+        )
+        return int(answer["seq"])
+
+    async def fetch_group_info(self, group_id: bytes) -> bytes:
+        return bytes((await self._request("GET", f"/v1/groups/{group_id.hex()}/group_info"))
+                     ["group_info"])
+
+    async def messages(
+        self, group_id: bytes, after: int = 0, limit: int = 500, since_epoch: int = 0
+    ) -> list[Message]:
+        """The group's log after sequence number `after`. A new member passes the epoch of its
+        Welcome as `since_epoch`: commits of that epoch may precede the Welcome in the log."""
+        answer = await self._request(
+            "GET",
+            f"/v1/groups/{group_id.hex()}/messages?after={after}&limit={limit}"
+            f"&since_epoch={since_epoch}",
+        )
+        return [Message.from_body(m) for m in answer["messages"]]
+
+    async def audit_log(self, group_id: bytes, after: int = 0) -> list[Message]:
+        answer = await self._request("GET", f"/v1/groups/{group_id.hex()}/audit?after={after}")
+        return [Message.from_body(m) for m in answer["entries"]]
+
+    async def welcomes(self, after: int = 0) -> list[WelcomeMessage]:
+        answer = await self._request("GET", f"/v1/welcomes?after={after}")
+        return [WelcomeMessage(w["id"], w["group_id"], w["seq"], w["welcome"])
+                for w in answer["welcomes"]]
+
+    async def room_token(self, group_id: bytes) -> RoomToken:
+        a = await self._request("POST", f"/v1/groups/{group_id.hex()}/room_token")
+        return RoomToken(a["room"], a["token"], a["expires_at"], a["epoch"])
+
+    async def connect(self, *, reconnect: bool = True) -> PushStream:
+        stream = PushStream(self, reconnect=reconnect)
+        await stream.start()
+        return stream
+
+
+class PushStream:
+    """The client's WebSocket: subscriptions with cursors, reconnecting from the last delivered
+    sequence number. Iterate it (or call `next`) for `PushEvent`s."""
+
+    def __init__(self, client: DeliveryClient, *, reconnect: bool = True) -> None:
+        self.client = client
+        self.reconnect = reconnect
+        self.cursors: dict[bytes, int] = {}
+        self.welcome_cursor: int | None = None
+        self._events: asyncio.Queue[PushEvent | None] = asyncio.Queue()
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._closed = False
+
+    async def start(self) -> None:
+        await self._open()
+        self._task = asyncio.create_task(self._run())
+
+    async def _open(self) -> None:
+        c = self.client
+        if c.session is None:
+            await c.login()
+        url = c.base_url.replace("http", "ws", 1) + "/v1/ws"
+        try:
+            ws = await c.http.ws_connect(url, headers={"Authorization": f"Bearer {c.session}"})
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status != 401:
+                raise
+            await c.login()
+            ws = await c.http.ws_connect(url, headers={"Authorization": f"Bearer {c.session}"})
+        self._ws = ws
+        for group_id, after in self.cursors.items():
+            await self._send({"type": "subscribe", "group_id": group_id, "after": after})
+        if self.welcome_cursor is not None:
+            await self._send({"type": "welcomes", "after": self.welcome_cursor})
+        self._connected.set()
+
+    async def _send(self, body: dict[str, Any]) -> None:
+        assert self._ws is not None
+        await self._ws.send_bytes(cbor2.dumps(body))
+
+    async def subscribe(self, group_id: bytes, after: int = 0) -> None:
+        """Receive the group's messages with sequence numbers greater than `after`."""
+        self.cursors[group_id] = after
+        await self._connected.wait()
+        await self._send({"type": "subscribe", "group_id": group_id, "after": after})
+
+    async def subscribe_welcomes(self, after: int = 0) -> None:
+        self.welcome_cursor = after
+        await self._connected.wait()
+        await self._send({"type": "welcomes", "after": after})
+
+    async def unsubscribe(self, group_id: bytes) -> None:
+        self.cursors.pop(group_id, None)
+        await self._connected.wait()
+        await self._send({"type": "unsubscribe", "group_id": group_id})
+
+    async def _run(self) -> None:
+        delay = 0.05
+        while not self._closed:
+            assert self._ws is not None
+            async for msg in self._ws:
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    self._dispatch(cbor2.loads(msg.data))
+                    delay = 0.05
+            self._connected.clear()
+            if self._closed or not self.reconnect:
+                break
+            while not self._closed:
+                await asyncio.sleep(delay)
+                try:
+                    await self._open()
+                    break
+                except (aiohttp.ClientError, OSError, RequestFailed) as exc:
+                    log.debug("reconnect failed: %s", exc)
+                    delay = min(delay * 2, 2.0)
+        self._events.put_nowait(None)
+
+    def _dispatch(self, body: dict[str, Any]) -> None:
+        kind = body.get("type")
+        if kind == "message":
+            m = Message.from_body(body)
+            cursor = self.cursors.get(m.group_id)
+            if cursor is None or m.seq <= cursor:
+                return  # a duplicate after a resubscribe, or an unsubscribed group
+            self.cursors[m.group_id] = m.seq
+            self._events.put_nowait(m)
+        elif kind == "welcome":
+            w = WelcomeMessage(body["id"], body["group_id"], body["seq"], body["welcome"])
+            if self.welcome_cursor is not None and w.id <= self.welcome_cursor:
+                return
+            self.welcome_cursor = w.id
+            self._events.put_nowait(w)
+        elif kind == "removed":
+            self.cursors.pop(body["group_id"], None)
+            self._events.put_nowait(Removed(body["group_id"], body["seq"]))
+        elif kind == "error":
+            self._events.put_nowait(
+                PushError(body.get("error", ""), body.get("reason", ""), body.get("group_id"))
+            )
+
+    async def next(self, timeout: float | None = None) -> PushEvent:
+        event = await asyncio.wait_for(self._events.get(), timeout)
+        if event is None:
+            self._events.put_nowait(None)
+            raise ConnectionError("push stream closed")
+        return event
+
+    def __aiter__(self) -> PushStream:
+        return self
+
+    async def __anext__(self) -> PushEvent:
+        try:
+            return await self.next()
+        except ConnectionError:
+            raise StopAsyncIteration from None
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._ws is not None:
+            await self._ws.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

@@ -1,0 +1,110 @@
+"""The exception hierarchy of the delivery service.
+
+Every error a client can provoke is a `DeliveryServiceError`: the server turns it into its HTTP
+status and a CBOR body ``{"error": code, "reason": text}`` (plus any `extra` fields, such as the
+current epoch of a 409). Reasons say what to do; they never carry a secret or a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DeliveryServiceError(Exception):
+    """Base class: `status` is the HTTP status, `code` a stable machine-readable name."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, reason: str, **extra: Any) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.code, "reason": self.reason, **self.extra}
+
+
+class BadRequest(DeliveryServiceError):
+    """A body that is not the CBOR map the endpoint expects, or an MLS message that is malformed."""
+
+
+class Unauthorized(DeliveryServiceError):
+    """No session, an expired or revoked one, or a failed proof of possession."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(DeliveryServiceError):
+    """An authenticated identity acting outside its rights (not a member, another's key...)."""
+
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(DeliveryServiceError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(DeliveryServiceError):
+    """The request contradicts stored state (identity already registered with another key...)."""
+
+    status = 409
+    code = "conflict"
+
+
+class StaleEpoch(Conflict):
+    """A commit (or proposal) for an epoch that is no longer current: process the winner, retry."""
+
+    code = "stale_epoch"
+
+    def __init__(self, epoch: int, current_epoch: int) -> None:
+        super().__init__(
+            f"message is for epoch {epoch} but the group is at epoch {current_epoch}: fetch and "
+            "process the messages you missed, then retry",
+            current_epoch=current_epoch,
+        )
+        self.current_epoch = current_epoch
+
+
+class Gone(DeliveryServiceError):
+    """No KeyPackage left to claim for an identity."""
+
+    status = 410
+    code = "no_key_package"
+
+
+class PayloadTooLarge(DeliveryServiceError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(DeliveryServiceError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class StorageConflict(Exception):
+    """Internal: an optimistic write lost a race (the group moved on); the caller re-reads."""
+
+
+class RequestFailed(DeliveryServiceError):
+    """Client side: the service refused a request; `status`, `code` and `reason` are its answer."""
+
+    def __init__(self, status: int, code: str, reason: str, **extra: Any) -> None:
+        super().__init__(reason, **extra)
+        self.status = status
+        self.code = code
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}: {self.reason}"
+
+
+class StaleEpochRejected(RequestFailed):
+    """Client side: a 409 for a stale epoch; process messages up to `current_epoch`, then retry."""
+
+    @property
+    def current_epoch(self) -> int:
+        return int(self.extra["current_epoch"])

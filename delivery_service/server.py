@@ -1,0 +1,675 @@
+"""The aiohttp application: the `/v1/` API (CBOR bodies), the WebSocket, /healthz and /metrics.
+
+See docs/delivery-service-api.md for the API reference. Every error is a CBOR body
+``{"error": code, "reason": text}`` with a 4xx status; an unexpected failure is a 500 with the
+same shape and no traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import cbor2
+from aiohttp import WSMsgType, web
+
+from sfu.tokens import issue_room_token
+
+from .errors import (
+    BadRequest,
+    Conflict,
+    DeliveryServiceError,
+    Forbidden,
+    Gone,
+    NotFound,
+    PayloadTooLarge,
+    StaleEpoch,
+    StorageConflict,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from .hub import (
+    Appended,
+    Hub,
+    Subscribe,
+    SubscribeWelcomes,
+    Unsubscribe,
+    message_body,
+    push_frame,
+)
+from .metrics import Metrics, service_metrics
+from .signatures import (
+    CHALLENGE_LABEL,
+    SUPPORTED_SUITES,
+    challenge_content,
+    is_public_key,
+    verify_with_label,
+)
+from .storage import IdentityRecord, KeyPackageRow, NewMessage, Storage, StoredMessage
+from .tracker import GroupState, GroupTracker, MembershipHints, PublicGroupTracker
+from .wire import (
+    ContentType,
+    FramedMessage,
+    parse_framed,
+    parse_group_info,
+    parse_key_package,
+    parse_welcome,
+)
+
+log = logging.getLogger(__name__)
+
+CBOR = "application/cbor"
+MAX_GROUP_ID = 255
+MAX_IDENTITY = 255
+MAX_LIST = 1000
+# A commit may lose the race for its group's row to a proposal or application message of the same
+# epoch; it is then re-checked against the new state. Bounded so that a hot group cannot spin.
+APPEND_ATTEMPTS = 100
+
+
+@dataclass
+class Config:
+    max_body: int = 1 << 20
+    session_ttl: int = 3600
+    challenge_ttl: int = 120
+    room_token_ttl: int = 600
+    room_secret: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
+    auditors: frozenset[str] = frozenset()
+    max_key_packages_per_upload: int = 100
+
+
+SERVICE: web.AppKey[DeliveryService] = web.AppKey("service")
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+def cbor_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=cbor2.dumps(body), status=status, content_type=CBOR)
+
+
+# -- request helpers
+
+
+async def read_body(request: web.Request) -> dict[str, Any]:
+    if request.content_type != CBOR:
+        raise UnsupportedMediaType(f"send the body as {CBOR}")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(
+            f"body larger than {request.app[SERVICE].config.max_body} bytes"
+        ) from None
+    try:
+        body = cbor2.loads(raw)
+    except Exception:  # cbor2 raises several types on malformed input
+        raise BadRequest("body is not well-formed CBOR") from None
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a CBOR map")
+    return body
+
+
+def get_bytes(body: dict[str, Any], key: str, *, optional: bool = False, max_len: int = 0) -> Any:
+    value = body.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, bytes):
+        raise BadRequest(f"field {key!r} must be a byte string")
+    if max_len and len(value) > max_len:
+        raise BadRequest(f"field {key!r} longer than {max_len} bytes")
+    return value
+
+
+def get_str(body: dict[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value or len(value.encode()) > MAX_IDENTITY:
+        raise BadRequest(f"field {key!r} must be a non-empty text string of at most "
+                         f"{MAX_IDENTITY} bytes")
+    return value
+
+
+def get_int(body: dict[str, Any], key: str) -> int:
+    value = body.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value >= 1 << 64:
+        raise BadRequest(f"field {key!r} must be an unsigned integer")
+    return value
+
+
+def get_str_list(body: dict[str, Any], key: str) -> frozenset[str]:
+    value = body.get(key, [])
+    if not isinstance(value, list) or len(value) > MAX_LIST:
+        raise BadRequest(f"field {key!r} must be an array of identities")
+    return frozenset(get_str({"x": v}, "x") for v in value)
+
+
+def query_int(request: web.Request, key: str, default: int) -> int:
+    raw = request.query.get(key)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"query parameter {key!r} must be an integer") from None
+    if value < 0:
+        raise BadRequest(f"query parameter {key!r} must not be negative")
+    return value
+
+
+def group_id_of(request: web.Request) -> bytes:
+    try:
+        gid = bytes.fromhex(request.match_info["group_id"])
+    except ValueError:
+        raise BadRequest("the group id in the path must be hex") from None
+    if not gid or len(gid) > MAX_GROUP_ID:
+        raise BadRequest(f"group id must be 1 to {MAX_GROUP_ID} bytes")
+    return gid
+
+
+def _token_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def _route_name(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+class DeliveryService:
+    def __init__(
+        self,
+        storage: Storage,
+        config: Config | None = None,
+        tracker: GroupTracker | None = None,
+    ) -> None:
+        self.storage = storage
+        self.config = config or Config()
+        self.tracker: GroupTracker = tracker or PublicGroupTracker()
+        self.metrics: Metrics = service_metrics()
+        self.hub = Hub(storage, self.metrics)
+        # Serializes the read-check-append of one group in this process; other instances are
+        # ordered by the storage's conditional update.
+        self._group_locks: dict[bytes, asyncio.Lock] = {}
+
+    # -- authentication
+
+    async def identity_of(self, request: web.Request) -> str:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized("missing session: send 'Authorization: Bearer <session>'")
+        identity = await self.storage.get_session(_token_hash(token.strip()), now_s())
+        if identity is None:
+            raise Unauthorized("session expired, revoked or unknown: prove possession again")
+        return identity
+
+    async def _check_proof(self, body: dict[str, Any], record: IdentityRecord) -> None:
+        challenge = get_bytes(body, "challenge", max_len=64)
+        signature = get_bytes(body, "signature", max_len=1024)
+        # Consume the challenge first: a replayed proof finds it gone whatever its signature.
+        if not await self.storage.take_challenge(challenge, now_s()):
+            raise Unauthorized("challenge unknown, expired or already used: request a new one")
+        content = challenge_content(challenge, record.identity)
+        if not verify_with_label(
+            record.cipher_suite, record.signature_key, CHALLENGE_LABEL, content, signature
+        ):
+            raise Unauthorized("signature does not verify with the identity's registered key")
+
+    async def _new_session(self, identity: str) -> dict[str, Any]:
+        token = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
+        expires_at = now_s() + self.config.session_ttl
+        await self.storage.put_session(_token_hash(token), identity, expires_at)
+        self.metrics.inc("ds_sessions_issued_total")
+        return {"identity": identity, "session": token, "expires_at": expires_at}
+
+    async def post_challenge(self, request: web.Request) -> web.Response:
+        challenge = os.urandom(32)
+        expires_at = now_s() + self.config.challenge_ttl
+        await self.storage.put_challenge(challenge, expires_at)
+        return cbor_response({"challenge": challenge, "expires_at": expires_at}, 201)
+
+    async def post_identity(self, request: web.Request) -> web.Response:
+        body = await read_body(request)
+        suite = get_int(body, "cipher_suite")
+        if suite not in SUPPORTED_SUITES:
+            raise BadRequest(f"unsupported cipher suite {suite}")
+        record = IdentityRecord(
+            get_str(body, "identity"), suite, get_bytes(body, "signature_key", max_len=256)
+        )
+        if not is_public_key(suite, record.signature_key):
+            raise BadRequest(f"signature_key is not a public key of cipher suite {suite}")
+        await self._check_proof(body, record)
+        if not await self.storage.register_identity(record):
+            existing = await self.storage.get_identity(record.identity)
+            if existing != record:
+                raise Conflict(f"identity {record.identity!r} is registered with another key")
+        return cbor_response(await self._new_session(record.identity), 201)
+
+    async def post_session(self, request: web.Request) -> web.Response:
+        body = await read_body(request)
+        record = await self.storage.get_identity(get_str(body, "identity"))
+        if record is None:
+            raise Unauthorized("unknown identity: register it first")
+        await self._check_proof(body, record)
+        return cbor_response(await self._new_session(record.identity), 201)
+
+    async def delete_session(self, request: web.Request) -> web.Response:
+        await self.identity_of(request)
+        token = request.headers["Authorization"].partition(" ")[2].strip()
+        await self.storage.delete_session(_token_hash(token))
+        return web.Response(status=204)
+
+    # -- key packages
+
+    async def post_key_packages(self, request: web.Request) -> web.Response:
+        identity = await self.identity_of(request)
+        body = await read_body(request)
+        packages = body.get("key_packages", [])
+        if not isinstance(packages, list) or len(packages) > self.config.max_key_packages_per_upload:
+            raise BadRequest(
+                f"'key_packages' must be an array of at most "
+                f"{self.config.max_key_packages_per_upload} byte strings"
+            )
+        last_resort = get_bytes(body, "last_resort", optional=True)
+        record = await self.storage.get_identity(identity)
+        assert record is not None
+        rows = [self._key_package_row(record, p, False) for p in packages]
+        if last_resort is not None:
+            rows.append(self._key_package_row(record, last_resort, True))
+        if not rows:
+            raise BadRequest("no KeyPackage in the request")
+        added = await self.storage.add_key_packages(identity, rows)
+        count = await self.storage.count_key_packages(identity, now_s())
+        return cbor_response({"added": added, "count": count})
+
+    def _key_package_row(self, record: IdentityRecord, data: Any, last_resort: bool) -> KeyPackageRow:
+        if not isinstance(data, bytes):
+            raise BadRequest("each KeyPackage must be a byte string (an MLSMessage)")
+        info = parse_key_package(data)
+        if info.identity != record.identity.encode() or info.signature_key != record.signature_key:
+            raise Forbidden("the KeyPackage's credential or signature key is not this identity's")
+        if info.cipher_suite != record.cipher_suite:
+            raise BadRequest("the KeyPackage's cipher suite is not the identity's")
+        if info.not_after <= now_s():
+            raise BadRequest("the KeyPackage has expired (Lifetime.not_after is in the past)")
+        return KeyPackageRow(info.ref, data, info.not_after, last_resort)
+
+    async def get_key_package_count(self, request: web.Request) -> web.Response:
+        identity = await self.identity_of(request)
+        return cbor_response({"count": await self.storage.count_key_packages(identity, now_s())})
+
+    async def claim_key_package(self, request: web.Request) -> web.Response:
+        claimer = await self.identity_of(request)
+        target = request.match_info["identity"]
+        data = await self.storage.claim_key_package(target, claimer, now_s())
+        if data is None:
+            raise Gone(f"no KeyPackage left for {target!r}")
+        self.metrics.inc("ds_key_packages_claimed_total")
+        return cbor_response({"identity": target, "key_package": data})
+
+    # -- groups
+
+    def _lock(self, group_id: bytes) -> asyncio.Lock:
+        lock = self._group_locks.get(group_id)
+        if lock is None:
+            lock = self._group_locks[group_id] = asyncio.Lock()
+        return lock
+
+    async def _group(self, group_id: bytes) -> GroupState:
+        state = await self.storage.get_group(group_id)
+        if state is None:
+            raise NotFound(f"no group {group_id.hex()}")
+        return state
+
+    async def _member_group(self, group_id: bytes, identity: str) -> GroupState:
+        state = await self._group(group_id)
+        if identity not in state.members:
+            raise Forbidden(f"{identity} is not a member of group {group_id.hex()}")
+        return state
+
+    async def _check_member_keys(self, old: GroupState | None, new: GroupState) -> None:
+        """Every leaf new in `new` must hold the signature key registered for its identity, so
+        that no one can put another identity's name on a key of their own."""
+        pairs = self.tracker.member_keys(new)
+        if pairs is None:
+            return
+        if old is not None:
+            pairs -= self.tracker.member_keys(old) or set()
+        for identity, key in pairs:
+            record = await self.storage.get_identity(identity)
+            if record is None:
+                raise Forbidden(f"the group has a leaf for {identity!r}, which is not registered")
+            if record.signature_key != key:
+                raise Forbidden(
+                    f"the group has a leaf for {identity!r} with a signature key that is not the "
+                    "one registered for that identity"
+                )
+
+    async def post_group(self, request: web.Request) -> web.Response:
+        identity = await self.identity_of(request)
+        body = await read_body(request)
+        group_id = get_bytes(body, "group_id", max_len=MAX_GROUP_ID)
+        if not group_id:
+            raise BadRequest("group_id must not be empty")
+        group_info = get_bytes(body, "group_info", optional=True)
+        state = self.tracker.create(group_id, identity, group_info)
+        await self._check_member_keys(None, state)
+        if not await self.storage.create_group(state, identity, now_s()):
+            raise Conflict(f"group {group_id.hex()} exists already")
+        self.metrics.inc("ds_groups_created_total")
+        return cbor_response({"group_id": group_id, "epoch": state.epoch, "seq": 0}, 201)
+
+    async def _member_or_auditor_group(self, group_id: bytes, identity: str) -> GroupState:
+        if identity in self.config.auditors:
+            return await self._group(group_id)
+        return await self._member_group(group_id, identity)
+
+    async def get_group(self, request: web.Request) -> web.Response:
+        identity = await self.identity_of(request)
+        state = await self._member_or_auditor_group(group_id_of(request), identity)
+        return cbor_response(
+            {"group_id": state.group_id, "epoch": state.epoch, "seq": state.last_seq,
+             "members": sorted(state.members)}
+        )
+
+    async def _append(
+        self,
+        group_id: bytes,
+        step: Callable[[GroupState], Awaitable[tuple[GroupState, NewMessage]]],
+    ) -> tuple[GroupState, StoredMessage]:
+        """Read the group, let `step` check and build the message, append; retry lost races."""
+        async with self._lock(group_id):
+            for _ in range(APPEND_ATTEMPTS):
+                state = await self._group(group_id)
+                new, message = await step(state)
+                try:
+                    seq = await self.storage.append(state, new, message)
+                except StorageConflict:
+                    continue
+                stored = StoredMessage(
+                    group_id, seq, message.kind, message.epoch, message.sender,
+                    message.sender_index, message.created_ms, message.data,
+                )
+                self.hub.publish(
+                    Appended(group_id, seq, message.recipients, stored, new.members,
+                             push_frame(stored))
+                )
+                self.metrics.inc("ds_messages_accepted_total", kind=message.kind)
+                return new, stored
+        raise Conflict("the group is too busy: retry shortly")
+
+    async def post_message(self, request: web.Request) -> web.Response:
+        identity = await self.identity_of(request)
+        group_id = group_id_of(request)
+        body = await read_body(request)
+        data = get_bytes(body, "message")
+        framed = parse_framed(data)
+        hints = MembershipHints(get_str_list(body, "adds"), get_str_list(body, "removes"))
+        group_info = get_bytes(body, "group_info", optional=True)
+        if group_info is not None and framed.content_type != ContentType.commit:
+            raise BadRequest("a GroupInfo can only accompany a commit")
+        for added in hints.adds:
+            if await self.storage.get_identity(added) is None:
+                raise BadRequest(f"cannot add {added!r}: no such identity")
+
+        async def step(state: GroupState) -> tuple[GroupState, NewMessage]:
+            new = self.tracker.accept(state, framed, data, identity, hints)
+            if new.tracker_state != state.tracker_state:
+                await self._check_member_keys(state, new)
+            if group_info is not None:
+                header = parse_group_info(group_info)
+                if header.group_id != group_id or header.epoch != new.epoch:
+                    raise BadRequest("the GroupInfo is not for this group's new epoch")
+                self.tracker.check_group_info(new, group_info)
+                new = replace(new, group_info=group_info)
+            return new, self._new_message(framed, identity, data)
+
+        try:
+            new, stored = await self._append(group_id, step)
+        except DeliveryServiceError as exc:
+            self.metrics.inc("ds_messages_rejected_total", error=exc.code)
+            raise
+        return cbor_response({"seq": stored.seq, "epoch": new.epoch}, 201)
+
+    @staticmethod
+    def _new_message(framed: FramedMessage, identity: str, data: bytes) -> NewMessage:
+        return NewMessage(
+            kind=framed.content_type.name,
+            epoch=framed.epoch,
+            sender=identity,
+            sender_index=framed.sender_index,
+            created_ms=int(time.time() * 1000),
+            data=data,
+        )
+
+    async def post_welcome(self, request: web.Request) -> web.Response:
+        identity = await self.identity_of(request)
+        group_id = group_id_of(request)
+        body = await read_body(request)
+        data = get_bytes(body, "welcome")
+        _, refs = parse_welcome(data)
+        recipients = []
+        for ref in refs:
+            owner = await self.storage.key_package_owner(ref)
+            if owner is None:
+                raise BadRequest(
+                    f"the Welcome addresses KeyPackageRef {ref.hex()}, which was not claimed "
+                    "through this service"
+                )
+            recipients.append(owner)
+
+        async def step(state: GroupState) -> tuple[GroupState, NewMessage]:
+            if identity not in state.members:
+                raise Forbidden(f"{identity} is not a member of this group")
+            missing = [r for r in recipients if r not in state.members]
+            if missing:
+                raise Conflict(
+                    f"{', '.join(missing)} not added to the group yet: post the commit first"
+                )
+            return state, NewMessage(
+                "welcome", state.epoch, identity, None, int(time.time() * 1000), data,
+                tuple(sorted(set(recipients))),
+            )
+
+        _, stored = await self._append(group_id, step)
+        return cbor_response({"seq": stored.seq, "recipients": sorted(set(recipients))}, 201)
+
+    async def put_group_info(self, request: web.Request) -> web.Response:
+        identity = await self.identity_of(request)
+        group_id = group_id_of(request)
+        body = await read_body(request)
+        data = get_bytes(body, "group_info")
+        header = parse_group_info(data)
+        if header.group_id != group_id:
+            raise BadRequest("the GroupInfo is for another group")
+
+        async def step(state: GroupState) -> tuple[GroupState, NewMessage]:
+            if identity not in state.members:
+                raise Forbidden(f"{identity} is not a member of this group")
+            if header.epoch != state.epoch:
+                raise StaleEpoch(header.epoch, state.epoch)
+            self.tracker.check_group_info(state, data)
+            # Logged for auditors; pushed to nobody (recipients empty).
+            return replace(state, group_info=data), NewMessage(
+                "group_info", state.epoch, identity, None, int(time.time() * 1000), data, ()
+            )
+
+        _, stored = await self._append(group_id, step)
+        return cbor_response({"seq": stored.seq}, 201)
+
+    async def get_group_info(self, request: web.Request) -> web.Response:
+        # Any registered identity may read it: that is what an external join needs (§12.4.3.2).
+        await self.identity_of(request)
+        state = await self._group(group_id_of(request))
+        if state.group_info is None:
+            raise NotFound("no GroupInfo has been published for this group")
+        return cbor_response({"group_info": state.group_info, "epoch": state.epoch})
+
+    async def get_messages(self, request: web.Request) -> web.Response:
+        identity = await self.identity_of(request)
+        group_id = group_id_of(request)
+        state = await self._member_group(group_id, identity)
+        after = query_int(request, "after", 0)
+        limit = min(query_int(request, "limit", 500), 1000)
+        since_epoch = query_int(request, "since_epoch", 0)
+        messages = await self.storage.messages_after(
+            group_id, after, identity, limit, since_epoch
+        )
+        return cbor_response(
+            {"messages": [message_body(m) for m in messages], "last_seq": state.last_seq,
+             "epoch": state.epoch}
+        )
+
+    async def get_audit(self, request: web.Request) -> web.Response:
+        identity = await self.identity_of(request)
+        group_id = group_id_of(request)
+        await self._member_or_auditor_group(group_id, identity)
+        after = query_int(request, "after", 0)
+        limit = min(query_int(request, "limit", 1000), 5000)
+        entries = await self.storage.audit_log(group_id, after, limit)
+        return cbor_response({"entries": [message_body(m) for m in entries]})
+
+    async def get_welcomes(self, request: web.Request) -> web.Response:
+        identity = await self.identity_of(request)
+        after = query_int(request, "after", 0)
+        welcomes = await self.storage.welcomes_after(identity, after)
+        return cbor_response(
+            {"welcomes": [{"id": w.id, "group_id": w.group_id, "seq": w.seq, "welcome": w.data}
+                          for w in welcomes]}
+        )
+
+    async def post_room_token(self, request: web.Request) -> web.Response:
+        identity = await self.identity_of(request)
+        group_id = group_id_of(request)
+        state = await self._member_group(group_id, identity)
+        room = state.group_id.hex()
+        expires_at = now_s() + self.config.room_token_ttl
+        token = issue_room_token(self.config.room_secret, room, identity, expires_at)
+        return cbor_response({"room": room, "token": token, "expires_at": expires_at,
+                              "epoch": state.epoch}, 201)
+
+    # -- push
+
+    async def websocket(self, request: web.Request) -> web.StreamResponse:
+        identity = await self.identity_of(request)
+        ws = web.WebSocketResponse(heartbeat=30, max_msg_size=64 * 1024)
+        await ws.prepare(request)
+        conn = self.hub.add(identity, ws)
+        try:
+            async for msg in ws:
+                if msg.type != WSMsgType.BINARY:
+                    if msg.type == WSMsgType.TEXT:
+                        await conn.send({"type": "error", "error": "bad_request",
+                                         "reason": "send CBOR in binary frames"})
+                    continue
+                try:
+                    conn.queue.put_nowait(self._ws_command(msg.data))
+                except BadRequest as exc:
+                    await conn.send({"type": "error", **exc.body()})
+        finally:
+            await self.hub.remove(conn)
+        return ws
+
+    @staticmethod
+    def _ws_command(raw: bytes) -> object:
+        try:
+            body = cbor2.loads(raw)
+        except Exception:
+            raise BadRequest("frame is not well-formed CBOR") from None
+        if not isinstance(body, dict):
+            raise BadRequest("frame must be a CBOR map")
+        kind = body.get("type")
+        if kind == "subscribe":
+            gid = get_bytes(body, "group_id", max_len=MAX_GROUP_ID)
+            return Subscribe(gid, get_int(body, "after") if "after" in body else 0)
+        if kind == "unsubscribe":
+            return Unsubscribe(get_bytes(body, "group_id", max_len=MAX_GROUP_ID))
+        if kind == "welcomes":
+            return SubscribeWelcomes(get_int(body, "after") if "after" in body else 0)
+        raise BadRequest("unknown frame type: use subscribe, unsubscribe or welcomes")
+
+    # -- operations
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        await self.storage.get_group(b"\x00")  # the database answers
+        return web.Response(text="ok\n")
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        return web.Response(
+            text=self.metrics.render(), content_type="text/plain", charset="utf-8",
+            headers={"X-Prometheus-Format": "0.0.4"},
+        )
+
+    @web.middleware
+    async def errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except DeliveryServiceError as exc:
+            response = cbor_response(exc.body(), exc.status)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+            response = cbor_response(
+                {"error": code.get(exc.status, "http_error"), "reason": exc.reason}, exc.status
+            )
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            response = cbor_response(
+                {"error": "internal", "reason": "internal error; the service logged it"}, 500
+            )
+        self.metrics.inc(
+            "ds_http_requests_total", route=_route_name(request), status=str(response.status)
+        )
+        return response
+
+
+def make_app(service: DeliveryService, *, manage_storage: bool = True) -> web.Application:
+    """The aiohttp application; with `manage_storage` it opens and closes the storage."""
+    app = web.Application(client_max_size=service.config.max_body, middlewares=[service.errors])
+    app[SERVICE] = service
+    s = service
+    app.add_routes(
+        [
+            web.post("/v1/challenges", s.post_challenge),
+            web.post("/v1/identities", s.post_identity),
+            web.post("/v1/sessions", s.post_session),
+            web.delete("/v1/sessions", s.delete_session),
+            web.post("/v1/key_packages", s.post_key_packages),
+            web.get("/v1/key_packages/count", s.get_key_package_count),
+            web.post("/v1/identities/{identity}/key_package", s.claim_key_package),
+            web.post("/v1/groups", s.post_group),
+            web.get("/v1/groups/{group_id}", s.get_group),
+            web.post("/v1/groups/{group_id}/messages", s.post_message),
+            web.get("/v1/groups/{group_id}/messages", s.get_messages),
+            web.post("/v1/groups/{group_id}/welcomes", s.post_welcome),
+            web.put("/v1/groups/{group_id}/group_info", s.put_group_info),
+            web.get("/v1/groups/{group_id}/group_info", s.get_group_info),
+            web.get("/v1/groups/{group_id}/audit", s.get_audit),
+            web.post("/v1/groups/{group_id}/room_token", s.post_room_token),
+            web.get("/v1/welcomes", s.get_welcomes),
+            web.get("/v1/ws", s.websocket),
+            web.get("/healthz", s.healthz),
+            web.get("/metrics", s.metrics_page),
+        ]
+    )
+    if manage_storage:
+
+        async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
+            await service.storage.open()
+            yield
+            for conn in list(service.hub.connections):
+                await conn.ws.close()
+            await service.storage.close()
+
+        app.cleanup_ctx.append(lifecycle)
+    return app

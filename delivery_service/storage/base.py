@@ -1,0 +1,161 @@
+"""The storage interface: everything the service keeps, behind one abstract class.
+
+Two backends implement it: `SQLiteStorage` (a file in WAL mode, one process) and
+`PostgresStorage` (several service instances on one database, with LISTEN/NOTIFY so that a message
+accepted by one instance is pushed by all). Every write that acknowledges a message has committed
+(and, for SQLite, been synced) before the call returns.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..tracker import GroupState
+
+# kind of a stored group message
+HANDSHAKE_KINDS = ("commit", "proposal", "welcome", "group_info")
+
+
+@dataclass(frozen=True)
+class IdentityRecord:
+    identity: str
+    cipher_suite: int
+    signature_key: bytes
+
+
+@dataclass(frozen=True)
+class KeyPackageRow:
+    ref: bytes
+    data: bytes = field(repr=False)
+    not_after: int
+    last_resort: bool = False
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """A message to append to a group's log. `recipients` None: every member; else only those."""
+
+    kind: str
+    epoch: int
+    sender: str
+    sender_index: int | None
+    created_ms: int
+    data: bytes = field(repr=False)
+    recipients: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    group_id: bytes
+    seq: int
+    kind: str
+    epoch: int
+    sender: str
+    sender_index: int | None
+    created_ms: int
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class WelcomeRecord:
+    id: int
+    group_id: bytes
+    seq: int
+    data: bytes = field(repr=False)
+
+
+# (group_id, seq, recipients): a message was appended; recipients None means every member.
+Listener = Callable[[bytes, int, tuple[str, ...] | None], None]
+
+
+class Storage(abc.ABC):
+    """Durable state of the delivery service. All times are Unix seconds unless named `_ms`."""
+
+    listener: Listener | None = None
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and create the schema if missing."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    def set_listener(self, listener: Listener) -> None:
+        """Called for appends made by other instances (PostgreSQL); this instance notifies itself."""
+        self.listener = listener
+
+    # -- identities and sessions
+
+    @abc.abstractmethod
+    async def put_challenge(self, challenge: bytes, expires_at: int) -> None: ...
+
+    @abc.abstractmethod
+    async def take_challenge(self, challenge: bytes, now: int) -> bool:
+        """Consume a challenge: True once if it was issued and has not expired, then never."""
+
+    @abc.abstractmethod
+    async def register_identity(self, record: IdentityRecord) -> bool:
+        """Insert; False if the identity exists already (whatever its key)."""
+
+    @abc.abstractmethod
+    async def get_identity(self, identity: str) -> IdentityRecord | None: ...
+
+    @abc.abstractmethod
+    async def put_session(self, token_hash: bytes, identity: str, expires_at: int) -> None: ...
+
+    @abc.abstractmethod
+    async def get_session(self, token_hash: bytes, now: int) -> str | None: ...
+
+    @abc.abstractmethod
+    async def delete_session(self, token_hash: bytes) -> None: ...
+
+    # -- key packages
+
+    @abc.abstractmethod
+    async def add_key_packages(self, identity: str, rows: list[KeyPackageRow]) -> int:
+        """Store new packages (a ref already stored is skipped); returns how many were new."""
+
+    @abc.abstractmethod
+    async def claim_key_package(self, identity: str, claimer: str, now: int) -> bytes | None:
+        """One unexpired package of `identity`, each consumed exactly once; the last-resort one
+        (never consumed) only when no other is left."""
+
+    @abc.abstractmethod
+    async def count_key_packages(self, identity: str, now: int) -> int:
+        """Unclaimed, unexpired, non-last-resort packages."""
+
+    @abc.abstractmethod
+    async def key_package_owner(self, ref: bytes) -> str | None:
+        """The identity whose package has this KeyPackageRef, if it was claimed."""
+
+    # -- groups and messages
+
+    @abc.abstractmethod
+    async def create_group(self, state: GroupState, creator: str, now: int) -> bool:
+        """False if a group with this id exists."""
+
+    @abc.abstractmethod
+    async def get_group(self, group_id: bytes) -> GroupState | None: ...
+
+    @abc.abstractmethod
+    async def append(self, old: GroupState, new: GroupState, message: NewMessage) -> int:
+        """Append `message` with sequence `old.last_seq + 1` and store `new` (epoch, members,
+        GroupInfo, tracker state) atomically, only if the group is still at `old.last_seq`; else
+        raise `StorageConflict`. Returns the sequence number."""
+
+    @abc.abstractmethod
+    async def messages_after(
+        self, group_id: bytes, after: int, identity: str, limit: int, min_epoch: int = 0
+    ) -> list[StoredMessage]:
+        """Messages with seq > after and epoch >= min_epoch that `identity` may receive, in
+        order. (`min_epoch`: a new member needs the commits from the epoch it joined in, some of
+        which may precede its Welcome in the log.)"""
+
+    @abc.abstractmethod
+    async def audit_log(self, group_id: bytes, after: int, limit: int) -> list[StoredMessage]:
+        """Handshake messages (no application data) with seq > after, in order."""
+
+    @abc.abstractmethod
+    async def welcomes_after(self, identity: str, after: int) -> list[WelcomeRecord]: ...

@@ -1,0 +1,321 @@
+"""PostgreSQL storage through asyncpg, so that several service instances share one deployment.
+
+Ordering holds across instances because every append is a conditional UPDATE of the group's row
+(`last_seq` must still be what the instance read), and an append notifies the other instances with
+NOTIFY in the same transaction, so they push it to the clients connected to them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+import asyncpg
+
+from ..errors import StorageConflict
+from ..tracker import GroupState
+from .base import (
+    HANDSHAKE_KINDS,
+    IdentityRecord,
+    KeyPackageRow,
+    NewMessage,
+    Storage,
+    StoredMessage,
+    WelcomeRecord,
+)
+
+CHANNEL = "conclave_ds"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS identities (
+    identity TEXT PRIMARY KEY, cipher_suite INTEGER NOT NULL, signature_key BYTEA NOT NULL);
+CREATE TABLE IF NOT EXISTS challenges (challenge BYTEA PRIMARY KEY, expires_at BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    token_hash BYTEA PRIMARY KEY, identity TEXT NOT NULL, expires_at BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS key_packages (
+    id BIGSERIAL UNIQUE, ref BYTEA PRIMARY KEY, identity TEXT NOT NULL, data BYTEA NOT NULL,
+    not_after BIGINT NOT NULL, last_resort BOOLEAN NOT NULL, claimed_by TEXT, claimed_at BIGINT);
+CREATE INDEX IF NOT EXISTS key_packages_free ON key_packages (identity, last_resort, claimed_by);
+CREATE TABLE IF NOT EXISTS groups (
+    group_id BYTEA PRIMARY KEY, epoch BIGINT NOT NULL, last_seq BIGINT NOT NULL,
+    group_info BYTEA, tracker_state BYTEA NOT NULL, creator TEXT NOT NULL, created BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS group_members (
+    group_id BYTEA NOT NULL, identity TEXT NOT NULL, PRIMARY KEY (group_id, identity));
+CREATE TABLE IF NOT EXISTS messages (
+    group_id BYTEA NOT NULL, seq BIGINT NOT NULL, kind TEXT NOT NULL, epoch BIGINT NOT NULL,
+    sender TEXT NOT NULL, sender_index BIGINT, created_ms BIGINT NOT NULL, data BYTEA NOT NULL,
+    restricted BOOLEAN NOT NULL, PRIMARY KEY (group_id, seq));
+CREATE TABLE IF NOT EXISTS welcomes (
+    id BIGSERIAL PRIMARY KEY, identity TEXT NOT NULL, group_id BYTEA NOT NULL, seq BIGINT NOT NULL);
+CREATE INDEX IF NOT EXISTS welcomes_by_identity ON welcomes (identity, id);
+CREATE INDEX IF NOT EXISTS welcomes_by_message ON welcomes (group_id, seq, identity);
+"""
+
+_MESSAGE_COLUMNS = "group_id, seq, kind, epoch, sender, sender_index, created_ms, data"
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def _message(r: asyncpg.Record) -> StoredMessage:
+    return StoredMessage(
+        bytes(r[0]), r[1], r[2], r[3], r[4], r[5], r[6], bytes(r[7])
+    )
+
+
+class PostgresStorage(Storage):
+    """`schema` (default: the DSN's search_path) isolates deployments or test runs."""
+
+    def __init__(self, dsn: str, schema: str | None = None, pool_size: int = 10) -> None:
+        if schema is not None and not _SCHEMA_NAME.fullmatch(schema):
+            raise ValueError(f"invalid schema name {schema!r}: use lower-case letters, digits, _")
+        self.dsn = dsn
+        self.schema = schema
+        self.pool_size = pool_size
+        self.instance = os.urandom(8).hex()
+        self._pool: asyncpg.Pool | None = None
+        self._listen_conn: asyncpg.Connection | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("storage is not open")
+        return self._pool
+
+    async def open(self) -> None:
+        settings = {"search_path": self.schema} if self.schema else {}
+        if self.schema:
+            conn = await asyncpg.connect(self.dsn)
+            try:
+                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+            finally:
+                await conn.close()
+        self._pool = await asyncpg.create_pool(
+            self.dsn, min_size=1, max_size=self.pool_size, server_settings=settings
+        )
+        async with self.pool.acquire() as conn:
+            # Two instances starting together must not race on CREATE TABLE.
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(7243001)")
+                await conn.execute(SCHEMA)
+        self._listen_conn = await asyncpg.connect(self.dsn, server_settings=settings)
+        await self._listen_conn.add_listener(self._channel, self._on_notify)
+
+    @property
+    def _channel(self) -> str:
+        return f"{CHANNEL}_{self.schema}" if self.schema else CHANNEL
+
+    async def close(self) -> None:
+        if self._listen_conn is not None:
+            await self._listen_conn.close()
+            self._listen_conn = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        note = json.loads(payload)
+        if note["i"] == self.instance or self.listener is None:
+            return
+        recipients = None if note["r"] is None else tuple(note["r"])
+        self.listener(bytes.fromhex(note["g"]), note["s"], recipients)
+
+    # -- identities and sessions
+
+    async def put_challenge(self, challenge: bytes, expires_at: int) -> None:
+        await self.pool.execute("INSERT INTO challenges VALUES ($1, $2)", challenge, expires_at)
+
+    async def take_challenge(self, challenge: bytes, now: int) -> bool:
+        async with self.pool.acquire() as conn, conn.transaction():
+            expires = await conn.fetchval(
+                "DELETE FROM challenges WHERE challenge = $1 RETURNING expires_at", challenge
+            )
+            await conn.execute("DELETE FROM challenges WHERE expires_at <= $1", now)
+        return expires is not None and expires > now
+
+    async def register_identity(self, record: IdentityRecord) -> bool:
+        status = await self.pool.execute(
+            "INSERT INTO identities VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            record.identity, record.cipher_suite, record.signature_key,
+        )
+        return status.endswith(" 1")
+
+    async def get_identity(self, identity: str) -> IdentityRecord | None:
+        row = await self.pool.fetchrow(
+            "SELECT cipher_suite, signature_key FROM identities WHERE identity = $1", identity
+        )
+        return None if row is None else IdentityRecord(identity, row[0], bytes(row[1]))
+
+    async def put_session(self, token_hash: bytes, identity: str, expires_at: int) -> None:
+        # Expired sessions are useless: drop them here rather than in a background job.
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("DELETE FROM sessions WHERE expires_at <= $1", int(time.time()))
+            await conn.execute(
+                "INSERT INTO sessions VALUES ($1, $2, $3)", token_hash, identity, expires_at
+            )
+
+    async def get_session(self, token_hash: bytes, now: int) -> str | None:
+        return await self.pool.fetchval(  # type: ignore[no-any-return]
+            "SELECT identity FROM sessions WHERE token_hash = $1 AND expires_at > $2",
+            token_hash, now,
+        )
+
+    async def delete_session(self, token_hash: bytes) -> None:
+        await self.pool.execute("DELETE FROM sessions WHERE token_hash = $1", token_hash)
+
+    # -- key packages
+
+    async def add_key_packages(self, identity: str, rows: list[KeyPackageRow]) -> int:
+        added = 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            for r in rows:
+                status = await conn.execute(
+                    "INSERT INTO key_packages (ref, identity, data, not_after, last_resort) "
+                    "VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                    r.ref, identity, r.data, r.not_after, r.last_resort,
+                )
+                added += status.endswith(" 1")
+        return added
+
+    async def claim_key_package(self, identity: str, claimer: str, now: int) -> bytes | None:
+        # SKIP LOCKED: concurrent claims take different packages instead of waiting on one row.
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT ref, data FROM key_packages WHERE identity = $1 AND NOT last_resort "
+                "AND claimed_by IS NULL AND not_after > $2 ORDER BY id LIMIT 1 "
+                "FOR UPDATE SKIP LOCKED",
+                identity, now,
+            )
+            if row is not None:
+                await conn.execute(
+                    "UPDATE key_packages SET claimed_by = $1, claimed_at = $2, data = ''::bytea "
+                    "WHERE ref = $3",
+                    claimer, now, row[0],
+                )
+                return bytes(row[1])
+            data = await conn.fetchval(
+                "SELECT data FROM key_packages WHERE identity = $1 AND last_resort "
+                "AND not_after > $2 ORDER BY id DESC LIMIT 1",
+                identity, now,
+            )
+        return None if data is None else bytes(data)
+
+    async def count_key_packages(self, identity: str, now: int) -> int:
+        return int(
+            await self.pool.fetchval(
+                "SELECT count(*) FROM key_packages WHERE identity = $1 AND NOT last_resort "
+                "AND claimed_by IS NULL AND not_after > $2",
+                identity, now,
+            )
+        )
+
+    async def key_package_owner(self, ref: bytes) -> str | None:
+        return await self.pool.fetchval(  # type: ignore[no-any-return]
+            "SELECT identity FROM key_packages WHERE ref = $1 AND "
+            "(claimed_by IS NOT NULL OR last_resort)",
+            ref,
+        )
+
+    # -- groups and messages
+
+    async def create_group(self, state: GroupState, creator: str, now: int) -> bool:
+        async with self.pool.acquire() as conn, conn.transaction():
+            status = await conn.execute(
+                "INSERT INTO groups VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                state.group_id, state.epoch, state.last_seq, state.group_info,
+                state.tracker_state, creator, now,
+            )
+            if not status.endswith(" 1"):
+                return False
+            await conn.executemany(
+                "INSERT INTO group_members VALUES ($1, $2)",
+                [(state.group_id, m) for m in state.members],
+            )
+        return True
+
+    async def get_group(self, group_id: bytes) -> GroupState | None:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT epoch, last_seq, group_info, tracker_state FROM groups "
+                "WHERE group_id = $1",
+                group_id,
+            )
+            if row is None:
+                return None
+            members = await conn.fetch(
+                "SELECT identity FROM group_members WHERE group_id = $1", group_id
+            )
+        return GroupState(
+            group_id,
+            row[0],
+            row[1],
+            frozenset(m[0] for m in members),
+            None if row[2] is None else bytes(row[2]),
+            bytes(row[3]),
+        )
+
+    async def append(self, old: GroupState, new: GroupState, message: NewMessage) -> int:
+        seq = old.last_seq + 1
+        gid = old.group_id
+        async with self.pool.acquire() as conn, conn.transaction():
+            status = await conn.execute(
+                "UPDATE groups SET last_seq = $1, epoch = $2, group_info = $3, tracker_state = $4"
+                " WHERE group_id = $5 AND last_seq = $6",
+                seq, new.epoch, new.group_info, new.tracker_state, gid, old.last_seq,
+            )
+            if not status.endswith(" 1"):
+                raise StorageConflict()
+            added = new.members - old.members
+            if added:
+                await conn.executemany(
+                    "INSERT INTO group_members VALUES ($1, $2)", [(gid, m) for m in added]
+                )
+            removed = old.members - new.members
+            if removed:
+                await conn.execute(
+                    "DELETE FROM group_members WHERE group_id = $1 AND identity = ANY($2)",
+                    gid, list(removed),
+                )
+            await conn.execute(
+                "INSERT INTO messages VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                gid, seq, message.kind, message.epoch, message.sender, message.sender_index,
+                message.created_ms, message.data, message.recipients is not None,
+            )
+            if message.recipients:
+                await conn.executemany(
+                    "INSERT INTO welcomes (identity, group_id, seq) VALUES ($1, $2, $3)",
+                    [(r, gid, seq) for r in message.recipients],
+                )
+            note = {"i": self.instance, "g": gid.hex(), "s": seq,
+                    "r": None if message.recipients is None else list(message.recipients)}
+            await conn.execute("SELECT pg_notify($1, $2)", self._channel, json.dumps(note))
+        return seq
+
+    async def messages_after(
+        self, group_id: bytes, after: int, identity: str, limit: int, min_epoch: int = 0
+    ) -> list[StoredMessage]:
+        rows = await self.pool.fetch(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE group_id = $1 AND seq > $2 AND "
+            "epoch >= $5 AND (NOT restricted OR EXISTS (SELECT 1 FROM welcomes w WHERE "
+            "w.group_id = m.group_id AND w.seq = m.seq AND w.identity = $3)) ORDER BY seq "
+            "LIMIT $4",
+            group_id, after, identity, limit, min_epoch,
+        )
+        return [_message(r) for r in rows]
+
+    async def audit_log(self, group_id: bytes, after: int, limit: int) -> list[StoredMessage]:
+        rows = await self.pool.fetch(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE group_id = $1 AND seq > $2 AND "
+            "kind = ANY($3) ORDER BY seq LIMIT $4",
+            group_id, after, list(HANDSHAKE_KINDS), limit,
+        )
+        return [_message(r) for r in rows]
+
+    async def welcomes_after(self, identity: str, after: int) -> list[WelcomeRecord]:
+        rows = await self.pool.fetch(
+            "SELECT w.id, w.group_id, w.seq, m.data FROM welcomes w JOIN messages m ON "
+            "m.group_id = w.group_id AND m.seq = w.seq WHERE w.identity = $1 AND w.id > $2 "
+            "ORDER BY w.id",
+            identity, after,
+        )
+        return [WelcomeRecord(r[0], bytes(r[1]), r[2], bytes(r[3])) for r in rows]

@@ -1,0 +1,329 @@
+"""SQLite storage through aiosqlite: one file in WAL mode, for one service process.
+
+Writes are serialized by one lock (SQLite has one writer anyway) and committed with
+``synchronous=FULL``, so an acknowledged message survives a crash of the process or the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+
+import aiosqlite
+
+from ..errors import StorageConflict
+from ..tracker import GroupState
+from .base import (
+    HANDSHAKE_KINDS,
+    IdentityRecord,
+    KeyPackageRow,
+    NewMessage,
+    Storage,
+    StoredMessage,
+    WelcomeRecord,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS identities (
+    identity TEXT PRIMARY KEY, cipher_suite INTEGER NOT NULL, signature_key BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS challenges (challenge BLOB PRIMARY KEY, expires_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    token_hash BLOB PRIMARY KEY, identity TEXT NOT NULL, expires_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS key_packages (
+    ref BLOB PRIMARY KEY, identity TEXT NOT NULL, data BLOB NOT NULL, not_after INTEGER NOT NULL,
+    last_resort INTEGER NOT NULL, claimed_by TEXT, claimed_at INTEGER);
+CREATE INDEX IF NOT EXISTS key_packages_free ON key_packages (identity, last_resort, claimed_by);
+CREATE TABLE IF NOT EXISTS groups (
+    group_id BLOB PRIMARY KEY, epoch INTEGER NOT NULL, last_seq INTEGER NOT NULL,
+    group_info BLOB, tracker_state BLOB NOT NULL, creator TEXT NOT NULL, created INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS group_members (
+    group_id BLOB NOT NULL, identity TEXT NOT NULL, PRIMARY KEY (group_id, identity));
+CREATE TABLE IF NOT EXISTS messages (
+    group_id BLOB NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, epoch INTEGER NOT NULL,
+    sender TEXT NOT NULL, sender_index INTEGER, created_ms INTEGER NOT NULL, data BLOB NOT NULL,
+    restricted INTEGER NOT NULL, PRIMARY KEY (group_id, seq));
+CREATE TABLE IF NOT EXISTS welcomes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, identity TEXT NOT NULL, group_id BLOB NOT NULL,
+    seq INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS welcomes_by_identity ON welcomes (identity, id);
+CREATE INDEX IF NOT EXISTS welcomes_by_message ON welcomes (group_id, seq, identity);
+"""
+
+_MESSAGE_COLUMNS = "group_id, seq, kind, epoch, sender, sender_index, created_ms, data"
+
+
+def _message(row: Iterable[object]) -> StoredMessage:
+    g, seq, kind, epoch, sender, idx, created, data = row
+    return StoredMessage(bytes(g), seq, kind, epoch, sender, idx, created, bytes(data))  # type: ignore[arg-type]
+
+
+class SQLiteStorage(Storage):
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("storage is not open")
+        return self._db
+
+    async def open(self) -> None:
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
+        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._db.execute("PRAGMA journal_mode=WAL")
+        await self._db.execute("PRAGMA synchronous=FULL")
+        await self._db.execute("PRAGMA busy_timeout=5000")
+        await self._db.executescript(SCHEMA)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> list[int]:
+        """Run statements in one transaction; returns each statement's rowcount."""
+        counts = []
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, args in statements:
+                    cur = await self.db.execute(sql, args)
+                    counts.append(cur.rowcount)
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+        return counts
+
+    async def _one(self, sql: str, args: tuple[object, ...]) -> tuple | None:  # type: ignore[type-arg]
+        async with self.db.execute(sql, args) as cur:
+            return await cur.fetchone()  # type: ignore[return-value]
+
+    async def _all(self, sql: str, args: tuple[object, ...]) -> list[tuple]:  # type: ignore[type-arg]
+        async with self.db.execute(sql, args) as cur:
+            return list(await cur.fetchall())  # type: ignore[arg-type]
+
+    # -- identities and sessions
+
+    async def put_challenge(self, challenge: bytes, expires_at: int) -> None:
+        await self._write(
+            [("INSERT INTO challenges VALUES (?, ?)", (challenge, expires_at))]
+        )
+
+    async def take_challenge(self, challenge: bytes, now: int) -> bool:
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                row = await self._one(
+                    "SELECT expires_at FROM challenges WHERE challenge = ?", (challenge,)
+                )
+                await self.db.execute(
+                    "DELETE FROM challenges WHERE challenge = ? OR expires_at <= ?",
+                    (challenge, now),
+                )
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+        return row is not None and row[0] > now
+
+    async def register_identity(self, record: IdentityRecord) -> bool:
+        (count,) = await self._write(
+            [
+                (
+                    "INSERT OR IGNORE INTO identities VALUES (?, ?, ?)",
+                    (record.identity, record.cipher_suite, record.signature_key),
+                )
+            ]
+        )
+        return count == 1
+
+    async def get_identity(self, identity: str) -> IdentityRecord | None:
+        row = await self._one(
+            "SELECT cipher_suite, signature_key FROM identities WHERE identity = ?", (identity,)
+        )
+        return None if row is None else IdentityRecord(identity, row[0], bytes(row[1]))
+
+    async def put_session(self, token_hash: bytes, identity: str, expires_at: int) -> None:
+        # Expired sessions are useless: drop them here rather than in a background job.
+        await self._write(
+            [
+                ("DELETE FROM sessions WHERE expires_at <= ?", (int(time.time()),)),
+                ("INSERT INTO sessions VALUES (?, ?, ?)", (token_hash, identity, expires_at)),
+            ]
+        )
+
+    async def get_session(self, token_hash: bytes, now: int) -> str | None:
+        row = await self._one(
+            "SELECT identity FROM sessions WHERE token_hash = ? AND expires_at > ?",
+            (token_hash, now),
+        )
+        return None if row is None else str(row[0])
+
+    async def delete_session(self, token_hash: bytes) -> None:
+        await self._write([("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))])
+
+    # -- key packages
+
+    async def add_key_packages(self, identity: str, rows: list[KeyPackageRow]) -> int:
+        counts = await self._write(
+            [
+                (
+                    "INSERT OR IGNORE INTO key_packages VALUES (?, ?, ?, ?, ?, NULL, NULL)",
+                    (r.ref, identity, r.data, r.not_after, int(r.last_resort)),
+                )
+                for r in rows
+            ]
+        )
+        return sum(counts)
+
+    async def claim_key_package(self, identity: str, claimer: str, now: int) -> bytes | None:
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                row = await self._one(
+                    "SELECT ref, data FROM key_packages WHERE identity = ? AND last_resort = 0 "
+                    "AND claimed_by IS NULL AND not_after > ? ORDER BY rowid LIMIT 1",
+                    (identity, now),
+                )
+                if row is not None:
+                    await self.db.execute(
+                        "UPDATE key_packages SET claimed_by = ?, claimed_at = ?, data = x'' "
+                        "WHERE ref = ?",
+                        (claimer, now, row[0]),
+                    )
+                else:
+                    row = await self._one(
+                        "SELECT ref, data FROM key_packages WHERE identity = ? AND last_resort = 1"
+                        " AND not_after > ? ORDER BY rowid DESC LIMIT 1",
+                        (identity, now),
+                    )
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+        return None if row is None else bytes(row[1])
+
+    async def count_key_packages(self, identity: str, now: int) -> int:
+        row = await self._one(
+            "SELECT count(*) FROM key_packages WHERE identity = ? AND last_resort = 0 "
+            "AND claimed_by IS NULL AND not_after > ?",
+            (identity, now),
+        )
+        return int(row[0]) if row else 0
+
+    async def key_package_owner(self, ref: bytes) -> str | None:
+        row = await self._one(
+            "SELECT identity FROM key_packages WHERE ref = ? AND (claimed_by IS NOT NULL "
+            "OR last_resort = 1)",
+            (ref,),
+        )
+        return None if row is None else str(row[0])
+
+    # -- groups and messages
+
+    async def create_group(self, state: GroupState, creator: str, now: int) -> bool:
+        try:
+            await self._write(
+                [
+                    (
+                        "INSERT INTO groups VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (state.group_id, state.epoch, state.last_seq, state.group_info,
+                         state.tracker_state, creator, now),
+                    ),
+                    *(
+                        ("INSERT INTO group_members VALUES (?, ?)", (state.group_id, m))
+                        for m in state.members
+                    ),
+                ]
+            )
+        except aiosqlite.IntegrityError:
+            return False
+        return True
+
+    async def get_group(self, group_id: bytes) -> GroupState | None:
+        row = await self._one(
+            "SELECT epoch, last_seq, group_info, tracker_state FROM groups WHERE group_id = ?",
+            (group_id,),
+        )
+        if row is None:
+            return None
+        members = await self._all(
+            "SELECT identity FROM group_members WHERE group_id = ?", (group_id,)
+        )
+        epoch, last_seq, group_info, tracker_state = row
+        return GroupState(
+            group_id,
+            epoch,
+            last_seq,
+            frozenset(m[0] for m in members),
+            None if group_info is None else bytes(group_info),
+            bytes(tracker_state),
+        )
+
+    async def append(self, old: GroupState, new: GroupState, message: NewMessage) -> int:
+        seq = old.last_seq + 1
+        gid = old.group_id
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = await self.db.execute(
+                    "UPDATE groups SET last_seq = ?, epoch = ?, group_info = ?, tracker_state = ?"
+                    " WHERE group_id = ? AND last_seq = ?",
+                    (seq, new.epoch, new.group_info, new.tracker_state, gid, old.last_seq),
+                )
+                if cur.rowcount != 1:
+                    raise StorageConflict()
+                for m in new.members - old.members:
+                    await self.db.execute("INSERT INTO group_members VALUES (?, ?)", (gid, m))
+                for m in old.members - new.members:
+                    await self.db.execute(
+                        "DELETE FROM group_members WHERE group_id = ? AND identity = ?", (gid, m)
+                    )
+                await self.db.execute(
+                    "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (gid, seq, message.kind, message.epoch, message.sender, message.sender_index,
+                     message.created_ms, message.data, int(message.recipients is not None)),
+                )
+                for r in message.recipients or ():
+                    await self.db.execute(
+                        "INSERT INTO welcomes (identity, group_id, seq) VALUES (?, ?, ?)",
+                        (r, gid, seq),
+                    )
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+        return seq
+
+    async def messages_after(
+        self, group_id: bytes, after: int, identity: str, limit: int, min_epoch: int = 0
+    ) -> list[StoredMessage]:
+        rows = await self._all(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE group_id = ? AND seq > ? AND "
+            "epoch >= ? AND (restricted = 0 OR EXISTS (SELECT 1 FROM welcomes w WHERE "
+            "w.group_id = m.group_id AND w.seq = m.seq AND w.identity = ?)) ORDER BY seq LIMIT ?",
+            (group_id, after, min_epoch, identity, limit),
+        )
+        return [_message(r) for r in rows]
+
+    async def audit_log(self, group_id: bytes, after: int, limit: int) -> list[StoredMessage]:
+        marks = ", ".join("?" * len(HANDSHAKE_KINDS))
+        rows = await self._all(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE group_id = ? AND seq > ? AND kind IN "
+            f"({marks}) ORDER BY seq LIMIT ?",
+            (group_id, after, *HANDSHAKE_KINDS, limit),
+        )
+        return [_message(r) for r in rows]
+
+    async def welcomes_after(self, identity: str, after: int) -> list[WelcomeRecord]:
+        rows = await self._all(
+            "SELECT w.id, w.group_id, w.seq, m.data FROM welcomes w JOIN messages m ON "
+            "m.group_id = w.group_id AND m.seq = w.seq WHERE w.identity = ? AND w.id > ? "
+            "ORDER BY w.id",
+            (identity, after),
+        )
+        return [WelcomeRecord(r[0], bytes(r[1]), r[2], bytes(r[3])) for r in rows]

@@ -1,0 +1,222 @@
+"""The service's view of each group: epoch and members, and the check of every handshake message.
+
+The delivery service orders messages; it never holds a group secret. What it knows of a group is a
+`GroupState`: the epoch, the identities of the members, the last sequence number, the latest
+GroupInfo, and an opaque `tracker_state` that a `GroupTracker` keeps between messages (for the
+public ratchet tree once `mls` provides a secret-free PublicGroup).
+
+Two trackers:
+
+- `PublicGroupTracker` (the default) follows each group with `mls.public_group.PublicGroup`, the
+  secret-free view: a group is created from its signed GroupInfo and ratchet tree, and every
+  PublicMessage proposal and commit is verified (signature against the sender's leaf, proposal
+  rules, new leaves, UpdatePath parent hashes) before it is accepted. Members are the identities
+  of the tree's basic credentials; the service checks their signature keys against the registered
+  ones (`member_keys`).
+- `BasicTracker` checks only headers: group id, epoch, that the poster is a member, and takes
+  membership changes from the poster's hints. For tests and tools that post synthetic messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from mls.errors import MLSError
+from mls.public_group import PublicGroup
+
+from .errors import BadRequest, Forbidden, StaleEpoch
+from .wire import ContentType, FramedMessage, SenderType, WireFormat, parse_group_info
+
+
+@dataclass(frozen=True)
+class GroupState:
+    group_id: bytes
+    epoch: int
+    last_seq: int
+    members: frozenset[str]
+    group_info: bytes | None = field(default=None, repr=False)
+    tracker_state: bytes = field(default=b"", repr=False)
+
+
+@dataclass(frozen=True)
+class MembershipHints:
+    """What the committer says its commit does to membership (ignored by a verifying tracker)."""
+
+    adds: frozenset[str] = frozenset()
+    removes: frozenset[str] = frozenset()
+
+
+class GroupTracker(Protocol):
+    def create(self, group_id: bytes, creator: str, group_info: bytes | None) -> GroupState:
+        """The state of a new group whose only member is `creator` (epoch 0 unless GroupInfo)."""
+        ...
+
+    def accept(
+        self,
+        state: GroupState,
+        message: FramedMessage,
+        data: bytes,
+        poster: str,
+        hints: MembershipHints,
+    ) -> GroupState:
+        """The state after `message` (an MLSMessage in `data`), or raise a DeliveryServiceError.
+
+        Must not mutate `state`. `last_seq` is advanced by the storage, not here.
+        """
+        ...
+
+    def member_keys(self, state: GroupState) -> set[tuple[str, bytes]] | None:
+        """(identity, signature key) of every member leaf, or None if the tracker cannot tell."""
+        ...
+
+    def check_group_info(self, state: GroupState, group_info: bytes) -> None:
+        """Raise unless `group_info` (same group and epoch, checked by the caller) describes
+        `state`, so that external joiners are not handed a bogus one."""
+        ...
+
+
+class BasicTracker:
+    """Header checks and exactly-one-commit-per-epoch, with membership from hints."""
+
+    def member_keys(self, state: GroupState) -> set[tuple[str, bytes]] | None:
+        return None
+
+    def check_group_info(self, state: GroupState, group_info: bytes) -> None:
+        return None
+
+    def create(self, group_id: bytes, creator: str, group_info: bytes | None) -> GroupState:
+        epoch = 0
+        if group_info is not None:
+            header = parse_group_info(group_info)
+            if header.group_id != group_id:
+                raise BadRequest("the GroupInfo is for another group id")
+            epoch = header.epoch
+        return GroupState(group_id, epoch, 0, frozenset({creator}), group_info)
+
+    def accept(
+        self,
+        state: GroupState,
+        message: FramedMessage,
+        data: bytes,
+        poster: str,
+        hints: MembershipHints,
+    ) -> GroupState:
+        if message.group_id != state.group_id:
+            raise BadRequest("the message's group_id is not the group it was posted to")
+        external = message.sender_type in (
+            SenderType.new_member_commit,
+            SenderType.new_member_proposal,
+        )
+        if poster not in state.members and not external:
+            raise Forbidden(f"{poster} is not a member of this group")
+        if message.sender_type == SenderType.external:
+            raise Forbidden("external senders are not configured for groups on this service")
+        if message.content_type == ContentType.application:
+            return _application(state, message, poster)
+        if message.epoch != state.epoch:
+            raise StaleEpoch(message.epoch, state.epoch)
+        if message.content_type == ContentType.proposal:
+            return state
+        # A commit: it must be public so that the service (and auditors) can check it.
+        if message.wire_format != WireFormat.mls_public_message:
+            raise BadRequest("commits must be sent as PublicMessage so the service can check them")
+        if message.sender_type == SenderType.new_member_commit:
+            members = state.members | {poster}
+        else:
+            if poster in hints.adds and poster not in hints.removes:
+                raise BadRequest("a member cannot add itself")
+            members = (state.members | hints.adds) - hints.removes
+        return replace(state, epoch=state.epoch + 1, members=frozenset(members))
+
+
+def _identities(group: PublicGroup) -> set[tuple[str, bytes]]:
+    pairs = set()
+    for m in group.members:
+        try:
+            pairs.add((m.identity.decode("utf-8"), m.signature_key))
+        except UnicodeDecodeError:
+            raise BadRequest(f"leaf {m.leaf_index} has an identity that is not UTF-8") from None
+    return pairs
+
+
+def _application(state: GroupState, message: FramedMessage, poster: str) -> GroupState:
+    if poster not in state.members:
+        raise Forbidden(f"{poster} is not a member of this group")
+    if message.wire_format != WireFormat.mls_private_message:
+        raise BadRequest("application data must be sent as a PrivateMessage (§6)")
+    # Messages of earlier epochs may still be in flight; a future epoch does not exist yet.
+    if message.epoch > state.epoch:
+        raise StaleEpoch(message.epoch, state.epoch)
+    return state
+
+
+class PublicGroupTracker:
+    """Verifies every handshake message with the secret-free `mls.public_group.PublicGroup`."""
+
+    def create(self, group_id: bytes, creator: str, group_info: bytes | None) -> GroupState:
+        if group_info is None:
+            raise BadRequest(
+                "this service verifies commits: create the group with its GroupInfo (with the "
+                "ratchet_tree extension)"
+            )
+        try:
+            group = PublicGroup.from_group_info(group_info)
+        except (MLSError, ValueError) as exc:
+            raise BadRequest(f"the GroupInfo does not verify: {exc}") from None
+        if group.group_id != group_id:
+            raise BadRequest("the GroupInfo is for another group id")
+        members = frozenset(i for i, _ in _identities(group))
+        if creator not in members:
+            raise Forbidden(f"{creator} is not a member of the group in the GroupInfo")
+        return GroupState(group_id, group.epoch, 0, members, group_info, group.to_bytes())
+
+    def member_keys(self, state: GroupState) -> set[tuple[str, bytes]] | None:
+        return _identities(PublicGroup.from_bytes(state.tracker_state))
+
+    def check_group_info(self, state: GroupState, group_info: bytes) -> None:
+        try:
+            published = PublicGroup.from_group_info(group_info)
+        except (MLSError, ValueError) as exc:
+            raise BadRequest(f"the GroupInfo does not verify: {exc}") from None
+        if published.group_context != PublicGroup.from_bytes(state.tracker_state).group_context:
+            raise BadRequest("the GroupInfo's GroupContext is not the group's current one")
+
+    def accept(
+        self,
+        state: GroupState,
+        message: FramedMessage,
+        data: bytes,
+        poster: str,
+        hints: MembershipHints,
+    ) -> GroupState:
+        if message.group_id != state.group_id:
+            raise BadRequest("the message's group_id is not the group it was posted to")
+        if message.content_type == ContentType.application:
+            return _application(state, message, poster)
+        if message.wire_format != WireFormat.mls_public_message:
+            raise BadRequest(
+                "proposals and commits must be sent as PublicMessage so the service can verify "
+                "them"
+            )
+        if message.epoch != state.epoch:
+            raise StaleEpoch(message.epoch, state.epoch)
+        group = PublicGroup.from_bytes(state.tracker_state)
+        if message.sender_type == SenderType.member:
+            owners = {m.leaf_index: m.identity for m in group.members}
+            if owners.get(message.sender_index) != poster.encode():  # type: ignore[arg-type]
+                raise Forbidden(f"leaf {message.sender_index} of this group is not {poster}'s")
+        elif message.sender_type == SenderType.new_member_proposal:
+            pass  # anyone may ask to join; the proposal carries the joiner's signed KeyPackage
+        elif message.sender_type != SenderType.new_member_commit and poster not in state.members:
+            raise Forbidden(f"{poster} is not a member of this group")
+        try:
+            group.process(data)
+        except (MLSError, ValueError) as exc:
+            raise BadRequest(f"the {message.content_type.name} does not verify: {exc}") from None
+        members = frozenset(i for i, _ in _identities(group))
+        if message.sender_type == SenderType.new_member_commit and poster not in members:
+            raise Forbidden(f"the external commit does not add {poster}")
+        return replace(
+            state, epoch=group.epoch, members=members, tracker_state=group.to_bytes()
+        )

@@ -1,0 +1,125 @@
+"""What the delivery service reads of the MLS messages clients post, decoded with `mls`.
+
+The service decodes every MLSMessage fully (`mls.framing.MLSMessage`), so malformed bytes are
+refused before anything is stored, and keeps only the public parts it needs: the group id, epoch,
+sender and content type of a PublicMessage or PrivateMessage (§6.2, §6.3), the KeyPackageRefs a
+Welcome is addressed to (§12.4.3.1), the group id and epoch of a GroupInfo (§12.4.3), and the
+credential, lifetime and signature of a KeyPackage (§10). Checking a commit's signature and
+UpdatePath against the public tree belongs to the `GroupTracker` (see `tracker.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mls.credential import CredentialType
+from mls.crypto import get_crypto
+from mls.errors import MLSError
+from mls.framing import ContentType, MLSMessage, PrivateMessage, PublicMessage, SenderType
+from mls.framing import WireFormat as WireFormat
+from mls.key_package import KeyPackage
+from mls.welcome import GroupInfo, Welcome
+
+from .errors import BadRequest
+from .signatures import SUPPORTED_SUITES, verify_with_label
+
+
+@dataclass(frozen=True)
+class FramedMessage:
+    """The public header of a PublicMessage or PrivateMessage."""
+
+    wire_format: WireFormat
+    group_id: bytes
+    epoch: int
+    content_type: ContentType
+    # Only a PublicMessage shows its sender; a PrivateMessage encrypts it (§6.3.2).
+    sender_type: SenderType | None
+    sender_index: int | None
+    message: MLSMessage
+
+
+@dataclass(frozen=True)
+class KeyPackageInfo:
+    cipher_suite: int
+    signature_key: bytes
+    identity: bytes
+    not_before: int
+    not_after: int
+    ref: bytes
+
+
+@dataclass(frozen=True)
+class GroupInfoHeader:
+    cipher_suite: int
+    group_id: bytes
+    epoch: int
+
+
+def decode(data: bytes, what: str) -> MLSMessage:
+    try:
+        return MLSMessage.decode(data)
+    except (MLSError, ValueError) as exc:
+        raise BadRequest(f"malformed {what}: {exc}") from None
+
+
+def parse_framed(data: bytes) -> FramedMessage:
+    """The header of an MLSMessage holding a PublicMessage or PrivateMessage."""
+    msg = decode(data, "MLSMessage")
+    body = msg.body
+    if isinstance(body, PublicMessage):
+        c = body.content
+        index = c.sender.leaf_index if c.sender.leaf_index is not None else c.sender.sender_index
+        return FramedMessage(msg.wire_format, c.group_id, c.epoch, c.content_type,
+                             c.sender.sender_type, index, msg)
+    if isinstance(body, PrivateMessage):
+        return FramedMessage(msg.wire_format, body.group_id, body.epoch, body.content_type,
+                             None, None, msg)
+    raise BadRequest(
+        f"expected a PublicMessage or PrivateMessage, got {msg.wire_format.name}; Welcome and "
+        "GroupInfo have their own endpoints"
+    )
+
+
+def parse_welcome(data: bytes) -> tuple[int, list[bytes]]:
+    """The cipher suite of a Welcome and the KeyPackageRefs it is addressed to."""
+    body = decode(data, "Welcome").body
+    if not isinstance(body, Welcome):
+        raise BadRequest("expected an MLSMessage holding a Welcome")
+    if not body.secrets:
+        raise BadRequest("the Welcome addresses no new member")
+    return body.cipher_suite, [s.new_member for s in body.secrets]
+
+
+def parse_group_info(data: bytes) -> GroupInfoHeader:
+    body = decode(data, "GroupInfo").body
+    if not isinstance(body, GroupInfo):
+        raise BadRequest("expected an MLSMessage holding a GroupInfo")
+    ctx = body.group_context
+    return GroupInfoHeader(ctx.cipher_suite, ctx.group_id, ctx.epoch)
+
+
+def parse_key_package(data: bytes) -> KeyPackageInfo:
+    """Decode a KeyPackage and check its signature (§10.1); the ref is over the KeyPackage
+    itself, without the MLSMessage header (§5.2)."""
+    body = decode(data, "KeyPackage").body
+    if not isinstance(body, KeyPackage):
+        raise BadRequest("expected an MLSMessage holding a KeyPackage")
+    if body.cipher_suite not in SUPPORTED_SUITES:
+        raise BadRequest(f"unsupported cipher suite {body.cipher_suite}")
+    leaf = body.leaf_node
+    if leaf.credential.credential_type != CredentialType.basic:
+        raise BadRequest("only basic credentials are supported by this delivery service")
+    if leaf.lifetime is None:
+        raise BadRequest("a KeyPackage's leaf must have a lifetime (source key_package)")
+    crypto = get_crypto(body.cipher_suite)
+    if not verify_with_label(body.cipher_suite, leaf.signature_key, b"KeyPackageTBS", body.tbs(),
+                             body.signature):
+        raise BadRequest("the KeyPackage's signature does not verify (§10.1)")
+    return KeyPackageInfo(
+        body.cipher_suite,
+        leaf.signature_key,
+        leaf.credential.identity,
+        leaf.lifetime.not_before,
+        leaf.lifetime.not_after,
+        crypto.make_key_package_ref(body.encode()),
+    )

@@ -1,0 +1,205 @@
+"""The default tracker with real MLS groups: every commit is verified against the public tree."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from delivery_service.client import DeliveryClient
+from delivery_service.errors import RequestFailed, StaleEpochRejected
+from delivery_service.server import Config, DeliveryService, make_app
+from delivery_service.storage import Storage
+from mls.client import Client
+from mls.framing import MLSMessage
+from mls.group import Group
+
+
+@pytest.fixture
+async def url(storage: Storage) -> AsyncIterator[str]:
+    service = DeliveryService(storage, Config())  # the default: PublicGroupTracker
+    server = TestServer(make_app(service, manage_storage=False), host="127.0.0.1")
+    await server.start_server()
+    yield str(server.make_url("")).rstrip("/")
+    await server.close()
+
+
+class Person:
+    def __init__(self, url: str, name: str, register: bool = True) -> None:
+        self.mls = Client(name.encode(), 1)
+        self.ds = DeliveryClient(url, name, 1, self.mls.signature_priv, self.mls.signature_key)
+        self.group: Group | None = None
+
+    async def catch_up(self, gid: bytes) -> None:
+        assert self.group is not None
+        cursor = getattr(self, "cursor", 0)
+        for m in await self.ds.messages(gid, after=cursor):
+            if m.kind == "commit" and m.epoch == self.group.epoch:
+                self.group.process(m.message)
+            self.cursor = m.seq
+
+
+_OPEN: list[Person] = []
+
+
+@pytest.fixture(autouse=True)
+async def close_people() -> AsyncIterator[None]:
+    yield
+    while _OPEN:
+        await _OPEN.pop().ds.close()
+
+
+async def people(url: str, *names: str) -> list[Person]:
+    out = [Person(url, n) for n in names]
+    _OPEN.extend(out)
+    for p in out:
+        await p.ds.register()
+        await p.ds.upload_key_packages([p.mls.key_package() for _ in range(3)])
+    return out
+
+
+async def start_group(alice: Person, *others: Person) -> bytes:
+    gid = os.urandom(16)
+    alice.group = Group.create(alice.mls, gid)
+    assert await alice.ds.create_group(gid, alice.group.group_info()) == 0
+    for p in others:
+        kp = await alice.ds.claim_key_package(p.ds.identity)
+        res = alice.group.add([kp])
+        await alice.ds.send(gid, res.commit, group_info=res.group_info)
+        alice.group.merge_pending_commit()
+        assert res.welcome is not None
+        await alice.ds.send_welcome(gid, res.welcome)
+        [w] = await p.ds.welcomes()
+        p.group = Group.join(p.mls, w.welcome)
+        p.cursor = w.seq
+        for q in others[: others.index(p)]:
+            await q.catch_up(gid)
+    alice.cursor = (await alice.ds.group(gid))["seq"]
+    return gid
+
+
+async def test_real_group_add_update_remove(url: str) -> None:
+    alice, bob, carol = await people(url, "alice", "bob", "carol")
+    gid = await start_group(alice, bob, carol)
+    view = await alice.ds.group(gid)
+    assert (view["epoch"], view["members"]) == (2, ["alice", "bob", "carol"])
+    assert alice.group and bob.group and carol.group
+    assert alice.group.epoch_authenticator == bob.group.epoch_authenticator
+    # bob updates; the others process it from the log.
+    res = bob.group.update()
+    assert (await bob.ds.send(gid, res.commit)).epoch == 3
+    bob.group.merge_pending_commit()
+    await alice.catch_up(gid)
+    await carol.catch_up(gid)
+    assert {p.group.epoch for p in (alice, bob, carol)} == {3}  # type: ignore[union-attr]
+    # alice removes carol: the service's members follow the tree, not any hint.
+    res = alice.group.remove([2])
+    await alice.ds.send(gid, res.commit, adds=["carol"])  # a lying hint is ignored
+    alice.group.merge_pending_commit()
+    assert (await alice.ds.group(gid))["members"] == ["alice", "bob"]
+    with pytest.raises(RequestFailed) as info:
+        await carol.ds.room_token(gid)
+    assert info.value.status == 403
+
+
+async def test_racing_commits_one_wins_and_loser_retries(url: str) -> None:
+    alice, bob = await people(url, "alice", "bob")
+    gid = await start_group(alice, bob)
+    assert alice.group and bob.group
+    a, b = alice.group.update(), bob.group.update()
+    results = await asyncio.gather(alice.ds.send(gid, a.commit), bob.ds.send(gid, b.commit),
+                                   return_exceptions=True)
+    winner, loser = (alice, bob) if not isinstance(results[0], BaseException) else (bob, alice)
+    lost = results[1] if winner is alice else results[0]
+    assert isinstance(lost, StaleEpochRejected) and lost.current_epoch == 2
+    assert winner.group and loser.group
+    winner.group.merge_pending_commit()
+    loser.group.discard_pending_commit()
+    await loser.catch_up(gid)
+    retry = loser.group.update()
+    assert (await loser.ds.send(gid, retry.commit)).epoch == 3
+    loser.group.merge_pending_commit()
+    await winner.catch_up(gid)
+    assert winner.group.epoch_authenticator == loser.group.epoch_authenticator
+
+
+async def test_forged_and_misattributed_commits_are_refused(url: str) -> None:
+    alice, bob, carol = await people(url, "alice", "bob", "carol")
+    gid = await start_group(alice, bob)
+    assert alice.group and bob.group
+    res = bob.group.update()
+    msg = MLSMessage.decode(res.commit)
+    sig = bytearray(msg.public_message.auth.signature)
+    sig[0] ^= 1
+    msg.public_message.auth.signature = bytes(sig)
+    with pytest.raises(RequestFailed) as info:
+        await bob.ds.send(gid, msg.encode())
+    assert info.value.status == 400 and "does not verify" in info.value.reason
+    # alice posts bob's genuine commit: the sender leaf is not hers.
+    with pytest.raises(RequestFailed) as info:
+        await alice.ds.send(gid, res.commit)
+    assert info.value.status == 403
+    with pytest.raises(RequestFailed) as info:
+        await carol.ds.send(gid, res.commit)
+    assert info.value.status == 403
+    assert (await alice.ds.group(gid))["epoch"] == 1
+    assert [m.kind for m in await bob.ds.messages(gid)] == ["commit", "welcome"]  # nothing new
+    # The genuine one from its author is accepted.
+    assert (await bob.ds.send(gid, res.commit)).epoch == 2
+
+
+async def test_leaf_with_another_identitys_name_is_refused(url: str) -> None:
+    alice, bob = await people(url, "alice", "bob")
+    gid = await start_group(alice)
+    assert alice.group
+    impostor = Client(b"bob", 1)  # bob's name, another key, never registered
+    res = alice.group.add([impostor.key_package()])
+    with pytest.raises(RequestFailed) as info:
+        await alice.ds.send(gid, res.commit)
+    assert info.value.status == 403 and "signature key" in info.value.reason
+    assert (await alice.ds.group(gid))["members"] == ["alice"]
+
+
+async def test_group_creation_is_verified(url: str) -> None:
+    alice, bob = await people(url, "alice", "bob")
+    gid = os.urandom(16)
+    group = Group.create(alice.mls, gid)
+    with pytest.raises(RequestFailed) as info:  # no GroupInfo: nothing to verify against
+        await alice.ds.create_group(gid)
+    assert info.value.status == 400
+    with pytest.raises(RequestFailed) as info:  # bob is not in alice's group
+        await bob.ds.create_group(gid, group.group_info())
+    assert info.value.status == 403
+    with pytest.raises(RequestFailed) as info:
+        await alice.ds.create_group(os.urandom(16), group.group_info())
+    assert info.value.status == 400
+    assert await alice.ds.create_group(gid, group.group_info()) == 0
+
+
+async def test_external_join(url: str) -> None:
+    alice, dave = await people(url, "alice", "dave")
+    gid = await start_group(alice)
+    assert alice.group
+    # A GroupInfo must verify and match the group's state before it is handed to joiners.
+    forged = MLSMessage.decode(alice.group.group_info())
+    forged.group_info.signature = bytes(len(forged.group_info.signature))
+    stale_tree = MLSMessage.decode(alice.group.group_info())
+    stale_tree.group_info.group_context.tree_hash = bytes(32)
+    for bad in (forged.encode(), stale_tree.encode()):
+        with pytest.raises(RequestFailed) as info:
+            await alice.ds.publish_group_info(gid, bad)
+        assert info.value.status == 400
+    await alice.ds.publish_group_info(gid, alice.group.group_info())
+    dave.group, commit = Group.join_external(dave.mls, await dave.ds.fetch_group_info(gid))
+    assert (await dave.ds.send(gid, commit)).epoch == 1
+    await alice.catch_up(gid)
+    assert alice.group.epoch_authenticator == dave.group.epoch_authenticator
+    assert (await alice.ds.group(gid))["members"] == ["alice", "dave"]
+    # An application message round-trips through the service.
+    ct = alice.group.encrypt_application(b"hello")
+    await alice.ds.send(gid, ct)
+    [m] = [m for m in await dave.ds.messages(gid) if m.kind == "application"]
+    assert dave.group.process(m.message).data == b"hello"

@@ -1,0 +1,119 @@
+"""The storage interface, on SQLite and PostgreSQL: the same behaviour from both."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import replace
+
+import pytest
+
+from delivery_service.errors import StorageConflict
+from delivery_service.storage import IdentityRecord, KeyPackageRow, NewMessage, Storage
+from delivery_service.tracker import GroupState
+
+from .conftest import Database
+
+NOW = 1_800_000_000
+
+
+def message(kind: str = "commit", epoch: int = 0, recipients: tuple[str, ...] | None = None,
+            data: bytes | None = None) -> NewMessage:
+    return NewMessage(kind, epoch, "alice", 0, NOW * 1000, data or os.urandom(20), recipients)
+
+
+async def test_challenges_are_single_use_and_expire(storage: Storage) -> None:
+    await storage.put_challenge(b"c1", NOW + 60)
+    await storage.put_challenge(b"c2", NOW - 1)
+    assert await storage.take_challenge(b"c1", NOW)
+    assert not await storage.take_challenge(b"c1", NOW)
+    assert not await storage.take_challenge(b"c2", NOW)
+    assert not await storage.take_challenge(b"never", NOW)
+
+
+async def test_identities_and_sessions(storage: Storage) -> None:
+    rec = IdentityRecord("alice", 1, b"k" * 32)
+    assert await storage.register_identity(rec)
+    assert not await storage.register_identity(replace(rec, signature_key=b"x" * 32))
+    assert await storage.get_identity("alice") == rec
+    assert await storage.get_identity("bob") is None
+    await storage.put_session(b"h1", "alice", NOW + 10)
+    assert await storage.get_session(b"h1", NOW) == "alice"
+    assert await storage.get_session(b"h1", NOW + 10) is None
+    await storage.delete_session(b"h1")
+    assert await storage.get_session(b"h1", NOW) is None
+
+
+async def test_key_packages_are_claimed_exactly_once(storage: Storage) -> None:
+    rows = [KeyPackageRow(os.urandom(32), os.urandom(50), NOW + 100) for _ in range(20)]
+    expired = KeyPackageRow(os.urandom(32), b"old", NOW - 1)
+    last = KeyPackageRow(os.urandom(32), b"last resort", NOW + 100, last_resort=True)
+    assert await storage.add_key_packages("alice", [*rows, expired, last]) == 22
+    assert await storage.add_key_packages("alice", rows[:3]) == 0
+    assert await storage.count_key_packages("alice", NOW) == 20
+    claims = await asyncio.gather(
+        *(storage.claim_key_package("alice", f"c{i}", NOW) for i in range(30))
+    )
+    assert sorted(c for c in claims if c != b"last resort") == sorted(r.data for r in rows)
+    assert claims.count(b"last resort") == 10
+    assert await storage.count_key_packages("alice", NOW) == 0
+    assert await storage.key_package_owner(rows[0].ref) == "alice"
+    assert await storage.key_package_owner(expired.ref) is None  # never claimed
+    assert await storage.claim_key_package("bob", "c", NOW) is None
+
+
+async def test_append_is_ordered_and_conditional(storage: Storage) -> None:
+    gid = os.urandom(8)
+    s0 = GroupState(gid, 0, 0, frozenset({"alice"}))
+    assert await storage.create_group(s0, "alice", NOW)
+    assert not await storage.create_group(s0, "alice", NOW)
+    s1 = replace(s0, epoch=1, members=frozenset({"alice", "bob"}), tracker_state=b"t1")
+    assert await storage.append(s0, s1, message()) == 1
+    with pytest.raises(StorageConflict):  # s0 is stale: the group is at seq 1
+        await storage.append(s0, s1, message())
+    got = await storage.get_group(gid)
+    assert got == replace(s1, last_seq=1)
+    s1 = replace(s1, last_seq=1)
+    welcome = message("welcome", 1, recipients=("bob",))
+    assert await storage.append(s1, s1, welcome) == 2
+    s1 = replace(s1, last_seq=2)
+    s2 = replace(s1, epoch=2, members=frozenset({"bob"}), group_info=b"gi")
+    assert await storage.append(s1, s2, message("application", 1)) == 3
+    assert (await storage.get_group(gid)) == replace(s2, last_seq=3)
+    assert [m.seq for m in await storage.messages_after(gid, 0, "alice", 100)] == [1, 3]
+    assert [m.seq for m in await storage.messages_after(gid, 0, "bob", 100)] == [1, 2, 3]
+    assert [m.seq for m in await storage.messages_after(gid, 1, "bob", 1)] == [2]
+    assert [m.seq for m in await storage.messages_after(gid, 0, "bob", 100, 1)] == [2, 3]
+    assert [m.kind for m in await storage.audit_log(gid, 0, 100)] == ["commit", "welcome"]
+    [w] = await storage.welcomes_after("bob", 0)
+    assert (w.group_id, w.seq, w.data) == (gid, 2, welcome.data)
+    assert await storage.welcomes_after("bob", w.id) == []
+
+
+async def test_concurrent_appends_one_wins(storage: Storage) -> None:
+    gid = os.urandom(8)
+    s0 = GroupState(gid, 0, 0, frozenset({"alice"}))
+    await storage.create_group(s0, "alice", NOW)
+    s1 = replace(s0, epoch=1)
+    results = await asyncio.gather(
+        *(storage.append(s0, s1, message()) for _ in range(20)), return_exceptions=True
+    )
+    assert results.count(1) == 1
+    assert all(isinstance(r, StorageConflict) for r in results if r != 1)
+    assert len(await storage.messages_after(gid, 0, "alice", 100)) == 1
+
+
+async def test_data_survives_reopen(database: Database) -> None:
+    s = database.storage()
+    await s.open()
+    gid = os.urandom(8)
+    s0 = GroupState(gid, 0, 0, frozenset({"alice"}))
+    await s.create_group(s0, "alice", NOW)
+    m = message()
+    await s.append(s0, replace(s0, epoch=1), m)
+    await s.close()
+    s = database.storage()
+    await s.open()
+    [got] = await s.messages_after(gid, 0, "alice", 10)
+    assert got.data == m.data and (await s.get_group(gid)).epoch == 1  # type: ignore[union-attr]
+    await s.close()
