@@ -1,25 +1,37 @@
 """Benchmark (not a test): SFrame seal/open per frame against raw AES-GCM in the same run.
 
-Usage: python bench/sframe.py [--quick]
+Usage: python bench/sframe.py [--quick] [--rounds N] [--gcm] [--sizes N ...]
 
 For each cipher suite and frame size (60 B, 160 B, 1200 B, 10 KB, 100 KB) it measures
 `SFrameContext.encrypt` (seal) and `.decrypt` (open) per frame next to a raw
-`AESGCM.encrypt`/`decrypt` of the same size (AES-128-GCM, or AES-256-GCM beside the 256-bit
-suite), and the bytes SFrame adds per frame. Each figure is the best of several repeats, so that
-other load on the machine inflates it as little as possible.
+`AESGCM.encrypt`/`decrypt` of the same size with an AAD of the same size (AES-128-GCM, or
+AES-256-GCM beside the 256-bit suite; the raw reference for the CTR+HMAC suites is AES-128-GCM
+too), and the bytes SFrame adds per frame.
 
-Columns: seal = `encrypt` (allocates its output), into = `encrypt_into` (writes into one reused
-buffer, as a per-track pipeline can), open = `decrypt`; raw = AES-GCM alone; +us and x compare
-with raw. The target verdict uses seal and open.
+Fairness and robustness: after a warm-up round, every round times each variant once over the same
+number of calls (about 200 us of raw AES-GCM), one right after the other and in reverse order
+every other round, so that load on the (shared) machine and cache contents hit SFrame and its raw
+reference alike. Open and raw open read as many distinct
+ciphertexts as each other (16 at 100 KB); a fresh receiver per round (each frame opens once:
+replay window) is made outside the clock. The table shows the median over rounds of each time,
+and the median over rounds of the per-round difference (+us) and ratio (x) to the raw reference;
+the target verdict uses those paired medians. Heavy load from other processes still inflates
+SFrame's Python part more than the AES-NI part: compare runs made on a quiet machine.
 
-Targets: GCM suites within 2 us of raw AES-GCM per frame and within 1.1x of it at 100 KB; the
-short-tag suites add <= 8 B to an audio frame.
+Columns: seal = `encrypt` (allocates its output, like raw `AESGCM.encrypt`), into = `encrypt_into`
+(writes into one reused buffer), open = `decrypt`. A second table times the aiortc transform path
+(`FrameEncryptor.encrypt_frame` / `FrameDecryptor.decrypt_frame` over `MLSKeyManager`, with the
+codec's clear prefix) for an Opus frame and VP8 frames; it has no target.
+
+Targets: GCM suites within 2 us of raw AES-GCM per frame and within 1.1x of it at 100 KB (seal and
+open); the short-tag suites add <= 8 B to an audio frame.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -30,124 +42,218 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 
 from e2ee_media.cipher_suites import CipherSuite, suite_params  # noqa: E402
+from e2ee_media.codecs import OPUS, VP8  # noqa: E402
 from e2ee_media.context import SFrameContext  # noqa: E402
 from e2ee_media.header import encode_header  # noqa: E402
+from e2ee_media.mls_keys import MLSKeyManager  # noqa: E402
+from e2ee_media.transform import FrameDecryptor, FrameEncryptor  # noqa: E402
 
 SIZES = [60, 160, 1200, 10_000, 100_000]
 # A typical MLS-derived KID (E=4, sender index 5, epoch 3 -> 0x53, one extended byte).
 KID = 0x53
-# Audio at 50 frames/s reaches CTR 2^16 after ~22 minutes: a 2-byte CTR is the common case.
+# Audio at 50 frames/s reaches CTR 2^16 after ~22 minutes: a 2-byte CTR is the common case. Every
+# sender starts here, so that its headers are 4 bytes like those of a running call.
 AUDIO_CTR = 3000
+METADATA = b"\x9d"  # e.g. a one-byte clear codec prefix, authenticated
+VARIANTS = ("raw_seal", "seal", "seal_into", "raw_open", "open")
 
 
-def iterations(size: int, quick: bool) -> int:
-    n = 4000 if size <= 1200 else 1000 if size <= 10_000 else 150
-    return max(20, n // 4) if quick else n
+def calls_per_round(size: int) -> int:
+    """About 200 us of raw AES-GCM per timed run: short enough that most runs on a shared machine
+    are not preempted (the median over rounds then ignores the runs that were)."""
+    return 200 if size <= 1200 else 60 if size <= 10_000 else 16
 
 
-def best_per_call(run: Callable[[], int], repeats: int) -> float:
-    """Microseconds per call: the best of `repeats` runs; `run` returns its number of calls."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter_ns()
-        calls = run()
-        best = min(best, (time.perf_counter_ns() - start) / calls / 1000)
-    return best
+def timed(run: Callable[[], None], calls: int) -> float:
+    """Microseconds per call of one run of `calls` calls."""
+    start = time.perf_counter_ns()
+    run()
+    return (time.perf_counter_ns() - start) / calls / 1000
 
 
-def measure(suite: CipherSuite, size: int, quick: bool) -> dict[str, float]:
+def measure(suite: CipherSuite, size: int, calls: int, rounds: int) -> dict[str, list[float]]:
+    """Per-call times of every variant, one list entry per round."""
     params = suite_params(suite)
     base_key = os.urandom(params.Nk)
-    n = iterations(size, quick)
-    repeats = 3 if quick else 7
     plaintext = os.urandom(size)
-    metadata = b"\x9d"  # e.g. a one-byte clear codec prefix, authenticated
+    sframe_iterations = range(calls)
 
     sender = SFrameContext(suite)
-    sender.add_send_key(KID, base_key)
+    sender.add_send_key(KID, base_key).next_counter = AUDIO_CTR
     encrypt = sender.encrypt
-
-    def seal() -> int:
-        for _ in range(n):
-            encrypt(KID, metadata, plaintext)
-        return n
-
-    raw = AESGCM(os.urandom(32 if suite is CipherSuite.AES_256_GCM_SHA512_128 else 16))
-    nonce = os.urandom(12)
-    raw_aad = b"\x00\x53\x0b\xb8\x9d"  # same AAD length as the SFrame header + metadata
-
     into = SFrameContext(suite)
-    into.add_send_key(KID, base_key)
+    into.add_send_key(KID, base_key).next_counter = AUDIO_CTR
     encrypt_into = into.encrypt_into
     buffer = bytearray(size + 64)
 
-    def seal_into() -> int:
-        for _ in range(n):
-            encrypt_into(KID, metadata, plaintext, buffer).release()
-        return n
+    def seal() -> None:
+        for _ in sframe_iterations:
+            encrypt(KID, METADATA, plaintext)
 
-    def raw_seal() -> int:
-        for _ in range(n):
-            raw.encrypt(nonce, plaintext, raw_aad)
-        return n
+    def seal_into() -> None:
+        for _ in sframe_iterations:
+            encrypt_into(KID, METADATA, plaintext, buffer)
 
-    # As many distinct ciphertexts as SFrame opens below, so that both read the same amount of
-    # memory (100 KB frames do not all fit in cache).
-    raw_cts = [raw.encrypt(nonce, os.urandom(size), raw_aad) for _ in range(n)]
+    # The raw reference: the same key size as the suite (AES-128 for the CTR+HMAC suites), an
+    # AAD as long as SFrame's (header + metadata), a fresh output per call.
+    raw = AESGCM(os.urandom(32 if suite is CipherSuite.AES_256_GCM_SHA512_128 else 16))
+    nonce = os.urandom(12)
+    raw_aad = os.urandom(len(encode_header(KID, AUDIO_CTR)) + len(METADATA))
+    raw_encrypt, raw_decrypt = raw.encrypt, raw.decrypt
 
-    def raw_open() -> int:
+    def raw_seal() -> None:
+        for _ in sframe_iterations:
+            raw_encrypt(nonce, plaintext, raw_aad)
+
+    raw_cts = [raw_encrypt(nonce, os.urandom(size), raw_aad) for _ in range(calls)]
+
+    def raw_open() -> None:
         for ct in raw_cts:
-            raw.decrypt(nonce, ct, raw_aad)
-        return n
+            raw_decrypt(nonce, ct, raw_aad)
 
-    # Each frame can be opened once (replay window): every repeat gets a fresh receiver.
-    frames = [bytes(encrypt(KID, metadata, plaintext)) for _ in range(n)]
-    receivers: list[SFrameContext] = []
+    frames = [bytes(encrypt(KID, METADATA, plaintext)) for _ in range(calls)]
+    decrypt: Callable[[bytes, bytes], bytes] = SFrameContext(suite).decrypt
 
-    def new_receiver() -> None:
+    def open_() -> None:
+        for frame in frames:
+            decrypt(METADATA, frame)
+
+    def fresh_receiver() -> None:
+        nonlocal decrypt
         receiver = SFrameContext(suite)
         receiver.add_recv_key(KID, base_key)
-        receivers.append(receiver)
+        decrypt = receiver.decrypt
 
-    def open_() -> int:
-        decrypt = receivers.pop().decrypt
-        for frame in frames:
-            decrypt(metadata, frame)
-        new_receiver()  # inside the clock, but one key derivation (~10 us) over n frames
-        return n
-
-    new_receiver()
-    for warm_up in (seal, seal_into, raw_seal, raw_open, open_):
-        warm_up()
-    return {
-        "seal": best_per_call(seal, repeats),
-        "seal_into": best_per_call(seal_into, repeats),
-        "raw_seal": best_per_call(raw_seal, repeats),
-        "open": best_per_call(open_, repeats),
-        "raw_open": best_per_call(raw_open, repeats),
+    runs = {
+        "raw_seal": raw_seal,
+        "seal": seal,
+        "seal_into": seal_into,
+        "raw_open": raw_open,
+        "open": open_,
     }
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for round_ in range(rounds + 1):  # round 0 warms up
+        fresh_receiver()
+        # Every other round runs the variants in reverse order, so that no variant always
+        # follows the same other one (and finds the caches as that one left them).
+        for name in VARIANTS if round_ % 2 else VARIANTS[::-1]:
+            t = timed(runs[name], calls)
+            if round_:
+                times[name].append(t)
+    return times
+
+
+class _Group:
+    """The little of an MLS group that `MLSKeyManager` needs: two members, one exporter secret."""
+
+    epoch = 1
+    members = (0, 1)
+
+    def __init__(self, leaf_index: int, secret: bytes) -> None:
+        self.leaf_index = leaf_index
+        self.secret = secret
+
+    def export_secret(self, label: bytes, context: bytes, length: int) -> bytes:
+        return (self.secret * (1 + length // len(self.secret)))[:length]
+
+
+# (codec, frame size): an Opus frame, a VP8 delta frame, VP8 keyframes.
+TRANSFORM_CASES = [(OPUS, 160), (VP8, 1200), (VP8, 10_000), (VP8, 100_000)]
+
+
+def measure_transform(mime: str, size: int, calls: int, rounds: int) -> dict[str, list[float]]:
+    """Per-call times of the aiortc transform path (AES_128_GCM_SHA256_128, `MLSKeyManager`)
+    and of raw AES-128-GCM, one list entry per round."""
+    secret = os.urandom(32)
+    sender = MLSKeyManager()
+    sender.update(_Group(0, secret))
+    first = 0x78 if mime == OPUS else 0x31  # Opus TOC / VP8 delta-frame tag
+    frame = bytes([first]) + os.urandom(size - 1)
+    encryptor = FrameEncryptor(sender, mime, context=1)
+    frames = [bytes(encryptor.encrypt_frame(frame)) for _ in range(calls + 1)]
+    raw = AESGCM(os.urandom(16))
+    nonce = os.urandom(12)
+    raw_aad = os.urandom(len(frames[0]) - size - 16 + 1)  # header + clear prefix
+    raw_cts = [raw.encrypt(nonce, os.urandom(size), raw_aad) for _ in range(calls)]
+    iterations = range(calls)
+    encrypt_frame = encryptor.encrypt_frame
+    decrypt_frame = FrameDecryptor(sender).decrypt_frame
+
+    def raw_seal() -> None:
+        for _ in iterations:
+            raw.encrypt(nonce, frame, raw_aad)
+
+    def seal() -> None:
+        for _ in iterations:
+            encrypt_frame(frame)
+
+    def raw_open() -> None:
+        for ct in raw_cts:
+            raw.decrypt(nonce, ct, raw_aad)
+
+    def open_() -> None:
+        for wire in frames[1:]:
+            decrypt_frame(wire, mime)
+
+    def fresh_receiver() -> None:
+        # Outside the clock: the receive key is derived on the first frame.
+        nonlocal decrypt_frame
+        receiver = MLSKeyManager()
+        receiver.update(_Group(1, secret))
+        decrypt_frame = FrameDecryptor(receiver).decrypt_frame
+        decrypt_frame(frames[0], mime)
+
+    runs = {"raw_seal": raw_seal, "seal": seal, "raw_open": raw_open, "open": open_}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs)
+    for round_ in range(rounds + 1):
+        fresh_receiver()
+        for name in order if round_ % 2 else order[::-1]:
+            t = timed(runs[name], calls)
+            if round_:
+                times[name].append(t)
+    return times
+
+
+def paired(times: dict[str, list[float]], name: str, ref: str) -> tuple[float, float]:
+    """Median over rounds of (name - ref) and of (name / ref)."""
+    pairs = list(zip(times[name], times[ref], strict=True))
+    return (
+        statistics.median(a - b for a, b in pairs),
+        statistics.median(a / b for a, b in pairs),
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer iterations (smoke run)")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (smoke run)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 51)")
+    parser.add_argument("--gcm", action="store_true", help="only the GCM suites")
+    parser.add_argument("--sizes", type=int, nargs="+", default=SIZES, help="frame sizes")
     args = parser.parse_args()
+    rounds = args.rounds or (5 if args.quick else 51)
+    suites = [s for s in CipherSuite if not (args.gcm and suite_params(s).is_ctr_hmac)]
 
-    print(f"SFrame per-frame cost vs raw AES-GCM (best of repeats, microseconds); KID={KID:#x}")
+    print(
+        f"SFrame per-frame cost vs raw AES-GCM, microseconds, median of {rounds} rounds; "
+        f"KID={KID:#x}, CTR from {AUDIO_CTR}, {len(METADATA)} B metadata"
+    )
     header = (
-        f"{'suite':<28}{'size':>8}{'seal':>9}{'raw':>9}{'+us':>8}{'x':>7}{'into':>8}{'x':>7}"
-        f"{'open':>9}{'raw':>9}{'+us':>8}{'x':>7}{'+bytes':>8}  target"
+        f"{'suite':<28}{'size':>7}{'seal':>8}{'raw':>8}{'+us':>7}{'x':>6}{'into':>8}{'+us':>7}"
+        f"{'x':>6}{'open':>8}{'raw':>8}{'+us':>7}{'x':>6}{'+bytes':>7}  target"
     )
     print(header)
     print("-" * len(header))
     misses = 0
-    for suite in CipherSuite:
+    for suite in suites:
         params = suite_params(suite)
-        for size in SIZES:
-            r = measure(suite, size, args.quick)
+        for size in args.sizes:
+            times = measure(suite, size, calls_per_round(size), rounds)
+            med = {name: statistics.median(values) for name, values in times.items()}
+            d_seal, x_seal = paired(times, "seal", "raw_seal")
+            d_into, x_into = paired(times, "seal_into", "raw_seal")
+            d_open, x_open = paired(times, "open", "raw_open")
             added = len(encode_header(KID, AUDIO_CTR)) + params.Nt
-            d_seal, d_open = r["seal"] - r["raw_seal"], r["open"] - r["raw_open"]
-            x_seal, x_open = r["seal"] / r["raw_seal"], r["open"] / r["raw_open"]
             verdict = "-"
             if not params.is_ctr_hmac:
                 failed = [
@@ -158,11 +264,30 @@ def main() -> None:
                 verdict = "MISS " + "+".join(failed) if failed else "ok"
                 misses += bool(failed)
             print(
-                f"{suite.name:<28}{size:>8}{r['seal']:>9.2f}{r['raw_seal']:>9.2f}{d_seal:>8.2f}"
-                f"{x_seal:>7.2f}{r['seal_into']:>8.2f}{r['seal_into'] / r['raw_seal']:>7.2f}"
-                f"{r['open']:>9.2f}{r['raw_open']:>9.2f}{d_open:>8.2f}"
-                f"{x_open:>7.2f}{added:>8}  {verdict}"
+                f"{suite.name:<28}{size:>7}{med['seal']:>8.2f}{med['raw_seal']:>8.2f}"
+                f"{d_seal:>7.2f}{x_seal:>6.2f}{med['seal_into']:>8.2f}{d_into:>7.2f}{x_into:>6.2f}"
+                f"{med['open']:>8.2f}{med['raw_open']:>8.2f}{d_open:>7.2f}{x_open:>6.2f}"
+                f"{added:>7}  {verdict}"
             )
+    print()
+    print(
+        "aiortc transform path: FrameEncryptor.encrypt_frame / FrameDecryptor.decrypt_frame with "
+        "MLSKeyManager (clear prefix, AES_128_GCM_SHA256_128) vs raw AES-128-GCM, microseconds"
+    )
+    header = (
+        f"  {'codec':<12}{'size':>7}{'encrypt':>9}{'raw':>8}{'+us':>7}{'x':>6}"
+        f"{'decrypt':>9}{'raw':>8}{'+us':>7}{'x':>6}"
+    )
+    print(header)
+    for mime, size in TRANSFORM_CASES:
+        times = measure_transform(mime, size, calls_per_round(size), rounds)
+        med = {name: statistics.median(values) for name, values in times.items()}
+        d_seal, x_seal = paired(times, "seal", "raw_seal")
+        d_open, x_open = paired(times, "open", "raw_open")
+        print(
+            f"  {mime:<12}{size:>7}{med['seal']:>9.2f}{med['raw_seal']:>8.2f}{d_seal:>7.2f}"
+            f"{x_seal:>6.2f}{med['open']:>9.2f}{med['raw_open']:>8.2f}{d_open:>7.2f}{x_open:>6.2f}"
+        )
     print()
     print(f"Bytes added per frame (header + tag) for KID {KID:#x}, by CTR; audio at 50 frames/s")
     ctrs = {"CTR 3 (0.1 s)": 3, "CTR 200 (4 s)": 200, "CTR 3000 (1 min)": 3000}

@@ -95,7 +95,7 @@ class Aead:
     The key object is built once per key so that the per-frame path does no key setup.
     """
 
-    __slots__ = ("seal", "open", "open_raw", "seal_into", "Nt")
+    __slots__ = ("seal", "open", "open_raw", "seal_into", "open_into", "Nt")
 
     def __init__(self, params: SuiteParams, key: bytes) -> None:
         if len(key) != params.Nk:
@@ -103,6 +103,9 @@ class Aead:
         self.Nt = params.Nt
         # seal_into(nonce, plaintext, aad, out) writes ciphertext || tag into `out` (GCM only).
         self.seal_into: Callable[[bytes, bytes, bytes, memoryview], int] | None = None
+        # open_into(nonce, ciphertext, aad, out) writes the plaintext into `out` (GCM only) and
+        # raises InvalidTag; `out` may then hold unauthenticated data.
+        self.open_into: Callable[[bytes, bytes, bytes, memoryview], int] | None = None
         # open_raw is `open` raising cryptography's InvalidTag: the lean per-frame path.
         if params.is_ctr_hmac:
             self.seal, self.open_raw = _ctr_hmac(params, key)
@@ -110,6 +113,7 @@ class Aead:
             aesgcm = AESGCM(key)
             self.seal, self.open_raw = aesgcm.encrypt, aesgcm.decrypt
             self.seal_into = aesgcm.encrypt_into
+            self.open_into = aesgcm.decrypt_into
         self.open = _raising_authentication_failure(self.open_raw)
 
 

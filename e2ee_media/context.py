@@ -3,15 +3,22 @@
 A send key context holds the derived key, the salt and the next CTR; a receive key context holds
 the derived key, the salt and a replay window. A KID is marked for sending or for receiving,
 never both (§4.4.1).
+
+`SendKeyContext.encrypt` and `SFrameContext.decrypt` are the per-frame paths: written inline,
+with precomputed headers and header layouts, so that SFrame costs little more than the AEAD call
+itself (bench/sframe.py measures it against raw AES-GCM). The `*_into` / `*_at` variants write
+into a caller's buffer, which saves a copy of large frames behind a codec's clear prefix.
 """
 
 from __future__ import annotations
 
-import threading
+import itertools
 from collections.abc import Callable
+from typing import overload
 
 from cryptography.exceptions import InvalidTag
 
+from .buffers import uninitialized
 from .cipher_suites import Aead, CipherSuite, SuiteParams, derive_key_salt, suite_params
 from .errors import (
     AuthenticationFailure,
@@ -24,27 +31,49 @@ from .errors import (
 from .header import MAX_VALUE, decode_header, encode_header
 from .replay import DEFAULT_WINDOW, ReplayWindow
 
-# Above this size the ciphertext is written into one preallocated buffer after the header instead
-# of being concatenated to it: copying a large frame costs more than encrypting it.
-_LARGE_FRAME = 4096
+# From this size on, `encrypt` writes the ciphertext into one new (uninitialized) buffer after the
+# header instead of concatenating the header and AESGCM.encrypt's output (a second copy of the
+# frame): measured, the allocation call and the view this takes cost more than that copy below
+# ~30 KB. `transform` uses the same bound for frames behind a clear prefix.
+LARGE_FRAME = 32768
+# From this size on, `decrypt` opens the body through a view instead of a copied slice.
+_LARGE_OPEN = 4096
+# The most an SFrame ciphertext adds to its plaintext: a 17-byte header and a 16-byte tag.
+MAX_OVERHEAD = 17 + 16
+# Headers of the first CTRs are precomputed per send key (a one-byte CTR covers ~5 s of audio).
+_PRECOMPUTED_HEADERS = 256
+
+# Per config byte (RFC 9605 §4.3): (header length, KID length, CTR length); a length 0 means the
+# value sits in the config byte itself.
+_LAYOUT = tuple(
+    (1 + kid_len + ctr_len, kid_len, ctr_len)
+    for config in range(256)
+    for kid_len in [((config >> 4) & 0x7) + 1 if config & 0x80 else 0]
+    for ctr_len in [(config & 0x7) + 1 if config & 0x08 else 0]
+)
+# The smallest minimally encoded value of n extended bytes: >= 8 and no leading zero byte.
+_MIN_EXTENDED = tuple(max(8, 1 << (8 * (n - 1))) if n else 0 for n in range(9))
 
 
 class SendKeyContext:
-    """Key, salt and next CTR for one KID used for encryption."""
+    """Key, salt and next CTR for one KID used for encryption.
+
+    Safe to share between threads (aiortc encodes in executor threads): each call takes its CTR
+    from an `itertools.count`, whose `next` is atomic under the GIL, so two frames never share a
+    nonce; the header is computed from the CTR alone.
+    """
 
     __slots__ = (
         "kid",
-        "next_counter",
         "max_counter",
-        "_aead",
+        "_counter",
+        "_seal",
+        "_seal_into",
+        "_Nt",
         "_salt",
-        "_kid_nibble",
-        "_kid_bytes",
-        "_small_headers",
-        "_prefix",
-        "_ctr_len",
-        "_boundary",
-        "_lock",
+        "_headers",
+        "_n_headers",
+        "_prefixes",
     )
 
     def __init__(
@@ -52,65 +81,103 @@ class SendKeyContext:
     ) -> None:
         key, salt = derive_key_salt(params, kid, base_key)
         self.kid = kid
-        self.next_counter = 0
         self.max_counter = max_counter
-        self._aead = Aead(params, key)
+        aead = Aead(params, key)
         del key
+        self._seal = aead.seal
+        self._seal_into = aead.seal_into
+        self._Nt = params.Nt
         self._salt = int.from_bytes(salt, "big")
+        self._counter = itertools.count()
+        self._headers = tuple(
+            encode_header(kid, ctr) for ctr in range(min(_PRECOMPUTED_HEADERS, max_counter + 1))
+        )
+        self._n_headers = len(self._headers)
+        # The header of a CTR of n bytes: _prefixes[n] (config byte and KID) + the CTR bytes.
         head = encode_header(kid, 0)
-        # The KID part of the header never changes, and the CTR's length changes only at 8, 2^8,
-        # 2^16...: precompute the header up to the CTR bytes and redo it only at those boundaries.
-        self._kid_nibble = head[0] >> 4
-        self._kid_bytes = head[1:]
-        self._small_headers = [encode_header(kid, ctr) for ctr in range(8)]
-        self._prefix = b""
-        self._ctr_len = 0
-        self._boundary = min(8, max_counter + 1)
-        # aiortc encodes in executor threads: taking a CTR must be atomic, or two frames could
-        # share a nonce.
-        self._lock = threading.Lock()
+        self._prefixes = tuple(
+            bytes(((head[0] & 0xF0) | 0x8 | (n - 1),)) + head[1:] if n else b"" for n in range(9)
+        )
 
     def __repr__(self) -> str:
         return f"SendKeyContext(kid={self.kid:#x}, next_counter={self.next_counter})"
 
-    def _next_length(self, ctr: int) -> None:
-        """Called when `ctr` reaches `_boundary`: refuse past the limit, else re-derive the
-        header prefix for the CTR's new length."""
-        if ctr > self.max_counter:
-            raise CounterExhausted(
-                f"KID {self.kid:#x} has used all {self.max_counter + 1} CTR values; "
-                "switch to a new key before sending more frames"
-            )
-        n = (ctr.bit_length() + 7) >> 3
-        self._ctr_len = n
-        self._prefix = bytes(((self._kid_nibble << 4) | 0x8 | (n - 1),)) + self._kid_bytes
-        self._boundary = min(1 << (8 * n), self.max_counter + 1)
+    @property
+    def next_counter(self) -> int:
+        """The CTR the next frame will use."""
+        # itertools.count shows its next value only in its repr: "count(N)".
+        return int(repr(self._counter)[6:-1])
 
-    def _take(self) -> tuple[bytes, bytes]:
-        """Take the next CTR: its header and nonce."""
-        with self._lock:
-            ctr = self.next_counter
-            if ctr >= self._boundary:
-                self._next_length(ctr)
-            # Advance before encrypting: a failure must never lead to the CTR being used twice.
-            self.next_counter = ctr + 1
-        if ctr < 8:
-            header = self._small_headers[ctr]
-        else:
-            header = self._prefix + ctr.to_bytes(self._ctr_len, "big")
-        return header, (self._salt ^ ctr).to_bytes(12, "big")
+    @next_counter.setter
+    def next_counter(self, value: int) -> None:
+        if value < 0:
+            raise ValueError("a CTR is never negative")
+        self._counter = itertools.count(value)
+
+    def _exhausted(self) -> CounterExhausted:
+        return CounterExhausted(
+            f"KID {self.kid:#x} has used all {self.max_counter + 1} CTR values; "
+            "switch to a new key before sending more frames"
+        )
+
+    def _take(self) -> tuple[int, bytes]:
+        """The next CTR and its header."""
+        ctr = next(self._counter)  # taken before encrypting: a failure never reuses a CTR
+        if ctr < self._n_headers:
+            return ctr, self._headers[ctr]
+        if ctr > self.max_counter:
+            raise self._exhausted()
+        n = (ctr.bit_length() + 7) >> 3
+        return ctr, self._prefixes[n] + ctr.to_bytes(n, "big")
 
     def encrypt(self, metadata: bytes, plaintext: bytes) -> bytes | bytearray:
         """header || AEAD.Encrypt(sframe_key, salt XOR CTR, header || metadata, plaintext)."""
-        header, nonce = self._take()
-        aad = header + metadata if metadata else header
-        if len(plaintext) < _LARGE_FRAME:
-            return header + self._aead.seal(nonce, plaintext, aad)
+        # The per-frame path: `_take` inline, no lock (see the class docstring).
+        ctr = next(self._counter)
+        if ctr < self._n_headers:
+            header = self._headers[ctr]
+        else:
+            if ctr > self.max_counter:
+                raise self._exhausted()
+            n = (ctr.bit_length() + 7) >> 3
+            header = self._prefixes[n] + ctr.to_bytes(n, "big")
+        nonce = (self._salt ^ ctr).to_bytes(12, "big")
+        size = len(plaintext)
+        if size < LARGE_FRAME or self._seal_into is None:
+            return header + self._seal(nonce, plaintext, header + metadata if metadata else header)
         hlen = len(header)
-        out = bytearray(hlen + len(plaintext) + self._aead.Nt)
+        # Not zero-filled: the header and seal_into (which refuses a view of any other length
+        # than ciphertext + tag) overwrite every byte; on an exception `out` is dropped unseen.
+        out = uninitialized(hlen + size + self._Nt)
         out[:hlen] = header
-        self._seal_at(nonce, plaintext, aad, out, hlen)
+        self._seal_into(
+            nonce, plaintext, header + metadata if metadata else header, memoryview(out)[hlen:]
+        )
         return out
+
+    def encrypt_at(
+        self,
+        metadata: bytes,
+        plaintext: bytes | bytearray | memoryview,
+        out: bytearray,
+        offset: int = 0,
+    ) -> int:
+        """`encrypt`, written into `out` from `offset` (`out` grows if too short, so it must
+        have no live views then); returns the index in `out` after the SFrame ciphertext.
+        At most `MAX_OVERHEAD` bytes more than the plaintext are written."""
+        ctr, header = self._take()
+        start = offset + len(header)
+        end = start + len(plaintext) + self._Nt
+        if len(out) < end:
+            out.extend(bytes(end - len(out)))
+        out[offset:start] = header
+        nonce = (self._salt ^ ctr).to_bytes(12, "big")
+        aad = header + metadata if metadata else header
+        if self._seal_into is None:
+            out[start:end] = self._seal(nonce, plaintext, aad)
+        else:
+            self._seal_into(nonce, plaintext, aad, memoryview(out)[start:end])
+        return end
 
     def encrypt_into(
         self, metadata: bytes, plaintext: bytes, out: bytearray, offset: int = 0
@@ -119,32 +186,14 @@ class SendKeyContext:
         view of the SFrame ciphertext in `out`. Reusing one buffer per stream saves allocating
         (and zeroing) one per frame; the view is valid until `out` is written again, and must be
         released (or dropped) before `out` has to grow."""
-        header, nonce = self._take()
-        hlen = len(header)
-        end = offset + hlen + len(plaintext) + self._aead.Nt
-        if len(out) < end:
-            out.extend(bytes(end - len(out)))
-        out[offset : offset + hlen] = header
-        self._seal_at(
-            nonce, plaintext, header + metadata if metadata else header, out, offset + hlen
-        )
+        end = self.encrypt_at(metadata, plaintext, out, offset)  # before any view: it may grow
         return memoryview(out)[offset:end]
-
-    def _seal_at(
-        self, nonce: bytes, plaintext: bytes, aad: bytes, out: bytearray, start: int
-    ) -> None:
-        end = start + len(plaintext) + self._aead.Nt
-        seal_into = self._aead.seal_into
-        if seal_into is None:
-            out[start:end] = self._aead.seal(nonce, plaintext, aad)
-        else:
-            seal_into(nonce, plaintext, aad, memoryview(out)[start:end])
 
 
 class RecvKeyContext:
     """Key, salt and replay window for one KID used for decryption."""
 
-    __slots__ = ("kid", "window", "_aead", "_open", "_salt", "_Nt")
+    __slots__ = ("kid", "window", "open", "open_into", "salt", "Nt")
 
     def __init__(
         self, params: SuiteParams, kid: int, base_key: bytes, window: int = DEFAULT_WINDOW
@@ -152,42 +201,17 @@ class RecvKeyContext:
         key, salt = derive_key_salt(params, kid, base_key)
         self.kid = kid
         self.window = ReplayWindow(window)
-        self._aead = Aead(params, key)
+        # `open` and `open_into` raise cryptography's InvalidTag: `SFrameContext`, which uses
+        # these attributes directly on its per-frame path, turns it into AuthenticationFailure.
+        aead = Aead(params, key)
         del key
-        self._open = self._aead.open_raw
-        self._Nt = params.Nt
-        self._salt = int.from_bytes(salt, "big")
+        self.open = aead.open_raw
+        self.open_into = aead.open_into
+        self.Nt = params.Nt
+        self.salt = int.from_bytes(salt, "big")
 
     def __repr__(self) -> str:
         return f"RecvKeyContext(kid={self.kid:#x}, highest_ctr={self.window.top})"
-
-    def decrypt(
-        self, ctr: int, data: bytes | bytearray | memoryview, hlen: int, metadata: bytes
-    ) -> bytes:
-        """Open the SFrame ciphertext `data` whose header (`hlen` bytes) carried `ctr`."""
-        size = len(data)
-        if size - hlen < self._Nt:
-            raise MalformedFrame(
-                f"SFrame ciphertext has {size - hlen} bytes after the header, "
-                f"less than the {self._Nt}-byte tag"
-            )
-        window = self.window
-        if ctr <= window.top:
-            verdict = window.check(ctr)
-            if verdict is not None:
-                raise ReplayedFrame(f"SFrame frame KID {self.kid:#x} CTR {ctr} refused: {verdict}")
-        header = bytes(data[:hlen])
-        # Large frames: decrypt from a view rather than copy the body out first.
-        body = data[hlen:] if size < _LARGE_FRAME else memoryview(data)[hlen:]
-        nonce = (self._salt ^ ctr).to_bytes(12, "big")
-        try:
-            plaintext = self._open(nonce, body, header + metadata if metadata else header)
-        except InvalidTag:
-            raise AuthenticationFailure(
-                f"SFrame frame KID {self.kid:#x} CTR {ctr} failed authentication"
-            ) from None
-        window.accept(ctr)
-        return plaintext
 
 
 def _header_error(data: bytes | bytearray | memoryview) -> MalformedFrame:
@@ -197,6 +221,12 @@ def _header_error(data: bytes | bytearray | memoryview) -> MalformedFrame:
     except MalformedFrame as exc:
         return exc
     raise AssertionError("inline SFrame header parse disagrees with decode_header")
+
+
+def _too_short(body: int, nt: int) -> MalformedFrame:
+    return MalformedFrame(
+        f"SFrame ciphertext has {body} bytes after the header, less than the {nt}-byte tag"
+    )
 
 
 KeyResolver = Callable[[int], "RecvKeyContext | None"]
@@ -275,36 +305,133 @@ class SFrameContext:
             raise KeyUsageError(f"KID {kid:#x} has no send key in this SFrame context")
         return key.encrypt_into(metadata, plaintext, out, offset)
 
-    def decrypt(self, metadata: bytes, ciphertext: bytes | bytearray | memoryview) -> bytes:
+    @overload
+    def decrypt(self, metadata: bytes, ciphertext: bytes | bytearray | memoryview) -> bytes: ...
+
+    @overload
+    def decrypt(
+        self,
+        metadata: bytes,
+        ciphertext: bytes | bytearray | memoryview,
+        out: bytearray,
+        offset: int = 0,
+    ) -> int: ...
+
+    def decrypt(
+        self,
+        metadata: bytes,
+        ciphertext: bytes | bytearray | memoryview,
+        out: bytearray | None = None,
+        offset: int = 0,
+    ) -> bytes | int:
         """The plaintext of an SFrame ciphertext, with the same `metadata` the sender used.
 
         Raises `MalformedFrame`, `UnknownKeyId`, `ReplayedFrame` or `AuthenticationFailure`.
+        With `out`, see `decrypt_into`.
         """
-        # The header is parsed inline: this is the per-frame path. `decode_header` is the
-        # reference (a test checks that both agree) and words the errors.
+        # The per-frame path, all inline (decrypt_into shares it through `out`). `decode_header`
+        # is the reference for the header parse (a test checks that both agree) and words its
+        # errors.
         size = len(ciphertext)
-        config = ciphertext[0] if size else 0
-        kid_len = ((config >> 4) & 0x7) + 1 if config & 0x80 else 0
-        ctr_len = (config & 0x7) + 1 if config & 0x08 else 0
-        hlen = 1 + kid_len + ctr_len
+        if not size:
+            raise _header_error(ciphertext)
+        config = ciphertext[0]
+        hlen, kid_len, ctr_len = _LAYOUT[config]
         if size < hlen:
             raise _header_error(ciphertext)
-        if kid_len:
-            kid = int.from_bytes(ciphertext[1 : 1 + kid_len], "big")
-            if kid < 8 or not ciphertext[1]:
+        # Indexing single bytes is far cheaper than int.from_bytes of a slice: one-byte KIDs and
+        # one- or two-byte CTRs (the common case with MLS-derived KIDs) are read that way.
+        if kid_len == 1:
+            kid = ciphertext[1]
+            if kid < 8:
                 raise _header_error(ciphertext)  # not minimally encoded
+        elif kid_len:
+            kid = int.from_bytes(ciphertext[1 : 1 + kid_len], "big")
+            if kid < _MIN_EXTENDED[kid_len]:
+                raise _header_error(ciphertext)
         else:
             kid = config >> 4
-        if ctr_len:
-            ctr = int.from_bytes(ciphertext[1 + kid_len : hlen], "big")
-            if ctr < 8 or not ciphertext[1 + kid_len]:
-                raise _header_error(ciphertext)  # not minimally encoded
+        if ctr_len == 2:
+            ctr = (ciphertext[hlen - 2] << 8) | ciphertext[hlen - 1]
+            if ctr < 256:
+                raise _header_error(ciphertext)
+        elif ctr_len == 1:
+            ctr = ciphertext[hlen - 1]
+            if ctr < 8:
+                raise _header_error(ciphertext)
+        elif ctr_len:
+            ctr = int.from_bytes(ciphertext[hlen - ctr_len : hlen], "big")
+            if ctr < _MIN_EXTENDED[ctr_len]:
+                raise _header_error(ciphertext)
         else:
             ctr = config & 0x7
-        key = self.recv_keys.get(kid)
-        if key is None:
+        try:
+            key = self.recv_keys[kid]
+        except KeyError:
             key = self._resolve(kid)
-        return key.decrypt(ctr, ciphertext, hlen, metadata)
+        window = key.window
+        top = window.top
+        if ctr <= top:
+            if size - hlen < key.Nt:
+                raise _too_short(size - hlen, key.Nt)
+            verdict = window.check(ctr)
+            if verdict is not None:
+                raise ReplayedFrame(f"SFrame frame KID {kid:#x} CTR {ctr} refused: {verdict}")
+        aad = ciphertext[:hlen]
+        if metadata:
+            if type(aad) is memoryview:
+                aad = aad.tobytes()
+            aad += metadata
+        if size < _LARGE_OPEN or type(ciphertext) is memoryview:
+            body = ciphertext[hlen:]
+        else:
+            body = memoryview(ciphertext)[hlen:]
+        try:
+            if out is None:
+                plaintext = key.open((key.salt ^ ctr).to_bytes(12, "big"), body, aad)
+            else:
+                end = offset + size - hlen - key.Nt
+                if end < offset:
+                    raise _too_short(size - hlen, key.Nt)
+                if len(out) < end:
+                    out.extend(bytes(end - len(out)))
+                if key.open_into is None:
+                    out[offset:end] = key.open((key.salt ^ ctr).to_bytes(12, "big"), body, aad)
+                else:
+                    key.open_into(
+                        (key.salt ^ ctr).to_bytes(12, "big"), body, aad, memoryview(out)[offset:end]
+                    )
+        except InvalidTag:
+            # A body shorter than the tag fails too: it is told apart only on these slow paths.
+            if size - hlen < key.Nt:
+                raise _too_short(size - hlen, key.Nt) from None
+            raise AuthenticationFailure(
+                f"SFrame frame KID {kid:#x} CTR {ctr} failed authentication"
+            ) from None
+        # Only an authenticated frame moves the window (ReplayWindow.accept, in-order case
+        # inline).
+        if ctr > top:
+            shift = ctr - top
+            window.seen = ((window.seen << shift) | 1) & window.mask if shift < window.size else 1
+            window.top = ctr
+        else:
+            window.accept(ctr)
+        return plaintext if out is None else end
+
+    def decrypt_into(
+        self,
+        metadata: bytes,
+        ciphertext: bytes | bytearray | memoryview,
+        out: bytearray,
+        offset: int = 0,
+    ) -> int:
+        """`decrypt`, writing the plaintext into `out` from `offset` (`out` grows if too short,
+        so it must have no live views then); returns the index in `out` after the plaintext.
+
+        For large frames: a caller that puts the plaintext behind a prefix saves a copy. If it
+        raises, `out` may hold unauthenticated data from `offset` on: discard it.
+        """
+        return self.decrypt(metadata, ciphertext, out, offset)
 
     def _resolve(self, kid: int) -> RecvKeyContext:
         key = self.resolver(kid) if self.resolver is not None else None

@@ -260,6 +260,21 @@ class MLSKeyManager:
             key = self._new_send_key(context)
         return key.encrypt(metadata, plaintext)
 
+    def encrypt_at(
+        self,
+        metadata: bytes,
+        plaintext: bytes | bytearray | memoryview,
+        out: bytearray,
+        offset: int = 0,
+        context: int = 0,
+    ) -> int:
+        """`encrypt`, written into `out` from `offset` (see `SendKeyContext.encrypt_at`);
+        returns the index in `out` after the SFrame ciphertext."""
+        key = self._send.get(context)
+        if key is None:
+            key = self._new_send_key(context)
+        return key.encrypt_at(metadata, plaintext, out, offset)
+
     def _new_send_key(self, context: int) -> SendKeyContext:
         # aiortc encodes in executor threads while `update` runs in the event loop: the KID, the
         # base_key and the `_send` entry must all come from the same epoch.
@@ -277,6 +292,19 @@ class MLSKeyManager:
         if self._next_expiry is not None and self.clock() >= self._next_expiry:
             self.expire()
         return self.sframe.decrypt(metadata, ciphertext)
+
+    def decrypt_into(
+        self,
+        metadata: bytes,
+        ciphertext: bytes | bytearray | memoryview,
+        out: bytearray,
+        offset: int = 0,
+    ) -> int:
+        """`decrypt`, writing the plaintext into `out` from `offset` (see
+        `SFrameContext.decrypt_into`); returns the index in `out` after the plaintext."""
+        if self._next_expiry is not None and self.clock() >= self._next_expiry:
+            self.expire()
+        return self.sframe.decrypt_into(metadata, ciphertext, out, offset)
 
     def awaits_kid(self, kid: int) -> bool:
         """True if `kid` names the epoch after the current one: its keys should come with the

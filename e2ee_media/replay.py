@@ -10,17 +10,19 @@ class ReplayWindow:
     """Accepts each CTR at most once and refuses CTRs more than `size` below the highest seen.
 
     `check` runs before decryption and `accept` only after the frame authenticated, so a forged
-    frame cannot move the window.
+    frame cannot move the window. `SFrameContext.decrypt` inlines `check`'s and `accept`'s
+    in-order case (``ctr > top``) on its per-frame path; the two must stay in step.
     """
 
-    __slots__ = ("size", "top", "_seen", "refused")
+    __slots__ = ("size", "top", "seen", "mask", "refused")
 
     def __init__(self, size: int = DEFAULT_WINDOW) -> None:
         if size < 1:
             raise ValueError("replay window size must be at least 1")
         self.size = size
         self.top = -1  # highest accepted CTR; -1 = none yet
-        self._seen = 0  # bit i set = CTR (top - i) accepted
+        self.seen = 0  # bit i set = CTR (top - i) accepted
+        self.mask = (1 << size) - 1
         self.refused = 0
 
     def check(self, ctr: int) -> str | None:
@@ -31,7 +33,7 @@ class ReplayWindow:
         if delta >= self.size:
             self.refused += 1
             return "too old"
-        if (self._seen >> delta) & 1:
+        if (self.seen >> delta) & 1:
             self.refused += 1
             return "replayed"
         return None
@@ -40,9 +42,7 @@ class ReplayWindow:
         if ctr > self.top:
             shift = ctr - self.top
             # A jump past the window clears it (and never builds a 2^64-bit integer).
-            self._seen = (
-                ((self._seen << shift) | 1) & ((1 << self.size) - 1) if shift < self.size else 1
-            )
+            self.seen = ((self.seen << shift) | 1) & self.mask if shift < self.size else 1
             self.top = ctr
         else:
-            self._seen |= 1 << (self.top - ctr)
+            self.seen |= 1 << (self.top - ctr)

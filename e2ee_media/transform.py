@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from .buffers import uninitialized
 from .codecs import (
     ANNEX_B_START_CODE,
     H264,
@@ -23,6 +24,7 @@ from .codecs import (
     split_annex_b,
     unescape_emulation,
 )
+from .context import LARGE_FRAME, MAX_OVERHEAD
 from .errors import MalformedFrame, SFrameError, UnknownKeyId
 
 FAILURE_REASONS = ("unknown_kid", "replay", "authentication", "malformed")
@@ -34,7 +36,12 @@ T = TypeVar("T")
 
 
 class FrameKeys(Protocol):
-    """Where a transform gets its keys: `MLSKeyManager` implements this."""
+    """Where a transform gets its keys: `MLSKeyManager` implements this.
+
+    If the keys also have ``encrypt_at`` and ``decrypt_into`` (as `MLSKeyManager` does), large
+    frames are encrypted and decrypted next to their clear prefix instead of being copied behind
+    it.
+    """
 
     def encrypt(self, metadata: bytes, plaintext: bytes, context: int = 0) -> bytes | bytearray: ...
 
@@ -77,14 +84,23 @@ class FrameEncryptor:
         self.mime_type = mime_type.lower()
         self.context = context
         self.stats = stats if stats is not None else TrackStats()
+        self._encrypt_at: Callable[..., int] | None = getattr(keys, "encrypt_at", None)
 
-    def encrypt_frame(self, frame: bytes) -> bytes:
+    def encrypt_frame(self, frame: bytes) -> bytes | bytearray:
         """clear prefix || SFrame ciphertext of the rest, the prefix authenticated as metadata."""
         try:
             n = clear_prefix_length(self.mime_type, frame)
             prefix = bytes(frame[:n])
-            body = memoryview(frame)[n:] if n else frame
-            out = prefix + self.keys.encrypt(prefix, body, self.context)  # type: ignore[arg-type]
+            size = len(frame)
+            if size < LARGE_FRAME or self._encrypt_at is None:
+                out = prefix + self.keys.encrypt(prefix, frame[n:], self.context)
+            else:
+                # One output buffer, the ciphertext written behind the prefix: no copy of the
+                # frame. Not zero-filled: everything up to `end` is written, the rest cut off.
+                out = uninitialized(size + MAX_OVERHEAD)
+                out[:n] = prefix
+                end = self._encrypt_at(prefix, memoryview(frame)[n:], out, n, self.context)
+                del out[end:]
         except SFrameError:
             self.stats.encrypt_failures += 1
             raise
@@ -133,6 +149,7 @@ class FrameDecryptor:
         self.clock = clock
         self.on_failure = on_failure
         self._awaits_kid: Callable[[int], bool] | None = getattr(keys, "awaits_kid", None)
+        self._decrypt_into: Callable[..., int] | None = getattr(keys, "decrypt_into", None)
         self._pending: deque[tuple[float, Any, bytes, str]] = deque()
 
     @property
@@ -140,7 +157,7 @@ class FrameDecryptor:
         """Frames held back for the keys of the next epoch."""
         return len(self._pending)
 
-    def decrypt_frame(self, data: bytes, mime_type: str) -> bytes:
+    def decrypt_frame(self, data: bytes, mime_type: str) -> bytes | bytearray:
         """The plaintext frame; raises (and counts) an `SFrameError` if it cannot be had."""
         try:
             out = self._decrypt(data, mime_type)
@@ -150,7 +167,7 @@ class FrameDecryptor:
         self.stats.frames_decrypted += 1
         return out
 
-    def push(self, item: T, data: bytes, mime_type: str) -> list[tuple[T, bytes]]:
+    def push(self, item: T, data: bytes, mime_type: str) -> list[tuple[T, bytes | bytearray]]:
         """Queue one frame; return the ``(item, plaintext)`` pairs ready now, in arrival order.
         Frames that fail are counted, reported to `on_failure` and left out."""
         self._pending.append((self.clock() + self.holdback, item, data, mime_type))
@@ -159,7 +176,7 @@ class FrameDecryptor:
             self.stats.frames_held += 1
         return ready
 
-    def drain(self) -> list[tuple[Any, bytes]]:
+    def drain(self) -> list[tuple[Any, bytes | bytearray]]:
         """Retry the held frames (e.g. after new keys arrived); return those now ready."""
         ready = []
         now: float | None = None
@@ -190,12 +207,21 @@ class FrameDecryptor:
         if self.on_failure is not None:
             self.on_failure(exc)
 
-    def _decrypt(self, data: bytes, mime_type: str) -> bytes:
+    def _decrypt(self, data: bytes, mime_type: str) -> bytes | bytearray:
         if mime_type == H264:
             return self._decrypt_annex_b(data)
         n = clear_prefix_length(mime_type, data)
         prefix = bytes(data[:n])
-        return prefix + self.keys.decrypt(prefix, memoryview(data)[n:])
+        size = len(data)
+        if size < LARGE_FRAME or self._decrypt_into is None:
+            return prefix + self.keys.decrypt(prefix, data[n:])
+        # The plaintext written behind the prefix, no copy. Not zero-filled: the prefix and the
+        # plaintext are written, the rest cut off; on failure `out` is dropped unseen.
+        out = uninitialized(size)
+        out[:n] = prefix
+        end = self._decrypt_into(prefix, memoryview(data)[n:], out, n)
+        del out[end:]
+        return out
 
     def _decrypt_annex_b(self, stream: bytes) -> bytes:
         parts = []
