@@ -1,0 +1,179 @@
+"""A signalling client for the SFU, for aiortc endpoints (tests, the conclave app, benchmarks).
+
+It owns one RTCPeerConnection, adds the tracks to publish before the first offer (so they match
+the SFU's publishing m-lines, see `sfu.room`), answers every offer and reports each received
+track with the identity of its publisher. It never touches media: E2EE transforms are installed
+by the caller through `on_track` and on the senders it publishes with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCRtpTransceiver,
+    RTCSessionDescription,
+)
+from aiortc.rtcconfiguration import RTCBundlePolicy
+
+from sfu.errors import Redirect, SignallingError
+
+logger = logging.getLogger(__name__)
+
+TrackCallback = Callable[[MediaStreamTrack, RTCRtpTransceiver, dict[str, str]], None]
+
+
+class SFUClient:
+    def __init__(
+        self,
+        url: str,
+        room: str,
+        identity: str,
+        token: str,
+        tracks: list[MediaStreamTrack] | None = None,
+        on_track: TrackCallback | None = None,
+    ) -> None:
+        self.url = url
+        self.room = room
+        self.identity = identity
+        self._token = token
+        self.tracks = tracks or []
+        self.on_track = on_track
+        self.pc = RTCPeerConnection(
+            RTCConfiguration(iceServers=[], bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
+        )
+        self.streams: dict[str, dict[str, str]] = {}  # mid -> {"identity", "kind"}
+        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.offers_answered = 0
+        self.answered = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self.pc.on("track", self._on_track)
+        # Senders exist from here on, so callers can install E2EE encoders before joining.
+        for track in self.tracks:
+            self.pc.addTrack(track)
+
+    def __repr__(self) -> str:
+        return f"SFUClient({self.identity!r} in {self.room!r})"
+
+    @property
+    def senders(self) -> list[Any]:
+        return [t.sender for t in self.pc.getTransceivers() if t.sender.track is not None]
+
+    async def join(self) -> dict[str, Any]:
+        """Join the room; returns the "joined" message or raises SignallingError.
+
+        Follows one "redirect" to the SFU worker process that serves the room.
+        """
+        try:
+            try:
+                return await self._join_once()
+            except Redirect as exc:
+                self.url = exc.url  # the peer connection is still unused: keep it
+                return await self._join_once()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _join_once(self) -> dict[str, Any]:
+        self._session = aiohttp.ClientSession()
+        self._ws = await self._session.ws_connect(self.url)
+        await self.send(
+            {
+                "type": "join",
+                "room": self.room,
+                "identity": self.identity,
+                "token": self._token,
+                "publish": [t.kind for t in self.tracks],
+            }
+        )
+        reply = await self._ws.receive()
+        try:
+            msg = json.loads(reply.data) if reply.type == aiohttp.WSMsgType.TEXT else {}
+        except ValueError:
+            msg = {}
+        if not isinstance(msg, dict) or msg.get("type") != "joined":
+            await self._close_signalling()
+            if not isinstance(msg, dict) or "code" not in msg:
+                raise SignallingError("closed", "the SFU closed the connection without joining")
+            if msg["code"] == "redirect" and isinstance(msg.get("url"), str):
+                raise Redirect(msg["url"])
+            reason = msg.get("reason")
+            raise SignallingError(
+                str(msg["code"]),
+                str(msg.get("message", "")),
+                reason=str(reason) if reason else None,
+            )
+        self._reader = asyncio.ensure_future(self._read())
+        return msg
+
+    async def send(self, message: dict[str, Any]) -> None:
+        assert self._ws is not None
+        await self._ws.send_str(json.dumps(message))
+
+    async def _read(self) -> None:
+        assert self._ws is not None
+        async for msg in self._ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                continue
+            try:
+                message = json.loads(msg.data)
+                if message.get("type") == "offer":
+                    await self._answer(message)
+                else:
+                    await self.events.put(message)
+            except Exception as exc:  # a bad offer must not silently stop the reader
+                logger.exception("%r could not handle a signalling message", self)
+                await self.events.put({"type": "client-error", "message": str(exc)})
+        await self.events.put({"type": "closed"})
+
+    async def _answer(self, message: dict[str, Any]) -> None:
+        self.streams.update(message.get("streams", {}))
+        await self.pc.setRemoteDescription(RTCSessionDescription(message["sdp"], "offer"))
+        answer = await self.pc.createAnswer()
+        await self.pc.setLocalDescription(answer)
+        await self.send({"type": "answer", "sdp": self.pc.localDescription.sdp})
+        self.offers_answered += 1
+        self.answered.set()
+
+    def _on_track(self, event: Any) -> None:
+        # aiortc passes the track; find its transceiver to name the publisher.
+        track = event if isinstance(event, MediaStreamTrack) else event.track
+        transceiver = next(t for t in self.pc.getTransceivers() if t.receiver.track is track)
+        info = self.streams.get(transceiver.mid or "", {})
+        if self.on_track is not None:
+            self.on_track(track, transceiver, info)
+
+    async def next_event(self, type_: str, timeout: float = 5.0) -> dict[str, Any]:
+        """Wait for the next pushed message of this type (others are discarded)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                event = await self.events.get()
+                if event.get("type") == type_:
+                    return event
+
+    async def leave(self) -> None:
+        if self._ws is not None and not self._ws.closed:
+            await self.send({"type": "leave"})
+        await self.close()
+
+    async def _close_signalling(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._ws is not None:
+            await self._ws.close()
+        if self._session is not None:
+            await self._session.close()
+
+    async def close(self) -> None:
+        await self._close_signalling()
+        await self.pc.close()

@@ -1,0 +1,460 @@
+"""The forwarding core: sources (what a publisher sends) and slots (what a subscriber receives).
+
+Sans-IO apart from the `send` callables it is given: no aiortc objects, so it can be unit-tested
+and benchmarked on raw packets. A `SourceStream` is one published RTP stream; a `Slot` is one
+downstream m-line of one subscriber. The slot owns the rewriting state (RFC 3550 §5.1: SSRC,
+sequence number, timestamp, payload type; RFC 8285 extension IDs) and keeps it continuous when the
+source behind it changes, so that receivers never see sequence numbers jump backwards.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+from sfu import rtcp
+from sfu.metrics import Metrics
+from sfu.rtp import (
+    EXTENSION_HEADER,
+    RTP_FIXED_HEADER,
+    URI_AUDIO_LEVEL,
+    URI_MID,
+    RtpHeader,
+    RtpParseError,
+    SequenceUnwrapper,
+    audio_level,
+    pack_extensions,
+    parse_rtp,
+    unwrap_rtx,
+    vp8_is_keyframe,
+)
+
+_PADDING = (b"", b"\x00", b"\x00\x00", b"\x00\x00\x00")
+
+# Sends one RTP or RTCP packet now (SRTP-protect + UDP sendto); raises ConnectionError when the
+# peer's transport is not (or no longer) connected. Synchronous: the forwarding path never awaits.
+SendFn = Callable[[bytes], None]
+
+CACHE_SIZE = 512  # packets per slot kept for NACKs (about 2 s of 500 kbit/s video)
+MAX_MISSING = 256  # upstream sequence numbers tracked as missing at most
+NACK_RETRIES = 3
+NACK_RETRY_INTERVAL = 0.05
+KEYFRAME_RETRY = 1.0  # seconds between PLIs while a subscriber still waits for a keyframe
+MISSING_GIVE_UP = 1.0  # seconds after which a lost upstream packet is abandoned
+
+
+class Slot:
+    """One downstream RTP stream to one subscriber, with its own SSRC and numbering."""
+
+    def __init__(
+        self,
+        *,
+        subscriber: str,
+        kind: str,
+        ssrc: int,
+        mid: str,
+        payload_type: int,
+        ext_ids: dict[str, int],
+        send: SendFn,
+        metrics: Metrics,
+    ) -> None:
+        self.subscriber = subscriber
+        self.kind = kind
+        self.ssrc = ssrc
+        self.mid = mid
+        self.payload_type = payload_type
+        self.ext_ids = ext_ids
+        self._mid_element = (ext_ids[URI_MID], mid.encode()) if URI_MID in ext_ids else None
+        self.send = send
+        self.metrics = metrics
+        self.source: SourceStream | None = None
+        self.started = False  # keyframe gate passed for the current source
+        self.seq_offset = 0
+        self.ts_offset = 0
+        self.first_in_seq = 0  # first forwarded extended input sequence number of this source
+        self.last_out_seq: int | None = None  # extended, across sources
+        self.last_out_ts = 0
+        self.last_out_time = 0.0
+        self.packets_sent = 0
+        self.octets_sent = 0
+        self.cache: list[bytes | None] = [None] * CACHE_SIZE
+        self._b1 = (payload_type, 0x80 | payload_type)  # by marker bit
+        self._ext_key = tuple(sorted((u, i) for u, i in ext_ids.items() if u != URI_MID))
+        self._mid_one_byte: bytes | None = None
+        if self._mid_element is not None:
+            mid_id, mid_value = self._mid_element
+            if mid_id <= 14 and 1 <= len(mid_value) <= 16:
+                self._mid_one_byte = bytes(((mid_id << 4) | (len(mid_value) - 1),)) + mid_value
+
+    def __repr__(self) -> str:
+        return f"Slot(subscriber={self.subscriber!r}, kind={self.kind}, mid={self.mid})"
+
+    def attach(self, source: SourceStream | None) -> None:
+        """Feed this slot from `source` (or nothing); numbering continues from the last output."""
+        if self.source is not None and self in self.source.slots:
+            self.source.slots.remove(self)
+        self.source = source
+        self.started = False
+        if source is not None:
+            source.slots.append(self)
+            if source.kind == "video":
+                source.request_keyframe()
+
+    def _start(self, header: RtpHeader, in_seq: int, now: float) -> None:
+        if self.last_out_seq is None:
+            out_seq = random.randrange(1 << 15)
+            out_ts = random.randrange(1 << 31)
+        else:
+            # Continue the output numbering: a receiver must not see the stream restart.
+            clock_rate = self.source.clock_rate if self.source else 90000
+            elapsed = max(1, int((now - self.last_out_time) * clock_rate))
+            out_seq = self.last_out_seq + 1
+            out_ts = self.last_out_ts + elapsed
+        self.seq_offset = out_seq - in_seq
+        self.ts_offset = (out_ts - header.timestamp) & 0xFFFFFFFF
+        self.first_in_seq = in_seq
+        self.started = True
+
+    def prepare(
+        self,
+        header: RtpHeader,
+        payload: bytes,
+        in_seq: int,
+        keyframe: bool,
+        elements: list[tuple[str, bytes]],
+        now: float,
+        ext_cache: dict[tuple[tuple[str, int], ...], bytes | None],
+    ) -> bytes | None:
+        """Rewrite one packet for this subscriber; None if it must not be sent (gate, too old).
+
+        `ext_cache` is shared by the slots of one incoming packet: slots with the same extension
+        IDs reuse one serialized element list, and only the mid element differs per slot.
+        """
+        if not self.started:
+            if self.kind == "video" and not keyframe:
+                return None
+            self._start(header, in_seq, now)
+        elif in_seq < self.first_in_seq:
+            return None  # older than what this subscriber was started with
+        out_ext = in_seq + self.seq_offset
+        out_seq = out_ext & 0xFFFF
+        out_ts = (header.timestamp + self.ts_offset) & 0xFFFFFFFF
+        key = self._ext_key
+        if key in ext_cache:
+            body = ext_cache[key]
+        else:
+            body = self._one_byte_body(elements)
+            ext_cache[key] = body
+        mid = self._mid_one_byte
+        if body is not None and mid is not None:
+            body += mid
+            pad = -len(body) & 3
+            ext = EXTENSION_HEADER.pack(0xBEDE, (len(body) + pad) >> 2) + body + _PADDING[pad]
+        else:
+            ids = self.ext_ids
+            out_elements = [(ids[uri], value) for uri, value in elements if uri in ids]
+            if self._mid_element is not None:
+                out_elements.append(self._mid_element)
+            ext = pack_extensions(out_elements)
+        b0 = 0x80 | (0x20 if header.padding else 0) | (0x10 if ext else 0) | (len(header.csrc) >> 2)
+        packet = b"".join(
+            (
+                RTP_FIXED_HEADER.pack(b0, self._b1[header.marker], out_seq, out_ts, self.ssrc),
+                header.csrc,
+                ext,
+                payload,
+            )
+        )
+        self.cache[out_seq % CACHE_SIZE] = packet
+        if self.last_out_seq is None or out_ext > self.last_out_seq:
+            self.last_out_seq = out_ext
+            self.last_out_ts = out_ts
+            self.last_out_time = now
+        self.packets_sent += 1
+        self.octets_sent += len(payload)
+        return packet
+
+    def _one_byte_body(self, elements: list[tuple[str, bytes]]) -> bytes | None:
+        ids = self.ext_ids
+        parts = []
+        for uri, value in elements:
+            ext_id = ids.get(uri)
+            if ext_id is None:
+                continue
+            if ext_id > 14 or not 1 <= len(value) <= 16:
+                return None  # needs the two-byte form: generic path
+            parts.append(bytes(((ext_id << 4) | (len(value) - 1),)) + value)
+        return b"".join(parts)
+
+    def retransmit(self, seqs: list[int]) -> None:
+        """Answer a subscriber's NACK from the cache (RFC 4585 §6.2.1)."""
+        self.metrics.nacks_received += len(seqs)
+        for seq in seqs:
+            packet = self.cache[seq % CACHE_SIZE]
+            if packet is not None and (packet[2] << 8 | packet[3]) == seq:
+                self.metrics.retransmissions_sent += 1
+                try:
+                    self.send(packet)
+                except ConnectionError:
+                    return
+
+    def sender_report(self, ntp_timestamp: int, rtp_timestamp: int) -> bytes | None:
+        """Map the publisher's SR onto this slot's SSRC and timestamp base (RFC 3550 §6.4.1)."""
+        if not self.started:
+            return None
+        return rtcp.pack_sr(
+            self.ssrc,
+            ntp_timestamp,
+            rtp_timestamp + self.ts_offset,
+            self.packets_sent,
+            self.octets_sent,
+        )
+
+
+class SourceStream:
+    """One RTP stream published by one participant, as received by the SFU."""
+
+    def __init__(
+        self,
+        *,
+        publisher: str,
+        kind: str,
+        mid: str,
+        ssrc: int,
+        payload_type: int,
+        clock_rate: int,
+        ext_uris: dict[int, str],
+        send_rtcp: SendFn,
+        rtcp_ssrc: int,
+        metrics: Metrics,
+        rtx_ssrc: int | None = None,
+        rtx_payload_type: int | None = None,
+        pli_interval: float = 0.3,
+        on_audio_level: Callable[[int], None] | None = None,
+    ) -> None:
+        self.publisher = publisher
+        self.kind = kind
+        self.mid = mid
+        self.ssrc = ssrc
+        self.payload_type = payload_type
+        self.clock_rate = clock_rate
+        self.ext_uris = ext_uris
+        self.send_rtcp = send_rtcp
+        self.rtcp_ssrc = rtcp_ssrc
+        self.metrics = metrics
+        self.rtx_ssrc = rtx_ssrc
+        self.rtx_payload_type = rtx_payload_type
+        self.pli_interval = pli_interval
+        self.on_audio_level = on_audio_level
+        self._audio_level_id = next(
+            (i for i, uri in ext_uris.items() if uri == URI_AUDIO_LEVEL), None
+        )
+        self.slots: list[Slot] = []
+        self.unwrapper = SequenceUnwrapper()
+        # reception statistics for receiver reports (RFC 3550 §6.4.1, Appendix A.3, A.8)
+        self.base_seq: int | None = None
+        self._highest_seen = 0
+        self.received = 0
+        self.expected_prior = 0
+        self.received_prior = 0
+        self.jitter = 0.0
+        self.last_transit: float | None = None
+        self.last_sr: int = 0  # middle 32 bits of the last SR's NTP timestamp
+        self.last_sr_time: float = 0.0
+        # upstream loss repair: extended seq -> (time first missed, NACKs sent)
+        self.missing: dict[int, tuple[float, int]] = {}
+        self.last_nack_time = 0.0
+        self.last_pli_time = -1e9
+        self.pli_pending = False
+        self.keyframes = 0
+        self.ended = False
+
+    def __repr__(self) -> str:
+        return f"SourceStream(publisher={self.publisher!r}, kind={self.kind}, ssrc={self.ssrc})"
+
+    # --- RTP in ---------------------------------------------------------------------------------
+
+    def handle_rtp(self, data: bytes, now: float | None = None) -> None:
+        """Take one decrypted RTP packet from the publisher and forward it to every slot."""
+        start = time.perf_counter()
+        if now is None:
+            now = time.monotonic()
+        try:
+            header = parse_rtp(data)
+            repair = False
+            if header.ssrc != self.ssrc:
+                if header.ssrc != self.rtx_ssrc or header.payload_type != self.rtx_payload_type:
+                    return
+                header, data = unwrap_rtx(header, data, self.payload_type, self.ssrc)
+                repair = True
+            elif header.payload_type != self.payload_type:
+                return
+        except RtpParseError:
+            return
+        self.metrics.packets_received += 1
+        in_seq = self.unwrapper.unwrap(header.sequence_number)
+        if not self._account(header, in_seq, now, repair):
+            return  # duplicate
+        keyframe = False
+        if self.kind == "video":
+            keyframe = vp8_is_keyframe(memoryview(data)[header.payload_offset :])
+            if keyframe:
+                self.keyframes += 1
+                self.metrics.keyframes_seen += 1
+        uris = self.ext_uris
+        elements = []
+        for ext_id, value in header.extensions:
+            uri = uris.get(ext_id)
+            if uri is None or uri == URI_MID:
+                continue  # mid is per m-line: each slot writes its own
+            if ext_id == self._audio_level_id and self.on_audio_level is not None:
+                level = audio_level(value)
+                if level is not None:
+                    self.on_audio_level(level[1])
+            elements.append((uri, value))
+        payload = data[header.payload_offset :]
+        ext_cache: dict[tuple[tuple[str, int], ...], bytes | None] = {}
+        sent = sent_bytes = 0
+        for slot in list(self.slots):
+            packet = slot.prepare(header, payload, in_seq, keyframe, elements, now, ext_cache)
+            if packet is None:
+                continue
+            sent += 1
+            sent_bytes += len(packet)
+            try:
+                slot.send(packet)
+            except ConnectionError:
+                pass  # the subscriber is going away; its slot is removed on leave
+        metrics = self.metrics
+        metrics.packets_forwarded += sent
+        metrics.bytes_forwarded += sent_bytes
+        self.metrics.forwarding_latency.observe(time.perf_counter() - start)
+
+    def _account(self, header: RtpHeader, in_seq: int, now: float, repair: bool) -> bool:
+        if self.base_seq is None:
+            self.base_seq = in_seq
+            self._highest_seen = in_seq
+        elif in_seq > self._highest_seen:
+            if in_seq - self._highest_seen > 1 and in_seq - self._highest_seen < 3000:
+                for s in range(max(self._highest_seen + 1, in_seq - MAX_MISSING), in_seq):
+                    self.missing[s] = (now, 0)
+            self._highest_seen = in_seq
+        elif in_seq in self.missing:
+            del self.missing[in_seq]
+        else:
+            return False  # duplicate or too old to be useful
+        self.received += 1
+        if not repair:
+            # interarrival jitter (RFC 3550 §6.4.1, A.8), in timestamp units
+            transit = now * self.clock_rate - header.timestamp
+            if self.last_transit is not None:
+                d = abs(transit - self.last_transit)
+                if d < self.clock_rate:  # ignore jumps from timestamp gaps (DTX, pauses)
+                    self.jitter += (d - self.jitter) / 16
+            self.last_transit = transit
+        if len(self.missing) > MAX_MISSING:
+            for s in sorted(self.missing)[: len(self.missing) - MAX_MISSING]:
+                del self.missing[s]
+        return True
+
+    # --- RTCP to the publisher ------------------------------------------------------------------
+
+    def send_nacks(self, now: float | None = None) -> None:
+        """NACK what is missing upstream; each sequence number at most NACK_RETRIES times."""
+        if not self.missing:
+            return
+        if now is None:
+            now = time.monotonic()
+        lost = []
+        for seq, (first, sent) in list(self.missing.items()):
+            if now - first > MISSING_GIVE_UP or sent >= NACK_RETRIES:
+                del self.missing[seq]
+            elif sent == 0 or now - first >= sent * NACK_RETRY_INTERVAL:
+                self.missing[seq] = (first, sent + 1)
+                lost.append(seq)
+        if lost:
+            self.metrics.nacks_sent += len(lost)
+            self._send(rtcp.pack_nack(self.rtcp_ssrc, self.ssrc, lost))
+
+    def tick(self, now: float | None = None) -> None:
+        """Periodic work (every few tens of ms): NACK retries, pending and repeated PLIs."""
+        if now is None:
+            now = time.monotonic()
+        self.send_nacks(now)
+        if self.kind != "video":
+            return
+        waiting = any(not s.started for s in self.slots)
+        if self.pli_pending or (waiting and now - self.last_pli_time > KEYFRAME_RETRY):
+            self.request_keyframe_now(now)
+
+    def request_keyframe(self) -> None:
+        """Ask for a keyframe at the next `tick` (throttled like every PLI)."""
+        self.pli_pending = True
+
+    def request_keyframe_now(self, now: float | None = None) -> None:
+        """Send a PLI upstream unless one was sent within `pli_interval` (then keep it pending)."""
+        if self.kind != "video":
+            return
+        if now is None:
+            now = time.monotonic()
+        if now - self.last_pli_time < self.pli_interval:
+            self.pli_pending = True
+            return
+        self.pli_pending = False
+        self.last_pli_time = now
+        self.metrics.plis_sent += 1
+        self._send(rtcp.pack_pli(self.rtcp_ssrc, self.ssrc))
+
+    def handle_sender_report(
+        self, ntp_timestamp: int, rtp_timestamp: int, now: float
+    ) -> list[tuple[Slot, bytes]]:
+        """Note the publisher's SR (for our RR's LSR/DLSR) and map it onto every started slot."""
+        self.last_sr = (ntp_timestamp >> 16) & 0xFFFFFFFF
+        self.last_sr_time = now
+        out = []
+        for slot in self.slots:
+            sr = slot.sender_report(ntp_timestamp, rtp_timestamp)
+            if sr is not None:
+                out.append((slot, sr))
+        return out
+
+    def report_block(self, now: float) -> rtcp.ReportBlock | None:
+        """Reception report for this source (RFC 3550 §6.4.1, Appendix A.3)."""
+        if self.base_seq is None:
+            return None
+        highest = self._highest_seen
+        expected = highest - self.base_seq + 1
+        lost = expected - self.received
+        expected_interval = expected - self.expected_prior
+        received_interval = self.received - self.received_prior
+        self.expected_prior = expected
+        self.received_prior = self.received
+        lost_interval = expected_interval - received_interval
+        fraction = 0
+        if expected_interval > 0 and lost_interval > 0:
+            fraction = min(255, (lost_interval << 8) // expected_interval)
+        dlsr = int((now - self.last_sr_time) * 65536) if self.last_sr else 0
+        return rtcp.ReportBlock(
+            ssrc=self.ssrc,
+            fraction_lost=fraction,
+            packets_lost=lost,
+            highest_sequence=highest,
+            jitter=int(self.jitter),
+            lsr=self.last_sr,
+            dlsr=dlsr,
+        )
+
+    def _send(self, packet: bytes) -> None:
+        try:
+            self.send_rtcp(packet)
+        except ConnectionError:
+            pass
+
+    def end(self) -> list[Slot]:
+        """The publisher stopped: detach every slot and return them."""
+        self.ended = True
+        slots = list(self.slots)
+        for slot in slots:
+            slot.attach(None)
+        return slots

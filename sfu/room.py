@@ -1,0 +1,446 @@
+"""Rooms and their participants: one RTCPeerConnection per participant, SFU-driven negotiation.
+
+Negotiation is one-directional: the SFU always makes the offer and the client answers. A
+participant's publishing m-lines (recvonly on the SFU side) come first in the first offer, so an
+aiortc or browser client that added its tracks before `setRemoteDescription` has them matched to
+those m-lines; every later m-line is a downstream slot (sendonly on the SFU side). aiortc 1.16
+cannot recycle m-lines, so a slot whose source leaves is made inactive and never reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiortc import (
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCRtpTransceiver,
+    RTCSessionDescription,
+)
+from aiortc.exceptions import InvalidStateError
+from aiortc.rtcconfiguration import RTCBundlePolicy
+from aiortc.rtcrtpparameters import RTCRtpReceiveParameters, RTCRtpSendParameters
+from aiortc.sdp import SessionDescription
+
+from sfu import aiortc_hooks, rtcp
+from sfu.config import SFUConfig
+from sfu.errors import SignallingError
+from sfu.forwarding import Slot, SourceStream
+from sfu.metrics import Metrics
+from sfu.speaker import ActiveSpeakerDetector
+
+logger = logging.getLogger(__name__)
+
+SendJson = Callable[[dict[str, Any]], Awaitable[None]]
+
+# Only codecs whose keyframes the SFU can find in a frame's clear prefix.
+PREFERRED_CODECS = {"audio": ("audio/opus",), "video": ("video/VP8", "video/rtx")}
+TICK_INTERVAL = 0.05
+RR_INTERVAL = 1.0
+
+
+def _codec_preferences(kind: str) -> list[Any]:
+    wanted = PREFERRED_CODECS[kind]
+    return [c for c in RTCRtpSender.getCapabilities(kind).codecs if c.mimeType in wanted]
+
+
+class Participant:
+    def __init__(
+        self,
+        room: Room,
+        identity: str,
+        publish: list[str],
+        send_json: SendJson,
+        config: SFUConfig,
+        metrics: Metrics,
+    ) -> None:
+        self.room = room
+        self.identity = identity
+        self.publish = publish
+        self.send_json = send_json
+        self.config = config
+        self.metrics = metrics
+        self.pc = RTCPeerConnection(
+            RTCConfiguration(iceServers=[], bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
+        )
+        self.rtcp_ssrc = random.randrange(1, 1 << 32)
+        self.sources: dict[str, SourceStream] = {}  # by publisher-side mid
+        self.sources_by_ssrc: dict[int, SourceStream] = {}
+        self.slots_by_ssrc: dict[int, Slot] = {}
+        self.slot_sources: dict[RTCRtpTransceiver, SourceStream | None] = {}
+        self.stream_info: dict[str, dict[str, str]] = {}  # mid -> {"identity", "kind"}
+        self._send_raw: Callable[[bytes], None] | None = None
+        self._negotiating = False
+        self._renegotiate = False
+        self._closed = False
+        self.started = False  # publishing m-lines created: slots may be added from now on
+        self._task: asyncio.Task[None] | None = None
+        # Called when the media connection fails or the client closed it: the server then ends
+        # the signalling session, which removes the participant.
+        self.on_connection_lost: Callable[[], None] = lambda: None
+        self.pc.on("connectionstatechange", self._on_connection_state)
+
+    def __repr__(self) -> str:
+        return f"Participant({self.identity!r} in {self.room.name!r})"
+
+    def _on_connection_state(self) -> None:
+        if self.pc.connectionState in ("failed", "closed") and not self._closed:
+            self.on_connection_lost()
+
+    # --- negotiation ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the publishing m-lines and a slot for every stream already in the room."""
+        for kind in self.publish:
+            transceiver = self.pc.addTransceiver(kind, direction="recvonly")
+            transceiver.setCodecPreferences(_codec_preferences(kind))
+            aiortc_hooks.capture_sender(transceiver.sender, lambda params: None)
+            aiortc_hooks.capture_receiver(
+                transceiver.receiver,
+                lambda params, t=transceiver: self._on_publish_params(t, params),
+            )
+        # The publishing m-lines must come first in the first offer (see the module docstring).
+        self.started = True
+        for other in self.room.participants.values():
+            if other is not self:
+                for source in other.sources.values():
+                    if not source.ended:
+                        self.add_slot(source)
+        self._task = asyncio.ensure_future(self._run())
+        await self.negotiate()
+
+    async def negotiate(self) -> None:
+        """Send a new offer, or remember to once the current offer is answered.
+
+        Never raises: a participant whose connection or socket is going away is removed by its
+        own signalling handler, and other participants' leaves must not fail because of it.
+        """
+        if self._closed or self.pc.signalingState == "closed":
+            return  # aiortc closes the connection itself once every DTLS transport is closed
+        if self._negotiating:
+            self._renegotiate = True
+            return
+        self._negotiating = True
+        self._renegotiate = False
+        try:
+            offer = await self.pc.createOffer()
+            await self.pc.setLocalDescription(offer)
+            for transceiver, source in self.slot_sources.items():
+                if transceiver.mid is not None and source is not None:
+                    self.stream_info[transceiver.mid] = {
+                        "identity": source.publisher,
+                        "kind": source.kind,
+                    }
+            await self.send_json(
+                {"type": "offer", "sdp": self.pc.localDescription.sdp, "streams": self.stream_info}
+            )
+        except (ConnectionError, InvalidStateError, RuntimeError) as exc:
+            logger.debug("no offer to %r: %s", self.identity, exc)
+
+    async def handle_answer(self, sdp: str) -> None:
+        if not self._negotiating:
+            raise SignallingError("unexpected-answer", "no offer is outstanding")
+        try:
+            parsed = SessionDescription.parse(sdp)
+        except Exception as exc:
+            raise SignallingError("bad-sdp", "the answer is not parsable SDP") from exc
+        local = self.pc.localDescription
+        if local is None or len(parsed.media) != len(SessionDescription.parse(local.sdp).media):
+            raise SignallingError("bad-sdp", "the answer must have one m-line per offered m-line")
+        try:
+            await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+        except Exception as exc:  # aiortc raises ValueError, OperationError, InvalidStateError...
+            raise SignallingError("bad-sdp", f"the answer was refused: {exc}") from exc
+        self._negotiating = False
+        if self._closed or self.pc.signalingState == "closed":
+            return
+        for transceiver in self.pc.getTransceivers():
+            transport = transceiver.receiver.transport
+            if aiortc_hooks.hook_transport(transport, self._on_rtp, self._on_rtcp):
+                self._send_raw = aiortc_hooks.fast_sender(transport)
+        if self._renegotiate:
+            await self.negotiate()
+
+    async def handle_ice(self, candidate: Any) -> None:
+        # aiortc puts all candidates in the SDP; trickled ones are accepted if they parse.
+        from aiortc.sdp import candidate_from_sdp
+
+        if not isinstance(candidate, dict) or not isinstance(candidate.get("candidate"), str):
+            raise SignallingError("bad-message", "ice needs a candidate object")
+        text = candidate["candidate"]
+        if not text:
+            return  # end-of-candidates
+        try:
+            parsed = candidate_from_sdp(text.removeprefix("candidate:"))
+        except (ValueError, IndexError, AssertionError) as exc:
+            raise SignallingError("bad-message", "unparsable ICE candidate") from exc
+        parsed.sdpMid = candidate.get("sdpMid")
+        parsed.sdpMLineIndex = candidate.get("sdpMLineIndex")
+        await self.pc.addIceCandidate(parsed)
+
+    # --- publishing -----------------------------------------------------------------------------
+
+    def _on_publish_params(
+        self, transceiver: RTCRtpTransceiver, params: RTCRtpReceiveParameters
+    ) -> None:
+        mid = params.muxId
+        if mid in self.sources or not params.encodings or not params.codecs:
+            return
+        codec = params.codecs[0]
+        encoding = params.encodings[0]
+        rtx_pt = next(
+            (
+                c.payloadType
+                for c in params.codecs
+                if c.mimeType.lower().endswith("/rtx")
+                and c.parameters.get("apt") == codec.payloadType
+            ),
+            None,
+        )
+        source = SourceStream(
+            publisher=self.identity,
+            kind=transceiver.kind,
+            mid=mid,
+            ssrc=encoding.ssrc,
+            payload_type=codec.payloadType,
+            clock_rate=codec.clockRate,
+            ext_uris={e.id: e.uri for e in params.headerExtensions},
+            send_rtcp=self._send_rtcp,
+            rtcp_ssrc=self.rtcp_ssrc,
+            metrics=self.metrics,
+            rtx_ssrc=encoding.rtx.ssrc if encoding.rtx else None,
+            rtx_payload_type=rtx_pt,
+            pli_interval=self.config.pli_interval,
+            on_audio_level=lambda level: self.room.speaker.add_level(self.identity, level),
+        )
+        self.sources[mid] = source
+        self.sources_by_ssrc[source.ssrc] = source
+        if source.rtx_ssrc is not None:
+            self.sources_by_ssrc[source.rtx_ssrc] = source
+        self.room.on_source_added(source)
+
+    def _send_rtcp(self, packet: bytes) -> None:
+        if self._send_raw is None:
+            raise ConnectionError("transport not connected yet")
+        self._send_raw(packet)
+
+    # --- subscribing ----------------------------------------------------------------------------
+
+    def add_slot(self, source: SourceStream) -> None:
+        """Add a downstream m-line for `source`; it starts forwarding once answered."""
+        if source in self.slot_sources.values():
+            return
+        transceiver = self.pc.addTransceiver(source.kind, direction="sendonly")
+        transceiver.setCodecPreferences(_codec_preferences(source.kind))
+        self.slot_sources[transceiver] = source
+        aiortc_hooks.capture_receiver(transceiver.receiver, lambda params: None)
+        aiortc_hooks.capture_sender(
+            transceiver.sender, lambda params, t=transceiver: self._on_slot_params(t, params)
+        )
+
+    def _on_slot_params(self, transceiver: RTCRtpTransceiver, params: RTCRtpSendParameters) -> None:
+        ssrc = aiortc_hooks.sender_ssrc(transceiver.sender)
+        if ssrc in self.slots_by_ssrc or self._send_raw is None:
+            return
+        source = self.slot_sources.get(transceiver)
+        if source is None or source.ended or not params.codecs:
+            return
+        slot = Slot(
+            subscriber=self.identity,
+            kind=transceiver.kind,
+            ssrc=ssrc,
+            mid=params.muxId,
+            payload_type=params.codecs[0].payloadType,
+            ext_ids={e.uri: e.id for e in params.headerExtensions},
+            send=self._send_raw,
+            metrics=self.metrics,
+        )
+        self.slots_by_ssrc[ssrc] = slot
+        slot.attach(source)
+
+    async def source_ended(self, source: SourceStream) -> None:
+        """A stream this participant receives has ended: BYE, then make its m-line inactive."""
+        changed = False
+        for transceiver, fed_by in list(self.slot_sources.items()):
+            if fed_by is not source:
+                continue
+            self.slot_sources[transceiver] = None
+            ssrc = aiortc_hooks.sender_ssrc(transceiver.sender)
+            slot = self.slots_by_ssrc.pop(ssrc, None)
+            if slot is not None:
+                slot.attach(None)
+                try:
+                    self._send_rtcp(rtcp.pack_bye([ssrc]))
+                except ConnectionError:
+                    pass
+            if transceiver.mid is not None:
+                self.stream_info.pop(transceiver.mid, None)
+            transceiver.direction = "inactive"
+            changed = True
+        if changed:
+            await self.negotiate()
+
+    # --- RTP/RTCP from the transport ------------------------------------------------------------
+
+    async def _on_rtp(self, data: bytes) -> None:
+        if len(data) < 12:
+            return
+        source = self.sources_by_ssrc.get(int.from_bytes(data[8:12], "big"))
+        if source is not None:
+            source.handle_rtp(data)
+
+    async def _on_rtcp(self, data: bytes) -> None:
+        try:
+            packets = rtcp.parse_rtcp(data)
+        except ValueError:
+            return
+        now = time.monotonic()
+        for packet in packets:
+            if isinstance(packet, rtcp.RtcpSrPacket):
+                source = self.sources_by_ssrc.get(packet.ssrc)
+                if source is not None:
+                    info = packet.sender_info
+                    for slot, sr in source.handle_sender_report(
+                        info.ntp_timestamp, info.rtp_timestamp, now
+                    ):
+                        try:
+                            slot.send(sr)
+                        except ConnectionError:
+                            pass
+            elif isinstance(packet, rtcp.RtcpRtpfbPacket):
+                if packet.fmt == rtcp.RTPFB_NACK:
+                    slot = self.slots_by_ssrc.get(packet.media_ssrc)
+                    if slot is not None:
+                        slot.retransmit([s & 0xFFFF for s in packet.lost])
+            elif isinstance(packet, rtcp.RtcpPsfbPacket):
+                self._on_psfb(packet, now)
+            # Receiver reports from subscribers end here: the SFU reports upstream itself.
+
+    def _on_psfb(self, packet: rtcp.RtcpPsfbPacket, now: float) -> None:
+        targets: list[int] = []
+        if packet.fmt == rtcp.PSFB_PLI:
+            targets = [packet.media_ssrc]
+        elif packet.fmt == rtcp.PSFB_FIR:
+            # FIR names its targets in the FCI: SSRC(4) seq(1) reserved(3) (RFC 5104 §4.3.1.1)
+            fci = packet.fci
+            targets = [int.from_bytes(fci[i : i + 4], "big") for i in range(0, len(fci) - 7, 8)]
+        for ssrc in targets:
+            slot = self.slots_by_ssrc.get(ssrc)
+            if slot is not None and slot.source is not None:
+                self.metrics.plis_received += 1
+                slot.source.request_keyframe_now(now)
+
+    async def _run(self) -> None:
+        """Per-participant timer: upstream NACK retries and PLIs, receiver reports."""
+        next_rr = time.monotonic() + RR_INTERVAL
+        try:
+            while not self._closed:
+                await asyncio.sleep(TICK_INTERVAL)
+                now = time.monotonic()
+                for source in list(self.sources.values()):
+                    source.tick(now)
+                if now >= next_rr:
+                    next_rr = now + RR_INTERVAL * (0.5 + random.random())
+                    blocks = [
+                        b for s in self.sources.values() if (b := s.report_block(now)) is not None
+                    ]
+                    if blocks and self._send_raw is not None:
+                        try:
+                            self._send_raw(rtcp.pack_rr(self.rtcp_ssrc, blocks))
+                        except ConnectionError:
+                            pass
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            logger.exception("participant timer of %r failed", self.identity)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+        for slot in self.slots_by_ssrc.values():
+            slot.attach(None)
+        self.slots_by_ssrc.clear()
+        await self.pc.close()
+
+
+class Room:
+    def __init__(self, name: str, config: SFUConfig, metrics: Metrics) -> None:
+        self.name = name
+        self.config = config
+        self.metrics = metrics
+        self.participants: dict[str, Participant] = {}
+        self.speaker = ActiveSpeakerDetector()
+        self._task = asyncio.ensure_future(self._run_speaker())
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def __repr__(self) -> str:
+        return f"Room({self.name!r}, {len(self.participants)} participants)"
+
+    async def broadcast(self, message: dict[str, Any], exclude: str | None = None) -> None:
+        for identity, participant in list(self.participants.items()):
+            if identity != exclude:
+                try:
+                    await participant.send_json(message)
+                except (ConnectionError, RuntimeError):
+                    pass  # closing socket: its own handler cleans up
+
+    def on_source_added(self, source: SourceStream) -> None:
+        """Called from aiortc's connect task: schedule slots and renegotiation for the others."""
+        for participant in list(self.participants.values()):
+            # One that has not started yet picks the source up in its own start().
+            if participant.identity != source.publisher and participant.started:
+                participant.add_slot(source)
+                self._spawn(participant.negotiate())
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        async def guarded() -> None:
+            try:
+                await coro
+            except Exception:
+                logger.exception("room %r: background task failed", self.name)
+
+        task = asyncio.ensure_future(guarded())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def remove(self, participant: Participant) -> None:
+        if self.participants.get(participant.identity) is not participant:
+            return
+        del self.participants[participant.identity]
+        self.speaker.remove(participant.identity)
+        for source in list(participant.sources.values()):
+            source.end()
+            for other in list(self.participants.values()):
+                try:
+                    await other.source_ended(source)
+                except Exception:
+                    logger.exception("room %r: could not end a stream for %r", self.name, other)
+        await participant.close()
+        await self.broadcast({"type": "participant-left", "identity": participant.identity})
+
+    async def _run_speaker(self) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self.config.speaker_interval)
+                speaker = self.speaker.tick()
+                if speaker is not None:
+                    await self.broadcast({"type": "speaker", "identity": speaker})
+        except asyncio.CancelledError:
+            pass
+
+    async def close(self) -> None:
+        self._task.cancel()
+        for task in list(self._pending):
+            task.cancel()
+        for participant in list(self.participants.values()):
+            await participant.close()
+        self.participants.clear()

@@ -1,0 +1,161 @@
+"""RTCP the SFU sends and reads (RFC 3550 §6.4, RFC 4585 §6).
+
+Parsing reuses aiortc's public RTCP classes (`aiortc.rtp`); the packets the SFU sends are packed
+here so that sequence-number wrap-around in NACKs is handled (aiortc's packer does not).
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+
+from aiortc.rtp import (
+    AnyRtcpPacket,
+    RtcpByePacket,
+    RtcpPacket,
+    RtcpPsfbPacket,
+    RtcpRrPacket,
+    RtcpRtpfbPacket,
+    RtcpSrPacket,
+)
+
+__all__ = [
+    "AnyRtcpPacket",
+    "RtcpByePacket",
+    "RtcpPsfbPacket",
+    "RtcpRrPacket",
+    "RtcpRtpfbPacket",
+    "RtcpSrPacket",
+    "ReportBlock",
+    "ntp_now",
+    "pack_bye",
+    "pack_nack",
+    "pack_pli",
+    "pack_rr",
+    "pack_sr",
+    "parse_rtcp",
+]
+
+RTCP_SR = 200
+RTCP_RR = 201
+RTCP_BYE = 203
+RTCP_RTPFB = 205
+RTCP_PSFB = 206
+RTPFB_NACK = 1
+PSFB_PLI = 1
+PSFB_FIR = 4
+PSFB_APP = 15
+
+NTP_EPOCH_OFFSET = 2208988800  # seconds from 1900-01-01 to 1970-01-01
+
+
+def ntp_now() -> int:
+    """The current time as a 64-bit NTP timestamp (RFC 3550 §4)."""
+    t = time.time() + NTP_EPOCH_OFFSET
+    return (int(t) << 32) | int((t % 1) * (1 << 32))
+
+
+def _header(packet_type: int, count: int, body_len: int) -> bytes:
+    return struct.pack("!BBH", 0x80 | count, packet_type, (body_len + 4) // 4 - 1)
+
+
+def parse_rtcp(data: bytes) -> list[AnyRtcpPacket]:
+    """Parse a (compound) RTCP packet; raises ValueError on malformed input."""
+    return RtcpPacket.parse(data)
+
+
+def pack_pli(sender_ssrc: int, media_ssrc: int) -> bytes:
+    """Picture Loss Indication (RFC 4585 §6.3.1)."""
+    return _header(RTCP_PSFB, PSFB_PLI, 8) + struct.pack("!II", sender_ssrc, media_ssrc)
+
+
+def pack_nack(sender_ssrc: int, media_ssrc: int, lost: list[int]) -> bytes:
+    """Generic NACK (RFC 4585 §6.2.1) for 16-bit sequence numbers, wrap-around safe."""
+    fci = b""
+    remaining = sorted({s & 0xFFFF for s in lost})
+    # Sort in wrap-aware order: start after the largest gap so 65535 precedes 0.
+    if len(remaining) > 1:
+        gaps = [
+            ((remaining[(i + 1) % len(remaining)] - s) & 0xFFFF, i) for i, s in enumerate(remaining)
+        ]
+        _, i = max(gaps)
+        remaining = remaining[i + 1 :] + remaining[: i + 1]
+    while remaining:
+        pid = remaining.pop(0)
+        blp = 0
+        while remaining and 0 < (remaining[0] - pid) & 0xFFFF <= 16:
+            blp |= 1 << (((remaining.pop(0) - pid) & 0xFFFF) - 1)
+        fci += struct.pack("!HH", pid, blp)
+    body = struct.pack("!II", sender_ssrc, media_ssrc) + fci
+    return _header(RTCP_RTPFB, RTPFB_NACK, len(body)) + body
+
+
+def pack_bye(ssrcs: list[int]) -> bytes:
+    """BYE (RFC 3550 §6.6): the source behind these SSRCs has ended."""
+    body = b"".join(struct.pack("!I", s) for s in ssrcs)
+    return _header(RTCP_BYE, len(ssrcs), len(body)) + body
+
+
+class ReportBlock:
+    """One reception report block (RFC 3550 §6.4.1)."""
+
+    __slots__ = (
+        "ssrc",
+        "fraction_lost",
+        "packets_lost",
+        "highest_sequence",
+        "jitter",
+        "lsr",
+        "dlsr",
+    )
+
+    def __init__(
+        self,
+        ssrc: int,
+        fraction_lost: int,
+        packets_lost: int,
+        highest_sequence: int,
+        jitter: int,
+        lsr: int,
+        dlsr: int,
+    ) -> None:
+        self.ssrc = ssrc
+        self.fraction_lost = fraction_lost
+        self.packets_lost = packets_lost
+        self.highest_sequence = highest_sequence
+        self.jitter = jitter
+        self.lsr = lsr
+        self.dlsr = dlsr
+
+    def __bytes__(self) -> bytes:
+        lost = max(-(1 << 23), min((1 << 23) - 1, self.packets_lost)) & 0xFFFFFF
+        return struct.pack(
+            "!IIIIII",
+            self.ssrc,
+            (self.fraction_lost << 24) | lost,
+            self.highest_sequence & 0xFFFFFFFF,
+            self.jitter & 0xFFFFFFFF,
+            self.lsr & 0xFFFFFFFF,
+            self.dlsr & 0xFFFFFFFF,
+        )
+
+
+def pack_rr(sender_ssrc: int, reports: list[ReportBlock]) -> bytes:
+    """Receiver Report (RFC 3550 §6.4.2)."""
+    body = struct.pack("!I", sender_ssrc) + b"".join(bytes(r) for r in reports)
+    return _header(RTCP_RR, len(reports), len(body)) + body
+
+
+def pack_sr(
+    ssrc: int, ntp_timestamp: int, rtp_timestamp: int, packet_count: int, octet_count: int
+) -> bytes:
+    """Sender Report without report blocks (RFC 3550 §6.4.1)."""
+    body = struct.pack(
+        "!IQIII",
+        ssrc,
+        ntp_timestamp,
+        rtp_timestamp & 0xFFFFFFFF,
+        packet_count & 0xFFFFFFFF,
+        octet_count & 0xFFFFFFFF,
+    )
+    return _header(RTCP_SR, 0, len(body)) + body

@@ -1,0 +1,259 @@
+"""The SFU's aiohttp application: WebSocket signalling, `/metrics`, `/healthz`.
+
+Signalling is JSON over one WebSocket per participant at `GET /v1/signal`.
+
+Client to SFU:
+  {"type": "join", "room": str, "identity": str, "token": str, "publish": ["audio", "video"]}
+  {"type": "answer", "sdp": str}
+  {"type": "ice", "candidate": {"candidate": str, "sdpMid": str, "sdpMLineIndex": int}}
+  {"type": "leave"}
+SFU to client:
+  {"type": "joined", "room": str, "identity": str, "participants": [str]}
+  {"type": "offer", "sdp": str, "streams": {mid: {"identity": str, "kind": str}}}
+  {"type": "participant-joined" | "participant-left", "identity": str}
+  {"type": "speaker", "identity": str}
+  {"type": "error", "code": str, "message": str}   (+ "reason" for code "token",
+                                                      + "url" for code "redirect")
+
+With several worker processes (`python -m sfu --workers N`), each room lives in one worker; a
+join sent to another worker is answered with code "redirect" and the URL to join at instead.
+
+The SFU makes every offer (see `sfu.room`); a client offer is refused with code "unsupported".
+After a refused join the socket is closed; other errors leave it open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from sfu.config import SFUConfig
+from sfu.errors import LimitExceeded, Redirect, SignallingError, TokenError
+from sfu.metrics import Metrics
+from sfu.room import Participant, Room
+from sfu.tokens import verify_room_token
+
+logger = logging.getLogger(__name__)
+
+MAX_NAME_LENGTH = 256
+MAX_TOKEN_LENGTH = 4096
+KINDS = ("audio", "video")
+
+
+class SFUServer:
+    def __init__(self, config: SFUConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.rooms: dict[str, Room] = {}
+        self.metrics.rooms = lambda: len(self.rooms)
+        self.metrics.participants = lambda: sum(len(r.participants) for r in self.rooms.values())
+        self._join_lock = asyncio.Lock()
+        self._sockets: set[web.WebSocketResponse] = set()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v1/signal", self.handle_signal)
+        app.router.add_get("/metrics", self.handle_metrics)
+        app.router.add_get("/healthz", self.handle_health)
+        app.on_shutdown.append(self._on_shutdown)
+        return app
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        # aiohttp waits for open handlers on shutdown: end every signalling session first.
+        for ws in list(self._sockets):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"SFU shutting down")
+        await self.close()
+
+    async def close(self) -> None:
+        for room in list(self.rooms.values()):
+            await room.close()
+        self.rooms.clear()
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def handle_health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    # --- signalling -----------------------------------------------------------------------------
+
+    async def handle_signal(self, request: web.Request) -> web.WebSocketResponse:
+        # aiohttp closes the socket above max_msg_size; below 4x the limit we answer politely.
+        ws = web.WebSocketResponse(max_msg_size=4 * self.config.max_message_bytes, heartbeat=30)
+        await ws.prepare(request)
+        self._sockets.add(ws)
+        send_lock = asyncio.Lock()
+
+        async def send_json(message: dict[str, Any]) -> None:
+            if ws.closed:
+                raise ConnectionError("signalling socket closed")
+            async with send_lock:
+                await ws.send_str(json.dumps(message))
+
+        participant: Participant | None = None
+        try:
+            async with asyncio.timeout(self.config.join_timeout):
+                participant = await self._await_join(ws, send_json)
+            if participant is None:
+                await ws.close()
+                return ws
+            async for msg in ws:
+                if msg.type != WSMsgType.TEXT:
+                    if msg.type == WSMsgType.BINARY:
+                        await self._error(send_json, SignallingError("bad-message", "send text"))
+                    continue
+                try:
+                    message = self._decode(msg.data)
+                    if message["type"] == "leave":
+                        break
+                    await self._dispatch(participant, message)
+                except SignallingError as exc:
+                    await self._error(send_json, exc)
+                except ConnectionError:
+                    raise
+                except Exception:
+                    logger.exception("signalling message from %r failed", participant.identity)
+                    await self._error(
+                        send_json, SignallingError("internal", "the SFU could not handle this")
+                    )
+        except TimeoutError:
+            await self._error(send_json, SignallingError("timeout", "send join within the timeout"))
+        except ConnectionError:
+            pass
+        except Exception:
+            logger.exception("signalling handler failed")
+        finally:
+            if participant is not None:
+                await self._leave(participant)
+            if not ws.closed:
+                await ws.close()
+            self._sockets.discard(ws)
+        return ws
+
+    async def _await_join(self, ws: web.WebSocketResponse, send_json: Any) -> Participant | None:
+        def close_signalling() -> None:
+            asyncio.ensure_future(ws.close(message=b"media connection lost"))
+
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                await self._error(send_json, SignallingError("bad-message", "send JSON text"))
+                continue
+            try:
+                message = self._decode(msg.data)
+                if message["type"] != "join":
+                    raise SignallingError("not-joined", "send join first")
+                return await self._join(message, send_json, close_signalling)
+            except TokenError as exc:
+                self.metrics.tokens_refused += 1
+                await self._error(send_json, SignallingError("token", str(exc)), reason=exc.reason)
+                return None
+            except (LimitExceeded, Redirect) as exc:
+                await self._error(send_json, exc)
+                return None
+            except SignallingError as exc:
+                await self._error(send_json, exc)
+        return None
+
+    def _decode(self, text: str) -> dict[str, Any]:
+        if len(text.encode()) > self.config.max_message_bytes:
+            raise LimitExceeded(
+                f"signalling message larger than {self.config.max_message_bytes} bytes"
+            )
+        try:
+            message = json.loads(text)
+        except ValueError as exc:
+            raise SignallingError("bad-json", "the message is not valid JSON") from exc
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            raise SignallingError("bad-message", 'a message is a JSON object with a string "type"')
+        return message
+
+    async def _join(
+        self, message: dict[str, Any], send_json: Any, close_signalling: Any
+    ) -> Participant:
+        room_name = _string(message, "room", MAX_NAME_LENGTH)
+        identity = _string(message, "identity", MAX_NAME_LENGTH)
+        token = _string(message, "token", MAX_TOKEN_LENGTH)
+        publish = message.get("publish", [])
+        if (
+            not isinstance(publish, list)
+            or any(k not in KINDS for k in publish)
+            or len(set(publish)) != len(publish)
+            or len(publish) > self.config.max_publish_streams
+        ):
+            raise SignallingError("bad-message", 'publish must be a subset of ["audio", "video"]')
+        verify_room_token(self.config.token_secret, token, room_name, identity)
+        worker = self.config.worker_for(room_name)
+        if worker != self.config.worker_index:
+            raise Redirect(self.config.worker_urls[worker])
+        async with self._join_lock:
+            room = self.rooms.get(room_name)
+            if room is None:
+                if len(self.rooms) >= self.config.max_rooms:
+                    raise LimitExceeded("the SFU has reached its room limit; try again later")
+                room = Room(room_name, self.config, self.metrics)
+                self.rooms[room_name] = room
+            if identity in room.participants:
+                raise SignallingError("duplicate", "this identity is already in the room")
+            if len(room.participants) >= self.config.max_participants_per_room:
+                raise LimitExceeded("the room is full")
+            participant = Participant(
+                room, identity, list(publish), send_json, self.config, self.metrics
+            )
+            participant.on_connection_lost = close_signalling
+            others = list(room.participants)
+            room.participants[identity] = participant
+        await send_json(
+            {"type": "joined", "room": room_name, "identity": identity, "participants": others}
+        )
+        await room.broadcast({"type": "participant-joined", "identity": identity}, exclude=identity)
+        try:
+            await participant.start()
+        except Exception:
+            await self._leave(participant)
+            raise
+        return participant
+
+    async def _dispatch(self, participant: Participant, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "answer":
+            await participant.handle_answer(_string(message, "sdp", self.config.max_message_bytes))
+        elif kind == "ice":
+            await participant.handle_ice(message.get("candidate"))
+        elif kind == "offer":
+            raise SignallingError("unsupported", "the SFU makes the offers; answer them instead")
+        elif kind == "join":
+            raise SignallingError("already-joined", "this socket has already joined a room")
+        else:
+            raise SignallingError("unknown-type", f"unknown message type {kind[:32]!r}")
+
+    async def _leave(self, participant: Participant) -> None:
+        room = participant.room
+        try:
+            await room.remove(participant)
+        finally:
+            if not room.participants and self.rooms.get(room.name) is room:
+                del self.rooms[room.name]
+                await room.close()
+
+    async def _error(self, send_json: Any, exc: SignallingError, reason: str | None = None) -> None:
+        self.metrics.signalling_errors += 1
+        reply: dict[str, Any] = {"type": "error", "code": exc.code, "message": str(exc)}
+        if reason is not None:
+            reply["reason"] = reason
+        if isinstance(exc, Redirect):
+            reply["url"] = exc.url
+        try:
+            await send_json(reply)
+        except (ConnectionError, RuntimeError):
+            pass
+
+
+def _string(message: dict[str, Any], key: str, max_length: int) -> str:
+    value = message.get(key)
+    if not isinstance(value, str) or not value or len(value) > max_length:
+        raise SignallingError("bad-message", f"{key} must be a non-empty string")
+    return value

@@ -1,0 +1,104 @@
+"""Room tokens: the delivery service issues them, the SFU checks them.
+
+Format (version 1)::
+
+    "v1." + b64url(payload) + "." + b64url(HMAC-SHA256(secret, b"v1." + b64url(payload)))
+
+with ``payload`` the canonical JSON ``{"exp": int, "id": identity, "room": room}`` (sorted keys,
+no spaces, UTF-8) and ``b64url`` URL-safe base64 without padding. A token binds one identity to
+one room until ``exp`` (Unix seconds); the SFU refuses it for any other room or identity.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import re
+import time
+
+from sfu.errors import TokenError
+
+__all__ = ["issue_room_token", "verify_room_token"]
+
+_VERSION = "v1"
+# The decoder in `base64` silently skips characters outside the alphabet; refuse them instead.
+_B64URL = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _b64url_encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64url_decode(text: str) -> bytes:
+    if not _B64URL.fullmatch(text):
+        raise TokenError("malformed", "room token refused: malformed (bad base64url)")
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise TokenError("malformed", "room token refused: malformed (bad base64url)") from exc
+
+
+def _mac(secret: bytes, signed_part: str) -> bytes:
+    return hmac.new(secret, signed_part.encode("ascii"), hashlib.sha256).digest()
+
+
+def _canonical_payload(room: str, identity: str, expires_at: int) -> bytes:
+    obj = {"exp": int(expires_at), "id": identity, "room": room}
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def issue_room_token(secret: bytes, room: str, identity: str, expires_at: int) -> str:
+    """Return a token that admits `identity` to `room` until `expires_at` (Unix seconds)."""
+    if not secret:
+        raise TokenError("malformed", "room token secret must not be empty")
+    signed_part = f"{_VERSION}.{_b64url_encode(_canonical_payload(room, identity, expires_at))}"
+    return f"{signed_part}.{_b64url_encode(_mac(secret, signed_part))}"
+
+
+def verify_room_token(
+    secret: bytes, token: str, room: str, identity: str, now: float | None = None
+) -> None:
+    """Check `token` for `room` and `identity` at time `now` (default: the current time).
+
+    Raises `TokenError` with `reason` "malformed", "bad signature", "expired", "wrong room" or
+    "wrong identity". The signature is checked before anything in the payload is trusted.
+    """
+    if not isinstance(token, str) or not token.isascii():
+        raise TokenError("malformed")
+    parts = token.split(".")
+    if len(parts) != 3 or parts[0] != _VERSION:
+        raise TokenError("malformed", "room token refused: malformed (expected v1.<payload>.<mac>)")
+    payload_b64, mac_b64 = parts[1], parts[2]
+    payload = _b64url_decode(payload_b64)
+    mac = _b64url_decode(mac_b64)
+    expected = _mac(secret, f"{_VERSION}.{payload_b64}")
+    if not hmac.compare_digest(mac, expected):
+        raise TokenError(
+            "bad signature", "room token refused: bad signature (not issued for this SFU)"
+        )
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise TokenError("malformed", "room token refused: malformed payload") from exc
+    if (
+        not isinstance(obj, dict)
+        or set(obj) != {"exp", "id", "room"}
+        or not isinstance(obj["exp"], int)
+        or isinstance(obj["exp"], bool)
+        or not isinstance(obj["id"], str)
+        or not isinstance(obj["room"], str)
+    ):
+        raise TokenError("malformed", "room token refused: malformed payload")
+    if now is None:
+        now = time.time()
+    if obj["exp"] <= now:
+        raise TokenError(
+            "expired", "room token refused: expired; ask the delivery service for a new one"
+        )
+    if not hmac.compare_digest(obj["room"].encode(), room.encode()):
+        raise TokenError("wrong room", "room token refused: issued for another room")
+    if not hmac.compare_digest(obj["id"].encode(), identity.encode()):
+        raise TokenError("wrong identity", "room token refused: issued for another identity")

@@ -1,0 +1,102 @@
+"""An in-process SFU on 127.0.0.1 and synthetic aiortc clients for the loopback tests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from aiortc import MediaStreamTrack, RTCRtpTransceiver
+
+from sfu import aiortc_hooks
+from sfu.client import SFUClient
+from sfu.config import SFUConfig
+from sfu.server import SFUServer
+from sfu.tokens import issue_room_token
+from tests.sfu.synthetic import (
+    FrameLog,
+    OpaqueEncoder,
+    SyntheticTrack,
+    install_collector,
+    install_encoder,
+)
+
+SECRET = b"test-secret-0123456789abcdef"
+
+
+@dataclass
+class Peer:
+    name: str
+    number: int
+    client: SFUClient
+    audio: SyntheticTrack | None
+    video: SyntheticTrack | None
+    encoders: dict[str, OpaqueEncoder]
+    received: dict[tuple[str, str], FrameLog] = field(default_factory=dict)
+
+    def log(self, publisher: str, kind: str) -> FrameLog:
+        return self.received.setdefault((publisher, kind), FrameLog(kind))
+
+
+class Harness:
+    def __init__(self, **config: Any) -> None:
+        self.config = SFUConfig(token_secret=SECRET, **config)
+        self.server = SFUServer(self.config)
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+        self.peers: list[Peer] = []
+
+    async def start(self) -> None:
+        aiortc_hooks.restrict_ice_to_loopback()
+        self.runner = web.AppRunner(self.server.app())
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}/v1/signal"
+
+    async def stop(self) -> None:
+        for peer in self.peers:
+            await peer.client.close()
+        if self.runner is not None:
+            await self.runner.cleanup()
+        aiortc_hooks.restore_ice_addresses()
+
+    def token(self, room: str, identity: str, ttl: int = 60) -> str:
+        return issue_room_token(SECRET, room, identity, int(time.time()) + ttl)
+
+    async def join(
+        self, name: str, room: str = "room", publish: bool = True, fps: float = 20
+    ) -> Peer:
+        number = len(self.peers) + 1
+        tracks: list[MediaStreamTrack] = []
+        audio = video = None
+        if publish:
+            audio, video = SyntheticTrack("audio", 50), SyntheticTrack("video", fps)
+            tracks = [audio, video]
+        peer: Peer
+
+        def on_track(track: MediaStreamTrack, t: RTCRtpTransceiver, info: dict[str, str]) -> None:
+            install_collector(t.receiver, track, peer.log(info["identity"], info["kind"]))
+
+        client = SFUClient(self.url, room, name, self.token(room, name), tracks, on_track)
+        encoders = {}
+        peer = Peer(name, number, client, audio, video, encoders)
+        if publish:
+            for sender in client.senders:
+                encoders[sender.track.kind] = OpaqueEncoder(sender.track.kind, number)
+                install_encoder(sender, encoders[sender.track.kind])
+        self.peers.append(peer)
+        await client.join()
+        return peer
+
+
+async def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(interval)
+    return predicate()

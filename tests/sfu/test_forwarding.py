@@ -1,0 +1,252 @@
+"""The forwarding core on raw packets: rewriting, continuity, keyframe gate, NACK cache, SR."""
+
+from __future__ import annotations
+
+import struct
+
+from sfu import rtcp
+from sfu.forwarding import Slot, SourceStream
+from sfu.metrics import Metrics
+from sfu.rtp import (
+    URI_ABS_SEND_TIME,
+    URI_AUDIO_LEVEL,
+    URI_MID,
+    SequenceUnwrapper,
+    pack_extensions,
+    parse_rtp,
+    vp8_is_keyframe,
+)
+
+KEY = b"\x10\x10keyframe-bytes"  # VP8 descriptor (S=1, PID=0) + frame tag with P=0
+DELTA = b"\x10\x11delta-bytes"
+
+
+def rtp_packet(
+    seq: int,
+    ts: int,
+    payload: bytes,
+    ssrc: int = 1111,
+    pt: int = 97,
+    ext: list[tuple[int, bytes]] | None = None,
+    marker: int = 0,
+) -> bytes:
+    extensions = pack_extensions(ext or [])
+    b0 = 0x80 | (0x10 if extensions else 0)
+    return struct.pack("!BBHII", b0, (marker << 7) | pt, seq, ts, ssrc) + extensions + payload
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.packets: list[bytes] = []
+
+    def __call__(self, data: bytes) -> None:
+        self.packets.append(data)
+
+
+def make_source(kind: str = "video", ssrc: int = 1111, **kw: object) -> tuple[SourceStream, Sink]:
+    up = Sink()
+    source = SourceStream(
+        publisher="pub",
+        kind=kind,
+        mid="0",
+        ssrc=ssrc,
+        payload_type=97 if kind == "video" else 111,
+        clock_rate=90000 if kind == "video" else 48000,
+        ext_uris={1: URI_MID, 3: URI_ABS_SEND_TIME, 2: URI_AUDIO_LEVEL},
+        send_rtcp=up,
+        rtcp_ssrc=4242,
+        metrics=Metrics(),
+        rtx_ssrc=ssrc + 1,
+        rtx_payload_type=98,
+        **kw,  # type: ignore[arg-type]
+    )
+    return source, up
+
+
+def make_slot(kind: str = "video", metrics: Metrics | None = None) -> tuple[Slot, Sink]:
+    down = Sink()
+    slot = Slot(
+        subscriber="sub",
+        kind=kind,
+        ssrc=7777,
+        mid="5",
+        payload_type=100,
+        ext_ids={URI_MID: 9, URI_ABS_SEND_TIME: 4},
+        send=down,
+        metrics=metrics or Metrics(),
+    )
+    return slot, down
+
+
+def test_rewrites_ssrc_pt_seq_ts_and_extension_ids() -> None:
+    source, _ = make_source()
+    slot, down = make_slot()
+    slot.attach(source)
+    ext = [(1, b"0"), (3, b"\x01\x02\x03"), (7, b"unknown")]
+    source.handle_rtp(rtp_packet(100, 5000, KEY, ext=ext, marker=1), now=0.0)
+    source.handle_rtp(rtp_packet(101, 8000, DELTA, ext=ext), now=0.03)
+    first, second = (parse_rtp(p) for p in down.packets)
+    assert first.ssrc == second.ssrc == 7777
+    assert first.payload_type == 100 and first.marker == 1 and second.marker == 0
+    assert (second.sequence_number - first.sequence_number) & 0xFFFF == 1
+    assert (second.timestamp - first.timestamp) & 0xFFFFFFFF == 3000
+    # abs-send-time moved from id 3 to 4, mid rewritten to the subscriber's m-line, unknown dropped
+    assert sorted(first.extensions) == [(4, b"\x01\x02\x03"), (9, b"5")]
+    assert down.packets[0][first.payload_offset :] == KEY
+
+
+def test_video_is_held_until_a_keyframe() -> None:
+    source, _ = make_source()
+    slot, down = make_slot()
+    slot.attach(source)
+    assert source.pli_pending  # a new subscriber asks for a keyframe
+    source.handle_rtp(rtp_packet(1, 0, DELTA), now=0.0)
+    source.handle_rtp(rtp_packet(2, 3000, DELTA), now=0.0)
+    assert down.packets == []
+    source.handle_rtp(rtp_packet(3, 6000, KEY), now=0.0)
+    source.handle_rtp(rtp_packet(4, 9000, DELTA), now=0.0)
+    assert len(down.packets) == 2
+    assert down.packets[0].endswith(KEY)
+
+
+def test_audio_is_not_gated_and_levels_are_reported() -> None:
+    levels: list[int] = []
+    source, _ = make_source("audio", on_audio_level=levels.append)
+    slot, down = make_slot("audio")
+    slot.attach(source)
+    source.handle_rtp(rtp_packet(1, 0, b"opus", pt=111, ext=[(2, b"\x9e")]), now=0.0)
+    assert len(down.packets) == 1 and levels == [0x1E]
+
+
+def test_numbering_continues_when_the_source_behind_a_slot_changes() -> None:
+    a, _ = make_source(ssrc=1000)
+    b, _ = make_source(ssrc=2000)
+    slot, down = make_slot()
+    slot.attach(a)
+    for i in range(3):
+        a.handle_rtp(rtp_packet(60000 + i, 10 + 3000 * i, KEY, ssrc=1000), now=i * 0.033)
+    slot.attach(b)
+    # b's numbering is unrelated (and lower): the subscriber must still see +1 steps
+    b.handle_rtp(rtp_packet(5, 777, DELTA, ssrc=2000), now=0.2)  # gated: not a keyframe
+    b.handle_rtp(rtp_packet(6, 3777, KEY, ssrc=2000), now=0.2)
+    b.handle_rtp(rtp_packet(7, 6777, DELTA, ssrc=2000), now=0.233)
+    headers = [parse_rtp(p) for p in down.packets]
+    seqs = [h.sequence_number for h in headers]
+    assert [(s - seqs[0]) & 0xFFFF for s in seqs] == [0, 1, 2, 3, 4]
+    ts = [h.timestamp for h in headers]
+    assert all(0 < (t2 - t1) & 0xFFFFFFFF < 1 << 31 for t1, t2 in zip(ts, ts[1:], strict=False))
+    assert (ts[4] - ts[3]) & 0xFFFFFFFF == 3000
+    assert a.slots == [] and b.slots == [slot]
+
+
+def test_subscriber_nack_is_answered_from_the_cache() -> None:
+    source, _ = make_source()
+    slot, down = make_slot()
+    slot.attach(source)
+    for i in range(5):
+        source.handle_rtp(rtp_packet(100 + i, 3000 * i, KEY), now=0.0)
+    lost = parse_rtp(down.packets[2]).sequence_number
+    slot.retransmit([lost, (lost + 1000) & 0xFFFF])
+    assert down.packets[-1] == down.packets[2] and len(down.packets) == 6
+    assert slot.metrics.retransmissions_sent == 1
+
+
+def test_upstream_gap_is_nacked_and_rtx_repair_forwarded() -> None:
+    source, up = make_source()
+    slot, down = make_slot()
+    slot.attach(source)
+    source.handle_rtp(rtp_packet(65534, 0, KEY), now=0.0)
+    source.handle_rtp(rtp_packet(1, 3000, DELTA), now=0.01)  # 65535 and 0 lost
+    source.send_nacks(now=0.02)
+    nacks = [p for p in rtcp.parse_rtcp(up.packets[-1]) if isinstance(p, rtcp.RtcpRtpfbPacket)]
+    assert nacks and nacks[0].media_ssrc == 1111 and nacks[0].ssrc == 4242
+    assert sorted(s & 0xFFFF for s in nacks[0].lost) == [0, 65535]
+    # RTX (RFC 4588): original sequence number first in the payload, on the RTX SSRC and PT
+    source.handle_rtp(rtp_packet(9, 0, b"\xff\xff" + DELTA, ssrc=1112, pt=98), now=0.03)
+    repaired = parse_rtp(down.packets[-1])
+    assert repaired.payload_type == 100 and repaired.ssrc == 7777
+    assert down.packets[-1][repaired.payload_offset :] == DELTA
+    first = parse_rtp(down.packets[0]).sequence_number
+    assert (repaired.sequence_number - first) & 0xFFFF == 1
+    assert list(source.missing) == [65536]  # only 0 still missing
+    # duplicates are not forwarded twice
+    source.handle_rtp(rtp_packet(9, 0, b"\xff\xff" + DELTA, ssrc=1112, pt=98), now=0.04)
+    assert len(down.packets) == 3
+
+
+def test_pli_is_throttled() -> None:
+    source, up = make_source(pli_interval=0.3)
+    source.request_keyframe_now(now=10.0)
+    source.request_keyframe_now(now=10.1)
+    assert len(up.packets) == 1 and source.pli_pending
+    source.tick(now=10.35)
+    assert len(up.packets) == 2 and not source.pli_pending
+    pli = rtcp.parse_rtcp(up.packets[0])[0]
+    assert isinstance(pli, rtcp.RtcpPsfbPacket) and pli.fmt == 1 and pli.media_ssrc == 1111
+
+
+def test_sender_report_is_mapped_to_the_slot() -> None:
+    source, _ = make_source()
+    slot, down = make_slot()
+    slot.attach(source)
+    source.handle_rtp(rtp_packet(100, 90000, KEY), now=0.0)
+    out_ts = parse_rtp(down.packets[0]).timestamp
+    ntp = 0x0123456789ABCDEF
+    [(s, sr_bytes)] = source.handle_sender_report(ntp, 90000 + 45000, now=1.0)
+    sr = rtcp.parse_rtcp(sr_bytes)[0]
+    assert s is slot and isinstance(sr, rtcp.RtcpSrPacket)
+    assert sr.ssrc == 7777 and sr.sender_info.ntp_timestamp == ntp
+    assert sr.sender_info.rtp_timestamp == (out_ts + 45000) & 0xFFFFFFFF
+    assert sr.sender_info.packet_count == 1
+    block = source.report_block(now=1.5)
+    assert block is not None and block.ssrc == 1111 and block.lsr == (ntp >> 16) & 0xFFFFFFFF
+    assert block.dlsr == 32768  # 0.5 s in 1/65536 s
+
+
+def test_vp8_keyframe_detection_with_extended_descriptor() -> None:
+    # X=1, S=1; I=1 with 15-bit PictureID, L=1, T=1: 6 descriptor bytes before the frame tag
+    assert vp8_is_keyframe(bytes([0x90, 0xE0, 0x80, 0x01, 0x00, 0x20, 0x10]))
+    assert not vp8_is_keyframe(bytes([0x90, 0xE0, 0x80, 0x01, 0x00, 0x20, 0x11]))
+    assert not vp8_is_keyframe(bytes([0x00, 0x10]))  # not the start of a partition
+    assert not vp8_is_keyframe(bytes([0x11, 0x10]))  # partition 1
+    assert not vp8_is_keyframe(b"\x90")
+
+
+def test_sequence_unwrapper_across_wrap() -> None:
+    u = SequenceUnwrapper()
+    assert [u.unwrap(s) for s in (65534, 65535, 0, 1, 65535, 2)] == [
+        65534,
+        65535,
+        65536,
+        65537,
+        65535,
+        65538,
+    ]
+
+
+def test_nack_packing_across_wrap() -> None:
+    packet = rtcp.pack_nack(1, 2, [65535, 0, 5, 40])
+    [nack] = rtcp.parse_rtcp(packet)
+    assert isinstance(nack, rtcp.RtcpRtpfbPacket)
+    assert sorted(s & 0xFFFF for s in nack.lost) == [0, 5, 40, 65535]
+
+
+def test_two_byte_extensions_roundtrip() -> None:
+    data = rtp_packet(1, 2, b"x", ext=[(1, b"a" * 20)])
+    assert parse_rtp(data).extensions == [(1, b"a" * 20)]
+
+
+async def test_transport_hooks_never_raise_into_aiortc() -> None:
+    from sfu.aiortc_hooks import hook_transport
+
+    class FakeTransport:
+        pass
+
+    async def boom(data: bytes) -> None:
+        raise RuntimeError("bug")
+
+    transport = FakeTransport()
+    assert hook_transport(transport, boom, boom)  # type: ignore[arg-type]
+    assert not hook_transport(transport, boom, boom)  # type: ignore[arg-type]
+    await transport._handle_rtp_data(b"\x80" * 12, 0)  # type: ignore[attr-defined]
+    await transport._handle_rtcp_data(b"\x80\xc8")  # type: ignore[attr-defined]

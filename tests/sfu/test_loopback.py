@@ -1,0 +1,236 @@
+"""Loopback tests: aiortc clients publishing opaque synthetic media through the SFU."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+import pytest
+
+from tests.sfu.harness import Harness, Peer, wait_until
+
+
+@pytest.fixture
+async def harness():
+    h = Harness()
+    await h.start()
+    yield h
+    await h.stop()
+
+
+def _video_ok(sub: Peer, pub: Peer, minimum: int) -> bool:
+    log = sub.received.get((pub.name, "video"))
+    return log is not None and len(log.frames) >= minimum
+
+
+async def test_four_clients_receive_each_others_frames_intact(harness: Harness) -> None:
+    peers = [await harness.join(f"p{i}") for i in range(4)]
+
+    def everyone_has_everything() -> bool:
+        return all(
+            _video_ok(s, p, 20) and len(s.received.get((p.name, "audio"), _EMPTY).frames) >= 30
+            for s in peers
+            for p in peers
+            if s is not p
+        )
+
+    assert await wait_until(everyone_has_everything, timeout=15)
+    for sub in peers:
+        assert {k for k in sub.received} == {
+            (p.name, k) for p in peers if p is not sub for k in ("audio", "video")
+        }
+        for (publisher, kind), log in sub.received.items():
+            pub = next(p for p in peers if p.name == publisher)
+            assert all(f.intact for f in log.frames), (sub.name, publisher, kind)
+            assert {f.publisher for f in log.frames} == {pub.number}
+            counters = [f.counter for f in log.frames]
+            assert counters == sorted(counters)
+            if kind == "video":
+                assert log.frames[0].keyframe  # gated until a keyframe
+    metrics = harness.server.metrics
+    assert metrics.packets_forwarded > 0 and metrics.bytes_forwarded > 0
+    # active speaker from the RFC 6464 levels aiortc computes from the (loud) raw audio
+    for speaker in (peers[2], peers[1]):
+        for p in peers:
+            assert p.audio is not None
+            p.audio.loud = p is speaker
+        event = await peers[0].client.next_event("speaker", timeout=3)
+        assert event == {"type": "speaker", "identity": speaker.name}
+
+
+async def test_late_joiner_gets_video_from_next_keyframe(harness: Harness) -> None:
+    early = [await harness.join(f"e{i}") for i in range(2)]
+    assert await wait_until(lambda: _video_ok(early[0], early[1], 10), timeout=10)
+    keyframes_before = {p.name: p.encoders["video"].keyframes for p in early}
+    late = await harness.join("late")
+    assert await wait_until(lambda: all(_video_ok(late, p, 5) for p in early), timeout=10)
+    for pub in early:
+        frames = late.received[(pub.name, "video")].frames
+        assert frames[0].keyframe and all(f.intact for f in frames)
+        # the first frame is the keyframe the SFU asked for, not one from before the join
+        assert pub.encoders["video"].keyframes > keyframes_before[pub.name]
+    assert await wait_until(lambda: all(_video_ok(p, late, 5) for p in early), timeout=10)
+    assert harness.server.metrics.plis_sent >= 2
+
+
+async def test_leaver_streams_end_for_the_others(harness: Harness) -> None:
+    peers = [await harness.join(f"p{i}") for i in range(3)]
+    assert await wait_until(
+        lambda: all(_video_ok(s, p, 5) for s in peers for p in peers if s is not p), timeout=10
+    )
+    leaver = peers[2]
+    await leaver.client.leave()
+    for sub in peers[:2]:
+        event = await sub.client.next_event("participant-left")
+        assert event["identity"] == leaver.name
+    assert await wait_until(
+        lambda: all(
+            sub.received[(leaver.name, kind)].ended_at is not None
+            for sub in peers[:2]
+            for kind in ("audio", "video")
+        ),
+        timeout=5,
+    )
+    # the two who stay still receive each other
+    counts = [len(peers[0].received[(peers[1].name, "video")].frames)]
+    await asyncio.sleep(0.5)
+    counts.append(len(peers[0].received[(peers[1].name, "video")].frames))
+    assert counts[1] > counts[0]
+    assert harness.server.metrics.participants() == 2
+
+
+def _drop_first_transmissions(rate: float, seed: int, payload_type: int | None = None):
+    """A filter that drops `rate` of RTP packets the first time their (SSRC, seq) is seen."""
+    rng = random.Random(seed)
+    seen: set[tuple[int, int]] = set()
+    dropped: list[int] = []
+
+    def drop(data: bytes) -> bool:
+        if len(data) < 12 or 192 <= data[1] <= 223:  # RTCP
+            return False
+        if payload_type is not None and data[1] & 0x7F != payload_type:
+            return False
+        key = (int.from_bytes(data[8:12], "big"), int.from_bytes(data[2:4], "big"))
+        if key in seen:
+            return False
+        seen.add(key)
+        if rng.random() < rate:
+            dropped.append(key[1])
+            return True
+        return False
+
+    return drop, dropped
+
+
+async def test_nacks_repair_five_percent_loss(harness: Harness) -> None:
+    pub = await harness.join("pub")
+    sub = await harness.join("sub", publish=False)
+    assert await wait_until(lambda: _video_ok(sub, pub, 3), timeout=10)
+    # upstream loss (publisher -> SFU): the SFU must NACK the publisher
+    pub_transport = pub.client.pc.getTransceivers()[0].sender.transport
+    up_drop, up_dropped = _drop_first_transmissions(0.05, 1)
+    original_send = pub_transport._send_rtp
+
+    async def lossy_send(data: bytes) -> None:
+        if not up_drop(data):
+            await original_send(data)
+
+    pub_transport._send_rtp = lossy_send
+    # downstream loss (SFU -> subscriber): the subscriber NACKs, the SFU answers from its cache
+    sub_transport = sub.client.pc.getTransceivers()[0].receiver.transport
+    down_drop, down_dropped = _drop_first_transmissions(0.05, 2)
+    original_handle = sub_transport._handle_rtp_data
+
+    async def lossy_handle(data: bytes, arrival_time_ms: int) -> None:
+        if not down_drop(data):
+            await original_handle(data, arrival_time_ms)
+
+    sub_transport._handle_rtp_data = lossy_handle
+    log = sub.received[(pub.name, "video")]
+    start = len(log.frames)
+    await asyncio.sleep(4)
+    frames = log.frames[start:]
+    counters = [f.counter for f in frames]
+    expected = counters[-1] - counters[0] + 1
+    assert all(f.intact for f in frames)
+    metrics = harness.server.metrics
+    assert len(up_dropped) >= 5 and len(down_dropped) >= 5
+    assert metrics.nacks_sent > 0 and metrics.nacks_received > 0
+    assert metrics.retransmissions_sent > 0
+    # ~2 packets per video frame: unrepaired 5 % loss each way would lose ~20 % of frames
+    assert len(set(counters)) >= 0.97 * expected, (len(set(counters)), expected)
+
+
+class _Empty:
+    frames: list[object] = []
+
+
+_EMPTY = _Empty()
+
+
+async def test_subscriber_joined_before_publisher(harness: Harness) -> None:
+    sub = await harness.join("early-sub", publish=False)
+    await sub.client.answered.wait()  # an offer without m-lines: nothing to receive yet
+    pub = await harness.join("pub")
+    assert await wait_until(lambda: _video_ok(sub, pub, 5), timeout=10)
+    assert await wait_until(
+        lambda: len(sub.received.get((pub.name, "audio"), _EMPTY).frames) >= 5, timeout=5
+    )
+    assert sub.received[(pub.name, "video")].frames[0].keyframe
+
+
+async def test_sender_reports_downstream_and_receiver_reports_upstream(harness: Harness) -> None:
+    pub = await harness.join("pub")
+    sub = await harness.join("sub", publish=False)
+    assert await wait_until(lambda: _video_ok(sub, pub, 3), timeout=10)
+    receivers = [t.receiver for t in sub.client.pc.getTransceivers()]
+    senders = pub.client.senders
+
+    async def stats(objs: list, type_: str) -> list:
+        out = []
+        for obj in objs:
+            report = await obj.getStats()
+            out += [s for s in report.values() if s.type == type_]
+        return out
+
+    deadline = asyncio.get_running_loop().time() + 5
+    remote_out = remote_in = []
+    while asyncio.get_running_loop().time() < deadline:
+        remote_out = await stats(receivers, "remote-outbound-rtp")
+        remote_in = await stats(senders, "remote-inbound-rtp")
+        if len(remote_out) == 2 and len(remote_in) == 2:
+            break
+        await asyncio.sleep(0.2)
+    # SRs reached the subscriber on the SFU's SSRCs, with the publisher's NTP time
+    assert len(remote_out) == 2
+    for s in remote_out:
+        assert s.packetsSent > 0
+        assert abs(s.remoteTimestamp.timestamp() - time.time()) < 5
+    # the SFU's RRs reached the publisher, with a report block for each of its two streams
+    # (aiortc files a block under the sender it names, and records the RR's sender SSRC)
+    sfu_side = harness.server.rooms["room"].participants["pub"]
+    assert len(remote_in) == 2 and {s.ssrc for s in remote_in} == {sfu_side.rtcp_ssrc}
+
+
+async def test_everyone_leaving_at_once_cleans_up(harness: Harness, caplog) -> None:
+    peers = [await harness.join(f"p{i}") for i in range(3)]
+    assert await wait_until(
+        lambda: all(_video_ok(s, p, 2) for s in peers for p in peers if s is not p), timeout=10
+    )
+    caplog.set_level(logging.WARNING)
+    await asyncio.gather(*(p.client.close() for p in peers))
+    assert await wait_until(lambda: harness.server.rooms == {}, timeout=5)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+
+
+async def test_closed_media_connection_removes_the_participant(harness: Harness) -> None:
+    a = await harness.join("a")
+    b = await harness.join("b")
+    assert await wait_until(lambda: _video_ok(b, a, 2), timeout=10)
+    await a.client.pc.close()  # the signalling socket stays open
+    event = await b.client.next_event("participant-left", timeout=10)
+    assert event["identity"] == "a"
+    assert list(harness.server.rooms["room"].participants) == ["b"]

@@ -1,0 +1,141 @@
+"""`python -m sfu` runs on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+from sfu.client import SFUClient
+from sfu.tokens import issue_room_token
+
+SECRET = b"a-secret-of-at-least-16-bytes"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_python_m_sfu_serves_signalling_and_metrics(tmp_path: Path) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_bytes(SECRET + b"\n")  # trailing newline is stripped
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sfu",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--token-secret-file",
+            str(secret_file),
+        ],
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as session:
+            for _ in range(100):
+                try:
+                    async with session.get(base + "/healthz") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.1)
+            token = issue_room_token(SECRET, "r", "alice", int(time.time()) + 60)
+            client = SFUClient(base + "/v1/signal", "r", "alice", token)
+            joined = await client.join()
+            assert joined["type"] == "joined" and joined["participants"] == []
+            async with session.get(base + "/metrics") as resp:
+                assert "sfu_participants 1" in await resp.text()
+            await client.leave()
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) is not None
+
+
+def test_missing_secret_file_is_a_clear_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sfu", "--token-secret-file", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2 and "token secret file" in result.stderr
+
+
+def test_short_secret_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "s").write_bytes(b"short")
+    result = subprocess.run(
+        [sys.executable, "-m", "sfu", "--token-secret-file", str(tmp_path / "s")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2 and "at least 16 bytes" in result.stderr
+
+
+async def test_workers_split_rooms_and_redirect_joins(tmp_path: Path) -> None:
+    from sfu.config import SFUConfig
+
+    secret_file = tmp_path / "secret"
+    secret_file.write_bytes(SECRET)
+    port = _free_port()
+    while True:  # two consecutive free ports
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+            break
+        except OSError:
+            port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sfu",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--token-secret-file",
+            str(secret_file),
+            "--workers",
+            "2",
+        ],
+    )
+    urls = [f"http://127.0.0.1:{port + i}/v1/signal" for i in range(2)]
+    config = SFUConfig(token_secret=SECRET, worker_urls=tuple(urls))
+    rooms = {config.worker_for(f"room-{i}"): f"room-{i}" for i in range(20)}
+    assert set(rooms) == {0, 1}
+    try:
+        async with aiohttp.ClientSession() as session:
+            for i in range(2):
+                for _ in range(100):
+                    try:
+                        async with session.get(urls[i].replace("/v1/signal", "/healthz")):
+                            break
+                    except aiohttp.ClientError:
+                        await asyncio.sleep(0.1)
+        clients = []
+        for worker, room in sorted(rooms.items()):
+            token = issue_room_token(SECRET, room, "alice", int(time.time()) + 60)
+            client = SFUClient(urls[0], room, "alice", token)  # always ask worker 0 first
+            await client.join()
+            assert client.url == urls[worker]
+            clients.append(client)
+        # still connected: shutdown must end the signalling sessions, not wait for them
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+        for client in clients:
+            assert (await client.next_event("closed"))["type"] == "closed"
+            await client.close()
+    finally:
+        proc.kill()

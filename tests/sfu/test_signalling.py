@@ -1,0 +1,167 @@
+"""Access control, limits and malformed signalling: refused with an error reply, never a crash."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import aiohttp
+import pytest
+
+from sfu.client import SFUClient
+from sfu.errors import SignallingError
+from sfu.tokens import issue_room_token
+from tests.sfu.harness import SECRET, Harness
+
+
+@pytest.fixture
+async def harness():
+    h = Harness(max_rooms=2, max_participants_per_room=2, max_message_bytes=2048)
+    await h.start()
+    yield h
+    await h.stop()
+
+
+async def _join_raw(url: str, message: object) -> tuple[list[dict], bool]:
+    """Send one join message; return the replies and whether the SFU closed the socket."""
+    async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+        await ws.send_str(message if isinstance(message, str) else json.dumps(message))
+        replies = []
+        async for msg in ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                break
+            replies.append(json.loads(msg.data))
+            if replies[-1]["type"] in ("error", "joined"):
+                break
+        try:
+            await ws.receive(timeout=1)
+        except TimeoutError:
+            pass  # not closed: the SFU waits for a better join
+        return replies, ws.closed
+
+
+def _join(room: str, identity: str, token: str) -> dict:
+    return {"type": "join", "room": room, "identity": identity, "token": token, "publish": []}
+
+
+@pytest.mark.parametrize(
+    ("token_args", "reason"),
+    [
+        ((b"another-secret-0123456789", "room", "alice", 60), "bad signature"),
+        ((SECRET, "room", "alice", -1), "expired"),
+        ((SECRET, "other-room", "alice", 60), "wrong room"),
+        ((SECRET, "room", "mallory", 60), "wrong identity"),
+    ],
+)
+async def test_bad_tokens_are_refused(harness: Harness, token_args: tuple, reason: str) -> None:
+    secret, room, identity, ttl = token_args
+    token = issue_room_token(secret, room, identity, int(time.time()) + ttl)
+    replies, closed = await _join_raw(harness.url, _join("room", "alice", token))
+    assert replies == [
+        {"type": "error", "code": "token", "message": replies[0]["message"], "reason": reason}
+    ]
+    assert closed
+    assert harness.server.rooms == {}
+    assert harness.server.metrics.tokens_refused == 1
+
+
+async def test_malformed_token_is_refused(harness: Harness) -> None:
+    replies, closed = await _join_raw(harness.url, _join("room", "alice", "v1.garbage"))
+    assert replies[0]["code"] == "token" and replies[0]["reason"] == "malformed"
+    assert closed
+
+
+async def test_client_sees_refusal_as_signalling_error(harness: Harness) -> None:
+    client = SFUClient(harness.url, "room", "alice", "v1.x.y")
+    with pytest.raises(SignallingError) as info:
+        await client.join()
+    assert info.value.code == "token"
+    assert info.value.reason == "malformed"
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        ("not json", "bad-json"),
+        ("[1, 2]", "bad-message"),
+        ('{"type": 7}', "bad-message"),
+        ('{"type": "answer", "sdp": "x"}', "not-joined"),
+        ('{"type": "join", "room": "", "identity": "a", "token": "t"}', "bad-message"),
+        (
+            '{"type": "join", "room": "r", "identity": "a", "token": "t", "publish": "all"}',
+            "bad-message",
+        ),
+    ],
+)
+async def test_malformed_messages_before_join_get_error_replies(
+    harness: Harness, message: str, code: str
+) -> None:
+    async with aiohttp.ClientSession() as session, session.ws_connect(harness.url) as ws:
+        await ws.send_str(message)
+        reply = await ws.receive_json(timeout=5)
+        assert reply["type"] == "error" and reply["code"] == code
+        # the socket stays usable: a valid join still works
+        token = issue_room_token(SECRET, "room", "alice", int(time.time()) + 60)
+        await ws.send_str(json.dumps(_join("room", "alice", token)))
+        assert (await ws.receive_json(timeout=5))["type"] == "joined"
+
+
+async def test_malformed_messages_after_join_get_error_replies(harness: Harness) -> None:
+    async with aiohttp.ClientSession() as session, session.ws_connect(harness.url) as ws:
+        token = issue_room_token(SECRET, "room", "alice", int(time.time()) + 60)
+        await ws.send_str(json.dumps({**_join("room", "alice", token), "publish": ["audio"]}))
+        assert (await ws.receive_json(timeout=5))["type"] == "joined"
+        offer = await ws.receive_json(timeout=5)
+        assert offer["type"] == "offer"
+        for message, code in [
+            ("{", "bad-json"),
+            ('{"type": "dance"}', "unknown-type"),
+            ('{"type": "offer", "sdp": "v=0"}', "unsupported"),
+            (json.dumps(_join("room", "alice", token)), "already-joined"),
+            ('{"type": "answer", "sdp": "v=0\\r\\nnonsense"}', "bad-sdp"),
+            ('{"type": "answer", "sdp": 5}', "bad-message"),
+            ('{"type": "ice", "candidate": {"candidate": "candidate:bogus"}}', "bad-message"),
+            (json.dumps({"type": "ice", "pad": "x" * 3000}), "limit"),
+        ]:
+            await ws.send_str(message)
+            reply = await ws.receive_json(timeout=5)
+            assert reply["type"] == "error" and reply["code"] == code, (message, reply)
+        await ws.send_bytes(b"\x00")
+        assert (await ws.receive_json(timeout=5))["code"] == "bad-message"
+    assert harness.server.rooms == {} or all(
+        not r.participants for r in harness.server.rooms.values()
+    )
+
+
+async def test_limits_on_rooms_and_participants(harness: Harness) -> None:
+    def token(room: str, identity: str) -> str:
+        return issue_room_token(SECRET, room, identity, int(time.time()) + 60)
+
+    async with aiohttp.ClientSession() as session:
+        sockets = []
+        for room, identity in [("r1", "a"), ("r1", "b"), ("r2", "c")]:
+            ws = await session.ws_connect(harness.url)
+            await ws.send_str(json.dumps(_join(room, identity, token(room, identity))))
+            assert (await ws.receive_json(timeout=5))["type"] == "joined"
+            sockets.append(ws)
+        replies, closed = await _join_raw(harness.url, _join("r1", "d", token("r1", "d")))
+        assert replies[0]["code"] == "limit" and "full" in replies[0]["message"] and closed
+        replies, closed = await _join_raw(harness.url, _join("r3", "e", token("r3", "e")))
+        assert replies[0]["code"] == "limit" and "room limit" in replies[0]["message"]
+        replies, _ = await _join_raw(harness.url, _join("r2", "c", token("r2", "c")))
+        assert replies[0]["code"] == "duplicate"
+        assert harness.server.metrics.participants() == 3
+        for ws in sockets:
+            await ws.close()
+
+
+async def test_metrics_endpoint(harness: Harness) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(harness.url.replace("/v1/signal", "/metrics")) as resp:
+            assert resp.status == 200
+            text = await resp.text()
+    assert "sfu_rooms 0" in text
+    assert "# TYPE sfu_forwarding_latency_seconds histogram" in text
+    assert 'sfu_forwarding_latency_seconds_bucket{le="+Inf"} 0' in text
+    for name in ("packets_forwarded", "bytes_forwarded", "nacks_received", "plis_sent"):
+        assert f"sfu_{name}_total 0" in text
