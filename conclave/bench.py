@@ -1,0 +1,152 @@
+"""`conclave bench`: the MLS, SFrame and SFU benchmark scripts and the end-to-end call, with
+progress bars; CSV files and PNG plots go into one folder.
+
+The scripts live in the repository's bench/ folder (they are not installed with the package);
+each is run in a child process, its table saved as `<name>.txt`. The end-to-end call is
+`conclave.bench_call` (also runnable as `python bench/e2e_call.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import sys
+import time
+from pathlib import Path
+
+from .bench_call import MODES, CallResult, measure_call
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+
+# name, group, script, full arguments, --quick arguments
+SCRIPTS: list[tuple[str, str, str, list[str], list[str]]] = [
+    ("mls_groups", "mls", "mls_groups.py", [], ["--sizes", "2,8,32", "--runs", "3"]),
+    ("mls_tree", "mls", "mls_tree.py", [], ["--quick"]),
+    ("sframe", "sframe", "sframe.py", [], ["--quick"]),
+    ("sfu_forward", "sfu", "sfu_forward.py", [], ["--packets", "100", "--repeat", "1"]),
+    ("ds_load", "ds", "ds_load.py", ["--backends", "sqlite"],
+     ["--groups", "5", "--clients", "4", "--seconds", "3", "--backends", "sqlite"]),
+]
+SCRIPT_TIMEOUT = 900
+
+
+async def run_script(path: Path, args: list[str], out: Path) -> tuple[int, float]:
+    started = time.monotonic()
+    with out.open("wb") as f:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(path), *args, stdout=f, stderr=asyncio.subprocess.STDOUT,
+            cwd=str(path.parent.parent),
+        )
+        try:
+            code = await asyncio.wait_for(proc.wait(), SCRIPT_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            code = -1
+    return code, time.monotonic() - started
+
+
+def write_call_csv(out: Path, results: list[CallResult]) -> None:
+    rows = [r.row() for r in results]
+    with (out / "e2e_call.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with (out / "e2e_latency.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["mode", "latency_ms"])
+        for r in results:
+            writer.writerows((r.mode, f"{ms:.3f}") for ms in r.latencies_ms)
+
+
+def plot_call(out: Path, results: list[CallResult]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    modes = [r.mode for r in results]
+    axes[0].bar(modes, [r.cpu_per_participant_pct for r in results], color=["#888", "#2a7"])
+    axes[0].set_title("CPU per participant (% of a core)")
+    width = 0.35
+    xs = range(len(results))
+    axes[1].bar([x - width / 2 for x in xs], [r.up_kbps for r in results], width, label="up")
+    axes[1].bar([x + width / 2 for x in xs], [r.down_kbps for r in results], width, label="down")
+    axes[1].set_xticks(list(xs), modes)
+    axes[1].set_title("RTP kbit/s per participant")
+    axes[1].legend()
+    for r in results:
+        for kind, values in sorted(r.latencies_by_kind.items()):
+            data = sorted(values)
+            if data:
+                axes[2].plot(data, [(i + 1) / len(data) for i in range(len(data))],
+                             label=f"{r.mode} {kind}")
+    axes[2].set_xlabel("frame latency, ms (encoder out -> decoder in)")
+    axes[2].set_title("latency CDF")
+    axes[2].legend()
+    fig.tight_layout()
+    path = out / "e2e_call.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+async def run_benchmarks(out: Path, *, quick: bool = False, only: set[str] | None = None) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    out.mkdir(parents=True, exist_ok=True)
+    console = Console()
+    summary: list[tuple[str, str, float, str]] = []
+    failed = False
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                  TimeElapsedColumn(), console=console) as progress:
+        for name, group, script, full, quick_args in SCRIPTS:
+            if only is not None and group not in only:
+                continue
+            path = BENCH_DIR / script
+            if not path.exists():
+                summary.append((name, "missing", 0.0, f"{path} not found (not a checkout?)"))
+                continue
+            task = progress.add_task(f"{name}", total=None)
+            code, took = await run_script(path, quick_args if quick else full, out / f"{name}.txt")
+            progress.update(task, total=1, completed=1)
+            status = "ok" if code == 0 else f"exit {code}"
+            failed |= code != 0
+            summary.append((name, status, took, f"{name}.txt"))
+        if only is None or "call" in only:
+            results = []
+            seconds = 4.0 if quick else 10.0
+            for mode in MODES:
+                task = progress.add_task(f"e2e call, {mode}", total=1.0)
+                started = time.monotonic()
+                result = await measure_call(
+                    mode, 3, seconds, progress=lambda f, t=task: progress.update(t, completed=f)
+                )
+                results.append(result)
+                summary.append((f"e2e_call_{mode}", "ok", time.monotonic() - started,
+                                "e2e_call.csv"))
+            write_call_csv(out, results)
+            plot_call(out, results)
+            table = Table(title="end-to-end call, 3 participants (same run)")
+            table.add_column("metric")
+            for r in results:
+                table.add_column(r.mode, justify="right")
+            rows = [r.row() for r in results]
+            for key in rows[0]:
+                if key != "mode":
+                    table.add_row(key, *(str(row[key]) for row in rows))
+            console.print(table)
+    with (out / "summary.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["benchmark", "status", "seconds", "output"])
+        writer.writerows((n, s, f"{t:.1f}", o) for n, s, t, o in summary)
+    table = Table(title=f"benchmarks -> {out}")
+    for col in ("benchmark", "status", "seconds", "output"):
+        table.add_column(col)
+    for n, s, t, o in summary:
+        table.add_row(n, s, f"{t:.1f}", o)
+    console.print(table)
+    return 1 if failed else 0

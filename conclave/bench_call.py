@@ -1,0 +1,260 @@
+"""End-to-end call benchmark: the same call with and without E2EE, measured in the same run.
+
+The delivery service and the SFU run in a child process (`conclave serve`), the participants in
+this one. Both modes run the identical media pipeline (aiortc encoder -> frame hook -> RTP ->
+SFU -> jitter buffer -> frame hook -> decoder); "e2ee" seals each frame with SFrame under MLS
+keys, "plain" passes it through an identity transform. Measured per mode:
+
+- CPU per participant: this process's CPU time (all threads: encoders, decoders, crypto) over
+  the window, divided by the number of participants, as % of one core; the services' CPU time
+  (from /proc) separately;
+- bytes on the wire: RTP bytes (headers included) each participant sends to the SFU and receives
+  from it (SRTP adds the same 10-byte tag per packet in both modes);
+- frame latency: from the sender's frame hook (after the encoder) to the receiver's frame hook
+  (after the jitter buffer, decrypt included), matched by a hash of the bytes on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .media import MediaSpec
+from .participant import Participant, RemoteTrack
+
+MODES = ("plain", "e2ee")
+
+
+@dataclass
+class CallResult:
+    mode: str
+    participants: int
+    seconds: float
+    cpu_per_participant_pct: float
+    services_cpu_pct: float
+    up_kbps: float  # per participant
+    down_kbps: float  # per participant
+    frames_sent: int
+    frames_received: int
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
+    latencies_by_kind: dict[str, list[float]] = field(default_factory=dict, repr=False)
+
+    def percentile(self, q: float, kind: str | None = None) -> float:
+        data = sorted(self.latencies_ms if kind is None else self.latencies_by_kind.get(kind, []))
+        if not data:
+            return float("nan")
+        return data[min(len(data) - 1, int(q * len(data)))]
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode, "participants": self.participants,
+            "seconds": round(self.seconds, 2),
+            "cpu_per_participant_pct": round(self.cpu_per_participant_pct, 1),
+            "services_cpu_pct": round(self.services_cpu_pct, 1),
+            "up_kbps": round(self.up_kbps, 1), "down_kbps": round(self.down_kbps, 1),
+            "frames_sent": self.frames_sent, "frames_received": self.frames_received,
+            "latency_p50_ms": round(self.percentile(0.5), 2),
+            "latency_p90_ms": round(self.percentile(0.9), 2),
+            "audio_latency_p50_ms": round(self.percentile(0.5, "audio"), 2),
+            "video_latency_p50_ms": round(self.percentile(0.5, "video"), 2),
+            "latency_mean_ms": round(statistics.fmean(self.latencies_ms), 2)
+            if self.latencies_ms else float("nan"),
+        }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a process, from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class ServiceProcess:
+    """`conclave serve` in a child process on free loopback ports."""
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.ds_port, self.sfu_port = _free_port(), _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def ds_url(self) -> str:
+        return f"http://127.0.0.1:{self.ds_port}"
+
+    @property
+    def sfu_url(self) -> str:
+        return f"http://127.0.0.1:{self.sfu_port}/v1/signal"
+
+    async def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "conclave.cli", "serve", "--ds-port", str(self.ds_port),
+             "--sfu-port", str(self.sfu_port), "--state", str(self.state)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        async with aiohttp.ClientSession() as http:
+            while time.monotonic() < deadline:
+                with contextlib.suppress(aiohttp.ClientError, OSError):
+                    async with http.get(self.ds_url + "/healthz") as r:
+                        if r.status == 200:
+                            return
+                await asyncio.sleep(0.1)
+        raise RuntimeError("the services did not start within 20 s")
+
+    def cpu(self) -> float:
+        return float("nan") if self.proc is None else _proc_cpu(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.proc = None
+
+
+class _Probe:
+    """Byte counters and latency matching shared by the participants of one run."""
+
+    def __init__(self) -> None:
+        self.sent_at: dict[bytes, float] = {}
+        self.latencies: dict[str, list[float]] = {"audio": [], "video": []}
+        self.up = 0
+        self.down = 0
+        self.frames_sent = 0
+        self.frames_received = 0
+        self.measuring = False
+
+    def reset(self) -> None:
+        for values in self.latencies.values():
+            values.clear()
+        self.up = self.down = self.frames_sent = self.frames_received = 0
+        self.measuring = True
+
+    def hook_sender(self, p: Participant) -> None:
+        for encryptor in p.encryptors.values():
+            original = encryptor.encrypt_frame
+
+            def encrypt(frame: bytes, original: Callable[[bytes], bytes] = original) -> bytes:
+                out = original(frame)
+                self.sent_at[hashlib.blake2b(out, digest_size=8).digest()] = time.perf_counter()
+                self.frames_sent += self.measuring
+                return out
+
+            encryptor.encrypt_frame = encrypt  # type: ignore[method-assign]
+        assert p.sfu is not None
+        transports = {id(t.sender.transport): t.sender.transport
+                      for t in p.sfu.pc.getTransceivers() if t.sender.transport is not None}
+        for transport in transports.values():
+            send = transport._send_rtp
+
+            async def counted(data: bytes, send: Any = send) -> None:
+                self.up += len(data) * self.measuring
+                await send(data)
+
+            transport._send_rtp = counted
+            handle = transport._handle_rtp_data
+
+            async def received(data: bytes, arrival_time_ms: int, handle: Any = handle) -> None:
+                self.down += len(data) * self.measuring
+                await handle(data, arrival_time_ms)
+
+            transport._handle_rtp_data = received
+
+    def hook_receiver(self, remote: RemoteTrack) -> None:
+        decryptor = remote.decryptor
+        original = decryptor._decrypt
+
+        def decrypt(data: bytes, mime_type: str) -> bytes:
+            out = original(data, mime_type)
+            sent = self.sent_at.pop(hashlib.blake2b(data, digest_size=8).digest(), None)
+            if self.measuring:
+                self.frames_received += 1
+                if sent is not None:
+                    ms = (time.perf_counter() - sent) * 1000
+                    self.latencies.setdefault(remote.kind, []).append(ms)
+            return out
+
+        decryptor._decrypt = decrypt  # type: ignore[method-assign]
+
+
+async def measure_call(
+    mode: str,
+    participants: int = 3,
+    seconds: float = 8.0,
+    warmup: float = 2.0,
+    media: MediaSpec | None = None,
+    progress: Callable[[float], None] | None = None,
+) -> CallResult:
+    """One call of `participants` for `seconds` (after `warmup`) in `mode` "plain" or "e2ee"."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}")
+    with tempfile.TemporaryDirectory(prefix="conclave-bench-") as tmp:
+        services = ServiceProcess(Path(tmp))
+        await services.start()
+        probe = _Probe()
+        people = [
+            Participant(
+                f"{mode}-{i}", services.ds_url, services.sfu_url,
+                media=media or MediaSpec(width=320, height=240, fps=15, seed=i),
+            )
+            for i in range(participants)
+        ]
+        try:
+            for p in people:
+                p.on_remote_track = probe.hook_receiver
+                await p.start()
+            await people[0].create(f"bench-{mode}")
+            for p in people[1:]:
+                await p.join(f"bench-{mode}")
+            for p in people:
+                await p.connect_media(e2ee=mode == "e2ee")
+                probe.hook_sender(p)
+            await asyncio.sleep(warmup)
+            probe.reset()
+            cpu0, svc0, t0 = time.process_time(), services.cpu(), time.perf_counter()
+            steps = max(1, int(seconds / 0.25))
+            for i in range(steps):
+                await asyncio.sleep(seconds / steps)
+                if progress is not None:
+                    progress((i + 1) / steps)
+            cpu1, svc1, t1 = time.process_time(), services.cpu(), time.perf_counter()
+            probe.measuring = False
+        finally:
+            for p in people:
+                await p.close()
+            services.stop()
+    wall = t1 - t0
+    return CallResult(
+        mode, participants, wall,
+        cpu_per_participant_pct=100 * (cpu1 - cpu0) / wall / participants,
+        services_cpu_pct=100 * (svc1 - svc0) / wall,
+        up_kbps=probe.up * 8 / 1000 / wall / participants,
+        down_kbps=probe.down * 8 / 1000 / wall / participants,
+        frames_sent=probe.frames_sent, frames_received=probe.frames_received,
+        latencies_ms=[ms for values in probe.latencies.values() for ms in values],
+        latencies_by_kind={k: list(v) for k, v in probe.latencies.items()},
+    )

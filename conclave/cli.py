@@ -1,0 +1,349 @@
+"""The `conclave` command: serve, demo, join, audit, bench.
+
+Errors a user can act on are printed as one line on stderr with exit status 2 (1 for a failed
+demo or audit); no traceback unless `--debug`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import AuditFailure, ConclaveError
+
+DEFAULT_DS_PORT = 8470
+DEFAULT_SFU_PORT = 8443
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("CONCLAVE_STATE", Path.home() / ".conclave"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="conclave",
+        description="End-to-end encrypted group calls: MLS keys, SFrame media, an untrusted SFU.",
+    )
+    parser.add_argument("--debug", action="store_true", help="log everything, show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the delivery service and the SFU on loopback")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--ds-port", type=int, default=DEFAULT_DS_PORT)
+    p.add_argument("--sfu-port", type=int, default=DEFAULT_SFU_PORT)
+    p.add_argument("--db", default=None,
+                   help="SQLite file or postgresql:// DSN (default: STATE/conclave-ds.sqlite3)")
+    p.add_argument("--pg-schema", default=None, help="PostgreSQL schema for the tables")
+    p.add_argument("--state", type=Path, default=None, help="state directory (default ~/.conclave)")
+    p.add_argument("--auditor", action="append", default=None,
+                   help="identity allowed to read every group's audit log (default: auditor)")
+
+    p = sub.add_parser("demo", help="serve plus four participants in one call, with checks")
+    p.add_argument("--rotation", type=float, default=4.0, help="key rotation period, seconds")
+    p.add_argument("--phase", type=float, default=2.5, help="seconds of media between steps")
+    p.add_argument("--no-live", action="store_true", help="no live table, only the summary")
+    p.add_argument("--db", default=None, help="postgresql:// DSN (default: a temporary SQLite)")
+    p.add_argument("--pg-schema", default=None, help="PostgreSQL schema for the tables")
+
+    p = sub.add_parser("join", help="join (or create) a call as one participant")
+    p.add_argument("--room", required=True)
+    p.add_argument("--name", required=True, help="your identity on the delivery service")
+    p.add_argument("--ds", default=f"http://127.0.0.1:{DEFAULT_DS_PORT}")
+    p.add_argument("--sfu", default=f"http://127.0.0.1:{DEFAULT_SFU_PORT}/v1/signal")
+    p.add_argument("--video", default=None,
+                   help="file or device to publish, its audio and video (aiortc MediaPlayer)")
+    p.add_argument("--video-format", default=None,
+                   help="input format for a device, e.g. v4l2 or avfoundation")
+    p.add_argument("--knock", action="store_true",
+                   help="ask the members to add you instead of joining by external commit")
+    p.add_argument("--no-audio", action="store_true")
+    p.add_argument("--record", type=Path, default=None, help="record what you receive here")
+    p.add_argument("--rotation", type=float, default=30.0,
+                   help="commit a key rotation every this many seconds (0: never)")
+    p.add_argument("--duration", type=float, default=0, help="leave after this long (0: Ctrl-C)")
+    p.add_argument("--state", type=Path, default=None, help="state directory (default ~/.conclave)")
+
+    p = sub.add_parser("audit", help="verify a group's handshake log, report key rotations")
+    p.add_argument("--group", required=True, help="room name (or hex group id as 0x...)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ds", help="delivery service URL (read as an auditor identity)")
+    src.add_argument("--log", type=Path, help="a log saved with --save")
+    p.add_argument("--save", type=Path, default=None, help="save the fetched log to this file")
+    p.add_argument("--as", dest="identity", default="auditor",
+                   help="identity to read the log as: an auditor, or a member with saved state")
+    p.add_argument("--state", type=Path, default=None, help="state directory (default ~/.conclave)")
+
+    p = sub.add_parser("bench", help="benchmarks: MLS, SFrame, SFU, end-to-end call")
+    p.add_argument("--out", type=Path, default=Path("bench-results"))
+    p.add_argument("--quick", action="store_true", help="shorter runs")
+    p.add_argument("--only", default=None, help="comma-separated subset: mls,sframe,sfu,ds,call")
+    return parser
+
+
+def parse_group(text: str) -> bytes:
+    if text.startswith("0x"):
+        try:
+            return bytes.fromhex(text[2:])
+        except ValueError:
+            raise ConclaveError(f"--group {text!r}: not hex after 0x") from None
+    return text.encode("utf-8")
+
+
+# -- serve
+
+
+async def cmd_serve(args: argparse.Namespace) -> int:
+    from .services import DEFAULT_AUDITOR, Services, default_db
+
+    state = args.state or default_state_dir()
+    services = Services(
+        db=args.db or default_db(state), pg_schema=args.pg_schema, host=args.host, ds_port=args.ds_port,
+        sfu_port=args.sfu_port, auditors=frozenset(args.auditor or [DEFAULT_AUDITOR]),
+    )
+    await services.start()
+    print(f"delivery service  {services.ds_url}")
+    print(f"SFU signalling    {services.sfu_url}")
+    print(f"database          {services.db}")
+    print("Ctrl-C to stop.", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await services.stop()
+    return 0
+
+
+# -- demo
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    from .audit import REPORT_COLUMNS, format_report
+    from .demo import DemoConfig, run_demo
+
+    console = Console()
+
+    def table(step: str, people: list[Any]) -> Table:
+        t = Table(title=f"conclave demo: {step}")
+        for col in ("participant", "epoch", "members", "safety code", "sent a/v",
+                    "decrypted", "decoded", "failed", "status"):
+            t.add_column(col)
+        for p in people:
+            s = p.stats()
+            t.add_row(
+                s.name, str(s.epoch), str(s.members), s.safety_code,
+                f"{s.sent.get('audio', 0)}/{s.sent.get('video', 0)}", str(s.decrypted),
+                str(s.decoded), str(s.failed), "[red]removed[/]" if s.removed else "[green]in call[/]",
+            )
+        return t
+
+    config = DemoConfig(rotation_period=args.rotation, phase=args.phase, db=args.db,
+                        pg_schema=args.pg_schema)
+    if args.no_live:
+        result = await run_demo(config)
+    else:
+        with Live(table("starting", []), console=console, refresh_per_second=4) as live:
+            result = await run_demo(config, lambda step, people: live.update(table(step, people)))
+    if result.report is not None:
+        t = Table(title="key rotations (conclave audit)")
+        for col in REPORT_COLUMNS:
+            t.add_column(col)
+        for row in format_report(result.report):
+            t.add_row(*row)
+        console.print(t)
+    for name, passed, detail in result.checks:
+        mark = "[green]PASS[/]" if passed else "[red]FAIL[/]"
+        console.print(f"{mark} {name}" + (f" ({detail})" if detail else ""))
+    console.print(f"{'success' if result.ok else 'FAILED'} in {result.elapsed:.1f}s")
+    return 0 if result.ok else 1
+
+
+# -- join
+
+
+async def cmd_join(args: argparse.Namespace) -> int:
+    from .media import MediaSpec
+    from .participant import Participant
+
+    state = args.state or default_state_dir()
+    media = MediaSpec(audio=not args.no_audio, file=args.video, format=args.video_format)
+    p = Participant(
+        args.name, args.ds, args.sfu, state_dir=state, rotation_period=args.rotation or None,
+        media=media, record_dir=args.record,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await p.start()
+        if p.group is None and args.knock:
+            await p.knock(args.room)
+            how = "was let into"
+        elif p.group is None:
+            how = await p.create_or_join(args.room)
+        else:
+            how = "rejoined"
+        print(f"{how} room {args.room!r} as {args.name} (epoch {p.epoch})", flush=True)
+        await p.connect_media()
+        last_epoch = None
+        waited = 0.0
+        while not stop.is_set() and not p.removed:
+            if p.epoch != last_epoch:
+                last_epoch = p.epoch
+                print(f"epoch {p.epoch}: members {', '.join(p.member_names)}; "
+                      f"safety code {p.safety_code}", flush=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            waited += 1.0
+            if args.duration and waited >= args.duration:
+                break
+        if p.removed:
+            print("you were removed from the call", flush=True)
+        s = p.stats()
+        print(f"sent {s.sent}, decrypted {s.decrypted}, decoded {s.decoded}, failed {s.failed}")
+    finally:
+        await p.close()
+    return 0
+
+
+# -- audit
+
+
+async def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import REPORT_COLUMNS, audit, format_report, load_log, save_log
+
+    group_id = parse_group(args.group)
+    if args.log is not None:
+        logged_group, entries = load_log(args.log)
+        if logged_group != group_id:
+            raise ConclaveError(
+                f"{args.log} holds the log of group {logged_group!r}, not {group_id!r}"
+            )
+    else:
+        from .demo import fetch_log
+
+        entries = await fetch_log_as(args.ds, group_id, args.state or default_state_dir(),
+                                     args.identity, fetch_log)
+        if args.save is not None:
+            save_log(args.save, group_id, entries)
+            print(f"saved {len(entries)} log entries to {args.save}")
+    report = audit(group_id, entries)
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"key rotations of {args.group}: epochs {report.first_epoch}-{report.last_epoch}")
+    for col in REPORT_COLUMNS:
+        t.add_column(col)
+    for row in format_report(report):
+        t.add_row(*row)
+    console = Console()
+    console.print(t)
+    console.print(
+        f"OK: {report.messages} messages, {len(report.rotations)} commits verified "
+        f"(signatures, epoch chain, public tree), {report.group_infos_checked} GroupInfos "
+        f"matched the transcript; members now: {', '.join(report.members)}"
+    )
+    return 0
+
+
+async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fetch: Any) -> Any:
+    from delivery_service.errors import RequestFailed
+
+    try:
+        return await fetch(ds, group_id, state) if identity == "auditor" else await _member_log(
+            ds, group_id, state, identity)
+    except RequestFailed as exc:
+        if exc.code == "conflict":
+            raise ConclaveError(
+                f"the identity {identity!r} is registered with another key: audit with the "
+                f"state directory that registered it (--state), or another --as"
+            ) from None
+        raise ConclaveError(f"the delivery service refused the audit log: {exc}") from None
+
+
+async def _member_log(ds: str, group_id: bytes, state: Path, identity: str) -> Any:
+    from .audit import LogEntry
+    from .participant import Participant
+
+    if not (state / f"{identity}.state").exists():
+        raise ConclaveError(f"no saved state for {identity!r} in {state}")
+    p = Participant(identity, ds, state_dir=state)
+    try:
+        await p.ds.login()
+        entries = await p.ds.audit_log(group_id)
+        return [LogEntry(m.seq, m.kind, m.epoch, m.sender, m.time_ms, m.message) for m in entries]
+    finally:
+        await p.ds.close()
+
+
+# -- bench
+
+
+async def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_benchmarks
+
+    only = set(args.only.split(",")) if args.only else None
+    return await run_benchmarks(args.out, quick=args.quick, only=only)
+
+
+COMMANDS = {
+    "serve": cmd_serve, "demo": cmd_demo, "join": cmd_join, "audit": cmd_audit,
+    "bench": cmd_bench,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.ERROR,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    if not args.debug:
+        # aiortc and aiohttp log expected teardown noise at ERROR; users need none of it.
+        for name in ("aiohttp", "aiortc", "aioice", "sfu", "delivery_service", "asyncio"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        return asyncio.run(COMMANDS[args.command](args))
+    except KeyboardInterrupt:
+        return 130
+    except AuditFailure as exc:
+        print(f"conclave audit: FAILED: {exc}", file=sys.stderr)
+        return 1
+    except ConclaveError as exc:
+        if args.debug:
+            raise
+        print(f"conclave {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if args.debug:
+            raise
+        from delivery_service.errors import DeliveryServiceError
+
+        if isinstance(exc, DeliveryServiceError):
+            print(f"conclave {args.command}: the delivery service said: {exc}", file=sys.stderr)
+        elif isinstance(exc, OSError | ConnectionError):
+            print(f"conclave {args.command}: network error: {exc}", file=sys.stderr)
+        else:
+            print(f"conclave {args.command}: unexpected error {type(exc).__name__}: {exc} "
+                  "(run with --debug for details)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Media sources for participants: synthetic test tracks, or a file/device through MediaPlayer."""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import math
+import time
+from array import array
+from dataclasses import dataclass
+
+from aiortc import MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError
+from av import AudioFrame, VideoFrame
+
+from .errors import ConclaveError
+
+AUDIO_RATE = 48000
+AUDIO_PTIME = 0.02
+VIDEO_CLOCK = 90000
+
+
+class _Paced(MediaStreamTrack):
+    """Emits frames at a fixed rate from the first `recv()`, with pts from a monotonic clock."""
+
+    def __init__(self, interval: float) -> None:
+        super().__init__()
+        self.interval = interval
+        self._start: float | None = None
+        self._count = 0
+
+    async def _tick(self) -> int:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._start is None:
+            self._start = time.monotonic()
+        else:
+            wait = self._start + self._count * self.interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        n = self._count
+        self._count += 1
+        return n
+
+
+class ToneTrack(_Paced):
+    """A sine tone in 20 ms mono frames, 48 kHz, a different pitch per participant."""
+
+    kind = "audio"
+
+    def __init__(self, frequency: float = 440.0) -> None:
+        super().__init__(AUDIO_PTIME)
+        self.frequency = frequency
+        samples = int(AUDIO_RATE * AUDIO_PTIME)
+        # One period-aligned buffer reused for every frame: content matters little, CPU does.
+        self._pcm = array(
+            "h",
+            (int(6000 * math.sin(2 * math.pi * frequency * i / AUDIO_RATE)) for i in range(samples)),
+        ).tobytes()
+        self._samples = samples
+
+    async def recv(self) -> AudioFrame:
+        n = await self._tick()
+        frame = AudioFrame(format="s16", layout="mono", samples=self._samples)
+        frame.planes[0].update(self._pcm)
+        frame.sample_rate = AUDIO_RATE
+        frame.pts = n * self._samples
+        frame.time_base = fractions.Fraction(1, AUDIO_RATE)
+        return frame
+
+
+class PatternTrack(_Paced):
+    """A small moving gradient, so that VP8 has something to encode."""
+
+    kind = "video"
+    BASE = bytes(range(256)) * 400
+
+    def __init__(self, width: int = 160, height: int = 120, fps: float = 15.0, seed: int = 0):
+        super().__init__(1.0 / fps)
+        self.width, self.height, self.fps = width, height, fps
+        self.seed = seed
+
+    async def recv(self) -> VideoFrame:
+        n = await self._tick()
+        frame = VideoFrame(self.width, self.height, "yuv420p")
+        shift = (n * 3 + self.seed * 37) % 256
+        for plane in frame.planes:
+            plane.update(self.BASE[shift : shift + plane.buffer_size])
+        frame.pts = int(n * VIDEO_CLOCK / self.fps)
+        frame.time_base = fractions.Fraction(1, VIDEO_CLOCK)
+        return frame
+
+
+@dataclass
+class MediaSpec:
+    """What a participant publishes: synthetic audio/video, or a file (or device) to play."""
+
+    audio: bool = True
+    video: bool = True
+    file: str | None = None
+    format: str | None = None  # MediaPlayer input format, for devices (v4l2, avfoundation...)
+    width: int = 160
+    height: int = 120
+    fps: float = 15.0
+    seed: int = 0
+
+    def tracks(self) -> tuple[list[MediaStreamTrack], object | None]:
+        """The tracks and, for a file, the MediaPlayer that must stay referenced."""
+        if self.file is None:
+            tracks: list[MediaStreamTrack] = []
+            if self.audio:
+                tracks.append(ToneTrack(330.0 + 55.0 * self.seed))
+            if self.video:
+                tracks.append(PatternTrack(self.width, self.height, self.fps, self.seed))
+            return tracks, None
+        from aiortc.contrib.media import MediaPlayer
+
+        try:
+            player = MediaPlayer(self.file, format=self.format)
+        except Exception as exc:  # av raises many types for missing files and bad formats
+            raise ConclaveError(f"cannot play {self.file!r}: {exc}") from None
+        tracks = [t for t in (player.audio if self.audio else None,
+                              player.video if self.video else None) if t is not None]
+        if not tracks:
+            raise ConclaveError(f"{self.file!r} has no audio or video stream to publish")
+        return tracks, player

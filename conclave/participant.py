@@ -1,0 +1,778 @@
+"""A call participant: MLS membership through the delivery service, SFrame media through the SFU.
+
+    p = Participant("alice", ds_url, sfu_url, state_dir=Path("state"))
+    await p.start()                      # register, top up KeyPackages, open the push stream
+    await p.create("standup")            # or: await p.join("standup") (external commit)
+    await p.invite(["bob", "carol"])     # one Add commit, then the Welcome
+    await p.connect_media()              # room token, SFU, E2EE transforms on every track
+    ...
+    await p.close()
+
+Policy: handshake messages are applied in the delivery
+service's order; the author of a commit refused as stale (409) processes the winner and retries
+if its change is still needed; whoever first sees a Remove proposal (a removal request) commits
+it; every `rotation_period` seconds the member whose timer fires commits an empty, path-only
+commit (the auditor reports it as "periodic"). SFrame keys are derived from every new epoch
+(RFC 9605 §5.2) before anything else runs in that epoch.
+
+State (the MLS client with its private keys, the group, the last applied sequence number) is
+written to `state_dir/<name>.state` (mode 0600) after every change, so a participant restarted
+with the same directory rejoins the group as the same member, without a new identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import cbor2
+from aiortc import MediaStreamTrack, RTCRtpTransceiver
+
+from delivery_service.client import (
+    DeliveryClient,
+    Message,
+    PushStream,
+    Removed,
+    WelcomeMessage,
+)
+from delivery_service.errors import RequestFailed, StaleEpochRejected
+from e2ee_media.aiortc_hooks import decrypt_receiver, encrypt_sender
+from e2ee_media.mls_keys import MLSKeyManager
+from e2ee_media.transform import FrameDecryptor, FrameEncryptor, TrackStats
+from mls import Client, CommitResult, Group, MLSError
+from mls.framing import MLSMessage, PublicMessage
+from mls.proposals import Proposal, ProposalType, Remove
+from sfu import aiortc_hooks
+from sfu.client import SFUClient
+from sfu.errors import SFUError
+
+from .errors import CommitFailed, ConclaveError, NotInGroup, ServiceUnavailable
+from .media import MediaSpec
+from .safety import safety_code
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "conclave-participant"
+STATE_VERSION = 1
+KEY_PACKAGE_TARGET = 4
+KEY_PACKAGE_CHECK = 30.0  # seconds between KeyPackage top-ups
+COMMIT_ATTEMPTS = 8
+CATCH_UP_TIMEOUT = 10.0
+# KID context values (RFC 9605 §5.2): one per outgoing stream of a participant.
+STREAM_CONTEXT = {"audio": 0, "video": 1}
+# A Welcome arrives after its commit: messages this far back are re-read (and those of older
+# epochs skipped) so that nothing between the commit and the Welcome is missed.
+WELCOME_LOOKBACK = 64
+
+
+def group_id_for_room(room: str) -> bytes:
+    """The MLS group id of a room name (the SFU room is its hex)."""
+    gid = room.encode("utf-8")
+    if not 0 < len(gid) <= 255:
+        raise ConclaveError("a room name must be 1 to 255 bytes of UTF-8")
+    return gid
+
+
+@dataclass
+class RemoteTrack:
+    """What this participant receives of one publisher's track."""
+
+    publisher: str
+    kind: str
+    stats: TrackStats
+    decryptor: FrameDecryptor
+    decoded: int = 0
+    # Epochs (from the KIDs) of the frames that decrypted, for the removal checks.
+    epochs: set[int] = field(default_factory=set)
+
+
+@dataclass
+class ParticipantStats:
+    name: str
+    epoch: int | None
+    members: int
+    sent: dict[str, int]
+    decrypted: int
+    decoded: int
+    failed: int
+    removed: bool
+    safety_code: str
+
+
+class Participant:
+    def __init__(
+        self,
+        name: str,
+        ds_url: str,
+        sfu_url: str | None = None,
+        *,
+        state_dir: Path | None = None,
+        cipher_suite: int = 1,
+        rotation_period: float | None = None,
+        media: MediaSpec | None = None,
+        record_dir: Path | None = None,
+        auto_commit: bool = True,
+        http: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self.name = name
+        self.ds_url = ds_url
+        self.sfu_url = sfu_url
+        self.state_dir = state_dir
+        self.rotation_period = rotation_period
+        self.media = media or MediaSpec()
+        self.record_dir = record_dir
+        self.auto_commit = auto_commit
+        self.client = self._load_client(cipher_suite)
+        self.group: Group | None = None
+        self.applied_seq = 0
+        self.welcome_cursor = 0
+        self.removed = False
+        self.keys = MLSKeyManager()
+        self.ds = DeliveryClient(
+            ds_url, name, int(self.client.cipher_suite), self.client.signature_priv,
+            self.client.signature_key, http=http,
+        )
+        self.stream: PushStream | None = None
+        self.sfu: SFUClient | None = None
+        self.encryptors: dict[str, FrameEncryptor] = {}
+        self.remote: dict[tuple[str, str], RemoteTrack] = {}
+        self.errors: list[str] = []
+        self.epoch_changed = asyncio.Condition()
+        self._lock = asyncio.Lock()  # one handshake operation at a time, in the service's order
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._welcomes: asyncio.Queue[WelcomeMessage] = asyncio.Queue()
+        self._player: object | None = None
+        self._recorders: list[Any] = []
+        self._on_epoch: list[Callable[[Participant], None]] = []
+        self._commit_scheduled = False
+        self.resyncs = 0  # rejoins after a commit this member could not process
+        self.e2ee = True
+        # Called with each new RemoteTrack (benchmarks and tests hook the decryptor here).
+        self.on_remote_track: Callable[[RemoteTrack], None] | None = None
+        self._epoch_since = time.monotonic()
+
+    def __repr__(self) -> str:
+        return f"Participant({self.name!r}, epoch={self.epoch})"
+
+    # -- state ------------------------------------------------------------------------------------
+
+    @property
+    def _state_path(self) -> Path | None:
+        return None if self.state_dir is None else self.state_dir / f"{self.name}.state"
+
+    def _load_client(self, cipher_suite: int) -> Client:
+        path = self._state_path
+        self._saved: dict[str, Any] | None = None
+        if path is not None and path.exists():
+            try:
+                saved = cbor2.loads(path.read_bytes())
+                if saved.get("format") != STATE_FORMAT or saved.get("version") != STATE_VERSION:
+                    raise ValueError("unknown format")
+                client = Client.from_bytes(saved["client"])
+            except (OSError, ValueError, KeyError, MLSError, cbor2.CBORDecodeError) as exc:
+                raise ConclaveError(
+                    f"cannot read the saved state {path}: {exc}; move it away to start afresh "
+                    "(with a new identity name)"
+                ) from None
+            self._saved = saved
+            return client
+        return Client(self.name.encode(), cipher_suite)
+
+    def save(self) -> None:
+        path = self._state_path
+        if path is None:
+            return
+        body: dict[str, Any] = {
+            "format": STATE_FORMAT, "version": STATE_VERSION, "client": self.client.to_bytes(),
+            "applied_seq": self.applied_seq, "welcome_cursor": self.welcome_cursor,
+            "removed": self.removed,
+        }
+        if self.group is not None:
+            body["group"] = self.group.to_bytes()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        # The state holds private keys: owner-only from the moment the file exists.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(cbor2.dumps(body))
+        os.replace(tmp, path)
+
+    # -- properties -------------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int | None:
+        return None if self.group is None else self.group.epoch
+
+    @property
+    def group_id(self) -> bytes:
+        if self.group is None:
+            raise NotInGroup(f"{self.name} is not in a call yet: create or join one first")
+        return self.group.group_id
+
+    @property
+    def member_names(self) -> list[str]:
+        if self.group is None:
+            return []
+        return sorted(m.identity.decode("utf-8", "replace") for m in self.group.members)
+
+    @property
+    def safety_code(self) -> str:
+        """The same for every member of the current epoch: compare it out of band."""
+        if self.group is None:
+            raise NotInGroup(f"{self.name} is not in a call yet")
+        return safety_code(self.group.epoch_authenticator)
+
+    def stats(self) -> ParticipantStats:
+        decrypted = sum(r.stats.frames_decrypted for r in self.remote.values())
+        failed = sum(sum(r.stats.failures.values()) for r in self.remote.values())
+        return ParticipantStats(
+            self.name, self.epoch, len(self.member_names),
+            {k: e.stats.frames_encrypted for k, e in self.encryptors.items()},
+            decrypted, sum(r.decoded for r in self.remote.values()), failed, self.removed,
+            self.safety_code if self.group is not None and not self.removed else "-",
+        )
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Register (idempotent), top up KeyPackages, open the push stream, and resume a saved
+        group if there is one."""
+        try:
+            await self.ds.register()
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ServiceUnavailable(
+                f"cannot reach the delivery service at {self.ds_url}: {exc}"
+            ) from None
+        except RequestFailed as exc:
+            raise ConclaveError(f"the delivery service refused to register {self.name}: {exc}") from None
+        await self.top_up_key_packages()
+        saved = self._saved
+        self.stream = await self.ds.connect()
+        if saved is not None:
+            self.welcome_cursor = int(saved.get("welcome_cursor", 0))
+            self.removed = bool(saved.get("removed", False))
+            if "group" in saved and not self.removed:
+                self.group = Group.from_bytes(saved["group"], self.client)
+                self.applied_seq = int(saved.get("applied_seq", 0))
+                self.keys.update(self.group)
+                await self.stream.subscribe(self.group.group_id, after=self.applied_seq)
+        await self.stream.subscribe_welcomes(after=self.welcome_cursor)
+        self._spawn(self._pump())
+        self._spawn(self._keep_key_packages())
+        if self.rotation_period:
+            self._spawn(self._rotate_periodically())
+
+    async def top_up_key_packages(self, target: int = KEY_PACKAGE_TARGET) -> int:
+        count = await self.ds.key_package_count()
+        if count < target:
+            fresh = [self.client.key_package() for _ in range(target - count)]
+            self.save()  # their private keys first: a Welcome may come at once
+            count = await self.ds.upload_key_packages(fresh)
+        return count
+
+    async def _keep_key_packages(self, interval: float = KEY_PACKAGE_CHECK) -> None:
+        """Others claim our KeyPackages to add us to groups: replace the ones they took."""
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(RequestFailed, aiohttp.ClientError, OSError):
+                await self.top_up_key_packages()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+            log.warning("%s: background task failed: %s", self.name, exc)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for recorder in self._recorders:
+            with contextlib.suppress(Exception):
+                await recorder.stop()
+        if self.sfu is not None:
+            with contextlib.suppress(Exception):
+                await self.sfu.leave()
+        if self.stream is not None:
+            await self.stream.close()
+        await self.ds.close()
+        self.save()
+
+    # -- creating and joining ---------------------------------------------------------------------
+
+    async def create(self, room: str) -> None:
+        """Create the call's group (epoch 0) and publish its GroupInfo for external joiners and
+        the auditor."""
+        group = Group.create(self.client, group_id_for_room(room))
+        gi = group.group_info()
+        try:
+            await self.ds.create_group(group.group_id, gi)
+        except RequestFailed as exc:
+            raise ConclaveError(f"cannot create room {room!r}: {exc.reason}") from None
+        self.group = group
+        self.applied_seq = await self.ds.publish_group_info(group.group_id, gi)
+        await self._installed()
+        assert self.stream is not None
+        await self.stream.subscribe(group.group_id, after=self.applied_seq)
+
+    async def join(self, room: str) -> None:
+        """Join by an external commit from the published GroupInfo (RFC 9420 §12.4.3.2)."""
+        gid = group_id_for_room(room)
+        for _ in range(COMMIT_ATTEMPTS):
+            try:
+                gi = await self.ds.fetch_group_info(gid)
+            except RequestFailed as exc:
+                raise ConclaveError(f"cannot join room {room!r}: {exc.reason}") from None
+            group, commit = Group.join_external(self.client, gi)
+            try:
+                accepted = await self.ds.send(gid, commit, group_info=group.group_info())
+            except StaleEpochRejected:
+                await asyncio.sleep(random.uniform(0.01, 0.1))
+                continue  # someone committed first: start again from the newer GroupInfo
+            self.group = group
+            self.applied_seq = accepted.seq
+            await self._installed()
+            with contextlib.suppress(RequestFailed):
+                await self.ds.publish_group_info(gid, group.group_info())
+            assert self.stream is not None
+            await self.stream.subscribe(gid, after=accepted.seq)
+            return
+        raise CommitFailed(f"could not join {room!r}: the group kept changing; try again")
+
+    async def knock(self, room: str, timeout: float = 15.0) -> None:
+        """Ask to join: an Add proposal from this client itself (sender new_member_proposal,
+        RFC 9420 §12.1.8). The first member to see it commits it; we join from the Welcome."""
+        gid = group_id_for_room(room)
+        for _ in range(COMMIT_ATTEMPTS):
+            try:
+                gi = await self.ds.fetch_group_info(gid)
+            except RequestFailed as exc:
+                raise ConclaveError(f"cannot join room {room!r}: {exc.reason}") from None
+            proposal = Group.new_member_add_proposal(self.client, gi)
+            body = MLSMessage.decode(proposal).body
+            assert isinstance(body, PublicMessage) and body.content.proposal is not None
+            key_package = body.content.proposal.body.key_package  # type: ignore[union-attr]
+            self.save()  # the KeyPackage's private keys, before anyone can use it
+            # The service forwards a Welcome only to KeyPackages it knows: register this one
+            # (as last resort: it was not handed out, the proposal carries it).
+            await self.ds.upload_key_packages([], last_resort=MLSMessage(key_package).encode())
+            try:
+                await self.ds.send(gid, proposal)
+            except StaleEpochRejected:
+                await asyncio.sleep(random.uniform(0.01, 0.1))
+                continue
+            await self.wait_for_welcome(timeout)
+            return
+        raise CommitFailed(f"could not ask to join {room!r}: the group kept changing; try again")
+
+    async def create_or_join(self, room: str) -> str:
+        """Join the room's group if it exists, else create it; returns "created" or "joined"."""
+        try:
+            await self.ds.fetch_group_info(group_id_for_room(room))
+        except RequestFailed as exc:
+            if exc.status != 404:
+                raise ConclaveError(f"cannot look up room {room!r}: {exc.reason}") from None
+            try:
+                await self.create(room)
+                return "created"
+            except ConclaveError:
+                pass  # created by someone else meanwhile
+        await self.join(room)
+        return "joined"
+
+    async def wait_for_welcome(self, timeout: float = 15.0) -> None:
+        """Wait until someone adds this participant and its Welcome arrives; then join."""
+        try:
+            w = await asyncio.wait_for(self._welcomes.get(), timeout)
+        except TimeoutError:
+            raise ConclaveError(f"{self.name} was not invited within {timeout:.0f}s") from None
+        async with self._lock:
+            self.group = Group.join(self.client, w.welcome)
+            # The Welcome follows its commit: re-read a little and skip what is older.
+            self.applied_seq = max(0, w.seq - WELCOME_LOOKBACK)
+            self.welcome_cursor = max(self.welcome_cursor, w.id)
+            await self._installed()
+        await self.top_up_key_packages()
+        assert self.stream is not None
+        await self.stream.subscribe(self.group.group_id, after=self.applied_seq)
+
+    async def _installed(self) -> None:
+        """A new epoch is in place: keys first, then state, then whoever waits for it."""
+        assert self.group is not None
+        self.keys.update(self.group)
+        self._epoch_since = time.monotonic()
+        self.save()
+        for callback in self._on_epoch:
+            callback(self)
+        async with self.epoch_changed:
+            self.epoch_changed.notify_all()
+
+    async def wait_epoch(self, epoch: int, timeout: float = CATCH_UP_TIMEOUT) -> None:
+        async with asyncio.timeout(timeout), self.epoch_changed:
+            await self.epoch_changed.wait_for(
+                lambda: self.removed or (self.group is not None and self.group.epoch >= epoch)
+            )
+
+    # -- handshake messages -----------------------------------------------------------------------
+
+    async def _pump(self) -> None:
+        assert self.stream is not None
+        async for event in self.stream:
+            if isinstance(event, Message):
+                if self.group is not None and event.group_id == self.group.group_id:
+                    async with self._lock:
+                        await self._handle(event)
+            elif isinstance(event, WelcomeMessage):
+                self._welcomes.put_nowait(event)
+            elif isinstance(event, Removed):
+                if self.group is not None and event.group_id == self.group.group_id:
+                    self.removed = True
+                    self.save()
+                    async with self.epoch_changed:
+                        self.epoch_changed.notify_all()
+            else:
+                self.errors.append(f"delivery service: {event.code}: {event.reason}")
+
+    async def _handle(self, m: Message) -> None:
+        group = self.group
+        assert group is not None
+        if m.seq <= self.applied_seq:
+            return  # our own commit's echo, or a message re-read after a Welcome
+        self.applied_seq = m.seq
+        if m.kind not in ("commit", "proposal") or m.epoch < group.epoch:
+            return  # application data is not used; older epochs are superseded
+        try:
+            processed = group.process(m.message)
+        except MLSError as exc:
+            log.warning("%s: refused %s at seq %d: %s", self.name, m.kind, m.seq, exc)
+            if m.kind == "commit":
+                # The service accepted it, so the others moved on: we can only catch up by
+                # rejoining (external commit that also removes our old leaf, §12.4.3.2).
+                self.resyncs += 1
+                self._spawn(self._resync())
+            else:
+                self.errors.append(f"seq {m.seq}: {exc}")
+            return
+        if processed.kind == "commit":
+            if processed.removed or not group.active:
+                self.removed = True
+            await self._installed()
+        elif processed.kind == "proposal" and processed.proposal is not None:
+            if processed.proposal.proposal_type in (ProposalType.remove, ProposalType.add,
+                                                    ProposalType.update):
+                self._schedule_commit()
+
+    async def _resync(self) -> None:
+        async with self._lock:
+            group = self.group
+            if group is None or self.removed:
+                return
+            gid, old_leaf = group.group_id, group.leaf_index
+            for _ in range(COMMIT_ATTEMPTS):
+                gi = await self.ds.fetch_group_info(gid)
+                new, commit = Group.join_external(self.client, gi, remove_leaf=old_leaf)
+                try:
+                    accepted = await self.ds.send(gid, commit, group_info=new.group_info())
+                except StaleEpochRejected:
+                    await asyncio.sleep(random.uniform(0.01, 0.1))
+                    continue
+                self.group = new
+                self.applied_seq = max(self.applied_seq, accepted.seq)
+                await self._installed()
+                return
+            self.errors.append("could not resynchronise with the group")
+
+    def _schedule_commit(self) -> None:
+        """Whoever sees a membership request first commits it (races end in a 409)."""
+        if not self.auto_commit or self._commit_scheduled:
+            return
+        self._commit_scheduled = True
+
+        async def run() -> None:
+            try:
+                await self.commit_pending()
+            finally:
+                self._commit_scheduled = False
+
+        self._spawn(run())
+
+    # -- committing -------------------------------------------------------------------------------
+
+    async def _commit(
+        self, make: Callable[[Group], tuple[CommitResult, list[str], list[str]] | None]
+    ) -> bool:
+        """Create a commit with `make` and post it; after a 409 process the winner and retry
+        while `make` still has something to commit. True if a commit of ours was accepted."""
+        for _ in range(COMMIT_ATTEMPTS):
+            async with self._lock:
+                group = self.group
+                if group is None or self.removed:
+                    raise NotInGroup(f"{self.name} is not a member of a call")
+                made = make(group)
+                if made is None:
+                    return False
+                result, adds, removes = made
+                try:
+                    accepted = await self.ds.send(
+                        group.group_id, result.commit, adds=adds, removes=removes,
+                        group_info=result.group_info,
+                    )
+                except StaleEpochRejected as exc:
+                    group.discard_pending_commit()
+                    target = exc.current_epoch
+                except BaseException:
+                    group.discard_pending_commit()
+                    raise
+                else:
+                    group.merge_pending_commit()
+                    self.applied_seq = max(self.applied_seq, accepted.seq)
+                    await self._installed()
+                    if result.welcome is not None:
+                        await self.ds.send_welcome(group.group_id, result.welcome)
+                    with contextlib.suppress(RequestFailed):
+                        # Logged for auditors: lets them check the transcript hash chain.
+                        await self.ds.publish_group_info(group.group_id, result.group_info)
+                    return True
+            try:
+                await self.wait_epoch(target)
+            except TimeoutError:
+                await self._catch_up()
+            await asyncio.sleep(random.uniform(0, 0.05))
+        raise CommitFailed(f"{self.name}: the group kept moving; gave up after {COMMIT_ATTEMPTS} tries")
+
+    async def _catch_up(self) -> None:
+        """Fetch what the push stream has not delivered (it reconnects by itself)."""
+        async with self._lock:
+            if self.group is None:
+                return
+            for m in await self.ds.messages(self.group.group_id, after=self.applied_seq):
+                await self._handle(m)
+
+    def _identities(self, leaves: list[int]) -> list[str]:
+        assert self.group is not None
+        names = {m.leaf_index: m.identity.decode("utf-8", "replace") for m in self.group.members}
+        return [names[i] for i in leaves if i in names]
+
+    async def invite(self, names: list[str]) -> bool:
+        """Add members by their KeyPackages (one commit; they join from the Welcome)."""
+        key_packages = []
+        for name in names:
+            try:
+                key_packages.append(await self.ds.claim_key_package(name))
+            except RequestFailed as exc:
+                raise ConclaveError(f"cannot invite {name!r}: {exc.reason}") from None
+
+        def make(group: Group) -> tuple[CommitResult, list[str], list[str]] | None:
+            todo = [n for n in names if n not in self.member_names]
+            if not todo:
+                return None
+            kps = [kp for n, kp in zip(names, key_packages, strict=True) if n in todo]
+            return group.add(kps), todo, []
+
+        return await self._commit(make)
+
+    async def remove(self, names: list[str]) -> bool:
+        """Commit the removal of members at once (by value)."""
+
+        def make(group: Group) -> tuple[CommitResult, list[str], list[str]] | None:
+            leaves = [m.leaf_index for m in group.members
+                      if m.identity.decode("utf-8", "replace") in names]
+            if not leaves:
+                return None
+            return group.remove(leaves), [], self._identities(leaves)
+
+        return await self._commit(make)
+
+    async def request_removal(self, name: str) -> None:
+        """Send a Remove proposal: the first member to see it commits it (and the auditor can
+        time the removal from this request)."""
+        async with self._lock:
+            group = self.group
+            if group is None:
+                raise NotInGroup(f"{self.name} is not in a call")
+            leaves = [m.leaf_index for m in group.members if m.identity == name.encode()]
+            if not leaves:
+                raise ConclaveError(f"{name!r} is not a member of the call")
+            proposal = group.propose_remove(leaves[0])
+            try:
+                await self.ds.send(group.group_id, proposal)
+            except StaleEpochRejected:
+                # The epoch moved on before the proposal landed: it is void; ask again.
+                raise ConclaveError("the group changed meanwhile; request the removal again") from None
+
+    async def leave(self) -> None:
+        """Ask to be removed (a Remove proposal for our own leaf, RFC 9420 §12.1.3)."""
+        async with self._lock:
+            group = self.group
+            if group is None:
+                return
+            # Group.propose_remove refuses our own leaf (a member cannot commit its own removal),
+            # but proposing it is how a member leaves: another member commits it.
+            proposal = group._send_proposal(Proposal(Remove(group.leaf_index)))
+            with contextlib.suppress(RequestFailed):
+                await self.ds.send(group.group_id, proposal)
+
+    async def commit_pending(self) -> bool:
+        """Commit every proposal received in this epoch (by reference)."""
+
+        def make(group: Group) -> tuple[CommitResult, list[str], list[str]] | None:
+            pending = list(group._state.proposals.values())  # the epoch's proposal cache
+            mine = group.leaf_index
+            removes = [p.proposal.body.removed for p in pending  # type: ignore[union-attr]
+                       if p.proposal.proposal_type == ProposalType.remove]
+            if not pending or mine in removes:
+                return None  # nothing to do, or we are the one leaving: another member commits
+            adds = [p.proposal.body.key_package.leaf_node.credential.identity.decode()  # type: ignore[union-attr]
+                    for p in pending if p.proposal.proposal_type == ProposalType.add]
+            names = self._identities(removes)
+            return group.commit([], include_pending=True), adds, names
+
+        return await self._commit(make)
+
+    async def rotate(self, *, if_unchanged_since: int | None = None) -> bool:
+        """An empty commit with an UpdatePath: fresh keys for everyone. With
+        `if_unchanged_since`, only if the group is still at that epoch (a timer that lost the
+        race to another member's rotation has nothing left to do)."""
+
+        def make(group: Group) -> tuple[CommitResult, list[str], list[str]] | None:
+            if if_unchanged_since is not None and group.epoch != if_unchanged_since:
+                return None
+            return group.update(), [], []
+
+        return await self._commit(make)
+
+    async def _rotate_periodically(self) -> None:
+        """Keep every epoch younger than about `rotation_period`: any commit renews the keys, so
+        the timer restarts at each epoch change, and only a member whose timer runs out first
+        commits (with jitter so that members rarely collide; a collision ends in a 409)."""
+        assert self.rotation_period
+        while True:
+            due = self._epoch_since + self.rotation_period * random.uniform(1.0, 1.25)
+            wait = due - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            if self.group is None or self.removed:
+                await asyncio.sleep(self.rotation_period)
+                continue
+            try:
+                if not await self.rotate(if_unchanged_since=self.group.epoch):
+                    continue
+            except (ConclaveError, RequestFailed, MLSError) as exc:
+                self.errors.append(f"rotation: {exc}")
+                await asyncio.sleep(self.rotation_period)
+
+    # -- media ------------------------------------------------------------------------------------
+
+    async def connect_media(self, *, e2ee: bool = True) -> None:
+        """Get a room token, connect to the SFU, encrypt every outgoing frame and decrypt every
+        incoming one with the keys of the current epoch.
+
+        `e2ee=False` is for benchmarks only: the same frame pipeline with an identity transform
+        instead of SFrame, so that the difference measured is the encryption's."""
+        self.e2ee = e2ee
+        if self.sfu_url is None:
+            raise ConclaveError("no SFU URL given")
+        group_id = self.group_id
+        token = await self.ds.room_token(group_id)
+        host = self.sfu_url.split("//", 1)[-1].split(":", 1)[0].split("/", 1)[0]
+        if host in ("127.0.0.1", "localhost"):
+            aiortc_hooks.restrict_ice_to_loopback()
+        tracks, self._player = self.media.tracks()
+        self.sfu = SFUClient(self.sfu_url, token.room, self.name, token.token, tracks,
+                             self._on_track)
+        for sender in self.sfu.senders:
+            kind = sender.track.kind
+            stats = TrackStats()
+            self.encryptors[kind] = encrypt_sender(
+                sender, self._frame_keys(), context=STREAM_CONTEXT[kind], stats=stats
+            )
+        try:
+            await self.sfu.join()
+        except SFUError as exc:
+            raise ConclaveError(f"the SFU refused {self.name}: {exc}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ServiceUnavailable(f"cannot reach the SFU at {self.sfu_url}: {exc}") from None
+
+    def _frame_keys(self) -> Any:
+        return self.keys if self.e2ee else _IdentityKeys()
+
+    def _on_track(
+        self, track: MediaStreamTrack, transceiver: RTCRtpTransceiver, info: dict[str, str]
+    ) -> None:
+        publisher = info.get("identity", "?")
+        kind = info.get("kind", track.kind)
+        stats = TrackStats()
+        decryptor = decrypt_receiver(transceiver.receiver, self._frame_keys(), stats=stats)
+        remote = RemoteTrack(publisher, kind, stats, decryptor)
+        if self.e2ee:
+            self._watch_epochs(remote)
+        self.remote[(publisher, kind)] = remote
+        if self.on_remote_track is not None:
+            self.on_remote_track(remote)
+        consumer: MediaStreamTrack = track
+        if self.record_dir is not None:
+            from aiortc.contrib.media import MediaRecorder, MediaRelay
+
+            relay = MediaRelay()
+            consumer = relay.subscribe(track)
+            self.record_dir.mkdir(parents=True, exist_ok=True)
+            suffix = "wav" if kind == "audio" else "mp4"
+            recorder = MediaRecorder(str(self.record_dir / f"{publisher}-{kind}.{suffix}"))
+            recorder.addTrack(relay.subscribe(track))
+            self._recorders.append(recorder)
+            self._spawn(recorder.start())
+        self._spawn(self._consume(consumer, remote))
+
+    def _watch_epochs(self, remote: RemoteTrack) -> None:
+        """Record the epoch of every frame that decrypts (from its KID, once authenticated)."""
+        keys = self.keys
+        decryptor = remote.decryptor
+        original = decryptor._decrypt
+
+        def decrypt(data: bytes, mime_type: str) -> bytes:
+            out = original(data, mime_type)
+            from e2ee_media.codecs import clear_prefix_length
+
+            named = keys.sender_of(memoryview(data)[clear_prefix_length(mime_type, data):])
+            if named is not None:
+                remote.epochs.add(named[0])
+            return out
+
+        decryptor._decrypt = decrypt  # type: ignore[method-assign]
+
+    async def _consume(self, track: MediaStreamTrack, remote: RemoteTrack) -> None:
+        from aiortc.mediastreams import MediaStreamError
+
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                await track.recv()
+                remote.decoded += 1
+
+
+class _IdentityKeys:
+    """Benchmarks' "without E2EE" mode: frames pass through the same hooks unchanged."""
+
+    def encrypt(self, metadata: bytes, plaintext: bytes, context: int = 0) -> bytes:
+        return bytes(plaintext)
+
+    def decrypt(self, metadata: bytes, ciphertext: bytes | bytearray | memoryview) -> bytes:
+        return bytes(ciphertext)

@@ -1,0 +1,122 @@
+"""Participant behaviour through the real delivery service, without media."""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from conclave.errors import ConclaveError
+from conclave.participant import Participant
+from conclave.services import Services
+from mls import MLSError
+
+
+@pytest.fixture
+async def services(tmp_path: Path) -> AsyncIterator[Services]:
+    s = Services(db=str(tmp_path / "ds.sqlite3"))
+    await s.start()
+    yield s
+    await s.stop()
+
+
+@pytest.fixture
+async def trio(services: Services, tmp_path: Path) -> AsyncIterator[list[Participant]]:
+    people = [Participant(n, services.ds_url, state_dir=tmp_path / "state")
+              for n in ("alice", "bob", "carol")]
+    for p in people:
+        await p.start()
+    alice, bob, carol = people
+    await alice.create("room")
+    await alice.invite(["bob", "carol"])  # before they wait: the Welcomes must be kept
+    await bob.wait_for_welcome(5)
+    await carol.wait_for_welcome(5)
+    yield people
+    for p in people:
+        await p.close()
+
+
+async def test_invited_members_share_the_epoch(trio: list[Participant]) -> None:
+    alice, bob, carol = trio
+    assert bob.epoch == carol.epoch == alice.epoch
+    assert bob.member_names == ["alice", "bob", "carol"]
+    assert len({p.safety_code for p in trio}) == 1
+
+
+async def test_a_member_that_cannot_process_a_commit_rejoins(trio: list[Participant]) -> None:
+    alice, bob, carol = trio
+    assert carol.group is not None
+    real_process = carol.group.process
+    calls = 0
+
+    def broken(message: bytes):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise MLSError("simulated corruption of carol's state")
+        return real_process(message)
+
+    carol.group.process = broken  # type: ignore[method-assign]
+    await alice.rotate()
+    await asyncio.wait_for(_until(lambda: carol.resyncs == 1 and carol.epoch == alice.epoch
+                                  == bob.epoch and alice.epoch is not None and
+                                  alice.epoch >= 3), 10)
+    assert carol.safety_code == alice.safety_code == bob.safety_code
+    assert alice.member_names == ["alice", "bob", "carol"]  # the old leaf went, one carol left
+    assert carol.errors == []
+
+
+async def test_state_is_private_and_identity_is_kept(
+    trio: list[Participant], services: Services, tmp_path: Path
+) -> None:
+    alice = trio[0]
+    path = tmp_path / "state" / "alice.state"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    # A second "alice" with other keys is refused by the service.
+    impostor = Participant("alice", services.ds_url, state_dir=tmp_path / "elsewhere")
+    with pytest.raises(ConclaveError, match="refused to register"):
+        await impostor.start()
+    await impostor.close()
+    assert alice.epoch is not None
+
+
+async def test_bad_requests_say_what_is_wrong(trio: list[Participant]) -> None:
+    alice = trio[0]
+    with pytest.raises(ConclaveError, match="cannot invite 'nobody'"):
+        await alice.invite(["nobody"])
+    with pytest.raises(ConclaveError, match="not a member"):
+        await alice.request_removal("nobody")
+
+
+async def test_joining_a_missing_room_is_a_clear_error(services: Services) -> None:
+    p = Participant("zoe", services.ds_url)
+    await p.start()
+    try:
+        with pytest.raises(ConclaveError, match="cannot join room 'nowhere'"):
+            await p.join("nowhere")
+    finally:
+        await p.close()
+
+
+async def _until(predicate, interval: float = 0.02) -> None:  # type: ignore[no-untyped-def]
+    while not predicate():
+        await asyncio.sleep(interval)
+
+
+async def test_a_join_request_is_committed_by_a_member(
+    trio: list[Participant], services: Services, tmp_path: Path
+) -> None:
+    alice, bob, carol = trio
+    dave = Participant("dave", services.ds_url, state_dir=tmp_path / "state")
+    await dave.start()
+    try:
+        await dave.knock("room", timeout=10)
+        await asyncio.wait_for(_until(lambda: alice.epoch == bob.epoch == carol.epoch
+                                      == dave.epoch), 5)
+        assert dave.member_names == ["alice", "bob", "carol", "dave"]
+        assert dave.safety_code == alice.safety_code
+    finally:
+        await dave.close()
