@@ -506,7 +506,8 @@ async def _measure(
         tasks = [asyncio.ensure_future(publish(*s)) for s in senders]
         await asyncio.sleep(1.0)  # warm-up
         latencies.clear()
-        proc.send_signal(signal.SIGUSR1)  # starts the profiler if SFU_BENCH_PROFILE is set
+        if os.environ.get("SFU_BENCH_PROFILE"):
+            proc.send_signal(signal.SIGUSR1)  # starts the SFU process's profiler
         m0, cpu0 = await _metrics(session, port), _cpu_seconds(proc.pid)
         await asyncio.sleep(seconds)
         m1, cpu1 = await _metrics(session, port), _cpu_seconds(proc.pid)
