@@ -105,19 +105,24 @@ class Client:
         crypto = self.crypto
         init_priv, init_pub = crypto.hpke_key_pair()
         enc_priv, enc_pub = crypto.hpke_key_pair()
+        leaf = self.leaf_node(enc_pub, lifetime)
+        leaf.signature = crypto.sign_with_label(self._signature_priv, b"LeafNodeTBS", leaf.tbs())
+        kp = KeyPackage(cipher_suite=int(self.cipher_suite), init_key=init_pub, leaf_node=leaf)
+        kp.signature = crypto.sign_with_label(self._signature_priv, b"KeyPackageTBS", kp.tbs())
+        return kp, KeyPackagePrivate(kp.encode(), init_priv, enc_priv)
+
+    def leaf_node(self, encryption_key: bytes, lifetime: int = KEY_PACKAGE_LIFETIME) -> LeafNode:
+        """An unsigned LeafNode of this client (source key_package, §7.2) valid from now (less
+        the tolerated clock skew) for `lifetime` seconds."""
         now = int(time.time())
-        leaf = LeafNode(
-            encryption_key=enc_pub,
+        return LeafNode(
+            encryption_key=encryption_key,
             signature_key=self.signature_key,
             credential=self.credential,
             capabilities=self.capabilities(),
             leaf_node_source=LeafNodeSource.key_package,
             lifetime=Lifetime(now - _CLOCK_SKEW, now + lifetime),
         )
-        leaf.signature = crypto.sign_with_label(self._signature_priv, b"LeafNodeTBS", leaf.tbs())
-        kp = KeyPackage(cipher_suite=int(self.cipher_suite), init_key=init_pub, leaf_node=leaf)
-        kp.signature = crypto.sign_with_label(self._signature_priv, b"KeyPackageTBS", kp.tbs())
-        return kp, KeyPackagePrivate(kp.encode(), init_priv, enc_priv)
 
     def add_key_package_private(self, private: KeyPackagePrivate) -> bytes:
         """Registers the private keys of a KeyPackage made elsewhere; returns its reference."""

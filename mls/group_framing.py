@@ -12,11 +12,24 @@ from collections.abc import Callable
 
 from . import message_protection as mp
 from .crypto import Crypto
-from .framing import AuthenticatedContent, FramedContent, PrivateMessage, PublicMessage, WireFormat
+from .errors import DecodeError, MLSError
+from .framing import (
+    AuthenticatedContent,
+    FramedContent,
+    MLSMessage,
+    PrivateMessage,
+    PublicMessage,
+    WireFormat,
+)
 from .group_context import GroupContext
+from .key_package import KeyPackage
 from .secret_tree import PendingKey, SecretTree
+from .welcome import GroupInfo, Welcome
 
 __all__ = [
+    "decode_message",
+    "mls_message",
+    "parse_key_package",
     "membership_tag",
     "open_private",
     "seal_private",
@@ -83,3 +96,24 @@ def open_private(
         crypto, msg, context, secret_tree, sender_data_secret, signature_key_for
     )
     return opened.authenticated_content, opened.pending_key
+
+
+def mls_message(body: PublicMessage | PrivateMessage | Welcome | GroupInfo | KeyPackage) -> bytes:
+    return MLSMessage(body).encode()
+
+
+def decode_message(data: bytes) -> MLSMessage:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise DecodeError(f"expected bytes, got {type(data).__name__}", "MLSMessage")
+    return MLSMessage.decode(bytes(data))
+
+
+def parse_key_package(data: bytes | KeyPackage) -> KeyPackage:
+    """A KeyPackage from MLSMessage or bare KeyPackage bytes."""
+    if isinstance(data, KeyPackage):
+        return data
+    data = bytes(data)
+    try:
+        return MLSMessage.decode(data).key_package
+    except MLSError:
+        return KeyPackage.decode(data)

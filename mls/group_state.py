@@ -16,14 +16,18 @@ from .crypto import Crypto, get_crypto
 from .errors import DecodeError, MLSError
 from .framing import Sender
 from .group_context import GroupContext
+from .group_epoch import EpochState, PendingCommit
+from .group_types import PendingProposal
 from .key_schedule import EpochSecrets
 from .proposals import Proposal, ReInit
 from .ratchet_tree import RatchetTree
 from .secret_tree import HashRatchet, RatchetKey, RatchetWindow, SecretTree
 from .tls import Reader, Writer
+from .treekem import NodeKeyPair, TreeKEMPrivateState
 
 if TYPE_CHECKING:
     from .group import Group
+
 
 __all__ = ["dump_group", "load_group"]
 
@@ -92,17 +96,69 @@ def _read_secret_tree(r: Reader, crypto: Crypto) -> SecretTree:
     return tree
 
 
-def _write_state(w: Writer, st: object) -> None:
-    from .group import _State
+def read_format_header(r: Reader, magic: bytes, version: int, what: str) -> None:
+    """Checks the magic and format version that start a serialised `what`."""
+    if r.raw(len(magic), f"{what}.magic") != magic:
+        raise DecodeError(f"not a serialised mls.{what}", f"{what}.magic")
+    found = r.uint16(f"{what}.format_version")
+    if found != version:
+        raise DecodeError(
+            f"{what} state format {found} is not supported (expected {version})",
+            f"{what}.format_version",
+        )
 
-    assert isinstance(st, _State)
+
+def write_proposal_cache(w: Writer, proposals: dict[bytes, PendingProposal]) -> None:
+    """An epoch's received proposals by reference, in arrival order."""
+
+    def write_item(w2: Writer, item: tuple[bytes, PendingProposal]) -> None:
+        w2.opaque(item[0])
+        item[1].proposal.write(w2)
+        item[1].sender.write(w2)
+
+    w.vector(list(proposals.items()), write_item)
+
+
+def read_proposal_cache(r: Reader, where: str) -> dict[bytes, PendingProposal]:
+    def read_item(r2: Reader) -> tuple[bytes, PendingProposal]:
+        ref = r2.opaque(f"{where}.proposal_ref")
+        return ref, PendingProposal(Proposal.read(r2), Sender.read(r2))
+
+    return dict(r.vector(read_item, f"{where}.proposals"))
+
+
+def _write_private_state(w: Writer, private: TreeKEMPrivateState | None) -> None:
+    """The member's tree keys as (node index, private key, public key), leaf first."""
+    pairs: list[tuple[int, NodeKeyPair]] = []
+    if private is not None:
+        pairs = [(2 * private.leaf_index, private.leaf), *sorted(private.path.items())]
+    w.vector(
+        pairs,
+        lambda w2, kv: (w2.uint32(kv[0]), w2.opaque(kv[1].private), w2.opaque(kv[1].public)),
+    )
+
+
+def _read_private_state(r: Reader, leaf_index: int) -> TreeKEMPrivateState | None:
+    pairs = {
+        x: NodeKeyPair(private, public)
+        for x, private, public in r.vector(
+            lambda s: (s.uint32("priv.node"), s.opaque("priv.key"), s.opaque("priv.pub")),
+            "state.tree_priv",
+        )
+    }
+    if not pairs:
+        return None
+    leaf = pairs.pop(2 * leaf_index, None)
+    if leaf is None:
+        raise DecodeError("the state holds no key for its own leaf", "state.tree_priv")
+    return TreeKEMPrivateState(leaf_index, leaf, pairs)
+
+
+def _write_state(w: Writer, st: EpochState) -> None:
     st.context.write(w)
     w.opaque(st.tree.encode())
     w.uint32(st.leaf_index)
-    w.vector(
-        sorted(st.tree_priv.items()),
-        lambda w2, kv: (w2.uint32(kv[0]), w2.opaque(kv[1][0]), w2.opaque(kv[1][1])),
-    )
+    _write_private_state(w, st.private_state)
     w.vector(
         sorted(st.secrets._secrets.items()),
         lambda w2, kv: (w2.opaque(kv[0].encode()), w2.opaque(kv[1])),
@@ -110,37 +166,25 @@ def _write_state(w: Writer, st: object) -> None:
     _write_secret_tree(w, st.secret_tree)
     w.opaque(st.interim_transcript_hash)
 
-    def write_proposal(w2: Writer, item: tuple[bytes, object]) -> None:
-        ref, cached = item
-        w2.opaque(ref)
-        cached.proposal.write(w2)  # type: ignore[attr-defined]
-        cached.sender.write(w2)  # type: ignore[attr-defined]
-
-    w.vector(list(st.proposals.items()), write_proposal)
+    write_proposal_cache(w, st.proposals)
     w.vector(
         list(st.own_update_privs.items()), lambda w2, kv: (w2.opaque(kv[0]), w2.opaque(kv[1]))
     )
-    w.vector(sorted(st.resumption_psks.items()), lambda w2, kv: (w2.uint64(kv[0]), w2.opaque(kv[1])))
+    w.vector(
+        sorted(st.resumption_psks.items()), lambda w2, kv: (w2.uint64(kv[0]), w2.opaque(kv[1]))
+    )
     w.optional(st.reinit, lambda w2, ri: ri.write(w2))
     w.uint8(1 if st.active else 0)
     w.vector(list(st.sent_proposals.items()), lambda w2, kv: (w2.opaque(kv[0]), w2.opaque(kv[1])))
 
 
-def _read_state(r: Reader, crypto: Crypto) -> object:
-    from .group import PendingProposal, _State
-
-    st = _State.__new__(_State)
+def _read_state(r: Reader, crypto: Crypto) -> EpochState:
+    st = EpochState.__new__(EpochState)
     st.context = GroupContext.read(r)
     st.tree = RatchetTree.decode(crypto, r.opaque("state.tree"))
     leaf_index = r.uint32("state.leaf_index")
     st.leaf_index = leaf_index if leaf_index != 0xFFFFFFFF else -1
-    st.tree_priv = {
-        x: (priv, pub)
-        for x, priv, pub in r.vector(
-            lambda s: (s.uint32("priv.node"), s.opaque("priv.key"), s.opaque("priv.pub")),
-            "state.tree_priv",
-        )
-    }
+    st.private_state = _read_private_state(r, st.leaf_index)
     secrets = r.vector(
         lambda s: (s.opaque("secret.name").decode("ascii"), s.opaque("secret.value")),
         "state.secrets",
@@ -148,11 +192,7 @@ def _read_state(r: Reader, crypto: Crypto) -> object:
     st.secrets = EpochSecrets(crypto, dict(secrets))
     st.secret_tree = _read_secret_tree(r, crypto)
     st.interim_transcript_hash = r.opaque("state.interim_transcript_hash")
-    proposals = r.vector(
-        lambda s: (s.opaque("proposal.ref"), PendingProposal(Proposal.read(s), Sender.read(s))),
-        "state.proposals",
-    )
-    st.proposals = dict(proposals)
+    st.proposals = read_proposal_cache(r, "state")
     st.own_update_privs = dict(
         r.vector(lambda s: (s.opaque("update.pub"), s.opaque("update.priv")), "state.updates")
     )
@@ -196,18 +236,9 @@ def dump_group(group: Group) -> bytes:
 
 
 def load_group(cls: type[Group], data: bytes, client: Client | None) -> Group:
-    from .group import _PendingCommit
-
     try:
         r = Reader(bytes(data))
-        if r.raw(4, "Group.magic") != _MAGIC:
-            raise DecodeError("not a serialised mls.Group", "Group.magic")
-        version = r.uint16("Group.format_version")
-        if version != _FORMAT_VERSION:
-            raise DecodeError(
-                f"group state format {version} is not supported (expected {_FORMAT_VERSION})",
-                "Group.format_version",
-            )
+        read_format_header(r, _MAGIC, _FORMAT_VERSION, "Group")
         stored_client = Client.from_bytes(r.opaque("Group.client"))
         client = client or stored_client
         crypto = get_crypto(client.cipher_suite)
@@ -221,7 +252,7 @@ def load_group(cls: type[Group], data: bytes, client: Client | None) -> Group:
         )
         state = _read_state(r, crypto)
         group = cls(
-            client, state, handshake=handshake, ratchet_tree_extension=tree_ext, psks=psks  # type: ignore[arg-type]
+            client, state, handshake=handshake, ratchet_tree_extension=tree_ext, psks=psks
         )
         group.check_lifetimes = check_lifetimes
         group._other_resumption_psks = dict(others)
@@ -229,7 +260,7 @@ def load_group(cls: type[Group], data: bytes, client: Client | None) -> Group:
             pstate = _read_state(r, crypto)
             message = r.opaque("pending.message")
             welcome = r.optional(lambda s: s.opaque("pending.welcome"), "pending.welcome")
-            group._pending = _PendingCommit(pstate, message, welcome, r.opaque("pending.info"))  # type: ignore[arg-type]
+            group._pending = PendingCommit(pstate, message, welcome, r.opaque("pending.info"))
         r.finish("Group")
     except MLSError:
         raise

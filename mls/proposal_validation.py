@@ -20,7 +20,7 @@ from .extensions import (
     check_unique_extension_types,
     find_extension,
 )
-from .group_context import ProtocolVersion
+from .group_context import GroupContext, ProtocolVersion
 from .key_package import KeyPackage, LeafNode, LeafNodeSource
 from .leaf_validation import validate_leaf_node
 from .proposals import DEFAULT_PROPOSAL_TYPES
@@ -77,7 +77,9 @@ class TreeIndex:
     def check(self, leaf: LeafNode, where: str) -> None:
         ctype = int(leaf.credential.credential_type)
         if self.supported_by_all is not None and ctype not in self.supported_by_all:
-            raise ValidationError(f"{where}: credential type {ctype} is not supported by all members")
+            raise ValidationError(
+                f"{where}: credential type {ctype} is not supported by all members"
+            )
         missing = self.credential_types - set(leaf.capabilities.credentials)
         if missing:
             raise ValidationError(
@@ -171,6 +173,54 @@ def validate_key_package(
     if kp.init_key == kp.leaf_node.encryption_key:
         raise ValidationError("KeyPackage init_key equals its leaf's encryption_key")
     check_unique_extension_types(kp.extensions, "KeyPackage")
+
+
+def validate_member_leaf(
+    crypto: Crypto,
+    context: GroupContext,
+    leaf: LeafNode,
+    source: LeafNodeSource,
+    tree: RatchetTree,
+    leaf_index: int,
+    extensions: Sequence[Extension] | None = None,
+) -> None:
+    """§7.3 on a leaf that replaces the member's at `leaf_index` (Update or UpdatePath) in the
+    group of `context`, against `extensions` (default: the group's). Lifetimes are not checked:
+    §7.3 asks it of KeyPackage leaves only."""
+    validate_group_leaf(
+        crypto,
+        leaf,
+        source=source,
+        group_id=context.group_id,
+        cipher_suite=context.cipher_suite,
+        extensions=context.extensions if extensions is None else extensions,
+        tree=tree,
+        leaf_index=leaf_index,
+        check_lifetime=False,
+    )
+
+
+def validate_added_key_package(
+    crypto: Crypto,
+    context: GroupContext,
+    kp: KeyPackage,
+    tree: RatchetTree,
+    extensions: Sequence[Extension] | None = None,
+    check_lifetime: bool = True,
+    index: TreeIndex | None = None,
+) -> None:
+    """§10.1 on a KeyPackage to add to `tree` in the group of `context`, against `extensions`
+    (default: the group's)."""
+    validate_key_package(
+        crypto,
+        kp,
+        group_id=context.group_id,
+        cipher_suite=context.cipher_suite,
+        extensions=context.extensions if extensions is None else extensions,
+        tree=tree,
+        check_lifetime=check_lifetime,
+        index=index,
+    )
 
 
 def check_required(leaf: LeafNode, req: RequiredCapabilities, where: str) -> None:

@@ -18,11 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .commit import Commit
+from .commit_rules import CommitRules
 from .crypto import Crypto, get_crypto
 from .errors import DecodeError, ValidationError
-from .extensions import ExtensionType, find_extension
 from .framing import (
-    ConfirmedTranscriptHashInput,
+    AuthenticatedContent,
     ContentType,
     MLSMessage,
     PublicMessage,
@@ -30,16 +30,16 @@ from .framing import (
     SenderType,
     WireFormat,
 )
-from .group import Member, PendingProposal, _Engine, _Entry, _State
 from .group_context import GroupContext
+from .group_epoch import EpochState
 from .group_framing import verify_content
-from .leaf_validation import validate_ratchet_tree
-from .proposal_validation import required_capabilities
+from .group_info import verified_ratchet_tree
+from .group_state import read_format_header, read_proposal_cache, write_proposal_cache
+from .group_types import PendingProposal
 from .proposals import Proposal
 from .ratchet_tree import RatchetTree
 from .tls import Reader, Writer
-from .transcript import confirmed_transcript_hash, interim_transcript_hash
-from .tree_nodes import decode_ratchet_tree
+from .transcript import interim_transcript_hash
 from .welcome import GroupInfo
 
 __all__ = ["PublicGroup", "PublicProcessed"]
@@ -62,10 +62,10 @@ class PublicProcessed:
     removed: tuple[int, ...] = ()
 
 
-class PublicGroup(_Engine):
+class PublicGroup(CommitRules):
     """The public state of a group: tree, GroupContext, transcript. Holds no secret."""
 
-    def __init__(self, crypto: Crypto, state: _State) -> None:
+    def __init__(self, crypto: Crypto, state: EpochState) -> None:
         self._crypto = crypto
         self._state = state
         # Lifetimes of added KeyPackages are the members' business; a DS accepts what they do.
@@ -90,62 +90,13 @@ class PublicGroup(_Engine):
             gi = GroupInfo.decode(data)
         context = gi.group_context
         crypto = get_crypto(context.cipher_suite)
-        ext = find_extension(gi.extensions, ExtensionType.ratchet_tree)
-        if ratchet_tree is not None:
-            nodes = decode_ratchet_tree(bytes(ratchet_tree))
-        elif ext is not None:
-            nodes = decode_ratchet_tree(ext.extension_data)
-        else:
-            raise ValidationError(
-                "the GroupInfo carries no ratchet_tree extension: pass the tree out of band"
-            )
-        tree = RatchetTree(crypto, nodes)
-        signer = tree.leaf_node(gi.signer)
-        if signer is None:
-            raise ValidationError(f"the GroupInfo signer leaf {gi.signer} is blank")
-        if not crypto.verify_with_label(
-            signer.signature_key, b"GroupInfoTBS", gi.tbs(), gi.signature
-        ):
-            raise ValidationError("invalid GroupInfo signature")
-        validate_ratchet_tree(
-            tree,
-            group_id=context.group_id,
-            tree_hash=context.tree_hash,
-            required_capabilities=required_capabilities(context.extensions),
-        )
+        tree = verified_ratchet_tree(crypto, gi, ratchet_tree, now=None)
         interim = interim_transcript_hash(
             crypto, context.confirmed_transcript_hash, gi.confirmation_tag
         )
-        return cls(crypto, _State.public(context, tree, interim))
+        return cls(crypto, EpochState.public(context, tree, interim))
 
     # --- properties ------------------------------------------------------------------------------
-
-    @property
-    def crypto(self) -> Crypto:
-        return self._crypto
-
-    @property
-    def group_id(self) -> bytes:
-        return self._state.context.group_id
-
-    @property
-    def epoch(self) -> int:
-        return self._state.context.epoch
-
-    @property
-    def group_context(self) -> GroupContext:
-        return self._state.context
-
-    @property
-    def tree(self) -> RatchetTree:
-        return self._state.tree
-
-    @property
-    def members(self) -> list[Member]:
-        return [
-            Member(i, leaf.credential.identity, leaf.signature_key)
-            for i, leaf in self._state.tree.members()
-        ]
 
     def ratchet_tree(self) -> bytes:
         return self._state.tree.encode()
@@ -162,13 +113,7 @@ class PublicGroup(_Engine):
             )
         st = self._state
         content = body.content
-        if content.group_id != st.context.group_id:
-            raise ValidationError("the message is for another group")
-        if content.epoch != st.context.epoch:
-            raise ValidationError(
-                f"the message is for epoch {content.epoch}, the group is at epoch "
-                f"{st.context.epoch}"
-            )
+        self._check_message_epoch(st, content.group_id, content.epoch)
         if content.content_type == ContentType.application:
             raise ValidationError("application data must be sent as a PrivateMessage")
         if content.sender.sender_type == SenderType.member and body.membership_tag is None:
@@ -184,8 +129,6 @@ class PublicGroup(_Engine):
             st.proposals[ref] = PendingProposal(content.proposal, content.sender)
             return PublicProcessed("proposal", content.sender, content.epoch, content.proposal)
         assert content.commit is not None
-        if ac.auth.confirmation_tag is None:
-            raise ValidationError("a Commit must carry a confirmation_tag")
         new, added, removed = self._process_commit(st, ac)
         self._state = new
         return PublicProcessed(
@@ -193,47 +136,23 @@ class PublicGroup(_Engine):
             added=added, removed=removed,
         )
 
-    def _process_commit(self, st: _State, ac) -> tuple[_State, tuple[int, ...], tuple[int, ...]]:  # type: ignore[no-untyped-def]
-        crypto = self._crypto
-        content = ac.content
-        commit = content.commit
-        sender = content.sender
-        external = sender.sender_type == SenderType.new_member_commit
-        if sender.sender_type not in (SenderType.member, SenderType.new_member_commit):
-            raise ValidationError(f"a {sender.sender_type.name} sender cannot send a Commit")
-        committer = sender.leaf_index
-        entries: list[_Entry] = self._resolve_entries(st, commit, sender)
-        self._validate_proposal_list(st, entries, committer, external)
-        new = st.clone()
-        effects = self._apply_proposals(new, entries)
-        if (effects.path_required or not entries) and commit.path is None:
-            raise ValidationError("this Commit must carry an UpdatePath (§12.4)")
+    def _process_commit(
+        self, st: EpochState, ac: AuthenticatedContent
+    ) -> tuple[EpochState, tuple[int, ...], tuple[int, ...]]:
+        """§12.4.2 without the secrets: the proposals, the UpdatePath's public keys, the new
+        GroupContext and interim transcript hash (the confirmation tag cannot be checked)."""
+        commit = ac.content.commit
+        assert commit is not None and ac.auth.confirmation_tag is not None
+        staged = self._stage_commit(st, ac)
+        new, effects = staged.new, staged.effects
         added = [i for i, _ in effects.added]
-        if external:
-            committer = new.tree.add_leaf(commit.path.leaf_node)
-            new.tree.set_leaf(committer, None)
-            added.append(committer)
-        assert committer is not None
+        if staged.external:
+            added.append(staged.committer)
         if commit.path is not None:
-            self._merge_path_public(st, new, commit.path, committer)
-        new_extensions = (
-            effects.extensions if effects.extensions is not None else list(st.context.extensions)
-        )
-        confirmed = confirmed_transcript_hash(
-            crypto,
-            st.interim_transcript_hash,
-            ConfirmedTranscriptHashInput.from_authenticated_content(ac).encode(),
-        )
-        new.context = GroupContext(
-            st.context.cipher_suite,
-            st.context.group_id,
-            st.context.epoch + 1,
-            new.tree.tree_hash(),
-            confirmed,
-            new_extensions,
-        )
+            self._merge_path_public(st, new, commit.path, staged.committer)
+        new.context = self._next_context(st, new.tree, ac, staged.extensions)
         new.interim_transcript_hash = interim_transcript_hash(
-            crypto, confirmed, ac.auth.confirmation_tag
+            self._crypto, new.context.confirmed_transcript_hash, ac.auth.confirmation_tag
         )
         new.proposals = {}
         new.reinit = effects.reinit
@@ -250,37 +169,19 @@ class PublicGroup(_Engine):
         st.context.write(w)
         w.opaque(st.tree.encode())
         w.opaque(st.interim_transcript_hash)
-
-        def write_proposal(w2: Writer, item: tuple[bytes, PendingProposal]) -> None:
-            w2.opaque(item[0])
-            item[1].proposal.write(w2)
-            item[1].sender.write(w2)
-
-        w.vector(list(st.proposals.items()), write_proposal)
+        write_proposal_cache(w, st.proposals)
         return w.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> PublicGroup:
         r = Reader(bytes(data))
-        if r.raw(4, "PublicGroup.magic") != _MAGIC:
-            raise DecodeError("not a serialised mls.PublicGroup", "PublicGroup.magic")
-        version = r.uint16("PublicGroup.format_version")
-        if version != _FORMAT_VERSION:
-            raise DecodeError(
-                f"PublicGroup state format {version} is not supported", "PublicGroup.format"
-            )
+        read_format_header(r, _MAGIC, _FORMAT_VERSION, "PublicGroup")
         context = GroupContext.read(r)
         crypto = get_crypto(context.cipher_suite)
         tree = RatchetTree.decode(crypto, r.opaque("PublicGroup.tree"))
         interim = r.opaque("PublicGroup.interim_transcript_hash")
-
-        def read_proposal(r2: Reader) -> tuple[bytes, PendingProposal]:
-            ref = r2.opaque("PublicGroup.proposal_ref")
-            proposal = Proposal.read(r2)
-            return ref, PendingProposal(proposal, Sender.read(r2))
-
-        proposals = r.vector(read_proposal, "PublicGroup.proposals")
+        proposals = read_proposal_cache(r, "PublicGroup")
         r.finish("PublicGroup")
-        st = _State.public(context, tree, interim)
-        st.proposals = dict(proposals)
+        st = EpochState.public(context, tree, interim)
+        st.proposals = proposals
         return cls(crypto, st)

@@ -17,9 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mls.client import Client
-from mls.commit import Commit, UpdatePath, UpdatePathNode
+from mls.commit import Commit, HPKECiphertext, UpdatePath, UpdatePathNode
+from mls.credential import Credential
 from mls.errors import CryptoError, MLSError, ValidationError
-from mls.extensions import Extension
+from mls.extensions import Extension, RequiredCapabilities
 from mls.framing import (
     ContentType,
     FramedContent,
@@ -31,6 +32,7 @@ from mls.framing import (
 from mls.group import Group
 from mls.group_framing import membership_tag, sign_content
 from mls.key_package import KeyPackage, LeafNodeSource, Lifetime
+from mls.key_schedule import derive_psk_secret, derive_welcome_secret, welcome_key_and_nonce
 from mls.leaf_validation import sign_leaf_node
 from mls.proposals import (
     Add,
@@ -45,6 +47,7 @@ from mls.proposals import (
     ResumptionPSKUsage,
     Update,
 )
+from mls.welcome import EncryptedGroupSecrets, GroupInfo, GroupSecrets, Welcome
 
 from .test_group import make_group, snapshot
 
@@ -99,6 +102,13 @@ def key_package(client: Client, **changes: object) -> KeyPackage:
 def resign_kp(client: Client, kp: KeyPackage) -> KeyPackage:
     crypto = client.crypto
     return replace(kp, signature=crypto.sign_with_label(client.signature_priv, b"KeyPackageTBS", kp.tbs()))
+
+
+def kp_with_leaf(client: Client, **changes: object) -> KeyPackage:
+    """A KeyPackage of `client` whose leaf has `changes`; leaf and KeyPackage re-signed."""
+    kp = key_package(client)
+    leaf = sign_leaf_node(client.crypto, replace(kp.leaf_node, **changes), client.signature_priv)
+    return resign_kp(client, replace(kp, leaf_node=leaf))
 
 
 def add(kp: KeyPackage) -> ProposalOrRef:
@@ -369,10 +379,8 @@ def test_key_package_leaf_source_must_be_key_package() -> None:
 def test_key_package_unsupported_credential_rejected() -> None:
     ga, gb = make_group(2)
     carol = Client(b"carol")
-    kp = key_package(carol)
-    leaf = replace(kp.leaf_node, capabilities=replace(kp.leaf_node.capabilities, credentials=[2]))
-    leaf = sign_leaf_node(carol.crypto, leaf, carol.signature_priv)
-    kp = resign_kp(carol, replace(kp, leaf_node=leaf))
+    caps = replace(carol.capabilities(), credentials=[2])
+    kp = kp_with_leaf(carol, capabilities=caps)
     rejects(gb, forge_commit(ga, [add(kp)]), ValidationError, "credential type")
 
 
@@ -478,8 +486,6 @@ def test_mutated_welcomes_raise_mls_errors(data: st.DataObject) -> None:
 
 
 def test_key_package_missing_required_capability_rejected() -> None:
-    from mls.extensions import RequiredCapabilities
-
     required = RequiredCapabilities(extension_types=[0x7F02]).to_extension()
     alice, bob = Client(b"alice"), Client(b"bob")
     # Members that support the required extension type.
@@ -498,11 +504,7 @@ def test_key_package_missing_required_capability_rejected() -> None:
 
 def test_leaf_extension_not_in_capabilities_rejected() -> None:
     ga, gb = make_group(2)
-    carol = Client(b"carol")
-    kp = key_package(carol)
-    leaf = replace(kp.leaf_node, extensions=[Extension(0x7F03, b"x")])
-    leaf = sign_leaf_node(carol.crypto, leaf, carol.signature_priv)
-    kp = resign_kp(carol, replace(kp, leaf_node=leaf))
+    kp = kp_with_leaf(Client(b"carol"), extensions=[Extension(0x7F03, b"x")])
     rejects(gb, forge_commit(ga, [add(kp)]), ValidationError, "extension type")
 
 
@@ -584,3 +586,530 @@ def test_external_commit_by_reference_rejected() -> None:
     ref = next(iter(ga._state.proposals))
     message = _forge_external(carol, ga, [commit.proposals[0], ProposalOrRef.by_reference(ref)], commit.path)
     rejects(ga, message, ValidationError, "by reference")
+
+
+# --- further rules: each fed a violating message, error named, group unchanged ------------------
+
+
+def _forge_as(
+    signer_priv: bytes, g: Group, sender: Sender, *, proposal: Proposal | None = None,
+    commit: Commit | None = None, tagged: bool = True,
+) -> bytes:
+    """A PublicMessage in `g`'s epoch from any `sender`, signed with `signer_priv`; members'
+    messages are membership-tagged with `g`'s key (so the sender checks are what is tested)."""
+    state = g._state
+    content = FramedContent(
+        state.context.group_id, state.context.epoch, sender, b"",
+        ContentType.proposal if proposal is not None else ContentType.commit,
+        proposal=proposal, commit=commit,
+    )
+    ac = sign_content(g.crypto, signer_priv, WireFormat.mls_public_message, content, state.context)
+    if commit is not None:
+        ac.auth.confirmation_tag = bytes(g.crypto.hash_length)
+    mt = None
+    if tagged:
+        mt = membership_tag(g.crypto, state.secrets.membership_key, ac, state.context)
+    return MLSMessage(PublicMessage(content, ac.auth, mt)).encode()
+
+
+def _update_leaf(
+    g: Group, index: int, signer: Client | None = None, **changes: object
+) -> Update:
+    """An Update for leaf `index` of `g`'s tree with `changes`, signed by `signer` (default:
+    `g`'s member)."""
+    own = g.tree.leaf_node(index)
+    assert own is not None
+    fields: dict[str, object] = {
+        "encryption_key": g.crypto.hpke_key_pair()[1],
+        "leaf_node_source": LeafNodeSource.update,
+        "lifetime": None,
+        "parent_hash": None,
+    }
+    fields.update(changes)
+    leaf = replace(own, **fields)
+    priv = (signer or g._client).signature_priv
+    return Update(sign_leaf_node(g.crypto, leaf, priv, g.group_id, index))
+
+
+# §7.3 on Update proposals and UpdatePath leaves
+
+
+def test_update_with_key_package_source_rejected() -> None:
+    ga, gb = make_group(2)
+    update = _update_leaf(ga, 0, leaf_node_source=LeafNodeSource.key_package,
+                          lifetime=Lifetime(0, 2**62))
+    rejects(gb, _forge_proposal(ga, Proposal(update)), ValidationError, "leaf_node_source")
+
+
+def test_update_with_another_members_signature_key_rejected() -> None:
+    ga, gb, gc = make_group(3)
+    other = gc.tree.leaf_node(2)
+    assert other is not None
+    # Signed by the other member's key, so that only the uniqueness rule can refuse it.
+    update = _update_leaf(ga, 0, gc._client, signature_key=other.signature_key)
+    rejects(gb, _forge_proposal(ga, Proposal(update)), ValidationError,
+            "signature_key is already used by leaf 2")
+
+
+def test_path_leaf_with_another_members_signature_key_rejected() -> None:
+    ga, gb, gc = make_group(3)
+    commit, _ = real_commit(ga, ga.update)
+    assert commit.path is not None
+    other = gc.tree.leaf_node(2)
+    assert other is not None
+    leaf = replace(commit.path.leaf_node, signature_key=other.signature_key)
+    leaf = sign_leaf_node(ga.crypto, leaf, gc._client.signature_priv, ga.group_id, 0)
+    path = UpdatePath(leaf, commit.path.nodes)
+    rejects(gb, forge_commit(ga, [], path), ValidationError, "signature_key is already used")
+
+
+def test_key_package_leaf_bad_signature_rejected() -> None:
+    ga, gb = make_group(2)
+    carol = Client(b"carol")
+    kp = key_package(carol)
+    kp = resign_kp(carol, replace(kp, leaf_node=replace(kp.leaf_node, signature=bytes(64))))
+    rejects(gb, forge_commit(ga, [add(kp)]), ValidationError, "LeafNode signature")
+
+
+def test_key_package_encryption_key_in_tree_rejected() -> None:
+    ga, gb = make_group(2)
+    member = gb.tree.leaf_node(1)
+    assert member is not None
+    kp = kp_with_leaf(Client(b"carol"), encryption_key=member.encryption_key)
+    rejects(gb, forge_commit(ga, [add(kp)]), ValidationError, "encryption_key")
+
+
+def test_key_package_leaf_with_repeated_extension_type_rejected() -> None:
+    ga, gb = make_group(2)
+    carol = Client(b"carol")
+    caps = replace(carol.capabilities(), extensions=[0x7F04])
+    kp = kp_with_leaf(
+        carol, capabilities=caps, extensions=[Extension(0x7F04, b"a"), Extension(0x7F04, b"b")]
+    )
+    rejects(gb, forge_commit(ga, [add(kp)]), ValidationError, "appears more than once")
+
+
+# §10.1 KeyPackages
+
+
+def test_key_package_wrong_version_rejected() -> None:
+    ga, gb = make_group(2)
+    carol = Client(b"carol")
+    kp = resign_kp(carol, key_package(carol, version=2))
+    rejects(gb, forge_commit(ga, [add(kp)]), ValidationError, "protocol version")
+
+
+def test_key_package_with_repeated_extension_type_rejected() -> None:
+    ga, gb = make_group(2)
+    carol = Client(b"carol")
+    kp = key_package(carol, extensions=[Extension(0x7F05, b""), Extension(0x7F05, b"")])
+    rejects(gb, forge_commit(ga, [add(resign_kp(carol, kp))]), ValidationError,
+            "appears more than once")
+
+
+# §12.2 proposal lists
+
+
+def test_two_updates_from_one_leaf_rejected() -> None:
+    ga, gb, gc = make_group(3)
+    for _ in range(2):
+        proposal = gc.propose_update()
+        ga.process(proposal)
+        gb.process(proposal)
+    refs = [ProposalOrRef.by_reference(ref) for ref in ga._state.proposals]
+    assert len(refs) == 2
+    rejects(gb, forge_commit(ga, refs), ValidationError, "more than one Update or Remove")
+
+
+def test_same_proposal_referenced_twice_rejected() -> None:
+    ga, gb, gc = make_group(3)
+    proposal = gc.propose_remove(1)
+    ga.process(proposal)
+    gb.process(proposal)
+    ref = ProposalOrRef.by_reference(next(iter(ga._state.proposals)))
+    rejects(gb, forge_commit(ga, [ref, ref]), ValidationError, "same proposal twice")
+
+
+def test_reinit_to_unsupported_cipher_suite_rejected() -> None:
+    ga, gb = make_group(2)
+    message = forge_commit(ga, [by_value(Proposal(ReInit(b"new", 1, 0x7F00, [])))])
+    rejects(gb, message, ValidationError, "unsupported cipher suite")
+
+
+def test_reinit_to_older_version_rejected() -> None:
+    ga, gb = make_group(2)
+    message = forge_commit(ga, [by_value(Proposal(ReInit(b"new", 0, 1, [])))])
+    rejects(gb, message, ValidationError, "older protocol version")
+
+
+def test_group_context_extensions_with_unmet_required_capabilities_rejected() -> None:
+    ga, gb = make_group(2)
+    required = RequiredCapabilities(extension_types=[0x7F06]).to_extension()
+    message = forge_commit(ga, [by_value(Proposal(GroupContextExtensions([required])))])
+    rejects(gb, message, ValidationError, "required extension type")
+
+
+def test_group_context_extensions_with_repeated_type_rejected() -> None:
+    ga, gb = make_group(2)
+    gce = GroupContextExtensions([Extension(0x7F07, b""), Extension(0x7F07, b"")])
+    rejects(gb, forge_commit(ga, [by_value(Proposal(gce))]), ValidationError,
+            "appears more than once")
+
+
+def test_new_member_sender_may_only_propose_add() -> None:
+    ga, gb = make_group(2)
+    message = _forge_as(Client(b"x").signature_priv, ga, Sender.new_member_proposal(),
+                        proposal=Proposal(Remove(1)), tagged=False)
+    rejects(gb, message, ValidationError, "can only propose Add")
+
+
+def test_external_sender_update_rejected() -> None:
+    from .test_group_external import group_with_external_sender
+
+    (ga, gb), server = group_with_external_sender()
+    update = _update_leaf(ga, 0)
+    message = _forge_as(server.signature_priv, ga, Sender.external(0), proposal=Proposal(update),
+                        tagged=False)
+    rejects(gb, message, ValidationError, "must come from a member")
+
+
+# §12.4 Commits: who may send one
+
+
+def test_commit_from_blank_leaf_rejected() -> None:
+    ga, gb, _ = make_group(3)
+    message = _forge_as(ga._client.signature_priv, ga, Sender.member(5), commit=Commit([], None))
+    rejects(gb, message, ValidationError, "sender leaf 5 is not a member")
+
+
+def test_commit_from_external_sender_rejected() -> None:
+    from .test_group_external import group_with_external_sender
+
+    (ga, gb), server = group_with_external_sender()
+    message = _forge_as(server.signature_priv, ga, Sender.external(0),
+                        commit=Commit([by_value(Proposal(Remove(1)))], None), tagged=False)
+    rejects(gb, message, ValidationError, "can only send proposals")
+
+
+def test_public_group_applies_the_same_commit_rules() -> None:
+    from mls.public_group import PublicGroup
+
+    ga, gb, gc = make_group(3)
+    proposal = gc.propose_remove(1)
+    ga.process(proposal)
+    pub = PublicGroup.from_group_info(ga.group_info())
+    pub.process(proposal)
+    ref = ProposalOrRef.by_reference(next(iter(ga._state.proposals)))
+    required = RequiredCapabilities(extension_types=[0x7F06]).to_extension()
+    cases = [
+        (forge_commit(ga, [ref, ref]), "same proposal twice"),
+        (forge_commit(ga, [by_value(Proposal(ReInit(b"new", 1, 0x7F00, [])))]),
+         "unsupported cipher suite"),
+        (forge_commit(ga, [by_value(Proposal(GroupContextExtensions([required])))]),
+         "required extension type"),
+        (_forge_as(ga._client.signature_priv, ga, Sender.member(5), commit=Commit([], None)),
+         "sender leaf 5 is not a member"),
+    ]
+    before = pub.to_bytes()
+    for message, match in cases:
+        with pytest.raises(ValidationError, match=match):
+            pub.process(message)
+        assert pub.to_bytes() == before
+
+
+# §12.4.3.1 / §12.4.3.2: Welcomes and GroupInfos; a refused join consumes no KeyPackage
+
+
+def _reseal_welcome(
+    opener: Client,
+    welcome: bytes,
+    group_info: GroupInfo,
+    recipients: list[KeyPackage],
+    group_secrets: GroupSecrets | None = None,
+    resumption_psks: dict[tuple[bytes, int], bytes] | None = None,
+) -> bytes:
+    """`welcome` with its GroupInfo replaced by `group_info` and its GroupSecrets (or
+    `group_secrets`) encrypted to each of `recipients`; the GroupInfo is encrypted under the
+    welcome secret of the GroupSecrets sent."""
+    crypto = opener.crypto
+    psks = resumption_psks or {}
+    gs, _, psk_secret, _, _, _ = Group.open_welcome(opener, welcome, resumption_psks=psks)
+    if group_secrets is not None:
+        gs = group_secrets
+        pairs = [(pid.encode(), psks[(pid.psk_group_id, pid.psk_epoch)]) for pid in gs.psks]
+        psk_secret = derive_psk_secret(crypto, pairs)
+    welcome_secret = derive_welcome_secret(crypto, gs.joiner_secret, psk_secret)
+    key, nonce = welcome_key_and_nonce(crypto, welcome_secret)
+    encrypted_group_info = crypto.aead_seal(key, nonce, b"", group_info.encode())
+    secrets = []
+    for kp in recipients:
+        kem_output, ct = crypto.encrypt_with_label(
+            kp.init_key, b"Welcome", encrypted_group_info, gs.encode()
+        )
+        ref = crypto.make_key_package_ref(kp.encode())
+        secrets.append(EncryptedGroupSecrets(ref, HPKECiphertext(kem_output, ct)))
+    w = MLSMessage.decode(welcome).welcome
+    return MLSMessage(Welcome(w.cipher_suite, secrets, encrypted_group_info)).encode()
+
+
+def _welcome_for(joiner: Client) -> tuple[Group, bytes, KeyPackage]:
+    ga = make_group(2)[0]
+    kp_bytes = joiner.key_package()
+    welcome = ga.add([kp_bytes]).welcome
+    ga.discard_pending_commit()
+    assert welcome is not None
+    return ga, welcome, MLSMessage.decode(kp_bytes).key_package
+
+
+def refuses_join(
+    joiner: Client,
+    welcome: bytes,
+    error: type[MLSError],
+    match: str,
+    previous: Group | None = None,
+    resumption_psks: dict[tuple[bytes, int], bytes] | None = None,
+) -> None:
+    refs = joiner.key_package_refs()
+    with pytest.raises(error, match=match):
+        Group.join(joiner, welcome, previous=previous, resumption_psks=resumption_psks)
+    assert joiner.key_package_refs() == refs
+
+
+def test_welcome_with_bad_group_info_signature_rejected() -> None:
+    dave = Client(b"dave")
+    _, welcome, kp = _welcome_for(dave)
+    gi = Group.open_welcome(dave, welcome)[1]
+    forged = _reseal_welcome(dave, welcome, replace(gi, signature=bytes(len(gi.signature))), [kp])
+    refuses_join(dave, forged, CryptoError, "GroupInfo signature")
+    # Resealing the real GroupInfo gives a Welcome that works: the forging itself is sound.
+    Group.join(dave, _reseal_welcome(dave, welcome, gi, [kp]))
+
+
+def test_welcome_with_bad_confirmation_tag_rejected() -> None:
+    dave = Client(b"dave")
+    ga, welcome, kp = _welcome_for(dave)
+    gi = Group.open_welcome(dave, welcome)[1]
+    assert gi.signer == ga.leaf_index  # re-signed by its real signer: only the tag is wrong
+    bad = replace(gi, confirmation_tag=bytes(len(gi.confirmation_tag)))
+    bad.signature = ga.crypto.sign_with_label(ga._client.signature_priv, b"GroupInfoTBS", bad.tbs())
+    refuses_join(dave, _reseal_welcome(dave, welcome, bad, [kp]), CryptoError, "confirmation_tag")
+
+
+def test_welcome_to_a_key_package_not_in_the_tree_rejected() -> None:
+    dave, eve = Client(b"dave"), Client(b"eve")
+    _, welcome, _ = _welcome_for(dave)
+    gi = Group.open_welcome(dave, welcome)[1]
+    eve_kp = MLSMessage.decode(eve.key_package()).key_package
+    forged = _reseal_welcome(dave, welcome, gi, [eve_kp])
+    refuses_join(eve, forged, ValidationError, "does not hold this client's KeyPackage leaf")
+
+
+def test_welcome_of_another_cipher_suite_rejected() -> None:
+    dave = Client(b"dave")
+    _, welcome, _ = _welcome_for(dave)
+    w = MLSMessage.decode(welcome).welcome
+    other = MLSMessage(replace(w, cipher_suite=2)).encode()
+    refuses_join(dave, other, ValidationError, "the Welcome uses cipher suite 2")
+
+
+def test_welcome_without_a_tree_rejected() -> None:
+    alice, dave = Client(b"alice"), Client(b"dave")
+    ga = Group.create(alice, ratchet_tree_extension=False)
+    welcome = ga.add([dave.key_package()]).welcome
+    assert welcome is not None
+    refuses_join(dave, welcome, ValidationError, "no ratchet_tree extension")
+
+
+def test_external_join_needs_external_pub() -> None:
+    ga, _ = make_group(2)
+    before = snapshot(ga)
+    with pytest.raises(ValidationError, match="external_pub"):
+        Group.join_external(Client(b"carol"), ga.group_info(external_pub=False))
+    assert snapshot(ga) == before
+
+
+def test_welcome_with_blank_signer_rejected() -> None:
+    dave = Client(b"dave")
+    _, welcome, kp = _welcome_for(dave)
+    gi = Group.open_welcome(dave, welcome)[1]
+    forged = _reseal_welcome(dave, welcome, replace(gi, signer=7), [kp])
+    refuses_join(dave, forged, ValidationError, "signer leaf 7 is blank")
+
+
+# §7.3 credential types: every member supports the new leaf's, the new leaf supports the group's
+
+
+def _with_capabilities(client: Client, credentials: list[int]) -> Client:
+    caps = replace(client.capabilities(), credentials=credentials)
+    client.capabilities = lambda: caps  # type: ignore[method-assign]
+    return client
+
+
+def test_key_package_credential_type_unsupported_by_members_rejected() -> None:
+    ga, gb = make_group(2)  # members support basic credentials only
+    carol = _with_capabilities(Client(b"carol", credential=Credential.x509([b"cert"])), [1, 2])
+    rejects(gb, forge_commit(ga, [add(key_package(carol))]), ValidationError,
+            "credential type 2 is not supported by all members")
+
+
+def test_key_package_not_supporting_a_credential_type_in_use_rejected() -> None:
+    alice = _with_capabilities(Client(b"alice", credential=Credential.x509([b"cert"])), [1, 2])
+    bob = _with_capabilities(Client(b"bob"), [1, 2])
+    ga = Group.create(alice)
+    welcome = ga.add([bob.key_package()]).welcome
+    ga.merge_pending_commit()
+    assert welcome is not None
+    gb = Group.join(bob, welcome)
+    carol = Client(b"carol")  # supports basic only; alice's credential is x509
+    rejects(gb, forge_commit(ga, [add(key_package(carol))]), ValidationError,
+            "does not support credential type 2 used in the group")
+
+
+def test_add_proposal_with_a_parent_nodes_encryption_key_rejected() -> None:
+    ga, gb, gc = make_group(3)
+    result = ga.update()
+    ga.merge_pending_commit()
+    gb.process(result.commit)
+    parent = next(n for x, n in enumerate(gb.tree.nodes) if x % 2 == 1 and n is not None)
+    kp = kp_with_leaf(Client(b"carol"), encryption_key=parent.encryption_key)
+    rejects(gb, _forge_proposal(ga, Proposal(Add(kp))), ValidationError,
+            "encryption_key already appears in the ratchet tree")
+
+
+# §12.2 / §11.1: required_capabilities set by GroupContextExtensions
+
+
+@pytest.mark.parametrize(
+    ("required", "match"),
+    [
+        (RequiredCapabilities(proposal_types=[0x7F10]), "required proposal type"),
+        (RequiredCapabilities(credential_types=[2]), "required credential type"),
+    ],
+    ids=["proposal_type", "credential_type"],
+)
+def test_group_context_extensions_requiring_unsupported_types_rejected(
+    required: RequiredCapabilities, match: str
+) -> None:
+    ga, gb = make_group(2)
+    gce = GroupContextExtensions([required.to_extension()])
+    rejects(gb, forge_commit(ga, [by_value(Proposal(gce))]), ValidationError, match)
+
+
+# §12.1.8, §12.4: who may send what
+
+
+def test_external_init_proposal_rejected() -> None:
+    ga, gb = make_group(2)
+    rejects(gb, _forge_proposal(ga, Proposal(ExternalInit(b"kem"))), ValidationError,
+            "ExternalInit may only appear by value in an external Commit")
+
+
+def test_new_member_commit_sender_cannot_propose() -> None:
+    ga, gb = make_group(2)
+    message = _forge_as(Client(b"x").signature_priv, ga, Sender.new_member_commit(),
+                        proposal=Proposal(Remove(1)), tagged=False)
+    rejects(gb, message, ValidationError, "can only send a Commit")
+
+
+# §6.2 on the public view
+
+
+def test_public_group_refuses_public_application_data() -> None:
+    from mls.public_group import PublicGroup
+
+    ga, _ = make_group(2)
+    pub = PublicGroup.from_group_info(ga.group_info())
+    before = pub.to_bytes()
+    state = ga._state
+    content = FramedContent(ga.group_id, ga.epoch, Sender.member(0), b"",
+                            ContentType.application, application_data=b"x")
+    ac = sign_content(ga.crypto, ga._client.signature_priv, WireFormat.mls_public_message,
+                      content, state.context)
+    tag = membership_tag(ga.crypto, state.secrets.membership_key, ac, state.context)
+    with pytest.raises(ValidationError, match="application data must be sent as a PrivateMessage"):
+        pub.process(MLSMessage(PublicMessage(content, ac.auth, tag)).encode())
+    assert pub.to_bytes() == before
+
+
+# §12.4.3.1: a Welcome with a reinit or branch PSK, checked against the group it continues
+
+
+def _special_welcome(
+    creator: Group, previous: Group, usage: ResumptionPSKUsage, key_packages: list[bytes],
+    extra_epochs: int = 0,
+) -> bytes:
+    """A Welcome of a new group by `creator`'s client carrying a `usage` resumption PSK of
+    `previous`'s epoch; `extra_epochs` empty commits first move the new group past epoch 0."""
+    new = Group.create(creator.client, b"new-group")
+    for _ in range(extra_epochs):
+        new.update()
+        new.merge_pending_commit()
+    new.add_resumption_psk(previous.group_id, previous.epoch, previous.resumption_psk())
+    pid = PreSharedKeyID.resumption(
+        usage, previous.group_id, previous.epoch, new.crypto.random_secret()
+    )
+    kps = [MLSMessage.decode(kp).key_package for kp in key_packages]
+    welcome = new._commit_with_special_psk(pid, kps).welcome
+    assert welcome is not None
+    return welcome
+
+
+def test_branch_welcome_with_an_outsider_rejected() -> None:
+    ga, gb = make_group(2)
+    welcome = _special_welcome(ga, ga, ResumptionPSKUsage.branch,
+                               [gb.client.key_package(), Client(b"outsider").key_package()])
+    refuses_join(gb.client, welcome, ValidationError, "may only hold members", previous=gb)
+
+
+def test_branch_welcome_naming_another_group_rejected() -> None:
+    ga, gb = make_group(2)
+    other = Group.create(gb.client, b"other")
+    welcome = _special_welcome(ga, ga, ResumptionPSKUsage.branch, [gb.client.key_package()])
+    psks = {(ga.group_id, ga.epoch): ga.resumption_psk()}
+    refuses_join(gb.client, welcome, ValidationError, "names another group", previous=other,
+                 resumption_psks=psks)
+
+
+def test_reinit_welcome_without_a_reinit_rejected() -> None:
+    ga, gb = make_group(2)
+    welcome = _special_welcome(ga, ga, ResumptionPSKUsage.reinit, [gb.client.key_package()])
+    refuses_join(gb.client, welcome, ValidationError, "held no ReInit", previous=gb)
+
+
+def test_reinit_welcome_dropping_a_member_rejected() -> None:
+    ga, gb, gc = make_group(3)
+    result = ga.reinit(group_id=b"new-group")
+    ga.merge_pending_commit()
+    gb.process(result.commit)
+    welcome = _special_welcome(ga, ga, ResumptionPSKUsage.reinit, [gb.client.key_package()])
+    refuses_join(gb.client, welcome, ValidationError, "member of the reinitialised group is missing",
+                 previous=gb)
+
+
+def test_branch_welcome_past_epoch_one_rejected() -> None:
+    ga, gb = make_group(2)
+    welcome = _special_welcome(ga, ga, ResumptionPSKUsage.branch, [gb.client.key_package()],
+                               extra_epochs=1)
+    refuses_join(gb.client, welcome, ValidationError, "must be at epoch 1", previous=gb)
+
+
+def test_welcome_with_short_joiner_secret_rejected() -> None:
+    dave = Client(b"dave")
+    _, welcome, kp = _welcome_for(dave)
+    gs, gi = Group.open_welcome(dave, welcome)[:2]
+    forged = _reseal_welcome(dave, welcome, gi, [kp], replace(gs, joiner_secret=b"short"))
+    refuses_join(dave, forged, ValidationError, "joiner_secret has the wrong length")
+
+
+def test_welcome_with_two_branch_psks_rejected() -> None:
+    ga, gb = make_group(2)
+    kp_bytes = gb.client.key_package()
+    welcome = _special_welcome(ga, ga, ResumptionPSKUsage.branch, [kp_bytes])
+    psks = {(ga.group_id, ga.epoch): ga.resumption_psk()}
+    gs, gi = Group.open_welcome(gb.client, welcome, resumption_psks=psks)[:2]
+    (pid,) = gs.psks
+    second = replace(pid, psk_nonce=ga.crypto.random_secret())
+    forged = _reseal_welcome(gb.client, welcome, gi, [MLSMessage.decode(kp_bytes).key_package],
+                             replace(gs, psks=[pid, second]), psks)
+    refuses_join(gb.client, forged, ValidationError, "at most one reinit or branch PSK",
+                 previous=gb)

@@ -1,0 +1,121 @@
+"""One epoch of a group's state (`EpochState`), the committer's pending Commit, and the
+bookkeeping of the private tree keys."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .group_context import GroupContext
+from .group_types import PendingProposal
+from .key_schedule import EpochSecrets
+from .proposals import ReInit
+from .ratchet_tree import RatchetTree
+from .secret_tree import SecretTree
+from .treekem import TreeKEMPrivateState
+
+# How many past epochs' resumption PSKs a group keeps (§8.6) for PSK proposals and branching.
+RESUMPTION_PSK_EPOCHS = 8
+
+
+class EpochState:
+    """One epoch of group state. `clone()` gives a copy that can be changed independently."""
+
+    __slots__ = (
+        "context",
+        "tree",
+        "private_state",
+        "leaf_index",
+        "secrets",
+        "secret_tree",
+        "interim_transcript_hash",
+        "proposals",
+        "own_update_privs",
+        "resumption_psks",
+        "reinit",
+        "active",
+        "sent_proposals",
+    )
+
+    def __init__(
+        self,
+        context: GroupContext,
+        tree: RatchetTree,
+        private_state: TreeKEMPrivateState | None,
+        leaf_index: int,
+        secrets: EpochSecrets,
+        interim_transcript_hash: bytes,
+    ) -> None:
+        self.context = context
+        self.tree = tree
+        # This member's HPKE keys for its leaf and the parent nodes it knows (§4.2); None in a
+        # state without secrets. Immutable: a change puts a new object here.
+        self.private_state = private_state
+        self.leaf_index = leaf_index
+        self.secrets = secrets
+        self.secret_tree = SecretTree(secrets.crypto, secrets.encryption_secret, tree.n_leaves)
+        self.interim_transcript_hash = interim_transcript_hash
+        self.proposals: dict[bytes, PendingProposal] = {}
+        # encryption_key -> private key of leaves proposed in my own Update proposals.
+        self.own_update_privs: dict[bytes, bytes] = {}
+        self.resumption_psks: dict[int, bytes] = {context.epoch: secrets.resumption_psk}
+        self.reinit: ReInit | None = None
+        self.active = True
+        # MLSMessage bytes of proposals this member sent in this epoch -> their reference.
+        self.sent_proposals: dict[bytes, bytes] = {}
+
+    def __repr__(self) -> str:
+        return f"EpochState(epoch={self.context.epoch}, leaf_index={self.leaf_index})"
+
+    @classmethod
+    def public(
+        cls, context: GroupContext, tree: RatchetTree, interim_transcript_hash: bytes
+    ) -> EpochState:
+        """A state without secrets: for external joiners and the PublicGroup."""
+        new = cls.__new__(cls)
+        new.context = context
+        new.tree = tree
+        new.private_state = None
+        new.leaf_index = -1
+        new.secrets = None  # type: ignore[assignment]
+        new.secret_tree = None  # type: ignore[assignment]
+        new.interim_transcript_hash = interim_transcript_hash
+        new.proposals = {}
+        new.own_update_privs = {}
+        new.resumption_psks = {}
+        new.reinit = None
+        new.active = True
+        new.sent_proposals = {}
+        return new
+
+    def clone(self) -> EpochState:
+        new = EpochState.__new__(EpochState)
+        new.context = self.context
+        new.tree = self.tree.copy()
+        new.private_state = self.private_state
+        new.leaf_index = self.leaf_index
+        new.secrets = self.secrets
+        new.secret_tree = self.secret_tree
+        new.interim_transcript_hash = self.interim_transcript_hash
+        new.proposals = dict(self.proposals)
+        new.own_update_privs = dict(self.own_update_privs)
+        new.resumption_psks = dict(self.resumption_psks)
+        new.reinit = self.reinit
+        new.active = self.active
+        new.sent_proposals = dict(self.sent_proposals)
+        return new
+
+
+@dataclass(slots=True)
+class PendingCommit:
+    state: EpochState = field(repr=False)
+    message: bytes = field(repr=False)
+    welcome: bytes | None = field(repr=False)
+    # The encoded GroupInfo, or a function that builds it on first use.
+    _group_info: bytes | Callable[[], bytes] = field(repr=False)
+
+    @property
+    def group_info(self) -> bytes:
+        if callable(self._group_info):
+            self._group_info = self._group_info()
+        return self._group_info

@@ -1,0 +1,73 @@
+"""Checking a received GroupInfo (RFC 9420 §12.4.3.1): its signature, its confirmation tag, and
+the ratchet tree it comes with. Used by `Group` (joins by Welcome and external Commit) and by the
+secret-free `PublicGroup`."""
+
+from __future__ import annotations
+
+import hmac
+
+from .crypto import Crypto
+from .errors import CryptoError, ValidationError
+from .extensions import ExtensionType, check_unique_extension_types, find_extension
+from .key_schedule import EpochSecrets
+from .leaf_validation import validate_ratchet_tree
+from .proposal_validation import required_capabilities
+from .ratchet_tree import RatchetTree
+from .tree_nodes import decode_ratchet_tree
+from .welcome import GroupInfo
+
+__all__ = [
+    "verified_ratchet_tree",
+    "verify_group_info_confirmation",
+    "verify_group_info_signature",
+]
+
+
+def verify_group_info_signature(crypto: Crypto, gi: GroupInfo, signer_pub: bytes) -> None:
+    if not crypto.verify_with_label(signer_pub, b"GroupInfoTBS", gi.tbs(), gi.signature):
+        raise CryptoError("invalid GroupInfo signature")
+
+
+def verify_group_info_confirmation(
+    crypto: Crypto, gi: GroupInfo, joiner_secret: bytes, psk_secret: bytes
+) -> EpochSecrets:
+    """The epoch's secrets from joiner_secret, after checking GroupInfo.confirmation_tag."""
+    context = gi.group_context
+    secrets = EpochSecrets.from_joiner_secret(crypto, joiner_secret, context.encode(), psk_secret)
+    if not hmac.compare_digest(
+        secrets.confirmation_tag(context.confirmed_transcript_hash), gi.confirmation_tag
+    ):
+        raise CryptoError("invalid GroupInfo confirmation_tag")
+    return secrets
+
+
+def verified_ratchet_tree(
+    crypto: Crypto, gi: GroupInfo, ratchet_tree: bytes | None, *, now: int | None
+) -> RatchetTree:
+    """The GroupInfo's ratchet tree (`ratchet_tree` out of band, else its extension) once the
+    GroupInfo's signature and the whole tree are valid (§12.4.3.1). `now` checks the leaves'
+    lifetimes; None skips that check."""
+    context = gi.group_context
+    check_unique_extension_types(gi.extensions, "GroupInfo.extensions")
+    ext = find_extension(gi.extensions, ExtensionType.ratchet_tree)
+    if ratchet_tree is not None:
+        nodes = decode_ratchet_tree(bytes(ratchet_tree))
+    elif ext is not None:
+        nodes = decode_ratchet_tree(ext.extension_data)
+    else:
+        raise ValidationError(
+            "the GroupInfo carries no ratchet_tree extension: pass the tree out of band"
+        )
+    tree = RatchetTree(crypto, nodes)
+    signer = tree.leaf_node(gi.signer)
+    if signer is None:
+        raise ValidationError(f"the GroupInfo signer leaf {gi.signer} is blank")
+    verify_group_info_signature(crypto, gi, signer.signature_key)
+    validate_ratchet_tree(
+        tree,
+        group_id=context.group_id,
+        tree_hash=context.tree_hash,
+        now=now,
+        required_capabilities=required_capabilities(context.extensions),
+    )
+    return tree
