@@ -55,7 +55,6 @@ KID = 0x53
 # sender starts here, so that its headers are 4 bytes like those of a running call.
 AUDIO_CTR = 3000
 METADATA = b"\x9d"  # e.g. a one-byte clear codec prefix, authenticated
-VARIANTS = ("raw_seal", "seal", "seal_into", "raw_open", "open")
 
 
 def calls_per_round(size: int) -> int:
@@ -69,6 +68,24 @@ def timed(run: Callable[[], None], calls: int) -> float:
     start = time.perf_counter_ns()
     run()
     return (time.perf_counter_ns() - start) / calls / 1000
+
+
+def rounds_of(
+    runs: dict[str, Callable[[], None]], calls: int, rounds: int, before_round: Callable[[], None]
+) -> dict[str, list[float]]:
+    """Per-call times of every run, one list entry per timed round (after one warm-up round).
+
+    Every other round runs them in reverse order, so that no run always follows the same other
+    one (and finds the caches as that one left them). `before_round` runs outside the clock."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs)
+    for round_ in range(rounds + 1):  # round 0 warms up
+        before_round()
+        for name in order if round_ % 2 else order[::-1]:
+            t = timed(runs[name], calls)
+            if round_:
+                times[name].append(t)
+    return times
 
 
 def measure(suite: CipherSuite, size: int, calls: int, rounds: int) -> dict[str, list[float]]:
@@ -131,16 +148,7 @@ def measure(suite: CipherSuite, size: int, calls: int, rounds: int) -> dict[str,
         "raw_open": raw_open,
         "open": open_,
     }
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    for round_ in range(rounds + 1):  # round 0 warms up
-        fresh_receiver()
-        # Every other round runs the variants in reverse order, so that no variant always
-        # follows the same other one (and finds the caches as that one left them).
-        for name in VARIANTS if round_ % 2 else VARIANTS[::-1]:
-            t = timed(runs[name], calls)
-            if round_:
-                times[name].append(t)
-    return times
+    return rounds_of(runs, calls, rounds, fresh_receiver)
 
 
 class _Group:
@@ -204,15 +212,7 @@ def measure_transform(mime: str, size: int, calls: int, rounds: int) -> dict[str
         decrypt_frame(frames[0], mime)
 
     runs = {"raw_seal": raw_seal, "seal": seal, "raw_open": raw_open, "open": open_}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    order = list(runs)
-    for round_ in range(rounds + 1):
-        fresh_receiver()
-        for name in order if round_ % 2 else order[::-1]:
-            t = timed(runs[name], calls)
-            if round_:
-                times[name].append(t)
-    return times
+    return rounds_of(runs, calls, rounds, fresh_receiver)
 
 
 def paired(times: dict[str, list[float]], name: str, ref: str) -> tuple[float, float]:
@@ -224,12 +224,24 @@ def paired(times: dict[str, list[float]], name: str, ref: str) -> tuple[float, f
     )
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    def integer(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return integer
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (smoke run)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 51)")
+    parser.add_argument("--rounds", type=at_least(1), default=None, help="timed rounds (def. 51)")
     parser.add_argument("--gcm", action="store_true", help="only the GCM suites")
-    parser.add_argument("--sizes", type=int, nargs="+", default=SIZES, help="frame sizes")
+    parser.add_argument(
+        "--sizes", type=at_least(0), nargs="+", default=SIZES, help="frame sizes in bytes"
+    )
     args = parser.parse_args()
     rounds = args.rounds or (5 if args.quick else 51)
     suites = [s for s in CipherSuite if not (args.gcm and suite_params(s).is_ctr_hmac)]

@@ -168,7 +168,7 @@ class _DecryptingQueue(queue.Queue):  # type: ignore[type-arg]
             super().put(None, block, timeout)
             return
         codec, jitter_frame = item
-        ready = self.decryptor.push(item, jitter_frame.data, codec.mimeType.lower())
+        ready = self.decryptor.push(item, jitter_frame.data, codec.mimeType)
         for (ready_codec, ready_frame), plaintext in ready:
             ready_frame.data = plaintext
             super().put((ready_codec, ready_frame), block, timeout)

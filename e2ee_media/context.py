@@ -110,8 +110,12 @@ class SendKeyContext:
 
     @next_counter.setter
     def next_counter(self, value: int) -> None:
-        if value < 0:
-            raise ValueError("a CTR is never negative")
+        """Skip ahead (e.g. to a CTR restored from storage, RFC 9605 §9.1); never back."""
+        if value < self.next_counter:
+            raise ValueError(
+                f"KID {self.kid:#x} has used CTRs up to {self.next_counter - 1}; moving back to "
+                f"{value} would reuse a nonce"
+            )
         self._counter = itertools.count(value)
 
     def _exhausted(self) -> CounterExhausted:
@@ -230,14 +234,16 @@ def _too_short(body: int, nt: int) -> MalformedFrame:
 
 
 KeyResolver = Callable[[int], "RecvKeyContext | None"]
-"""Called with a KID that has no receive key; may return one (it is then stored) or None."""
+"""Called with a KID that has no receive key; may return one or None. The key is stored only
+once a frame under it authenticates: KIDs are attacker-chosen, so forged frames must not make
+the context grow."""
 
 
 class SFrameContext:
     """One SFrame context: a cipher suite and the KIDs known in it (RFC 9605 Appendix A).
 
     `resolver`, if given, supplies receive keys for KIDs not added explicitly (the MLS key
-    schedule derives per-sender keys on demand this way).
+    schedule derives per-sender keys on demand this way); see `KeyResolver`.
     """
 
     def __init__(
@@ -249,6 +255,10 @@ class SFrameContext:
         resolver: KeyResolver | None = None,
     ) -> None:
         self.params = suite_params(cipher_suite)
+        if replay_window < 1:
+            raise ValueError(f"replay_window must be at least 1 frame, got {replay_window}")
+        if not 0 <= max_counter <= MAX_VALUE:
+            raise ValueError(f"max_counter must be between 0 and 2^64-1, got {max_counter}")
         self.cipher_suite = self.params.suite
         self.replay_window = replay_window
         self.max_counter = max_counter
@@ -367,8 +377,10 @@ class SFrameContext:
             ctr = config & 0x7
         try:
             key = self.recv_keys[kid]
+            resolved = False
         except KeyError:
             key = self._resolve(kid)
+            resolved = True
         window = key.window
         top = window.top
         if ctr <= top:
@@ -416,6 +428,8 @@ class SFrameContext:
             window.top = ctr
         else:
             window.accept(ctr)
+        if resolved:
+            self.recv_keys[kid] = key
         return plaintext if out is None else end
 
     def decrypt_into(
@@ -437,7 +451,6 @@ class SFrameContext:
         key = self.resolver(kid) if self.resolver is not None else None
         if key is None:
             raise UnknownKeyId(kid)
-        self.recv_keys[kid] = key
         return key
 
     @staticmethod

@@ -48,32 +48,30 @@ def decode_header(data: bytes | bytearray | memoryview) -> tuple[int, int, int]:
     config = data[0]
     pos = 1
     if config & 0x80:
-        kid_len = ((config >> 4) & 0x7) + 1
-        end = pos + kid_len
-        if len(data) < end:
-            raise MalformedFrame(
-                f"SFrame header: KID needs {kid_len} bytes, only {len(data) - pos} present"
-            )
-        kid = int.from_bytes(data[pos:end], "big")
-        if kid < 8 or data[pos] == 0:
-            raise MalformedFrame("SFrame header: KID is not minimally encoded")
-        pos = end
+        kid, pos = _decode_extended(data, pos, config >> 4, "KID")
     else:
         kid = (config >> 4) & 0x7
     if config & 0x08:
-        ctr_len = (config & 0x7) + 1
-        end = pos + ctr_len
-        if len(data) < end:
-            raise MalformedFrame(
-                f"SFrame header: CTR needs {ctr_len} bytes, only {len(data) - pos} present"
-            )
-        ctr = int.from_bytes(data[pos:end], "big")
-        if ctr < 8 or data[pos] == 0:
-            raise MalformedFrame("SFrame header: CTR is not minimally encoded")
-        pos = end
+        ctr, pos = _decode_extended(data, pos, config, "CTR")
     else:
         ctr = config & 0x7
     return kid, ctr, pos
+
+
+def _decode_extended(
+    data: bytes | bytearray | memoryview, pos: int, nibble: int, name: str
+) -> tuple[int, int]:
+    """The value of `nibble & 7` + 1 bytes at `pos`, and the position after them."""
+    length = (nibble & 0x7) + 1
+    end = pos + length
+    if len(data) < end:
+        raise MalformedFrame(
+            f"SFrame header: {name} needs {length} bytes, only {len(data) - pos} present"
+        )
+    value = int.from_bytes(data[pos:end], "big")
+    if value < 8 or data[pos] == 0:
+        raise MalformedFrame(f"SFrame header: {name} is not minimally encoded")
+    return value, end
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,9 @@ Transitions: the sender switches to the new epoch's keys at once; a receiver kee
 epochs for `grace_period` seconds, picks the key by the KID's epoch bits, then deletes them. An
 older epoch with the same low E bits as a new one is dropped when the new one arrives (§5.2).
 
+Every member can derive every member's keys from base_key, so a frame that decrypts proves it
+came from a member of that epoch, not from the member its KID names (RFC 9605 §7.2).
+
 This module needs only a group's exporter, epoch, leaf index and member list (`ExporterGroup`).
 """
 
@@ -79,13 +82,15 @@ def index_bits(group_size: int) -> int:
 
 @dataclass
 class EpochKeys:
-    """One epoch's SFrame state: its base_key (until the epoch is deleted) and derived KIDs."""
+    """One epoch's SFrame state: its base_key (until the epoch is deleted) and senders.
+
+    Its receive keys are the SFrame context's KIDs with this epoch's low E bits (a slot holds one
+    epoch at a time)."""
 
     epoch: int
     index_bits: int
     senders: frozenset[int]
     base_key: bytes = field(repr=False)
-    recv_kids: set[int] = field(default_factory=set)
     expires_at: float | None = None  # set when a newer epoch arrives
 
 
@@ -204,7 +209,7 @@ class MLSKeyManager:
             self.current.expires_at = now + self.grace_period
         slot = epoch % (1 << self.epoch_bits)
         if slot in self._epochs:
-            self._drop(self._epochs.pop(slot))  # same low E bits: the RFC says remove it now
+            self._drop(slot, self._epochs.pop(slot))  # same low E bits: the RFC says remove it now
         keys = EpochKeys(epoch, s, senders, base_key)
         self._epochs[slot] = keys
         self.current = keys
@@ -220,7 +225,7 @@ class MLSKeyManager:
             if keys.expires_at is None:
                 continue
             if keys.expires_at <= now:
-                self._drop(self._epochs.pop(slot))
+                self._drop(slot, self._epochs.pop(slot))
             elif next_expiry is None or keys.expires_at < next_expiry:
                 next_expiry = keys.expires_at
         self._next_expiry = next_expiry
@@ -228,10 +233,10 @@ class MLSKeyManager:
     def _retiring(self) -> bool:
         return any(keys.expires_at is not None for keys in self._epochs.values())
 
-    def _drop(self, keys: EpochKeys) -> None:
-        for kid in keys.recv_kids:
+    def _drop(self, slot: int, keys: EpochKeys) -> None:
+        mask = (1 << self.epoch_bits) - 1
+        for kid in [kid for kid in self.sframe.recv_keys if kid & mask == slot]:
             self.sframe.remove_key(kid)
-        keys.recv_kids.clear()
         keys.base_key = b""
 
     def _resolve(self, kid: int) -> RecvKeyContext | None:
@@ -242,7 +247,6 @@ class MLSKeyManager:
         _, sender, _ = self.split_kid(kid, keys.index_bits)
         if sender not in keys.senders:
             return None
-        keys.recv_kids.add(kid)
         return RecvKeyContext(self.params, kid, keys.base_key, self.sframe.replay_window)
 
     # --- Frames --------------------------------------------------------------------------------
@@ -317,8 +321,8 @@ class MLSKeyManager:
         )
 
     def sender_of(self, ciphertext: bytes | bytearray | memoryview) -> tuple[int, int] | None:
-        """``(epoch, sender leaf index)`` named by a frame's KID, if its epoch is retained. Not
-        authenticated until `decrypt` succeeds."""
+        """``(epoch, sender leaf index)`` named by a frame's KID, if its epoch is retained. Once
+        `decrypt` succeeds the epoch is authenticated; the sender only as some member of it."""
         kid, _, _ = decode_header(ciphertext)
         keys = self._epochs.get(kid & ((1 << self.epoch_bits) - 1))
         if keys is None:

@@ -1,4 +1,4 @@
-"""A per-KID anti-replay window over SFrame CTR values (RFC 9605 §9.4 and §7.3, adapting the
+"""A per-KID anti-replay window over SFrame CTR values (RFC 9605 §9.3 and §7.4, adapting the
 sliding window of RFC 3711 §3.3.2 with CTR as the index)."""
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ class FrameDecryptor:
 
     `push` keeps frames in order and lets a frame whose KID names the *next* epoch (the sender
     processed a commit before we did) wait up to `holdback` seconds for its keys, so that a key
-    rotation loses no frame (RFC 9605 §4.4.3 allows buffering on a missing key). It needs
+    rotation loses no frame (RFC 9605 §4.4.4 allows buffering on a missing key). It needs
     `keys.awaits_kid(kid)` (`MLSKeyManager` has it); without it nothing waits.
     """
 
@@ -158,9 +158,10 @@ class FrameDecryptor:
         return len(self._pending)
 
     def decrypt_frame(self, data: bytes, mime_type: str) -> bytes | bytearray:
-        """The plaintext frame; raises (and counts) an `SFrameError` if it cannot be had."""
+        """The plaintext frame; raises (and counts) an `SFrameError` if it cannot be had.
+        `mime_type` is case-insensitive, as in `FrameEncryptor`."""
         try:
-            out = self._decrypt(data, mime_type)
+            out = self._decrypt(data, mime_type.lower())
         except SFrameError as exc:
             self._fail(exc)
             raise
@@ -170,7 +171,7 @@ class FrameDecryptor:
     def push(self, item: T, data: bytes, mime_type: str) -> list[tuple[T, bytes | bytearray]]:
         """Queue one frame; return the ``(item, plaintext)`` pairs ready now, in arrival order.
         Frames that fail are counted, reported to `on_failure` and left out."""
-        self._pending.append((self.clock() + self.holdback, item, data, mime_type))
+        self._pending.append((self.clock() + self.holdback, item, data, mime_type.lower()))
         ready = self.drain()
         if self._pending and self._pending[-1][1] is item:
             self.stats.frames_held += 1

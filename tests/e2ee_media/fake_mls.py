@@ -1,5 +1,6 @@
-"""A stand-in for `mls.Group` in the key-schedule tests: only the exporter, epoch, leaf index and
-member list, with one random exporter secret per epoch shared by that epoch's members."""
+"""Stand-ins for the key-schedule and transform tests: an `mls.Group` with only the exporter,
+epoch, leaf index and member list (one random exporter secret per epoch, shared by that epoch's
+members), and a clock that moves only when a test says so."""
 
 from __future__ import annotations
 
@@ -43,3 +44,13 @@ class FakeGroup:
         return hashlib.shake_256(secret + len(label).to_bytes(2, "big") + label + context).digest(
             length
         )
+
+
+class Clock:
+    """A `time.monotonic` stand-in: returns `now`, which tests set."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

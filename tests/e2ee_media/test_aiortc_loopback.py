@@ -167,6 +167,29 @@ async def wait_for(condition: Any, timeout: float) -> None:
         await asyncio.sleep(0.05)
 
 
+async def rotate(
+    world: FakeWorld,
+    first: tuple[FakeGroup, MLSKeyManager],
+    then: tuple[FakeGroup, MLSKeyManager],
+    pause: float,
+) -> None:
+    """A commit that `first` processes `pause` seconds before `then` does."""
+    world.commit()
+    for group, keys in (first, then):
+        group.sync()
+        keys.update(group)
+        if group is first[0]:
+            await asyncio.sleep(pause)
+
+
+async def more_frames_decoded(endpoint: Endpoint, count: int = 15) -> None:
+    start = dict(endpoint.decoded)
+    await wait_for(
+        lambda: all(endpoint.decoded[kind] >= start[kind] + count for kind in ("audio", "video")),
+        8,
+    )
+
+
 def vp8_frame_starts(packets: list[Any]) -> list[bytes]:
     """The first packet's data (after the VP8 payload descriptor) of every frame."""
     starts = []
@@ -199,26 +222,11 @@ async def test_opus_and_vp8_end_to_end_with_rotation_and_a_keyless_receiver() ->
         first_epoch_frames = bob.decryptors["video"].stats.frames_decrypted
 
         # Rotation mid-stream: Bob processes the commit, then Alice; no frame may be lost.
-        world.commit()
-        bob_group.sync()
-        bob_keys.update(bob_group)
-        await asyncio.sleep(0.1)
-        alice_group.sync()
-        alice_keys.update(alice_group)
-        decoded_at_rotation = dict(bob.decoded)
-        await wait_for(lambda: bob.decoded["video"] >= decoded_at_rotation["video"] + 15, 8)
-        await wait_for(lambda: bob.decoded["audio"] >= decoded_at_rotation["audio"] + 15, 8)
-
+        await rotate(world, (bob_group, bob_keys), (alice_group, alice_keys), pause=0.1)
+        await more_frames_decoded(bob)
         # Second rotation, Alice first: Bob holds her next-epoch frames until he catches up.
-        world.commit()
-        alice_group.sync()
-        alice_keys.update(alice_group)
-        await asyncio.sleep(0.5)
-        bob_group.sync()
-        bob_keys.update(bob_group)
-        decoded_at_rotation = dict(bob.decoded)
-        await wait_for(lambda: bob.decoded["video"] >= decoded_at_rotation["video"] + 15, 8)
-        await wait_for(lambda: bob.decoded["audio"] >= decoded_at_rotation["audio"] + 15, 8)
+        await rotate(world, (alice_group, alice_keys), (bob_group, bob_keys), pause=0.5)
+        await more_frames_decoded(bob)
 
         # Keyframe request (PLI) from Bob reaches Alice's wrapped encoder.
         video_packets = bob.wire["video"].packets

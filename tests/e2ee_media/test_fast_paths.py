@@ -58,8 +58,11 @@ def test_next_counter_reads_and_sets() -> None:
     key.next_counter = 1000
     assert decode_header(sender.encrypt(0x53, b"", b"x"))[1] == 1000
     assert key.next_counter == 1001
-    with pytest.raises(ValueError):
-        key.next_counter = -1
+    for used in (-1, 0, 1000):  # a CTR already used (or impossible) would reuse a nonce
+        with pytest.raises(ValueError, match="reuse a nonce"):
+            key.next_counter = used
+    key.next_counter = 1001
+    assert decode_header(sender.encrypt(0x53, b"", b"x"))[1] == 1001
 
 
 @pytest.mark.parametrize("limit", [0, 5, 255, 256, 300])

@@ -8,17 +8,9 @@ import pytest
 
 from e2ee_media.cipher_suites import CipherSuite, suite_params
 from e2ee_media.errors import AuthenticationFailure, KeyScheduleError, SFrameError, UnknownKeyId
-from e2ee_media.header import decode_header
+from e2ee_media.header import decode_header, encode_header
 from e2ee_media.mls_keys import MLSKeyManager, index_bits, leaf_indices
-from tests.e2ee_media.fake_mls import FakeGroup, FakeWorld
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.e2ee_media.fake_mls import Clock, FakeGroup, FakeWorld
 
 
 def member(
@@ -68,13 +60,13 @@ def test_base_key_comes_from_the_exporter() -> None:
     world = FakeWorld()
     for suite in (CipherSuite.AES_128_CTR_HMAC_SHA256_80, CipherSuite.AES_256_GCM_SHA512_128):
         world.exports.clear()
-        member(world, 0, Clock(), cipher_suite=suite)
+        member(world, 0, Clock(100.0), cipher_suite=suite)
         assert world.exports == [(b"SFrame 1.0 Base Key", b"", suite_params(suite).Nk)]
 
 
 def test_s_covers_the_highest_leaf_index() -> None:
     world = FakeWorld(members={0, 5})
-    _, manager = member(world, 0, Clock())
+    _, manager = member(world, 0, Clock(100.0))
     assert manager.current is not None and manager.current.index_bits == 3
     world.commit(remove=(5,))
     group = FakeGroup(world, 0)
@@ -97,7 +89,7 @@ def test_member_list_forms() -> None:
 
 
 def test_everyone_decrypts_everyone_in_every_epoch() -> None:
-    clock = Clock()
+    clock = Clock(100.0)
     world = FakeWorld()
     members = {0: member(world, 0, clock)}
     # Grow, shrink and refresh: epochs 1..5 with different member sets.
@@ -125,7 +117,7 @@ def test_everyone_decrypts_everyone_in_every_epoch() -> None:
 
 
 def test_removed_member_cannot_decrypt_later_epochs() -> None:
-    clock = Clock()
+    clock = Clock(100.0)
     world = FakeWorld(members={0, 1, 2})
     a, alice = member(world, 0, clock)
     b, bob = member(world, 1, clock)
@@ -156,7 +148,7 @@ def test_removed_member_cannot_decrypt_later_epochs() -> None:
 
 
 def test_new_member_cannot_decrypt_earlier_epochs() -> None:
-    clock = Clock()
+    clock = Clock(100.0)
     world = FakeWorld(members={0, 1})
     a, alice = member(world, 0, clock)
     b, bob = member(world, 1, clock)
@@ -171,8 +163,23 @@ def test_new_member_cannot_decrypt_earlier_epochs() -> None:
     assert bob.decrypt(b"", old) == b"before dave"
 
 
+def test_forged_frames_leave_no_keys_behind() -> None:
+    # KIDs are chosen by whoever sends the frame: an untrusted SFU forging frames under ever new
+    # context values of a real member must not make a receiver derive and keep a key for each.
+    clock = Clock(100.0)
+    world = FakeWorld(members={0, 1})
+    _, alice = member(world, 0, clock)
+    _, bob = member(world, 1, clock)
+    for context in range(1, 100):
+        with pytest.raises(AuthenticationFailure):
+            bob.decrypt(b"", encode_header(alice.kid(0, 0, 1, context), 0) + bytes(20))
+    assert bob.sframe.recv_keys == {}
+    assert bob.decrypt(b"", alice.encrypt(b"", b"genuine", context=7)) == b"genuine"
+    assert list(bob.sframe.recv_keys) == [alice.send_kid(7)]
+
+
 def test_sender_switches_at_once_and_drops_old_send_key() -> None:
-    clock = Clock()
+    clock = Clock(100.0)
     world = FakeWorld(members={0, 1})
     a, alice = member(world, 0, clock)
     old_kid = decode_header(alice.encrypt(b"", b"x"))[0]
@@ -185,7 +192,7 @@ def test_sender_switches_at_once_and_drops_old_send_key() -> None:
 
 
 def test_rotation_with_frames_in_flight_loses_none() -> None:
-    clock = Clock()
+    clock = Clock(100.0)
     world = FakeWorld(members={0, 1})
     a, alice = member(world, 0, clock)
     b, bob = member(world, 1, clock)
@@ -209,28 +216,29 @@ def test_rotation_with_frames_in_flight_loses_none() -> None:
     assert alice.decrypt(b"", bob.encrypt(b"", b"hi")) == b"hi"
 
 
-def test_old_epoch_deleted_after_grace_period() -> None:
-    clock = Clock()
+def test_old_epoch_deleted_after_the_default_grace_period_of_2_s() -> None:
+    clock = Clock(100.0)
     world = FakeWorld(members={0, 1})
     a, alice = member(world, 0, clock)
-    b, bob = member(world, 1, clock, grace_period=2.0)
-    old = [alice.encrypt(b"", b"old%d" % i) for i in range(2)]
+    b, bob = member(world, 1, clock)
+    old = [alice.encrypt(b"", b"old%d" % i) for i in range(3)]
     assert bob.decrypt(b"", old[0]) == b"old0"
     world.commit()
     b.sync()
     bob.update(b)
     assert bob.retained_epochs == [0, 1]
     clock.now += 1.9
-    assert bob.retained_epochs == [0, 1]
+    assert bob.decrypt(b"", old[1]) == b"old1"
+    assert list(bob.sframe.recv_keys) == [decode_header(old[0])[0]]
     clock.now += 0.2
     with pytest.raises(UnknownKeyId):
-        bob.decrypt(b"", old[1])
+        bob.decrypt(b"", old[2])
     assert bob.retained_epochs == [1]
-    assert all(kid & 0xF == 1 for kid in bob.sframe.recv_keys)
+    assert bob.sframe.recv_keys == {}  # epoch 0's derived key went with it
 
 
 def test_grace_period_is_configurable() -> None:
-    clock = Clock()
+    clock = Clock(100.0)
     world = FakeWorld(members={0, 1})
     a, alice = member(world, 0, clock)
     b, bob = member(world, 1, clock, grace_period=0.0)
@@ -243,7 +251,7 @@ def test_grace_period_is_configurable() -> None:
 
 
 def test_epoch_with_same_low_bits_replaces_old_one_at_once() -> None:
-    clock = Clock()
+    clock = Clock(100.0)
     world = FakeWorld(members={0, 1})
     a, alice = member(world, 0, clock, epoch_bits=1)
     b, bob = member(world, 1, clock, epoch_bits=1, grace_period=60.0)
@@ -261,7 +269,7 @@ def test_epoch_with_same_low_bits_replaces_old_one_at_once() -> None:
 
 
 def test_stream_contexts_have_separate_kids_and_counters() -> None:
-    clock = Clock()
+    clock = Clock(100.0)
     world = FakeWorld(members={0, 1})
     _, alice = member(world, 0, clock)
     _, bob = member(world, 1, clock)
@@ -295,13 +303,13 @@ def test_errors_before_an_epoch_and_on_going_back() -> None:
 
 def test_secrets_not_in_repr() -> None:
     world = FakeWorld()
-    _, manager = member(world, 0, Clock())
+    _, manager = member(world, 0, Clock(100.0))
     assert manager.current is not None
     assert manager.current.base_key.hex() not in repr(manager) + repr(manager.current)
 
 
 def test_sender_of_names_epoch_and_leaf() -> None:
-    clock = Clock()
+    clock = Clock(100.0)
     world = FakeWorld(members={0, 1, 2})
     _, bob = member(world, 1, clock)
     _, carol = member(world, 2, clock)

@@ -10,14 +10,7 @@ from e2ee_media.errors import SFrameError, UnknownKeyId
 from e2ee_media.header import decode_header
 from e2ee_media.mls_keys import MLSKeyManager
 from e2ee_media.transform import FrameDecryptor, FrameEncryptor
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.e2ee_media.fake_mls import Clock
 
 
 class Call:

@@ -186,9 +186,15 @@ def test_key_is_for_sending_or_receiving_never_both() -> None:
 
 
 def test_secrets_not_in_repr() -> None:
+    from e2ee_media.cipher_suites import derive_key_salt
+
     sender, receiver = pair(CipherSuite.AES_128_GCM_SHA256_128)
     text = repr(sender) + repr(sender.send_keys[3]) + repr(receiver.recv_keys[3])
-    assert BASE_KEY[:16].hex() not in text and "salt" not in text
+    key, salt = derive_key_salt(sender.params, 3, BASE_KEY)
+    for secret in (BASE_KEY, key, salt):
+        for form in (secret.hex(), repr(secret), str(int.from_bytes(secret, "big"))):
+            assert form not in text
+    assert "salt" not in text
 
 
 def test_resolver_supplies_and_caches_keys() -> None:
@@ -210,6 +216,37 @@ def test_resolver_supplies_and_caches_keys() -> None:
     assert calls == [42]
     with pytest.raises(UnknownKeyId):
         receiver.decrypt(b"", b"\x70" + bytes(16))
+
+
+def test_resolved_key_is_kept_only_after_a_frame_authenticates() -> None:
+    from e2ee_media.context import RecvKeyContext
+
+    calls: list[int] = []
+
+    def resolve(kid: int) -> RecvKeyContext:
+        calls.append(kid)
+        return RecvKeyContext(receiver.params, kid, BASE_KEY[:16])
+
+    sender = SFrameContext(CipherSuite.AES_128_GCM_SHA256_128)
+    sender.add_send_key(42, BASE_KEY[:16])
+    receiver = SFrameContext(CipherSuite.AES_128_GCM_SHA256_128, resolver=resolve)
+    frame = bytearray(sender.encrypt(42, b"", b"a"))
+    frame[-1] ^= 1
+    with pytest.raises(AuthenticationFailure):
+        receiver.decrypt(b"", bytes(frame))
+    assert receiver.recv_keys == {}
+    frame[-1] ^= 1
+    assert receiver.decrypt(b"", bytes(frame)) == b"a"
+    assert list(receiver.recv_keys) == [42] and calls == [42, 42]
+
+
+@pytest.mark.parametrize(
+    "setting", [{"replay_window": 0}, {"max_counter": -1}, {"max_counter": 1 << 64}]
+)
+def test_bad_settings_refused_when_the_context_is_made(setting: dict[str, int]) -> None:
+    # Not later, at the first frame, where the error would surface inside aiortc's receive path.
+    with pytest.raises(ValueError, match=next(iter(setting))):
+        SFrameContext(CipherSuite.AES_128_GCM_SHA256_128, **setting)
 
 
 @pytest.mark.parametrize("suite", ALL_SUITES, ids=lambda s: s.name)

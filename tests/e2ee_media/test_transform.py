@@ -31,7 +31,7 @@ from e2ee_media.errors import (
 from e2ee_media.header import decode_header
 from e2ee_media.mls_keys import MLSKeyManager
 from e2ee_media.transform import FrameDecryptor, FrameEncryptor
-from tests.e2ee_media.fake_mls import FakeGroup, FakeWorld
+from tests.e2ee_media.fake_mls import Clock, FakeGroup, FakeWorld
 
 # A VP8 keyframe starts with a frame tag whose bit 0 is 0, then the start code 9d 01 2a.
 VP8_KEYFRAME = bytes([0x50, 0x42, 0x00, 0x9D, 0x01, 0x2A, 0xA0, 0x00, 0x78, 0x00]) + os.urandom(
@@ -170,14 +170,6 @@ def test_h264_survives_aiortc_packetizer() -> None:
     )
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_frames_of_the_next_epoch_wait_for_its_keys_in_order() -> None:
     world = FakeWorld(members={0, 1})
     alice_group, bob_group = FakeGroup(world, 0), FakeGroup(world, 1)
@@ -238,3 +230,19 @@ def test_unrelated_unknown_kids_are_not_held() -> None:
     frame = FrameEncryptor(alice, OPUS).encrypt_frame(b"\x78x")
     assert stranger.push(1, frame, OPUS) == []
     assert stranger.waiting == 0 and stranger.stats.failures == {"unknown_kid": 1}
+
+
+@pytest.mark.parametrize("mime", ["video/VP8", "audio/OPUS", "video/H264"])
+def test_mime_types_are_case_insensitive_on_both_sides(mime: str) -> None:
+    # aiortc spells them "video/VP8", "audio/opus", "video/H264".
+    alice, bob = pair()
+    encryptor, decryptor = FrameEncryptor(alice, mime), FrameDecryptor(bob)
+    if mime == "video/H264":
+        nal, start = b"\x65" + os.urandom(40), b"\x00\x00\x00\x01"
+        frames = [(start + encryptor.encrypt_nal_units([nal])[0], start + nal) for _ in range(2)]
+    else:
+        frame = VP8_DELTA if "vp8" in mime.lower() else OPUS_FRAME
+        frames = [(bytes(encryptor.encrypt_frame(frame)), frame) for _ in range(2)]
+    assert decryptor.decrypt_frame(frames[0][0], mime) == frames[0][1]
+    assert decryptor.push("x", frames[1][0], mime) == [("x", frames[1][1])]
+    assert sum(decryptor.stats.failures.values()) == 0
