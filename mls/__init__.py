@@ -13,6 +13,7 @@ from .errors import (
 )
 from .group import CommitResult, Group, Member, ProcessedMessage
 from .public_group import PublicGroup, PublicProcessed
+from .secret_tree import RatchetWindow
 
 __all__ = [
     "CipherSuite",
@@ -27,6 +28,7 @@ __all__ = [
     "ProcessedMessage",
     "PublicGroup",
     "PublicProcessed",
+    "RatchetWindow",
     "SecretReuseError",
     "UnsupportedCipherSuite",
     "ValidationError",

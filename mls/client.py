@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from .credential import Credential
-from .crypto import CipherSuite, Crypto, get_crypto
+from .crypto import CipherSuite, Crypto, SignaturePrivateKey, get_crypto
 from .errors import DecodeError, ValidationError
 from .group_context import ProtocolVersion
 from .key_package import Capabilities, KeyPackage, LeafNode, LeafNodeSource, Lifetime
@@ -65,11 +65,12 @@ class Client:
         self.credential = credential or Credential.basic(self.identity)
         crypto = self.crypto
         if signature_priv is None:
-            signature_priv, signature_pub = crypto.signature_key_pair()
-        else:
-            signature_pub = crypto.signature_public_key(signature_priv)
+            signature_priv, _ = crypto.signature_key_pair()
         self._signature_priv = signature_priv
-        self.signature_key = signature_pub
+        # Parsed once: parsing an ECDSA or EdDSA key costs about as much as a signature, and
+        # a member signs every message it sends.
+        self._signing_key = crypto.load_signature_private_key(signature_priv)
+        self.signature_key = crypto.signature_public_key(self._signing_key)
         # KeyPackageRef -> private keys of KeyPackages not yet consumed by a join.
         self._key_packages: dict[bytes, KeyPackagePrivate] = {}
 
@@ -82,7 +83,13 @@ class Client:
 
     @property
     def signature_priv(self) -> bytes:
+        """The encoded signature private key (e.g. for a delivery-service login)."""
         return self._signature_priv
+
+    @property
+    def signing_key(self) -> SignaturePrivateKey:
+        """The signature private key, parsed: what the group code signs with."""
+        return self._signing_key
 
     def capabilities(self) -> Capabilities:
         return default_capabilities(self.cipher_suite)
@@ -106,9 +113,9 @@ class Client:
         init_priv, init_pub = crypto.hpke_key_pair()
         enc_priv, enc_pub = crypto.hpke_key_pair()
         leaf = self.leaf_node(enc_pub, lifetime)
-        leaf.signature = crypto.sign_with_label(self._signature_priv, b"LeafNodeTBS", leaf.tbs())
+        leaf.signature = crypto.sign_with_label(self._signing_key, b"LeafNodeTBS", leaf.tbs())
         kp = KeyPackage(cipher_suite=int(self.cipher_suite), init_key=init_pub, leaf_node=leaf)
-        kp.signature = crypto.sign_with_label(self._signature_priv, b"KeyPackageTBS", kp.tbs())
+        kp.signature = crypto.sign_with_label(self._signing_key, b"KeyPackageTBS", kp.tbs())
         return kp, KeyPackagePrivate(kp.encode(), init_priv, enc_priv)
 
     def leaf_node(self, encryption_key: bytes, lifetime: int = KEY_PACKAGE_LIFETIME) -> LeafNode:

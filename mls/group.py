@@ -42,6 +42,7 @@ from .key_schedule import EpochSecrets
 from .leaf_validation import sign_leaf_node
 from .proposal_validation import check_required, required_capabilities
 from .ratchet_tree import RatchetTree
+from .secret_tree import DEFAULT_WINDOW, RatchetWindow
 from .transcript import interim_transcript_hash
 from .treekem import NodeKeyPair, TreeKEMPrivateState
 
@@ -73,7 +74,9 @@ class Group(
     Settings (constructor keywords of `create`, `join`, `join_external`, kept by `to_bytes`):
     `handshake` "public" (default: proposals and commits as PublicMessage, which a delivery
     service can check) or "private"; `ratchet_tree_extension` (default True: GroupInfo and
-    Welcome carry the tree; else pass `ratchet_tree()` out of band); `psks` external PSKs by id.
+    Welcome carry the tree; else pass `ratchet_tree()` out of band); `psks` external PSKs by id;
+    `ratchet_window` (a `mls.secret_tree.RatchetWindow`) how far received messages may arrive
+    out of order or ahead (§15.3), the attribute of that name changes it from the next epoch.
     The attribute `check_lifetimes` (default True) checks the lifetime of added KeyPackages.
     """
 
@@ -89,6 +92,7 @@ class Group(
         handshake: str = "public",
         ratchet_tree_extension: bool = True,
         psks: dict[bytes, bytes] | None = None,
+        ratchet_window: RatchetWindow = DEFAULT_WINDOW,
     ) -> Group:
         """A one-member group (§11) with `client` at leaf 0, epoch 0."""
         crypto = client.crypto
@@ -96,7 +100,7 @@ class Group(
         extensions = list(extensions)
         check_unique_extension_types(extensions, "GroupContext.extensions")
         enc_priv, enc_pub = crypto.hpke_key_pair()
-        leaf = sign_leaf_node(crypto, client.leaf_node(enc_pub), client.signature_priv)
+        leaf = sign_leaf_node(crypto, client.leaf_node(enc_pub), client.signing_key)
         tree = RatchetTree(crypto, [leaf])
         req = required_capabilities(extensions)
         if req is not None:
@@ -109,14 +113,16 @@ class Group(
         # confirmed transcript hash (as a joiner from this epoch's GroupInfo computes it), not
         # from the "" that §8.2's equations suggest.
         interim = interim_transcript_hash(crypto, b"", secrets.confirmation_tag(b""))
+        secrets.delete("joiner_secret", "welcome_secret")  # §9.2: epoch 0 has no Welcome
         private = TreeKEMPrivateState(0, NodeKeyPair(enc_priv, enc_pub))
-        state = EpochState(context, tree, private, 0, secrets, interim)
+        state = EpochState(context, tree, private, 0, secrets, interim, ratchet_window)
         return cls(
             client,
             state,
             handshake=handshake,
             ratchet_tree_extension=ratchet_tree_extension,
             psks=psks,
+            ratchet_window=ratchet_window,
         )
 
     # --- persistence -----------------------------------------------------------------------------

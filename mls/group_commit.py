@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from .commit import Commit, HPKECiphertext
 from .commit_rules import provisional_context
+from .crypto import SignaturePrivateKey
 from .errors import ValidationError
 from .extensions import Extension
 from .framing import Sender
@@ -83,11 +84,12 @@ class CommitMixin(ProposalsMixin):
         """Moves to the epoch of this member's pending Commit (after the DS accepted it)."""
         if self._pending is None:
             raise ValidationError("no pending Commit to merge")
-        self._state = self._pending.state
-        self._pending = None
+        self._enter_state(self._pending.state)
 
     def discard_pending_commit(self) -> None:
         """Forgets this member's pending Commit (the DS refused it); the epoch does not change."""
+        if self._pending is not None:
+            self._pending.state.forget_secrets(keep=self._state)
         self._pending = None
 
     def _create_commit(
@@ -119,7 +121,7 @@ class CommitMixin(ProposalsMixin):
             old_leaf = new.tree.leaf_node(me)
             assert old_leaf is not None
             path = self._create_update_path(
-                st, new, old_leaf, me, effects, new_extensions, self._client.signature_priv
+                st, new, old_leaf, me, effects, new_extensions, self._client.signing_key
             )
             commit.path, commit_secret = path.update_path, path.commit_secret
         ac = self._sign_commit(
@@ -139,7 +141,8 @@ class CommitMixin(ProposalsMixin):
         else:
             # Built on demand: encoding the tree is the only O(N) step of most commits.
             snapshot = EpochState.public(new.context, new.tree.copy(), b"")
-            snapshot.secrets = new.secrets
+            # Its own copy of the two secrets it needs: the epoch's may be deleted first.
+            snapshot.secrets = new.secrets.subset("external_secret", "confirmation_key")
             snapshot.leaf_index = new.leaf_index
             tree_flag = with_ratchet_tree
             group_info_bytes = lambda: mls_message(  # noqa: E731
@@ -157,7 +160,7 @@ class CommitMixin(ProposalsMixin):
         me: int,
         effects: ProposalEffects,
         new_extensions: list[Extension],
-        signature_priv: bytes,
+        signature_priv: bytes | SignaturePrivateKey,
     ) -> UpdatePathResult:
         """§7.4-§7.6: fresh keys for my leaf and filtered direct path, merged into `new.tree`;
         `new` takes the new private keys."""

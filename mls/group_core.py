@@ -23,7 +23,7 @@ from .group_framing import membership_tag, mls_message, seal_private, sign_conte
 from .key_schedule import EpochSecrets, derive_psk_secret
 from .proposals import PreSharedKeyID, PSKType, ReInit
 from .ratchet_tree import RatchetTree
-from .secret_tree import SecretTree
+from .secret_tree import DEFAULT_WINDOW, RatchetWindow, SecretTree
 from .tls import Writer, encode_varint
 from .transcript import interim_transcript_hash
 from .tree_nodes import write_node
@@ -44,6 +44,7 @@ class GroupCore(CommitRules):
         handshake: str = "public",
         ratchet_tree_extension: bool = True,
         psks: dict[bytes, bytes] | None = None,
+        ratchet_window: RatchetWindow = DEFAULT_WINDOW,
     ) -> None:
         if handshake not in ("public", "private"):
             raise ValueError('handshake must be "public" or "private"')
@@ -61,6 +62,8 @@ class GroupCore(CommitRules):
         self.check_lifetimes = True
         # Resumption PSKs of other groups (branch / reinit), by (group_id, epoch).
         self._other_resumption_psks: dict[tuple[bytes, int], bytes] = {}
+        # How far received messages may be reordered (§15.3); applies to each new epoch's tree.
+        self.ratchet_window = ratchet_window
 
     @classmethod
     def _unjoined(
@@ -69,6 +72,7 @@ class GroupCore(CommitRules):
         handshake: str,
         ratchet_tree_extension: bool,
         psks: dict[bytes, bytes] | None,
+        ratchet_window: RatchetWindow = DEFAULT_WINDOW,
     ) -> Self:
         """A group object without state yet, for a join to fill in."""
         return cls(
@@ -77,6 +81,7 @@ class GroupCore(CommitRules):
             handshake=handshake,
             ratchet_tree_extension=ratchet_tree_extension,
             psks=psks,
+            ratchet_window=ratchet_window,
         )
 
     def __repr__(self) -> str:
@@ -204,6 +209,19 @@ class GroupCore(CommitRules):
 
     # --- epoch transitions -----------------------------------------------------------------------
 
+    def _enter_state(self, new: EpochState) -> None:
+        """Makes `new` the group's state and drops any pending Commit. The superseded epoch's
+        secrets (init_secret, sender data, membership, confirmation, exporter, external,
+        secret tree) and the dropped Commit's are deleted (§9.2); what a new state still needs
+        it holds itself (resumption PSKs are copied into it)."""
+        old, pending = self._state, self._pending
+        self._state, self._pending = new, None
+        if old is not None:
+            old.forget_secrets(keep=new)
+        if pending is not None:
+            pending.state.forget_secrets(keep=new)
+
+
     def _sign_commit(
         self,
         st: EpochState,
@@ -222,7 +240,7 @@ class GroupCore(CommitRules):
             st.context.group_id, st.context.epoch, sender, b"", ContentType.commit, commit=commit
         )
         ac = sign_content(
-            self._crypto, self._client.signature_priv, wire_format, content, st.context
+            self._crypto, self._client.signing_key, wire_format, content, st.context
         )
         psk_secret = self._psk_secret(psks, st)
         self._finish_epoch(st, new, ac, new_extensions, init_secret, commit_secret, psk_secret)
@@ -257,7 +275,10 @@ class GroupCore(CommitRules):
             ac.auth.confirmation_tag = tag
         new.secrets = secrets
         new.interim_transcript_hash = interim_transcript_hash(crypto, confirmed, tag)
-        new.secret_tree = SecretTree(crypto, secrets.encryption_secret, new.tree.n_leaves)
+        new.secret_tree = SecretTree(
+            crypto, secrets.encryption_secret, new.tree.n_leaves, self.ratchet_window
+        )
+        secrets.delete("encryption_secret")  # §9.2: the secret tree holds what derives from it
         new.proposals = {}
         new.own_update_privs = {}
         new.sent_proposals = {}
@@ -280,7 +301,7 @@ class GroupCore(CommitRules):
             st.leaf_index,
         )
         gi.signature = self._crypto.sign_with_label(
-            self._client.signature_priv, b"GroupInfoTBS", gi.tbs()
+            self._client.signing_key, b"GroupInfoTBS", gi.tbs()
         )
         return gi
 

@@ -11,7 +11,7 @@ from .group_types import PendingProposal
 from .key_schedule import EpochSecrets
 from .proposals import ReInit
 from .ratchet_tree import RatchetTree
-from .secret_tree import SecretTree
+from .secret_tree import DEFAULT_WINDOW, RatchetWindow, SecretTree
 from .treekem import TreeKEMPrivateState
 
 # How many past epochs' resumption PSKs a group keeps (§8.6) for PSK proposals and branching.
@@ -45,6 +45,7 @@ class EpochState:
         leaf_index: int,
         secrets: EpochSecrets,
         interim_transcript_hash: bytes,
+        window: RatchetWindow = DEFAULT_WINDOW,
     ) -> None:
         self.context = context
         self.tree = tree
@@ -53,7 +54,10 @@ class EpochState:
         self.private_state = private_state
         self.leaf_index = leaf_index
         self.secrets = secrets
-        self.secret_tree = SecretTree(secrets.crypto, secrets.encryption_secret, tree.n_leaves)
+        self.secret_tree = SecretTree(
+            secrets.crypto, secrets.encryption_secret, tree.n_leaves, window
+        )
+        secrets.delete("encryption_secret")  # §9.2: the secret tree holds what derives from it
         self.interim_transcript_hash = interim_transcript_hash
         self.proposals: dict[bytes, PendingProposal] = {}
         # encryption_key -> private key of leaves proposed in my own Update proposals.
@@ -87,6 +91,16 @@ class EpochState:
         new.active = True
         new.sent_proposals = {}
         return new
+
+    def forget_secrets(self, keep: EpochState | None = None) -> None:
+        """Deletes this epoch's secrets and secret tree (§9.2), unless `keep` shares them (a
+        clone of this state that is still in use)."""
+        if self.secrets is not None and (keep is None or keep.secrets is not self.secrets):
+            self.secrets.delete_all()
+        if self.secret_tree is not None and (
+            keep is None or keep.secret_tree is not self.secret_tree
+        ):
+            self.secret_tree.delete_all()
 
     def clone(self) -> EpochState:
         new = EpochState.__new__(EpochState)

@@ -16,6 +16,7 @@ from .group_join import JoinMixin
 from .key_schedule import external_init_send
 from .proposal_list import ProposalEntry
 from .proposals import Add, ExternalInit, Proposal, ProposalOrRef, Remove
+from .secret_tree import DEFAULT_WINDOW, RatchetWindow
 from .transcript import interim_transcript_hash
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ class ExternalJoinMixin(JoinMixin, CommitMixin):
         psks: dict[bytes, bytes] | None = None,
         handshake: str = "public",
         ratchet_tree_extension: bool = True,
+        ratchet_window: RatchetWindow = DEFAULT_WINDOW,
     ) -> tuple[Group, bytes]:
         """Joins by an external Commit (§12.4.3.2) from a GroupInfo with external_pub.
 
@@ -56,7 +58,7 @@ class ExternalJoinMixin(JoinMixin, CommitMixin):
         entries = [ProposalEntry(Proposal(ExternalInit(kem_output)), joiner, None)]
         if remove_leaf is not None:
             entries.append(ProposalEntry(Proposal(Remove(remove_leaf)), joiner, None))
-        group = cls._unjoined(client, handshake, ratchet_tree_extension, psks)
+        group = cls._unjoined(client, handshake, ratchet_tree_extension, psks, ratchet_window)
         # A stand-in state for the old epoch: public tree and transcript, no secrets.
         old = EpochState.public(
             context,
@@ -73,7 +75,7 @@ class ExternalJoinMixin(JoinMixin, CommitMixin):
         new.leaf_index = me
         new_extensions = effects.group_extensions(context)
         path = group._create_update_path(
-            old, new, placeholder, me, effects, new_extensions, client.signature_priv
+            old, new, placeholder, me, effects, new_extensions, client.signing_key
         )
         commit = Commit([ProposalOrRef.by_value(e.proposal) for e in entries], path.update_path)
         ac = group._sign_commit(
@@ -102,7 +104,7 @@ class ExternalJoinMixin(JoinMixin, CommitMixin):
             proposal=Proposal(Add(kp)),
         )
         ac = sign_content(
-            client.crypto, client.signature_priv, WireFormat.mls_public_message, content,
+            client.crypto, client.signing_key, WireFormat.mls_public_message, content,
             gi.group_context,
         )
         return mls_message(PublicMessage(content, ac.auth, None))

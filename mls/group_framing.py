@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from . import message_protection as mp
-from .crypto import Crypto
+from .crypto import Crypto, SignaturePrivateKey
 from .errors import DecodeError, MLSError
 from .framing import (
     AuthenticatedContent,
@@ -41,7 +41,7 @@ __all__ = [
 
 def sign_content(
     crypto: Crypto,
-    signature_priv: bytes,
+    signature_priv: bytes | SignaturePrivateKey,
     wire_format: WireFormat,
     content: FramedContent,
     context: GroupContext | None,

@@ -19,6 +19,7 @@ from .key_package import KeyPackage, LeafNode
 from .key_schedule import derive_psk_secret, derive_welcome_secret, welcome_key_and_nonce
 from .proposals import PreSharedKeyID, PSKType, ResumptionPSKUsage
 from .ratchet_tree import RatchetTree
+from .secret_tree import DEFAULT_WINDOW, RatchetWindow
 from .transcript import interim_transcript_hash
 from .treekem import NodeKeyPair, TreeKEMPrivateState
 from .welcome import GroupInfo, GroupSecrets
@@ -44,6 +45,7 @@ class JoinMixin(GroupCore):
         ratchet_tree_extension: bool = True,
         check_lifetimes: bool = False,
         previous: Group | None = None,
+        ratchet_window: RatchetWindow = DEFAULT_WINDOW,
     ) -> Group:
         """Joins a group from a Welcome (§12.4.3.1) with a KeyPackage `client` made.
 
@@ -52,7 +54,7 @@ class JoinMixin(GroupCore):
         `previous`: the group a reinit or branch Welcome continues; its resumption PSKs are used
         and §12.4.3.1's checks against it (ReInit parameters, version, suite, members) are made.
         """
-        group = cls._unjoined(client, handshake, ratchet_tree_extension, psks)
+        group = cls._unjoined(client, handshake, ratchet_tree_extension, psks, ratchet_window)
         for (gid, ep), v in (resumption_psks or {}).items():
             group.add_resumption_psk(gid, ep, v)
         if previous is not None:
@@ -97,6 +99,7 @@ class JoinMixin(GroupCore):
             my_leaf,
             secrets,
             interim_transcript_hash(crypto, context.confirmed_transcript_hash, gi.confirmation_tag),
+            ratchet_window,
         )
         secrets.delete("joiner_secret", "welcome_secret")
         group._state = st

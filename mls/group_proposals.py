@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import replace
 
-from .crypto import get_crypto
+from .crypto import SignaturePrivateKey, get_crypto
 from .errors import ValidationError
 from .extensions import Extension
 from .framing import ContentType, FramedContent, PublicMessage, Sender, WireFormat
@@ -16,7 +15,7 @@ from .group_core import GroupCore
 from .group_framing import mls_message, parse_key_package, sign_content
 from .group_types import PendingProposal
 from .key_package import LeafNodeSource
-from .leaf_validation import sign_leaf_node
+from .leaf_validation import resign_leaf_node
 from .proposal_validation import validate_added_key_package
 from .proposals import (
     EXTERNAL_SENDER_PROPOSAL_TYPES,
@@ -33,7 +32,7 @@ from .proposals import (
 
 def external_proposal(
     cipher_suite: int,
-    signature_priv: bytes,
+    signature_priv: bytes | SignaturePrivateKey,
     sender_index: int,
     group_id: bytes,
     epoch: int,
@@ -72,7 +71,7 @@ class ProposalsMixin(GroupCore):
         )
         ac = sign_content(
             self._crypto,
-            self._client.signature_priv,
+            self._client.signing_key,
             WireFormat.mls_private_message,
             content,
             st.context,
@@ -91,7 +90,7 @@ class ProposalsMixin(GroupCore):
             proposal=proposal,
         )
         ac = sign_content(
-            self._crypto, self._client.signature_priv, self._wire_format(), content, st.context
+            self._crypto, self._client.signing_key, self._wire_format(), content, st.context
         )
         message = self._frame(st, ac)
         ref = self._crypto.make_proposal_ref(ac.encode())
@@ -127,16 +126,15 @@ class ProposalsMixin(GroupCore):
         enc_priv, enc_pub = self._crypto.hpke_key_pair()
         old = st.tree.leaf_node(st.leaf_index)
         assert old is not None
-        leaf = replace(
+        leaf = resign_leaf_node(
+            self._crypto,
             old,
             encryption_key=enc_pub,
-            leaf_node_source=LeafNodeSource.update,
-            lifetime=None,
+            source=LeafNodeSource.update,
             parent_hash=None,
-            signature=b"",
-        )
-        leaf = sign_leaf_node(
-            self._crypto, leaf, self._client.signature_priv, st.context.group_id, st.leaf_index
+            signature_priv=self._client.signing_key,
+            group_id=st.context.group_id,
+            leaf_index=st.leaf_index,
         )
         message = self._send_proposal(Proposal(Update(leaf)))
         st.own_update_privs[enc_pub] = enc_priv

@@ -115,8 +115,7 @@ class ReceiveMixin(CommitMixin):
         new, removed = self._process_commit(st, ac)
         if pending_key is not None:
             st.secret_tree.consume(pending_key)
-        self._state = new
-        self._pending = None
+        self._enter_state(new)
         return ProcessedMessage(
             "commit", None, sender.leaf_index, sender.sender_type, epoch,
             content.authenticated_data, commit=content.commit, removed=removed,

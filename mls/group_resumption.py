@@ -44,6 +44,7 @@ class ResumptionMixin(CommitMixin):
             handshake=self.handshake,
             ratchet_tree_extension=self.ratchet_tree_extension,
             psks=self._external_psks,
+            ratchet_window=self.ratchet_window,
         )
         new_group.add_resumption_psk(self.group_id, self.epoch, self.resumption_psk())
         pid = PreSharedKeyID.resumption(

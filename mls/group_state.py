@@ -4,7 +4,7 @@ The encoding is a private TLS-style format: magic "MLSG", a format version, then
 group settings and the epoch state (GroupContext, ratchet tree, private tree keys, epoch secrets,
 secret tree with its ratchets and retained keys, transcript hash, cached proposals, resumption
 PSKs) and the pending Commit's state if there is one. The result holds private keys: store it as
-a secret. The secret tree is read through its private attributes (it has no public serialiser).
+a secret. `EpochSecrets` and `SecretTree` write and read their own parts.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from .client import Client
 from .crypto import Crypto, get_crypto
-from .errors import DecodeError, MLSError
+from .errors import DecodeError, MLSError, ValidationError
 from .framing import Sender
 from .group_context import GroupContext
 from .group_epoch import EpochState, PendingCommit
@@ -21,7 +21,7 @@ from .group_types import PendingProposal
 from .key_schedule import EpochSecrets
 from .proposals import Proposal, ReInit
 from .ratchet_tree import RatchetTree
-from .secret_tree import HashRatchet, RatchetKey, RatchetWindow, SecretTree
+from .secret_tree import SecretTree
 from .tls import Reader, Writer
 from .treekem import NodeKeyPair, TreeKEMPrivateState
 
@@ -33,67 +33,6 @@ __all__ = ["dump_group", "load_group"]
 
 _MAGIC = b"MLSG"
 _FORMAT_VERSION = 1
-
-
-def _write_ratchet(w: Writer, r: HashRatchet) -> None:
-    w.optional(r._secret, Writer.opaque)
-    w.uint32(r._next_generation)
-
-    def write_key(w2: Writer, k: RatchetKey) -> None:
-        w2.uint32(k.generation)
-        w2.opaque(k.key)
-        w2.opaque(k.nonce)
-
-    w.vector(sorted(r._skipped.values(), key=lambda k: k.generation), write_key)
-
-
-def _read_ratchet(r: Reader, crypto: Crypto, window: RatchetWindow) -> HashRatchet:
-    secret = r.optional(lambda s: s.opaque("ratchet.secret"), "ratchet.secret")
-    ratchet = HashRatchet(crypto, b"", window)
-    ratchet._secret = secret
-    ratchet._next_generation = r.uint32("ratchet.next_generation")
-    keys = r.vector(
-        lambda s: RatchetKey(
-            s.uint32("key.generation"), s.opaque("key.key"), s.opaque("key.nonce")
-        ),
-        "ratchet.skipped",
-    )
-    ratchet._skipped = {k.generation: k for k in keys}
-    return ratchet
-
-
-def _write_secret_tree(w: Writer, t: SecretTree) -> None:
-    w.uint32(t._n_leaves)
-    w.uint32(t._window.out_of_order_tolerance)
-    w.uint32(t._window.maximum_forward_distance)
-    w.vector(sorted(t._nodes.items()), lambda w2, kv: (w2.uint32(kv[0]), w2.opaque(kv[1])))
-
-    def write_pair(w2: Writer, item: tuple[int, tuple[HashRatchet, HashRatchet]]) -> None:
-        w2.uint32(item[0])
-        _write_ratchet(w2, item[1][0])
-        _write_ratchet(w2, item[1][1])
-
-    w.vector(sorted(t._ratchets.items()), write_pair)
-
-
-def _read_secret_tree(r: Reader, crypto: Crypto) -> SecretTree:
-    n_leaves = r.uint32("secret_tree.n_leaves")
-    window = RatchetWindow(r.uint32("window.tolerance"), r.uint32("window.forward"))
-    nodes = r.vector(
-        lambda s: (s.uint32("secret_tree.node"), s.opaque("secret_tree.secret")),
-        "secret_tree.nodes",
-    )
-    pairs = r.vector(
-        lambda s: (
-            s.uint32("secret_tree.leaf"),
-            (_read_ratchet(s, crypto, window), _read_ratchet(s, crypto, window)),
-        ),
-        "secret_tree.ratchets",
-    )
-    tree = SecretTree(crypto, bytes(crypto.hash_length), max(n_leaves, 1), window)
-    tree._nodes = dict(nodes)
-    tree._ratchets = dict(pairs)
-    return tree
 
 
 def read_format_header(r: Reader, magic: bytes, version: int, what: str) -> None:
@@ -159,11 +98,8 @@ def _write_state(w: Writer, st: EpochState) -> None:
     w.opaque(st.tree.encode())
     w.uint32(st.leaf_index)
     _write_private_state(w, st.private_state)
-    w.vector(
-        sorted(st.secrets._secrets.items()),
-        lambda w2, kv: (w2.opaque(kv[0].encode()), w2.opaque(kv[1])),
-    )
-    _write_secret_tree(w, st.secret_tree)
+    st.secrets.write(w)
+    st.secret_tree.write(w)
     w.opaque(st.interim_transcript_hash)
 
     write_proposal_cache(w, st.proposals)
@@ -185,12 +121,11 @@ def _read_state(r: Reader, crypto: Crypto) -> EpochState:
     leaf_index = r.uint32("state.leaf_index")
     st.leaf_index = leaf_index if leaf_index != 0xFFFFFFFF else -1
     st.private_state = _read_private_state(r, st.leaf_index)
-    secrets = r.vector(
-        lambda s: (s.opaque("secret.name").decode("ascii"), s.opaque("secret.value")),
-        "state.secrets",
-    )
-    st.secrets = EpochSecrets(crypto, dict(secrets))
-    st.secret_tree = _read_secret_tree(r, crypto)
+    st.secrets = EpochSecrets.read(r, crypto)
+    st.secret_tree = SecretTree.read(r, crypto)
+    # State written before encryption_secret was deleted on use (§9.2) still holds it; the
+    # secret tree restored above is all that needs it.
+    st.secrets.delete("encryption_secret")
     st.interim_transcript_hash = r.opaque("state.interim_transcript_hash")
     st.proposals = read_proposal_cache(r, "state")
     st.own_update_privs = dict(
@@ -240,6 +175,14 @@ def load_group(cls: type[Group], data: bytes, client: Client | None) -> Group:
         r = Reader(bytes(data))
         read_format_header(r, _MAGIC, _FORMAT_VERSION, "Group")
         stored_client = Client.from_bytes(r.opaque("Group.client"))
+        if client is not None and (
+            client.signature_key != stored_client.signature_key
+            or client.cipher_suite != stored_client.cipher_suite
+        ):
+            raise ValidationError(
+                "the Client given to Group.from_bytes is not the one this group state belongs "
+                "to (another signature key or cipher suite)"
+            )
         client = client or stored_client
         crypto = get_crypto(client.cipher_suite)
         handshake = "private" if r.uint8("Group.handshake") else "public"
@@ -255,6 +198,7 @@ def load_group(cls: type[Group], data: bytes, client: Client | None) -> Group:
             client, state, handshake=handshake, ratchet_tree_extension=tree_ext, psks=psks
         )
         group.check_lifetimes = check_lifetimes
+        group.ratchet_window = state.secret_tree.window
         group._other_resumption_psks = dict(others)
         if r.uint8("Group.pending"):
             pstate = _read_state(r, crypto)

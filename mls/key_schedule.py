@@ -22,7 +22,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .crypto import Crypto
-from .errors import CryptoError, SecretReuseError
+from .errors import CryptoError, DecodeError, SecretReuseError
+from .tls import Reader, Writer, decode_all, encode_with
 
 __all__ = [
     "EXTERNAL_INIT_LABEL",
@@ -251,6 +252,37 @@ class EpochSecrets:
         for name in list(self._secrets):
             if name not in kept:
                 del self._secrets[name]
+
+    def subset(self, *names: str) -> EpochSecrets:
+        """A copy holding only `names` (e.g. what a GroupInfo built later needs), so that
+        deleting this object's secrets does not reach into the copy's."""
+        return EpochSecrets(self.crypto, {n: getattr(self, n) for n in names})
+
+    def write(self, w: Writer) -> None:
+        """The secrets still held, as (name, value) pairs. The result holds secrets."""
+        w.vector(
+            sorted(self._secrets.items()),
+            lambda w2, kv: (w2.opaque(kv[0].encode()), w2.opaque(kv[1])),
+        )
+
+    @classmethod
+    def read(cls, r: Reader, crypto: Crypto) -> EpochSecrets:
+        """Secrets saved by `write`."""
+
+        def read_item(s: Reader) -> tuple[str, bytes]:
+            name = s.opaque("secret.name").decode("ascii", "replace")
+            if not isinstance(getattr(cls, name, None), _Secret):
+                raise DecodeError(f"unknown epoch secret {name!r}", "secret.name")
+            return name, s.opaque("secret.value")
+
+        return cls(crypto, dict(r.vector(read_item, "state.secrets")))
+
+    def to_bytes(self) -> bytes:
+        return encode_with(self.write)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, crypto: Crypto) -> EpochSecrets:
+        return decode_all(data, lambda r: cls.read(r, crypto), "EpochSecrets")
 
     def export(self, label: bytes, context: bytes, length: int) -> bytes:
         """MLS-Exporter(label, context, length) of this epoch (§8.5)."""

@@ -28,6 +28,7 @@ from .ratchet_tree import RatchetTree
 
 __all__ = [
     "CredentialValidator",
+    "resign_leaf_node",
     "sign_leaf_node",
     "validate_leaf_node",
     "validate_ratchet_tree",
@@ -76,6 +77,33 @@ def sign_leaf_node(
     else:
         tbs = leaf.tbs(group_id, leaf_index)
     return replace(leaf, signature=crypto.sign_with_label(signature_priv, LEAF_NODE_TBS_LABEL, tbs))
+
+
+def resign_leaf_node(
+    crypto: Crypto,
+    leaf: LeafNode,
+    *,
+    encryption_key: bytes,
+    source: LeafNodeSource,
+    parent_hash: bytes | None,
+    signature_priv: bytes | SignaturePrivateKey,
+    group_id: bytes,
+    leaf_index: int,
+) -> LeafNode:
+    """A member's own `leaf` with a fresh encryption key, re-signed for an Update proposal or a
+    Commit's UpdatePath (§7.2, §12.1.2): source `update` or `commit` (which has no lifetime and,
+    for `commit`, carries the parent hash), bound to `group_id` and `leaf_index`."""
+    if source == LeafNodeSource.key_package:
+        raise ValidationError("a re-signed leaf has source update or commit, not key_package")
+    fresh = replace(
+        leaf,
+        encryption_key=encryption_key,
+        leaf_node_source=source,
+        lifetime=None,
+        parent_hash=parent_hash if source == LeafNodeSource.commit else None,
+        signature=b"",
+    )
+    return sign_leaf_node(crypto, fresh, signature_priv, group_id, leaf_index)
 
 
 def _check_capabilities(

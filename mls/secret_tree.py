@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from .errors import CryptoError, SecretReuseError, ValidationError
+from .errors import CryptoError, DecodeError, SecretReuseError, ValidationError
+from .tls import Reader, Writer, decode_all, encode_with
 from .tree_math import left, level, right, root
 
 if TYPE_CHECKING:
@@ -243,6 +244,37 @@ class HashRatchet:
         self._prune()
 
 
+    # --- persistence (a group's saved state) ---------------------------------------------------
+
+    def write(self, w: Writer) -> None:
+        """The ratchet's state: its next secret, next generation and retained skipped keys."""
+        w.optional(self._secret, Writer.opaque)
+        w.uint32(self._next_generation)
+
+        def write_key(w2: Writer, k: RatchetKey) -> None:
+            w2.uint32(k.generation)
+            w2.opaque(k.key)
+            w2.opaque(k.nonce)
+
+        w.vector(sorted(self._skipped.values(), key=lambda k: k.generation), write_key)
+
+    @classmethod
+    def read(cls, r: Reader, crypto: Crypto, window: RatchetWindow = DEFAULT_WINDOW) -> HashRatchet:
+        """A ratchet saved by `write`."""
+        secret = r.optional(lambda s: s.opaque("ratchet.secret"), "ratchet.secret")
+        ratchet = cls(crypto, b"", window)
+        ratchet._secret = secret
+        ratchet._next_generation = r.uint32("ratchet.next_generation")
+        keys = r.vector(
+            lambda s: RatchetKey(
+                s.uint32("key.generation"), s.opaque("key.key"), s.opaque("key.nonce")
+            ),
+            "ratchet.skipped",
+        )
+        ratchet._skipped = {k.generation: k for k in keys}
+        return ratchet
+
+
 class SecretTree:
     """The secret tree of one epoch (§9), deriving leaves' ratchets on demand.
 
@@ -335,6 +367,17 @@ class SecretTree:
         self._ratchets[leaf_index] = pair
         return pair
 
+    def delete_all(self) -> None:
+        """Forgets every secret and key of the tree (§9.2: its epoch is over); later use raises
+        SecretReuseError."""
+        self._nodes.clear()
+        for pair in self._ratchets.values():
+            for ratchet in pair:
+                ratchet._secret = None
+                ratchet._skipped.clear()
+                ratchet._version += 1
+        self._ratchets.clear()
+
     def next_key(self, leaf_index: int, ratchet_type: RatchetType) -> RatchetKey:
         """Sending as `leaf_index`: the next unused generation's key and nonce, consumed."""
         return self.ratchet(leaf_index, ratchet_type).next()
@@ -354,3 +397,51 @@ class SecretTree:
     def consume(self, pending: PendingKey) -> None:
         """Mark a received generation used after its message decrypted and verified (§9.2)."""
         pending._ratchet.commit(pending)
+
+    # --- persistence (a group's saved state) -----------------------------------------------------
+
+    def write(self, w: Writer) -> None:
+        """The tree's state: size, window, the node secrets still held and the leaves' ratchets.
+        The result holds secrets."""
+        w.uint32(self._n_leaves)
+        w.uint32(self._window.out_of_order_tolerance)
+        w.uint32(self._window.maximum_forward_distance)
+        w.vector(sorted(self._nodes.items()), lambda w2, kv: (w2.uint32(kv[0]), w2.opaque(kv[1])))
+
+        def write_pair(w2: Writer, item: tuple[int, tuple[HashRatchet, HashRatchet]]) -> None:
+            w2.uint32(item[0])
+            item[1][0].write(w2)
+            item[1][1].write(w2)
+
+        w.vector(sorted(self._ratchets.items()), write_pair)
+
+    @classmethod
+    def read(cls, r: Reader, crypto: Crypto) -> SecretTree:
+        """A secret tree saved by `write`."""
+        n_leaves = r.uint32("secret_tree.n_leaves")
+        window = RatchetWindow(r.uint32("window.tolerance"), r.uint32("window.forward"))
+        nodes = r.vector(
+            lambda s: (s.uint32("secret_tree.node"), s.opaque("secret_tree.secret")),
+            "secret_tree.nodes",
+        )
+        pairs = r.vector(
+            lambda s: (
+                s.uint32("secret_tree.leaf"),
+                (HashRatchet.read(s, crypto, window), HashRatchet.read(s, crypto, window)),
+            ),
+            "secret_tree.ratchets",
+        )
+        tree = cls(crypto, bytes(crypto.hash_length), max(n_leaves, 1), window)
+        width = 2 * tree._width_leaves - 1
+        if any(x >= width for x, _ in nodes) or any(i >= tree._n_leaves for i, _ in pairs):
+            raise DecodeError("a node or leaf outside the secret tree", "secret_tree.nodes")
+        tree._nodes = dict(nodes)
+        tree._ratchets = dict(pairs)
+        return tree
+
+    def to_bytes(self) -> bytes:
+        return encode_with(self.write)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, crypto: Crypto) -> SecretTree:
+        return decode_all(data, lambda r: cls.read(r, crypto), "SecretTree")

@@ -210,17 +210,27 @@ class Struct:
         raise NotImplementedError
 
     def encode(self) -> bytes:
-        w = Writer()
-        self.write(w)
-        return w.getvalue()
+        return encode_with(self.write)
 
     @classmethod
     def decode(cls, data: bytes) -> Self:
         """Decode exactly one structure from `data`; any other input raises `DecodeError`."""
-        r = Reader(data)
-        value = cls.read(r)
-        r.finish(cls.__name__)
-        return value
+        return decode_all(data, cls.read, cls.__name__)
+
+
+def encode_with(write: Callable[[Writer], None]) -> bytes:
+    """The bytes `write` produces on a fresh Writer."""
+    w = Writer()
+    write(w)
+    return w.getvalue()
+
+
+def decode_all(data: bytes, read: Callable[[Reader], T], what: str) -> T:
+    """Exactly one value read from `data` by `read`; trailing bytes raise `DecodeError`."""
+    r = Reader(data)
+    value = read(r)
+    r.finish(what)
+    return value
 
 
 S = TypeVar("S", bound=Struct)

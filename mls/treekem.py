@@ -34,14 +34,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from . import tree_math as tm
 from .commit import HPKECiphertext, UpdatePath, UpdatePathNode
 from .crypto import Crypto, SignaturePrivateKey
 from .errors import CryptoError, ValidationError
 from .key_package import LeafNode, LeafNodeSource
-from .leaf_validation import sign_leaf_node
+from .leaf_validation import resign_leaf_node
 from .ratchet_tree import RatchetTree
 
 __all__ = [
@@ -298,15 +298,16 @@ def _create_update_path(
     leaf_parent_hash = tree.set_path_keys(index, path, [p.public for p in pairs])
 
     leaf_private, leaf_public = crypto.hpke_key_pair()
-    new_leaf = replace(
+    new_leaf = resign_leaf_node(
+        crypto,
         template,
         encryption_key=leaf_public,
-        leaf_node_source=LeafNodeSource.commit,
-        lifetime=None,
+        source=LeafNodeSource.commit,
         parent_hash=leaf_parent_hash,
-        signature=b"",
+        signature_priv=signature_priv,
+        group_id=group_id,
+        leaf_index=index,
     )
-    new_leaf = sign_leaf_node(crypto, new_leaf, signature_priv, group_id, index)
     tree.set_leaf(index, new_leaf)
 
     context = provisional_context(tree.tree_hash())

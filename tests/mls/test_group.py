@@ -10,6 +10,7 @@ from mls.errors import MLSError, SecretReuseError, ValidationError
 from mls.framing import MLSMessage, PublicMessage
 from mls.group import Group
 from mls.proposals import PreSharedKeyID, ResumptionPSKUsage
+from mls.secret_tree import RatchetWindow
 
 SUITES = [int(s) for s in CipherSuite]
 
@@ -467,3 +468,31 @@ def test_leave_by_self_remove_proposal() -> None:
     assert gc.process(result.commit).removed
     same_epoch(ga, gb)
     assert [m.leaf_index for m in ga.members] == [0, 1]
+
+
+def test_ratchet_window_is_a_group_setting() -> None:
+    """The out-of-order window (§15.3) is chosen per group, kept across epochs and restarts."""
+    window = RatchetWindow(out_of_order_tolerance=2, maximum_forward_distance=2)
+    alice, bob = Client(b"alice"), Client(b"bob")
+    ga = Group.create(alice, ratchet_window=window)
+    result = ga.add([bob.key_package()])
+    ga.merge_pending_commit()
+    assert result.welcome is not None
+    gb = Group.join(bob, result.welcome, ratchet_window=window)
+    messages = [ga.encrypt_application(b"%d" % i) for i in range(4)]
+    before = snapshot(gb)
+    with pytest.raises(ValidationError, match="ahead"):
+        gb.process(messages[3])  # 3 generations ahead of the next expected; the limit is 2
+    assert snapshot(gb) == before
+    assert gb.process(messages[2]).data == b"2"
+    with pytest.raises(SecretReuseError):
+        gb.process(messages[0])  # more than 2 generations behind: its key is gone
+    assert gb.process(messages[1]).data == b"1"
+    update = ga.update()
+    ga.merge_pending_commit()
+    gb.process(update.commit)
+    restored = Group.from_bytes(gb.to_bytes())
+    assert restored.ratchet_window == window
+    later = [ga.encrypt_application(b"x") for _ in range(4)]
+    with pytest.raises(ValidationError, match="ahead"):
+        restored.process(later[3])

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from mls.client import Client
-from mls.errors import DecodeError, MLSError
+from mls.crypto import get_crypto
+from mls.errors import DecodeError, MLSError, SecretReuseError, ValidationError
 from mls.group import Group
+from mls.key_schedule import EpochSecrets
+from mls.secret_tree import RatchetType, RatchetWindow, SecretTree
+from mls.tls import Writer
 
 from .test_group import make_group, same_epoch, snapshot
 
@@ -65,3 +72,64 @@ def test_corrupt_state_raises_decode_error() -> None:
             Group.from_bytes(data[:cut])
     with pytest.raises(DecodeError):
         Client.from_bytes(b"nope")
+
+
+V1_FIXTURE = Path(__file__).parent / "data" / "group_state_v1.json"
+
+
+def test_format_version_1_state_still_loads() -> None:
+    """State saved by the first release of the format (before encryption_secret was deleted on
+    use) restores, decrypts the messages of its epoch and can be saved again."""
+    fixture = json.loads(V1_FIXTURE.read_text())
+    ga = Group.from_bytes(bytes.fromhex(fixture["state"]))
+    assert ga.epoch_authenticator.hex() == fixture["epoch_authenticator"]
+    assert ga.export_secret(b"label", b"context", 32).hex() == fixture["exporter"]
+    assert not ga._state.secrets.has("encryption_secret")
+    for message, text in zip(fixture["messages"], fixture["plaintexts"], strict=True):
+        assert ga.process(bytes.fromhex(message)).data == text.encode()
+    again = Group.from_bytes(ga.to_bytes())
+    assert snapshot(again) == snapshot(ga)
+    pending = Group.from_bytes(bytes.fromhex(fixture["pending_state"]))
+    assert pending.process(bytes.fromhex(fixture["pending_commit"])).own
+    assert pending.epoch == ga.epoch + 1
+
+
+def test_unknown_format_version_is_refused_clearly() -> None:
+    (ga,) = make_group(1)
+    data = ga.to_bytes()
+    with pytest.raises(DecodeError, match="format 2 is not supported"):
+        Group.from_bytes(data[:4] + b"\x00\x02" + data[6:])
+
+
+def test_secret_tree_and_epoch_secrets_serialise_themselves() -> None:
+    crypto = get_crypto(1)
+    tree = SecretTree(crypto, crypto.random_secret(), 8, RatchetWindow(3, 50))
+    tree.next_key(0, RatchetType.APPLICATION)
+    tree.consume(tree.key_for(5, RatchetType.HANDSHAKE, 4))  # keeps generations 1..3
+    copy = SecretTree.from_bytes(tree.to_bytes(), crypto)
+    assert copy.window == tree.window and copy.retained_nodes == tree.retained_nodes
+    for leaf, kind, generation in [(5, RatchetType.HANDSHAKE, 2), (7, RatchetType.APPLICATION, 0),
+                                   (0, RatchetType.APPLICATION, 1)]:
+        assert copy.key_for(leaf, kind, generation).key == tree.key_for(leaf, kind, generation).key
+    with pytest.raises(SecretReuseError):
+        copy.key_for(5, RatchetType.HANDSHAKE, 4)
+    with pytest.raises(DecodeError):
+        SecretTree.from_bytes(tree.to_bytes() + b"\x00", crypto)
+
+    secrets = EpochSecrets.from_epoch_secret(crypto, crypto.random_secret())
+    secrets.delete("encryption_secret")
+    again = EpochSecrets.from_bytes(secrets.to_bytes(), crypto)
+    assert again.exporter_secret == secrets.exporter_secret and not again.has("encryption_secret")
+    forged = Writer()
+    forged.vector([("crypto", b"x")], lambda w, kv: (w.opaque(kv[0].encode()), w.opaque(kv[1])))
+    with pytest.raises(DecodeError, match="unknown epoch secret"):
+        EpochSecrets.from_bytes(forged.getvalue(), crypto)
+
+
+def test_restoring_with_another_client_is_refused() -> None:
+    ga, gb = make_group(2)
+    data = ga.to_bytes()
+    same = Client.from_bytes(ga.client.to_bytes())
+    assert Group.from_bytes(data, same).client is same
+    with pytest.raises(ValidationError, match="not the one this group state belongs to"):
+        Group.from_bytes(data, gb.client)
