@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import signal
 import socket
@@ -298,6 +299,7 @@ async def serve(port: int, mode: str, secret_file: str) -> None:
         install_naive_relay()
     with open(secret_file, "rb") as f:
         config = SFUConfig(token_secret=f.read().strip(), max_participants_per_room=64)
+    gc.freeze()  # as `python -m sfu` does
     runner = web.AppRunner(SFUServer(config).app())
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()

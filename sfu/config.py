@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sfu.errors import ConfigError
 
@@ -36,3 +37,16 @@ class SFUConfig:
         if not self.worker_urls:
             return self.worker_index
         return zlib.crc32(room.encode()) % len(self.worker_urls)
+
+
+def read_token_secret(path: Path) -> bytes:
+    """The room-token secret from a file: hex, as the delivery service's CONCLAVE_ROOM_SECRET.
+
+    The same hex string configures both services; a file that is not hex is taken as the raw
+    secret bytes. Surrounding whitespace (a trailing newline) is ignored. Raises OSError.
+    """
+    text = path.read_bytes().strip()
+    try:
+        return bytes.fromhex(text.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return text

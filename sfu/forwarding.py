@@ -42,6 +42,9 @@ NACK_RETRIES = 3
 NACK_RETRY_INTERVAL = 0.05
 KEYFRAME_RETRY = 1.0  # seconds between PLIs while a subscriber still waits for a keyframe
 MISSING_GIVE_UP = 1.0  # seconds after which a lost upstream packet is abandoned
+REMB_INTERVAL = 1.0  # seconds between bandwidth estimates relayed to a publisher...
+REMB_DROP = 0.9  # ...unless the estimate fell below this fraction of the last one relayed
+REMB_STALE = 5.0  # seconds after which a subscriber's estimate no longer counts
 
 
 class Slot:
@@ -78,6 +81,8 @@ class Slot:
         self.last_out_time = 0.0
         self.packets_sent = 0
         self.octets_sent = 0
+        # the subscriber's latest REMB (bit/s) and when it came, relayed upstream by the source
+        self.remb: tuple[int, float] | None = None
         self.cache: list[bytes | None] = [None] * CACHE_SIZE
         self._b1 = (payload_type, 0x80 | payload_type)  # by marker bit
         self._ext_key = tuple(sorted((u, i) for u, i in ext_ids.items() if u != URI_MID))
@@ -251,6 +256,18 @@ class SourceStream:
             (i for i, uri in ext_uris.items() if uri == URI_AUDIO_LEVEL), None
         )
         self.slots: list[Slot] = []
+        self._reset_reception()
+        self.last_nack_time = 0.0
+        self.last_pli_time = -1e9
+        self.pli_pending = False
+        self.keyframes = 0
+        self.ended = False
+        self.last_remb: tuple[int, float] | None = None  # (bit/s, time) last relayed upstream
+
+    def __repr__(self) -> str:
+        return f"SourceStream(publisher={self.publisher!r}, kind={self.kind}, ssrc={self.ssrc})"
+
+    def _reset_reception(self) -> None:
         self.unwrapper = SequenceUnwrapper()
         # reception statistics for receiver reports (RFC 3550 §6.4.1, Appendix A.3, A.8)
         self.base_seq: int | None = None
@@ -264,14 +281,21 @@ class SourceStream:
         self.last_sr_time: float = 0.0
         # upstream loss repair: extended seq -> (time first missed, NACKs sent)
         self.missing: dict[int, tuple[float, int]] = {}
-        self.last_nack_time = 0.0
-        self.last_pli_time = -1e9
-        self.pli_pending = False
-        self.keyframes = 0
-        self.ended = False
 
-    def __repr__(self) -> str:
-        return f"SourceStream(publisher={self.publisher!r}, kind={self.kind}, ssrc={self.ssrc})"
+    def restart(self, ssrc: int) -> None:
+        """The publisher restarted this stream under a new SSRC on the same m-line.
+
+        (An SSRC collision, RFC 3550 §8.2, or a restarted sender; the SFU recognises the m-line
+        by its mid header extension, RFC 8843 §9.2.) The new SSRC has its own sequence and
+        timestamp spaces: reception state starts afresh and every slot restarts, continuing its
+        own output numbering (`Slot._start`), so subscribers keep one continuous stream.
+        """
+        self.ssrc = ssrc
+        self._reset_reception()
+        for slot in self.slots:
+            slot.started = False
+        if self.kind == "video":
+            self.request_keyframe()
 
     # --- RTP in ---------------------------------------------------------------------------------
 
@@ -382,11 +406,29 @@ class SourceStream:
         if now is None:
             now = time.monotonic()
         self.send_nacks(now)
+        self.relay_remb(now)
         if self.kind != "video":
             return
         waiting = any(not s.started for s in self.slots)
         if self.pli_pending or (waiting and now - self.last_pli_time > KEYFRAME_RETRY):
             self.request_keyframe_now(now)
+
+    def relay_remb(self, now: float) -> None:
+        """Tell the publisher the lowest bandwidth estimate of its subscribers (REMB).
+
+        Without simulcast one encoding feeds everyone, so the slowest subscriber sets the pace;
+        a falling estimate is relayed at once, otherwise at most every REMB_INTERVAL.
+        """
+        estimates = [s.remb[0] for s in self.slots if s.remb and now - s.remb[1] < REMB_STALE]
+        if not estimates:
+            return
+        bitrate = min(estimates)
+        last = self.last_remb
+        if last is not None and now - last[1] < REMB_INTERVAL and bitrate >= last[0] * REMB_DROP:
+            return
+        self.last_remb = (bitrate, now)
+        self.metrics.rembs_sent += 1
+        self._send(rtcp.pack_remb(self.rtcp_ssrc, bitrate, [self.ssrc]))
 
     def request_keyframe(self) -> None:
         """Ask for a keyframe at the next `tick` (throttled like every PLI)."""

@@ -11,7 +11,9 @@ LATENCY_BUCKETS = (
     0.00025,
     0.0005,
     0.001,
+    0.0015,
     0.002,
+    0.003,
     0.005,
     0.01,
     0.025,
@@ -37,6 +39,28 @@ class Histogram:
         self.count += 1
 
 
+# (metric name without "sfu_" and "_total", Metrics attribute, help text)
+_COUNTERS = (
+    ("packets_received", "packets_received", "RTP packets received from publishers."),
+    (
+        "packets_forwarded",
+        "packets_forwarded",
+        "RTP packets sent to subscribers (one per subscriber).",
+    ),
+    ("bytes_forwarded", "bytes_forwarded", "RTP bytes sent to subscribers, before SRTP."),
+    ("nacks_received", "nacks_received", "Sequence numbers NACKed by subscribers."),
+    ("nacks_sent", "nacks_sent", "Sequence numbers the SFU NACKed to publishers."),
+    ("retransmissions", "retransmissions_sent", "Packets resent to subscribers from the cache."),
+    ("plis_received", "plis_received", "PLI/FIR received from subscribers."),
+    ("plis_sent", "plis_sent", "PLIs sent to publishers."),
+    ("rembs_received", "rembs_received", "Bandwidth estimates (REMB) received from subscribers."),
+    ("rembs_sent", "rembs_sent", "Bandwidth estimates (REMB) relayed to publishers."),
+    ("keyframes", "keyframes_seen", "VP8 keyframes seen from publishers."),
+    ("signalling_errors", "signalling_errors", "Signalling messages answered with an error."),
+    ("tokens_refused", "tokens_refused", "Join attempts refused."),
+)
+
+
 class Metrics:
     """The SFU's counters. Plain attributes: the forwarding path increments them directly."""
 
@@ -49,6 +73,8 @@ class Metrics:
         self.retransmissions_sent = 0
         self.plis_received = 0
         self.plis_sent = 0
+        self.rembs_received = 0
+        self.rembs_sent = 0
         self.keyframes_seen = 0
         self.signalling_errors = 0
         self.tokens_refused = 0
@@ -59,70 +85,16 @@ class Metrics:
 
     def render(self) -> str:
         lines: list[str] = []
-
-        def metric(name: str, kind: str, help_text: str, value: float) -> None:
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} {kind}")
-            lines.append(f"{name} {value}")
-
-        metric("sfu_rooms", "gauge", "Rooms with at least one participant.", self.rooms())
-        metric("sfu_participants", "gauge", "Joined participants.", self.participants())
-        metric(
-            "sfu_packets_received_total",
-            "counter",
-            "RTP packets received from publishers.",
-            self.packets_received,
-        )
-        metric(
-            "sfu_packets_forwarded_total",
-            "counter",
-            "RTP packets sent to subscribers (one per subscriber).",
-            self.packets_forwarded,
-        )
-        metric(
-            "sfu_bytes_forwarded_total",
-            "counter",
-            "RTP bytes sent to subscribers, before SRTP.",
-            self.bytes_forwarded,
-        )
-        metric(
-            "sfu_nacks_received_total",
-            "counter",
-            "Sequence numbers NACKed by subscribers.",
-            self.nacks_received,
-        )
-        metric(
-            "sfu_nacks_sent_total",
-            "counter",
-            "Sequence numbers the SFU NACKed to publishers.",
-            self.nacks_sent,
-        )
-        metric(
-            "sfu_retransmissions_total",
-            "counter",
-            "Packets resent to subscribers from the cache.",
-            self.retransmissions_sent,
-        )
-        metric(
-            "sfu_plis_received_total",
-            "counter",
-            "PLI/FIR received from subscribers.",
-            self.plis_received,
-        )
-        metric("sfu_plis_sent_total", "counter", "PLIs sent to publishers.", self.plis_sent)
-        metric(
-            "sfu_keyframes_total",
-            "counter",
-            "VP8 keyframes seen from publishers.",
-            self.keyframes_seen,
-        )
-        metric(
-            "sfu_signalling_errors_total",
-            "counter",
-            "Signalling messages answered with an error.",
-            self.signalling_errors,
-        )
-        metric("sfu_tokens_refused_total", "counter", "Join attempts refused.", self.tokens_refused)
+        samples: list[tuple[str, str, str, float]] = [
+            ("sfu_rooms", "gauge", "Rooms with at least one participant.", self.rooms()),
+            ("sfu_participants", "gauge", "Joined participants.", self.participants()),
+        ]
+        samples += [
+            (f"sfu_{name}_total", "counter", help_text, getattr(self, attribute))
+            for name, attribute, help_text in _COUNTERS
+        ]
+        for name, kind, help_text, value in samples:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
         h = self.forwarding_latency
         name = "sfu_forwarding_latency_seconds"
         lines.append(f"# HELP {name} Time from RTP arrival (after SRTP) to the last copy sent.")

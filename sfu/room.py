@@ -4,7 +4,10 @@ Negotiation is one-directional: the SFU always makes the offer and the client an
 participant's publishing m-lines (recvonly on the SFU side) come first in the first offer, so an
 aiortc or browser client that added its tracks before `setRemoteDescription` has them matched to
 those m-lines; every later m-line is a downstream slot (sendonly on the SFU side). aiortc 1.16
-cannot recycle m-lines, so a slot whose source leaves is made inactive and never reused.
+cannot recycle m-lines, so a slot whose source leaves is made inactive and never reused (an
+aiortc subscriber never gets a new track on an m-line whose track ended). A publisher that
+restarts a stream under a new SSRC on the same m-line keeps every subscriber's slot: the SFU
+finds the m-line by the mid header extension and the slot continues its numbering.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -33,6 +37,7 @@ from sfu.config import SFUConfig
 from sfu.errors import SignallingError
 from sfu.forwarding import Slot, SourceStream
 from sfu.metrics import Metrics
+from sfu.rtp import URI_MID, RtpParseError, parse_rtp
 from sfu.speaker import ActiveSpeakerDetector
 
 logger = logging.getLogger(__name__)
@@ -180,8 +185,14 @@ class Participant:
             parsed = candidate_from_sdp(text.removeprefix("candidate:"))
         except (ValueError, IndexError, AssertionError) as exc:
             raise SignallingError("bad-message", "unparsable ICE candidate") from exc
-        parsed.sdpMid = candidate.get("sdpMid")
-        parsed.sdpMLineIndex = candidate.get("sdpMLineIndex")
+        mid, index = candidate.get("sdpMid"), candidate.get("sdpMLineIndex")
+        if not isinstance(mid, str | None) or not (
+            index is None or (isinstance(index, int) and not isinstance(index, bool))
+        ):
+            raise SignallingError("bad-message", "sdpMid is a string, sdpMLineIndex an integer")
+        if mid is None and index is None:
+            raise SignallingError("bad-message", "an ICE candidate needs sdpMid or sdpMLineIndex")
+        parsed.sdpMid, parsed.sdpMLineIndex = mid, index
         await self.pc.addIceCandidate(parsed)
 
     # --- publishing -----------------------------------------------------------------------------
@@ -291,9 +302,45 @@ class Participant:
     async def _on_rtp(self, data: bytes) -> None:
         if len(data) < 12:
             return
-        source = self.sources_by_ssrc.get(int.from_bytes(data[8:12], "big"))
+        ssrc = int.from_bytes(data[8:12], "big")
+        source = self.sources_by_ssrc.get(ssrc)
+        if source is None:
+            source = self._source_by_mid(ssrc, data)
         if source is not None:
             source.handle_rtp(data)
+
+    def _source_by_mid(self, ssrc: int, data: bytes) -> SourceStream | None:
+        """An unknown SSRC on a publishing m-line (RFC 8843 §9.2: found by its mid extension).
+
+        The publisher restarted that stream (or its RTX stream) under a new SSRC: follow it,
+        keeping every subscriber's slot and its numbering.
+        """
+        try:
+            header = parse_rtp(data)
+        except RtpParseError:
+            return None
+        for source in self.sources.values():
+            mid = source.mid.encode()
+            if not any(
+                source.ext_uris.get(ext_id) == URI_MID and value == mid
+                for ext_id, value in header.extensions
+            ):
+                continue
+            if header.payload_type == source.payload_type:
+                self.sources_by_ssrc.pop(source.ssrc, None)
+                logger.info("%r restarted its %s stream as SSRC %d", self, source.kind, ssrc)
+                source.restart(ssrc)
+            elif source.rtx_payload_type is not None and (
+                header.payload_type == source.rtx_payload_type
+            ):
+                if source.rtx_ssrc is not None:
+                    self.sources_by_ssrc.pop(source.rtx_ssrc, None)
+                source.rtx_ssrc = ssrc
+            else:
+                return None
+            self.sources_by_ssrc[ssrc] = source
+            return source
+        return None
 
     async def _on_rtcp(self, data: bytes) -> None:
         try:
@@ -323,6 +370,20 @@ class Participant:
             # Receiver reports from subscribers end here: the SFU reports upstream itself.
 
     def _on_psfb(self, packet: rtcp.RtcpPsfbPacket, now: float) -> None:
+        if packet.fmt == rtcp.PSFB_APP:
+            # REMB names the streams it estimates in its FCI; the source relays the minimum
+            try:
+                bitrate, ssrcs = rtcp.unpack_remb_fci(packet.fci)
+            except (ValueError, struct.error):
+                return
+            for ssrc in ssrcs:
+                slot = self.slots_by_ssrc.get(ssrc)
+                if slot is not None:
+                    self.metrics.rembs_received += 1
+                    slot.remb = (bitrate, now)
+                    if slot.source is not None:
+                        slot.source.relay_remb(now)
+            return
         targets: list[int] = []
         if packet.fmt == rtcp.PSFB_PLI:
             targets = [packet.media_ssrc]

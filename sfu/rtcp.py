@@ -17,6 +17,8 @@ from aiortc.rtp import (
     RtcpRrPacket,
     RtcpRtpfbPacket,
     RtcpSrPacket,
+    pack_remb_fci,
+    unpack_remb_fci,
 )
 
 __all__ = [
@@ -31,9 +33,11 @@ __all__ = [
     "pack_bye",
     "pack_nack",
     "pack_pli",
+    "pack_remb",
     "pack_rr",
     "pack_sr",
     "parse_rtcp",
+    "unpack_remb_fci",
 ]
 
 RTCP_SR = 200
@@ -67,6 +71,12 @@ def parse_rtcp(data: bytes) -> list[AnyRtcpPacket]:
 def pack_pli(sender_ssrc: int, media_ssrc: int) -> bytes:
     """Picture Loss Indication (RFC 4585 §6.3.1)."""
     return _header(RTCP_PSFB, PSFB_PLI, 8) + struct.pack("!II", sender_ssrc, media_ssrc)
+
+
+def pack_remb(sender_ssrc: int, bitrate: int, media_ssrcs: list[int]) -> bytes:
+    """Receiver Estimated Maximum Bitrate (draft-alvestrand-rmcat-remb-03 §2.2): PSFB APP."""
+    body = struct.pack("!II", sender_ssrc, 0) + pack_remb_fci(bitrate, media_ssrcs)
+    return _header(RTCP_PSFB, PSFB_APP, len(body)) + body
 
 
 def pack_nack(sender_ssrc: int, media_ssrc: int, lost: list[int]) -> bytes:

@@ -74,7 +74,10 @@ class SFUServer:
         self.rooms.clear()
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8")
+        return web.Response(
+            text=self.metrics.render(),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
 
     async def handle_health(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

@@ -65,6 +65,7 @@ class OpaqueEncoder:
         self.counter = 0
         self.keyframes = 0
         self.keyframe_interval = 1000  # rare: keyframes should come from PLIs
+        self.target_bitrate: int | None = None  # set by aiortc from REMBs the publisher receives
 
     def encode(self, frame: Any, force_keyframe: bool = False) -> tuple[list[bytes], int]:
         self.counter += 1

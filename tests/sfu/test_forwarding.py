@@ -250,3 +250,55 @@ async def test_transport_hooks_never_raise_into_aiortc() -> None:
     assert not hook_transport(transport, boom, boom)  # type: ignore[arg-type]
     await transport._handle_rtp_data(b"\x80" * 12, 0)  # type: ignore[attr-defined]
     await transport._handle_rtcp_data(b"\x80\xc8")  # type: ignore[attr-defined]
+
+
+def test_restart_under_a_new_ssrc_continues_the_slot_numbering() -> None:
+    source, _ = make_source(ssrc=1000)
+    slot, down = make_slot()
+    slot.attach(source)
+    for i in range(3):
+        source.handle_rtp(rtp_packet(500 + i, 3000 * i, KEY, ssrc=1000), now=i * 0.033)
+    source.pli_pending = False
+    source.restart(3000)
+    assert source.pli_pending and source.base_seq is None and not slot.started
+    source.handle_rtp(rtp_packet(501, 0, KEY, ssrc=1000), now=0.1)  # old SSRC: ignored
+    source.handle_rtp(rtp_packet(9, 50, DELTA, ssrc=3000), now=0.1)  # gated until a keyframe
+    source.handle_rtp(rtp_packet(10, 3050, KEY, ssrc=3000), now=0.133)
+    source.handle_rtp(rtp_packet(11, 6050, DELTA, ssrc=3000), now=0.166)
+    seqs = [parse_rtp(p).sequence_number for p in down.packets]
+    assert [(s - seqs[0]) & 0xFFFF for s in seqs] == [0, 1, 2, 3, 4]
+    assert source.report_block(now=0.2).highest_sequence == 11  # type: ignore[union-attr]
+
+
+def test_lowest_subscriber_estimate_is_relayed_upstream_throttled() -> None:
+    source, up = make_source()
+    slow, _ = make_slot()
+    fast, _ = make_slot()
+    slow.attach(source)
+    fast.attach(source)
+    source.tick(now=1.0)
+    assert up.packets == [rtcp.pack_pli(4242, 1111)]  # no estimate yet: no REMB
+
+    def rembs() -> list[tuple[int, list[int]]]:
+        out = []
+        for packet in up.packets:
+            for p in rtcp.parse_rtcp(packet):
+                if isinstance(p, rtcp.RtcpPsfbPacket) and p.fmt == rtcp.PSFB_APP:
+                    assert p.ssrc == 4242
+                    out.append(rtcp.unpack_remb_fci(p.fci))
+        return out
+
+    fast.remb, slow.remb = (2_000_000, 1.0), (300_000, 1.0)
+    source.relay_remb(now=1.0)
+    assert rembs() == [(300_000, [1111])]
+    slow.remb = (290_000, 1.1)  # small drop, within the interval: held back
+    source.relay_remb(now=1.1)
+    slow.remb = (200_000, 1.2)  # large drop: relayed at once
+    source.relay_remb(now=1.2)
+    assert [b for b, _ in rembs()] == [300_000, 200_000]
+    slow.attach(None)  # the slow subscriber left: the fast one sets the pace after the interval
+    source.tick(now=1.5)
+    source.tick(now=2.3)
+    assert [b for b, _ in rembs()] == [300_000, 200_000, 2_000_000]
+    source.tick(now=9.0)  # every estimate is stale
+    assert len(rembs()) == 3

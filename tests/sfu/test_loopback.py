@@ -234,3 +234,74 @@ async def test_closed_media_connection_removes_the_participant(harness: Harness)
     event = await b.client.next_event("participant-left", timeout=10)
     assert event["identity"] == "a"
     assert list(harness.server.rooms["room"].participants) == ["b"]
+
+
+async def test_publisher_restarting_under_a_new_ssrc_keeps_the_subscribers_slot(
+    harness: Harness,
+) -> None:
+    pub = await harness.join("pub")
+    sub = await harness.join("sub", publish=False)
+    assert await wait_until(lambda: _video_ok(sub, pub, 5), timeout=10)
+    # what the subscriber's transport receives, per SSRC: sequence numbers and timestamps
+    sub_transport = sub.client.pc.getTransceivers()[0].receiver.transport
+    seen: dict[int, list[tuple[int, int]]] = {}
+    original_handle = sub_transport._handle_rtp_data
+
+    async def recording_handle(data: bytes, arrival_time_ms: int) -> None:
+        ssrc = int.from_bytes(data[8:12], "big")
+        seen.setdefault(ssrc, []).append(
+            (int.from_bytes(data[2:4], "big"), int.from_bytes(data[4:8], "big"))
+        )
+        await original_handle(data, arrival_time_ms)
+
+    sub_transport._handle_rtp_data = recording_handle
+    await asyncio.sleep(0.3)
+    slot_ssrcs = set(seen)
+    video_log = sub.received[(pub.name, "video")]
+    audio_log = sub.received[(pub.name, "audio")]
+    before = {"video": len(video_log.frames), "audio": len(audio_log.frames)}
+    # The publisher restarts both streams under new SSRCs, as after an SSRC collision
+    # (RFC 3550 §8.2); aiortc reads `_ssrc` per packet, and routes RTCP for it once registered.
+    pub_transport = pub.client.senders[0].transport
+    old_ssrcs = {}
+    for sender in pub.client.senders:
+        old_ssrcs[sender.track.kind] = sender._ssrc
+        sender._ssrc = random.randrange(1, 1 << 32)
+        pub_transport._rtp_router.register_sender(sender, sender._ssrc)
+    assert await wait_until(
+        lambda: (
+            len(video_log.frames) >= before["video"] + 10
+            and len(audio_log.frames) >= before["audio"] + 20
+        ),
+        timeout=10,
+    )
+    # the same tracks kept playing, intact and in order, and never ended
+    assert video_log.ended_at is None and audio_log.ended_at is None
+    for log in (video_log, audio_log):
+        assert all(f.intact for f in log.frames)
+        counters = [f.counter for f in log.frames]
+        assert counters == sorted(counters)
+    # on the same downstream SSRCs, with sequence numbers continuing +1 across the restart
+    assert set(seen) == slot_ssrcs and len(slot_ssrcs) == 2
+    for packets in seen.values():
+        seqs = sorted({s for s, _ in packets}, key=lambda s: (s - packets[0][0]) & 0xFFFF)
+        assert [(s - seqs[0]) & 0xFFFF for s in seqs] == list(range(len(seqs)))
+        stamps = [t for _, t in packets]
+        assert all((b - a) & 0xFFFFFFFF < 1 << 31 for a, b in zip(stamps, stamps[1:], strict=False))
+    room = harness.server.rooms["room"]
+    sources = room.participants["pub"].sources_by_ssrc
+    assert not set(old_ssrcs.values()) & set(sources)
+    assert {s.ssrc for s in sources.values()} == {s._ssrc for s in pub.client.senders}
+
+
+async def test_subscriber_bandwidth_estimates_reach_the_publisher(harness: Harness) -> None:
+    pub = await harness.join("pub")
+    sub = await harness.join("sub", publish=False)
+    encoder = pub.encoders["video"]
+    # aiortc subscribers send REMB from abs-send-time, which the SFU forwards; aiortc publishers
+    # hand a REMB that names their SSRC to the encoder as its target bitrate
+    assert await wait_until(lambda: encoder.target_bitrate is not None, timeout=10)
+    metrics = harness.server.metrics
+    assert metrics.rembs_received > 0 and metrics.rembs_sent > 0
+    assert 0 < encoder.target_bitrate  # type: ignore[operator]
+    assert _video_ok(sub, pub, 1)

@@ -40,6 +40,9 @@ async def _join_raw(url: str, message: object) -> tuple[list[dict], bool]:
         return replies, ws.closed
 
 
+CANDIDATE = "candidate:1 1 udp 2130706431 127.0.0.1 5000 typ host"
+
+
 def _join(room: str, identity: str, token: str) -> dict:
     return {"type": "join", "room": room, "identity": identity, "token": token, "publish": []}
 
@@ -121,6 +124,13 @@ async def test_malformed_messages_after_join_get_error_replies(harness: Harness)
             ('{"type": "answer", "sdp": "v=0\\r\\nnonsense"}', "bad-sdp"),
             ('{"type": "answer", "sdp": 5}', "bad-message"),
             ('{"type": "ice", "candidate": {"candidate": "candidate:bogus"}}', "bad-message"),
+            (json.dumps({"type": "ice", "candidate": {"candidate": CANDIDATE}}), "bad-message"),
+            (
+                json.dumps(
+                    {"type": "ice", "candidate": {"candidate": CANDIDATE, "sdpMLineIndex": "0"}}
+                ),
+                "bad-message",
+            ),
             (json.dumps({"type": "ice", "pad": "x" * 3000}), "limit"),
         ]:
             await ws.send_str(message)
@@ -128,6 +138,12 @@ async def test_malformed_messages_after_join_get_error_replies(harness: Harness)
             assert reply["type"] == "error" and reply["code"] == code, (message, reply)
         await ws.send_bytes(b"\x00")
         assert (await ws.receive_json(timeout=5))["code"] == "bad-message"
+        # a well-formed trickled candidate is taken silently: the next reply is for the next
+        await ws.send_str(
+            json.dumps({"type": "ice", "candidate": {"candidate": CANDIDATE, "sdpMid": "0"}})
+        )
+        await ws.send_str('{"type": "dance"}')
+        assert (await ws.receive_json(timeout=5))["code"] == "unknown-type"
     assert harness.server.rooms == {} or all(
         not r.participants for r in harness.server.rooms.values()
     )
@@ -159,6 +175,8 @@ async def test_metrics_endpoint(harness: Harness) -> None:
     async with aiohttp.ClientSession() as session:
         async with session.get(harness.url.replace("/v1/signal", "/metrics")) as resp:
             assert resp.status == 200
+            # the Prometheus text exposition format announces its version
+            assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
             text = await resp.text()
     assert "sfu_rooms 0" in text
     assert "# TYPE sfu_forwarding_latency_seconds histogram" in text

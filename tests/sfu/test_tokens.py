@@ -83,3 +83,15 @@ def test_validly_signed_but_bad_payload_is_malformed() -> None:
         signed = "v1." + _b64(payload)
         mac = hmac.new(SECRET, signed.encode(), hashlib.sha256).digest()
         assert _reason(signed + "." + _b64(mac)) == "malformed"
+
+
+def test_secret_file_is_hex_like_the_delivery_services_or_raw(tmp_path) -> None:  # noqa: ANN001
+    from sfu.config import read_token_secret
+
+    secret = bytes(range(32))
+    (tmp_path / "hex").write_text(secret.hex() + "\n")
+    # the delivery service reads CONCLAVE_ROOM_SECRET with bytes.fromhex: the same string
+    # must give the same key, or every token it issues is refused as "bad signature"
+    assert read_token_secret(tmp_path / "hex") == secret
+    (tmp_path / "raw").write_bytes(b"not hex: a raw secret\n")
+    assert read_token_secret(tmp_path / "raw") == b"not hex: a raw secret"

@@ -1,0 +1,80 @@
+"""A participant's RTCP from the transport: PLI/FIR and REMB reach the right publisher stream."""
+
+from __future__ import annotations
+
+import struct
+
+from sfu import rtcp
+from sfu.config import SFUConfig
+from sfu.metrics import Metrics
+from sfu.room import Participant, Room
+from tests.sfu.test_forwarding import make_slot, make_source
+
+
+async def _send_json(message: dict) -> None:
+    pass
+
+
+def _fir(sender_ssrc: int, targets: list[int]) -> bytes:
+    """Full Intra Request (RFC 5104 §4.3.1): FCI entries of SSRC, seq nr, 3 reserved bytes."""
+    fci = b"".join(struct.pack("!IB3x", ssrc, n) for n, ssrc in enumerate(targets))
+    body = struct.pack("!II", sender_ssrc, 0) + fci
+    return struct.pack("!BBH", 0x80 | rtcp.PSFB_FIR, rtcp.RTCP_PSFB, len(body) // 4) + body
+
+
+async def test_fir_and_pli_from_a_subscriber_become_throttled_plis_upstream() -> None:
+    config = SFUConfig(token_secret=b"x" * 16)
+    room = Room("r", config, Metrics())
+    sub = Participant(room, "sub", [], _send_json, config, room.metrics)
+    try:
+        source, up = make_source()
+        slot, _ = make_slot()
+        slot.attach(source)
+        sub.slots_by_ssrc[slot.ssrc] = slot
+        await sub._on_rtcp(_fir(99, [12345, slot.ssrc]))  # one FCI entry is not ours
+        assert up.packets == [rtcp.pack_pli(4242, 1111)]
+        await sub._on_rtcp(rtcp.pack_pli(99, slot.ssrc))  # within pli_interval: held back
+        assert len(up.packets) == 1 and source.pli_pending
+        assert room.metrics.plis_received == 2
+        await sub._on_rtcp(rtcp.pack_remb(99, 500_000, [slot.ssrc, 4321]))
+        assert slot.remb is not None and slot.remb[0] == 500_000
+        [remb] = rtcp.parse_rtcp(up.packets[-1])
+        assert isinstance(remb, rtcp.RtcpPsfbPacket) and remb.fmt == rtcp.PSFB_APP
+        assert rtcp.unpack_remb_fci(remb.fci) == (500_000, [1111])
+        await sub._on_rtcp(rtcp.pack_remb(99, 1, [slot.ssrc])[:-2])  # truncated: ignored
+        # an FCI that announces five SSRCs but carries one: ignored, no exception
+        fci = b"REMB" + bytes([5, 0, 0, 1]) + struct.pack("!I", slot.ssrc)
+        body = struct.pack("!II", 99, 0) + fci
+        header = struct.pack("!BBH", 0x80 | rtcp.PSFB_APP, rtcp.RTCP_PSFB, len(body) // 4)
+        await sub._on_rtcp(header + body)
+        assert slot.remb[0] == 500_000
+    finally:
+        await sub.close()
+        await room.close()
+
+
+async def test_unknown_ssrcs_are_matched_to_publishing_m_lines_by_mid() -> None:
+    from tests.sfu.test_forwarding import KEY, rtp_packet
+
+    config = SFUConfig(token_secret=b"x" * 16)
+    room = Room("r", config, Metrics())
+    pub = Participant(room, "pub", ["video"], _send_json, config, room.metrics)
+    try:
+        source, _ = make_source()  # mid "0", SSRC 1111, PT 97, RTX 1112/98, mid extension id 1
+        pub.sources[source.mid] = source
+        pub.sources_by_ssrc.update({1111: source, 1112: source})
+        # an unknown mid, or the right mid with a payload type the m-line does not carry: dropped
+        await pub._on_rtp(rtp_packet(1, 0, KEY, ssrc=5000, ext=[(1, b"7")]))
+        await pub._on_rtp(rtp_packet(1, 0, KEY, ssrc=5000, pt=55, ext=[(1, b"0")]))
+        await pub._on_rtp(rtp_packet(1, 0, KEY, ssrc=5000))  # no mid at all
+        assert set(pub.sources_by_ssrc) == {1111, 1112} and source.ssrc == 1111
+        # a new RTX SSRC on the m-line
+        await pub._on_rtp(rtp_packet(1, 0, b"\x00\x01" + KEY, ssrc=6000, pt=98, ext=[(1, b"0")]))
+        assert source.rtx_ssrc == 6000 and set(pub.sources_by_ssrc) == {1111, 6000}
+        # the media restarted under a new SSRC
+        await pub._on_rtp(rtp_packet(9, 0, KEY, ssrc=7000, ext=[(1, b"0")]))
+        assert source.ssrc == 7000 and set(pub.sources_by_ssrc) == {7000, 6000}
+        assert source.received == 1
+    finally:
+        await pub.close()
+        await room.close()
