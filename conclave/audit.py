@@ -27,7 +27,7 @@ import hmac
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import cbor2
 
@@ -318,7 +318,21 @@ def audit(group_id: bytes, entries: Iterable[LogEntry]) -> AuditReport:
     return auditor.report()
 
 
-# -- log files
+# -- reading and saving logs
+
+
+class AuditLogSource(Protocol):
+    async def audit_log(self, group_id: bytes, after: int = 0) -> list[Any]: ...
+
+
+async def read_log(ds: AuditLogSource, group_id: bytes) -> list[LogEntry]:
+    """The whole audit log of a group from a `DeliveryClient` (the service returns it in pages)."""
+    out: list[LogEntry] = []
+    while True:
+        page = await ds.audit_log(group_id, after=out[-1].seq if out else 0)
+        if not page:
+            return out
+        out += [LogEntry(m.seq, m.kind, m.epoch, m.sender, m.time_ms, m.message) for m in page]
 
 
 def save_log(path: Path, group_id: bytes, entries: Iterable[LogEntry]) -> None:

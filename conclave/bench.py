@@ -2,14 +2,15 @@
 progress bars; CSV files and PNG plots go into one folder.
 
 The scripts live in the repository's bench/ folder (they are not installed with the package);
-each is run in a child process, its table saved as `<name>.txt`. The end-to-end call is
-`conclave.bench_call` (also runnable as `python bench/e2e_call.py`).
+each is run in a child process, its output saved as `<name>.txt` and its tables as `<name>.csv`.
+The end-to-end call is `conclave.bench_call` (also runnable as `python bench/e2e_call.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import csv
+import re
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,35 @@ async def run_script(path: Path, args: list[str], out: Path) -> tuple[int, float
     return code, time.monotonic() - started
 
 
+def text_tables(text: str) -> list[list[str]]:
+    """The rows of the aligned text tables a bench script prints (cells at least two spaces
+    apart; ruler lines dropped), each table after a blank row: for `<name>.csv`."""
+    rows: list[list[str]] = []
+    in_table = False
+    for line in text.splitlines():
+        if line.strip() and not line.strip().strip("-"):
+            continue  # a ruler under a header
+        cells = re.split(r"\s{2,}", line.strip())
+        if len(cells) >= 3:
+            if not in_table and rows:
+                rows.append([])
+            rows.append(cells)
+            in_table = True
+        else:
+            in_table = False
+    return rows
+
+
+def write_script_csv(txt: Path) -> Path | None:
+    rows = text_tables(txt.read_text(errors="replace"))
+    if not rows:
+        return None
+    path = txt.with_suffix(".csv")
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    return path
+
+
 def write_call_csv(out: Path, results: list[CallResult]) -> None:
     rows = [r.row() for r in results]
     with (out / "e2e_call.csv").open("w", newline="") as f:
@@ -75,7 +105,9 @@ def plot_call(out: Path, results: list[CallResult]) -> Path:
     axes[1].bar([x + width / 2 for x in xs], [r.down_kbps for r in results], width, label="down")
     axes[1].set_xticks(list(xs), modes)
     axes[1].set_title("RTP kbit/s per participant")
-    axes[1].legend()
+    axes[1].set_ylim(0, 1.3 * max([r.down_kbps for r in results] + [r.up_kbps for r in results]
+                                  + [1.0]))  # headroom: the legend stays clear of the bars
+    axes[1].legend(loc="upper right")
     for r in results:
         for kind, values in sorted(r.latencies_by_kind.items()):
             data = sorted(values)
@@ -115,7 +147,9 @@ async def run_benchmarks(out: Path, *, quick: bool = False, only: set[str] | Non
             progress.update(task, total=1, completed=1)
             status = "ok" if code == 0 else f"exit {code}"
             failed |= code != 0
-            summary.append((name, status, took, f"{name}.txt"))
+            table_csv = write_script_csv(out / f"{name}.txt")
+            outputs = f"{name}.txt" + (f", {table_csv.name}" if table_csv else "")
+            summary.append((name, status, took, outputs))
         if only is None or "call" in only:
             results = []
             seconds = 4.0 if quick else 10.0

@@ -20,10 +20,29 @@ from .errors import AuditFailure, ConclaveError
 
 DEFAULT_DS_PORT = 8470
 DEFAULT_SFU_PORT = 8443
+DEMO_COLUMNS = ["name", "epoch", "members", "safety code", "sent a/v", "decrypted", "failed",
+                "status"]
 
 
 def default_state_dir() -> Path:
     return Path(os.environ.get("CONCLAVE_STATE", Path.home() / ".conclave"))
+
+
+def seconds(text: str, *, zero: bool = False) -> float:
+    """An argparse type: a positive number of seconds (or 0 where `zero`)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (value >= 0 if zero else value > 0) or value == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"{text} must be a {'non-negative' if zero else 'positive'} finite number of seconds"
+        )
+    return value
+
+
+def seconds_or_zero(text: str) -> float:
+    return seconds(text, zero=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,15 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ds-port", type=int, default=DEFAULT_DS_PORT)
     p.add_argument("--sfu-port", type=int, default=DEFAULT_SFU_PORT)
     p.add_argument("--db", default=None,
-                   help="SQLite file or postgresql:// DSN (default: STATE/conclave-ds.sqlite3)")
+                   help="SQLite file or postgresql:// DSN (default: $CONCLAVE_DS_DB, else "
+                        "STATE/conclave-ds.sqlite3); give a DSN with a password in "
+                        "CONCLAVE_DS_DB, since other users can read command lines")
     p.add_argument("--pg-schema", default=None, help="PostgreSQL schema for the tables")
     p.add_argument("--state", type=Path, default=None, help="state directory (default ~/.conclave)")
     p.add_argument("--auditor", action="append", default=None,
                    help="identity allowed to read every group's audit log (default: auditor)")
 
     p = sub.add_parser("demo", help="serve plus four participants in one call, with checks")
-    p.add_argument("--rotation", type=float, default=4.0, help="key rotation period, seconds")
-    p.add_argument("--phase", type=float, default=2.5, help="seconds of media between steps")
+    p.add_argument("--rotation", type=seconds, default=4.0, help="key rotation period, seconds")
+    p.add_argument("--phase", type=seconds_or_zero, default=2.5, help="seconds of media between steps")
     p.add_argument("--no-live", action="store_true", help="no live table, only the summary")
     p.add_argument("--db", default=None, help="postgresql:// DSN (default: a temporary SQLite)")
     p.add_argument("--pg-schema", default=None, help="PostgreSQL schema for the tables")
@@ -65,9 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ask the members to add you instead of joining by external commit")
     p.add_argument("--no-audio", action="store_true")
     p.add_argument("--record", type=Path, default=None, help="record what you receive here")
-    p.add_argument("--rotation", type=float, default=30.0,
+    p.add_argument("--rotation", type=seconds_or_zero, default=30.0,
                    help="commit a key rotation every this many seconds (0: never)")
-    p.add_argument("--duration", type=float, default=0, help="leave after this long (0: Ctrl-C)")
+    p.add_argument("--duration", type=seconds_or_zero, default=0, help="leave after this long (0: Ctrl-C)")
     p.add_argument("--state", type=Path, default=None, help="state directory (default ~/.conclave)")
 
     p = sub.add_parser("audit", help="verify a group's handshake log, report key rotations")
@@ -96,27 +117,52 @@ def parse_group(text: str) -> bytes:
     return text.encode("utf-8")
 
 
-# -- serve
-
-
-async def cmd_serve(args: argparse.Namespace) -> int:
-    from .services import DEFAULT_AUDITOR, Services, default_db
-
-    state = args.state or default_state_dir()
-    services = Services(
-        db=args.db or default_db(state), pg_schema=args.pg_schema, host=args.host, ds_port=args.ds_port,
-        sfu_port=args.sfu_port, auditors=frozenset(args.auditor or [DEFAULT_AUDITOR]),
-    )
-    await services.start()
-    print(f"delivery service  {services.ds_url}")
-    print(f"SFU signalling    {services.sfu_url}")
-    print(f"database          {services.db}")
-    print("Ctrl-C to stop.", flush=True)
+def stop_on_signals() -> asyncio.Event:
+    """An event set by Ctrl-C or SIGTERM, so that commands shut down cleanly."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def compact_table(title: str, columns: list[str], rows: list[list[str]]) -> Any:
+    """A rich table with columns one space apart, so that it fits an 80-column terminal."""
+    from rich import box
+    from rich.table import Table
+
+    t = Table(title=title, box=box.SIMPLE_HEAD, padding=0)
+    for col in columns:
+        t.add_column(col, no_wrap=col in ("safety code", "status", "why"))
+    for row in rows:
+        t.add_row(*row)
+    return t
+
+
+def report_table(title: str, report: Any) -> Any:
+    from .audit import REPORT_COLUMNS, format_report
+
+    return compact_table(title, REPORT_COLUMNS, format_report(report))
+
+
+# -- serve
+
+
+async def cmd_serve(args: argparse.Namespace) -> int:
+    from .services import DEFAULT_AUDITOR, Services, default_db, display_db
+
+    state = args.state or default_state_dir()
+    services = Services(
+        db=args.db or os.environ.get("CONCLAVE_DS_DB") or default_db(state), pg_schema=args.pg_schema, host=args.host, ds_port=args.ds_port,
+        sfu_port=args.sfu_port, auditors=frozenset(args.auditor or [DEFAULT_AUDITOR]),
+    )
+    stop = stop_on_signals()  # before the URLs: whoever reads them may stop us at once
+    await services.start()
+    print(f"delivery service  {services.ds_url}")
+    print(f"SFU signalling    {services.sfu_url}")
+    print(f"database          {display_db(services.db)}")
+    print("Ctrl-C to stop.", flush=True)
     try:
         await stop.wait()
     finally:
@@ -130,41 +176,38 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 async def cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
-    from rich.table import Table
 
-    from .audit import REPORT_COLUMNS, format_report
     from .demo import DemoConfig, run_demo
 
     console = Console()
 
-    def table(step: str, people: list[Any]) -> Table:
-        t = Table(title=f"conclave demo: {step}")
-        for col in ("participant", "epoch", "members", "safety code", "sent a/v",
-                    "decrypted", "decoded", "failed", "status"):
-            t.add_column(col)
+    def table(step: str, people: list[Any]) -> Any:
+        rows = []
         for p in people:
             s = p.stats()
-            t.add_row(
+            rows.append([
                 s.name, str(s.epoch), str(s.members), s.safety_code,
                 f"{s.sent.get('audio', 0)}/{s.sent.get('video', 0)}", str(s.decrypted),
-                str(s.decoded), str(s.failed), "[red]removed[/]" if s.removed else "[green]in call[/]",
-            )
-        return t
+                str(s.failed), "[red]removed[/]" if s.removed else "[green]in call[/]",
+            ])
+        return compact_table(f"conclave demo: {step}", DEMO_COLUMNS, rows)
 
     config = DemoConfig(rotation_period=args.rotation, phase=args.phase, db=args.db,
                         pg_schema=args.pg_schema)
+    last: list[Any] = []
+
+    def remember(step: str, people: list[Any]) -> None:
+        last[:] = people
+
     if args.no_live:
-        result = await run_demo(config)
+        result = await run_demo(config, remember)
+        console.print(table("done", last))
     else:
         with Live(table("starting", []), console=console, refresh_per_second=4) as live:
             result = await run_demo(config, lambda step, people: live.update(table(step, people)))
+        console.print()
     if result.report is not None:
-        t = Table(title="key rotations (conclave audit)")
-        for col in REPORT_COLUMNS:
-            t.add_column(col)
-        for row in format_report(result.report):
-            t.add_row(*row)
-        console.print(t)
+        console.print(report_table("key rotations (conclave audit)", result.report))
     for name, passed, detail in result.checks:
         mark = "[green]PASS[/]" if passed else "[red]FAIL[/]"
         console.print(f"{mark} {name}" + (f" ({detail})" if detail else ""))
@@ -185,20 +228,11 @@ async def cmd_join(args: argparse.Namespace) -> int:
         args.name, args.ds, args.sfu, state_dir=state, rotation_period=args.rotation or None,
         media=media, record_dir=args.record,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     try:
+        p.open_media()  # a bad --video fails here, before the call gains a member
         await p.start()
-        if p.group is None and args.knock:
-            await p.knock(args.room)
-            how = "was let into"
-        elif p.group is None:
-            how = await p.create_or_join(args.room)
-        else:
-            how = "rejoined"
+        how = await p.enter(args.room, knock=args.knock)
         print(f"{how} room {args.room!r} as {args.name} (epoch {p.epoch})", flush=True)
         await p.connect_media()
         last_epoch = None
@@ -226,7 +260,7 @@ async def cmd_join(args: argparse.Namespace) -> int:
 
 
 async def cmd_audit(args: argparse.Namespace) -> int:
-    from .audit import REPORT_COLUMNS, audit, format_report, load_log, save_log
+    from .audit import audit, load_log, save_log
 
     group_id = parse_group(args.group)
     if args.log is not None:
@@ -245,15 +279,11 @@ async def cmd_audit(args: argparse.Namespace) -> int:
             print(f"saved {len(entries)} log entries to {args.save}")
     report = audit(group_id, entries)
     from rich.console import Console
-    from rich.table import Table
 
-    t = Table(title=f"key rotations of {args.group}: epochs {report.first_epoch}-{report.last_epoch}")
-    for col in REPORT_COLUMNS:
-        t.add_column(col)
-    for row in format_report(report):
-        t.add_row(*row)
     console = Console()
-    console.print(t)
+    console.print(report_table(
+        f"key rotations of {args.group}: epochs {report.first_epoch}-{report.last_epoch}", report
+    ))
     console.print(
         f"OK: {report.messages} messages, {len(report.rotations)} commits verified "
         f"(signatures, epoch chain, public tree), {report.group_infos_checked} GroupInfos "
@@ -278,7 +308,7 @@ async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fet
 
 
 async def _member_log(ds: str, group_id: bytes, state: Path, identity: str) -> Any:
-    from .audit import LogEntry
+    from .audit import read_log
     from .participant import Participant
 
     if not (state / f"{identity}.state").exists():
@@ -286,8 +316,7 @@ async def _member_log(ds: str, group_id: bytes, state: Path, identity: str) -> A
     p = Participant(identity, ds, state_dir=state)
     try:
         await p.ds.login()
-        entries = await p.ds.audit_log(group_id)
-        return [LogEntry(m.seq, m.kind, m.epoch, m.sender, m.time_ms, m.message) for m in entries]
+        return await read_log(p.ds, group_id)
     finally:
         await p.ds.close()
 

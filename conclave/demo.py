@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .audit import AuditReport, LogEntry, audit
+from .audit import AuditReport, LogEntry, audit, read_log
 from .media import MediaSpec
 from .participant import Participant
 from .services import DEFAULT_AUDITOR, Services
@@ -51,7 +51,7 @@ class DemoConfig:
     height: int = 96
     fps: float = 10.0
     state_dir: Path | None = None
-    db: str | None = None
+    db: str | None = field(default=None, repr=False)  # a DSN may hold a password
     pg_schema: str | None = None
 
 
@@ -60,19 +60,14 @@ async def fetch_log(ds_url: str, group_id: bytes, state_dir: Path) -> list[LogEn
     auditor = Participant(DEFAULT_AUDITOR, ds_url, state_dir=state_dir)
     try:
         await auditor.ds.register()
-        entries = await auditor.ds.audit_log(group_id)
-        out = [LogEntry(m.seq, m.kind, m.epoch, m.sender, m.time_ms, m.message) for m in entries]
-        while len(entries) >= 1000:  # the service pages the log
-            entries = await auditor.ds.audit_log(group_id, after=out[-1].seq)
-            out += [LogEntry(m.seq, m.kind, m.epoch, m.sender, m.time_ms, m.message)
-                    for m in entries]
-        return out
+        return await read_log(auditor.ds, group_id)
     finally:
         auditor.save()
         await auditor.ds.close()
 
 
-async def _until(predicate: Callable[[], bool], timeout: float) -> bool:
+async def until(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Poll `predicate` until it holds or `timeout` seconds pass; returns its last value."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -144,7 +139,7 @@ async def run_demo(
             current_step = "alice asks to remove bob"
             before = dave.epoch or 0
             await alice.request_removal("bob")
-            await _until(lambda: bob.removed and all(
+            await until(lambda: bob.removed and all(
                 (p.epoch or 0) > before for p in (alice, carol, dave)), 10.0)
             removal_epoch = min(p.epoch or 0 for p in (alice, carol, dave))
             result.check("bob removed", bob.removed, f"epoch {removal_epoch}")
@@ -153,7 +148,7 @@ async def run_demo(
             others_before = {p.name: p.stats().decoded for p in (alice, carol, dave)}
             current_step = "keys rotate; bob hears nothing"
             epoch_now = max(p.epoch or 0 for p in (alice, carol, dave))
-            rotated = await _until(
+            rotated = await until(
                 lambda: min(p.epoch or 0 for p in (alice, carol, dave)) > epoch_now,
                 config.rotation_period * 1.5 + 2,
             )

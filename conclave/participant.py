@@ -28,7 +28,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,7 @@ from e2ee_media.mls_keys import MLSKeyManager
 from e2ee_media.transform import FrameDecryptor, FrameEncryptor, TrackStats
 from mls import Client, CommitResult, Group, MLSError
 from mls.framing import MLSMessage, PublicMessage
-from mls.proposals import Proposal, ProposalType, Remove
+from mls.proposals import ProposalType
 from sfu import aiortc_hooks
 from sfu.client import SFUClient
 from sfu.errors import SFUError
@@ -123,6 +123,10 @@ class Participant:
         auto_commit: bool = True,
         http: aiohttp.ClientSession | None = None,
     ) -> None:
+        if not 0 < len(name.encode("utf-8")) <= 255:
+            raise ConclaveError("a participant name must be 1 to 255 bytes of UTF-8")
+        if rotation_period is not None and not rotation_period > 0:
+            raise ConclaveError("the key rotation period must be a positive number of seconds")
         self.name = name
         self.ds_url = ds_url
         self.sfu_url = sfu_url
@@ -151,6 +155,7 @@ class Participant:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._welcomes: asyncio.Queue[WelcomeMessage] = asyncio.Queue()
         self._player: object | None = None
+        self._tracks: list[MediaStreamTrack] | None = None
         self._recorders: list[Any] = []
         self._on_epoch: list[Callable[[Participant], None]] = []
         self._commit_scheduled = False
@@ -333,14 +338,17 @@ class Participant:
         assert self.stream is not None
         await self.stream.subscribe(group.group_id, after=self.applied_seq)
 
+    async def _room_group_info(self, group_id: bytes, room: str) -> bytes:
+        try:
+            return await self.ds.fetch_group_info(group_id)
+        except RequestFailed as exc:
+            raise ConclaveError(f"cannot join room {room!r}: {exc.reason}") from None
+
     async def join(self, room: str) -> None:
         """Join by an external commit from the published GroupInfo (RFC 9420 §12.4.3.2)."""
         gid = group_id_for_room(room)
         for _ in range(COMMIT_ATTEMPTS):
-            try:
-                gi = await self.ds.fetch_group_info(gid)
-            except RequestFailed as exc:
-                raise ConclaveError(f"cannot join room {room!r}: {exc.reason}") from None
+            gi = await self._room_group_info(gid, room)
             group, commit = Group.join_external(self.client, gi)
             try:
                 accepted = await self.ds.send(gid, commit, group_info=group.group_info())
@@ -362,10 +370,7 @@ class Participant:
         RFC 9420 §12.1.8). The first member to see it commits it; we join from the Welcome."""
         gid = group_id_for_room(room)
         for _ in range(COMMIT_ATTEMPTS):
-            try:
-                gi = await self.ds.fetch_group_info(gid)
-            except RequestFailed as exc:
-                raise ConclaveError(f"cannot join room {room!r}: {exc.reason}") from None
+            gi = await self._room_group_info(gid, room)
             proposal = Group.new_member_add_proposal(self.client, gi)
             body = MLSMessage.decode(proposal).body
             assert isinstance(body, PublicMessage) and body.content.proposal is not None
@@ -397,6 +402,24 @@ class Participant:
                 pass  # created by someone else meanwhile
         await self.join(room)
         return "joined"
+
+    async def enter(self, room: str, *, knock: bool = False) -> str:
+        """Be in `room`'s call: the saved group if there is one, else ask to be let in
+        (`knock`), or join it, or create it. Returns how: "rejoined", "was let into", "joined"
+        or "created"."""
+        if self.group is not None:
+            if self.group.group_id != group_id_for_room(room):
+                saved = self.group.group_id.decode("utf-8", "replace")
+                raise ConclaveError(
+                    f"{self.name} is in the call of room {saved!r} (saved state in "
+                    f"{self.state_dir}): a participant is in one call at a time; rejoin "
+                    f"{saved!r}, or use another name or state directory for {room!r}"
+                )
+            return "rejoined"
+        if knock:
+            await self.knock(room)
+            return "was let into"
+        return await self.create_or_join(room)
 
     async def wait_for_welcome(self, timeout: float = 15.0) -> None:
         """Wait until someone adds this participant and its Welcome arrives; then join."""
@@ -516,47 +539,56 @@ class Participant:
 
     # -- committing -------------------------------------------------------------------------------
 
-    async def _commit(
-        self, make: Callable[[Group], tuple[CommitResult, list[str], list[str]] | None]
-    ) -> bool:
-        """Create a commit with `make` and post it; after a 409 process the winner and retry
-        while `make` still has something to commit. True if a commit of ours was accepted."""
+    async def _in_current_epoch(self, step: Callable[[Group], Awaitable[bool]]) -> bool:
+        """Run `step` on the group, under the lock, until the service stops refusing it as
+        stale: after a 409, process the commit that won (wait for its epoch) and run it again.
+        Returns what `step` returns."""
         for _ in range(COMMIT_ATTEMPTS):
             async with self._lock:
                 group = self.group
                 if group is None or self.removed:
                     raise NotInGroup(f"{self.name} is not a member of a call")
-                made = make(group)
-                if made is None:
-                    return False
-                result, adds, removes = made
                 try:
-                    accepted = await self.ds.send(
-                        group.group_id, result.commit, adds=adds, removes=removes,
-                        group_info=result.group_info,
-                    )
+                    return await step(group)
                 except StaleEpochRejected as exc:
-                    group.discard_pending_commit()
                     target = exc.current_epoch
-                except BaseException:
-                    group.discard_pending_commit()
-                    raise
-                else:
-                    group.merge_pending_commit()
-                    self.applied_seq = max(self.applied_seq, accepted.seq)
-                    await self._installed()
-                    if result.welcome is not None:
-                        await self.ds.send_welcome(group.group_id, result.welcome)
-                    with contextlib.suppress(RequestFailed):
-                        # Logged for auditors: lets them check the transcript hash chain.
-                        await self.ds.publish_group_info(group.group_id, result.group_info)
-                    return True
             try:
                 await self.wait_epoch(target)
             except TimeoutError:
                 await self._catch_up()
             await asyncio.sleep(random.uniform(0, 0.05))
         raise CommitFailed(f"{self.name}: the group kept moving; gave up after {COMMIT_ATTEMPTS} tries")
+
+    async def _commit(
+        self, make: Callable[[Group], tuple[CommitResult, list[str], list[str]] | None]
+    ) -> bool:
+        """Create a commit with `make` and post it; after a 409 process the winner and retry
+        while `make` still has something to commit. True if a commit of ours was accepted."""
+
+        async def step(group: Group) -> bool:
+            made = make(group)
+            if made is None:
+                return False
+            result, adds, removes = made
+            try:
+                accepted = await self.ds.send(
+                    group.group_id, result.commit, adds=adds, removes=removes,
+                    group_info=result.group_info,
+                )
+            except BaseException:
+                group.discard_pending_commit()
+                raise
+            group.merge_pending_commit()
+            self.applied_seq = max(self.applied_seq, accepted.seq)
+            await self._installed()
+            if result.welcome is not None:
+                await self.ds.send_welcome(group.group_id, result.welcome)
+            with contextlib.suppress(RequestFailed):
+                # Logged for auditors: lets them check the transcript hash chain.
+                await self.ds.publish_group_info(group.group_id, result.group_info)
+            return True
+
+        return await self._in_current_epoch(step)
 
     async def _catch_up(self) -> None:
         """Fetch what the push stream has not delivered (it reconnects by itself)."""
@@ -601,40 +633,48 @@ class Participant:
 
         return await self._commit(make)
 
-    async def request_removal(self, name: str) -> None:
-        """Send a Remove proposal: the first member to see it commits it (and the auditor can
-        time the removal from this request)."""
-        async with self._lock:
-            group = self.group
-            if group is None:
-                raise NotInGroup(f"{self.name} is not in a call")
-            leaves = [m.leaf_index for m in group.members if m.identity == name.encode()]
-            if not leaves:
-                raise ConclaveError(f"{name!r} is not a member of the call")
-            proposal = group.propose_remove(leaves[0])
+    async def _propose(self, make: Callable[[Group], bytes | None]) -> bool:
+        """Send the proposal `make` builds in the current epoch. A commit that lands first (409)
+        voids it: process that commit and propose again. False if `make` had nothing to do."""
+
+        async def step(group: Group) -> bool:
+            proposal = make(group)
+            if proposal is None:
+                return False
             try:
                 await self.ds.send(group.group_id, proposal)
             except StaleEpochRejected:
-                # The epoch moved on before the proposal landed: it is void; ask again.
-                raise ConclaveError("the group changed meanwhile; request the removal again") from None
+                raise
+            except RequestFailed as exc:
+                raise ConclaveError(f"the delivery service refused the proposal: {exc}") from None
+            return True
+
+        return await self._in_current_epoch(step)
+
+    async def request_removal(self, name: str) -> bool:
+        """Send a Remove proposal: the first member to see it commits it (and the auditor can
+        time the removal from this request). False if `name` left meanwhile."""
+        if name not in self.member_names:
+            raise ConclaveError(f"{name!r} is not a member of the call")
+
+        def make(group: Group) -> bytes | None:
+            leaves = [m.leaf_index for m in group.members if m.identity == name.encode()]
+            return group.propose_remove(leaves[0]) if leaves else None
+
+        return await self._propose(make)
 
     async def leave(self) -> None:
-        """Ask to be removed (a Remove proposal for our own leaf, RFC 9420 §12.1.3)."""
-        async with self._lock:
-            group = self.group
-            if group is None:
-                return
-            # Group.propose_remove refuses our own leaf (a member cannot commit its own removal),
-            # but proposing it is how a member leaves: another member commits it.
-            proposal = group._send_proposal(Proposal(Remove(group.leaf_index)))
-            with contextlib.suppress(RequestFailed):
-                await self.ds.send(group.group_id, proposal)
+        """Ask to be removed (a Remove proposal for our own leaf, RFC 9420 §12.1.3): another
+        member commits it."""
+        if self.group is None or self.removed:
+            return
+        await self._propose(lambda group: group.leave())
 
     async def commit_pending(self) -> bool:
         """Commit every proposal received in this epoch (by reference)."""
 
         def make(group: Group) -> tuple[CommitResult, list[str], list[str]] | None:
-            pending = list(group._state.proposals.values())  # the epoch's proposal cache
+            pending = group.pending_proposals
             mine = group.leaf_index
             removes = [p.proposal.body.removed for p in pending  # type: ignore[union-attr]
                        if p.proposal.proposal_type == ProposalType.remove]
@@ -696,7 +736,7 @@ class Participant:
         host = self.sfu_url.split("//", 1)[-1].split(":", 1)[0].split("/", 1)[0]
         if host in ("127.0.0.1", "localhost"):
             aiortc_hooks.restrict_ice_to_loopback()
-        tracks, self._player = self.media.tracks()
+        tracks = self.open_media()
         self.sfu = SFUClient(self.sfu_url, token.room, self.name, token.token, tracks,
                              self._on_track)
         for sender in self.sfu.senders:
@@ -711,6 +751,13 @@ class Participant:
             raise ConclaveError(f"the SFU refused {self.name}: {exc}") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise ServiceUnavailable(f"cannot reach the SFU at {self.sfu_url}: {exc}") from None
+
+    def open_media(self) -> list[MediaStreamTrack]:
+        """Open the media source (once): call it before joining to fail on a bad file or device
+        before the group gains a member that cannot publish."""
+        if self._tracks is None:
+            self._tracks, self._player = self.media.tracks()
+        return self._tracks
 
     def _frame_keys(self) -> Any:
         return self.keys if self.e2ee else _IdentityKeys()

@@ -10,6 +10,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 
@@ -30,7 +31,7 @@ DEFAULT_AUDITOR = "auditor"
 class Services:
     """`await start()` then read `ds_url` and `sfu_url`; `await stop()` at the end."""
 
-    db: str
+    db: str = field(repr=False)  # a DSN may hold a password
     pg_schema: str | None = None
     host: str = "127.0.0.1"
     ds_port: int = 0
@@ -47,10 +48,23 @@ class Services:
         if self.host in ("127.0.0.1", "localhost"):
             aiortc_hooks.restrict_ice_to_loopback()
         config = Config(room_secret=self.room_secret, auditors=self.auditors)
-        self.service = DeliveryService(make_storage(self.db, schema=self.pg_schema), config)
+        is_sqlite = not self.db.startswith(("postgresql://", "postgres://"))
+        if is_sqlite and not Path(self.db).resolve().parent.is_dir():
+            # Checked here: aiosqlite's failure would surface later from its worker thread.
+            raise ServiceUnavailable(
+                f"cannot open the database ({display_db(self.db)}): its directory does not exist"
+            )
+        try:
+            storage = make_storage(self.db, schema=self.pg_schema)
+            await storage.open()
+        except Exception as exc:  # sqlite3, asyncpg and OSError failures alike: one line
+            raise ServiceUnavailable(
+                f"cannot open the database ({display_db(self.db)}): {exc}"
+            ) from None
+        self.service = DeliveryService(storage, config)
         self.sfu = SFUServer(SFUConfig(token_secret=self.room_secret))
         try:
-            ds_port = await self._serve(make_app(self.service), self.ds_port)
+            ds_port = await self._serve(make_app(self.service, manage_storage=False), self.ds_port)
             sfu_port = await self._serve(self.sfu.app(), self.sfu_port)
         except OSError as exc:
             await self.stop()
@@ -74,6 +88,23 @@ class Services:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
+        if self.service is not None:
+            for conn in list(self.service.hub.connections):
+                await conn.ws.close()
+            await self.service.storage.close()
+            self.service = None
+
+
+def display_db(db: str) -> str:
+    """The database for people to read: a PostgreSQL DSN without its password."""
+    if not db.startswith(("postgresql://", "postgres://")):
+        return f"SQLite file {db}"
+    parts = urlsplit(db)
+    if parts.password is not None:
+        user = parts.username or ""
+        host = parts.netloc.rsplit("@", 1)[-1]
+        parts = parts._replace(netloc=f"{user}:***@{host}")
+    return f"PostgreSQL {urlunsplit(parts)}"
 
 
 def default_db(state_dir: Path) -> str:

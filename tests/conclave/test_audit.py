@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conclave.audit import LogEntry, audit, format_report, load_log, save_log
+from conclave.audit import LogEntry, audit, format_report, load_log, read_log, save_log
 from conclave.errors import AuditFailure
 from mls import Client, Group
 
@@ -211,3 +211,21 @@ def test_unreadable_log_files_are_refused(tmp_path: Path, content: bytes) -> Non
     path.write_bytes(content)
     with pytest.raises(AuditFailure):
         load_log(path)
+
+
+class PagedService:
+    """Answers like the delivery service: at most `page` entries after a sequence number."""
+
+    def __init__(self, count: int, page: int) -> None:
+        self.entries = [LogEntry(i, "commit", i, "x", i, b"m") for i in range(1, count + 1)]
+        self.page = page
+
+    async def audit_log(self, group_id: bytes, after: int = 0) -> list[LogEntry]:
+        return [e for e in self.entries if e.seq > after][: self.page]
+
+
+@pytest.mark.parametrize("count", [0, 999, 1000, 2500])
+async def test_the_whole_log_is_read_page_by_page(count: int) -> None:
+    service = PagedService(count, page=1000)
+    entries = await read_log(service, b"g")
+    assert [e.seq for e in entries] == list(range(1, count + 1))

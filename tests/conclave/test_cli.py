@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from conclave.cli import build_parser, main, parse_group
+from conclave.demo import DemoConfig
 from conclave.errors import ConclaveError
+from conclave.services import Services, display_db
+from tests.delivery_service.conftest import drop_schema, require_postgres
 
 
 def free_port() -> int:
@@ -55,29 +61,95 @@ def test_unreachable_delivery_service(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "cannot reach the delivery service" in err and "Traceback" not in err
 
 
+def test_serve_prints_its_urls_and_stops_on_sigterm(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conclave.cli", "serve", "--ds-port", "0", "--sfu-port", "0",
+         "--state", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(4)]
+        urls = {line.split()[0]: line.split()[-1] for line in lines[:2]}
+        assert set(urls) == {"delivery", "SFU"}
+        for url in urls.values():
+            host, port = url.split("//")[1].split("/")[0].split(":")
+            assert host == "127.0.0.1"
+            socket.create_connection((host, int(port)), timeout=5).close()  # listening
+        assert (tmp_path / "conclave-ds.sqlite3").exists()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("db", ["{tmp}/no/such/dir/ds.sqlite3",
+                                "postgresql://ann:hunter2@127.0.0.1:{port}/conclave"])
+def test_serve_says_which_database_it_cannot_open(
+    db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = db.format(tmp=tmp_path, port=free_port())
+    assert main(["serve", "--db", db, "--ds-port", "0", "--sfu-port", "0"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err + captured.out
+    assert "cannot open the database" in err and "Traceback" not in err
+    assert "hunter2" not in err  # the password is not printed
+
+
+def test_serve_reads_the_database_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CONCLAVE_DS_DB", str(tmp_path / "from-env" / "ds.sqlite3"))
+    assert main(["serve", "--ds-port", "0", "--sfu-port", "0", "--state", str(tmp_path)]) == 2
+    assert "from-env" in capsys.readouterr().err
+
+
+def test_a_dsn_is_shown_without_its_password() -> None:
+    dsn = "postgresql://ann:hunter2@db.example/conclave"
+    assert "hunter2" not in repr(Services(db=dsn)) + repr(DemoConfig(db=dsn))
+    assert display_db("postgresql://ann:hunter2@db.example:5432/conclave") == (
+        "PostgreSQL postgresql://ann:***@db.example:5432/conclave"
+    )
+    assert display_db("postgres://db.example/conclave") == "PostgreSQL postgres://db.example/conclave"
+    assert display_db("/tmp/ds.sqlite3") == "SQLite file /tmp/ds.sqlite3"
+
+
+def test_a_bad_video_fails_before_contacting_anyone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens: reaching it would be another error
+    code = main(["join", "--room", "r", "--name", "n", "--ds", url, "--state", str(tmp_path),
+                 "--video", str(tmp_path / "missing.mp4")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "cannot play" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["join", "--room", "r", "--name", "n", "--rotation", "-5"],
+    ["join", "--room", "r", "--name", "n", "--duration", "nan"],
+    ["demo", "--rotation", "0"],
+    ["demo", "--phase", "soon"],
+])
+def test_durations_are_checked(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "seconds" in capsys.readouterr().err
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def backend(request: pytest.FixtureRequest) -> Iterator[list[str]]:
     if request.param == "sqlite":
         yield []  # the demo's own temporary SQLite file
         return
-    dsn = os.environ.get("CONCLAVE_PG_DSN")
-    if not dsn:
-        if os.environ.get("CI"):
-            pytest.fail("CI is set but CONCLAVE_PG_DSN is not: run .ci/postgres.sh first")
-        pytest.skip("no PostgreSQL server: CONCLAVE_PG_DSN is unset (run .ci/postgres.sh)")
+    dsn = require_postgres()
     schema = "conclave_demo_" + os.urandom(6).hex()
     yield ["--db", dsn, "--pg-schema", schema]
     asyncio.run(drop_schema(dsn, schema))
-
-
-async def drop_schema(dsn: str, schema: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
 
 
 def test_demo_exits_0(backend: list[str], capsys: pytest.CaptureFixture[str]) -> None:

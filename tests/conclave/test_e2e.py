@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import time
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpTransceiver
 
 from conclave.audit import LogEntry, audit, save_log
 from conclave.cli import main
-from conclave.demo import fetch_log
+from conclave.demo import fetch_log, until
 from conclave.media import MediaSpec
 from conclave.participant import Participant
 from conclave.services import Services
@@ -110,6 +109,7 @@ class Outcome:
     errors: list[str] = field(default_factory=list)
     race_epochs: list[int | None] = field(default_factory=list)
     dave_left: bool = False
+    recorded: dict[str, int] = field(default_factory=dict)  # file name -> size
     members_after_leave: list[str] = field(default_factory=list)
 
 
@@ -140,15 +140,6 @@ def outside_the_sfu(obj: object) -> bool:
     )
 
 
-async def _until(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return predicate()
-
-
 def decoded(people: list[TapParticipant]) -> dict[tuple[str, str, str], int]:
     return {(p.name, pub, kind): r.decoded for p in people for (pub, kind), r in p.remote.items()}
 
@@ -159,7 +150,8 @@ async def scenario(tmp: Path) -> Outcome:
     state = tmp / "state"
     media = [MediaSpec(width=96, height=64, fps=10, seed=i) for i in range(4)]
     alice, bob, carol, dave = people = [
-        TapParticipant(n, services.ds_url, services.sfu_url, state_dir=state, media=media[i])
+        TapParticipant(n, services.ds_url, services.sfu_url, state_dir=state, media=media[i],
+                       record_dir=tmp / "received" if n == "carol" else None)
         for i, n in enumerate(["alice", "bob", "carol", "dave"])
     ]
     out = Outcome([p.name for p in people])
@@ -197,7 +189,7 @@ async def scenario(tmp: Path) -> Outcome:
         # alice asks for bob's removal; the first member to see the request commits it.
         before = dave.epoch or 0
         await alice.request_removal("bob")
-        await _until(lambda: bob.removed and all((p.epoch or 0) > before
+        await until(lambda: bob.removed and all((p.epoch or 0) > before
                                                  for p in (alice, carol, dave)), 10)
         out.removal_epoch = min(p.epoch or 0 for p in (alice, carol, dave))
         await asyncio.sleep(1.0)  # frames of the old epoch in flight
@@ -207,7 +199,7 @@ async def scenario(tmp: Path) -> Outcome:
 
         # Two members rotate at once: one wins, the other processes it and retries.
         await asyncio.gather(carol.rotate(), dave.rotate())
-        await _until(lambda: len({p.epoch for p in (alice, carol, dave)}) == 1, 5)
+        await until(lambda: len({p.epoch for p in (alice, carol, dave)}) == 1, 5)
         out.race_epochs = [p.epoch for p in (alice, carol, dave)]
         await asyncio.sleep(PHASE)
         out.bob_decrypted_end = sum(r.stats.frames_decrypted for r in bob.remote.values())
@@ -226,6 +218,7 @@ async def scenario(tmp: Path) -> Outcome:
 
         # carol restarts from her saved state while the group moves on without her.
         await carol.close()
+        out.recorded = {f.name: f.stat().st_size for f in (tmp / "received").iterdir()}
         await alice.rotate()
         restarted = Participant("carol", services.ds_url, state_dir=state)
         await restarted.start()
@@ -238,7 +231,7 @@ async def scenario(tmp: Path) -> Outcome:
         # dave leaves: his own Remove proposal, committed by whoever sees it first.
         epoch = alice.epoch or 0
         await dave.leave()
-        await _until(lambda: dave.removed and (alice.epoch or 0) > epoch, 10)
+        await until(lambda: dave.removed and (alice.epoch or 0) > epoch, 10)
         out.dave_left = dave.removed
         out.members_after_leave = alice.member_names
 
@@ -345,6 +338,13 @@ def test_a_restarted_participant_rejoins_without_a_new_identity(outcome: Outcome
 def test_a_member_leaves_by_its_own_remove_proposal(outcome: Outcome) -> None:
     assert outcome.dave_left
     assert outcome.members_after_leave == ["alice", "carol"]
+
+
+def test_received_media_is_recorded(outcome: Outcome) -> None:
+    # carol recorded everyone she received, decrypted: a WAV and an MP4 per publisher.
+    for who in ("alice", "bob", "dave"):
+        assert outcome.recorded.get(f"{who}-audio.wav", 0) > 44  # more than a WAV header
+        assert outcome.recorded.get(f"{who}-video.mp4", 0) > 1000
 
 
 def test_no_participant_reported_errors(outcome: Outcome) -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from conclave.errors import ConclaveError
-from conclave.participant import Participant
+from conclave.participant import KEY_PACKAGE_TARGET, Participant
 from conclave.services import Services
+from delivery_service.errors import StaleEpochRejected
 from mls import MLSError
 
 
@@ -44,6 +45,12 @@ async def test_invited_members_share_the_epoch(trio: list[Participant]) -> None:
     assert bob.epoch == carol.epoch == alice.epoch
     assert bob.member_names == ["alice", "bob", "carol"]
     assert len({p.safety_code for p in trio}) == 1
+
+
+async def test_key_packages_are_topped_up_after_an_invitation(trio: list[Participant]) -> None:
+    # alice claimed one KeyPackage each of bob and carol; joining replaced it.
+    for p in trio[1:]:
+        assert await p.ds.key_package_count() == KEY_PACKAGE_TARGET
 
 
 async def test_a_member_that_cannot_process_a_commit_rejoins(trio: list[Participant]) -> None:
@@ -120,3 +127,48 @@ async def test_a_join_request_is_committed_by_a_member(
         assert dave.safety_code == alice.safety_code
     finally:
         await dave.close()
+
+
+async def test_a_restarted_participant_returns_to_its_own_room_only(
+    services: Services, tmp_path: Path
+) -> None:
+    erin = Participant("erin", services.ds_url, state_dir=tmp_path)
+    await erin.start()
+    assert await erin.enter("one") == "created"
+    await erin.close()
+    again = Participant("erin", services.ds_url, state_dir=tmp_path)
+    await again.start()
+    try:
+        with pytest.raises(ConclaveError, match="in the call of room 'one'"):
+            await again.enter("two")
+        assert await again.enter("one") == "rejoined"
+        assert again.group_id == b"one"
+    finally:
+        await again.close()
+
+
+async def test_a_removal_request_that_loses_a_race_is_sent_again(trio: list[Participant]) -> None:
+    alice, bob, carol = trio
+    real_send = carol.ds.send
+    raced = False
+    refused: list[Exception] = []
+
+    async def send_after_a_rotation(group_id: bytes, message: bytes, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal raced
+        if raced:
+            return await real_send(group_id, message, **kwargs)
+        raced = True
+        await alice.rotate()  # alice's commit lands first: carol's proposal is for a stale epoch
+        try:
+            return await real_send(group_id, message, **kwargs)
+        except StaleEpochRejected as exc:
+            refused.append(exc)
+            raise
+
+    carol.ds.send = send_after_a_rotation  # type: ignore[method-assign]
+    epoch = alice.epoch or 0
+    assert await carol.request_removal("bob")
+    await asyncio.wait_for(_until(lambda: bob.removed and alice.member_names == ["alice", "carol"]
+                                  and carol.member_names == ["alice", "carol"]), 10)
+    assert len(refused) == 1  # refused as stale once, then sent again in the new epoch
+    assert (alice.epoch or 0) >= epoch + 2  # the rotation, then the removal
