@@ -252,7 +252,7 @@ def main() -> None:
     )
     header = (
         f"{'suite':<28}{'size':>7}{'seal':>8}{'raw':>8}{'+us':>7}{'x':>6}{'into':>8}{'+us':>7}"
-        f"{'x':>6}{'open':>8}{'raw':>8}{'+us':>7}{'x':>6}{'+bytes':>7}  target"
+        f"{'x':>6}{'open':>8}{'raw':>8}{'+us':>7}{'x':>6}{'+bytes':>8}  target"
     )
     print(header)
     print("-" * len(header))
@@ -279,7 +279,7 @@ def main() -> None:
                 f"{suite.name:<28}{size:>7}{med['seal']:>8.2f}{med['raw_seal']:>8.2f}"
                 f"{d_seal:>7.2f}{x_seal:>6.2f}{med['seal_into']:>8.2f}{d_into:>7.2f}{x_into:>6.2f}"
                 f"{med['open']:>8.2f}{med['raw_open']:>8.2f}{d_open:>7.2f}{x_open:>6.2f}"
-                f"{added:>7}  {verdict}"
+                f"{added:>8}  {verdict}"
             )
     print()
     print(
