@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sqlite3
 import sys
 
 from aiohttp import web
@@ -16,14 +17,20 @@ from .tracker import BasicTracker, PublicGroupTracker
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m delivery_service", description=__doc__)
-    p.add_argument("--db", default="conclave-ds.sqlite3",
-                   help="SQLite file path, or a postgresql:// DSN (default: %(default)s)")
+    p.add_argument("--db", default=os.environ.get("CONCLAVE_DS_DB", "conclave-ds.sqlite3"),
+                   help="SQLite file path, or a postgresql:// DSN (default: $CONCLAVE_DS_DB, "
+                   "else conclave-ds.sqlite3); pass a DSN with a password in CONCLAVE_DS_DB, "
+                   "since other users can read command lines")
     p.add_argument("--pg-schema", default=None,
                    help="PostgreSQL schema to keep the tables in (created if missing)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8470)
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body, bytes")
     p.add_argument("--session-ttl", type=int, default=3600, help="session lifetime, seconds")
+    p.add_argument("--challenge-rate", type=float, default=50.0,
+                   help="challenges per second one client address may request (default: "
+                   "%(default)s, bursts of --challenge-burst)")
+    p.add_argument("--challenge-burst", type=int, default=1000)
     p.add_argument("--auditor", action="append", default=[],
                    help="identity allowed to read every group's audit log (repeatable)")
     p.add_argument("--tracker", choices=["public", "basic"], default="public",
@@ -37,8 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.challenge_rate <= 0 or args.challenge_burst < 1:
+        sys.exit("delivery service: --challenge-rate must be positive, --challenge-burst >= 1")
     config = Config(max_body=args.max_body, session_ttl=args.session_ttl,
-                    auditors=frozenset(args.auditor))
+                    auditors=frozenset(args.auditor), challenge_rate=args.challenge_rate,
+                    challenge_burst=args.challenge_burst)
     # Room tokens are checked by the SFU with the same secret; instances of one deployment share it.
     secret_hex = os.environ.get("CONCLAVE_ROOM_SECRET")
     if secret_hex:
@@ -51,8 +61,31 @@ def main(argv: list[str] | None = None) -> None:
             "CONCLAVE_ROOM_SECRET unset: room tokens use a random per-process secret"
         )
     tracker = PublicGroupTracker() if args.tracker == "public" else BasicTracker()
-    service = DeliveryService(make_storage(args.db, schema=args.pg_schema), config, tracker)
-    web.run_app(make_app(service), host=args.host, port=args.port, print=None)
+    is_sqlite = not args.db.startswith(("postgresql://", "postgres://"))
+    if is_sqlite and not os.path.isdir(os.path.dirname(os.path.abspath(args.db))):
+        # Checked here: aiosqlite's failure surfaces from its worker thread as a traceback.
+        sys.exit(f"delivery service: the directory of the SQLite file {args.db!r} does not exist")
+    try:
+        storage = make_storage(args.db, schema=args.pg_schema)
+        service = DeliveryService(storage, config, tracker)
+        web.run_app(make_app(service), host=args.host, port=args.port, print=None)
+    except (OSError, sqlite3.Error, ValueError) as exc:
+        # Startup failures (database unreachable, port taken, bad schema name) are the
+        # operator's to fix: a one-line reason, no traceback. Never echo the DSN: it may hold a
+        # password.
+        sys.exit(f"delivery service: cannot start on {args.host}:{args.port} with "
+                 f"{describe_db(args.db)}: {exc}")
+    except Exception as exc:
+        if type(exc).__module__.startswith("asyncpg"):  # authentication, missing database...
+            sys.exit(f"delivery service: PostgreSQL refused the connection: {exc}")
+        raise
+
+
+def describe_db(db: str) -> str:
+    """The database for messages, without the credentials a DSN may carry."""
+    if db.startswith(("postgresql://", "postgres://")):
+        return "PostgreSQL at " + db.split("@", 1)[-1] if "@" in db else "PostgreSQL"
+    return f"SQLite file {db!r}"
 
 
 if __name__ == "__main__":

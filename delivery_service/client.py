@@ -32,6 +32,9 @@ from .signatures import CHALLENGE_LABEL, challenge_content, sign_with_label
 
 log = logging.getLogger(__name__)
 CBOR = "application/cbor"
+# A 429 asking to wait at most this long (seconds) is waited out and retried, a few times.
+MAX_RETRY_WAIT = 5
+RETRIES_429 = 3
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,12 @@ class DeliveryClient:
         self, method: str, path: str, body: dict[str, Any] | None = None, auth: bool = True
     ) -> Any:
         status, answer = await self._raw(method, path, body, auth)
+        for _ in range(RETRIES_429):
+            wait = answer.get("retry_after") if isinstance(answer, dict) else None
+            if status != 429 or not isinstance(wait, int) or not 0 < wait <= MAX_RETRY_WAIT:
+                break
+            await asyncio.sleep(wait)
+            status, answer = await self._raw(method, path, body, auth)
         if status == 401 and auth:
             # The session expired or was revoked: prove possession again, once.
             await self.login()

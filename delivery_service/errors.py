@@ -86,6 +86,18 @@ class UnsupportedMediaType(DeliveryServiceError):
     code = "unsupported_media_type"
 
 
+class TooManyRequests(DeliveryServiceError):
+    """Too many requests from one address, or too many challenges outstanding: `retry_after`
+    (seconds) says when to try again."""
+
+    status = 429
+    code = "too_many_requests"
+
+    def __init__(self, reason: str, retry_after: int) -> None:
+        super().__init__(reason, retry_after=retry_after)
+        self.retry_after = retry_after
+
+
 class StorageConflict(Exception):
     """Internal: an optimistic write lost a race (the group moved on); the caller re-reads."""
 

@@ -5,6 +5,10 @@ group's messages in sequence order with no gaps or repeats. An event only says "
 message with sequence S" (optionally carrying it, when it was appended by this instance): the
 writer sends it directly when it is the next one the client needs, and otherwise reads what it
 missed from storage. Catch-up after a reconnect and push after an append are the same code path.
+
+That path also bounds memory: a connection with `MAX_PENDING` events queued (a slow reader) gets
+one `Resync` instead of more events, and catches up from storage when it drains; so does every
+connection after announcements from other instances may have been lost (`Hub._gap`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ from .storage import Storage, StoredMessage
 log = logging.getLogger(__name__)
 
 BATCH = 500
+# Events queued for one connection before it is switched to catching up from storage: a slow
+# reader costs bounded memory, and still gets every message, in order.
+MAX_PENDING = 1000
+# Client commands (subscribe...) queued before the service stops reading that socket.
+MAX_COMMANDS = 16
 
 
 def message_body(m: StoredMessage) -> dict[str, Any]:
@@ -70,6 +79,11 @@ class SubscribeWelcomes:
     after: int
 
 
+@dataclass(frozen=True)
+class Resync:
+    """Announcements may have been lost: catch up every subscription from storage."""
+
+
 class Connection:
     def __init__(
         self, hub: Hub, identity: str, ws: web.WebSocketResponse
@@ -80,7 +94,28 @@ class Connection:
         self.cursors: dict[bytes, int] = {}
         self.welcome_cursor: int | None = None
         self.queue: asyncio.Queue[object] = asyncio.Queue()
+        self.command_slots = asyncio.Semaphore(MAX_COMMANDS)
+        # A Resync is queued: announcements are dropped until it starts, it covers them.
+        self.lagging = False
         self.task = asyncio.create_task(self._run())
+
+    async def command(self, command: Subscribe | Unsubscribe | SubscribeWelcomes) -> None:
+        """Queue a client's command; waits (so stops reading the socket) while many are queued."""
+        await self.command_slots.acquire()
+        self.queue.put_nowait(command)
+
+    def offer(self, event: Appended) -> None:
+        if self.lagging:
+            return
+        if self.queue.qsize() >= MAX_PENDING:
+            self.request_resync()
+        else:
+            self.queue.put_nowait(event)
+
+    def request_resync(self) -> None:
+        if not self.lagging:
+            self.lagging = True
+            self.queue.put_nowait(Resync())
 
     async def send(self, body: dict[str, Any]) -> None:
         await self.ws.send_bytes(cbor2.dumps(body))
@@ -92,14 +127,31 @@ class Connection:
                 await self._handle(event)
         except asyncio.CancelledError:
             raise
-        except (ConnectionError, RuntimeError):
-            # The socket went away under us; the handler's read loop ends and cleans up.
-            pass
+        except (ConnectionError, RuntimeError) as exc:
+            # The socket went away, or the database did (OSError) mid catch-up.
+            log.info("push to %s stopped: %s", self.identity, exc)
         except Exception:
             log.exception("push to %s failed", self.identity)
-            await self.ws.close()
+        # Whatever failed, this connection can no longer promise every message in order: close
+        # it, so that the client reconnects and resumes from its cursors.
+        with contextlib.suppress(Exception):
+            await self.ws.close(code=1011, message=b"push failed: reconnect and resubscribe")
 
     async def _handle(self, event: object) -> None:
+        if isinstance(event, (Subscribe, Unsubscribe, SubscribeWelcomes)):
+            try:
+                await self._command(event)
+            finally:
+                self.command_slots.release()
+        elif isinstance(event, Appended):
+            await self._appended(event)
+        elif isinstance(event, Resync):
+            # Cleared first: what is appended from now on is queued again, and what was dropped
+            # before is in storage, where the resync reads.
+            self.lagging = False
+            await self._resync()
+
+    async def _command(self, event: Subscribe | Unsubscribe | SubscribeWelcomes) -> None:
         storage = self.hub.storage
         if isinstance(event, Subscribe):
             state = await storage.get_group(event.group_id)
@@ -107,7 +159,13 @@ class Connection:
                 await self._error("not_found", "no such group", event.group_id)
                 return
             if self.identity not in state.members:
-                await self._error("forbidden", f"{self.identity} is not a member", event.group_id)
+                removed = await storage.removed_at(event.group_id, self.identity)
+                if removed is None:
+                    await self._error("forbidden", f"{self.identity} is not a member",
+                                      event.group_id)
+                else:  # removed while away: up to the commit that removed it, then the end
+                    self.cursors[event.group_id] = event.after
+                    await self._end(event.group_id, removed)
                 return
             self.hub.by_group.setdefault(event.group_id, set()).add(self)
             self.cursors[event.group_id] = event.after
@@ -120,8 +178,6 @@ class Connection:
             self.welcome_cursor = event.after
             self.hub.by_identity.setdefault(self.identity, set()).add(self)
             await self._welcomes()
-        elif isinstance(event, Appended):
-            await self._appended(event)
 
     async def _error(self, code: str, reason: str, group_id: bytes) -> None:
         await self.send({"type": "error", "error": code, "reason": reason, "group_id": group_id})
@@ -149,32 +205,66 @@ class Connection:
             state = await self.hub.storage.get_group(event.group_id)
             members = state.members if state is not None else frozenset()
         if self.identity not in members:
-            # Removed from the group: no more of its messages (RFC 9420 §12.1.3).
-            self._drop(event.group_id)
-            await self.send({"type": "removed", "group_id": event.group_id, "seq": event.seq})
+            # Announced by this instance, `members` are those after message `seq`: it removed
+            # this member. Else they are today's, and storage knows which commit did.
+            upto = event.seq
+            if event.members is None:
+                upto = await self.hub.storage.removed_at(event.group_id, self.identity) or upto
+            await self._end(event.group_id, upto)
             return
         m = event.message
         if m is not None and event.seq == cursor + 1:
             if event.recipients is None or self.identity in event.recipients:
                 await self._push(m, event.frame)
             self.cursors[event.group_id] = event.seq
-            return
-        await self._catch_up(event.group_id, event.seq)
+        else:
+            await self._catch_up(event.group_id, event.seq)
+
+    async def _end(self, group_id: bytes, removed_seq: int) -> None:
+        """This member was removed by the commit at `removed_seq`: push up to it (the member
+        learns of its removal by processing that commit, RFC 9420 §12.1.3), nothing after."""
+        cursor = self.cursors.get(group_id)
+        if cursor is not None and cursor < removed_seq:
+            await self._catch_up(group_id, removed_seq, upto=removed_seq)
+        self._drop(group_id)
+        await self.send({"type": "removed", "group_id": group_id, "seq": removed_seq})
+
+    async def _resync(self) -> None:
+        for group_id in list(self.cursors):
+            state = await self.hub.storage.get_group(group_id)
+            if state is None:
+                continue
+            if self.identity not in state.members:
+                removed = await self.hub.storage.removed_at(group_id, self.identity)
+                if removed is not None:
+                    await self._end(group_id, removed)
+                else:  # not known which commit did it: send nothing that may postdate it
+                    self._drop(group_id)
+                    await self.send({"type": "removed", "group_id": group_id,
+                                     "seq": state.last_seq})
+            elif state.last_seq > self.cursors[group_id]:
+                await self._catch_up(group_id, state.last_seq)
+        if self.welcome_cursor is not None:
+            await self._welcomes()
 
     async def _push(self, m: StoredMessage, frame: bytes | None = None) -> None:
         await self.ws.send_bytes(frame if frame is not None else push_frame(m))
         self.hub.metrics.inc("ds_pushed_total")
 
-    async def _catch_up(self, group_id: bytes, known_seq: int) -> None:
-        """Send everything after the cursor; `known_seq` was committed before this read."""
+    async def _catch_up(self, group_id: bytes, known_seq: int, upto: int | None = None) -> None:
+        """Send everything after the cursor (up to `upto`); `known_seq` was committed before
+        this read."""
         while True:
             cursor = self.cursors[group_id]
-            batch = await self.hub.storage.messages_after(group_id, cursor, self.identity, BATCH)
+            fetched = await self.hub.storage.messages_after(
+                group_id, cursor, self.identity, BATCH
+            )
+            batch = [m for m in fetched if upto is None or m.seq <= upto]
             for m in batch:
                 await self._push(m)
             if batch:
                 self.cursors[group_id] = batch[-1].seq
-            if len(batch) < BATCH:
+            if len(fetched) < BATCH or len(batch) < len(fetched):
                 break
         self.cursors[group_id] = max(self.cursors[group_id], known_seq)
 
@@ -206,17 +296,21 @@ class Hub:
         self.by_group: dict[bytes, set[Connection]] = {}
         self.by_identity: dict[str, set[Connection]] = {}
         self.connections: set[Connection] = set()
-        storage.set_listener(self._remote)
+        storage.set_listener(self._remote, self._gap)
 
     def _remote(self, group_id: bytes, seq: int, recipients: tuple[str, ...] | None) -> None:
         self.publish(Appended(group_id, seq, recipients))
+
+    def _gap(self) -> None:
+        for conn in self.connections:
+            conn.request_resync()
 
     def publish(self, event: Appended) -> None:
         targets = set(self.by_group.get(event.group_id, ()))
         for identity in event.recipients or ():
             targets |= self.by_identity.get(identity, set())
         for conn in targets:
-            conn.queue.put_nowait(event)
+            conn.offer(event)
 
     def add(self, identity: str, ws: web.WebSocketResponse) -> Connection:
         conn = Connection(self, identity, ws)

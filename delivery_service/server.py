@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import logging
+import math
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -32,6 +34,7 @@ from .errors import (
     PayloadTooLarge,
     StaleEpoch,
     StorageConflict,
+    TooManyRequests,
     Unauthorized,
     UnsupportedMediaType,
 )
@@ -45,6 +48,7 @@ from .hub import (
     push_frame,
 )
 from .metrics import Metrics, service_metrics
+from .ratelimit import RateLimiter
 from .signatures import (
     CHALLENGE_LABEL,
     SUPPORTED_SUITES,
@@ -72,6 +76,8 @@ MAX_LIST = 1000
 # A commit may lose the race for its group's row to a proposal or application message of the same
 # epoch; it is then re-checked against the new state. Bounded so that a hot group cannot spin.
 APPEND_ATTEMPTS = 100
+# WebSocket close code (private range) for a session that expired or was revoked.
+WS_SESSION_ENDED = 4001
 
 
 @dataclass
@@ -83,6 +89,16 @@ class Config:
     room_secret: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
     auditors: frozenset[str] = frozenset()
     max_key_packages_per_upload: int = 100
+    # Unclaimed packages one identity may keep stored: enough to be added to many groups,
+    # not a way to fill the database.
+    max_key_packages_stored: int = 1000
+    # POST /v1/challenges is open to anyone: a token bucket per client address, and a bound on
+    # the challenges stored at once (each lives `challenge_ttl` seconds unless used).
+    challenge_rate: float = 50.0
+    challenge_burst: int = 1000
+    max_challenges: int = 100_000
+    # How often an open WebSocket's session is re-checked (seconds).
+    session_check_interval: float = 30.0
 
 
 SERVICE: web.AppKey[DeliveryService] = web.AppKey("service")
@@ -182,6 +198,12 @@ def _route_name(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
+@dataclass
+class _GroupLock:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
 class DeliveryService:
     def __init__(
         self,
@@ -196,19 +218,27 @@ class DeliveryService:
         self.hub = Hub(storage, self.metrics)
         # Serializes the read-check-append of one group in this process; other instances are
         # ordered by the storage's conditional update.
-        self._group_locks: dict[bytes, asyncio.Lock] = {}
+        self._group_locks: dict[bytes, _GroupLock] = {}
+        self.challenge_limiter = RateLimiter(
+            self.config.challenge_rate, self.config.challenge_burst
+        )
 
     # -- authentication
 
     async def identity_of(self, request: web.Request) -> str:
+        return (await self._session_of(request))[0]
+
+    async def _session_of(self, request: web.Request) -> tuple[str, bytes]:
+        """The identity of the request's session, and the session's token hash."""
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Unauthorized("missing session: send 'Authorization: Bearer <session>'")
-        identity = await self.storage.get_session(_token_hash(token.strip()), now_s())
+        token_hash = _token_hash(token.strip())
+        identity = await self.storage.get_session(token_hash, now_s())
         if identity is None:
             raise Unauthorized("session expired, revoked or unknown: prove possession again")
-        return identity
+        return identity, token_hash
 
     async def _check_proof(self, body: dict[str, Any], record: IdentityRecord) -> None:
         challenge = get_bytes(body, "challenge", max_len=64)
@@ -230,9 +260,22 @@ class DeliveryService:
         return {"identity": identity, "session": token, "expires_at": expires_at}
 
     async def post_challenge(self, request: web.Request) -> web.Response:
+        wait = self.challenge_limiter.take(request.remote or "", time.monotonic())
+        if wait:
+            raise TooManyRequests(
+                "too many challenges requested from your address: retry after the given "
+                "seconds", math.ceil(wait)
+            )
         challenge = os.urandom(32)
-        expires_at = now_s() + self.config.challenge_ttl
-        await self.storage.put_challenge(challenge, expires_at)
+        now = now_s()
+        expires_at = now + self.config.challenge_ttl
+        if not await self.storage.put_challenge(
+            challenge, expires_at, now, self.config.max_challenges
+        ):
+            raise TooManyRequests(
+                "too many challenges outstanding on this service: retry after the given seconds",
+                self.config.challenge_ttl,
+            )
         return cbor_response({"challenge": challenge, "expires_at": expires_at}, 201)
 
     async def post_identity(self, request: web.Request) -> web.Response:
@@ -285,6 +328,13 @@ class DeliveryService:
             rows.append(self._key_package_row(record, last_resort, True))
         if not rows:
             raise BadRequest("no KeyPackage in the request")
+        stored = await self.storage.count_key_packages(identity, now_s())
+        if stored + len(packages) > self.config.max_key_packages_stored:
+            raise Conflict(
+                f"{stored} unclaimed KeyPackages are stored already; at most "
+                f"{self.config.max_key_packages_stored} may be: upload fewer",
+                count=stored,
+            )
         added = await self.storage.add_key_packages(identity, rows)
         count = await self.storage.count_key_packages(identity, now_s())
         return cbor_response({"added": added, "count": count})
@@ -316,11 +366,21 @@ class DeliveryService:
 
     # -- groups
 
-    def _lock(self, group_id: bytes) -> asyncio.Lock:
-        lock = self._group_locks.get(group_id)
-        if lock is None:
-            lock = self._group_locks[group_id] = asyncio.Lock()
-        return lock
+    @contextlib.asynccontextmanager
+    async def _lock(self, group_id: bytes) -> AsyncIterator[None]:
+        """The group's lock, kept only while someone holds or awaits it (the table stays as
+        small as the number of groups being written to right now)."""
+        entry = self._group_locks.get(group_id)
+        if entry is None:
+            entry = self._group_locks[group_id] = _GroupLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._group_locks[group_id]
 
     async def _group(self, group_id: bytes) -> GroupState:
         state = await self.storage.get_group(group_id)
@@ -515,17 +575,25 @@ class DeliveryService:
     async def get_messages(self, request: web.Request) -> web.Response:
         identity = await self.identity_of(request)
         group_id = group_id_of(request)
-        state = await self._member_group(group_id, identity)
+        state = await self._group(group_id)
+        removed_at = None
+        if identity not in state.members:
+            # A member removed while away may still read up to the commit that removed it, to
+            # learn of its removal by processing that commit; nothing after it.
+            removed_at = await self.storage.removed_at(group_id, identity)
+            if removed_at is None:
+                raise Forbidden(f"{identity} is not a member of group {group_id.hex()}")
         after = query_int(request, "after", 0)
         limit = min(query_int(request, "limit", 500), 1000)
         since_epoch = query_int(request, "since_epoch", 0)
         messages = await self.storage.messages_after(
             group_id, after, identity, limit, since_epoch
         )
-        return cbor_response(
-            {"messages": [message_body(m) for m in messages], "last_seq": state.last_seq,
-             "epoch": state.epoch}
-        )
+        body: dict[str, Any] = {"last_seq": state.last_seq, "epoch": state.epoch}
+        if removed_at is not None:
+            messages = [m for m in messages if m.seq <= removed_at]
+            body["removed_at"] = removed_at
+        return cbor_response({"messages": [message_body(m) for m in messages], **body})
 
     async def get_audit(self, request: web.Request) -> web.Response:
         identity = await self.identity_of(request)
@@ -558,10 +626,11 @@ class DeliveryService:
     # -- push
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
-        identity = await self.identity_of(request)
+        identity, token_hash = await self._session_of(request)
         ws = web.WebSocketResponse(heartbeat=30, max_msg_size=64 * 1024)
         await ws.prepare(request)
         conn = self.hub.add(identity, ws)
+        watch = asyncio.create_task(self._watch_session(ws, token_hash))
         try:
             async for msg in ws:
                 if msg.type != WSMsgType.BINARY:
@@ -570,15 +639,32 @@ class DeliveryService:
                                          "reason": "send CBOR in binary frames"})
                     continue
                 try:
-                    conn.queue.put_nowait(self._ws_command(msg.data))
+                    command = self._ws_command(msg.data)
                 except BadRequest as exc:
                     await conn.send({"type": "error", **exc.body()})
+                else:
+                    await conn.command(command)
         finally:
+            watch.cancel()
             await self.hub.remove(conn)
         return ws
 
+    async def _watch_session(self, ws: web.WebSocketResponse, token_hash: bytes) -> None:
+        """Close the socket once its session expires or is revoked (on any instance): pushes
+        must not outlive the session that asked for them. The client logs in and reconnects."""
+        while not ws.closed:
+            await asyncio.sleep(self.config.session_check_interval)
+            try:
+                alive = await self.storage.get_session(token_hash, now_s()) is not None
+            except self.storage.unavailable_errors:
+                continue
+            if not alive:
+                await ws.close(code=WS_SESSION_ENDED,
+                               message=b"session expired or revoked: log in again")
+                return
+
     @staticmethod
-    def _ws_command(raw: bytes) -> object:
+    def _ws_command(raw: bytes) -> Subscribe | Unsubscribe | SubscribeWelcomes:
         try:
             body = cbor2.loads(raw)
         except Exception:
@@ -602,9 +688,10 @@ class DeliveryService:
         return web.Response(text="ok\n")
 
     async def metrics_page(self, request: web.Request) -> web.Response:
+        # The exposition format's own media type (Prometheus negotiates on its version).
         return web.Response(
-            text=self.metrics.render(), content_type="text/plain", charset="utf-8",
-            headers={"X-Prometheus-Format": "0.0.4"},
+            body=self.metrics.render().encode(),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
         )
 
     @web.middleware
@@ -615,6 +702,8 @@ class DeliveryService:
             response = await handler(request)
         except DeliveryServiceError as exc:
             response = cbor_response(exc.body(), exc.status)
+            if isinstance(exc, TooManyRequests):
+                response.headers["Retry-After"] = str(exc.retry_after)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -622,6 +711,13 @@ class DeliveryService:
             response = cbor_response(
                 {"error": code.get(exc.status, "http_error"), "reason": exc.reason}, exc.status
             )
+        except self.storage.unavailable_errors as exc:
+            log.warning("storage unavailable on %s %s: %s", request.method, request.path, exc)
+            response = cbor_response(
+                {"error": "unavailable", "reason": "the database is unreachable: retry shortly"},
+                503,
+            )
+            response.headers["Retry-After"] = "1"
         except Exception:
             log.exception("unhandled error on %s %s", request.method, request.path)
             response = cbor_response(

@@ -68,12 +68,17 @@ class WelcomeRecord:
 
 # (group_id, seq, recipients): a message was appended; recipients None means every member.
 Listener = Callable[[bytes, int, tuple[str, ...] | None], None]
+# Appends by other instances may have gone unannounced (the notification channel was down).
+GapListener = Callable[[], None]
 
 
 class Storage(abc.ABC):
     """Durable state of the delivery service. All times are Unix seconds unless named `_ms`."""
 
     listener: Listener | None = None
+    gap_listener: GapListener | None = None
+    # Errors that mean "the database cannot be reached right now": the service answers 503.
+    unavailable_errors: tuple[type[BaseException], ...] = (OSError,)
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -82,14 +87,18 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
-    def set_listener(self, listener: Listener) -> None:
-        """Called for appends made by other instances (PostgreSQL); this instance notifies itself."""
+    def set_listener(self, listener: Listener, gap_listener: GapListener | None = None) -> None:
+        """`listener` is called for appends made by other instances (PostgreSQL); this instance
+        notifies itself. `gap_listener` is called when such announcements may have been lost."""
         self.listener = listener
+        self.gap_listener = gap_listener
 
     # -- identities and sessions
 
     @abc.abstractmethod
-    async def put_challenge(self, challenge: bytes, expires_at: int) -> None: ...
+    async def put_challenge(self, challenge: bytes, expires_at: int, now: int, limit: int) -> bool:
+        """Store a challenge unless `limit` unexpired ones are outstanding (then False); expired
+        ones are dropped first, so the table stays bounded whoever asks for challenges."""
 
     @abc.abstractmethod
     async def take_challenge(self, challenge: bytes, now: int) -> bool:
@@ -144,6 +153,10 @@ class Storage(abc.ABC):
         """Append `message` with sequence `old.last_seq + 1` and store `new` (epoch, members,
         GroupInfo, tracker state) atomically, only if the group is still at `old.last_seq`; else
         raise `StorageConflict`. Returns the sequence number."""
+
+    @abc.abstractmethod
+    async def removed_at(self, group_id: bytes, identity: str) -> int | None:
+        """The sequence number of the latest commit that removed `identity` from the group."""
 
     @abc.abstractmethod
     async def messages_after(

@@ -7,7 +7,10 @@ NOTIFY in the same transaction, so they push it to the clients connected to them
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import os
 import re
 import time
@@ -27,6 +30,9 @@ from .base import (
 )
 
 CHANNEL = "conclave_ds"
+log = logging.getLogger(__name__)
+# Back-off between attempts to re-establish LISTEN after its connection died (seconds).
+RELISTEN_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS identities (
@@ -51,6 +57,9 @@ CREATE TABLE IF NOT EXISTS welcomes (
     id BIGSERIAL PRIMARY KEY, identity TEXT NOT NULL, group_id BYTEA NOT NULL, seq BIGINT NOT NULL);
 CREATE INDEX IF NOT EXISTS welcomes_by_identity ON welcomes (identity, id);
 CREATE INDEX IF NOT EXISTS welcomes_by_message ON welcomes (group_id, seq, identity);
+CREATE TABLE IF NOT EXISTS removals (
+    group_id BYTEA NOT NULL, identity TEXT NOT NULL, seq BIGINT NOT NULL,
+    PRIMARY KEY (group_id, identity, seq));
 """
 
 _MESSAGE_COLUMNS = "group_id, seq, kind, epoch, sender, sender_index, created_ms, data"
@@ -66,6 +75,13 @@ def _message(r: asyncpg.Record) -> StoredMessage:
 class PostgresStorage(Storage):
     """`schema` (default: the DSN's search_path) isolates deployments or test runs."""
 
+    unavailable_errors = (
+        OSError,
+        asyncpg.PostgresConnectionError,  # includes CannotConnectNowError (starting up)
+        asyncpg.InterfaceError,  # includes ConnectionDoesNotExistError (lost mid-query)
+        asyncpg.AdminShutdownError,
+    )
+
     def __init__(self, dsn: str, schema: str | None = None, pool_size: int = 10) -> None:
         if schema is not None and not _SCHEMA_NAME.fullmatch(schema):
             raise ValueError(f"invalid schema name {schema!r}: use lower-case letters, digits, _")
@@ -75,6 +91,8 @@ class PostgresStorage(Storage):
         self.instance = os.urandom(8).hex()
         self._pool: asyncpg.Pool | None = None
         self._listen_conn: asyncpg.Connection | None = None
+        self._relisten_task: asyncio.Task[None] | None = None
+        self._closing = False
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -98,16 +116,54 @@ class PostgresStorage(Storage):
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(7243001)")
                 await conn.execute(SCHEMA)
-        self._listen_conn = await asyncpg.connect(self.dsn, server_settings=settings)
-        await self._listen_conn.add_listener(self._channel, self._on_notify)
+        self._closing = False
+        await self._listen()
+
+    async def _listen(self) -> None:
+        settings = {"search_path": self.schema} if self.schema else {}
+        conn = await asyncpg.connect(self.dsn, server_settings=settings)
+        await conn.add_listener(self._channel, self._on_notify)
+        conn.add_termination_listener(self._on_listen_lost)
+        self._listen_conn = conn
+
+    def _on_listen_lost(self, _conn: object) -> None:
+        # A database restart or a dropped connection: without LISTEN this instance would stop
+        # pushing what other instances accept. Reconnect, then have every stream catch up.
+        if self._closing or (self._relisten_task is not None and not self._relisten_task.done()):
+            return
+        log.warning("lost the PostgreSQL LISTEN connection; reconnecting")
+        self._relisten_task = asyncio.get_running_loop().create_task(self._relisten())
+
+    async def _relisten(self) -> None:
+        attempt = 0
+        while not self._closing:
+            try:
+                await self._listen()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                delay = RELISTEN_DELAYS[min(attempt, len(RELISTEN_DELAYS) - 1)]
+                attempt += 1
+                log.debug("LISTEN reconnect failed (%s); retrying in %.2f s", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            log.warning("PostgreSQL LISTEN connection restored")
+            if self.gap_listener is not None:
+                self.gap_listener()
+            return
 
     @property
     def _channel(self) -> str:
         return f"{CHANNEL}_{self.schema}" if self.schema else CHANNEL
 
     async def close(self) -> None:
+        self._closing = True
+        if self._relisten_task is not None:
+            self._relisten_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._relisten_task
+            self._relisten_task = None
         if self._listen_conn is not None:
-            await self._listen_conn.close()
+            with contextlib.suppress(OSError, asyncpg.InterfaceError):
+                await self._listen_conn.close()
             self._listen_conn = None
         if self._pool is not None:
             await self._pool.close()
@@ -122,8 +178,14 @@ class PostgresStorage(Storage):
 
     # -- identities and sessions
 
-    async def put_challenge(self, challenge: bytes, expires_at: int) -> None:
-        await self.pool.execute("INSERT INTO challenges VALUES ($1, $2)", challenge, expires_at)
+    async def put_challenge(self, challenge: bytes, expires_at: int, now: int, limit: int) -> bool:
+        # Instances racing past the limit together overshoot it by at most their number.
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("DELETE FROM challenges WHERE expires_at <= $1", now)
+            if await conn.fetchval("SELECT count(*) FROM challenges") >= limit:
+                return False
+            await conn.execute("INSERT INTO challenges VALUES ($1, $2)", challenge, expires_at)
+        return True
 
     async def take_challenge(self, challenge: bytes, now: int) -> bool:
         async with self.pool.acquire() as conn, conn.transaction():
@@ -276,6 +338,9 @@ class PostgresStorage(Storage):
                     "DELETE FROM group_members WHERE group_id = $1 AND identity = ANY($2)",
                     gid, list(removed),
                 )
+                await conn.executemany(
+                    "INSERT INTO removals VALUES ($1, $2, $3)", [(gid, m, seq) for m in removed]
+                )
             await conn.execute(
                 "INSERT INTO messages VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                 gid, seq, message.kind, message.epoch, message.sender, message.sender_index,
@@ -290,6 +355,12 @@ class PostgresStorage(Storage):
                     "r": None if message.recipients is None else list(message.recipients)}
             await conn.execute("SELECT pg_notify($1, $2)", self._channel, json.dumps(note))
         return seq
+
+    async def removed_at(self, group_id: bytes, identity: str) -> int | None:
+        return await self.pool.fetchval(  # type: ignore[no-any-return]
+            "SELECT max(seq) FROM removals WHERE group_id = $1 AND identity = $2",
+            group_id, identity,
+        )
 
     async def messages_after(
         self, group_id: bytes, after: int, identity: str, limit: int, min_epoch: int = 0

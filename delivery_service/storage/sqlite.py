@@ -48,6 +48,9 @@ CREATE TABLE IF NOT EXISTS welcomes (
     seq INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS welcomes_by_identity ON welcomes (identity, id);
 CREATE INDEX IF NOT EXISTS welcomes_by_message ON welcomes (group_id, seq, identity);
+CREATE TABLE IF NOT EXISTS removals (
+    group_id BLOB NOT NULL, identity TEXT NOT NULL, seq INTEGER NOT NULL,
+    PRIMARY KEY (group_id, identity, seq));
 """
 
 _MESSAGE_COLUMNS = "group_id, seq, kind, epoch, sender, sender_index, created_ms, data"
@@ -108,10 +111,22 @@ class SQLiteStorage(Storage):
 
     # -- identities and sessions
 
-    async def put_challenge(self, challenge: bytes, expires_at: int) -> None:
-        await self._write(
-            [("INSERT INTO challenges VALUES (?, ?)", (challenge, expires_at))]
-        )
+    async def put_challenge(self, challenge: bytes, expires_at: int, now: int, limit: int) -> bool:
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                await self.db.execute("DELETE FROM challenges WHERE expires_at <= ?", (now,))
+                row = await self._one("SELECT count(*) FROM challenges", ())
+                stored = row is not None and row[0] < limit
+                if stored:
+                    await self.db.execute(
+                        "INSERT INTO challenges VALUES (?, ?)", (challenge, expires_at)
+                    )
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+        return stored
 
     async def take_challenge(self, challenge: bytes, now: int) -> bool:
         async with self._lock:
@@ -283,6 +298,7 @@ class SQLiteStorage(Storage):
                     await self.db.execute(
                         "DELETE FROM group_members WHERE group_id = ? AND identity = ?", (gid, m)
                     )
+                    await self.db.execute("INSERT INTO removals VALUES (?, ?, ?)", (gid, m, seq))
                 await self.db.execute(
                     "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (gid, seq, message.kind, message.epoch, message.sender, message.sender_index,
@@ -298,6 +314,13 @@ class SQLiteStorage(Storage):
                 await self.db.execute("ROLLBACK")
                 raise
         return seq
+
+    async def removed_at(self, group_id: bytes, identity: str) -> int | None:
+        row = await self._one(
+            "SELECT max(seq) FROM removals WHERE group_id = ? AND identity = ?",
+            (group_id, identity),
+        )
+        return None if row is None or row[0] is None else int(row[0])
 
     async def messages_after(
         self, group_id: bytes, after: int, identity: str, limit: int, min_epoch: int = 0

@@ -21,6 +21,8 @@ from delivery_service.storage import SQLiteStorage, Storage
 from delivery_service.tracker import BasicTracker
 from mls.client import Client
 
+from .procs import ds_client
+
 PG_DSN = os.environ.get("CONCLAVE_PG_DSN")
 
 
@@ -114,8 +116,7 @@ async def make_client(served: Served) -> AsyncIterator[MakeClient]:
 
     async def make(identity: str, register: bool = True) -> tuple[DeliveryClient, Client]:
         mls_client = Client(identity.encode(), 1)
-        ds = DeliveryClient(served.url, identity, 1, mls_client.signature_priv,
-                            mls_client.signature_key)
+        ds = ds_client(served.url, identity, mls_client)
         made.append(ds)
         if register:
             await ds.register()

@@ -13,7 +13,25 @@ from pathlib import Path
 
 import aiohttp
 
+from delivery_service.client import DeliveryClient
+from mls.client import Client
+
 ROOM_SECRET = "00" * 32
+
+
+def ds_client(url: str, identity: str, mls: Client | None = None) -> DeliveryClient:
+    """A client of the service at `url` for `identity`, with the MLS client's signature key
+    (a fresh cipher suite 1 client unless `mls` is given)."""
+    mls = mls or Client(identity.encode(), 1)
+    return DeliveryClient(url, identity, int(mls.cipher_suite), mls.signature_priv,
+                          mls.signature_key)
+
+
+async def auditor_client(url: str) -> DeliveryClient:
+    """The registered `auditor` identity (services in these tests run with --auditor auditor)."""
+    auditor = ds_client(url, "auditor")
+    await auditor.register()
+    return auditor
 
 
 def free_port() -> int:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+from typing import Any
 
 import aiohttp
 import cbor2
@@ -11,6 +13,7 @@ import pytest
 
 from delivery_service.client import Message, PushError, Removed, WelcomeMessage
 from delivery_service.errors import RequestFailed, StaleEpochRejected
+from delivery_service.ratelimit import RateLimiter
 from mls.crypto import get_crypto
 from sfu.tokens import verify_room_token
 
@@ -164,7 +167,7 @@ async def test_commits_are_ordered_one_per_epoch(make_client: MakeClient) -> Non
     assert (info_group["epoch"], info_group["seq"], info_group["members"]) == (2, 4, ["alice", "bob"])
 
 
-async def test_fifty_concurrent_commits_one_wins(make_client: MakeClient) -> None:
+async def test_fifty_concurrent_commits_one_wins(make_client: MakeClient, served: Served) -> None:
     names = [f"m{i}" for i in range(10)]
     gid, clients = await new_group(make_client, *names)
     results = await asyncio.gather(
@@ -179,6 +182,8 @@ async def test_fifty_concurrent_commits_one_wins(make_client: MakeClient) -> Non
     logs = [await c.messages(gid) for c, _ in clients]
     assert all([m.seq for m in log] == [1, 2] for log in logs)
     assert len({log[-1].message for log in logs}) == 1
+    # Per-group locks live only while in use: the table does not grow with the groups served.
+    assert served.service._group_locks == {}
 
 
 async def test_not_members_and_wrong_groups(make_client: MakeClient) -> None:
@@ -270,9 +275,13 @@ async def test_audit_log_lists_handshakes_only(make_client: MakeClient) -> None:
     ]
     assert all(e.time_ms > 0 for e in entries)
     assert [e.seq for e in await auditor.audit_log(gid, after=3)] == [4]
-    # alice was removed: she can no longer read the group.
-    with pytest.raises(RequestFailed):
-        await alice.messages(gid)
+    # alice was removed: she reads up to the commit that removed her, then nothing more.
+    await bob.send(gid, mlsmsg.application(gid, 2))
+    assert [m.seq for m in await alice.messages(gid, after=1)] == [2, 3, 4]
+    for call in (alice.audit_log(gid), alice.group(gid), alice.send(gid, mlsmsg.commit(gid, 2))):
+        with pytest.raises(RequestFailed) as info:
+            await call
+        assert info.value.status == 403
 
 
 async def test_room_tokens_only_for_members(make_client: MakeClient, served: Served) -> None:
@@ -340,11 +349,19 @@ async def test_push_welcome_and_removal(make_client: MakeClient) -> None:
     assert isinstance(w, WelcomeMessage) and w.group_id == gid and w.seq == 3
     assert (await bob_stream.next(timeout=5)).seq == 2  # type: ignore[union-attr]
     await carol_stream.subscribe(gid, after=w.seq)
-    await alice.send(gid, mlsmsg.commit(gid, 2), removes=["bob"])
+    removal = mlsmsg.commit(gid, 2)
+    await alice.send(gid, removal, removes=["bob"])
+    # bob gets the commit that removes him (he learns it by processing it), then the end.
+    last = await bob_stream.next(timeout=5)
+    assert isinstance(last, Message) and (last.seq, last.message) == (4, removal)
     removed = await bob_stream.next(timeout=5)
-    assert isinstance(removed, Removed) and removed.group_id == gid
+    assert isinstance(removed, Removed) and (removed.group_id, removed.seq) == (gid, 4)
+    await alice.send(gid, mlsmsg.application(gid, 3))
     got = await carol_stream.next(timeout=5)
     assert isinstance(got, Message) and (got.seq, got.epoch) == (4, 2)
+    assert (await carol_stream.next(timeout=5)).seq == 5  # type: ignore[union-attr]
+    with pytest.raises(TimeoutError):  # nothing after the removal reaches bob
+        await bob_stream.next(timeout=0.2)
     # A non-member cannot subscribe to the group's messages.
     eve, _ = await make_client("eve")
     eve_stream = await eve.connect()
@@ -392,6 +409,7 @@ async def test_healthz_and_metrics(make_client: MakeClient, served: Served) -> N
             assert r.status == 200
         async with http.get(served.url + "/metrics") as r:
             text = await r.text()
+            assert r.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
     assert 'ds_messages_accepted_total{kind="commit"} 1' in text
     assert 'ds_messages_rejected_total{error="stale_epoch"} 1' in text
     assert "# TYPE ds_http_requests_total counter" in text
@@ -437,3 +455,122 @@ async def test_concurrent_senders_push_in_order_without_gaps(make_client: MakeCl
         got = [await s.next(timeout=5) for _ in range(41)]
         assert [g.seq for g in got] == list(range(1, 42))  # type: ignore[union-attr]
         await s.close()
+
+
+async def post_challenges(url: str, n: int) -> tuple[list[int], Any, Any]:
+    """POST /v1/challenges n times: the statuses, and the last answer's body and headers."""
+    statuses = []
+    async with aiohttp.ClientSession() as http:
+        for _ in range(n):
+            async with http.post(url + "/v1/challenges") as r:
+                statuses.append(r.status)
+                body, headers = cbor2.loads(await r.read()), r.headers
+    return statuses, body, headers
+
+
+async def test_challenges_are_rate_limited_per_address(
+    make_client: MakeClient, served: Served
+) -> None:
+    alice, _ = await make_client("alice")
+    served.service.challenge_limiter = RateLimiter(rate=1, burst=2)
+    statuses, body, headers = await post_challenges(served.url, 3)
+    assert statuses == [201, 201, 429]
+    assert body["error"] == "too_many_requests" and body["retry_after"] == 1
+    assert headers["Retry-After"] == "1"
+    # Other endpoints keep serving; the client waits out a short Retry-After by itself.
+    assert await alice.key_package_count() == 0
+    await alice.login()
+    assert alice.session is not None
+
+
+async def test_outstanding_challenges_are_bounded(served: Served) -> None:
+    served.service.config.max_challenges = 2
+    statuses, body, _ = await post_challenges(served.url, 3)
+    assert statuses == [201, 201, 429]
+    assert "outstanding" in body["reason"] and body["retry_after"] == 120
+
+
+async def test_unreachable_database_is_a_503(
+    make_client: MakeClient, served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice, _ = await make_client("alice")
+
+    async def down(*args: object) -> None:
+        raise ConnectionRefusedError("connection refused")
+
+    monkeypatch.setattr(served.service.storage, "get_group", down)
+    monkeypatch.setattr(served.service.storage, "get_session", down)
+    async with aiohttp.ClientSession() as http:
+        for path in ("/healthz", "/v1/key_packages/count"):
+            async with http.get(served.url + path,
+                                headers={"Authorization": f"Bearer {alice.session}"}) as r:
+                body = cbor2.loads(await r.read())
+                assert r.status == 503 and r.headers["Retry-After"] == "1"
+                assert body["error"] == "unavailable" and "retry" in body["reason"]
+    monkeypatch.undo()
+    assert await alice.key_package_count() == 0
+
+
+async def test_websocket_ends_with_its_session(make_client: MakeClient, served: Served) -> None:
+    served.service.config.session_check_interval = 0.05
+    gid, [(alice, _), (bob, _)] = await new_group(make_client, "alice", "bob")
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(served.url + "/v1/ws",
+                                   headers={"Authorization": f"Bearer {bob.session}"}) as ws:
+            await bob.logout()
+            closing = await ws.receive(timeout=5)
+            assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 4001
+    # The client library logs in again and resumes where it was.
+    stream = await bob.connect()
+    await stream.subscribe(gid, after=1)
+    first, before = bob.session, set(served.service.hub.connections)
+    await served.service.storage.delete_session(
+        hashlib.sha256(bob.session.encode()).digest()  # type: ignore[union-attr]
+    )
+    async with asyncio.timeout(5):  # closed by the service, reopened by the client
+        while not served.service.hub.connections or served.service.hub.connections & before:
+            await asyncio.sleep(0.01)
+    assert bob.session != first
+    await alice.send(gid, mlsmsg.application(gid, 1))
+    got = await stream.next(timeout=5)
+    assert isinstance(got, Message) and got.seq == 2
+    await stream.close()
+
+
+async def test_stored_key_packages_are_capped(make_client: MakeClient, served: Served) -> None:
+    served.service.config.max_key_packages_stored = 3
+    alice, alice_mls = await make_client("alice")
+    assert await alice.upload_key_packages([alice_mls.key_package() for _ in range(2)]) == 2
+    with pytest.raises(RequestFailed) as info:
+        await alice.upload_key_packages([alice_mls.key_package() for _ in range(2)])
+    assert info.value.status == 409 and info.value.extra["count"] == 2
+    assert await alice.key_package_count() == 2
+    # The last-resort package does not count: it is one per upload and never consumed.
+    assert await alice.upload_key_packages([alice_mls.key_package()],
+                                           last_resort=alice_mls.key_package()) == 3
+
+
+async def test_member_removed_while_away_gets_the_commit_then_the_end(
+    make_client: MakeClient,
+) -> None:
+    gid, [(alice, _), (bob, _)] = await new_group(make_client, "alice", "bob")
+    removal = mlsmsg.commit(gid, 1)
+    await alice.send(gid, mlsmsg.application(gid, 1))
+    assert (await alice.send(gid, removal, removes=["bob"])).seq == 3
+    await alice.send(gid, mlsmsg.application(gid, 2))  # after bob's removal: not for him
+    stream = await bob.connect()
+    await stream.subscribe(gid, after=1)
+    got = [await stream.next(timeout=5) for _ in range(3)]
+    assert [(type(g).__name__, g.seq) for g in got] == [  # type: ignore[union-attr]
+        ("Message", 2), ("Message", 3), ("Removed", 3)]
+    assert got[1].message == removal  # type: ignore[union-attr]
+    with pytest.raises(TimeoutError):
+        await stream.next(timeout=0.2)
+    # Subscribing again, past the commit: just the end. Someone never a member: refused.
+    await stream.subscribe(gid, after=3)
+    assert isinstance(await stream.next(timeout=5), Removed)
+    eve, _ = await make_client("eve")
+    with pytest.raises(RequestFailed) as info:
+        await eve.messages(gid)
+    assert info.value.status == 403
+    await stream.close()

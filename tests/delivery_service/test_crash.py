@@ -23,7 +23,7 @@ from mls.framing import MLSMessage
 
 from . import mlsmsg
 from .conftest import Database
-from .procs import ServiceProcess, free_port
+from .procs import ServiceProcess, auditor_client, ds_client, free_port
 
 NETWORK = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
 
@@ -124,7 +124,7 @@ async def test_kill_9_loses_no_acknowledged_message(database: Database, tmp_path
     try:
         for i in range(10):
             c = Client(f"c{i}".encode(), 1)
-            ds = DeliveryClient(service.url, f"c{i}", 1, c.signature_priv, c.signature_key)
+            ds = ds_client(service.url, f"c{i}", c)
             await ds.register()
             members.append(Member(f"c{i}", ds, c))
         gid = os.urandom(16)
@@ -146,10 +146,7 @@ async def test_kill_9_loses_no_acknowledged_message(database: Database, tmp_path
         stop.set()
         await asyncio.gather(*tasks)
 
-        auditor_mls = Client(b"auditor", 1)
-        auditor = DeliveryClient(service.url, "auditor", 1, auditor_mls.signature_priv,
-                                 auditor_mls.signature_key)
-        await auditor.register()
+        auditor = await auditor_client(service.url)
         log = {m.seq: m for m in await auditor.audit_log(gid)}
         await auditor.close()
         acked = [a for m in members for a in m.acked]

@@ -21,7 +21,7 @@ from mls.group import Group
 from mls.public_group import PublicGroup
 
 from .conftest import Database
-from .procs import ServiceProcess, free_port
+from .procs import ServiceProcess, auditor_client, ds_client, free_port
 
 NETWORK = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
 
@@ -162,7 +162,7 @@ async def test_kill_9_with_real_groups(database: Database, tmp_path: Path) -> No
     try:
         for i in range(10):
             c = Client(f"c{i}".encode(), 1)
-            ds = DeliveryClient(service.url, f"c{i}", 1, c.signature_priv, c.signature_key)
+            ds = ds_client(service.url, f"c{i}", c)
             await ds.register()
             peers.append(Peer(f"c{i}", ds, c))
         gid = os.urandom(16)
@@ -192,10 +192,7 @@ async def test_kill_9_with_real_groups(database: Database, tmp_path: Path) -> No
         stop.set()
         await asyncio.gather(*tasks)
 
-        auditor_mls = Client(b"auditor", 1)
-        auditor = DeliveryClient(service.url, "auditor", 1, auditor_mls.signature_priv,
-                                 auditor_mls.signature_key)
-        await auditor.register()
+        auditor = await auditor_client(service.url)
         log = {m.seq: m for m in await auditor.audit_log(gid)}
         for p in peers:
             for seq, data in p.acked:

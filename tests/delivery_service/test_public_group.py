@@ -9,13 +9,14 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp.test_utils import TestServer
 
-from delivery_service.client import DeliveryClient
 from delivery_service.errors import RequestFailed, StaleEpochRejected
 from delivery_service.server import Config, DeliveryService, make_app
 from delivery_service.storage import Storage
 from mls.client import Client
 from mls.framing import MLSMessage
 from mls.group import Group
+
+from .procs import ds_client
 
 
 @pytest.fixture
@@ -30,14 +31,14 @@ async def url(storage: Storage) -> AsyncIterator[str]:
 class Person:
     def __init__(self, url: str, name: str, register: bool = True) -> None:
         self.mls = Client(name.encode(), 1)
-        self.ds = DeliveryClient(url, name, 1, self.mls.signature_priv, self.mls.signature_key)
+        self.ds = ds_client(url, name, self.mls)
         self.group: Group | None = None
 
     async def catch_up(self, gid: bytes) -> None:
         assert self.group is not None
         cursor = getattr(self, "cursor", 0)
         for m in await self.ds.messages(gid, after=cursor):
-            if m.kind == "commit" and m.epoch == self.group.epoch:
+            if m.kind in ("commit", "proposal") and m.epoch == self.group.epoch:
                 self.group.process(m.message)
             self.cursor = m.seq
 
@@ -203,3 +204,59 @@ async def test_external_join(url: str) -> None:
     await alice.ds.send(gid, ct)
     [m] = [m for m in await dave.ds.messages(gid) if m.kind == "application"]
     assert dave.group.process(m.message).data == b"hello"
+
+
+async def test_proposal_then_commit_by_reference(url: str) -> None:
+    alice, bob, carol = await people(url, "alice", "bob", "carol")
+    gid = await start_group(alice, bob, carol)
+    assert alice.group and bob.group and carol.group
+    bye = carol.group.leave()  # a Remove proposal of her own leaf, for someone else to commit
+    forged = MLSMessage.decode(bye)
+    forged.public_message.auth.signature = bytes(len(forged.public_message.auth.signature))
+    with pytest.raises(RequestFailed) as info:
+        await carol.ds.send(gid, forged.encode())
+    assert info.value.status == 400
+    assert (await carol.ds.send(gid, bye)).epoch == 2  # a proposal does not change the epoch
+    await alice.catch_up(gid)
+    await bob.catch_up(gid)
+    res = alice.group.commit([], include_pending=True)
+    # The service resolves the commit's proposal reference from the proposal it accepted.
+    assert (await alice.ds.send(gid, res.commit)).epoch == 3
+    alice.group.merge_pending_commit()
+    assert (await alice.ds.group(gid))["members"] == ["alice", "bob"]
+    await bob.catch_up(gid)
+    assert bob.group.epoch_authenticator == alice.group.epoch_authenticator
+    with pytest.raises(StaleEpochRejected):  # a proposal of the past epoch
+        await bob.ds.send(gid, bye)
+
+
+async def test_fifty_concurrent_real_commits_one_wins_all_converge(url: str) -> None:
+    names = [f"m{i}" for i in range(10)]
+    members = await people(url, *names)
+    gid = await start_group(members[0], *members[1:])
+    for p in members:
+        await p.catch_up(gid)
+    epoch = members[0].group.epoch  # type: ignore[union-attr]
+    # Five independent commits per member (each from its own copy of the member's state).
+    posts = []
+    for p in members:
+        assert p.group is not None
+        saved = p.group.to_bytes()
+        for _ in range(5):
+            copy = Group.from_bytes(saved, p.mls)
+            posts.append((p, copy, copy.update().commit))
+    results = await asyncio.gather(*(p.ds.send(gid, c) for p, _, c in posts),
+                                   return_exceptions=True)
+    won = [(post, r) for post, r in zip(posts, results, strict=True)
+           if not isinstance(r, BaseException)]
+    assert len(won) == 1 and won[0][1].epoch == epoch + 1
+    assert all(isinstance(r, StaleEpochRejected) and r.current_epoch == epoch + 1
+               for r in results if isinstance(r, BaseException))
+    # The winner merges its commit; everyone else processes it from the log.
+    (author, copy, _), accepted = won[0]
+    copy.merge_pending_commit()
+    author.group, author.cursor = copy, accepted.seq
+    for p in members:
+        await p.catch_up(gid)
+    assert {p.group.epoch for p in members} == {epoch + 1}  # type: ignore[union-attr]
+    assert len({p.group.epoch_authenticator for p in members}) == 1  # type: ignore[union-attr]

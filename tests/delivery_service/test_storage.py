@@ -5,11 +5,18 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from delivery_service.errors import StorageConflict
-from delivery_service.storage import IdentityRecord, KeyPackageRow, NewMessage, Storage
+from delivery_service.storage import (
+    IdentityRecord,
+    KeyPackageRow,
+    NewMessage,
+    SQLiteStorage,
+    Storage,
+)
 from delivery_service.tracker import GroupState
 
 from .conftest import Database
@@ -23,8 +30,8 @@ def message(kind: str = "commit", epoch: int = 0, recipients: tuple[str, ...] | 
 
 
 async def test_challenges_are_single_use_and_expire(storage: Storage) -> None:
-    await storage.put_challenge(b"c1", NOW + 60)
-    await storage.put_challenge(b"c2", NOW - 1)
+    assert await storage.put_challenge(b"c1", NOW + 60, NOW, 10)
+    assert await storage.put_challenge(b"c2", NOW - 1, NOW - 2, 10)
     assert await storage.take_challenge(b"c1", NOW)
     assert not await storage.take_challenge(b"c1", NOW)
     assert not await storage.take_challenge(b"c2", NOW)
@@ -80,6 +87,8 @@ async def test_append_is_ordered_and_conditional(storage: Storage) -> None:
     s2 = replace(s1, epoch=2, members=frozenset({"bob"}), group_info=b"gi")
     assert await storage.append(s1, s2, message("application", 1)) == 3
     assert (await storage.get_group(gid)) == replace(s2, last_seq=3)
+    assert await storage.removed_at(gid, "alice") == 3  # the append that dropped her
+    assert await storage.removed_at(gid, "bob") is None
     assert [m.seq for m in await storage.messages_after(gid, 0, "alice", 100)] == [1, 3]
     assert [m.seq for m in await storage.messages_after(gid, 0, "bob", 100)] == [1, 2, 3]
     assert [m.seq for m in await storage.messages_after(gid, 1, "bob", 1)] == [2]
@@ -116,4 +125,26 @@ async def test_data_survives_reopen(database: Database) -> None:
     await s.open()
     [got] = await s.messages_after(gid, 0, "alice", 10)
     assert got.data == m.data and (await s.get_group(gid)).epoch == 1  # type: ignore[union-attr]
+    await s.close()
+
+
+async def test_outstanding_challenges_are_bounded(storage: Storage) -> None:
+    for i in range(3):
+        assert await storage.put_challenge(b"c%d" % i, NOW + 60, NOW, 3)
+    assert not await storage.put_challenge(b"full", NOW + 60, NOW, 3)
+    assert not await storage.take_challenge(b"full", NOW)  # refused means not stored
+    assert await storage.take_challenge(b"c0", NOW)
+    assert await storage.put_challenge(b"c3", NOW + 60, NOW, 3)  # a slot freed by use
+    # Once the others expire they no longer count.
+    assert await storage.put_challenge(b"c4", NOW + 200, NOW + 61, 3)
+    assert await storage.put_challenge(b"c5", NOW + 200, NOW + 61, 3)
+    assert not await storage.take_challenge(b"c1", NOW + 61)
+    assert await storage.take_challenge(b"c4", NOW + 61)
+
+
+async def test_sqlite_is_a_wal_file_synced_on_commit(tmp_path: Path) -> None:
+    s = SQLiteStorage(str(tmp_path / "ds.sqlite3"))
+    await s.open()
+    assert (await s._one("PRAGMA journal_mode", ())) == ("wal",)
+    assert (await s._one("PRAGMA synchronous", ())) == (2,)  # FULL
     await s.close()
