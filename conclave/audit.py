@@ -15,7 +15,9 @@ member, with the ratchet tree in its extension) and follows the group with `mls.
 What it cannot check without the epoch secrets: membership tags and confirmation tags of the
 commits (the MACs of RFC 9420 §6.2 and §8.1), and anything inside PrivateMessages and Welcomes.
 
-Reasons in the report: "add", "remove", "update" (a member's Update proposal committed),
+Reasons in the report: "add", "remove" (a member removed by another: the delivery service then
+refuses its external joins until a member adds it again), "leave" (a member's own Remove
+request committed: it may rejoin), "update" (a member's Update proposal committed),
 "external-join" (a new member's external commit), "periodic" (a commit with no proposal, only an
 UpdatePath: conclave participants make those only on their rotation timer), and "psk", "reinit",
 "extensions" for the other proposal types.
@@ -118,6 +120,8 @@ class _PendingProposal:
     proposal: Proposal
     seq: int
     time_ms: int
+    # The identity of the proposer's leaf (None for a non-member sender).
+    sender: str | None = None
 
 
 def _identity(pg: PublicGroup, leaf_index: int | None) -> str:
@@ -240,7 +244,12 @@ class Auditor:
         crypto = self.pg.crypto
         ref = crypto.make_proposal_ref(body.authenticated_content().encode())
         assert body.content.proposal is not None
-        self._proposals[ref] = _PendingProposal(body.content.proposal, entry.seq, entry.time_ms)
+        sender = body.content.sender
+        proposer = (_identity(self.pg, sender.leaf_index)
+                    if sender.sender_type == SenderType.member else None)
+        self._proposals[ref] = _PendingProposal(
+            body.content.proposal, entry.seq, entry.time_ms, proposer
+        )
         self.proposals_seen += 1
 
     def _commit(self, entry: LogEntry) -> None:
@@ -272,6 +281,12 @@ class Auditor:
                 if proposal.proposal_type == ProposalType.remove:
                     removed_leaf = proposal.body.removed  # type: ignore[union-attr]
                     requested.setdefault(removed_leaf, pending.time_ms)
+                    if pending.sender is not None and pending.sender == old_members.get(
+                        removed_leaf
+                    ):
+                        if "leave" not in reasons:
+                            reasons.append("leave")
+                        continue
             reason = _REASONS.get(proposal.proposal_type, proposal.proposal_type.name)
             if reason not in reasons:
                 reasons.append(reason)

@@ -69,9 +69,19 @@ COMMIT_ATTEMPTS = 8
 CATCH_UP_TIMEOUT = 10.0
 # KID context values (RFC 9605 §5.2): one per outgoing stream of a participant.
 STREAM_CONTEXT = {"audio": 0, "video": 1}
+# The delivery service's code for an identity a member removed that tries to come back on its
+# own (external commit, join request, or the GroupInfo for one): a member must add it again.
+REMOVED_FROM_GROUP = "removed_from_group"
 # A Welcome arrives after its commit: messages this far back are re-read (and those of older
 # epochs skipped) so that nothing between the commit and the Welcome is missed.
 WELCOME_LOOKBACK = 64
+
+
+def _join_refused(room: str, exc: RequestFailed) -> ConclaveError:
+    """The error for a refused join; a removed member is told who can let it back in."""
+    if exc.code == REMOVED_FROM_GROUP:
+        return NotInGroup(f"cannot join room {room!r}: {exc.reason}")
+    return ConclaveError(f"cannot join room {room!r}: {exc.reason}")
 
 
 def group_id_for_room(room: str) -> bytes:
@@ -332,7 +342,7 @@ class Participant:
             await self.ds.create_group(group.group_id, gi)
         except RequestFailed as exc:
             raise ConclaveError(f"cannot create room {room!r}: {exc.reason}") from None
-        self.group = group
+        self.group, self.removed = group, False
         self.applied_seq = await self.ds.publish_group_info(group.group_id, gi)
         await self._installed()
         assert self.stream is not None
@@ -342,7 +352,7 @@ class Participant:
         try:
             return await self.ds.fetch_group_info(group_id)
         except RequestFailed as exc:
-            raise ConclaveError(f"cannot join room {room!r}: {exc.reason}") from None
+            raise _join_refused(room, exc) from None
 
     async def join(self, room: str) -> None:
         """Join by an external commit from the published GroupInfo (RFC 9420 §12.4.3.2)."""
@@ -355,7 +365,9 @@ class Participant:
             except StaleEpochRejected:
                 await asyncio.sleep(random.uniform(0.01, 0.1))
                 continue  # someone committed first: start again from the newer GroupInfo
-            self.group = group
+            except RequestFailed as exc:
+                raise _join_refused(room, exc) from None
+            self.group, self.removed = group, False
             self.applied_seq = accepted.seq
             await self._installed()
             with contextlib.suppress(RequestFailed):
@@ -384,6 +396,8 @@ class Participant:
             except StaleEpochRejected:
                 await asyncio.sleep(random.uniform(0.01, 0.1))
                 continue
+            except RequestFailed as exc:
+                raise _join_refused(room, exc) from None
             await self.wait_for_welcome(timeout)
             return
         raise CommitFailed(f"could not ask to join {room!r}: the group kept changing; try again")
@@ -393,6 +407,8 @@ class Participant:
         try:
             await self.ds.fetch_group_info(group_id_for_room(room))
         except RequestFailed as exc:
+            if exc.code == REMOVED_FROM_GROUP:
+                raise _join_refused(room, exc) from None
             if exc.status != 404:
                 raise ConclaveError(f"cannot look up room {room!r}: {exc.reason}") from None
             try:
@@ -407,7 +423,7 @@ class Participant:
         """Be in `room`'s call: the saved group if there is one, else ask to be let in
         (`knock`), or join it, or create it. Returns how: "rejoined", "was let into", "joined"
         or "created"."""
-        if self.group is not None:
+        if self.group is not None and not self.removed:
             if self.group.group_id != group_id_for_room(room):
                 saved = self.group.group_id.decode("utf-8", "replace")
                 raise ConclaveError(
@@ -428,7 +444,7 @@ class Participant:
         except TimeoutError:
             raise ConclaveError(f"{self.name} was not invited within {timeout:.0f}s") from None
         async with self._lock:
-            self.group = Group.join(self.client, w.welcome)
+            self.group, self.removed = Group.join(self.client, w.welcome), False
             # The Welcome follows its commit: re-read a little and skip what is older.
             self.applied_seq = max(0, w.seq - WELCOME_LOOKBACK)
             self.welcome_cursor = max(self.welcome_cursor, w.id)
@@ -445,6 +461,12 @@ class Participant:
         self.save()
         for callback in self._on_epoch:
             callback(self)
+        async with self.epoch_changed:
+            self.epoch_changed.notify_all()
+
+    async def _mark_removed(self) -> None:
+        self.removed = True
+        self.save()
         async with self.epoch_changed:
             self.epoch_changed.notify_all()
 
@@ -467,10 +489,7 @@ class Participant:
                 self._welcomes.put_nowait(event)
             elif isinstance(event, Removed):
                 if self.group is not None and event.group_id == self.group.group_id:
-                    self.removed = True
-                    self.save()
-                    async with self.epoch_changed:
-                        self.epoch_changed.notify_all()
+                    await self._mark_removed()
             else:
                 self.errors.append(f"delivery service: {event.code}: {event.reason}")
 
@@ -510,13 +529,19 @@ class Participant:
                 return
             gid, old_leaf = group.group_id, group.leaf_index
             for _ in range(COMMIT_ATTEMPTS):
-                gi = await self.ds.fetch_group_info(gid)
-                new, commit = Group.join_external(self.client, gi, remove_leaf=old_leaf)
                 try:
+                    gi = await self.ds.fetch_group_info(gid)
+                    new, commit = Group.join_external(self.client, gi, remove_leaf=old_leaf)
                     accepted = await self.ds.send(gid, commit, group_info=new.group_info())
                 except StaleEpochRejected:
                     await asyncio.sleep(random.uniform(0.01, 0.1))
                     continue
+                except RequestFailed as exc:
+                    if exc.code != REMOVED_FROM_GROUP:
+                        raise
+                    # The commit we could not process removed us: we may not come back.
+                    await self._mark_removed()
+                    return
                 self.group = new
                 self.applied_seq = max(self.applied_seq, accepted.seq)
                 await self._installed()
@@ -732,7 +757,15 @@ class Participant:
         if self.sfu_url is None:
             raise ConclaveError("no SFU URL given")
         group_id = self.group_id
-        token = await self.ds.room_token(group_id)
+        try:
+            token = await self.ds.room_token(group_id)
+        except RequestFailed as exc:
+            if exc.status != 403:
+                raise
+            raise NotInGroup(
+                f"{self.name} is no longer a member of the call (removed while away?): a "
+                f"member must add {self.name} again"
+            ) from None
         host = self.sfu_url.split("//", 1)[-1].split(":", 1)[0].split("/", 1)[0]
         if host in ("127.0.0.1", "localhost"):
             aiortc_hooks.restrict_ice_to_loopback()

@@ -43,6 +43,16 @@ class Forbidden(DeliveryServiceError):
     code = "forbidden"
 
 
+class RemovedFromGroup(Forbidden):
+    """An identity that a member removed from the group tries to come back on its own (external
+    commit, external Add proposal, or the GroupInfo to build one): only a member can add it."""
+
+    code = "removed_from_group"
+
+    def __init__(self) -> None:
+        super().__init__("removed from this group; a member must add you again")
+
+
 class NotFound(DeliveryServiceError):
     status = 404
     code = "not_found"

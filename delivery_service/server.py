@@ -32,6 +32,7 @@ from .errors import (
     Gone,
     NotFound,
     PayloadTooLarge,
+    RemovedFromGroup,
     StaleEpoch,
     StorageConflict,
     TooManyRequests,
@@ -61,6 +62,7 @@ from .tracker import GroupState, GroupTracker, MembershipHints, PublicGroupTrack
 from .wire import (
     ContentType,
     FramedMessage,
+    SenderType,
     parse_framed,
     parse_group_info,
     parse_key_package,
@@ -196,6 +198,11 @@ def _token_hash(token: str) -> bytes:
 def _route_name(request: web.Request) -> str:
     resource = request.match_info.route.resource
     return resource.canonical if resource is not None else "unmatched"
+
+
+# Senders by which a non-member enters a group without a member's commit adding it: an external
+# commit, or an Add proposal of its own that members' clients may commit on sight.
+_COMING_BACK = (SenderType.new_member_commit, SenderType.new_member_proposal)
 
 
 @dataclass
@@ -394,6 +401,15 @@ class DeliveryService:
             raise Forbidden(f"{identity} is not a member of group {group_id.hex()}")
         return state
 
+    async def _check_not_expelled(self, state: GroupState, identity: str) -> None:
+        """Refuse a non-member whose latest removal from the group was a member's doing: it may
+        come back only when a member adds it (a commit with its KeyPackage, then the Welcome).
+        A member that left on its own, and a current member resyncing, may join externally."""
+        if identity in state.members:
+            return
+        if await self.storage.is_expelled(state.group_id, identity):
+            raise RemovedFromGroup()
+
     async def _check_member_keys(self, old: GroupState | None, new: GroupState) -> None:
         """Every leaf new in `new` must hold the signature key registered for its identity, so
         that no one can put another identity's name on a key of their own."""
@@ -480,6 +496,8 @@ class DeliveryService:
                 raise BadRequest(f"cannot add {added!r}: no such identity")
 
         async def step(state: GroupState) -> tuple[GroupState, NewMessage]:
+            if framed.sender_type in _COMING_BACK:
+                await self._check_not_expelled(state, identity)
             new = self.tracker.accept(state, framed, data, identity, hints)
             if new.tracker_state != state.tracker_state:
                 await self._check_member_keys(state, new)
@@ -565,9 +583,11 @@ class DeliveryService:
         return cbor_response({"seq": stored.seq}, 201)
 
     async def get_group_info(self, request: web.Request) -> web.Response:
-        # Any registered identity may read it: that is what an external join needs (§12.4.3.2).
-        await self.identity_of(request)
+        # Any registered identity may read it: that is what an external join needs (§12.4.3.2);
+        # except one a member removed, which may not join on its own.
+        identity = await self.identity_of(request)
         state = await self._group(group_id_of(request))
+        await self._check_not_expelled(state, identity)
         if state.group_info is None:
             raise NotFound("no GroupInfo has been published for this group")
         return cbor_response({"group_info": state.group_info, "epoch": state.epoch})

@@ -22,7 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from mls.commit import Commit
 from mls.errors import MLSError
+from mls.framing import Sender
+from mls.proposals import Proposal, ProposalOrRefType, ProposalType
 from mls.public_group import PublicGroup
 
 from .errors import BadRequest, Forbidden, StaleEpoch
@@ -37,6 +40,11 @@ class GroupState:
     members: frozenset[str]
     group_info: bytes | None = field(default=None, repr=False)
     tracker_state: bytes = field(default=b"", repr=False)
+    # Set by a tracker on the state a commit leads to: the identities that commit removed at
+    # another member's request (not their own leave). The storage records them as expelled, and
+    # the service refuses their external joins until a member adds them again. Not persisted as
+    # such: a state read from storage has it empty.
+    expelled: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -127,7 +135,10 @@ class BasicTracker:
             if poster in hints.adds and poster not in hints.removes:
                 raise BadRequest("a member cannot add itself")
             members = (state.members | hints.adds) - hints.removes
-        return replace(state, epoch=state.epoch + 1, members=frozenset(members))
+        # Without the proposals' senders, every removal a hint announces counts as the poster's.
+        expelled = (state.members - members) - {poster}
+        return replace(state, epoch=state.epoch + 1, members=frozenset(members),
+                       expelled=frozenset(expelled))
 
 
 def _identities(group: PublicGroup) -> set[tuple[str, bytes]]:
@@ -210,13 +221,68 @@ class PublicGroupTracker:
             pass  # anyone may ask to join; the proposal carries the joiner's signed KeyPackage
         elif message.sender_type != SenderType.new_member_commit and poster not in state.members:
             raise Forbidden(f"{poster} is not a member of this group")
+        owners = _leaf_owners(group)
+        cache = _proposal_cache(group)
         try:
-            group.process(data)
+            processed = group.process(data)
         except (MLSError, ValueError) as exc:
             raise BadRequest(f"the {message.content_type.name} does not verify: {exc}") from None
         members = frozenset(i for i, _ in _identities(group))
         if message.sender_type == SenderType.new_member_commit and poster not in members:
             raise Forbidden(f"the external commit does not add {poster}")
+        expelled: frozenset[str] = frozenset()
+        if processed.commit is not None:
+            expelled = _expelled(processed.commit, processed.sender, poster, owners, cache)
+            expelled &= state.members - members
         return replace(
-            state, epoch=group.epoch, members=members, tracker_state=group.to_bytes()
+            state, epoch=group.epoch, members=members, tracker_state=group.to_bytes(),
+            expelled=expelled,
         )
+
+
+def _leaf_owners(group: PublicGroup) -> dict[int, str]:
+    return {m.leaf_index: m.identity.decode("utf-8", "replace") for m in group.members}
+
+
+def _proposal_cache(group: PublicGroup) -> dict[bytes, tuple[Proposal, Sender]]:
+    """ProposalRef -> (proposal, sender) of the proposals received in this epoch, which a
+    commit may name by reference."""
+    return {ref: (p.proposal, p.sender) for ref, p in group.proposals_by_ref.items()}
+
+
+def _expelled(
+    commit: Commit,
+    committer: Sender,
+    poster: str,
+    owners: dict[int, str],
+    cache: dict[bytes, tuple[Proposal, Sender]],
+) -> frozenset[str]:
+    """Identities whose leaves `commit` removes by a Remove proposal from another identity.
+
+    A member's own leave is a Remove of its own leaf proposed by itself (RFC 9420 §12.1.3) and
+    committed by reference by someone else; an inline Remove is the committer's. An external
+    commit's Remove of the joiner's old leaf (§12.4.3.2 resync) is the joiner's own; the
+    joiner's identity stays a member anyway.
+    """
+    out = set()
+    for por in commit.proposals:
+        if por.type == ProposalOrRefType.reference:
+            # `process` resolved every reference, so the cache has it.
+            proposal, proposer = cache[bytes(por.reference or b"")]
+        else:
+            assert por.proposal is not None
+            proposal, proposer = por.proposal, committer
+        if proposal.proposal_type != ProposalType.remove:
+            continue
+        removed = owners.get(proposal.body.removed)  # type: ignore[union-attr]
+        if removed is None:
+            continue
+        if proposer.sender_type == SenderType.new_member_commit:
+            by = poster
+        elif proposer.sender_type == SenderType.member:
+            by = owners.get(proposer.leaf_index)  # type: ignore[arg-type]
+        else:
+            by = None
+        if by != removed:
+            out.add(removed)
+    return frozenset(out)

@@ -23,7 +23,7 @@ from .framing import (
 )
 from .group_context import GroupContext
 from .group_epoch import EpochState
-from .group_types import Member
+from .group_types import Member, PendingProposal
 from .key_package import LeafNodeSource
 from .proposal_list import ProposalEffects, ProposalEntry, apply_proposals, validate_proposal_list
 from .proposal_validation import validate_added_key_package, validate_member_leaf
@@ -103,6 +103,12 @@ class CommitRules:
     def tree(self) -> RatchetTree:
         """The public ratchet tree (do not modify)."""
         return self._state.tree
+
+    @property
+    def proposals_by_ref(self) -> dict[bytes, PendingProposal]:
+        """The proposals cached in this epoch by ProposalRef (§12.1): what a Commit may name by
+        reference. A copy: changing it changes nothing in the group."""
+        return dict(self._state.proposals)
 
     @property
     def members(self) -> list[Member]:

@@ -159,6 +159,12 @@ class Storage(abc.ABC):
         """The sequence number of the latest commit that removed `identity` from the group."""
 
     @abc.abstractmethod
+    async def is_expelled(self, group_id: bytes, identity: str) -> bool:
+        """Whether the latest removal of `identity` from the group was at another member's
+        request (`GroupState.expelled`). Meaningful for non-members: adding the identity back
+        makes it a member, and only its next removal is recorded after that."""
+
+    @abc.abstractmethod
     async def messages_after(
         self, group_id: bytes, after: int, identity: str, limit: int, min_epoch: int = 0
     ) -> list[StoredMessage]:

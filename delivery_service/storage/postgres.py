@@ -59,7 +59,11 @@ CREATE INDEX IF NOT EXISTS welcomes_by_identity ON welcomes (identity, id);
 CREATE INDEX IF NOT EXISTS welcomes_by_message ON welcomes (group_id, seq, identity);
 CREATE TABLE IF NOT EXISTS removals (
     group_id BYTEA NOT NULL, identity TEXT NOT NULL, seq BIGINT NOT NULL,
-    PRIMARY KEY (group_id, identity, seq));
+    expelled BOOLEAN NOT NULL, PRIMARY KEY (group_id, identity, seq));
+-- A database made before removals recorded `expelled`: its past removals count as expulsions
+-- (a leave cannot be told from one after the fact; refusing is the safe side, and a member can
+-- add the identity back).
+ALTER TABLE removals ADD COLUMN IF NOT EXISTS expelled BOOLEAN NOT NULL DEFAULT true;
 """
 
 _MESSAGE_COLUMNS = "group_id, seq, kind, epoch, sender, sender_index, created_ms, data"
@@ -339,7 +343,8 @@ class PostgresStorage(Storage):
                     gid, list(removed),
                 )
                 await conn.executemany(
-                    "INSERT INTO removals VALUES ($1, $2, $3)", [(gid, m, seq) for m in removed]
+                    "INSERT INTO removals VALUES ($1, $2, $3, $4)",
+                    [(gid, m, seq, m in new.expelled) for m in removed],
                 )
             await conn.execute(
                 "INSERT INTO messages VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
@@ -361,6 +366,14 @@ class PostgresStorage(Storage):
             "SELECT max(seq) FROM removals WHERE group_id = $1 AND identity = $2",
             group_id, identity,
         )
+
+    async def is_expelled(self, group_id: bytes, identity: str) -> bool:
+        expelled = await self.pool.fetchval(
+            "SELECT expelled FROM removals WHERE group_id = $1 AND identity = $2 "
+            "ORDER BY seq DESC LIMIT 1",
+            group_id, identity,
+        )
+        return bool(expelled)
 
     async def messages_after(
         self, group_id: bytes, after: int, identity: str, limit: int, min_epoch: int = 0

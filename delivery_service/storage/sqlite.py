@@ -50,8 +50,12 @@ CREATE INDEX IF NOT EXISTS welcomes_by_identity ON welcomes (identity, id);
 CREATE INDEX IF NOT EXISTS welcomes_by_message ON welcomes (group_id, seq, identity);
 CREATE TABLE IF NOT EXISTS removals (
     group_id BLOB NOT NULL, identity TEXT NOT NULL, seq INTEGER NOT NULL,
-    PRIMARY KEY (group_id, identity, seq));
+    expelled INTEGER NOT NULL, PRIMARY KEY (group_id, identity, seq));
 """
+# A database made before removals recorded `expelled`: its past removals count as expulsions
+# (a leave cannot be told from one after the fact; refusing is the safe side, and a member can
+# add the identity back).
+MIGRATE_REMOVALS = "ALTER TABLE removals ADD COLUMN expelled INTEGER NOT NULL DEFAULT 1"
 
 _MESSAGE_COLUMNS = "group_id, seq, kind, epoch, sender, sender_index, created_ms, data"
 
@@ -80,6 +84,9 @@ class SQLiteStorage(Storage):
         await self._db.execute("PRAGMA synchronous=FULL")
         await self._db.execute("PRAGMA busy_timeout=5000")
         await self._db.executescript(SCHEMA)
+        columns = await self._all("PRAGMA table_info(removals)", ())
+        if "expelled" not in {c[1] for c in columns}:
+            await self._db.execute(MIGRATE_REMOVALS)
 
     async def close(self) -> None:
         if self._db is not None:
@@ -298,7 +305,10 @@ class SQLiteStorage(Storage):
                     await self.db.execute(
                         "DELETE FROM group_members WHERE group_id = ? AND identity = ?", (gid, m)
                     )
-                    await self.db.execute("INSERT INTO removals VALUES (?, ?, ?)", (gid, m, seq))
+                    await self.db.execute(
+                        "INSERT INTO removals VALUES (?, ?, ?, ?)",
+                        (gid, m, seq, int(m in new.expelled)),
+                    )
                 await self.db.execute(
                     "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (gid, seq, message.kind, message.epoch, message.sender, message.sender_index,
@@ -321,6 +331,14 @@ class SQLiteStorage(Storage):
             (group_id, identity),
         )
         return None if row is None or row[0] is None else int(row[0])
+
+    async def is_expelled(self, group_id: bytes, identity: str) -> bool:
+        row = await self._one(
+            "SELECT expelled FROM removals WHERE group_id = ? AND identity = ? "
+            "ORDER BY seq DESC LIMIT 1",
+            (group_id, identity),
+        )
+        return row is not None and bool(row[0])
 
     async def messages_after(
         self, group_id: bytes, after: int, identity: str, limit: int, min_epoch: int = 0

@@ -10,6 +10,7 @@ import pytest
 from conclave.audit import LogEntry, audit, format_report, load_log, read_log, save_log
 from conclave.errors import AuditFailure
 from mls import Client, Group
+from mls.proposals import Proposal, Remove
 
 GID = b"audited-group"
 # A commit ends with signature (64 B), confirmation_tag (32 B) and membership_tag (32 B), each
@@ -229,3 +230,26 @@ async def test_the_whole_log_is_read_page_by_page(count: int) -> None:
     service = PagedService(count, page=1000)
     entries = await read_log(service, b"g")
     assert [e.seq for e in entries] == list(range(1, count + 1))
+
+
+def test_a_member_who_asked_to_go_left_and_one_removed_by_another_did_not() -> None:
+    alice, bob, carol = (Client(n) for n in (b"alice", b"bob", b"carol"))
+    log = LogBuilder()
+    ga = Group.create(alice, GID)
+    log.add("group_info", ga.epoch, "alice", 1000, ga.group_info())
+    r = ga.add([bob.key_package(), carol.key_package()])
+    log.add("commit", ga.epoch, "alice", 1100, r.commit)
+    ga.merge_pending_commit()
+    assert r.welcome is not None
+    gc = Group.join(carol, r.welcome)
+    bob_leaf = next(m.leaf_index for m in ga.members if m.identity == b"bob")
+    # carol asks to leave; alice commits her request together with her own Remove of bob.
+    bye = gc.leave()
+    log.add("proposal", gc.epoch, "carol", 2000, bye)
+    ga.process(bye)
+    r = ga.commit([Proposal(Remove(bob_leaf))], include_pending=True)
+    log.add("commit", ga.epoch, "alice", 2400, r.commit)
+    rotation = audit(GID, log.entries).rotations[1]
+    assert sorted(rotation.reasons) == ["leave", "remove"]
+    assert sorted(rotation.removed) == ["bob", "carol"]
+    assert rotation.removal_latency_ms == {"carol": 400, "bob": None}

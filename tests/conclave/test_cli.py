@@ -156,3 +156,39 @@ def test_demo_exits_0(backend: list[str], capsys: pytest.CaptureFixture[str]) ->
     assert main(["demo", "--no-live", "--rotation", "3", "--phase", "1.5", *backend]) == 0
     out = capsys.readouterr().out
     assert "FAIL" not in out and "success" in out
+
+
+async def test_a_removed_participants_join_says_so_without_a_traceback(tmp_path: Path) -> None:
+    from conclave.participant import Participant
+
+    services = Services(db=str(tmp_path / "ds.sqlite3"))
+    await services.start()
+    state = tmp_path / "state"
+    alice = Participant("alice", services.ds_url, state_dir=state)
+    carol = Participant("carol", services.ds_url, state_dir=state)
+    try:
+        await alice.start()
+        await carol.start()
+        await alice.create("r")
+        await carol.join("r")
+        assert await alice.remove(["carol"])
+        async with asyncio.timeout(5):
+            while not carol.removed:
+                await asyncio.sleep(0.02)
+        await carol.close()  # saved: removed, with her identity's keys
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "conclave.cli", "join", "--room", "r", "--name", "carol",
+            "--ds", services.ds_url, "--sfu", services.sfu_url, "--state", str(state),
+            "--no-audio", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 2, (out, err)
+        assert err.decode().strip() == (
+            "conclave join: cannot join room 'r': removed from this group; a member must add "
+            "you again"
+        )
+        assert alice.member_names == ["alice"]
+    finally:
+        await alice.close()
+        await carol.close()
+        await services.stop()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conclave.errors import ConclaveError
+from conclave.errors import ConclaveError, NotInGroup
 from conclave.participant import KEY_PACKAGE_TARGET, Participant
 from conclave.services import Services
 from delivery_service.errors import StaleEpochRejected
@@ -172,3 +172,32 @@ async def test_a_removal_request_that_loses_a_race_is_sent_again(trio: list[Part
                                   and carol.member_names == ["alice", "carol"]), 10)
     assert len(refused) == 1  # refused as stale once, then sent again in the new epoch
     assert (alice.epoch or 0) >= epoch + 2  # the rotation, then the removal
+
+
+async def test_a_removed_member_cannot_come_back_until_added_again(
+    trio: list[Participant],
+) -> None:
+    alice, bob, carol = trio
+    assert await alice.remove(["carol"])
+    await asyncio.wait_for(_until(lambda: carol.removed), 5)
+    for attempt in (carol.join, carol.knock, carol.enter):
+        with pytest.raises(NotInGroup, match="removed from this group; a member must add you"):
+            await attempt("room")
+    assert alice.member_names == ["alice", "bob"]
+    # A member adds her again: she is in, and no longer marked removed.
+    assert await bob.invite(["carol"])
+    await carol.wait_for_welcome(5)
+    await asyncio.wait_for(_until(lambda: alice.epoch == bob.epoch == carol.epoch), 5)
+    assert not carol.removed and carol.member_names == ["alice", "bob", "carol"]
+    assert carol.safety_code == alice.safety_code
+
+
+async def test_a_member_who_left_may_join_again(trio: list[Participant]) -> None:
+    alice, bob, carol = trio
+    await carol.leave()  # a Remove proposal of her own leaf: alice or bob commits it
+    await asyncio.wait_for(_until(lambda: carol.removed and alice.member_names
+                                  == ["alice", "bob"]), 5)
+    assert await carol.enter("room") == "joined"
+    await asyncio.wait_for(_until(lambda: alice.epoch == bob.epoch == carol.epoch), 5)
+    assert not carol.removed and alice.member_names == ["alice", "bob", "carol"]
+    assert carol.safety_code == alice.safety_code

@@ -21,6 +21,7 @@ from delivery_service.storage import SQLiteStorage, Storage
 from delivery_service.tracker import BasicTracker
 from mls.client import Client
 
+from .mlsgroups import OPEN
 from .procs import ds_client
 
 PG_DSN = os.environ.get("CONCLAVE_PG_DSN")
@@ -125,3 +126,21 @@ async def make_client(served: Served) -> AsyncIterator[MakeClient]:
     yield make
     for ds in made:
         await ds.close()
+
+
+@pytest.fixture
+async def url(storage: Storage) -> AsyncIterator[str]:
+    """A service with the default tracker (PublicGroupTracker): real MLS groups only."""
+    service = DeliveryService(storage, Config())
+    server = TestServer(make_app(service, manage_storage=False), host="127.0.0.1")
+    await server.start_server()
+    yield str(server.make_url("")).rstrip("/")
+    await server.close()
+
+
+@pytest.fixture(autouse=True)
+async def close_people() -> AsyncIterator[None]:
+    """Close the clients that `mlsgroups.people` opened."""
+    yield
+    while OPEN:
+        await OPEN.pop().ds.close()

@@ -574,3 +574,24 @@ async def test_member_removed_while_away_gets_the_commit_then_the_end(
         await eve.messages(gid)
     assert info.value.status == 403
     await stream.close()
+
+
+async def test_basic_tracker_bars_those_a_commit_removes_from_external_joins(
+    make_client: MakeClient,
+) -> None:
+    gid, [(alice, _), (bob, _)] = await new_group(make_client, "alice", "bob")
+    await alice.publish_group_info(gid, mlsmsg.group_info(gid, 1))
+    await alice.send(gid, mlsmsg.commit(gid, 1), removes=["bob"])
+    await alice.publish_group_info(gid, mlsmsg.group_info(gid, 2))
+    for call in (bob.fetch_group_info(gid), bob.send(gid, mlsmsg.commit(gid, 2, external=True))):
+        with pytest.raises(RequestFailed) as info:
+            await call
+        assert (info.value.status, info.value.code) == (403, "removed_from_group")
+    assert (await alice.group(gid))["members"] == ["alice"]
+    # Added back by a member's commit, then gone by his own commit: he may join externally.
+    await alice.send(gid, mlsmsg.commit(gid, 2), adds=["bob"])
+    await bob.send(gid, mlsmsg.commit(gid, 3, 1), removes=["bob"])
+    gi4 = mlsmsg.group_info(gid, 4)
+    await alice.publish_group_info(gid, gi4)
+    assert await bob.fetch_group_info(gid) == gi4
+    assert (await bob.send(gid, mlsmsg.commit(gid, 4, external=True))).epoch == 5

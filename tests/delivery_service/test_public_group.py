@@ -4,82 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
 
 import pytest
-from aiohttp.test_utils import TestServer
 
 from delivery_service.errors import RequestFailed, StaleEpochRejected
-from delivery_service.server import Config, DeliveryService, make_app
-from delivery_service.storage import Storage
 from mls.client import Client
 from mls.framing import MLSMessage
 from mls.group import Group
 
-from .procs import ds_client
-
-
-@pytest.fixture
-async def url(storage: Storage) -> AsyncIterator[str]:
-    service = DeliveryService(storage, Config())  # the default: PublicGroupTracker
-    server = TestServer(make_app(service, manage_storage=False), host="127.0.0.1")
-    await server.start_server()
-    yield str(server.make_url("")).rstrip("/")
-    await server.close()
-
-
-class Person:
-    def __init__(self, url: str, name: str, register: bool = True) -> None:
-        self.mls = Client(name.encode(), 1)
-        self.ds = ds_client(url, name, self.mls)
-        self.group: Group | None = None
-
-    async def catch_up(self, gid: bytes) -> None:
-        assert self.group is not None
-        cursor = getattr(self, "cursor", 0)
-        for m in await self.ds.messages(gid, after=cursor):
-            if m.kind in ("commit", "proposal") and m.epoch == self.group.epoch:
-                self.group.process(m.message)
-            self.cursor = m.seq
-
-
-_OPEN: list[Person] = []
-
-
-@pytest.fixture(autouse=True)
-async def close_people() -> AsyncIterator[None]:
-    yield
-    while _OPEN:
-        await _OPEN.pop().ds.close()
-
-
-async def people(url: str, *names: str) -> list[Person]:
-    out = [Person(url, n) for n in names]
-    _OPEN.extend(out)
-    for p in out:
-        await p.ds.register()
-        await p.ds.upload_key_packages([p.mls.key_package() for _ in range(3)])
-    return out
-
-
-async def start_group(alice: Person, *others: Person) -> bytes:
-    gid = os.urandom(16)
-    alice.group = Group.create(alice.mls, gid)
-    assert await alice.ds.create_group(gid, alice.group.group_info()) == 0
-    for p in others:
-        kp = await alice.ds.claim_key_package(p.ds.identity)
-        res = alice.group.add([kp])
-        await alice.ds.send(gid, res.commit, group_info=res.group_info)
-        alice.group.merge_pending_commit()
-        assert res.welcome is not None
-        await alice.ds.send_welcome(gid, res.welcome)
-        [w] = await p.ds.welcomes()
-        p.group = Group.join(p.mls, w.welcome)
-        p.cursor = w.seq
-        for q in others[: others.index(p)]:
-            await q.catch_up(gid)
-    alice.cursor = (await alice.ds.group(gid))["seq"]
-    return gid
+from .mlsgroups import people, start_group
 
 
 async def test_real_group_add_update_remove(url: str) -> None:

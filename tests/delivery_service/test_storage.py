@@ -148,3 +148,28 @@ async def test_sqlite_is_a_wal_file_synced_on_commit(tmp_path: Path) -> None:
     assert (await s._one("PRAGMA journal_mode", ())) == ("wal",)
     assert (await s._one("PRAGMA synchronous", ())) == (2,)  # FULL
     await s.close()
+
+
+async def test_the_latest_removal_says_whether_an_identity_was_expelled(storage: Storage) -> None:
+    gid = os.urandom(8)
+    everyone = frozenset({"alice", "bob", "carol"})
+    state = GroupState(gid, 0, 0, everyone)
+    assert await storage.create_group(state, "alice", NOW)
+
+    async def step(members: frozenset[str], expelled: frozenset[str] = frozenset()) -> None:
+        nonlocal state
+        new = replace(state, epoch=state.epoch + 1, members=members, expelled=expelled)
+        seq = await storage.append(state, new, message("commit", state.epoch))
+        state = replace(new, last_seq=seq, expelled=frozenset())
+
+    await step(frozenset({"alice"}), frozenset({"bob"}))  # bob expelled, carol left
+    assert await storage.is_expelled(gid, "bob")
+    assert not await storage.is_expelled(gid, "carol")
+    assert not await storage.is_expelled(gid, "alice")  # never removed
+    assert (await storage.get_group(gid)).expelled == frozenset()  # type: ignore[union-attr]
+    await step(everyone)  # both added back
+    await step(frozenset({"alice", "carol"}))  # bob leaves this time
+    assert not await storage.is_expelled(gid, "bob")
+    await step(frozenset({"alice"}), frozenset({"carol"}))
+    assert await storage.is_expelled(gid, "carol")
+    assert not await storage.is_expelled(os.urandom(8), "carol")  # per group

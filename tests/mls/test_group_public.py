@@ -139,3 +139,23 @@ def test_public_group_from_epoch_zero() -> None:
     carol = Client(b"carol")
     gc, commit = Group.join_external(carol, Group.create(Client(b"dave")).group_info())
     assert gc.epoch == 1 and commit
+
+
+def test_proposals_by_ref_lists_what_a_commit_may_name() -> None:
+    ga, gb = make_group(2, 1)
+    pub = PublicGroup.from_group_info(ga.group_info())
+    assert pub.proposals_by_ref == {}
+    proposal = gb.propose_update()
+    pub.process(proposal)
+    ga.process(proposal)
+    cached = pub.proposals_by_ref
+    assert len(cached) == 1
+    (entry,) = cached.values()
+    assert entry.proposal.proposal_type.name == "update" and entry.sender.leaf_index == 1
+    assert list(ga.proposals_by_ref) == list(cached)  # the same ProposalRef as the member's
+    cached.clear()  # a copy
+    assert len(pub.proposals_by_ref) == 1
+    commit = ga.commit().commit
+    ga.merge_pending_commit()
+    pub.process(commit)
+    assert pub.proposals_by_ref == {}
