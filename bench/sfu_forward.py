@@ -9,7 +9,12 @@ second (one core), and the added latency per incoming packet (arrival to last co
 
 Part 2 (--loopback): a real SFU subprocess (`python -m sfu`) with aiortc clients on 127.0.0.1;
 the SFU's CPU time (from /proc) divided by the packets it forwarded (from /metrics), and its
-forwarding-latency histogram. The clients run in this process and are not counted.
+forwarding-latency histogram. The clients run in this process and are not counted. The reference
+there is a naive aiortc relay in the same SFU process: RTP through aiortc's receive loop and
+RTCRtpReceiver's per-packet work, and per subscriber what RTCRtpSender does (see
+`install_naive_relay`). Before part 2, two floors are measured that any Python SFU pays: one
+loopback `sendto` (per copy) and one asyncio wake-up per incoming datagram (shared by its copies);
+the "-floors" column subtracts them.
 
 Usage: python bench/sfu_forward.py [--participants 10] [--publishers 10] [--packets 3000]
        [--loopback --seconds 10]
@@ -21,6 +26,7 @@ import argparse
 import asyncio
 import gc
 import os
+import resource
 import signal
 import socket
 import statistics
@@ -213,9 +219,13 @@ async def main() -> None:
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # internal: SFU process
     parser.add_argument("--mode", default="sfu", help=argparse.SUPPRESS)
     parser.add_argument("--secret-file", help=argparse.SUPPRESS)
+    parser.add_argument("--wake-sink", type=int, help=argparse.SUPPRESS)  # internal: floor
     args = parser.parse_args()
     if args.serve:
         await serve(args.serve, args.mode, args.secret_file)
+        return
+    if args.wake_sink:
+        await wake_sink(args.wake_sink)
         return
 
     results: dict[str, list[dict[str, float]]] = {"sfu": [], "naive": []}
@@ -240,26 +250,160 @@ async def main() -> None:
     )
     print("latency = arrival to last copy sent for one incoming packet (all subscribers)")
     if args.loopback:
-        await run_loopback(args.participants, args.seconds, args.rate, args.repeat)
+        floors = measure_floors(args.participants, args.rate)
+        await run_loopback(args.participants, args.seconds, args.rate, args.repeat, floors)
+
+
+# --- floors: what any process pays, whatever it forwards ----------------------------------------
+
+
+def sendto_floor(calls: int = 100_000) -> float:
+    """CPU microseconds of one `sendto` of PAYLOAD bytes to a bound loopback UDP socket."""
+    out, addr = _udp_pair()
+    data = os.urandom(PAYLOAD)
+    sendto = out.sendto
+    samples = []
+    for _ in range(3):
+        cpu0 = time.process_time()
+        for _ in range(calls):
+            sendto(data, addr)  # the sink is never read: full queue drops, the syscall is paid
+        samples.append((time.process_time() - cpu0) / calls * 1e6)
+    return min(samples)
+
+
+async def wake_sink(sockets: int) -> None:
+    """Internal: an asyncio process that only receives datagrams on `sockets` UDP sockets."""
+    import json
+
+    loop = asyncio.get_running_loop()
+    addrs = []
+    for _ in range(sockets):
+        transport, _ = await loop.create_datagram_endpoint(
+            asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0)
+        )
+        addrs.append(transport.get_extra_info("sockname"))
+    print(json.dumps(addrs), flush=True)
+
+    def report() -> None:  # getrusage is exact; /proc/<pid>/stat counts 10 ms ticks
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        print(usage.ru_utime + usage.ru_stime, flush=True)
+
+    loop.add_signal_handler(signal.SIGUSR1, report)
+    await asyncio.Event().wait()
+
+
+def wakeup_floor(participants: int, rate: int, seconds: float = 4.0) -> float:
+    """CPU microseconds per datagram of an asyncio process that receives and does nothing else.
+
+    Fed like the SFU in part 2: `participants` sockets, `rate` datagrams/s each, spread evenly,
+    so it sleeps and wakes once per datagram as the SFU does.
+    """
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--wake-sink", str(participants)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        addrs = [tuple(a) for a in json.loads(proc.stdout.readline())]
+        out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        data = os.urandom(PAYLOAD)
+        interval = 1 / (rate * len(addrs))
+        proc.send_signal(signal.SIGUSR1)
+        cpu0 = float(proc.stdout.readline())
+        sent = 0
+        t = time.monotonic()
+        end = t + seconds
+        while t < end:
+            for addr in addrs:
+                out.sendto(data, addr)
+                sent += 1
+                t += interval
+                time.sleep(max(0.0, t - time.monotonic()))
+        proc.send_signal(signal.SIGUSR1)
+        cpu1 = float(proc.stdout.readline())
+        out.close()
+    finally:
+        proc.kill()
+        proc.wait()
+    return (cpu1 - cpu0) / sent * 1e6
+
+
+def measure_floors(participants: int, rate: int) -> dict[str, float]:
+    floors = {"sendto": sendto_floor(), "wakeup": wakeup_floor(participants, rate)}
+    subscribers = participants - 1
+    print(
+        f"\nFloors on this machine: sendto of {PAYLOAD} B to a loopback UDP socket "
+        f"{floors['sendto']:.1f} us/call; an asyncio process that only receives "
+        f"{participants * rate} datagrams/s on {participants} sockets: "
+        f"{floors['wakeup']:.1f} us per datagram = {floors['wakeup'] / subscribers:.1f} us per "
+        f"forwarded copy at {subscribers} subscribers"
+    )
+    return floors
 
 
 # --- part 2: loopback with a real SFU process ---------------------------------------------------
 
 
 def install_naive_relay() -> None:
-    """Make the SFU forward like a naive aiortc relay: RtpPacket objects, async _send_rtp."""
+    """Make the SFU forward as a naive aiortc relay would, without decoding.
+
+    Receive: aiortc's own `_recv_next` loop (aioice queue, task wake-up, SRTP unprotect), then
+    what `_handle_rtp_data` and `RTCRtpReceiver._handle_rtp_packet` do per packet with aiortc's
+    own classes: `RtpPacket.parse`, `StreamStatistics`, `NackGenerator`, `depayload` and the
+    video `JitterBuffer` (the frame it returns goes nowhere: a relay of E2EE media cannot
+    decode). Send, per subscriber: what `RTCRtpSender._run_rtp` does per packet: a new
+    `RtpPacket` with abs-send-time and mid, the RTP history, `serialize`, `await _send_rtp`
+    (SRTP protect, the aioice `Connection.send` coroutine chain, `DatagramTransport.sendto`).
+    """
+    from aiortc import clock
+    from aiortc.codecs import depayload
+    from aiortc.jitterbuffer import JitterBuffer
+    from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+    from aiortc.rtcrtpreceiver import NackGenerator, StreamStatistics
+
+    from sfu import aiortc_hooks
     from sfu.room import Participant
+
+    stock_hook = aiortc_hooks.hook_transport
+
+    def hook_without_fast_receive(transport: Any, on_rtp: Any, on_rtcp: Any, *_: Any) -> bool:
+        return stock_hook(transport, on_rtp, on_rtcp)  # RTP through aiortc's receive loop
+
+    aiortc_hooks.hook_transport = hook_without_fast_receive  # type: ignore[assignment]
+    receivers: dict[int, tuple[Any, Any, Any, Any]] = {}
+    history: dict[int, list[Any]] = {}
 
     async def on_rtp(self: Participant, data: bytes) -> None:
         t0 = time.perf_counter()
-        if len(data) < 12:
+        transport = self.pc.getTransceivers()[0].receiver.transport
+        try:
+            packet = RtpPacket.parse(data, transport._rtp_header_extensions_map)
+        except ValueError:
             return
-        source = self.sources_by_ssrc.get(int.from_bytes(data[8:12], "big"))
+        source = self.sources_by_ssrc.get(packet.ssrc)
         if source is None:
             return
-        transport = self.pc.getTransceivers()[0].receiver.transport
-        packet = RtpPacket.parse(data, transport._rtp_header_extensions_map)
         self.metrics.packets_received += 1
+        if packet.ssrc not in receivers:
+            codec = RTCRtpCodecParameters(
+                mimeType="video/VP8", clockRate=90000, payloadType=packet.payload_type
+            )
+            receivers[packet.ssrc] = (
+                codec,
+                StreamStatistics(codec.clockRate),
+                NackGenerator(),
+                JitterBuffer(capacity=128, is_video=True),
+            )
+        codec, stats, nack, jitter = receivers[packet.ssrc]
+        stats.add(packet)
+        nack.add(packet)
+        packet._data = depayload(codec, packet.payload)  # type: ignore[attr-defined]
+        jitter.add(packet)
         for slot in list(source.slots):
             sub = self.room.participants.get(slot.subscriber)
             if sub is None:
@@ -268,13 +412,15 @@ def install_naive_relay() -> None:
             slot.last_out_seq = ((slot.last_out_seq or 0) + 1) & 0xFFFF
             out = RtpPacket(
                 payload_type=slot.payload_type,
-                marker=packet.marker,
                 sequence_number=slot.last_out_seq,
                 timestamp=packet.timestamp,
-                ssrc=slot.ssrc,
-                payload=packet.payload,
             )
+            out.ssrc = slot.ssrc
+            out.payload = packet.payload
+            out.marker = packet.marker
+            out.extensions.abs_send_time = (clock.current_ntp_time() >> 14) & 0x00FFFFFF
             out.extensions.mid = slot.mid
+            history.setdefault(slot.ssrc, [None] * 128)[out.sequence_number % 128] = out
             data_out = out.serialize(out_transport._rtp_header_extensions_map)
             try:
                 await out_transport._send_rtp(data_out)
@@ -329,7 +475,9 @@ class _SilentTrack(MediaStreamTrack):
         await asyncio.Event().wait()
 
 
-async def run_loopback(participants: int, seconds: float, rate: int, repeat: int) -> None:
+async def run_loopback(
+    participants: int, seconds: float, rate: int, repeat: int, floors: dict[str, float]
+) -> None:
     import subprocess
     import sys
     import tempfile
@@ -377,21 +525,25 @@ async def run_loopback(participants: int, seconds: float, rate: int, repeat: int
         f"median of {repeat} runs"
     )
     print(
-        f"{'relay':<28} {'us/pkt/sub':>10} {'(user)':>7} {'marginal':>8} {'idle ms/s':>9} "
+        f"{'relay':<28} {'us/pkt/sub':>10} {'(user)':>7} {'marginal':>8} {'-floors':>7} "
+        f"{'idle ms/s':>9} "
         f"{'fwd pkts/s':>11} {'e2e p50':>8} "
         f"{'e2e p99':>8} {'sfu p50':>8} {'sfu p99':>8}"
     )
+    # per forwarded copy: one sendto, and a share of one wake-up per incoming packet
+    floor = floors["sendto"] + floors["wakeup"] / (participants - 1)
     for mode, r in rows:
-        name = "naive aiortc-object relay" if mode == "naive" else "sfu (raw, fast send)"
+        name = "naive aiortc relay" if mode == "naive" else "sfu (raw, fast send)"
         print(
             f"{name:<28} {r['us_per_pkt']:>10.1f} {r['user_us']:>7.1f} {r['marginal_us']:>8.1f} "
-            f"{r['idle_ms']:>9.1f} {r['pps']:>11.0f} "
+            f"{r['marginal_us'] - floor:>7.1f} {r['idle_ms']:>9.1f} {r['pps']:>11.0f} "
             f"{r['e2e_p50']:>8.2f} {r['e2e_p99']:>8.2f} {r['sfu_p50']:>8.3f} {r['sfu_p99']:>8.3f}"
         )
     print(
         "us/pkt/sub = SFU process CPU time (user+system; user alone in brackets) / packets it "
         "forwarded; marginal = the same minus the idle room's CPU (idle ms/s, measured before "
-        "media starts); e2e = publisher send to "
+        "media starts); -floors = marginal minus one sendto and 1/subscribers of one "
+        "wake-up (the floors above); e2e = publisher send to "
         "subscriber receive (ms, includes both clients' stacks); sfu = SFU forwarding latency "
         "histogram bucket bounds (ms)"
     )

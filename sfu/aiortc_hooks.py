@@ -69,8 +69,18 @@ RtpHandler = Callable[[bytes], Awaitable[None]]
 RtcpHandler = Callable[[bytes], Awaitable[None]]
 
 
-def hook_transport(transport: RTCDtlsTransport, on_rtp: RtpHandler, on_rtcp: RtcpHandler) -> bool:
-    """Route the transport's decrypted RTP and RTCP to the SFU. Returns False if already hooked."""
+def hook_transport(
+    transport: RTCDtlsTransport,
+    on_rtp: RtpHandler,
+    on_rtcp: RtcpHandler,
+    on_rtp_now: Callable[[bytes], None] | None = None,
+) -> bool:
+    """Route the transport's decrypted RTP and RTCP to the SFU. Returns False if already hooked.
+
+    With `on_rtp_now` (synchronous), SRTP packets skip aiortc's receive loop altogether: they are
+    unprotected and handed over inside the UDP protocol's `datagram_received` (see
+    `_receive_rtp_directly`), saving the aioice queue and a task wake-up per packet.
+    """
     if getattr(transport, "_sfu_hooked", False):
         return False
 
@@ -90,7 +100,68 @@ def hook_transport(transport: RTCDtlsTransport, on_rtp: RtpHandler, on_rtcp: Rtc
     transport._handle_rtp_data = handle_rtp_data  # type: ignore[method-assign]
     transport._handle_rtcp_data = handle_rtcp_data  # type: ignore[method-assign]
     transport._sfu_hooked = True  # type: ignore[attr-defined]
+    if on_rtp_now is not None:
+        _receive_rtp_directly(transport, on_rtp_now)
     return True
+
+
+def _receive_rtp_directly(transport: RTCDtlsTransport, on_rtp: Callable[[bytes], None]) -> None:
+    """SRTP (not SRTCP) from the ICE connection straight to `on_rtp`, synchronously.
+
+    Stock path per packet: `StunProtocol.datagram_received` tries `stun.parse_message` (raises),
+    `Connection.data_received` queues it, the transport's `__run` task wakes on the next loop
+    iteration, `_recv_next` unprotects and awaits `_handle_rtp_data`. Here the protocols'
+    `datagram_received` (aioice `ice.py:284`) and `Connection.data_received` (`ice.py:1277`)
+    are replaced per instance: RTP (first byte 128-191, RFC 7983; second byte not an RTCP
+    type) on a connected transport is unprotected with `_rx_srtp` on the spot; everything else
+    (STUN, DTLS, SRTCP, RTP before DTLS completes) takes the stock path unchanged.
+    """
+    connection = transport.transport._connection
+    stock_data_received = connection.data_received
+    length = ffi.new("int *")
+    unprotect_rtp = lib.srtp_unprotect
+
+    def take(data: bytes) -> bool:
+        if transport._state is not State.CONNECTED or 192 <= data[1] <= 208:
+            return False
+        session = transport._rx_srtp
+        if session is None:
+            return False
+        n = len(data)
+        if n > MAX_PROTECT_INPUT:
+            return True  # longer than any SRTP packet the transport could have sent us: drop
+        buffer = session._buffer
+        length[0] = n
+        buffer[0:n] = data
+        if unprotect_rtp(session._srtp[0], session._cdata, length):
+            return True  # failed authentication or replay: dropped, as `_recv_next` does
+        try:
+            on_rtp(buffer[0 : length[0]])
+        except Exception:
+            logger.exception("dropped an RTP packet the SFU failed to handle")
+        return True
+
+    def data_received(data: bytes, component: int) -> None:
+        if not (len(data) > 12 and 127 < data[0] < 192 and take(data)):
+            stock_data_received(data, component)
+
+    connection.data_received = data_received  # type: ignore[method-assign]
+    for protocol in list(connection._protocols):
+        stock_datagram_received = protocol.datagram_received
+
+        def datagram_received(
+            data: bytes | str,
+            addr: tuple[Any, ...],
+            stock: Callable[[bytes | str, tuple[Any, ...]], None] = stock_datagram_received,
+            component: int = protocol.local_candidate.component,
+        ) -> None:
+            # RTP/RTCP is never STUN (RFC 7983 §7): skip the STUN parse attempt.
+            if len(data) > 12 and 127 < data[0] < 192:
+                data_received(data, component)  # type: ignore[arg-type]
+            else:
+                stock(data, addr)
+
+        protocol.datagram_received = datagram_received  # type: ignore[method-assign]
 
 
 def srtp_protector(session: Session) -> Callable[[bytes], bytes]:
@@ -118,22 +189,39 @@ def fast_sender(transport: RTCDtlsTransport) -> Callable[[bytes], None]:
     """A synchronous `_send_rtp`: SRTP/SRTCP-protect and `sendto` on the nominated ICE pair.
 
     Raises ConnectionError like `_send_rtp` when DTLS is not connected or ICE has no pair, and
-    pylibsrtp.Error if protection fails.
+    pylibsrtp.Error if protection fails. Sends with the pair's non-blocking socket itself
+    (`_SelectorDatagramTransport._sock`), not `DatagramTransport.sendto`: a datagram the kernel
+    cannot take at once (EAGAIN) or refuses (ICMP error) is dropped, as a full network would,
+    instead of being queued behind the event loop.
     """
     ice_connection = transport.transport._connection
-    cache: list[Any] = [None, None]  # the transport's tx Session, its protector
+    # the transport's tx Session and its protector; the nominated pair, its socket and address
+    cache: list[Any] = [None, None, None, None, None]
 
     def send(data: bytes) -> None:
         if transport._state is not State.CONNECTED:  # the `state` property costs ~1 us
             raise ConnectionError("Cannot send encrypted RTP, not connected")
         session = transport._tx_srtp
         if session is not cache[0]:
-            cache[:] = [session, srtp_protector(session)]
+            cache[0:2] = [session, srtp_protector(session)]
         protected = cache[1](data)
         pair = ice_connection._nominated.get(1)
-        if pair is None or pair.protocol.transport is None:
+        if pair is None:
             raise ConnectionError("Cannot send data, not connected")
-        pair.protocol.transport.sendto(protected, pair.remote_addr)
+        if pair is not cache[2]:
+            udp = pair.protocol.transport
+            if udp is None or udp.is_closing():
+                raise ConnectionError("Cannot send data, not connected")
+            # another event loop's transport (uvloop) has no `_sock`: use its own sendto
+            cache[2:5] = [pair, getattr(udp, "_sock", None) or udp, pair.remote_addr]
+        try:
+            cache[3].sendto(protected, cache[4])
+        except OSError as exc:
+            if getattr(cache[3], "fileno", int)() == -1:  # closed under us: re-check next time
+                cache[2] = None
+                raise ConnectionError("Cannot send data, not connected") from exc
+            # EAGAIN or an ICMP error from an earlier datagram: this one is lost, as on a
+            # congested network; RTP recovers by NACK/PLI
 
     return send
 

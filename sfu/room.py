@@ -167,7 +167,7 @@ class Participant:
             return
         for transceiver in self.pc.getTransceivers():
             transport = transceiver.receiver.transport
-            if aiortc_hooks.hook_transport(transport, self._on_rtp, self._on_rtcp):
+            if aiortc_hooks.hook_transport(transport, self._on_rtp, self._on_rtcp, self.on_rtp_now):
                 self._send_raw = aiortc_hooks.fast_sender(transport)
         if self._renegotiate:
             await self.negotiate()
@@ -300,6 +300,10 @@ class Participant:
     # --- RTP/RTCP from the transport ------------------------------------------------------------
 
     async def _on_rtp(self, data: bytes) -> None:
+        self.on_rtp_now(data)
+
+    def on_rtp_now(self, data: bytes) -> None:
+        """One decrypted RTP packet from this participant: forward it, without awaiting."""
         if len(data) < 12:
             return
         ssrc = int.from_bytes(data[8:12], "big")

@@ -1,0 +1,166 @@
+"""The SFU's short-cuts around aiortc's per-packet machinery (sfu.aiortc_hooks), on fake objects."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from types import SimpleNamespace
+from typing import Any
+
+import pylibsrtp
+import pytest
+from aiortc.rtcdtlstransport import State
+
+from sfu.aiortc_hooks import fast_sender, hook_transport
+
+KEY = bytes(range(30))
+
+
+def _session(outbound: bool) -> pylibsrtp.Session:
+    policy = pylibsrtp.Policy(
+        key=KEY,
+        ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND
+        if outbound
+        else pylibsrtp.Policy.SSRC_ANY_INBOUND,
+        srtp_profile=pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_80,
+    )
+    return pylibsrtp.Session(policy=policy)
+
+
+def _rtp(seq: int, pt: int = 96) -> bytes:
+    return struct.pack("!BBHII", 0x80, pt, seq, seq * 3000, 1234) + bytes(range(100))
+
+
+def _rtcp_rr() -> bytes:
+    return struct.pack("!BBHI", 0x80, 201, 1, 1234)
+
+
+class _Connection:
+    """An aioice Connection as far as the hooks use it, with one UDP protocol."""
+
+    def __init__(self) -> None:
+        self.stock: list[bytes] = []
+        self.stock_datagrams: list[bytes] = []
+        self._nominated: dict[int, Any] = {}
+        protocol = SimpleNamespace(local_candidate=SimpleNamespace(component=1), transport=None)
+        protocol.datagram_received = self._stun_datagram_received
+        self._protocols = [protocol]
+
+    def _stun_datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.stock_datagrams.append(data)
+        self.data_received(data, 1)
+
+    def data_received(self, data: bytes, component: int) -> None:
+        self.stock.append(data)
+
+
+def _transport(connection: _Connection) -> SimpleNamespace:
+    return SimpleNamespace(
+        _state=State.CONNECTED,
+        _rx_srtp=_session(False),
+        _tx_srtp=_session(True),
+        transport=SimpleNamespace(_connection=connection),
+    )
+
+
+async def _unused(data: bytes) -> None:
+    raise AssertionError("the stock path was used")
+
+
+def test_rtp_is_unprotected_and_handed_over_inside_datagram_received() -> None:
+    connection = _Connection()
+    transport = _transport(connection)
+    got: list[bytes] = []
+    assert hook_transport(transport, _unused, _unused, got.append)  # type: ignore[arg-type]
+    tx = _session(True)
+    protocol = connection._protocols[0]
+    protocol.datagram_received(tx.protect(_rtp(1)), ("127.0.0.1", 9))
+    connection.data_received(tx.protect(_rtp(2)), 1)  # a protocol gathered after hooking
+    assert got == [_rtp(1), _rtp(2)]
+    assert connection.stock == [] and connection.stock_datagrams == []
+
+
+def test_everything_but_connected_srtp_takes_the_stock_path() -> None:
+    connection = _Connection()
+    transport = _transport(connection)
+    got: list[bytes] = []
+    hook_transport(transport, _unused, _unused, got.append)  # type: ignore[arg-type]
+    tx = _session(True)
+    protocol = connection._protocols[0]
+    stun = b"\x00\x01\x00\x00" + bytes(16)
+    srtcp = tx.protect_rtcp(_rtcp_rr())
+    protocol.datagram_received(stun, ("127.0.0.1", 9))
+    protocol.datagram_received(srtcp, ("127.0.0.1", 9))
+    transport._state = State.CONNECTING
+    early = tx.protect(_rtp(1))
+    protocol.datagram_received(early, ("127.0.0.1", 9))
+    assert connection.stock == [stun, srtcp, early] and got == []
+
+
+def test_rtp_failing_authentication_is_dropped() -> None:
+    connection = _Connection()
+    transport = _transport(connection)
+    got: list[bytes] = []
+    hook_transport(transport, _unused, _unused, got.append)  # type: ignore[arg-type]
+    forged = bytearray(_session(True).protect(_rtp(1)))
+    forged[20] ^= 1
+    connection._protocols[0].datagram_received(bytes(forged), ("127.0.0.1", 9))
+    assert got == [] and connection.stock == []
+
+
+def test_a_handler_error_does_not_escape_into_the_event_loop(caplog) -> None:
+    connection = _Connection()
+
+    def boom(data: bytes) -> None:
+        raise RuntimeError("boom")
+
+    hook_transport(_transport(connection), _unused, _unused, boom)  # type: ignore[arg-type]
+    connection._protocols[0].datagram_received(_session(True).protect(_rtp(1)), ("x", 1))
+    assert "failed to handle" in caplog.text
+
+
+@pytest.fixture
+def udp() -> Any:
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    sink.settimeout(2)
+    out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    out.setblocking(False)
+    yield out, sink
+    out.close()
+    sink.close()
+
+
+def _nominate(connection: _Connection, out: socket.socket, sink: socket.socket) -> None:
+    udp_transport = SimpleNamespace(_sock=out, is_closing=lambda: out.fileno() == -1)
+    protocol = SimpleNamespace(transport=udp_transport)
+    connection._nominated[1] = SimpleNamespace(protocol=protocol, remote_addr=sink.getsockname())
+
+
+def test_fast_sender_protects_and_sends_on_the_nominated_pairs_socket(udp: Any) -> None:
+    out, sink = udp
+    connection = _Connection()
+    send = fast_sender(_transport(connection))  # type: ignore[arg-type]
+    with pytest.raises(ConnectionError):
+        send(_rtp(0))  # no nominated pair yet
+    _nominate(connection, out, sink)
+    send(_rtp(1))
+    send(_rtcp_rr())
+    rx = _session(False)
+    assert rx.unprotect(sink.recv(2000)) == _rtp(1)
+    assert rx.unprotect_rtcp(sink.recv(2000)) == _rtcp_rr()
+
+
+def test_fast_sender_raises_connection_error_once_the_socket_is_closed(udp: Any) -> None:
+    out, sink = udp
+    connection = _Connection()
+    transport = _transport(connection)
+    send = fast_sender(transport)  # type: ignore[arg-type]
+    _nominate(connection, out, sink)
+    send(_rtp(1))
+    out.close()
+    with pytest.raises(ConnectionError):
+        send(_rtp(2))
+    transport._state = State.CLOSED
+    with pytest.raises(ConnectionError):
+        send(_rtp(3))
