@@ -29,7 +29,7 @@ import aiohttp
 import cbor2
 from aiohttp import web
 
-from delivery_service.client import DeliveryClient, Message, PushStream
+from delivery_service.client import DeliveryClient, Message, PushStream, wait_healthy
 from delivery_service.errors import StaleEpochRejected
 from mls.client import Client
 from mls.commit import Commit
@@ -58,18 +58,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def wait_healthy(url: str, proc: subprocess.Popen[bytes]) -> None:
-    async with aiohttp.ClientSession() as http:
-        for _ in range(400):
-            if proc.poll() is not None:
-                raise SystemExit("the service exited; see its log")
-            try:
-                async with http.get(url + "/healthz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
+async def wait_started(url: str, proc: subprocess.Popen[bytes]) -> None:
+    if await wait_healthy(url, alive=lambda: proc.poll() is None):
+        return
+    if proc.poll() is not None:
+        raise SystemExit("the service exited; see its log")
     raise SystemExit("the service did not start")
 
 
@@ -125,7 +118,7 @@ async def run_backend(backend: str, args: argparse.Namespace) -> dict[str, float
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        await wait_healthy(url, proc)
+        await wait_started(url, proc)
         connector = aiohttp.TCPConnector(limit=args.connections)
         async with aiohttp.ClientSession(connector=connector) as http:
             return await load(url, http, args)

@@ -17,7 +17,6 @@ keys, "plain" passes it through an identity transform. Measured per mode:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 import socket
@@ -31,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
+from delivery_service.client import wait_healthy
 
 from .media import MediaSpec
 from .participant import Participant, RemoteTrack
@@ -113,15 +112,8 @@ class ServiceProcess:
              "--sfu-port", str(self.sfu_port), "--state", str(self.state)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 20
-        async with aiohttp.ClientSession() as http:
-            while time.monotonic() < deadline:
-                with contextlib.suppress(aiohttp.ClientError, OSError):
-                    async with http.get(self.ds_url + "/healthz") as r:
-                        if r.status == 200:
-                            return
-                await asyncio.sleep(0.1)
-        raise RuntimeError("the services did not start within 20 s")
+        if not await wait_healthy(self.ds_url, 20, interval=0.1):
+            raise RuntimeError("the services did not start within 20 s")
 
     def cpu(self) -> float:
         return float("nan") if self.proc is None else _proc_cpu(self.proc.pid)

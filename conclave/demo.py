@@ -76,6 +76,15 @@ async def until(predicate: Callable[[], bool], timeout: float) -> bool:
     return predicate()
 
 
+async def create_and_invite(room: str, creator: Participant, invitees: list[Participant]) -> None:
+    """`creator` creates `room` and adds `invitees` in one commit; returns once each of them has
+    joined from its Welcome."""
+    await creator.create(room)
+    waits = [asyncio.ensure_future(p.wait_for_welcome()) for p in invitees]
+    await creator.invite([p.name for p in invitees])
+    await asyncio.gather(*waits)
+
+
 async def run_demo(
     config: DemoConfig | None = None,
     on_update: Callable[[str, list[Participant]], None] | None = None,
@@ -110,10 +119,7 @@ async def run_demo(
         try:
             for p in people:
                 await p.start()
-            await alice.create(ROOM)
-            waits = [asyncio.ensure_future(p.wait_for_welcome()) for p in (bob, carol)]
-            await alice.invite(["bob", "carol"])
-            await asyncio.gather(*waits)
+            await create_and_invite(ROOM, alice, [bob, carol])
             shown += [alice, bob, carol]
             update("alice invited bob and carol")
             for p in (alice, bob, carol):

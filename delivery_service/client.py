@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Self
 from urllib.parse import quote
@@ -35,6 +37,28 @@ CBOR = "application/cbor"
 # A 429 asking to wait at most this long (seconds) is waited out and retried, a few times.
 MAX_RETRY_WAIT = 5
 RETRIES_429 = 3
+
+
+async def wait_healthy(
+    url: str,
+    timeout: float = 20.0,
+    alive: Callable[[], bool] | None = None,
+    interval: float = 0.05,
+) -> bool:
+    """True once the service at `url` answers 200 on /healthz; False after `timeout` seconds, or
+    as soon as `alive()` is false (for a service in a child process that has exited)."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            if alive is not None and not alive():
+                return False
+            # Refused connections are expected until the service listens.
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with http.get(url + "/healthz") as r:
+                    if r.status == 200:
+                        return True
+            await asyncio.sleep(interval)
+    return False
 
 
 @dataclass(frozen=True)

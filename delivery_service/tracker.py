@@ -110,8 +110,7 @@ class BasicTracker:
         poster: str,
         hints: MembershipHints,
     ) -> GroupState:
-        if message.group_id != state.group_id:
-            raise BadRequest("the message's group_id is not the group it was posted to")
+        _check_posted_to(state, message)
         external = message.sender_type in (
             SenderType.new_member_commit,
             SenderType.new_member_proposal,
@@ -139,6 +138,18 @@ class BasicTracker:
         expelled = (state.members - members) - {poster}
         return replace(state, epoch=state.epoch + 1, members=frozenset(members),
                        expelled=frozenset(expelled))
+
+
+def _check_posted_to(state: GroupState, message: FramedMessage) -> None:
+    if message.group_id != state.group_id:
+        raise BadRequest("the message's group_id is not the group it was posted to")
+
+
+def _verified_group_info(group_info: bytes) -> PublicGroup:
+    try:
+        return PublicGroup.from_group_info(group_info)
+    except (MLSError, ValueError) as exc:
+        raise BadRequest(f"the GroupInfo does not verify: {exc}") from None
 
 
 def _identities(group: PublicGroup) -> set[tuple[str, bytes]]:
@@ -171,10 +182,7 @@ class PublicGroupTracker:
                 "this service verifies commits: create the group with its GroupInfo (with the "
                 "ratchet_tree extension)"
             )
-        try:
-            group = PublicGroup.from_group_info(group_info)
-        except (MLSError, ValueError) as exc:
-            raise BadRequest(f"the GroupInfo does not verify: {exc}") from None
+        group = _verified_group_info(group_info)
         if group.group_id != group_id:
             raise BadRequest("the GroupInfo is for another group id")
         members = frozenset(i for i, _ in _identities(group))
@@ -186,10 +194,7 @@ class PublicGroupTracker:
         return _identities(PublicGroup.from_bytes(state.tracker_state))
 
     def check_group_info(self, state: GroupState, group_info: bytes) -> None:
-        try:
-            published = PublicGroup.from_group_info(group_info)
-        except (MLSError, ValueError) as exc:
-            raise BadRequest(f"the GroupInfo does not verify: {exc}") from None
+        published = _verified_group_info(group_info)
         if published.group_context != PublicGroup.from_bytes(state.tracker_state).group_context:
             raise BadRequest("the GroupInfo's GroupContext is not the group's current one")
 
@@ -201,8 +206,7 @@ class PublicGroupTracker:
         poster: str,
         hints: MembershipHints,
     ) -> GroupState:
-        if message.group_id != state.group_id:
-            raise BadRequest("the message's group_id is not the group it was posted to")
+        _check_posted_to(state, message)
         if message.content_type == ContentType.application:
             return _application(state, message, poster)
         if message.wire_format != WireFormat.mls_public_message:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import TypeVar
+from typing import ClassVar, Self, TypeVar
 
 from .credential import Credential
 from .errors import DecodeError, ValidationError
@@ -124,12 +124,29 @@ def parse_application_id(ext: Extension) -> bytes:
     return _parse(ext.extension_data, lambda r: r.opaque("application_id"), "application_id")
 
 
+class ExtensionBody(Struct):
+    """A struct that is the whole `extension_data` of one extension type."""
+
+    __slots__ = ()
+    EXTENSION_TYPE: ClassVar[ExtensionType]
+
+    def to_extension(self) -> Extension:
+        return Extension(self.EXTENSION_TYPE, self.encode())
+
+    @classmethod
+    def from_extension(cls, ext: Extension) -> Self:
+        _expect(ext, cls.EXTENSION_TYPE)
+        return cls.decode(ext.extension_data)
+
+
 # required_capabilities (§11.1)
 
 
 @dataclass(slots=True)
-class RequiredCapabilities(Struct):
+class RequiredCapabilities(ExtensionBody):
     """Extension, proposal and credential types every member must support; plain ints."""
+
+    EXTENSION_TYPE: ClassVar[ExtensionType] = ExtensionType.required_capabilities
 
     extension_types: list[int] = field(default_factory=list)
     proposal_types: list[int] = field(default_factory=list)
@@ -150,20 +167,14 @@ class RequiredCapabilities(Struct):
             ),
         )
 
-    def to_extension(self) -> Extension:
-        return Extension(ExtensionType.required_capabilities, self.encode())
-
-    @classmethod
-    def from_extension(cls, ext: Extension) -> RequiredCapabilities:
-        _expect(ext, ExtensionType.required_capabilities)
-        return cls.decode(ext.extension_data)
-
 
 # external_pub (§12.4.3.2)
 
 
 @dataclass(slots=True)
-class ExternalPub(Struct):
+class ExternalPub(ExtensionBody):
+    EXTENSION_TYPE: ClassVar[ExtensionType] = ExtensionType.external_pub
+
     external_pub: bytes  # HPKEPublicKey
 
     def write(self, w: Writer) -> None:
@@ -172,14 +183,6 @@ class ExternalPub(Struct):
     @classmethod
     def read(cls, r: Reader) -> ExternalPub:
         return cls(r.opaque("ExternalPub.external_pub"))
-
-    def to_extension(self) -> Extension:
-        return Extension(ExtensionType.external_pub, self.encode())
-
-    @classmethod
-    def from_extension(cls, ext: Extension) -> ExternalPub:
-        _expect(ext, ExtensionType.external_pub)
-        return cls.decode(ext.extension_data)
 
 
 # external_senders (§12.1.8.1)

@@ -9,7 +9,7 @@ accepted by one instance is pushed by all). Every write that acknowledges a mess
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..tracker import GroupState
@@ -56,6 +56,16 @@ class StoredMessage:
     sender_index: int | None
     created_ms: int
     data: bytes = field(repr=False)
+
+
+# The columns of a `messages` row that make a StoredMessage, in the order `stored_message` reads.
+MESSAGE_COLUMNS = "group_id, seq, kind, epoch, sender, sender_index, created_ms, data"
+
+
+def stored_message(row: Iterable[object]) -> StoredMessage:
+    """A row of `MESSAGE_COLUMNS` (from either backend; blobs may come as memoryview)."""
+    g, seq, kind, epoch, sender, idx, created, data = row
+    return StoredMessage(bytes(g), seq, kind, epoch, sender, idx, created, bytes(data))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

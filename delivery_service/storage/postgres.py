@@ -21,12 +21,14 @@ from ..errors import StorageConflict
 from ..tracker import GroupState
 from .base import (
     HANDSHAKE_KINDS,
+    MESSAGE_COLUMNS,
     IdentityRecord,
     KeyPackageRow,
     NewMessage,
     Storage,
     StoredMessage,
     WelcomeRecord,
+    stored_message,
 )
 
 CHANNEL = "conclave_ds"
@@ -66,14 +68,7 @@ CREATE TABLE IF NOT EXISTS removals (
 ALTER TABLE removals ADD COLUMN IF NOT EXISTS expelled BOOLEAN NOT NULL DEFAULT true;
 """
 
-_MESSAGE_COLUMNS = "group_id, seq, kind, epoch, sender, sender_index, created_ms, data"
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
-
-
-def _message(r: asyncpg.Record) -> StoredMessage:
-    return StoredMessage(
-        bytes(r[0]), r[1], r[2], r[3], r[4], r[5], r[6], bytes(r[7])
-    )
 
 
 class PostgresStorage(Storage):
@@ -379,21 +374,21 @@ class PostgresStorage(Storage):
         self, group_id: bytes, after: int, identity: str, limit: int, min_epoch: int = 0
     ) -> list[StoredMessage]:
         rows = await self.pool.fetch(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE group_id = $1 AND seq > $2 AND "
+            f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE group_id = $1 AND seq > $2 AND "
             "epoch >= $5 AND (NOT restricted OR EXISTS (SELECT 1 FROM welcomes w WHERE "
             "w.group_id = m.group_id AND w.seq = m.seq AND w.identity = $3)) ORDER BY seq "
             "LIMIT $4",
             group_id, after, identity, limit, min_epoch,
         )
-        return [_message(r) for r in rows]
+        return [stored_message(r) for r in rows]
 
     async def audit_log(self, group_id: bytes, after: int, limit: int) -> list[StoredMessage]:
         rows = await self.pool.fetch(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE group_id = $1 AND seq > $2 AND "
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE group_id = $1 AND seq > $2 AND "
             "kind = ANY($3) ORDER BY seq LIMIT $4",
             group_id, after, list(HANDSHAKE_KINDS), limit,
         )
-        return [_message(r) for r in rows]
+        return [stored_message(r) for r in rows]
 
     async def welcomes_after(self, identity: str, after: int) -> list[WelcomeRecord]:
         rows = await self.pool.fetch(

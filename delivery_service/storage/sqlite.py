@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
 
 import aiosqlite
 
@@ -16,12 +15,14 @@ from ..errors import StorageConflict
 from ..tracker import GroupState
 from .base import (
     HANDSHAKE_KINDS,
+    MESSAGE_COLUMNS,
     IdentityRecord,
     KeyPackageRow,
     NewMessage,
     Storage,
     StoredMessage,
     WelcomeRecord,
+    stored_message,
 )
 
 SCHEMA = """
@@ -57,12 +58,6 @@ CREATE TABLE IF NOT EXISTS removals (
 # add the identity back).
 MIGRATE_REMOVALS = "ALTER TABLE removals ADD COLUMN expelled INTEGER NOT NULL DEFAULT 1"
 
-_MESSAGE_COLUMNS = "group_id, seq, kind, epoch, sender, sender_index, created_ms, data"
-
-
-def _message(row: Iterable[object]) -> StoredMessage:
-    g, seq, kind, epoch, sender, idx, created, data = row
-    return StoredMessage(bytes(g), seq, kind, epoch, sender, idx, created, bytes(data))  # type: ignore[arg-type]
 
 
 class SQLiteStorage(Storage):
@@ -344,21 +339,21 @@ class SQLiteStorage(Storage):
         self, group_id: bytes, after: int, identity: str, limit: int, min_epoch: int = 0
     ) -> list[StoredMessage]:
         rows = await self._all(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE group_id = ? AND seq > ? AND "
+            f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE group_id = ? AND seq > ? AND "
             "epoch >= ? AND (restricted = 0 OR EXISTS (SELECT 1 FROM welcomes w WHERE "
             "w.group_id = m.group_id AND w.seq = m.seq AND w.identity = ?)) ORDER BY seq LIMIT ?",
             (group_id, after, min_epoch, identity, limit),
         )
-        return [_message(r) for r in rows]
+        return [stored_message(r) for r in rows]
 
     async def audit_log(self, group_id: bytes, after: int, limit: int) -> list[StoredMessage]:
         marks = ", ".join("?" * len(HANDSHAKE_KINDS))
         rows = await self._all(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE group_id = ? AND seq > ? AND kind IN "
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE group_id = ? AND seq > ? AND kind IN "
             f"({marks}) ORDER BY seq LIMIT ?",
             (group_id, after, *HANDSHAKE_KINDS, limit),
         )
-        return [_message(r) for r in rows]
+        return [stored_message(r) for r in rows]
 
     async def welcomes_after(self, identity: str, after: int) -> list[WelcomeRecord]:
         rows = await self._all(

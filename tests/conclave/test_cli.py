@@ -18,12 +18,7 @@ from conclave.demo import DemoConfig
 from conclave.errors import ConclaveError
 from conclave.services import Services, display_db
 from tests.delivery_service.conftest import drop_schema, require_postgres
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.delivery_service.procs import free_port
 
 
 def test_subcommands_exist() -> None:

@@ -19,7 +19,7 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpTransceiver
 
 from conclave.audit import LogEntry, audit, save_log
 from conclave.cli import main
-from conclave.demo import fetch_log, until
+from conclave.demo import create_and_invite, fetch_log, until
 from conclave.media import MediaSpec
 from conclave.participant import Participant
 from conclave.services import Services
@@ -159,10 +159,7 @@ async def scenario(tmp: Path) -> Outcome:
     try:
         for p in people:
             await p.start()
-        await alice.create(ROOM)
-        waits = [asyncio.ensure_future(p.wait_for_welcome()) for p in (bob, carol)]
-        await alice.invite(["bob", "carol"])
-        await asyncio.gather(*waits)
+        await create_and_invite(ROOM, alice, [bob, carol])
         for p in (alice, bob, carol):
             await p.connect_media()
         await asyncio.sleep(PHASE)

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import aiohttp
-
-from delivery_service.client import DeliveryClient
+from delivery_service.client import DeliveryClient, wait_healthy
 from mls.client import Client
 
 ROOM_SECRET = "00" * 32
@@ -59,18 +55,11 @@ class ServiceProcess:
                  "--port", str(self.port), "--log-level", "WARNING"],
                 stdout=out, stderr=subprocess.STDOUT, env=env,
             )
-        deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as http:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"service exited: {self.log.read_text()[-2000:]}")
-                try:
-                    async with http.get(self.url + "/healthz") as r:
-                        if r.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
+        proc = self.proc
+        if await wait_healthy(self.url, timeout, alive=lambda: proc.poll() is None):
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"service exited: {self.log.read_text()[-2000:]}")
         raise RuntimeError("service did not become healthy")
 
     def kill9(self) -> None:

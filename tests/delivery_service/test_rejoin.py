@@ -44,6 +44,23 @@ async def remove(committer: Person, gid: bytes, leaver: Person, *others: Person)
         await p.catch_up(gid)
 
 
+async def leave_and_rejoin(
+    leaver: Person, committer: Person, gid: bytes, remaining: list[str]
+) -> None:
+    """`leaver` asks to leave (a Remove proposal of its own leaf), `committer` commits it by
+    reference, leaving `remaining` as the members; then `leaver` joins again by an external
+    commit."""
+    assert leaver.group is not None and committer.group is not None
+    await leaver.ds.send(gid, leaver.group.leave())
+    await committer.catch_up(gid)
+    res = committer.group.commit([], include_pending=True)
+    await committer.ds.send(gid, res.commit, group_info=res.group_info)
+    committer.group.merge_pending_commit()
+    assert (await committer.ds.group(gid))["members"] == remaining
+    leaver.group, commit = Group.join_external(leaver.mls, await leaver.ds.fetch_group_info(gid))
+    await leaver.ds.send(gid, commit, group_info=leaver.group.group_info())
+
+
 async def test_removed_member_cannot_rejoin_by_itself(url: str) -> None:
     alice, bob, carol = await people(url, "alice", "bob", "carol")
     gid = await start_group(alice, bob, carol)
@@ -95,15 +112,7 @@ async def test_member_who_left_may_rejoin(url: str) -> None:
     alice, bob, carol = await people(url, "alice", "bob", "carol")
     gid = await start_group(alice, bob, carol)
     assert alice.group and bob.group and carol.group
-    # carol asks to leave (a Remove proposal of her own leaf); alice commits it by reference.
-    await carol.ds.send(gid, carol.group.leave())
-    await alice.catch_up(gid)
-    res = alice.group.commit([], include_pending=True)
-    await alice.ds.send(gid, res.commit, group_info=res.group_info)
-    alice.group.merge_pending_commit()
-    assert (await alice.ds.group(gid))["members"] == ["alice", "bob"]
-    carol.group, commit = Group.join_external(carol.mls, await carol.ds.fetch_group_info(gid))
-    await carol.ds.send(gid, commit, group_info=carol.group.group_info())
+    await leave_and_rejoin(carol, alice, gid, remaining=["alice", "bob"])
     await alice.catch_up(gid)
     assert alice.group.epoch_authenticator == carol.group.epoch_authenticator
     assert (await alice.ds.group(gid))["members"] == ["alice", "bob", "carol"]
@@ -130,14 +139,7 @@ async def test_added_again_by_a_member_lifts_the_ban(url: str) -> None:
     await alice.catch_up(gid)
     assert alice.group.epoch_authenticator == carol.group.epoch_authenticator
     # ...and after leaving on her own, rejoin.
-    await carol.ds.send(gid, carol.group.leave())
-    await bob.catch_up(gid)
-    res = bob.group.commit([], include_pending=True)
-    await bob.ds.send(gid, res.commit, group_info=res.group_info)
-    bob.group.merge_pending_commit()
-    assert (await bob.ds.group(gid))["members"] == ["alice", "bob"]
-    carol.group, commit = Group.join_external(carol.mls, await carol.ds.fetch_group_info(gid))
-    await carol.ds.send(gid, commit, group_info=carol.group.group_info())
+    await leave_and_rejoin(carol, bob, gid, remaining=["alice", "bob"])
     assert (await bob.ds.group(gid))["members"] == ["alice", "bob", "carol"]
     # Removed by a member once more: banned once more.
     await alice.catch_up(gid)

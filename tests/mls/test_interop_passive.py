@@ -10,19 +10,20 @@ from tests.vectors import vector_cases
 
 from .test_passive_client import run_passive_case
 
-FILES = [
-    "application",
-    "branch",
-    "commit",
-    "external_join",
-    "external_proposals",
-    "reinit",
-    "welcome_join",
+INTEROP_PASSIVE_FILES = [
+    f"mls/interop-passive/{name}.json"
+    for name in (
+        "application",
+        "branch",
+        "commit",
+        "external_join",
+        "external_proposals",
+        "reinit",
+        "welcome_join",
+    )
 ]
 
 
-@pytest.mark.parametrize(
-    "case", [c for f in FILES for c in vector_cases(f"mls/interop-passive/{f}.json")]
-)
+@pytest.mark.parametrize("case", [c for f in INTEROP_PASSIVE_FILES for c in vector_cases(f)])
 def test_interop_passive(case: dict[str, Any]) -> None:
     run_passive_case(case)

@@ -70,6 +70,8 @@ from mls.tree_nodes import (
 from mls.welcome import GroupInfo, GroupSecrets, PathSecret, Welcome
 from tests.vectors import vector_cases
 
+from .test_interop_passive import INTEROP_PASSIVE_FILES
+
 PLAIN_FIELDS: dict[str, type[Struct]] = {
     "group_secrets": GroupSecrets,
     "add_proposal": Add,
@@ -187,18 +189,7 @@ OTHER_VECTOR_FILES = [
     "mls/passive-client-welcome.json",
     "mls/passive-client-handling-commit.json",
     "mls/passive-client-random.json",
-    *(
-        f"mls/interop-passive/{name}.json"
-        for name in (
-            "application",
-            "branch",
-            "commit",
-            "external_join",
-            "external_proposals",
-            "reinit",
-            "welcome_join",
-        )
-    ),
+    *INTEROP_PASSIVE_FILES,
 ]
 
 
