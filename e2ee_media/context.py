@@ -316,7 +316,9 @@ class SFrameContext:
         return key.encrypt_into(metadata, plaintext, out, offset)
 
     @overload
-    def decrypt(self, metadata: bytes, ciphertext: bytes | bytearray | memoryview) -> bytes: ...
+    def decrypt(
+        self, metadata: bytes, ciphertext: bytes | bytearray | memoryview
+    ) -> bytes | bytearray: ...
 
     @overload
     def decrypt(
@@ -333,8 +335,9 @@ class SFrameContext:
         ciphertext: bytes | bytearray | memoryview,
         out: bytearray | None = None,
         offset: int = 0,
-    ) -> bytes | int:
-        """The plaintext of an SFrame ciphertext, with the same `metadata` the sender used.
+    ) -> bytes | bytearray | int:
+        """The plaintext of an SFrame ciphertext, with the same `metadata` the sender used
+        (a `bytearray` from `LARGE_FRAME` bytes on, as `encrypt` returns).
 
         Raises `MalformedFrame`, `UnknownKeyId`, `ReplayedFrame` or `AuthenticationFailure`.
         With `out`, see `decrypt_into`.
@@ -400,7 +403,13 @@ class SFrameContext:
             body = memoryview(ciphertext)[hlen:]
         try:
             if out is None:
-                plaintext = key.open((key.salt ^ ctr).to_bytes(12, "big"), body, aad)
+                if size < LARGE_FRAME or key.open_into is None or size - hlen < key.Nt:
+                    plaintext = key.open((key.salt ^ ctr).to_bytes(12, "big"), body, aad)
+                else:
+                    # Large frames: into a buffer without a zero fill, which also spares the
+                    # AEAD its own allocation. Dropped unseen if authentication fails.
+                    plaintext = uninitialized(size - hlen - key.Nt)
+                    key.open_into((key.salt ^ ctr).to_bytes(12, "big"), body, aad, plaintext)
             else:
                 end = offset + size - hlen - key.Nt
                 if end < offset:

@@ -291,7 +291,9 @@ class MLSKeyManager:
                 self._send[context] = key
             return key
 
-    def decrypt(self, metadata: bytes, ciphertext: bytes | bytearray | memoryview) -> bytes:
+    def decrypt(
+        self, metadata: bytes, ciphertext: bytes | bytearray | memoryview
+    ) -> bytes | bytearray:
         """Open a frame of any member of any retained epoch."""
         if self._next_expiry is not None and self.clock() >= self._next_expiry:
             self.expire()

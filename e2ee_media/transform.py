@@ -45,7 +45,9 @@ class FrameKeys(Protocol):
 
     def encrypt(self, metadata: bytes, plaintext: bytes, context: int = 0) -> bytes | bytearray: ...
 
-    def decrypt(self, metadata: bytes, ciphertext: bytes | bytearray | memoryview) -> bytes: ...
+    def decrypt(
+        self, metadata: bytes, ciphertext: bytes | bytearray | memoryview
+    ) -> bytes | bytearray: ...
 
 
 @dataclass

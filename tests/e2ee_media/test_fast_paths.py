@@ -149,6 +149,24 @@ def test_decrypt_into_refuses_like_decrypt(suite: CipherSuite) -> None:
         receiver.decrypt(b"m", frame)  # one window for both entry points
 
 
+@pytest.mark.parametrize("suite", ALL_SUITES, ids=lambda s: s.name)
+def test_large_decrypt_refuses_tampering_and_keeps_its_window(suite: CipherSuite) -> None:
+    """`decrypt` opens large frames into a fresh buffer: a forged one raises, moves nothing and
+    leaves the genuine frame acceptable."""
+    sender, receiver = pair(suite)
+    plaintext = os.urandom(LARGE_FRAME + 7)
+    frame = bytes(sender.encrypt(0x53, b"m", plaintext))
+    tampered = bytearray(frame)
+    tampered[len(tampered) // 2] ^= 1
+    for bad_meta, bad_frame in ((b"m", tampered), (b"x", frame)):
+        with pytest.raises(AuthenticationFailure):
+            receiver.decrypt(bad_meta, bad_frame)
+    opened = receiver.decrypt(b"m", frame)
+    assert opened == plaintext and len(opened) == len(plaintext)
+    with pytest.raises(ReplayedFrame):
+        receiver.decrypt(b"m", frame)
+
+
 @pytest.mark.parametrize(
     "header",
     [
