@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 from types import SimpleNamespace
@@ -109,6 +110,8 @@ def test_rtp_failing_authentication_is_dropped() -> None:
 
 
 def test_a_handler_error_does_not_escape_into_the_event_loop(caplog) -> None:
+    # Set on the module's own logger: a parent's level may have been raised elsewhere.
+    caplog.set_level(logging.ERROR, logger="sfu.aiortc_hooks")
     connection = _Connection()
 
     def boom(data: bytes) -> None:
