@@ -194,31 +194,55 @@ def fast_sender(transport: RTCDtlsTransport) -> Callable[[bytes], None]:
     cannot take at once (EAGAIN) or refuses (ICMP error) is dropped, as a full network would,
     instead of being queued behind the event loop.
     """
-    ice_connection = transport.transport._connection
-    # the transport's tx Session and its protector; the nominated pair, its socket and address
-    cache: list[Any] = [None, None, None, None, None]
+    nominated = transport.transport._connection._nominated
+    connected = State.CONNECTED
+    length = ffi.new("int *")
+    protect_rtp, protect_rtcp = lib.srtp_protect, lib.srtp_protect_rtcp
+    # The transport's tx Session (kept referenced: its buffers die with it) and its libsrtp
+    # context and buffers; the nominated pair, its socket and address. Checked per packet and
+    # rebound only when they change, so the common path is a few identity tests.
+    session: Session | None = None
+    cdata: Any = None
+    buffer: Any = None
+    srtp: Any = None
+    pair: Any = None
+    sock: Any = None
+    addr: Any = None
 
     def send(data: bytes) -> None:
-        if transport._state is not State.CONNECTED:  # the `state` property costs ~1 us
+        nonlocal session, cdata, buffer, srtp, pair, sock, addr
+        if transport._state is not connected:  # the `state` property costs ~1 us
             raise ConnectionError("Cannot send encrypted RTP, not connected")
-        session = transport._tx_srtp
-        if session is not cache[0]:
-            cache[0:2] = [session, srtp_protector(session)]
-        protected = cache[1](data)
-        pair = ice_connection._nominated.get(1)
-        if pair is None:
+        if transport._tx_srtp is not session:
+            session = transport._tx_srtp
+            cdata, buffer, srtp = session._cdata, session._buffer, session._srtp[0]
+        # SRTP-protect in place in the session's buffer, as srtp_protector does (inlined: this
+        # runs once per forwarded copy)
+        n = len(data)
+        if n > MAX_PROTECT_INPUT:
+            raise ValueError("packet is too long")
+        rtcp = 192 <= data[1] <= 208  # RFC 5761 §4 demultiplexing, as aiortc's is_rtcp
+        length[0] = n
+        buffer[0:n] = data
+        if (protect_rtcp if rtcp else protect_rtp)(srtp, cdata, length):
+            # failed: let pylibsrtp raise its proper error
+            protected = session.protect_rtcp(data) if rtcp else session.protect(data)
+        else:
+            protected = buffer[0 : length[0]]
+        current = nominated.get(1)
+        if current is None:
             raise ConnectionError("Cannot send data, not connected")
-        if pair is not cache[2]:
-            udp = pair.protocol.transport
+        if current is not pair:
+            udp = current.protocol.transport
             if udp is None or udp.is_closing():
                 raise ConnectionError("Cannot send data, not connected")
             # another event loop's transport (uvloop) has no `_sock`: use its own sendto
-            cache[2:5] = [pair, getattr(udp, "_sock", None) or udp, pair.remote_addr]
+            pair, sock, addr = current, getattr(udp, "_sock", None) or udp, current.remote_addr
         try:
-            cache[3].sendto(protected, cache[4])
+            sock.sendto(protected, addr)
         except OSError as exc:
-            if getattr(cache[3], "fileno", int)() == -1:  # closed under us: re-check next time
-                cache[2] = None
+            if getattr(sock, "fileno", int)() == -1:  # closed under us: re-check next time
+                pair = None
                 raise ConnectionError("Cannot send data, not connected") from exc
             # EAGAIN or an ICMP error from an earlier datagram: this one is lost, as on a
             # congested network; RTP recovers by NACK/PLI

@@ -302,3 +302,44 @@ def test_lowest_subscriber_estimate_is_relayed_upstream_throttled() -> None:
     assert [b for b, _ in rembs()] == [300_000, 200_000, 2_000_000]
     source.tick(now=9.0)  # every estimate is stale
     assert len(rembs()) == 3
+
+
+def test_slots_of_one_packet_each_get_their_own_ids_and_mid() -> None:
+    """Slots share serialized packet tails only when their extension IDs and mid agree."""
+    source, _ = make_source()
+    layouts = [
+        ({URI_MID: 9, URI_ABS_SEND_TIME: 4}, "5"),
+        ({URI_MID: 9, URI_ABS_SEND_TIME: 4}, "5"),  # same tail as the first
+        ({URI_MID: 9, URI_ABS_SEND_TIME: 4}, "6"),  # other mid
+        ({URI_MID: 2, URI_ABS_SEND_TIME: 12}, "5"),  # other ids
+        ({URI_ABS_SEND_TIME: 4}, "7"),  # no mid extension negotiated
+        ({URI_MID: 9, URI_ABS_SEND_TIME: 4}, "m" * 20),  # mid too long for one-byte form
+        ({}, "8"),  # no extensions at all
+    ]
+    sinks = []
+    for i, (ext_ids, mid) in enumerate(layouts):
+        down = Sink()
+        slot = Slot(
+            subscriber=f"s{i}",
+            kind="video",
+            ssrc=7000 + i,
+            mid=mid,
+            payload_type=100,
+            ext_ids=ext_ids,
+            send=down,
+            metrics=source.metrics,
+        )
+        slot.attach(source)
+        sinks.append(down)
+    ext = [(1, b"0"), (3, b"\x01\x02\x03")]
+    source.handle_rtp(rtp_packet(100, 5000, KEY, ext=ext), now=0.0)
+    for i, ((ext_ids, mid), down) in enumerate(zip(layouts, sinks, strict=True)):
+        (packet,) = down.packets
+        header = parse_rtp(packet)
+        expected = [(ext_ids[URI_ABS_SEND_TIME], b"\x01\x02\x03")] if ext_ids else []
+        if URI_MID in ext_ids:
+            expected.append((ext_ids[URI_MID], mid.encode()))
+        assert header.ssrc == 7000 + i
+        assert sorted(header.extensions) == sorted(expected)
+        assert packet[header.payload_offset :] == KEY
+        assert bool(packet[0] & 0x10) == bool(expected)
