@@ -257,9 +257,9 @@ class Auditor:
         assert pg is not None
         body = _public_message(entry)
         content = body.content
-        before = pg  # identities of the old epoch's leaves
+        # Identities of the old epoch's leaves: `process` changes `pg` in place.
         old_members = {m.leaf_index: m.identity.decode("utf-8", "replace") for m in pg.members}
-        committer = _identity(before, content.sender.leaf_index)
+        committer = _identity(pg, content.sender.leaf_index)
         try:
             processed = pg.process(entry.message)
         except MLSError as exc:

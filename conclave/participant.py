@@ -46,6 +46,7 @@ from delivery_service.client import (
 )
 from delivery_service.errors import RequestFailed, StaleEpochRejected
 from e2ee_media.aiortc_hooks import decrypt_receiver, encrypt_sender
+from e2ee_media.codecs import clear_prefix_length
 from e2ee_media.mls_keys import MLSKeyManager
 from e2ee_media.transform import FrameDecryptor, FrameEncryptor, TrackStats
 from mls import Client, CommitResult, Group, MLSError
@@ -830,8 +831,6 @@ class Participant:
 
         def decrypt(data: bytes, mime_type: str) -> bytes:
             out = original(data, mime_type)
-            from e2ee_media.codecs import clear_prefix_length
-
             named = keys.sender_of(memoryview(data)[clear_prefix_length(mime_type, data):])
             if named is not None:
                 remote.epochs.add(named[0])

@@ -217,15 +217,15 @@ class PublicGroupTracker:
         if message.epoch != state.epoch:
             raise StaleEpoch(message.epoch, state.epoch)
         group = PublicGroup.from_bytes(state.tracker_state)
+        # Every stored group's identities are UTF-8 (`_identities` refuses others).
+        owners = _leaf_owners(group)
         if message.sender_type == SenderType.member:
-            owners = {m.leaf_index: m.identity for m in group.members}
-            if owners.get(message.sender_index) != poster.encode():  # type: ignore[arg-type]
+            if owners.get(message.sender_index) != poster:  # type: ignore[arg-type]
                 raise Forbidden(f"leaf {message.sender_index} of this group is not {poster}'s")
         elif message.sender_type == SenderType.new_member_proposal:
             pass  # anyone may ask to join; the proposal carries the joiner's signed KeyPackage
         elif message.sender_type != SenderType.new_member_commit and poster not in state.members:
             raise Forbidden(f"{poster} is not a member of this group")
-        owners = _leaf_owners(group)
         cache = _proposal_cache(group)
         try:
             processed = group.process(data)

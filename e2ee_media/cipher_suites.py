@@ -95,12 +95,11 @@ class Aead:
     The key object is built once per key so that the per-frame path does no key setup.
     """
 
-    __slots__ = ("seal", "open", "open_raw", "seal_into", "open_into", "Nt")
+    __slots__ = ("seal", "open", "open_raw", "seal_into", "open_into")
 
     def __init__(self, params: SuiteParams, key: bytes) -> None:
         if len(key) != params.Nk:
             raise ValueError(f"{params.suite.name} needs a {params.Nk}-byte key, got {len(key)}")
-        self.Nt = params.Nt
         # seal_into(nonce, plaintext, aad, out) writes ciphertext || tag into `out` (GCM only).
         self.seal_into: Callable[[bytes, bytes, bytes, memoryview], int] | None = None
         # open_into(nonce, ciphertext, aad, out) writes the plaintext into `out` (GCM only) and

@@ -225,11 +225,6 @@ class FramedContentAuthData:
             )
         self.write(w)
 
-    def encode_for(self, content_type: ContentType) -> bytes:
-        w = Writer()
-        self.write_for(w, content_type)
-        return w.getvalue()
-
     @classmethod
     def read(cls, r: Reader, content_type: ContentType) -> FramedContentAuthData:
         signature = r.opaque("FramedContentAuthData.signature")

@@ -23,6 +23,7 @@ from .framing import (
 )
 from .group_context import GroupContext
 from .key_package import KeyPackage
+from .message_protection import membership_tag, verify_membership_tag
 from .secret_tree import PendingKey, SecretTree
 from .welcome import GroupInfo, Welcome
 
@@ -58,18 +59,6 @@ def verify_content(
 ) -> None:
     """CryptoError unless the FramedContent's signature verifies with `signature_pub`."""
     mp.verify_framed_content(crypto, ac, signature_pub, context)
-
-
-def membership_tag(
-    crypto: Crypto, membership_key: bytes, ac: AuthenticatedContent, context: GroupContext
-) -> bytes:
-    return mp.membership_tag(crypto, membership_key, ac, context)
-
-
-def verify_membership_tag(
-    crypto: Crypto, membership_key: bytes, msg: PublicMessage, context: GroupContext
-) -> None:
-    mp.verify_membership_tag(crypto, membership_key, msg, context)
 
 
 def seal_private(

@@ -198,9 +198,7 @@ class KeyPackage(Struct):
 
     def tbs(self) -> bytes:
         """The encoded KeyPackageTBS: every field but the signature."""
-        w = Writer()
-        self._write_content(w)
-        return w.getvalue()
+        return KeyPackageTBS(self).encode()
 
 
 @dataclass(slots=True)

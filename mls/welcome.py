@@ -76,13 +76,6 @@ class Welcome(Struct):
             r.opaque("Welcome.encrypted_group_info"),
         )
 
-    def find_secrets(self, key_package_ref: bytes) -> EncryptedGroupSecrets | None:
-        """The entry addressed to the KeyPackage with this reference, if any."""
-        for entry in self.secrets:
-            if entry.new_member == key_package_ref:
-                return entry
-        return None
-
 
 @dataclass(slots=True)
 class GroupInfoTBS(Struct):

@@ -7,7 +7,6 @@ here so that sequence-number wrap-around in NACKs is handled (aiortc's packer do
 from __future__ import annotations
 
 import struct
-import time
 
 from aiortc.rtp import (
     AnyRtcpPacket,
@@ -29,7 +28,6 @@ __all__ = [
     "RtcpRtpfbPacket",
     "RtcpSrPacket",
     "ReportBlock",
-    "ntp_now",
     "pack_bye",
     "pack_nack",
     "pack_pli",
@@ -49,14 +47,6 @@ RTPFB_NACK = 1
 PSFB_PLI = 1
 PSFB_FIR = 4
 PSFB_APP = 15
-
-NTP_EPOCH_OFFSET = 2208988800  # seconds from 1900-01-01 to 1970-01-01
-
-
-def ntp_now() -> int:
-    """The current time as a 64-bit NTP timestamp (RFC 3550 §4)."""
-    t = time.time() + NTP_EPOCH_OFFSET
-    return (int(t) << 32) | int((t % 1) * (1 << 32))
 
 
 def _header(packet_type: int, count: int, body_len: int) -> bytes:

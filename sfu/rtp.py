@@ -128,34 +128,6 @@ def pack_extensions(elements: list[tuple[int, bytes]]) -> bytes:
     return EXTENSION_HEADER.pack(profile, len(body) // 4) + body
 
 
-def build_rtp(
-    header: RtpHeader,
-    data: bytes | memoryview,
-    *,
-    payload_type: int,
-    sequence_number: int,
-    timestamp: int,
-    ssrc: int,
-    extensions: bytes,
-) -> bytes:
-    """Return the packet with a new header and the original payload (and padding) copied."""
-    b0 = (
-        0x80
-        | (0x20 if header.padding else 0)
-        | (0x10 if extensions else 0)
-        | (len(header.csrc) // 4)
-    )
-    b1 = (header.marker << 7) | payload_type
-    return b"".join(
-        (
-            RTP_FIXED_HEADER.pack(b0, b1, sequence_number, timestamp, ssrc),
-            header.csrc,
-            extensions,
-            data[header.payload_offset :],
-        )
-    )
-
-
 def payload_end(header: RtpHeader, data: bytes) -> int:
     """Index where the payload ends, before RTP padding (RFC 3550 §5.1)."""
     if header.padding and len(data) > header.payload_offset:

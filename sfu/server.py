@@ -152,7 +152,7 @@ class SFUServer:
                 return await self._join(message, send_json, close_signalling)
             except TokenError as exc:
                 self.metrics.tokens_refused += 1
-                await self._error(send_json, SignallingError("token", str(exc)), reason=exc.reason)
+                await self._error(send_json, SignallingError("token", str(exc), exc.reason))
                 return None
             except (LimitExceeded, Redirect) as exc:
                 await self._error(send_json, exc)
@@ -242,11 +242,11 @@ class SFUServer:
                 del self.rooms[room.name]
                 await room.close()
 
-    async def _error(self, send_json: Any, exc: SignallingError, reason: str | None = None) -> None:
+    async def _error(self, send_json: Any, exc: SignallingError) -> None:
         self.metrics.signalling_errors += 1
         reply: dict[str, Any] = {"type": "error", "code": exc.code, "message": str(exc)}
-        if reason is not None:
-            reply["reason"] = reason
+        if exc.reason is not None:
+            reply["reason"] = exc.reason
         if isinstance(exc, Redirect):
             reply["url"] = exc.url
         try:
