@@ -1,6 +1,6 @@
 """Benchmark (not a test): the SFU's forwarding cost against a naive aiortc relay, same run.
 
-Part 1, in-process with real SRTP (pylibsrtp, AES128_CM_SHA1_80): N publishers x M subscribers;
+Part 1, in-process with real SRTP (pylibsrtp, AEAD_AES_256_GCM as aiortc negotiates it): N publishers x M subscribers;
 every packet is SRTP-unprotected, forwarded to the M-1 other participants and SRTP-protected once
 per subscriber. The "naive aiortc relay" reference does what a relay built on aiortc's packet
 objects does: unprotect, `RtpPacket.parse`, then per subscriber a new `RtpPacket`, `serialize`,
@@ -39,13 +39,13 @@ from aiortc import MediaStreamTrack
 from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpParameters
 from aiortc.rtp import HeaderExtensionsMap, RtpPacket
 
-from sfu.aiortc_hooks import srtp_protector
+from sfu.aiortc_hooks import shrink_receive_buffer, srtp_protector
 from sfu.forwarding import Slot, SourceStream
 from sfu.metrics import Metrics
 from sfu.rtp import URI_ABS_SEND_TIME, URI_MID, pack_extensions
 
 PAYLOAD = 1100
-KEY = bytes(range(30))  # master key + salt for AES128_CM_SHA1_80
+KEY = bytes(range(44))  # master key + salt for AEAD_AES_256_GCM, which aiortc 1.16 negotiates
 
 
 def _session(outbound: bool) -> pylibsrtp.Session:
@@ -54,7 +54,7 @@ def _session(outbound: bool) -> pylibsrtp.Session:
         ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND
         if outbound
         else pylibsrtp.Policy.SSRC_ANY_INBOUND,
-        srtp_profile=pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_80,
+        srtp_profile=pylibsrtp.Policy.SRTP_PROFILE_AEAD_AES_256_GCM,
     )
     return pylibsrtp.Session(policy=policy)
 
@@ -281,22 +281,27 @@ async def wake_sink(sockets: int) -> None:
         transport, _ = await loop.create_datagram_endpoint(
             asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0)
         )
+        shrink_receive_buffer(transport)  # as the SFU's sockets are
         addrs.append(transport.get_extra_info("sockname"))
-    print(json.dumps(addrs), flush=True)
 
     def report() -> None:  # getrusage is exact; /proc/<pid>/stat counts 10 ms ticks
         usage = resource.getrusage(resource.RUSAGE_SELF)
         print(usage.ru_utime + usage.ru_stime, flush=True)
 
-    loop.add_signal_handler(signal.SIGUSR1, report)
+    loop.add_signal_handler(signal.SIGUSR1, report)  # before the parent may signal
+    print(json.dumps(addrs), flush=True)
     await asyncio.Event().wait()
 
 
-def wakeup_floor(participants: int, rate: int, seconds: float = 4.0) -> float:
-    """CPU microseconds per datagram of an asyncio process that receives and does nothing else.
+def wakeup_floors(participants: int, rate: int, seconds: float = 4.0) -> tuple[float, float]:
+    """Two floors measured against an asyncio process that receives and does nothing else.
 
-    Fed like the SFU in part 2: `participants` sockets, `rate` datagrams/s each, spread evenly,
-    so it sleeps and wakes once per datagram as the SFU does.
+    1. Its CPU microseconds per datagram, fed like the SFU in part 2: `participants` sockets,
+       `rate` datagrams/s each, spread evenly, so it sleeps and wakes once per datagram.
+    2. The sender's CPU microseconds per `sendto` when it sends as the SFU does: bursts of
+       `participants - 1` datagrams to distinct sockets of that (mostly sleeping) receiver. On
+       loopback the sender pays for delivering into the receiver's socket and waking it, which
+       the never-read sink of `sendto_floor` does not show.
     """
     import json
     import subprocess
@@ -326,22 +331,37 @@ def wakeup_floor(participants: int, rate: int, seconds: float = 4.0) -> float:
                 time.sleep(max(0.0, t - time.monotonic()))
         proc.send_signal(signal.SIGUSR1)
         cpu1 = float(proc.stdout.readline())
+        burst = addrs[: max(1, participants - 1)]
+        sender_cpu = 0.0
+        bursts = 0
+        t = time.monotonic()
+        end = t + seconds
+        while t < end:
+            c0 = time.thread_time()
+            for addr in burst:
+                out.sendto(data, addr)
+            sender_cpu += time.thread_time() - c0
+            bursts += 1
+            t += interval
+            time.sleep(max(0.0, t - time.monotonic()))
         out.close()
     finally:
         proc.kill()
         proc.wait()
-    return (cpu1 - cpu0) / sent * 1e6
+    return (cpu1 - cpu0) / sent * 1e6, sender_cpu / (bursts * len(burst)) * 1e6
 
 
 def measure_floors(participants: int, rate: int) -> dict[str, float]:
-    floors = {"sendto": sendto_floor(), "wakeup": wakeup_floor(participants, rate)}
+    wakeup, sendto_waking = wakeup_floors(participants, rate)
+    floors = {"sendto": sendto_floor(), "wakeup": wakeup, "sendto_waking": sendto_waking}
     subscribers = participants - 1
     print(
-        f"\nFloors on this machine: sendto of {PAYLOAD} B to a loopback UDP socket "
-        f"{floors['sendto']:.1f} us/call; an asyncio process that only receives "
-        f"{participants * rate} datagrams/s on {participants} sockets: "
-        f"{floors['wakeup']:.1f} us per datagram = {floors['wakeup'] / subscribers:.1f} us per "
-        f"forwarded copy at {subscribers} subscribers"
+        f"\nFloors on this machine: sendto of {PAYLOAD} B to a loopback UDP socket nobody reads "
+        f"{floors['sendto']:.1f} us/call, to the sockets of a receiving process in bursts of "
+        f"{subscribers} as the SFU sends {floors['sendto_waking']:.1f} us/call; an asyncio "
+        f"process that only receives {participants * rate} datagrams/s on {participants} "
+        f"sockets: {floors['wakeup']:.1f} us per datagram = "
+        f"{floors['wakeup'] / subscribers:.1f} us per forwarded copy at {subscribers} subscribers"
     )
     return floors
 
@@ -530,8 +550,9 @@ async def run_loopback(
         f"{'fwd pkts/s':>11} {'e2e p50':>8} "
         f"{'e2e p99':>8} {'sfu p50':>8} {'sfu p99':>8}"
     )
-    # per forwarded copy: one sendto, and a share of one wake-up per incoming packet
-    floor = floors["sendto"] + floors["wakeup"] / (participants - 1)
+    # per forwarded copy: one sendto into a receiving process, and a share of one wake-up per
+    # incoming packet
+    floor = floors["sendto_waking"] + floors["wakeup"] / (participants - 1)
     for mode, r in rows:
         name = "naive aiortc relay" if mode == "naive" else "sfu (raw, fast send)"
         print(
@@ -542,19 +563,25 @@ async def run_loopback(
     print(
         "us/pkt/sub = SFU process CPU time (user+system; user alone in brackets) / packets it "
         "forwarded; marginal = the same minus the idle room's CPU (idle ms/s, measured before "
-        "media starts); -floors = marginal minus one sendto and 1/subscribers of one "
-        "wake-up (the floors above); e2e = publisher send to "
+        "media starts); -floors = marginal minus one sendto into a receiving process and "
+        "1/subscribers of one wake-up (the floors above); e2e = publisher send to "
         "subscriber receive (ms, includes both clients' stacks); sfu = SFU forwarding latency "
         "histogram bucket bounds (ms)"
     )
 
 
 def _cpu_seconds(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of a process."""
+    """(user, total) CPU seconds of a process.
+
+    The total is the scheduler's exact run time (`/proc/PID/schedstat`, ns); the user share
+    comes from `/proc/PID/stat`, which the kernel splits by sampling at clock ticks.
+    """
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
+    with open(f"/proc/{pid}/schedstat") as f:
+        total = int(f.read().split()[0]) / 1e9
     tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
+    return int(fields[11]) / tick, total
 
 
 async def _metrics(session: Any, port: int) -> dict[str, float]:
@@ -656,7 +683,7 @@ async def _measure(
         idle0 = _cpu_seconds(proc.pid)
         await asyncio.sleep(2.0)
         idle1 = _cpu_seconds(proc.pid)
-        idle_rate = (idle1[0] + idle1[1] - idle0[0] - idle0[1]) / 2.0
+        idle_rate = (idle1[1] - idle0[1]) / 2.0
         tasks = [asyncio.ensure_future(publish(*s)) for s in senders]
         await asyncio.sleep(1.0)  # warm-up
         latencies.clear()
@@ -671,11 +698,11 @@ async def _measure(
             await client.close()
     forwarded = m1["sfu_packets_forwarded_total"] - m0["sfu_packets_forwarded_total"]
     p50, p99 = _percentiles(latencies) if latencies else (float("nan"), float("nan"))
-    user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+    user, total = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
     return {
-        "us_per_pkt": (user + system) / max(forwarded, 1) * 1e6,
+        "us_per_pkt": total / max(forwarded, 1) * 1e6,
         "user_us": user / max(forwarded, 1) * 1e6,
-        "marginal_us": (user + system - idle_rate * seconds) / max(forwarded, 1) * 1e6,
+        "marginal_us": (total - idle_rate * seconds) / max(forwarded, 1) * 1e6,
         "idle_ms": idle_rate * 1e3,
         "pps": forwarded / seconds,
         "e2e_p50": p50,

@@ -72,41 +72,57 @@ def test_rtp_is_unprotected_and_handed_over_inside_datagram_received() -> None:
     connection = _Connection()
     transport = _transport(connection)
     got: list[bytes] = []
-    assert hook_transport(transport, _unused, _unused, got.append)  # type: ignore[arg-type]
+    rtcp_got: list[bytes] = []
+    assert hook_transport(transport, _unused, _unused, got.append, rtcp_got.append)  # type: ignore[arg-type]
     tx = _session(True)
     protocol = connection._protocols[0]
     protocol.datagram_received(tx.protect(_rtp(1)), ("127.0.0.1", 9))
     connection.data_received(tx.protect(_rtp(2)), 1)  # a protocol gathered after hooking
-    assert got == [_rtp(1), _rtp(2)]
+    protocol.datagram_received(tx.protect_rtcp(_rtcp_rr()), ("127.0.0.1", 9))
+    assert got == [_rtp(1), _rtp(2)] and rtcp_got == [_rtcp_rr()]
     assert connection.stock == [] and connection.stock_datagrams == []
 
 
-def test_everything_but_connected_srtp_takes_the_stock_path() -> None:
+def test_everything_but_connected_srtp_and_srtcp_takes_the_stock_path() -> None:
     connection = _Connection()
     transport = _transport(connection)
     got: list[bytes] = []
-    hook_transport(transport, _unused, _unused, got.append)  # type: ignore[arg-type]
+    rtcp_got: list[bytes] = []
+    hook_transport(transport, _unused, _unused, got.append, rtcp_got.append)  # type: ignore[arg-type]
     tx = _session(True)
     protocol = connection._protocols[0]
     stun = b"\x00\x01\x00\x00" + bytes(16)
-    srtcp = tx.protect_rtcp(_rtcp_rr())
     protocol.datagram_received(stun, ("127.0.0.1", 9))
-    protocol.datagram_received(srtcp, ("127.0.0.1", 9))
     transport._state = State.CONNECTING
     early = tx.protect(_rtp(1))
+    early_rtcp = tx.protect_rtcp(_rtcp_rr())
     protocol.datagram_received(early, ("127.0.0.1", 9))
-    assert connection.stock == [stun, srtcp, early] and got == []
+    protocol.datagram_received(early_rtcp, ("127.0.0.1", 9))
+    assert connection.stock == [stun, early, early_rtcp] and got == [] and rtcp_got == []
+
+
+def test_without_synchronous_handlers_everything_takes_the_stock_path() -> None:
+    connection = _Connection()
+    transport = _transport(connection)
+    hook_transport(transport, _unused, _unused)  # type: ignore[arg-type]
+    packet = _session(True).protect(_rtp(1))
+    connection._protocols[0].datagram_received(packet, ("127.0.0.1", 9))
+    assert connection.stock == [packet]
 
 
 def test_rtp_failing_authentication_is_dropped() -> None:
     connection = _Connection()
     transport = _transport(connection)
     got: list[bytes] = []
-    hook_transport(transport, _unused, _unused, got.append)  # type: ignore[arg-type]
+    rtcp_got: list[bytes] = []
+    hook_transport(transport, _unused, _unused, got.append, rtcp_got.append)  # type: ignore[arg-type]
     forged = bytearray(_session(True).protect(_rtp(1)))
     forged[20] ^= 1
     connection._protocols[0].datagram_received(bytes(forged), ("127.0.0.1", 9))
-    assert got == [] and connection.stock == []
+    forged_rtcp = bytearray(_session(True).protect_rtcp(_rtcp_rr()))
+    forged_rtcp[6] ^= 1
+    connection._protocols[0].datagram_received(bytes(forged_rtcp), ("127.0.0.1", 9))
+    assert got == [] and rtcp_got == [] and connection.stock == []
 
 
 def test_a_handler_error_does_not_escape_into_the_event_loop(caplog) -> None:
@@ -117,7 +133,7 @@ def test_a_handler_error_does_not_escape_into_the_event_loop(caplog) -> None:
     def boom(data: bytes) -> None:
         raise RuntimeError("boom")
 
-    hook_transport(_transport(connection), _unused, _unused, boom)  # type: ignore[arg-type]
+    hook_transport(_transport(connection), _unused, _unused, boom, boom)  # type: ignore[arg-type]
     connection._protocols[0].datagram_received(_session(True).protect(_rtp(1)), ("x", 1))
     assert "failed to handle" in caplog.text
 
@@ -167,3 +183,30 @@ def test_fast_sender_raises_connection_error_once_the_socket_is_closed(udp: Any)
     transport._state = State.CLOSED
     with pytest.raises(ConnectionError):
         send(_rtp(3))
+
+
+async def test_datagrams_are_received_into_a_64k_buffer_not_256k_and_arrive_whole() -> None:
+    import asyncio
+
+    from sfu.aiortc_hooks import MAX_DATAGRAM, shrink_receive_buffer
+
+    loop = asyncio.get_running_loop()
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+
+    class _Protocol(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            got.put_nowait(data)
+
+    transport, _ = await loop.create_datagram_endpoint(_Protocol, local_addr=("127.0.0.1", 0))
+    try:
+        assert transport.max_size > MAX_DATAGRAM  # type: ignore[attr-defined]
+        shrink_receive_buffer(transport)
+        assert transport.max_size == MAX_DATAGRAM == 65535  # type: ignore[attr-defined]
+        shrink_receive_buffer(None)  # a protocol not connected yet: nothing to do
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        big = bytes(range(256)) * 200  # 51200 bytes: far above any RTP packet, still whole
+        sender.sendto(big, transport.get_extra_info("sockname"))
+        sender.close()
+        assert await asyncio.wait_for(got.get(), 2) == big
+    finally:
+        transport.close()

@@ -51,8 +51,8 @@ async def test_four_clients_receive_each_others_frames_intact(harness: Harness) 
                 assert log.frames[0].keyframe  # gated until a keyframe
     metrics = harness.server.metrics
     assert metrics.packets_forwarded > 0 and metrics.bytes_forwarded > 0
-    # RTP skips aiortc's receive loop (sfu.aiortc_hooks._receive_rtp_directly): the SFU's DTLS
-    # transports counted only DTLS and SRTCP datagrams, far fewer than the RTP packets handled
+    # RTP and RTCP skip aiortc's receive loop (sfu.aiortc_hooks._receive_directly): the SFU's
+    # DTLS transports counted only DTLS datagrams, far fewer than the RTP packets handled
     sfu_side = harness.server.rooms["room"].participants.values()
     transports = {p.pc.getTransceivers()[0].receiver.transport for p in sfu_side}
     through_aiortc = sum(t._RTCDtlsTransport__rx_packets for t in transports)

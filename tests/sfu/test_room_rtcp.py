@@ -78,3 +78,59 @@ async def test_unknown_ssrcs_are_matched_to_publishing_m_lines_by_mid() -> None:
     finally:
         await pub.close()
         await room.close()
+
+
+async def test_one_room_timer_ticks_every_participant_and_survives_a_failing_one(
+    caplog,
+) -> None:
+    import asyncio
+    import logging
+
+    caplog.set_level(logging.ERROR, logger="sfu.room")
+    config = SFUConfig(token_secret=b"x" * 16)
+    room = Room("r", config, Metrics())
+    ticks: dict[str, int] = {"a": 0, "b": 0}
+
+    class _Ticking:
+        def __init__(self, name: str, fail: bool) -> None:
+            self.name, self.fail = name, fail
+
+        def tick(self, now: float) -> None:
+            ticks[self.name] += 1
+            if self.fail:
+                raise RuntimeError("boom")
+
+    room.participants = {"a": _Ticking("a", True), "b": _Ticking("b", False)}  # type: ignore[dict-item]
+    try:
+        await asyncio.sleep(0.2)
+        assert ticks["a"] >= 2 and ticks["b"] >= 2
+        assert "timer of" in caplog.text
+        assert not room._task.done()
+    finally:
+        room.participants = {}
+        await room.close()
+
+
+async def test_room_timers_share_one_wake_up_grid(monkeypatch) -> None:
+    import asyncio
+
+    from sfu import room
+    from sfu.room import TICK_INTERVAL, sleep_until_tick
+
+    loop = asyncio.get_running_loop()
+    deadlines: list[float] = []
+    call_at = loop.call_at
+
+    def recording_call_at(when: float, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if args and args[0] is room._wake:  # not asyncio.sleep's own timers
+            deadlines.append(when)
+        return call_at(when, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_at", recording_call_at)
+    await asyncio.gather(sleep_until_tick(), asyncio.sleep(0.003), sleep_until_tick())
+    await asyncio.gather(asyncio.sleep(0.004), sleep_until_tick())
+    # concurrent sleepers get the same deadline, a multiple of TICK_INTERVAL
+    assert len(deadlines) == 3 and deadlines[0] == deadlines[1]
+    for when in deadlines:
+        assert abs(when / TICK_INTERVAL - round(when / TICK_INTERVAL)) < 1e-6
+    assert deadlines[2] > deadlines[0]
