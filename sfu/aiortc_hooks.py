@@ -23,6 +23,11 @@ short-circuits aiortc's media pipeline. The internals relied upon (aiortc 1.16.0
   tasks run (they would send sender reports with zero timestamps) and no decoder thread starts.
 - `RTCRtpSender._ssrc`: the SSRC advertised in the SFU's SDP (`a=ssrc`), written into forwarded
   packets because aiortc receivers route by SSRC and payload type.
+- Fast receive path (`_receive_directly`): aioice's `StunProtocol.datagram_received` and
+  `Connection.data_received` are replaced per instance; SRTP and SRTCP are unprotected with
+  `RTCDtlsTransport._rx_srtp` through the same cffi calls, and handed to the SFU synchronously.
+- `asyncio.selector_events._SelectorDatagramTransport.max_size` (the `recvfrom` size, 256 KiB)
+  is lowered per transport to 65535 (`shrink_receive_buffer`).
 - `aioice.ice.get_host_addresses`: replaced by `restrict_ice_to_loopback` for tests and
   loopback-only deployments (aioice otherwise never offers 127.0.0.1).
 """

@@ -526,7 +526,11 @@ class Room:
                         logger.exception("timer of %r failed", participant)
                 if now >= next_speaker:
                     next_speaker = now + self.config.speaker_interval
-                    speaker = self.speaker.tick()
+                    try:
+                        speaker = self.speaker.tick()
+                    except Exception:
+                        logger.exception("room %r: active-speaker detection failed", self.name)
+                        continue
                     if speaker is not None:
                         self._spawn(self.broadcast({"type": "speaker", "identity": speaker}))
         except asyncio.CancelledError:
