@@ -100,8 +100,8 @@ async def bench_sfu(participants: int, publishers: int, count: int) -> dict[str,
     def make_send(session: pylibsrtp.Session):  # noqa: ANN202
         protect = srtp_protector(session)  # what sfu.aiortc_hooks.fast_sender does
 
-        def send(data: bytes) -> None:
-            udp.sendto(protect(data), sink_addr)
+        def send(data: bytes, rest: bytes = b"") -> None:
+            udp.sendto(protect(data, rest), sink_addr)
 
         return send
 
@@ -133,8 +133,9 @@ async def bench_sfu(participants: int, publishers: int, count: int) -> dict[str,
                 mid=str(p + 2),
                 payload_type=97,
                 ext_ids={URI_MID: 1, URI_ABS_SEND_TIME: 3},
-                send=make_send(session),
+                send=(send := make_send(session)),
                 metrics=metrics,
+                send_parts=send,
             )
             slot.attach(source)
         sources.append(source)

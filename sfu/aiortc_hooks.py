@@ -193,29 +193,39 @@ def shrink_receive_buffer(transport: Any) -> None:
         transport.max_size = MAX_DATAGRAM
 
 
-def srtp_protector(session: Session) -> Callable[[bytes], bytes]:
-    """`session.protect`/`protect_rtcp` (chosen per packet) without per-call allocations."""
+def srtp_protector(session: Session) -> Callable[..., bytes]:
+    """`session.protect`/`protect_rtcp` (chosen per packet) without per-call allocations.
+
+    `protect(packet)`, or `protect(head, rest)` for a packet in two parts.
+    """
     length = ffi.new("int *")
     cdata, buffer, srtp = session._cdata, session._buffer, session._srtp[0]
     protect_rtp, protect_rtcp = lib.srtp_protect, lib.srtp_protect_rtcp
 
-    def protect(data: bytes) -> bytes:
+    def protect(data: bytes, rest: bytes = b"") -> bytes:
         n = len(data)
-        if n > MAX_PROTECT_INPUT:
+        m = n + len(rest)
+        if m > MAX_PROTECT_INPUT:
             raise ValueError("packet is too long")
         rtcp = 192 <= data[1] <= 208  # RFC 5761 §4 demultiplexing, as aiortc's is_rtcp
-        length[0] = n
+        length[0] = m
         buffer[0:n] = data
+        if rest:
+            buffer[n:m] = rest
         if (protect_rtcp if rtcp else protect_rtp)(srtp, cdata, length):
             # failed: let pylibsrtp raise its proper error
-            return session.protect_rtcp(data) if rtcp else session.protect(data)
+            whole = data + rest
+            return session.protect_rtcp(whole) if rtcp else session.protect(whole)
         return buffer[0 : length[0]]
 
     return protect
 
 
-def fast_sender(transport: RTCDtlsTransport) -> Callable[[bytes], None]:
+def fast_sender(transport: RTCDtlsTransport) -> Callable[..., None]:
     """A synchronous `_send_rtp`: SRTP/SRTCP-protect and `sendto` on the nominated ICE pair.
+
+    `send(packet)`, or `send(head, rest)` for a packet in two parts, which are copied straight
+    into the SRTP session's buffer (no concatenated copy per forwarded packet).
 
     Raises ConnectionError like `_send_rtp` when DTLS is not connected or ICE has no pair, and
     pylibsrtp.Error if protection fails. Sends with the pair's non-blocking socket itself
@@ -238,7 +248,7 @@ def fast_sender(transport: RTCDtlsTransport) -> Callable[[bytes], None]:
     sock: Any = None
     addr: Any = None
 
-    def send(data: bytes) -> None:
+    def send(data: bytes, rest: bytes = b"") -> None:
         nonlocal session, cdata, buffer, srtp, pair, sock, addr
         if transport._state is not connected:  # the `state` property costs ~1 us
             raise ConnectionError("Cannot send encrypted RTP, not connected")
@@ -248,14 +258,18 @@ def fast_sender(transport: RTCDtlsTransport) -> Callable[[bytes], None]:
         # SRTP-protect in place in the session's buffer, as srtp_protector does (inlined: this
         # runs once per forwarded copy)
         n = len(data)
-        if n > MAX_PROTECT_INPUT:
+        m = n + len(rest)
+        if m > MAX_PROTECT_INPUT:
             raise ValueError("packet is too long")
         rtcp = 192 <= data[1] <= 208  # RFC 5761 §4 demultiplexing, as aiortc's is_rtcp
-        length[0] = n
+        length[0] = m
         buffer[0:n] = data
+        if rest:
+            buffer[n:m] = rest
         if (protect_rtcp if rtcp else protect_rtp)(srtp, cdata, length):
             # failed: let pylibsrtp raise its proper error
-            protected = session.protect_rtcp(data) if rtcp else session.protect(data)
+            whole = data + rest
+            protected = session.protect_rtcp(whole) if rtcp else session.protect(whole)
         else:
             protected = buffer[0 : length[0]]
         current = nominated.get(1)

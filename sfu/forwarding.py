@@ -37,6 +37,9 @@ _pack_header = RTP_FIXED_HEADER.pack
 # Sends one RTP or RTCP packet now (SRTP-protect + UDP sendto); raises ConnectionError when the
 # peer's transport is not (or no longer) connected. Synchronous: the forwarding path never awaits.
 SendFn = Callable[[bytes], None]
+# The same for an RTP packet given as (fixed header, everything after it): the sender copies both
+# into its SRTP buffer, which saves concatenating them into one more packet-sized object per copy.
+SendPartsFn = Callable[[bytes, bytes], None]
 
 CACHE_SIZE = 512  # packets per slot kept for NACKs (about 2 s of 500 kbit/s video)
 MAX_MISSING = 256  # upstream sequence numbers tracked as missing at most
@@ -62,6 +65,7 @@ class Slot:
         "ext_ids",
         "_mid_element",
         "send",
+        "send_parts",
         "metrics",
         "source",
         "started",
@@ -91,6 +95,7 @@ class Slot:
         ext_ids: dict[str, int],
         send: SendFn,
         metrics: Metrics,
+        send_parts: SendPartsFn | None = None,
     ) -> None:
         self.subscriber = subscriber
         self.kind = kind
@@ -100,6 +105,7 @@ class Slot:
         self.ext_ids = ext_ids
         self._mid_element = (ext_ids[URI_MID], mid.encode()) if URI_MID in ext_ids else None
         self.send = send
+        self.send_parts = send_parts
         self.metrics = metrics
         self.source: SourceStream | None = None
         self.started = False  # keyframe gate passed for the current source
@@ -113,7 +119,8 @@ class Slot:
         self.octets_sent = 0
         # the subscriber's latest REMB (bit/s) and when it came, relayed upstream by the source
         self.remb: tuple[int, float] | None = None
-        self.cache: list[bytes | None] = [None] * CACHE_SIZE
+        # (fixed header, rest) of the packets sent, by output sequence number modulo CACHE_SIZE
+        self.cache: list[tuple[bytes, bytes] | None] = [None] * CACHE_SIZE
         self._b1 = (payload_type, 0x80 | payload_type)  # by marker bit
         self._tail_key = (tuple(sorted(ext_ids.items())), mid)
         self._mid_one_byte: bytes | None = None
@@ -160,8 +167,9 @@ class Slot:
         elements: list[tuple[str, bytes]],
         now: float,
         ext_cache: dict[Any, tuple[int, bytes]],
-    ) -> bytes | None:
-        """Rewrite one packet for this subscriber; None if it must not be sent (gate, too old).
+    ) -> tuple[bytes, bytes] | None:
+        """Rewrite one packet for this subscriber: (fixed header, rest), or None if it must not
+        be sent (keyframe gate, too old).
 
         `ext_cache` is shared by the slots of one incoming packet: slots with the same extension
         IDs and mid reuse one serialized packet tail, and only the fixed header differs.
@@ -181,8 +189,10 @@ class Slot:
         tail = ext_cache.get(key)
         if tail is None:
             tail = ext_cache[key] = self._tail(header, payload, elements)
-        packet = _pack_header(tail[0], self._b1[header.marker], out_seq, out_ts, self.ssrc)
-        packet += tail[1]
+        packet = (
+            _pack_header(tail[0], self._b1[header.marker], out_seq, out_ts, self.ssrc),
+            tail[1],
+        )
         self.cache[out_seq % CACHE_SIZE] = packet
         if out_ext > self.last_out_seq:
             self.last_out_seq = out_ext
@@ -232,12 +242,19 @@ class Slot:
         self.metrics.nacks_received += len(seqs)
         for seq in seqs:
             packet = self.cache[seq % CACHE_SIZE]
-            if packet is not None and (packet[2] << 8 | packet[3]) == seq:
+            if packet is not None and (packet[0][2] << 8 | packet[0][3]) == seq:
                 self.metrics.retransmissions_sent += 1
                 try:
-                    self.send(packet)
+                    self.send_packet(packet)
                 except ConnectionError:
                     return
+
+    def send_packet(self, packet: tuple[bytes, bytes]) -> None:
+        """Send one prepared packet, in two parts when the sender takes them."""
+        if self.send_parts is not None:
+            self.send_parts(*packet)
+        else:
+            self.send(packet[0] + packet[1])
 
     def sender_report(self, ntp_timestamp: int, rtp_timestamp: int) -> bytes | None:
         """Map the publisher's SR onto this slot's SSRC and timestamp base (RFC 3550 §6.4.1)."""
@@ -380,9 +397,13 @@ class SourceStream:
             if packet is None:
                 continue
             sent += 1
-            sent_bytes += len(packet)
+            sent_bytes += 12 + len(packet[1])
             try:
-                slot.send(packet)
+                send_parts = slot.send_parts
+                if send_parts is not None:
+                    send_parts(*packet)
+                else:
+                    slot.send(packet[0] + packet[1])
             except ConnectionError:
                 pass  # the subscriber is going away; its slot is removed on leave
         metrics = self.metrics

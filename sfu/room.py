@@ -101,7 +101,7 @@ class Participant:
         self.slots_by_ssrc: dict[int, Slot] = {}
         self.slot_sources: dict[RTCRtpTransceiver, SourceStream | None] = {}
         self.stream_info: dict[str, dict[str, str]] = {}  # mid -> {"identity", "kind"}
-        self._send_raw: Callable[[bytes], None] | None = None
+        self._send_raw: Callable[..., None] | None = None
         self._negotiating = False
         self._renegotiate = False
         self._closed = False
@@ -293,6 +293,7 @@ class Participant:
             ext_ids={e.uri: e.id for e in params.headerExtensions},
             send=self._send_raw,
             metrics=self.metrics,
+            send_parts=self._send_raw,
         )
         self.slots_by_ssrc[ssrc] = slot
         slot.attach(source)

@@ -165,9 +165,13 @@ def test_fast_sender_protects_and_sends_on_the_nominated_pairs_socket(udp: Any) 
     _nominate(connection, out, sink)
     send(_rtp(1))
     send(_rtcp_rr())
+    send(_rtp(2)[:12], _rtp(2)[12:])  # in two parts: copied into the SRTP buffer one by one
     rx = _session(False)
     assert rx.unprotect(sink.recv(2000)) == _rtp(1)
     assert rx.unprotect_rtcp(sink.recv(2000)) == _rtcp_rr()
+    assert rx.unprotect(sink.recv(2000)) == _rtp(2)
+    with pytest.raises(ValueError, match="too long"):
+        send(_rtp(3)[:12], bytes(1500))
 
 
 def test_fast_sender_raises_connection_error_once_the_socket_is_closed(udp: Any) -> None:

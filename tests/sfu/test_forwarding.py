@@ -343,3 +343,25 @@ def test_slots_of_one_packet_each_get_their_own_ids_and_mid() -> None:
         assert sorted(header.extensions) == sorted(expected)
         assert packet[header.payload_offset :] == KEY
         assert bool(packet[0] & 0x10) == bool(expected)
+
+
+def test_a_two_part_sender_gets_the_same_bytes_live_and_on_nack() -> None:
+    source, _ = make_source()
+    whole, whole_down = make_slot()
+    parts_got: list[tuple[bytes, bytes]] = []
+    split, unused = make_slot()
+    split.send_parts = lambda head, rest: parts_got.append((head, rest))
+    whole.attach(source)
+    split.attach(source)
+    for i in range(3):
+        source.handle_rtp(rtp_packet(100 + i, 3000 * i, KEY, ext=[(3, b"\x01\x02\x03")]), now=0.0)
+    assert unused.packets == []  # the two-part sender is preferred
+    assert all(len(head) == 12 for head, _ in parts_got)
+    split_packets = [head + rest for head, rest in parts_got]
+    # same rewriting as the one-part path, apart from each slot's own random numbering
+    for a, b in zip(whole_down.packets, split_packets, strict=True):
+        assert a[0:2] == b[0:2] and a[8:] == b[8:]
+    lost = parse_rtp(split_packets[1]).sequence_number
+    split.retransmit([lost])
+    assert parts_got[-1][0] + parts_got[-1][1] == split_packets[1]
+    assert source.metrics.bytes_forwarded == sum(len(p) for p in whole_down.packets) * 2
