@@ -177,20 +177,15 @@ class _Probe:
             transport._handle_rtp_data = received
 
     def hook_receiver(self, remote: RemoteTrack) -> None:
-        decryptor = remote.decryptor
-        original = decryptor._decrypt
-
-        def decrypt(data: bytes, mime_type: str) -> bytes:
-            out = original(data, mime_type)
+        def decrypted(data: bytes, mime_type: str) -> None:
             sent = self.sent_at.pop(hashlib.blake2b(data, digest_size=8).digest(), None)
             if self.measuring:
                 self.frames_received += 1
                 if sent is not None:
                     ms = (time.perf_counter() - sent) * 1000
                     self.latencies.setdefault(remote.kind, []).append(ms)
-            return out
 
-        decryptor._decrypt = decrypt  # type: ignore[method-assign]
+        remote.decryptor.on_decrypted = decrypted
 
 
 async def measure_call(

@@ -826,17 +826,13 @@ class Participant:
     def _watch_epochs(self, remote: RemoteTrack) -> None:
         """Record the epoch of every frame that decrypts (from its KID, once authenticated)."""
         keys = self.keys
-        decryptor = remote.decryptor
-        original = decryptor._decrypt
 
-        def decrypt(data: bytes, mime_type: str) -> bytes:
-            out = original(data, mime_type)
-            named = keys.sender_of(memoryview(data)[clear_prefix_length(mime_type, data):])
+        def decrypted(data: bytes, mime_type: str) -> None:
+            named = keys.sender_of(memoryview(data)[clear_prefix_length(mime_type, data) :])
             if named is not None:
                 remote.epochs.add(named[0])
-            return out
 
-        decryptor._decrypt = decrypt  # type: ignore[method-assign]
+        remote.decryptor.on_decrypted = decrypted
 
     async def _consume(self, track: MediaStreamTrack, remote: RemoteTrack) -> None:
         from aiortc.mediastreams import MediaStreamError

@@ -144,12 +144,16 @@ class FrameDecryptor:
         holdback: float = DEFAULT_HOLDBACK,
         clock: Callable[[], float] = time.monotonic,
         on_failure: Callable[[SFrameError], None] | None = None,
+        on_decrypted: Callable[[bytes, str], None] | None = None,
     ) -> None:
         self.keys = keys
         self.stats = stats if stats is not None else TrackStats()
         self.holdback = holdback
         self.clock = clock
         self.on_failure = on_failure
+        # Called with the protected frame (and its lower-case MIME type) after each frame that
+        # decrypted: for observers such as the app's epoch audit or the call benchmark.
+        self.on_decrypted = on_decrypted
         self._awaits_kid: Callable[[int], bool] | None = getattr(keys, "awaits_kid", None)
         self._decrypt_into: Callable[..., int] | None = getattr(keys, "decrypt_into", None)
         self._pending: deque[tuple[float, Any, bytes, str]] = deque()
@@ -162,12 +166,13 @@ class FrameDecryptor:
     def decrypt_frame(self, data: bytes, mime_type: str) -> bytes | bytearray:
         """The plaintext frame; raises (and counts) an `SFrameError` if it cannot be had.
         `mime_type` is case-insensitive, as in `FrameEncryptor`."""
+        mime_type = mime_type.lower()
         try:
-            out = self._decrypt(data, mime_type.lower())
+            out = self._decrypt(data, mime_type)
         except SFrameError as exc:
             self._fail(exc)
             raise
-        self.stats.frames_decrypted += 1
+        self._decrypted(data, mime_type)
         return out
 
     def push(self, item: T, data: bytes, mime_type: str) -> list[tuple[T, bytes | bytearray]]:
@@ -201,9 +206,14 @@ class FrameDecryptor:
                 self._fail(exc)
                 continue
             pending.popleft()
-            self.stats.frames_decrypted += 1
+            self._decrypted(data, mime_type)
             ready.append((item, plaintext))
         return ready
+
+    def _decrypted(self, data: bytes, mime_type: str) -> None:
+        self.stats.frames_decrypted += 1
+        if self.on_decrypted is not None:
+            self.on_decrypted(data, mime_type)
 
     def _fail(self, exc: SFrameError) -> None:
         self.stats.failures[exc.reason] += 1

@@ -246,3 +246,20 @@ def test_mime_types_are_case_insensitive_on_both_sides(mime: str) -> None:
     assert decryptor.decrypt_frame(frames[0][0], mime) == frames[0][1]
     assert decryptor.push("x", frames[1][0], mime) == [("x", frames[1][1])]
     assert sum(decryptor.stats.failures.values()) == 0
+
+
+def test_on_decrypted_sees_each_frame_that_decrypted_and_no_other() -> None:
+    alice, bob = pair()
+    seen: list[tuple[bytes, str]] = []
+    decryptor = FrameDecryptor(bob, on_decrypted=lambda data, mime: seen.append((data, mime)))
+    encryptor = FrameEncryptor(alice, OPUS)
+    first, second = encryptor.encrypt_frame(b"\x78a"), encryptor.encrypt_frame(b"\x78b")
+    assert decryptor.decrypt_frame(first, "AUDIO/OPUS") == b"\x78a"
+    assert decryptor.push(7, second, OPUS) == [(7, b"\x78b")]
+    tampered = bytearray(encryptor.encrypt_frame(b"\x78c"))
+    tampered[-1] ^= 1
+    with pytest.raises(SFrameError):
+        decryptor.decrypt_frame(bytes(tampered), OPUS)
+    assert decryptor.push(8, bytes(tampered), OPUS) == []
+    assert seen == [(first, OPUS.lower()), (second, OPUS.lower())]
+    assert decryptor.stats.frames_decrypted == 2
