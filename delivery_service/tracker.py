@@ -19,6 +19,7 @@ Two trackers:
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -176,6 +177,28 @@ def _application(state: GroupState, message: FramedMessage, poster: str) -> Grou
 class PublicGroupTracker:
     """Verifies every handshake message with the secret-free `mls.public_group.PublicGroup`."""
 
+    def __init__(self, cache_size: int = 16) -> None:
+        # Read-only views of recent tracker states, so that the member-key and GroupInfo checks
+        # of a commit do not parse the tree again: `create` and `accept` leave one for the state
+        # they return. A cached view is never mutated: `accept` processes its own parsed copy.
+        self._views: OrderedDict[bytes, PublicGroup] = OrderedDict()
+        self._cache_size = cache_size
+
+    def _view(self, tracker_state: bytes) -> PublicGroup:
+        group = self._views.get(tracker_state)
+        if group is None:
+            group = PublicGroup.from_bytes(tracker_state)
+            self._remember(tracker_state, group)
+        else:
+            self._views.move_to_end(tracker_state)
+        return group
+
+    def _remember(self, tracker_state: bytes, group: PublicGroup) -> None:
+        self._views[tracker_state] = group
+        self._views.move_to_end(tracker_state)
+        while len(self._views) > self._cache_size:
+            self._views.popitem(last=False)
+
     def create(self, group_id: bytes, creator: str, group_info: bytes | None) -> GroupState:
         if group_info is None:
             raise BadRequest(
@@ -188,14 +211,16 @@ class PublicGroupTracker:
         members = frozenset(i for i, _ in _identities(group))
         if creator not in members:
             raise Forbidden(f"{creator} is not a member of the group in the GroupInfo")
-        return GroupState(group_id, group.epoch, 0, members, group_info, group.to_bytes())
+        tracker_state = group.to_bytes()
+        self._remember(tracker_state, group)
+        return GroupState(group_id, group.epoch, 0, members, group_info, tracker_state)
 
     def member_keys(self, state: GroupState) -> set[tuple[str, bytes]] | None:
-        return _identities(PublicGroup.from_bytes(state.tracker_state))
+        return _identities(self._view(state.tracker_state))
 
     def check_group_info(self, state: GroupState, group_info: bytes) -> None:
         published = _verified_group_info(group_info)
-        if published.group_context != PublicGroup.from_bytes(state.tracker_state).group_context:
+        if published.group_context != self._view(state.tracker_state).group_context:
             raise BadRequest("the GroupInfo's GroupContext is not the group's current one")
 
     def accept(
@@ -238,8 +263,10 @@ class PublicGroupTracker:
         if processed.commit is not None:
             expelled = _expelled(processed.commit, processed.sender, poster, owners, cache)
             expelled &= state.members - members
+        tracker_state = group.to_bytes()
+        self._remember(tracker_state, group)
         return replace(
-            state, epoch=group.epoch, members=members, tracker_state=group.to_bytes(),
+            state, epoch=group.epoch, members=members, tracker_state=tracker_state,
             expelled=expelled,
         )
 

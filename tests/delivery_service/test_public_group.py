@@ -193,3 +193,26 @@ async def test_fifty_concurrent_real_commits_one_wins_all_converge(url: str) -> 
         await p.catch_up(gid)
     assert {p.group.epoch for p in members} == {epoch + 1}  # type: ignore[union-attr]
     assert len({p.group.epoch_authenticator for p in members}) == 1  # type: ignore[union-attr]
+
+
+async def test_a_commit_parses_the_public_tree_once(url: str, monkeypatch) -> None:
+    from mls.public_group import PublicGroup
+
+    alice, bob = await people(url, "alice", "bob")
+    gid = await start_group(alice, bob)
+    assert alice.group and bob.group
+    parses = []
+    original = PublicGroup.from_bytes.__func__  # type: ignore[attr-defined]
+
+    def counting(cls, data: bytes) -> PublicGroup:  # type: ignore[no-untyped-def]
+        parses.append(len(data))
+        return original(cls, data)
+
+    monkeypatch.setattr(PublicGroup, "from_bytes", classmethod(counting))
+    res = bob.group.update()
+    assert (await bob.ds.send(gid, res.commit, group_info=res.group_info)).epoch == 2
+    bob.group.merge_pending_commit()
+    # accept's own copy to process; the member-key and GroupInfo checks use the cached view
+    assert len(parses) == 1
+    await alice.catch_up(gid)
+    assert alice.group.epoch_authenticator == bob.group.epoch_authenticator
