@@ -235,43 +235,23 @@ def fast_sender(transport: RTCDtlsTransport) -> Callable[..., None]:
     """
     nominated = transport.transport._connection._nominated
     connected = State.CONNECTED
-    length = ffi.new("int *")
-    protect_rtp, protect_rtcp = lib.srtp_protect, lib.srtp_protect_rtcp
-    # The transport's tx Session (kept referenced: its buffers die with it) and its libsrtp
-    # context and buffers; the nominated pair, its socket and address. Checked per packet and
-    # rebound only when they change, so the common path is a few identity tests.
+    # The transport's tx Session (kept referenced: its buffers die with it) and its protector;
+    # the nominated pair, its socket and address. Checked per packet and rebound only when they
+    # change, so the common path is a few identity tests.
     session: Session | None = None
-    cdata: Any = None
-    buffer: Any = None
-    srtp: Any = None
+    protect: Callable[..., bytes] = srtp_protector
     pair: Any = None
     sock: Any = None
     addr: Any = None
 
     def send(data: bytes, rest: bytes = b"") -> None:
-        nonlocal session, cdata, buffer, srtp, pair, sock, addr
+        nonlocal session, protect, pair, sock, addr
         if transport._state is not connected:  # the `state` property costs ~1 us
             raise ConnectionError("Cannot send encrypted RTP, not connected")
         if transport._tx_srtp is not session:
             session = transport._tx_srtp
-            cdata, buffer, srtp = session._cdata, session._buffer, session._srtp[0]
-        # SRTP-protect in place in the session's buffer, as srtp_protector does (inlined: this
-        # runs once per forwarded copy)
-        n = len(data)
-        m = n + len(rest)
-        if m > MAX_PROTECT_INPUT:
-            raise ValueError("packet is too long")
-        rtcp = 192 <= data[1] <= 208  # RFC 5761 §4 demultiplexing, as aiortc's is_rtcp
-        length[0] = m
-        buffer[0:n] = data
-        if rest:
-            buffer[n:m] = rest
-        if (protect_rtcp if rtcp else protect_rtp)(srtp, cdata, length):
-            # failed: let pylibsrtp raise its proper error
-            whole = data + rest
-            protected = session.protect_rtcp(whole) if rtcp else session.protect(whole)
-        else:
-            protected = buffer[0 : length[0]]
+            protect = srtp_protector(session)
+        protected = protect(data, rest)
         current = nominated.get(1)
         if current is None:
             raise ConnectionError("Cannot send data, not connected")

@@ -399,11 +399,7 @@ class SourceStream:
             sent += 1
             sent_bytes += 12 + len(packet[1])
             try:
-                send_parts = slot.send_parts
-                if send_parts is not None:
-                    send_parts(*packet)
-                else:
-                    slot.send(packet[0] + packet[1])
+                slot.send_packet(packet)
             except ConnectionError:
                 pass  # the subscriber is going away; its slot is removed on leave
         metrics = self.metrics
