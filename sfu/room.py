@@ -48,6 +48,7 @@ SendJson = Callable[[dict[str, Any]], Awaitable[None]]
 PREFERRED_CODECS = {"audio": ("audio/opus",), "video": ("video/VP8", "video/rtx")}
 TICK_INTERVAL = 0.05
 RR_INTERVAL = 1.0
+TICK_EARLY = 0.005  # seconds a loop may run a timer early (sleep_until_tick)
 
 
 async def sleep_until_tick() -> None:
@@ -55,9 +56,14 @@ async def sleep_until_tick() -> None:
 
     Every room's timer wakes at the same instants, so asyncio runs them all in one iteration:
     a process with many rooms pays one wake-up per tick, not one per room.
+
+    Event loops may run a timer a little before its time (uvloop's timers have millisecond
+    resolution and fire up to 1 ms early). "The next grid point after now" would then be the
+    same point again, a timer of zero delay, over and over until the clock catches up: thousands
+    of wake-ups a second. So a point less than TICK_EARLY ahead counts as reached.
     """
     loop = asyncio.get_running_loop()
-    when = (loop.time() // TICK_INTERVAL + 1) * TICK_INTERVAL
+    when = ((loop.time() + TICK_EARLY) // TICK_INTERVAL + 1) * TICK_INTERVAL
     future = loop.create_future()
     handle = loop.call_at(when, _wake, future)
     try:

@@ -134,3 +134,27 @@ async def test_room_timers_share_one_wake_up_grid(monkeypatch) -> None:
     for when in deadlines:
         assert abs(when / TICK_INTERVAL - round(when / TICK_INTERVAL)) < 1e-6
     assert deadlines[2] > deadlines[0]
+
+
+async def test_a_loop_that_runs_timers_early_does_not_make_the_room_timer_spin(
+    monkeypatch,  # type: ignore[no-untyped-def]
+) -> None:
+    """uvloop runs timers up to 1 ms early: the timer must still wake once per tick."""
+    import asyncio
+    import time
+
+    from sfu.room import TICK_INTERVAL, sleep_until_tick
+
+    loop = asyncio.get_running_loop()
+    call_at = loop.call_at
+
+    def early_call_at(when: float, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return call_at(when - 0.002, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_at", early_call_at)
+    wake_ups = 0
+    start = time.monotonic()
+    while time.monotonic() - start < 5 * TICK_INTERVAL:
+        await sleep_until_tick()
+        wake_ups += 1
+    assert 4 <= wake_ups <= 7  # one per tick (it spun thousands of times a second before)
