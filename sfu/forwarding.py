@@ -469,7 +469,10 @@ class SourceStream:
         """Tell the publisher the lowest bandwidth estimate of its subscribers (REMB).
 
         Without simulcast one encoding feeds everyone, so the slowest subscriber sets the pace;
-        a falling estimate is relayed at once, otherwise at most every REMB_INTERVAL.
+        a falling estimate is relayed at once, otherwise at most every REMB_INTERVAL. The
+        abs-send-time extension is forwarded as the publisher stamped it (not restamped at the
+        SFU, as SFUs with their own upstream estimator do): each subscriber's estimate then
+        covers the whole path, upstream leg included, which this SFU does not measure itself.
         """
         estimates = [s.remb[0] for s in self.slots if s.remb and now - s.remb[1] < REMB_STALE]
         if not estimates:
