@@ -54,6 +54,7 @@ class SFUClient:
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.offers_answered = 0
         self.answered = asyncio.Event()
+        self._retired: set[RTCRtpTransceiver] = set()  # inactive m-lines, receivers stopped
         self._session: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -142,6 +143,13 @@ class SFUClient:
         answer = await self.pc.createAnswer()
         await self.pc.setLocalDescription(answer)
         await self.send({"type": "answer", "sdp": self.pc.localDescription.sdp})
+        # The SFU makes the m-lines of a stream that ended inactive and never reuses them (see
+        # `sfu.room`). Stop their receivers: aiortc would otherwise keep each one's decoder and
+        # its RTCP task, which sends the SFU a receiver report every second, for the whole call.
+        for transceiver in self.pc.getTransceivers():
+            if transceiver.currentDirection == "inactive" and transceiver not in self._retired:
+                self._retired.add(transceiver)
+                await transceiver.receiver.stop()
         self.offers_answered += 1
         self.answered.set()
 

@@ -81,11 +81,19 @@ async def test_late_joiner_gets_video_from_next_keyframe(harness: Harness) -> No
     assert harness.server.metrics.plis_sent >= 2
 
 
+def _receivers_reporting() -> int:
+    """aiortc receivers (of the clients in this process) still sending receiver reports."""
+    return sum(
+        1 for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "RTCRtpReceiver._run_rtcp"
+    )
+
+
 async def test_leaver_streams_end_for_the_others(harness: Harness) -> None:
     peers = [await harness.join(f"p{i}") for i in range(3)]
     assert await wait_until(
         lambda: all(_video_ok(s, p, 5) for s in peers for p in peers if s is not p), timeout=10
     )
+    assert _receivers_reporting() == 3 * 2 * 2  # each receives two publishers' audio and video
     leaver = peers[2]
     await leaver.client.leave()
     for sub in peers[:2]:
@@ -99,6 +107,8 @@ async def test_leaver_streams_end_for_the_others(harness: Harness) -> None:
         ),
         timeout=5,
     )
+    # their receivers for the leaver's (now inactive) m-lines are stopped: no RTCP task left
+    assert await wait_until(lambda: _receivers_reporting() == 2 * 2, timeout=5)
     # the two who stay still receive each other
     counts = [len(peers[0].received[(peers[1].name, "video")].frames)]
     await asyncio.sleep(0.5)
