@@ -12,7 +12,8 @@ Modules:
   config        SFUConfig: token secret and limits
   server        aiohttp app: WebSocket signalling at /v1/signal (protocol in its docstring),
                 /metrics (Prometheus text), /healthz
-  room          rooms and participants; SFU-driven offer/answer renegotiation
+  room          rooms and participants; SFU-driven offer/answer renegotiation; m-lines of
+                ended streams reused for the next ones
   forwarding    SourceStream (a published stream) and Slot (one subscriber's copy): SSRC, seq,
                 timestamp, payload-type and extension-ID rewriting; NACK cache; upstream NACK,
                 PLI throttling, keyframe gate, SR mapping, receiver reports, REMB relay (the

@@ -30,6 +30,12 @@ short-circuits aiortc's media pipeline. The internals relied upon (aiortc 1.16.0
   is lowered per transport to 65535 (`shrink_receive_buffer`).
 - `aioice.ice.get_host_addresses`: replaced by `restrict_ice_to_loopback` for tests and
   loopback-only deployments (aioice otherwise never offers 127.0.0.1).
+- Client side, `renew_receiver`: `RTCRtpTransceiver.__receiver` (`_RTCRtpTransceiver__receiver`)
+  is replaced by a new `RTCRtpReceiver(kind, transport)` whose RTCP SSRC is set with
+  `_set_rtcp_ssrc(sender._ssrc)`, as `RTCPeerConnection.__createTransceiver` does
+  (`rtcpeerconnection.py:1206-1210`), so that `setRemoteDescription` creates a new track
+  for an m-line the SFU reuses (it does so only while `receiver.track` is None,
+  `rtcpeerconnection.py:944`).
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from typing import Any
 import aioice
 import aioice.ice
 import aiortc
-from aiortc import RTCDtlsTransport, RTCRtpReceiver, RTCRtpSender
+from aiortc import RTCDtlsTransport, RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver
 from aiortc.rtcdtlstransport import State
 from aiortc.rtcrtpparameters import RTCRtpReceiveParameters, RTCRtpSendParameters
 from pylibsrtp import Session
@@ -291,6 +297,18 @@ def capture_receiver(
         on_params(parameters)
 
     receiver.receive = receive  # type: ignore[method-assign]
+
+
+def renew_receiver(transceiver: RTCRtpTransceiver) -> None:
+    """Give a client's transceiver a new, unstarted receiver (for an m-line the SFU reuses).
+
+    aiortc makes one track per receiver and cannot restart a stopped receiver, so an m-line that
+    carries a new stream after being inactive needs a new receiver; `setRemoteDescription` then
+    fires a "track" event for it and the connection starts it.
+    """
+    receiver = RTCRtpReceiver(transceiver.kind, transceiver.receiver.transport)
+    receiver._set_rtcp_ssrc(transceiver.sender._ssrc)
+    transceiver._RTCRtpTransceiver__receiver = receiver  # type: ignore[attr-defined]
 
 
 def sender_ssrc(sender: RTCRtpSender) -> int:

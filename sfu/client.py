@@ -23,7 +23,9 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc.rtcconfiguration import RTCBundlePolicy
+from aiortc.sdp import SessionDescription
 
+from sfu.aiortc_hooks import renew_receiver
 from sfu.errors import Redirect, SignallingError
 
 logger = logging.getLogger(__name__)
@@ -139,19 +141,33 @@ class SFUClient:
 
     async def _answer(self, message: dict[str, Any]) -> None:
         self.streams.update(message.get("streams", {}))
+        if self._retired:
+            self._renew_reused(message["sdp"])
         await self.pc.setRemoteDescription(RTCSessionDescription(message["sdp"], "offer"))
         answer = await self.pc.createAnswer()
         await self.pc.setLocalDescription(answer)
         await self.send({"type": "answer", "sdp": self.pc.localDescription.sdp})
-        # The SFU makes the m-lines of a stream that ended inactive and never reuses them (see
-        # `sfu.room`). Stop their receivers: aiortc would otherwise keep each one's decoder and
-        # its RTCP task, which sends the SFU a receiver report every second, for the whole call.
+        # The SFU makes the m-lines of a stream that ended inactive until it reuses them for
+        # another stream (see `sfu.room`). Stop their receivers: aiortc would otherwise keep each
+        # one's decoder and its RTCP task, which sends the SFU a receiver report every second.
         for transceiver in self.pc.getTransceivers():
             if transceiver.currentDirection == "inactive" and transceiver not in self._retired:
                 self._retired.add(transceiver)
                 await transceiver.receiver.stop()
         self.offers_answered += 1
         self.answered.set()
+
+    def _renew_reused(self, sdp: str) -> None:
+        """Fresh receivers for retired m-lines that this offer makes send media again."""
+        reused = {
+            media.rtp.muxId
+            for media in SessionDescription.parse(sdp).media
+            if media.direction in ("sendonly", "sendrecv")
+        }
+        for transceiver in list(self._retired):
+            if transceiver.mid in reused:
+                self._retired.discard(transceiver)
+                renew_receiver(transceiver)
 
     def _on_track(self, event: Any) -> None:
         # aiortc passes the track; find its transceiver to name the publisher.

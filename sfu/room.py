@@ -3,11 +3,20 @@
 Negotiation is one-directional: the SFU always makes the offer and the client answers. A
 participant's publishing m-lines (recvonly on the SFU side) come first in the first offer, so an
 aiortc or browser client that added its tracks before `setRemoteDescription` has them matched to
-those m-lines; every later m-line is a downstream slot (sendonly on the SFU side). aiortc 1.16
-cannot recycle m-lines, so a slot whose source leaves is made inactive and never reused (an
-aiortc subscriber never gets a new track on an m-line whose track ended). A publisher that
-restarts a stream under a new SSRC on the same m-line keeps every subscriber's slot: the SFU
-finds the m-line by the mid header extension and the slot continues its numbering.
+those m-lines; every later m-line is a downstream slot (sendonly on the SFU side).
+
+When a source ends, its slots' m-lines are made inactive (after an RTCP BYE), and once the
+subscriber has answered that, the m-line is free: the next source of the same kind gets it
+(sendonly again, under the same SSRC, numbering continued) instead of a new m-line. Without this,
+every leave would add m-lines for good, and an SDP answer grows by about 1.2 kB per m-line: a
+participant who stayed while 25 others came and went could no longer answer within the 64 kB
+message limit. The offer's `streams` names each m-line's publisher; an aiortc client must give
+a reused m-line a fresh receiver, as `sfu.client.SFUClient` does (aiortc never starts a second
+track on a transceiver); browsers fire "track" again by themselves when a transceiver turns
+back to receiving (WebRTC 1.0, the [[FiredDirection]] rules of setRemoteDescription).
+
+A publisher that restarts a stream under a new SSRC on the same m-line keeps every subscriber's
+slot: the SFU finds the m-line by the mid header extension and the slot continues its numbering.
 """
 
 from __future__ import annotations
@@ -105,6 +114,8 @@ class Participant:
         self.sources: dict[str, SourceStream] = {}  # by publisher-side mid
         self.sources_by_ssrc: dict[int, SourceStream] = {}
         self.slots_by_ssrc: dict[int, Slot] = {}
+        # slots whose source ended, by SSRC: a reused m-line continues their numbering
+        self.retired_slots: dict[int, Slot] = {}
         self.slot_sources: dict[RTCRtpTransceiver, SourceStream | None] = {}
         self.stream_info: dict[str, dict[str, str]] = {}  # mid -> {"identity", "kind"}
         self._send_raw: Callable[..., None] | None = None
@@ -275,6 +286,11 @@ class Participant:
         """Add a downstream m-line for `source`; it starts forwarding once answered."""
         if source in self.slot_sources.values():
             return
+        transceiver = self._free_m_line(source.kind)
+        if transceiver is not None:
+            transceiver.direction = "sendonly"
+            self.slot_sources[transceiver] = source
+            return
         transceiver = self.pc.addTransceiver(source.kind, direction="sendonly")
         transceiver.setCodecPreferences(_codec_preferences(source.kind))
         self.slot_sources[transceiver] = source
@@ -282,6 +298,22 @@ class Participant:
         aiortc_hooks.capture_sender(
             transceiver.sender, lambda params, t=transceiver: self._on_slot_params(t, params)
         )
+
+    def _free_m_line(self, kind: str) -> RTCRtpTransceiver | None:
+        """A slot m-line of this kind whose source ended and whose inactivity is negotiated.
+
+        Only once the subscriber has answered the inactive offer may the m-line carry another
+        stream: the client has then ended the old track, and sees the next one as new.
+        """
+        for transceiver, fed_by in self.slot_sources.items():
+            if (
+                fed_by is None
+                and transceiver.kind == kind
+                and transceiver.direction == "inactive"
+                and transceiver.currentDirection == "inactive"
+            ):
+                return transceiver
+        return None
 
     def _on_slot_params(self, transceiver: RTCRtpTransceiver, params: RTCRtpSendParameters) -> None:
         ssrc = aiortc_hooks.sender_ssrc(transceiver.sender)
@@ -301,6 +333,9 @@ class Participant:
             metrics=self.metrics,
             send_parts=self._send_raw,
         )
+        retired = self.retired_slots.pop(ssrc, None)
+        if retired is not None:
+            slot.continue_from(retired)  # same SSRC on a reused m-line: no restart in numbering
         self.slots_by_ssrc[ssrc] = slot
         slot.attach(source)
 
@@ -315,6 +350,7 @@ class Participant:
             slot = self.slots_by_ssrc.pop(ssrc, None)
             if slot is not None:
                 slot.attach(None)
+                self.retired_slots[ssrc] = slot
                 try:
                     self._send_rtcp(rtcp.pack_bye([ssrc]))
                 except ConnectionError:
@@ -456,6 +492,7 @@ class Participant:
         for slot in self.slots_by_ssrc.values():
             slot.attach(None)
         self.slots_by_ssrc.clear()
+        self.retired_slots.clear()
         await self.pc.close()
 
 

@@ -19,6 +19,10 @@ With several worker processes (`python -m sfu --workers N`), each room lives in 
 join sent to another worker is answered with code "redirect" and the URL to join at instead.
 
 The SFU makes every offer (see `sfu.room`); a client offer is refused with code "unsupported".
+An offer's "streams" names the publisher of each m-line that carries media. When a publisher
+leaves, its m-lines go inactive; a later offer may make such an m-line send again, for another
+publisher: that is a new track (an aiortc client needs a new receiver for it, see
+`sfu.client`).
 After a refused join the socket is closed; other errors leave it open.
 """
 

@@ -117,6 +117,49 @@ async def test_leaver_streams_end_for_the_others(harness: Harness) -> None:
     assert harness.server.metrics.participants() == 2
 
 
+async def test_m_lines_of_leavers_are_reused_and_carry_the_next_publisher(
+    harness: Harness,
+) -> None:
+    stay = [await harness.join(f"s{i}") for i in range(2)]
+    assert await wait_until(lambda: _video_ok(stay[0], stay[1], 5), timeout=10)
+    sizes = []
+    for i in range(3):
+        guest = await harness.join(f"g{i}")
+        everyone = [*stay, guest]
+        assert await wait_until(
+            lambda e=everyone: all(_video_ok(s, p, 5) for s in e for p in e if s is not p),
+            timeout=10,
+        ), f"cycle {i}"
+        for sub in stay:
+            for kind in ("audio", "video"):
+                frames = sub.received[(guest.name, kind)].frames
+                assert frames and all(f.intact for f in frames)
+                assert {f.publisher for f in frames} == {guest.number}  # not an earlier guest's
+            assert sub.received[(guest.name, "video")].frames[0].keyframe
+        sizes.append([len(s.client.pc.getTransceivers()) for s in stay])
+        await guest.client.leave()  # (the guest stays in harness.peers: numbers stay unique)
+        for sub in stay:
+            await sub.client.next_event("participant-left")
+        # the next guest may take the m-lines only once the inactive offer is answered
+        assert await wait_until(
+            lambda: all(
+                p.slot_sources
+                and all(
+                    t.currentDirection == "inactive"
+                    for t, src in p.slot_sources.items()
+                    if src is None
+                )
+                for p in harness.server.rooms["room"].participants.values()
+            ),
+            timeout=5,
+        )
+    # two own publishing m-lines, two for the other stayer, two for the guest of the moment
+    assert sizes == [[6, 6]] * 3
+    sfu_side = harness.server.rooms["room"].participants.values()
+    assert all(len(p.pc.getTransceivers()) == 6 for p in sfu_side)
+    assert _receivers_reporting() == 2 * 2  # the guests' old receivers were stopped
+
+
 def _drop_first_transmissions(rate: float, seed: int, payload_type: int | None = None):
     """A filter that drops `rate` of RTP packets the first time their (SSRC, seq) is seen."""
     rng = random.Random(seed)
