@@ -8,13 +8,30 @@ from pathlib import Path
 
 from sfu.errors import ConfigError
 
+# An aiortc SDP answer repeats the codecs, the ICE candidates and three certificate fingerprints
+# in every m-line: about 1.2 kB per m-line with one candidate, some 90 bytes more per candidate.
+ANSWER_BYTES_PER_M_LINE = 2048
+MIN_MESSAGE_BYTES = 64 * 1024
+
+
+def message_bytes_for(max_participants_per_room: int) -> int:
+    """A signalling-message limit that fits the answer of a participant in a full room.
+
+    A full room gives each participant two publishing m-lines and two per other participant
+    (m-lines of streams that ended are reused, see `sfu.room`).
+    """
+    m_lines = 2 * max_participants_per_room
+    return max(MIN_MESSAGE_BYTES, m_lines * ANSWER_BYTES_PER_M_LINE + 8 * 1024)
+
 
 @dataclass(frozen=True)
 class SFUConfig:
     token_secret: bytes = field(repr=False)
     max_rooms: int = 100
     max_participants_per_room: int = 16
-    max_message_bytes: int = 64 * 1024  # a signalling message; SDP for 16 peers is ~20 kB
+    # the largest signalling message (an SDP answer, mostly); 0: `message_bytes_for` the room
+    # size (72 KiB for 16 participants, at least 64 KiB)
+    max_message_bytes: int = 0
     max_publish_streams: int = 2  # one audio, one video
     pli_interval: float = 0.3  # seconds between PLIs to one publisher
     speaker_interval: float = 0.3  # seconds per active-speaker decision
@@ -29,6 +46,11 @@ class SFUConfig:
             raise ConfigError("the room-token secret must be at least 16 bytes")
         if self.max_rooms < 1 or self.max_participants_per_room < 1:
             raise ConfigError("room and participant limits must be at least 1")
+        if self.max_message_bytes == 0:
+            limit = message_bytes_for(self.max_participants_per_room)
+            object.__setattr__(self, "max_message_bytes", limit)
+        elif self.max_message_bytes < 1024:
+            raise ConfigError("the signalling-message limit must be at least 1024 bytes")
         if self.worker_urls and not 0 <= self.worker_index < len(self.worker_urls):
             raise ConfigError("worker_index must index worker_urls")
 

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from sfu.config import ANSWER_BYTES_PER_M_LINE
 from tests.sfu.harness import Harness, Peer, wait_until
 
 
@@ -155,6 +156,10 @@ async def test_m_lines_of_leavers_are_reused_and_carry_the_next_publisher(
         )
     # two own publishing m-lines, two for the other stayer, two for the guest of the moment
     assert sizes == [[6, 6]] * 3
+    # the signalling limit budgets ANSWER_BYTES_PER_M_LINE per m-line for answers: keep it true
+    for sub in stay:
+        answer = sub.client.pc.localDescription.sdp
+        assert len(answer.encode()) < 6 * ANSWER_BYTES_PER_M_LINE * 0.75
     sfu_side = harness.server.rooms["room"].participants.values()
     assert all(len(p.pc.getTransceivers()) == 6 for p in sfu_side)
     assert _receivers_reporting() == 2 * 2  # the guests' old receivers were stopped

@@ -183,3 +183,21 @@ async def test_metrics_endpoint(harness: Harness) -> None:
     assert 'sfu_forwarding_latency_seconds_bucket{le="+Inf"} 0' in text
     for name in ("packets_forwarded", "bytes_forwarded", "nacks_received", "plis_sent"):
         assert f"sfu_{name}_total 0" in text
+
+
+def test_the_message_limit_grows_with_the_room_size_unless_set() -> None:
+    from sfu.config import ANSWER_BYTES_PER_M_LINE, SFUConfig
+    from sfu.errors import ConfigError
+
+    def limit(participants: int, **kw: int) -> int:
+        config = SFUConfig(token_secret=SECRET, max_participants_per_room=participants, **kw)
+        return config.max_message_bytes
+
+    assert limit(2) == limit(8) == 64 * 1024  # never below 64 KiB
+    # a full room: two publishing m-lines, two per other participant
+    for participants in (16, 64):
+        assert limit(participants) >= 2 * participants * ANSWER_BYTES_PER_M_LINE
+    assert limit(64) > limit(16)
+    assert limit(64, max_message_bytes=4096) == 4096  # set explicitly: kept
+    with pytest.raises(ConfigError, match="at least 1024"):
+        limit(2, max_message_bytes=100)
