@@ -124,9 +124,11 @@ class Participant:
         self._closed = False
         self.started = False  # publishing m-lines created: slots may be added from now on
         self._next_rr = time.monotonic() + RR_INTERVAL
-        # Called when the media connection fails or the client closed it: the server then ends
-        # the signalling session, which removes the participant.
-        self.on_connection_lost: Callable[[], None] = lambda: None
+        # Called with a reason when the media connection fails or the client closed it, or when
+        # an offer goes unanswered: the server then ends the signalling session, which removes
+        # the participant.
+        self.on_connection_lost: Callable[[str], None] = lambda reason: None
+        self._answer_overdue: asyncio.TimerHandle | None = None
         self.pc.on("connectionstatechange", self._on_connection_state)
 
     def __repr__(self) -> str:
@@ -134,7 +136,7 @@ class Participant:
 
     def _on_connection_state(self) -> None:
         if self.pc.connectionState in ("failed", "closed") and not self._closed:
-            self.on_connection_lost()
+            self.on_connection_lost("media connection lost")
 
     # --- negotiation ----------------------------------------------------------------------------
 
@@ -179,6 +181,11 @@ class Participant:
                         "identity": source.publisher,
                         "kind": source.kind,
                     }
+            # A client that never answers would hold its seat and never get new streams.
+            self._cancel_answer_timer()
+            self._answer_overdue = asyncio.get_running_loop().call_later(
+                self.config.answer_timeout, self._no_answer
+            )
             await self.send_json(
                 {"type": "offer", "sdp": self.pc.localDescription.sdp, "streams": self.stream_info}
             )
@@ -200,6 +207,7 @@ class Participant:
         except Exception as exc:  # aiortc raises ValueError, OperationError, InvalidStateError...
             raise SignallingError("bad-sdp", f"the answer was refused: {exc}") from exc
         self._negotiating = False
+        self._cancel_answer_timer()
         if self._closed or self.pc.signalingState == "closed":
             return
         for transceiver in self.pc.getTransceivers():
@@ -210,6 +218,18 @@ class Participant:
                 self._send_raw = aiortc_hooks.fast_sender(transport)
         if self._renegotiate:
             await self.negotiate()
+
+    def _cancel_answer_timer(self) -> None:
+        if self._answer_overdue is not None:
+            self._answer_overdue.cancel()
+            self._answer_overdue = None
+
+    def _no_answer(self) -> None:
+        self._answer_overdue = None
+        if self._closed or not self._negotiating:
+            return
+        logger.info("%r did not answer an offer within %s s", self, self.config.answer_timeout)
+        self.on_connection_lost(f"no answer to the offer within {self.config.answer_timeout:g} s")
 
     async def handle_ice(self, candidate: Any) -> None:
         # aiortc puts all candidates in the SDP; trickled ones are accepted if they parse.
@@ -489,6 +509,7 @@ class Participant:
         if self._closed:
             return
         self._closed = True
+        self._cancel_answer_timer()
         for slot in self.slots_by_ssrc.values():
             slot.attach(None)
         self.slots_by_ssrc.clear()

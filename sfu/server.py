@@ -15,6 +15,9 @@ SFU to client:
   {"type": "error", "code": str, "message": str}   (+ "reason" for code "token",
                                                       + "url" for code "redirect")
 
+The SFU ends a session with code "session-ended" when the media connection fails or the client
+leaves an offer unanswered for `answer_timeout` (30 s by default).
+
 With several worker processes (`python -m sfu --workers N`), each room lives in one worker; a
 join sent to another worker is answered with code "redirect" and the URL to join at instead.
 
@@ -142,8 +145,15 @@ class SFUServer:
         return ws
 
     async def _await_join(self, ws: web.WebSocketResponse, send_json: Any) -> Participant | None:
-        def close_signalling() -> None:
-            asyncio.ensure_future(ws.close(message=b"media connection lost"))
+        async def end_session(reason: str) -> None:
+            try:
+                await self._error(send_json, SignallingError("session-ended", reason))
+            except ConnectionError:
+                pass
+            await ws.close(message=reason.encode()[:120])
+
+        def close_signalling(reason: str) -> None:
+            asyncio.ensure_future(end_session(reason))
 
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -11,7 +12,7 @@ import pytest
 from sfu.client import SFUClient
 from sfu.errors import SignallingError
 from sfu.tokens import issue_room_token
-from tests.sfu.harness import SECRET, Harness
+from tests.sfu.harness import SECRET, Harness, wait_until
 
 
 @pytest.fixture
@@ -147,6 +148,39 @@ async def test_malformed_messages_after_join_get_error_replies(harness: Harness)
     assert harness.server.rooms == {} or all(
         not r.participants for r in harness.server.rooms.values()
     )
+
+
+async def test_a_client_that_leaves_an_offer_unanswered_is_removed() -> None:
+    h = Harness(answer_timeout=0.5)
+    await h.start()
+    try:
+        async with aiohttp.ClientSession() as session, session.ws_connect(h.url) as ws:
+            token = issue_room_token(SECRET, "room", "mute", int(time.time()) + 60)
+            await ws.send_str(json.dumps(_join("room", "mute", token)))
+            assert (await ws.receive_json(timeout=5))["type"] == "joined"
+            assert (await ws.receive_json(timeout=5))["type"] == "offer"
+            assert h.server.metrics.participants() == 1
+            started = time.monotonic()
+            reply = await ws.receive_json(timeout=5)  # never answered
+            assert reply["type"] == "error" and reply["code"] == "session-ended"
+            assert "no answer to the offer within 0.5 s" in reply["message"]
+            assert 0.4 < time.monotonic() - started < 3
+            assert (await ws.receive(timeout=5)).type == aiohttp.WSMsgType.CLOSE
+        assert await wait_until(lambda: h.server.metrics.participants() == 0, timeout=5)
+    finally:
+        await h.stop()
+
+
+async def test_an_answered_offer_stops_the_answer_timer() -> None:
+    h = Harness(answer_timeout=0.5)
+    await h.start()
+    try:
+        peer = await h.join("talker")
+        await asyncio.sleep(1.5)  # three timeouts: the answered offer must not end the session
+        assert h.server.metrics.participants() == 1
+        assert peer.client.offers_answered >= 1
+    finally:
+        await h.stop()
 
 
 async def test_limits_on_rooms_and_participants(harness: Harness) -> None:
