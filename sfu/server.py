@@ -60,6 +60,7 @@ class SFUServer:
         self.metrics.participants = lambda: sum(len(r.participants) for r in self.rooms.values())
         self._join_lock = asyncio.Lock()
         self._sockets: set[web.WebSocketResponse] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -146,14 +147,13 @@ class SFUServer:
 
     async def _await_join(self, ws: web.WebSocketResponse, send_json: Any) -> Participant | None:
         async def end_session(reason: str) -> None:
-            try:
-                await self._error(send_json, SignallingError("session-ended", reason))
-            except ConnectionError:
-                pass
+            await self._error(send_json, SignallingError("session-ended", reason))
             await ws.close(message=reason.encode()[:120])
 
         def close_signalling(reason: str) -> None:
-            asyncio.ensure_future(end_session(reason))
+            task = asyncio.ensure_future(end_session(reason))
+            self._tasks.add(task)  # referenced until done: the loop keeps only weak references
+            task.add_done_callback(self._tasks.discard)
 
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:
