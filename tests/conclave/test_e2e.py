@@ -111,6 +111,8 @@ class Outcome:
     dave_left: bool = False
     recorded: dict[str, int] = field(default_factory=dict)  # file name -> size
     members_after_leave: list[str] = field(default_factory=list)
+    carol_decoded_anew: bool = False
+    m_lines: tuple[list[int], list[int]] = ([], [])
 
 
 def reachable_types(root: object, stop: Callable[[object], bool]) -> tuple[set[type], int]:
@@ -217,13 +219,33 @@ async def scenario(tmp: Path) -> Outcome:
         await carol.close()
         out.recorded = {f.name: f.stat().st_size for f in (tmp / "received").iterdir()}
         await alice.rotate()
-        restarted = Participant("carol", services.ds_url, state_dir=state)
+        restarted = Participant("carol", services.ds_url, services.sfu_url, state_dir=state)
         await restarted.start()
         out.restarted_epoch = restarted.epoch
         await restarted.wait_epoch(alice.epoch or 0)
         out.epoch_after_restart = restarted.epoch
         out.code_after_restart = restarted.safety_code
         out.restarted_code = alice.safety_code
+
+        # ... and calls in again: the SFU gives her streams the m-lines that bob and the first
+        # carol left (sfu.room reuses them); alice and dave decrypt and decode her anew.
+        old_remotes = {p.name: p.remote.get(("carol", "video")) for p in (alice, dave)}
+        m_lines_before = [len(p.sfu.pc.getTransceivers()) for p in (alice, dave) if p.sfu]
+        await restarted.connect_media()
+
+        def carol_decoded_anew() -> bool:
+            return all(
+                (r := p.remote.get(("carol", kind))) is not None
+                and r is not old_remotes[p.name]
+                and r.decoded > 0
+                for p in (alice, dave)
+                for kind in ("audio", "video")
+            )
+
+        await until(carol_decoded_anew, 15)
+        out.carol_decoded_anew = carol_decoded_anew()
+        m_lines_after = [len(p.sfu.pc.getTransceivers()) for p in (alice, dave) if p.sfu]
+        out.m_lines = (m_lines_before, m_lines_after)
 
         # dave leaves: his own Remove proposal, committed by whoever sees it first.
         epoch = alice.epoch or 0
@@ -330,6 +352,12 @@ def test_a_restarted_participant_rejoins_without_a_new_identity(outcome: Outcome
     assert outcome.epoch_after_restart is not None
     assert outcome.epoch_after_restart > outcome.restarted_epoch
     assert outcome.code_after_restart == outcome.restarted_code
+
+
+def test_a_restarted_participant_is_decoded_again_on_reused_m_lines(outcome: Outcome) -> None:
+    assert outcome.carol_decoded_anew
+    before, after = outcome.m_lines
+    assert len(before) == 2 and before == after  # no m-line added for the returning carol
 
 
 def test_a_member_leaves_by_its_own_remove_proposal(outcome: Outcome) -> None:
