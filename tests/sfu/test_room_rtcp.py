@@ -157,4 +157,4 @@ async def test_a_loop_that_runs_timers_early_does_not_make_the_room_timer_spin(
     while time.monotonic() - start < 5 * TICK_INTERVAL:
         await sleep_until_tick()
         wake_ups += 1
-    assert 4 <= wake_ups <= 7  # one per tick (it spun thousands of times a second before)
+    assert 2 <= wake_ups <= 8  # one per tick (it spun thousands of times a second before)
