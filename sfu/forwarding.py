@@ -96,6 +96,7 @@ class Slot:
         send: SendFn,
         metrics: Metrics,
         send_parts: SendPartsFn | None = None,
+        nack: bool = True,
     ) -> None:
         self.subscriber = subscriber
         self.kind = kind
@@ -119,8 +120,10 @@ class Slot:
         self.octets_sent = 0
         # the subscriber's latest REMB (bit/s) and when it came, relayed upstream by the source
         self.remb: tuple[int, float] | None = None
-        # (fixed header, rest) of the packets sent, by output sequence number modulo CACHE_SIZE
-        self.cache: list[tuple[bytes, bytes] | None] = [None] * CACHE_SIZE
+        # (fixed header, rest) of the packets sent, by output sequence number modulo CACHE_SIZE;
+        # None if the subscriber did not negotiate NACK for this m-line (Opus, as aiortc and
+        # browsers offer it): it will never ask for a packet again
+        self.cache: list[tuple[bytes, bytes] | None] | None = [None] * CACHE_SIZE if nack else None
         self._b1 = (payload_type, 0x80 | payload_type)  # by marker bit
         self._tail_key = (tuple(sorted(ext_ids.items())), mid)
         self._mid_one_byte: bytes | None = None
@@ -150,7 +153,8 @@ class Slot:
         (A reused m-line: RFC 3550 keeps one sequence-number space and one packet count per
         SSRC, so the new source continues them, as after a change of source.)
         """
-        self.cache = previous.cache
+        if self.cache is not None and previous.cache is not None:
+            self.cache = previous.cache
         self.last_out_seq = previous.last_out_seq
         self.last_out_ts = previous.last_out_ts
         self.last_out_time = previous.last_out_time
@@ -207,7 +211,9 @@ class Slot:
             _pack_header(tail[0], self._b1[header.marker], out_seq, out_ts, self.ssrc),
             tail[1],
         )
-        self.cache[out_seq % CACHE_SIZE] = packet
+        cache = self.cache
+        if cache is not None:
+            cache[out_seq % CACHE_SIZE] = packet
         if out_ext > self.last_out_seq:
             self.last_out_seq = out_ext
             self.last_out_ts = out_ts
@@ -254,6 +260,8 @@ class Slot:
     def retransmit(self, seqs: list[int]) -> None:
         """Answer a subscriber's NACK from the cache (RFC 4585 §6.2.1)."""
         self.metrics.nacks_received += len(seqs)
+        if self.cache is None:
+            return
         for seq in seqs:
             packet = self.cache[seq % CACHE_SIZE]
             if packet is not None and (packet[0][2] << 8 | packet[0][3]) == seq:

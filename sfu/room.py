@@ -352,6 +352,9 @@ class Participant:
             send=self._send_raw,
             metrics=self.metrics,
             send_parts=self._send_raw,
+            nack=any(
+                fb.type == "nack" and not fb.parameter for fb in params.codecs[0].rtcpFeedback
+            ),
         )
         retired = self.retired_slots.pop(ssrc, None)
         if retired is not None:

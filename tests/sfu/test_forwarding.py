@@ -178,6 +178,28 @@ def test_subscriber_nack_is_answered_from_the_cache() -> None:
     assert slot.metrics.retransmissions_sent == 1
 
 
+def test_a_slot_without_nack_keeps_no_cache_and_ignores_nacks() -> None:
+    source, _ = make_source(kind="audio")
+    down = Sink()
+    slot = Slot(
+        subscriber="sub",
+        kind="audio",
+        ssrc=7777,
+        mid="5",
+        payload_type=111,
+        ext_ids={URI_MID: 9},
+        send=down,
+        metrics=source.metrics,
+        nack=False,
+    )
+    slot.attach(source)
+    source.handle_rtp(rtp_packet(10, 960, b"opus", ssrc=1111, pt=111), now=0.0)
+    assert len(down.packets) == 1 and slot.cache is None
+    slot.retransmit([parse_rtp(down.packets[0]).sequence_number])
+    assert len(down.packets) == 1
+    assert source.metrics.nacks_received == 1 and source.metrics.retransmissions_sent == 0
+
+
 def test_upstream_gap_is_nacked_and_rtx_repair_forwarded() -> None:
     source, up = make_source()
     slot, down = make_slot()
