@@ -62,6 +62,10 @@ from .safety import safety_code
 
 log = logging.getLogger(__name__)
 
+# Seconds before calling the SFU again after a media session ended, doubling up to the maximum.
+MEDIA_RETRY_FIRST = 1.0
+MEDIA_RETRY_MAX = 30.0
+
 STATE_FORMAT = "conclave-participant"
 STATE_VERSION = 1
 KEY_PACKAGE_TARGET = 4
@@ -785,11 +789,50 @@ class Participant:
             raise ConclaveError(f"the SFU refused {self.name}: {exc}") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise ServiceUnavailable(f"cannot reach the SFU at {self.sfu_url}: {exc}") from None
+        self._spawn(self._follow_media_session(self.sfu))
+
+    async def _follow_media_session(self, client: SFUClient) -> None:
+        """Read the SFU session's events to its end and, if it ends while this participant is
+        still in the call (the SFU restarted, the media connection failed), call in again.
+
+        Retries with a growing delay; stops once the delivery service says this participant is
+        no longer a member.
+        """
+        reason = "the SFU closed the connection"
+        while True:
+            event = await client.events.get()
+            if event.get("type") == "error" and event.get("code") == "session-ended":
+                reason = str(event.get("message") or reason)
+            elif event.get("type") == "closed":
+                break
+        if self.sfu is not client:
+            return
+        log.warning("%s: the media session ended (%s); calling in again", self.name, reason)
+        with contextlib.suppress(Exception):
+            await client.close()
+        delay = MEDIA_RETRY_FIRST
+        while True:
+            try:
+                await self.connect_media(e2ee=self.e2ee)
+            except NotInGroup as exc:
+                log.warning("%s: not calling in again: %s", self.name, exc)
+                return
+            except (ConclaveError, RequestFailed, aiohttp.ClientError, OSError) as exc:
+                log.warning("%s: cannot call in again (%s); next try in %.0f s", self.name, exc,
+                            delay)
+            else:
+                log.info("%s: back in the media session", self.name)
+                return
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, MEDIA_RETRY_MAX)
 
     def open_media(self) -> list[MediaStreamTrack]:
         """Open the media source (once): call it before joining to fail on a bad file or device
-        before the group gains a member that cannot publish."""
-        if self._tracks is None:
+        before the group gains a member that cannot publish.
+
+        Opened again once its tracks ended: aiortc stops a sender's track when its peer
+        connection closes, so a new media session needs new tracks (a file restarts)."""
+        if self._tracks is None or any(t.readyState == "ended" for t in self._tracks):
             self._tracks, self._player = self.media.tracks()
         return self._tracks
 

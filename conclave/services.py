@@ -43,6 +43,7 @@ class Services:
     service: DeliveryService | None = None
     sfu: SFUServer | None = None
     _runners: list[web.AppRunner] = field(default_factory=list)
+    _sfu_runner: web.AppRunner | None = None
 
     async def start(self) -> None:
         if self.host in ("127.0.0.1", "localhost"):
@@ -66,6 +67,7 @@ class Services:
         try:
             ds_port = await self._serve(make_app(self.service, manage_storage=False), self.ds_port)
             sfu_port = await self._serve(self.sfu.app(), self.sfu_port)
+            self._sfu_runner = self._runners[-1]
         except OSError as exc:
             await self.stop()
             raise ServiceUnavailable(
@@ -83,6 +85,17 @@ class Services:
         server = site._server
         assert server is not None
         return int(server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+
+    async def restart_sfu(self) -> None:
+        """Stop the SFU (ending every media session) and start a fresh one on the same port."""
+        if self._sfu_runner is None or self.sfu is None:
+            raise ServiceUnavailable("the services are not running")
+        await self._sfu_runner.cleanup()
+        self._runners.remove(self._sfu_runner)
+        port = urlsplit(self.sfu_url).port or 0
+        self.sfu = SFUServer(self.sfu.config)
+        await self._serve(self.sfu.app(), port)
+        self._sfu_runner = self._runners[-1]
 
     async def stop(self) -> None:
         for runner in reversed(self._runners):

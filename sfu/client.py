@@ -31,6 +31,7 @@ from sfu.errors import Redirect, SignallingError
 logger = logging.getLogger(__name__)
 
 TrackCallback = Callable[[MediaStreamTrack, RTCRtpTransceiver, dict[str, str]], None]
+MAX_EVENTS = 1000  # pushed signalling messages kept for `next_event` / `events`
 
 
 class SFUClient:
@@ -133,11 +134,18 @@ class SFUClient:
                 if message.get("type") == "offer":
                     await self._answer(message)
                 else:
-                    await self.events.put(message)
+                    self._push(message)
             except Exception as exc:  # a bad offer must not silently stop the reader
                 logger.exception("%r could not handle a signalling message", self)
-                await self.events.put({"type": "client-error", "message": str(exc)})
-        await self.events.put({"type": "closed"})
+                self._push({"type": "client-error", "message": str(exc)})
+        self._push({"type": "closed"})
+
+    def _push(self, event: dict[str, Any]) -> None:
+        # Speaker and membership events keep coming for the whole call: a caller that does not
+        # read them loses the oldest, instead of this client growing without bound.
+        if self.events.qsize() >= MAX_EVENTS:
+            self.events.get_nowait()
+        self.events.put_nowait(event)
 
     async def _answer(self, message: dict[str, Any]) -> None:
         self.streams.update(message.get("streams", {}))
