@@ -235,3 +235,16 @@ def test_the_message_limit_grows_with_the_room_size_unless_set() -> None:
     assert limit(64, max_message_bytes=4096) == 4096  # set explicitly: kept
     with pytest.raises(ConfigError, match="at least 1024"):
         limit(2, max_message_bytes=100)
+
+
+async def test_unread_events_are_bounded_and_the_oldest_go() -> None:
+    from sfu.client import MAX_EVENTS
+
+    client = SFUClient("http://127.0.0.1:9/v1/signal", "room", "idle", "token")
+    try:
+        for i in range(MAX_EVENTS + 5):
+            client._push({"type": "speaker", "identity": f"p{i}"})
+        assert client.events.qsize() == MAX_EVENTS
+        assert client.events.get_nowait()["identity"] == "p5"
+    finally:
+        await client.close()
