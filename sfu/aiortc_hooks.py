@@ -22,7 +22,8 @@ short-circuits aiortc's media pipeline. The internals relied upon (aiortc 1.16.0
   replaces them per instance with functions that only record the parameters, so no stock RTP/RTCP
   tasks run (they would send sender reports with zero timestamps) and no decoder thread starts.
 - `RTCRtpSender._ssrc`: the SSRC advertised in the SFU's SDP (`a=ssrc`), written into forwarded
-  packets because aiortc receivers route by SSRC and payload type.
+  packets because aiortc receivers route by SSRC and payload type; it and `_rtx_ssrc` are
+  replaced (`renew_sender_ssrc`) when a reused m-line starts carrying another stream.
 - Fast receive path (`_receive_directly`): aioice's `StunProtocol.datagram_received` and
   `Connection.data_received` are replaced per instance; SRTP and SRTCP are unprotected with
   `RTCDtlsTransport._rx_srtp` through the same cffi calls, and handed to the SFU synchronously.
@@ -51,6 +52,7 @@ import aiortc
 from aiortc import RTCDtlsTransport, RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver
 from aiortc.rtcdtlstransport import State
 from aiortc.rtcrtpparameters import RTCRtpReceiveParameters, RTCRtpSendParameters
+from aiortc.utils import random32
 from pylibsrtp import Session
 from pylibsrtp._binding import ffi, lib
 
@@ -309,6 +311,16 @@ def renew_receiver(transceiver: RTCRtpTransceiver) -> None:
     receiver = RTCRtpReceiver(transceiver.kind, transceiver.receiver.transport)
     receiver._set_rtcp_ssrc(transceiver.sender._ssrc)
     transceiver._RTCRtpTransceiver__receiver = receiver  # type: ignore[attr-defined]
+
+
+def renew_sender_ssrc(sender: RTCRtpSender) -> None:
+    """New random SSRCs (media and RTX) for a sender whose m-line will carry another stream.
+
+    The next offer advertises them (`a=ssrc`, written from these attributes by
+    `create_media_description_for_transceiver`, `rtcpeerconnection.py:240-250`).
+    """
+    sender._ssrc = random32()
+    sender._rtx_ssrc = random32()
 
 
 def sender_ssrc(sender: RTCRtpSender) -> int:

@@ -146,21 +146,6 @@ class Slot:
             if source.kind == "video":
                 source.request_keyframe()
 
-    def continue_from(self, previous: Slot) -> None:
-        """Take over the output numbering, counts and NACK cache of an earlier slot with the
-        same SSRC.
-
-        (A reused m-line: RFC 3550 keeps one sequence-number space and one packet count per
-        SSRC, so the new source continues them, as after a change of source.)
-        """
-        if self.cache is not None and previous.cache is not None:
-            self.cache = previous.cache
-        self.last_out_seq = previous.last_out_seq
-        self.last_out_ts = previous.last_out_ts
-        self.last_out_time = previous.last_out_time
-        self.packets_sent = previous.packets_sent
-        self.octets_sent = previous.octets_sent
-
     def _start(self, header: RtpHeader, in_seq: int, now: float) -> None:
         if self.last_out_seq < 0:
             out_seq = random.randrange(1 << 15)

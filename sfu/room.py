@@ -7,13 +7,14 @@ those m-lines; every later m-line is a downstream slot (sendonly on the SFU side
 
 When a source ends, its slots' m-lines are made inactive (after an RTCP BYE), and once the
 subscriber has answered that, the m-line is free: the next source of the same kind gets it
-(sendonly again, under the same SSRC, numbering continued) instead of a new m-line. Without this,
-every leave would add m-lines for good, and an SDP answer grows by about 1.2 kB per m-line: a
-participant who stayed while 25 others came and went could no longer answer within the 64 kB
-message limit. The offer's `streams` names each m-line's publisher; an aiortc client must give
-a reused m-line a fresh receiver, as `sfu.client.SFUClient` does (aiortc never starts a second
-track on a transceiver); browsers fire "track" again by themselves when a transceiver turns
-back to receiving (WebRTC 1.0, the [[FiredDirection]] rules of setRemoteDescription).
+(sendonly again, under new SSRCs, so that a late BYE for the old stream cannot end the new one)
+instead of a new m-line. Without this, every leave would add m-lines for good, and an SDP answer
+grows by about 1.2 kB per m-line: a participant who stayed while 25 others came and went could
+no longer answer within the 64 kB message limit. The offer's `streams` names each m-line's
+publisher; an aiortc client must give a reused m-line a fresh receiver, as `sfu.client.SFUClient`
+does (aiortc never starts a second track on a transceiver); browsers fire "track" again by
+themselves when a transceiver turns back to receiving (WebRTC 1.0, the [[FiredDirection]] rules
+of setRemoteDescription).
 
 A publisher that restarts a stream under a new SSRC on the same m-line keeps every subscriber's
 slot: the SFU finds the m-line by the mid header extension and the slot continues its numbering.
@@ -114,9 +115,9 @@ class Participant:
         self.sources: dict[str, SourceStream] = {}  # by publisher-side mid
         self.sources_by_ssrc: dict[int, SourceStream] = {}
         self.slots_by_ssrc: dict[int, Slot] = {}
-        # slots whose source ended, by SSRC: a reused m-line continues their numbering
-        self.retired_slots: dict[int, Slot] = {}
         self.slot_sources: dict[RTCRtpTransceiver, SourceStream | None] = {}
+        # slot m-lines whose source ended, once the subscriber has answered them inactive
+        self._free_m_lines: list[RTCRtpTransceiver] = []
         self.stream_info: dict[str, dict[str, str]] = {}  # mid -> {"identity", "kind"}
         self._send_raw: Callable[..., None] | None = None
         self._negotiating = False
@@ -172,15 +173,17 @@ class Participant:
             return
         self._negotiating = True
         self._renegotiate = False
+        # What the offer's sendonly m-lines carry, taken with the directions the offer encodes:
+        # a source may end while the offer is being made, and "streams" must match the SDP.
+        feeding = [(t, source) for t, source in self.slot_sources.items() if source is not None]
         try:
             offer = await self.pc.createOffer()
             await self.pc.setLocalDescription(offer)
-            for transceiver, source in self.slot_sources.items():
-                if transceiver.mid is not None and source is not None:
-                    self.stream_info[transceiver.mid] = {
-                        "identity": source.publisher,
-                        "kind": source.kind,
-                    }
+            self.stream_info = {
+                t.mid: {"identity": source.publisher, "kind": source.kind}
+                for t, source in feeding
+                if t.mid is not None
+            }
             # A client that never answers would hold its seat and never get new streams.
             self._cancel_answer_timer()
             self._answer_overdue = asyncio.get_running_loop().call_later(
@@ -210,6 +213,13 @@ class Participant:
         self._cancel_answer_timer()
         if self._closed or self.pc.signalingState == "closed":
             return
+        for transceiver, fed_by in self.slot_sources.items():
+            if (
+                fed_by is None
+                and transceiver.currentDirection == "inactive"
+                and transceiver not in self._free_m_lines
+            ):
+                self._free_m_lines.append(transceiver)
         for transceiver in self.pc.getTransceivers():
             transport = transceiver.receiver.transport
             if aiortc_hooks.hook_transport(
@@ -308,6 +318,9 @@ class Participant:
             return
         transceiver = self._free_m_line(source.kind)
         if transceiver is not None:
+            # New SSRCs: a BYE for the old stream that reaches the client late (RTCP and
+            # signalling travel apart) must not end the new one.
+            aiortc_hooks.renew_sender_ssrc(transceiver.sender)
             transceiver.direction = "sendonly"
             self.slot_sources[transceiver] = source
             return
@@ -320,18 +333,17 @@ class Participant:
         )
 
     def _free_m_line(self, kind: str) -> RTCRtpTransceiver | None:
-        """A slot m-line of this kind whose source ended and whose inactivity is negotiated.
+        """Take a slot m-line of this kind whose source ended and whose inactivity the subscriber
+        has answered since (see `handle_answer`).
 
-        Only once the subscriber has answered the inactive offer may the m-line carry another
-        stream: the client has then ended the old track, and sees the next one as new.
+        Only then may the m-line carry another stream: the client has ended the old track and
+        sees the next one as new. (Not merely "currentDirection is inactive": an m-line given to
+        a source that ended again before the offer was answered still shows the inactive state
+        of the answer before, and reusing it then would switch its stream under the client.)
         """
-        for transceiver, fed_by in self.slot_sources.items():
-            if (
-                fed_by is None
-                and transceiver.kind == kind
-                and transceiver.direction == "inactive"
-                and transceiver.currentDirection == "inactive"
-            ):
+        for transceiver in self._free_m_lines:
+            if transceiver.kind == kind:
+                self._free_m_lines.remove(transceiver)
                 return transceiver
         return None
 
@@ -356,9 +368,6 @@ class Participant:
                 fb.type == "nack" and not fb.parameter for fb in params.codecs[0].rtcpFeedback
             ),
         )
-        retired = self.retired_slots.pop(ssrc, None)
-        if retired is not None:
-            slot.continue_from(retired)  # same SSRC on a reused m-line: no restart in numbering
         self.slots_by_ssrc[ssrc] = slot
         slot.attach(source)
 
@@ -373,13 +382,10 @@ class Participant:
             slot = self.slots_by_ssrc.pop(ssrc, None)
             if slot is not None:
                 slot.attach(None)
-                self.retired_slots[ssrc] = slot
                 try:
                     self._send_rtcp(rtcp.pack_bye([ssrc]))
                 except ConnectionError:
                     pass
-            if transceiver.mid is not None:
-                self.stream_info.pop(transceiver.mid, None)
             transceiver.direction = "inactive"
             changed = True
         if changed:
@@ -516,7 +522,6 @@ class Participant:
         for slot in self.slots_by_ssrc.values():
             slot.attach(None)
         self.slots_by_ssrc.clear()
-        self.retired_slots.clear()
         await self.pc.close()
 
 

@@ -139,33 +139,6 @@ def test_numbering_continues_when_the_source_behind_a_slot_changes() -> None:
     assert a.slots == [] and b.slots == [slot]
 
 
-def test_a_slot_on_a_reused_m_line_continues_the_retired_slots_numbering() -> None:
-    a, _ = make_source(ssrc=1000)
-    b, _ = make_source(ssrc=2000)
-    old, down = make_slot()
-    old.attach(a)
-    for i in range(3):
-        a.handle_rtp(rtp_packet(900 + i, 3000 * i, KEY, ssrc=1000), now=i * 0.033)
-    old.attach(None)  # a ended; later its m-line (same SSRC) is reused for b
-    new, _ = make_slot()
-    new.send = down
-    new.continue_from(old)
-    new.attach(b)
-    b.handle_rtp(rtp_packet(5, 777, KEY, ssrc=2000), now=0.5)
-    headers = [parse_rtp(p) for p in down.packets]
-    assert {h.ssrc for h in headers} == {7777}
-    assert [(h.sequence_number - headers[0].sequence_number) & 0xFFFF for h in headers] == [
-        0,
-        1,
-        2,
-        3,
-    ]
-    assert 0 < (headers[3].timestamp - headers[2].timestamp) & 0xFFFFFFFF < 1 << 31
-    assert new.packets_sent == 4 and new.octets_sent == old.octets_sent + len(KEY)
-    new.retransmit([headers[1].sequence_number])  # sent by the retired slot, same SSRC
-    assert down.packets[-1] == down.packets[1]
-
-
 def test_subscriber_nack_is_answered_from_the_cache() -> None:
     source, _ = make_source()
     slot, down = make_slot()

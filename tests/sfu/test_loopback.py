@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from sfu import rtcp
 from sfu.config import ANSWER_BYTES_PER_M_LINE
 from tests.sfu.harness import Harness, Peer, wait_until
 
@@ -124,6 +125,7 @@ async def test_m_lines_of_leavers_are_reused_and_carry_the_next_publisher(
     stay = [await harness.join(f"s{i}") for i in range(2)]
     assert await wait_until(lambda: _video_ok(stay[0], stay[1], 5), timeout=10)
     sizes = []
+    guest_ssrcs: list[dict[str, list[int]]] = []  # per guest: stayer -> SSRCs sent to it
     for i in range(3):
         guest = await harness.join(f"g{i}")
         everyone = [*stay, guest]
@@ -138,6 +140,32 @@ async def test_m_lines_of_leavers_are_reused_and_carry_the_next_publisher(
                 assert {f.publisher for f in frames} == {guest.number}  # not an earlier guest's
             assert sub.received[(guest.name, "video")].frames[0].keyframe
         sizes.append([len(s.client.pc.getTransceivers()) for s in stay])
+        room = harness.server.rooms["room"]
+        guest_ssrcs.append(
+            {
+                s.name: [
+                    ssrc
+                    for ssrc, slot in room.participants[s.name].slots_by_ssrc.items()
+                    if slot.source is not None and slot.source.publisher == guest.name
+                ]
+                for s in stay
+            }
+        )
+        if i > 0:
+            # A BYE for the previous guest's streams that reaches a stayer only now (RTCP and
+            # signalling travel apart) must not end this guest's streams on the same m-lines.
+            for s in stay:
+                old = guest_ssrcs[i - 1][s.name]
+                assert not set(old) & set(guest_ssrcs[i][s.name])  # reused under new SSRCs
+                room.participants[s.name]._send_rtcp(rtcp.pack_bye(old))
+            counts = [len(s.received[(guest.name, "video")].frames) for s in stay]
+            assert await wait_until(
+                lambda g=guest, c=counts: all(
+                    len(s.received[(g.name, "video")].frames) > n + 5
+                    for s, n in zip(stay, c, strict=True)
+                ),
+                timeout=5,
+            ), f"cycle {i}: a late BYE ended the new stream"
         await guest.client.leave()  # (the guest stays in harness.peers: numbers stay unique)
         for sub in stay:
             await sub.client.next_event("participant-left")
