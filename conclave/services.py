@@ -6,6 +6,7 @@ the delivery service keeps its state in SQLite (or PostgreSQL with a `postgresql
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass, field
@@ -86,12 +87,14 @@ class Services:
         assert server is not None
         return int(server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
 
-    async def restart_sfu(self) -> None:
-        """Stop the SFU (ending every media session) and start a fresh one on the same port."""
+    async def restart_sfu(self, down_for: float = 0.0) -> None:
+        """Stop the SFU (ending every media session) and, `down_for` seconds later, start a
+        fresh one on the same port."""
         if self._sfu_runner is None or self.sfu is None:
             raise ServiceUnavailable("the services are not running")
         await self._sfu_runner.cleanup()
         self._runners.remove(self._sfu_runner)
+        await asyncio.sleep(down_for)
         port = urlsplit(self.sfu_url).port or 0
         self.sfu = SFUServer(self.sfu.config)
         await self._serve(self.sfu.app(), port)

@@ -18,8 +18,9 @@ def _decodes(p: Participant, publisher: str, not_this: RemoteTrack | None = None
     return remote is not None and remote is not not_this and remote.decoded > 0
 
 
+@pytest.mark.parametrize("down_for", [0.0, 2.5], ids=["at-once", "after-2.5s"])
 async def test_participants_call_in_again_after_the_sfu_restarts(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, down_for: float
 ) -> None:
     services = Services(db=str(tmp_path / "ds.sqlite3"))
     await services.start()
@@ -40,7 +41,7 @@ async def test_participants_call_in_again_after_the_sfu_restarts(
                   for p in people}
 
         with caplog.at_level(logging.WARNING, logger="conclave.participant"):
-            await services.restart_sfu()  # every media session ends
+            await services.restart_sfu(down_for)  # every media session ends
             assert await until(
                 lambda: _decodes(alice, "bob", before["alice"][1])
                 and _decodes(bob, "alice", before["bob"][1]),
@@ -48,6 +49,8 @@ async def test_participants_call_in_again_after_the_sfu_restarts(
             )
         assert alice.sfu is not before["alice"][0] and bob.sfu is not before["bob"][0]
         assert "the media session ended" in caplog.text
+        if down_for:  # the first tries found no SFU: they were retried
+            assert "cannot call in again" in caplog.text
         assert alice.errors == [] and bob.errors == []
         assert services.sfu is not None and services.sfu.metrics.participants() == 2
     finally:
