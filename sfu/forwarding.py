@@ -41,7 +41,7 @@ SendFn = Callable[[bytes], None]
 # into its SRTP buffer, which saves concatenating them into one more packet-sized object per copy.
 SendPartsFn = Callable[[bytes, bytes], None]
 
-CACHE_SIZE = 512  # packets per slot kept for NACKs (about 2 s of 500 kbit/s video)
+CACHE_SIZE = 512  # packets per source kept for NACKs (about 2 s of 500 kbit/s video)
 MAX_MISSING = 256  # upstream sequence numbers tracked as missing at most
 NACK_RETRIES = 3
 NACK_RETRY_INTERVAL = 0.05
@@ -78,7 +78,7 @@ class Slot:
         "packets_sent",
         "octets_sent",
         "remb",
-        "cache",
+        "nack",
         "_b1",
         "_tail_key",
         "_mid_one_byte",
@@ -120,10 +120,9 @@ class Slot:
         self.octets_sent = 0
         # the subscriber's latest REMB (bit/s) and when it came, relayed upstream by the source
         self.remb: tuple[int, float] | None = None
-        # (fixed header, rest) of the packets sent, by output sequence number modulo CACHE_SIZE;
-        # None if the subscriber did not negotiate NACK for this m-line (Opus, as aiortc and
-        # browsers offer it): it will never ask for a packet again
-        self.cache: list[tuple[bytes, bytes] | None] | None = [None] * CACHE_SIZE if nack else None
+        # whether the subscriber negotiated NACK for this m-line (not for Opus, as aiortc and
+        # browsers offer it); lost packets are rebuilt from the source's history
+        self.nack = nack
         self._b1 = (payload_type, 0x80 | payload_type)  # by marker bit
         self._tail_key = (tuple(sorted(ext_ids.items())), mid)
         self._mid_one_byte: bytes | None = None
@@ -196,9 +195,6 @@ class Slot:
             _pack_header(tail[0], self._b1[header.marker], out_seq, out_ts, self.ssrc),
             tail[1],
         )
-        cache = self.cache
-        if cache is not None:
-            cache[out_seq % CACHE_SIZE] = packet
         if out_ext > self.last_out_seq:
             self.last_out_seq = out_ext
             self.last_out_ts = out_ts
@@ -243,18 +239,33 @@ class Slot:
         return b"".join(parts)
 
     def retransmit(self, seqs: list[int]) -> None:
-        """Answer a subscriber's NACK from the cache (RFC 4585 §6.2.1)."""
+        """Answer a subscriber's NACK (RFC 4585 §6.2.1) from the source's history.
+
+        A lost copy is rebuilt, byte for byte, from the packet the source keeps: a slot keeps
+        nothing of its own (slots of one packet rarely share bytes: each subscriber's m-line has
+        its own mid). Packets from before the current source was attached are not resent.
+        """
         self.metrics.nacks_received += len(seqs)
-        if self.cache is None:
+        source = self.source
+        if not self.nack or source is None or not self.started:
             return
+        last = self.last_out_seq
         for seq in seqs:
-            packet = self.cache[seq % CACHE_SIZE]
-            if packet is not None and (packet[0][2] << 8 | packet[0][3]) == seq:
-                self.metrics.retransmissions_sent += 1
-                try:
-                    self.send_packet(packet)
-                except ConnectionError:
-                    return
+            in_seq = last - ((last - seq) & 0xFFFF) - self.seq_offset
+            if in_seq < self.first_in_seq:
+                continue
+            kept = source.history[in_seq % CACHE_SIZE]
+            if kept is None or kept[0] != in_seq:
+                continue  # too old, or never received
+            _, header, payload, elements = kept
+            b0, rest = self._tail(header, payload, elements)
+            out_ts = (header.timestamp + self.ts_offset) & 0xFFFFFFFF
+            head = _pack_header(b0, self._b1[header.marker], seq, out_ts, self.ssrc)
+            self.metrics.retransmissions_sent += 1
+            try:
+                self.send_packet((head, rest))
+            except ConnectionError:
+                return
 
     def send_packet(self, packet: tuple[bytes, bytes]) -> None:
         """Send one prepared packet, in two parts when the sender takes them."""
@@ -340,6 +351,11 @@ class SourceStream:
         self.last_sr_time: float = 0.0
         # upstream loss repair: extended seq -> (time first missed, NACKs sent)
         self.missing: dict[int, tuple[float, int]] = {}
+        # the last packets received, by extended sequence number modulo CACHE_SIZE, for the
+        # slots' NACKs: (extended seq, header, payload, extension elements by URI)
+        self.history: list[tuple[int, RtpHeader, bytes, list[tuple[str, bytes]]] | None] = [
+            None
+        ] * CACHE_SIZE
 
     def restart(self, ssrc: int) -> None:
         """The publisher restarted this stream under a new SSRC on the same m-line.
@@ -397,6 +413,7 @@ class SourceStream:
                     self.on_audio_level(level[1])
             elements.append((uri, value))
         payload = data[header.payload_offset :]
+        self.history[in_seq % CACHE_SIZE] = (in_seq, header, payload, elements)
         ext_cache: dict[Any, tuple[int, bytes]] = {}
         sent = sent_bytes = 0
         for slot in list(self.slots):

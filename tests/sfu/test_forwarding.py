@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 from sfu import rtcp
-from sfu.forwarding import Slot, SourceStream
+from sfu.forwarding import CACHE_SIZE, Slot, SourceStream
 from sfu.metrics import Metrics
 from sfu.rtp import (
     URI_ABS_SEND_TIME,
@@ -151,7 +151,44 @@ def test_subscriber_nack_is_answered_from_the_cache() -> None:
     assert slot.metrics.retransmissions_sent == 1
 
 
-def test_a_slot_without_nack_keeps_no_cache_and_ignores_nacks() -> None:
+def test_nacks_are_rebuilt_from_the_source_history_for_the_current_source_only() -> None:
+    a, _ = make_source(ssrc=1000)
+    b, _ = make_source(ssrc=2000)
+    slot, down = make_slot()
+    slot.attach(a)
+    ext = [(1, b"0"), (3, b"\x01\x02\x03")]
+    for i in range(4):
+        a.handle_rtp(rtp_packet(700 + i, 3000 * i, KEY, ssrc=1000, ext=ext, marker=i % 2), now=0.0)
+    sent = list(down.packets)
+    seqs = [parse_rtp(p).sequence_number for p in sent]
+    slot.retransmit([seqs[1], seqs[2]])  # rebuilt byte for byte, marker bit included
+    assert down.packets[4:] == [sent[1], sent[2]]
+    # a copy older than the source's history is not resent
+    for i in range(4, 4 + CACHE_SIZE):
+        a.handle_rtp(rtp_packet(700 + i, 3000 * i, DELTA, ssrc=1000), now=0.0)
+    count = len(down.packets)
+    slot.retransmit([seqs[0]])
+    assert len(down.packets) == count
+    # after a change of source, the old source's packets are not resent (nor another packet
+    # that happens to sit at the mapped place of the new source's history)
+    last_of_a = parse_rtp(down.packets[-1]).sequence_number
+    slot.attach(b)
+    b.handle_rtp(rtp_packet(5, 777, KEY, ssrc=2000), now=1.0)
+    count = len(down.packets)
+    slot.retransmit([last_of_a, (last_of_a - 1) & 0xFFFF])
+    assert len(down.packets) == count
+    first_of_b = parse_rtp(down.packets[-1]).sequence_number
+    slot.retransmit([first_of_b])
+    assert down.packets[-1] == down.packets[-2]
+    # a restart under a new SSRC forgets the history of the old one
+    b.restart(2001)
+    b.handle_rtp(rtp_packet(6, 3777, KEY, ssrc=2001), now=1.1)
+    count = len(down.packets)
+    slot.retransmit([first_of_b])
+    assert len(down.packets) == count
+
+
+def test_a_slot_without_nack_ignores_nacks() -> None:
     source, _ = make_source(kind="audio")
     down = Sink()
     slot = Slot(
@@ -167,7 +204,7 @@ def test_a_slot_without_nack_keeps_no_cache_and_ignores_nacks() -> None:
     )
     slot.attach(source)
     source.handle_rtp(rtp_packet(10, 960, b"opus", ssrc=1111, pt=111), now=0.0)
-    assert len(down.packets) == 1 and slot.cache is None
+    assert len(down.packets) == 1 and not slot.nack
     slot.retransmit([parse_rtp(down.packets[0]).sequence_number])
     assert len(down.packets) == 1
     assert source.metrics.nacks_received == 1 and source.metrics.retransmissions_sent == 0

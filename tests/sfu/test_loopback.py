@@ -190,12 +190,9 @@ async def test_m_lines_of_leavers_are_reused_and_carry_the_next_publisher(
         assert len(answer.encode()) < 6 * ANSWER_BYTES_PER_M_LINE * 0.75
     sfu_side = harness.server.rooms["room"].participants.values()
     assert all(len(p.pc.getTransceivers()) == 6 for p in sfu_side)
-    # aiortc negotiates NACK for VP8, not for Opus: only video slots keep a packet cache
+    # aiortc negotiates NACK for VP8, not for Opus: only video slots answer NACKs
     slots = [slot for p in sfu_side for slot in p.slots_by_ssrc.values()]
-    assert {(slot.kind, slot.cache is None) for slot in slots} == {
-        ("audio", True),
-        ("video", False),
-    }
+    assert {(slot.kind, slot.nack) for slot in slots} == {("audio", False), ("video", True)}
     assert _receivers_reporting() == 2 * 2  # the guests' old receivers were stopped
 
 
