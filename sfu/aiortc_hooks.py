@@ -180,7 +180,8 @@ def _receive_directly(
         ) -> None:
             # RTP/RTCP is never STUN (RFC 7983 §7): skip the STUN parse attempt.
             if len(data) > 12 and 127 < data[0] < 192:
-                data_received(data, component)  # type: ignore[arg-type]
+                if not take(data):  # type: ignore[arg-type]
+                    stock_data_received(data, component)
             else:
                 stock(data, addr)
 

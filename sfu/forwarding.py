@@ -168,13 +168,13 @@ class Slot:
         keyframe: bool,
         elements: list[tuple[str, bytes]],
         now: float,
-        ext_cache: dict[Any, tuple[int, bytes]],
+        tails: dict[Any, tuple[int, bytes]],
     ) -> tuple[bytes, bytes] | None:
         """Rewrite one packet for this subscriber: (fixed header, rest), or None if it must not
         be sent (keyframe gate, too old).
 
-        `ext_cache` is shared by the slots of one incoming packet: slots with the same extension
-        IDs and mid reuse one serialized packet tail, and only the fixed header differs.
+        `tails` is shared by the slots of one incoming packet: slots with the same extension IDs
+        and mid reuse one serialized packet tail, and only the fixed header differs.
         """
         if not self.started:
             if self.kind == "video" and not keyframe:
@@ -188,9 +188,9 @@ class Slot:
         # Everything after the fixed header (CSRCs, extensions, payload) depends only on the
         # packet and this slot's extension IDs and mid: slots sharing those share one copy.
         key = self._tail_key
-        tail = ext_cache.get(key)
+        tail = tails.get(key)
         if tail is None:
-            tail = ext_cache[key] = self._tail(header, payload, elements)
+            tail = tails[key] = self._tail(header, payload, elements)
         packet = (
             _pack_header(tail[0], self._b1[header.marker], out_seq, out_ts, self.ssrc),
             tail[1],
@@ -414,10 +414,10 @@ class SourceStream:
             elements.append((uri, value))
         payload = data[header.payload_offset :]
         self.history[in_seq % CACHE_SIZE] = (in_seq, header, payload, elements)
-        ext_cache: dict[Any, tuple[int, bytes]] = {}
+        tails: dict[Any, tuple[int, bytes]] = {}
         sent = sent_bytes = 0
         for slot in list(self.slots):
-            packet = slot.prepare(header, payload, in_seq, keyframe, elements, now, ext_cache)
+            packet = slot.prepare(header, payload, in_seq, keyframe, elements, now, tails)
             if packet is None:
                 continue
             sent += 1

@@ -118,7 +118,6 @@ class Participant:
         self.slot_sources: dict[RTCRtpTransceiver, SourceStream | None] = {}
         # slot m-lines whose source ended, once the subscriber has answered them inactive
         self._free_m_lines: list[RTCRtpTransceiver] = []
-        self.stream_info: dict[str, dict[str, str]] = {}  # mid -> {"identity", "kind"}
         self._send_raw: Callable[..., None] | None = None
         self._negotiating = False
         self._renegotiate = False
@@ -179,7 +178,7 @@ class Participant:
         try:
             offer = await self.pc.createOffer()
             await self.pc.setLocalDescription(offer)
-            self.stream_info = {
+            streams = {  # mid -> publisher
                 t.mid: {"identity": source.publisher, "kind": source.kind}
                 for t, source in feeding
                 if t.mid is not None
@@ -190,7 +189,7 @@ class Participant:
                 self.config.answer_timeout, self._no_answer
             )
             await self.send_json(
-                {"type": "offer", "sdp": self.pc.localDescription.sdp, "streams": self.stream_info}
+                {"type": "offer", "sdp": self.pc.localDescription.sdp, "streams": streams}
             )
         except (ConnectionError, InvalidStateError, RuntimeError) as exc:
             logger.debug("no offer to %r: %s", self.identity, exc)

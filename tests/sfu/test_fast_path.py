@@ -68,12 +68,19 @@ async def _unused(data: bytes) -> None:
     raise AssertionError("the stock path was used")
 
 
-def test_rtp_is_unprotected_and_handed_over_inside_datagram_received() -> None:
+def _hooked() -> tuple[_Connection, SimpleNamespace, list[bytes], list[bytes]]:
+    """A connected fake transport hooked with synchronous handlers: (connection, transport,
+    RTP received, RTCP received)."""
     connection = _Connection()
     transport = _transport(connection)
     got: list[bytes] = []
     rtcp_got: list[bytes] = []
     assert hook_transport(transport, _unused, _unused, got.append, rtcp_got.append)  # type: ignore[arg-type]
+    return connection, transport, got, rtcp_got
+
+
+def test_rtp_is_unprotected_and_handed_over_inside_datagram_received() -> None:
+    connection, transport, got, rtcp_got = _hooked()
     tx = _session(True)
     protocol = connection._protocols[0]
     protocol.datagram_received(tx.protect(_rtp(1)), ("127.0.0.1", 9))
@@ -84,11 +91,7 @@ def test_rtp_is_unprotected_and_handed_over_inside_datagram_received() -> None:
 
 
 def test_everything_but_connected_srtp_and_srtcp_takes_the_stock_path() -> None:
-    connection = _Connection()
-    transport = _transport(connection)
-    got: list[bytes] = []
-    rtcp_got: list[bytes] = []
-    hook_transport(transport, _unused, _unused, got.append, rtcp_got.append)  # type: ignore[arg-type]
+    connection, transport, got, rtcp_got = _hooked()
     tx = _session(True)
     protocol = connection._protocols[0]
     stun = b"\x00\x01\x00\x00" + bytes(16)
@@ -111,11 +114,7 @@ def test_without_synchronous_handlers_everything_takes_the_stock_path() -> None:
 
 
 def test_rtp_failing_authentication_is_dropped() -> None:
-    connection = _Connection()
-    transport = _transport(connection)
-    got: list[bytes] = []
-    rtcp_got: list[bytes] = []
-    hook_transport(transport, _unused, _unused, got.append, rtcp_got.append)  # type: ignore[arg-type]
+    connection, transport, got, rtcp_got = _hooked()
     forged = bytearray(_session(True).protect(_rtp(1)))
     forged[20] ^= 1
     connection._protocols[0].datagram_received(bytes(forged), ("127.0.0.1", 9))
