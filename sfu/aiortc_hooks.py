@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -53,12 +54,29 @@ from aiortc import RTCDtlsTransport, RTCRtpReceiver, RTCRtpSender, RTCRtpTransce
 from aiortc.rtcdtlstransport import State
 from aiortc.rtcrtpparameters import RTCRtpReceiveParameters, RTCRtpSendParameters
 from aiortc.utils import random32
+from pylibsrtp import Error as SrtpError
 from pylibsrtp import Session
 from pylibsrtp._binding import ffi, lib
 
 from sfu.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+FAILURE_LOG_INTERVAL = 10.0  # seconds between logged tracebacks of packets the SFU failed on
+_failures = {"last": -FAILURE_LOG_INTERVAL, "quiet": 0}
+
+
+def _log_failure(what: str) -> None:
+    """Log the current exception, at most once per FAILURE_LOG_INTERVAL: a peer that keeps
+    sending a packet the SFU trips on must not flood the log."""
+    now = time.monotonic()
+    if now - _failures["last"] < FAILURE_LOG_INTERVAL:
+        _failures["quiet"] += 1
+        return
+    quiet, _failures["quiet"], _failures["last"] = _failures["quiet"], 0, now
+    logger.exception(
+        "dropped %s the SFU failed to handle (%d more since the last report)", what, quiet
+    )
+
 
 SUPPORTED_AIORTC = "1.16."
 # pylibsrtp Session buffers are 1500 bytes; leave room for the longest SRTCP trailer.
@@ -105,13 +123,13 @@ def hook_transport(
         try:
             await on_rtp(data)
         except Exception:
-            logger.exception("dropped an RTP packet the SFU failed to handle")
+            _log_failure("an RTP packet")
 
     async def handle_rtcp_data(data: bytes) -> None:
         try:
             await on_rtcp(data)
         except Exception:
-            logger.exception("dropped an RTCP packet the SFU failed to handle")
+            _log_failure("an RTCP packet")
 
     transport._handle_rtp_data = handle_rtp_data  # type: ignore[method-assign]
     transport._handle_rtcp_data = handle_rtcp_data  # type: ignore[method-assign]
@@ -160,7 +178,7 @@ def _receive_directly(
         try:
             (on_rtcp if rtcp else on_rtp)(buffer[0 : length[0]])
         except Exception:
-            logger.exception("dropped a packet the SFU failed to handle")
+            _log_failure("a packet")
         return True
 
     def data_received(data: bytes, component: int) -> None:
@@ -236,8 +254,11 @@ def fast_sender(transport: RTCDtlsTransport) -> Callable[..., None]:
     `send(packet)`, or `send(head, rest)` for a packet in two parts, which are copied straight
     into the SRTP session's buffer (no concatenated copy per forwarded packet).
 
-    Raises ConnectionError like `_send_rtp` when DTLS is not connected or ICE has no pair, and
-    pylibsrtp.Error if protection fails. Sends with the pair's non-blocking socket itself
+    Raises ConnectionError like `_send_rtp` when DTLS is not connected or ICE has no pair. A
+    packet SRTP refuses to protect is dropped, as a lost one: libsrtp's sender keeps a replay
+    window too (RFC 3711 §3.3.2), and a publisher can make the SFU forward a packet far behind
+    the newest (one that arrives late after a burst), which the subscriber would drop anyway.
+    Sends with the pair's non-blocking socket itself
     (`_SelectorDatagramTransport._sock`), not `DatagramTransport.sendto`: a datagram the kernel
     cannot take at once (EAGAIN) or refuses (ICMP error) is dropped, as a full network would,
     instead of being queued behind the event loop.
@@ -260,7 +281,10 @@ def fast_sender(transport: RTCDtlsTransport) -> Callable[..., None]:
         if transport._tx_srtp is not session:
             session = transport._tx_srtp
             protect = srtp_protector(session)
-        protected = protect(data, rest)
+        try:
+            protected = protect(data, rest)
+        except (SrtpError, ValueError):
+            return
         current = nominated.get(1)
         if current is None:
             raise ConnectionError("Cannot send data, not connected")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -43,8 +44,16 @@ SendPartsFn = Callable[[bytes, bytes], None]
 
 CACHE_SIZE = 512  # packets per source kept for NACKs (about 2 s of 500 kbit/s video)
 MAX_MISSING = 256  # upstream sequence numbers tracked as missing at most
-NACK_RETRIES = 3
+# Upstream NACKs per lost packet, the k-th retry NACK_RETRY_INTERVAL * (2**k - 1) after the
+# loss (0, 50, 150, 350 ms): the SFU does not know the publisher's round trip, so retries back
+# off instead, and a repair is accepted whenever it comes until MISSING_GIVE_UP.
+NACK_RETRIES = 4
 NACK_RETRY_INTERVAL = 0.05
+RESEND_INTERVAL = 0.05  # a slot resends one packet at most this often, however often NACKed
+# RFC 3550 Appendix A.1: a sequence number this far ahead of, or MAX_MISORDER behind, the
+# highest is a jump; two such packets in sequence mean the sender restarted its numbering
+MAX_DROPOUT = 3000
+MAX_MISORDER = 100
 KEYFRAME_RETRY = 1.0  # seconds between PLIs while a subscriber still waits for a keyframe
 MISSING_GIVE_UP = 1.0  # seconds after which a lost upstream packet is abandoned
 REMB_INTERVAL = 1.0  # seconds between bandwidth estimates relayed to a publisher...
@@ -79,6 +88,7 @@ class Slot:
         "octets_sent",
         "remb",
         "nack",
+        "_resent",
         "_b1",
         "_tail_key",
         "_mid_one_byte",
@@ -123,6 +133,7 @@ class Slot:
         # whether the subscriber negotiated NACK for this m-line (not for Opus, as aiortc and
         # browsers offer it); lost packets are rebuilt from the source's history
         self.nack = nack
+        self._resent: dict[int, float] = {}  # output seq -> when last resent
         self._b1 = (payload_type, 0x80 | payload_type)  # by marker bit
         self._tail_key = (tuple(sorted(ext_ids.items())), mid)
         self._mid_one_byte: bytes | None = None
@@ -200,7 +211,7 @@ class Slot:
             self.last_out_ts = out_ts
             self.last_out_time = now
         self.packets_sent += 1
-        self.octets_sent += len(payload)
+        self.octets_sent += len(payload) - header.padding  # RFC 3550 §6.4.1: payload octets
         return packet
 
     def _tail(
@@ -238,19 +249,28 @@ class Slot:
             parts.append(bytes(((ext_id << 4) | (len(value) - 1),)) + value)
         return b"".join(parts)
 
-    def retransmit(self, seqs: list[int]) -> None:
+    def retransmit(self, seqs: list[int], now: float | None = None) -> None:
         """Answer a subscriber's NACK (RFC 4585 §6.2.1) from the source's history.
 
         A lost copy is rebuilt, byte for byte, from the packet the source keeps: a slot keeps
         nothing of its own (slots of one packet rarely share bytes: each subscriber's m-line has
-        its own mid). Packets from before the current source was attached are not resent.
+        its own mid). Packets from before the current source was attached are not resent. A
+        packet is resent at most once per RESEND_INTERVAL, however many times (or FCIs) it is
+        asked for: NACKs cannot multiply the SFU's output.
         """
         self.metrics.nacks_received += len(seqs)
         source = self.source
         if not self.nack or source is None or not self.started:
             return
+        if now is None:
+            now = time.monotonic()
+        resent = self._resent
+        if len(resent) > CACHE_SIZE:
+            self._resent = resent = {s: t for s, t in resent.items() if now - t < RESEND_INTERVAL}
         last = self.last_out_seq
-        for seq in seqs:
+        for seq in dict.fromkeys(seqs):
+            if now - resent.get(seq, -1e9) < RESEND_INTERVAL:
+                continue
             in_seq = last - ((last - seq) & 0xFFFF) - self.seq_offset
             if in_seq < self.first_in_seq:
                 continue
@@ -261,6 +281,7 @@ class Slot:
             b0, rest = self._tail(header, payload, elements)
             out_ts = (header.timestamp + self.ts_offset) & 0xFFFFFFFF
             head = _pack_header(b0, self._b1[header.marker], seq, out_ts, self.ssrc)
+            resent[seq] = now
             self.metrics.retransmissions_sent += 1
             try:
                 self.send_packet((head, rest))
@@ -326,6 +347,7 @@ class SourceStream:
             (i for i, uri in ext_uris.items() if uri == URI_AUDIO_LEVEL), None
         )
         self.slots: list[Slot] = []
+        self.left_ssrcs: deque[int] = deque(maxlen=8)  # SSRCs this stream restarted away from
         self._reset_reception()
         self.last_nack_time = 0.0
         self.last_pli_time = -1e9
@@ -339,6 +361,7 @@ class SourceStream:
 
     def _reset_reception(self) -> None:
         self.unwrapper = SequenceUnwrapper()
+        self._bad_seq: int | None = None  # Appendix A.1: the number that confirms a jump
         # reception statistics for receiver reports (RFC 3550 §6.4.1, Appendix A.3, A.8)
         self.base_seq: int | None = None
         self._highest_seen = 0
@@ -363,8 +386,11 @@ class SourceStream:
         (An SSRC collision, RFC 3550 §8.2, or a restarted sender; the SFU recognises the m-line
         by its mid header extension, RFC 8843 §9.2.) The new SSRC has its own sequence and
         timestamp spaces: reception state starts afresh and every slot restarts, continuing its
-        own output numbering (`Slot._start`), so subscribers keep one continuous stream.
+        own output numbering (`Slot._start`), so subscribers keep one continuous stream. Also
+        called with the same SSRC when the publisher restarted its numbering (`handle_rtp`).
         """
+        if ssrc != self.ssrc:
+            self.left_ssrcs.append(self.ssrc)  # a late packet of the old stream is not a restart
         self.ssrc = ssrc
         self._reset_reception()
         for slot in self.slots:
@@ -392,12 +418,22 @@ class SourceStream:
         except RtpParseError:
             return
         self.metrics.packets_received += 1
-        in_seq = self.unwrapper.unwrap(header.sequence_number)
+        if repair:
+            # only what is missing: a repair must never move the stream (RFC 4588 §4)
+            in_seq = self.unwrapper.extend(header.sequence_number)
+            if in_seq not in self.missing:
+                return
+        else:
+            if self._jumped(header.sequence_number):
+                return
+            in_seq = self.unwrapper.unwrap(header.sequence_number)
         if not self._account(header, in_seq, now, repair):
             return  # duplicate
         keyframe = False
         if self.kind == "video":
-            keyframe = vp8_is_keyframe(memoryview(data)[header.payload_offset :])
+            keyframe = vp8_is_keyframe(
+                memoryview(data)[header.payload_offset : len(data) - header.padding]
+            )
             if keyframe:
                 self.keyframes += 1
                 self.metrics.keyframes_seen += 1
@@ -431,8 +467,33 @@ class SourceStream:
         metrics.bytes_forwarded += sent_bytes
         self.metrics.forwarding_latency.observe(time.perf_counter() - start)
 
+    def _jumped(self, seq: int) -> bool:
+        """True if `seq` is a jump to wait on (RFC 3550 Appendix A.1, `update_seq`).
+
+        A number MAX_DROPOUT or more ahead, or more than MAX_MISORDER behind, is dropped, unless
+        it is a packet still missing; the next packet confirms a jump if it follows it, and then
+        the stream restarts from there as if under a new SSRC. Without this, a sender that
+        restarted its numbering would have every later packet taken as old until its numbers
+        passed the old ones, up to 32768 packets later.
+        """
+        highest = self.unwrapper.highest
+        if highest is None:
+            return False
+        udelta = (seq - highest) & 0xFFFF
+        if udelta < MAX_DROPOUT or udelta > 0x10000 - MAX_MISORDER:
+            return False
+        if highest - (0x10000 - udelta) in self.missing:
+            return False  # a late repair, on the media SSRC
+        if seq != self._bad_seq:
+            self._bad_seq = (seq + 1) & 0xFFFF
+            return True
+        self.restart(self.ssrc)
+        return False
+
     def _account(self, header: RtpHeader, in_seq: int, now: float, repair: bool) -> bool:
-        if self.base_seq is None:
+        if repair:
+            del self.missing[in_seq]  # `handle_rtp` took only missing numbers
+        elif self.base_seq is None:
             self.base_seq = in_seq
             self._highest_seen = in_seq
         elif in_seq > self._highest_seen:
@@ -461,16 +522,18 @@ class SourceStream:
     # --- RTCP to the publisher ------------------------------------------------------------------
 
     def send_nacks(self, now: float | None = None) -> None:
-        """NACK what is missing upstream; each sequence number at most NACK_RETRIES times."""
+        """NACK what is missing upstream, backing off (see NACK_RETRIES); forget it after
+        MISSING_GIVE_UP."""
         if not self.missing:
             return
         if now is None:
             now = time.monotonic()
         lost = []
         for seq, (first, sent) in list(self.missing.items()):
-            if now - first > MISSING_GIVE_UP or sent >= NACK_RETRIES:
+            age = now - first
+            if age > MISSING_GIVE_UP:
                 del self.missing[seq]
-            elif sent == 0 or now - first >= sent * NACK_RETRY_INTERVAL:
+            elif sent < NACK_RETRIES and age >= NACK_RETRY_INTERVAL * ((1 << sent) - 1):
                 self.missing[seq] = (first, sent + 1)
                 lost.append(seq)
         if lost:

@@ -115,6 +115,7 @@ class Participant:
         self.sources: dict[str, SourceStream] = {}  # by publisher-side mid
         self.sources_by_ssrc: dict[int, SourceStream] = {}
         self.slots_by_ssrc: dict[int, Slot] = {}
+        self._fir_seqs: dict[int, int] = {}  # slot SSRC -> last FIR sequence number from it
         self.slot_sources: dict[RTCRtpTransceiver, SourceStream | None] = {}
         # slot m-lines whose source ended, once the subscriber has answered them inactive
         self._free_m_lines: list[RTCRtpTransceiver] = []
@@ -379,6 +380,7 @@ class Participant:
             self.slot_sources[transceiver] = None
             ssrc = aiortc_hooks.sender_ssrc(transceiver.sender)
             slot = self.slots_by_ssrc.pop(ssrc, None)
+            self._fir_seqs.pop(ssrc, None)
             if slot is not None:
                 slot.attach(None)
                 try:
@@ -417,6 +419,8 @@ class Participant:
         except RtpParseError:
             return None
         for source in self.sources.values():
+            if ssrc in source.left_ssrcs:
+                return None  # a late packet of the stream before a restart: not another one
             mid = source.mid.encode()
             if not any(
                 source.ext_uris.get(ext_id) == URI_MID and value == mid
@@ -489,9 +493,14 @@ class Participant:
         if packet.fmt == rtcp.PSFB_PLI:
             targets = [packet.media_ssrc]
         elif packet.fmt == rtcp.PSFB_FIR:
-            # FIR names its targets in the FCI: SSRC(4) seq(1) reserved(3) (RFC 5104 §4.3.1.1)
+            # FIR names its targets in the FCI: SSRC(4) seq(1) reserved(3) (RFC 5104 §4.3.1.1);
+            # a repeated sequence number is a retransmission of the same request (§4.3.1.2)
             fci = packet.fci
-            targets = [int.from_bytes(fci[i : i + 4], "big") for i in range(0, len(fci) - 7, 8)]
+            for i in range(0, len(fci) - 7, 8):
+                ssrc, seq = int.from_bytes(fci[i : i + 4], "big"), fci[i + 4]
+                if self._fir_seqs.get(ssrc) != seq and ssrc in self.slots_by_ssrc:
+                    self._fir_seqs[ssrc] = seq
+                    targets.append(ssrc)
         for ssrc in targets:
             slot = self.slots_by_ssrc.get(ssrc)
             if slot is not None and slot.source is not None:

@@ -54,8 +54,42 @@ def _header(packet_type: int, count: int, body_len: int) -> bytes:
 
 
 def parse_rtcp(data: bytes) -> list[AnyRtcpPacket]:
-    """Parse a (compound) RTCP packet; raises ValueError on malformed input."""
-    return RtcpPacket.parse(data)
+    """Parse a compound RTCP packet (RFC 3550 §6.1) into the packets the SFU reads.
+
+    Raises ValueError if the compound's framing is broken (version, length fields). Within a
+    well-framed compound, a packet whose body aiortc cannot parse is skipped, not the whole
+    compound: one odd report must not hide the NACK or PLI beside it. SR and RR may end in
+    profile-specific extensions (§6.4.1, §6.4.2), which aiortc refuses: they are cut off.
+    """
+    packets: list[AnyRtcpPacket] = []
+    pos = 0
+    while pos < len(data):
+        if len(data) < pos + 4:
+            raise ValueError("RTCP packet length is less than 4 bytes")
+        first, packet_type, length = struct.unpack_from("!BBH", data, pos)
+        if first >> 6 != 2:
+            raise ValueError("RTCP packet has invalid version")
+        end = pos + 4 + 4 * length
+        if len(data) < end:
+            raise ValueError("RTCP packet is truncated")
+        body = data[pos:end]
+        pos = end
+        count = first & 0x1F
+        if first & 0x20:  # padding: aiortc checks and strips it
+            expected = None
+        elif packet_type == RTCP_SR:
+            expected = 4 + 4 + 20 + 24 * count
+        elif packet_type == RTCP_RR:
+            expected = 4 + 4 + 24 * count
+        else:
+            expected = None
+        if expected is not None and len(body) > expected:
+            body = _header(packet_type, count, expected - 4) + body[4:expected]
+        try:
+            packets.extend(RtcpPacket.parse(body))
+        except (ValueError, IndexError, struct.error):
+            continue
+    return packets
 
 
 def pack_pli(sender_ssrc: int, media_ssrc: int) -> bytes:

@@ -39,7 +39,7 @@ class RtpHeader:
     csrc: bytes
     extensions: list[tuple[int, bytes]]
     payload_offset: int
-    padding: bool
+    padding: int  # RTP padding octets at the end of the packet (count included), 0 if none
 
 
 def parse_rtp(data: bytes) -> RtpHeader:
@@ -65,6 +65,13 @@ def parse_rtp(data: bytes) -> RtpHeader:
         pos = end
     if len(data) < pos:
         raise RtpParseError("RTP packet truncated")
+    padding = 0
+    if b0 & 0x20:
+        # the last octet counts the padding, itself included (RFC 3550 §5.1): 0 or more than
+        # the payload is malformed, and receivers drop such packets, so the SFU does too
+        padding = data[-1] if len(data) > pos else 0
+        if not 0 < padding <= len(data) - pos:
+            raise RtpParseError("RTP padding length invalid")
     return RtpHeader(
         marker=b1 >> 7,
         payload_type=b1 & 0x7F,
@@ -74,7 +81,7 @@ def parse_rtp(data: bytes) -> RtpHeader:
         csrc=csrc,
         extensions=extensions,
         payload_offset=pos,
-        padding=bool(b0 & 0x20),
+        padding=padding,
     )
 
 
@@ -128,17 +135,10 @@ def pack_extensions(elements: list[tuple[int, bytes]]) -> bytes:
     return EXTENSION_HEADER.pack(profile, len(body) // 4) + body
 
 
-def payload_end(header: RtpHeader, data: bytes) -> int:
-    """Index where the payload ends, before RTP padding (RFC 3550 §5.1)."""
-    if header.padding and len(data) > header.payload_offset:
-        return max(header.payload_offset, len(data) - data[-1])
-    return len(data)
-
-
 def unwrap_rtx(header: RtpHeader, data: bytes, apt: int, ssrc: int) -> tuple[RtpHeader, bytes]:
     """Turn an RTX retransmission (RFC 4588 §4) back into the original packet."""
     pos = header.payload_offset
-    if payload_end(header, data) < pos + 2:
+    if len(data) - header.padding < pos + 2:
         raise RtpParseError("RTX packet without an original sequence number")
     osn = (data[pos] << 8) | data[pos + 1]
     original = RtpHeader(
@@ -206,6 +206,12 @@ class SequenceUnwrapper:
 
     def __init__(self) -> None:
         self.highest: int | None = None
+
+    def extend(self, seq: int) -> int:
+        """The extended number of `seq`, nearest the highest so far, without recording it."""
+        if self.highest is None:
+            return seq
+        return self.highest + seq_delta(seq, self.highest & 0xFFFF)
 
     def unwrap(self, seq: int) -> int:
         if self.highest is None:

@@ -12,6 +12,7 @@ import pylibsrtp
 import pytest
 from aiortc.rtcdtlstransport import State
 
+from sfu import aiortc_hooks
 from sfu.aiortc_hooks import fast_sender, hook_transport
 
 KEY = bytes(range(30))
@@ -124,17 +125,27 @@ def test_rtp_failing_authentication_is_dropped() -> None:
     assert got == [] and rtcp_got == [] and connection.stock == []
 
 
-def test_a_handler_error_does_not_escape_into_the_event_loop(caplog) -> None:
+def test_a_handler_error_does_not_escape_into_the_event_loop(caplog, monkeypatch) -> None:
     # Set on the module's own logger: a parent's level may have been raised elsewhere.
     caplog.set_level(logging.ERROR, logger="sfu.aiortc_hooks")
+    monkeypatch.setattr(aiortc_hooks, "_failures", {"last": -1e9, "quiet": 0})
     connection = _Connection()
 
     def boom(data: bytes) -> None:
         raise RuntimeError("boom")
 
     hook_transport(_transport(connection), _unused, _unused, boom, boom)  # type: ignore[arg-type]
-    connection._protocols[0].datagram_received(_session(True).protect(_rtp(1)), ("x", 1))
-    assert "failed to handle" in caplog.text
+    tx = _session(True)
+    for seq in range(1, 6):
+        connection._protocols[0].datagram_received(tx.protect(_rtp(seq)), ("x", 1))
+    # once per FAILURE_LOG_INTERVAL, however many packets fail: a peer cannot flood the log
+    assert [r.getMessage() for r in caplog.records] == [
+        "dropped a packet the SFU failed to handle (0 more since the last report)"
+    ]
+    assert "RuntimeError: boom" in caplog.text
+    aiortc_hooks._failures["last"] -= aiortc_hooks.FAILURE_LOG_INTERVAL
+    connection._protocols[0].datagram_received(tx.protect(_rtp(6)), ("x", 1))
+    assert caplog.records[-1].getMessage().endswith("(4 more since the last report)")
 
 
 @pytest.fixture
@@ -169,8 +180,23 @@ def test_fast_sender_protects_and_sends_on_the_nominated_pairs_socket(udp: Any) 
     assert rx.unprotect(sink.recv(2000)) == _rtp(1)
     assert rx.unprotect_rtcp(sink.recv(2000)) == _rtcp_rr()
     assert rx.unprotect(sink.recv(2000)) == _rtp(2)
-    with pytest.raises(ValueError, match="too long"):
-        send(_rtp(3)[:12], bytes(1500))
+
+
+def test_fast_sender_drops_what_srtp_refuses_and_goes_on(udp: Any) -> None:
+    out, sink = udp
+    connection = _Connection()
+    send = fast_sender(_transport(connection))  # type: ignore[arg-type]
+    _nominate(connection, out, sink)
+    send(_rtp(3)[:12], bytes(1500))  # too long for SRTP's buffer
+    send(_rtp(2000))
+    send(_rtp(1))  # behind the sender's 128-packet replay window (RFC 3711 §3.3.2)
+    send(_rtp(2001))
+    rx = _session(False)
+    assert rx.unprotect(sink.recv(2000)) == _rtp(2000)
+    assert rx.unprotect(sink.recv(2000)) == _rtp(2001)
+    sink.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        sink.recv(2000)
 
 
 def test_fast_sender_raises_connection_error_once_the_socket_is_closed(udp: Any) -> None:

@@ -424,3 +424,118 @@ def test_a_two_part_sender_gets_the_same_bytes_live_and_on_nack() -> None:
     split.retransmit([lost])
     assert parts_got[-1][0] + parts_got[-1][1] == split_packets[1]
     assert source.metrics.bytes_forwarded == sum(len(p) for p in whole_down.packets) * 2
+
+
+def _nack_times(source: SourceStream, up: Sink, until: float) -> list[float]:
+    times = []
+    for k in range(int(until / 0.05) + 1):
+        n = len(up.packets)
+        source.send_nacks(now=k * 0.05)
+        if len(up.packets) > n:
+            times.append(round(k * 0.05, 2))
+    return times
+
+
+def test_upstream_nacks_back_off_and_a_late_repair_is_still_taken() -> None:
+    source, up = make_source()
+    slot, down = make_slot()
+    slot.attach(source)
+    source.handle_rtp(rtp_packet(1, 0, KEY), now=0.0)
+    source.handle_rtp(rtp_packet(3, 6000, DELTA), now=0.0)  # 2 lost
+    assert _nack_times(source, up, 0.4) == [0.0, 0.05, 0.15, 0.35]
+    # a publisher 400 ms away repairs after the last NACK: still forwarded, in its place
+    source.handle_rtp(rtp_packet(50, 0, b"\x00\x02" + DELTA, ssrc=1112, pt=98), now=0.4)
+    assert len(down.packets) == 3 and down.packets[-1][12 + 8 :] == DELTA
+    assert (
+        parse_rtp(down.packets[-1]).sequence_number
+        == (parse_rtp(down.packets[0]).sequence_number + 1) & 0xFFFF
+    )
+    # a loss is given up after MISSING_GIVE_UP: its repair is then too late
+    source.handle_rtp(rtp_packet(5, 12000, DELTA), now=0.0)  # 4 lost
+    assert _nack_times(source, up, 1.1) == [0.0, 0.05, 0.15, 0.35]
+    assert source.missing == {}
+    source.handle_rtp(rtp_packet(51, 0, b"\x00\x04" + DELTA, ssrc=1112, pt=98), now=1.1)
+    assert len(down.packets) == 4
+
+
+def test_a_repair_cannot_move_the_stream() -> None:
+    source, _ = make_source()
+    slot, down = make_slot()
+    slot.attach(source)
+    source.handle_rtp(rtp_packet(1, 0, KEY), now=0.0)
+    # RTX naming a packet that is not missing, far ahead or just ahead: dropped
+    source.handle_rtp(rtp_packet(50, 0, b"\x75\x30" + DELTA, ssrc=1112, pt=98), now=0.01)
+    source.handle_rtp(rtp_packet(51, 0, b"\x00\x02" + DELTA, ssrc=1112, pt=98), now=0.01)
+    assert len(down.packets) == 1 and source.unwrapper.highest == 1
+    source.handle_rtp(rtp_packet(2, 3000, DELTA), now=0.02)
+    assert len(down.packets) == 2 and not source.missing
+
+
+def test_a_sender_that_restarts_its_numbering_is_followed_after_two_packets() -> None:
+    source, up = make_source()
+    slot, down = make_slot()
+    slot.attach(source)
+    for i in range(3):
+        source.handle_rtp(rtp_packet(100 + i, 3000 * i, DELTA if i else KEY), now=0.0)
+    # one stray number far ahead (RFC 3550 Appendix A.1: MAX_DROPOUT) or behind: dropped, and
+    # the stream goes on as before
+    source.handle_rtp(rtp_packet(40000, 0, KEY), now=0.01)
+    source.handle_rtp(rtp_packet((100 - 5000) & 0xFFFF, 0, KEY), now=0.01)
+    source.handle_rtp(rtp_packet(103, 9000, DELTA), now=0.02)
+    assert len(down.packets) == 4 and not source.missing
+    last = parse_rtp(down.packets[-1]).sequence_number
+    # the numbering restarts at 40000: the next packet in sequence confirms the jump, and the
+    # slot restarts from a keyframe, its own numbering continuous
+    for i in range(3):
+        source.handle_rtp(rtp_packet(40000 + i, 777000 + 3000 * i, DELTA), now=0.1)
+    assert len(down.packets) == 4 and source.pli_pending and not slot.started
+    source.handle_rtp(rtp_packet(40003, 786000, KEY), now=0.2)
+    source.handle_rtp(rtp_packet(40004, 789000, DELTA), now=0.23)
+    seqs = [parse_rtp(p).sequence_number for p in down.packets[4:]]
+    assert seqs == [(last + 1) & 0xFFFF, (last + 2) & 0xFFFF]
+    assert not source.missing  # 40000-40002 were before the restart point, not losses
+
+
+def _padded(seq: int, payload: bytes, padding: bytes) -> bytes:
+    packet = bytearray(rtp_packet(seq, seq * 3000, payload) + padding)
+    packet[0] |= 0x20
+    return bytes(packet)
+
+
+def test_padding_is_checked_and_never_taken_for_payload() -> None:
+    from aiortc.rtp import RtpPacket
+
+    source, _ = make_source()
+    slot, down = make_slot()
+    slot.attach(source)
+    # padding-only (as senders probe bandwidth) whose bytes look like a keyframe start
+    source.handle_rtp(_padded(1, b"", b"\x10\x10\x00\x04"), now=0.0)
+    assert not slot.started and source.keyframes == 0
+    source.handle_rtp(rtp_packet(2, 0, KEY), now=0.0)
+    # RFC 3550 §5.1: the count includes itself, so 0 is malformed, as is more than the payload
+    source.handle_rtp(_padded(3, DELTA, b"\x00"), now=0.0)
+    source.handle_rtp(_padded(4, DELTA, b"\x00\xc8"), now=0.0)
+    assert len(down.packets) == 1
+    source.handle_rtp(_padded(5, DELTA, bytes(99) + b"\x64"), now=0.0)
+    forwarded = RtpPacket.parse(down.packets[-1])  # as the subscriber's stack reads it
+    assert forwarded.padding_size == 100 and forwarded.payload == DELTA
+    [(_, sr)] = source.handle_sender_report(1 << 40, 0, now=1.0)
+    [report] = rtcp.parse_rtcp(sr)
+    assert isinstance(report, rtcp.RtcpSrPacket)
+    assert report.sender_info.octet_count == len(KEY) + len(DELTA)  # without padding (§6.4.1)
+
+
+def test_nacks_cannot_multiply_the_output() -> None:
+    source, _ = make_source()
+    slot, down = make_slot()
+    slot.attach(source)
+    for i in range(20):
+        source.handle_rtp(rtp_packet(100 + i, 3000 * i, KEY), now=0.0)
+    wanted = [parse_rtp(p).sequence_number for p in down.packets[:17]]
+    slot.retransmit(wanted * 330, now=1.0)  # 330 FCIs naming the same 17 packets
+    assert down.packets[20:] == down.packets[:17]
+    slot.retransmit(wanted, now=1.0 + 0.04)  # asked again within RESEND_INTERVAL: not resent
+    assert len(down.packets) == 37
+    slot.retransmit(wanted[:2], now=1.0 + 0.06)
+    assert down.packets[37:] == down.packets[:2]
+    assert slot.metrics.retransmissions_sent == 19

@@ -75,6 +75,10 @@ async def test_unknown_ssrcs_are_matched_to_publishing_m_lines_by_mid() -> None:
         await pub._on_rtp(rtp_packet(9, 0, KEY, ssrc=7000, ext=[(1, b"0")]))
         assert source.ssrc == 7000 and set(pub.sources_by_ssrc) == {7000, 6000}
         assert source.received == 1
+        # a late packet of the stream before the restart is not another restart
+        await pub._on_rtp(rtp_packet(500, 0, KEY, ssrc=1111, ext=[(1, b"0")]))
+        assert source.ssrc == 7000 and set(pub.sources_by_ssrc) == {7000, 6000}
+        assert source.received == 1
     finally:
         await pub.close()
         await room.close()
@@ -158,3 +162,67 @@ async def test_a_loop_that_runs_timers_early_does_not_make_the_room_timer_spin(
         await sleep_until_tick()
         wake_ups += 1
     assert 2 <= wake_ups <= 8  # one per tick (it spun thousands of times a second before)
+
+
+def _with_extension(packet: bytes, extension: bytes) -> bytes:
+    """An SR or RR with profile-specific extension words after its report blocks (RFC 3550
+    §6.4.1-6.4.2), its length field grown to match."""
+    first, packet_type, length = struct.unpack_from("!BBH", packet)
+    return (
+        struct.pack("!BBH", first, packet_type, length + len(extension) // 4)
+        + packet[4:]
+        + extension
+    )
+
+
+async def test_one_odd_packet_does_not_hide_the_rest_of_a_compound() -> None:
+    config = SFUConfig(token_secret=b"x" * 16)
+    room = Room("r", config, Metrics())
+    sub = Participant(room, "sub", [], _send_json, config, room.metrics)
+    try:
+        source, up = make_source(pli_interval=0.0)
+        slot, down = make_slot()
+        slot.attach(source)
+        sub.slots_by_ssrc[slot.ssrc] = slot
+        sub.sources_by_ssrc[source.ssrc] = source
+        rr = rtcp.pack_rr(99, [rtcp.ReportBlock(slot.ssrc, 0, 0, 1, 0, 0, 0)])
+        await sub._on_rtcp(_with_extension(rr, b"ext1ext2") + rtcp.pack_pli(99, slot.ssrc))
+        assert up.packets == [rtcp.pack_pli(4242, 1111)]
+        # an RR whose count promises two blocks but carries one: skipped, the PLI still counts
+        bad = bytearray(rr)
+        bad[0] += 1
+        await sub._on_rtcp(bytes(bad) + rtcp.pack_pli(99, slot.ssrc))
+        assert len(up.packets) == 2
+        # a publisher's SR with an extension still maps onto its subscribers (lip sync)
+        from tests.sfu.test_forwarding import KEY, rtp_packet
+
+        source.handle_rtp(rtp_packet(1, 90000, KEY), now=0.0)
+        sr = rtcp.pack_sr(1111, 1 << 40, 90000, 1, len(KEY))
+        await sub._on_rtcp(_with_extension(sr, b"abcd"))
+        [mapped] = rtcp.parse_rtcp(down.packets[-1])
+        assert isinstance(mapped, rtcp.RtcpSrPacket) and mapped.ssrc == slot.ssrc
+        # broken framing (a length beyond the datagram): the compound is dropped whole
+        await sub._on_rtcp(rtcp.pack_pli(99, slot.ssrc)[:-1] + b"\x00\x00")
+        assert len(up.packets) == 2
+    finally:
+        await sub.close()
+        await room.close()
+
+
+async def test_a_repeated_fir_is_one_request() -> None:
+    config = SFUConfig(token_secret=b"x" * 16)
+    room = Room("r", config, Metrics())
+    sub = Participant(room, "sub", [], _send_json, config, room.metrics)
+    try:
+        source, up = make_source(pli_interval=0.0)
+        slot, _ = make_slot()
+        slot.attach(source)
+        sub.slots_by_ssrc[slot.ssrc] = slot
+        for _ in range(4):  # retransmissions of one request keep its seq nr (RFC 5104 §4.3.1.2)
+            await sub._on_rtcp(_fir(99, [slot.ssrc]))
+        assert len(up.packets) == 1
+        await sub._on_rtcp(_fir(99, [12345, slot.ssrc]))  # seq nr 1 for our SSRC: a new request
+        assert len(up.packets) == 2
+    finally:
+        await sub.close()
+        await room.close()
