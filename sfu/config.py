@@ -37,6 +37,7 @@ class SFUConfig:
     speaker_interval: float = 0.3  # seconds per active-speaker decision
     join_timeout: float = 10.0  # seconds a new WebSocket may take to send "join"
     answer_timeout: float = 30.0  # seconds a client may take to answer an offer
+    connect_timeout: float = 30.0  # seconds from the first answer to a connected media path
     # One process per core: worker i of len(worker_urls) serves the rooms that `worker_for`
     # maps to i and redirects joins for other rooms to their worker's signalling URL.
     worker_index: int = 0
@@ -45,7 +46,7 @@ class SFUConfig:
     def __post_init__(self) -> None:
         if len(self.token_secret) < 16:
             raise ConfigError("the room-token secret must be at least 16 bytes")
-        if self.join_timeout <= 0 or self.answer_timeout <= 0:
+        if min(self.join_timeout, self.answer_timeout, self.connect_timeout) <= 0:
             raise ConfigError("timeouts must be positive")
         if self.max_rooms < 1 or self.max_participants_per_room < 1:
             raise ConfigError("room and participant limits must be at least 1")

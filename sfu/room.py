@@ -92,6 +92,21 @@ def _codec_preferences(kind: str) -> list[Any]:
     return [c for c in RTCRtpSender.getCapabilities(kind).codecs if c.mimeType in wanted]
 
 
+def _check_answer(answer: SessionDescription) -> None:
+    """What aiortc's parser lets through but fails on later, out of the SFU's sight."""
+    for media in answer.media:
+        if media.port == 0:
+            continue  # rejected m-line
+        if media.dtls is None or not media.dtls.fingerprints:
+            # aiortc would fail an assertion in its connect task and hang in "connecting"
+            raise SignallingError("bad-sdp", "the answer has no DTLS fingerprint (a=fingerprint)")
+        ssrcs = [x.ssrc for x in media.ssrc] + [
+            item for group in media.ssrc_group for item in group.items
+        ]
+        if any(not isinstance(x, int) or not 0 <= x < 1 << 32 for x in ssrcs):
+            raise SignallingError("bad-sdp", "an SSRC in the answer is not a 32-bit number")
+
+
 class Participant:
     def __init__(
         self,
@@ -130,14 +145,29 @@ class Participant:
         # the participant.
         self.on_connection_lost: Callable[[str], None] = lambda reason: None
         self._answer_overdue: asyncio.TimerHandle | None = None
+        self._connect_overdue: asyncio.TimerHandle | None = None
+        self.connected = False  # the media connection has been up
         self.pc.on("connectionstatechange", self._on_connection_state)
 
     def __repr__(self) -> str:
         return f"Participant({self.identity!r} in {self.room.name!r})"
 
     def _on_connection_state(self) -> None:
-        if self.pc.connectionState in ("failed", "closed") and not self._closed:
+        state = self.pc.connectionState
+        if state == "connected":
+            self.connected = True
+            if self._connect_overdue is not None:
+                self._connect_overdue.cancel()
+        elif state in ("failed", "closed") and not self._closed:
             self.on_connection_lost("media connection lost")
+
+    def _not_connected(self) -> None:
+        if self._closed or self.connected:
+            return
+        logger.info("%r did not connect within %s s", self, self.config.connect_timeout)
+        self.on_connection_lost(
+            f"no media connection within {self.config.connect_timeout:g} s of the answer"
+        )
 
     # --- negotiation ----------------------------------------------------------------------------
 
@@ -205,6 +235,7 @@ class Participant:
         local = self.pc.localDescription
         if local is None or len(parsed.media) != len(SessionDescription.parse(local.sdp).media):
             raise SignallingError("bad-sdp", "the answer must have one m-line per offered m-line")
+        _check_answer(parsed)
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
         except Exception as exc:  # aiortc raises ValueError, OperationError, InvalidStateError...
@@ -213,6 +244,12 @@ class Participant:
         self._cancel_answer_timer()
         if self._closed or self.pc.signalingState == "closed":
             return
+        if self._connect_overdue is None and self.pc.connectionState != "connected":
+            # aiortc connects in a task of its own, which may fail without changing the
+            # connection's state: a client that never connects must not keep its seat either
+            self._connect_overdue = asyncio.get_running_loop().call_later(
+                self.config.connect_timeout, self._not_connected
+            )
         for transceiver, fed_by in self.slot_sources.items():
             if (
                 fed_by is None
@@ -527,6 +564,8 @@ class Participant:
             return
         self._closed = True
         self._cancel_answer_timer()
+        if self._connect_overdue is not None:
+            self._connect_overdue.cancel()
         for slot in self.slots_by_ssrc.values():
             slot.attach(None)
         self.slots_by_ssrc.clear()

@@ -15,8 +15,10 @@ SFU to client:
   {"type": "error", "code": str, "message": str}   (+ "reason" for code "token",
                                                       + "url" for code "redirect")
 
-The SFU ends a session with code "session-ended" when the media connection fails or the client
-leaves an offer unanswered for `answer_timeout` (30 s by default).
+The SFU ends a session with code "session-ended" when the media connection fails, does not
+come up within `connect_timeout` of the first answer, or the client leaves an offer unanswered
+for `answer_timeout` (30 s each by default). A client that stops reading its socket, so that
+more than 16 of the largest messages wait for it, is disconnected (`sfu.outbox`).
 
 With several worker processes (`python -m sfu --workers N`), each room lives in one worker; a
 join sent to another worker is answered with code "redirect" and the URL to join at instead.
@@ -41,12 +43,14 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from sfu.config import SFUConfig
 from sfu.errors import LimitExceeded, Redirect, SignallingError, TokenError
 from sfu.metrics import Metrics
+from sfu.outbox import Outbox
 from sfu.room import Participant, Room
 from sfu.tokens import verify_room_token
 
 logger = logging.getLogger(__name__)
 
 MAX_NAME_LENGTH = 256
+OUTBOX_MESSAGES = 16  # a client may fall this many largest messages behind before it is dropped
 MAX_TOKEN_LENGTH = 4096
 KINDS = ("audio", "video")
 
@@ -59,7 +63,7 @@ class SFUServer:
         self.metrics.rooms = lambda: len(self.rooms)
         self.metrics.participants = lambda: sum(len(r.participants) for r in self.rooms.values())
         self._join_lock = asyncio.Lock()
-        self._sockets: set[web.WebSocketResponse] = set()
+        self._sockets: set[Outbox] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     def app(self) -> web.Application:
@@ -71,9 +75,14 @@ class SFUServer:
         return app
 
     async def _on_shutdown(self, app: web.Application) -> None:
-        # aiohttp waits for open handlers on shutdown: end every signalling session first.
-        for ws in list(self._sockets):
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"SFU shutting down")
+        # aiohttp waits for open handlers on shutdown: end every signalling session first, all
+        # at once and each within CLOSE_TIMEOUT (a client that stopped reading is aborted).
+        await asyncio.gather(
+            *(
+                outbox.close(code=WSCloseCode.GOING_AWAY, message=b"SFU shutting down")
+                for outbox in list(self._sockets)
+            )
+        )
         await self.close()
 
     async def close(self) -> None:
@@ -96,22 +105,22 @@ class SFUServer:
         # aiohttp closes the socket above max_msg_size; below 4x the limit we answer politely.
         ws = web.WebSocketResponse(max_msg_size=4 * self.config.max_message_bytes, heartbeat=30)
         await ws.prepare(request)
-        self._sockets.add(ws)
-        send_lock = asyncio.Lock()
-
-        async def send_json(message: dict[str, Any]) -> None:
-            if ws.closed:
-                raise ConnectionError("signalling socket closed")
-            async with send_lock:
-                await ws.send_str(json.dumps(message))
-
+        outbox = Outbox(ws, request.transport, OUTBOX_MESSAGES * self.config.max_message_bytes)
+        self._sockets.add(outbox)
+        send_json = outbox.send_json
         participant: Participant | None = None
         try:
-            async with asyncio.timeout(self.config.join_timeout):
-                participant = await self._await_join(ws, send_json)
-            if participant is None:
-                await ws.close()
-                return ws
+            # The deadline covers waiting for a join, not joining: a join cut short half way
+            # would leave a participant behind that no handler removes.
+            deadline = asyncio.get_running_loop().time() + self.config.join_timeout
+            while participant is None:
+                async with asyncio.timeout_at(deadline):
+                    join = await self._await_join(ws, send_json)
+                if join is None:
+                    return ws  # the client went away
+                participant, refused = await self._join_or_refuse(join, send_json, outbox)
+                if refused:
+                    return ws
             async for msg in ws:
                 if msg.type != WSMsgType.TEXT:
                     if msg.type == WSMsgType.BINARY:
@@ -140,21 +149,12 @@ class SFUServer:
         finally:
             if participant is not None:
                 await self._leave(participant)
-            if not ws.closed:
-                await ws.close()
-            self._sockets.discard(ws)
+            await outbox.close()
+            self._sockets.discard(outbox)
         return ws
 
-    async def _await_join(self, ws: web.WebSocketResponse, send_json: Any) -> Participant | None:
-        async def end_session(reason: str) -> None:
-            await self._error(send_json, SignallingError("session-ended", reason))
-            await ws.close(message=reason.encode()[:120])
-
-        def close_signalling(reason: str) -> None:
-            task = asyncio.ensure_future(end_session(reason))
-            self._tasks.add(task)  # referenced until done: the loop keeps only weak references
-            task.add_done_callback(self._tasks.discard)
-
+    async def _await_join(self, ws: web.WebSocketResponse, send_json: Any) -> dict[str, Any] | None:
+        """The session's join message; other messages before it get an error reply."""
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:
                 await self._error(send_json, SignallingError("bad-message", "send JSON text"))
@@ -163,26 +163,48 @@ class SFUServer:
                 message = self._decode(msg.data)
                 if message["type"] != "join":
                     raise SignallingError("not-joined", "send join first")
-                return await self._join(message, send_json, close_signalling)
-            except TokenError as exc:
-                self.metrics.tokens_refused += 1
-                await self._error(send_json, SignallingError("token", str(exc), exc.reason))
-                return None
-            except (LimitExceeded, Redirect) as exc:
-                await self._error(send_json, exc)
-                return None
+                return message
             except SignallingError as exc:
                 await self._error(send_json, exc)
         return None
 
+    async def _join_or_refuse(
+        self, message: dict[str, Any], send_json: Any, outbox: Outbox
+    ) -> tuple[Participant | None, bool]:
+        """Join, or send the reason why not: (participant, refused). A refused join (token,
+        limits, another worker's room) ends the session; after a malformed one the client may
+        send a better join."""
+
+        async def end_session(reason: str) -> None:
+            await self._error(send_json, SignallingError("session-ended", reason))
+            await outbox.close(message=reason.encode()[:120])
+
+        def close_signalling(reason: str) -> None:
+            task = asyncio.ensure_future(end_session(reason))
+            self._tasks.add(task)  # referenced until done: the loop keeps only weak references
+            task.add_done_callback(self._tasks.discard)
+
+        try:
+            return await self._join(message, send_json, close_signalling), False
+        except TokenError as exc:
+            self.metrics.tokens_refused += 1
+            await self._error(send_json, SignallingError("token", str(exc), exc.reason))
+        except (LimitExceeded, Redirect) as exc:
+            await self._error(send_json, exc)
+        except SignallingError as exc:
+            await self._error(send_json, exc)
+            return None, False
+        return None, True
+
     def _decode(self, text: str) -> dict[str, Any]:
         if len(text.encode()) > self.config.max_message_bytes:
-            raise LimitExceeded(
-                f"signalling message larger than {self.config.max_message_bytes} bytes"
+            # not a LimitExceeded: that refuses a join, while this message is merely dropped
+            raise SignallingError(
+                "limit", f"signalling message larger than {self.config.max_message_bytes} bytes"
             )
         try:
             message = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
             raise SignallingError("bad-json", "the message is not valid JSON") from exc
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
             raise SignallingError("bad-message", 'a message is a JSON object with a string "type"')
@@ -223,13 +245,15 @@ class SFUServer:
             participant.on_connection_lost = close_signalling
             others = list(room.participants)
             room.participants[identity] = participant
-        await send_json(
-            {"type": "joined", "room": room_name, "identity": identity, "participants": others}
-        )
-        await room.broadcast({"type": "participant-joined", "identity": identity}, exclude=identity)
         try:
+            await send_json(
+                {"type": "joined", "room": room_name, "identity": identity, "participants": others}
+            )
+            await room.broadcast(
+                {"type": "participant-joined", "identity": identity}, exclude=identity
+            )
             await participant.start()
-        except Exception:
+        except BaseException:  # even cancelled: a half-joined participant must not stay behind
             await self._leave(participant)
             raise
         return participant
@@ -273,4 +297,8 @@ def _string(message: dict[str, Any], key: str, max_length: int) -> str:
     value = message.get(key)
     if not isinstance(value, str) or not value or len(value) > max_length:
         raise SignallingError("bad-message", f"{key} must be a non-empty string")
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # a lone surrogate, from a "\ud800" escape in the JSON
+        raise SignallingError("bad-message", f"{key} is not valid Unicode") from None
     return value

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
+from typing import Any
 
 import aiohttp
 import pytest
@@ -95,6 +97,9 @@ async def test_client_sees_refusal_as_signalling_error(harness: Harness) -> None
             '{"type": "join", "room": "r", "identity": "a", "token": "t", "publish": "all"}',
             "bad-message",
         ),
+        ("[" * 1000 + "]" * 1000, "bad-json"),  # nested deeper than json's recursion limit
+        ('{"type": "join", "room": "\\ud800", "identity": "a", "token": "t"}', "bad-message"),
+        (json.dumps({"type": "join", "pad": "x" * 3000}), "limit"),  # over max_message_bytes
     ],
 )
 async def test_malformed_messages_before_join_get_error_replies(
@@ -248,3 +253,175 @@ async def test_unread_events_are_bounded_and_the_oldest_go() -> None:
         assert client.events.get_nowait()["identity"] == "p5"
     finally:
         await client.close()
+
+
+async def test_a_join_slower_than_the_join_deadline_is_not_cut_short(monkeypatch) -> None:
+    from sfu.room import Participant
+
+    start = Participant.start
+
+    async def slow_start(self: Participant) -> None:
+        await asyncio.sleep(0.6)  # a busy SFU: joining outlasts the join deadline
+        await start(self)
+
+    monkeypatch.setattr(Participant, "start", slow_start)
+    h = Harness(join_timeout=0.3)
+    await h.start()
+    try:
+        async with aiohttp.ClientSession() as session, session.ws_connect(h.url) as ws:
+            token = issue_room_token(SECRET, "room", "late", int(time.time()) + 60)
+            await ws.send_str(json.dumps(_join("room", "late", token)))
+            assert (await ws.receive_json(timeout=5))["type"] == "joined"
+            assert (await ws.receive_json(timeout=5))["type"] == "offer"
+            assert h.server.metrics.participants() == 1
+        assert await wait_until(lambda: h.server.rooms == {}, timeout=5)
+    finally:
+        await h.stop()
+
+
+def _small_receive_buffer(addr_info: Any) -> socket.socket:
+    family, type_, proto, _, _ = addr_info
+    sock = socket.socket(family, type_, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    return sock
+
+
+async def test_a_client_that_stops_reading_stalls_nobody_and_is_dropped(harness: Harness) -> None:
+    connector = aiohttp.TCPConnector(socket_factory=_small_receive_buffer)
+    async with aiohttp.ClientSession(connector=connector) as slow_session:
+        slow = await slow_session.ws_connect(harness.url)
+        token = issue_room_token(SECRET, "room", "slow", int(time.time()) + 60)
+        await slow.send_str(json.dumps(_join("room", "slow", token)))
+        assert (await slow.receive_json(timeout=5))["type"] == "joined"
+        # from now on the slow client reads nothing, while every message it sends gets a reply;
+        # small socket buffers on both ends make the SFU's writes to it back up soon
+        slow._conn.transport.pause_reading()  # type: ignore[union-attr]
+        [outbox] = harness.server._sockets
+        sock = outbox._transport.get_extra_info("socket")  # type: ignore[union-attr]
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        for _ in range(200):
+            for _ in range(100):
+                await slow.send_str('{"type": "dance"}')
+            await asyncio.sleep(0)
+            await asyncio.sleep(0.01)
+            if outbox._queue:
+                break  # the SFU's writes to it are stuck
+        assert outbox._queue and not outbox._idle.is_set()
+        async with aiohttp.ClientSession() as session, session.ws_connect(harness.url) as ws:
+            # the room's broadcasts to the slow client do not hold up anyone else's join
+            token = issue_room_token(SECRET, "room", "victim", int(time.time()) + 60)
+            await ws.send_str(json.dumps(_join("room", "victim", token)))
+            assert (await ws.receive_json(timeout=2))["type"] == "joined"
+            # once too much waits for it, the slow client is disconnected and leaves the room
+            for _ in range(100):
+                try:
+                    for _ in range(100):
+                        await slow.send_str('{"type": "dance"}')
+                except ConnectionError:
+                    break
+                await asyncio.sleep(0.01)
+                if "slow" not in harness.server.rooms["room"].participants:
+                    break
+            assert await wait_until(
+                lambda: list(harness.server.rooms["room"].participants) == ["victim"], timeout=5
+            )
+            seen = [await ws.receive_json(timeout=5) for _ in range(2)]  # and its first offer
+            assert {"type": "participant-left", "identity": "slow"} in seen
+        await slow.close()
+
+
+async def _offer_and_answer(ws: Any) -> tuple[Any, str]:
+    """Join's first offer answered by a real aiortc connection: (that connection, answer SDP)."""
+    from aiortc import RTCPeerConnection, RTCSessionDescription
+
+    offer = await ws.receive_json(timeout=5)
+    assert offer["type"] == "offer"
+    pc = RTCPeerConnection()
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type="offer"))
+    await pc.setLocalDescription(await pc.createAnswer())
+    return pc, pc.localDescription.sdp
+
+
+async def test_answers_aiortc_would_choke_on_later_are_refused_at_once() -> None:
+    h = Harness()
+    await h.start()
+    try:
+        async with aiohttp.ClientSession() as session, session.ws_connect(h.url) as ws:
+            token = issue_room_token(SECRET, "room", "pub", int(time.time()) + 60)
+            await ws.send_str(json.dumps({**_join("room", "pub", token), "publish": ["video"]}))
+            assert (await ws.receive_json(timeout=5))["type"] == "joined"
+            pc, sdp = await _offer_and_answer(ws)
+            lines = sdp.splitlines()
+            no_fingerprint = "\r\n".join(x for x in lines if not x.startswith("a=fingerprint"))
+            m_line = next(i for i, x in enumerate(lines) if x.startswith("m="))
+            huge_ssrc = "\r\n".join(
+                [*lines[: m_line + 1], "a=ssrc:6586707130 cname:x", *lines[m_line + 1 :]]
+            )
+            for bad, why in [(no_fingerprint, "fingerprint"), (huge_ssrc, "32-bit")]:
+                await ws.send_str(json.dumps({"type": "answer", "sdp": bad + "\r\n"}))
+                reply = await ws.receive_json(timeout=5)
+                assert reply["code"] == "bad-sdp" and why in reply["message"]
+            # nothing was taken from them: the genuine answer still connects
+            await ws.send_str(json.dumps({"type": "answer", "sdp": sdp}))
+            [participant] = h.server.rooms["room"].participants.values()
+            assert await wait_until(lambda: participant.connected, timeout=10)
+            await pc.close()
+    finally:
+        await h.stop()
+
+
+async def test_a_client_that_answers_but_never_connects_is_removed() -> None:
+    h = Harness(connect_timeout=0.5)
+    await h.start()
+    try:
+        async with aiohttp.ClientSession() as session, session.ws_connect(h.url) as ws:
+            token = issue_room_token(SECRET, "room", "gone", int(time.time()) + 60)
+            await ws.send_str(json.dumps({**_join("room", "gone", token), "publish": ["audio"]}))
+            assert (await ws.receive_json(timeout=5))["type"] == "joined"
+            pc, sdp = await _offer_and_answer(ws)
+            await pc.close()  # its ICE agent answers no connectivity check
+            await ws.send_str(json.dumps({"type": "answer", "sdp": sdp}))
+            started = time.monotonic()
+            reply = await ws.receive_json(timeout=5)
+            assert reply["type"] == "error" and reply["code"] == "session-ended"
+            assert "no media connection within 0.5 s" in reply["message"]
+            assert 0.4 < time.monotonic() - started < 3
+        assert await wait_until(lambda: h.server.metrics.participants() == 0, timeout=5)
+    finally:
+        await h.stop()
+
+
+async def test_shutdown_does_not_wait_for_a_client_that_reads_nothing(monkeypatch) -> None:
+    from sfu import outbox as outbox_module
+
+    monkeypatch.setattr(outbox_module, "CLOSE_TIMEOUT", 0.3)
+    h = Harness()
+    await h.start()
+    sent = asyncio.Event()
+
+    class _StuckWebSocket:
+        closed = False
+
+        async def send_str(self, text: str) -> None:
+            sent.set()
+            await asyncio.Event().wait()  # the peer never reads: the write never completes
+
+        async def close(self, **kw: Any) -> None:
+            raise AssertionError("a stuck socket cannot be closed politely")
+
+    class _Transport:
+        aborted = False
+
+        def abort(self) -> None:
+            self.aborted = True
+
+    transport = _Transport()
+    stuck = outbox_module.Outbox(_StuckWebSocket(), transport, limit=1 << 20)  # type: ignore[arg-type]
+    h.server._sockets.add(stuck)
+    await stuck.send_json({"type": "speaker", "identity": "x"})
+    await stuck.send_json({"type": "speaker", "identity": "y"})
+    await sent.wait()
+    started = time.monotonic()
+    async with asyncio.timeout(5):
+        await h.stop()  # aiohttp's shutdown closes every signalling socket
+    assert time.monotonic() - started < 2 and transport.aborted
