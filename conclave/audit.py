@@ -39,7 +39,7 @@ from mls.framing import MLSMessage, PublicMessage, SenderType
 from mls.proposals import Proposal, ProposalOrRefType, ProposalType
 from mls.public_group import PublicGroup
 
-from .errors import AuditFailure
+from .errors import AuditFailure, ConclaveError
 
 LOG_FORMAT = "conclave-audit-log"
 LOG_VERSION = 1
@@ -357,10 +357,15 @@ def save_log(path: Path, group_id: bytes, entries: Iterable[LogEntry]) -> None:
 
 
 def load_log(path: Path) -> tuple[bytes, list[LogEntry]]:
+    """The group id and entries of a log saved by `save_log`. A file that cannot be read raises
+    `ConclaveError` (a usage error, not an audit's verdict); one that is not such a log raises
+    `AuditFailure`."""
     try:
-        body = cbor2.loads(path.read_bytes())
+        data = path.read_bytes()
     except OSError as exc:
-        raise AuditFailure(None, f"cannot read the log file: {exc.strerror or exc}") from None
+        raise ConclaveError(f"cannot read the log file {path}: {exc.strerror or exc}") from None
+    try:
+        body = cbor2.loads(data)
     except Exception:  # cbor2 raises several types on malformed input
         raise AuditFailure(None, f"{path} is not a CBOR audit log") from None
     if not isinstance(body, dict) or body.get("format") != LOG_FORMAT:

@@ -29,6 +29,23 @@ SCRIPTS: list[tuple[str, str, str, list[str], list[str]]] = [
      ["--groups", "5", "--clients", "4", "--seconds", "3", "--backends", "sqlite"]),
 ]
 SCRIPT_TIMEOUT = 900
+CALL = "call"  # the end-to-end call's group; `e2e_call` (its script's name) selects it too
+GROUPS = ["mls", "sframe", "sfu", "ds", CALL]
+ALIASES = [name for name, *_ in SCRIPTS if name not in GROUPS] + ["e2e_call"]
+
+
+def parse_only(text: str) -> set[str]:
+    """The benchmarks `--only` names, comma-separated: groups (mls, sframe, sfu, ds, call) or
+    the scripts' names shown in the summary (mls_tree, sfu_forward, ...); raises ValueError
+    naming the valid ones for an unknown name or an empty list."""
+    names = {name.strip() for name in text.split(",")} - {""}
+    unknown = sorted(names - set(GROUPS) - set(ALIASES))
+    if unknown or not names:
+        what = (f"unknown benchmark {', '.join(map(repr, unknown))}" if unknown
+                else "no benchmark named")
+        raise ValueError(f"{what}: choose from {', '.join(GROUPS)} "
+                         f"(or one script: {', '.join(ALIASES)})")
+    return names
 
 
 async def run_script(path: Path, args: list[str], out: Path) -> tuple[int, float]:
@@ -47,22 +64,63 @@ async def run_script(path: Path, args: list[str], out: Path) -> tuple[int, float
     return code, time.monotonic() - started
 
 
+_CELL = re.compile(r"\S+(?: \S+)*")  # words one space apart: cells are two or more apart
+_WORD = re.compile(r"\S+")
+
+
+def _fit(line: str, header: list[re.Match[str]]) -> list[str]:
+    """`line`'s cells under the header's columns, one per column ("" where it has none).
+
+    The scripts print fixed-width columns (text left-aligned, numbers right-aligned to the
+    header's edge), and a wide value can leave one space to its neighbour: a stretch of words one
+    space apart that reaches under a single header cell is that column's cell; one reaching
+    under several is split into words, each going to the header cell it overlaps most (a word
+    under none continues the column of the word before it, or goes to the nearest column)."""
+    cells: list[list[tuple[int, int]]] = [[] for _ in header]
+
+    def column(start: int, end: int) -> int:  # most overlap (or least gap); ties to the right
+        overlaps = [min(end, h.end()) - max(start, h.start()) for h in header]
+        return max(range(len(header)), key=lambda i: (overlaps[i], i))
+
+    last = 0
+    for chunk in _CELL.finditer(line):
+        under = [i for i, h in enumerate(header)
+                 if chunk.start() < h.end() and h.start() < chunk.end()]
+        if len(under) <= 1:
+            last = max(last, under[0] if under else column(*chunk.span()))
+            cells[last].append(chunk.span())
+            continue
+        for n, word in enumerate(_WORD.finditer(chunk.group())):
+            start, end = chunk.start() + word.start(), chunk.start() + word.end()
+            if n == 0 or any(start < h.end() and h.start() < end for h in header):
+                last = max(last, column(start, end))
+            cells[last].append((start, end))
+    return [line[spans[0][0]:spans[-1][1]] if spans else "" for spans in cells]
+
+
 def text_tables(text: str) -> list[list[str]]:
-    """The rows of the aligned text tables a bench script prints (cells at least two spaces
-    apart; ruler lines dropped), each table after a blank row: for `<name>.csv`."""
+    """The rows of the aligned text tables a bench script prints (a line with three or more
+    cells two or more spaces apart is a row; ruler lines dropped), each table after a blank
+    row: for `<name>.csv`. Every row has as many cells as its table's first row (the header):
+    a row that splits otherwise is split by the header's column positions (`_fit`)."""
     rows: list[list[str]] = []
-    in_table = False
-    for line in text.splitlines():
+    header: list[re.Match[str]] | None = None
+    for line in text.expandtabs().splitlines():
         if line.strip() and not line.strip().strip("-"):
             continue  # a ruler under a header
-        cells = re.split(r"\s{2,}", line.strip())
-        if len(cells) >= 3:
-            if not in_table and rows:
+        chunks = list(_CELL.finditer(line))
+        if len(chunks) < 3:
+            header = None
+            continue
+        if header is None:
+            if rows:
                 rows.append([])
-            rows.append(cells)
-            in_table = True
+            header = chunks
+            rows.append([c.group() for c in chunks])
+        elif len(chunks) == len(header):
+            rows.append([c.group() for c in chunks])
         else:
-            in_table = False
+            rows.append(_fit(line, header))
     return rows
 
 
@@ -125,6 +183,9 @@ def plot_call(out: Path, results: list[CallResult]) -> Path:
 
 
 async def run_benchmarks(out: Path, *, quick: bool = False, only: set[str] | None = None) -> int:
+    """Run the benchmarks (`only`: names as `parse_only` accepts them; None: all of them)."""
+    if only is not None:
+        only = parse_only(",".join(only))  # an unknown name would otherwise select nothing
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
@@ -136,7 +197,7 @@ async def run_benchmarks(out: Path, *, quick: bool = False, only: set[str] | Non
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                   TimeElapsedColumn(), console=console) as progress:
         for name, group, script, full, quick_args in SCRIPTS:
-            if only is not None and group not in only:
+            if only is not None and group not in only and name not in only:
                 continue
             path = BENCH_DIR / script
             if not path.exists():
@@ -150,7 +211,7 @@ async def run_benchmarks(out: Path, *, quick: bool = False, only: set[str] | Non
             table_csv = write_script_csv(out / f"{name}.txt")
             outputs = f"{name}.txt" + (f", {table_csv.name}" if table_csv else "")
             summary.append((name, status, took, outputs))
-        if only is None or "call" in only:
+        if only is None or CALL in only or "e2e_call" in only:
             results = []
             seconds = 4.0 if quick else 10.0
             for mode in MODES:

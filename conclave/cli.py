@@ -45,6 +45,32 @@ def seconds_or_zero(text: str) -> float:
     return seconds(text, zero=True)
 
 
+def port(text: str) -> int:
+    """An argparse type: a TCP port, 0 for any free one."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port number (0-65535)")
+    return value
+
+
+def http_url(text: str) -> str:
+    """An argparse type: an http:// or https:// URL with a host."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="conclave",
@@ -55,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the delivery service and the SFU on loopback")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--ds-port", type=int, default=DEFAULT_DS_PORT)
-    p.add_argument("--sfu-port", type=int, default=DEFAULT_SFU_PORT)
+    p.add_argument("--ds-port", type=port, default=DEFAULT_DS_PORT)
+    p.add_argument("--sfu-port", type=port, default=DEFAULT_SFU_PORT)
     p.add_argument("--db", default=None,
                    help="SQLite file or postgresql:// DSN (default: $CONCLAVE_DS_DB, else "
                         "STATE/conclave-ds.sqlite3); give a DSN with a password in "
@@ -76,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("join", help="join (or create) a call as one participant")
     p.add_argument("--room", required=True)
     p.add_argument("--name", required=True, help="your identity on the delivery service")
-    p.add_argument("--ds", default=f"http://127.0.0.1:{DEFAULT_DS_PORT}")
-    p.add_argument("--sfu", default=f"http://127.0.0.1:{DEFAULT_SFU_PORT}/v1/signal")
+    p.add_argument("--ds", type=http_url, default=f"http://127.0.0.1:{DEFAULT_DS_PORT}")
+    p.add_argument("--sfu", type=http_url, default=f"http://127.0.0.1:{DEFAULT_SFU_PORT}/v1/signal")
     p.add_argument("--video", default=None,
                    help="file or device to publish, its audio and video (aiortc MediaPlayer)")
     p.add_argument("--video-format", default=None,
@@ -92,9 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", type=Path, default=None, help="state directory (default ~/.conclave)")
 
     p = sub.add_parser("audit", help="verify a group's handshake log, report key rotations")
-    p.add_argument("--group", required=True, help="room name (or hex group id as 0x...)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--group", type=parse_group, metavar="ROOM",
+                       help="the room's name, as given to join --room (taken as is, even 0x...)")
+    which.add_argument("--group-id", type=parse_group_id, metavar="HEX",
+                       help="the MLS group id in hex (0x optional), instead of a room name")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ds", help="delivery service URL (read as an auditor identity)")
+    src.add_argument("--ds", type=http_url, help="delivery service URL (read as an auditor identity)")
     src.add_argument("--log", type=Path, help="a log saved with --save")
     p.add_argument("--save", type=Path, default=None, help="save the fetched log to this file")
     p.add_argument("--as", dest="identity", default="auditor",
@@ -104,17 +134,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks: MLS, SFrame, SFU, end-to-end call")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     p.add_argument("--quick", action="store_true", help="shorter runs")
-    p.add_argument("--only", default=None, help="comma-separated subset: mls,sframe,sfu,ds,call")
+    p.add_argument("--only", type=bench_names, default=None,
+                   help="comma-separated subset: mls,sframe,sfu,ds,call, or scripts by the names "
+                        "in the summary (e.g. sfu_forward)")
     return parser
 
 
 def parse_group(text: str) -> bytes:
-    if text.startswith("0x"):
-        try:
-            return bytes.fromhex(text[2:])
-        except ValueError:
-            raise ConclaveError(f"--group {text!r}: not hex after 0x") from None
-    return text.encode("utf-8")
+    """An argparse type: `audit --group ROOM`, the group id of the room as `join` derives it."""
+    from .participant import group_id_for_room
+
+    try:
+        return group_id_for_room(text)
+    except ConclaveError as exc:
+        raise argparse.ArgumentTypeError(f"room {text!r}: {exc}") from None
+
+
+def parse_group_id(text: str) -> bytes:
+    """An argparse type: `audit --group-id HEX`, a group id in hex, with or without 0x."""
+    digits = text[2:] if text[:2].lower() == "0x" else text
+    try:
+        group_id = bytes.fromhex(digits)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a hex group id") from None
+    if not 0 < len(group_id) <= 255:
+        raise argparse.ArgumentTypeError(f"{text!r}: a group id is 1 to 255 bytes")
+    return group_id
+
+
+def group_label(group_id: bytes, room: bool = True) -> str:
+    """How the audit names a group: a room by its name, as `--group` took it, else in hex."""
+    if room:
+        with contextlib.suppress(UnicodeDecodeError):
+            return f"room {group_id.decode('utf-8')!r}"
+    return f"group 0x{group_id.hex()}"
 
 
 def stop_on_signals() -> asyncio.Event:
@@ -125,6 +178,26 @@ def stop_on_signals() -> asyncio.Event:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     return stop
+
+
+async def until_stopped(stop: asyncio.Event, step: Any) -> Any:
+    """Await `step` unless Ctrl-C or SIGTERM comes first: then cancel it and exit with 130.
+
+    (The signal handlers replace KeyboardInterrupt, so a step that waits on the network, or
+    on a Welcome, would otherwise keep running after Ctrl-C.)
+    """
+    task = asyncio.ensure_future(step)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise KeyboardInterrupt
+    return task.result()
 
 
 def compact_table(title: str, columns: list[str], rows: list[list[str]]) -> Any:
@@ -220,10 +293,16 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 
 async def cmd_join(args: argparse.Namespace) -> int:
     from .media import MediaSpec
-    from .participant import Participant
+    from .participant import Participant, group_id_for_room
 
+    group_id_for_room(args.room)  # a bad room name fails before anyone is contacted
     state = args.state or default_state_dir()
     media = MediaSpec(audio=not args.no_audio, file=args.video, format=args.video_format)
+    if args.record is not None:
+        try:  # checked before the call gains a member, like --video
+            args.record.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConclaveError(f"cannot record to {args.record}: {exc.strerror or exc}") from None
     p = Participant(
         args.name, args.ds, args.sfu, state_dir=state, rotation_period=args.rotation or None,
         media=media, record_dir=args.record,
@@ -231,10 +310,10 @@ async def cmd_join(args: argparse.Namespace) -> int:
     stop = stop_on_signals()
     try:
         p.open_media()  # a bad --video fails here, before the call gains a member
-        await p.start()
-        how = await p.enter(args.room, knock=args.knock)
+        await until_stopped(stop, p.start())
+        how = await until_stopped(stop, p.enter(args.room, knock=args.knock))
         print(f"{how} room {args.room!r} as {args.name} (epoch {p.epoch})", flush=True)
-        await p.connect_media()
+        await until_stopped(stop, p.connect_media())
         last_epoch = None
         waited = 0.0
         while not stop.is_set() and not p.removed:
@@ -262,27 +341,34 @@ async def cmd_join(args: argparse.Namespace) -> int:
 async def cmd_audit(args: argparse.Namespace) -> int:
     from .audit import audit, load_log, save_log
 
-    group_id = parse_group(args.group)
+    room = args.group is not None
+    group_id = args.group if room else args.group_id
+    label = group_label(group_id, room)
     if args.log is not None:
         logged_group, entries = load_log(args.log)
         if logged_group != group_id:
             raise ConclaveError(
-                f"{args.log} holds the log of group {logged_group!r}, not {group_id!r}"
+                f"{args.log} holds the log of {group_label(logged_group)}, not of {label}"
             )
     else:
         from .demo import fetch_log
 
         entries = await fetch_log_as(args.ds, group_id, args.state or default_state_dir(),
-                                     args.identity, fetch_log)
+                                     args.identity, fetch_log, label)
         if args.save is not None:
-            save_log(args.save, group_id, entries)
+            try:
+                save_log(args.save, group_id, entries)
+            except OSError as exc:
+                raise ConclaveError(
+                    f"cannot save the log to {args.save}: {exc.strerror or exc}"
+                ) from None
             print(f"saved {len(entries)} log entries to {args.save}")
     report = audit(group_id, entries)
     from rich.console import Console
 
     console = Console()
     console.print(report_table(
-        f"key rotations of {args.group}: epochs {report.first_epoch}-{report.last_epoch}", report
+        f"key rotations of {label}: epochs {report.first_epoch}-{report.last_epoch}", report
     ))
     console.print(
         f"OK: {report.messages} messages, {len(report.rotations)} commits verified "
@@ -292,9 +378,11 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
-async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fetch: Any) -> Any:
+async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fetch: Any,
+                       label: str | None = None) -> Any:
     from delivery_service.errors import RequestFailed
 
+    label = label or group_label(group_id)
     try:
         return await fetch(ds, group_id, state) if identity == "auditor" else await _member_log(
             ds, group_id, state, identity)
@@ -304,7 +392,14 @@ async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fet
                 f"the identity {identity!r} is registered with another key: audit with the "
                 f"state directory that registered it (--state), or another --as"
             ) from None
-        raise ConclaveError(f"the delivery service refused the audit log: {exc}") from None
+        if exc.code == "not_found":
+            raise ConclaveError(f"no {label} on the delivery service {ds}") from None
+        if exc.code == "forbidden":
+            raise ConclaveError(
+                f"{identity!r} may not read the audit log of {label}: it is neither a member "
+                "nor an auditor of the delivery service"
+            ) from None
+        raise ConclaveError(f"the delivery service refused the audit log of {label}: {exc}") from None
 
 
 async def _member_log(ds: str, group_id: bytes, state: Path, identity: str) -> Any:
@@ -324,11 +419,20 @@ async def _member_log(ds: str, group_id: bytes, state: Path, identity: str) -> A
 # -- bench
 
 
+def bench_names(text: str) -> set[str]:
+    """An argparse type: `bench --only`'s names, checked before any benchmark runs."""
+    from .bench import parse_only
+
+    try:
+        return parse_only(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 async def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_benchmarks
 
-    only = set(args.only.split(",")) if args.only else None
-    return await run_benchmarks(args.out, quick=args.quick, only=only)
+    return await run_benchmarks(args.out, quick=args.quick, only=args.only)
 
 
 COMMANDS = {
@@ -366,12 +470,22 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(exc, DeliveryServiceError):
             print(f"conclave {args.command}: the delivery service said: {exc}", file=sys.stderr)
-        elif isinstance(exc, OSError | ConnectionError):
+        elif _is_network_error(exc):
             print(f"conclave {args.command}: network error: {exc}", file=sys.stderr)
+        elif isinstance(exc, OSError):  # a file: the message names it
+            print(f"conclave {args.command}: {exc}", file=sys.stderr)
         else:
             print(f"conclave {args.command}: unexpected error {type(exc).__name__}: {exc} "
                   "(run with --debug for details)", file=sys.stderr)
         return 2
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    import socket
+
+    import aiohttp
+
+    return isinstance(exc, ConnectionError | TimeoutError | socket.gaierror | aiohttp.ClientError)
 
 
 if __name__ == "__main__":

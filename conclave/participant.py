@@ -49,7 +49,7 @@ from e2ee_media.aiortc_hooks import decrypt_receiver, encrypt_sender
 from e2ee_media.codecs import clear_prefix_length
 from e2ee_media.mls_keys import MLSKeyManager
 from e2ee_media.transform import FrameDecryptor, FrameEncryptor, TrackStats
-from mls import Client, CommitResult, Group, MLSError
+from mls import Client, CommitResult, Group, MLSError, PublicGroup
 from mls.framing import MLSMessage, PublicMessage
 from mls.proposals import ProposalType
 from sfu import aiortc_hooks
@@ -89,9 +89,35 @@ def _join_refused(room: str, exc: RequestFailed) -> ConclaveError:
     return ConclaveError(f"cannot join room {room!r}: {exc.reason}")
 
 
+_UNREADABLE_STATE = (OSError, ValueError, KeyError, TypeError, MLSError, cbor2.CBORDecodeError)
+
+
+def _own_leaf(group_info: bytes, signature_key: bytes) -> int | None:
+    """The leaf of the group that holds `signature_key`, if any."""
+    try:
+        members = PublicGroup.from_group_info(group_info).members
+    except MLSError:
+        return None  # join_external reports what is wrong with the GroupInfo
+    return next((m.leaf_index for m in members if m.signature_key == signature_key), None)
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a request failed, in words: some aiohttp errors (timeouts) have an empty message."""
+    if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError is one too
+        return "no answer in time"
+    return str(exc) or type(exc).__name__
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def group_id_for_room(room: str) -> bytes:
     """The MLS group id of a room name (the SFU room is its hex)."""
-    gid = room.encode("utf-8")
+    try:
+        gid = room.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes from the command line
+        raise ConclaveError(f"the room name {room!r} is not valid UTF-8 text") from None
     if not 0 < len(gid) <= 255:
         raise ConclaveError("a room name must be 1 to 255 bytes of UTF-8")
     return gid
@@ -150,11 +176,11 @@ class Participant:
         self.media = media or MediaSpec()
         self.record_dir = record_dir
         self.auto_commit = auto_commit
-        self.client = self._load_client(cipher_suite)
         self.group: Group | None = None
         self.applied_seq = 0
         self.welcome_cursor = 0
         self.removed = False
+        self.client = self._load_client(cipher_suite)  # and the saved group, if any
         self.keys = MLSKeyManager()
         self.ds = DeliveryClient(
             ds_url, name, int(self.client.cipher_suite), self.client.signature_priv,
@@ -191,19 +217,35 @@ class Participant:
 
     def _load_client(self, cipher_suite: int) -> Client:
         path = self._state_path
-        self._saved: dict[str, Any] | None = None
         if path is not None and path.exists():
+            # Everything is read and checked now, before any request: a state that cannot be
+            # used must fail here, and one that can is written back whole by `save`.
             try:
                 saved = cbor2.loads(path.read_bytes())
+                if not isinstance(saved, dict):
+                    raise ValueError("not a Conclave state file")
                 if saved.get("format") != STATE_FORMAT or saved.get("version") != STATE_VERSION:
                     raise ValueError("unknown format")
                 client = Client.from_bytes(saved["client"])
-            except (OSError, ValueError, KeyError, MLSError, cbor2.CBORDecodeError) as exc:
+                welcome_cursor = saved.get("welcome_cursor", 0)
+                applied_seq = saved.get("applied_seq", 0)
+                removed = saved.get("removed", False)
+                if not (
+                    _is_count(welcome_cursor) and _is_count(applied_seq)
+                    and isinstance(removed, bool)
+                ):
+                    raise ValueError("a counter or flag has the wrong type")
+                group = None
+                if "group" in saved and not removed:
+                    group = Group.from_bytes(saved["group"], client)
+            except _UNREADABLE_STATE as exc:
                 raise ConclaveError(
                     f"cannot read the saved state {path}: {exc}; move it away to start afresh "
                     "(with a new identity name)"
                 ) from None
-            self._saved = saved
+            self.welcome_cursor, self.removed = welcome_cursor, removed
+            if group is not None:
+                self.group, self.applied_seq = group, applied_seq
             return client
         return Client(self.name.encode(), cipher_suite)
 
@@ -218,13 +260,16 @@ class Participant:
         }
         if self.group is not None:
             body["group"] = self.group.to_bytes()
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        # The state holds private keys: owner-only from the moment the file exists.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(cbor2.dumps(body))
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # The state holds private keys: owner-only from the moment the file exists.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(cbor2.dumps(body))
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise ConclaveError(f"cannot save the state to {path}: {exc.strerror or exc}") from None
 
     # -- properties -------------------------------------------------------------------------------
 
@@ -266,25 +311,22 @@ class Participant:
     async def start(self) -> None:
         """Register (idempotent), top up KeyPackages, open the push stream, and resume a saved
         group if there is one."""
+        # The signature key is registered for good: it must be on disk first, or a state
+        # directory that cannot be written would leave the name registered to a lost key.
+        self.save()
         try:
             await self.ds.register()
         except (aiohttp.ClientError, OSError) as exc:
             raise ServiceUnavailable(
-                f"cannot reach the delivery service at {self.ds_url}: {exc}"
+                f"cannot reach the delivery service at {self.ds_url}: {_reason(exc)}"
             ) from None
         except RequestFailed as exc:
             raise ConclaveError(f"the delivery service refused to register {self.name}: {exc}") from None
         await self.top_up_key_packages()
-        saved = self._saved
         self.stream = await self.ds.connect()
-        if saved is not None:
-            self.welcome_cursor = int(saved.get("welcome_cursor", 0))
-            self.removed = bool(saved.get("removed", False))
-            if "group" in saved and not self.removed:
-                self.group = Group.from_bytes(saved["group"], self.client)
-                self.applied_seq = int(saved.get("applied_seq", 0))
-                self.keys.update(self.group)
-                await self.stream.subscribe(self.group.group_id, after=self.applied_seq)
+        if self.group is not None:  # resumed from the saved state (`_load_client`)
+            self.keys.update(self.group)
+            await self.stream.subscribe(self.group.group_id, after=self.applied_seq)
         await self.stream.subscribe_welcomes(after=self.welcome_cursor)
         self._spawn(self._pump())
         self._spawn(self._keep_key_packages())
@@ -364,7 +406,11 @@ class Participant:
         gid = group_id_for_room(room)
         for _ in range(COMMIT_ATTEMPTS):
             gi = await self._room_group_info(gid, room)
-            group, commit = Group.join_external(self.client, gi)
+            # A leaf of ours may already be there (a join interrupted after the service took
+            # it, or a lost state): the commit replaces it, as a resync (§12.4.3.2)
+            group, commit = Group.join_external(
+                self.client, gi, remove_leaf=_own_leaf(gi, self.client.signature_key)
+            )
             try:
                 accepted = await self.ds.send(gid, commit, group_info=group.group_info())
             except StaleEpochRejected:
@@ -788,7 +834,9 @@ class Participant:
         except SFUError as exc:
             raise ConclaveError(f"the SFU refused {self.name}: {exc}") from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise ServiceUnavailable(f"cannot reach the SFU at {self.sfu_url}: {exc}") from None
+            raise ServiceUnavailable(
+                f"cannot reach the SFU at {self.sfu_url}: {_reason(exc)}"
+            ) from None
         self._spawn(self._follow_media_session(self.sfu))
 
     async def _follow_media_session(self, client: SFUClient) -> None:

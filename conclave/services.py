@@ -7,8 +7,10 @@ the delivery service keeps its state in SQLite (or PostgreSQL with a `postgresql
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -56,10 +58,15 @@ class Services:
             raise ServiceUnavailable(
                 f"cannot open the database ({display_db(self.db)}): its directory does not exist"
             )
+        storage = None
         try:
             storage = make_storage(self.db, schema=self.pg_schema)
             await storage.open()
         except Exception as exc:  # sqlite3, asyncpg and OSError failures alike: one line
+            if storage is not None:
+                # aiosqlite's worker thread would keep the process from exiting
+                with contextlib.suppress(Exception):
+                    await storage.close()
             raise ServiceUnavailable(
                 f"cannot open the database ({display_db(self.db)}): {exc}"
             ) from None
@@ -71,6 +78,8 @@ class Services:
             self._sfu_runner = self._runners[-1]
         except OSError as exc:
             await self.stop()
+            if isinstance(exc, socket.gaierror):
+                raise ServiceUnavailable(f"cannot listen on {self.host}: unknown host") from None
             raise ServiceUnavailable(
                 f"cannot listen on {self.host}: {exc.strerror or exc}; pick other ports"
             ) from None
@@ -101,12 +110,12 @@ class Services:
         self._sfu_runner = self._runners[-1]
 
     async def stop(self) -> None:
+        # Each app ends its own WebSocket sessions when shut down (the SFU's and the delivery
+        # service's on_shutdown), so that no cleanup waits on a connected client.
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
         if self.service is not None:
-            for conn in list(self.service.hub.connections):
-                await conn.ws.close()
             await self.service.storage.close()
             self.service = None
 

@@ -34,6 +34,10 @@ from .signatures import CHALLENGE_LABEL, challenge_content, sign_with_label
 
 log = logging.getLogger(__name__)
 CBOR = "application/cbor"
+# aiohttp's default is 5 minutes in total: a service that accepts connections but never
+# answers would hang a client that long. (Push streams are WebSockets: aiohttp lifts the read
+# timeout once they are open.)
+REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30)
 # A 429 asking to wait at most this long (seconds) is waited out and retried, a few times.
 MAX_RETRY_WAIT = 5
 RETRIES_429 = 3
@@ -152,7 +156,7 @@ class DeliveryClient:
     @property
     def http(self) -> aiohttp.ClientSession:
         if self._http is None:
-            self._http = aiohttp.ClientSession()
+            self._http = aiohttp.ClientSession(timeout=REQUEST_TIMEOUT)
         return self._http
 
     async def close(self) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import cbor2
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from sfu.tokens import issue_room_token
 
@@ -778,13 +778,23 @@ def make_app(service: DeliveryService, *, manage_storage: bool = True) -> web.Ap
             web.get("/metrics", s.metrics_page),
         ]
     )
+
+    async def close_push_streams(app: web.Application) -> None:
+        # On shutdown, before aiohttp waits for open handlers: a push stream would otherwise
+        # hold the shutdown for its whole timeout. All at once, none waiting on a slow client.
+        async def close(ws: web.WebSocketResponse) -> None:
+            with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
+                async with asyncio.timeout(2.0):
+                    await ws.close(code=WSCloseCode.GOING_AWAY, message=b"shutting down")
+
+        await asyncio.gather(*(close(conn.ws) for conn in list(service.hub.connections)))
+
+    app.on_shutdown.append(close_push_streams)
     if manage_storage:
 
         async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
             await service.storage.open()
             yield
-            for conn in list(service.hub.connections):
-                await conn.ws.close()
             await service.storage.close()
 
         app.cleanup_ctx.append(lifecycle)

@@ -49,7 +49,7 @@ from sfu.tokens import verify_room_token
 
 logger = logging.getLogger(__name__)
 
-MAX_NAME_LENGTH = 256
+MAX_NAME_LENGTH = 512  # the delivery service names a room by its MLS group id in hex (<= 255 B)
 OUTBOX_MESSAGES = 16  # a client may fall this many largest messages behind before it is dropped
 MAX_TOKEN_LENGTH = 4096
 KINDS = ("audio", "video")
@@ -296,7 +296,9 @@ class SFUServer:
 def _string(message: dict[str, Any], key: str, max_length: int) -> str:
     value = message.get(key)
     if not isinstance(value, str) or not value or len(value) > max_length:
-        raise SignallingError("bad-message", f"{key} must be a non-empty string")
+        raise SignallingError(
+            "bad-message", f"{key} must be a string of 1 to {max_length} characters"
+        )
     try:
         value.encode()
     except UnicodeEncodeError:  # a lone surrogate, from a "\ud800" escape in the JSON

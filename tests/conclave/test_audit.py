@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conclave.audit import LogEntry, audit, format_report, load_log, read_log, save_log
-from conclave.errors import AuditFailure
+from conclave.errors import AuditFailure, ConclaveError
 from mls import Client, Group
 from mls.proposals import Proposal, Remove
 
@@ -212,6 +212,14 @@ def test_unreadable_log_files_are_refused(tmp_path: Path, content: bytes) -> Non
     path.write_bytes(content)
     with pytest.raises(AuditFailure):
         load_log(path)
+
+
+@pytest.mark.parametrize("where", ["missing.cbor", "."])
+def test_a_log_file_that_cannot_be_read_is_a_usage_error(tmp_path: Path, where: str) -> None:
+    # Not an AuditFailure (exit status 1: "the log is inconsistent"): the CLI exits 2.
+    with pytest.raises(ConclaveError, match="cannot read the log file") as info:
+        load_log(tmp_path / where)
+    assert not isinstance(info.value, AuditFailure)
 
 
 class PagedService:

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from conclave.bench import plot_call, text_tables, write_call_csv
+from conclave import bench
+from conclave.bench import (
+    BENCH_DIR,
+    parse_only,
+    plot_call,
+    text_tables,
+    write_call_csv,
+    write_script_csv,
+)
 from conclave.bench_call import MODES, CallResult, measure_call
+from conclave.cli import main
 from conclave.media import MediaSpec
 
 
@@ -51,11 +63,119 @@ def test_the_scripts_tables_become_csv_rows() -> None:
     assert text_tables(SCRIPT_OUTPUT) == [
         ["operation (ms, median of 5)", "N=2", "N=8", "ref N=8"],
         ["batched build", "1.8", "4.3", "3-5"],
-        ["update (create)", "0.8", "1.6"],
+        ["update (create)", "0.8", "1.6", ""],  # as many cells as the header
         [],
         ["path", "us/pkt/sub", "fwd pkts/s"],
         ["sfu (raw header rewrite)", "15.2", "65740"],
     ]
+
+
+# Fixed-width columns as the scripts print them: a wide value leaves one space to its neighbour.
+FIXED_WIDTH = "\n".join([
+    f"{'suite':<12}{'size':>6}{'seal':>6}{'x':>6}  target",
+    f"{'AES 128 GCM':<12}{100000:>6}{12.345:>6.2f}{7.5:>6.2f}  ok",
+    f"{'AES':<12}{60:>6}{1.25:>6.2f}{10.25:>6.2f}  MISS seal+open",
+    f"{'CTR':<12}{60:>6}{'':>6}{99.5:>6.2f}",
+    "summary: 3 rows",
+])
+
+
+def test_cells_one_space_apart_stay_in_their_columns() -> None:
+    assert FIXED_WIDTH.splitlines()[1] == "AES 128 GCM 100000 12.35  7.50  ok"
+    assert text_tables(FIXED_WIDTH) == [
+        ["suite", "size", "seal", "x", "target"],
+        ["AES 128 GCM", "100000", "12.35", "7.50", "ok"],
+        ["AES", "60", "1.25", "10.25", "MISS seal+open"],
+        ["CTR", "60", "", "99.50", ""],
+    ]
+
+
+def test_the_sframe_scripts_csv_rows_match_its_header(tmp_path: Path) -> None:
+    script = BENCH_DIR / "sframe.py"
+    if not script.exists():
+        pytest.skip("bench/ is not in this checkout")
+    txt = tmp_path / "sframe.txt"
+    txt.write_text(subprocess.run([sys.executable, str(script), "--quick"], check=True,
+                                  capture_output=True, text=True, timeout=120).stdout)
+    path = write_script_csv(txt)
+    assert path is not None
+    tables: list[list[list[str]]] = [[]]
+    for row in csv.reader(path.open()):
+        if row:
+            tables[-1].append(row)
+        else:
+            tables.append([])
+    assert len(tables) >= 2
+    for header, *rows in tables:
+        assert rows and all(len(row) == len(header) for row in rows), (header, rows)
+    header, *rows = tables[0]
+    assert len(header) == 15 and header[-1] == "target"
+    for row in rows:  # suite, then numbers (a single space apart where a value is wide), verdict
+        assert row[0].startswith("AES_") and (row[-1] in ("ok", "-") or row[-1].startswith("MISS "))
+        assert all(float(cell) >= 0 for cell in row[1:-1]), row
+
+
+@pytest.mark.parametrize("text", ["mls,call", " sfu_forward ", "e2e_call,ds_load,sframe"])
+def test_only_takes_groups_and_the_names_in_the_summary(text: str) -> None:
+    assert parse_only(text) == {name.strip() for name in text.split(",")}
+
+
+@pytest.mark.parametrize("argv", [["--only", "nosuch"], ["--only", ""], ["--only", ","],
+                                  ["--only", "mls,nosuch"], ["--only", "e2e_call_plain"]])
+def test_an_unknown_only_name_is_a_usage_error(
+    argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    async def refuse(*args: Any, **kwargs: Any) -> int:
+        raise AssertionError("no benchmark may run")
+
+    monkeypatch.setattr(bench, "run_benchmarks", refuse)
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--out", str(tmp_path / "out"), *argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "choose from mls, sframe, sfu, ds, call" in err and "sfu_forward" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def ran(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Stand-ins for the scripts and the call: the names of what would have run."""
+    names: list[str] = []
+
+    async def run_script(path: Path, args: list[str], out: Path) -> tuple[int, float]:
+        names.append(out.stem)
+        out.write_text("")
+        return 0, 0.0
+
+    async def call(mode: str, *args: Any, **kwargs: Any) -> CallResult:
+        names.append(f"call {mode}")
+        return result(mode, [60.0, 70.0, 80.0])
+
+    monkeypatch.setattr(bench, "run_script", run_script)
+    monkeypatch.setattr(bench, "measure_call", call)
+    return names
+
+
+@pytest.mark.parametrize(("only", "expected"), [
+    ("sfu_forward", ["sfu_forward"]),
+    ("mls", ["mls_groups", "mls_tree"]),
+    ("mls_tree,sframe", ["mls_tree", "sframe"]),
+    ("e2e_call", ["call plain", "call e2ee"]),
+])
+def test_only_runs_what_it_names(
+    only: str, expected: list[str], ran: list[str], tmp_path: Path
+) -> None:
+    assert main(["bench", "--quick", "--out", str(tmp_path), "--only", only]) == 0
+    assert ran == expected
+    summary = [row["benchmark"] for row in csv.DictReader((tmp_path / "summary.csv").open())]
+    assert summary == [n if " " not in n else "e2e_call_" + n.split()[1] for n in expected]
+
+
+async def test_run_benchmarks_refuses_unknown_names(ran: list[str], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="choose from"):
+        await bench.run_benchmarks(tmp_path, quick=True, only={"nosuch"})
+    assert ran == []
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -15,7 +15,6 @@ import pytest
 
 from conclave.cli import build_parser, main, parse_group
 from conclave.demo import DemoConfig
-from conclave.errors import ConclaveError
 from conclave.services import Services, display_db
 from tests.delivery_service.conftest import drop_schema, require_postgres
 from tests.delivery_service.procs import free_port
@@ -36,16 +35,108 @@ def test_audit_needs_exactly_one_source(capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_group_ids() -> None:
+    # --group is a room name, taken as `join --room` takes it, even when it looks like hex.
     assert parse_group("room") == b"room"
-    assert parse_group("0x00ff") == b"\x00\xff"
-    with pytest.raises(ConclaveError):
-        parse_group("0xzz")
+    assert parse_group("0x00ff") == b"0x00ff"
+    assert parse_group("0x") == b"0x"
+    parser = build_parser()
+    for text in ("00ff", "0x00ff", "0X00FF"):
+        args = parser.parse_args(["audit", "--group-id", text, "--log", "f"])
+        assert args.group_id == b"\x00\xff" and args.group is None
 
 
-def test_missing_log_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["audit", "--group", "g", "--log", str(tmp_path / "none.cbor")]) == 1
+@pytest.mark.parametrize("argv", [
+    ["--group", ""], ["--group", "x" * 256], ["--group-id", ""], ["--group-id", "0x"],
+    ["--group-id", "0xzz"], ["--group-id", "ab" * 256], ["--group", "r", "--group-id", "72"],
+])
+def test_bad_group_names_are_usage_errors(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["audit", *argv, "--log", "f"])
+    assert info.value.code == 2
+    assert "--group" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["none.cbor", "."])
+def test_a_log_file_that_cannot_be_read_is_not_a_failed_audit(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / where
+    assert main(["audit", "--group", "g", "--log", str(path)]) == 2  # 1 is a failed audit
     err = capsys.readouterr().err
-    assert "cannot read the log file" in err and "Traceback" not in err
+    assert err.startswith(f"conclave audit: cannot read the log file {path}: ")
+    assert err.count("\n") == 1 and "FAILED" not in err
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """`conclave serve` with a room named `0xdeadbeef`, created by alice: audit's --ds and
+    --state (the auditor identity's, registered by the first audit)."""
+    from conclave.participant import Participant
+
+    state = tmp_path_factory.mktemp("served")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conclave.cli", "serve", "--ds-port", "0", "--sfu-port", "0",
+         "--state", str(state)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ds_url = proc.stdout.readline().split()[-1]
+
+        async def create_room() -> None:
+            alice = Participant("alice", ds_url, state_dir=state / "alice")
+            try:
+                await alice.start()
+                await alice.create("0xdeadbeef")
+            finally:
+                await alice.close()
+
+        asyncio.run(create_room())
+        yield ["--ds", ds_url, "--state", str(state / "auditor")]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_a_room_named_like_hex_is_audited_by_its_name(
+    served: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "saved.cbor"
+    assert main(["audit", "--group", "0xdeadbeef", *served, "--save", str(log)]) == 0
+    assert "key rotations of room '0xdeadbeef'" in capsys.readouterr().out
+    assert main(["audit", "--group", "0xdeadbeef", "--log", str(log)]) == 0
+    assert main(["audit", "--group-id", b"0xdeadbeef".hex(), "--log", str(log)]) == 0
+    assert main(["audit", "--group-id", b"0xdeadbeef".hex(), *served]) == 0
+    assert main(["audit", "--group", "deadbeef", "--log", str(log)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"conclave audit: {log} holds the log of room '0xdeadbeef', not of room 'deadbeef'\n"
+    )
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["--group", "nosuch"], "no room 'nosuch'"),
+    (["--group", "0x"], "no room '0x'"),
+    (["--group-id", "0xdeadbeef"], "no group 0xdeadbeef"),
+])
+def test_a_missing_group_is_named_as_the_user_typed_it(
+    argv: list[str], named: str, served: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["audit", *argv, *served]) == 2
+    err = capsys.readouterr().err
+    assert err == f"conclave audit: {named} on the delivery service {served[1]}\n"
+
+
+def test_a_log_that_cannot_be_saved_is_a_file_error(
+    served: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    save = tmp_path / "no" / "such" / "dir" / "x.log"
+    assert main(["audit", "--group", "0xdeadbeef", *served, "--save", str(save)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"conclave audit: cannot save the log to {save}: ")
+    assert "network" not in err and err.count("\n") == 1
 
 
 def test_unreachable_delivery_service(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
