@@ -16,8 +16,14 @@ RTCRtpReceiver's per-packet work, and per subscriber what RTCRtpSender does (see
 loopback `sendto` (per copy) and one asyncio wake-up per incoming datagram (shared by its copies);
 the "-floors" column subtracts them.
 
+Part 2 runs once per `--rate` (packets/s per publisher): 50 is low-resolution video (about
+0.45 Mbit/s of 1100-byte packets), 150 about 1.3 Mbit/s, typical of 720p VP8, 250 about 2.2
+Mbit/s. The cost per packet falls as the rate rises: a busier process sleeps and wakes less
+often per packet (the wake-up floor printed before each table shows it) and finds its caches
+warm. Each rate gets its own table and verdict; the low rate is the hardest case.
+
 Usage: python bench/sfu_forward.py [--participants 10] [--publishers 10] [--packets 3000]
-       [--loopback --seconds 10]
+       [--loopback --seconds 10 --rate 50,150,250]
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ from sfu.metrics import Metrics
 from sfu.rtp import URI_ABS_SEND_TIME, URI_MID, pack_extensions
 
 PAYLOAD = 1100
+TARGET_US = 15.0  # CPU per forwarded packet per subscriber, issue 5
+TARGET_P99_MS = 2.0  # added latency with 10 participants
 KEY = bytes(range(44))  # master key + salt for AEAD_AES_256_GCM, which aiortc 1.16 negotiates
 
 
@@ -216,7 +224,13 @@ async def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--loopback", action="store_true")
     parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--rate", type=int, default=50, help="loopback: packets/s per publisher")
+    parser.add_argument(
+        "--rate",
+        type=_rates,
+        default=(50, 150, 250),
+        help="loopback: packets/s per publisher, comma-separated for one table each "
+        "(default 50,150,250: about 0.45, 1.3 and 2.2 Mbit/s of video)",
+    )
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # internal: SFU process
     parser.add_argument("--mode", default="sfu", help=argparse.SUPPRESS)
     parser.add_argument("--secret-file", help=argparse.SUPPRESS)
@@ -251,8 +265,21 @@ async def main() -> None:
     )
     print("latency = arrival to last copy sent for one incoming packet (all subscribers)")
     if args.loopback:
-        floors = measure_floors(args.participants, args.rate)
-        await run_loopback(args.participants, args.seconds, args.rate, args.repeat, floors)
+        for rate in args.rate:
+            floors = measure_floors(args.participants, rate)
+            await run_loopback(args.participants, args.seconds, rate, args.repeat, floors)
+
+
+def _rates(text: str) -> tuple[int, ...]:
+    try:
+        rates = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of integers: {text!r}"
+        ) from None
+    if not rates or min(rates) < 1:
+        raise argparse.ArgumentTypeError("rates must be positive")
+    return rates
 
 
 # --- floors: what any process pays, whatever it forwards ----------------------------------------
@@ -561,6 +588,12 @@ async def run_loopback(
             f"{r['marginal_us'] - floor:>7.1f} {r['idle_ms']:>9.1f} {r['pps']:>11.0f} "
             f"{r['e2e_p50']:>8.2f} {r['e2e_p99']:>8.2f} {r['sfu_p50']:>8.3f} {r['sfu_p99']:>8.3f}"
         )
+    sfu = dict(rows)["sfu"]
+    met = sfu["us_per_pkt"] <= TARGET_US and sfu["sfu_p99"] <= TARGET_P99_MS
+    print(
+        f"target (<= {TARGET_US:.0f} us/pkt/sub, sfu p99 <= {TARGET_P99_MS:.0f} ms) at {rate} "
+        f"pkts/s: {'met' if met else 'NOT met'}"
+    )
     print(
         "us/pkt/sub = SFU process CPU time (user+system; user alone in brackets) / packets it "
         "forwarded; marginal = the same minus the idle room's CPU (idle ms/s, measured before "

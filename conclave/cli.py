@@ -19,6 +19,7 @@ from typing import Any
 from .errors import AuditFailure, ConclaveError
 
 DEFAULT_DS_PORT = 8470
+STATE_HELP = "state directory (default: $CONCLAVE_STATE, else ~/.conclave)"
 DEFAULT_SFU_PORT = 8443
 DEMO_COLUMNS = ["name", "epoch", "members", "safety code", "sent a/v", "decrypted", "failed",
                 "status"]
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "STATE/conclave-ds.sqlite3); give a DSN with a password in "
                         "CONCLAVE_DS_DB, since other users can read command lines")
     p.add_argument("--pg-schema", default=None, help="PostgreSQL schema for the tables")
-    p.add_argument("--state", type=Path, default=None, help="state directory (default ~/.conclave)")
+    p.add_argument("--state", type=Path, default=None, help=STATE_HELP)
     p.add_argument("--auditor", action="append", default=None,
                    help="identity allowed to read every group's audit log (default: auditor)")
 
@@ -96,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotation", type=seconds, default=4.0, help="key rotation period, seconds")
     p.add_argument("--phase", type=seconds_or_zero, default=2.5, help="seconds of media between steps")
     p.add_argument("--no-live", action="store_true", help="no live table, only the summary")
-    p.add_argument("--db", default=None, help="postgresql:// DSN (default: a temporary SQLite)")
+    p.add_argument("--db", default=None,
+                   help="SQLite file or postgresql:// DSN, best a fresh one: the demo's "
+                        "participants are new identities each run (default: a temporary SQLite)")
     p.add_argument("--pg-schema", default=None, help="PostgreSQL schema for the tables")
 
     p = sub.add_parser("join", help="join (or create) a call as one participant")
@@ -115,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotation", type=seconds_or_zero, default=30.0,
                    help="commit a key rotation every this many seconds (0: never)")
     p.add_argument("--duration", type=seconds_or_zero, default=0, help="leave after this long (0: Ctrl-C)")
-    p.add_argument("--state", type=Path, default=None, help="state directory (default ~/.conclave)")
+    p.add_argument("--state", type=Path, default=None, help=STATE_HELP)
 
     p = sub.add_parser("audit", help="verify a group's handshake log, report key rotations")
     which = p.add_mutually_exclusive_group(required=True)
@@ -129,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", type=Path, default=None, help="save the fetched log to this file")
     p.add_argument("--as", dest="identity", default="auditor",
                    help="identity to read the log as: an auditor, or a member with saved state")
-    p.add_argument("--state", type=Path, default=None, help="state directory (default ~/.conclave)")
+    p.add_argument("--state", type=Path, default=None, help=STATE_HELP)
 
     p = sub.add_parser("bench", help="benchmarks: MLS, SFrame, SFU, end-to-end call")
     p.add_argument("--out", type=Path, default=Path("bench-results"))

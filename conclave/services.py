@@ -53,6 +53,11 @@ class Services:
             aiortc_hooks.restrict_ice_to_loopback()
         config = Config(room_secret=self.room_secret, auditors=self.auditors)
         is_sqlite = not self.db.startswith(("postgresql://", "postgres://"))
+        if is_sqlite and "://" in self.db:
+            raise ServiceUnavailable(
+                f"cannot open the database {self.db.split('://')[0]}://...: give a SQLite file "
+                "or a postgresql:// DSN"
+            )
         if is_sqlite and not Path(self.db).resolve().parent.is_dir():
             # Checked here: aiosqlite's failure would surface later from its worker thread.
             raise ServiceUnavailable(
@@ -124,7 +129,11 @@ def display_db(db: str) -> str:
     """The database for people to read: a PostgreSQL DSN without its password."""
     if not db.startswith(("postgresql://", "postgres://")):
         return f"SQLite file {db}"
-    parts = urlsplit(db)
+    try:
+        parts = urlsplit(db)
+        parts.port  # noqa: B018 - raises ValueError for a malformed DSN
+    except ValueError:
+        return "PostgreSQL (a DSN that cannot be parsed)"
     if parts.password is not None:
         user = parts.username or ""
         host = parts.netloc.rsplit("@", 1)[-1]

@@ -217,3 +217,14 @@ def test_serve_stops_at_once_with_a_participant_connected(tmp_path: Path) -> Non
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_databases_serve_cannot_use_are_named_without_secrets(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from conclave.services import display_db
+
+    assert main(["serve", "--db", "mysql://u:hunter2@db/x", "--ds-port", "0", "--sfu-port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "give a SQLite file or a postgresql:// DSN" in err and "hunter2" not in err
+    assert display_db("postgres://u:hunter2@[::1/x") == "PostgreSQL (a DSN that cannot be parsed)"
