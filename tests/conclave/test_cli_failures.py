@@ -37,25 +37,40 @@ async def services(tmp_path: Path):  # type: ignore[no-untyped-def]
     await s.stop()
 
 
-async def test_a_failed_join_keeps_the_saved_call(services: Services, tmp_path: Path) -> None:
-    state = tmp_path / "state"
+async def _alice_and_bob_in_r(services: Services, state: Path) -> tuple[Participant, Participant]:
+    """alice creates room "r" and bob joins it; both started, saving to `state`."""
     alice = Participant("alice", services.ds_url, state_dir=state)
     bob = Participant("bob", services.ds_url, state_dir=state)
-    try:
-        await alice.start()
-        await bob.start()
-        await alice.create("r")
-        await bob.join("r")
-    finally:
-        await bob.close()
+    await alice.start()
+    await bob.start()
+    await alice.create("r")
+    await bob.join("r")
+    return alice, bob
+
+
+async def test_a_failed_join_keeps_the_saved_call(services: Services, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    alice, bob = await _alice_and_bob_in_r(services, state)
+    await bob.close()
     before = _saved(state, "bob")
     assert "group" in before
     unreachable = f"http://127.0.0.1:{free_port()}"
     for extra in (["--ds", unreachable], ["--ds", services.ds_url, "--video", "/no/such.mp4"]):
         proc = await asyncio.create_subprocess_exec(
-            *_cli("join", "--room", "r", "--name", "bob", "--state", str(state),
-                  "--sfu", services.sfu_url, *extra),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            *_cli(
+                "join",
+                "--room",
+                "r",
+                "--name",
+                "bob",
+                "--state",
+                str(state),
+                "--sfu",
+                services.sfu_url,
+                *extra,
+            ),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         _, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 2, err
@@ -79,13 +94,8 @@ async def test_a_join_finds_its_own_leftover_leaf_and_replaces_it(
     # bob's join reached the service but not his disk (interrupted, or a lost state): his leaf
     # is in the group, and a new external commit must replace it, not collide with it
     state = tmp_path / "state"
-    alice = Participant("alice", services.ds_url, state_dir=state)
-    bob = Participant("bob", services.ds_url, state_dir=state)
+    alice, bob = await _alice_and_bob_in_r(services, state)
     try:
-        await alice.start()
-        await bob.start()
-        await alice.create("r")
-        await bob.join("r")
         bob.group = None  # as if never saved
         await bob.close()
         bob = Participant("bob", services.ds_url, state_dir=state)
@@ -132,7 +142,9 @@ def test_a_corrupt_state_is_reported_before_anything_happens(tmp_path: Path, cor
         Participant("erin", "http://127.0.0.1:9", state_dir=tmp_path)
 
 
-def test_file_problems_are_named_as_such(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_file_problems_are_named_as_such(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     afile = tmp_path / "afile"
     afile.write_text("")
     unreachable = f"http://127.0.0.1:{free_port()}"  # reaching it would be another error
@@ -165,7 +177,9 @@ def test_serve_exits_when_its_database_is_not_one(tmp_path: Path) -> None:
     bad.write_text("garbage, not SQLite\n" * 100)
     proc = subprocess.run(
         _cli("serve", "--db", str(bad), "--ds-port", "0", "--sfu-port", "0"),
-        capture_output=True, text=True, timeout=30,  # it used to hang on the database thread
+        capture_output=True,
+        text=True,
+        timeout=30,  # it used to hang on the database thread
     )
     assert proc.returncode == 2 and "cannot open the database" in proc.stderr
 
@@ -177,7 +191,9 @@ def test_ctrl_c_stops_a_join_that_waits_on_a_silent_service(tmp_path: Path) -> N
     url = f"http://127.0.0.1:{silent.getsockname()[1]}"
     proc = subprocess.Popen(
         _cli("join", "--room", "r", "--name", "n", "--ds", url, "--state", str(tmp_path)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         time.sleep(2)
@@ -194,7 +210,9 @@ def test_ctrl_c_stops_a_join_that_waits_on_a_silent_service(tmp_path: Path) -> N
 def test_serve_stops_at_once_with_a_participant_connected(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         _cli("serve", "--ds-port", "0", "--sfu-port", "0", "--state", str(tmp_path)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -224,7 +242,9 @@ def test_databases_serve_cannot_use_are_named_without_secrets(
 ) -> None:
     from conclave.services import display_db
 
-    assert main(["serve", "--db", "mysql://u:hunter2@db/x", "--ds-port", "0", "--sfu-port", "0"]) == 2
+    assert (
+        main(["serve", "--db", "mysql://u:hunter2@db/x", "--ds-port", "0", "--sfu-port", "0"]) == 2
+    )
     err = capsys.readouterr().err
     assert "give a SQLite file or a postgresql:// DSN" in err and "hunter2" not in err
     assert display_db("postgres://u:hunter2@[::1/x") == "PostgreSQL (a DSN that cannot be parsed)"

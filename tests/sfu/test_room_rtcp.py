@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
 from sfu import rtcp
 from sfu.config import SFUConfig
 from sfu.metrics import Metrics
@@ -15,6 +17,17 @@ async def _send_json(message: dict) -> None:
     pass
 
 
+@pytest.fixture
+async def sub():  # type: ignore[no-untyped-def]
+    """A participant in a room of its own, for feeding RTCP to."""
+    config = SFUConfig(token_secret=b"x" * 16)
+    room = Room("r", config, Metrics())
+    participant = Participant(room, "sub", [], _send_json, config, room.metrics)
+    yield participant
+    await participant.close()
+    await room.close()
+
+
 def _fir(sender_ssrc: int, targets: list[int]) -> bytes:
     """Full Intra Request (RFC 5104 §4.3.1): FCI entries of SSRC, seq nr, 3 reserved bytes."""
     fci = b"".join(struct.pack("!IB3x", ssrc, n) for n, ssrc in enumerate(targets))
@@ -22,35 +35,30 @@ def _fir(sender_ssrc: int, targets: list[int]) -> bytes:
     return struct.pack("!BBH", 0x80 | rtcp.PSFB_FIR, rtcp.RTCP_PSFB, len(body) // 4) + body
 
 
-async def test_fir_and_pli_from_a_subscriber_become_throttled_plis_upstream() -> None:
-    config = SFUConfig(token_secret=b"x" * 16)
-    room = Room("r", config, Metrics())
-    sub = Participant(room, "sub", [], _send_json, config, room.metrics)
-    try:
-        source, up = make_source()
-        slot, _ = make_slot()
-        slot.attach(source)
-        sub.slots_by_ssrc[slot.ssrc] = slot
-        await sub._on_rtcp(_fir(99, [12345, slot.ssrc]))  # one FCI entry is not ours
-        assert up.packets == [rtcp.pack_pli(4242, 1111)]
-        await sub._on_rtcp(rtcp.pack_pli(99, slot.ssrc))  # within pli_interval: held back
-        assert len(up.packets) == 1 and source.pli_pending
-        assert room.metrics.plis_received == 2
-        await sub._on_rtcp(rtcp.pack_remb(99, 500_000, [slot.ssrc, 4321]))
-        assert slot.remb is not None and slot.remb[0] == 500_000
-        [remb] = rtcp.parse_rtcp(up.packets[-1])
-        assert isinstance(remb, rtcp.RtcpPsfbPacket) and remb.fmt == rtcp.PSFB_APP
-        assert rtcp.unpack_remb_fci(remb.fci) == (500_000, [1111])
-        await sub._on_rtcp(rtcp.pack_remb(99, 1, [slot.ssrc])[:-2])  # truncated: ignored
-        # an FCI that announces five SSRCs but carries one: ignored, no exception
-        fci = b"REMB" + bytes([5, 0, 0, 1]) + struct.pack("!I", slot.ssrc)
-        body = struct.pack("!II", 99, 0) + fci
-        header = struct.pack("!BBH", 0x80 | rtcp.PSFB_APP, rtcp.RTCP_PSFB, len(body) // 4)
-        await sub._on_rtcp(header + body)
-        assert slot.remb[0] == 500_000
-    finally:
-        await sub.close()
-        await room.close()
+async def test_fir_and_pli_from_a_subscriber_become_throttled_plis_upstream(
+    sub: Participant,
+) -> None:
+    source, up = make_source()
+    slot, _ = make_slot()
+    slot.attach(source)
+    sub.slots_by_ssrc[slot.ssrc] = slot
+    await sub._on_rtcp(_fir(99, [12345, slot.ssrc]))  # one FCI entry is not ours
+    assert up.packets == [rtcp.pack_pli(4242, 1111)]
+    await sub._on_rtcp(rtcp.pack_pli(99, slot.ssrc))  # within pli_interval: held back
+    assert len(up.packets) == 1 and source.pli_pending
+    assert sub.metrics.plis_received == 2
+    await sub._on_rtcp(rtcp.pack_remb(99, 500_000, [slot.ssrc, 4321]))
+    assert slot.remb is not None and slot.remb[0] == 500_000
+    [remb] = rtcp.parse_rtcp(up.packets[-1])
+    assert isinstance(remb, rtcp.RtcpPsfbPacket) and remb.fmt == rtcp.PSFB_APP
+    assert rtcp.unpack_remb_fci(remb.fci) == (500_000, [1111])
+    await sub._on_rtcp(rtcp.pack_remb(99, 1, [slot.ssrc])[:-2])  # truncated: ignored
+    # an FCI that announces five SSRCs but carries one: ignored, no exception
+    fci = b"REMB" + bytes([5, 0, 0, 1]) + struct.pack("!I", slot.ssrc)
+    body = struct.pack("!II", 99, 0) + fci
+    header = struct.pack("!BBH", 0x80 | rtcp.PSFB_APP, rtcp.RTCP_PSFB, len(body) // 4)
+    await sub._on_rtcp(header + body)
+    assert slot.remb[0] == 500_000
 
 
 async def test_unknown_ssrcs_are_matched_to_publishing_m_lines_by_mid() -> None:
@@ -175,54 +183,40 @@ def _with_extension(packet: bytes, extension: bytes) -> bytes:
     )
 
 
-async def test_one_odd_packet_does_not_hide_the_rest_of_a_compound() -> None:
-    config = SFUConfig(token_secret=b"x" * 16)
-    room = Room("r", config, Metrics())
-    sub = Participant(room, "sub", [], _send_json, config, room.metrics)
-    try:
-        source, up = make_source(pli_interval=0.0)
-        slot, down = make_slot()
-        slot.attach(source)
-        sub.slots_by_ssrc[slot.ssrc] = slot
-        sub.sources_by_ssrc[source.ssrc] = source
-        rr = rtcp.pack_rr(99, [rtcp.ReportBlock(slot.ssrc, 0, 0, 1, 0, 0, 0)])
-        await sub._on_rtcp(_with_extension(rr, b"ext1ext2") + rtcp.pack_pli(99, slot.ssrc))
-        assert up.packets == [rtcp.pack_pli(4242, 1111)]
-        # an RR whose count promises two blocks but carries one: skipped, the PLI still counts
-        bad = bytearray(rr)
-        bad[0] += 1
-        await sub._on_rtcp(bytes(bad) + rtcp.pack_pli(99, slot.ssrc))
-        assert len(up.packets) == 2
-        # a publisher's SR with an extension still maps onto its subscribers (lip sync)
-        from tests.sfu.test_forwarding import KEY, rtp_packet
+async def test_one_odd_packet_does_not_hide_the_rest_of_a_compound(sub: Participant) -> None:
+    source, up = make_source(pli_interval=0.0)
+    slot, down = make_slot()
+    slot.attach(source)
+    sub.slots_by_ssrc[slot.ssrc] = slot
+    sub.sources_by_ssrc[source.ssrc] = source
+    rr = rtcp.pack_rr(99, [rtcp.ReportBlock(slot.ssrc, 0, 0, 1, 0, 0, 0)])
+    await sub._on_rtcp(_with_extension(rr, b"ext1ext2") + rtcp.pack_pli(99, slot.ssrc))
+    assert up.packets == [rtcp.pack_pli(4242, 1111)]
+    # an RR whose count promises two blocks but carries one: skipped, the PLI still counts
+    bad = bytearray(rr)
+    bad[0] += 1
+    await sub._on_rtcp(bytes(bad) + rtcp.pack_pli(99, slot.ssrc))
+    assert len(up.packets) == 2
+    # a publisher's SR with an extension still maps onto its subscribers (lip sync)
+    from tests.sfu.test_forwarding import KEY, rtp_packet
 
-        source.handle_rtp(rtp_packet(1, 90000, KEY), now=0.0)
-        sr = rtcp.pack_sr(1111, 1 << 40, 90000, 1, len(KEY))
-        await sub._on_rtcp(_with_extension(sr, b"abcd"))
-        [mapped] = rtcp.parse_rtcp(down.packets[-1])
-        assert isinstance(mapped, rtcp.RtcpSrPacket) and mapped.ssrc == slot.ssrc
-        # broken framing (a length beyond the datagram): the compound is dropped whole
-        await sub._on_rtcp(rtcp.pack_pli(99, slot.ssrc)[:-1] + b"\x00\x00")
-        assert len(up.packets) == 2
-    finally:
-        await sub.close()
-        await room.close()
+    source.handle_rtp(rtp_packet(1, 90000, KEY), now=0.0)
+    sr = rtcp.pack_sr(1111, 1 << 40, 90000, 1, len(KEY))
+    await sub._on_rtcp(_with_extension(sr, b"abcd"))
+    [mapped] = rtcp.parse_rtcp(down.packets[-1])
+    assert isinstance(mapped, rtcp.RtcpSrPacket) and mapped.ssrc == slot.ssrc
+    # broken framing (a length beyond the datagram): the compound is dropped whole
+    await sub._on_rtcp(rtcp.pack_pli(99, slot.ssrc) + b"\x81\xce\x00\x05")
+    assert len(up.packets) == 2
 
 
-async def test_a_repeated_fir_is_one_request() -> None:
-    config = SFUConfig(token_secret=b"x" * 16)
-    room = Room("r", config, Metrics())
-    sub = Participant(room, "sub", [], _send_json, config, room.metrics)
-    try:
-        source, up = make_source(pli_interval=0.0)
-        slot, _ = make_slot()
-        slot.attach(source)
-        sub.slots_by_ssrc[slot.ssrc] = slot
-        for _ in range(4):  # retransmissions of one request keep its seq nr (RFC 5104 §4.3.1.2)
-            await sub._on_rtcp(_fir(99, [slot.ssrc]))
-        assert len(up.packets) == 1
-        await sub._on_rtcp(_fir(99, [12345, slot.ssrc]))  # seq nr 1 for our SSRC: a new request
-        assert len(up.packets) == 2
-    finally:
-        await sub.close()
-        await room.close()
+async def test_a_repeated_fir_is_one_request(sub: Participant) -> None:
+    source, up = make_source(pli_interval=0.0)
+    slot, _ = make_slot()
+    slot.attach(source)
+    sub.slots_by_ssrc[slot.ssrc] = slot
+    for _ in range(4):  # retransmissions of one request keep its seq nr (RFC 5104 §4.3.1.2)
+        await sub._on_rtcp(_fir(99, [slot.ssrc]))
+    assert len(up.packets) == 1
+    await sub._on_rtcp(_fir(99, [12345, slot.ssrc]))  # seq nr 1 for our SSRC: a new request
+    assert len(up.packets) == 2

@@ -46,6 +46,13 @@ async def _join_raw(url: str, message: object) -> tuple[list[dict], bool]:
 CANDIDATE = "candidate:1 1 udp 2130706431 127.0.0.1 5000 typ host"
 
 
+async def _joined(ws: Any, identity: str, publish: list[str] | None = None) -> None:
+    """Join "room" as `identity` on an open signalling socket and read the "joined" reply."""
+    token = issue_room_token(SECRET, "room", identity, int(time.time()) + 60)
+    await ws.send_str(json.dumps({**_join("room", identity, token), "publish": publish or []}))
+    assert (await ws.receive_json(timeout=5))["type"] == "joined"
+
+
 def _join(room: str, identity: str, token: str) -> dict:
     return {"type": "join", "room": room, "identity": identity, "token": token, "publish": []}
 
@@ -160,9 +167,7 @@ async def test_a_client_that_leaves_an_offer_unanswered_is_removed() -> None:
     await h.start()
     try:
         async with aiohttp.ClientSession() as session, session.ws_connect(h.url) as ws:
-            token = issue_room_token(SECRET, "room", "mute", int(time.time()) + 60)
-            await ws.send_str(json.dumps(_join("room", "mute", token)))
-            assert (await ws.receive_json(timeout=5))["type"] == "joined"
+            await _joined(ws, "mute")
             assert (await ws.receive_json(timeout=5))["type"] == "offer"
             assert h.server.metrics.participants() == 1
             started = time.monotonic()
@@ -269,9 +274,7 @@ async def test_a_join_slower_than_the_join_deadline_is_not_cut_short(monkeypatch
     await h.start()
     try:
         async with aiohttp.ClientSession() as session, session.ws_connect(h.url) as ws:
-            token = issue_room_token(SECRET, "room", "late", int(time.time()) + 60)
-            await ws.send_str(json.dumps(_join("room", "late", token)))
-            assert (await ws.receive_json(timeout=5))["type"] == "joined"
+            await _joined(ws, "late")
             assert (await ws.receive_json(timeout=5))["type"] == "offer"
             assert h.server.metrics.participants() == 1
         assert await wait_until(lambda: h.server.rooms == {}, timeout=5)
@@ -290,9 +293,7 @@ async def test_a_client_that_stops_reading_stalls_nobody_and_is_dropped(harness:
     connector = aiohttp.TCPConnector(socket_factory=_small_receive_buffer)
     async with aiohttp.ClientSession(connector=connector) as slow_session:
         slow = await slow_session.ws_connect(harness.url)
-        token = issue_room_token(SECRET, "room", "slow", int(time.time()) + 60)
-        await slow.send_str(json.dumps(_join("room", "slow", token)))
-        assert (await slow.receive_json(timeout=5))["type"] == "joined"
+        await _joined(slow, "slow")
         # from now on the slow client reads nothing, while every message it sends gets a reply;
         # small socket buffers on both ends make the SFU's writes to it back up soon
         slow._conn.transport.pause_reading()  # type: ignore[union-attr]
@@ -347,9 +348,7 @@ async def test_answers_aiortc_would_choke_on_later_are_refused_at_once() -> None
     await h.start()
     try:
         async with aiohttp.ClientSession() as session, session.ws_connect(h.url) as ws:
-            token = issue_room_token(SECRET, "room", "pub", int(time.time()) + 60)
-            await ws.send_str(json.dumps({**_join("room", "pub", token), "publish": ["video"]}))
-            assert (await ws.receive_json(timeout=5))["type"] == "joined"
+            await _joined(ws, "pub", ["video"])
             pc, sdp = await _offer_and_answer(ws)
             lines = sdp.splitlines()
             no_fingerprint = "\r\n".join(x for x in lines if not x.startswith("a=fingerprint"))
@@ -375,9 +374,7 @@ async def test_a_client_that_answers_but_never_connects_is_removed() -> None:
     await h.start()
     try:
         async with aiohttp.ClientSession() as session, session.ws_connect(h.url) as ws:
-            token = issue_room_token(SECRET, "room", "gone", int(time.time()) + 60)
-            await ws.send_str(json.dumps({**_join("room", "gone", token), "publish": ["audio"]}))
-            assert (await ws.receive_json(timeout=5))["type"] == "joined"
+            await _joined(ws, "gone", ["audio"])
             pc, sdp = await _offer_and_answer(ws)
             await pc.close()  # its ICE agent answers no connectivity check
             await ws.send_str(json.dumps({"type": "answer", "sdp": sdp}))
