@@ -6,6 +6,7 @@ public keys, the next GroupContext), and the read-only view of the current epoch
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from .commit import Commit, UpdatePath
@@ -234,11 +235,16 @@ class CommitRules:
         )
 
     def _merge_path_public(
-        self, st: EpochState, new: EpochState, path: UpdatePath, committer: int
+        self,
+        st: EpochState,
+        new: EpochState,
+        path: UpdatePath,
+        committer: int,
+        new_leaves: AbstractSet[int],
     ) -> None:
         """Validates the UpdatePath's leaf and merges its public keys (§7.5, §12.4.2)."""
         self._validate_path_leaf(st, new, path, committer)
-        merge_update_path(new.tree, committer, path)
+        merge_update_path(new.tree, committer, path, new_leaves)
         if new.private_state is not None:
             new.private_state = new.private_state.pruned(new.tree)
 

@@ -150,7 +150,15 @@ class ReceiveMixin(CommitMixin):
             init_secret = st.secrets.init_secret
         psk_secret = self._psk_secret(effects.psks, st)
         if removed:
-            # The member cannot follow the new epoch; it keeps its old state, inactive.
+            # The member cannot follow the new epoch (nor check its confirmation tag), but it
+            # checks what it can, as the delivery service does (§12.4.2 "validate it"): a Commit
+            # the rest of the group rejects must not end its membership.
+            if commit.path is not None:
+                self._merge_path_public(
+                    st, new, commit.path, staged.committer,
+                    frozenset(i for i, _ in effects.added),
+                )
+            # It keeps its old state, inactive.
             new = st.clone()
             new.active = False
             return new, True

@@ -46,6 +46,10 @@ from .proposals import (
 from .treekem import NodeKeyPair
 
 # §17.4 "Path Required" column: these proposal types force a Commit to carry an UpdatePath.
+# §17.3 registry, "Message(s)": GI (GroupInfo) or LN (LeafNode) only, never the GroupContext.
+NOT_IN_GROUP_CONTEXT = frozenset(
+    {ExtensionType.application_id, ExtensionType.ratchet_tree, ExtensionType.external_pub}
+)
 PATH_REQUIRED = {
     ProposalType.update,
     ProposalType.remove,
@@ -168,6 +172,14 @@ def validate_proposal_list(
                 ) from None
         elif isinstance(p, GroupContextExtensions):
             check_unique_extension_types(p.extensions, "GroupContextExtensions")
+            misplaced = sorted(
+                {int(x.extension_type) for x in p.extensions} & NOT_IN_GROUP_CONTEXT
+            )
+            if misplaced:
+                raise ValidationError(
+                    f"GroupContextExtensions with extension type(s) {misplaced}, which belong in"
+                    " a GroupInfo or a LeafNode only (§17.3)"
+                )
     # Proposal types every member (who stays) must support.
     removed = {e.proposal.body.removed for e in entries if isinstance(e.proposal.body, Remove)}
     for t in set(types):

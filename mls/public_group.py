@@ -149,7 +149,9 @@ class PublicGroup(CommitRules):
         if staged.external:
             added.append(staged.committer)
         if commit.path is not None:
-            self._merge_path_public(st, new, commit.path, staged.committer)
+            self._merge_path_public(
+                st, new, commit.path, staged.committer, frozenset(i for i, _ in effects.added)
+            )
         new.context = self._next_context(st, new.tree, ac, staged.extensions)
         new.interim_transcript_hash = interim_transcript_hash(
             self._crypto, new.context.confirmed_transcript_hash, ac.auth.confirmation_tag

@@ -333,21 +333,29 @@ def _create_update_path(
     )
 
 
-def merge_update_path(tree: RatchetTree, sender: int, update_path: UpdatePath) -> None:
+def merge_update_path(
+    tree: RatchetTree,
+    sender: int,
+    update_path: UpdatePath,
+    new_leaves: AbstractSet[int] = frozenset(),
+) -> None:
     """The public half of processing an UpdatePath (§7.5 "merges UpdatePath into the tree",
     §12.4.2), on the tree with the Commit's proposals applied; changes `tree` in place.
 
-    Checks the leaf_node_source, the number of path nodes, that no new public key is already in the
-    tree, and the leaf's parent hash. It does not check the LeafNode's signature, credential or
+    Checks the leaf_node_source, the number of path nodes and of ciphertexts in each (one per
+    node of the copath child's resolution without `new_leaves`, the leaves this Commit adds), that
+    no new public key is already in the tree, and the leaf's parent hash. It does not check the LeafNode's signature, credential or
     capabilities: call `leaf_validation.validate_leaf_node(..., source=commit)` for that. The
     delivery service can use this alone to follow the public tree. All-or-nothing: on any error
     `tree` is left as it was.
     """
     with tree.atomic():
-        _merge_update_path(tree, sender, update_path)
+        _merge_update_path(tree, sender, update_path, new_leaves)
 
 
-def _merge_update_path(tree: RatchetTree, sender: int, update_path: UpdatePath) -> None:
+def _merge_update_path(
+    tree: RatchetTree, sender: int, update_path: UpdatePath, new_leaves: AbstractSet[int]
+) -> None:
     leaf = update_path.leaf_node
     where = f"UpdatePath from leaf {sender}"
     if leaf.leaf_node_source != LeafNodeSource.commit:
@@ -362,6 +370,15 @@ def _merge_update_path(tree: RatchetTree, sender: int, update_path: UpdatePath) 
             f"{where}: {len(update_path.nodes)} path nodes, but the filtered direct path has"
             f" {len(path)}"
         )
+    for node, (p, s) in zip(update_path.nodes, path, strict=True):
+        # one ciphertext per node of the copath child's resolution, new members excluded
+        # (§7.6): public, so a server following the tree rejects what every member would
+        expected = len(tree.resolution(s, new_leaves))
+        if len(node.encrypted_path_secret) != expected:
+            raise ValidationError(
+                f"{where}: node {p} has {len(node.encrypted_path_secret)} encrypted path secrets"
+                f" for a resolution of {expected}"
+            )
     new_keys = [leaf.encryption_key, *(n.encryption_key for n in update_path.nodes)]
     if len(set(new_keys)) != len(new_keys):
         raise ValidationError(f"{where}: the same public key appears twice")
@@ -418,7 +435,7 @@ def _process_update_path(
         )
     if me in new_leaves:
         raise ValidationError(f"leaf {me} was added by this Commit and joins by Welcome instead")
-    _merge_update_path(tree, sender, update_path)
+    _merge_update_path(tree, sender, update_path, new_leaves)
     path = tree.filtered_direct_path_with_copath(sender)
     context = provisional_context(tree.tree_hash())
 

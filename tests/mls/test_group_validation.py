@@ -1113,3 +1113,51 @@ def test_welcome_with_two_branch_psks_rejected() -> None:
                              replace(gs, psks=[pid, second]), psks)
     refuses_join(gb.client, forged, ValidationError, "at most one reinit or branch PSK",
                  previous=gb)
+
+
+def test_a_removed_member_rejects_an_invalid_commit_that_removes_it() -> None:
+    # §12.4.2 "if the path value is populated, validate it": the removed member cannot check the
+    # confirmation tag, but it checks the path as anyone can, or a Commit the rest of the group
+    # refuses would end its membership
+    a, b, c, _ = make_group(4)
+    commit, tag = real_commit(a, lambda: a.remove([1]))
+    assert commit.path is not None
+    bad_leaf = replace(commit.path.leaf_node, signature=bytes(64))
+    message = forge_commit(a, commit.proposals, replace(commit.path, leaf_node=bad_leaf), tag)
+    rejects(c, message, ValidationError, "signature does not verify")
+    rejects(b, message, ValidationError, "signature does not verify")
+    assert b.active
+
+
+def test_a_path_with_a_ciphertext_too_many_is_refused_by_the_public_view_too() -> None:
+    # §7.6: one HPKECiphertext per node of the resolution; a public check, so the delivery
+    # service's view must refuse what every member refuses, or its epochs fork from theirs
+    from mls.public_group import PublicGroup
+
+    a, b, _, _ = make_group(4)
+    public = PublicGroup.from_group_info(a.group_info())
+    commit, tag = real_commit(a, a.update)
+    assert commit.path is not None
+    first = commit.path.nodes[0]
+    padded = replace(
+        first, encrypted_path_secret=[*first.encrypted_path_secret, first.encrypted_path_secret[0]]
+    )
+    path = replace(commit.path, nodes=[padded, *commit.path.nodes[1:]])
+    message = forge_commit(a, commit.proposals, path, tag)
+    rejects(b, message, ValidationError, "encrypted path secrets for a resolution")
+    epoch = public.epoch
+    with pytest.raises(ValidationError, match="encrypted path secrets for a resolution"):
+        public.process(message)
+    assert public.epoch == epoch
+
+
+@pytest.mark.parametrize("ext_type", [1, 2, 4], ids=["application_id", "ratchet_tree", "external_pub"])
+def test_groupinfo_and_leafnode_extensions_stay_out_of_the_group_context(ext_type: int) -> None:
+    # §17.3: these types are registered for GroupInfo (GI) or LeafNode (LN) messages only
+    a, b = make_group(2)
+    gce = Proposal(GroupContextExtensions([Extension(ext_type, b"\x00")]))
+    with pytest.raises(ValidationError, match="belong in a GroupInfo or a LeafNode"):
+        a.commit([gce])
+    commit, tag = real_commit(a, a.update)
+    rejects(b, forge_commit(a, [by_value(gce)], commit.path, tag), ValidationError,
+            "belong in a GroupInfo or a LeafNode")
