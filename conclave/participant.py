@@ -180,6 +180,7 @@ class Participant:
         self.applied_seq = 0
         self.welcome_cursor = 0
         self.removed = False
+        self._resumed = False  # in a saved epoch: send nothing before a new one (connect_media)
         self.client = self._load_client(cipher_suite)  # and the saved group, if any
         self.keys = MLSKeyManager()
         self.ds = DeliveryClient(
@@ -246,6 +247,7 @@ class Participant:
             self.welcome_cursor, self.removed = welcome_cursor, removed
             if group is not None:
                 self.group, self.applied_seq = group, applied_seq
+                self._resumed = True
             return client
         return Client(self.name.encode(), cipher_suite)
 
@@ -507,7 +509,12 @@ class Participant:
     async def _installed(self) -> None:
         """A new epoch is in place: keys first, then state, then whoever waits for it."""
         assert self.group is not None
-        self.keys.update(self.group)
+        if self.keys.update(self.group):
+            # The old epoch's receive keys go when its grace period ends, whether or not a
+            # frame comes to make the key manager look (a quiet track would keep them).
+            asyncio.get_running_loop().call_later(
+                self.keys.grace_period + 0.01, self.keys.expire
+            )
         self._epoch_since = time.monotonic()
         self.save()
         for callback in self._on_epoch:
@@ -807,6 +814,12 @@ class Participant:
         self.e2ee = e2ee
         if self.sfu_url is None:
             raise ConclaveError("no SFU URL given")
+        if self._resumed:
+            # This process may have sent frames in the saved epoch before it restarted, and
+            # its SFrame counters start at 0 again: under the same keys that would repeat
+            # nonces (RFC 9605 §9.1). A fresh epoch before anything is sent gives fresh keys.
+            await self.rotate()
+            self._resumed = False
         group_id = self.group_id
         try:
             token = await self.ds.room_token(group_id)

@@ -279,6 +279,9 @@ class SFrameContext:
 
     def add_send_key(self, kid: int, base_key: bytes) -> SendKeyContext:
         self._check_kid(kid)
+        if kid in self.send_keys:
+            # a second key for the KID would count from 0 again: repeated nonces (RFC 9605 §9.1)
+            raise KeyUsageError(f"KID {kid:#x} has a send key already; remove it first")
         if kid in self.recv_keys:
             raise KeyUsageError(f"KID {kid:#x} is a receive key; a key is never used for both")
         key = SendKeyContext(self.params, kid, base_key, self.max_counter)

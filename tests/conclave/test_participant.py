@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from conclave.errors import ConclaveError, NotInGroup
+from conclave.media import MediaSpec
 from conclave.participant import KEY_PACKAGE_TARGET, Participant
 from conclave.services import Services
 from delivery_service.errors import StaleEpochRejected
@@ -201,3 +202,35 @@ async def test_a_member_who_left_may_join_again(trio: list[Participant]) -> None
     await asyncio.wait_for(_until(lambda: alice.epoch == bob.epoch == carol.epoch), 5)
     assert not carol.removed and alice.member_names == ["alice", "bob", "carol"]
     assert carol.safety_code == alice.safety_code
+
+
+async def test_a_restarted_member_sends_nothing_before_a_fresh_epoch(
+    trio: list[Participant], services: Services, tmp_path: Path
+) -> None:
+    # Its SFrame counters start from 0 again in a new process: in the saved epoch, under the
+    # same keys, its first frames would repeat the nonces of frames sent before (RFC 9605 §9.1).
+    alice, bob, _ = trio
+    await bob.close()
+    saved_epoch = bob.epoch
+    again = Participant("bob", services.ds_url, services.sfu_url, state_dir=tmp_path / "state",
+                        media=MediaSpec(audio=False))
+    try:
+        await again.start()
+        assert await again.enter("room") == "rejoined" and again.epoch == saved_epoch
+        await again.connect_media()
+        assert again.epoch == saved_epoch + 1  # a commit of its own, before any frame
+        await alice.wait_epoch(again.epoch)
+        assert again.keys.send_kid() != bob.keys.send_kid()
+    finally:
+        await again.close()
+
+
+async def test_old_epoch_keys_go_when_their_grace_ends_even_without_frames(
+    trio: list[Participant],
+) -> None:
+    alice, bob, _ = trio
+    assert await alice.rotate()
+    await bob.wait_epoch(alice.epoch or 0)
+    assert len(bob.keys._epochs) == 2  # the old one, for frames in flight
+    await asyncio.sleep(bob.keys.grace_period + 0.2)  # no frame comes to make it look
+    assert [k.epoch for k in bob.keys._epochs.values()] == [bob.epoch]

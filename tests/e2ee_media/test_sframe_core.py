@@ -326,3 +326,13 @@ def test_replay_window_survives_a_huge_jump() -> None:
     assert window.check(5) == "too old"
     assert window.check((1 << 64) - 1) == "replayed"
     assert window.check((1 << 64) - 2) is None
+
+
+def test_a_kid_gets_one_send_key_in_its_life_in_a_context() -> None:
+    # a second key for a KID would count from 0 again: the same nonces (RFC 9605 §9.1)
+    ctx = SFrameContext(CipherSuite.AES_128_GCM_SHA256_128)
+    ctx.add_send_key(7, BASE_KEY[:16])
+    with pytest.raises(KeyUsageError, match="send key already"):
+        ctx.add_send_key(7, BASE_KEY[:16])
+    ctx.remove_key(7)  # deliberately, with its counter state: a new key is then allowed
+    ctx.add_send_key(7, bytes(16))
