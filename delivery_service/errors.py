@@ -112,6 +112,15 @@ class StorageConflict(Exception):
     """Internal: an optimistic write lost a race (the group moved on); the caller re-reads."""
 
 
+class KeyPackageLimit(Exception):
+    """Internal: storing the packages would put more than the limit unclaimed; `stored` is how
+    many are stored (nothing was added)."""
+
+    def __init__(self, stored: int) -> None:
+        super().__init__(stored)
+        self.stored = stored
+
+
 class RequestFailed(DeliveryServiceError):
     """Client side: the service refused a request; `status`, `code` and `reason` are its answer."""
 

@@ -11,10 +11,13 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import io
 import logging
 import math
 import os
+import re
 import time
+import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -30,6 +33,7 @@ from .errors import (
     DeliveryServiceError,
     Forbidden,
     Gone,
+    KeyPackageLimit,
     NotFound,
     PayloadTooLarge,
     RemovedFromGroup,
@@ -67,6 +71,7 @@ from .wire import (
     parse_group_info,
     parse_key_package,
     parse_welcome,
+    proposed_key_package,
 )
 
 log = logging.getLogger(__name__)
@@ -75,6 +80,9 @@ CBOR = "application/cbor"
 MAX_GROUP_ID = 255
 MAX_IDENTITY = 255
 MAX_LIST = 1000
+# Sequence numbers, Welcome ids and epochs are signed 64-bit integers in both databases: a cursor
+# past this is refused (400) rather than failing in the database.
+MAX_INT = (1 << 63) - 1
 # A commit may lose the race for its group's row to a proposal or application message of the same
 # epoch; it is then re-checked against the new state. Bounded so that a hot group cannot spin.
 APPEND_ATTEMPTS = 100
@@ -126,13 +134,25 @@ async def read_body(request: web.Request) -> dict[str, Any]:
         raise PayloadTooLarge(
             f"body larger than {request.app[SERVICE].config.max_body} bytes"
         ) from None
-    try:
-        body = cbor2.loads(raw)
-    except Exception:  # cbor2 raises several types on malformed input
-        raise BadRequest("body is not well-formed CBOR") from None
+    body = decode_cbor(raw, "body")
     if not isinstance(body, dict):
         raise BadRequest("body must be a CBOR map")
     return body
+
+
+def decode_cbor(raw: bytes, what: str) -> Any:
+    """One well-formed CBOR data item and nothing after it, with no map holding a key twice
+    (RFC 8949 §5.6: which of the values would count is undefined)."""
+    fp = io.BytesIO(raw)
+    try:
+        value = cbor2.CBORDecoder(fp, allow_duplicate_keys=False).decode()
+    except Exception:  # cbor2 raises several types on malformed input
+        raise BadRequest(
+            f"{what} is not well-formed CBOR (or a map in it has a key twice)"
+        ) from None
+    if fp.tell() != len(raw):
+        raise BadRequest(f"{what} is not well-formed CBOR: bytes follow its one data item")
+    return value
 
 
 def get_bytes(body: dict[str, Any], key: str, *, optional: bool = False, max_len: int = 0) -> Any:
@@ -154,10 +174,27 @@ def get_str(body: dict[str, Any], key: str) -> str:
     return value
 
 
-def get_int(body: dict[str, Any], key: str) -> int:
+def check_identity_name(name: str) -> str:
+    """A name that can be registered: one path segment as it is (it appears in
+    /v1/identities/{identity}/...), so not "." or "..", no "/", no control character, and in
+    Unicode normalization form NFC, so that one name has one spelling."""
+    if name in (".", ".."):
+        raise BadRequest(f"identity {name!r} is not allowed: it is a path segment of its own")
+    if "/" in name:
+        raise BadRequest("an identity must not contain '/'")
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        raise BadRequest("an identity must not contain control characters")
+    if not unicodedata.is_normalized("NFC", name):
+        raise BadRequest("an identity must be in Unicode normalization form NFC")
+    return name
+
+
+def get_int(body: dict[str, Any], key: str, max_value: int = (1 << 64) - 1) -> int:
     value = body.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value >= 1 << 64:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise BadRequest(f"field {key!r} must be an unsigned integer")
+    if value > max_value:
+        raise BadRequest(f"field {key!r} must be at most {max_value}")
     return value
 
 
@@ -168,16 +205,21 @@ def get_str_list(body: dict[str, Any], key: str) -> frozenset[str]:
     return frozenset(get_str({"x": v}, "x") for v in value)
 
 
+_DECIMAL = re.compile(r"-?[0-9]+")
+
+
 def query_int(request: web.Request, key: str, default: int) -> int:
+    """A cursor, epoch or count: 0 to MAX_INT (what both databases store as an integer)."""
     raw = request.query.get(key)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequest(f"query parameter {key!r} must be an integer") from None
+    if not _DECIMAL.fullmatch(raw):
+        raise BadRequest(f"query parameter {key!r} must be a decimal integer")
+    value = int(raw[:40])  # past 39 digits it is too large anyway
     if value < 0:
         raise BadRequest(f"query parameter {key!r} must not be negative")
+    if value > MAX_INT:
+        raise BadRequest(f"query parameter {key!r} must be at most {MAX_INT}")
     return value
 
 
@@ -291,7 +333,8 @@ class DeliveryService:
         if suite not in SUPPORTED_SUITES:
             raise BadRequest(f"unsupported cipher suite {suite}")
         record = IdentityRecord(
-            get_str(body, "identity"), suite, get_bytes(body, "signature_key", max_len=256)
+            check_identity_name(get_str(body, "identity")), suite,
+            get_bytes(body, "signature_key", max_len=256),
         )
         if not is_public_key(suite, record.signature_key):
             raise BadRequest(f"signature_key is not a public key of cipher suite {suite}")
@@ -335,15 +378,20 @@ class DeliveryService:
             rows.append(self._key_package_row(record, last_resort, True))
         if not rows:
             raise BadRequest("no KeyPackage in the request")
-        stored = await self.storage.count_key_packages(identity, now_s())
-        if stored + len(packages) > self.config.max_key_packages_stored:
-            raise Conflict(
-                f"{stored} unclaimed KeyPackages are stored already; at most "
-                f"{self.config.max_key_packages_stored} may be: upload fewer",
-                count=stored,
+        now = now_s()
+        try:
+            # The limit is checked in the insert's transaction: concurrent uploads cannot
+            # overshoot it.
+            added = await self.storage.add_key_packages(
+                identity, rows, now, self.config.max_key_packages_stored
             )
-        added = await self.storage.add_key_packages(identity, rows)
-        count = await self.storage.count_key_packages(identity, now_s())
+        except KeyPackageLimit as exc:
+            raise Conflict(
+                f"{exc.stored} unclaimed KeyPackages are stored already; at most "
+                f"{self.config.max_key_packages_stored} may be: upload fewer",
+                count=exc.stored,
+            ) from None
+        count = await self.storage.count_key_packages(identity, now)
         return cbor_response({"added": added, "count": count})
 
     def _key_package_row(self, record: IdentityRecord, data: Any, last_resort: bool) -> KeyPackageRow:
@@ -356,7 +404,8 @@ class DeliveryService:
             raise BadRequest("the KeyPackage's cipher suite is not the identity's")
         if info.not_after <= now_s():
             raise BadRequest("the KeyPackage has expired (Lifetime.not_after is in the past)")
-        return KeyPackageRow(info.ref, data, info.not_after, last_resort)
+        # A Lifetime is uint64 seconds; the databases store signed 64-bit integers.
+        return KeyPackageRow(info.ref, data, min(info.not_after, MAX_INT), last_resort)
 
     async def get_key_package_count(self, request: web.Request) -> web.Response:
         identity = await self.identity_of(request)
@@ -436,6 +485,8 @@ class DeliveryService:
             raise BadRequest("group_id must not be empty")
         group_info = get_bytes(body, "group_info", optional=True)
         state = self.tracker.create(group_id, identity, group_info)
+        if state.epoch > MAX_INT:
+            raise BadRequest(f"the GroupInfo's epoch is past {MAX_INT}, which this service stores")
         await self._check_member_keys(None, state)
         if not await self.storage.create_group(state, identity, now_s()):
             raise Conflict(f"group {group_id.hex()} exists already")
@@ -495,12 +546,43 @@ class DeliveryService:
             if await self.storage.get_identity(added) is None:
                 raise BadRequest(f"cannot add {added!r}: no such identity")
 
+        knocker = None
+        if framed.sender_type == SenderType.new_member_proposal:
+            # An Add proposal a non-member sends itself (§12.1.8): it may ask for itself only,
+            # else a second identity could bring back one that a member removed.
+            knocked = proposed_key_package(framed)
+            try:
+                knocker = knocked.identity.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadRequest("the KeyPackage's identity is not UTF-8") from None
+
         async def step(state: GroupState) -> tuple[GroupState, NewMessage]:
             if framed.sender_type in _COMING_BACK:
                 await self._check_not_expelled(state, identity)
+            if knocker is not None:
+                await self._check_not_expelled(state, knocker)
+                record = await self.storage.get_identity(identity)
+                if knocker != identity or (
+                    record is not None and record.signature_key != knocked.signature_key
+                ):
+                    raise Forbidden(
+                        "a new_member_proposal must add its poster: the KeyPackage's credential "
+                        "or signature key is not yours"
+                    )
             new = self.tracker.accept(state, framed, data, identity, hints)
             if new.tracker_state != state.tracker_state:
                 await self._check_member_keys(state, new)
+            if knocker is not None:
+                # Verified and about to be logged for any member to commit (recorded before the
+                # append, so that no Welcome can come first): the KeyPackage is never handed
+                # out again, and the Welcome of the commit that adds it finds its owner.
+                await self.storage.key_package_used(
+                    knocker, knocked.ref, min(knocked.not_after, MAX_INT), knocker, now_s()
+                )
+            if new.epoch != state.epoch:
+                # The old epoch's GroupInfo describes a group that is gone: never serve it as
+                # the new epoch's. Without a new one, none until a member publishes it.
+                new = replace(new, group_info=None)
             if group_info is not None:
                 header = parse_group_info(group_info)
                 if header.group_id != group_id or header.epoch != new.epoch:
@@ -589,7 +671,10 @@ class DeliveryService:
         state = await self._group(group_id_of(request))
         await self._check_not_expelled(state, identity)
         if state.group_info is None:
-            raise NotFound("no GroupInfo has been published for this group")
+            raise NotFound(
+                f"no GroupInfo has been published for this group's current epoch {state.epoch}: "
+                "a member must publish one (PUT .../group_info)"
+            )
         return cbor_response({"group_info": state.group_info, "epoch": state.epoch})
 
     async def get_messages(self, request: web.Request) -> web.Response:
@@ -685,20 +770,17 @@ class DeliveryService:
 
     @staticmethod
     def _ws_command(raw: bytes) -> Subscribe | Unsubscribe | SubscribeWelcomes:
-        try:
-            body = cbor2.loads(raw)
-        except Exception:
-            raise BadRequest("frame is not well-formed CBOR") from None
+        body = decode_cbor(raw, "frame")
         if not isinstance(body, dict):
             raise BadRequest("frame must be a CBOR map")
         kind = body.get("type")
         if kind == "subscribe":
             gid = get_bytes(body, "group_id", max_len=MAX_GROUP_ID)
-            return Subscribe(gid, get_int(body, "after") if "after" in body else 0)
+            return Subscribe(gid, get_int(body, "after", MAX_INT) if "after" in body else 0)
         if kind == "unsubscribe":
             return Unsubscribe(get_bytes(body, "group_id", max_len=MAX_GROUP_ID))
         if kind == "welcomes":
-            return SubscribeWelcomes(get_int(body, "after") if "after" in body else 0)
+            return SubscribeWelcomes(get_int(body, "after", MAX_INT) if "after" in body else 0)
         raise BadRequest("unknown frame type: use subscribe, unsubscribe or welcomes")
 
     # -- operations

@@ -257,8 +257,14 @@ class PublicGroupTracker:
         except (MLSError, ValueError) as exc:
             raise BadRequest(f"the {message.content_type.name} does not verify: {exc}") from None
         members = frozenset(i for i, _ in _identities(group))
-        if message.sender_type == SenderType.new_member_commit and poster not in members:
-            raise Forbidden(f"the external commit does not add {poster}")
+        if message.sender_type == SenderType.new_member_commit:
+            # The joiner is the committer's new leaf: it must be the poster's, else a second
+            # identity (even a member) could post the external commit of one removed.
+            joined = {_leaf_owners(group).get(i) for i in processed.added}
+            if poster not in members:
+                raise Forbidden(f"the external commit does not add {poster}")
+            if joined - {poster}:
+                raise Forbidden(f"the external commit adds another identity than {poster}")
         expelled: frozenset[str] = frozenset()
         if processed.commit is not None:
             expelled = _expelled(processed.commit, processed.sender, poster, owners, cache)

@@ -18,6 +18,7 @@ from mls.errors import MLSError
 from mls.framing import ContentType, MLSMessage, PrivateMessage, PublicMessage, SenderType
 from mls.framing import WireFormat as WireFormat
 from mls.key_package import KeyPackage
+from mls.proposals import ProposalType
 from mls.welcome import GroupInfo, Welcome
 
 from .errors import BadRequest
@@ -78,6 +79,25 @@ def parse_framed(data: bytes) -> FramedMessage:
         f"expected a PublicMessage or PrivateMessage, got {msg.wire_format.name}; Welcome and "
         "GroupInfo have their own endpoints"
     )
+
+
+def proposed_key_package(framed: FramedMessage) -> KeyPackageInfo:
+    """The KeyPackage of the Add in a PublicMessage proposal from a `new_member_proposal` sender
+    (RFC 9420 §12.1.8: such a proposal can only be an Add of the sender itself), unverified: the
+    tracker checks the proposal's signature."""
+    body = framed.message.body
+    proposal = body.content.proposal if isinstance(body, PublicMessage) else None
+    if proposal is None or proposal.proposal_type != ProposalType.add:
+        raise BadRequest("a proposal from a new_member_proposal sender must be an Add")
+    kp = proposal.body.key_package  # type: ignore[union-attr]
+    leaf = kp.leaf_node
+    not_before = leaf.lifetime.not_before if leaf.lifetime is not None else 0
+    not_after = leaf.lifetime.not_after if leaf.lifetime is not None else 0
+    if kp.cipher_suite not in SUPPORTED_SUITES:
+        raise BadRequest(f"unsupported cipher suite {kp.cipher_suite}")
+    ref = get_crypto(kp.cipher_suite).make_key_package_ref(kp.encode())
+    return KeyPackageInfo(kp.cipher_suite, leaf.signature_key, leaf.credential.identity,
+                          not_before, not_after, ref)
 
 
 def parse_welcome(data: bytes) -> tuple[int, list[bytes]]:

@@ -133,13 +133,33 @@ class Storage(abc.ABC):
     # -- key packages
 
     @abc.abstractmethod
-    async def add_key_packages(self, identity: str, rows: list[KeyPackageRow]) -> int:
-        """Store new packages (a ref already stored is skipped); returns how many were new."""
+    async def add_key_packages(
+        self, identity: str, rows: list[KeyPackageRow], now: int = 0, limit: int | None = None
+    ) -> int:
+        """Store new packages (a ref already stored is skipped); returns how many were new.
+
+        With `limit`, in the same transaction as the insert (so that concurrent uploads, on any
+        instance, cannot overshoot it): if more than `limit` unclaimed packages
+        (`count_key_packages` at `now`) would then be stored, store nothing and raise
+        `KeyPackageLimit`.
+
+        An identity has at most one last-resort package: a new one (a row with `last_resort`)
+        replaces the previous ones. A replaced one is deleted, unless it was handed out
+        (`claim_key_package`, `key_package_used`): then it stays as a used package, without its
+        data, so that the Welcome addressed to it still finds its owner."""
+
+    @abc.abstractmethod
+    async def key_package_used(
+        self, identity: str, ref: bytes, not_after: int, user: str, now: int
+    ) -> None:
+        """`identity`'s package `ref` was used without being claimed (an Add proposal of its own,
+        RFC 9420 §12.1.8): never hand it out again (a last-resort one stays one), and record its
+        owner for the Welcome, with a row of its own (no data) if it was never uploaded."""
 
     @abc.abstractmethod
     async def claim_key_package(self, identity: str, claimer: str, now: int) -> bytes | None:
         """One unexpired package of `identity`, each consumed exactly once; the last-resort one
-        (never consumed) only when no other is left."""
+        (never consumed, but recorded as handed out) only when no other is left."""
 
     @abc.abstractmethod
     async def count_key_packages(self, identity: str, now: int) -> int:

@@ -17,7 +17,7 @@ import time
 
 import asyncpg
 
-from ..errors import StorageConflict
+from ..errors import KeyPackageLimit, StorageConflict
 from ..tracker import GroupState
 from .base import (
     HANDSHAKE_KINDS,
@@ -226,17 +226,58 @@ class PostgresStorage(Storage):
 
     # -- key packages
 
-    async def add_key_packages(self, identity: str, rows: list[KeyPackageRow]) -> int:
+    async def add_key_packages(
+        self, identity: str, rows: list[KeyPackageRow], now: int = 0, limit: int | None = None
+    ) -> int:
         added = 0
         async with self.pool.acquire() as conn, conn.transaction():
+            # Uploads of one identity, on every instance, wait for each other here: the count
+            # below and the check after the inserts see no other upload in between.
+            await conn.execute(
+                "SELECT 1 FROM identities WHERE identity = $1 FOR UPDATE", identity
+            )
+            before = await self._count_key_packages(conn, identity, now)
             for r in rows:
                 status = await conn.execute(
                     "INSERT INTO key_packages (ref, identity, data, not_after, last_resort) "
                     "VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
                     r.ref, identity, r.data, r.not_after, r.last_resort,
                 )
-                added += status.endswith(" 1")
+                inserted = status.endswith(" 1")
+                added += inserted
+                if r.last_resort and inserted:
+                    # Retire the previous last-resort packages (see the base class).
+                    await conn.execute(
+                        "DELETE FROM key_packages WHERE identity = $1 AND last_resort "
+                        "AND ref <> $2 AND claimed_by IS NULL",
+                        identity, r.ref,
+                    )
+                    await conn.execute(
+                        "UPDATE key_packages SET last_resort = false, data = ''::bytea "
+                        "WHERE identity = $1 AND last_resort AND ref <> $2",
+                        identity, r.ref,
+                    )
+            if limit is not None and await self._count_key_packages(conn, identity, now) > limit:
+                raise KeyPackageLimit(before)  # rolls the transaction back
         return added
+
+    async def key_package_used(
+        self, identity: str, ref: bytes, not_after: int, user: str, now: int
+    ) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO key_packages (ref, identity, data, not_after, last_resort, "
+                "claimed_by, claimed_at) VALUES ($1, $2, ''::bytea, $3, false, $4, $5) "
+                "ON CONFLICT DO NOTHING",
+                ref, identity, not_after, user, now,
+            )
+            await conn.execute(
+                "UPDATE key_packages SET claimed_by = coalesce(claimed_by, $1), "
+                "claimed_at = coalesce(claimed_at, $2), "
+                "data = CASE WHEN last_resort THEN data ELSE ''::bytea END "
+                "WHERE ref = $3 AND identity = $4",
+                user, now, ref, identity,
+            )
 
     async def claim_key_package(self, identity: str, claimer: str, now: int) -> bytes | None:
         # SKIP LOCKED: concurrent claims take different packages instead of waiting on one row.
@@ -254,16 +295,29 @@ class PostgresStorage(Storage):
                     claimer, now, row[0],
                 )
                 return bytes(row[1])
-            data = await conn.fetchval(
-                "SELECT data FROM key_packages WHERE identity = $1 AND last_resort "
+            row = await conn.fetchrow(
+                "SELECT ref, data FROM key_packages WHERE identity = $1 AND last_resort "
                 "AND not_after > $2 ORDER BY id DESC LIMIT 1",
                 identity, now,
             )
-        return None if data is None else bytes(data)
+            if row is None:
+                return None
+            # Handed out: kept (without data) when a new last resort replaces it.
+            await conn.execute(
+                "UPDATE key_packages SET claimed_by = coalesce(claimed_by, $1), claimed_at = $2 "
+                "WHERE ref = $3",
+                claimer, now, row[0],
+            )
+        return bytes(row[1])
 
     async def count_key_packages(self, identity: str, now: int) -> int:
+        async with self.pool.acquire() as conn:
+            return await self._count_key_packages(conn, identity, now)
+
+    @staticmethod
+    async def _count_key_packages(conn: asyncpg.Connection, identity: str, now: int) -> int:
         return int(
-            await self.pool.fetchval(
+            await conn.fetchval(
                 "SELECT count(*) FROM key_packages WHERE identity = $1 AND NOT last_resort "
                 "AND claimed_by IS NULL AND not_after > $2",
                 identity, now,

@@ -11,7 +11,7 @@ import time
 
 import aiosqlite
 
-from ..errors import StorageConflict
+from ..errors import KeyPackageLimit, StorageConflict
 from ..tracker import GroupState
 from .base import (
     HANDSHAKE_KINDS,
@@ -185,17 +185,61 @@ class SQLiteStorage(Storage):
 
     # -- key packages
 
-    async def add_key_packages(self, identity: str, rows: list[KeyPackageRow]) -> int:
-        counts = await self._write(
+    async def add_key_packages(
+        self, identity: str, rows: list[KeyPackageRow], now: int = 0, limit: int | None = None
+    ) -> int:
+        added = 0
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                before = await self._count_key_packages(identity, now)
+                for r in rows:
+                    cur = await self.db.execute(
+                        "INSERT OR IGNORE INTO key_packages VALUES (?, ?, ?, ?, ?, NULL, NULL)",
+                        (r.ref, identity, r.data, r.not_after, int(r.last_resort)),
+                    )
+                    added += cur.rowcount
+                    if r.last_resort and cur.rowcount == 1:
+                        await self._replace_last_resort(identity, r.ref)
+                if limit is not None and await self._count_key_packages(identity, now) > limit:
+                    raise KeyPackageLimit(before)
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+        return added
+
+    async def _replace_last_resort(self, identity: str, ref: bytes) -> None:
+        """Retire `identity`'s last-resort packages other than `ref` (see the base class)."""
+        await self.db.execute(
+            "DELETE FROM key_packages WHERE identity = ? AND last_resort = 1 AND ref != ? "
+            "AND claimed_by IS NULL",
+            (identity, ref),
+        )
+        await self.db.execute(
+            "UPDATE key_packages SET last_resort = 0, data = x'' WHERE identity = ? "
+            "AND last_resort = 1 AND ref != ?",
+            (identity, ref),
+        )
+
+    async def key_package_used(
+        self, identity: str, ref: bytes, not_after: int, user: str, now: int
+    ) -> None:
+        await self._write(
             [
                 (
-                    "INSERT OR IGNORE INTO key_packages VALUES (?, ?, ?, ?, ?, NULL, NULL)",
-                    (r.ref, identity, r.data, r.not_after, int(r.last_resort)),
+                    "INSERT OR IGNORE INTO key_packages VALUES (?, ?, x'', ?, 0, ?, ?)",
+                    (ref, identity, not_after, user, now),
+                ),
+                (
+                    "UPDATE key_packages SET claimed_by = coalesce(claimed_by, ?), "
+                    "claimed_at = coalesce(claimed_at, ?), "
+                    "data = CASE WHEN last_resort = 1 THEN data ELSE x'' END "
+                    "WHERE ref = ? AND identity = ?",
+                    (user, now, ref, identity),
                 )
-                for r in rows
             ]
         )
-        return sum(counts)
 
     async def claim_key_package(self, identity: str, claimer: str, now: int) -> bytes | None:
         async with self._lock:
@@ -218,6 +262,13 @@ class SQLiteStorage(Storage):
                         " AND not_after > ? ORDER BY rowid DESC LIMIT 1",
                         (identity, now),
                     )
+                    if row is not None:
+                        # Handed out: kept (without data) when a new last resort replaces it.
+                        await self.db.execute(
+                            "UPDATE key_packages SET claimed_by = coalesce(claimed_by, ?), "
+                            "claimed_at = ? WHERE ref = ?",
+                            (claimer, now, row[0]),
+                        )
                 await self.db.execute("COMMIT")
             except BaseException:
                 await self.db.execute("ROLLBACK")
@@ -225,6 +276,9 @@ class SQLiteStorage(Storage):
         return None if row is None else bytes(row[1])
 
     async def count_key_packages(self, identity: str, now: int) -> int:
+        return await self._count_key_packages(identity, now)
+
+    async def _count_key_packages(self, identity: str, now: int) -> int:
         row = await self._one(
             "SELECT count(*) FROM key_packages WHERE identity = ? AND last_resort = 0 "
             "AND claimed_by IS NULL AND not_after > ?",

@@ -139,6 +139,24 @@ async def test_external_join(url: str) -> None:
     assert dave.group.process(m.message).data == b"hello"
 
 
+async def test_group_info_is_served_only_for_its_own_epoch(url: str) -> None:
+    alice, bob, carol = await people(url, "alice", "bob", "carol")
+    gid = await start_group(alice, bob)
+    assert alice.group
+    res = alice.group.update()
+    accepted = await alice.ds.send(gid, res.commit)  # without the new epoch's GroupInfo
+    alice.group.merge_pending_commit()
+    with pytest.raises(RequestFailed) as info:
+        await carol.ds.fetch_group_info(gid)
+    assert info.value.status == 404
+    assert f"current epoch {accepted.epoch}" in info.value.reason
+    # A member publishes it: served again, and good for an external join.
+    await alice.ds.publish_group_info(gid, alice.group.group_info())
+    carol.group, commit = Group.join_external(carol.mls, await carol.ds.fetch_group_info(gid))
+    assert (await carol.ds.send(gid, commit, group_info=carol.group.group_info())).epoch == 3
+    assert MLSMessage.decode(await bob.ds.fetch_group_info(gid)).group_info.group_context.epoch == 3
+
+
 async def test_proposal_then_commit_by_reference(url: str) -> None:
     alice, bob, carol = await people(url, "alice", "bob", "carol")
     gid = await start_group(alice, bob, carol)

@@ -163,6 +163,52 @@ async def test_current_member_resync_is_not_refused(url: str) -> None:
     assert (await alice.ds.group(gid))["members"] == ["alice", "bob"]
 
 
+async def test_a_second_identity_cannot_bring_back_a_removed_one(url: str) -> None:
+    alice, bob, carol = await people(url, "alice", "bob", "carol")
+    gid = await start_group(alice, bob, carol)
+    await remove(alice, gid, carol, bob)
+    # carol2, never in the group, may read the GroupInfo; carol is refused it.
+    [carol2, dave] = await people(url, "carol2", "dave")
+    gi = await carol2.ds.fetch_group_info(gid)
+    before = await snapshot(alice, gid)
+    # carol2 posts carol's own Add proposal (signed by carol): carol is still removed.
+    with pytest.raises(RequestFailed) as info:
+        await carol2.ds.send(gid, Group.new_member_add_proposal(carol.mls, gi))
+    assert_refused_as_removed(info)
+    # Nor may anyone knock for another identity, removed or not.
+    with pytest.raises(RequestFailed) as info:
+        await carol2.ds.send(gid, Group.new_member_add_proposal(dave.mls, gi))
+    assert info.value.status == 403 and "must add its poster" in info.value.reason
+    # A member posting carol's external commit does not bring her back either.
+    _, commit = Group.join_external(carol.mls, gi)
+    with pytest.raises(RequestFailed) as info:
+        await bob.ds.send(gid, commit)
+    assert info.value.status == 403 and "another identity" in info.value.reason
+    assert await snapshot(alice, gid) == before  # nothing stored
+    # A member's Add is still how she comes back.
+    await add(bob, gid, carol)
+    assert (await alice.ds.group(gid))["members"] == ["alice", "bob", "carol"]
+
+
+async def test_a_knock_is_committed_and_its_welcome_delivered(url: str) -> None:
+    alice, bob, dave = await people(url, "alice", "bob", "dave")
+    gid = await start_group(alice, bob)
+    assert alice.group is not None
+    # dave asks to join with a KeyPackage he made for it, never uploaded.
+    knock = Group.new_member_add_proposal(dave.mls, await dave.ds.fetch_group_info(gid))
+    await dave.ds.send(gid, knock)
+    await alice.catch_up(gid)
+    res = alice.group.commit([], include_pending=True)
+    await alice.ds.send(gid, res.commit, group_info=res.group_info)
+    alice.group.merge_pending_commit()
+    assert res.welcome is not None
+    await alice.ds.send_welcome(gid, res.welcome)  # addressed to the knock's KeyPackage
+    [w] = await dave.ds.welcomes()
+    dave.group = Group.join(dave.mls, w.welcome)
+    assert dave.group.epoch_authenticator == alice.group.epoch_authenticator
+    assert (await alice.ds.group(gid))["members"] == ["alice", "bob", "dave"]
+
+
 # -- databases made before removals recorded who asked for them
 
 
