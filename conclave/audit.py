@@ -10,23 +10,46 @@ member, with the ratchet tree in its extension) and follows the group with `mls.
   parent hashes and each new leaf as it arrives (§7.9, §7.3);
 - the transcript hashes: every later GroupInfo is checked against the chain (signature of its
   signer, GroupContext with tree hash and confirmed transcript hash, confirmation tag), so a log
-  that forked or was reordered shows up even where the commits themselves verify.
+  that forked or was reordered shows up even where the commits themselves verify;
+- one signature key per name: the delivery service registers a name's signature key once and
+  for good, and refuses any leaf of that name with another key. So from the first GroupInfo's
+  tree on, every leaf a name holds (added, joined externally, updated, or rewritten by an
+  UpdatePath) must hold the key that name first showed up with: a leaf with another key under a
+  member's name is a forgery by whoever made that key (the service itself can make one and join
+  by external commit from a public GroupInfo: only this check catches it);
+- the service's metadata: each entry's kind is its content's (a commit is not logged as a
+  proposal), its sender is the MLS sender's identity (the member leaf's credential, or the new
+  leaf's or KeyPackage's for an external commit or join request), its epoch is the chain's (the
+  GroupInfo's own, for a GroupInfo), times never go backwards (by more than CLOCK_SKEW_MS:
+  instances sharing one database stamp with their own clocks), and no message is logged twice
+  (a replay). Welcomes are checked as far as they are public: an MLS Welcome of the group's
+  cipher suite.
+
+Sequence numbers must grow but may skip: the service numbers every message of a group in one
+sequence, application data included, and its audit log leaves application data out.
 
 What it cannot check without the epoch secrets: membership tags and confirmation tags of the
 commits (the MACs of RFC 9420 §6.2 and §8.1), and anything inside PrivateMessages and Welcomes.
+Nor can it tell a log cut short or started late from a complete one: it verifies the log it is
+given, a prefix or suffix of the history included, so the members it reports are those at the
+end of that log.
 
 Reasons in the report: "add", "remove" (a member removed by another: the delivery service then
 refuses its external joins until a member adds it again), "leave" (a member's own Remove
 request committed: it may rejoin), "update" (a member's Update proposal committed),
-"external-join" (a new member's external commit), "periodic" (a commit with no proposal, only an
-UpdatePath: conclave participants make those only on their rotation timer), and "psk", "reinit",
-"extensions" for the other proposal types.
+"external-join" (a new member's external commit), "rejoin" (an external commit that also
+removes the joiner's own old leaf, as a member that lost its state does: its name is listed as
+neither added nor removed), "periodic" (a commit with no proposal, only an UpdatePath: conclave
+participants make those only on their rotation timer), and "psk", "reinit", "extensions" for the
+other proposal types.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
-from collections.abc import Iterable, Mapping
+import io
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,14 +58,28 @@ import cbor2
 
 from mls.crypto import get_crypto
 from mls.errors import MLSError
-from mls.framing import MLSMessage, PublicMessage, SenderType
-from mls.proposals import Proposal, ProposalOrRefType, ProposalType
+from mls.framing import ContentType, MLSMessage, PublicMessage, SenderType
+from mls.proposals import Add, Proposal, ProposalOrRefType, ProposalType, Remove
 from mls.public_group import PublicGroup
 
 from .errors import AuditFailure, ConclaveError
 
 LOG_FORMAT = "conclave-audit-log"
 LOG_VERSION = 1
+# Bounds of the log's fields: the delivery service stores sequence numbers and times as signed
+# 64-bit integers; epochs are uint64 (RFC 9420); names and kinds are short text.
+MAX_SEQ = (1 << 63) - 1
+MAX_TIME_MS = (1 << 63) - 1
+MAX_EPOCH = (1 << 64) - 1
+MAX_TEXT = 1024
+CLOCK_SKEW_MS = 5000  # how far one service instance's clock may be behind another's
+_ENTRY_FIELDS = ("seq", "kind", "epoch", "sender", "time_ms", "message")
+_LOG_FIELDS = {"format", "version", "group_id", "entries"}
+_CONTENT = {
+    ContentType.application: "application data",
+    ContentType.proposal: "a proposal",
+    ContentType.commit: "a commit",
+}
 
 _REASONS = {
     ProposalType.add: "add",
@@ -67,18 +104,57 @@ class LogEntry:
     message: bytes = field(repr=False)
 
     @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> LogEntry:
-        try:
-            return cls(
-                int(body["seq"]), str(body["kind"]), int(body["epoch"]), str(body["sender"]),
-                int(body["time_ms"]), bytes(body["message"]),
+    def checked(
+        cls, seq: object, kind: object, epoch: object, sender: object, time_ms: object,
+        message: object, where: str = "",
+    ) -> LogEntry:
+        """An entry from untrusted values (a log file, the service's answer): each of the right
+        type, exactly (no bool for an int, no list for bytes), and in bounds; else
+        `AuditFailure`."""
+        return cls(
+            _int(seq, "seq", MAX_SEQ, where), _text(kind, "kind", where),
+            _int(epoch, "epoch", MAX_EPOCH, where), _text(sender, "sender", where),
+            _int(time_ms, "time_ms", MAX_TIME_MS, where), _bytes(message, "message", where),
+        )
+
+    @classmethod
+    def from_body(cls, body: object, where: str = "") -> LogEntry:
+        if type(body) is not dict:
+            raise AuditFailure(None, f"malformed log entry{where}: not a map")
+        if set(body) != set(_ENTRY_FIELDS):
+            fields = ", ".join(sorted(map(repr, set(body) ^ set(_ENTRY_FIELDS)), key=str))
+            raise AuditFailure(
+                None, f"malformed log entry{where}: missing or unknown fields {fields}"
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise AuditFailure(None, f"malformed log entry ({exc!r})") from None
+        return cls.checked(*(body[k] for k in _ENTRY_FIELDS), where=where)
 
     def to_body(self) -> dict[str, Any]:
         return {"seq": self.seq, "kind": self.kind, "epoch": self.epoch, "sender": self.sender,
                 "time_ms": self.time_ms, "message": self.message}
+
+
+def _malformed(where: str, name: str, what: str, value: object) -> AuditFailure:
+    got = "an integer out of range" if type(value) is int else type(value).__name__
+    return AuditFailure(None, f"malformed log entry{where}: {name} must be {what}, not {got}")
+
+
+def _int(value: object, name: str, bound: int, where: str) -> int:
+    # `type(...) is int`: no bool, no float (inf, nan), no int subclass.
+    if type(value) is not int or not 0 <= value <= bound:
+        raise _malformed(where, name, f"an integer from 0 to {bound}", value)
+    return value
+
+
+def _text(value: object, name: str, where: str) -> str:
+    if type(value) is not str or len(value) > MAX_TEXT:
+        raise _malformed(where, name, f"text of at most {MAX_TEXT} characters", value)
+    return value
+
+
+def _bytes(value: object, name: str, where: str) -> bytes:
+    if type(value) is not bytes:
+        raise _malformed(where, name, "a byte string", value)
+    return value
 
 
 @dataclass
@@ -93,14 +169,18 @@ class Rotation:
     added: list[str]
     removed: list[str]
     since_last_ms: int | None
-    # For each removed member: ms from the first Remove proposal naming it to this commit
-    # (None when the committer removed it by value, with no request in the log).
+    # For each removed member: ms from the first Remove proposal naming it (in this epoch or an
+    # earlier one) to this commit (None when the committer removed it by value, with no request
+    # in the log).
     removal_latency_ms: dict[str, int | None]
     members: list[str]
 
 
 @dataclass
 class AuditReport:
+    """What the log shows, from its first GroupInfo to its end: `members` are the members at the
+    end of this log, which may not be the whole history (see the module's docstring)."""
+
     group_id: bytes
     first_epoch: int
     last_epoch: int
@@ -109,10 +189,12 @@ class AuditReport:
     group_infos_checked: int
     welcomes_seen: int
     proposals_seen: int
+    # The members in the first GroupInfo's tree.
+    first_members: list[str] = field(default_factory=list)
 
     @property
     def members(self) -> list[str]:
-        return self.rotations[-1].members if self.rotations else []
+        return self.rotations[-1].members if self.rotations else self.first_members
 
 
 @dataclass
@@ -133,7 +215,13 @@ def _identity(pg: PublicGroup, leaf_index: int | None) -> str:
     return leaf.credential.identity.decode("utf-8", "replace")
 
 
-def _public_message(entry: LogEntry) -> PublicMessage:
+def _name(identity: bytes) -> str:
+    return identity.decode("utf-8", "replace")
+
+
+def _public_message(entry: LogEntry, expected: ContentType) -> PublicMessage:
+    """The entry's PublicMessage, checked to hold what the entry's kind says, before anything
+    processes it (a commit logged as a proposal must not be applied as one)."""
     try:
         body = MLSMessage.decode(entry.message).body
     except MLSError as exc:
@@ -142,6 +230,10 @@ def _public_message(entry: LogEntry) -> PublicMessage:
         raise AuditFailure(
             entry.seq, f"the {entry.kind} is not a PublicMessage, so it cannot be checked"
         )
+    actual = body.content.content_type
+    if actual != expected:
+        what = _CONTENT.get(actual, f"content type {int(actual)}")
+        raise AuditFailure(entry.seq, f"a {entry.kind} entry holds {what}")
     return body
 
 
@@ -152,8 +244,10 @@ class Auditor:
         self.group_id = group_id
         self.pg: PublicGroup | None = None
         self.first_epoch = 0
+        self.first_members: list[str] = []
         self.rotations: list[Rotation] = []
         self.last_seq = 0
+        self.last_time: tuple[int, int] | None = None  # (time_ms, seq) of the previous entry
         self.last_change_ms: int | None = None
         self.messages = 0
         self.group_infos = 0
@@ -161,37 +255,90 @@ class Auditor:
         self.proposals_seen = 0
         # Proposals of the current epoch, by ProposalRef.
         self._proposals: dict[bytes, _PendingProposal] = {}
+        # The time of the first Remove proposal naming each leaf, kept across epochs until the
+        # leaf is removed: a request voided by another commit may be made again in a later one.
+        self._removal_requests: dict[int, int] = {}
         # The confirmation tag of the commit that made the current epoch.
         self._confirmation_tag: bytes | None = None
+        # Each name's signature key, and the seq of the entry where it first showed up.
+        self._keys: dict[bytes, tuple[bytes, int]] = {}
+        # A digest of each message so far, with its seq: a message logged twice is a replay.
+        self._seen: dict[bytes, int] = {}
 
     def check(self, entry: LogEntry) -> None:
+        # Sequence numbers may skip (the service numbers application data too, and leaves it
+        # out of the audit log) but never repeat or go back.
         if entry.seq <= self.last_seq:
             raise AuditFailure(
                 entry.seq, f"out of order: follows seq {self.last_seq} (sequence numbers must grow)"
             )
         self.last_seq = entry.seq
+        if self.last_time is not None and entry.time_ms < self.last_time[0] - CLOCK_SKEW_MS:
+            raise AuditFailure(
+                entry.seq,
+                f"its time {entry.time_ms} ms is before seq {self.last_time[1]}'s "
+                f"{self.last_time[0]} ms (times must not go backwards)",
+            )
+        if self.last_time is None or entry.time_ms > self.last_time[0]:
+            self.last_time = (entry.time_ms, entry.seq)
+        digest = hashlib.sha256(entry.message).digest()
+        earlier = self._seen.get(digest)
+        if earlier is not None:
+            raise AuditFailure(entry.seq, f"a replay: the same message as seq {earlier}")
+        self._seen[digest] = entry.seq
         self.messages += 1
         if entry.kind == "group_info":
             self._group_info(entry)
-        elif entry.kind == "welcome":
-            self.welcomes += 1  # encrypted to the new members: nothing public to check
-        elif entry.kind in ("proposal", "commit"):
-            if self.pg is None:
-                raise AuditFailure(
-                    entry.seq, f"a {entry.kind} before any GroupInfo: the log has no starting point"
-                )
-            if entry.epoch != self.pg.epoch:
-                raise AuditFailure(
-                    entry.seq,
-                    f"{entry.kind} for epoch {entry.epoch} but the chain is at epoch "
-                    f"{self.pg.epoch} (a commit is missing, repeated or reordered)",
-                )
-            if entry.kind == "proposal":
-                self._proposal(entry)
-            else:
-                self._commit(entry)
-        else:
+            return
+        if entry.kind not in ("welcome", "proposal", "commit"):
             raise AuditFailure(entry.seq, f"unknown log entry kind {entry.kind!r}")
+        pg = self.pg
+        if pg is None:
+            raise AuditFailure(
+                entry.seq, f"a {entry.kind} before any GroupInfo: the log has no starting point"
+            )
+        if entry.epoch != pg.epoch:
+            raise AuditFailure(
+                entry.seq,
+                f"{entry.kind} for epoch {entry.epoch} but the chain is at epoch "
+                f"{pg.epoch} (a commit is missing, repeated or reordered)",
+            )
+        if entry.kind == "welcome":
+            self._welcome(entry, pg)
+        elif entry.kind == "proposal":
+            self._proposal(entry, pg)
+        else:
+            self._commit(entry, pg)
+
+    def _check_keys(self, seq: int, pg: PublicGroup) -> None:
+        """Every leaf's name must hold the signature key it first showed up with."""
+        for m in pg.members:
+            known = self._keys.get(m.identity)
+            if known is None:
+                self._keys[m.identity] = (m.signature_key, seq)
+            elif known[0] != m.signature_key:
+                name = _name(m.identity)
+                where = "" if known[1] == seq else f" at seq {known[1]}"
+                raise AuditFailure(
+                    seq,
+                    f"leaf {m.leaf_index} holds {name!r} with another signature key than "
+                    f"{name!r} had{where}: the delivery service registers one key per name for "
+                    "good, so a leaf of this name with another key is not that member's",
+                )
+
+    def _check_sender(self, entry: LogEntry, identity: bytes | None, sender_type: str) -> None:
+        if identity is None:
+            raise AuditFailure(
+                entry.seq,
+                f"the {entry.kind} has a sender of type {sender_type}, which the delivery "
+                "service does not accept",
+            )
+        if entry.sender != _name(identity):
+            raise AuditFailure(
+                entry.seq,
+                f"the log says {entry.sender!r} sent the {entry.kind}, but its MLS sender is "
+                f"{_name(identity)!r}",
+            )
 
     def _group_info(self, entry: LogEntry) -> None:
         self.group_infos += 1
@@ -201,20 +348,28 @@ class Auditor:
             raise AuditFailure(entry.seq, f"the GroupInfo does not decode: {exc}") from None
         if gi.group_context.group_id != self.group_id:
             raise AuditFailure(entry.seq, "the GroupInfo is for another group")
-        if self.pg is None:
-            try:
-                self.pg = PublicGroup.from_group_info(entry.message)
-            except MLSError as exc:
-                raise AuditFailure(entry.seq, f"the first GroupInfo does not verify: {exc}") from None
-            self.first_epoch = self.pg.epoch
-            self.last_change_ms = entry.time_ms
-            return
         pg = self.pg
-        if gi.group_context.epoch != pg.epoch:
+        if pg is not None and gi.group_context.epoch != pg.epoch:
             raise AuditFailure(
                 entry.seq,
                 f"GroupInfo for epoch {gi.group_context.epoch} but the chain is at epoch {pg.epoch}",
             )
+        if entry.epoch != gi.group_context.epoch:
+            raise AuditFailure(
+                entry.seq,
+                f"the log says epoch {entry.epoch} for a GroupInfo of epoch "
+                f"{gi.group_context.epoch}",
+            )
+        if pg is None:
+            try:
+                self.pg = PublicGroup.from_group_info(entry.message)
+            except MLSError as exc:
+                raise AuditFailure(entry.seq, f"the first GroupInfo does not verify: {exc}") from None
+            self._check_keys(entry.seq, self.pg)
+            self.first_members = sorted(_name(m.identity) for m in self.pg.members)
+            self.first_epoch = self.pg.epoch
+            self.last_change_ms = entry.time_ms
+            return
         if gi.group_context.encode() != pg.group_context.encode():
             raise AuditFailure(
                 entry.seq,
@@ -234,82 +389,131 @@ class Auditor:
                 entry.seq, "the GroupInfo's confirmation tag is not the epoch's commit's"
             )
 
-    def _proposal(self, entry: LogEntry) -> None:
-        assert self.pg is not None
-        body = _public_message(entry)
+    def _welcome(self, entry: LogEntry, pg: PublicGroup) -> None:
+        # Encrypted to the new members: only its framing and cipher suite are public.
         try:
-            self.pg.process(entry.message)
+            welcome = MLSMessage.decode(entry.message).welcome
+        except MLSError as exc:
+            raise AuditFailure(entry.seq, f"the welcome is not an MLS Welcome: {exc}") from None
+        suite = pg.group_context.cipher_suite
+        if welcome.cipher_suite != suite:
+            raise AuditFailure(
+                entry.seq,
+                f"the Welcome is for cipher suite {welcome.cipher_suite}, the group's is {suite}",
+            )
+        self.welcomes += 1
+
+    def _proposal(self, entry: LogEntry, pg: PublicGroup) -> None:
+        body = _public_message(entry, ContentType.proposal)
+        sender = body.content.sender
+        proposer = (pg.tree.leaf_node(sender.leaf_index)
+                    if sender.sender_type == SenderType.member and sender.leaf_index is not None
+                    else None)
+        try:
+            pg.process(entry.message)
         except MLSError as exc:
             raise AuditFailure(entry.seq, f"the proposal does not verify: {exc}") from None
-        crypto = self.pg.crypto
-        ref = crypto.make_proposal_ref(body.authenticated_content().encode())
-        assert body.content.proposal is not None
-        sender = body.content.sender
-        proposer = (_identity(self.pg, sender.leaf_index)
-                    if sender.sender_type == SenderType.member else None)
+        proposal = body.content.proposal
+        if proposal is None:  # the content type is proposal: the decoder filled it in
+            raise AuditFailure(entry.seq, "the proposal entry holds no proposal")
+        identity: bytes | None = None
+        if proposer is not None:
+            identity = proposer.credential.identity
+        elif sender.sender_type == SenderType.new_member_proposal and isinstance(
+            proposal.body, Add
+        ):
+            identity = proposal.body.key_package.leaf_node.credential.identity
+        self._check_sender(entry, identity, sender.sender_type.name)
+        ref = pg.crypto.make_proposal_ref(body.authenticated_content().encode())
         self._proposals[ref] = _PendingProposal(
-            body.content.proposal, entry.seq, entry.time_ms, proposer
+            proposal, entry.seq, entry.time_ms,
+            _name(proposer.credential.identity) if proposer is not None else None,
         )
+        if isinstance(proposal.body, Remove):
+            self._removal_requests.setdefault(proposal.body.removed, entry.time_ms)
         self.proposals_seen += 1
 
-    def _commit(self, entry: LogEntry) -> None:
-        pg = self.pg
-        assert pg is not None
-        body = _public_message(entry)
+    def _commit(self, entry: LogEntry, pg: PublicGroup) -> None:
+        body = _public_message(entry, ContentType.commit)
         content = body.content
-        # Identities of the old epoch's leaves: `process` changes `pg` in place.
-        old_members = {m.leaf_index: m.identity.decode("utf-8", "replace") for m in pg.members}
-        committer = _identity(pg, content.sender.leaf_index)
+        # The old epoch's leaves: `process` changes `pg` in place.
+        old = {m.leaf_index: m.identity for m in pg.members}
+        old_names = {i: _name(identity) for i, identity in old.items()}
+        external = content.sender.sender_type == SenderType.new_member_commit
         try:
             processed = pg.process(entry.message)
         except MLSError as exc:
             raise AuditFailure(
                 entry.seq, f"the commit for epoch {entry.epoch} does not verify: {exc}"
             ) from None
-        assert processed.commit is not None
+        commit = processed.commit
+        if commit is None:  # the content type is commit: `process` returned it
+            raise AuditFailure(entry.seq, "the commit entry holds no commit")
+        identity: bytes | None = None
+        if external and processed.added:
+            # The joiner's new leaf is the last added (§12.4.3.2).
+            leaf = pg.tree.leaf_node(processed.added[-1])
+            identity = leaf.credential.identity if leaf is not None else None
+        elif content.sender.sender_type == SenderType.member:
+            identity = old.get(content.sender.leaf_index)  # type: ignore[arg-type]
+        self._check_sender(entry, identity, content.sender.sender_type.name)
+        who = identity or b""  # `_check_sender` refused None
+        self._check_keys(entry.seq, pg)
+        committer = _name(who)
+        # A rejoin: an external commit that also removes the joiner's own old leaf.
+        own_old = {i for i in processed.removed if external and old.get(i) == who}
         reasons: list[str] = []
-        requested: dict[int, int] = {}  # removed leaf -> time of the Remove proposal
-        for por in processed.commit.proposals:
+        for por in commit.proposals:
+            pending = None
             if por.type == ProposalOrRefType.proposal:
-                assert por.proposal is not None
+                if por.proposal is None:
+                    raise AuditFailure(entry.seq, "the commit holds an empty proposal")
                 proposal = por.proposal
             else:
                 pending = self._proposals.get(bytes(por.reference or b""))
                 if pending is None:  # PublicGroup resolved it, so this cannot happen
                     raise AuditFailure(entry.seq, "the commit references an unknown proposal")
                 proposal = pending.proposal
-                if proposal.proposal_type == ProposalType.remove:
-                    removed_leaf = proposal.body.removed  # type: ignore[union-attr]
-                    requested.setdefault(removed_leaf, pending.time_ms)
-                    if pending.sender is not None and pending.sender == old_members.get(
-                        removed_leaf
-                    ):
-                        if "leave" not in reasons:
-                            reasons.append("leave")
-                        continue
+            if proposal.proposal_type == ProposalType.external_init:
+                continue  # the commit's sender says it: external-join or rejoin, first
+            if isinstance(proposal.body, Remove):
+                removed_leaf = proposal.body.removed
+                if removed_leaf in own_old:
+                    continue
+                if (
+                    pending is not None
+                    and pending.sender is not None
+                    and pending.sender == old_names.get(removed_leaf)
+                ):
+                    if "leave" not in reasons:
+                        reasons.append("leave")
+                    continue
             reason = _REASONS.get(proposal.proposal_type, proposal.proposal_type.name)
             if reason not in reasons:
                 reasons.append(reason)
-        if content.sender.sender_type == SenderType.new_member_commit:
-            committer = _identity(pg, processed.added[-1]) if processed.added else "?"
-            reasons = ["external-join"] + [r for r in reasons if r != "external-join"]
+        if external:
+            reasons = ["rejoin" if own_old else "external-join", *reasons]
         if not reasons:
             reasons = ["periodic"]
-        added = [_identity(pg, i) for i in processed.added]
-        removed = [old_members.get(i, f"leaf {i}") for i in processed.removed]
+        rejoined = set(processed.added[-1:]) if own_old else set()
+        added = [_identity(pg, i) for i in processed.added if i not in rejoined]
+        gone = [i for i in processed.removed if i not in own_old]
+        removed = [old_names.get(i, f"leaf {i}") for i in gone]
         latency = {
-            old_members.get(i, f"leaf {i}"): (
-                entry.time_ms - requested[i] if i in requested else None
+            old_names.get(i, f"leaf {i}"): (
+                entry.time_ms - self._removal_requests[i] if i in self._removal_requests else None
             )
-            for i in processed.removed
+            for i in gone
         }
+        for i in processed.removed:
+            self._removal_requests.pop(i, None)
         since = None if self.last_change_ms is None else entry.time_ms - self.last_change_ms
         self.rotations.append(
             Rotation(
                 epoch=pg.epoch, seq=entry.seq, time_ms=entry.time_ms, committer=committer,
                 reasons=reasons, added=added, removed=removed, since_last_ms=since,
                 removal_latency_ms=latency,
-                members=sorted(m.identity.decode("utf-8", "replace") for m in pg.members),
+                members=sorted(_name(m.identity) for m in pg.members),
             )
         )
         self.last_change_ms = entry.time_ms
@@ -321,7 +525,7 @@ class Auditor:
             raise AuditFailure(None, "the log holds no GroupInfo: nothing to start the chain from")
         return AuditReport(
             self.group_id, self.first_epoch, self.pg.epoch, self.messages, self.rotations,
-            self.group_infos, self.welcomes, self.proposals_seen,
+            self.group_infos, self.welcomes, self.proposals_seen, self.first_members,
         )
 
 
@@ -347,7 +551,10 @@ async def read_log(ds: AuditLogSource, group_id: bytes) -> list[LogEntry]:
         page = await ds.audit_log(group_id, after=out[-1].seq if out else 0)
         if not page:
             return out
-        out += [LogEntry(m.seq, m.kind, m.epoch, m.sender, m.time_ms, m.message) for m in page]
+        # The service is not trusted: its answer is checked as strictly as a log file.
+        out += [
+            LogEntry.checked(m.seq, m.kind, m.epoch, m.sender, m.time_ms, m.message) for m in page
+        ]
 
 
 def save_log(path: Path, group_id: bytes, entries: Iterable[LogEntry]) -> None:
@@ -364,18 +571,26 @@ def load_log(path: Path) -> tuple[bytes, list[LogEntry]]:
         data = path.read_bytes()
     except OSError as exc:
         raise ConclaveError(f"cannot read the log file {path}: {exc.strerror or exc}") from None
+    fp = io.BytesIO(data)
     try:
-        body = cbor2.loads(data)
+        body = cbor2.load(fp)
     except Exception:  # cbor2 raises several types on malformed input
         raise AuditFailure(None, f"{path} is not a CBOR audit log") from None
-    if not isinstance(body, dict) or body.get("format") != LOG_FORMAT:
+    if fp.tell() != len(data):
+        raise AuditFailure(
+            None, f"{path} has {len(data) - fp.tell()} bytes of trailing data after the log"
+        )
+    if type(body) is not dict or body.get("format") != LOG_FORMAT:
         raise AuditFailure(None, f"{path} is not a conclave audit log (see `conclave audit --save`)")
-    if body.get("version") != LOG_VERSION:
-        raise AuditFailure(None, f"audit log version {body.get('version')} is not supported")
-    entries = body.get("entries")
-    if not isinstance(entries, list) or not isinstance(body.get("group_id"), bytes):
+    version = body.get("version")
+    if type(version) is not int or version != LOG_VERSION:
+        raise AuditFailure(None, f"audit log version {version!r} is not supported")
+    if set(body) != _LOG_FIELDS:
+        raise AuditFailure(None, "the audit log has missing or unknown fields")
+    entries, group_id = body["entries"], body["group_id"]
+    if type(entries) is not list or type(group_id) is not bytes:
         raise AuditFailure(None, "the audit log has no group id or no entries")
-    return body["group_id"], [LogEntry.from_body(e) for e in entries]
+    return group_id, [LogEntry.from_body(e, f" #{i + 1}") for i, e in enumerate(entries)]
 
 
 def format_report(report: AuditReport) -> list[list[str]]:

@@ -376,7 +376,7 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     console.print(
         f"OK: {report.messages} messages, {len(report.rotations)} commits verified "
         f"(signatures, epoch chain, public tree), {report.group_infos_checked} GroupInfos "
-        f"matched the transcript; members now: {', '.join(report.members)}"
+        f"matched the transcript; members at the end of this log: {', '.join(report.members)}"
     )
     return 0
 
