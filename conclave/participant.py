@@ -27,6 +27,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -65,6 +66,10 @@ log = logging.getLogger(__name__)
 # Seconds before calling the SFU again after a media session ended, doubling up to the maximum.
 MEDIA_RETRY_FIRST = 1.0
 MEDIA_RETRY_MAX = 30.0
+# A media session that ended sooner than this after it began does not reset the retry delay:
+# an SFU that accepts each join and then hangs up would otherwise be called hundreds of times
+# a second.
+MEDIA_STABLE_SESSION = 10.0
 
 STATE_FORMAT = "conclave-participant"
 STATE_VERSION = 1
@@ -181,6 +186,7 @@ class Participant:
         self.welcome_cursor = 0
         self.removed = False
         self._resumed = False  # in a saved epoch: send nothing before a new one (connect_media)
+        self._media_backoff = MEDIA_RETRY_FIRST
         self.client = self._load_client(cipher_suite)  # and the saved group, if any
         self.keys = MLSKeyManager()
         self.ds = DeliveryClient(
@@ -859,6 +865,7 @@ class Participant:
         Retries with a growing delay; stops once the delivery service says this participant is
         no longer a member.
         """
+        started = time.monotonic()
         reason = "the SFU closed the connection"
         while True:
             event = await client.events.get()
@@ -871,21 +878,31 @@ class Participant:
         log.warning("%s: the media session ended (%s); calling in again", self.name, reason)
         with contextlib.suppress(Exception):
             await client.close()
-        delay = MEDIA_RETRY_FIRST
+        if time.monotonic() - started >= MEDIA_STABLE_SESSION:
+            self._media_backoff = MEDIA_RETRY_FIRST
+            wait = 0.0  # a session that lasted: call in again at once
+        else:
+            wait = self._next_media_backoff()
         while True:
+            await asyncio.sleep(wait)
             try:
                 await self.connect_media(e2ee=self.e2ee)
             except NotInGroup as exc:
                 log.warning("%s: not calling in again: %s", self.name, exc)
                 return
             except (ConclaveError, RequestFailed, aiohttp.ClientError, OSError) as exc:
+                wait = self._next_media_backoff()
                 log.warning("%s: cannot call in again (%s); next try in %.0f s", self.name, exc,
-                            delay)
+                            wait)
             else:
                 log.info("%s: back in the media session", self.name)
                 return
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, MEDIA_RETRY_MAX)
+
+    def _next_media_backoff(self) -> float:
+        """The delay before the next call-in: 1, 2, 4 ... 30 s, across short-lived sessions."""
+        wait = self._media_backoff
+        self._media_backoff = min(2 * wait, MEDIA_RETRY_MAX)
+        return wait
 
     def open_media(self) -> list[MediaStreamTrack]:
         """Open the media source (once): call it before joining to fail on a bad file or device
@@ -920,12 +937,27 @@ class Participant:
             relay = MediaRelay()
             consumer = relay.subscribe(track)
             self.record_dir.mkdir(parents=True, exist_ok=True)
-            suffix = "wav" if kind == "audio" else "mp4"
-            recorder = MediaRecorder(str(self.record_dir / f"{publisher}-{kind}.{suffix}"))
+            recorder = MediaRecorder(str(self._recording_path(publisher, kind)))
             recorder.addTrack(relay.subscribe(track))
             self._recorders.append(recorder)
             self._spawn(recorder.start())
         self._spawn(self._consume(consumer, remote))
+
+    def _recording_path(self, publisher: str, kind: str) -> Path:
+        """A new file in record_dir for a track. The publisher's name comes from the SFU, which
+        is not trusted: only letters, digits, '.', '_' and '-' of it make the file name, so
+        that it names a file in record_dir and nothing else; an existing file is not replaced
+        (a call-in again records anew)."""
+        assert self.record_dir is not None
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", publisher)[:64].lstrip(".") or "unknown"
+        kind = kind if kind in ("audio", "video") else "media"
+        suffix = "wav" if kind == "audio" else "mp4"
+        path = self.record_dir / f"{safe}-{kind}.{suffix}"
+        n = 1
+        while path.exists():
+            n += 1
+            path = self.record_dir / f"{safe}-{kind}-{n}.{suffix}"
+        return path
 
     def _watch_epochs(self, remote: RemoteTrack) -> None:
         """Record the epoch of every frame that decrypts (from its KID, once authenticated)."""

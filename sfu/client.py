@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiortc import (
@@ -32,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 TrackCallback = Callable[[MediaStreamTrack, RTCRtpTransceiver, dict[str, str]], None]
 MAX_EVENTS = 1000  # pushed signalling messages kept for `next_event` / `events`
+# The SFU is not trusted: what it sends is bounded before anything acts on it.
+JOIN_TIMEOUT = 15.0  # seconds for the SFU to answer a join
+MAX_M_LINES = 256  # per offer: two per participant of a room of 128 (aiortc: ~170 kB each)
+MAX_ERROR_TEXT = 300  # characters of an SFU's error message passed on
 
 
 class SFUClient:
@@ -82,15 +87,25 @@ class SFUClient:
             try:
                 return await self._join_once()
             except Redirect as exc:
-                self.url = exc.url  # the peer connection is still unused: keep it
+                self.url = _same_host(self.url, exc.url)  # the peer connection is still unused
                 return await self._join_once()
         except BaseException:
             await self.close()
             raise
 
     async def _join_once(self) -> dict[str, Any]:
+        try:
+            async with asyncio.timeout(JOIN_TIMEOUT):
+                return await self._join_exchange()
+        except TimeoutError:
+            await self._close_signalling()
+            raise SignallingError(
+                "timeout", f"the SFU did not answer the join within {JOIN_TIMEOUT:g} s"
+            ) from None
+
+    async def _join_exchange(self) -> dict[str, Any]:
         self._session = aiohttp.ClientSession()
-        self._ws = await self._session.ws_connect(self.url)
+        self._ws = await self._session.ws_connect(self.url, heartbeat=30)
         await self.send(
             {
                 "type": "join",
@@ -113,9 +128,9 @@ class SFUClient:
                 raise Redirect(msg["url"])
             reason = msg.get("reason")
             raise SignallingError(
-                str(msg["code"]),
-                str(msg.get("message", "")),
-                reason=str(reason) if reason else None,
+                _text(msg["code"]),
+                _text(msg.get("message", "")),
+                reason=_text(reason) if reason else None,
             )
         self._reader = asyncio.ensure_future(self._read())
         return msg
@@ -148,10 +163,18 @@ class SFUClient:
         self.events.put_nowait(event)
 
     async def _answer(self, message: dict[str, Any]) -> None:
-        self.streams.update(message.get("streams", {}))
+        sdp = message.get("sdp")
+        if not isinstance(sdp, str):
+            raise ValueError("an offer without SDP")
+        m_lines = sum(1 for line in sdp.splitlines() if line.startswith("m="))
+        if m_lines > MAX_M_LINES:
+            raise ValueError(f"an offer of {m_lines} m-lines (at most {MAX_M_LINES})")
+        # Each offer names the publisher of every m-line that carries media: the map is
+        # replaced, not merged, so it holds what the latest offer said and no more.
+        self.streams = _streams(message.get("streams", {}), m_lines)
         if self._retired:
-            self._renew_reused(message["sdp"])
-        await self.pc.setRemoteDescription(RTCSessionDescription(message["sdp"], "offer"))
+            self._renew_reused(sdp)
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
         answer = await self.pc.createAnswer()
         await self.pc.setLocalDescription(answer)
         await self.send({"type": "answer", "sdp": self.pc.localDescription.sdp})
@@ -209,3 +232,54 @@ class SFUClient:
     async def close(self) -> None:
         await self._close_signalling()
         await self.pc.close()
+
+
+def _text(value: object) -> str:
+    """An SFU's text for people to read: printable, and not too long."""
+    return "".join(c if c.isprintable() else "?" for c in str(value)[:MAX_ERROR_TEXT])
+
+
+def _streams(value: object, m_lines: int) -> dict[str, dict[str, str]]:
+    """An offer's "streams", checked: mid -> {"identity": str, "kind": "audio" | "video"}."""
+    if not isinstance(value, dict) or len(value) > m_lines:
+        raise ValueError("an offer's streams must map its m-lines' mids to publishers")
+    out = {}
+    for mid, info in value.items():
+        if not (
+            isinstance(mid, str)
+            and len(mid) <= 32
+            and isinstance(info, dict)
+            and isinstance(info.get("identity"), str)
+            and 0 < len(info["identity"]) <= 512
+            and info.get("kind") in ("audio", "video")
+        ):
+            raise ValueError(f"an offer's stream entry for mid {str(mid)[:32]!r} is malformed")
+        out[mid] = {"identity": info["identity"], "kind": info["kind"]}
+    return out
+
+
+def _same_host(current: str, target: str) -> str:
+    """The URL of a redirect, if it stays with the SFU that sent it.
+
+    A redirect names another worker process of the same SFU (`python -m sfu --workers N`: the
+    same host, another port). Anything else would hand the room token to whoever the SFU names,
+    so another host, credentials in the URL, or a downgrade from TLS are refused.
+    """
+    old, new = urlsplit(current), urlsplit(target)
+    secure = {"https", "wss"}
+    try:
+        ok = (
+            new.scheme in ("http", "https", "ws", "wss")
+            and new.hostname == old.hostname
+            and new.username is None
+            and new.password is None
+            and not (old.scheme in secure and new.scheme not in secure)
+        )
+        new.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        ok = False
+    if not ok:
+        raise SignallingError(
+            "redirect", f"the SFU redirected to {_text(target)!r}, not to one of its own workers"
+        )
+    return target
