@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -44,6 +46,17 @@ async def _join_raw(url: str, message: object) -> tuple[list[dict], bool]:
 
 
 CANDIDATE = "candidate:1 1 udp 2130706431 127.0.0.1 5000 typ host"
+
+
+@contextlib.asynccontextmanager
+async def running(**config: Any) -> AsyncIterator[Harness]:
+    """An SFU with this configuration, stopped at the end."""
+    h = Harness(**config)
+    await h.start()
+    try:
+        yield h
+    finally:
+        await h.stop()
 
 
 async def _joined(ws: Any, identity: str, publish: list[str] | None = None) -> None:
@@ -163,9 +176,7 @@ async def test_malformed_messages_after_join_get_error_replies(harness: Harness)
 
 
 async def test_a_client_that_leaves_an_offer_unanswered_is_removed() -> None:
-    h = Harness(answer_timeout=0.5)
-    await h.start()
-    try:
+    async with running(answer_timeout=0.5) as h:
         async with aiohttp.ClientSession() as session, session.ws_connect(h.url) as ws:
             await _joined(ws, "mute")
             assert (await ws.receive_json(timeout=5))["type"] == "offer"
@@ -177,20 +188,14 @@ async def test_a_client_that_leaves_an_offer_unanswered_is_removed() -> None:
             assert 0.4 < time.monotonic() - started < 3
             assert (await ws.receive(timeout=5)).type == aiohttp.WSMsgType.CLOSE
         assert await wait_until(lambda: h.server.metrics.participants() == 0, timeout=5)
-    finally:
-        await h.stop()
 
 
 async def test_an_answered_offer_stops_the_answer_timer() -> None:
-    h = Harness(answer_timeout=0.5)
-    await h.start()
-    try:
+    async with running(answer_timeout=0.5) as h:
         peer = await h.join("talker")
         await asyncio.sleep(1.5)  # three timeouts: the answered offer must not end the session
         assert h.server.metrics.participants() == 1
         assert peer.client.offers_answered >= 1
-    finally:
-        await h.stop()
 
 
 async def test_limits_on_rooms_and_participants(harness: Harness) -> None:
@@ -270,16 +275,12 @@ async def test_a_join_slower_than_the_join_deadline_is_not_cut_short(monkeypatch
         await start(self)
 
     monkeypatch.setattr(Participant, "start", slow_start)
-    h = Harness(join_timeout=0.3)
-    await h.start()
-    try:
+    async with running(join_timeout=0.3) as h:
         async with aiohttp.ClientSession() as session, session.ws_connect(h.url) as ws:
             await _joined(ws, "late")
             assert (await ws.receive_json(timeout=5))["type"] == "offer"
             assert h.server.metrics.participants() == 1
         assert await wait_until(lambda: h.server.rooms == {}, timeout=5)
-    finally:
-        await h.stop()
 
 
 def _small_receive_buffer(addr_info: Any) -> socket.socket:
@@ -344,9 +345,7 @@ async def _offer_and_answer(ws: Any) -> tuple[Any, str]:
 
 
 async def test_answers_aiortc_would_choke_on_later_are_refused_at_once() -> None:
-    h = Harness()
-    await h.start()
-    try:
+    async with running() as h:
         async with aiohttp.ClientSession() as session, session.ws_connect(h.url) as ws:
             await _joined(ws, "pub", ["video"])
             pc, sdp = await _offer_and_answer(ws)
@@ -365,14 +364,10 @@ async def test_answers_aiortc_would_choke_on_later_are_refused_at_once() -> None
             [participant] = h.server.rooms["room"].participants.values()
             assert await wait_until(lambda: participant.connected, timeout=10)
             await pc.close()
-    finally:
-        await h.stop()
 
 
 async def test_a_client_that_answers_but_never_connects_is_removed() -> None:
-    h = Harness(connect_timeout=0.5)
-    await h.start()
-    try:
+    async with running(connect_timeout=0.5) as h:
         async with aiohttp.ClientSession() as session, session.ws_connect(h.url) as ws:
             await _joined(ws, "gone", ["audio"])
             pc, sdp = await _offer_and_answer(ws)
@@ -384,8 +379,6 @@ async def test_a_client_that_answers_but_never_connects_is_removed() -> None:
             assert "no media connection within 0.5 s" in reply["message"]
             assert 0.4 < time.monotonic() - started < 3
         assert await wait_until(lambda: h.server.metrics.participants() == 0, timeout=5)
-    finally:
-        await h.stop()
 
 
 async def test_shutdown_does_not_wait_for_a_client_that_reads_nothing(monkeypatch) -> None:
