@@ -13,7 +13,7 @@ import json
 import logging
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 from aiortc import (
@@ -259,27 +259,31 @@ def _streams(value: object, m_lines: int) -> dict[str, dict[str, str]]:
 
 
 def _same_host(current: str, target: str) -> str:
-    """The URL of a redirect, if it stays with the SFU that sent it.
+    """The URL to follow a redirect to, on the host this client already talks to.
 
     A redirect names another worker process of the same SFU (`python -m sfu --workers N`: the
-    same host, another port). Anything else would hand the room token to whoever the SFU names,
-    so another host, credentials in the URL, or a downgrade from TLS are refused.
+    same host, another port); the worker may name its host as the address it listens on
+    (0.0.0.0), which the client cannot reach. So the client keeps its own host and takes only
+    the scheme, port and path. A redirect to another named host, with credentials, or from TLS
+    to plain, is refused: it would hand the room token to whoever the SFU names.
     """
     old, new = urlsplit(current), urlsplit(target)
     secure = {"https", "wss"}
     try:
+        port = new.port
         ok = (
             new.scheme in ("http", "https", "ws", "wss")
-            and new.hostname == old.hostname
+            and new.hostname in (old.hostname, "0.0.0.0", "::")
             and new.username is None
             and new.password is None
             and not (old.scheme in secure and new.scheme not in secure)
         )
-        new.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
+    except ValueError:  # a bad port
         ok = False
-    if not ok:
+    if not ok or old.hostname is None:
         raise SignallingError(
             "redirect", f"the SFU redirected to {_text(target)!r}, not to one of its own workers"
         )
-    return target
+    host = f"[{old.hostname}]" if ":" in old.hostname else old.hostname
+    netloc = host if port is None else f"{host}:{port}"
+    return urlunsplit((new.scheme, netloc, new.path, new.query, ""))

@@ -27,7 +27,14 @@ def test_a_redirect_leaves_neither_the_host_nor_tls(target: str) -> None:
         _same_host("http://sfu.example:8443/v1/signal", target)
     with pytest.raises(SignallingError):
         _same_host("https://sfu.example/v1/signal", "http://sfu.example:8444/v1/signal")
-    assert _same_host("http://sfu.example:8443/x", "http://sfu.example:8444/x").endswith(":8444/x")
+    assert _same_host("http://sfu.example:8443/x", "http://sfu.example:8444/x") == (
+        "http://sfu.example:8444/x"
+    )
+    # a worker listening on every address names its host 0.0.0.0: the client keeps its own
+    assert _same_host("https://sfu.example/v1/signal", "wss://0.0.0.0:8444/v1/signal") == (
+        "wss://sfu.example:8444/v1/signal"
+    )
+    assert _same_host("http://[::1]:8443/x", "http://[::]:8444/x") == "http://[::1]:8444/x"
 
 
 def test_an_offers_streams_are_checked_and_bounded() -> None:
