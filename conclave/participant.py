@@ -139,6 +139,14 @@ class RemoteTrack:
     decoded: int = 0
     # Epochs (from the KIDs) of the frames that decrypted, for the removal checks.
     epochs: set[int] = field(default_factory=set)
+    # Who sent the frames that decrypted, by their KIDs' leaves. `publisher` is the SFU's word,
+    # which it could get wrong or lie about; a KID it cannot change (it selects the key).
+    senders: set[str] = field(default_factory=set)
+
+    @property
+    def mislabelled(self) -> bool:
+        """Frames on this track came from someone other than the SFU said."""
+        return bool(self.senders - {self.publisher})
 
 
 @dataclass
@@ -187,6 +195,7 @@ class Participant:
         self.removed = False
         self._resumed = False  # in a saved epoch: send nothing before a new one (connect_media)
         self._media_backoff = MEDIA_RETRY_FIRST
+        self._names_by_epoch: dict[int, dict[int, str]] = {}
         self.client = self._load_client(cipher_suite)  # and the saved group, if any
         self.keys = MLSKeyManager()
         self.ds = DeliveryClient(
@@ -333,6 +342,7 @@ class Participant:
         await self.top_up_key_packages()
         self.stream = await self.ds.connect()
         if self.group is not None:  # resumed from the saved state (`_load_client`)
+            self._remember_names()
             self.keys.update(self.group)
             await self.stream.subscribe(self.group.group_id, after=self.applied_seq)
         await self.stream.subscribe_welcomes(after=self.welcome_cursor)
@@ -515,6 +525,7 @@ class Participant:
     async def _installed(self) -> None:
         """A new epoch is in place: keys first, then state, then whoever waits for it."""
         assert self.group is not None
+        self._remember_names()
         if self.keys.update(self.group):
             # The old epoch's receive keys go when its grace period ends, whether or not a
             # frame comes to make the key manager look (a quiet track would keep them).
@@ -959,14 +970,34 @@ class Participant:
             path = self.record_dir / f"{safe}-{kind}-{n}.{suffix}"
         return path
 
+    def _remember_names(self) -> None:
+        """Leaf -> name of the current epoch, for naming the senders of frames (a few epochs:
+        frames of the previous ones still arrive for a moment)."""
+        assert self.group is not None
+        names = self._names_by_epoch
+        names[self.group.epoch] = {
+            m.leaf_index: m.identity.decode("utf-8", "replace") for m in self.group.members
+        }
+        for epoch in sorted(names)[:-4]:
+            del names[epoch]
+
     def _watch_epochs(self, remote: RemoteTrack) -> None:
         """Record the epoch of every frame that decrypts (from its KID, once authenticated)."""
         keys = self.keys
+        names = self._names_by_epoch
 
         def decrypted(data: bytes, mime_type: str) -> None:
             named = keys.sender_of(memoryview(data)[clear_prefix_length(mime_type, data) :])
-            if named is not None:
-                remote.epochs.add(named[0])
+            if named is None:
+                return
+            epoch, leaf = named
+            remote.epochs.add(epoch)
+            sender = names.get(epoch, {}).get(leaf)
+            if sender is not None and sender not in remote.senders:
+                remote.senders.add(sender)
+                if sender != remote.publisher:
+                    log.warning("%s: frames from %s on the track the SFU says is %s's",
+                                self.name, sender, remote.publisher)
 
         remote.decryptor.on_decrypted = decrypted
 

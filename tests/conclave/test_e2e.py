@@ -96,6 +96,7 @@ class Outcome:
     bob_epochs: set[int] = field(default_factory=set)
     epochs: dict[str, int | None] = field(default_factory=dict)
     codes: dict[str, str] = field(default_factory=dict)
+    labels: list[tuple[str, set[str]]] = field(default_factory=list)
     rtp: list[tuple[str, str, str, bytes]] = field(default_factory=list)  # receiver, pub, kind
     plaintexts: list[tuple[str, bytes]] = field(default_factory=list)
     reachable_from_sfu: set[type] = field(default_factory=set)
@@ -207,6 +208,7 @@ async def scenario(tmp: Path) -> Outcome:
         out.decoded_end = decoded([alice, carol, dave])
         out.epochs = {p.name: p.epoch for p in people}
         out.codes = {p.name: p.safety_code for p in (alice, carol, dave)}
+        out.labels = [(r.publisher, r.senders) for p in people for r in p.remote.values()]
         out.rtp = [(p.name, pub, kind, payload) for p in people for pub, kind, payload in p.rtp]
         out.plaintexts = [(f.kind, f.plaintext) for p in people for f in p.sent]
 
@@ -306,6 +308,12 @@ def test_concurrent_commits_converge(outcome: Outcome) -> None:
     assert len(set(outcome.race_epochs)) == 1
     assert outcome.race_epochs[0] is not None
     assert outcome.race_epochs[0] >= outcome.removal_epoch + 2  # both rotations landed
+
+
+def test_every_track_carries_frames_of_the_publisher_the_sfu_named(outcome: Outcome) -> None:
+    # the senders come from the frames' KIDs, which the SFU cannot change
+    assert outcome.labels and all(senders <= {label} for label, senders in outcome.labels)
+    assert sum(1 for _, senders in outcome.labels if senders) >= 6
 
 
 def test_members_share_the_safety_code(outcome: Outcome) -> None:

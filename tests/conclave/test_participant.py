@@ -234,3 +234,26 @@ async def test_old_epoch_keys_go_when_their_grace_ends_even_without_frames(
     assert len(bob.keys._epochs) == 2  # the old one, for frames in flight
     await asyncio.sleep(bob.keys.grace_period + 0.2)  # no frame comes to make it look
     assert [k.epoch for k in bob.keys._epochs.values()] == [bob.epoch]
+
+
+async def test_frames_are_credited_to_their_kids_sender_not_to_the_sfus_label(
+    trio: list[Participant],
+) -> None:
+    from types import SimpleNamespace
+
+    from conclave.participant import RemoteTrack
+    from e2ee_media.transform import TrackStats
+
+    alice, bob, _ = trio
+    # The SFU says this track is carol's, but the frames' KIDs are alice's (the SFU cannot
+    # change a KID: it selects the key that opens the frame).
+    remote = RemoteTrack("carol", "audio", TrackStats(), SimpleNamespace(on_decrypted=None))
+    bob._watch_epochs(remote)
+    toc = b"\x78"
+    frame = toc + alice.keys.encrypt(toc, b"opus payload")
+    remote.decryptor.on_decrypted(frame, "audio/opus")
+    assert remote.senders == {"alice"} and remote.mislabelled
+    labelled = RemoteTrack("alice", "audio", TrackStats(), SimpleNamespace(on_decrypted=None))
+    bob._watch_epochs(labelled)
+    labelled.decryptor.on_decrypted(frame, "audio/opus")
+    assert labelled.senders == {"alice"} and not labelled.mislabelled
