@@ -547,6 +547,7 @@ class DeliveryService:
                 raise BadRequest(f"cannot add {added!r}: no such identity")
 
         knocker = None
+        not_yours = False
         if framed.sender_type == SenderType.new_member_proposal:
             # An Add proposal a non-member sends itself (§12.1.8): it may ask for itself only,
             # else a second identity could bring back one that a member removed.
@@ -555,19 +556,21 @@ class DeliveryService:
                 knocker = knocked.identity.decode("utf-8")
             except UnicodeDecodeError:
                 raise BadRequest("the KeyPackage's identity is not UTF-8") from None
+            record = await self.storage.get_identity(identity)
+            not_yours = knocker != identity or (
+                record is not None and record.signature_key != knocked.signature_key
+            )
 
         async def step(state: GroupState) -> tuple[GroupState, NewMessage]:
             if framed.sender_type in _COMING_BACK:
                 await self._check_not_expelled(state, identity)
             if knocker is not None:
-                await self._check_not_expelled(state, knocker)
-                record = await self.storage.get_identity(identity)
-                if knocker != identity or (
-                    record is not None and record.signature_key != knocked.signature_key
-                ):
+                if knocker != identity:  # a removed one is refused as such, whoever knocks
+                    await self._check_not_expelled(state, knocker)
+                if not_yours:
                     raise Forbidden(
-                        "a new_member_proposal must add its poster: the KeyPackage's credential "
-                        "or signature key is not yours"
+                        "a new_member_proposal must add its poster: the KeyPackage's "
+                        "credential or signature key is not yours"
                     )
             new = self.tracker.accept(state, framed, data, identity, hints)
             if new.tracker_state != state.tracker_state:

@@ -90,14 +90,24 @@ def proposed_key_package(framed: FramedMessage) -> KeyPackageInfo:
     if proposal is None or proposal.proposal_type != ProposalType.add:
         raise BadRequest("a proposal from a new_member_proposal sender must be an Add")
     kp = proposal.body.key_package  # type: ignore[union-attr]
-    leaf = kp.leaf_node
-    not_before = leaf.lifetime.not_before if leaf.lifetime is not None else 0
-    not_after = leaf.lifetime.not_after if leaf.lifetime is not None else 0
     if kp.cipher_suite not in SUPPORTED_SUITES:
         raise BadRequest(f"unsupported cipher suite {kp.cipher_suite}")
-    ref = get_crypto(kp.cipher_suite).make_key_package_ref(kp.encode())
-    return KeyPackageInfo(kp.cipher_suite, leaf.signature_key, leaf.credential.identity,
-                          not_before, not_after, ref)
+    return _key_package_info(kp)
+
+
+def _key_package_info(kp: KeyPackage) -> KeyPackageInfo:
+    """What the service keeps of a KeyPackage of a supported suite; the ref is over the
+    KeyPackage itself, without the MLSMessage header (§5.2)."""
+    leaf = kp.leaf_node
+    lifetime = leaf.lifetime
+    return KeyPackageInfo(
+        kp.cipher_suite,
+        leaf.signature_key,
+        leaf.credential.identity,
+        lifetime.not_before if lifetime is not None else 0,
+        lifetime.not_after if lifetime is not None else 0,
+        get_crypto(kp.cipher_suite).make_key_package_ref(kp.encode()),
+    )
 
 
 def parse_welcome(data: bytes) -> tuple[int, list[bytes]]:
@@ -119,8 +129,7 @@ def parse_group_info(data: bytes) -> GroupInfoHeader:
 
 
 def parse_key_package(data: bytes) -> KeyPackageInfo:
-    """Decode a KeyPackage and check its signature (§10.1); the ref is over the KeyPackage
-    itself, without the MLSMessage header (§5.2)."""
+    """Decode a KeyPackage and check its signature (§10.1)."""
     body = decode(data, "KeyPackage").body
     if not isinstance(body, KeyPackage):
         raise BadRequest("expected an MLSMessage holding a KeyPackage")
@@ -131,15 +140,7 @@ def parse_key_package(data: bytes) -> KeyPackageInfo:
         raise BadRequest("only basic credentials are supported by this delivery service")
     if leaf.lifetime is None:
         raise BadRequest("a KeyPackage's leaf must have a lifetime (source key_package)")
-    crypto = get_crypto(body.cipher_suite)
     if not verify_with_label(body.cipher_suite, leaf.signature_key, b"KeyPackageTBS", body.tbs(),
                              body.signature):
         raise BadRequest("the KeyPackage's signature does not verify (§10.1)")
-    return KeyPackageInfo(
-        body.cipher_suite,
-        leaf.signature_key,
-        leaf.credential.identity,
-        leaf.lifetime.not_before,
-        leaf.lifetime.not_after,
-        crypto.make_key_package_ref(body.encode()),
-    )
+    return _key_package_info(body)

@@ -7,7 +7,9 @@ Writes are serialized by one lock (SQLite has one writer anyway) and committed w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import aiosqlite
 
@@ -88,19 +90,25 @@ class SQLiteStorage(Storage):
             await self._db.close()
             self._db = None
 
-    async def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> list[int]:
-        """Run statements in one transaction; returns each statement's rowcount."""
-        counts = []
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        """One write transaction at a time: committed at the end, rolled back on any error."""
         async with self._lock:
             await self.db.execute("BEGIN IMMEDIATE")
             try:
-                for sql, args in statements:
-                    cur = await self.db.execute(sql, args)
-                    counts.append(cur.rowcount)
+                yield
                 await self.db.execute("COMMIT")
             except BaseException:
                 await self.db.execute("ROLLBACK")
                 raise
+
+    async def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> list[int]:
+        """Run statements in one transaction; returns each statement's rowcount."""
+        counts = []
+        async with self._transaction():
+            for sql, args in statements:
+                cur = await self.db.execute(sql, args)
+                counts.append(cur.rowcount)
         return counts
 
     async def _one(self, sql: str, args: tuple[object, ...]) -> tuple | None:  # type: ignore[type-arg]
@@ -114,37 +122,25 @@ class SQLiteStorage(Storage):
     # -- identities and sessions
 
     async def put_challenge(self, challenge: bytes, expires_at: int, now: int, limit: int) -> bool:
-        async with self._lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                await self.db.execute("DELETE FROM challenges WHERE expires_at <= ?", (now,))
-                row = await self._one("SELECT count(*) FROM challenges", ())
-                stored = row is not None and row[0] < limit
-                if stored:
-                    await self.db.execute(
-                        "INSERT INTO challenges VALUES (?, ?)", (challenge, expires_at)
-                    )
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
+        async with self._transaction():
+            await self.db.execute("DELETE FROM challenges WHERE expires_at <= ?", (now,))
+            row = await self._one("SELECT count(*) FROM challenges", ())
+            stored = row is not None and row[0] < limit
+            if stored:
+                await self.db.execute(
+                    "INSERT INTO challenges VALUES (?, ?)", (challenge, expires_at)
+                )
         return stored
 
     async def take_challenge(self, challenge: bytes, now: int) -> bool:
-        async with self._lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                row = await self._one(
-                    "SELECT expires_at FROM challenges WHERE challenge = ?", (challenge,)
-                )
-                await self.db.execute(
-                    "DELETE FROM challenges WHERE challenge = ? OR expires_at <= ?",
-                    (challenge, now),
-                )
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
+        async with self._transaction():
+            row = await self._one(
+                "SELECT expires_at FROM challenges WHERE challenge = ?", (challenge,)
+            )
+            await self.db.execute(
+                "DELETE FROM challenges WHERE challenge = ? OR expires_at <= ?",
+                (challenge, now),
+            )
         return row is not None and row[0] > now
 
     async def register_identity(self, record: IdentityRecord) -> bool:
@@ -189,24 +185,18 @@ class SQLiteStorage(Storage):
         self, identity: str, rows: list[KeyPackageRow], now: int = 0, limit: int | None = None
     ) -> int:
         added = 0
-        async with self._lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                before = await self._count_key_packages(identity, now)
-                for r in rows:
-                    cur = await self.db.execute(
-                        "INSERT OR IGNORE INTO key_packages VALUES (?, ?, ?, ?, ?, NULL, NULL)",
-                        (r.ref, identity, r.data, r.not_after, int(r.last_resort)),
-                    )
-                    added += cur.rowcount
-                    if r.last_resort and cur.rowcount == 1:
-                        await self._replace_last_resort(identity, r.ref)
-                if limit is not None and await self._count_key_packages(identity, now) > limit:
-                    raise KeyPackageLimit(before)
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
+        async with self._transaction():
+            before = await self.count_key_packages(identity, now)
+            for r in rows:
+                cur = await self.db.execute(
+                    "INSERT OR IGNORE INTO key_packages VALUES (?, ?, ?, ?, ?, NULL, NULL)",
+                    (r.ref, identity, r.data, r.not_after, int(r.last_resort)),
+                )
+                added += cur.rowcount
+                if r.last_resort and cur.rowcount == 1:
+                    await self._replace_last_resort(identity, r.ref)
+            if limit is not None and await self.count_key_packages(identity, now) > limit:
+                raise KeyPackageLimit(before)
         return added
 
     async def _replace_last_resort(self, identity: str, ref: bytes) -> None:
@@ -242,43 +232,34 @@ class SQLiteStorage(Storage):
         )
 
     async def claim_key_package(self, identity: str, claimer: str, now: int) -> bytes | None:
-        async with self._lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
+        async with self._transaction():
+            row = await self._one(
+                "SELECT ref, data FROM key_packages WHERE identity = ? AND last_resort = 0 "
+                "AND claimed_by IS NULL AND not_after > ? ORDER BY rowid LIMIT 1",
+                (identity, now),
+            )
+            if row is not None:
+                await self.db.execute(
+                    "UPDATE key_packages SET claimed_by = ?, claimed_at = ?, data = x'' "
+                    "WHERE ref = ?",
+                    (claimer, now, row[0]),
+                )
+            else:
                 row = await self._one(
-                    "SELECT ref, data FROM key_packages WHERE identity = ? AND last_resort = 0 "
-                    "AND claimed_by IS NULL AND not_after > ? ORDER BY rowid LIMIT 1",
+                    "SELECT ref, data FROM key_packages WHERE identity = ? AND last_resort = 1"
+                    " AND not_after > ? ORDER BY rowid DESC LIMIT 1",
                     (identity, now),
                 )
                 if row is not None:
+                    # Handed out: kept (without data) when a new last resort replaces it.
                     await self.db.execute(
-                        "UPDATE key_packages SET claimed_by = ?, claimed_at = ?, data = x'' "
-                        "WHERE ref = ?",
+                        "UPDATE key_packages SET claimed_by = coalesce(claimed_by, ?), "
+                        "claimed_at = ? WHERE ref = ?",
                         (claimer, now, row[0]),
                     )
-                else:
-                    row = await self._one(
-                        "SELECT ref, data FROM key_packages WHERE identity = ? AND last_resort = 1"
-                        " AND not_after > ? ORDER BY rowid DESC LIMIT 1",
-                        (identity, now),
-                    )
-                    if row is not None:
-                        # Handed out: kept (without data) when a new last resort replaces it.
-                        await self.db.execute(
-                            "UPDATE key_packages SET claimed_by = coalesce(claimed_by, ?), "
-                            "claimed_at = ? WHERE ref = ?",
-                            (claimer, now, row[0]),
-                        )
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
         return None if row is None else bytes(row[1])
 
     async def count_key_packages(self, identity: str, now: int) -> int:
-        return await self._count_key_packages(identity, now)
-
-    async def _count_key_packages(self, identity: str, now: int) -> int:
         row = await self._one(
             "SELECT count(*) FROM key_packages WHERE identity = ? AND last_resort = 0 "
             "AND claimed_by IS NULL AND not_after > ?",
@@ -338,40 +319,34 @@ class SQLiteStorage(Storage):
     async def append(self, old: GroupState, new: GroupState, message: NewMessage) -> int:
         seq = old.last_seq + 1
         gid = old.group_id
-        async with self._lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                cur = await self.db.execute(
-                    "UPDATE groups SET last_seq = ?, epoch = ?, group_info = ?, tracker_state = ?"
-                    " WHERE group_id = ? AND last_seq = ?",
-                    (seq, new.epoch, new.group_info, new.tracker_state, gid, old.last_seq),
-                )
-                if cur.rowcount != 1:
-                    raise StorageConflict()
-                for m in new.members - old.members:
-                    await self.db.execute("INSERT INTO group_members VALUES (?, ?)", (gid, m))
-                for m in old.members - new.members:
-                    await self.db.execute(
-                        "DELETE FROM group_members WHERE group_id = ? AND identity = ?", (gid, m)
-                    )
-                    await self.db.execute(
-                        "INSERT INTO removals VALUES (?, ?, ?, ?)",
-                        (gid, m, seq, int(m in new.expelled)),
-                    )
+        async with self._transaction():
+            cur = await self.db.execute(
+                "UPDATE groups SET last_seq = ?, epoch = ?, group_info = ?, tracker_state = ?"
+                " WHERE group_id = ? AND last_seq = ?",
+                (seq, new.epoch, new.group_info, new.tracker_state, gid, old.last_seq),
+            )
+            if cur.rowcount != 1:
+                raise StorageConflict()
+            for m in new.members - old.members:
+                await self.db.execute("INSERT INTO group_members VALUES (?, ?)", (gid, m))
+            for m in old.members - new.members:
                 await self.db.execute(
-                    "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (gid, seq, message.kind, message.epoch, message.sender, message.sender_index,
-                     message.created_ms, message.data, int(message.recipients is not None)),
+                    "DELETE FROM group_members WHERE group_id = ? AND identity = ?", (gid, m)
                 )
-                for r in message.recipients or ():
-                    await self.db.execute(
-                        "INSERT INTO welcomes (identity, group_id, seq) VALUES (?, ?, ?)",
-                        (r, gid, seq),
-                    )
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
+                await self.db.execute(
+                    "INSERT INTO removals VALUES (?, ?, ?, ?)",
+                    (gid, m, seq, int(m in new.expelled)),
+                )
+            await self.db.execute(
+                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (gid, seq, message.kind, message.epoch, message.sender, message.sender_index,
+                 message.created_ms, message.data, int(message.recipients is not None)),
+            )
+            for r in message.recipients or ():
+                await self.db.execute(
+                    "INSERT INTO welcomes (identity, group_id, seq) VALUES (?, ?, ?)",
+                    (r, gid, seq),
+                )
         return seq
 
     async def removed_at(self, group_id: bytes, identity: str) -> int | None:
