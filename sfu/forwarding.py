@@ -348,6 +348,8 @@ class SourceStream:
         )
         self.slots: list[Slot] = []
         self.left_ssrcs: deque[int] = deque(maxlen=8)  # SSRCs this stream restarted away from
+        self.last_sr: int = 0  # middle 32 bits of the last SR's NTP timestamp (for RR's LSR)
+        self.last_sr_time: float = 0.0
         self._reset_reception()
         self.last_nack_time = 0.0
         self.last_pli_time = -1e9
@@ -370,8 +372,6 @@ class SourceStream:
         self.received_prior = 0
         self.jitter = 0.0
         self.last_transit: float | None = None
-        self.last_sr: int = 0  # middle 32 bits of the last SR's NTP timestamp
-        self.last_sr_time: float = 0.0
         # upstream loss repair: extended seq -> (time first missed, NACKs sent)
         self.missing: dict[int, tuple[float, int]] = {}
         # the last packets received, by extended sequence number modulo CACHE_SIZE, for the
@@ -391,6 +391,9 @@ class SourceStream:
         """
         if ssrc != self.ssrc:
             self.left_ssrcs.append(self.ssrc)  # a late packet of the old stream is not a restart
+            # another source, none of whose SRs came yet (the same source renumbered keeps its
+            # last SR: LSR/DLSR, §6.4.1, are per SSRC, not per sequence-number space)
+            self.last_sr, self.last_sr_time = 0, 0.0
         self.ssrc = ssrc
         self._reset_reception()
         for slot in self.slots:
@@ -456,12 +459,12 @@ class SourceStream:
             packet = slot.prepare(header, payload, in_seq, keyframe, elements, now, tails)
             if packet is None:
                 continue
-            sent += 1
-            sent_bytes += 12 + len(packet[1])
             try:
                 slot.send_packet(packet)
             except ConnectionError:
-                pass  # the subscriber is going away; its slot is removed on leave
+                continue  # the subscriber is going away (its slot is removed on leave): not sent
+            sent += 1
+            sent_bytes += 12 + len(packet[1])
         metrics = self.metrics
         metrics.packets_forwarded += sent
         metrics.bytes_forwarded += sent_bytes
@@ -638,6 +641,8 @@ class SourceStream:
     def end(self) -> list[Slot]:
         """The publisher stopped: detach every slot and return them."""
         self.ended = True
+        # what it still sends until its connection closes must not make it the speaker again
+        self.on_audio_level = None
         slots = list(self.slots)
         for slot in slots:
             slot.attach(None)

@@ -518,13 +518,13 @@ class Participant:
                 bitrate, ssrcs = rtcp.unpack_remb_fci(packet.fci)
             except (ValueError, struct.error):
                 return
-            for ssrc in ssrcs:
-                slot = self.slots_by_ssrc.get(ssrc)
-                if slot is not None:
-                    self.metrics.rembs_received += 1
-                    slot.remb = (bitrate, now)
-                    if slot.source is not None:
-                        slot.source.relay_remb(now)
+            slots = [s for ssrc in ssrcs if (s := self.slots_by_ssrc.get(ssrc)) is not None]
+            if slots:
+                self.metrics.rembs_received += 1  # one estimate, whatever streams it names
+            for slot in slots:
+                slot.remb = (bitrate, now)
+                if slot.source is not None:
+                    slot.source.relay_remb(now)
             return
         targets: list[int] = []
         if packet.fmt == rtcp.PSFB_PLI:

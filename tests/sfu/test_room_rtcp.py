@@ -220,3 +220,63 @@ async def test_a_repeated_fir_is_one_request(sub: Participant) -> None:
     assert len(up.packets) == 1
     await sub._on_rtcp(_fir(99, [12345, slot.ssrc]))  # seq nr 1 for our SSRC: a new request
     assert len(up.packets) == 2
+
+
+async def test_a_participant_who_left_is_never_the_speaker_again() -> None:
+    from tests.sfu.test_forwarding import rtp_packet
+
+    config = SFUConfig(token_secret=b"x" * 16, speaker_interval=3600)  # ticked by hand here
+    room = Room("r", config, Metrics())
+    seen: list[dict] = []
+
+    async def bob_json(message: dict) -> None:
+        seen.append(message)
+
+    alice = Participant(room, "alice", ["audio"], _send_json, config, room.metrics)
+    bob = Participant(room, "bob", [], bob_json, config, room.metrics)
+    room.participants.update(alice=alice, bob=bob)
+    try:
+        # alice's audio stream, wired to the room's detector as `_on_publish_params` does
+        source, _ = make_source(
+            "audio", on_audio_level=lambda level: room.speaker.add_level("alice", level)
+        )
+        alice.sources[source.mid] = source
+
+        def loud_interval(first_seq: int) -> str | None:
+            for i in range(15):  # 0.3 s of 20 ms packets at -10 dBov (audio-level id 2)
+                seq = first_seq + i
+                source.handle_rtp(rtp_packet(seq, seq * 960, b"opus", pt=111, ext=[(2, b"\x0a")]))
+            return room.speaker.tick()
+
+        assert "alice" in [loud_interval(15 * n) for n in range(3)]
+        await room.remove(alice)
+        assert room.speaker.speaker is None
+        assert seen[-1] == {"type": "participant-left", "identity": "alice"}
+        # packets still in flight from alice's connection (it closes after the leave) must not
+        # make her the speaker again
+        assert [loud_interval(45 + 15 * n) for n in range(4)] == [None] * 4
+        assert room.speaker.speaker is None
+    finally:
+        await bob.close()
+        await room.close()
+
+
+async def test_one_remb_counts_as_one_estimate_however_many_streams_it_names(
+    sub: Participant,
+) -> None:
+    source, up = make_source()
+    slots = []
+    for ssrc in (7001, 7002, 7003):
+        slot, _ = make_slot()
+        slot.ssrc = ssrc
+        slot.attach(source)
+        sub.slots_by_ssrc[ssrc] = slot
+        slots.append(slot)
+    # browsers name every stream they receive on the connection in one REMB
+    await sub._on_rtcp(rtcp.pack_remb(99, 300_000, [7001, 7002, 7003, 4321]))
+    assert sub.metrics.rembs_received == 1
+    assert all(s.remb is not None and s.remb[0] == 300_000 for s in slots)
+    await sub._on_rtcp(rtcp.pack_remb(99, 200_000, [4321]))  # none of ours: not counted
+    assert sub.metrics.rembs_received == 1
+    await sub._on_rtcp(rtcp.pack_remb(99, 200_000, [7002]))
+    assert sub.metrics.rembs_received == 2
