@@ -227,11 +227,19 @@ class CommitRules:
         return entries
 
     def _validate_path_leaf(
-        self, st: EpochState, new: EpochState, path: UpdatePath, committer: int
+        self,
+        st: EpochState,
+        new: EpochState,
+        path: UpdatePath,
+        committer: int,
+        extensions: list[Extension],
     ) -> None:
-        """§7.3 and §12.4.2 on the UpdatePath's LeafNode (source commit, signed for its leaf)."""
+        """§7.3 and §12.4.2 on the UpdatePath's LeafNode (source commit, signed for its leaf),
+        against the new epoch's GroupContext `extensions` (§12.2: the tree after the Commit
+        holds only valid leaves)."""
         validate_member_leaf(
-            self._crypto, st.context, path.leaf_node, LeafNodeSource.commit, new.tree, committer
+            self._crypto, st.context, path.leaf_node, LeafNodeSource.commit, new.tree, committer,
+            extensions,
         )
 
     def _merge_path_public(
@@ -241,9 +249,10 @@ class CommitRules:
         path: UpdatePath,
         committer: int,
         new_leaves: AbstractSet[int],
+        extensions: list[Extension],
     ) -> None:
         """Validates the UpdatePath's leaf and merges its public keys (§7.5, §12.4.2)."""
-        self._validate_path_leaf(st, new, path, committer)
+        self._validate_path_leaf(st, new, path, committer, extensions)
         merge_update_path(new.tree, committer, path, new_leaves)
         if new.private_state is not None:
             new.private_state = new.private_state.pruned(new.tree)
@@ -271,6 +280,15 @@ class CommitRules:
             raise ValidationError("this Commit must carry an UpdatePath (§12.4)")
         if external:
             assert commit.path is not None
+            for removed in effects.removed:
+                # §12.2: with a Remove of the joiner's old leaf, the path's LeafNode meets the
+                # criteria of an Update of that leaf (§12.1.2, §7.3): a new encryption_key.
+                old = st.tree.leaf_node(removed)
+                if old is not None and old.encryption_key == commit.path.leaf_node.encryption_key:
+                    raise ValidationError(
+                        f"the external Commit's UpdatePath leaf reuses the encryption_key of leaf"
+                        f" {removed}, which it removes"
+                    )
             # §12.4.2: the joiner takes the leftmost blank leaf; the leaf itself is set (after
             # validation) when the path is merged.
             committer = new.tree.add_leaf(commit.path.leaf_node)

@@ -40,7 +40,11 @@ from .group_state import dump_group, load_group
 from .group_types import CommitResult, Member, PendingProposal, ProcessedMessage
 from .key_schedule import EpochSecrets
 from .leaf_validation import sign_leaf_node
-from .proposal_validation import check_required, required_capabilities
+from .proposal_validation import (
+    check_group_extensions_supported,
+    check_required,
+    required_capabilities,
+)
 from .ratchet_tree import RatchetTree
 from .secret_tree import DEFAULT_WINDOW, RatchetWindow
 from .transcript import interim_transcript_hash
@@ -105,6 +109,8 @@ class Group(
         req = required_capabilities(extensions)
         if req is not None:
             check_required(leaf, req, "the creator's leaf")
+        # §13.4: every extension in use by the group is supported by all members.
+        check_group_extensions_supported(leaf, extensions, "the creator's leaf")
         context = GroupContext(int(crypto.suite), group_id, 0, tree.tree_hash(), b"", extensions)
         secrets = EpochSecrets.from_init_secret(
             crypto, crypto.random_secret(), bytes(crypto.hash_length), context.encode()

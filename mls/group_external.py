@@ -15,6 +15,7 @@ from .group_framing import decode_message, mls_message, sign_content
 from .group_join import JoinMixin
 from .key_schedule import external_init_send
 from .proposal_list import ProposalEntry
+from .proposal_validation import check_group_extensions_supported
 from .proposals import Add, ExternalInit, Proposal, ProposalOrRef, Remove
 from .secret_tree import DEFAULT_WINDOW, RatchetWindow
 from .transcript import interim_transcript_hash
@@ -71,9 +72,11 @@ class ExternalJoinMixin(JoinMixin, CommitMixin):
         # The joiner's leaf content; create_update_path gives it its real key and signature.
         _, enc_pub = crypto.hpke_key_pair()
         placeholder = client.leaf_node(enc_pub)
+        new_extensions = effects.group_extensions(context)
+        # §13.4: a joiner supports every extension in the GroupContext, or does not join.
+        check_group_extensions_supported(placeholder, new_extensions, "this client's leaf")
         me = new.tree.add_leaf(placeholder)
         new.leaf_index = me
-        new_extensions = effects.group_extensions(context)
         path = group._create_update_path(
             old, new, placeholder, me, effects, new_extensions, client.signing_key
         )

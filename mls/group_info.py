@@ -49,6 +49,7 @@ def verified_ratchet_tree(
     lifetimes; None skips that check."""
     context = gi.group_context
     check_unique_extension_types(gi.extensions, "GroupInfo.extensions")
+    check_unique_extension_types(context.extensions, "GroupContext.extensions")
     ext = find_extension(gi.extensions, ExtensionType.ratchet_tree)
     if ratchet_tree is not None:
         nodes = decode_ratchet_tree(bytes(ratchet_tree))

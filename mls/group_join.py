@@ -17,6 +17,7 @@ from .group_info import (
 )
 from .key_package import KeyPackage, LeafNode
 from .key_schedule import derive_psk_secret, derive_welcome_secret, welcome_key_and_nonce
+from .proposal_validation import check_group_extensions_supported
 from .proposals import PreSharedKeyID, PSKType, ResumptionPSKUsage
 from .ratchet_tree import RatchetTree
 from .secret_tree import DEFAULT_WINDOW, RatchetWindow
@@ -79,6 +80,8 @@ class JoinMixin(GroupCore):
         context = gi.group_context
         if context.cipher_suite != kp.cipher_suite:
             raise ValidationError("the GroupInfo's cipher suite differs from the KeyPackage's")
+        # §13.4: a joiner supports every extension in the GroupContext, or does not join.
+        check_group_extensions_supported(kp.leaf_node, context.extensions, "this client's leaf")
         secrets = cls.verify_group_info_confirmation(crypto, gi, gs.joiner_secret, psk_secret)
         tree, my_leaf = state
         private = TreeKEMPrivateState(

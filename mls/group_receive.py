@@ -156,7 +156,7 @@ class ReceiveMixin(CommitMixin):
             if commit.path is not None:
                 self._merge_path_public(
                     st, new, commit.path, staged.committer,
-                    frozenset(i for i, _ in effects.added),
+                    frozenset(i for i, _ in effects.added), staged.extensions,
                 )
             # It keeps its old state, inactive.
             new = st.clone()
@@ -179,7 +179,7 @@ class ReceiveMixin(CommitMixin):
         new_extensions: list[Extension],
     ) -> bytes:
         """Merges the path and decrypts this member's path secret (§7.5); returns commit_secret."""
-        self._validate_path_leaf(st, new, path, committer)
+        self._validate_path_leaf(st, new, path, committer, new_extensions)
         private = new.private_state
         if private is None:
             raise ValidationError("this member holds no private key for its own leaf")

@@ -21,8 +21,8 @@ from .group_epoch import EpochState
 from .key_package import KeyPackage, LeafNodeSource
 from .proposal_validation import (
     TreeIndex,
+    check_group_extensions_supported,
     check_required,
-    leaf_supports_extension,
     leaf_supports_proposal,
     required_capabilities,
     validate_added_key_package,
@@ -162,6 +162,7 @@ def validate_proposal_list(
                     "a PreSharedKey proposal may only use resumption PSKs of usage application"
                 )
         elif isinstance(p, ReInit):
+            check_unique_extension_types(p.extensions, "ReInit")
             if int(p.version) < int(ProtocolVersion.mls10):
                 raise ValidationError("ReInit to an older protocol version")
             try:
@@ -204,16 +205,6 @@ def apply_proposals(
         if isinstance(e.proposal.body, GroupContextExtensions):
             extensions = list(e.proposal.body.extensions)
             effects.extensions = extensions
-            req = required_capabilities(extensions)
-            for i, leaf in new.tree.members():
-                if req is not None:
-                    check_required(leaf, req, f"leaf {i}")
-                for ext in extensions:
-                    if not leaf_supports_extension(leaf, int(ext.extension_type)):
-                        raise ValidationError(
-                            f"leaf {i} does not support group extension type "
-                            f"{int(ext.extension_type)}"
-                        )
             check_external_senders(extensions)
     tree = new.tree
     for e in entries:
@@ -243,6 +234,15 @@ def apply_proposals(
         if isinstance(body, Remove):
             tree.remove_leaf(body.removed)
             effects.removed.append(body.removed)
+    if effects.extensions is not None:
+        # §12.1.7: every member supports the new extensions and required capabilities, those
+        # added by this Commit included (their KeyPackages are checked below) and those it
+        # removes excluded (so this runs after the Updates and Removes are applied).
+        req = required_capabilities(extensions)
+        for i, leaf in tree.members():
+            if req is not None:
+                check_required(leaf, req, f"leaf {i}")
+            check_group_extensions_supported(leaf, extensions, f"leaf {i}")
     tree_index = None
     for e in entries:
         body = e.proposal.body

@@ -27,6 +27,7 @@ from .proposals import DEFAULT_PROPOSAL_TYPES
 from .ratchet_tree import RatchetTree
 
 __all__ = [
+    "check_group_extensions_supported",
     "required_capabilities",
     "validate_group_leaf",
     "validate_key_package",
@@ -40,6 +41,18 @@ def required_capabilities(extensions: Sequence[Extension]) -> RequiredCapabiliti
 
 def leaf_supports_extension(leaf: LeafNode, ext_type: int) -> bool:
     return ext_type in DEFAULT_EXTENSION_TYPES or ext_type in leaf.capabilities.extensions
+
+
+def check_group_extensions_supported(
+    leaf: LeafNode, extensions: Sequence[Extension], where: str
+) -> None:
+    """§13.4: a member's capabilities list every (non-default) GroupContext extension type."""
+    for ext in extensions:
+        t = int(ext.extension_type)
+        if not leaf_supports_extension(leaf, t):
+            raise ValidationError(
+                f"{where}: does not support GroupContext extension type {t} (RFC 9420 §13.4)"
+            )
 
 
 def leaf_supports_proposal(leaf: LeafNode, proposal_type: int) -> bool:
@@ -122,6 +135,8 @@ def validate_group_leaf(
         now=int(time.time()) if check_lifetime else None,
         required_capabilities=required_capabilities(extensions),
     )
+    # §13.4: the capabilities indicate support for each extension in the GroupContext.
+    check_group_extensions_supported(leaf, extensions, where)
     # Capabilities.versions / cipher_suites are not checked against the group: §7.3 does not
     # require it, and deployed implementations list only the suites they prefer.
     check_unique_extension_types(leaf.extensions, where)

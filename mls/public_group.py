@@ -150,7 +150,8 @@ class PublicGroup(CommitRules):
             added.append(staged.committer)
         if commit.path is not None:
             self._merge_path_public(
-                st, new, commit.path, staged.committer, frozenset(i for i, _ in effects.added)
+                st, new, commit.path, staged.committer, frozenset(i for i, _ in effects.added),
+                staged.extensions,
             )
         new.context = self._next_context(st, new.tree, ac, staged.extensions)
         new.interim_transcript_hash = interim_transcript_hash(

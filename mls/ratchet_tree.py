@@ -58,8 +58,10 @@ class RatchetTree:
         """
         self.crypto = crypto
         padded: list[TreeNode | None] = list(nodes) or [None]
-        # The fewest 2^d leaves whose 2^(d+1) - 1 nodes hold the array.
-        width = tm.node_width(1 << (((len(padded) + 1) // 2) - 1).bit_length())
+        # The fewest 2^d leaves whose 2^(d+1) - 1 nodes hold the array (§12.4.3.3): an array of
+        # n nodes needs ceil((n + 1) / 2) leaves, so that one ending in a parent node (even n) is
+        # extended rather than cut short.
+        width = tm.node_width(1 << (((len(padded) + 2) // 2) - 1).bit_length())
         padded.extend([None] * (width - len(padded)))
         for i, node in enumerate(padded):
             if node is None:
