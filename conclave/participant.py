@@ -31,6 +31,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,15 @@ class RemoteTrack:
         return bool(self.senders - {self.publisher})
 
 
+@dataclass(eq=False)
+class _Request:
+    """A proposal of ours (a removal request, or our leave) until a commit carries it out."""
+
+    propose: Callable[[Group], bytes]
+    wanted: Callable[[Group], bool]  # still needed in this epoch
+    epoch: int | None = None  # of its latest proposal
+
+
 @dataclass
 class ParticipantStats:
     name: str
@@ -216,6 +226,7 @@ class Participant:
         self._recorders: list[Any] = []
         self._on_epoch: list[Callable[[Participant], None]] = []
         self._commit_scheduled = False
+        self._requests: list[_Request] = []  # proposals of ours not yet committed
         self.resyncs = 0  # rejoins after a commit this member could not process
         self.e2ee = True
         # Called with each new RemoteTrack (benchmarks and tests hook the decryptor here).
@@ -534,6 +545,9 @@ class Participant:
             )
         self._epoch_since = time.monotonic()
         self.save()
+        self._forget_done_requests()
+        if self._requests:
+            self._spawn(self._renew_requests())
         for callback in self._on_epoch:
             callback(self)
         async with self.epoch_changed:
@@ -541,6 +555,7 @@ class Participant:
 
     async def _mark_removed(self) -> None:
         self.removed = True
+        self._requests.clear()
         self.save()
         async with self.epoch_changed:
             self.epoch_changed.notify_all()
@@ -632,6 +647,8 @@ class Participant:
         async def run() -> None:
             try:
                 await self.commit_pending()
+            except NotInGroup:
+                pass  # removed meanwhile, by a commit that came first: nothing left to commit
             finally:
                 self._commit_scheduled = False
 
@@ -733,42 +750,76 @@ class Participant:
 
         return await self._commit(make)
 
-    async def _propose(self, make: Callable[[Group], bytes | None]) -> bool:
-        """Send the proposal `make` builds in the current epoch. A commit that lands first (409)
-        voids it: process that commit and propose again. False if `make` had nothing to do."""
+    async def _propose(
+        self, propose: Callable[[Group], bytes], wanted: Callable[[Group], bool]
+    ) -> bool:
+        """Send the proposal `propose` builds in the current epoch, if `wanted` says it is
+        needed. A commit that lands first (409) voids it: process that commit and propose
+        again. So does a commit that lands after it without it (another member's, made before
+        it saw the proposal): the request is kept, and made again in each new epoch while
+        `wanted` says so (`_renew_requests`). False if there was nothing to ask."""
+        return await self._in_current_epoch(partial(self._send_request, _Request(propose, wanted)))
 
-        async def step(group: Group) -> bool:
-            proposal = make(group)
-            if proposal is None:
-                return False
+    async def _send_request(self, request: _Request, group: Group) -> bool:
+        """One step of `_propose` (under the lock): False if the request is no longer needed."""
+        if not request.wanted(group):
+            return False
+        if request.epoch == group.epoch:
+            return True  # made in this epoch already: it waits for its commit
+        proposal = request.propose(group)
+        try:
+            await self.ds.send(group.group_id, proposal)
+        except StaleEpochRejected:
+            raise
+        except RequestFailed as exc:
+            raise ConclaveError(f"the delivery service refused the proposal: {exc}") from None
+        request.epoch = group.epoch
+        if request not in self._requests:
+            self._requests.append(request)
+        return True
+
+    async def _renew_requests(self) -> None:
+        """Make again, in the new epoch, the requests that its commit did not carry out."""
+        for request in list(self._requests):
             try:
-                await self.ds.send(group.group_id, proposal)
-            except StaleEpochRejected:
-                raise
-            except RequestFailed as exc:
-                raise ConclaveError(f"the delivery service refused the proposal: {exc}") from None
-            return True
+                await self._in_current_epoch(partial(self._send_request, request))
+            except NotInGroup:
+                self._requests.clear()
+                return
 
-        return await self._in_current_epoch(step)
+    def _forget_done_requests(self) -> None:
+        """At each new epoch (under the lock, before any later commit is processed): drop the
+        requests that are carried out, so that none is made again after, say, a member that
+        was removed on request is added back."""
+        group = self.group
+        if group is None or self.removed:
+            self._requests.clear()
+        else:
+            self._requests = [r for r in self._requests if r.wanted(group)]
 
     async def request_removal(self, name: str) -> bool:
         """Send a Remove proposal: the first member to see it commits it (and the auditor can
-        time the removal from this request). False if `name` left meanwhile."""
+        time the removal from this request). False if `name` left meanwhile. If a commit that
+        does not carry it out wins the epoch, it is made again in the next one, as long as
+        `name` is a member and this participant runs."""
         if name not in self.member_names:
             raise ConclaveError(f"{name!r} is not a member of the call")
+        identity = name.encode()
 
-        def make(group: Group) -> bytes | None:
-            leaves = [m.leaf_index for m in group.members if m.identity == name.encode()]
-            return group.propose_remove(leaves[0]) if leaves else None
+        def leaves(group: Group) -> list[int]:
+            return [m.leaf_index for m in group.members if m.identity == identity]
 
-        return await self._propose(make)
+        return await self._propose(
+            lambda group: group.propose_remove(leaves(group)[0]), lambda group: bool(leaves(group))
+        )
 
     async def leave(self) -> None:
         """Ask to be removed (a Remove proposal for our own leaf, RFC 9420 §12.1.3): another
-        member commits it."""
+        member commits it. Made again in each new epoch until it is: keep the participant
+        running until `removed` (a participant closed at once may stay a member)."""
         if self.group is None or self.removed:
             return
-        await self._propose(lambda group: group.leave())
+        await self._propose(lambda group: group.leave(), lambda group: True)
 
     async def commit_pending(self) -> bool:
         """Commit every proposal received in this epoch (by reference)."""
@@ -780,10 +831,12 @@ class Participant:
                        if p.proposal.proposal_type == ProposalType.remove]
             if not pending or mine in removes:
                 return None  # nothing to do, or we are the one leaving: another member commits
-            adds = [p.proposal.body.key_package.leaf_node.credential.identity.decode()  # type: ignore[union-attr]
-                    for p in pending if p.proposal.proposal_type == ProposalType.add]
-            names = self._identities(removes)
-            return group.commit([], include_pending=True), adds, names
+            added = [p.proposal.body.key_package.leaf_node.credential.identity.decode()  # type: ignore[union-attr]
+                     for p in pending if p.proposal.proposal_type == ProposalType.add]
+            # Members who asked at once to remove one member sent two Removes of one leaf:
+            # `commit` takes one of them (RFC 9420 §12.2), and the others are void.
+            gone = self._identities(list(dict.fromkeys(removes)))
+            return group.commit([], include_pending=True), list(dict.fromkeys(added)), gone
 
         return await self._commit(make)
 

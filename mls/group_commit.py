@@ -16,7 +16,7 @@ from .group_framing import mls_message, parse_key_package
 from .group_proposals import ProposalsMixin
 from .group_types import CommitResult
 from .key_package import LeafNode
-from .proposal_list import ProposalEffects, ProposalEntry
+from .proposal_list import ProposalEffects, ProposalEntry, choose_pending
 from .proposals import Add, Proposal, ProposalOrRef, Remove, Update
 from .treekem import UpdatePathResult, create_update_path
 from .welcome import EncryptedGroupSecrets, GroupInfo, GroupSecrets, PathSecret, Welcome
@@ -57,8 +57,10 @@ class CommitMixin(ProposalsMixin):
         force_path: bool = False,
         with_ratchet_tree: bool | None = None,
     ) -> CommitResult:
-        """A Commit of `proposals` (by value) and, if `include_pending`, every proposal received
-        in this epoch (by reference). The new epoch stays pending until `merge_pending_commit()`.
+        """A Commit of `proposals` (by value) and, if `include_pending`, the proposals received
+        in this epoch (by reference) but those that conflict with others (§12.2: two Removes of
+        one member, say; see `choose_pending`). The new epoch stays pending until
+        `merge_pending_commit()`.
         """
         self._require_active()
         if self._pending is not None:
@@ -66,6 +68,7 @@ class CommitMixin(ProposalsMixin):
         st = self._state
         me = Sender.member(st.leaf_index)
         entries: list[ProposalEntry] = []
+        own = [ProposalEntry(p, me, None) for p in proposals]
         if include_pending:
             for ref, cached in st.proposals.items():
                 body = cached.proposal.body
@@ -74,8 +77,8 @@ class CommitMixin(ProposalsMixin):
                 if isinstance(body, Remove) and body.removed == st.leaf_index:
                     continue  # nor a Remove of itself: another member commits that one
                 entries.append(ProposalEntry(cached.proposal, cached.sender, ref))
-        for p in proposals:
-            entries.append(ProposalEntry(p, me, None))
+            entries = choose_pending(entries, own)
+        entries += own
         pending = self._create_commit(st, entries, force_path, with_ratchet_tree)
         self._pending = pending
         return CommitResult(pending.message, pending.welcome, lambda: pending.group_info)
@@ -108,9 +111,9 @@ class CommitMixin(ProposalsMixin):
         new = st.clone()
         effects = self._apply_proposals(new, entries)
         por = [
-            ProposalOrRef.by_reference(e.ref) if e.ref is not None else ProposalOrRef.by_value(
-                e.proposal
-            )
+            ProposalOrRef.by_reference(e.ref)
+            if e.ref is not None
+            else ProposalOrRef.by_value(e.proposal)
             for e in entries
         ]
         commit = Commit(por)
@@ -125,8 +128,15 @@ class CommitMixin(ProposalsMixin):
             )
             commit.path, commit_secret = path.update_path, path.commit_secret
         ac = self._sign_commit(
-            st, new, commit, Sender.member(me), self._wire_format(), new_extensions,
-            st.secrets.init_secret, commit_secret, effects.psks,
+            st,
+            new,
+            commit,
+            Sender.member(me),
+            self._wire_format(),
+            new_extensions,
+            st.secrets.init_secret,
+            commit_secret,
+            effects.psks,
         )
         message = self._frame(st, ac)
         new.reinit = effects.reinit

@@ -118,7 +118,8 @@ class ProposalsMixin(GroupCore):
     @property
     def pending_proposals(self) -> list[PendingProposal]:
         """The proposals received (or sent) in this epoch, in arrival order; each has
-        `.proposal` and `.sender`. `commit()` includes them by reference."""
+        `.proposal` and `.sender`. `commit()` includes them by reference, but for those
+        that conflict with others (§12.2, `proposal_list.choose_pending`)."""
         return list(self._state.proposals.values())
 
     def propose_update(self) -> bytes:

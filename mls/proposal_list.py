@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from .crypto import Crypto, get_crypto
 from .errors import MLSError, ValidationError
@@ -85,6 +86,61 @@ class ProposalEffects:
         return self.extensions if self.extensions is not None else list(context.extensions)
 
 
+def choose_pending(
+    pending: list[ProposalEntry], by_value: list[ProposalEntry]
+) -> list[ProposalEntry]:
+    """The received proposals (`pending`, in order of arrival) that a member's Commit takes
+    along with its own `by_value` ones: where proposals conflict (§12.2), one is kept and the
+    others are left out as invalid, as the RFC has the committer choose. Members who propose
+    at once (two Removes of one member, say) would otherwise make every Commit invalid.
+
+    A Remove wins over Updates of its leaf (the first Remove of a leaf is kept), and the most
+    recent Update over earlier ones; of Adds of one client (signature key), of PreSharedKeys
+    naming one PSK and of GroupContextExtensions proposals, the first is kept; a ReInit is
+    left out when there is anything else to commit (it can be sent again). The committer's
+    own `by_value` proposals win every conflict.
+    """
+    seen: set[tuple[ProposalType, Any]] = set()  # (type, what it applies to) already taken
+
+    def target(e: ProposalEntry) -> tuple[ProposalType, Any] | None:
+        body = e.proposal.body
+        if isinstance(body, Remove):
+            return ProposalType.remove, body.removed
+        if isinstance(body, Add):
+            return ProposalType.add, body.key_package.leaf_node.signature_key
+        if isinstance(body, PreSharedKey):
+            return ProposalType.psk, body.psk.encode()
+        if isinstance(body, GroupContextExtensions):
+            return ProposalType.group_context_extensions, None
+        return None
+
+    seen.update(t for e in by_value if (t := target(e)) is not None)
+    kept: list[ProposalEntry] = []
+    for e in pending:
+        t = target(e)
+        if t is not None:
+            if t in seen:
+                continue
+            seen.add(t)
+        kept.append(e)
+    latest_update = {e.sender.leaf_index: e for e in kept if isinstance(e.proposal.body, Update)}
+    kept = [
+        e
+        for e in kept
+        if not isinstance(e.proposal.body, Update)
+        or (
+            latest_update[e.sender.leaf_index] is e
+            and (ProposalType.remove, e.sender.leaf_index) not in seen
+        )
+    ]
+    reinits = [e for e in kept if isinstance(e.proposal.body, ReInit)]
+    if reinits:
+        others = len(by_value) + len(kept) - len(reinits)
+        drop = reinits if others else reinits[1:]
+        kept = [e for e in kept if all(e is not r for r in drop)]
+    return kept
+
+
 def validate_proposal_list(
     crypto: Crypto,
     st: EpochState,
@@ -102,9 +158,7 @@ def validate_proposal_list(
             raise ValidationError("an external Commit may hold at most one Remove")
         for t in types:
             if t not in (ProposalType.external_init, ProposalType.remove, ProposalType.psk):
-                raise ValidationError(
-                    f"an external Commit cannot hold a {t.name} proposal (§12.2)"
-                )
+                raise ValidationError(f"an external Commit cannot hold a {t.name} proposal (§12.2)")
         if any(e.ref is not None for e in entries):
             raise ValidationError("an external Commit must not hold proposals by reference")
     else:
@@ -154,10 +208,7 @@ def validate_proposal_list(
             psk_ids.add(key)
             if len(pid.psk_nonce) != crypto.hash_length:
                 raise ValidationError("PreSharedKeyID.psk_nonce must be KDF.Nh bytes long")
-            if (
-                pid.psktype == PSKType.resumption
-                and pid.usage != ResumptionPSKUsage.application
-            ):
+            if pid.psktype == PSKType.resumption and pid.usage != ResumptionPSKUsage.application:
                 raise ValidationError(
                     "a PreSharedKey proposal may only use resumption PSKs of usage application"
                 )
@@ -173,9 +224,7 @@ def validate_proposal_list(
                 ) from None
         elif isinstance(p, GroupContextExtensions):
             check_unique_extension_types(p.extensions, "GroupContextExtensions")
-            misplaced = sorted(
-                {int(x.extension_type) for x in p.extensions} & NOT_IN_GROUP_CONTEXT
-            )
+            misplaced = sorted({int(x.extension_type) for x in p.extensions} & NOT_IN_GROUP_CONTEXT)
             if misplaced:
                 raise ValidationError(
                     f"GroupContextExtensions with extension type(s) {misplaced}, which belong in"
@@ -215,16 +264,14 @@ def apply_proposals(
             if tree.leaf_node(index) is None:
                 raise ValidationError(f"Update from leaf {index}, which is not a member")
             validate_member_leaf(
-                crypto,
-                ctx, body.leaf_node, LeafNodeSource.update, tree, index, extensions
+                crypto, ctx, body.leaf_node, LeafNodeSource.update, tree, index, extensions
             )
             tree.update_leaf(index, body.leaf_node)
             if index == new.leaf_index:
                 priv = new.own_update_privs.get(body.leaf_node.encryption_key)
                 if priv is None:
                     raise ValidationError(
-                        "the Commit applies an Update of this member's leaf that it did not "
-                        "propose"
+                        "the Commit applies an Update of this member's leaf that it did not propose"
                     )
                 assert new.private_state is not None
                 leaf_keys = NodeKeyPair(priv, body.leaf_node.encryption_key)
