@@ -772,6 +772,7 @@ class Participant:
         except StaleEpochRejected:
             raise
         except RequestFailed as exc:
+            group.withdraw_proposal(proposal)  # no one else has it: never commit it
             raise ConclaveError(f"the delivery service refused the proposal: {exc}") from None
         request.epoch = group.epoch
         if request not in self._requests:

@@ -44,7 +44,11 @@ def external_proposal(
     if proposal.proposal_type not in EXTERNAL_SENDER_PROPOSAL_TYPES:
         raise ValidationError(f"an external sender cannot propose {proposal.proposal_type.name}")
     content = FramedContent(
-        bytes(group_id), epoch, Sender.external(sender_index), b"", ContentType.proposal,
+        bytes(group_id),
+        epoch,
+        Sender.external(sender_index),
+        b"",
+        ContentType.proposal,
         proposal=proposal,
     )
     ac = sign_content(crypto, signature_priv, WireFormat.mls_public_message, content, None)
@@ -114,6 +118,17 @@ class ProposalsMixin(GroupCore):
     def leave(self) -> bytes:
         """A Remove proposal of this member's own leaf (§12.1.3): another member commits it."""
         return self.propose_remove(self._state.leaf_index)
+
+    def withdraw_proposal(self, message: bytes) -> None:
+        """Forget a proposal this member made in this epoch (the `propose_*` result) that never
+        reached the group, say the delivery service refused it: a later Commit of this member
+        must not reference a proposal no other member has. An Update's new private key goes
+        with it. Unknown messages are ignored."""
+        st = self._state
+        ref = st.sent_proposals.pop(bytes(message), None)
+        cached = st.proposals.pop(ref, None) if ref is not None else None
+        if cached is not None and isinstance(cached.proposal.body, Update):
+            st.own_update_privs.pop(cached.proposal.body.leaf_node.encryption_key, None)
 
     @property
     def pending_proposals(self) -> list[PendingProposal]:

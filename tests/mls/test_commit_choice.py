@@ -8,7 +8,7 @@ from mls.framing import MLSMessage
 from mls.group import Group
 from mls.proposals import Proposal, ProposalOrRefType, Remove, Update
 
-from .test_group import make_group, same_epoch
+from .test_group import make_group, same_epoch, snapshot
 
 
 def committed(result_commit: bytes, group: Group) -> list[Proposal]:
@@ -119,3 +119,21 @@ def test_of_two_group_context_extensions_proposals_the_first_is_committed() -> N
     for g in (gb, gc):
         g.process(result.commit)
     same_epoch(ga, gb, gc)
+
+
+def test_a_withdrawn_proposal_is_not_committed() -> None:
+    ga, gb, gc = make_group(3)
+    before = snapshot(ga)
+    update = ga.propose_update()
+    remove = ga.propose_remove(2)
+    ga.withdraw_proposal(update)
+    ga.withdraw_proposal(remove)
+    ga.withdraw_proposal(b"not a proposal of ours")
+    assert ga.pending_proposals == [] and snapshot(ga) == before
+    assert not ga._state.own_update_privs and not ga._state.sent_proposals
+    broadcast(gb.propose_remove(1), [ga, gb, gc])  # received ones stay
+    result = ga.commit()
+    assert [p.body for p in committed(result.commit, ga)] == [Remove(1)]
+    ga.merge_pending_commit()
+    gc.process(result.commit)
+    same_epoch(ga, gc)
