@@ -258,3 +258,26 @@ async def test_media_keeps_flowing_while_members_join_and_leave(
     finally:
         for p in people.values():
             await p.close()
+
+
+async def test_a_proposal_the_service_refused_is_never_committed(
+    trio: list[Participant],
+) -> None:
+    from conclave.errors import ConclaveError
+    from delivery_service.errors import RequestFailed
+
+    alice, bob, carol = trio
+    real_send = bob.ds.send
+
+    async def refuse(group_id: bytes, message: bytes, **kwargs: Any) -> Any:
+        raise RequestFailed(403, "forbidden", "not today")
+
+    bob.ds.send = refuse  # type: ignore[method-assign]
+    with pytest.raises(ConclaveError, match="refused the proposal"):
+        await bob.request_removal("carol")
+    bob.ds.send = real_send  # type: ignore[method-assign]
+    assert bob.group is not None and bob.group.pending_proposals == []
+    # bob's own next commit holds no reference to it: everyone follows
+    assert await bob.rotate()
+    assert await until(lambda: _in_step(trio), 10)
+    assert sorted(alice.member_names) == ["alice", "bob", "carol"]
