@@ -3,22 +3,61 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import logging
-import subprocess
+import socket
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
 
 from sfu.config import SFUConfig, read_token_secret
 from sfu.errors import SFUError
+from sfu.workers import Supervisor, Worker, bind, stop_with_parent
+
+EPILOG = """\
+ports: worker i of --workers N listens on PORT+i (HTTP, on --host): WebSocket signalling at
+/v1/signal, Prometheus metrics at /metrics, a liveness check at /healthz. Clients join at
+PORT; a join for a room that another worker serves is answered with a redirect to PORT+i.
+Media (ICE/DTLS-SRTP over UDP) uses ephemeral ports.
+
+workers: each room lives in one worker (a hash of its name). --max-rooms counts per worker
+(N workers hold up to N x --max-rooms rooms); --max-participants is per room. Each worker has
+its own /metrics, counting only its rooms, and names itself in sfu_worker_info{worker,workers,
+port}: scrape every port. /healthz answers for its own worker only. Worker 0 binds every port first (a port in use stops the whole SFU before
+anything serves), then starts the others; a worker that exits is restarted with a growing
+delay (1 s to 16 s) and meanwhile worker 0 refuses joins for its rooms with code
+"unavailable"; after 5 quick failures in a row the SFU stops with exit status 1. SIGTERM or
+SIGINT to worker 0 stops every worker; the others also stop by themselves if worker 0 dies.
+
+secret file: the room-token secret shared with the delivery service, in hex (the value of its
+CONCLAVE_ROOM_SECRET), at least 16 bytes; a file that is not hex is used as raw bytes. It is
+read once, at start-up, by worker 0.
+
+loopback ICE: with --host 127.0.0.1 or localhost (or --loopback-ice) the SFU offers only
+127.0.0.1 ICE candidates, for clients on the same machine; otherwise every local address.
+
+exit status: 0 after SIGTERM/SIGINT, 1 when a worker keeps failing, 2 for a start-up error
+(bad arguments, unreadable secret file, a port that cannot be bound).
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sfu", description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8443)
+    parser = argparse.ArgumentParser(
+        prog="python -m sfu",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=8443,
+        help="HTTP port of worker 0; worker i listens on PORT+i (default 8443)",
+    )
     parser.add_argument(
         "--token-secret-file",
         required=True,
@@ -26,8 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         help="file holding the room-token secret shared with the delivery service, in hex "
         "(the value of its CONCLAVE_ROOM_SECRET); a non-hex file is used as raw bytes",
     )
-    parser.add_argument("--max-rooms", type=int, default=100)
-    parser.add_argument("--max-participants", type=int, default=16)
+    parser.add_argument(
+        "--max-rooms", type=int, default=100, help="rooms per worker process (default 100)"
+    )
+    parser.add_argument(
+        "--max-participants", type=int, default=16, help="participants per room (default 16)"
+    )
     parser.add_argument(
         "--loopback-ice",
         action="store_true",
@@ -39,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="processes, one per core: worker i listens on PORT+i and serves its share of rooms",
     )
+    # Internal: how worker 0 starts worker i (the secret comes on stdin, the sockets as fds).
     parser.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--listen-fds", default="", help=argparse.SUPPRESS)
     parser.add_argument(
         "--log-level",
         default="INFO",
@@ -51,13 +96,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--workers must be at least 1")
     if not 0 < args.port or args.port + args.workers - 1 > 65535:
         parser.error("--port (plus one per extra worker) must be within 1-65535")
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(message)s")
+    child = bool(args.listen_fds)
+    if child and not 0 < args.worker_index < args.workers:
+        parser.error("--listen-fds is for worker 1 to N-1, started by worker 0")
+    worker_tag = f"worker {args.worker_index} " if args.workers > 1 else ""
+    logging.basicConfig(
+        level=args.log_level, format=f"%(asctime)s {worker_tag}%(name)s %(message)s"
+    )
 
-    try:
-        secret = read_token_secret(args.token_secret_file)
-    except OSError as exc:
-        print(f"cannot read the token secret file: {exc}", file=sys.stderr)
-        return 2
+    if child:
+        try:
+            secret = bytes.fromhex(sys.stdin.buffer.readline().decode("ascii"))
+        except ValueError:
+            print("no token secret from worker 0 on stdin", file=sys.stderr)
+            return 2
+        stop_with_parent()
+    else:
+        try:
+            secret = read_token_secret(args.token_secret_file)
+        except OSError as exc:
+            print(f"cannot read the token secret file: {exc}", file=sys.stderr)
+            return 2
+    url_host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address
     try:
         config = SFUConfig(
             token_secret=secret,
@@ -65,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             max_participants_per_room=args.max_participants,
             worker_index=args.worker_index,
             worker_urls=tuple(
-                f"http://{args.host}:{args.port + i}/v1/signal" for i in range(args.workers)
+                f"http://{url_host}:{args.port + i}/v1/signal" for i in range(args.workers)
             )
             if args.workers > 1
             else (),
@@ -74,33 +134,73 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bad configuration: {exc}", file=sys.stderr)
         return 2
 
+    port = args.port + args.worker_index
+    listening: list[socket.socket] = []
+    supervisor: Supervisor | None = None
+    if child:
+        listening = [socket.socket(fileno=int(fd)) for fd in args.listen_fds.split(",")]
+    elif args.workers > 1:
+        # Bind every worker's port before anything serves: one that cannot be bound is a
+        # start-up error of the whole SFU, and a restarted worker finds its port still held.
+        workers: list[Worker] = []
+        for i in range(args.workers):
+            try:
+                sockets = bind(args.host, args.port + i)
+            except OSError as exc:
+                for worker in workers:
+                    for sock in worker.sockets:
+                        sock.close()
+                what = exc.strerror or str(exc)
+                print(f"cannot listen on {args.host}:{args.port + i}: {what}", file=sys.stderr)
+                return 2
+            workers.append(Worker(i, args.port + i, sockets))
+        listening = workers[0].sockets
+        supervisor = Supervisor(
+            [sys.executable, "-m", "sfu", *(argv if argv is not None else sys.argv[1:])],
+            secret,
+            workers[1:],
+        )
+
     from sfu import aiortc_hooks
     from sfu.server import SFUServer
 
     if args.loopback_ice or args.host in ("127.0.0.1", "localhost"):
         aiortc_hooks.restrict_ice_to_loopback()
-    children: list[subprocess.Popen[bytes]] = []
-    if args.workers > 1 and args.worker_index == 0:
-        base = [sys.executable, "-m", "sfu", *(argv if argv is not None else sys.argv[1:])]
-        children = [
-            subprocess.Popen([*base, "--worker-index", str(i)]) for i in range(1, args.workers)
-        ]
+    server = SFUServer(config)
+    app = server.app()
+    if supervisor is not None:
+        sup = supervisor
+        server.worker_available = sup.available
+
+        async def supervise(app: web.Application) -> AsyncIterator[None]:
+            task = asyncio.ensure_future(sup.watch())
+            yield
+            task.cancel()
+
+        async def stop_restarting(app: web.Application) -> None:
+            sup.stopping = True
+
+        app.cleanup_ctx.append(supervise)
+        app.on_shutdown.insert(0, stop_restarting)
+        for worker in sup.workers:
+            sup.start(worker)
     # Everything imported so far lives as long as the process: keep it out of the cyclic GC's
     # full collections, which otherwise stall forwarding for tens of ms (the p99 latency).
     gc.freeze()
     try:
-        port = args.port + args.worker_index
-        web.run_app(
-            SFUServer(config).app(), host=args.host, port=port, print=None, shutdown_timeout=5
-        )
+        if listening:
+            web.run_app(app, sock=listening, print=None, shutdown_timeout=5)
+        else:
+            web.run_app(app, host=args.host, port=port, print=None, shutdown_timeout=5)
     except OSError as exc:  # address in use, unknown host, no permission
         print(f"cannot listen on {args.host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     finally:
-        for child in children:
-            child.terminate()
-        for child in children:
-            child.wait()
+        if supervisor is not None:
+            supervisor.stop()
+    if supervisor is not None and supervisor.failed:
+        print(supervisor.failed, file=sys.stderr)
+        return 1
     return 0
 
 

@@ -52,3 +52,10 @@ class Redirect(SignallingError):
 
 class ConfigError(SFUError):
     """The SFU was started with an unusable configuration (e.g. an empty token secret)."""
+
+
+class Unavailable(SignallingError):
+    """The SFU worker process that serves the room is down (restarting); join again later."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("unavailable", message)

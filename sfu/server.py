@@ -21,7 +21,8 @@ for `answer_timeout` (30 s each by default). A client that stops reading its soc
 more than 16 of the largest messages wait for it, is disconnected (`sfu.outbox`).
 
 With several worker processes (`python -m sfu --workers N`), each room lives in one worker; a
-join sent to another worker is answered with code "redirect" and the URL to join at instead.
+join sent to another worker is answered with code "redirect" and the URL to join at instead,
+or, while that worker is down (worker 0 restarts it), refused with code "unavailable".
 
 The SFU makes every offer (see `sfu.room`); a client offer is refused with code "unsupported".
 An offer's "streams" names the publisher of each m-line that carries media. When a publisher
@@ -36,12 +37,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from sfu.config import SFUConfig
-from sfu.errors import LimitExceeded, Redirect, SignallingError, TokenError
+from sfu.errors import LimitExceeded, Redirect, SignallingError, TokenError, Unavailable
 from sfu.metrics import Metrics
 from sfu.outbox import Outbox
 from sfu.room import Participant, Room
@@ -65,6 +68,8 @@ class SFUServer:
         self._join_lock = asyncio.Lock()
         self._sockets: set[Outbox] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Whether worker i is up to take the joins redirected to it (worker 0 supervises them).
+        self.worker_available: Callable[[int], bool] = lambda worker: True
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -91,8 +96,20 @@ class SFUServer:
         self.rooms.clear()
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
+        text = self.metrics.render()
+        if self.config.worker_urls:  # each worker counts only its own rooms: say which it is
+            index, workers = self.config.worker_index, len(self.config.worker_urls)
+            try:
+                port = urlsplit(self.config.worker_urls[index]).port
+            except ValueError:  # not a URL with a port: label it anyway
+                port = None
+            text += (
+                "# HELP sfu_worker_info The worker process these metrics are from.\n"
+                "# TYPE sfu_worker_info gauge\n"
+                f'sfu_worker_info{{worker="{index}",workers="{workers}",port="{port}"}} 1\n'
+            )
         return web.Response(
-            text=self.metrics.render(),
+            text=text,
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
         )
 
@@ -189,7 +206,7 @@ class SFUServer:
         except TokenError as exc:
             self.metrics.tokens_refused += 1
             await self._error(send_json, SignallingError("token", str(exc), exc.reason))
-        except (LimitExceeded, Redirect) as exc:
+        except (LimitExceeded, Redirect, Unavailable) as exc:
             await self._error(send_json, exc)
         except SignallingError as exc:
             await self._error(send_json, exc)
@@ -227,6 +244,10 @@ class SFUServer:
         verify_room_token(self.config.token_secret, token, room_name, identity)
         worker = self.config.worker_for(room_name)
         if worker != self.config.worker_index:
+            if not self.worker_available(worker):
+                raise Unavailable(
+                    "the SFU worker that serves this room is restarting; try again in a few seconds"
+                )
             raise Redirect(self.config.worker_urls[worker])
         async with self._join_lock:
             room = self.rooms.get(room_name)
