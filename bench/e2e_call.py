@@ -1,6 +1,6 @@
 """Benchmark (not a test): an end-to-end call with and without E2EE, in the same run.
 
-Usage: python bench/e2e_call.py [--participants N] [--seconds S] [--width W --height H --fps F]
+Usage: python bench/e2e_call.py [--participants N] [--seconds S] [--width W] [--height H] [--fps F]
 
 The delivery service and the SFU run in a child process; N participants in this one publish
 synthetic audio (Opus) and video (VP8) and decode everyone else's. "plain" runs the same frame
@@ -14,15 +14,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from conclave.bench_call import MODES, measure_call
+from _env import at_least, environment, positive
+
+from conclave.bench_call import MODES, WARMUP, measure_call
 from conclave.media import MediaSpec
 
 
+def even(text: str) -> int:
+    """An argparse type for a frame dimension: VP8 takes I420, an even size of at least 16."""
+    value = at_least(16)(text)
+    if value % 2:
+        raise argparse.ArgumentTypeError(f"must be even, got {value}")
+    return value
+
+
 async def run(args: argparse.Namespace) -> None:
+    media = MediaSpec(width=args.width, height=args.height, fps=args.fps)
+    print(environment())
+    print(f"{args.participants} participants, synthetic Opus audio + VP8 video {args.width}x"
+          f"{args.height} at {args.fps:g} fps each, {args.seconds:g} s measured after {WARMUP:g} s"
+          " of warm-up, modes in this order: " + ", ".join(MODES))
     results = []
-    media = None
-    if args.width is not None:
-        media = MediaSpec(width=args.width, height=args.height, fps=args.fps)
     for mode in MODES:
         results.append(await measure_call(mode, args.participants, args.seconds, media=media))
     rows = [r.row() for r in results]
@@ -39,14 +51,20 @@ async def run(args: argparse.Namespace) -> None:
     )
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--participants", type=at_least(2), default=3,
+                        help="at least 2 (someone must receive)")
+    parser.add_argument("--seconds", type=positive(), default=10.0, help="measured, per mode")
+    parser.add_argument("--width", type=even, default=320)
+    parser.add_argument("--height", type=even, default=240)
+    parser.add_argument("--fps", type=positive(), default=15.0)
+    return parser.parse_args(argv)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--participants", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--height", type=int, default=240)
-    parser.add_argument("--fps", type=float, default=15.0)
-    asyncio.run(run(parser.parse_args()))
+    asyncio.run(run(parse_args()))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _env import environment  # noqa: E402
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 
 from e2ee_media.cipher_suites import CipherSuite, suite_params  # noqa: E402
@@ -246,8 +247,9 @@ def main() -> None:
     rounds = args.rounds or (5 if args.quick else 51)
     suites = [s for s in CipherSuite if not (args.gcm and suite_params(s).is_ctr_hmac)]
 
+    print(environment())
     print(
-        f"SFrame per-frame cost vs raw AES-GCM, microseconds, median of {rounds} rounds; "
+        f"SFrame per-frame cost vs raw AES-GCM, wall-clock microseconds, median of {rounds} rounds; "
         f"KID={KID:#x}, CTR from {AUDIO_CTR}, {len(METADATA)} B metadata"
     )
     header = (

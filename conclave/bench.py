@@ -211,21 +211,30 @@ async def run_benchmarks(out: Path, *, quick: bool = False, only: set[str] | Non
             table_csv = write_script_csv(out / f"{name}.txt")
             outputs = f"{name}.txt" + (f", {table_csv.name}" if table_csv else "")
             summary.append((name, status, took, outputs))
+        results: list[CallResult] = []
+        seconds = 4.0 if quick else 10.0
         if only is None or CALL in only or "e2e_call" in only:
-            results = []
-            seconds = 4.0 if quick else 10.0
             for mode in MODES:
                 task = progress.add_task(f"e2e call, {mode}", total=1.0)
                 started = time.monotonic()
-                result = await measure_call(
-                    mode, 3, seconds, progress=lambda f, t=task: progress.update(t, completed=f)
-                )
+                try:
+                    result = await measure_call(
+                        mode, 3, seconds,
+                        progress=lambda f, t=task: progress.update(t, completed=f),
+                    )
+                except Exception as exc:  # a failed call is reported like a failed script
+                    failed = True
+                    summary.append((f"e2e_call_{mode}", "error", time.monotonic() - started,
+                                    f"{type(exc).__name__}: {exc}"))
+                    break
                 results.append(result)
                 summary.append((f"e2e_call_{mode}", "ok", time.monotonic() - started,
                                 "e2e_call.csv"))
+        if len(results) == len(MODES):
             write_call_csv(out, results)
             plot_call(out, results)
-            table = Table(title="end-to-end call, 3 participants (same run)")
+            table = Table(title=f"end-to-end call, 3 participants, {seconds:g} s per mode "
+                                "(same run)")
             table.add_column("metric")
             for r in results:
                 table.add_column(r.mode, justify="right")

@@ -11,13 +11,18 @@ keys, "plain" passes it through an identity transform. Measured per mode:
 - bytes on the wire: RTP bytes (headers included) each participant sends to the SFU and receives
   from it (SRTP adds the same 10-byte tag per packet in both modes);
 - frame latency: from the sender's frame hook (after the encoder) to the receiver's frame hook
-  (after the jitter buffer, decrypt included), matched by a hash of the bytes on the wire.
+  (after the jitter buffer, decrypt included), matched by a hash of the bytes on the wire, at
+  every receiver of the frame. SFrame makes every frame unique; without it the synthetic tone
+  repeats identical Opus frames (6 to 60 frames apart), and a frame is matched to the latest
+  send of its bytes: "plain" audio latencies are right only while under about 120 ms.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
+import itertools
 import os
 import socket
 import statistics
@@ -30,12 +35,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aiortc.rtp import is_rtcp
+
 from delivery_service.client import wait_healthy
 
 from .media import MediaSpec
 from .participant import Participant, RemoteTrack
 
 MODES = ("plain", "e2ee")
+WARMUP = 2.0  # seconds of call before the measuring starts
+SENT_AT_KEPT = 20_000  # send times kept for latency matching (~100 s of a 3-party call)
 
 
 @dataclass
@@ -152,7 +161,11 @@ class _Probe:
 
             def encrypt(frame: bytes, original: Callable[[bytes], bytes] = original) -> bytes:
                 out = original(frame)
-                self.sent_at[hashlib.blake2b(out, digest_size=8).digest()] = time.perf_counter()
+                sent_at = self.sent_at
+                if len(sent_at) >= SENT_AT_KEPT:  # frames this old have arrived or never will
+                    for key in list(itertools.islice(sent_at, SENT_AT_KEPT // 2)):
+                        del sent_at[key]
+                sent_at[hashlib.blake2b(out, digest_size=8).digest()] = time.perf_counter()
                 self.frames_sent += self.measuring
                 return out
 
@@ -164,7 +177,10 @@ class _Probe:
             send = transport._send_rtp
 
             async def counted(data: bytes, send: Any = send) -> None:
-                self.up += len(data) * self.measuring
+                # RTCP goes out through the same call; only RTP is counted, as on the way in
+                # (where RTCP takes another path, `_handle_rtcp_data`).
+                if not is_rtcp(data):
+                    self.up += len(data) * self.measuring
                 await send(data)
 
             transport._send_rtp = counted
@@ -177,8 +193,15 @@ class _Probe:
             transport._handle_rtp_data = received
 
     def hook_receiver(self, remote: RemoteTrack) -> None:
+        # The participant's own hook (in e2ee mode, the per-frame epoch audit) still runs: it is
+        # part of the pipeline measured.
+        own = remote.decryptor.on_decrypted
+
         def decrypted(data: bytes, mime_type: str) -> None:
-            sent = self.sent_at.pop(hashlib.blake2b(data, digest_size=8).digest(), None)
+            if own is not None:
+                own(data, mime_type)
+            # Every receiver of a frame measures its latency (not only the first to get it).
+            sent = self.sent_at.get(hashlib.blake2b(data, digest_size=8).digest())
             if self.measuring:
                 self.frames_received += 1
                 if sent is not None:
@@ -192,11 +215,14 @@ async def measure_call(
     mode: str,
     participants: int = 3,
     seconds: float = 8.0,
-    warmup: float = 2.0,
+    warmup: float = WARMUP,
     media: MediaSpec | None = None,
     progress: Callable[[float], None] | None = None,
 ) -> CallResult:
-    """One call of `participants` for `seconds` (after `warmup`) in `mode` "plain" or "e2ee"."""
+    """One call of `participants` for `seconds` (after `warmup`) in `mode` "plain" or "e2ee".
+
+    `media` is what each participant publishes, with its own `seed` (its own tone and pattern:
+    identical frames from two senders would confuse the latency matching)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
     with tempfile.TemporaryDirectory(prefix="conclave-bench-") as tmp:
@@ -206,7 +232,8 @@ async def measure_call(
         people = [
             Participant(
                 f"{mode}-{i}", services.ds_url, services.sfu_url,
-                media=media or MediaSpec(width=320, height=240, fps=15, seed=i),
+                media=dataclasses.replace(media or MediaSpec(width=320, height=240, fps=15),
+                                          seed=i),
             )
             for i in range(participants)
         ]

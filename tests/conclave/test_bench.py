@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -186,3 +189,149 @@ async def test_a_short_call_is_measured(mode: str) -> None:
     assert r.up_kbps > 0 and r.down_kbps > 0
     assert r.latencies_ms and all(ms >= 0 for ms in r.latencies_ms)
     assert set(r.latencies_by_kind) == {"audio", "video"}
+    # Every frame received was matched to its send: one media spec for all still gives each
+    # participant its own tone and pattern (identical frames of two senders would not match).
+    assert len(r.latencies_ms) == r.frames_received
+
+
+def test_every_receiver_of_a_frame_measures_its_latency_and_the_own_hook_still_runs() -> None:
+    from types import SimpleNamespace
+
+    from conclave.bench_call import _Probe
+
+    probe = _Probe()
+    probe.reset()
+    seen: list[bytes] = []
+    remotes = [
+        SimpleNamespace(kind="audio", decryptor=SimpleNamespace(
+            on_decrypted=lambda data, mime: seen.append(data))),
+        SimpleNamespace(kind="audio", decryptor=SimpleNamespace(on_decrypted=None)),
+    ]
+    for remote in remotes:
+        probe.hook_receiver(remote)  # type: ignore[arg-type]
+    frame = b"sealed frame"
+    probe.sent_at[hashlib.blake2b(frame, digest_size=8).digest()] = 0.0
+    for remote in remotes:
+        remote.decryptor.on_decrypted(frame, "audio/opus")
+    assert probe.frames_received == 2
+    assert len(probe.latencies["audio"]) == 2  # both receivers, not only the first
+    assert seen == [frame]  # the participant's own hook (epoch audit) was kept
+
+
+async def test_the_upstream_count_is_rtp_only_like_the_downstream_one() -> None:
+    from types import SimpleNamespace
+
+    from conclave.bench_call import _Probe
+
+    sent: list[bytes] = []
+
+    async def send(data: bytes) -> None:
+        sent.append(data)
+
+    async def handle(data: bytes, arrival_time_ms: int) -> None:
+        pass
+
+    transport = SimpleNamespace(_send_rtp=send, _handle_rtp_data=handle)
+    transceiver = SimpleNamespace(sender=SimpleNamespace(transport=transport))
+    participant = SimpleNamespace(
+        encryptors={}, sfu=SimpleNamespace(pc=SimpleNamespace(getTransceivers=lambda: [transceiver])))
+    probe = _Probe()
+    probe.hook_sender(participant)  # type: ignore[arg-type]
+    probe.reset()
+    rtp = b"\x80\x60" + bytes(98)  # payload type 96
+    rtcp = b"\x81\xc9" + bytes(30)  # receiver report
+    await transport._send_rtp(rtp)
+    await transport._send_rtp(rtcp)
+    await transport._handle_rtp_data(rtp, 0)
+    assert sent == [rtp, rtcp]  # both still go out
+    assert probe.up == len(rtp) == probe.down
+
+
+def run_bench_script(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    path = BENCH_DIR / script
+    if not path.exists():
+        pytest.skip("bench/ is not in this checkout")
+    env = {k: v for k, v in os.environ.items() if k != "CONCLAVE_PG_DSN"}
+    return subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+@pytest.mark.parametrize(("script", "args", "message"), [
+    ("mls_groups.py", ["--runs", "0"], "--runs: must be at least 1, got 0"),
+    ("mls_groups.py", ["--sizes", "2,1"], "every group size must be at least 2"),
+    ("mls_groups.py", ["--sizes", "2,x"], "expected comma-separated integers"),
+    ("mls_tree.py", ["--suite", "99"], "cipher suite 0x0063 is not supported"),
+    ("ds_load.py", ["--groups", "0"], "--groups: must be at least 1, got 0"),
+    ("ds_load.py", ["--clients", "1"], "--clients: must be at least 2, got 1"),
+    ("ds_load.py", ["--seconds", "0"], "--seconds: must be a finite number above 0"),
+    ("ds_load.py", ["--backends", "mysql"], "unknown backend 'mysql'"),
+    ("ds_load.py", ["--backends", "sqlite,postgres"], "needs CONCLAVE_PG_DSN"),
+    ("e2e_call.py", ["--participants", "1"], "--participants: must be at least 2, got 1"),
+    ("e2e_call.py", ["--seconds", "-1"], "--seconds: must be a finite number above 0"),
+    ("e2e_call.py", ["--height", "121"], "--height: must be even, got 121"),
+    ("e2e_call.py", ["--fps", "0"], "--fps: must be a finite number above 0"),
+    ("sframe.py", ["--rounds", "0"], "--rounds: must be at least 1, got 0"),
+])
+def test_a_bad_option_is_a_usage_error_before_anything_runs(
+    script: str, args: list[str], message: str
+) -> None:
+    done = run_bench_script(script, *args)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout == ""  # refused before measuring (or printing) anything
+
+
+def load_bench_module(name: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    if not (BENCH_DIR / f"{name}.py").exists():
+        pytest.skip("bench/ is not in this checkout")
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH_DIR / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_batched_build_row_is_the_median_of_the_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    groups = load_bench_module("mls_groups", monkeypatch)
+    real_build = groups.build
+    times = iter([1.0, 5.0, 9.0])  # the first build is not the median
+
+    def build(n: int, suite: int = 1) -> tuple[Any, ...]:
+        return (*real_build(n, suite)[:3], next(times))
+
+    monkeypatch.setattr(groups, "build", build)
+    assert groups.bench_size(2, 3)["batched build"] == 5.0
+
+
+async def test_e2e_call_uses_the_height_and_fps_it_is_given(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    e2e = load_bench_module("e2e_call", monkeypatch)
+    specs: list[MediaSpec | None] = []
+
+    async def call(mode: str, participants: int, seconds: float,
+                   media: MediaSpec | None = None) -> CallResult:
+        specs.append(media)
+        return result(mode, [60.0, 70.0, 80.0])
+
+    monkeypatch.setattr(e2e, "measure_call", call)
+    await e2e.run(e2e.parse_args(["--height", "128", "--fps", "10", "--participants", "4"]))
+    assert [(m.width, m.height, m.fps) if m else None for m in specs] == [(320, 128, 10.0)] * 2
+    out = capsys.readouterr().out
+    assert "4 participants" in out and "320x128 at 10 fps" in out and "environment:" in out
+
+
+def test_a_call_that_fails_is_reported_not_a_traceback(
+    ran: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(mode: str, *args: Any, **kwargs: Any) -> CallResult:
+        raise RuntimeError("the services did not start within 20 s")
+
+    monkeypatch.setattr(bench, "measure_call", broken)
+    assert main(["bench", "--quick", "--out", str(tmp_path), "--only", "call,sframe"]) == 1
+    rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert [(r["benchmark"], r["status"]) for r in rows] == [
+        ("sframe", "ok"), ("e2e_call_plain", "error")]
+    assert "the services did not start" in rows[1]["output"]
+    assert not (tmp_path / "e2e_call.csv").exists()

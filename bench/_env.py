@@ -1,0 +1,77 @@
+"""What a benchmark result depends on besides its own parameters, as one line to print first.
+
+Shared by the bench/ scripts (run as `python bench/<script>.py`, so this folder is on sys.path).
+The line has single spaces only, so `conclave bench` never mistakes it for a table row.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+from collections.abc import Callable
+
+
+def positive(kind: Callable[[str], float] = float) -> Callable[[str], float]:
+    """An argparse type: a finite number above zero (a usage error naming it otherwise)."""
+
+    def parse(text: str) -> float:
+        value = kind(text)  # a ValueError: argparse says "invalid float value: 'x'"
+        if not (value > 0 and math.isfinite(value)):  # nan and inf too
+            raise _argument_error(f"must be a finite number above 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `minimum`."""
+
+    def integer(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise _argument_error(f"must be at least {minimum}, got {value}")
+        return value
+
+    integer.__name__ = "int"
+    return integer
+
+
+def _argument_error(message: str) -> Exception:
+    import argparse
+
+    return argparse.ArgumentTypeError(message)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> str:
+    """Python, OS, CPU (model, cores, load) and the crypto library: one line."""
+    parts = [
+        f"{platform.python_implementation()} {platform.python_version()}",
+        f"{platform.system()} {platform.release()} {platform.machine()}",
+        f"CPU {cpu_model()} x{os.cpu_count()}",
+    ]
+    try:
+        load = os.getloadavg()
+        parts.append(f"load {load[0]:.2f}")
+    except OSError:
+        pass
+    try:
+        import cryptography
+        from cryptography.hazmat.backends.openssl.backend import backend
+
+        parts.append(f"cryptography {cryptography.__version__} ({backend.openssl_version_text()})")
+    except ImportError:
+        pass
+    return "environment: " + ", ".join(" ".join(p.split()) for p in parts)
