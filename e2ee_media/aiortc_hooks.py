@@ -25,6 +25,13 @@ Receive side (`aiortc.rtcrtpreceiver.RTCRtpReceiver`):
   before (``pc.on("track")`` runs early enough).
 - ``_RTCRtpReceiver__decoder_error`` (a ``threading.Event``): when set, the receiver sends a PLI
   with the next video packet.
+- ``_RTCRtpReceiver__jitter_buffer`` (an ``aiortc.jitterbuffer.JitterBuffer``, created in
+  ``__init__`` and used only through ``add``) releases a frame from ``_remove_frame``, which
+  starts at ``_origin``; after an overflow (``smart_remove``) or a reset, ``_origin`` may be a
+  packet in the middle of a frame whose first packets never came, and that frame is released as
+  if it were whole. We replace the buffer with a subclass that marks such a frame, so that it is
+  counted as lost instead of being handed to SFrame as a forgery would be. Its packets keep
+  ``payload`` (VP8: the payload descriptor) and ``_data`` (the depayloaded bytes).
 """
 
 from __future__ import annotations
@@ -39,10 +46,12 @@ import aiortc
 from aiortc import codecs as aiortc_codecs
 from aiortc.codecs.h264 import H264Encoder
 from aiortc.codecs.vpx import Vp8Encoder
+from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.rtcrtpreceiver import RTCRtpReceiver
 from aiortc.rtcrtpsender import RTCRtpSender
+from aiortc.rtp import RtpPacket
 
-from .codecs import H264, VP8
+from .codecs import ANNEX_B_START_CODE, H264, VP8
 from .errors import SFrameError
 from .transform import DEFAULT_HOLDBACK, FrameDecryptor, FrameEncryptor, FrameKeys, TrackStats
 
@@ -145,6 +154,40 @@ def _wrap_encoder(
         encoder.pack = lambda packet: encrypt_payloads(pack(packet))
 
 
+def _starts_frame(mime_type: str | None, packet: RtpPacket) -> bool:
+    """False if `packet` is certainly not the first packet of a frame (a lost head)."""
+    if mime_type == VP8:
+        # Payload descriptor (RFC 7741 §4.2): S bit set and partition index 0.
+        return bool(packet.payload) and packet.payload[0] & 0x17 == 0x10
+    if mime_type == H264:
+        # aiortc's depayloader starts a frame's data with a start code unless the packet
+        # continues a fragmented NAL unit (FU-A without its S bit).
+        return bytes(getattr(packet, "_data", b"")[:4]) == ANNEX_B_START_CODE
+    return True  # audio: one packet per frame
+
+
+class _FrameCheckingJitterBuffer(JitterBuffer):
+    """aiortc's jitter buffer, marking (``incomplete = True``) a frame it releases without its
+    first packet (see the module docstring)."""
+
+    def __init__(self, original: JitterBuffer, mime_type_of: Callable[[int], str | None]) -> None:
+        super().__init__(
+            original.capacity, prefetch=original._prefetch, is_video=original._is_video
+        )
+        self._mime_type_of = mime_type_of
+
+    def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
+        first = self._packets[self._origin % self._capacity] if self._origin is not None else None
+        frame = super()._remove_frame(sequence_number)
+        if (
+            frame is not None
+            and first is not None
+            and not _starts_frame(self._mime_type_of(first.payload_type), first)
+        ):
+            frame.incomplete = True  # type: ignore[attr-defined]
+        return frame
+
+
 class _DecryptingQueue(queue.Queue):  # type: ignore[type-arg]
     """Stands in for the receiver's decoder queue: decrypts each frame on its way in (in the
     event loop thread, where aiortc calls `put`), drops the frames that fail and asks for a
@@ -168,6 +211,12 @@ class _DecryptingQueue(queue.Queue):  # type: ignore[type-arg]
             super().put(None, block, timeout)
             return
         codec, jitter_frame = item
+        if getattr(jitter_frame, "incomplete", False):
+            # Packets lost in transit, not a forgery: never decrypted, counted as a loss, and
+            # the decoder (which misses a reference now) needs a keyframe.
+            self.decryptor.stats.frames_lost += 1
+            self.decoder_error.set()
+            return
         ready = self.decryptor.push(item, jitter_frame.data, codec.mimeType)
         for (ready_codec, ready_frame), plaintext in ready:
             ready_frame.data = plaintext
@@ -202,6 +251,16 @@ def decrypt_receiver(
             "the receiver is already decoding; hook it in pc.on('track') before it starts"
         )
     decryptor = FrameDecryptor(keys, stats=stats, holdback=holdback)
+    codecs: dict[int, Any] = receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
+
+    def mime_type_of(payload_type: int) -> str | None:
+        codec = codecs.get(payload_type)
+        return None if codec is None else codec.mimeType.lower()
+
+    receiver._RTCRtpReceiver__jitter_buffer = _FrameCheckingJitterBuffer(  # type: ignore[attr-defined]
+        receiver._RTCRtpReceiver__jitter_buffer,  # type: ignore[attr-defined]
+        mime_type_of,
+    )
     receiver._RTCRtpReceiver__decoder_queue = _DecryptingQueue(  # type: ignore[attr-defined]
         decryptor,
         receiver._RTCRtpReceiver__decoder_error,  # type: ignore[attr-defined]

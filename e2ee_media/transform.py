@@ -57,6 +57,10 @@ class TrackStats:
     frames_encrypted: int = 0
     frames_decrypted: int = 0
     frames_held: int = 0  # delayed to wait for the next epoch's keys (then decrypted or failed)
+    # Released by the jitter buffer without their first packets (lost in transit): dropped
+    # before decryption, so that a loss is never counted as a failure (which would look like
+    # an attack).
+    frames_lost: int = 0
     encrypt_failures: int = 0
     failures: Counter[str] = field(default_factory=Counter)
 
@@ -65,6 +69,7 @@ class TrackStats:
             "frames_encrypted": self.frames_encrypted,
             "frames_decrypted": self.frames_decrypted,
             "frames_held": self.frames_held,
+            "frames_lost": self.frames_lost,
             "encrypt_failures": self.encrypt_failures,
         }
         for reason in FAILURE_REASONS:

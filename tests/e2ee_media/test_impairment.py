@@ -1,0 +1,70 @@
+"""E2EE media on a bad network: packet loss through the real SFU on loopback.
+
+A packet lost for good (every retransmission lost too) stalls aiortc's video jitter buffer until
+it overflows; it then restarts at the next packet it holds, which may be in the middle of a
+frame, and releases that frame as if it were whole. Such a frame is a loss, not a forgery: it
+must not reach SFrame decryption and be counted as a failure (authentication, or an unknown KID
+read from ciphertext bytes), and video must resume after it.
+"""
+
+from __future__ import annotations
+
+from tests.e2ee_media.sfu_call import Call, NoiseTrack, PacketFilter, wait_for
+
+
+def lose_first_packet_of_a_frame(
+    payload_type: int, after_frames: int
+) -> tuple[PacketFilter, list[int]]:
+    """A filter that drops, every time it is sent, the first packet of the `after_frames`-th
+    video frame it sees (the packet after one with the marker bit)."""
+    state = {"frames": 0, "last_marker": -1}
+    lost: list[int] = []
+
+    def drop(data: bytes) -> bool:
+        if data[1] & 0x7F != payload_type:
+            return False
+        seq = int.from_bytes(data[2:4], "big")
+        if seq in lost:
+            return True  # the SFU's retransmissions of it are lost too
+        if not lost and seq == (state["last_marker"] + 1) & 0xFFFF:
+            state["frames"] += 1
+            if state["frames"] >= after_frames:
+                lost.append(seq)
+                return True
+        if data[1] & 0x80:
+            state["last_marker"] = seq
+        return False
+
+    return drop, lost
+
+
+async def test_frame_without_its_first_packet_is_a_loss_not_a_failure() -> None:
+    call = Call(NoiseTrack())
+    try:
+        await call.start()
+        await wait_for(lambda: call.decoded["video"] >= 5, 10)
+        video = call.decryptors["video"]
+        drop, lost = lose_first_packet_of_a_frame(call.payload_type("video"), 3)
+        call.down = drop
+        # The jitter buffer waits for the lost packet until it overflows (512 packets), then
+        # hands on what it has: wait for that frame to be dealt with one way or the other.
+        await wait_for(
+            lambda: bool(lost) and video.stats.frames_lost + sum(video.stats.failures.values()) > 0,
+            15,
+        )
+        decrypted, decoded = video.stats.frames_decrypted, call.decoded["video"]
+        # ... and for video to resume after it (the PLI brought a keyframe).
+        await wait_for(
+            lambda: (
+                video.stats.frames_decrypted >= decrypted + 10
+                and call.decoded["video"] >= decoded + 10
+            ),
+            10,
+        )
+    finally:
+        await call.stop()
+    assert len(lost) == 1
+    assert sum(video.stats.failures.values()) == 0, video.stats.as_dict()
+    assert video.stats.frames_lost == 1
+    audio = call.decryptors["audio"].stats
+    assert sum(audio.failures.values()) == 0 and audio.frames_lost == 0
