@@ -31,7 +31,9 @@ Receive side (`aiortc.rtcrtpreceiver.RTCRtpReceiver`):
   packet in the middle of a frame whose first packets never came, and that frame is released as
   if it were whole. We replace the buffer with a subclass that marks such a frame, so that it is
   counted as lost instead of being handed to SFrame as a forgery would be. Its packets keep
-  ``payload`` (VP8: the payload descriptor) and ``_data`` (the depayloaded bytes).
+  ``payload`` (VP8: the payload descriptor) and ``_data`` (the depayloaded bytes). For video it
+  also overrides ``add`` to give up on a missing packet after VIDEO_GAP_GIVE_UP, using
+  ``_origin``, ``_packets``, ``_capacity`` and ``smart_remove`` as ``add`` does on overflow.
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ TESTED_AIORTC_VERSIONS = ("1.16.",)
 # Failures that a keyframe can repair at once (a frame lost or damaged in transit) ask for one
 # immediately; an unknown KID (keys not there yet) asks at most this often.
 UNKNOWN_KID_PLI_INTERVAL = 1.0
+# A video packet still missing after this long (while later ones keep coming) is given up: the
+# jitter buffer skips to the next frame and asks for a keyframe. aiortc would wait until 512
+# packets pile up behind the hole: 5 to 10 s of frozen video at ordinary bitrates. One second
+# leaves time for NACK repairs (the SFU gives up on a loss after 1 s too).
+VIDEO_GAP_GIVE_UP = 1.0
 
 
 def check_aiortc_version() -> None:
@@ -168,13 +175,49 @@ def _starts_frame(mime_type: str | None, packet: RtpPacket) -> bool:
 
 class _FrameCheckingJitterBuffer(JitterBuffer):
     """aiortc's jitter buffer, marking (``incomplete = True``) a frame it releases without its
-    first packet (see the module docstring)."""
+    first packet (see the module docstring), and, for video, giving up on a missing packet after
+    VIDEO_GAP_GIVE_UP seconds instead of when the buffer overflows."""
 
     def __init__(self, original: JitterBuffer, mime_type_of: Callable[[int], str | None]) -> None:
         super().__init__(
             original.capacity, prefetch=original._prefetch, is_video=original._is_video
         )
         self._mime_type_of = mime_type_of
+        self._stalled_since: float | None = None  # since when packets came but no frame left
+        self.gaps_given_up = 0
+
+    def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
+        pli_flag, frame = super().add(packet)
+        if not self._is_video or frame is not None:
+            self._stalled_since = None
+            return pli_flag, frame
+        now = time.monotonic()
+        if self._stalled_since is None:
+            self._stalled_since = now
+        elif now - self._stalled_since >= VIDEO_GAP_GIVE_UP:
+            self._stalled_since = now
+            if self._skip_gap():
+                self.gaps_given_up += 1
+                pli_flag = True  # the frames after the hole need the lost one: a keyframe
+                if self._origin is not None:
+                    frame = self._remove_frame(packet.sequence_number)
+        return pli_flag, frame
+
+    def _skip_gap(self) -> bool:
+        """Drop the packets up to the first hole that has packets after it, and on to the
+        next frame's start (`smart_remove`, as aiortc does on overflow). False if there is no
+        such hole (a frame still arriving)."""
+        if self._origin is None:
+            return False
+        packets, capacity, origin = self._packets, self._capacity, self._origin
+        hole = next((i for i in range(capacity) if packets[(origin + i) % capacity] is None), None)
+        if hole is None or all(
+            packets[(origin + i) % capacity] is None for i in range(hole, capacity)
+        ):
+            return False
+        if self.smart_remove(hole + 1):
+            self._origin = None  # emptied: the next packet starts it again
+        return True
 
     def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
         first = self._packets[self._origin % self._capacity] if self._origin is not None else None

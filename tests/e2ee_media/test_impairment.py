@@ -9,6 +9,7 @@ read from ciphertext bytes), and video must resume after it.
 
 from __future__ import annotations
 
+from conclave.media import PatternTrack
 from tests.e2ee_media.sfu_call import Call, NoiseTrack, PacketFilter, wait_for
 
 
@@ -68,3 +69,32 @@ async def test_frame_without_its_first_packet_is_a_loss_not_a_failure() -> None:
     assert video.stats.frames_lost == 1
     audio = call.decryptors["audio"].stats
     assert sum(audio.failures.values()) == 0 and audio.frames_lost == 0
+
+
+async def test_video_given_up_on_a_lost_packet_resumes_long_before_the_buffer_overflows() -> None:
+    """A packet lost for good in a low-rate stream (a test pattern compresses to a few packets a
+    second): aiortc would wait for 512 packets to pile up, many seconds of frozen video; the
+    jitter buffer gives the packet up after VIDEO_GAP_GIVE_UP and asks for a keyframe."""
+    call = Call(PatternTrack(320, 240, fps=15))
+    seen_after_loss = [0]
+    try:
+        await call.start()
+        await wait_for(lambda: call.decoded["video"] >= 5, 10)
+        video = call.decryptors["video"]
+        buffer = call.receivers["video"]._RTCRtpReceiver__jitter_buffer  # type: ignore[attr-defined]
+        drop, lost = lose_first_packet_of_a_frame(call.payload_type("video"), 3)
+        payload_type = call.payload_type("video")
+
+        def count_then_drop(data: bytes) -> bool:
+            if lost and data[1] & 0x7F == payload_type:
+                seen_after_loss[0] += 1
+            return drop(data)
+
+        call.down = count_then_drop
+        await wait_for(lambda: bool(lost) and buffer.gaps_given_up > 0, 10)
+        decoded = call.decoded["video"]
+        await wait_for(lambda: call.decoded["video"] >= decoded + 5, 10)
+    finally:
+        await call.stop()
+    assert seen_after_loss[0] < buffer.capacity // 2, seen_after_loss  # 512 without the give-up
+    assert sum(video.stats.failures.values()) == 0, video.stats.as_dict()
