@@ -467,6 +467,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"conclave {args.command}: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
+        if isinstance(exc, BrokenPipeError) and _stdout_gone():
+            # `conclave join ... | head -1`: the reader went away. Stop quietly, as Unix tools
+            # do, and keep Python's exit-time flush of stdout from failing again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 128 + signal.SIGPIPE
         if args.debug:
             raise
         from delivery_service.errors import DeliveryServiceError
@@ -481,6 +486,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"conclave {args.command}: unexpected error {type(exc).__name__}: {exc} "
                   "(run with --debug for details)", file=sys.stderr)
         return 2
+
+
+def _stdout_gone() -> bool:
+    """Whether standard output is a pipe (or socket) whose reader has closed it."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no usable stdout
+        return False
 
 
 def _is_network_error(exc: BaseException) -> bool:

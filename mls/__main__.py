@@ -108,6 +108,9 @@ def selftest(out: Callable[[str], None] = print) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args in (["-h"], ["--help"]):
+        print("usage: python -m mls selftest\n\n" + (__doc__ or "").strip())
+        return 0
     if args != ["selftest"]:
         print("usage: python -m mls selftest", file=sys.stderr)
         return 2

@@ -25,12 +25,13 @@ Media (ICE/DTLS-SRTP over UDP) uses ephemeral ports.
 
 workers: each room lives in one worker (a hash of its name). --max-rooms counts per worker
 (N workers hold up to N x --max-rooms rooms); --max-participants is per room. Each worker has
-its own /metrics, counting only its rooms, and names itself in sfu_worker_info{worker,workers,
-port}: scrape every port. /healthz answers for its own worker only. Worker 0 binds every port first (a port in use stops the whole SFU before
-anything serves), then starts the others; a worker that exits is restarted with a growing
-delay (1 s to 16 s) and meanwhile worker 0 refuses joins for its rooms with code
-"unavailable"; after 5 quick failures in a row the SFU stops with exit status 1. SIGTERM or
-SIGINT to worker 0 stops every worker; the others also stop by themselves if worker 0 dies.
+its own /metrics, counting only its rooms, and names itself in
+sfu_worker_info{worker,workers,port}: scrape every port. /healthz answers for its own worker
+only. Worker 0 binds every port first (a port in use stops the whole SFU before anything
+serves), then starts the others; a worker that exits is restarted with a growing delay (1, 2,
+4, then 8 s) and meanwhile worker 0 refuses joins for its rooms with code "unavailable"; at
+the 5th failure in a row the SFU stops with exit status 1. SIGTERM or SIGINT to worker 0 stops
+every worker; the others also stop by themselves if worker 0 dies.
 
 secret file: the room-token secret shared with the delivery service, in hex (the value of its
 CONCLAVE_ROOM_SECRET), at least 16 bytes; a file that is not hex is used as raw bytes. It is

@@ -19,7 +19,7 @@ logger = logging.getLogger("sfu.workers")
 # to MAX_RESTART_DELAY; one that ran STABLE_AFTER seconds starts the count again. After
 # MAX_FAILURES failures in a row the SFU gives up.
 RESTART_DELAY = 1.0
-MAX_RESTART_DELAY = 16.0
+MAX_RESTART_DELAY = 8.0
 STABLE_AFTER = 30.0
 MAX_FAILURES = 5
 POLL_INTERVAL = 0.2

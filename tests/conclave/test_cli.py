@@ -278,3 +278,42 @@ async def test_a_removed_participants_join_says_so_without_a_traceback(tmp_path:
         await alice.close()
         await carol.close()
         await services.stop()
+
+
+def test_a_closed_standard_output_stops_quietly(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`conclave join ... | head -1`: once the reader is gone, no 'network error'."""
+    import conclave.cli as cli
+
+    async def chatty(args: object) -> int:
+        while True:
+            print("x" * 1000, flush=True)
+
+    read, write = os.pipe()
+    os.close(read)
+    saved = os.dup(1)
+    monkeypatch.setitem(cli.COMMANDS, "audit", chatty)
+    try:
+        with capsys.disabled():
+            os.dup2(write, 1)
+            status = main(["audit", "--group", "g", "--log", "f"])
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(write)
+    assert status == 128 + signal.SIGPIPE
+    assert "network error" not in capsys.readouterr().err
+
+
+def test_a_network_broken_pipe_is_still_reported(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import conclave.cli as cli
+
+    async def broken(args: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setitem(cli.COMMANDS, "audit", broken)
+    assert main(["audit", "--group", "g", "--log", "f"]) == 2
+    assert "network error" in capsys.readouterr().err

@@ -43,3 +43,10 @@ def test_selftest_command_line() -> None:
         [sys.executable, "-m", "mls"], capture_output=True, text=True, check=False
     )
     assert usage.returncode == 2 and "usage" in usage.stderr
+
+
+def test_help_is_not_an_error() -> None:
+    shown = subprocess.run(
+        [sys.executable, "-m", "mls", "--help"], capture_output=True, text=True, check=False
+    )
+    assert shown.returncode == 0 and "selftest" in shown.stdout and not shown.stderr
