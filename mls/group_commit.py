@@ -22,6 +22,24 @@ from .treekem import UpdatePathResult, create_update_path
 from .welcome import EncryptedGroupSecrets, GroupInfo, GroupSecrets, PathSecret, Welcome
 
 
+def commit_result(pending: PendingCommit) -> CommitResult:
+    """The CommitResult of a pending Commit. It shares the GroupInfo (built once, on first use
+    by either) but not the pending epoch's state: a caller may keep the result long after that
+    epoch is over, and its tree keys must not outlive it (§7.5, §9.2)."""
+    info = pending._group_info
+    if callable(info):
+        build = info
+        built: list[bytes] = []
+
+        def group_info() -> bytes:
+            if not built:
+                built.append(build())
+            return built[0]
+
+        pending._group_info = info = group_info
+    return CommitResult(pending.message, pending.welcome, info)
+
+
 class CommitMixin(ProposalsMixin):
     """`Group` methods that create, merge and discard this member's Commits."""
 
@@ -81,7 +99,7 @@ class CommitMixin(ProposalsMixin):
         entries += own
         pending = self._create_commit(st, entries, force_path, with_ratchet_tree)
         self._pending = pending
-        return CommitResult(pending.message, pending.welcome, lambda: pending.group_info)
+        return commit_result(pending)
 
     def merge_pending_commit(self) -> None:
         """Moves to the epoch of this member's pending Commit (after the DS accepted it)."""
@@ -149,14 +167,18 @@ class CommitMixin(ProposalsMixin):
             welcome = self._make_welcome(new, group_info, effects, path, me)
             group_info_bytes = mls_message(group_info)
         else:
-            # Built on demand: encoding the tree is the only O(N) step of most commits.
+            # Built on demand: encoding the tree is the only O(N) step of most commits. What
+            # it needs of the epoch's secrets is computed now, so that the builder (which a
+            # CommitResult may keep long after the epoch is over) holds no secret.
             snapshot = EpochState.public(new.context, new.tree.copy(), b"")
-            # Its own copy of the two secrets it needs: the epoch's may be deleted first.
-            snapshot.secrets = new.secrets.subset("external_secret", "confirmation_key")
             snapshot.leaf_index = new.leaf_index
+            external_key = new.secrets.external_pub
+            tag = new.secrets.confirmation_tag(new.context.confirmed_transcript_hash)
             tree_flag = with_ratchet_tree
             group_info_bytes = lambda: mls_message(  # noqa: E731
-                self._make_group_info(snapshot, tree_flag, True)
+                self._make_group_info(
+                    snapshot, tree_flag, True, external_key=external_key, confirmation_tag=tag
+                )
             )
         # §9.2: the joiner and welcome secrets served only the Welcome.
         new.secrets.delete("joiner_secret", "welcome_secret")

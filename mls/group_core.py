@@ -288,18 +288,27 @@ class GroupCore(CommitRules):
             del psks[e]
         new.resumption_psks = psks
 
-    def _make_group_info(self, st: EpochState, with_tree: bool, external_pub: bool) -> GroupInfo:
+    def _make_group_info(
+        self,
+        st: EpochState,
+        with_tree: bool,
+        external_pub: bool,
+        *,
+        external_key: bytes | None = None,
+        confirmation_tag: bytes | None = None,
+    ) -> GroupInfo:
+        """The signed GroupInfo of epoch `st`. `external_key` and `confirmation_tag`, if given,
+        stand for what `st.secrets` would give (for a GroupInfo built after they are deleted)."""
         extensions: list[Extension] = []
         if external_pub:
-            extensions.append(ExternalPub(st.secrets.external_pub).to_extension())
+            if external_key is None:
+                external_key = st.secrets.external_pub
+            extensions.append(ExternalPub(external_key).to_extension())
         if with_tree:
             extensions.append(Extension(ExtensionType.ratchet_tree, self._encode_tree(st.tree)))
-        gi = GroupInfo(
-            st.context,
-            extensions,
-            st.secrets.confirmation_tag(st.context.confirmed_transcript_hash),
-            st.leaf_index,
-        )
+        if confirmation_tag is None:
+            confirmation_tag = st.secrets.confirmation_tag(st.context.confirmed_transcript_hash)
+        gi = GroupInfo(st.context, extensions, confirmation_tag, st.leaf_index)
         gi.signature = self._crypto.sign_with_label(
             self._client.signing_key, b"GroupInfoTBS", gi.tbs()
         )

@@ -94,13 +94,35 @@ class EpochState:
 
     def forget_secrets(self, keep: EpochState | None = None) -> None:
         """Deletes this epoch's secrets and secret tree (§9.2), unless `keep` shares them (a
-        clone of this state that is still in use)."""
+        clone of this state that is still in use), and drops this state's references to its
+        tree keys, Update keys and resumption PSKs (§7.5: replaced key pairs are deleted), so
+        that whoever still holds this superseded state finds no secret in it."""
+        if keep is self:
+            return
         if self.secrets is not None and (keep is None or keep.secrets is not self.secrets):
             self.secrets.delete_all()
         if self.secret_tree is not None and (
             keep is None or keep.secret_tree is not self.secret_tree
         ):
             self.secret_tree.delete_all()
+        # Only references are dropped: key pairs still in use are held by `keep` too.
+        self.private_state = None
+        self.own_update_privs = {}
+        self.resumption_psks = {}
+
+    def forget_removed(self) -> None:
+        """What a member removed from the group keeps (§12.4.2: it "SHOULD promptly delete its
+        group state and secret tree"): the public state and the epoch authenticator, which is
+        no key, to compare out of band. Call on a clone of the last state: the clone gets
+        empty secrets of its own, so that entering it deletes the shared ones (`forget_secrets`)."""
+        self.active = False
+        self.private_state = None
+        self.own_update_privs = {}
+        self.resumption_psks = {}
+        self.secrets = self.secrets.subset("epoch_authenticator")
+        self.secret_tree = SecretTree.deleted(
+            self.secrets.crypto, self.tree.n_leaves, self.secret_tree.window
+        )
 
     def clone(self) -> EpochState:
         new = EpochState.__new__(EpochState)

@@ -158,9 +158,10 @@ class ReceiveMixin(CommitMixin):
                     st, new, commit.path, staged.committer,
                     frozenset(i for i, _ in effects.added), staged.extensions,
                 )
-            # It keeps its old state, inactive.
+            # It keeps its old public state, inactive, and none of its secrets (§12.4.2): it
+            # can neither send nor receive in the group any more.
             new = st.clone()
-            new.active = False
+            new.forget_removed()
             return new, True
         self._finish_epoch(
             st, new, ac, staged.extensions, init_secret, commit_secret, psk_secret, verify_tag=True

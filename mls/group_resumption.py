@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from .errors import ValidationError
 from .extensions import Extension
 from .framing import Sender
-from .group_commit import CommitMixin
+from .group_commit import CommitMixin, commit_result
 from .group_framing import parse_key_package
 from .group_types import CommitResult
 from .key_package import KeyPackage
@@ -66,7 +66,7 @@ class ResumptionMixin(CommitMixin):
         self._validate_proposal_list(st, entries[1:], st.leaf_index, external=False)
         pending = self._create_commit(st, entries, False, None, validate=False)
         self._pending = pending
-        return CommitResult(pending.message, pending.welcome, lambda: pending.group_info)
+        return commit_result(pending)
 
     def branch(
         self, key_packages: Iterable[bytes], group_id: bytes | None = None

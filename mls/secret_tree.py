@@ -305,6 +305,15 @@ class SecretTree:
         self._nodes: dict[int, bytes] = {root(self._width_leaves): encryption_secret}
         self._ratchets: dict[int, tuple[HashRatchet, HashRatchet]] = {}
 
+    @classmethod
+    def deleted(
+        cls, crypto: Crypto, n_leaves: int, window: RatchetWindow = DEFAULT_WINDOW
+    ) -> SecretTree:
+        """A tree of `n_leaves` leaves whose secrets are all deleted (see `delete_all`)."""
+        tree = cls(crypto, bytes(crypto.hash_length), n_leaves, window)
+        tree._nodes.clear()
+        return tree
+
     def __repr__(self) -> str:
         return (
             f"SecretTree(n_leaves={self._n_leaves}, retained_nodes={self.retained_nodes}, "
