@@ -556,6 +556,10 @@ class Participant:
     async def _mark_removed(self) -> None:
         self.removed = True
         self._requests.clear()
+        # Out of the group: nothing more is sent under its keys, and the last epoch's receive
+        # keys go when the grace period ends (as the MLS state deleted its secrets).
+        self.keys.retire()
+        asyncio.get_running_loop().call_later(self.keys.grace_period + 0.01, self.keys.expire)
         self.save()
         async with self.epoch_changed:
             self.epoch_changed.notify_all()

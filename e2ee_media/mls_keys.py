@@ -197,6 +197,22 @@ class MLSKeyManager:
         self.expire(now)
         return True
 
+    def retire(self, now: float | None = None) -> None:
+        """This member left the group (it was removed): its send keys go at once, so that it
+        sends nothing more under the group's keys, and the last epoch's receive keys when the
+        grace period ends (frames already on their way still open). A later `update` (the
+        member added back) installs the new epoch as on a first join."""
+        now = self.clock() if now is None else now
+        with self._send_lock:
+            for key in self._send.values():
+                self.sframe.remove_key(key.kid)
+            self._send.clear()
+            if self.current is not None:
+                self.current.expires_at = now + self.grace_period
+                self.current = None
+            self.leaf_index = None
+        self.expire(now)
+
     def _install(
         self, epoch: int, s: int, senders: frozenset[int], leaf: int, base_key: bytes, now: float
     ) -> None:

@@ -281,3 +281,12 @@ async def test_a_proposal_the_service_refused_is_never_committed(
     assert await bob.rotate()
     assert await until(lambda: _in_step(trio), 10)
     assert sorted(alice.member_names) == ["alice", "bob", "carol"]
+
+
+async def test_a_removed_member_deletes_its_media_keys(trio: list[Participant]) -> None:
+    alice, bob, carol = trio
+    assert await alice.request_removal("carol")
+    assert await until(lambda: carol.removed, 10)
+    assert not carol.keys.sframe.send_keys and carol.keys.epoch is None
+    assert await until(lambda: carol.keys.retained_epochs == [], carol.keys.grace_period + 3)
+    assert not carol.keys.sframe.recv_keys

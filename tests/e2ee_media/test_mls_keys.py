@@ -316,3 +316,26 @@ def test_sender_of_names_epoch_and_leaf() -> None:
     frame = carol.encrypt(b"", b"x", context=5)
     assert bob.sender_of(frame) == (0, 2)
     assert MLSKeyManager().sender_of(frame) is None
+
+
+def test_a_retired_member_sends_nothing_and_forgets_its_keys_after_the_grace_period() -> None:
+    clock = Clock(100.0)
+    world = FakeWorld(members={0, 1})
+    a, alice = member(world, 0, clock, grace_period=2.0)
+    b, bob = member(world, 1, clock, grace_period=2.0)
+    bob.encrypt(b"", b"before")
+    in_flight = alice.encrypt(b"", b"in flight")
+    bob.retire()  # removed from the group
+    assert not bob.sframe.send_keys
+    with pytest.raises(KeyScheduleError):
+        bob.encrypt(b"", b"after")
+    assert bob.decrypt(b"", in_flight) == b"in flight"  # frames on their way still open
+    clock.now += 2.5
+    bob.expire()
+    assert bob.retained_epochs == [] and not bob.sframe.recv_keys
+    with pytest.raises(UnknownKeyId):
+        bob.decrypt(b"", alice.encrypt(b"", b"later"))
+    # added back: the new epoch installs as on a first join
+    world.commit()
+    b.sync()
+    assert bob.update(b) and bob.epoch == 1
