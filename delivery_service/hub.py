@@ -127,8 +127,8 @@ class Connection:
                 await self._handle(event)
         except asyncio.CancelledError:
             raise
-        except (ConnectionError, RuntimeError) as exc:
-            # The socket went away, or the database did (OSError) mid catch-up.
+        except (ConnectionError, RuntimeError, *self.hub.storage.unavailable_errors) as exc:
+            # The socket went away, or the database did mid catch-up.
             log.info("push to %s stopped: %s", self.identity, exc)
         except Exception:
             log.exception("push to %s failed", self.identity)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -35,6 +36,10 @@ CHANNEL = "conclave_ds"
 log = logging.getLogger(__name__)
 # Back-off between attempts to re-establish LISTEN after its connection died (seconds).
 RELISTEN_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+# PostgreSQL refuses a NOTIFY channel name longer than this (NAMEDATALEN - 1) and a payload of
+# 8000 bytes or more.
+MAX_CHANNEL = 63
+MAX_PAYLOAD = 7999
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS identities (
@@ -76,9 +81,12 @@ class PostgresStorage(Storage):
 
     unavailable_errors = (
         OSError,
-        asyncpg.PostgresConnectionError,  # includes CannotConnectNowError (starting up)
-        asyncpg.InterfaceError,  # includes ConnectionDoesNotExistError (lost mid-query)
-        asyncpg.AdminShutdownError,
+        asyncpg.PostgresConnectionError,  # includes ConnectionDoesNotExistError (lost mid-query)
+        asyncpg.InterfaceError,
+        asyncpg.AdminShutdownError,  # 57P01: the server is shutting down or ended this session
+        asyncpg.CrashShutdownError,  # 57P02
+        asyncpg.CannotConnectNowError,  # 57P03: the server is starting up or shutting down
+        asyncpg.TooManyConnectionsError,  # 53300: every connection slot is taken
     )
 
     def __init__(self, dsn: str, schema: str | None = None, pool_size: int = 10) -> None:
@@ -101,20 +109,21 @@ class PostgresStorage(Storage):
 
     async def open(self) -> None:
         settings = {"search_path": self.schema} if self.schema else {}
-        if self.schema:
-            conn = await asyncpg.connect(self.dsn)
-            try:
-                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
-            finally:
-                await conn.close()
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            # Instances starting together must not race on CREATE SCHEMA or CREATE TABLE (both
+            # can fail with a unique violation when run at once): one at a time.
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(7243001)")
+                if self.schema:
+                    await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                    await conn.execute(f'SET LOCAL search_path TO "{self.schema}"')
+                await conn.execute(SCHEMA)
+        finally:
+            await conn.close()
         self._pool = await asyncpg.create_pool(
             self.dsn, min_size=1, max_size=self.pool_size, server_settings=settings
         )
-        async with self.pool.acquire() as conn:
-            # Two instances starting together must not race on CREATE TABLE.
-            async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock(7243001)")
-                await conn.execute(SCHEMA)
         self._closing = False
         await self._listen()
 
@@ -151,7 +160,12 @@ class PostgresStorage(Storage):
 
     @property
     def _channel(self) -> str:
-        return f"{CHANNEL}_{self.schema}" if self.schema else CHANNEL
+        if not self.schema:
+            return CHANNEL
+        channel = f"{CHANNEL}_{self.schema}"
+        if len(channel) > MAX_CHANNEL:  # a long schema name: a digest of it fits
+            channel = f"{CHANNEL}_h{hashlib.sha256(self.schema.encode()).hexdigest()[:40]}"
+        return channel
 
     async def close(self) -> None:
         self._closing = True
@@ -405,10 +419,30 @@ class PostgresStorage(Storage):
                     "INSERT INTO welcomes (identity, group_id, seq) VALUES ($1, $2, $3)",
                     [(r, gid, seq) for r in message.recipients],
                 )
-            note = {"i": self.instance, "g": gid.hex(), "s": seq,
-                    "r": None if message.recipients is None else list(message.recipients)}
-            await conn.execute("SELECT pg_notify($1, $2)", self._channel, json.dumps(note))
+            for note in self._notes(gid, seq, message.recipients):
+                await conn.execute("SELECT pg_notify($1, $2)", self._channel, note)
         return seq
+
+    def _notes(self, gid: bytes, seq: int, recipients: tuple[str, ...] | None) -> list[str]:
+        """The announcement of an append, split into several if its recipients do not fit one
+        NOTIFY payload (a Welcome to many identities): each one names some of them, and other
+        instances handle the repeats as they handle any announcement they have seen already."""
+        head = {"i": self.instance, "g": gid.hex(), "s": seq}
+        if recipients is None:
+            return [json.dumps({**head, "r": None})]
+        room = MAX_PAYLOAD - len(json.dumps({**head, "r": []}))
+        notes: list[str] = []
+        chunk: list[str] = []
+        size = 0
+        for r in recipients:
+            cost = len(json.dumps(r)) + 2  # ASCII-escaped, with a ", " separator
+            if chunk and size + cost > room:
+                notes.append(json.dumps({**head, "r": chunk}))
+                chunk, size = [], 0
+            chunk.append(r)
+            size += cost
+        notes.append(json.dumps({**head, "r": chunk}))
+        return notes
 
     async def removed_at(self, group_id: bytes, identity: str) -> int | None:
         return await self.pool.fetchval(  # type: ignore[no-any-return]
