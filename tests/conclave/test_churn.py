@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,30 +17,6 @@ from conclave.participant import Participant, RemoteTrack
 from conclave.services import Services
 from e2ee_media.codecs import clear_prefix_length
 from e2ee_media.header import decode_header
-
-
-@pytest.fixture
-async def services(tmp_path: Path) -> AsyncIterator[Services]:
-    s = Services(db=str(tmp_path / "ds.sqlite3"))
-    await s.start()
-    yield s
-    await s.stop()
-
-
-@pytest.fixture
-async def trio(services: Services, tmp_path: Path) -> AsyncIterator[list[Participant]]:
-    people = [Participant(n, services.ds_url, state_dir=tmp_path / "state")
-              for n in ("alice", "bob", "carol")]
-    for p in people:
-        await p.start()
-    alice, bob, carol = people
-    await alice.create("room")
-    await alice.invite(["bob", "carol"])
-    await bob.wait_for_welcome(5)
-    await carol.wait_for_welcome(5)
-    yield people
-    for p in people:
-        await p.close()
 
 
 def _in_step(people: list[Participant]) -> bool:

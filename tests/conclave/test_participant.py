@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import stat
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -15,30 +14,6 @@ from conclave.participant import KEY_PACKAGE_TARGET, Participant
 from conclave.services import Services
 from delivery_service.errors import StaleEpochRejected
 from mls import MLSError
-
-
-@pytest.fixture
-async def services(tmp_path: Path) -> AsyncIterator[Services]:
-    s = Services(db=str(tmp_path / "ds.sqlite3"))
-    await s.start()
-    yield s
-    await s.stop()
-
-
-@pytest.fixture
-async def trio(services: Services, tmp_path: Path) -> AsyncIterator[list[Participant]]:
-    people = [Participant(n, services.ds_url, state_dir=tmp_path / "state")
-              for n in ("alice", "bob", "carol")]
-    for p in people:
-        await p.start()
-    alice, bob, carol = people
-    await alice.create("room")
-    await alice.invite(["bob", "carol"])  # before they wait: the Welcomes must be kept
-    await bob.wait_for_welcome(5)
-    await carol.wait_for_welcome(5)
-    yield people
-    for p in people:
-        await p.close()
 
 
 async def test_invited_members_share_the_epoch(trio: list[Participant]) -> None:

@@ -23,6 +23,7 @@ from . import mlsmsg
 from .conftest import drop_schema, require_postgres
 from .pgproxy import PgProxy
 from .procs import ds_client
+from .test_instances import alice_on_a_bob_on_b
 
 
 @pytest.fixture
@@ -146,15 +147,9 @@ async def test_database_away_is_a_503_and_the_instance_recovers(
     # Before: a server starting up or shutting down (57P03, CannotConnectNowError) was a 500
     # "internal error", not a 503; and a push stream cut by the outage logged a traceback.
     proxy, (a_url, b_url), _ = proxied_pair
-    alice, bob = ds_client(b_url, "alice"), ds_client(a_url, "bob")
+    # bob listens on A, whose database goes away; alice posts on B
+    alice, bob, gid, stream = await alice_on_a_bob_on_b(b_url, a_url)
     try:
-        await alice.register()
-        await bob.register()
-        gid = os.urandom(16)
-        await alice.create_group(gid)
-        await alice.send(gid, mlsmsg.commit(gid, 0), adds=["bob"])
-        stream = await bob.connect()
-        await stream.subscribe(gid, after=1)
         assert bob.session is not None
         proxy.mode = outage
         proxy.drop()

@@ -1,57 +1,17 @@
 """Deletion in practice (RFC 9420 §9.2, §7.5, §12.4.2): what a group, the objects it hands out and
 its saved state (`Group.to_bytes`) still hold once the RFC says a secret is gone.
-
-Unlike `reachable_bytes` of test_secret_lifetime, the walk here also follows closures: a lazily
-built value (a CommitResult's GroupInfo) must not keep a superseded epoch alive.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from mls.client import Client
-from mls.crypto import Crypto
 from mls.errors import MLSError, SecretReuseError, ValidationError
 from mls.group import Group
 
 from .test_group import make_group, same_epoch
-
-
-def held_bytes(root: object) -> set[bytes]:
-    """Every bytes value reachable from `root` through attributes, slots, containers and the
-    closures of functions."""
-    seen: set[int] = set()
-    found: set[bytes] = set()
-    stack: list[Any] = [root]
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen or isinstance(obj, Crypto | type):
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, bytes | bytearray):
-            found.add(bytes(obj))
-        elif isinstance(obj, dict):
-            stack.extend(obj.keys())
-            stack.extend(obj.values())
-        elif isinstance(obj, list | tuple | set | frozenset):
-            stack.extend(obj)
-        elif isinstance(obj, str | int | float | bool) or obj is None:
-            continue
-        elif callable(obj) and hasattr(obj, "__code__"):
-            stack.extend(c.cell_contents for c in obj.__closure__ or ())
-            stack.append(getattr(obj, "__self__", None))
-        elif hasattr(obj, "__self__") and hasattr(obj, "__func__"):  # bound method
-            stack.append(obj.__self__)
-            stack.append(obj.__func__)
-        else:
-            for cls in type(obj).__mro__:
-                for name in getattr(cls, "__slots__", ()):
-                    if hasattr(obj, name):
-                        stack.append(getattr(obj, name))
-            stack.extend(getattr(obj, "__dict__", {}).values())
-    return found
+from .test_secret_lifetime import reachable_bytes
 
 
 def private_keys(group: Group) -> set[bytes]:
@@ -69,7 +29,7 @@ def epoch_secrets(group: Group, *, but: tuple[str, ...] = ("resumption_psk",)) -
 
 def test_the_walk_follows_closures() -> None:
     secret = b"\x42" * 32
-    assert secret in held_bytes(lambda: secret)
+    assert secret in reachable_bytes(lambda: secret)
 
 
 # --- §12.4.2: a removed member "SHOULD promptly delete its group state and secret tree" -------
@@ -87,7 +47,7 @@ def test_removed_member_deletes_its_secrets_and_keys() -> None:
     gb.process(removal.commit)
     assert gc.process(removal.commit).removed
     assert not gc.active
-    for where in (held_bytes(gc), {gc.to_bytes()}):
+    for where in (reachable_bytes(gc), {gc.to_bytes()}):
         leaked = {s for s in secrets | keys if any(s in b for b in where)}
         assert not leaked, f"{len(leaked)} secret(s) kept by the removed member"
     assert gc._state.secret_tree.retained_nodes == []
@@ -123,11 +83,11 @@ def test_commit_result_keeps_no_keys_of_its_epoch(how: str) -> None:
     nxt = ga.update()
     ga.merge_pending_commit()
     gb.process(nxt.commit)
-    assert not keys & held_bytes(ga)
+    assert not keys & reachable_bytes(ga)
     # The result outlives its epoch: it holds none of its keys, GroupInfo read or not.
-    assert not (keys | secrets) & held_bytes(result)
+    assert not (keys | secrets) & reachable_bytes(result)
     assert result.group_info
-    assert not (keys | secrets) & held_bytes(result)
+    assert not (keys | secrets) & reachable_bytes(result)
 
 
 def test_group_info_built_late_equals_the_one_built_at_once() -> None:
@@ -157,6 +117,6 @@ def test_superseded_state_holds_no_private_keys() -> None:
     ga.process(result.commit)
     assert old.private_state is None and old.own_update_privs == {}
     assert old.resumption_psks == {}
-    assert not keys & held_bytes(old)
+    assert not keys & reachable_bytes(old)
     # The new leaf key came from the committed Update; the old one is gone everywhere.
-    assert not (keys - private_keys(ga)) & held_bytes(ga)
+    assert not (keys - private_keys(ga)) & reachable_bytes(ga)

@@ -1,0 +1,38 @@
+"""Fixtures shared by the participant tests: the services on loopback, and a call of three."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from conclave.participant import Participant
+from conclave.services import Services
+
+
+@pytest.fixture
+async def services(tmp_path: Path) -> AsyncIterator[Services]:
+    s = Services(db=str(tmp_path / "ds.sqlite3"))
+    await s.start()
+    yield s
+    await s.stop()
+
+
+@pytest.fixture
+async def trio(services: Services, tmp_path: Path) -> AsyncIterator[list[Participant]]:
+    """alice, bob and carol in one call (alice created it and invited the others)."""
+    people = [
+        Participant(n, services.ds_url, state_dir=tmp_path / "state")
+        for n in ("alice", "bob", "carol")
+    ]
+    for p in people:
+        await p.start()
+    alice, bob, carol = people
+    await alice.create("room")
+    await alice.invite(["bob", "carol"])  # before they wait: the Welcomes must be kept
+    await bob.wait_for_welcome(5)
+    await carol.wait_for_welcome(5)
+    yield people
+    for p in people:
+        await p.close()
