@@ -186,25 +186,52 @@ class _FrameCheckingJitterBuffer(JitterBuffer):
             original.capacity, prefetch=original._prefetch, is_video=original._is_video
         )
         self._mime_type_of = mime_type_of
-        self._stalled_since: float | None = None  # since when packets came but no frame left
+        # Video: sequence numbers not yet received, each with when it was first missed (a
+        # repair can take a round trip or two; only a hole that old is given up, however long
+        # a large frame takes to arrive).
+        self._missing: dict[int, float] = {}
+        self._newest: int | None = None
         self.gaps_given_up = 0
 
     def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
         pli_flag, frame = super().add(packet)
-        if not self._is_video or frame is not None:
-            self._stalled_since = None
+        if not self._is_video:
             return pli_flag, frame
         now = time.monotonic()
-        if self._stalled_since is None:
-            self._stalled_since = now
-        elif now - self._stalled_since >= VIDEO_GAP_GIVE_UP:
-            self._stalled_since = now
-            if self._skip_gap():
+        self._track_holes(packet.sequence_number, now)
+        if frame is None and self._missing:
+            since = self._oldest_hole_since()
+            if since is not None and now - since >= VIDEO_GAP_GIVE_UP and self._skip_gap():
                 self.gaps_given_up += 1
                 pli_flag = True  # the frames after the hole need the lost one: a keyframe
                 if self._origin is not None:
                     frame = self._remove_frame(packet.sequence_number)
         return pli_flag, frame
+
+    def _track_holes(self, seq: int, now: float) -> None:
+        missing = self._missing
+        if missing.pop(seq, None) is not None:
+            return  # a hole filled: a repair, or a late packet
+        if self._newest is None:
+            self._newest = seq
+            return
+        ahead = (seq - self._newest) & 0xFFFF
+        if 0 < ahead < 0x8000:
+            for k in range(1, min(ahead, self._capacity)):
+                missing[(self._newest + k) & 0xFFFF] = now
+            self._newest = seq
+            while len(missing) > self._capacity:
+                del missing[next(iter(missing))]
+
+    def _oldest_hole_since(self) -> float | None:
+        """When the oldest hole still ahead of the buffer's start was first missed."""
+        origin = self._origin
+        for seq, since in list(self._missing.items()):
+            if origin is None or 0 < (origin - seq) & 0xFFFF < 0x8000:
+                del self._missing[seq]  # behind the start: skipped already
+                continue
+            return since
+        return None
 
     def _remove_audio_frame(self) -> JitterFrame | None:
         """The oldest packet held once `prefetch` newer ones are here, a hole before it given

@@ -9,6 +9,8 @@ read from ciphertext bytes), and video must resume after it.
 
 from __future__ import annotations
 
+import pytest
+
 from conclave.media import PatternTrack
 from tests.e2ee_media.sfu_call import Call, NoiseTrack, PacketFilter, wait_for
 
@@ -127,11 +129,48 @@ async def test_audio_loses_only_the_packets_lost_and_gains_no_delay() -> None:
         call.down = drop
         await wait_for(lambda: counts["dropped"] == drops and counts["passed"] >= 100, 15)
         # every frame that came is played, but those still waiting in the buffer
-        await wait_for(
-            lambda: call.decoded["audio"] - decoded >= counts["passed"] - buffer.held, 5
-        )
+        await wait_for(lambda: call.decoded["audio"] - decoded >= counts["passed"] - buffer.held, 5)
         held = buffer.held
     finally:
         await call.stop()
     assert held <= buffer._prefetch + 1, held
     assert sum(call.decryptors["audio"].stats.failures.values()) == 0
+
+
+def test_a_large_frame_repaired_late_in_its_arrival_is_not_given_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A keyframe that takes 1.5 s to arrive (a slow link) with a packet lost a second into it
+    and repaired 0.1 s later: the hole was young, the frame is whole, nothing is given up (nor
+    is another keyframe asked for, which on such a link would never arrive whole either)."""
+    from aiortc.jitterbuffer import JitterBuffer
+    from aiortc.rtp import RtpPacket
+
+    import e2ee_media.aiortc_hooks as hooks
+
+    clock = [0.0]
+    monkeypatch.setattr(hooks.time, "monotonic", lambda: clock[0])
+    buffer = hooks._FrameCheckingJitterBuffer(
+        JitterBuffer(capacity=512, is_video=True), lambda pt: "video/vp8"
+    )
+
+    def packet(seq: int, timestamp: int, first: bool) -> RtpPacket:
+        p = RtpPacket(
+            payload_type=96,
+            sequence_number=seq,
+            timestamp=timestamp,
+            payload=bytes([0x10 if first else 0x00, 0]),
+        )
+        p._data = bytes([seq & 0xFF])  # type: ignore[attr-defined]
+        return p
+
+    order = [*range(1, 68), *range(69, 75), 68, *range(75, 101)]  # 68 lost, at 1 s in
+    frames = []
+    for seq in order:
+        clock[0] += 0.015
+        frames.append(buffer.add(packet(seq, 3000, seq == 1))[1])
+    clock[0] += 0.015
+    pli, frame = buffer.add(packet(101, 6000, True))  # the next frame releases it
+    assert frames == [None] * len(order) and not pli
+    assert frame is not None and frame.data == bytes(range(1, 101))
+    assert not getattr(frame, "incomplete", False) and buffer.gaps_given_up == 0
