@@ -201,11 +201,14 @@ class _FrameCheckingJitterBuffer(JitterBuffer):
         self._track_holes(packet.sequence_number, now)
         if frame is None and self._missing:
             since = self._oldest_hole_since()
-            if since is not None and now - since >= VIDEO_GAP_GIVE_UP and self._skip_gap():
-                self.gaps_given_up += 1
-                pli_flag = True  # the frames after the hole need the lost one: a keyframe
-                if self._origin is not None:
-                    frame = self._remove_frame(packet.sequence_number)
+            if since is not None and now - since >= VIDEO_GAP_GIVE_UP:
+                if self._skip_gap():
+                    self.gaps_given_up += 1
+                    pli_flag = True  # the frames after the hole need the lost one: a keyframe
+                    if self._origin is not None:
+                        frame = self._remove_frame(packet.sequence_number)
+                else:  # it holds nothing back (the buffer started again past it): forget it
+                    del self._missing[next(iter(self._missing))]
         return pli_flag, frame
 
     def _track_holes(self, seq: int, now: float) -> None:
