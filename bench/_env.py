@@ -6,6 +6,7 @@ The line has single spaces only, so `conclave bench` never mistakes it for a tab
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import platform
@@ -18,7 +19,7 @@ def positive(kind: Callable[[str], float] = float) -> Callable[[str], float]:
     def parse(text: str) -> float:
         value = kind(text)  # a ValueError: argparse says "invalid float value: 'x'"
         if not (value > 0 and math.isfinite(value)):  # nan and inf too
-            raise _argument_error(f"must be a finite number above 0, got {text}")
+            raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
         return value
 
     parse.__name__ = kind.__name__
@@ -31,17 +32,11 @@ def at_least(minimum: int) -> Callable[[str], int]:
     def integer(text: str) -> int:
         value = int(text)
         if value < minimum:
-            raise _argument_error(f"must be at least {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         return value
 
     integer.__name__ = "int"
     return integer
-
-
-def _argument_error(message: str) -> Exception:
-    import argparse
-
-    return argparse.ArgumentTypeError(message)
 
 
 def cpu_model() -> str:

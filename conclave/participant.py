@@ -538,11 +538,7 @@ class Participant:
         assert self.group is not None
         self._remember_names()
         if self.keys.update(self.group):
-            # The old epoch's receive keys go when its grace period ends, whether or not a
-            # frame comes to make the key manager look (a quiet track would keep them).
-            asyncio.get_running_loop().call_later(
-                self.keys.grace_period + 0.01, self.keys.expire
-            )
+            self._expire_keys_after_grace()
         self._epoch_since = time.monotonic()
         self.save()
         self._forget_done_requests()
@@ -553,13 +549,18 @@ class Participant:
         async with self.epoch_changed:
             self.epoch_changed.notify_all()
 
+    def _expire_keys_after_grace(self) -> None:
+        """The retiring epoch's receive keys go when its grace period ends, whether or not a
+        frame comes to make the key manager look (a quiet track would keep them)."""
+        asyncio.get_running_loop().call_later(self.keys.grace_period + 0.01, self.keys.expire)
+
     async def _mark_removed(self) -> None:
         self.removed = True
         self._requests.clear()
         # Out of the group: nothing more is sent under its keys, and the last epoch's receive
         # keys go when the grace period ends (as the MLS state deleted its secrets).
         self.keys.retire()
-        asyncio.get_running_loop().call_later(self.keys.grace_period + 0.01, self.keys.expire)
+        self._expire_keys_after_grace()
         self.save()
         async with self.epoch_changed:
             self.epoch_changed.notify_all()

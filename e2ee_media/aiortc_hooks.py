@@ -228,12 +228,12 @@ class _FrameCheckingJitterBuffer(JitterBuffer):
 
     def _oldest_hole_since(self) -> float | None:
         """When the oldest hole still ahead of the buffer's start was first missed."""
-        origin = self._origin
-        for seq, since in list(self._missing.items()):
-            if origin is None or 0 < (origin - seq) & 0xFFFF < 0x8000:
-                del self._missing[seq]  # behind the start: skipped already
-                continue
-            return since
+        origin, missing = self._origin, self._missing
+        while missing:  # per packet: look at the oldest only, no copy of the dict
+            seq = next(iter(missing))
+            if origin is not None and not 0 < (origin - seq) & 0xFFFF < 0x8000:
+                return missing[seq]
+            del missing[seq]  # behind the start: skipped already
         return None
 
     def _remove_audio_frame(self) -> JitterFrame | None:

@@ -204,9 +204,7 @@ class MLSKeyManager:
         member added back) installs the new epoch as on a first join."""
         now = self.clock() if now is None else now
         with self._send_lock:
-            for key in self._send.values():
-                self.sframe.remove_key(key.kid)
-            self._send.clear()
+            self._drop_send_keys()
             if self.current is not None:
                 self.current.expires_at = now + self.grace_period
                 self.current = None
@@ -217,9 +215,7 @@ class MLSKeyManager:
         self, epoch: int, s: int, senders: frozenset[int], leaf: int, base_key: bytes, now: float
     ) -> None:
         # Sender: the old epoch's send keys go at once (and with them their secrets).
-        for key in self._send.values():
-            self.sframe.remove_key(key.kid)
-        self._send.clear()
+        self._drop_send_keys()
         # Receiver: earlier epochs stay for the grace period.
         if self.current is not None:
             self.current.expires_at = now + self.grace_period
@@ -230,6 +226,11 @@ class MLSKeyManager:
         self._epochs[slot] = keys
         self.current = keys
         self.leaf_index = leaf
+
+    def _drop_send_keys(self) -> None:  # under _send_lock
+        for key in self._send.values():
+            self.sframe.remove_key(key.kid)
+        self._send.clear()
 
     def expire(self, now: float | None = None) -> None:
         """Delete epochs whose grace period has passed."""
