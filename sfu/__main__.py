@@ -15,7 +15,15 @@ from aiohttp import web
 
 from sfu.config import SFUConfig, read_token_secret
 from sfu.errors import SFUError
-from sfu.workers import Supervisor, Worker, bind, stop_with_parent
+from sfu.workers import (
+    HANG_TIMEOUT,
+    HEARTBEAT_INTERVAL,
+    Supervisor,
+    Worker,
+    bind,
+    heartbeat,
+    stop_with_parent,
+)
 
 EPILOG = """\
 ports: worker i of --workers N listens on PORT+i (HTTP, on --host): WebSocket signalling at
@@ -28,9 +36,11 @@ workers: each room lives in one worker (a hash of its name). --max-rooms counts 
 its own /metrics, counting only its rooms, and names itself in
 sfu_worker_info{worker,workers,port}: scrape every port. /healthz answers for its own worker
 only. Worker 0 binds every port first (a port in use stops the whole SFU before anything
-serves), then starts the others; a worker that exits is restarted with a growing delay (1, 2,
-4, then 8 s) and meanwhile worker 0 refuses joins for its rooms with code "unavailable"; at
-the 5th failure in a row the SFU stops with exit status 1. SIGTERM or SIGINT to worker 0 stops
+serves), then starts the others. Each worker's event loop sends worker 0 a heartbeat every
+second; one silent for --hang-timeout seconds (a stuck loop) is killed. A worker that exits or
+is killed is restarted with a growing delay (1, 2, 4, then 8 s) and meanwhile worker 0 refuses
+joins for its rooms with code "unavailable"; at the 5th failure in a row the SFU stops with
+exit status 1. SIGTERM or SIGINT to worker 0 stops
 every worker; the others also stop by themselves if worker 0 dies.
 
 secret file: the room-token secret shared with the delivery service, in hex (the value of its
@@ -83,9 +93,18 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="processes, one per core: worker i listens on PORT+i and serves its share of rooms",
     )
+    parser.add_argument(
+        "--hang-timeout",
+        type=float,
+        default=HANG_TIMEOUT,
+        metavar="SECONDS",
+        help="with --workers: restart a worker whose event loop sent no heartbeat for this "
+        f"long (default {HANG_TIMEOUT:g})",
+    )
     # Internal: how worker 0 starts worker i (the secret comes on stdin, the sockets as fds).
     parser.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--listen-fds", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--heartbeat-fd", type=int, default=-1, help=argparse.SUPPRESS)
     parser.add_argument(
         "--log-level",
         default="INFO",
@@ -95,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    if not args.hang_timeout >= 2 * HEARTBEAT_INTERVAL:  # also refuses nan
+        parser.error(f"--hang-timeout must be at least {2 * HEARTBEAT_INTERVAL:g} seconds")
     if not 0 < args.port or args.port + args.workers - 1 > 65535:
         parser.error("--port (plus one per extra worker) must be within 1-65535")
     child = bool(args.listen_fds)
@@ -160,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             [sys.executable, "-m", "sfu", *(argv if argv is not None else sys.argv[1:])],
             secret,
             workers[1:],
+            hang_timeout=args.hang_timeout,
         )
 
     from sfu import aiortc_hooks
@@ -185,6 +207,15 @@ def main(argv: list[str] | None = None) -> int:
         app.on_shutdown.insert(0, stop_restarting)
         for worker in sup.workers:
             sup.start(worker)
+    if child and args.heartbeat_fd >= 0:
+        beat_fd = args.heartbeat_fd
+
+        async def beat(app: web.Application) -> AsyncIterator[None]:
+            task = asyncio.ensure_future(heartbeat(beat_fd))
+            yield
+            task.cancel()
+
+        app.cleanup_ctx.append(beat)
     # Everything imported so far lives as long as the process: keep it out of the cyclic GC's
     # full collections, which otherwise stall forwarding for tens of ms (the p99 latency).
     gc.freeze()

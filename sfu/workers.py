@@ -1,5 +1,5 @@
 """Worker processes of one SFU (`python -m sfu --workers N`): worker 0 binds every worker's
-port, starts workers 1..N-1, restarts one that exits, and stops them all when it stops."""
+port, starts workers 1..N-1, restarts one that exits or hangs, and stops them all when it stops."""
 
 from __future__ import annotations
 
@@ -23,6 +23,12 @@ MAX_RESTART_DELAY = 8.0
 STABLE_AFTER = 30.0
 MAX_FAILURES = 5
 POLL_INTERVAL = 0.2
+# Each worker's event loop writes a byte to worker 0 every HEARTBEAT_INTERVAL; a worker silent for
+# the hang timeout (`--hang-timeout`, default HANG_TIMEOUT) is killed and restarted: a stuck
+# event loop holds its rooms' media and signalling hostage without ever exiting.
+HEARTBEAT_INTERVAL = 1.0
+HANG_TIMEOUT = 20.0
+STARTUP_TIMEOUT = 30.0  # until its first heartbeat (imports, start-up on a loaded machine)
 STOP_TIMEOUT = 10.0  # seconds a worker may take to stop after SIGTERM before it is killed
 
 
@@ -55,6 +61,10 @@ class Worker:
     started: float = 0.0
     failures: int = 0
     restart_at: float = 0.0
+    heartbeat_fd: int = -1  # worker 0's (non-blocking) end of the worker's heartbeat pipe
+    last_beat: float = 0.0
+    beating: bool = False  # a heartbeat came since the worker was started
+    hung: bool = False  # killed by worker 0 for missing heartbeats
 
 
 @dataclass
@@ -62,30 +72,47 @@ class Supervisor:
     """Worker 0's view of workers 1..N-1: starts them, restarts them, stops them.
 
     Each worker gets its listening sockets (bound by worker 0) by inheritance and the token
-    secret on its stdin, which it then watches: end of file means worker 0 is gone.
+    secret on its stdin, which it then watches: end of file means worker 0 is gone. It writes
+    heartbeats to a pipe of its own (`heartbeat`); one that stops for `hang_timeout` seconds is
+    killed and restarted like one that exited.
     """
 
     command: list[str]
     secret: bytes = field(repr=False)
     workers: list[Worker]
+    hang_timeout: float = HANG_TIMEOUT
     failed: str = ""  # why the SFU gave up, if it did
     stopping: bool = False
 
     def start(self, worker: Worker) -> None:
         fds = [sock.fileno() for sock in worker.sockets]
+        self._close_heartbeat(worker)
+        beat_read, beat_write = os.pipe()
+        os.set_blocking(beat_read, False)
         command = [*self.command, "--worker-index", str(worker.index)]
         try:
             worker.proc = subprocess.Popen(
-                [*command, "--listen-fds", ",".join(map(str, fds))],
+                [
+                    *command,
+                    "--listen-fds",
+                    ",".join(map(str, fds)),
+                    "--heartbeat-fd",
+                    str(beat_write),
+                ],
                 stdin=subprocess.PIPE,
-                pass_fds=fds,
+                pass_fds=[*fds, beat_write],
                 # a terminal's Ctrl-C reaches worker 0 alone, which stops the others in order
                 start_new_session=True,
             )
         except OSError as exc:
+            os.close(beat_read)
             self._failed(worker, f"could not be started ({exc})")
             return
-        worker.started = time.monotonic()
+        finally:
+            os.close(beat_write)  # the worker's end, now in the worker alone
+        worker.heartbeat_fd = beat_read
+        worker.started = worker.last_beat = time.monotonic()
+        worker.hung = worker.beating = False
         assert worker.proc.stdin is not None
         try:
             worker.proc.stdin.write(self.secret.hex().encode() + b"\n")
@@ -115,14 +142,48 @@ class Supervisor:
                     continue
                 status = worker.proc.poll()
                 if status is None:
+                    self._check_heartbeat(worker, now)
                     if worker.failures and now - worker.started >= STABLE_AFTER:
                         worker.failures = 0
                     continue
                 if worker.proc.stdin is not None:
                     worker.proc.stdin.close()
                 worker.proc = None
-                how = f"was killed by signal {-status}" if status < 0 else f"exited ({status})"
+                self._close_heartbeat(worker)
+                if worker.hung:
+                    how = "sent no heartbeats and was killed"
+                elif status < 0:
+                    how = f"was killed by signal {-status}"
+                else:
+                    how = f"exited ({status})"
                 self._failed(worker, how)
+
+    def _check_heartbeat(self, worker: Worker, now: float) -> None:
+        """Note the worker's heartbeats; kill it (`watch` then restarts it) once they stop."""
+        try:
+            if os.read(worker.heartbeat_fd, 4096):
+                worker.last_beat = now
+                worker.beating = True
+        except OSError:
+            pass  # none since the last look (or its end closed: it exited, `poll` will tell)
+        timeout = self.hang_timeout if worker.beating else max(self.hang_timeout, STARTUP_TIMEOUT)
+        if worker.hung or now - worker.last_beat < timeout:
+            return
+        worker.hung = True
+        logger.error(
+            "worker %d (port %d) sent no heartbeat for %g s: killing it",
+            worker.index,
+            worker.port,
+            timeout,
+        )
+        assert worker.proc is not None
+        worker.proc.kill()
+
+    @staticmethod
+    def _close_heartbeat(worker: Worker) -> None:
+        if worker.heartbeat_fd >= 0:
+            os.close(worker.heartbeat_fd)
+            worker.heartbeat_fd = -1
 
     def _failed(self, worker: Worker, how: str) -> None:
         """Schedule the restart of a worker that `how` ended, or give up."""
@@ -159,6 +220,24 @@ class Supervisor:
                 proc.wait()
             if proc.stdin is not None:
                 proc.stdin.close()
+        for worker in self.workers:
+            self._close_heartbeat(worker)
+
+
+async def heartbeat(fd: int, interval: float = HEARTBEAT_INTERVAL) -> None:
+    """In workers 1..N-1: tell worker 0, through `fd`, that this event loop still runs."""
+    os.set_blocking(fd, False)
+    try:
+        while True:
+            try:
+                os.write(fd, b".")
+            except BlockingIOError:
+                pass  # worker 0 has not read the last ones yet: they already told it
+            except OSError:
+                return  # worker 0 is gone: `stop_with_parent` stops this worker
+            await asyncio.sleep(interval)
+    finally:
+        os.close(fd)
 
 
 def stop_with_parent() -> None:

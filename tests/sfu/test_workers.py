@@ -63,12 +63,12 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _start(secret_file: Path, port: int, workers: int) -> subprocess.Popen[bytes]:
+def _start(secret_file: Path, port: int, workers: int, *options: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
             sys.executable, "-m", "sfu", "--host", "127.0.0.1", "--port", str(port),
             "--token-secret-file", str(secret_file), "--workers", str(workers),
-            "--log-level", "WARNING",
+            "--log-level", "WARNING", *options,
         ],
         stderr=subprocess.PIPE,
     )  # fmt: skip
@@ -113,12 +113,12 @@ def _room_of(worker: int, workers: int, port: int) -> str:
 
 
 async def _start_healthy(
-    tmp_path: Path, workers: int, processes: list[int]
+    tmp_path: Path, workers: int, processes: list[int], *options: str
 ) -> tuple[subprocess.Popen[bytes], int]:
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET.hex() + "\n")
     port = _free_ports(workers)
-    proc = _start(secret_file, port, workers)
+    proc = _start(secret_file, port, workers, *options)
     processes.append(proc.pid)
     async with aiohttp.ClientSession() as session:
 
@@ -170,6 +170,39 @@ async def test_a_crashed_worker_is_restarted(tmp_path: Path, processes: list[int
     proc.terminate()
     assert proc.wait(timeout=10) == 0
     assert b"worker 1" in proc.stderr.read()  # type: ignore[union-attr]  # the crash is logged
+
+
+async def test_a_hung_worker_is_killed_and_restarted(tmp_path: Path, processes: list[int]) -> None:
+    proc, port = await _start_healthy(tmp_path, 2, processes, "--hang-timeout", "2")
+    [child] = _children(proc.pid)
+    await asyncio.sleep(3)  # past the timeout: a worker that beats is left alone
+    assert _children(proc.pid) == [child] and _alive(child)
+    os.kill(child, signal.SIGSTOP)  # its event loop no longer runs, and it does not exit
+
+    def replaced() -> bool:
+        return not _alive(child) and any(_alive(c) for c in _children(proc.pid))
+
+    assert await _wait(replaced, 10), "the hung worker was not replaced"
+    processes.extend(_children(proc.pid))
+    async with aiohttp.ClientSession() as session:
+        assert await _wait(lambda: _healthy(session, port + 1), 15), "no new worker 1"
+    proc.terminate()
+    assert proc.wait(timeout=10) == 0
+    text = proc.stderr.read().decode()  # type: ignore[union-attr]
+    assert "worker 1" in text and "sent no heartbeat for 2 s: killing it" in text
+    assert "Traceback" not in text
+
+
+@pytest.mark.parametrize("value", ["1", "nan", "soon"])
+def test_a_bad_hang_timeout_is_one_clear_error(tmp_path: Path, value: str) -> None:
+    (tmp_path / "s").write_bytes(SECRET)
+    result = subprocess.run(
+        [sys.executable, "-m", "sfu", "--workers", "2", "--hang-timeout", value,
+         "--port", str(_free_ports(2)), "--token-secret-file", str(tmp_path / "s")],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--hang-timeout" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_busy_port_of_a_later_worker_stops_everything(
@@ -231,5 +264,5 @@ def test_help_tells_the_operator_about_ports_and_workers() -> None:
     )
     text = " ".join(result.stdout.split())
     assert result.returncode == 0
-    for phrase in ("PORT+i", "per worker", "/metrics", "hex", "loopback", "restarted"):
+    for phrase in ("PORT+i", "per worker", "/metrics", "hex", "loopback", "restarted", "heartbeat"):
         assert phrase in text, phrase
