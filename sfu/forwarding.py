@@ -282,11 +282,15 @@ class Slot:
             out_ts = (header.timestamp + self.ts_offset) & 0xFFFFFFFF
             head = _pack_header(b0, self._b1[header.marker], seq, out_ts, self.ssrc)
             resent[seq] = now
-            self.metrics.retransmissions_sent += 1
             try:
                 self.send_packet((head, rest))
             except ConnectionError:
                 return
+            self.metrics.retransmissions_sent += 1
+            # sent again on this SSRC: the SR's counts are of packets and octets transmitted
+            # (RFC 3550 §6.4.1), as libwebrtc counts retransmissions in them
+            self.packets_sent += 1
+            self.octets_sent += len(payload) - header.padding
 
     def send_packet(self, packet: tuple[bytes, bytes]) -> None:
         """Send one prepared packet, in two parts when the sender takes them."""

@@ -525,6 +525,23 @@ def test_padding_is_checked_and_never_taken_for_payload() -> None:
     assert report.sender_info.octet_count == len(KEY) + len(DELTA)  # without padding (§6.4.1)
 
 
+def test_retransmissions_are_counted_in_the_sender_report() -> None:
+    source, _ = make_source()
+    slot, down = make_slot()
+    slot.attach(source)
+    for i in range(3):
+        source.handle_rtp(rtp_packet(100 + i, 3000 * i, KEY), now=0.0)
+    slot.retransmit([parse_rtp(down.packets[1]).sequence_number], now=0.5)
+    assert len(down.packets) == 4
+    [(_, sr)] = source.handle_sender_report(1 << 40, 0, now=1.0)
+    [report] = rtcp.parse_rtcp(sr)
+    assert isinstance(report, rtcp.RtcpSrPacket)
+    # RFC 3550 §6.4.1: every RTP data packet transmitted, a retransmission on the SSRC too
+    assert report.sender_info.packet_count == 4
+    assert report.sender_info.octet_count == 4 * len(KEY)
+    assert slot.metrics.retransmissions_sent == 1
+
+
 def test_nacks_cannot_multiply_the_output() -> None:
     source, _ = make_source()
     slot, down = make_slot()
