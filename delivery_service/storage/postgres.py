@@ -36,6 +36,13 @@ CHANNEL = "conclave_ds"
 log = logging.getLogger(__name__)
 # Back-off between attempts to re-establish LISTEN after its connection died (seconds).
 RELISTEN_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+# The LISTEN connection only receives, so a connection that died without a reset (a network
+# partition, a firewall dropping idle flows) would go unnoticed for good and this instance would
+# silently stop pushing what others accept: it is asked a query every LISTEN_CHECK_INTERVAL
+# seconds and replaced when no answer comes within LISTEN_CHECK_TIMEOUT.
+LISTEN_CHECK_INTERVAL = 15.0
+LISTEN_CHECK_TIMEOUT = 5.0
+CLOSE_TIMEOUT = 5.0  # seconds `close` waits for the database before cutting its connections
 # PostgreSQL refuses a NOTIFY channel name longer than this (NAMEDATALEN - 1) and a payload of
 # 8000 bytes or more.
 MAX_CHANNEL = 63
@@ -89,16 +96,24 @@ class PostgresStorage(Storage):
         asyncpg.TooManyConnectionsError,  # 53300: every connection slot is taken
     )
 
-    def __init__(self, dsn: str, schema: str | None = None, pool_size: int = 10) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        schema: str | None = None,
+        pool_size: int = 10,
+        listen_check: tuple[float, float] = (LISTEN_CHECK_INTERVAL, LISTEN_CHECK_TIMEOUT),
+    ) -> None:
         if schema is not None and not _SCHEMA_NAME.fullmatch(schema):
             raise ValueError(f"invalid schema name {schema!r}: use lower-case letters, digits, _")
         self.dsn = dsn
         self.schema = schema
         self.pool_size = pool_size
+        self.listen_check = listen_check  # (interval, timeout) in seconds
         self.instance = os.urandom(8).hex()
         self._pool: asyncpg.Pool | None = None
         self._listen_conn: asyncpg.Connection | None = None
         self._relisten_task: asyncio.Task[None] | None = None
+        self._check_task: asyncio.Task[None] | None = None
         self._closing = False
 
     @property
@@ -126,6 +141,7 @@ class PostgresStorage(Storage):
         )
         self._closing = False
         await self._listen()
+        self._check_task = asyncio.get_running_loop().create_task(self._check_listen())
 
     async def _listen(self) -> None:
         settings = {"search_path": self.schema} if self.schema else {}
@@ -141,6 +157,26 @@ class PostgresStorage(Storage):
             return
         log.warning("lost the PostgreSQL LISTEN connection; reconnecting")
         self._relisten_task = asyncio.get_running_loop().create_task(self._relisten())
+
+    async def _check_listen(self) -> None:
+        """Replace the LISTEN connection when it stops answering (see LISTEN_CHECK_INTERVAL)."""
+        interval, timeout = self.listen_check
+        while not self._closing:
+            await asyncio.sleep(interval)
+            conn = self._listen_conn
+            relistening = self._relisten_task is not None and not self._relisten_task.done()
+            if conn is None or conn.is_closed() or relistening:
+                continue  # being replaced already
+            try:
+                await asyncio.wait_for(conn.fetchval("SELECT 1"), timeout)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                if self._closing or conn is not self._listen_conn:
+                    continue
+                log.warning(
+                    "the PostgreSQL LISTEN connection did not answer within %g s; reconnecting",
+                    timeout,
+                )
+                conn.terminate()  # its termination listener reconnects (`_on_listen_lost`)
 
     async def _relisten(self) -> None:
         attempt = 0
@@ -169,17 +205,27 @@ class PostgresStorage(Storage):
 
     async def close(self) -> None:
         self._closing = True
+        if self._check_task is not None:
+            self._check_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._check_task
+            self._check_task = None
         if self._relisten_task is not None:
             self._relisten_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._relisten_task
             self._relisten_task = None
+        # A connection whose peer is gone without a reset would make a graceful close wait
+        # for good: after CLOSE_TIMEOUT it is cut instead.
         if self._listen_conn is not None:
-            with contextlib.suppress(OSError, asyncpg.InterfaceError):
-                await self._listen_conn.close()
+            with contextlib.suppress(OSError, asyncpg.InterfaceError, TimeoutError):
+                await self._listen_conn.close(timeout=CLOSE_TIMEOUT)  # cut on timeout
             self._listen_conn = None
         if self._pool is not None:
-            await self._pool.close()
+            try:
+                await asyncio.wait_for(self._pool.close(), CLOSE_TIMEOUT)
+            except TimeoutError:
+                self._pool.terminate()
             self._pool = None
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:

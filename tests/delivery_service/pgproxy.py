@@ -1,7 +1,8 @@
 """A TCP proxy in front of PostgreSQL, to take "the database" away from one service instance
 without touching the shared server: `up` forwards, `starting` answers every new connection as a
 server that is starting up or shutting down does (FATAL 57P03), `down` refuses it; `drop()`
-cuts every open connection, as a restart does."""
+cuts every open connection, as a restart does; `stall(port)` makes one open connection a black
+hole that stays open, as a network partition does."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ class PgProxy:
         self.mode = "up"
         self.port = 0
         self._writers: set[asyncio.StreamWriter] = set()
+        self._stalled: set[asyncio.StreamWriter] = set()  # their bytes are dropped
+        self._clients: dict[int, tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = {}
         self._server: asyncio.Server | None = None
 
     @property
@@ -39,6 +42,10 @@ class PgProxy:
         self.drop()
         if self._server is not None:
             self._server.close()
+
+    def stall(self, client_port: int) -> None:
+        """From now on, drop every byte both ways of the connection from `client_port`."""
+        self._stalled.update(self._clients[client_port])
 
     def drop(self) -> None:
         for w in list(self._writers):
@@ -60,15 +67,20 @@ class PgProxy:
             writer.transport.abort()
             return
         self._writers |= {writer, up_writer}
+        client_port = writer.get_extra_info("peername")[1]
+        self._clients[client_port] = (writer, up_writer)
         try:
             await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
         finally:
             self._writers -= {writer, up_writer}
+            self._stalled -= {writer, up_writer}
+            self._clients.pop(client_port, None)
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                if writer in self._stalled:
+                    continue
                 writer.write(data)
                 await writer.drain()
         except (OSError, RuntimeError):

@@ -100,10 +100,12 @@ async def test_a_welcome_to_many_long_names_is_announced(schemas: list[str]) -> 
 
 @pytest.fixture
 async def proxied_pair(
-    schemas: list[str],
+    schemas: list[str], request: pytest.FixtureRequest
 ) -> AsyncIterator[tuple[PgProxy, list[str], list[PostgresStorage]]]:
     """Instance A reaches the database through a proxy (so that a test can take it away from
-    A alone); instance B directly."""
+    A alone); instance B directly. A test may pass PostgresStorage options by indirect
+    parametrization."""
+    options = getattr(request, "param", {})
     dsn = require_postgres()
     schema = "ds_test_" + os.urandom(6).hex()
     schemas.append(schema)
@@ -113,7 +115,7 @@ async def proxied_pair(
     storages: list[PostgresStorage] = []
     try:
         for target in (proxy.dsn, dsn):
-            storage = PostgresStorage(target, schema=schema)
+            storage = PostgresStorage(target, schema=schema, **options)
             await storage.open()
             storages.append(storage)
             server = TestServer(make_app(DeliveryService(storage, Config(), BasicTracker()),
@@ -170,6 +172,34 @@ async def test_database_away_is_a_503_and_the_instance_recovers(
         assert isinstance(got, Message) and got.seq == after.seq
         await stream.close()
         assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    finally:
+        for c in (alice, bob):
+            await c.close()
+
+
+@pytest.mark.parametrize("proxied_pair", [{"listen_check": (0.3, 0.5)}], indirect=True)
+async def test_a_listen_connection_gone_silent_is_replaced(
+    proxied_pair: tuple[PgProxy, list[str], list[PostgresStorage]],
+) -> None:
+    # Before: a LISTEN connection that died without a reset (a partition) went unnoticed, and
+    # A never again pushed what B accepted.
+    proxy, (a_url, b_url), (storage_a, _) = proxied_pair
+    alice, bob, gid, stream = await alice_on_a_bob_on_b(b_url, a_url)
+    try:
+        before = await alice.send(gid, mlsmsg.application(gid, 1))
+        got = await stream.next(timeout=10)  # bob's stream is live on A
+        assert isinstance(got, Message) and got.seq == before.seq
+        listen_conn = storage_a._listen_conn
+        assert listen_conn is not None
+        proxy.stall(listen_conn._transport.get_extra_info("sockname")[1])
+        sent = await alice.send(gid, mlsmsg.application(gid, 1))  # its NOTIFY is lost
+        got = await stream.next(timeout=10)
+        assert isinstance(got, Message) and got.seq == sent.seq
+        assert storage_a._listen_conn is not listen_conn and listen_conn.is_closed()
+        after = await alice.send(gid, mlsmsg.application(gid, 1))  # through the new LISTEN
+        got = await stream.next(timeout=10)
+        assert isinstance(got, Message) and got.seq == after.seq
+        await stream.close()
     finally:
         for c in (alice, bob):
             await c.close()
