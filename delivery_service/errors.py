@@ -79,6 +79,20 @@ class StaleEpoch(Conflict):
         self.current_epoch = current_epoch
 
 
+class Duplicate(Conflict):
+    """An exact repeat of a handshake message already in the group's log, posted by another
+    identity than its original poster (a retry by the poster gets the original answer)."""
+
+    code = "duplicate"
+
+    def __init__(self, seq: int) -> None:
+        super().__init__(
+            f"this message is in the group's log already, at seq {seq}: it is not stored twice",
+            seq=seq,
+        )
+        self.seq = seq
+
+
 class Gone(DeliveryServiceError):
     """No KeyPackage left to claim for an identity."""
 
@@ -110,6 +124,15 @@ class TooManyRequests(DeliveryServiceError):
 
 class StorageConflict(Exception):
     """Internal: an optimistic write lost a race (the group moved on); the caller re-reads."""
+
+
+class DuplicateMessage(Exception):
+    """Internal: the storage holds this handshake message already, at `seq` (nothing was
+    stored)."""
+
+    def __init__(self, seq: int) -> None:
+        super().__init__(seq)
+        self.seq = seq
 
 
 class KeyPackageLimit(Exception):

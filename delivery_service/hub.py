@@ -8,7 +8,9 @@ missed from storage. Catch-up after a reconnect and push after an append are the
 
 That path also bounds memory: a connection with `MAX_PENDING` events queued (a slow reader) gets
 one `Resync` instead of more events, and catches up from storage when it drains; so does every
-connection after announcements from other instances may have been lost (`Hub._gap`).
+connection after announcements from other instances may have been lost (`Hub._gap`). Each read
+from storage is bounded in rows and bytes (`BATCH`, `BATCH_BYTES`), and an identity may hold
+`MAX_CONNECTIONS_PER_IDENTITY` connections per instance.
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ from .storage import Storage, StoredMessage
 
 log = logging.getLogger(__name__)
 
+# What one read from storage holds, for a catch-up or a page of Welcomes: at most BATCH rows and
+# BATCH_BYTES of data (at least one row). One message may be as large as a request body, so a
+# count alone would let a slow reader's catch-up pin hundreds of MiB.
 BATCH = 500
+BATCH_BYTES = 8 << 20
+# Push connections one identity may hold open on one instance (a client needs one).
+MAX_CONNECTIONS_PER_IDENTITY = 16
 # Events queued for one connection before it is switched to catching up from storage: a slow
 # reader costs bounded memory, and still gets every message, in order.
 MAX_PENDING = 1000
@@ -257,24 +265,28 @@ class Connection:
         while True:
             cursor = self.cursors[group_id]
             fetched = await self.hub.storage.messages_after(
-                group_id, cursor, self.identity, BATCH
+                group_id, cursor, self.identity, BATCH, max_bytes=BATCH_BYTES
             )
             batch = [m for m in fetched if upto is None or m.seq <= upto]
             for m in batch:
                 await self._push(m)
             if batch:
                 self.cursors[group_id] = batch[-1].seq
-            if len(fetched) < BATCH or len(batch) < len(fetched):
+            # a batch cut short by BATCH_BYTES is followed by more: only an empty one is the end
+            if not fetched or len(batch) < len(fetched):
                 break
         self.cursors[group_id] = max(self.cursors[group_id], known_seq)
 
     async def _welcomes(self) -> None:
         assert self.welcome_cursor is not None
-        for w in await self.hub.storage.welcomes_after(self.identity, self.welcome_cursor):
-            await self.send({"type": "welcome", "id": w.id, "group_id": w.group_id,
-                             "seq": w.seq, "welcome": w.data})
-            self.welcome_cursor = w.id
-            self.hub.metrics.inc("ds_pushed_total")
+        while welcomes := await self.hub.storage.welcomes_after(
+            self.identity, self.welcome_cursor, BATCH, BATCH_BYTES
+        ):
+            for w in welcomes:
+                await self.send({"type": "welcome", "id": w.id, "group_id": w.group_id,
+                                 "seq": w.seq, "welcome": w.data})
+                self.welcome_cursor = w.id
+                self.hub.metrics.inc("ds_pushed_total")
 
     async def close(self) -> None:
         for group_id in list(self.cursors):
@@ -296,6 +308,7 @@ class Hub:
         self.by_group: dict[bytes, set[Connection]] = {}
         self.by_identity: dict[str, set[Connection]] = {}
         self.connections: set[Connection] = set()
+        self.per_identity: dict[str, int] = {}  # open connections by identity
         storage.set_listener(self._remote, self._gap)
 
     def _remote(self, group_id: bytes, seq: int, recipients: tuple[str, ...] | None) -> None:
@@ -312,13 +325,22 @@ class Hub:
         for conn in targets:
             conn.offer(event)
 
+    def full(self, identity: str) -> bool:
+        """Whether `identity` holds as many push connections as it may (on this instance)."""
+        return self.per_identity.get(identity, 0) >= MAX_CONNECTIONS_PER_IDENTITY
+
     def add(self, identity: str, ws: web.WebSocketResponse) -> Connection:
         conn = Connection(self, identity, ws)
         self.connections.add(conn)
+        self.per_identity[identity] = self.per_identity.get(identity, 0) + 1
         self.metrics.set("ds_websockets", len(self.connections))
         return conn
 
     async def remove(self, conn: Connection) -> None:
-        self.connections.discard(conn)
+        if conn in self.connections:
+            self.connections.discard(conn)
+            left = self.per_identity.pop(conn.identity, 1) - 1
+            if left:
+                self.per_identity[conn.identity] = left
         self.metrics.set("ds_websockets", len(self.connections))
         await conn.close()

@@ -31,6 +31,8 @@ from .errors import (
     BadRequest,
     Conflict,
     DeliveryServiceError,
+    Duplicate,
+    DuplicateMessage,
     Forbidden,
     Gone,
     KeyPackageLimit,
@@ -44,6 +46,8 @@ from .errors import (
     UnsupportedMediaType,
 )
 from .hub import (
+    BATCH_BYTES,
+    MAX_CONNECTIONS_PER_IDENTITY,
     Appended,
     Hub,
     Subscribe,
@@ -62,6 +66,7 @@ from .signatures import (
     verify_with_label,
 )
 from .storage import IdentityRecord, KeyPackageRow, NewMessage, Storage, StoredMessage
+from .storage.base import message_digest
 from .tracker import GroupState, GroupTracker, MembershipHints, PublicGroupTracker
 from .wire import (
     ContentType,
@@ -83,6 +88,9 @@ MAX_LIST = 1000
 # Sequence numbers, Welcome ids and epochs are signed 64-bit integers in both databases: a cursor
 # past this is refused (400) rather than failing in the database.
 MAX_INT = (1 << 63) - 1
+# A Welcome has one EncryptedGroupSecrets per new member; each names a KeyPackageRef the service
+# resolves. As many as identities in a membership hint (MAX_LIST): more is refused (400).
+MAX_WELCOME_SECRETS = 1000
 # A commit may lose the race for its group's row to a proposal or application message of the same
 # epoch; it is then re-checked against the new state. Bounded so that a hot group cannot spin.
 APPEND_ATTEMPTS = 100
@@ -174,6 +182,12 @@ def get_str(body: dict[str, Any], key: str) -> str:
     return value
 
 
+def get_identity(body: dict[str, Any], key: str) -> str:
+    """An identity named in a request: one that could be registered (`check_identity_name`),
+    so that no name the databases cannot store (PostgreSQL refuses U+0000) reaches them."""
+    return check_identity_name(get_str(body, key))
+
+
 def check_identity_name(name: str) -> str:
     """A name that can be registered: one path segment as it is (it appears in
     /v1/identities/{identity}/...), so not "." or "..", no "/", no control character, and in
@@ -202,7 +216,7 @@ def get_str_list(body: dict[str, Any], key: str) -> frozenset[str]:
     value = body.get(key, [])
     if not isinstance(value, list) or len(value) > MAX_LIST:
         raise BadRequest(f"field {key!r} must be an array of identities")
-    return frozenset(get_str({"x": v}, "x") for v in value)
+    return frozenset(get_identity({"x": v}, "x") for v in value)
 
 
 _DECIMAL = re.compile(r"-?[0-9]+")
@@ -215,12 +229,15 @@ def query_int(request: web.Request, key: str, default: int) -> int:
         return default
     if not _DECIMAL.fullmatch(raw):
         raise BadRequest(f"query parameter {key!r} must be a decimal integer")
-    value = int(raw[:40])  # past 39 digits it is too large anyway
-    if value < 0:
+    negative = raw.startswith("-")
+    # Leading zeros are fine; past 19 significant digits it is too large, and int() is not
+    # asked to read thousands of them.
+    digits = raw.lstrip("-").lstrip("0") or "0"
+    if negative and digits != "0":
         raise BadRequest(f"query parameter {key!r} must not be negative")
-    if value > MAX_INT:
+    if len(digits) > len(str(MAX_INT)) or int(digits) > MAX_INT:
         raise BadRequest(f"query parameter {key!r} must be at most {MAX_INT}")
-    return value
+    return int(digits)
 
 
 def group_id_of(request: web.Request) -> bytes:
@@ -333,7 +350,7 @@ class DeliveryService:
         if suite not in SUPPORTED_SUITES:
             raise BadRequest(f"unsupported cipher suite {suite}")
         record = IdentityRecord(
-            check_identity_name(get_str(body, "identity")), suite,
+            get_identity(body, "identity"), suite,
             get_bytes(body, "signature_key", max_len=256),
         )
         if not is_public_key(suite, record.signature_key):
@@ -347,7 +364,7 @@ class DeliveryService:
 
     async def post_session(self, request: web.Request) -> web.Response:
         body = await read_body(request)
-        record = await self.storage.get_identity(get_str(body, "identity"))
+        record = await self.storage.get_identity(get_identity(body, "identity"))
         if record is None:
             raise Unauthorized("unknown identity: register it first")
         await self._check_proof(body, record)
@@ -413,7 +430,7 @@ class DeliveryService:
 
     async def claim_key_package(self, request: web.Request) -> web.Response:
         claimer = await self.identity_of(request)
-        target = request.match_info["identity"]
+        target = check_identity_name(request.match_info["identity"])
         data = await self.storage.claim_key_package(target, claimer, now_s())
         if data is None:
             raise Gone(f"no KeyPackage left for {target!r}")
@@ -468,6 +485,10 @@ class DeliveryService:
         if old is not None:
             pairs -= self.tracker.member_keys(old) or set()
         for identity, key in pairs:
+            try:
+                check_identity_name(identity)
+            except BadRequest as exc:
+                raise BadRequest(f"the group has a leaf for {identity!r}: {exc.reason}") from None
             record = await self.storage.get_identity(identity)
             if record is None:
                 raise Forbidden(f"the group has a leaf for {identity!r}, which is not registered")
@@ -485,8 +506,11 @@ class DeliveryService:
             raise BadRequest("group_id must not be empty")
         group_info = get_bytes(body, "group_info", optional=True)
         state = self.tracker.create(group_id, identity, group_info)
-        if state.epoch > MAX_INT:
-            raise BadRequest(f"the GroupInfo's epoch is past {MAX_INT}, which this service stores")
+        if state.epoch >= MAX_INT:
+            # Its next commit would need an epoch past what the databases store.
+            raise BadRequest(
+                f"the GroupInfo's epoch must be below {MAX_INT}, so that the group can advance"
+            )
         await self._check_member_keys(None, state)
         if not await self.storage.create_group(state, identity, now_s()):
             raise Conflict(f"group {group_id.hex()} exists already")
@@ -516,10 +540,17 @@ class DeliveryService:
             for _ in range(APPEND_ATTEMPTS):
                 state = await self._group(group_id)
                 new, message = await step(state)
+                if new.epoch > MAX_INT:
+                    raise BadRequest(
+                        f"the group is at epoch {state.epoch}, the last this service can store: "
+                        "it cannot advance"
+                    )
                 try:
                     seq = await self.storage.append(state, new, message)
                 except StorageConflict:
                     continue
+                except DuplicateMessage as exc:
+                    raise Duplicate(exc.seq) from None
                 stored = StoredMessage(
                     group_id, seq, message.kind, message.epoch, message.sender,
                     message.sender_index, message.created_ms, message.data,
@@ -532,6 +563,19 @@ class DeliveryService:
                 return new, stored
         raise Conflict("the group is too busy: retry shortly")
 
+    async def _logged(self, group_id: bytes, data: bytes) -> StoredMessage | None:
+        """The logged copy of handshake message `data`, if any. Its poster retrying (after a
+        timeout, say) is answered as the first time; a member posting a copy is refused
+        (`_refuse_copy`); a non-member meets the usual checks. Nothing is stored again, and
+        the storage's unique key refuses a copy that slips past this read (a race)."""
+        return await self.storage.find_handshake(group_id, message_digest(data))
+
+    @staticmethod
+    def _refuse_copy(earlier: StoredMessage | None, state: GroupState, identity: str) -> None:
+        # Members may read the log anyway: telling them where the message is leaks nothing.
+        if earlier is not None and identity in state.members:
+            raise Duplicate(earlier.seq)
+
     async def post_message(self, request: web.Request) -> web.Response:
         identity = await self.identity_of(request)
         group_id = group_id_of(request)
@@ -542,6 +586,14 @@ class DeliveryService:
         group_info = get_bytes(body, "group_info", optional=True)
         if group_info is not None and framed.content_type != ContentType.commit:
             raise BadRequest("a GroupInfo can only accompany a commit")
+        if framed.content_type != ContentType.application:
+            earlier = await self._logged(group_id, data)
+            if earlier is not None and earlier.sender == identity:
+                # The answer of the original: the epoch after it (a commit's is one more).
+                epoch = earlier.epoch + (earlier.kind == "commit")
+                return cbor_response({"seq": earlier.seq, "epoch": epoch}, 201)
+        else:
+            earlier = None
         for added in hints.adds:
             if await self.storage.get_identity(added) is None:
                 raise BadRequest(f"cannot add {added!r}: no such identity")
@@ -553,7 +605,7 @@ class DeliveryService:
             # else a second identity could bring back one that a member removed.
             knocked = proposed_key_package(framed)
             try:
-                knocker = knocked.identity.decode("utf-8")
+                knocker = check_identity_name(knocked.identity.decode("utf-8"))
             except UnicodeDecodeError:
                 raise BadRequest("the KeyPackage's identity is not UTF-8") from None
             record = await self.storage.get_identity(identity)
@@ -562,6 +614,7 @@ class DeliveryService:
             )
 
         async def step(state: GroupState) -> tuple[GroupState, NewMessage]:
+            self._refuse_copy(earlier, state, identity)
             if framed.sender_type in _COMING_BACK:
                 await self._check_not_expelled(state, identity)
             if knocker is not None:
@@ -617,20 +670,34 @@ class DeliveryService:
         group_id = group_id_of(request)
         body = await read_body(request)
         data = get_bytes(body, "welcome")
-        _, refs = parse_welcome(data)
-        recipients = []
-        for ref in refs:
-            owner = await self.storage.key_package_owner(ref)
-            if owner is None:
+        suite, refs = parse_welcome(data)
+        if len(refs) > MAX_WELCOME_SECRETS:
+            raise BadRequest(
+                f"the Welcome has {len(refs)} EncryptedGroupSecrets: at most "
+                f"{MAX_WELCOME_SECRETS} (one per new member)"
+            )
+        unique = list(dict.fromkeys(refs))
+        owners = await self.storage.key_package_owners(unique)
+        for ref in unique:
+            if ref not in owners:
                 raise BadRequest(
                     f"the Welcome addresses KeyPackageRef {ref.hex()}, which was not claimed "
                     "through this service"
                 )
-            recipients.append(owner)
+        recipients = sorted(set(owners.values()))
+        earlier = await self._logged(group_id, data)
+        if earlier is not None and earlier.sender == identity:
+            return cbor_response({"seq": earlier.seq, "recipients": recipients}, 201)
 
         async def step(state: GroupState) -> tuple[GroupState, NewMessage]:
             if identity not in state.members:
                 raise Forbidden(f"{identity} is not a member of this group")
+            self._refuse_copy(earlier, state, identity)
+            group_suite = self.tracker.cipher_suite(state)
+            if group_suite is not None and suite != group_suite:
+                raise BadRequest(
+                    f"the Welcome is for cipher suite {suite}, the group's is {group_suite}"
+                )
             missing = [r for r in recipients if r not in state.members]
             if missing:
                 raise Conflict(
@@ -638,11 +705,11 @@ class DeliveryService:
                 )
             return state, NewMessage(
                 "welcome", state.epoch, identity, None, int(time.time() * 1000), data,
-                tuple(sorted(set(recipients))),
+                tuple(recipients),
             )
 
         _, stored = await self._append(group_id, step)
-        return cbor_response({"seq": stored.seq, "recipients": sorted(set(recipients))}, 201)
+        return cbor_response({"seq": stored.seq, "recipients": recipients}, 201)
 
     async def put_group_info(self, request: web.Request) -> web.Response:
         identity = await self.identity_of(request)
@@ -652,10 +719,14 @@ class DeliveryService:
         header = parse_group_info(data)
         if header.group_id != group_id:
             raise BadRequest("the GroupInfo is for another group")
+        earlier = await self._logged(group_id, data)
+        if earlier is not None and earlier.sender == identity:
+            return cbor_response({"seq": earlier.seq}, 201)
 
         async def step(state: GroupState) -> tuple[GroupState, NewMessage]:
             if identity not in state.members:
                 raise Forbidden(f"{identity} is not a member of this group")
+            self._refuse_copy(earlier, state, identity)
             if header.epoch != state.epoch:
                 raise StaleEpoch(header.epoch, state.epoch)
             self.tracker.check_group_info(state, data)
@@ -694,8 +765,9 @@ class DeliveryService:
         after = query_int(request, "after", 0)
         limit = min(query_int(request, "limit", 500), 1000)
         since_epoch = query_int(request, "since_epoch", 0)
+        # a page stops early at BATCH_BYTES of messages: the client asks again after its last
         messages = await self.storage.messages_after(
-            group_id, after, identity, limit, since_epoch
+            group_id, after, identity, limit, since_epoch, max_bytes=BATCH_BYTES
         )
         body: dict[str, Any] = {"last_seq": state.last_seq, "epoch": state.epoch}
         if removed_at is not None:
@@ -709,13 +781,14 @@ class DeliveryService:
         await self._member_or_auditor_group(group_id, identity)
         after = query_int(request, "after", 0)
         limit = min(query_int(request, "limit", 1000), 5000)
-        entries = await self.storage.audit_log(group_id, after, limit)
+        entries = await self.storage.audit_log(group_id, after, limit, max_bytes=BATCH_BYTES)
         return cbor_response({"entries": [message_body(m) for m in entries]})
 
     async def get_welcomes(self, request: web.Request) -> web.Response:
         identity = await self.identity_of(request)
         after = query_int(request, "after", 0)
-        welcomes = await self.storage.welcomes_after(identity, after)
+        limit = min(query_int(request, "limit", 100), 1000)
+        welcomes = await self.storage.welcomes_after(identity, after, limit, BATCH_BYTES)
         return cbor_response(
             {"welcomes": [{"id": w.id, "group_id": w.group_id, "seq": w.seq, "welcome": w.data}
                           for w in welcomes]}
@@ -735,6 +808,12 @@ class DeliveryService:
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         identity, token_hash = await self._session_of(request)
+        if self.hub.full(identity):
+            raise TooManyRequests(
+                f"{identity} has {MAX_CONNECTIONS_PER_IDENTITY} push connections open on this "
+                "instance already: close one first",
+                retry_after=5,
+            )
         ws = web.WebSocketResponse(heartbeat=30, max_msg_size=64 * 1024)
         await ws.prepare(request)
         conn = self.hub.add(identity, ws)

@@ -84,6 +84,10 @@ class GroupTracker(Protocol):
         `state`, so that external joiners are not handed a bogus one."""
         ...
 
+    def cipher_suite(self, state: GroupState) -> int | None:
+        """The group's cipher suite, or None if the tracker cannot tell."""
+        ...
+
 
 class BasicTracker:
     """Header checks and exactly-one-commit-per-epoch, with membership from hints."""
@@ -93,6 +97,10 @@ class BasicTracker:
 
     def check_group_info(self, state: GroupState, group_info: bytes) -> None:
         return None
+
+    def cipher_suite(self, state: GroupState) -> int | None:
+        # Only a stored GroupInfo tells (a commit posted without one drops it).
+        return None if state.group_info is None else parse_group_info(state.group_info).cipher_suite
 
     def create(self, group_id: bytes, creator: str, group_info: bytes | None) -> GroupState:
         epoch = 0
@@ -217,6 +225,9 @@ class PublicGroupTracker:
 
     def member_keys(self, state: GroupState) -> set[tuple[str, bytes]] | None:
         return _identities(self._view(state.tracker_state))
+
+    def cipher_suite(self, state: GroupState) -> int:
+        return int(self._view(state.tracker_state).group_context.cipher_suite)
 
     def check_group_info(self, state: GroupState, group_info: bytes) -> None:
         published = _verified_group_info(group_info)

@@ -9,6 +9,7 @@ accepted by one instance is pushed by all). Every write that acknowledges a mess
 from __future__ import annotations
 
 import abc
+import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -16,6 +17,15 @@ from ..tracker import GroupState
 
 # kind of a stored group message
 HANDSHAKE_KINDS = ("commit", "proposal", "welcome", "group_info")
+
+
+def message_digest(data: bytes) -> bytes:
+    """What identifies a handshake message in its group's log: the auditor takes two messages
+    with the same SHA-256 for a replay, so the storage keeps each digest once per group."""
+    return hashlib.sha256(data).digest()
+
+
+MAX_INT = (1 << 63) - 1  # the largest sequence number or id either database stores
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,27 @@ class StoredMessage:
 
 # The columns of a `messages` row that make a StoredMessage, in the order `stored_message` reads.
 MESSAGE_COLUMNS = "group_id, seq, kind, epoch, sender, sender_index, created_ms, data"
+
+
+def fitting(sizes: list[tuple[int, int]], max_bytes: int | None) -> int | None:
+    """The key of the last of `(key, size)` rows (in order) to return when an answer may hold
+    `max_bytes` of data: as many as fit, and always the first (a page must make progress). None
+    when there are no rows.
+
+    Pages are bounded in bytes as well as rows, because one row may be as large as a request
+    body: the size is read first, then only the rows that fit (two queries, both bounded)."""
+    if not sizes:
+        return None
+    last, total = sizes[0][0], sizes[0][1]
+    if max_bytes is not None:
+        for key, size in sizes[1:]:
+            total += size
+            if total > max_bytes:
+                break
+            last = key
+    else:
+        last = sizes[-1][0]
+    return last
 
 
 def stored_message(row: Iterable[object]) -> StoredMessage:
@@ -169,6 +200,10 @@ class Storage(abc.ABC):
     async def key_package_owner(self, ref: bytes) -> str | None:
         """The identity whose package has this KeyPackageRef, if it was claimed."""
 
+    @abc.abstractmethod
+    async def key_package_owners(self, refs: list[bytes]) -> dict[bytes, str]:
+        """`key_package_owner` of each ref, in one query: the refs with an owner only."""
+
     # -- groups and messages
 
     @abc.abstractmethod
@@ -182,7 +217,15 @@ class Storage(abc.ABC):
     async def append(self, old: GroupState, new: GroupState, message: NewMessage) -> int:
         """Append `message` with sequence `old.last_seq + 1` and store `new` (epoch, members,
         GroupInfo, tracker state) atomically, only if the group is still at `old.last_seq`; else
-        raise `StorageConflict`. Returns the sequence number."""
+        raise `StorageConflict`. Returns the sequence number.
+
+        A handshake message (`HANDSHAKE_KINDS`) whose `message_digest` the group's log holds
+        already is not stored: raise `DuplicateMessage` with the seq of the one stored (enforced
+        by a unique key, so it holds for instances sharing a database)."""
+
+    @abc.abstractmethod
+    async def find_handshake(self, group_id: bytes, digest: bytes) -> StoredMessage | None:
+        """The handshake message of the group with this `message_digest`, if it was logged."""
 
     @abc.abstractmethod
     async def removed_at(self, group_id: bytes, identity: str) -> int | None:
@@ -196,15 +239,28 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def messages_after(
-        self, group_id: bytes, after: int, identity: str, limit: int, min_epoch: int = 0
+        self,
+        group_id: bytes,
+        after: int,
+        identity: str,
+        limit: int,
+        min_epoch: int = 0,
+        max_bytes: int | None = None,
     ) -> list[StoredMessage]:
         """Messages with seq > after and epoch >= min_epoch that `identity` may receive, in
-        order. (`min_epoch`: a new member needs the commits from the epoch it joined in, some of
-        which may precede its Welcome in the log.)"""
+        order: at most `limit`, and no more than fit in `max_bytes` of data (but at least one).
+        (`min_epoch`: a new member needs the commits from the epoch it joined in, some of which
+        may precede its Welcome in the log.)"""
 
     @abc.abstractmethod
-    async def audit_log(self, group_id: bytes, after: int, limit: int) -> list[StoredMessage]:
-        """Handshake messages (no application data) with seq > after, in order."""
+    async def audit_log(
+        self, group_id: bytes, after: int, limit: int, max_bytes: int | None = None
+    ) -> list[StoredMessage]:
+        """Handshake messages (no application data) with seq > after, in order; bounded as
+        `messages_after`."""
 
     @abc.abstractmethod
-    async def welcomes_after(self, identity: str, after: int) -> list[WelcomeRecord]: ...
+    async def welcomes_after(
+        self, identity: str, after: int, limit: int | None = None, max_bytes: int | None = None
+    ) -> list[WelcomeRecord]:
+        """Welcomes for `identity` with id > after, in order; bounded as `messages_after`."""

@@ -18,10 +18,11 @@ import time
 
 import asyncpg
 
-from ..errors import KeyPackageLimit, StorageConflict
+from ..errors import DuplicateMessage, KeyPackageLimit, StorageConflict
 from ..tracker import GroupState
 from .base import (
     HANDSHAKE_KINDS,
+    MAX_INT,
     MESSAGE_COLUMNS,
     IdentityRecord,
     KeyPackageRow,
@@ -29,6 +30,8 @@ from .base import (
     Storage,
     StoredMessage,
     WelcomeRecord,
+    fitting,
+    message_digest,
     stored_message,
 )
 
@@ -78,7 +81,18 @@ CREATE TABLE IF NOT EXISTS removals (
 -- (a leave cannot be told from one after the fact; refusing is the safe side, and a member can
 -- add the identity back).
 ALTER TABLE removals ADD COLUMN IF NOT EXISTS expelled BOOLEAN NOT NULL DEFAULT true;
+-- Each handshake message once per group (see `message_digest`): a table of its own, so that a
+-- database made before it gains it (filled by `open`, see FILL_DIGESTS).
+CREATE TABLE IF NOT EXISTS handshake_digests (
+    group_id BYTEA NOT NULL, digest BYTEA NOT NULL, seq BIGINT NOT NULL,
+    PRIMARY KEY (group_id, digest));
 """
+# Run once, when `open` creates handshake_digests, in the same transaction: the messages stored
+# before it existed (the first of any repeats logged back then keeps its digest).
+FILL_DIGESTS = (
+    "INSERT INTO handshake_digests SELECT group_id, sha256(data), min(seq) FROM messages "
+    "WHERE kind = ANY($1) GROUP BY group_id, sha256(data)"
+)
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
@@ -133,7 +147,10 @@ class PostgresStorage(Storage):
                 if self.schema:
                     await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
                     await conn.execute(f'SET LOCAL search_path TO "{self.schema}"')
+                fill = await conn.fetchval("SELECT to_regclass('handshake_digests')") is None
                 await conn.execute(SCHEMA)
+                if fill:
+                    await conn.execute(FILL_DIGESTS, list(HANDSHAKE_KINDS))
         finally:
             await conn.close()
         self._pool = await asyncpg.create_pool(
@@ -391,6 +408,14 @@ class PostgresStorage(Storage):
             ref,
         )
 
+    async def key_package_owners(self, refs: list[bytes]) -> dict[bytes, str]:
+        rows = await self.pool.fetch(
+            "SELECT ref, identity FROM key_packages WHERE ref = ANY($1::bytea[]) AND "
+            "(claimed_by IS NOT NULL OR last_resort)",
+            refs,
+        )
+        return {bytes(r[0]): r[1] for r in rows}
+
     # -- groups and messages
 
     async def create_group(self, state: GroupState, creator: str, now: int) -> bool:
@@ -440,6 +465,19 @@ class PostgresStorage(Storage):
             )
             if not status.endswith(" 1"):
                 raise StorageConflict()
+            if message.kind in HANDSHAKE_KINDS:
+                digest = message_digest(message.data)
+                # The unique key, not a prior read, decides: an instance racing with this one
+                # on the same digest waits for its transaction, then finds the row.
+                if await conn.fetchval(
+                    "INSERT INTO handshake_digests VALUES ($1, $2, $3) ON CONFLICT DO NOTHING "
+                    "RETURNING seq",
+                    gid, digest, seq,
+                ) is None:
+                    raise DuplicateMessage(await conn.fetchval(  # rolls the transaction back
+                        "SELECT seq FROM handshake_digests WHERE group_id = $1 AND digest = $2",
+                        gid, digest,
+                    ))
             added = new.members - old.members
             if added:
                 await conn.executemany(
@@ -490,6 +528,14 @@ class PostgresStorage(Storage):
         notes.append(json.dumps({**head, "r": chunk}))
         return notes
 
+    async def find_handshake(self, group_id: bytes, digest: bytes) -> StoredMessage | None:
+        row = await self.pool.fetchrow(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE group_id = $1 AND seq = (SELECT seq "
+            "FROM handshake_digests WHERE group_id = $1 AND digest = $2)",
+            group_id, digest,
+        )
+        return None if row is None else stored_message(row)
+
     async def removed_at(self, group_id: bytes, identity: str) -> int | None:
         return await self.pool.fetchval(  # type: ignore[no-any-return]
             "SELECT max(seq) FROM removals WHERE group_id = $1 AND identity = $2",
@@ -505,30 +551,64 @@ class PostgresStorage(Storage):
         return bool(expelled)
 
     async def messages_after(
-        self, group_id: bytes, after: int, identity: str, limit: int, min_epoch: int = 0
+        self,
+        group_id: bytes,
+        after: int,
+        identity: str,
+        limit: int,
+        min_epoch: int = 0,
+        max_bytes: int | None = None,
     ) -> list[StoredMessage]:
+        where = (
+            "FROM messages m WHERE group_id = $1 AND seq > $2 AND seq <= $6 AND epoch >= $5 AND "
+            "(NOT restricted OR EXISTS (SELECT 1 FROM welcomes w WHERE w.group_id = m.group_id "
+            "AND w.seq = m.seq AND w.identity = $3)) ORDER BY seq LIMIT $4"
+        )
+        upto = MAX_INT
+        if max_bytes is not None:
+            sizes = await self.pool.fetch(
+                f"SELECT seq, length(data) {where}",
+                group_id, after, identity, limit, min_epoch, upto,
+            )
+            upto = fitting([(r[0], r[1]) for r in sizes], max_bytes) or after
         rows = await self.pool.fetch(
-            f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE group_id = $1 AND seq > $2 AND "
-            "epoch >= $5 AND (NOT restricted OR EXISTS (SELECT 1 FROM welcomes w WHERE "
-            "w.group_id = m.group_id AND w.seq = m.seq AND w.identity = $3)) ORDER BY seq "
-            "LIMIT $4",
-            group_id, after, identity, limit, min_epoch,
+            f"SELECT {MESSAGE_COLUMNS} {where}", group_id, after, identity, limit, min_epoch, upto
         )
         return [stored_message(r) for r in rows]
 
-    async def audit_log(self, group_id: bytes, after: int, limit: int) -> list[StoredMessage]:
+    async def audit_log(
+        self, group_id: bytes, after: int, limit: int, max_bytes: int | None = None
+    ) -> list[StoredMessage]:
+        where = (
+            "FROM messages WHERE group_id = $1 AND seq > $2 AND seq <= $5 AND kind = ANY($3) "
+            "ORDER BY seq LIMIT $4"
+        )
+        kinds = list(HANDSHAKE_KINDS)
+        upto = MAX_INT
+        if max_bytes is not None:
+            sizes = await self.pool.fetch(
+                f"SELECT seq, length(data) {where}", group_id, after, kinds, limit, upto
+            )
+            upto = fitting([(r[0], r[1]) for r in sizes], max_bytes) or after
         rows = await self.pool.fetch(
-            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE group_id = $1 AND seq > $2 AND "
-            "kind = ANY($3) ORDER BY seq LIMIT $4",
-            group_id, after, list(HANDSHAKE_KINDS), limit,
+            f"SELECT {MESSAGE_COLUMNS} {where}", group_id, after, kinds, limit, upto
         )
         return [stored_message(r) for r in rows]
 
-    async def welcomes_after(self, identity: str, after: int) -> list[WelcomeRecord]:
+    async def welcomes_after(
+        self, identity: str, after: int, limit: int | None = None, max_bytes: int | None = None
+    ) -> list[WelcomeRecord]:
+        join = (
+            "FROM welcomes w JOIN messages m ON m.group_id = w.group_id AND m.seq = w.seq "
+            "WHERE w.identity = $1 AND w.id > $2 AND w.id <= $3 ORDER BY w.id LIMIT $4"
+        )
+        upto = MAX_INT
+        if max_bytes is not None:
+            sizes = await self.pool.fetch(
+                f"SELECT w.id, length(m.data) {join}", identity, after, upto, limit
+            )
+            upto = fitting([(r[0], r[1]) for r in sizes], max_bytes) or after
         rows = await self.pool.fetch(
-            "SELECT w.id, w.group_id, w.seq, m.data FROM welcomes w JOIN messages m ON "
-            "m.group_id = w.group_id AND m.seq = w.seq WHERE w.identity = $1 AND w.id > $2 "
-            "ORDER BY w.id",
-            identity, after,
+            f"SELECT w.id, w.group_id, w.seq, m.data {join}", identity, after, upto, limit
         )
         return [WelcomeRecord(r[0], bytes(r[1]), r[2], bytes(r[3])) for r in rows]

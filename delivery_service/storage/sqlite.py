@@ -13,10 +13,11 @@ from collections.abc import AsyncIterator
 
 import aiosqlite
 
-from ..errors import KeyPackageLimit, StorageConflict
+from ..errors import DuplicateMessage, KeyPackageLimit, StorageConflict
 from ..tracker import GroupState
 from .base import (
     HANDSHAKE_KINDS,
+    MAX_INT,
     MESSAGE_COLUMNS,
     IdentityRecord,
     KeyPackageRow,
@@ -24,6 +25,8 @@ from .base import (
     Storage,
     StoredMessage,
     WelcomeRecord,
+    fitting,
+    message_digest,
     stored_message,
 )
 
@@ -59,7 +62,19 @@ CREATE TABLE IF NOT EXISTS removals (
 # (a leave cannot be told from one after the fact; refusing is the safe side, and a member can
 # add the identity back).
 MIGRATE_REMOVALS = "ALTER TABLE removals ADD COLUMN expelled INTEGER NOT NULL DEFAULT 1"
-
+# Each handshake message once per group (see `message_digest`). A table of its own, so that a
+# database made before it gains it as it is opened, filled from the messages already stored in
+# the same transaction (the first of any repeats logged back then keeps its digest).
+DIGESTS = """
+CREATE TABLE handshake_digests (
+    group_id BLOB NOT NULL, digest BLOB NOT NULL, seq INTEGER NOT NULL,
+    PRIMARY KEY (group_id, digest))
+"""
+FILL_DIGESTS = (
+    "INSERT INTO handshake_digests SELECT group_id, conclave_sha256(data), min(seq) FROM messages"
+    f" WHERE kind IN ({', '.join(repr(k) for k in HANDSHAKE_KINDS)})"
+    " GROUP BY group_id, conclave_sha256(data)"
+)
 
 
 class SQLiteStorage(Storage):
@@ -84,6 +99,14 @@ class SQLiteStorage(Storage):
         columns = await self._all("PRAGMA table_info(removals)", ())
         if "expelled" not in {c[1] for c in columns}:
             await self._db.execute(MIGRATE_REMOVALS)
+        await self._db.create_function("conclave_sha256", 1, message_digest, deterministic=True)
+        async with self._transaction():
+            if await self._one(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'handshake_digests'",
+                (),
+            ) is None:
+                await self.db.execute(DIGESTS)
+                await self.db.execute(FILL_DIGESTS)
 
     async def close(self) -> None:
         if self._db is not None:
@@ -275,6 +298,16 @@ class SQLiteStorage(Storage):
         )
         return None if row is None else str(row[0])
 
+    async def key_package_owners(self, refs: list[bytes]) -> dict[bytes, str]:
+        if not refs:
+            return {}
+        rows = await self._all(
+            f"SELECT ref, identity FROM key_packages WHERE ref IN ({', '.join('?' * len(refs))})"
+            " AND (claimed_by IS NOT NULL OR last_resort = 1)",
+            tuple(refs),
+        )
+        return {bytes(r[0]): str(r[1]) for r in rows}
+
     # -- groups and messages
 
     async def create_group(self, state: GroupState, creator: str, now: int) -> bool:
@@ -327,6 +360,18 @@ class SQLiteStorage(Storage):
             )
             if cur.rowcount != 1:
                 raise StorageConflict()
+            if message.kind in HANDSHAKE_KINDS:
+                digest = message_digest(message.data)
+                cur = await self.db.execute(
+                    "INSERT OR IGNORE INTO handshake_digests VALUES (?, ?, ?)", (gid, digest, seq)
+                )
+                if cur.rowcount != 1:
+                    row = await self._one(
+                        "SELECT seq FROM handshake_digests WHERE group_id = ? AND digest = ?",
+                        (gid, digest),
+                    )
+                    assert row is not None
+                    raise DuplicateMessage(int(row[0]))  # rolls the transaction back
             for m in new.members - old.members:
                 await self.db.execute("INSERT INTO group_members VALUES (?, ?)", (gid, m))
             for m in old.members - new.members:
@@ -349,6 +394,14 @@ class SQLiteStorage(Storage):
                 )
         return seq
 
+    async def find_handshake(self, group_id: bytes, digest: bytes) -> StoredMessage | None:
+        row = await self._one(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE group_id = ? AND seq = (SELECT seq "
+            "FROM handshake_digests WHERE group_id = ? AND digest = ?)",
+            (group_id, group_id, digest),
+        )
+        return None if row is None else stored_message(row)
+
     async def removed_at(self, group_id: bytes, identity: str) -> int | None:
         row = await self._one(
             "SELECT max(seq) FROM removals WHERE group_id = ? AND identity = ?",
@@ -365,30 +418,66 @@ class SQLiteStorage(Storage):
         return row is not None and bool(row[0])
 
     async def messages_after(
-        self, group_id: bytes, after: int, identity: str, limit: int, min_epoch: int = 0
+        self,
+        group_id: bytes,
+        after: int,
+        identity: str,
+        limit: int,
+        min_epoch: int = 0,
+        max_bytes: int | None = None,
     ) -> list[StoredMessage]:
+        where = (
+            "FROM messages m WHERE group_id = ? AND seq > ? AND seq <= ? AND epoch >= ? AND "
+            "(restricted = 0 OR EXISTS (SELECT 1 FROM welcomes w WHERE w.group_id = m.group_id "
+            "AND w.seq = m.seq AND w.identity = ?)) ORDER BY seq LIMIT ?"
+        )
+        upto = MAX_INT
+        if max_bytes is not None:
+            sizes = await self._all(
+                f"SELECT seq, length(data) {where}",
+                (group_id, after, upto, min_epoch, identity, limit),
+            )
+            upto = fitting(sizes, max_bytes) or after
         rows = await self._all(
-            f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE group_id = ? AND seq > ? AND "
-            "epoch >= ? AND (restricted = 0 OR EXISTS (SELECT 1 FROM welcomes w WHERE "
-            "w.group_id = m.group_id AND w.seq = m.seq AND w.identity = ?)) ORDER BY seq LIMIT ?",
-            (group_id, after, min_epoch, identity, limit),
+            f"SELECT {MESSAGE_COLUMNS} {where}",
+            (group_id, after, upto, min_epoch, identity, limit),
         )
         return [stored_message(r) for r in rows]
 
-    async def audit_log(self, group_id: bytes, after: int, limit: int) -> list[StoredMessage]:
+    async def audit_log(
+        self, group_id: bytes, after: int, limit: int, max_bytes: int | None = None
+    ) -> list[StoredMessage]:
         marks = ", ".join("?" * len(HANDSHAKE_KINDS))
+        where = (
+            f"FROM messages WHERE group_id = ? AND seq > ? AND seq <= ? AND kind IN ({marks}) "
+            "ORDER BY seq LIMIT ?"
+        )
+        upto = MAX_INT
+        if max_bytes is not None:
+            sizes = await self._all(
+                f"SELECT seq, length(data) {where}",
+                (group_id, after, upto, *HANDSHAKE_KINDS, limit),
+            )
+            upto = fitting(sizes, max_bytes) or after
         rows = await self._all(
-            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE group_id = ? AND seq > ? AND kind IN "
-            f"({marks}) ORDER BY seq LIMIT ?",
-            (group_id, after, *HANDSHAKE_KINDS, limit),
+            f"SELECT {MESSAGE_COLUMNS} {where}", (group_id, after, upto, *HANDSHAKE_KINDS, limit)
         )
         return [stored_message(r) for r in rows]
 
-    async def welcomes_after(self, identity: str, after: int) -> list[WelcomeRecord]:
+    async def welcomes_after(
+        self, identity: str, after: int, limit: int | None = None, max_bytes: int | None = None
+    ) -> list[WelcomeRecord]:
+        join = (
+            "FROM welcomes w JOIN messages m ON m.group_id = w.group_id AND m.seq = w.seq "
+            "WHERE w.identity = ? AND w.id > ? AND w.id <= ? ORDER BY w.id LIMIT ?"
+        )
+        upto, count = MAX_INT, -1 if limit is None else limit  # LIMIT -1: no limit
+        if max_bytes is not None:
+            sizes = await self._all(
+                f"SELECT w.id, length(m.data) {join}", (identity, after, upto, count)
+            )
+            upto = fitting(sizes, max_bytes) or after
         rows = await self._all(
-            "SELECT w.id, w.group_id, w.seq, m.data FROM welcomes w JOIN messages m ON "
-            "m.group_id = w.group_id AND m.seq = w.seq WHERE w.identity = ? AND w.id > ? "
-            "ORDER BY w.id",
-            (identity, after),
+            f"SELECT w.id, w.group_id, w.seq, m.data {join}", (identity, after, upto, count)
         )
         return [WelcomeRecord(r[0], bytes(r[1]), r[2], bytes(r[3])) for r in rows]

@@ -537,6 +537,55 @@ async def test_websocket_ends_with_its_session(make_client: MakeClient, served: 
     await stream.close()
 
 
+async def test_push_connections_per_identity_are_capped(
+    make_client: MakeClient, served: Served
+) -> None:
+    from delivery_service.hub import MAX_CONNECTIONS_PER_IDENTITY
+
+    (alice, _), (bob, _) = await make_client("alice"), await make_client("bob")
+    url = served.url + "/v1/ws"
+    async with aiohttp.ClientSession() as http:
+        sockets = [
+            await http.ws_connect(url, headers={"Authorization": f"Bearer {alice.session}"})
+            for _ in range(MAX_CONNECTIONS_PER_IDENTITY)
+        ]
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(url, headers={"Authorization": f"Bearer {alice.session}"})
+        assert refused.value.status == 429
+        # others are not affected, and a closed socket frees its place
+        other = await http.ws_connect(url, headers={"Authorization": f"Bearer {bob.session}"})
+        await sockets.pop().close()
+        async with asyncio.timeout(5):
+            while served.service.hub.full("alice"):
+                await asyncio.sleep(0.01)
+        sockets.append(
+            await http.ws_connect(url, headers={"Authorization": f"Bearer {alice.session}"})
+        )
+        for ws in (*sockets, other):
+            await ws.close()
+    async with asyncio.timeout(5):
+        while served.service.hub.per_identity:
+            await asyncio.sleep(0.01)
+
+
+async def test_pages_are_bounded_in_bytes_and_page_through(
+    make_client: MakeClient, served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from delivery_service import server as server_module
+
+    monkeypatch.setattr(server_module, "BATCH_BYTES", 3000)
+    gid, [(alice, _), (bob, _)] = await new_group(make_client, "alice", "bob")
+    for _ in range(5):
+        await alice.send(gid, mlsmsg.application(gid, 1, size=1200))
+    seqs, lengths, after = [], [], 0
+    while page := await bob.messages(gid, after=after):
+        seqs += [m.seq for m in page]
+        lengths.append(len(page))
+        after = page[-1].seq
+    assert seqs == list(range(1, 7))
+    assert len(lengths) >= 3 and max(lengths[1:]) <= 2  # 2 x 1200 bytes fit in 3000, not 3
+
+
 async def test_stored_key_packages_are_capped(make_client: MakeClient, served: Served) -> None:
     served.service.config.max_key_packages_stored = 3
     alice, alice_mls = await make_client("alice")

@@ -11,7 +11,7 @@ import cbor2
 import pytest
 
 from delivery_service import hub as hub_module
-from delivery_service.hub import Appended, Hub, Subscribe, push_frame
+from delivery_service.hub import Appended, Hub, Subscribe, SubscribeWelcomes, push_frame
 from delivery_service.metrics import service_metrics
 from delivery_service.storage import NewMessage, Storage, StoredMessage
 from delivery_service.tracker import GroupState
@@ -82,4 +82,31 @@ async def test_a_failed_catch_up_closes_the_socket(
     await conn.command(Subscribe(gid, 0))
     # Not a silent end of pushes on a socket that stays open: the client must reconnect.
     await until(lambda: ws.closed)
+    await hub.remove(conn)
+
+
+async def test_catch_up_cut_short_by_bytes_still_sends_everything(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reads are bounded in bytes too: a batch cut short must be followed by the rest, not taken
+    # for the end of the log (which would skip to the last seq and leave a gap).
+    monkeypatch.setattr(hub_module, "BATCH_BYTES", 100)
+    gid = os.urandom(8)
+    state = GroupState(gid, 0, 0, frozenset({"bob"}))
+    await storage.create_group(state, "bob", 0)
+    for i in range(12):
+        m = NewMessage("application", 0, "alice", None, 1, bytes([i]) * 40)
+        state = replace(state, last_seq=await storage.append(state, state, m))
+    for i in range(5):
+        welcome = NewMessage("welcome", 0, "alice", None, 1, bytes([i]) * 60, ("bob",))
+        state = replace(state, last_seq=await storage.append(state, state, welcome))
+    hub = Hub(storage, service_metrics())
+    ws = SlowSocket()
+    conn = hub.add("bob", ws)  # type: ignore[arg-type]
+    await conn.command(Subscribe(gid, 0))
+    await until(lambda: len(ws.frames) == 1 + 12 + 5)
+    assert [f["seq"] for f in ws.frames[1:]] == list(range(1, 18))
+    await conn.command(SubscribeWelcomes(0))
+    await until(lambda: len(ws.frames) == 18 + 5)
+    assert [f["welcome"][0] for f in ws.frames[18:]] == list(range(5))
     await hub.remove(conn)

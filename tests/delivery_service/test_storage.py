@@ -99,6 +99,43 @@ async def test_append_is_ordered_and_conditional(storage: Storage) -> None:
     assert await storage.welcomes_after("bob", w.id) == []
 
 
+async def test_reads_are_bounded_in_bytes_and_page_through_everything(storage: Storage) -> None:
+    # Before: only a row count bounded a read, so 500 messages of 1 MiB were one 500 MiB read.
+    gid = os.urandom(8)
+    state = GroupState(gid, 0, 0, frozenset({"alice", "bob"}))
+    await storage.create_group(state, "alice", NOW)
+    sizes = [300, 300, 500, 100, 100, 100, 900, 50]
+    for i, size in enumerate(sizes):
+        kind = "welcome" if i % 2 else "commit"
+        recipients = ("bob",) if kind == "welcome" else None
+        new = replace(state, epoch=state.epoch + (kind == "commit"))
+        seq = await storage.append(state, new, message(kind, new.epoch, recipients, os.urandom(size)))
+        state = replace(new, last_seq=seq)
+
+    async def pages(read: object, start: int = 0) -> list[list[int]]:
+        out, after = [], start
+        while page := await read(after):  # type: ignore[operator]
+            out.append([len(m.data) for m in page])
+            after = page[-1].seq if hasattr(page[-1], "kind") else page[-1].id
+        return out
+
+    def by_messages(after: int) -> object:
+        return storage.messages_after(gid, after, "bob", 100, max_bytes=600)
+
+    def by_audit(after: int) -> object:
+        return storage.audit_log(gid, after, 3, max_bytes=600)
+
+    def by_welcomes(after: int) -> object:
+        return storage.welcomes_after("bob", after, 100, 200)
+
+    # as many as fit in 600 bytes, always at least one (a page must make progress)
+    assert await pages(by_messages) == [[300, 300], [500, 100], [100, 100], [900], [50]]
+    assert await pages(by_audit) == [[300, 300], [500, 100], [100, 100], [900], [50]]
+    assert await pages(by_welcomes) == [[300], [100, 100], [50]]
+    assert len(await storage.welcomes_after("bob", 0, 2)) == 2  # and in rows
+    assert [len(m.data) for m in await storage.messages_after(gid, 0, "bob", 100)] == sizes
+
+
 async def test_concurrent_appends_one_wins(storage: Storage) -> None:
     gid = os.urandom(8)
     s0 = GroupState(gid, 0, 0, frozenset({"alice"}))
