@@ -31,6 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="challenges per second one client address may request (default: "
                    "%(default)s, bursts of --challenge-burst)")
     p.add_argument("--challenge-burst", type=int, default=1000)
+    p.add_argument("--upload-rate", type=float, default=float(1 << 20),
+                   help="bytes per second one identity may post to be stored, per instance "
+                   "(default: %(default).0f, bursts of --upload-burst); beyond: 429")
+    p.add_argument("--upload-burst", type=int, default=32 << 20)
     p.add_argument("--auditor", action="append", default=[],
                    help="identity allowed to read every group's audit log (repeatable)")
     p.add_argument("--tracker", choices=["public", "basic"], default="public",
@@ -46,9 +50,13 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if args.challenge_rate <= 0 or args.challenge_burst < 1:
         sys.exit("delivery service: --challenge-rate must be positive, --challenge-burst >= 1")
+    if not args.upload_rate > 0 or args.upload_burst < args.max_body:
+        sys.exit("delivery service: --upload-rate must be positive, --upload-burst at least "
+                 "--max-body")
     config = Config(max_body=args.max_body, session_ttl=args.session_ttl,
                     auditors=frozenset(args.auditor), challenge_rate=args.challenge_rate,
-                    challenge_burst=args.challenge_burst)
+                    challenge_burst=args.challenge_burst, upload_rate=args.upload_rate,
+                    upload_burst=args.upload_burst)
     # Room tokens are checked by the SFU with the same secret; instances of one deployment share it.
     secret_hex = os.environ.get("CONCLAVE_ROOM_SECRET")
     if secret_hex:

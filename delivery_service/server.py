@@ -115,6 +115,11 @@ class Config:
     challenge_rate: float = 50.0
     challenge_burst: int = 1000
     max_challenges: int = 100_000
+    # Bytes one identity may post to be stored (messages, Welcomes, GroupInfos, groups,
+    # KeyPackages), per instance: a token bucket, so that one member cannot fill the database
+    # at the speed of the network. Handshake messages of large groups fit in the burst.
+    upload_rate: float = float(1 << 20)
+    upload_burst: int = 32 << 20
     # How often an open WebSocket's session is re-checked (seconds).
     session_check_interval: float = 30.0
 
@@ -288,6 +293,19 @@ class DeliveryService:
         self.challenge_limiter = RateLimiter(
             self.config.challenge_rate, self.config.challenge_burst
         )
+        self.upload_limiter = RateLimiter(self.config.upload_rate, self.config.upload_burst)
+
+    async def _charge_upload(self, identity: str, request: web.Request) -> None:
+        """Take the request body's bytes from the identity's upload bucket, or refuse (429)."""
+        size = len(await request.read())  # read (and kept) by read_body already
+        wait = self.upload_limiter.take(identity, time.monotonic(), size)
+        if wait:
+            raise TooManyRequests(
+                f"{identity} posted more than {self.config.upload_rate:.0f} bytes/s to be stored "
+                "(bursts of "
+                f"{self.config.upload_burst}): retry after the given seconds",
+                math.ceil(wait),
+            )
 
     # -- authentication
 
@@ -381,6 +399,7 @@ class DeliveryService:
     async def post_key_packages(self, request: web.Request) -> web.Response:
         identity = await self.identity_of(request)
         body = await read_body(request)
+        await self._charge_upload(identity, request)
         packages = body.get("key_packages", [])
         if not isinstance(packages, list) or len(packages) > self.config.max_key_packages_per_upload:
             raise BadRequest(
@@ -501,6 +520,7 @@ class DeliveryService:
     async def post_group(self, request: web.Request) -> web.Response:
         identity = await self.identity_of(request)
         body = await read_body(request)
+        await self._charge_upload(identity, request)
         group_id = get_bytes(body, "group_id", max_len=MAX_GROUP_ID)
         if not group_id:
             raise BadRequest("group_id must not be empty")
@@ -580,6 +600,7 @@ class DeliveryService:
         identity = await self.identity_of(request)
         group_id = group_id_of(request)
         body = await read_body(request)
+        await self._charge_upload(identity, request)
         data = get_bytes(body, "message")
         framed = parse_framed(data)
         hints = MembershipHints(get_str_list(body, "adds"), get_str_list(body, "removes"))
@@ -669,6 +690,7 @@ class DeliveryService:
         identity = await self.identity_of(request)
         group_id = group_id_of(request)
         body = await read_body(request)
+        await self._charge_upload(identity, request)
         data = get_bytes(body, "welcome")
         suite, refs = parse_welcome(data)
         if len(refs) > MAX_WELCOME_SECRETS:
@@ -715,6 +737,7 @@ class DeliveryService:
         identity = await self.identity_of(request)
         group_id = group_id_of(request)
         body = await read_body(request)
+        await self._charge_upload(identity, request)
         data = get_bytes(body, "group_info")
         header = parse_group_info(data)
         if header.group_id != group_id:

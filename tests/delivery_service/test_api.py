@@ -586,6 +586,21 @@ async def test_pages_are_bounded_in_bytes_and_page_through(
     assert len(lengths) >= 3 and max(lengths[1:]) <= 2  # 2 x 1200 bytes fit in 3000, not 3
 
 
+async def test_bytes_posted_per_identity_are_rate_limited(
+    make_client: MakeClient, served: Served
+) -> None:
+    gid, [(alice, _), (bob, _)] = await new_group(make_client, "alice", "bob")
+    served.service.upload_limiter = RateLimiter(rate=10, burst=5000)  # bytes
+    sent = [await alice.send(gid, mlsmsg.application(gid, 1, size=1200)) for _ in range(3)]
+    with pytest.raises(RequestFailed) as refused:
+        await alice.send(gid, mlsmsg.application(gid, 1, size=1200))
+    assert refused.value.status == 429 and refused.value.code == "too_many_requests"
+    assert refused.value.extra["retry_after"] >= 1
+    # nothing stored for the refused one; another identity has its own budget
+    assert [m.seq for m in await bob.messages(gid, after=1)] == [s.seq for s in sent]
+    assert (await bob.send(gid, mlsmsg.application(gid, 1, size=1200))).seq == sent[-1].seq + 1
+
+
 async def test_stored_key_packages_are_capped(make_client: MakeClient, served: Served) -> None:
     served.service.config.max_key_packages_stored = 3
     alice, alice_mls = await make_client("alice")
