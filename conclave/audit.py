@@ -46,9 +46,13 @@ other proposal types.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import io
+import os
+import stat
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -548,19 +552,47 @@ async def read_log(ds: AuditLogSource, group_id: bytes) -> list[LogEntry]:
     """The whole audit log of a group from a `DeliveryClient` (the service returns it in pages)."""
     out: list[LogEntry] = []
     while True:
-        page = await ds.audit_log(group_id, after=out[-1].seq if out else 0)
+        after = out[-1].seq if out else 0
+        page = await ds.audit_log(group_id, after=after)
         if not page:
             return out
         # The service is not trusted: its answer is checked as strictly as a log file.
-        out += [
+        entries = [
             LogEntry.checked(m.seq, m.kind, m.epoch, m.sender, m.time_ms, m.message) for m in page
         ]
+        # Every page must go strictly past the last: a service that repeats or rewinds a page
+        # would otherwise keep this loop (and its memory) growing for ever.
+        for entry in entries:
+            if entry.seq <= after:
+                raise AuditFailure(
+                    entry.seq,
+                    f"out of order: follows seq {after} (sequence numbers must grow; the "
+                    "delivery service repeated or rewound its log)",
+                )
+            after = entry.seq
+        out += entries
 
 
 def save_log(path: Path, group_id: bytes, entries: Iterable[LogEntry]) -> None:
+    """Write the log to `path` all at once: a save that fails or is interrupted (disk full, a
+    file size limit, Ctrl-C) leaves any earlier file there as it was, and no partial one."""
     body = {"format": LOG_FORMAT, "version": LOG_VERSION, "group_id": group_id,
             "entries": [e.to_body() for e in entries]}
-    path.write_bytes(cbor2.dumps(body))
+    data = cbor2.dumps(body)
+    # In the same directory, so that os.replace is a rename on one file system.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            with contextlib.suppress(FileNotFoundError):  # a file replaced keeps its mode
+                os.fchmod(f.fileno(), stat.S_IMODE(os.stat(path).st_mode))
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def load_log(path: Path) -> tuple[bytes, list[LogEntry]]:

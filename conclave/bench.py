@@ -247,10 +247,12 @@ async def run_benchmarks(out: Path, *, quick: bool = False, only: set[str] | Non
         writer = csv.writer(f)
         writer.writerow(["benchmark", "status", "seconds", "output"])
         writer.writerows((n, s, f"{t:.1f}", o) for n, s, t, o in summary)
-    table = Table(title=f"benchmarks -> {out}")
+    from .cli import plain  # an error's text and the path are plain text, not rich markup
+
+    table = Table(title=plain(f"benchmarks -> {out}"))
     for col in ("benchmark", "status", "seconds", "output"):
         table.add_column(col)
     for n, s, t, o in summary:
-        table.add_row(n, s, f"{t:.1f}", o)
+        table.add_row(plain(n), plain(s), f"{t:.1f}", plain(o))
     console.print(table)
     return 1 if failed else 0

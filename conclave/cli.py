@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record", type=Path, default=None, help="record what you receive here")
     p.add_argument("--rotation", type=seconds_or_zero, default=30.0,
                    help="commit a key rotation every this many seconds (0: never)")
-    p.add_argument("--duration", type=seconds_or_zero, default=0, help="leave after this long (0: Ctrl-C)")
+    p.add_argument("--duration", type=seconds_or_zero, default=0,
+                   help="end the call after this long, staying a member of the group, as Ctrl-C "
+                        "does (0: until Ctrl-C)")
     p.add_argument("--state", type=Path, default=None, help=STATE_HELP)
 
     p = sub.add_parser("audit", help="verify a group's handshake log, report key rotations")
@@ -130,9 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--ds", type=http_url, help="delivery service URL (read as an auditor identity)")
     src.add_argument("--log", type=Path, help="a log saved with --save")
     p.add_argument("--save", type=Path, default=None, help="save the fetched log to this file")
-    p.add_argument("--as", dest="identity", default="auditor",
-                   help="identity to read the log as: an auditor, or a member with saved state")
-    p.add_argument("--state", type=Path, default=None, help=STATE_HELP)
+    p.add_argument("--as", dest="identity", default=None,
+                   help="identity to read the log as (with --ds): an auditor (default: auditor; "
+                        "registered if it has no saved state), or a member with saved state")
+    p.add_argument("--state", type=Path, default=None, help=STATE_HELP + " (with --ds)")
 
     p = sub.add_parser("bench", help="benchmarks: MLS, SFrame, SFU, end-to-end call")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
@@ -203,16 +207,43 @@ async def until_stopped(stop: asyncio.Event, step: Any) -> Any:
     return task.result()
 
 
-def compact_table(title: str, columns: list[str], rows: list[list[str]]) -> Any:
-    """A rich table with columns one space apart, so that it fits an 80-column terminal."""
+# Characters shown as escapes in names: control codes (ESC sequences would recolour or move the
+# cursor), invisible formatting (bidi overrides, zero-width) and line separators.
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def printable(text: str) -> str:
+    """`text` with every control or invisible character shown as an escape (`\\x1b`,
+    `\\u202e`): names come from peers and the service, and must read as what they are."""
+    return "".join(
+        c.encode("unicode_escape", "backslashreplace").decode("ascii")
+        if unicodedata.category(c) in _HIDDEN_CATEGORIES else c
+        for c in text
+    )
+
+
+def plain(text: str) -> Any:
+    """`text` as a rich Text: printed as it is, never read as markup (`[b]alice` is not bold
+    alice, `x[/]` is no syntax error), with its control characters shown as escapes."""
+    from rich.text import Text
+
+    return Text(printable(text))
+
+
+def compact_table(title: str, columns: list[str], rows: list[list[Any]]) -> Any:
+    """A rich table with columns one space apart, so that it fits an 80-column terminal.
+
+    The title and every `str` cell are plain text (see `plain`): they hold names and rooms that
+    members or the service chose. Pass a `rich.text.Text` for a styled cell. Long cells fold
+    instead of ending in an ellipsis, so that no part of a name is hidden."""
     from rich import box
     from rich.table import Table
 
-    t = Table(title=title, box=box.SIMPLE_HEAD, padding=0)
+    t = Table(title=plain(title), box=box.SIMPLE_HEAD, padding=0)
     for col in columns:
-        t.add_column(col, no_wrap=col in ("safety code", "status", "why"))
+        t.add_column(col, no_wrap=col in ("safety code", "status", "why"), overflow="fold")
     for row in rows:
-        t.add_row(*row)
+        t.add_row(*(plain(cell) if isinstance(cell, str) else cell for cell in row))
     return t
 
 
@@ -252,6 +283,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 async def cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
+    from rich.text import Text
 
     from .demo import DemoConfig, run_demo
 
@@ -264,7 +296,8 @@ async def cmd_demo(args: argparse.Namespace) -> int:
             rows.append([
                 s.name, str(s.epoch), str(s.members), s.safety_code,
                 f"{s.sent.get('audio', 0)}/{s.sent.get('video', 0)}", str(s.decrypted),
-                str(s.failed), "[red]removed[/]" if s.removed else "[green]in call[/]",
+                str(s.failed),
+                Text("removed", "red") if s.removed else Text("in call", "green"),
             ])
         return compact_table(f"conclave demo: {step}", DEMO_COLUMNS, rows)
 
@@ -285,9 +318,12 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     if result.report is not None:
         console.print(report_table("key rotations (conclave audit)", result.report))
     for name, passed, detail in result.checks:
-        mark = "[green]PASS[/]" if passed else "[red]FAIL[/]"
-        console.print(f"{mark} {name}" + (f" ({detail})" if detail else ""))
-    console.print(f"{'success' if result.ok else 'FAILED'} in {result.elapsed:.1f}s")
+        # The detail may quote what a service or a peer said: plain text, not markup.
+        console.print(Text.assemble(
+            ("PASS", "green") if passed else ("FAIL", "red"),
+            plain(f" {name}" + (f" ({detail})" if detail else "")),
+        ))
+    console.print(Text(f"{'success' if result.ok else 'FAILED'} in {result.elapsed:.1f}s"))
     return 0 if result.ok else 1
 
 
@@ -296,9 +332,11 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 
 async def cmd_join(args: argparse.Namespace) -> int:
     from .media import MediaSpec
-    from .participant import Participant, group_id_for_room
+    from .participant import Participant, check_name, group_id_for_room
 
-    group_id_for_room(args.room)  # a bad room name fails before anyone is contacted
+    # A bad room or name fails before anyone is contacted or any file or directory is made.
+    group_id_for_room(args.room)
+    check_name(args.name)
     state = args.state or default_state_dir()
     media = MediaSpec(audio=not args.no_audio, file=args.video, format=args.video_format)
     if args.record is not None:
@@ -322,7 +360,7 @@ async def cmd_join(args: argparse.Namespace) -> int:
         while not stop.is_set() and not p.removed:
             if p.epoch != last_epoch:
                 last_epoch = p.epoch
-                print(f"epoch {p.epoch}: members {', '.join(p.member_names)}; "
+                print(f"epoch {p.epoch}: members {printable(', '.join(p.member_names))}; "
                       f"safety code {p.safety_code}", flush=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
@@ -343,11 +381,20 @@ async def cmd_join(args: argparse.Namespace) -> int:
 
 async def cmd_audit(args: argparse.Namespace) -> int:
     from .audit import audit, load_log, save_log
+    from .services import DEFAULT_AUDITOR
 
     room = args.group is not None
     group_id = args.group if room else args.group_id
     label = group_label(group_id, room)
     if args.log is not None:
+        # These read from or save what the service sends: with a file, they would do nothing.
+        given = [opt for opt, value in (("--save", args.save), ("--as", args.identity),
+                                        ("--state", args.state)) if value is not None]
+        if given:
+            raise ConclaveError(
+                f"{' and '.join(given)} only work with --ds, not with --log (which reads a "
+                "saved log: copy the file to keep another copy)"
+            )
         logged_group, entries = load_log(args.log)
         if logged_group != group_id:
             raise ConclaveError(
@@ -357,7 +404,7 @@ async def cmd_audit(args: argparse.Namespace) -> int:
         from .demo import fetch_log
 
         entries = await fetch_log_as(args.ds, group_id, args.state or default_state_dir(),
-                                     args.identity, fetch_log, label)
+                                     args.identity or DEFAULT_AUDITOR, fetch_log, label)
         if args.save is not None:
             try:
                 save_log(args.save, group_id, entries)
@@ -373,22 +420,32 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     console.print(report_table(
         f"key rotations of {label}: epochs {report.first_epoch}-{report.last_epoch}", report
     ))
-    console.print(
+    # Plain text, not markup: the members' names are theirs to choose.
+    console.print(plain(
         f"OK: {report.messages} messages, {len(report.rotations)} commits verified "
         f"(signatures, epoch chain, public tree), {report.group_infos_checked} GroupInfos "
         f"matched the transcript; members at the end of this log: {', '.join(report.members)}"
-    )
+    ))
     return 0
 
 
 async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fetch: Any,
                        label: str | None = None) -> Any:
+    """The log read as `identity`: a member with saved state in `state` logs in with it; any
+    other name is taken for an auditor's (a service's `--auditor`), registered as `fetch` does
+    for `auditor`, its key saved in `state` for the next audit."""
     from delivery_service.errors import RequestFailed
 
+    from .participant import check_name
+    from .services import DEFAULT_AUDITOR
+
+    check_name(identity)  # before its state file is looked for or written
     label = label or group_label(group_id)
+    as_member = identity != DEFAULT_AUDITOR and (state / f"{identity}.state").exists()
     try:
-        return await fetch(ds, group_id, state) if identity == "auditor" else await _member_log(
-            ds, group_id, state, identity)
+        if as_member:
+            return await _member_log(ds, group_id, state, identity)
+        return await fetch(ds, group_id, state, identity)
     except RequestFailed as exc:
         if exc.code == "conflict":
             raise ConclaveError(
@@ -409,8 +466,6 @@ async def _member_log(ds: str, group_id: bytes, state: Path, identity: str) -> A
     from .audit import read_log
     from .participant import Participant
 
-    if not (state / f"{identity}.state").exists():
-        raise ConclaveError(f"no saved state for {identity!r} in {state}")
     p = Participant(identity, ds, state_dir=state)
     try:
         await p.ds.login()
@@ -477,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
         from delivery_service.errors import DeliveryServiceError
 
         if isinstance(exc, DeliveryServiceError):
-            print(f"conclave {args.command}: the delivery service said: {exc}", file=sys.stderr)
+            print(f"conclave {args.command}: the delivery service said: {printable(str(exc))}",
+                  file=sys.stderr)
         elif _is_network_error(exc):
             print(f"conclave {args.command}: network error: {exc}", file=sys.stderr)
         elif isinstance(exc, OSError):  # a file: the message names it

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from delivery_service.errors import RequestFailed
+
 from .audit import AuditReport, LogEntry, audit, read_log
 from .media import MediaSpec
 from .participant import Participant
@@ -55,14 +57,27 @@ class DemoConfig:
     pg_schema: str | None = None
 
 
-async def fetch_log(ds_url: str, group_id: bytes, state_dir: Path) -> list[LogEntry]:
-    """The group's audit log, read as the service's auditor identity."""
-    auditor = Participant(DEFAULT_AUDITOR, ds_url, state_dir=state_dir)
+async def fetch_log(
+    ds_url: str, group_id: bytes, state_dir: Path, identity: str = DEFAULT_AUDITOR
+) -> list[LogEntry]:
+    """The group's audit log, read as an auditor identity of the service (registered if new,
+    its key kept in `state_dir`)."""
+    path = state_dir / f"{identity}.state"
+    new = not path.exists()
+    auditor = Participant(identity, ds_url, state_dir=state_dir)
     try:
-        await auditor.ds.register()
+        # The key on disk before it is registered for good (as `Participant.start` does).
+        auditor.save()
+        try:
+            await auditor.ds.register()
+        except RequestFailed as exc:
+            if new and exc.code == "conflict":
+                # The name is another key's: the new key was never registered, and a state
+                # file of it would only stand in the way of the right one.
+                path.unlink(missing_ok=True)
+            raise
         return await read_log(auditor.ds, group_id)
     finally:
-        auditor.save()
         await auditor.ds.close()
 
 

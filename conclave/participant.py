@@ -24,16 +24,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import random
 import re
 import time
+import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import cbor2
@@ -129,6 +132,49 @@ def group_id_for_room(room: str) -> bytes:
     return gid
 
 
+def check_name(name: str) -> str:
+    """`name` if the delivery service can register it, else `ConclaveError`. Checked before any
+    file is touched: the name is also a file's (`<state>/<name>.state`), and `../x` or `a/b`
+    would put a private key outside the state directory."""
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:  # undecodable bytes from the command line
+        raise ConclaveError(f"the name {name!r} is not valid UTF-8 text") from None
+    if not 0 < size <= 255:
+        raise ConclaveError("a participant name must be 1 to 255 bytes of UTF-8")
+    # The delivery service's rules for an identity (one path segment, one spelling).
+    if name in (".", ".."):
+        raise ConclaveError(f"the name {name!r} is not allowed: it is a path segment of its own")
+    if "/" in name:
+        raise ConclaveError(f"the name {name!r} is not allowed: it must not contain '/'")
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        raise ConclaveError(f"the name {name!r} is not allowed: it holds control characters")
+    if not unicodedata.is_normalized("NFC", name):
+        raise ConclaveError(
+            f"the name {name!r} is not allowed: it must be in Unicode normalization form NFC"
+        )
+    return name
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """Whether `host` (a URL's or a --host, IPv6 with or without brackets) is this machine's
+    loopback: there, ICE offers only 127.0.0.1 candidates (aioice would offer none)."""
+    if host is None:
+        return False
+    host = host.removeprefix("[").removesuffix("]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def url_host(host: str) -> str:
+    """`host` as it goes in a URL: an IPv6 address in brackets (http://[::1]:8470)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 @dataclass
 class RemoteTrack:
     """What this participant receives of one publisher's track."""
@@ -187,8 +233,7 @@ class Participant:
         auto_commit: bool = True,
         http: aiohttp.ClientSession | None = None,
     ) -> None:
-        if not 0 < len(name.encode("utf-8")) <= 255:
-            raise ConclaveError("a participant name must be 1 to 255 bytes of UTF-8")
+        check_name(name)  # before `_load_client` reads or writes `<state>/<name>.state`
         if rotation_period is not None and not rotation_period > 0:
             raise ConclaveError("the key rotation period must be a positive number of seconds")
         self.name = name
@@ -906,8 +951,8 @@ class Participant:
                 f"{self.name} is no longer a member of the call (removed while away?): a "
                 f"member must add {self.name} again"
             ) from None
-        host = self.sfu_url.split("//", 1)[-1].split(":", 1)[0].split("/", 1)[0]
-        if host in ("127.0.0.1", "localhost"):
+        # (urlsplit, not string splitting: an IPv6 host is in brackets, http://[::1]:8443.)
+        if is_loopback_host(urlsplit(self.sfu_url).hostname):
             aiortc_hooks.restrict_ice_to_loopback()
         tracks = self.open_media()
         self.sfu = SFUClient(self.sfu_url, token.room, self.name, token.token, tracks,

@@ -13,7 +13,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
 
 from aiohttp import web
 
@@ -24,6 +24,7 @@ from sfu.config import SFUConfig
 from sfu.server import SFUServer
 
 from .errors import ServiceUnavailable
+from .participant import is_loopback_host, url_host
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,10 @@ class Services:
     _sfu_runner: web.AppRunner | None = None
 
     async def start(self) -> None:
-        if self.host in ("127.0.0.1", "localhost"):
+        self.host = self.host.removeprefix("[").removesuffix("]")  # --host [::1] as ::1
+        if is_loopback_host(self.host):
+            # 127.0.0.1 candidates even for ::1: media goes over IPv4 loopback, which a machine
+            # with ::1 has too, whatever address the signalling uses.
             aiortc_hooks.restrict_ice_to_loopback()
         config = Config(room_secret=self.room_secret, auditors=self.auditors)
         is_sqlite = not self.db.startswith(("postgresql://", "postgres://"))
@@ -72,8 +76,8 @@ class Services:
                 # aiosqlite's worker thread would keep the process from exiting
                 with contextlib.suppress(Exception):
                     await storage.close()
-            raise ServiceUnavailable(
-                f"cannot open the database ({display_db(self.db)}): {exc}"
+            raise ServiceUnavailable(  # the driver's message might quote the DSN
+                f"cannot open the database ({display_db(self.db)}): {scrub_db(str(exc), self.db)}"
             ) from None
         self.service = DeliveryService(storage, config)
         self.sfu = SFUServer(SFUConfig(token_secret=self.room_secret))
@@ -88,8 +92,8 @@ class Services:
             raise ServiceUnavailable(
                 f"cannot listen on {self.host}: {exc.strerror or exc}; pick other ports"
             ) from None
-        self.ds_url = f"http://{self.host}:{ds_port}"
-        self.sfu_url = f"http://{self.host}:{sfu_port}/v1/signal"
+        self.ds_url = f"http://{url_host(self.host)}:{ds_port}"
+        self.sfu_url = f"http://{url_host(self.host)}:{sfu_port}/v1/signal"
 
     async def _serve(self, app: web.Application, port: int) -> int:
         runner = web.AppRunner(app, handle_signals=False)
@@ -126,7 +130,8 @@ class Services:
 
 
 def display_db(db: str) -> str:
-    """The database for people to read: a PostgreSQL DSN without its password."""
+    """The database for people to read: a PostgreSQL DSN without its passwords (the user's in
+    `user:password@`, and any `password=` or `sslpassword=` parameter, in any case)."""
     if not db.startswith(("postgresql://", "postgres://")):
         return f"SQLite file {db}"
     try:
@@ -138,7 +143,42 @@ def display_db(db: str) -> str:
         user = parts.username or ""
         host = parts.netloc.rsplit("@", 1)[-1]
         parts = parts._replace(netloc=f"{user}:***@{host}")
+    if parts.query:
+        parts = parts._replace(query="&".join(
+            f"{item.partition('=')[0]}=***" if _is_password_key(item.partition("=")[0]) else item
+            for item in parts.query.split("&")
+        ))
     return f"PostgreSQL {urlunsplit(parts)}"
+
+
+def _is_password_key(key: str) -> bool:
+    # libpq's `password` and `sslpassword`; percent-encoded or in another case all the same.
+    return "password" in unquote_plus(key).lower()
+
+
+def _db_secrets(db: str) -> list[str]:
+    """The passwords a PostgreSQL DSN holds, as written and decoded: never to be printed."""
+    if not db.startswith(("postgresql://", "postgres://")):
+        return []
+    try:
+        parts = urlsplit(db)
+    except ValueError:
+        return []
+    found = []
+    if parts.netloc.rpartition("@")[0].partition(":")[2]:
+        found.append(parts.netloc.rpartition("@")[0].partition(":")[2])
+    for item in parts.query.split("&"):
+        key, _, value = item.partition("=")
+        if value and _is_password_key(key):
+            found.append(value)
+    return [v for s in found for v in {s, unquote(s), unquote_plus(s)} if v]
+
+
+def scrub_db(text: str, db: str) -> str:
+    """`text` (a database error's message, say) with the DSN's passwords replaced by ***."""
+    for secret in sorted(_db_secrets(db), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def default_db(state_dir: Path) -> str:
