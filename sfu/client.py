@@ -105,7 +105,14 @@ class SFUClient:
 
     async def _join_exchange(self) -> dict[str, Any]:
         self._session = aiohttp.ClientSession()
-        self._ws = await self._session.ws_connect(self.url, heartbeat=30)
+        try:
+            self._ws = await self._session.ws_connect(self.url, heartbeat=30)
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status != 429:
+                raise
+            raise SignallingError(
+                "busy", "the SFU has too many connections waiting to join: try again shortly"
+            ) from None
         await self.send(
             {
                 "type": "join",

@@ -36,6 +36,10 @@ class SFUConfig:
     pli_interval: float = 0.3  # seconds between PLIs to one publisher
     speaker_interval: float = 0.3  # seconds per active-speaker decision
     join_timeout: float = 10.0  # seconds a new WebSocket may take to send "join"
+    # WebSockets that have not joined yet (anyone may open one): in all, and from one address
+    # (behind a reverse proxy every client has the proxy's address: raise it there)
+    max_unjoined: int = 1024
+    max_unjoined_per_address: int = 64
     answer_timeout: float = 30.0  # seconds a client may take to answer an offer
     connect_timeout: float = 30.0  # seconds from the first answer to a connected media path
     # One process per core: worker i of len(worker_urls) serves the rooms that `worker_for`
@@ -50,6 +54,8 @@ class SFUConfig:
             raise ConfigError("timeouts must be positive")
         if self.max_rooms < 1 or self.max_participants_per_room < 1:
             raise ConfigError("room and participant limits must be at least 1")
+        if self.max_unjoined < 1 or self.max_unjoined_per_address < 1:
+            raise ConfigError("the limits on sockets not joined yet must be at least 1")
         if self.max_message_bytes == 0:
             limit = message_bytes_for(self.max_participants_per_room)
             object.__setattr__(self, "max_message_bytes", limit)

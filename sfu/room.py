@@ -23,6 +23,7 @@ slot: the SFU finds the m-line by the mid header extension and the slot continue
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
 import struct
@@ -57,6 +58,10 @@ SendJson = Callable[[dict[str, Any]], Awaitable[None]]
 # Only codecs whose keyframes the SFU can find in a frame's clear prefix.
 PREFERRED_CODECS = {"audio": ("audio/opus",), "video": ("video/VP8", "video/rtx")}
 TICK_INTERVAL = 0.05
+# Remote ICE candidates one participant may give (in its answers and trickled, counted by
+# address): aioice re-sorts its check list for every candidate it adds, so thousands of them
+# would keep the event loop, and every room of the process, busy. A client has a few.
+MAX_REMOTE_CANDIDATES = 32
 RR_INTERVAL = 1.0
 TICK_EARLY = 0.005  # seconds a loop may run a timer early (sleep_until_tick)
 
@@ -92,11 +97,32 @@ def _codec_preferences(kind: str) -> list[Any]:
     return [c for c in RTCRtpSender.getCapabilities(kind).codecs if c.mimeType in wanted]
 
 
+def _candidate_problem(candidate: Any) -> str | None:
+    """Why aioice would fail on this remote candidate later (out of the SFU's sight), if so."""
+    if not 0 < candidate.port < 65536:
+        # asyncio's sendto raises OverflowError: a fatal error that closes the ICE socket
+        return f"port {candidate.port} is not a UDP or TCP port"
+    if not candidate.ip.endswith(".local"):  # an mDNS name, which aioice resolves
+        try:
+            ipaddress.ip_address(candidate.ip)
+        except ValueError:
+            return f"{candidate.ip!r} is neither an IP address nor an mDNS name"
+    return None
+
+
 def _check_answer(answer: SessionDescription) -> None:
     """What aiortc's parser lets through but fails on later, out of the SFU's sight."""
     for media in answer.media:
         if media.port == 0:
             continue  # rejected m-line
+        if len(media.ice_candidates) > MAX_REMOTE_CANDIDATES:
+            raise SignallingError(
+                "bad-sdp", f"more than {MAX_REMOTE_CANDIDATES} ICE candidates in an m-line"
+            )
+        for candidate in media.ice_candidates:
+            problem = _candidate_problem(candidate)
+            if problem is not None:
+                raise SignallingError("bad-sdp", f"an ICE candidate in the answer: {problem}")
         if media.dtls is None or not media.dtls.fingerprints:
             # aiortc would fail an assertion in its connect task and hang in "connecting"
             raise SignallingError("bad-sdp", "the answer has no DTLS fingerprint (a=fingerprint)")
@@ -147,6 +173,7 @@ class Participant:
         self._answer_overdue: asyncio.TimerHandle | None = None
         self._connect_overdue: asyncio.TimerHandle | None = None
         self.connected = False  # the media connection has been up
+        self._remote_candidates: set[tuple[str, str, int]] = set()  # trickled, by address
         self.pc.on("connectionstatechange", self._on_connection_state)
 
     def __repr__(self) -> str:
@@ -244,9 +271,14 @@ class Participant:
         self._cancel_answer_timer()
         if self._closed or self.pc.signalingState == "closed":
             return
-        if self._connect_overdue is None and self.pc.connectionState != "connected":
+        if (
+            self._connect_overdue is None
+            and self.pc.connectionState != "connected"
+            and any(media.port != 0 for media in parsed.media)
+        ):
             # aiortc connects in a task of its own, which may fail without changing the
-            # connection's state: a client that never connects must not keep its seat either
+            # connection's state: a client that never connects must not keep its seat either.
+            # (Not while there is nothing to connect: a listener alone in a room has no m-line.)
             self._connect_overdue = asyncio.get_running_loop().call_later(
                 self.config.connect_timeout, self._not_connected
             )
@@ -291,6 +323,18 @@ class Participant:
             parsed = candidate_from_sdp(text.removeprefix("candidate:"))
         except (ValueError, IndexError, AssertionError) as exc:
             raise SignallingError("bad-message", "unparsable ICE candidate") from exc
+        problem = _candidate_problem(parsed)
+        if problem is not None:
+            raise SignallingError("bad-message", f"bad ICE candidate: {problem}")
+        if self.connected:
+            return  # the path is chosen and aiortc has no ICE restart: nothing to add it to
+        address = (parsed.protocol.lower(), parsed.ip, parsed.port)
+        if address not in self._remote_candidates:
+            if len(self._remote_candidates) >= MAX_REMOTE_CANDIDATES:
+                raise SignallingError(
+                    "bad-message", f"more than {MAX_REMOTE_CANDIDATES} ICE candidates"
+                )
+            self._remote_candidates.add(address)
         mid, index = candidate.get("sdpMid"), candidate.get("sdpMLineIndex")
         if not isinstance(mid, str | None) or not (
             index is None or (isinstance(index, int) and not isinstance(index, bool))

@@ -68,6 +68,7 @@ class SFUServer:
         self._join_lock = asyncio.Lock()
         self._sockets: set[Outbox] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._unjoined: dict[str, int] = {}  # sockets not joined yet, by client address
         # Whether worker i is up to take the joins redirected to it (worker 0 supervises them).
         self.worker_available: Callable[[int], bool] = lambda worker: True
 
@@ -118,10 +119,38 @@ class SFUServer:
 
     # --- signalling -----------------------------------------------------------------------------
 
+    def _admit_unjoined(self, address: str) -> None:
+        """Count a new socket that has not joined yet, or refuse it (429): anyone may open one,
+        and each holds a file descriptor until its join timeout."""
+        if (
+            sum(self._unjoined.values()) >= self.config.max_unjoined
+            or self._unjoined.get(address, 0) >= self.config.max_unjoined_per_address
+        ):
+            raise web.HTTPTooManyRequests(
+                text="too many signalling connections waiting to join: retry shortly\n",
+                headers={"Retry-After": "5"},
+            )
+        self._unjoined[address] = self._unjoined.get(address, 0) + 1
+
+    def _joined_or_gone(self, address: str) -> None:
+        left = self._unjoined.pop(address, 1) - 1
+        if left:
+            self._unjoined[address] = left
+
     async def handle_signal(self, request: web.Request) -> web.WebSocketResponse:
-        # aiohttp closes the socket above max_msg_size; below 4x the limit we answer politely.
-        ws = web.WebSocketResponse(max_msg_size=4 * self.config.max_message_bytes, heartbeat=30)
-        await ws.prepare(request)
+        address = request.remote or ""
+        self._admit_unjoined(address)
+        unjoined = True
+        try:
+            # aiohttp closes the socket above max_msg_size; below 4x the limit we answer
+            # politely.
+            ws = web.WebSocketResponse(
+                max_msg_size=4 * self.config.max_message_bytes, heartbeat=30
+            )
+            await ws.prepare(request)
+        except BaseException:
+            self._joined_or_gone(address)
+            raise
         outbox = Outbox(ws, request.transport, OUTBOX_MESSAGES * self.config.max_message_bytes)
         self._sockets.add(outbox)
         send_json = outbox.send_json
@@ -138,6 +167,8 @@ class SFUServer:
                 participant, refused = await self._join_or_refuse(join, send_json, outbox)
                 if refused:
                     return ws
+            unjoined = False
+            self._joined_or_gone(address)
             async for msg in ws:
                 if msg.type != WSMsgType.TEXT:
                     if msg.type == WSMsgType.BINARY:
@@ -164,6 +195,8 @@ class SFUServer:
         except Exception:
             logger.exception("signalling handler failed")
         finally:
+            if unjoined:
+                self._joined_or_gone(address)
             if participant is not None:
                 await self._leave(participant)
             await outbox.close()

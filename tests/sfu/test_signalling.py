@@ -415,3 +415,95 @@ async def test_shutdown_does_not_wait_for_a_client_that_reads_nothing(monkeypatc
     async with asyncio.timeout(5):
         await h.stop()  # aiohttp's shutdown closes every signalling socket
     assert time.monotonic() - started < 2 and transport.aborted
+
+
+async def test_a_listener_alone_in_a_room_keeps_its_seat() -> None:
+    # Before: an offer without m-lines (nobody publishes yet) started the connect timer, and a
+    # listener that arrived first was ended for "no media connection".
+    async with running(connect_timeout=0.5) as h:
+        listener = SFUClient(h.url, "room", "listener", h.token("room", "listener"))
+        try:
+            await listener.join()
+            await asyncio.wait_for(listener.answered.wait(), 5)
+            assert "\nm=" not in listener.pc.remoteDescription.sdp
+            await asyncio.sleep(1.5)
+            assert h.server.metrics.participants() == 1
+            # once someone publishes, the listener's m-lines connect as usual
+            await h.join("talker")
+            [participant] = [
+                p for p in h.server.rooms["room"].participants.values() if p.identity == "listener"
+            ]
+            assert await wait_until(lambda: participant.connected, timeout=10)
+        finally:
+            await listener.close()
+
+
+async def test_ice_candidates_are_checked_and_capped() -> None:
+    from sfu.room import MAX_REMOTE_CANDIDATES
+
+    async with running() as h:
+        async with aiohttp.ClientSession() as session, session.ws_connect(h.url) as ws:
+            await _joined(ws, "pub", ["video"])
+            pc, sdp = await _offer_and_answer(ws)
+
+            async def trickle(candidate: str) -> dict[str, Any] | None:
+                await ws.send_str(json.dumps(
+                    {"type": "ice", "candidate": {"candidate": candidate, "sdpMid": "0"}}
+                ))
+                await ws.send_str('{"type": "dance"}')  # its reply follows the candidate's
+                first = await ws.receive_json(timeout=5)
+                if first["code"] == "unknown-type":
+                    return None
+                assert (await ws.receive_json(timeout=5))["code"] == "unknown-type"
+                return first
+
+            # a port asyncio cannot send to (it closed the ICE socket, with tracebacks), a host
+            # that is no address: refused at once, in a trickle or in the answer
+            for bad, why in [
+                ("candidate:1 1 udp 2130706431 127.0.0.1 99999 typ host", "port 99999"),
+                ("candidate:1 1 udp 2130706431 not-an-ip 5000 typ host", "not-an-ip"),
+            ]:
+                reply = await trickle(bad)
+                assert reply is not None and reply["code"] == "bad-message", reply
+                assert why in reply["message"]
+                m = sdp.index("a=candidate")
+                with_bad = sdp[:m] + "a=" + bad + "\r\n" + sdp[m:]
+                await ws.send_str(json.dumps({"type": "answer", "sdp": with_bad}))
+                reply = await ws.receive_json(timeout=5)
+                assert reply["code"] == "bad-sdp" and why in reply["message"], reply
+            # at most MAX_REMOTE_CANDIDATES addresses: each costs aioice more than the last
+            for port in range(MAX_REMOTE_CANDIDATES):
+                assert await trickle(f"{CANDIDATE[:-14]} {6000 + port} typ host") is None
+            assert await trickle(f"{CANDIDATE[:-14]} 6000 typ host") is None  # known: no new one
+            reply = await trickle(f"{CANDIDATE[:-14]} 7000 typ host")
+            assert reply is not None and "more than 32 ICE candidates" in reply["message"]
+            # the genuine answer still connects; trickled candidates are ignored after that
+            await ws.send_str(json.dumps({"type": "answer", "sdp": sdp}))
+            [participant] = h.server.rooms["room"].participants.values()
+            assert await wait_until(lambda: participant.connected, timeout=10)
+            assert await trickle(f"{CANDIDATE[:-14]} 7001 typ host") is None
+            assert len(participant._remote_candidates) == MAX_REMOTE_CANDIDATES
+            await pc.close()
+
+
+async def test_sockets_that_have_not_joined_are_capped_per_address() -> None:
+    async with running(max_unjoined_per_address=3) as h:
+        async with aiohttp.ClientSession() as session:
+            waiting = [await session.ws_connect(h.url) for _ in range(3)]
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await session.ws_connect(h.url)
+            assert refused.value.status == 429
+            client = SFUClient(h.url, "room", "alice", h.token("room", "alice"))
+            with pytest.raises(SignallingError) as busy:
+                await client.join()
+            assert busy.value.code == "busy"
+            # a socket that joins, or goes, frees its place
+            await _joined(waiting[0], "bob")
+            await waiting[1].close()
+            assert await wait_until(lambda: sum(h.server._unjoined.values()) == 1, timeout=5)
+            client = SFUClient(h.url, "room", "carol", h.token("room", "carol"))
+            await client.join()
+            await client.close()
+            for ws in waiting:
+                await ws.close()
+        assert await wait_until(lambda: h.server._unjoined == {}, timeout=5)
