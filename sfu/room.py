@@ -557,7 +557,8 @@ class Participant:
 
     def _on_psfb(self, packet: rtcp.RtcpPsfbPacket, now: float) -> None:
         if packet.fmt == rtcp.PSFB_APP:
-            # REMB names the streams it estimates in its FCI; the source relays the minimum
+            # REMB names the streams it estimates in its FCI; each source relays what its
+            # slowest subscribers can take (`SourceStream.relay_remb`)
             try:
                 bitrate, ssrcs = rtcp.unpack_remb_fci(packet.fci)
             except (ValueError, struct.error):

@@ -63,10 +63,12 @@ def make_source(kind: str = "video", ssrc: int = 1111, **kw: object) -> tuple[So
     return source, up
 
 
-def make_slot(kind: str = "video", metrics: Metrics | None = None) -> tuple[Slot, Sink]:
+def make_slot(
+    kind: str = "video", metrics: Metrics | None = None, subscriber: str = "sub"
+) -> tuple[Slot, Sink]:
     down = Sink()
     slot = Slot(
-        subscriber="sub",
+        subscriber=subscriber,
         kind=kind,
         ssrc=7777,
         mid="5",
@@ -329,23 +331,28 @@ def test_restart_under_a_new_ssrc_continues_the_slot_numbering() -> None:
     assert source.report_block(now=0.2).highest_sequence == 11  # type: ignore[union-attr]
 
 
+def remb_bitrates(up: Sink) -> list[tuple[int, list[int]]]:
+    """The REMBs (bitrate, SSRCs) a source sent its publisher, in order."""
+    out = []
+    for packet in up.packets:
+        for p in rtcp.parse_rtcp(packet):
+            if isinstance(p, rtcp.RtcpPsfbPacket) and p.fmt == rtcp.PSFB_APP:
+                assert p.ssrc == 4242
+                out.append(rtcp.unpack_remb_fci(p.fci))
+    return out
+
+
 def test_lowest_subscriber_estimate_is_relayed_upstream_throttled() -> None:
     source, up = make_source()
-    slow, _ = make_slot()
-    fast, _ = make_slot()
+    slow, _ = make_slot(subscriber="slow")
+    fast, _ = make_slot(subscriber="fast")
     slow.attach(source)
     fast.attach(source)
     source.tick(now=1.0)
     assert up.packets == [rtcp.pack_pli(4242, 1111)]  # no estimate yet: no REMB
 
     def rembs() -> list[tuple[int, list[int]]]:
-        out = []
-        for packet in up.packets:
-            for p in rtcp.parse_rtcp(packet):
-                if isinstance(p, rtcp.RtcpPsfbPacket) and p.fmt == rtcp.PSFB_APP:
-                    assert p.ssrc == 4242
-                    out.append(rtcp.unpack_remb_fci(p.fci))
-        return out
+        return remb_bitrates(up)
 
     fast.remb, slow.remb = (2_000_000, 1.0), (300_000, 1.0)
     source.relay_remb(now=1.0)
