@@ -83,6 +83,19 @@ def main(argv: list[str] | None = None) -> int:
         "--max-participants", type=int, default=16, help="participants per room (default 16)"
     )
     parser.add_argument(
+        "--max-unjoined",
+        type=int,
+        default=1024,
+        help="signalling sockets that have not joined yet, per worker (default 1024)",
+    )
+    parser.add_argument(
+        "--max-unjoined-per-address",
+        type=int,
+        default=64,
+        help="of those, from one client address (default 64; behind a reverse proxy every "
+        "client has the proxy's address: raise it)",
+    )
+    parser.add_argument(
         "--loopback-ice",
         action="store_true",
         help="offer only 127.0.0.1 ICE candidates (default when --host is 127.0.0.1)",
@@ -145,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             token_secret=secret,
             max_rooms=args.max_rooms,
             max_participants_per_room=args.max_participants,
+            max_unjoined=args.max_unjoined,
+            max_unjoined_per_address=args.max_unjoined_per_address,
             worker_index=args.worker_index,
             worker_urls=tuple(
                 f"http://{url_host}:{args.port + i}/v1/signal" for i in range(args.workers)

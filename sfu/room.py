@@ -115,10 +115,6 @@ def _check_answer(answer: SessionDescription) -> None:
     for media in answer.media:
         if media.port == 0:
             continue  # rejected m-line
-        if len(media.ice_candidates) > MAX_REMOTE_CANDIDATES:
-            raise SignallingError(
-                "bad-sdp", f"more than {MAX_REMOTE_CANDIDATES} ICE candidates in an m-line"
-            )
         for candidate in media.ice_candidates:
             problem = _candidate_problem(candidate)
             if problem is not None:
@@ -173,7 +169,8 @@ class Participant:
         self._answer_overdue: asyncio.TimerHandle | None = None
         self._connect_overdue: asyncio.TimerHandle | None = None
         self.connected = False  # the media connection has been up
-        self._remote_candidates: set[tuple[str, str, int]] = set()  # trickled, by address
+        # remote ICE candidates given so far (answers and trickles), by address
+        self._remote_candidates: set[tuple[str, str, int]] = set()
         self.pc.on("connectionstatechange", self._on_connection_state)
 
     def __repr__(self) -> str:
@@ -263,10 +260,23 @@ class Participant:
         if local is None or len(parsed.media) != len(SessionDescription.parse(local.sdp).media):
             raise SignallingError("bad-sdp", "the answer must have one m-line per offered m-line")
         _check_answer(parsed)
+        # The answer's candidates count against the same cap as trickled ones: aiortc adds
+        # every answer's candidates to aioice, renegotiations included.
+        candidates = self._remote_candidates | {
+            (c.protocol.lower(), c.ip, c.port)
+            for media in parsed.media
+            if media.port != 0
+            for c in media.ice_candidates
+        }
+        if len(candidates) > MAX_REMOTE_CANDIDATES:
+            raise SignallingError(
+                "bad-sdp", f"more than {MAX_REMOTE_CANDIDATES} ICE candidates in all"
+            )
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
         except Exception as exc:  # aiortc raises ValueError, OperationError, InvalidStateError...
             raise SignallingError("bad-sdp", f"the answer was refused: {exc}") from exc
+        self._remote_candidates = candidates
         self._negotiating = False
         self._cancel_answer_timer()
         if self._closed or self.pc.signalingState == "closed":
@@ -326,6 +336,13 @@ class Participant:
         problem = _candidate_problem(parsed)
         if problem is not None:
             raise SignallingError("bad-message", f"bad ICE candidate: {problem}")
+        mid, index = candidate.get("sdpMid"), candidate.get("sdpMLineIndex")
+        if not isinstance(mid, str | None) or not (
+            index is None or (isinstance(index, int) and not isinstance(index, bool))
+        ):
+            raise SignallingError("bad-message", "sdpMid is a string, sdpMLineIndex an integer")
+        if mid is None and index is None:
+            raise SignallingError("bad-message", "an ICE candidate needs sdpMid or sdpMLineIndex")
         if self.connected:
             return  # the path is chosen and aiortc has no ICE restart: nothing to add it to
         address = (parsed.protocol.lower(), parsed.ip, parsed.port)
@@ -335,13 +352,6 @@ class Participant:
                     "bad-message", f"more than {MAX_REMOTE_CANDIDATES} ICE candidates"
                 )
             self._remote_candidates.add(address)
-        mid, index = candidate.get("sdpMid"), candidate.get("sdpMLineIndex")
-        if not isinstance(mid, str | None) or not (
-            index is None or (isinstance(index, int) and not isinstance(index, bool))
-        ):
-            raise SignallingError("bad-message", "sdpMid is a string, sdpMLineIndex an integer")
-        if mid is None and index is None:
-            raise SignallingError("bad-message", "an ICE candidate needs sdpMid or sdpMLineIndex")
         parsed.sdpMid, parsed.sdpMLineIndex = mid, index
         await self.pc.addIceCandidate(parsed)
 

@@ -143,7 +143,14 @@ class Supervisor:
                 status = worker.proc.poll()
                 if status is None:
                     self._check_heartbeat(worker, now)
-                    if worker.failures and now - worker.started >= STABLE_AFTER:
+                    # Uptime counts only while it beats: a worker hung (or stuck starting) for
+                    # STABLE_AFTER is no stable one, or the give-up rule would never fire.
+                    if (
+                        worker.failures
+                        and worker.beating
+                        and not worker.hung
+                        and now - worker.started >= STABLE_AFTER
+                    ):
                         worker.failures = 0
                     continue
                 if worker.proc.stdin is not None:

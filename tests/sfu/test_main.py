@@ -147,3 +147,11 @@ def test_bad_arguments_are_usage_errors(tmp_path: Path) -> None:
     for args in (("--log-level", "loud"), ("--port", "70000")):
         result = _run_sfu(*args, "--token-secret-file", str(tmp_path / "s"))
         assert result.returncode == 2 and "usage:" in result.stderr, args
+
+
+def test_the_unjoined_socket_limits_are_options(tmp_path: Path) -> None:
+    (tmp_path / "s").write_bytes(SECRET)
+    result = _run_sfu("--token-secret-file", str(tmp_path / "s"), "--max-unjoined-per-address", "0")
+    assert result.returncode == 2 and "sockets not joined yet" in result.stderr
+    help_text = _run_sfu("--help").stdout
+    assert "--max-unjoined-per-address" in help_text and "reverse proxy" in help_text

@@ -266,3 +266,32 @@ def test_help_tells_the_operator_about_ports_and_workers() -> None:
     assert result.returncode == 0
     for phrase in ("PORT+i", "per worker", "/metrics", "hex", "loopback", "restarted", "heartbeat"):
         assert phrase in text, phrase
+
+
+async def test_a_worker_that_never_beats_is_given_up_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before: the kill at STARTUP_TIMEOUT came in the poll that also took the worker's uptime
+    # (as long) for stability and reset its failures: restarted for ever, never given up on.
+    from sfu import workers
+
+    for name, value in [("STARTUP_TIMEOUT", 0.3), ("STABLE_AFTER", 0.3),
+                        ("RESTART_DELAY", 0.05), ("MAX_RESTART_DELAY", 0.05),
+                        ("POLL_INTERVAL", 0.02)]:
+        monkeypatch.setattr(workers, name, value)
+    gave_up: list[int] = []
+    monkeypatch.setattr(workers.signal, "raise_signal", gave_up.append)
+    with socket.socket() as sock:
+        stuck = [sys.executable, "-c", "import time; time.sleep(60)"]  # never beats
+        supervisor = workers.Supervisor(stuck, SECRET, [workers.Worker(1, 1, [sock])], 0.2)
+        supervisor.start(supervisor.workers[0])
+        watch = asyncio.ensure_future(supervisor.watch())
+        try:
+            assert await _wait(lambda: gave_up, 20), "restarted for ever"
+        finally:
+            supervisor.stopping = True
+            watch.cancel()
+            supervisor.stop()
+    assert gave_up == [signal.SIGTERM]
+    assert supervisor.workers[0].failures == workers.MAX_FAILURES
+    assert "5 times in a row" in supervisor.failed
