@@ -272,21 +272,26 @@ class Connection:
                 await self._push(m)
             if batch:
                 self.cursors[group_id] = batch[-1].seq
-            # a batch cut short by BATCH_BYTES is followed by more: only an empty one is the end
-            if not fetched or len(batch) < len(fetched):
+            # fewer than BATCH is the end, unless BATCH_BYTES cut the read short (`Page.cut`)
+            if len(batch) < len(fetched) or (
+                len(fetched) < BATCH and not getattr(fetched, "cut", False)
+            ):
                 break
         self.cursors[group_id] = max(self.cursors[group_id], known_seq)
 
     async def _welcomes(self) -> None:
         assert self.welcome_cursor is not None
-        while welcomes := await self.hub.storage.welcomes_after(
-            self.identity, self.welcome_cursor, BATCH, BATCH_BYTES
-        ):
+        while True:
+            welcomes = await self.hub.storage.welcomes_after(
+                self.identity, self.welcome_cursor, BATCH, BATCH_BYTES
+            )
             for w in welcomes:
                 await self.send({"type": "welcome", "id": w.id, "group_id": w.group_id,
                                  "seq": w.seq, "welcome": w.data})
                 self.welcome_cursor = w.id
                 self.hub.metrics.inc("ds_pushed_total")
+            if len(welcomes) < BATCH and not welcomes.cut:
+                return
 
     async def close(self) -> None:
         for group_id in list(self.cursors):

@@ -12,6 +12,7 @@ import abc
 import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from ..tracker import GroupState
 
@@ -26,6 +27,7 @@ def message_digest(data: bytes) -> bytes:
 
 
 MAX_INT = (1 << 63) - 1  # the largest sequence number or id either database stores
+_Row = TypeVar("_Row")
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,15 @@ class StoredMessage:
 
 # The columns of a `messages` row that make a StoredMessage, in the order `stored_message` reads.
 MESSAGE_COLUMNS = "group_id, seq, kind, epoch, sender, sender_index, created_ms, data"
+
+
+class Page(list[_Row]):
+    """The rows of a read bounded by `limit` and `max_bytes`: `cut` when `max_bytes` stopped it
+    short of rows that matched (so fewer than `limit` rows do not mean the end was reached)."""
+
+    def __init__(self, rows: Iterable[_Row] = (), cut: bool = False) -> None:
+        super().__init__(rows)
+        self.cut = cut
 
 
 def fitting(sizes: list[tuple[int, int]], max_bytes: int | None) -> int | None:
@@ -246,7 +257,7 @@ class Storage(abc.ABC):
         limit: int,
         min_epoch: int = 0,
         max_bytes: int | None = None,
-    ) -> list[StoredMessage]:
+    ) -> Page[StoredMessage]:
         """Messages with seq > after and epoch >= min_epoch that `identity` may receive, in
         order: at most `limit`, and no more than fit in `max_bytes` of data (but at least one).
         (`min_epoch`: a new member needs the commits from the epoch it joined in, some of which
@@ -255,12 +266,12 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def audit_log(
         self, group_id: bytes, after: int, limit: int, max_bytes: int | None = None
-    ) -> list[StoredMessage]:
+    ) -> Page[StoredMessage]:
         """Handshake messages (no application data) with seq > after, in order; bounded as
         `messages_after`."""
 
     @abc.abstractmethod
     async def welcomes_after(
         self, identity: str, after: int, limit: int | None = None, max_bytes: int | None = None
-    ) -> list[WelcomeRecord]:
+    ) -> Page[WelcomeRecord]:
         """Welcomes for `identity` with id > after, in order; bounded as `messages_after`."""

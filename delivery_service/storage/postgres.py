@@ -27,6 +27,7 @@ from .base import (
     IdentityRecord,
     KeyPackageRow,
     NewMessage,
+    Page,
     Storage,
     StoredMessage,
     WelcomeRecord,
@@ -558,57 +559,72 @@ class PostgresStorage(Storage):
         limit: int,
         min_epoch: int = 0,
         max_bytes: int | None = None,
-    ) -> list[StoredMessage]:
+    ) -> Page[StoredMessage]:
         where = (
             "FROM messages m WHERE group_id = $1 AND seq > $2 AND seq <= $6 AND epoch >= $5 AND "
             "(NOT restricted OR EXISTS (SELECT 1 FROM welcomes w WHERE w.group_id = m.group_id "
             "AND w.seq = m.seq AND w.identity = $3)) ORDER BY seq LIMIT $4"
         )
-        upto = MAX_INT
+        upto, sizes = MAX_INT, None
         if max_bytes is not None:
             sizes = await self.pool.fetch(
                 f"SELECT seq, length(data) {where}",
                 group_id, after, identity, limit, min_epoch, upto,
             )
+            if not sizes:
+                return Page()  # nothing after the cursor
             upto = fitting([(r[0], r[1]) for r in sizes], max_bytes) or after
         rows = await self.pool.fetch(
             f"SELECT {MESSAGE_COLUMNS} {where}", group_id, after, identity, limit, min_epoch, upto
         )
-        return [stored_message(r) for r in rows]
+        return Page(
+            (stored_message(r) for r in rows),
+            cut=sizes is not None and len(rows) < len(sizes),
+        )
 
     async def audit_log(
         self, group_id: bytes, after: int, limit: int, max_bytes: int | None = None
-    ) -> list[StoredMessage]:
+    ) -> Page[StoredMessage]:
         where = (
             "FROM messages WHERE group_id = $1 AND seq > $2 AND seq <= $5 AND kind = ANY($3) "
             "ORDER BY seq LIMIT $4"
         )
         kinds = list(HANDSHAKE_KINDS)
-        upto = MAX_INT
+        upto, sizes = MAX_INT, None
         if max_bytes is not None:
             sizes = await self.pool.fetch(
                 f"SELECT seq, length(data) {where}", group_id, after, kinds, limit, upto
             )
+            if not sizes:
+                return Page()  # nothing after the cursor
             upto = fitting([(r[0], r[1]) for r in sizes], max_bytes) or after
         rows = await self.pool.fetch(
             f"SELECT {MESSAGE_COLUMNS} {where}", group_id, after, kinds, limit, upto
         )
-        return [stored_message(r) for r in rows]
+        return Page(
+            (stored_message(r) for r in rows),
+            cut=sizes is not None and len(rows) < len(sizes),
+        )
 
     async def welcomes_after(
         self, identity: str, after: int, limit: int | None = None, max_bytes: int | None = None
-    ) -> list[WelcomeRecord]:
+    ) -> Page[WelcomeRecord]:
         join = (
             "FROM welcomes w JOIN messages m ON m.group_id = w.group_id AND m.seq = w.seq "
             "WHERE w.identity = $1 AND w.id > $2 AND w.id <= $3 ORDER BY w.id LIMIT $4"
         )
-        upto = MAX_INT
+        upto, sizes = MAX_INT, None
         if max_bytes is not None:
             sizes = await self.pool.fetch(
                 f"SELECT w.id, length(m.data) {join}", identity, after, upto, limit
             )
+            if not sizes:
+                return Page()  # nothing after the cursor
             upto = fitting([(r[0], r[1]) for r in sizes], max_bytes) or after
         rows = await self.pool.fetch(
             f"SELECT w.id, w.group_id, w.seq, m.data {join}", identity, after, upto, limit
         )
-        return [WelcomeRecord(r[0], bytes(r[1]), r[2], bytes(r[3])) for r in rows]
+        return Page(
+            (WelcomeRecord(r[0], bytes(r[1]), r[2], bytes(r[3])) for r in rows),
+            cut=sizes is not None and len(rows) < len(sizes),
+        )

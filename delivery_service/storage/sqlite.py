@@ -22,6 +22,7 @@ from .base import (
     IdentityRecord,
     KeyPackageRow,
     NewMessage,
+    Page,
     Storage,
     StoredMessage,
     WelcomeRecord,
@@ -425,59 +426,75 @@ class SQLiteStorage(Storage):
         limit: int,
         min_epoch: int = 0,
         max_bytes: int | None = None,
-    ) -> list[StoredMessage]:
+    ) -> Page[StoredMessage]:
         where = (
             "FROM messages m WHERE group_id = ? AND seq > ? AND seq <= ? AND epoch >= ? AND "
             "(restricted = 0 OR EXISTS (SELECT 1 FROM welcomes w WHERE w.group_id = m.group_id "
             "AND w.seq = m.seq AND w.identity = ?)) ORDER BY seq LIMIT ?"
         )
-        upto = MAX_INT
+        upto, sizes = MAX_INT, None
         if max_bytes is not None:
             sizes = await self._all(
                 f"SELECT seq, length(data) {where}",
                 (group_id, after, upto, min_epoch, identity, limit),
             )
+            if not sizes:
+                return Page()  # nothing after the cursor
             upto = fitting(sizes, max_bytes) or after
         rows = await self._all(
             f"SELECT {MESSAGE_COLUMNS} {where}",
             (group_id, after, upto, min_epoch, identity, limit),
         )
-        return [stored_message(r) for r in rows]
+        return Page(
+            (stored_message(r) for r in rows),
+            cut=sizes is not None and len(rows) < len(sizes),
+        )
 
     async def audit_log(
         self, group_id: bytes, after: int, limit: int, max_bytes: int | None = None
-    ) -> list[StoredMessage]:
+    ) -> Page[StoredMessage]:
         marks = ", ".join("?" * len(HANDSHAKE_KINDS))
         where = (
             f"FROM messages WHERE group_id = ? AND seq > ? AND seq <= ? AND kind IN ({marks}) "
             "ORDER BY seq LIMIT ?"
         )
-        upto = MAX_INT
+        upto, sizes = MAX_INT, None
         if max_bytes is not None:
             sizes = await self._all(
                 f"SELECT seq, length(data) {where}",
                 (group_id, after, upto, *HANDSHAKE_KINDS, limit),
             )
+            if not sizes:
+                return Page()  # nothing after the cursor
             upto = fitting(sizes, max_bytes) or after
         rows = await self._all(
             f"SELECT {MESSAGE_COLUMNS} {where}", (group_id, after, upto, *HANDSHAKE_KINDS, limit)
         )
-        return [stored_message(r) for r in rows]
+        return Page(
+            (stored_message(r) for r in rows),
+            cut=sizes is not None and len(rows) < len(sizes),
+        )
 
     async def welcomes_after(
         self, identity: str, after: int, limit: int | None = None, max_bytes: int | None = None
-    ) -> list[WelcomeRecord]:
+    ) -> Page[WelcomeRecord]:
         join = (
             "FROM welcomes w JOIN messages m ON m.group_id = w.group_id AND m.seq = w.seq "
             "WHERE w.identity = ? AND w.id > ? AND w.id <= ? ORDER BY w.id LIMIT ?"
         )
-        upto, count = MAX_INT, -1 if limit is None else limit  # LIMIT -1: no limit
+        upto, sizes = MAX_INT, None
+        count = -1 if limit is None else limit  # LIMIT -1: no limit
         if max_bytes is not None:
             sizes = await self._all(
                 f"SELECT w.id, length(m.data) {join}", (identity, after, upto, count)
             )
+            if not sizes:
+                return Page()  # nothing after the cursor
             upto = fitting(sizes, max_bytes) or after
         rows = await self._all(
             f"SELECT w.id, w.group_id, w.seq, m.data {join}", (identity, after, upto, count)
         )
-        return [WelcomeRecord(r[0], bytes(r[1]), r[2], bytes(r[3])) for r in rows]
+        return Page(
+            (WelcomeRecord(r[0], bytes(r[1]), r[2], bytes(r[3])) for r in rows),
+            cut=sizes is not None and len(rows) < len(sizes),
+        )

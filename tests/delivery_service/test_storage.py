@@ -133,6 +133,9 @@ async def test_reads_are_bounded_in_bytes_and_page_through_everything(storage: S
     assert await pages(by_audit) == [[300, 300], [500, 100], [100, 100], [900], [50]]
     assert await pages(by_welcomes) == [[300], [100, 100], [50]]
     assert len(await storage.welcomes_after("bob", 0, 2)) == 2  # and in rows
+    # a page cut by bytes says so: fewer rows than the limit is then not the end
+    assert (await by_messages(0)).cut and not (await by_messages(7)).cut  # type: ignore[attr-defined]
+    assert not (await storage.messages_after(gid, 0, "bob", 2, max_bytes=600)).cut
     assert [len(m.data) for m in await storage.messages_after(gid, 0, "bob", 100)] == sizes
 
 
