@@ -134,8 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--log", type=Path, help="a log saved with --save")
     p.add_argument("--save", type=Path, default=None, help="save the fetched log to this file")
     p.add_argument("--as", dest="identity", default=None,
-                   help="identity to read the log as (with --ds): an auditor (default: auditor; "
-                        "registered if it has no saved state), or a member with saved state")
+                   help="identity to read the log as (with --ds): an auditor (default: auditor, "
+                        "registered at its first audit), or a member with saved state")
+    p.add_argument("--register", action="store_true",
+                   help="with --as NAME that has no saved state: register NAME, an auditor the "
+                        "service names (--auditor), with a new key kept in the state directory")
     p.add_argument("--state", type=Path, default=None, help=STATE_HELP + " (with --ds)")
 
     p = sub.add_parser("bench", help="benchmarks: MLS, SFrame, SFU, end-to-end call")
@@ -389,7 +392,8 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     if args.log is not None:
         # These read from or save what the service sends: with a file, they would do nothing.
         given = [opt for opt, value in (("--save", args.save), ("--as", args.identity),
-                                        ("--state", args.state)) if value is not None]
+                                        ("--state", args.state),
+                                        ("--register", args.register or None)) if value is not None]
         if given:
             raise ConclaveError(
                 f"{' and '.join(given)} only work with --ds, not with --log (which reads a "
@@ -404,7 +408,8 @@ async def cmd_audit(args: argparse.Namespace) -> int:
         from .demo import fetch_log
 
         entries = await fetch_log_as(args.ds, group_id, args.state or default_state_dir(),
-                                     args.identity or DEFAULT_AUDITOR, fetch_log, label)
+                                     args.identity or DEFAULT_AUDITOR, fetch_log, label,
+                                     register=args.register)
         if args.save is not None:
             try:
                 save_log(args.save, group_id, entries)
@@ -430,10 +435,12 @@ async def cmd_audit(args: argparse.Namespace) -> int:
 
 
 async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fetch: Any,
-                       label: str | None = None) -> Any:
+                       label: str | None = None, register: bool = False) -> Any:
     """The log read as `identity`: a member with saved state in `state` logs in with it; any
     other name is taken for an auditor's (a service's `--auditor`), registered as `fetch` does
-    for `auditor`, its key saved in `state` for the next audit."""
+    for `auditor`, its key saved in `state` for the next audit. A new name other than
+    `auditor` needs `register`: registering claims the name for good (a typo, or a member who
+    has not joined yet, would be taken), and the service may still refuse it the log."""
     from delivery_service.errors import RequestFailed
 
     from .participant import check_name
@@ -441,7 +448,14 @@ async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fet
 
     check_name(identity)  # before its state file is looked for or written
     label = label or group_label(group_id)
-    as_member = identity != DEFAULT_AUDITOR and (state / f"{identity}.state").exists()
+    known = (state / f"{identity}.state").exists()
+    as_member = identity != DEFAULT_AUDITOR and known
+    if not known and identity != DEFAULT_AUDITOR and not register:
+        raise ConclaveError(
+            f"no saved state for {identity!r} in {state}: for an auditor the delivery service "
+            "names (--auditor), add --register to register it with a new key (this claims the "
+            "name on the service for good: check its spelling); for a member, pass its --state"
+        )
     try:
         if as_member:
             return await _member_log(ds, group_id, state, identity)
@@ -455,9 +469,13 @@ async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fet
         if exc.code == "not_found":
             raise ConclaveError(f"no {label} on the delivery service {ds}") from None
         if exc.code == "forbidden":
+            registered = (
+                f" ({identity!r} is registered now, with the key in {state})"
+                if register and not known else ""
+            )
             raise ConclaveError(
                 f"{identity!r} may not read the audit log of {label}: it is neither a member "
-                "nor an auditor of the delivery service"
+                f"nor an auditor of the delivery service{registered}"
             ) from None
         raise ConclaveError(f"the delivery service refused the audit log of {label}: {exc}") from None
 

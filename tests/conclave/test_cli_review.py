@@ -224,7 +224,9 @@ def test_audit_as_an_auditor_named_by_serve(
     ds_url, _ = ops_served
     state, log = tmp_path / "st", tmp_path / "ops.log"
     argv = ["audit", "--group", "ops[/]", "--ds", ds_url, "--as", "ops", "--state", str(state)]
-    assert main([*argv, "--save", str(log)]) == 0  # registers ops, and keeps its key
+    assert main(argv) == 2  # a new name is registered only when asked to
+    assert "add --register" in capsys.readouterr().err and not state.exists()
+    assert main([*argv, "--register", "--save", str(log)]) == 0  # registers ops, keeps its key
     out = capsys.readouterr().out
     assert "key rotations of room 'ops[/]'" in out
     assert "members at the end of this log: [b]alice" in out
@@ -239,12 +241,15 @@ def test_audit_as_a_name_that_is_no_auditor_is_refused(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     ds_url, _ = ops_served
+    register = ["--register"] if identity != "auditor" else []
     assert main(["audit", "--group", "ops[/]", "--ds", ds_url, "--as", identity,
-                 "--state", str(tmp_path)]) == 2
+                 "--state", str(tmp_path), *register]) == 2
     err = capsys.readouterr().err
+    registered = f" ({identity!r} is registered now, with the key in {tmp_path})"
     assert err == (
         f"conclave audit: {identity!r} may not read the audit log of room 'ops[/]': it is "
-        "neither a member nor an auditor of the delivery service\n"
+        "neither a member nor an auditor of the delivery service"
+        f"{registered if register else ''}\n"
     )
 
 
@@ -253,7 +258,7 @@ def test_audit_as_a_member_without_its_state_is_refused_and_leaves_no_file(
 ) -> None:
     ds_url, _ = ops_served
     assert main(["audit", "--group", "ops[/]", "--ds", ds_url, "--as", "[b]alice",
-                 "--state", str(tmp_path)]) == 2
+                 "--state", str(tmp_path), "--register"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("conclave audit: the identity '[b]alice' is registered with another key")
     assert list(tmp_path.iterdir()) == []  # the unregistered key was not kept
@@ -272,6 +277,7 @@ def test_audit_as_a_member_with_its_state(
     (["--as", "ops"], "--as"),
     (["--state", "{tmp}/st"], "--state"),
     (["--save", "{tmp}/copy.log", "--as", "ops"], "--save and --as"),
+    (["--register"], "--register"),
 ])
 def test_options_for_the_service_are_refused_with_a_log_file(
     extra: list[str], named: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
