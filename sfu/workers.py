@@ -143,12 +143,13 @@ class Supervisor:
                 status = worker.proc.poll()
                 if status is None:
                     self._check_heartbeat(worker, now)
-                    # Uptime counts only while it beats: a worker hung (or stuck starting) for
-                    # STABLE_AFTER is no stable one, or the give-up rule would never fire.
+                    # Only a worker that beats now is a stable one: one hung (or stuck starting)
+                    # for STABLE_AFTER is not, or the give-up rule would never fire.
                     if (
                         worker.failures
-                        and worker.beating
                         and not worker.hung
+                        and worker.beating
+                        and now - worker.last_beat <= 3 * HEARTBEAT_INTERVAL
                         and now - worker.started >= STABLE_AFTER
                     ):
                         worker.failures = 0
