@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import abc
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ..tracker import GroupState
 
@@ -102,6 +102,36 @@ def fitting(sizes: list[tuple[int, int]], max_bytes: int | None) -> int | None:
     else:
         last = sizes[-1][0]
     return last
+
+
+async def read_bounded(
+    query: Callable[[str, int], Awaitable[Sequence[Any]]],
+    columns: str,
+    sizes: str,
+    after: int,
+    max_bytes: int | None,
+    row: Callable[[Any], _Row],
+) -> Page[_Row]:
+    """One read bounded by a backend's LIMIT and by `max_bytes` (see `fitting`).
+
+    `query(select, upto)` runs the backend's query for the `select` columns over keys after
+    `after` up to `upto`: first for `sizes` (key, data length), then for `columns` up to the
+    last row that fits; each row of the second becomes `row(r)`."""
+    upto, sized = MAX_INT, None
+    if max_bytes is not None:
+        sized = [(r[0], r[1]) for r in await query(sizes, MAX_INT)]
+        if not sized:
+            return Page()  # nothing after the cursor
+        upto = fitting(sized, max_bytes) or after
+    rows = await query(columns, upto)
+    return Page((row(r) for r in rows), cut=sized is not None and len(rows) < len(sized))
+
+
+def welcome_record(r: Any) -> WelcomeRecord:
+    return WelcomeRecord(r[0], bytes(r[1]), r[2], bytes(r[3]))
+
+
+WELCOME_COLUMNS = "w.id, w.group_id, w.seq, m.data"  # what `welcome_record` reads
 
 
 def stored_message(row: Iterable[object]) -> StoredMessage:

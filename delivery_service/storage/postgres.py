@@ -22,8 +22,8 @@ from ..errors import DuplicateMessage, KeyPackageLimit, StorageConflict
 from ..tracker import GroupState
 from .base import (
     HANDSHAKE_KINDS,
-    MAX_INT,
     MESSAGE_COLUMNS,
+    WELCOME_COLUMNS,
     IdentityRecord,
     KeyPackageRow,
     NewMessage,
@@ -31,9 +31,10 @@ from .base import (
     Storage,
     StoredMessage,
     WelcomeRecord,
-    fitting,
     message_digest,
+    read_bounded,
     stored_message,
+    welcome_record,
 )
 
 CHANNEL = "conclave_ds"
@@ -560,71 +561,45 @@ class PostgresStorage(Storage):
         min_epoch: int = 0,
         max_bytes: int | None = None,
     ) -> Page[StoredMessage]:
-        where = (
-            "FROM messages m WHERE group_id = $1 AND seq > $2 AND seq <= $6 AND epoch >= $5 AND "
-            "(NOT restricted OR EXISTS (SELECT 1 FROM welcomes w WHERE w.group_id = m.group_id "
-            "AND w.seq = m.seq AND w.identity = $3)) ORDER BY seq LIMIT $4"
-        )
-        upto, sizes = MAX_INT, None
-        if max_bytes is not None:
-            sizes = await self.pool.fetch(
-                f"SELECT seq, length(data) {where}",
+        async def query(select: str, upto: int) -> list[asyncpg.Record]:
+            return await self.pool.fetch(
+                f"SELECT {select} FROM messages m WHERE group_id = $1 AND seq > $2 AND "
+                "seq <= $6 AND epoch >= $5 AND (NOT restricted OR EXISTS (SELECT 1 FROM "
+                "welcomes w WHERE w.group_id = m.group_id AND w.seq = m.seq AND "
+                "w.identity = $3)) ORDER BY seq LIMIT $4",
                 group_id, after, identity, limit, min_epoch, upto,
             )
-            if not sizes:
-                return Page()  # nothing after the cursor
-            upto = fitting([(r[0], r[1]) for r in sizes], max_bytes) or after
-        rows = await self.pool.fetch(
-            f"SELECT {MESSAGE_COLUMNS} {where}", group_id, after, identity, limit, min_epoch, upto
-        )
-        return Page(
-            (stored_message(r) for r in rows),
-            cut=sizes is not None and len(rows) < len(sizes),
+
+        return await read_bounded(
+            query, MESSAGE_COLUMNS, "seq, length(data)", after, max_bytes, stored_message
         )
 
     async def audit_log(
         self, group_id: bytes, after: int, limit: int, max_bytes: int | None = None
     ) -> Page[StoredMessage]:
-        where = (
-            "FROM messages WHERE group_id = $1 AND seq > $2 AND seq <= $5 AND kind = ANY($3) "
-            "ORDER BY seq LIMIT $4"
-        )
-        kinds = list(HANDSHAKE_KINDS)
-        upto, sizes = MAX_INT, None
-        if max_bytes is not None:
-            sizes = await self.pool.fetch(
-                f"SELECT seq, length(data) {where}", group_id, after, kinds, limit, upto
+        async def query(select: str, upto: int) -> list[asyncpg.Record]:
+            return await self.pool.fetch(
+                f"SELECT {select} FROM messages WHERE group_id = $1 AND seq > $2 AND "
+                "seq <= $5 AND kind = ANY($3) ORDER BY seq LIMIT $4",
+                group_id, after, list(HANDSHAKE_KINDS), limit, upto,
             )
-            if not sizes:
-                return Page()  # nothing after the cursor
-            upto = fitting([(r[0], r[1]) for r in sizes], max_bytes) or after
-        rows = await self.pool.fetch(
-            f"SELECT {MESSAGE_COLUMNS} {where}", group_id, after, kinds, limit, upto
-        )
-        return Page(
-            (stored_message(r) for r in rows),
-            cut=sizes is not None and len(rows) < len(sizes),
+
+        return await read_bounded(
+            query, MESSAGE_COLUMNS, "seq, length(data)", after, max_bytes, stored_message
         )
 
     async def welcomes_after(
         self, identity: str, after: int, limit: int | None = None, max_bytes: int | None = None
     ) -> Page[WelcomeRecord]:
-        join = (
-            "FROM welcomes w JOIN messages m ON m.group_id = w.group_id AND m.seq = w.seq "
-            "WHERE w.identity = $1 AND w.id > $2 AND w.id <= $3 ORDER BY w.id LIMIT $4"
-        )
-        upto, sizes = MAX_INT, None
-        if max_bytes is not None:
-            sizes = await self.pool.fetch(
-                f"SELECT w.id, length(m.data) {join}", identity, after, upto, limit
+        async def query(select: str, upto: int) -> list[asyncpg.Record]:
+            return await self.pool.fetch(
+                f"SELECT {select} FROM welcomes w JOIN messages m ON m.group_id = w.group_id "
+                "AND m.seq = w.seq WHERE w.identity = $1 AND w.id > $2 AND w.id <= $3 "
+                "ORDER BY w.id LIMIT $4",
+                identity, after, upto, limit,
             )
-            if not sizes:
-                return Page()  # nothing after the cursor
-            upto = fitting([(r[0], r[1]) for r in sizes], max_bytes) or after
-        rows = await self.pool.fetch(
-            f"SELECT w.id, w.group_id, w.seq, m.data {join}", identity, after, upto, limit
+
+        return await read_bounded(
+            query, WELCOME_COLUMNS, "w.id, length(m.data)", after, max_bytes, welcome_record
         )
-        return Page(
-            (WelcomeRecord(r[0], bytes(r[1]), r[2], bytes(r[3])) for r in rows),
-            cut=sizes is not None and len(rows) < len(sizes),
-        )
+

@@ -17,8 +17,8 @@ from ..errors import DuplicateMessage, KeyPackageLimit, StorageConflict
 from ..tracker import GroupState
 from .base import (
     HANDSHAKE_KINDS,
-    MAX_INT,
     MESSAGE_COLUMNS,
+    WELCOME_COLUMNS,
     IdentityRecord,
     KeyPackageRow,
     NewMessage,
@@ -26,9 +26,10 @@ from .base import (
     Storage,
     StoredMessage,
     WelcomeRecord,
-    fitting,
     message_digest,
+    read_bounded,
     stored_message,
+    welcome_record,
 )
 
 SCHEMA = """
@@ -427,74 +428,49 @@ class SQLiteStorage(Storage):
         min_epoch: int = 0,
         max_bytes: int | None = None,
     ) -> Page[StoredMessage]:
-        where = (
-            "FROM messages m WHERE group_id = ? AND seq > ? AND seq <= ? AND epoch >= ? AND "
-            "(restricted = 0 OR EXISTS (SELECT 1 FROM welcomes w WHERE w.group_id = m.group_id "
-            "AND w.seq = m.seq AND w.identity = ?)) ORDER BY seq LIMIT ?"
-        )
-        upto, sizes = MAX_INT, None
-        if max_bytes is not None:
-            sizes = await self._all(
-                f"SELECT seq, length(data) {where}",
+        async def query(select: str, upto: int) -> list[tuple]:  # type: ignore[type-arg]
+            return await self._all(
+                f"SELECT {select} FROM messages m WHERE group_id = ? AND seq > ? AND seq <= ? "
+                "AND epoch >= ? AND (restricted = 0 OR EXISTS (SELECT 1 FROM welcomes w WHERE "
+                "w.group_id = m.group_id AND w.seq = m.seq AND w.identity = ?)) ORDER BY seq "
+                "LIMIT ?",
                 (group_id, after, upto, min_epoch, identity, limit),
             )
-            if not sizes:
-                return Page()  # nothing after the cursor
-            upto = fitting(sizes, max_bytes) or after
-        rows = await self._all(
-            f"SELECT {MESSAGE_COLUMNS} {where}",
-            (group_id, after, upto, min_epoch, identity, limit),
-        )
-        return Page(
-            (stored_message(r) for r in rows),
-            cut=sizes is not None and len(rows) < len(sizes),
+
+        return await read_bounded(
+            query, MESSAGE_COLUMNS, "seq, length(data)", after, max_bytes, stored_message
         )
 
     async def audit_log(
         self, group_id: bytes, after: int, limit: int, max_bytes: int | None = None
     ) -> Page[StoredMessage]:
         marks = ", ".join("?" * len(HANDSHAKE_KINDS))
-        where = (
-            f"FROM messages WHERE group_id = ? AND seq > ? AND seq <= ? AND kind IN ({marks}) "
-            "ORDER BY seq LIMIT ?"
-        )
-        upto, sizes = MAX_INT, None
-        if max_bytes is not None:
-            sizes = await self._all(
-                f"SELECT seq, length(data) {where}",
+
+        async def query(select: str, upto: int) -> list[tuple]:  # type: ignore[type-arg]
+            return await self._all(
+                f"SELECT {select} FROM messages WHERE group_id = ? AND seq > ? AND seq <= ? AND "
+                f"kind IN ({marks}) ORDER BY seq LIMIT ?",
                 (group_id, after, upto, *HANDSHAKE_KINDS, limit),
             )
-            if not sizes:
-                return Page()  # nothing after the cursor
-            upto = fitting(sizes, max_bytes) or after
-        rows = await self._all(
-            f"SELECT {MESSAGE_COLUMNS} {where}", (group_id, after, upto, *HANDSHAKE_KINDS, limit)
-        )
-        return Page(
-            (stored_message(r) for r in rows),
-            cut=sizes is not None and len(rows) < len(sizes),
+
+        return await read_bounded(
+            query, MESSAGE_COLUMNS, "seq, length(data)", after, max_bytes, stored_message
         )
 
     async def welcomes_after(
         self, identity: str, after: int, limit: int | None = None, max_bytes: int | None = None
     ) -> Page[WelcomeRecord]:
-        join = (
-            "FROM welcomes w JOIN messages m ON m.group_id = w.group_id AND m.seq = w.seq "
-            "WHERE w.identity = ? AND w.id > ? AND w.id <= ? ORDER BY w.id LIMIT ?"
-        )
-        upto, sizes = MAX_INT, None
         count = -1 if limit is None else limit  # LIMIT -1: no limit
-        if max_bytes is not None:
-            sizes = await self._all(
-                f"SELECT w.id, length(m.data) {join}", (identity, after, upto, count)
+
+        async def query(select: str, upto: int) -> list[tuple]:  # type: ignore[type-arg]
+            return await self._all(
+                f"SELECT {select} FROM welcomes w JOIN messages m ON m.group_id = w.group_id AND "
+                "m.seq = w.seq WHERE w.identity = ? AND w.id > ? AND w.id <= ? ORDER BY w.id "
+                "LIMIT ?",
+                (identity, after, upto, count),
             )
-            if not sizes:
-                return Page()  # nothing after the cursor
-            upto = fitting(sizes, max_bytes) or after
-        rows = await self._all(
-            f"SELECT w.id, w.group_id, w.seq, m.data {join}", (identity, after, upto, count)
+
+        return await read_bounded(
+            query, WELCOME_COLUMNS, "w.id, length(m.data)", after, max_bytes, welcome_record
         )
-        return Page(
-            (WelcomeRecord(r[0], bytes(r[1]), r[2], bytes(r[3])) for r in rows),
-            cut=sizes is not None and len(rows) < len(sizes),
-        )
+
