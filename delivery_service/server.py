@@ -66,7 +66,7 @@ from .signatures import (
     verify_with_label,
 )
 from .storage import IdentityRecord, KeyPackageRow, NewMessage, Storage, StoredMessage
-from .storage.base import message_digest
+from .storage.base import MAX_INT, message_digest
 from .tracker import GroupState, GroupTracker, MembershipHints, PublicGroupTracker
 from .wire import (
     ContentType,
@@ -86,8 +86,7 @@ MAX_GROUP_ID = 255
 MAX_IDENTITY = 255
 MAX_LIST = 1000
 # Sequence numbers, Welcome ids and epochs are signed 64-bit integers in both databases: a cursor
-# past this is refused (400) rather than failing in the database.
-MAX_INT = (1 << 63) - 1
+# past MAX_INT is refused (400) rather than failing in the database.
 # A Welcome has one EncryptedGroupSecrets per new member; each names a KeyPackageRef the service
 # resolves. As many as identities in a membership hint (MAX_LIST): more is refused (400).
 MAX_WELCOME_SECRETS = 1000

@@ -83,24 +83,19 @@ class Page(list[_Row]):
         self.cut = cut
 
 
-def fitting(sizes: list[tuple[int, int]], max_bytes: int | None) -> int | None:
-    """The key of the last of `(key, size)` rows (in order) to return when an answer may hold
-    `max_bytes` of data: as many as fit, and always the first (a page must make progress). None
-    when there are no rows.
+def fitting(sizes: list[tuple[int, int]], max_bytes: int) -> int:
+    """The key of the last of `(key, size)` rows (in order, at least one) to return when an
+    answer may hold `max_bytes` of data: as many as fit, and always the first (a page must make
+    progress).
 
     Pages are bounded in bytes as well as rows, because one row may be as large as a request
     body: the size is read first, then only the rows that fit (two queries, both bounded)."""
-    if not sizes:
-        return None
-    last, total = sizes[0][0], sizes[0][1]
-    if max_bytes is not None:
-        for key, size in sizes[1:]:
-            total += size
-            if total > max_bytes:
-                break
-            last = key
-    else:
-        last = sizes[-1][0]
+    last, total = sizes[0]
+    for key, size in sizes[1:]:
+        total += size
+        if total > max_bytes:
+            break
+        last = key
     return last
 
 
@@ -122,7 +117,7 @@ async def read_bounded(
         sized = [(r[0], r[1]) for r in await query(sizes, MAX_INT)]
         if not sized:
             return Page()  # nothing after the cursor
-        upto = fitting(sized, max_bytes) or after
+        upto = fitting(sized, max_bytes)
     rows = await query(columns, upto)
     return Page((row(r) for r in rows), cut=sized is not None and len(rows) < len(sized))
 
@@ -237,9 +232,9 @@ class Storage(abc.ABC):
     async def count_key_packages(self, identity: str, now: int) -> int:
         """Unclaimed, unexpired, non-last-resort packages."""
 
-    @abc.abstractmethod
     async def key_package_owner(self, ref: bytes) -> str | None:
         """The identity whose package has this KeyPackageRef, if it was claimed."""
+        return (await self.key_package_owners([ref])).get(ref)
 
     @abc.abstractmethod
     async def key_package_owners(self, refs: list[bytes]) -> dict[bytes, str]:

@@ -403,13 +403,6 @@ class PostgresStorage(Storage):
             )
         )
 
-    async def key_package_owner(self, ref: bytes) -> str | None:
-        return await self.pool.fetchval(  # type: ignore[no-any-return]
-            "SELECT identity FROM key_packages WHERE ref = $1 AND "
-            "(claimed_by IS NOT NULL OR last_resort)",
-            ref,
-        )
-
     async def key_package_owners(self, refs: list[bytes]) -> dict[bytes, str]:
         rows = await self.pool.fetch(
             "SELECT ref, identity FROM key_packages WHERE ref = ANY($1::bytea[]) AND "
@@ -602,4 +595,3 @@ class PostgresStorage(Storage):
         return await read_bounded(
             query, WELCOME_COLUMNS, "w.id, length(m.data)", after, max_bytes, welcome_record
         )
-

@@ -292,14 +292,6 @@ class SQLiteStorage(Storage):
         )
         return int(row[0]) if row else 0
 
-    async def key_package_owner(self, ref: bytes) -> str | None:
-        row = await self._one(
-            "SELECT identity FROM key_packages WHERE ref = ? AND (claimed_by IS NOT NULL "
-            "OR last_resort = 1)",
-            (ref,),
-        )
-        return None if row is None else str(row[0])
-
     async def key_package_owners(self, refs: list[bytes]) -> dict[bytes, str]:
         if not refs:
             return {}
@@ -473,4 +465,3 @@ class SQLiteStorage(Storage):
         return await read_bounded(
             query, WELCOME_COLUMNS, "w.id, length(m.data)", after, max_bytes, welcome_record
         )
-
