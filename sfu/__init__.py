@@ -17,7 +17,8 @@ Modules:
   forwarding    SourceStream (a published stream) and Slot (one subscriber's copy): SSRC, seq,
                 timestamp, payload-type and extension-ID rewriting; NACK cache; upstream NACK,
                 PLI throttling, keyframe gate, SR mapping, receiver reports, REMB relay (the
-                slowest subscribers' estimate, floored), restarts under a new SSRC
+                slowest subscribers' estimate, floored), NACK answers within a budget,
+                restarts under a new SSRC
   rtp, rtcp     raw packet parsing and building
   speaker       active-speaker detection from audio levels
   metrics       counters and the forwarding-latency histogram

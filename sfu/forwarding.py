@@ -49,7 +49,18 @@ MAX_MISSING = 256  # upstream sequence numbers tracked as missing at most
 # off instead, and a repair is accepted whenever it comes until MISSING_GIVE_UP.
 NACK_RETRIES = 4
 NACK_RETRY_INTERVAL = 0.05
-RESEND_INTERVAL = 0.05  # a slot resends one packet at most this often, however often NACKed
+# Answering NACKs (RFC 4585 §6.2.1) for one slot: a packet is resent at most RESEND_MAX times in
+# all and at most once per RESEND_INTERVAL, and the octets resent are paid from a token bucket
+# that RESEND_SHARE of every payload octet forwarded live refills, up to RESEND_BURST: whatever a
+# subscriber NACKs, its retransmissions stay a fraction of its own stream (5 % loss takes about
+# a twentieth). Four resends make a repair that is itself lost on a lossy link (5 %: one packet
+# in 160,000 left unrepaired) rare; the budget, not the count, bounds what a NACK flood costs.
+# There is no age limit below the cache's: aiortc NACKs a missing packet again only when a new
+# gap appears, which may be seconds later, and its jitter buffer still waits for the packet.
+RESEND_INTERVAL = 0.05
+RESEND_MAX = 4
+RESEND_SHARE = 0.25
+RESEND_BURST = 64_000  # octets: a burst of lost packets (a keyframe's) repaired at once
 # RFC 3550 Appendix A.1: a sequence number this far ahead of, or MAX_MISORDER behind, the
 # highest is a jump; two such packets in sequence mean the sender restarted its numbering
 MAX_DROPOUT = 3000
@@ -93,6 +104,9 @@ class Slot:
         "remb",
         "nack",
         "_resent",
+        "_resent_octets",
+        "_resend_tokens",
+        "_resend_mark",
         "_b1",
         "_tail_key",
         "_mid_one_byte",
@@ -137,7 +151,11 @@ class Slot:
         # whether the subscriber negotiated NACK for this m-line (not for Opus, as aiortc and
         # browsers offer it); lost packets are rebuilt from the source's history
         self.nack = nack
-        self._resent: dict[int, float] = {}  # output seq -> when last resent
+        # extended output seq -> (times resent, when last resent)
+        self._resent: dict[int, tuple[int, float]] = {}
+        self._resent_octets = 0  # payload octets resent, also counted in octets_sent
+        self._resend_tokens = float(RESEND_BURST)  # octets that may be resent now
+        self._resend_mark = 0  # octets forwarded live when the bucket was last refilled
         self._b1 = (payload_type, 0x80 | payload_type)  # by marker bit
         self._tail_key = (tuple(sorted(ext_ids.items())), mid)
         self._mid_one_byte: bytes | None = None
@@ -258,9 +276,12 @@ class Slot:
 
         A lost copy is rebuilt, byte for byte, from the packet the source keeps: a slot keeps
         nothing of its own (slots of one packet rarely share bytes: each subscriber's m-line has
-        its own mid). Packets from before the current source was attached are not resent. A
-        packet is resent at most once per RESEND_INTERVAL, however many times (or FCIs) it is
-        asked for: NACKs cannot multiply the SFU's output.
+        its own mid). Packets from before the current source was attached are not resent, nor
+        those the source no longer keeps (CACHE_SIZE). However many times (or FCIs)
+        a packet is asked for, it is resent at most RESEND_MAX times, once per RESEND_INTERVAL,
+        and every resent octet is paid from a bucket refilled by RESEND_SHARE of the octets
+        forwarded live: a subscriber's NACKs add at most that share (and RESEND_BURST) to its
+        own stream, and cost the other subscribers nothing.
         """
         self.metrics.nacks_received += len(seqs)
         source = self.source
@@ -268,33 +289,53 @@ class Slot:
             return
         if now is None:
             now = time.monotonic()
-        resent = self._resent
-        if len(resent) > CACHE_SIZE:
-            self._resent = resent = {s: t for s, t in resent.items() if now - t < RESEND_INTERVAL}
         last = self.last_out_seq
-        for seq in dict.fromkeys(seqs):
-            if now - resent.get(seq, -1e9) < RESEND_INTERVAL:
-                continue
-            in_seq = last - ((last - seq) & 0xFFFF) - self.seq_offset
-            if in_seq < self.first_in_seq:
-                continue
-            kept = source.history[in_seq % CACHE_SIZE]
-            if kept is None or kept[0] != in_seq:
-                continue  # too old, or never received
-            _, header, payload, elements = kept
-            b0, rest = self._tail(header, payload, elements)
-            out_ts = (header.timestamp + self.ts_offset) & 0xFFFFFFFF
-            head = _pack_header(b0, self._b1[header.marker], seq, out_ts, self.ssrc)
-            resent[seq] = now
-            try:
-                self.send_packet((head, rest))
-            except ConnectionError:
-                return
-            self.metrics.retransmissions_sent += 1
-            # sent again on this SSRC: the SR's counts are of packets and octets transmitted
-            # (RFC 3550 §6.4.1), as libwebrtc counts retransmissions in them
-            self.packets_sent += 1
-            self.octets_sent += len(payload) - header.padding
+        resent = self._resent
+        if len(resent) > 2 * CACHE_SIZE:
+            # numbers more than CACHE_SIZE behind are never resent again (below): forget them
+            self._resent = resent = {s: v for s, v in resent.items() if last - s < CACHE_SIZE}
+        forwarded = self.octets_sent - self._resent_octets
+        tokens = min(
+            RESEND_BURST,
+            self._resend_tokens + RESEND_SHARE * (forwarded - self._resend_mark),
+        )
+        self._resend_mark = forwarded
+        try:
+            for seq in dict.fromkeys(seqs):
+                behind = (last - seq) & 0xFFFF
+                if behind >= CACHE_SIZE:
+                    continue  # older than the history, or not sent yet
+                out_ext = last - behind
+                count, when = resent.get(out_ext, (0, -1e9))
+                if count >= RESEND_MAX or now - when < RESEND_INTERVAL:
+                    continue
+                in_seq = out_ext - self.seq_offset
+                if in_seq < self.first_in_seq:
+                    continue
+                kept = source.history[in_seq % CACHE_SIZE]
+                if kept is None or kept[0] != in_seq:
+                    continue  # too old, or never received
+                _, header, payload, elements = kept
+                out_ts = (header.timestamp + self.ts_offset) & 0xFFFFFFFF
+                octets = len(payload) - header.padding
+                if octets > tokens:
+                    break  # out of budget until more is forwarded
+                b0, rest = self._tail(header, payload, elements)
+                head = _pack_header(b0, self._b1[header.marker], seq, out_ts, self.ssrc)
+                resent[out_ext] = (count + 1, now)
+                try:
+                    self.send_packet((head, rest))
+                except ConnectionError:
+                    return
+                tokens -= octets
+                self.metrics.retransmissions_sent += 1
+                # sent again on this SSRC: the SR's counts are of packets and octets transmitted
+                # (RFC 3550 §6.4.1), as libwebrtc counts retransmissions in them
+                self.packets_sent += 1
+                self.octets_sent += octets
+                self._resent_octets += octets
+        finally:
+            self._resend_tokens = tokens
 
     def send_packet(self, packet: tuple[bytes, bytes]) -> None:
         """Send one prepared packet, in two parts when the sender takes them."""
