@@ -22,6 +22,7 @@ Modules:
   rtp, rtcp     raw packet parsing and building
   speaker       active-speaker detection from audio levels
   metrics       counters and the forwarding-latency histogram
+  ratelimit     the token bucket that limits each socket's signalling messages
   aiortc_hooks  every use of aiortc/aioice/pylibsrtp internals (version-checked at import)
   client        a signalling client for aiortc endpoints (tests, app, benchmark)
 

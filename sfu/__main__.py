@@ -96,6 +96,19 @@ def main(argv: list[str] | None = None) -> int:
         "client has the proxy's address: raise it)",
     )
     parser.add_argument(
+        "--signal-rate",
+        type=float,
+        default=20.0,
+        metavar="PER_SECOND",
+        help="signalling messages one socket may send a second; more are dropped (default 20)",
+    )
+    parser.add_argument(
+        "--signal-burst",
+        type=int,
+        default=100,
+        help="signalling messages one socket may send at once (default 100)",
+    )
+    parser.add_argument(
         "--loopback-ice",
         action="store_true",
         help="offer only 127.0.0.1 ICE candidates (default when --host is 127.0.0.1)",
@@ -160,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             max_participants_per_room=args.max_participants,
             max_unjoined=args.max_unjoined,
             max_unjoined_per_address=args.max_unjoined_per_address,
+            signal_rate=args.signal_rate,
+            signal_burst=args.signal_burst,
             worker_index=args.worker_index,
             worker_urls=tuple(
                 f"http://{url_host}:{args.port + i}/v1/signal" for i in range(args.workers)

@@ -40,6 +40,12 @@ class SFUConfig:
     # (behind a reverse proxy every client has the proxy's address: raise it there)
     max_unjoined: int = 1024
     max_unjoined_per_address: int = 64
+    # Signalling messages one WebSocket may send: `signal_rate` a second, `signal_burst` at
+    # once. A client sends a join, an answer per renegotiation and a few ICE candidates;
+    # each message costs the SFU a JSON parse, an answer an SDP parse and an aiortc
+    # renegotiation, so a flood would take CPU from every room of the process.
+    signal_rate: float = 20.0
+    signal_burst: int = 100
     answer_timeout: float = 30.0  # seconds a client may take to answer an offer
     connect_timeout: float = 30.0  # seconds from the first answer to a connected media path
     # One process per core: worker i of len(worker_urls) serves the rooms that `worker_for`
@@ -56,6 +62,8 @@ class SFUConfig:
             raise ConfigError("room and participant limits must be at least 1")
         if self.max_unjoined < 1 or self.max_unjoined_per_address < 1:
             raise ConfigError("the limits on sockets not joined yet must be at least 1")
+        if not self.signal_rate > 0 or self.signal_burst < 1:  # `not >`: also refuses nan
+            raise ConfigError("the signalling rate must be positive and the burst at least 1")
         if self.max_message_bytes == 0:
             limit = message_bytes_for(self.max_participants_per_room)
             object.__setattr__(self, "max_message_bytes", limit)

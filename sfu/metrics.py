@@ -57,6 +57,11 @@ _COUNTERS = (
     ("rembs_sent", "rembs_sent", "Bandwidth estimates (REMB) relayed to publishers."),
     ("keyframes", "keyframes_seen", "VP8 keyframes seen from publishers."),
     ("signalling_errors", "signalling_errors", "Signalling messages answered with an error."),
+    (
+        "signalling_rate_limited",
+        "signalling_rate_limited",
+        "Signalling messages dropped over a socket's rate limit.",
+    ),
     ("tokens_refused", "tokens_refused", "Join attempts refused."),
 )
 
@@ -77,6 +82,7 @@ class Metrics:
         self.rembs_sent = 0
         self.keyframes_seen = 0
         self.signalling_errors = 0
+        self.signalling_rate_limited = 0
         self.tokens_refused = 0
         self.forwarding_latency = Histogram()
         # Gauges are read from the server when rendering.

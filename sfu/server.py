@@ -18,7 +18,9 @@ SFU to client:
 The SFU ends a session with code "session-ended" when the media connection fails, does not
 come up within `connect_timeout` of the first answer, or the client leaves an offer unanswered
 for `answer_timeout` (30 s each by default). A client that stops reading its socket, so that
-more than 16 of the largest messages wait for it, is disconnected (`sfu.outbox`).
+more than 16 of the largest messages wait for it, is disconnected (`sfu.outbox`). A client
+that sends more than `signal_rate` messages a second (beyond a burst of `signal_burst`) has the
+excess dropped, and is told with code "rate-limited" at most once a second.
 
 With several worker processes (`python -m sfu --workers N`), each room lives in one worker; a
 join sent to another worker is answered with code "redirect" and the URL to join at instead,
@@ -37,16 +39,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
 from sfu.config import SFUConfig
 from sfu.errors import LimitExceeded, Redirect, SignallingError, TokenError, Unavailable
 from sfu.metrics import Metrics
 from sfu.outbox import Outbox
+from sfu.ratelimit import TokenBucket
 from sfu.room import Participant, Room
 from sfu.tokens import verify_room_token
 
@@ -55,6 +59,7 @@ logger = logging.getLogger(__name__)
 MAX_NAME_LENGTH = 512  # the delivery service names a room by its MLS group id in hex (<= 255 B)
 OUTBOX_MESSAGES = 16  # a client may fall this many largest messages behind before it is dropped
 MAX_TOKEN_LENGTH = 4096
+RATE_NOTICE_INTERVAL = 1.0  # seconds between "rate-limited" replies to one socket
 KINDS = ("audio", "video")
 
 
@@ -154,6 +159,7 @@ class SFUServer:
         outbox = Outbox(ws, request.transport, OUTBOX_MESSAGES * self.config.max_message_bytes)
         self._sockets.add(outbox)
         send_json = outbox.send_json
+        messages = self._within_rate(ws, send_json)
         participant: Participant | None = None
         try:
             # The deadline covers waiting for a join, not joining: a join cut short half way
@@ -161,7 +167,7 @@ class SFUServer:
             deadline = asyncio.get_running_loop().time() + self.config.join_timeout
             while participant is None:
                 async with asyncio.timeout_at(deadline):
-                    join = await self._await_join(ws, send_json)
+                    join = await self._await_join(messages, send_json)
                 if join is None:
                     return ws  # the client went away
                 participant, refused = await self._join_or_refuse(join, send_json, outbox)
@@ -169,7 +175,7 @@ class SFUServer:
                     return ws
             unjoined = False
             self._joined_or_gone(address)
-            async for msg in ws:
+            async for msg in messages:
                 if msg.type != WSMsgType.TEXT:
                     if msg.type == WSMsgType.BINARY:
                         await self._error(send_json, SignallingError("bad-message", "send text"))
@@ -199,13 +205,46 @@ class SFUServer:
                 self._joined_or_gone(address)
             if participant is not None:
                 await self._leave(participant)
+            await messages.aclose()
             await outbox.close()
             self._sockets.discard(outbox)
         return ws
 
-    async def _await_join(self, ws: web.WebSocketResponse, send_json: Any) -> dict[str, Any] | None:
-        """The session's join message; other messages before it get an error reply."""
+    async def _within_rate(
+        self, ws: web.WebSocketResponse, send_json: Any
+    ) -> AsyncGenerator[WSMessage, None]:
+        """The socket's messages within its rate (SFUConfig.signal_rate and signal_burst).
+
+        Messages beyond it are dropped unparsed, as cheaply as they can be, with an error reply
+        at most once per RATE_NOTICE_INTERVAL (a reply to each would let the flood make the SFU
+        write as much as it reads). A "leave" among them is dropped too: closing the socket
+        leaves all the same.
+        """
+        loop = asyncio.get_running_loop()
+        bucket = TokenBucket(self.config.signal_rate, self.config.signal_burst, loop.time())
+        notice = -math.inf
         async for msg in ws:
+            now = loop.time()
+            if bucket.take(now):
+                yield msg
+                continue
+            self.metrics.signalling_rate_limited += 1
+            if now >= notice:
+                notice = now + RATE_NOTICE_INTERVAL
+                await self._error(
+                    send_json,
+                    SignallingError(
+                        "rate-limited",
+                        f"more than {self.config.signal_rate:g} messages a second: "
+                        "messages are dropped",
+                    ),
+                )
+
+    async def _await_join(
+        self, messages: AsyncIterator[WSMessage], send_json: Any
+    ) -> dict[str, Any] | None:
+        """The session's join message; other messages before it get an error reply."""
+        async for msg in messages:
             if msg.type != WSMsgType.TEXT:
                 await self._error(send_json, SignallingError("bad-message", "send JSON text"))
                 continue

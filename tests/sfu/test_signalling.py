@@ -14,7 +14,9 @@ import aiohttp
 import pytest
 
 from sfu.client import SFUClient
-from sfu.errors import SignallingError
+from sfu.config import SFUConfig
+from sfu.errors import ConfigError, SignallingError
+from sfu.ratelimit import TokenBucket
 from sfu.tokens import issue_room_token
 from tests.sfu.harness import SECRET, Harness, wait_until
 
@@ -290,7 +292,17 @@ def _small_receive_buffer(addr_info: Any) -> socket.socket:
     return sock
 
 
-async def test_a_client_that_stops_reading_stalls_nobody_and_is_dropped(harness: Harness) -> None:
+async def test_a_client_that_stops_reading_stalls_nobody_and_is_dropped() -> None:
+    # The replies to its messages stand in for the room's events a slow client leaves unread:
+    # without a rate limit to drop them, its messages back the SFU's writes up soon.
+    unlimited = {"signal_rate": 1e9, "signal_burst": 10**9}
+    async with running(
+        max_rooms=2, max_participants_per_room=2, max_message_bytes=2048, **unlimited
+    ) as harness:
+        await _stalled_reader(harness)
+
+
+async def _stalled_reader(harness: Harness) -> None:
     connector = aiohttp.TCPConnector(socket_factory=_small_receive_buffer)
     async with aiohttp.ClientSession(connector=connector) as slow_session:
         slow = await slow_session.ws_connect(harness.url)
@@ -518,3 +530,43 @@ async def test_sockets_that_have_not_joined_are_capped_per_address() -> None:
             for ws in waiting:
                 await ws.close()
         assert await wait_until(lambda: h.server._unjoined == {}, timeout=5)
+
+
+def test_the_token_bucket_refills_at_its_rate_up_to_its_burst() -> None:
+    bucket = TokenBucket(rate=2.0, burst=3, now=0.0)
+    assert [bucket.take(0.0) for _ in range(4)] == [True, True, True, False]
+    assert [bucket.take(0.5) for _ in range(2)] == [True, False]  # half a second: one token
+    assert [bucket.take(100.0) for _ in range(4)] == [True, True, True, False]  # saved: 3
+
+
+async def test_a_flood_of_signalling_messages_is_dropped_beyond_the_rate() -> None:
+    """A joined client sending 300 messages at once gets the burst answered, one
+    "rate-limited" reply, keeps its seat, and is heard again once the bucket refills."""
+    async with running(signal_rate=5.0, signal_burst=10) as h:
+        async with aiohttp.ClientSession() as session, session.ws_connect(h.url) as ws:
+            await _joined(ws, "alice")  # the join spends one of the 10
+            for _ in range(300):
+                await ws.send_str('{"type": "dance"}')
+            codes: list[str] = []
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    reply = await ws.receive_json(timeout=1)
+                    if reply["type"] != "offer":  # the join's own, without m-lines
+                        codes.append(reply["code"])
+            answered = codes.count("unknown-type")
+            # 9 from the burst, plus what refilled while the flood was read (5 a second)
+            assert 9 <= answered <= 20, codes
+            assert 1 <= codes.count("rate-limited") <= 2, codes
+            assert len(codes) == answered + codes.count("rate-limited")
+            assert h.server.metrics.signalling_rate_limited == 300 - answered
+            assert "alice" in h.server.rooms["room"].participants
+            await asyncio.sleep(0.5)  # 2.5 tokens
+            await ws.send_str('{"type": "dance"}')
+            assert (await ws.receive_json(timeout=5))["code"] == "unknown-type"
+    assert "sfu_signalling_rate_limited_total" in h.server.metrics.render()
+
+
+async def test_the_signalling_rate_is_checked_at_start() -> None:
+    for bad in ({"signal_rate": 0.0}, {"signal_rate": float("nan")}, {"signal_burst": 0}):
+        with pytest.raises(ConfigError):
+            SFUConfig(token_secret=SECRET, **bad)
