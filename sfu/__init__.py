@@ -23,6 +23,7 @@ Modules:
   speaker       active-speaker detection from audio levels
   metrics       counters and the forwarding-latency histogram
   ratelimit     the token bucket that limits each socket's signalling messages
+  sdnotify      systemd notifications: READY, STOPPING, a watchdog sent from the event loop
   aiortc_hooks  every use of aiortc/aioice/pylibsrtp internals (version-checked at import)
   client        a signalling client for aiortc endpoints (tests, app, benchmark)
 

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from sfu.config import SFUConfig, read_token_secret
 from sfu.errors import SFUError
+from sfu.sdnotify import notify, watchdog, watchdog_interval
 from sfu.workers import (
     HANG_TIMEOUT,
     HEARTBEAT_INTERVAL,
@@ -53,6 +54,21 @@ loopback ICE: with --host 127.0.0.1 or localhost (or --loopback-ice) the SFU off
 exit status: 0 after SIGTERM/SIGINT, 1 when a worker keeps failing, 2 for a start-up error
 (bad arguments, unreadable secret file, a port that cannot be bound).
 """
+
+
+async def _tell_systemd(app: web.Application) -> AsyncIterator[None]:
+    """READY=1 once serving (the listening sockets are bound before the app starts), then
+    WATCHDOG=1 from the event loop if the unit asks for it (`sfu.sdnotify`)."""
+    notify("READY=1")
+    interval = watchdog_interval()
+    task = asyncio.ensure_future(watchdog(interval)) if interval is not None else None
+    yield
+    if task is not None:
+        task.cancel()
+
+
+async def _stopping(app: web.Application) -> None:
+    notify("STOPPING=1")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
             workers[1:],
             hang_timeout=args.hang_timeout,
         )
+    else:
+        # Bound here, not by aiohttp, so that READY=1 to systemd (below) is true when sent.
+        try:
+            listening = bind(args.host, port)
+        except OSError as exc:
+            print(f"cannot listen on {args.host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
 
     from sfu import aiortc_hooks
     from sfu.server import SFUServer
@@ -246,17 +269,14 @@ def main(argv: list[str] | None = None) -> int:
             task.cancel()
 
         app.cleanup_ctx.append(beat)
+    if not child:
+        app.cleanup_ctx.append(_tell_systemd)
+        app.on_shutdown.insert(0, _stopping)
     # Everything imported so far lives as long as the process: keep it out of the cyclic GC's
     # full collections, which otherwise stall forwarding for tens of ms (the p99 latency).
     gc.freeze()
     try:
-        if listening:
-            web.run_app(app, sock=listening, print=None, shutdown_timeout=5)
-        else:
-            web.run_app(app, host=args.host, port=port, print=None, shutdown_timeout=5)
-    except OSError as exc:  # address in use, unknown host, no permission
-        print(f"cannot listen on {args.host}:{port}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
+        web.run_app(app, sock=listening, print=None, shutdown_timeout=5)
     finally:
         if supervisor is not None:
             supervisor.stop()
