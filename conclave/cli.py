@@ -47,6 +47,17 @@ def seconds_or_zero(text: str) -> float:
     return seconds(text, zero=True)
 
 
+def token_lifetime(text: str) -> int:
+    """An argparse type: a room token's lifetime, whole seconds from 10 to a day."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 10 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text} is not within 10-86400 seconds")
+    return value
+
+
 def port(text: str) -> int:
     """An argparse type: a TCP port, 0 for any free one."""
     try:
@@ -93,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", type=Path, default=None, help=STATE_HELP)
     p.add_argument("--auditor", action="append", default=None,
                    help="identity allowed to read every group's audit log (default: auditor)")
+    p.add_argument("--room-token-ttl", type=token_lifetime, default=600, metavar="SECONDS",
+                   help="how long a room token admits to the SFU (default 600): members renew "
+                        "theirs, so this bounds how long a removed member's media session lasts")
 
     p = sub.add_parser("demo", help="serve plus four participants in one call, with checks")
     p.add_argument("--rotation", type=seconds, default=4.0, help="key rotation period, seconds")
@@ -266,6 +280,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     services = Services(
         db=args.db or os.environ.get("CONCLAVE_DS_DB") or default_db(state), pg_schema=args.pg_schema, host=args.host, ds_port=args.ds_port,
         sfu_port=args.sfu_port, auditors=frozenset(args.auditor or [DEFAULT_AUDITOR]),
+        room_token_ttl=args.room_token_ttl,
     )
     stop = stop_on_signals()  # before the URLs: whoever reads them may stop us at once
     await services.start()

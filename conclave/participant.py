@@ -74,6 +74,7 @@ MEDIA_RETRY_MAX = 30.0
 # an SFU that accepts each join and then hangs up would otherwise be called hundreds of times
 # a second.
 MEDIA_STABLE_SESSION = 10.0
+TOKEN_RETRY = 5.0  # seconds between tries to renew the SFU room token while the service fails
 
 STATE_FORMAT = "conclave-participant"
 STATE_VERSION = 1
@@ -602,6 +603,12 @@ class Participant:
     async def _mark_removed(self) -> None:
         self.removed = True
         self._requests.clear()
+        if self.sfu is not None:
+            # Nothing more to send, nothing left to decrypt: leave the room now rather than when
+            # the room token runs out (the SFU's limit for a client that would stay).
+            client, self.sfu = self.sfu, None
+            with contextlib.suppress(Exception):
+                await client.leave()
         # Out of the group: nothing more is sent under its keys, and the last epoch's receive
         # keys go when the grace period ends (as the MLS state deleted its secrets).
         self.keys.retire()
@@ -972,6 +979,35 @@ class Participant:
                 f"cannot reach the SFU at {self.sfu_url}: {_reason(exc)}"
             ) from None
         self._spawn(self._follow_media_session(self.sfu))
+        self._spawn(self._renew_room_token(self.sfu, token.expires_at))
+
+    async def _renew_room_token(self, client: SFUClient, expires_at: int) -> None:
+        """Keep the media session's room token fresh: the SFU ends a session when its token
+        expires. A new one is fetched when a quarter of the current one's life is left, again
+        every few seconds while the delivery service cannot be reached; none once it says this
+        participant is no longer a member, so the session ends then, as it must."""
+        renew_at = time.time() + (expires_at - time.time()) * 3 / 4
+        while self.sfu is client:
+            await asyncio.sleep(max(0.0, renew_at - time.time()))
+            if self.sfu is not client:
+                return
+            try:
+                token = await self.ds.room_token(self.group_id)
+            except RequestFailed as exc:
+                if exc.status == 403:
+                    log.warning("%s: no longer a member: the media session ends with its room "
+                                "token", self.name)
+                    return
+                renew_at = time.time() + TOKEN_RETRY
+                continue
+            except (aiohttp.ClientError, OSError, ConclaveError):
+                renew_at = time.time() + TOKEN_RETRY
+                continue
+            try:
+                await client.renew_token(token.token)
+            except (aiohttp.ClientError, ConnectionError):
+                return  # the session is over: _follow_media_session calls in again
+            renew_at = time.time() + (token.expires_at - time.time()) * 3 / 4
 
     async def _follow_media_session(self, client: SFUClient) -> None:
         """Read the SFU session's events to its end and, if it ends while this participant is

@@ -42,6 +42,9 @@ class Services:
     sfu_port: int = 0
     auditors: frozenset[str] = frozenset({DEFAULT_AUDITOR})
     room_secret: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
+    # seconds a room token admits to the SFU: how long a member removed from the group can keep
+    # its media session (participants renew theirs while they are members)
+    room_token_ttl: int = 600
     ds_url: str = ""
     sfu_url: str = ""
     service: DeliveryService | None = None
@@ -55,7 +58,9 @@ class Services:
             # 127.0.0.1 candidates even for ::1: media goes over IPv4 loopback, which a machine
             # with ::1 has too, whatever address the signalling uses.
             aiortc_hooks.restrict_ice_to_loopback()
-        config = Config(room_secret=self.room_secret, auditors=self.auditors)
+        config = Config(
+            room_secret=self.room_secret, auditors=self.auditors, room_token_ttl=self.room_token_ttl
+        )
         is_sqlite = not self.db.startswith(("postgresql://", "postgres://"))
         if is_sqlite and "://" in self.db:
             raise ServiceUnavailable(

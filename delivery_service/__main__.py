@@ -27,6 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8470)
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body, bytes")
     p.add_argument("--session-ttl", type=int, default=3600, help="session lifetime, seconds")
+    p.add_argument("--room-token-ttl", type=int, default=600,
+                   help="SFU room token lifetime, seconds: members renew theirs, so it bounds "
+                        "how long a removed member keeps its media session")
     p.add_argument("--challenge-rate", type=float, default=50.0,
                    help="challenges per second one client address may request (default: "
                    "%(default)s, bursts of --challenge-burst)")
@@ -53,7 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args.upload_rate > 0 or args.upload_burst < args.max_body:
         sys.exit("delivery service: --upload-rate must be positive, --upload-burst at least "
                  "--max-body")
+    if not 10 <= args.room_token_ttl <= 86400:
+        sys.exit("delivery service: --room-token-ttl must be within 10-86400 seconds")
     config = Config(max_body=args.max_body, session_ttl=args.session_ttl,
+                    room_token_ttl=args.room_token_ttl,
                     auditors=frozenset(args.auditor), challenge_rate=args.challenge_rate,
                     challenge_burst=args.challenge_burst, upload_rate=args.upload_rate,
                     upload_burst=args.upload_burst)

@@ -223,6 +223,13 @@ class SFUClient:
                 if event.get("type") == type_:
                     return event
 
+    async def renew_token(self, token: str) -> None:
+        """Give the SFU a fresh room token before the one joined with expires (the SFU ends
+        the session then). Its answer comes as an event: "token-accepted" with the new expiry,
+        or an "error" with code "token"."""
+        self._token = token
+        await self.send({"type": "token", "token": token})
+
     async def leave(self) -> None:
         if self._ws is not None and not self._ws.closed:
             await self.send({"type": "leave"})

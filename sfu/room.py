@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 import random
 import struct
 import time
@@ -166,6 +167,9 @@ class Participant:
         # an offer goes unanswered: the server then ends the signalling session, which removes
         # the participant.
         self.on_connection_lost: Callable[[str], None] = lambda reason: None
+        # Unix time at which the latest room token given expires: the session ends then,
+        # unless the client sends a fresher one (a member removed from the group gets none)
+        self.token_expires_at = math.inf
         self._answer_overdue: asyncio.TimerHandle | None = None
         self._connect_overdue: asyncio.TimerHandle | None = None
         self.connected = False  # the media connection has been up

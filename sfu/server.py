@@ -6,18 +6,23 @@ Client to SFU:
   {"type": "join", "room": str, "identity": str, "token": str, "publish": ["audio", "video"]}
   {"type": "answer", "sdp": str}
   {"type": "ice", "candidate": {"candidate": str, "sdpMid": str, "sdpMLineIndex": int}}
+  {"type": "token", "token": str}        a fresh room token, before the join's expires
   {"type": "leave"}
 SFU to client:
   {"type": "joined", "room": str, "identity": str, "participants": [str]}
   {"type": "offer", "sdp": str, "streams": {mid: {"identity": str, "kind": str}}}
   {"type": "participant-joined" | "participant-left", "identity": str}
   {"type": "speaker", "identity": str}
+  {"type": "token-accepted", "expires_at": int}   the session may last until then (Unix time)
   {"type": "error", "code": str, "message": str}   (+ "reason" for code "token",
                                                       + "url" for code "redirect")
 
 The SFU ends a session with code "session-ended" when the media connection fails, does not
 come up within `connect_timeout` of the first answer, or the client leaves an offer unanswered
-for `answer_timeout` (30 s each by default). A client that stops reading its socket, so that
+for `answer_timeout` (30 s each by default), and when its room token expires: a client renews
+it with a "token" message (a bad one gets code "token" and changes nothing). The delivery
+service gives tokens to members of the room's group only, so one removed from the group loses
+its seat when its last token expires. A client that stops reading its socket, so that
 more than 16 of the largest messages wait for it, is disconnected (`sfu.outbox`). A client
 that sends more than `signal_rate` messages a second (beyond a burst of `signal_burst`) has the
 excess dropped, and is told with code "rate-limited" at most once a second.
@@ -40,6 +45,7 @@ import asyncio
 import json
 import logging
 import math
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -60,6 +66,7 @@ MAX_NAME_LENGTH = 512  # the delivery service names a room by its MLS group id i
 OUTBOX_MESSAGES = 16  # a client may fall this many largest messages behind before it is dropped
 MAX_TOKEN_LENGTH = 4096
 RATE_NOTICE_INTERVAL = 1.0  # seconds between "rate-limited" replies to one socket
+TOKEN_CHECK_INTERVAL = 30.0  # seconds between looks at the wall clock for a token's expiry
 KINDS = ("audio", "video")
 
 
@@ -161,6 +168,7 @@ class SFUServer:
         send_json = outbox.send_json
         messages = self._within_rate(ws, send_json)
         participant: Participant | None = None
+        expiry: asyncio.Future[None] | None = None
         try:
             # The deadline covers waiting for a join, not joining: a join cut short half way
             # would leave a participant behind that no handler removes.
@@ -175,6 +183,7 @@ class SFUServer:
                     return ws
             unjoined = False
             self._joined_or_gone(address)
+            expiry = asyncio.ensure_future(self._end_at_token_expiry(participant))
             async for msg in messages:
                 if msg.type != WSMsgType.TEXT:
                     if msg.type == WSMsgType.BINARY:
@@ -201,6 +210,8 @@ class SFUServer:
         except Exception:
             logger.exception("signalling handler failed")
         finally:
+            if expiry is not None:
+                expiry.cancel()
             if unjoined:
                 self._joined_or_gone(address)
             if participant is not None:
@@ -313,7 +324,7 @@ class SFUServer:
             or len(publish) > self.config.max_publish_streams
         ):
             raise SignallingError("bad-message", 'publish must be a subset of ["audio", "video"]')
-        verify_room_token(self.config.token_secret, token, room_name, identity)
+        expires_at = verify_room_token(self.config.token_secret, token, room_name, identity)
         worker = self.config.worker_for(room_name)
         if worker != self.config.worker_index:
             if not self.worker_available(worker):
@@ -336,6 +347,7 @@ class SFUServer:
                 room, identity, list(publish), send_json, self.config, self.metrics
             )
             participant.on_connection_lost = close_signalling
+            participant.token_expires_at = expires_at
             others = list(room.participants)
             room.participants[identity] = participant
         try:
@@ -357,12 +369,38 @@ class SFUServer:
             await participant.handle_answer(_string(message, "sdp", self.config.max_message_bytes))
         elif kind == "ice":
             await participant.handle_ice(message.get("candidate"))
+        elif kind == "token":
+            await self._renew_token(participant, _string(message, "token", MAX_TOKEN_LENGTH))
         elif kind == "offer":
             raise SignallingError("unsupported", "the SFU makes the offers; answer them instead")
         elif kind == "join":
             raise SignallingError("already-joined", "this socket has already joined a room")
         else:
             raise SignallingError("unknown-type", f"unknown message type {kind[:32]!r}")
+
+    async def _renew_token(self, participant: Participant, token: str) -> None:
+        """A fresher room token for the session: it may last until that one expires."""
+        try:
+            expires_at = verify_room_token(
+                self.config.token_secret, token, participant.room.name, participant.identity
+            )
+        except TokenError as exc:  # the session goes on until the token it has expires
+            self.metrics.tokens_refused += 1
+            raise SignallingError("token", str(exc), exc.reason) from None
+        participant.token_expires_at = max(participant.token_expires_at, expires_at)
+        await participant.send_json(
+            {"type": "token-accepted", "expires_at": int(participant.token_expires_at)}
+        )
+
+    async def _end_at_token_expiry(self, participant: Participant) -> None:
+        """End the session when its room token expires (the delivery service issues them to
+        members only: a member removed from the group cannot renew it and so loses its seat)."""
+        while (left := participant.token_expires_at - time.time()) > 0:
+            # in steps: the wall clock may be set meanwhile, the loop's clock does not follow
+            await asyncio.sleep(min(left, TOKEN_CHECK_INTERVAL))
+        participant.on_connection_lost(
+            "the room token expired: send a fresh one (type \"token\") before it does"
+        )
 
     async def _leave(self, participant: Participant) -> None:
         room = participant.room

@@ -60,8 +60,9 @@ def issue_room_token(secret: bytes, room: str, identity: str, expires_at: int) -
 
 def verify_room_token(
     secret: bytes, token: str, room: str, identity: str, now: float | None = None
-) -> None:
-    """Check `token` for `room` and `identity` at time `now` (default: the current time).
+) -> int:
+    """Check `token` for `room` and `identity` at time `now` (default: the current time), and
+    return when it expires (Unix seconds).
 
     Raises `TokenError` with `reason` "malformed", "bad signature", "expired", "wrong room" or
     "wrong identity". The signature is checked before anything in the payload is trusted.
@@ -102,3 +103,4 @@ def verify_room_token(
         raise TokenError("wrong room", "room token refused: issued for another room")
     if not hmac.compare_digest(obj["id"].encode(), identity.encode()):
         raise TokenError("wrong identity", "room token refused: issued for another identity")
+    return obj["exp"]

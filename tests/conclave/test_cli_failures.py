@@ -162,6 +162,8 @@ def test_file_problems_are_named_as_such(
     "argv",
     [
         ["serve", "--ds-port", "70000"],
+        ["serve", "--room-token-ttl", "5"],
+        ["serve", "--room-token-ttl", "soon"],
         ["join", "--room", "r", "--name", "n", "--sfu", "notaurl"],
         ["join", "--room", "r", "--name", "n", "--ds", "127.0.0.1:8470"],
     ],

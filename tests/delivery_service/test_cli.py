@@ -30,6 +30,7 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         (["--db", "postgresql://127.0.0.1:1/ds", "--pg-schema", "Bad-Name"], {},
          "invalid schema name"),
         (["--challenge-rate", "0"], {}, "--challenge-rate"),
+        (["--room-token-ttl", "5"], {}, "--room-token-ttl"),
     ],
 )
 def test_startup_errors_are_one_clear_line(

@@ -570,3 +570,52 @@ async def test_the_signalling_rate_is_checked_at_start() -> None:
     for bad in ({"signal_rate": 0.0}, {"signal_rate": float("nan")}, {"signal_burst": 0}):
         with pytest.raises(ConfigError):
             SFUConfig(token_secret=SECRET, **bad)
+
+
+async def test_a_session_ends_when_its_token_expires_unless_renewed() -> None:
+    async with running() as h, aiohttp.ClientSession() as session:
+        soon = int(time.time()) + 2
+        sockets = {}
+        for identity in ("stays", "goes"):
+            ws = sockets[identity] = await session.ws_connect(h.url)
+            token = issue_room_token(SECRET, "room", identity, soon)
+            await ws.send_str(json.dumps(_join("room", identity, token)))
+            assert (await ws.receive_json(timeout=5))["type"] == "joined"
+        stays, goes = sockets["stays"], sockets["goes"]
+        # a token that is not one for this session is refused, and changes nothing
+        for bad in (
+            issue_room_token(SECRET, "room", "goes", int(time.time()) - 1),
+            issue_room_token(SECRET, "other-room", "stays", soon + 60),
+            issue_room_token(SECRET, "room", "goes", soon + 60),  # another identity's
+        ):
+            await stays.send_str(json.dumps({"type": "token", "token": bad}))
+            reply = await _next_not_offer(stays)
+            assert reply["type"] == "error" and reply["code"] == "token", reply
+        fresh = issue_room_token(SECRET, "room", "stays", soon + 60)
+        await stays.send_str(json.dumps({"type": "token", "token": fresh}))
+        assert await _next_not_offer(stays) == {"type": "token-accepted", "expires_at": soon + 60}
+        older = issue_room_token(SECRET, "room", "stays", soon + 30)  # cannot shorten it
+        await stays.send_str(json.dumps({"type": "token", "token": older}))
+        assert await _next_not_offer(stays) == {"type": "token-accepted", "expires_at": soon + 60}
+        participants = h.server.rooms["room"].participants
+        assert await wait_until(lambda: "goes" not in participants, timeout=10)
+        ended = [m async for m in _until_closed(goes)]
+        assert any(
+            m.get("code") == "session-ended" and "token expired" in m["message"] for m in ended
+        ), ended
+        await asyncio.sleep(max(0.0, soon + 0.5 - time.time()))
+        assert list(participants) == ["stays"] and not stays.closed
+        await stays.close()
+
+
+async def _next_not_offer(ws: Any) -> dict:
+    while (message := await ws.receive_json(timeout=5))["type"] in ("offer", "participant-joined"):
+        pass
+    return message
+
+
+async def _until_closed(ws: Any) -> AsyncIterator[dict]:
+    async for msg in ws:
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            break
+        yield json.loads(msg.data)
