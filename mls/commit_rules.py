@@ -26,6 +26,7 @@ from .group_context import GroupContext
 from .group_epoch import EpochState
 from .group_types import Member, PendingProposal
 from .key_package import LeafNodeSource
+from .leaf_validation import check_credential_successor
 from .proposal_list import ProposalEffects, ProposalEntry, apply_proposals, validate_proposal_list
 from .proposal_validation import validate_added_key_package, validate_member_leaf
 from .proposals import Add, ExternalInit, Proposal, ProposalOrRefType, Remove, Update
@@ -282,13 +283,21 @@ class CommitRules:
             assert commit.path is not None
             for removed in effects.removed:
                 # §12.2: with a Remove of the joiner's old leaf, the path's LeafNode meets the
-                # criteria of an Update of that leaf (§12.1.2, §7.3): a new encryption_key.
+                # criteria of an Update of that leaf (§12.1.2, §7.3): a new encryption_key,
+                # and a credential for the same participant, not another member's.
                 old = st.tree.leaf_node(removed)
-                if old is not None and old.encryption_key == commit.path.leaf_node.encryption_key:
+                if old is None:
+                    continue
+                if old.encryption_key == commit.path.leaf_node.encryption_key:
                     raise ValidationError(
                         f"the external Commit's UpdatePath leaf reuses the encryption_key of leaf"
                         f" {removed}, which it removes"
                     )
+                check_credential_successor(
+                    old.credential,
+                    commit.path.leaf_node.credential,
+                    f"the external Commit removing leaf {removed}",
+                )
             # §12.4.2: the joiner takes the leftmost blank leaf; the leaf itself is set (after
             # validation) when the path is merged.
             committer = new.tree.add_leaf(commit.path.leaf_node)

@@ -14,6 +14,7 @@ from .group_epoch import EpochState
 from .group_framing import decode_message, mls_message, sign_content
 from .group_join import JoinMixin
 from .key_schedule import external_init_send
+from .leaf_validation import check_credential_successor
 from .proposal_list import ProposalEntry
 from .proposal_validation import check_group_extensions_supported
 from .proposals import Add, ExternalInit, Proposal, ProposalOrRef, Remove
@@ -58,6 +59,12 @@ class ExternalJoinMixin(JoinMixin, CommitMixin):
         joiner = Sender.new_member_commit()
         entries = [ProposalEntry(Proposal(ExternalInit(kem_output)), joiner, None)]
         if remove_leaf is not None:
+            old_leaf = tree.leaf_node(remove_leaf)
+            if old_leaf is not None:
+                # §12.2: only one's own old leaf; the members would refuse another's
+                check_credential_successor(
+                    old_leaf.credential, client.credential, f"remove_leaf {remove_leaf}"
+                )
             entries.append(ProposalEntry(Proposal(Remove(remove_leaf)), joiner, None))
         group = cls._unjoined(client, handshake, ratchet_tree_extension, psks, ratchet_window)
         # A stand-in state for the old epoch: public tree and transcript, no secrets.

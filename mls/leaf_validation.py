@@ -14,7 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
-from .credential import Credential
+from cryptography import x509
+
+from .credential import Credential, CredentialType
 from .crypto import Crypto, SignaturePrivateKey
 from .errors import CryptoError, ValidationError
 from .extensions import (
@@ -28,6 +30,7 @@ from .ratchet_tree import RatchetTree
 
 __all__ = [
     "CredentialValidator",
+    "check_credential_successor",
     "resign_leaf_node",
     "sign_leaf_node",
     "validate_leaf_node",
@@ -39,6 +42,39 @@ CredentialValidator = Callable[[Credential, bytes], None]
 """Called with (credential, signature_key); raises `ValidationError` to refuse the credential."""
 
 LEAF_NODE_TBS_LABEL = b"LeafNodeTBS"
+
+
+def check_credential_successor(old: Credential, new: Credential, where: str) -> None:
+    """§5.3.1: a credential that replaces a member's (in an Update, an UpdatePath, or an
+    external Commit that removes the joiner's old leaf, §12.2) must present the same
+    identifiers: a basic credential the same identity; an X.509 one an end-entity certificate
+    with the same subject and subject alternative names (a renewed certificate, not another
+    holder's). Else a member could take another's name, or an outsider's external Commit
+    remove any member as if it were its own old leaf."""
+    if new == old:
+        return
+    if new.credential_type != old.credential_type:
+        raise ValidationError(f"{where}: the credential type differs from the one it replaces")
+    if new.credential_type == CredentialType.basic:
+        if new.identity != old.identity:
+            raise ValidationError(f"{where}: the credential names another identity")
+    elif _x509_identifiers(old, where) != _x509_identifiers(new, where):
+        raise ValidationError(f"{where}: the certificate names another subject")
+
+
+def _x509_identifiers(credential: Credential, where: str) -> tuple[object, frozenset[object]]:
+    """The end-entity certificate's subject and subject alternative names."""
+    try:
+        cert = x509.load_der_x509_certificate(credential.certificates[0].cert_data)
+        try:
+            names = frozenset(
+                cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            )
+        except x509.ExtensionNotFound:
+            names = frozenset()
+        return cert.subject, names
+    except (IndexError, ValueError) as exc:
+        raise ValidationError(f"{where}: unreadable certificate ({exc})") from None
 
 
 def verify_leaf_signature(
@@ -198,9 +234,11 @@ def validate_leaf_node(
     if tree is None:
         return
     replaced = None if leaf_index is None else tree.leaf_node(leaf_index)
-    if replaced is not None and replaced.encryption_key == leaf.encryption_key:
-        # §7.3 for Update, §12.4.2 for the UpdatePath's leaf: a new leaf brings a new key.
-        raise ValidationError(f"{where}: encryption_key is the same as the leaf it replaces")
+    if replaced is not None:
+        if replaced.encryption_key == leaf.encryption_key:
+            # §7.3 for Update, §12.4.2 for the UpdatePath's leaf: a new leaf brings a new key.
+            raise ValidationError(f"{where}: encryption_key is the same as the leaf it replaces")
+        check_credential_successor(replaced.credential, leaf.credential, where)
     credential_type = int(leaf.credential.credential_type)
     own_credentials = set(leaf.capabilities.credentials)
     for index, other in tree.members():

@@ -163,6 +163,27 @@ async def test_current_member_resync_is_not_refused(url: str) -> None:
     assert (await alice.ds.group(gid))["members"] == ["alice", "bob"]
 
 
+async def test_an_external_commit_cannot_remove_another_member(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """§12.2: an external commit's Remove is of the joiner's own old leaf. With anyone else's,
+    mallory (never a member, reading the GroupInfo as anyone may) would expel alice."""
+    alice, bob, mallory = await people(url, "alice", "bob", "mallory")
+    gid = await start_group(alice, bob)
+    assert alice.group is not None
+    before = await snapshot(alice, gid)
+    # her client would not build it: forged without that check
+    monkeypatch.setattr("mls.group_external.check_credential_successor", lambda *a: None)
+    _, commit = Group.join_external(
+        mallory.mls, await mallory.ds.fetch_group_info(gid), remove_leaf=alice.group.leaf_index
+    )
+    monkeypatch.undo()
+    with pytest.raises(RequestFailed) as info:
+        await mallory.ds.send(gid, commit)
+    assert info.value.status == 400 and "another identity" in info.value.reason
+    assert await snapshot(alice, gid) == before
+
+
 async def test_a_second_identity_cannot_bring_back_a_removed_one(url: str) -> None:
     alice, bob, carol = await people(url, "alice", "bob", "carol")
     gid = await start_group(alice, bob, carol)

@@ -1161,3 +1161,49 @@ def test_groupinfo_and_leafnode_extensions_stay_out_of_the_group_context(ext_typ
     commit, tag = real_commit(a, a.update)
     rejects(b, forge_commit(a, [by_value(gce)], commit.path, tag), ValidationError,
             "belong in a GroupInfo or a LeafNode")
+
+
+# --- §5.3.1: a replacing credential presents the identifiers of the one it replaces --------------
+
+
+def test_update_naming_another_member_rejected() -> None:
+    ga, gb, _ = make_group(3)
+    own = ga.tree.leaf_node(0)
+    assert own is not None
+    leaf = replace(own, encryption_key=ga.crypto.hpke_key_pair()[1],
+                   credential=Credential.basic(b"member-2"),
+                   leaf_node_source=LeafNodeSource.update, lifetime=None, parent_hash=None)
+    leaf = sign_leaf_node(ga.crypto, leaf, ga._client.signature_priv, ga.group_id, 0)
+    rejects(gb, _forge_proposal(ga, Proposal(Update(leaf))), ValidationError, "another identity")
+
+
+def test_path_leaf_naming_another_member_rejected() -> None:
+    ga, gb, _ = make_group(3)
+    commit, _ = real_commit(ga, ga.update)
+    assert commit.path is not None
+    path = _resign_path_leaf(ga, commit.path, credential=Credential.basic(b"member-2"))
+    rejects(gb, forge_commit(ga, [], path), ValidationError, "another identity")
+
+
+def test_external_commit_may_remove_only_the_joiners_own_leaf(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """§12.2: the Remove of an external Commit is of the joiner's old leaf; with another
+    member's, anyone holding the GroupInfo could expel any member."""
+    ga, gb, gc = make_group(3)
+    mallory = Client(b"mallory")
+    with pytest.raises(ValidationError, match="another identity"):
+        Group.join_external(mallory, ga.group_info(), remove_leaf=0)
+    # forged anyway (the joiner's own check skipped): every member refuses it
+    monkeypatch.setattr("mls.group_external.check_credential_successor", lambda *a: None)
+    _, commit = Group.join_external(mallory, ga.group_info(), remove_leaf=0)
+    monkeypatch.undo()
+    for g in (ga, gb, gc):
+        rejects(g, commit, ValidationError, "another identity")
+    # the same identity coming back (new keys, the state lost) may replace its old leaf
+    again = Client(b"member-0")
+    new, commit = Group.join_external(again, gb.group_info(), remove_leaf=0)
+    for g in (gb, gc):
+        g.process(commit)
+    assert sorted(m.identity for m in gb.members) == [b"member-0", b"member-1", b"member-2"]
+    assert new.epoch == gb.epoch == gc.epoch
