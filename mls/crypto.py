@@ -173,6 +173,27 @@ def _hpke_public_key(kem: KEMId, public: bytes) -> Any:
         raise CryptoError(f"invalid {kem.name} HPKE public key") from None
 
 
+_DH_PROBES: dict[KEMId, Any] = {}  # a private key per X25519/X448 KEM, to test public keys
+
+
+def _check_not_low_order(kem: KEMId, public: bytes) -> None:
+    """RFC 9180 §7.1.4: a DH output of all zeros (a low-order X25519/X448 point) must be
+    refused; OpenSSL refuses to compute one. Tried once here, on a key of our own, so that a
+    bad key is refused where it arrives rather than when someone encrypts to it."""
+    if kem is KEMId.DHKEM_X25519_HKDF_SHA256:
+        probe = _DH_PROBES.setdefault(kem, x25519.X25519PrivateKey.generate())
+        peer: Any = x25519.X25519PublicKey.from_public_bytes(public)
+    elif kem is KEMId.DHKEM_X448_HKDF_SHA512:
+        probe = _DH_PROBES.setdefault(kem, x448.X448PrivateKey.generate())
+        peer = x448.X448PublicKey.from_public_bytes(public)
+    else:
+        return  # NIST curves: from_encoded_point already refuses points off the curve
+    try:
+        probe.exchange(peer)
+    except ValueError:
+        raise CryptoError(f"invalid {kem.name} HPKE public key: a low-order point") from None
+
+
 class _LoadedKey:
     """A parsed private key, for callers that use one key many times (parsing an ECDSA or EdDSA
     key costs about as much as signing with it). Never shows the key in repr()."""
@@ -447,6 +468,13 @@ class Crypto:
     def load_hpke_private_key(self, private: bytes) -> HPKEPrivateKey:
         """Parse an HPKE private key once, for repeated decryption."""
         return HPKEPrivateKey(self.suite, self._hpke_private_key(private))
+
+    def check_hpke_public_key(self, public: bytes) -> None:
+        """Raises CryptoError unless HPKE can encrypt to `public`: a valid encoding of a point
+        on the curve, not of low order. MLS stores such keys from others (leaves, path nodes,
+        KeyPackage init keys): one no one can encrypt to would stop every later Commit."""
+        _hpke_public_key(self.kem_id, public)
+        _check_not_low_order(self.kem_id, public)
 
     def hpke_public_key(self, private: bytes | HPKEPrivateKey) -> bytes:
         public = self._hpke_private_key(private).raw.public_key()

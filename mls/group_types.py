@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .commit import Commit
 from .framing import Sender, SenderType
@@ -44,11 +44,11 @@ class ProcessedMessage:
     senders)."""
 
     kind: str
-    data: bytes | None
+    data: bytes | None = field(repr=False)  # decrypted application data: not for logs
     sender: int | None
     sender_type: SenderType
     epoch: int
-    authenticated_data: bytes = b""
+    authenticated_data: bytes = field(default=b"", repr=False)
     proposal: Proposal | None = None
     commit: Commit | None = None
     own: bool = False

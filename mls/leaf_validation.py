@@ -227,6 +227,10 @@ def validate_leaf_node(
     if credential_validator is not None:
         credential_validator(leaf.credential, leaf.signature_key)
     verify_leaf_signature(crypto, leaf, group_id, leaf_index, where)
+    try:
+        crypto.check_hpke_public_key(leaf.encryption_key)
+    except CryptoError as exc:
+        raise ValidationError(f"{where}: unusable encryption_key ({exc})") from None
     # §13.4: no list of extensions holds two of one type (also a leaf in a received tree).
     check_unique_extension_types(leaf.extensions, where)
     _check_capabilities(leaf, required_capabilities, where)
@@ -303,4 +307,11 @@ def validate_ratchet_tree(
                     f"leaf {index} does not support credential type {credential_type} used by"
                     f" leaf {user}"
                 )
+    for x in range(1, 2 * tree.n_leaves - 1, 2):  # parent nodes: the odd indices
+        parent = tree.parent_node(x)
+        if parent is not None:
+            try:
+                tree.crypto.check_hpke_public_key(parent.encryption_key)
+            except CryptoError as exc:
+                raise ValidationError(f"node {x}: unusable encryption_key ({exc})") from None
     tree.verify_parent_hashes()

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 
 from .crypto import Crypto
-from .errors import ValidationError
+from .errors import CryptoError, ValidationError
 from .extensions import (
     DEFAULT_EXTENSION_TYPES,
     Extension,
@@ -187,6 +187,10 @@ def validate_key_package(
     )
     if kp.init_key == kp.leaf_node.encryption_key:
         raise ValidationError("KeyPackage init_key equals its leaf's encryption_key")
+    try:
+        crypto.check_hpke_public_key(kp.init_key)
+    except CryptoError as exc:
+        raise ValidationError(f"KeyPackage: unusable init_key ({exc})") from None
     check_unique_extension_types(kp.extensions, "KeyPackage")
 
 

@@ -382,6 +382,11 @@ def _merge_update_path(
     new_keys = [leaf.encryption_key, *(n.encryption_key for n in update_path.nodes)]
     if len(set(new_keys)) != len(new_keys):
         raise ValidationError(f"{where}: the same public key appears twice")
+    for key in new_keys:
+        try:
+            tree.crypto.check_hpke_public_key(key)
+        except CryptoError as exc:
+            raise ValidationError(f"{where}: unusable public key ({exc})") from None
     existing = tree.encryption_keys()
     for key in new_keys:
         if key in existing:

@@ -33,7 +33,7 @@ from mls.group import Group
 from mls.group_framing import membership_tag, sign_content
 from mls.key_package import KeyPackage, LeafNodeSource, Lifetime
 from mls.key_schedule import derive_psk_secret, derive_welcome_secret, welcome_key_and_nonce
-from mls.leaf_validation import sign_leaf_node
+from mls.leaf_validation import sign_leaf_node, validate_ratchet_tree
 from mls.proposals import (
     Add,
     ExternalInit,
@@ -1207,3 +1207,53 @@ def test_external_commit_may_remove_only_the_joiners_own_leaf(
         g.process(commit)
     assert sorted(m.identity for m in gb.members) == [b"member-0", b"member-1", b"member-2"]
     assert new.epoch == gb.epoch == gc.epoch
+
+
+# --- RFC 9180 §7.1.4: public keys HPKE cannot encrypt to are refused where they arrive -------------
+
+# per suite: an all-zero (low-order) X25519 point, a key of the wrong length, a P-256 point that
+# is not on the curve
+UNUSABLE = {
+    "x25519-zero": (1, bytes(32)),
+    "x25519-short": (1, bytes(7)),
+    "p256-origin": (2, b"\x04" + bytes(64)),
+    "p256-off-curve": (2, b"\x04" + (1).to_bytes(32, "big") * 2),
+}
+
+
+@pytest.mark.parametrize(("suite", "bad"), list(UNUSABLE.values()), ids=list(UNUSABLE))
+def test_unusable_keys_in_updates_and_paths_rejected(suite: int, bad: bytes) -> None:
+    """A member's Update or UpdatePath with a key no one can encrypt to would stop every later
+    Commit with a path in the group (found by the review: an all-zero X25519 key was taken)."""
+    ga, gb, _ = make_group(3, suite)
+    own = ga.tree.leaf_node(0)
+    assert own is not None
+    leaf = replace(own, encryption_key=bad, leaf_node_source=LeafNodeSource.update,
+                   lifetime=None, parent_hash=None)
+    leaf = sign_leaf_node(ga.crypto, leaf, ga._client.signature_priv, ga.group_id, 0)
+    rejects(gb, _forge_proposal(ga, Proposal(Update(leaf))), ValidationError, "unusable")
+    commit, _ = real_commit(ga, ga.update)
+    assert commit.path is not None
+    path = _resign_path_leaf(ga, commit.path, encryption_key=bad)
+    rejects(gb, forge_commit(ga, [], path), ValidationError, "unusable")
+    first = commit.path.nodes[0]
+    nodes = [UpdatePathNode(bad, first.encrypted_path_secret), *commit.path.nodes[1:]]
+    message = forge_commit(ga, [], UpdatePath(commit.path.leaf_node, nodes))
+    rejects(gb, message, ValidationError, "unusable")
+    dave = Client(b"dave", suite)
+    kp = resign_kp(dave, replace(key_package(dave), init_key=bad))
+    rejects(gb, forge_commit(ga, [add(kp)]), ValidationError, "unusable init_key")
+
+
+def test_a_received_tree_with_an_unusable_parent_key_rejected() -> None:
+    ga, gb, gc = make_group(3)
+    ga.update()
+    ga.merge_pending_commit()
+    tree = ga.tree.copy()
+    x = next(x for x in range(1, 2 * tree.n_leaves - 1, 2) if tree.parent_node(x) is not None)
+    parent = tree.parent_node(x)
+    assert parent is not None
+    tree.set_parent(x, replace(parent, encryption_key=bytes(32)))
+    with pytest.raises(ValidationError, match=f"node {x}: unusable"):
+        validate_ratchet_tree(tree, group_id=ga.group_id)
+    validate_ratchet_tree(ga.tree.copy(), group_id=ga.group_id)

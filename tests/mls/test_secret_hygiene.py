@@ -184,3 +184,14 @@ def test_the_check_itself_catches_a_leak() -> None:
         assert_hidden([f"prefix {secret[4:12].hex()} suffix"], [secret])
     with pytest.raises(AssertionError):
         assert_hidden([f"Key(secret={secret!r})"], [secret])
+
+
+def test_processed_application_data_stays_out_of_repr() -> None:
+    from tests.mls.test_group import make_group
+
+    ga, gb = make_group(2)
+    secret = b"TOP-SECRET-PLAINTEXT-0123456789"
+    processed = gb.process(ga.encrypt_application(secret, authenticated_data=b"AAD-NOT-FOR-LOGS"))
+    assert processed.data == secret
+    for text in (repr(processed), str(processed)):
+        assert "TOP-SECRET" not in text and "AAD-NOT" not in text and "application" in text
