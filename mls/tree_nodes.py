@@ -109,6 +109,12 @@ def encode_ratchet_tree(nodes: Sequence[TreeNode | None]) -> bytes:
     return w.getvalue()
 
 
+# An implementation limit (RFC 9420 sets none): checking a received tree costs about 2 us per
+# node, blank ones included (1 byte each on the wire), so without it one Welcome or GroupInfo of
+# 1 MB could hold 2^19 leaves and cost its receiver seconds. Far above any call's size.
+MAX_TREE_LEAVES = 1 << 16
+
+
 def read_ratchet_tree(r: Reader) -> list[TreeNode | None]:
     """Reads `optional<Node> ratchet_tree<V>` and checks its shape: leaves at even indices,
     parents at odd ones, and a non-blank last node (§12.4.3.3). Trailing blanks up to a full tree
@@ -116,6 +122,10 @@ def read_ratchet_tree(r: Reader) -> list[TreeNode | None]:
     nodes = r.vector(lambda s: s.optional(read_node, "ratchet_tree"), "ratchet_tree")
     if not nodes:
         raise DecodeError("empty ratchet tree", "ratchet_tree")
+    if len(nodes) > 2 * MAX_TREE_LEAVES - 1:
+        raise DecodeError(
+            f"a ratchet tree of more than {MAX_TREE_LEAVES} leaves", "ratchet_tree"
+        )
     if nodes[-1] is None:
         raise DecodeError("the last node of a ratchet tree must not be blank", "ratchet_tree")
     for i, node in enumerate(nodes):

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 
 from mls.crypto import get_crypto
-from mls.errors import ValidationError
+from mls.errors import DecodeError, ValidationError
 from mls.extensions import Extension, RequiredCapabilities
 from mls.key_package import LeafNode, LeafNodeSource, Lifetime
 from mls.leaf_validation import sign_leaf_node, validate_leaf_node, validate_ratchet_tree
 from mls.ratchet_tree import RatchetTree
-from mls.tree_nodes import ParentNode
+from mls.tree_nodes import MAX_TREE_LEAVES, ParentNode, decode_ratchet_tree, encode_ratchet_tree
 from tests.mls.test_treekem import make_leaf
 from tests.vectors import vector_cases, vector_path
 
@@ -330,3 +330,20 @@ def test_lifetime_longer_than_the_application_maximum_refused(signer: Any) -> No
         validate_leaf_node(crypto, long, source=LeafNodeSource.key_package, max_lifetime=day)
     with pytest.raises(ValidationError, match="leaf 0: lifetime is longer"):
         validate_ratchet_tree(RatchetTree(crypto, [long]), group_id=b"g", max_lifetime=day)
+
+
+def test_a_tree_beyond_the_leaf_limit_is_refused_when_decoded(
+    unmerged_case: dict[str, Any],
+) -> None:
+    """Mostly blank (1 byte a node), so cheap to send and costly to check: refused unread."""
+    tree, _ = _tree(unmerged_case)
+    leaf = tree.leaf_node(0)
+    for leaves, refused in ((MAX_TREE_LEAVES, False), (MAX_TREE_LEAVES + 1, True)):
+        nodes: list[Any] = [None] * (2 * leaves - 1)
+        nodes[0] = nodes[-1] = leaf
+        data = encode_ratchet_tree(nodes)
+        if refused:
+            with pytest.raises(DecodeError, match="more than 65536 leaves"):
+                decode_ratchet_tree(data)
+        else:
+            assert len(decode_ratchet_tree(data)) == 2 * leaves - 1
