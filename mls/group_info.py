@@ -42,11 +42,17 @@ def verify_group_info_confirmation(
 
 
 def verified_ratchet_tree(
-    crypto: Crypto, gi: GroupInfo, ratchet_tree: bytes | None, *, now: int | None
+    crypto: Crypto,
+    gi: GroupInfo,
+    ratchet_tree: bytes | None,
+    *,
+    now: int | None,
+    max_leaves: int | None = None,
 ) -> RatchetTree:
     """The GroupInfo's ratchet tree (`ratchet_tree` out of band, else its extension) once the
     GroupInfo's signature and the whole tree are valid (§12.4.3.1). `now` checks the leaves'
-    lifetimes; None skips that check."""
+    lifetimes; None skips that check. `max_leaves` refuses a larger tree before checking it
+    (checking costs about 2 us per node)."""
     context = gi.group_context
     check_unique_extension_types(gi.extensions, "GroupInfo.extensions")
     check_unique_extension_types(context.extensions, "GroupContext.extensions")
@@ -59,6 +65,8 @@ def verified_ratchet_tree(
         raise ValidationError(
             "the GroupInfo carries no ratchet_tree extension: pass the tree out of band"
         )
+    if max_leaves is not None and len(nodes) > 2 * max_leaves - 1:
+        raise ValidationError(f"the GroupInfo's ratchet tree has more than {max_leaves} leaves")
     tree = RatchetTree(crypto, nodes)
     signer = tree.leaf_node(gi.signer)
     if signer is None:

@@ -21,6 +21,7 @@ from .commit import Commit
 from .commit_rules import CommitRules
 from .crypto import Crypto, get_crypto
 from .errors import DecodeError, ValidationError
+from .extensions import ExtensionType, check_unique_extension_types, find_extension
 from .framing import (
     AuthenticatedContent,
     ContentType,
@@ -33,7 +34,7 @@ from .framing import (
 from .group_context import GroupContext
 from .group_epoch import EpochState
 from .group_framing import verify_content
-from .group_info import verified_ratchet_tree
+from .group_info import verified_ratchet_tree, verify_group_info_signature
 from .group_state import read_format_header, read_proposal_cache, write_proposal_cache
 from .group_types import PendingProposal
 from .proposals import Proposal
@@ -81,20 +82,39 @@ class PublicGroup(CommitRules):
     # --- construction ----------------------------------------------------------------------------
 
     @classmethod
-    def from_group_info(cls, group_info: bytes, ratchet_tree: bytes | None = None) -> PublicGroup:
-        """Verifies a GroupInfo (MLSMessage or bare) and its tree, and starts following it."""
-        data = bytes(group_info)
-        try:
-            gi = MLSMessage.decode(data).group_info
-        except (DecodeError, ValidationError):
-            gi = GroupInfo.decode(data)
+    def from_group_info(
+        cls, group_info: bytes, ratchet_tree: bytes | None = None, max_leaves: int | None = None
+    ) -> PublicGroup:
+        """Verifies a GroupInfo (MLSMessage or bare) and its tree, and starts following it.
+        `max_leaves` refuses a larger tree before any costly check."""
+        gi = _decode_group_info(group_info)
         context = gi.group_context
         crypto = get_crypto(context.cipher_suite)
-        tree = verified_ratchet_tree(crypto, gi, ratchet_tree, now=None)
+        tree = verified_ratchet_tree(crypto, gi, ratchet_tree, now=None, max_leaves=max_leaves)
         interim = interim_transcript_hash(
             crypto, context.confirmed_transcript_hash, gi.confirmation_tag
         )
         return cls(crypto, EpochState.public(context, tree, interim))
+
+    def check_group_info(self, group_info: bytes) -> None:
+        """Raises unless `group_info` (MLSMessage or bare) describes this group as it is now:
+        the same GroupContext, the same ratchet tree if it carries one, signed by a member.
+
+        What `from_group_info` would check, at the cost of comparing bytes: the tree this view
+        follows was checked when it was built, so one identical to it needs no checking again
+        (that costs about 2 us per node, and a GroupInfo can hold 2^16 mostly blank leaves)."""
+        gi = _decode_group_info(group_info)
+        st = self._state
+        if gi.group_context != st.context:
+            raise ValidationError("the GroupInfo's GroupContext is not the group's current one")
+        check_unique_extension_types(gi.extensions, "GroupInfo.extensions")
+        ext = find_extension(gi.extensions, ExtensionType.ratchet_tree)
+        if ext is not None and ext.extension_data != st.tree.encode():
+            raise ValidationError("the GroupInfo's ratchet tree is not the group's")
+        signer = st.tree.leaf_node(gi.signer)
+        if signer is None:
+            raise ValidationError(f"the GroupInfo signer leaf {gi.signer} is blank")
+        verify_group_info_signature(self._crypto, gi, signer.signature_key)
 
     # --- properties ------------------------------------------------------------------------------
 
@@ -188,3 +208,11 @@ class PublicGroup(CommitRules):
         st = EpochState.public(context, tree, interim)
         st.proposals = proposals
         return cls(crypto, st)
+
+
+def _decode_group_info(group_info: bytes) -> GroupInfo:
+    data = bytes(group_info)
+    try:
+        return MLSMessage.decode(data).group_info
+    except (DecodeError, ValidationError):
+        return GroupInfo.decode(data)

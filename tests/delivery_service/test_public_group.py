@@ -236,3 +236,28 @@ async def test_a_commit_parses_the_public_tree_once(url: str, monkeypatch) -> No
     assert len(parses) == 1
     await alice.catch_up(gid)
     assert alice.group.epoch_authenticator == bob.group.epoch_authenticator
+
+
+def test_create_refuses_a_tree_over_the_limit_before_checking_it() -> None:
+    """Checking a tree costs ~2 us per node, 1 byte each when blank: a creator's GroupInfo
+    with a huge mostly blank tree is refused by its size alone."""
+    from dataclasses import replace
+
+    from delivery_service.errors import BadRequest
+    from delivery_service.tracker import PublicGroupTracker
+    from mls.extensions import ExtensionType
+    from mls.tree_nodes import ratchet_tree_extension
+
+    gid = os.urandom(16)
+    group = Group.create(Client(b"alice", 1), gid)
+    tracker = PublicGroupTracker(max_create_leaves=8)
+    assert tracker.create(gid, "alice", group.group_info()).members == frozenset({"alice"})
+    gi = MLSMessage.decode(group.group_info()).group_info
+    nodes: list[object] = [None] * 31
+    nodes[0] = nodes[-1] = group.tree.leaf_node(0)
+    extensions = [
+        ratchet_tree_extension(nodes) if e.extension_type == ExtensionType.ratchet_tree else e
+        for e in gi.extensions
+    ]
+    with pytest.raises(BadRequest, match="more than 8 leaves"):
+        tracker.create(gid, "alice", replace(gi, extensions=extensions).encode())

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from mls.client import Client
 from mls.errors import MLSError, ValidationError
+from mls.extensions import ExtensionType
+from mls.framing import MLSMessage
 from mls.group import Group
 from mls.public_group import PublicGroup
+from mls.tree_nodes import ratchet_tree_extension
 
 from .test_group import make_group
 
@@ -159,3 +164,49 @@ def test_proposals_by_ref_lists_what_a_commit_may_name() -> None:
     ga.merge_pending_commit()
     pub.process(commit)
     assert pub.proposals_by_ref == {}
+
+
+def _with_tree(group_info: bytes, nodes: list[object]) -> bytes:
+    """`group_info` with its ratchet_tree extension replaced by `nodes` (signature now stale)."""
+    gi = MLSMessage.decode(group_info).group_info
+    extensions = [
+        ratchet_tree_extension(nodes) if e.extension_type == ExtensionType.ratchet_tree else e
+        for e in gi.extensions
+    ]
+    return replace(gi, extensions=extensions).encode()
+
+
+def _blank_tree(g: Group, leaves: int) -> list[object]:
+    nodes: list[object] = [None] * (2 * leaves - 1)
+    nodes[0] = nodes[-1] = g.tree.leaf_node(0)
+    return nodes
+
+
+def test_check_group_info_compares_with_the_tree_it_follows() -> None:
+    ga, gb = make_group(2)
+    pub = PublicGroup.from_group_info(ga.group_info())
+    pub.check_group_info(ga.group_info())
+    pub.check_group_info(gb.group_info(with_ratchet_tree=False))
+    old = ga.group_info()
+    result = ga.update()
+    ga.merge_pending_commit()
+    pub.process(result.commit)
+    pub.check_group_info(ga.group_info())
+    with pytest.raises(ValidationError, match="GroupContext is not the group's current one"):
+        pub.check_group_info(old)
+    # a huge tree, mostly blank, is refused by comparison, not checked node by node
+    with pytest.raises(ValidationError, match="ratchet tree is not the group's"):
+        pub.check_group_info(_with_tree(ga.group_info(), _blank_tree(ga, 1 << 14)))
+    info = bytearray(ga.group_info())
+    info[-3] ^= 1  # in the signature
+    with pytest.raises(MLSError, match="signature"):
+        pub.check_group_info(bytes(info))
+
+
+def test_from_group_info_refuses_a_tree_over_max_leaves_unchecked() -> None:
+    ga, _ = make_group(2)
+    big = _with_tree(ga.group_info(), _blank_tree(ga, 16))
+    with pytest.raises(ValidationError, match="more than 8 leaves"):
+        PublicGroup.from_group_info(big, max_leaves=8)
+    with pytest.raises(MLSError, match="signature"):  # within the limit: checked, and refused
+        PublicGroup.from_group_info(big, max_leaves=16)
