@@ -15,6 +15,7 @@ from .errors import (
     SFrameError,
     UnknownKeyId,
     UnsupportedCipherSuite,
+    WrongSender,
 )
 from .header import SFrameHeader
 from .mls_keys import ExporterGroup, MLSKeyManager
@@ -38,4 +39,5 @@ __all__ = [
     "TrackStats",
     "UnknownKeyId",
     "UnsupportedCipherSuite",
+    "WrongSender",
 ]

@@ -13,7 +13,7 @@ into a caller's buffer, which saves a copy of large frames behind a codec's clea
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import overload
 
 from cryptography.exceptions import InvalidTag
@@ -458,6 +458,47 @@ class SFrameContext:
         raises, `out` may hold unauthenticated data from `offset` on: discard it.
         """
         return self.decrypt(metadata, ciphertext, out, offset)
+
+    def decrypt_all(
+        self, parts: Iterable[tuple[bytes, bytes | bytearray | memoryview]]
+    ) -> list[bytes]:
+        """The plaintexts of several SFrame ciphertexts that make one media frame (H.264: one
+        per NAL unit), given as ``(metadata, ciphertext)`` pairs: all of them, or an error and
+        no change. Every part is checked and opened before any CTR is accepted or any key kept,
+        so that a frame refused part-way uses up none of its CTRs (the genuine frame would be
+        refused as a replay after it). A (KID, CTR) twice in `parts` is a replay."""
+        keys: dict[int, RecvKeyContext] = {}  # of the KIDs in `parts`, resolved ones not kept
+        seen: set[tuple[int, int]] = set()
+        plaintexts = []
+        for metadata, ciphertext in parts:
+            kid, ctr, hlen = decode_header(ciphertext)
+            key = keys.get(kid)
+            if key is None:
+                key = self.recv_keys.get(kid)
+                if key is None:
+                    key = self._resolve(kid)
+                keys[kid] = key
+            verdict = "replayed" if (kid, ctr) in seen else key.window.check(ctr)
+            if verdict is not None:
+                raise ReplayedFrame(f"SFrame frame KID {kid:#x} CTR {ctr} refused: {verdict}")
+            body = memoryview(ciphertext)[hlen:]
+            if len(body) < key.Nt:
+                raise _too_short(len(body), key.Nt)
+            aad = bytes(ciphertext[:hlen]) + metadata
+            try:
+                plaintexts.append(key.open((key.salt ^ ctr).to_bytes(12, "big"), body, aad))
+            except InvalidTag:
+                raise AuthenticationFailure(
+                    f"SFrame frame KID {kid:#x} CTR {ctr} failed authentication"
+                ) from None
+            seen.add((kid, ctr))
+        # All authenticated: now, and only now, the windows move (in CTR order, so that each
+        # CTR is either the new top or inside the window) and resolved keys are kept.
+        for kid, ctr in sorted(seen):
+            keys[kid].window.accept(ctr)
+        for kid, key in keys.items():
+            self.recv_keys.setdefault(kid, key)
+        return plaintexts
 
     def _resolve(self, kid: int) -> RecvKeyContext:
         key = self.resolver(kid) if self.resolver is not None else None

@@ -44,6 +44,14 @@ class ReplayedFrame(SFrameError):
     reason = "replay"
 
 
+class WrongSender(SFrameError):
+    """A frame whose KID names another member than the one whose track it came on. Every member
+    can derive every member's keys, so the key alone does not prove the sender (RFC 9605 §7.2);
+    refused before decryption so that no member can use up another's replay window."""
+
+    reason = "wrong_sender"
+
+
 class AuthenticationFailure(SFrameError):
     """The AEAD tag did not verify: the frame was corrupted, truncated or forged, or the metadata
     differs from what the sender authenticated."""

@@ -37,6 +37,10 @@ from .replay import DEFAULT_WINDOW
 BASE_KEY_LABEL = b"SFrame 1.0 Base Key"
 DEFAULT_EPOCH_BITS = 4
 DEFAULT_GRACE_PERIOD = 2.0
+# The highest KID context value a receiver derives keys for (a stream per value: audio, video,
+# screen ...). Every member can derive keys for any context, so without a bound one member could
+# make every receiver keep a key for each of millions of contexts.
+DEFAULT_MAX_CONTEXT = 7
 
 
 class ExporterGroup(Protocol):
@@ -99,8 +103,10 @@ class MLSKeyManager:
 
     Call `update(group)` after every change of epoch (creation, join, each merged commit). Then
     `encrypt` seals under the sender's KID of the newest epoch and `decrypt` opens frames of any
-    retained epoch. `clock` is injectable for tests; expired epochs are deleted on the next
-    `decrypt`, `update` or `expire` call.
+    retained epoch. Only stream contexts 0 to `max_context` are used, sending and receiving:
+    a frame under any other context is an unknown KID, and no key is derived for it. `clock` is
+    injectable for tests; expired epochs are deleted on the next `decrypt`, `update` or `expire`
+    call.
     """
 
     def __init__(
@@ -110,18 +116,22 @@ class MLSKeyManager:
         epoch_bits: int = DEFAULT_EPOCH_BITS,
         grace_period: float = DEFAULT_GRACE_PERIOD,
         replay_window: int = DEFAULT_WINDOW,
+        max_context: int = DEFAULT_MAX_CONTEXT,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 1 <= epoch_bits <= 32:
             raise ValueError("epoch_bits (E) must be between 1 and 32")
         if grace_period < 0:
             raise ValueError("grace_period must not be negative")
+        if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 0:
+            raise ValueError(f"max_context must be an integer of at least 0, got {max_context!r}")
         self.sframe = SFrameContext(
             cipher_suite, replay_window=replay_window, resolver=self._resolve
         )
         self.params = self.sframe.params
         self.epoch_bits = epoch_bits
         self.grace_period = grace_period
+        self.max_context = max_context
         self.clock = clock
         self.current: EpochKeys | None = None
         self.leaf_index: int | None = None
@@ -130,6 +140,9 @@ class MLSKeyManager:
         self._send: dict[int, SendKeyContext] = {}  # context value -> key of the current epoch
         self._next_expiry: float | None = None
         self._send_lock = threading.Lock()
+        # Group id -> the highest epoch whose keys were ever installed. Installing one of those
+        # again (after `retire`) would restart its send CTRs at 0: AEAD nonces used twice.
+        self._highest_epoch: dict[bytes | None, int] = {}
 
     def __repr__(self) -> str:
         epoch = None if self.current is None else self.current.epoch
@@ -175,7 +188,10 @@ class MLSKeyManager:
         return sorted(keys.epoch for keys in self._epochs.values())
 
     def update(self, group: ExporterGroup) -> bool:
-        """Install the group's current epoch if it is new; True if it was."""
+        """Install the group's current epoch if it is new; True if it was.
+
+        An epoch of a group (by its ``group_id``, if it has one) is installed at most once:
+        after `retire`, only a newer epoch of that group is accepted."""
         epoch = group.epoch
         if self.current is not None:
             if epoch == self.current.epoch:
@@ -184,6 +200,15 @@ class MLSKeyManager:
                 raise KeyScheduleError(
                     f"group epoch went back from {self.current.epoch} to {epoch}"
                 )
+        group_id = getattr(group, "group_id", None)
+        group_id = bytes(group_id) if group_id is not None else None
+        highest = self._highest_epoch.get(group_id)
+        if highest is not None and epoch <= highest:
+            raise KeyScheduleError(
+                f"epoch {epoch} of this group is not newer than epoch {highest}, whose keys "
+                "this member had already: its send counters would start again from 0 and "
+                "reuse nonces; install a newer epoch (a commit) instead"
+            )
         members = leaf_indices(group.members)
         leaf = group.leaf_index
         group_size = max([*members, leaf]) + 1
@@ -194,6 +219,7 @@ class MLSKeyManager:
         now = self.clock()
         with self._send_lock:
             self._install(epoch, s, frozenset(members) - {leaf}, leaf, base_key, now)
+            self._highest_epoch[group_id] = epoch
         self.expire(now)
         return True
 
@@ -201,7 +227,8 @@ class MLSKeyManager:
         """This member left the group (it was removed): its send keys go at once, so that it
         sends nothing more under the group's keys, and the last epoch's receive keys when the
         grace period ends (frames already on their way still open). A later `update` (the
-        member added back) installs the new epoch as on a first join."""
+        member added back) installs the new epoch as on a first join; the retired epoch, or an
+        older one, is refused."""
         now = self.clock() if now is None else now
         with self._send_lock:
             self._drop_send_keys()
@@ -261,9 +288,9 @@ class MLSKeyManager:
         keys = self._epochs.get(kid & ((1 << self.epoch_bits) - 1))
         if keys is None or not keys.base_key:
             return None
-        _, sender, _ = self.split_kid(kid, keys.index_bits)
-        if sender not in keys.senders:
-            return None
+        context, sender, _ = self.split_kid(kid, keys.index_bits)
+        if sender not in keys.senders or context > self.max_context:
+            return None  # before deriving anything: the KID is the sender's choice
         return RecvKeyContext(self.params, kid, keys.base_key, self.sframe.replay_window)
 
     # --- Frames --------------------------------------------------------------------------------
@@ -299,6 +326,11 @@ class MLSKeyManager:
     def _new_send_key(self, context: int) -> SendKeyContext:
         # aiortc encodes in executor threads while `update` runs in the event loop: the KID, the
         # base_key and the `_send` entry must all come from the same epoch.
+        if not 0 <= context <= self.max_context:
+            # receivers with the same setting would refuse every frame under it
+            raise KeyScheduleError(
+                f"stream context {context} is not between 0 and max_context={self.max_context}"
+            )
         with self._send_lock:
             key = self._send.get(context)
             if key is None:
@@ -328,6 +360,15 @@ class MLSKeyManager:
         if self._next_expiry is not None and self.clock() >= self._next_expiry:
             self.expire()
         return self.sframe.decrypt_into(metadata, ciphertext, out, offset)
+
+    def decrypt_all(
+        self, parts: Iterable[tuple[bytes, bytes | bytearray | memoryview]]
+    ) -> list[bytes]:
+        """Open the SFrame ciphertexts of one media frame, all or nothing (see
+        `SFrameContext.decrypt_all`)."""
+        if self._next_expiry is not None and self.clock() >= self._next_expiry:
+            self.expire()
+        return self.sframe.decrypt_all(parts)
 
     def awaits_kid(self, kid: int) -> bool:
         """True if `kid` names the epoch after the current one: its keys should come with the

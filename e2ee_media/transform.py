@@ -27,7 +27,7 @@ from .codecs import (
 from .context import LARGE_FRAME, MAX_OVERHEAD
 from .errors import MalformedFrame, SFrameError, UnknownKeyId
 
-FAILURE_REASONS = ("unknown_kid", "replay", "authentication", "malformed")
+FAILURE_REASONS = ("unknown_kid", "replay", "authentication", "malformed", "wrong_sender")
 # How long a frame of the next epoch may wait for its keys: a commit reaches all members through
 # the delivery service within far less, and waiting delays the frames behind it.
 DEFAULT_HOLDBACK = 0.5
@@ -161,6 +161,9 @@ class FrameDecryptor:
         self.on_decrypted = on_decrypted
         self._awaits_kid: Callable[[int], bool] | None = getattr(keys, "awaits_kid", None)
         self._decrypt_into: Callable[..., int] | None = getattr(keys, "decrypt_into", None)
+        # H.264 frames are several SFrame ciphertexts: keys with `decrypt_all` (MLSKeyManager)
+        # open them all or none, so that a frame refused part-way uses none of its CTRs.
+        self._decrypt_all: Callable[..., list[bytes]] | None = getattr(keys, "decrypt_all", None)
         self._pending: deque[tuple[float, Any, bytes, str]] = deque()
 
     @property
@@ -242,13 +245,21 @@ class FrameDecryptor:
         return out
 
     def _decrypt_annex_b(self, stream: bytes) -> bytes:
+        # Every NAL unit is parsed before any is decrypted: a malformed one must not come after
+        # others whose CTRs were already used.
         parts = []
         for nal in split_annex_b(stream):
             if len(nal) < H264_NAL_HEADER + 1 or nal[-1] != H264_STOP_BYTE:
                 raise MalformedFrame("H.264 NAL unit without the E2EE stop byte")
-            header = nal[:H264_NAL_HEADER]
-            plaintext = self.keys.decrypt(header, unescape_emulation(nal[H264_NAL_HEADER:-1]))
-            parts += (ANNEX_B_START_CODE, header, plaintext)
+            header = bytes(nal[:H264_NAL_HEADER])
+            parts.append((header, unescape_emulation(nal[H264_NAL_HEADER:-1])))
         if not parts:
             raise MalformedFrame("H.264 frame without NAL units")
-        return b"".join(parts)
+        if self._decrypt_all is not None:
+            plaintexts = self._decrypt_all(parts)
+        else:
+            plaintexts = [self.keys.decrypt(header, body) for header, body in parts]
+        out = []
+        for (header, _), plaintext in zip(parts, plaintexts, strict=True):
+            out += (ANNEX_B_START_CODE, header, plaintext)
+        return b"".join(out)

@@ -4,6 +4,12 @@ It owns one RTCPeerConnection, adds the tracks to publish before the first offer
 the SFU's publishing m-lines, see `sfu.room`), answers every offer and reports each received
 track with the identity of its publisher. It never touches media: E2EE transforms are installed
 by the caller through `on_track` and on the senders it publishes with.
+
+It negotiates only `CODECS` (the SFU picks from what the client answers, so the SFU cannot pick
+another): those whose frames the E2EE transforms protect as a whole behind a small clear prefix.
+Not H.264: there each NAL unit is a ciphertext of its own, which an SFU could drop, reorder or
+splice between frames unnoticed. An offer of a kind with none of them is refused: no media
+rather than weakly protected media.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -20,6 +26,8 @@ from aiortc import (
     MediaStreamTrack,
     RTCConfiguration,
     RTCPeerConnection,
+    RTCRtpCodecCapability,
+    RTCRtpSender,
     RTCRtpTransceiver,
     RTCSessionDescription,
 )
@@ -37,6 +45,11 @@ MAX_EVENTS = 1000  # pushed signalling messages kept for `next_event` / `events`
 JOIN_TIMEOUT = 15.0  # seconds for the SFU to answer a join
 MAX_M_LINES = 256  # per offer: two per participant of a room of 128 (aiortc: ~170 kB each)
 MAX_ERROR_TEXT = 300  # characters of an SFU's error message passed on
+# The codecs negotiated, by kind (MIME types as aiortc spells them; rtx is retransmission).
+CODECS: Mapping[str, Sequence[str]] = {
+    "audio": ("audio/opus",),
+    "video": ("video/VP8", "video/rtx"),
+}
 
 
 class SFUClient:
@@ -48,7 +61,10 @@ class SFUClient:
         token: str,
         tracks: list[MediaStreamTrack] | None = None,
         on_track: TrackCallback | None = None,
+        *,
+        codecs: Mapping[str, Sequence[str]] = CODECS,
     ) -> None:
+        self._codecs = {kind: _codec_preferences(kind, codecs) for kind in ("audio", "video")}
         self.url = url
         self.room = room
         self.identity = identity
@@ -70,6 +86,8 @@ class SFUClient:
         # Senders exist from here on, so callers can install E2EE encoders before joining.
         for track in self.tracks:
             self.pc.addTrack(track)
+        for transceiver in self.pc.getTransceivers():
+            transceiver.setCodecPreferences(self._codecs[transceiver.kind])
 
     def __repr__(self) -> str:
         return f"SFUClient({self.identity!r} in {self.room!r})"
@@ -178,9 +196,12 @@ class SFUClient:
             raise ValueError(f"an offer of {m_lines} m-lines (at most {MAX_M_LINES})")
         # Each offer names the publisher of every m-line that carries media: the map is
         # replaced, not merged, so it holds what the latest offer said and no more.
+        description = SessionDescription.parse(sdp)
+        self._check_codecs(description)
         self.streams = _streams(message.get("streams", {}), m_lines)
         if self._retired:
-            self._renew_reused(sdp)
+            self._renew_reused(description)
+        self._add_receivers(description)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
         answer = await self.pc.createAnswer()
         await self.pc.setLocalDescription(answer)
@@ -195,11 +216,44 @@ class SFUClient:
         self.offers_answered += 1
         self.answered.set()
 
-    def _renew_reused(self, sdp: str) -> None:
+    def _check_codecs(self, description: SessionDescription) -> None:
+        """Refuse an offer with an m-line in none of our codecs (before anything changes)."""
+        for media in description.media:
+            if media.kind not in self._codecs:
+                continue
+            ours = {c.mimeType.lower() for c in self._codecs[media.kind]} - {"video/rtx"}
+            offered = {c.mimeType.lower() for c in media.rtp.codecs}
+            if not ours & offered:
+                raise ValueError(
+                    f"the SFU offered {media.kind} (mid {_text(media.rtp.muxId)!r}) in "
+                    f"{_text(', '.join(sorted(offered)) or 'no codec')} only; this client takes "
+                    f"{', '.join(sorted(ours))}, which end-to-end encryption protects whole"
+                )
+
+    def _add_receivers(self, description: SessionDescription) -> None:
+        """A receiving transceiver, restricted to our codecs, for each m-line of the offer that
+        no transceiver will take: aiortc would create it in `setRemoteDescription` and agree
+        on every codec both support before anyone could restrict it. Matches m-lines to
+        transceivers as `setRemoteDescription` does (the first of the kind with no mid or
+        that mid), so that each one made here is taken there."""
+        pool = [[t.kind, t.mid] for t in self.pc.getTransceivers()]
+        for media in description.media:
+            if media.kind not in self._codecs:
+                continue
+            mid = media.rtp.muxId
+            match = next((e for e in pool if e[0] == media.kind and e[1] in (None, mid)), None)
+            if match is not None:
+                match[1] = mid
+                continue
+            transceiver = self.pc.addTransceiver(media.kind, direction="recvonly")
+            transceiver.setCodecPreferences(self._codecs[media.kind])
+            pool.append([media.kind, mid])
+
+    def _renew_reused(self, description: SessionDescription) -> None:
         """Fresh receivers for retired m-lines that this offer makes send media again."""
         reused = {
             media.rtp.muxId
-            for media in SessionDescription.parse(sdp).media
+            for media in description.media
             if media.direction in ("sendonly", "sendrecv")
         }
         for transceiver in list(self._retired):
@@ -246,6 +300,18 @@ class SFUClient:
     async def close(self) -> None:
         await self._close_signalling()
         await self.pc.close()
+
+
+def _codec_preferences(kind: str, codecs: Mapping[str, Sequence[str]]) -> list[Any]:
+    """aiortc's capabilities of `kind` among the MIME types `codecs` names for it."""
+    wanted = {name.lower() for name in codecs.get(kind, ())}
+    found: list[RTCRtpCodecCapability] = [
+        c for c in RTCRtpSender.getCapabilities(kind).codecs if c.mimeType.lower() in wanted
+    ]
+    if not any(c.mimeType.lower() != "video/rtx" for c in found):
+        # aiortc reads no preference as "every codec": that must never happen by accident
+        raise ValueError(f"no {kind} codec that aiortc supports among {sorted(wanted)}")
+    return found
 
 
 def _text(value: object) -> str:

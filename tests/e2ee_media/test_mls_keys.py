@@ -170,7 +170,7 @@ def test_forged_frames_leave_no_keys_behind() -> None:
     world = FakeWorld(members={0, 1})
     _, alice = member(world, 0, clock)
     _, bob = member(world, 1, clock)
-    for context in range(1, 100):
+    for context in range(1, bob.max_context + 1):
         with pytest.raises(AuthenticationFailure):
             bob.decrypt(b"", encode_header(alice.kid(0, 0, 1, context), 0) + bytes(20))
     assert bob.sframe.recv_keys == {}
@@ -339,3 +339,79 @@ def test_a_retired_member_sends_nothing_and_forgets_its_keys_after_the_grace_per
     world.commit()
     b.sync()
     assert bob.update(b) and bob.epoch == 1
+
+
+def test_a_retired_epoch_is_never_installed_again() -> None:
+    # Its send CTRs would start at 0 again under the same keys: AEAD nonces used twice.
+    clock = Clock(100.0)
+    world = FakeWorld(members={0, 1})
+    world.commit()
+    a, alice = member(world, 0, clock)
+    first = alice.encrypt(b"", b"first")
+    alice.retire()
+    for epoch in (1, 0):
+        a.epoch = epoch
+        with pytest.raises(KeyScheduleError, match="reuse nonces"):
+            alice.update(a)
+        assert alice.current is None and not alice.sframe.send_keys  # nothing changed
+    with pytest.raises(KeyScheduleError):
+        alice.encrypt(b"", b"second")
+    world.commit()
+    a.sync()
+    assert alice.update(a) and alice.epoch == 2  # a newer epoch: fresh keys
+    assert decode_header(alice.encrypt(b"", b"x"))[0] != decode_header(first)[0]
+
+
+def test_another_groups_epochs_are_not_refused_after_a_retire() -> None:
+    world, other = FakeWorld(members={0}), FakeWorld(members={0})
+    world.commit()
+    a = FakeGroup(world, 0)
+    a.group_id = b"room"  # type: ignore[attr-defined]
+    alice = MLSKeyManager(clock=Clock(100.0))
+    assert alice.update(a)
+    alice.retire()
+    b = FakeGroup(other, 0)
+    b.group_id = b"other room"  # type: ignore[attr-defined]
+    assert alice.update(b) and alice.epoch == 0
+
+
+def test_a_member_cannot_make_receivers_keep_a_key_per_context(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every member can derive every key of the epoch: authentic frames under ever new context
+    # values would each leave a receive key behind (about 3.5 kB each), without bound.
+    from e2ee_media import context as sframe_context
+    from e2ee_media.context import SendKeyContext
+
+    clock = Clock(100.0)
+    world = FakeWorld(members={0, 1, 2})
+    _, bob = member(world, 0, clock, max_context=1)
+    _, mallory = member(world, 2, clock)
+    assert mallory.current is not None
+    derived = []
+    real = sframe_context.derive_key_salt
+    monkeypatch.setattr(
+        sframe_context, "derive_key_salt", lambda *a: derived.append(a[1]) or real(*a)
+    )
+    s = mallory.current.index_bits
+    for sender in (1, 2):  # under alice's leaf or her own
+        for context in (2, 3, 1000):
+            kid = mallory.kid(sender, 0, s, context)
+            frame = SendKeyContext(mallory.params, kid, mallory.current.base_key).encrypt(b"", b"")
+            derived.clear()
+            with pytest.raises(UnknownKeyId):
+                bob.decrypt(b"", frame)
+            assert derived == [] and bob.sframe.recv_keys == {}
+    for context in (0, 1):  # the contexts in use still open
+        assert bob.decrypt(b"", mallory.encrypt(b"", b"ok", context=context)) == b"ok"
+    assert len(bob.sframe.recv_keys) == 2
+
+
+def test_max_context_is_checked_and_bounds_sending_too() -> None:
+    for bad in (-1, 1.5, True, None):
+        with pytest.raises(ValueError, match="max_context"):
+            MLSKeyManager(max_context=bad)  # type: ignore[arg-type]
+    _, alice = member(FakeWorld(), 0, Clock(100.0), max_context=1)
+    with pytest.raises(KeyScheduleError, match="max_context=1"):  # no one would open it
+        alice.encrypt(b"", b"x", context=2)
+    assert not alice.sframe.send_keys

@@ -77,6 +77,7 @@ def test_clear_prefix_is_kept_and_authenticated(mime: str, frame: bytes, prefix:
         "failed_replay": 0,
         "failed_authentication": 1 if prefix else 0,
         "failed_malformed": 0,
+        "failed_wrong_sender": 0,
     }
     assert encryptor.stats.frames_encrypted == (2 if prefix else 1)
 
@@ -264,3 +265,58 @@ def test_on_decrypted_sees_each_frame_that_decrypted_and_no_other() -> None:
     assert decryptor.push(8, bytes(tampered), OPUS) == []
     assert seen == [(first, OPUS.lower()), (second, OPUS.lower())]
     assert decryptor.stats.frames_decrypted == 2
+
+
+def _annex_b(nals: list[bytes]) -> bytes:
+    return b"".join(b"\x00\x00\x00\x01" + n for n in nals)
+
+
+@pytest.mark.parametrize("suite", [1, 4])  # AES-CTR/HMAC and AES-GCM
+def test_an_h264_frame_refused_part_way_uses_none_of_its_ctrs(suite: int) -> None:
+    world = FakeWorld(members={0, 1})
+    alice, bob = MLSKeyManager(suite), MLSKeyManager(suite)
+    alice.update(FakeGroup(world, 0))
+    bob.update(FakeGroup(world, 1))
+    nals = [b"\x67SPS", b"\x68PPS", b"\x65" + os.urandom(200)]
+    sealed = FrameEncryptor(alice, H264).encrypt_nal_units(nals)
+    genuine = _annex_b(sealed)
+    corrupt = bytearray(sealed[2])
+    corrupt[-5] ^= 1
+    decryptor = FrameDecryptor(bob)
+    for bad, error in [
+        (_annex_b([*sealed[:2], bytes(corrupt)]), AuthenticationFailure),  # last NAL forged
+        (_annex_b([*sealed[:2], sealed[2][:-1]]), MalformedFrame),  # last NAL without stop byte
+        (_annex_b([sealed[0], sealed[1], sealed[0]]), ReplayedFrame),  # a NAL twice
+    ]:
+        with pytest.raises(error):
+            decryptor.decrypt_frame(bad, H264)
+        assert bob.sframe.recv_keys == {}  # no key kept, no CTR used
+    assert decryptor.decrypt_frame(genuine, H264) == _annex_b(nals)
+    with pytest.raises(ReplayedFrame):
+        decryptor.decrypt_frame(genuine, H264)
+
+
+def test_an_h264_frame_sealed_across_an_epoch_change_waits_whole() -> None:
+    # The encoder thread may seal a frame's first NAL units under one epoch and the rest under
+    # the next; a receiver one commit behind holds it until the commit reaches it.
+    clock = Clock(100.0)
+    world = FakeWorld(members={0, 1})
+    a, alice = FakeGroup(world, 0), MLSKeyManager(clock=clock)
+    b, bob = FakeGroup(world, 1), MLSKeyManager(clock=clock)
+    alice.update(a)
+    bob.update(b)
+    encryptor = FrameEncryptor(alice, H264)
+
+    def nals():  # type: ignore[no-untyped-def]
+        yield b"\x67SPS"
+        world.commit()
+        a.sync()
+        alice.update(a)
+        yield b"\x65IDR"
+
+    decryptor = FrameDecryptor(bob, clock=clock)
+    assert decryptor.push("frame", _annex_b(encryptor.encrypt_nal_units(nals())), H264) == []
+    b.sync()
+    bob.update(b)
+    assert decryptor.drain() == [("frame", _annex_b([b"\x67SPS", b"\x65IDR"]))]
+    assert not decryptor.stats.failures

@@ -7,6 +7,8 @@ import time
 
 import pytest
 from aiohttp import web
+from aiortc import AudioStreamTrack, RTCPeerConnection, RTCRtpSender, VideoStreamTrack
+from aiortc.sdp import SessionDescription
 
 from sfu import client as client_module
 from sfu.client import SFUClient, _same_host, _streams, _text
@@ -96,3 +98,62 @@ async def test_a_join_the_sfu_never_answers_times_out(monkeypatch: pytest.Monkey
         assert time.monotonic() - started < 3
     finally:
         await runner.cleanup()
+
+
+async def _offer(kinds: list[tuple[str, list[str]]]) -> tuple[RTCPeerConnection, str]:
+    """An SFU-like offer: one sending m-line per entry, in the codecs named (in that order)."""
+    pc = RTCPeerConnection()
+    for kind, names in kinds:
+        transceiver = pc.addTransceiver(kind, direction="sendonly")
+        caps = RTCRtpSender.getCapabilities(kind).codecs
+        transceiver.setCodecPreferences([c for n in names for c in caps if c.mimeType == n])
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc, pc.localDescription.sdp
+
+
+def _answered_codecs(sdp: str) -> list[list[str]]:
+    return [[c.mimeType for c in m.rtp.codecs] for m in SessionDescription.parse(sdp).media]
+
+
+async def test_an_offer_of_h264_only_is_refused_before_aiortc_sees_it() -> None:
+    # H.264 frames are sealed NAL unit by NAL unit: an SFU could drop or splice them. A client
+    # offered nothing else takes no media rather than that.
+    sfu, sdp = await _offer([("audio", ["audio/opus"]), ("video", ["video/H264"])])
+    client = SFUClient("http://127.0.0.1:9/v1/signal", "room", "alice", "token")
+    try:
+        with pytest.raises(ValueError, match="video.*h264 only; this client takes video/vp8"):
+            await client._answer({"type": "offer", "sdp": sdp, "streams": {}})
+        assert client.pc.getTransceivers() == [] and client.offers_answered == 0
+    finally:
+        await client.close()
+        await sfu.close()
+
+
+async def test_only_vp8_and_opus_are_answered_sending_and_receiving() -> None:
+    # The SFU lists H.264 first: aiortc would agree on it, and send in it.
+    sfu, sdp = await _offer(
+        [("audio", ["audio/PCMU", "audio/opus"]), ("video", ["video/H264", "video/VP8"])] * 2
+    )
+    sent: list[dict[str, str]] = []
+    client = SFUClient(
+        "http://127.0.0.1:9/v1/signal", "room", "alice", "token",
+        [AudioStreamTrack(), VideoStreamTrack()],
+    )
+
+    async def send(message: dict[str, str]) -> None:
+        sent.append(message)
+
+    client.send = send  # type: ignore[method-assign]
+    try:
+        streams = {str(i): {"identity": "bob", "kind": k} for i, k in enumerate(["audio", "video"] * 2)}
+        await client._answer({"type": "offer", "sdp": sdp, "streams": streams})
+        assert _answered_codecs(sent[0]["sdp"]) == [["audio/opus"], ["video/VP8"]] * 2
+        # the m-lines we publish on (the first two) and those we receive on
+        assert [t.sender.track is not None for t in client.pc.getTransceivers()] == [
+            True, True, False, False,
+        ]
+        for transceiver in client.pc.getTransceivers():
+            assert [c.mimeType for c in transceiver._codecs] in (["audio/opus"], ["video/VP8"])
+    finally:
+        await client.close()
+        await sfu.close()
