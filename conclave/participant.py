@@ -31,7 +31,7 @@ import random
 import re
 import time
 import unicodedata
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -52,6 +52,7 @@ from delivery_service.client import (
 from delivery_service.errors import RequestFailed, StaleEpochRejected
 from e2ee_media.aiortc_hooks import decrypt_receiver, encrypt_sender
 from e2ee_media.codecs import clear_prefix_length
+from e2ee_media.errors import WrongSender
 from e2ee_media.mls_keys import MLSKeyManager
 from e2ee_media.transform import FrameDecryptor, FrameEncryptor, TrackStats
 from mls import Client, CommitResult, Group, MLSError, PublicGroup
@@ -253,7 +254,9 @@ class Participant:
         self._media_backoff = MEDIA_RETRY_FIRST
         self._names_by_epoch: dict[int, dict[int, str]] = {}
         self.client = self._load_client(cipher_suite)  # and the saved group, if any
-        self.keys = MLSKeyManager()
+        # Keys only for the stream contexts we use: a member sending under others would
+        # otherwise make us derive and keep a key for each.
+        self.keys = MLSKeyManager(max_context=max(STREAM_CONTEXT.values()))
         self.ds = DeliveryClient(
             ds_url, name, int(self.client.cipher_suite), self.client.signature_priv,
             self.client.signature_key, http=http,
@@ -601,21 +604,27 @@ class Participant:
         asyncio.get_running_loop().call_later(self.keys.grace_period + 0.01, self.keys.expire)
 
     async def _mark_removed(self) -> None:
+        """We are out of the group (a commit we processed removed us, or the delivery service
+        said so, whichever comes first; a second call changes nothing)."""
         self.removed = True
         self._requests.clear()
-        if self.sfu is not None:
-            # Nothing more to send, nothing left to decrypt: leave the room now rather than when
-            # the room token runs out (the SFU's limit for a client that would stay).
-            client, self.sfu = self.sfu, None
-            with contextlib.suppress(Exception):
-                await client.leave()
         # Out of the group: nothing more is sent under its keys, and the last epoch's receive
-        # keys go when the grace period ends (as the MLS state deleted its secrets).
+        # keys go when the grace period ends (as the MLS state deleted its secrets). Before
+        # any await: encoder threads must not seal another frame meanwhile.
         self.keys.retire()
         self._expire_keys_after_grace()
+        await self._leave_media_session()
         self.save()
         async with self.epoch_changed:
             self.epoch_changed.notify_all()
+
+    async def _leave_media_session(self) -> None:
+        """Out of the group: nothing more to send, nothing left to decrypt. Leave the room now
+        rather than when the room token runs out (the SFU's limit for a client that stays)."""
+        if self.sfu is not None:
+            client, self.sfu = self.sfu, None
+            with contextlib.suppress(Exception):
+                await client.leave()
 
     async def wait_epoch(self, epoch: int, timeout: float = CATCH_UP_TIMEOUT) -> None:
         async with asyncio.timeout(timeout), self.epoch_changed:
@@ -662,7 +671,10 @@ class Participant:
             return
         if processed.kind == "commit":
             if processed.removed or not group.active:
-                self.removed = True
+                # This commit removed us: our SFrame keys go now, not when the delivery
+                # service (which is not trusted, and may withhold it) pushes "removed".
+                await self._mark_removed()
+                return
             await self._installed()
         elif processed.kind == "proposal" and processed.proposal is not None:
             if processed.proposal.proposal_type in (ProposalType.remove, ProposalType.add,
@@ -1074,7 +1086,10 @@ class Participant:
         publisher = info.get("identity", "?")
         kind = info.get("kind", track.kind)
         stats = TrackStats()
-        decryptor = decrypt_receiver(transceiver.receiver, self._frame_keys(), stats=stats)
+        keys = self._frame_keys()
+        if self.e2ee:
+            keys = _PublisherKeys(self.keys, publisher, self._names_by_epoch)
+        decryptor = decrypt_receiver(transceiver.receiver, keys, stats=stats)
         remote = RemoteTrack(publisher, kind, stats, decryptor)
         if self.e2ee:
             self._watch_epochs(remote)
@@ -1148,6 +1163,64 @@ class Participant:
             while True:
                 await track.recv()
                 remote.decoded += 1
+
+
+class _PublisherKeys:
+    """The keys as one incoming track sees them: a frame whose KID names a member other than
+    the track's publisher is refused (`WrongSender`) before it is decrypted.
+
+    Every member can derive every member's keys, and receivers keep one replay window per KID
+    for all tracks: one frame under another member's KID with a huge CTR, sent on one's own
+    track, would otherwise make all that member's genuine frames "too old" for the epoch. The
+    publisher is the SFU's word, which it may get wrong; then the track shows nothing, which an
+    SFU can always bring about."""
+
+    def __init__(
+        self, keys: MLSKeyManager, publisher: str, names: dict[int, dict[int, str]]
+    ) -> None:
+        self.keys = keys
+        self.publisher = publisher
+        self.names = names  # epoch -> leaf -> identity, kept by the participant
+
+    def _check(self, ciphertext: bytes | bytearray | memoryview) -> None:
+        named = self.keys.sender_of(ciphertext)
+        if named is None:
+            return  # no key for its epoch: decryption refuses it (or holds it for the next)
+        epoch, leaf = named
+        sender = self.names.get(epoch, {}).get(leaf)
+        if sender != self.publisher:
+            whose = f"leaf {leaf}" if sender is None else repr(sender)
+            raise WrongSender(
+                f"a frame under the KID of {whose} of epoch {epoch} on the track of "
+                f"{self.publisher!r}"
+            )
+
+    def decrypt(
+        self, metadata: bytes, ciphertext: bytes | bytearray | memoryview
+    ) -> bytes | bytearray:
+        self._check(ciphertext)
+        return self.keys.decrypt(metadata, ciphertext)
+
+    def decrypt_into(
+        self,
+        metadata: bytes,
+        ciphertext: bytes | bytearray | memoryview,
+        out: bytearray,
+        offset: int = 0,
+    ) -> int:
+        self._check(ciphertext)
+        return self.keys.decrypt_into(metadata, ciphertext, out, offset)
+
+    def decrypt_all(
+        self, parts: Iterable[tuple[bytes, bytes | bytearray | memoryview]]
+    ) -> list[bytes]:
+        parts = list(parts)
+        for _, ciphertext in parts:
+            self._check(ciphertext)
+        return self.keys.decrypt_all(parts)
+
+    def awaits_kid(self, kid: int) -> bool:
+        return self.keys.awaits_kid(kid)
 
 
 class _IdentityKeys:

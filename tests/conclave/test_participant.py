@@ -5,14 +5,22 @@ from __future__ import annotations
 import asyncio
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiortc import MediaStreamTrack, RTCPeerConnection
+from aiortc.mediastreams import MediaStreamError
 
 from conclave.errors import ConclaveError, NotInGroup
 from conclave.media import MediaSpec
-from conclave.participant import KEY_PACKAGE_TARGET, Participant
+from conclave.participant import KEY_PACKAGE_TARGET, STREAM_CONTEXT, Participant
 from conclave.services import Services
 from delivery_service.errors import StaleEpochRejected
+from e2ee_media.codecs import OPUS
+from e2ee_media.context import SendKeyContext
+from e2ee_media.errors import UnknownKeyId, WrongSender
+from e2ee_media.header import MAX_VALUE
+from e2ee_media.transform import FrameEncryptor
 from mls import MLSError
 
 
@@ -232,3 +240,86 @@ async def test_frames_are_credited_to_their_kids_sender_not_to_the_sfus_label(
     bob._watch_epochs(labelled)
     labelled.decryptor.on_decrypted(frame, "audio/opus")
     assert labelled.senders == {"alice"} and not labelled.mislabelled
+
+
+async def test_a_member_removed_by_a_commit_drops_its_keys_without_the_services_word(
+    trio: list[Participant],
+) -> None:
+    from e2ee_media.errors import KeyScheduleError
+
+    alice, _, carol = trio
+    # The delivery service is not trusted: it may withhold its "removed" push. Carol's push
+    # stream is stopped, and she processes the log herself, as after a reconnection.
+    pump = next(t for t in carol._tasks if t.get_coro().__name__ == "_pump")  # type: ignore[union-attr]
+    pump.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await pump
+    assert carol.keys.send_kid() is not None
+    assert await alice.remove(["carol"])
+    for m in await alice.ds.messages(alice.group_id, after=carol.applied_seq):
+        async with carol._lock:
+            await carol._handle(m)
+    assert carol.removed
+    with pytest.raises(KeyScheduleError):  # nothing more is sent under the group's keys
+        carol.keys.encrypt(b"", b"frame")
+    await asyncio.sleep(carol.keys.grace_period + 0.2)
+    assert carol.keys._epochs == {} and carol.keys.sframe.recv_keys == {}
+
+
+class _Ended(MediaStreamTrack):
+    kind = "audio"
+
+    async def recv(self) -> Any:
+        raise MediaStreamError
+
+
+async def test_a_member_cannot_silence_another_with_a_frame_under_its_kid(
+    trio: list[Participant],
+) -> None:
+    # Carol derives alice's key (every member can) and sends one frame under alice's KID with
+    # the highest CTR, on her own track. Bob keeps one replay window per KID: were it opened,
+    # every genuine frame of alice would be "too old" for the rest of the epoch.
+    alice, bob, carol = trio
+    pc = RTCPeerConnection()
+    try:
+        for publisher in ("alice", "carol"):
+            info = {"identity": publisher, "kind": "audio"}
+            bob._on_track(_Ended(), pc.addTransceiver("audio"), info)
+        alice_track, carol_track = bob.remote[("alice", "audio")], bob.remote[("carol", "audio")]
+        toc = b"\x78"
+        alice_enc = FrameEncryptor(alice.keys, OPUS, context=STREAM_CONTEXT["audio"])
+        assert alice_track.decryptor.decrypt_frame(
+            alice_enc.encrypt_frame(toc + b"hello"), OPUS
+        ) == toc + b"hello"
+        assert carol.keys.current is not None
+        forger = SendKeyContext(carol.keys.params, alice.keys.send_kid(0),
+                                carol.keys.current.base_key)
+        forger.next_counter = MAX_VALUE
+        forged = toc + forger.encrypt(toc, b"carol speaking as alice")
+        with pytest.raises(WrongSender, match="'alice'.*track of 'carol'"):
+            carol_track.decryptor.decrypt_frame(forged, OPUS)
+        assert carol_track.stats.as_dict()["failed_wrong_sender"] == 1
+        for _ in range(20):
+            alice_track.decryptor.decrypt_frame(alice_enc.encrypt_frame(toc + b"more"), OPUS)
+        assert alice_track.stats.frames_decrypted == 21 and not alice_track.stats.failures
+        # and alice's genuine frames are refused on carol's track, carol's own ones open
+        with pytest.raises(WrongSender):
+            carol_track.decryptor.decrypt_frame(alice_enc.encrypt_frame(toc + b"x"), OPUS)
+        carol_enc = FrameEncryptor(carol.keys, OPUS, context=STREAM_CONTEXT["audio"])
+        assert carol_track.decryptor.decrypt_frame(carol_enc.encrypt_frame(toc + b"hi"), OPUS)
+    finally:
+        await pc.close()
+
+
+async def test_members_derive_keys_only_for_the_stream_contexts_in_use(
+    trio: list[Participant],
+) -> None:
+    alice, bob, carol = trio
+    keys = carol.keys
+    assert keys.current is not None
+    kid = keys.kid(alice.keys.leaf_index or 0, keys.current.epoch, keys.current.index_bits,
+                   max(STREAM_CONTEXT.values()) + 1)
+    frame = SendKeyContext(keys.params, kid, keys.current.base_key).encrypt(b"", b"")
+    with pytest.raises(UnknownKeyId):  # an authentic frame, under a context no one uses
+        bob.keys.decrypt(b"", frame)
+    assert kid not in bob.keys.sframe.recv_keys
