@@ -181,13 +181,16 @@ def _check_not_low_order(kem: KEMId, public: bytes) -> None:
     refused; OpenSSL refuses to compute one. Tried once here, on a key of our own, so that a
     bad key is refused where it arrives rather than when someone encrypts to it."""
     if kem is KEMId.DHKEM_X25519_HKDF_SHA256:
-        probe = _DH_PROBES.setdefault(kem, x25519.X25519PrivateKey.generate())
         peer: Any = x25519.X25519PublicKey.from_public_bytes(public)
+        generate: Any = x25519.X25519PrivateKey.generate
     elif kem is KEMId.DHKEM_X448_HKDF_SHA512:
-        probe = _DH_PROBES.setdefault(kem, x448.X448PrivateKey.generate())
         peer = x448.X448PublicKey.from_public_bytes(public)
+        generate = x448.X448PrivateKey.generate
     else:
         return  # NIST curves: from_encoded_point already refuses points off the curve
+    probe = _DH_PROBES.get(kem)
+    if probe is None:
+        probe = _DH_PROBES[kem] = generate()
     try:
         probe.exchange(peer)
     except ValueError:

@@ -13,7 +13,7 @@ from .key_schedule import EpochSecrets
 from .leaf_validation import validate_ratchet_tree
 from .proposal_validation import required_capabilities
 from .ratchet_tree import RatchetTree
-from .tree_nodes import decode_ratchet_tree
+from .tree_nodes import MAX_TREE_LEAVES, decode_ratchet_tree
 from .welcome import GroupInfo
 
 __all__ = [
@@ -57,16 +57,15 @@ def verified_ratchet_tree(
     check_unique_extension_types(gi.extensions, "GroupInfo.extensions")
     check_unique_extension_types(context.extensions, "GroupContext.extensions")
     ext = find_extension(gi.extensions, ExtensionType.ratchet_tree)
+    limit = MAX_TREE_LEAVES if max_leaves is None else min(max_leaves, MAX_TREE_LEAVES)
     if ratchet_tree is not None:
-        nodes = decode_ratchet_tree(bytes(ratchet_tree))
+        nodes = decode_ratchet_tree(bytes(ratchet_tree), limit)
     elif ext is not None:
-        nodes = decode_ratchet_tree(ext.extension_data)
+        nodes = decode_ratchet_tree(ext.extension_data, limit)
     else:
         raise ValidationError(
             "the GroupInfo carries no ratchet_tree extension: pass the tree out of band"
         )
-    if max_leaves is not None and len(nodes) > 2 * max_leaves - 1:
-        raise ValidationError(f"the GroupInfo's ratchet tree has more than {max_leaves} leaves")
     tree = RatchetTree(crypto, nodes)
     signer = tree.leaf_node(gi.signer)
     if signer is None:

@@ -58,8 +58,11 @@ def check_credential_successor(old: Credential, new: Credential, where: str) -> 
     if new.credential_type == CredentialType.basic:
         if new.identity != old.identity:
             raise ValidationError(f"{where}: the credential names another identity")
-    elif _x509_identifiers(old, where) != _x509_identifiers(new, where):
-        raise ValidationError(f"{where}: the certificate names another subject")
+    elif new.credential_type == CredentialType.x509:
+        if _x509_identifiers(old, where) != _x509_identifiers(new, where):
+            raise ValidationError(f"{where}: the certificate names another subject")
+    else:  # decoding knows no other type; a hand-built one is refused, not compared
+        raise ValidationError(f"{where}: credential type {int(new.credential_type)} unsupported")
 
 
 def _x509_identifiers(credential: Credential, where: str) -> tuple[object, frozenset[object]]:
@@ -73,7 +76,9 @@ def _x509_identifiers(credential: Credential, where: str) -> tuple[object, froze
         except x509.ExtensionNotFound:
             names = frozenset()
         return cert.subject, names
-    except (IndexError, ValueError) as exc:
+    # Not only ValueError: reading the extensions raises cryptography's own exceptions
+    # (DuplicateExtension, UnsupportedGeneralNameType), which a hostile certificate can cause.
+    except Exception as exc:
         raise ValidationError(f"{where}: unreadable certificate ({exc})") from None
 
 

@@ -97,8 +97,10 @@ class PublicGroup(CommitRules):
         return cls(crypto, EpochState.public(context, tree, interim))
 
     def check_group_info(self, group_info: bytes) -> None:
-        """Raises unless `group_info` (MLSMessage or bare) describes this group as it is now:
-        the same GroupContext, the same ratchet tree if it carries one, signed by a member.
+        """Raises unless `group_info` (MLSMessage or bare) describes this group as it is now,
+        usable by a joiner: the same GroupContext, the confirmation tag that this view's
+        transcript follows from, the group's ratchet tree (the extension is required, as
+        `from_group_info` requires a tree), signed by a member.
 
         What `from_group_info` would check, at the cost of comparing bytes: the tree this view
         follows was checked when it was built, so one identical to it needs no checking again
@@ -107,9 +109,16 @@ class PublicGroup(CommitRules):
         st = self._state
         if gi.group_context != st.context:
             raise ValidationError("the GroupInfo's GroupContext is not the group's current one")
+        interim = interim_transcript_hash(
+            self._crypto, st.context.confirmed_transcript_hash, gi.confirmation_tag
+        )
+        if interim != st.interim_transcript_hash:
+            raise ValidationError("the GroupInfo's confirmation_tag is not the epoch's")
         check_unique_extension_types(gi.extensions, "GroupInfo.extensions")
         ext = find_extension(gi.extensions, ExtensionType.ratchet_tree)
-        if ext is not None and ext.extension_data != st.tree.encode():
+        if ext is None:
+            raise ValidationError("the GroupInfo carries no ratchet_tree extension")
+        if ext.extension_data != st.tree.encode():
             raise ValidationError("the GroupInfo's ratchet tree is not the group's")
         signer = st.tree.leaf_node(gi.signer)
         if signer is None:

@@ -115,17 +115,19 @@ def encode_ratchet_tree(nodes: Sequence[TreeNode | None]) -> bytes:
 MAX_TREE_LEAVES = 1 << 16
 
 
-def read_ratchet_tree(r: Reader) -> list[TreeNode | None]:
+def read_ratchet_tree(r: Reader, max_leaves: int = MAX_TREE_LEAVES) -> list[TreeNode | None]:
     """Reads `optional<Node> ratchet_tree<V>` and checks its shape: leaves at even indices,
     parents at odd ones, and a non-blank last node (§12.4.3.3). Trailing blanks up to a full tree
-    are not added; the tree code extends the array as it needs."""
-    nodes = r.vector(lambda s: s.optional(read_node, "ratchet_tree"), "ratchet_tree")
+    are not added; the tree code extends the array as it needs. A tree of more than
+    `max_leaves` leaves is refused as soon as its next node is reached, not after decoding."""
+    sub = r.sub("ratchet_tree")
+    nodes: list[TreeNode | None] = []
+    while not sub.at_end():
+        if len(nodes) == 2 * max_leaves - 1:
+            raise DecodeError(f"a ratchet tree of more than {max_leaves} leaves", "ratchet_tree")
+        nodes.append(sub.optional(read_node, "ratchet_tree"))
     if not nodes:
         raise DecodeError("empty ratchet tree", "ratchet_tree")
-    if len(nodes) > 2 * MAX_TREE_LEAVES - 1:
-        raise DecodeError(
-            f"a ratchet tree of more than {MAX_TREE_LEAVES} leaves", "ratchet_tree"
-        )
     if nodes[-1] is None:
         raise DecodeError("the last node of a ratchet tree must not be blank", "ratchet_tree")
     for i, node in enumerate(nodes):
@@ -139,9 +141,9 @@ def read_ratchet_tree(r: Reader) -> list[TreeNode | None]:
     return nodes
 
 
-def decode_ratchet_tree(data: bytes) -> list[TreeNode | None]:
+def decode_ratchet_tree(data: bytes, max_leaves: int = MAX_TREE_LEAVES) -> list[TreeNode | None]:
     r = Reader(data)
-    nodes = read_ratchet_tree(r)
+    nodes = read_ratchet_tree(r, max_leaves)
     r.finish("ratchet_tree")
     return nodes
 

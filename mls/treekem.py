@@ -382,7 +382,7 @@ def _merge_update_path(
     new_keys = [leaf.encryption_key, *(n.encryption_key for n in update_path.nodes)]
     if len(set(new_keys)) != len(new_keys):
         raise ValidationError(f"{where}: the same public key appears twice")
-    for key in new_keys:
+    for key in new_keys[1:]:  # the leaf's: validate_leaf_node checks it with the leaf
         try:
             tree.crypto.check_hpke_public_key(key)
         except CryptoError as exc:

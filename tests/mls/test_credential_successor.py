@@ -68,3 +68,30 @@ def test_the_credential_type_cannot_change_and_bad_certificates_are_refused() ->
             check_credential_successor(good, bad, "leaf 2")
 
 
+
+
+def test_a_certificate_cryptography_cannot_read_is_a_validation_error() -> None:
+    """Two SubjectAlternativeName extensions: cryptography raises its own DuplicateExtension
+    when the extensions are read, which must come out as the MLS error, not past it."""
+    der = _certificate("alice", "alice@example.org")
+    der = x509.load_der_x509_certificate(der)
+    key = ed25519.Ed25519PrivateKey.generate()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(der.subject)
+        .issuer_name(der.subject)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(der.not_valid_before_utc)
+        .not_valid_after(der.not_valid_after_utc)
+        .add_extension(x509.SubjectAlternativeName([x509.RFC822Name("a@x")]), critical=False)
+        .add_extension(x509.IssuerAlternativeName([x509.RFC822Name("a@x")]), critical=False)
+    )
+    raw = builder.sign(key, None).public_bytes(serialization.Encoding.DER)
+    ian = bytes([0x06, 0x03, 0x55, 0x1D, 0x12])  # the OID of IssuerAlternativeName ...
+    i = raw.index(ian)
+    bad = raw[:i] + bytes([0x06, 0x03, 0x55, 0x1D, 0x11]) + raw[i + 5 :]  # ... made a 2nd SAN
+    with pytest.raises(ValidationError, match="unreadable certificate"):
+        check_credential_successor(
+            Credential.x509([_certificate("alice")]), Credential.x509([bad]), "leaf 3"
+        )

@@ -186,7 +186,13 @@ def test_check_group_info_compares_with_the_tree_it_follows() -> None:
     ga, gb = make_group(2)
     pub = PublicGroup.from_group_info(ga.group_info())
     pub.check_group_info(ga.group_info())
-    pub.check_group_info(gb.group_info(with_ratchet_tree=False))
+    pub.check_group_info(gb.group_info())
+    with pytest.raises(ValidationError, match="no ratchet_tree"):  # a joiner could not use it
+        pub.check_group_info(gb.group_info(with_ratchet_tree=False))
+    gi = MLSMessage.decode(ga.group_info()).group_info
+    forged_tag = replace(gi, confirmation_tag=bytes(len(gi.confirmation_tag))).encode()
+    with pytest.raises(ValidationError, match="confirmation_tag"):
+        pub.check_group_info(forged_tag)
     old = ga.group_info()
     result = ga.update()
     ga.merge_pending_commit()
@@ -206,7 +212,7 @@ def test_check_group_info_compares_with_the_tree_it_follows() -> None:
 def test_from_group_info_refuses_a_tree_over_max_leaves_unchecked() -> None:
     ga, _ = make_group(2)
     big = _with_tree(ga.group_info(), _blank_tree(ga, 16))
-    with pytest.raises(ValidationError, match="more than 8 leaves"):
+    with pytest.raises(MLSError, match="more than 8 leaves"):
         PublicGroup.from_group_info(big, max_leaves=8)
     with pytest.raises(MLSError, match="signature"):  # within the limit: checked, and refused
         PublicGroup.from_group_info(big, max_leaves=16)
