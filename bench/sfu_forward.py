@@ -666,7 +666,8 @@ async def _measure(
         clients = []
         for i in range(participants):
             name = f"c{i}"
-            token = issue_room_token(secret, "bench", name, int(time.time()) + 600)
+            # the session ends when its token expires: one that outlasts the run
+            token = issue_room_token(secret, "bench", name, int(time.time() + seconds) + 600)
             client = SFUClient(url, "bench", name, token, [_SilentTrack()])
             await client.join()
             clients.append(client)

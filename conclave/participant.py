@@ -47,6 +47,7 @@ from delivery_service.client import (
     Message,
     PushStream,
     Removed,
+    RoomToken,
     WelcomeMessage,
 )
 from delivery_service.errors import RequestFailed, StaleEpochRejected
@@ -76,6 +77,7 @@ MEDIA_RETRY_MAX = 30.0
 # a second.
 MEDIA_STABLE_SESSION = 10.0
 TOKEN_RETRY = 5.0  # seconds between tries to renew the SFU room token while the service fails
+MIN_RENEWAL_WAIT = 1.0  # seconds: renewals never come faster, whatever a token claims
 
 STATE_FORMAT = "conclave-participant"
 STATE_VERSION = 1
@@ -110,6 +112,13 @@ def _own_leaf(group_info: bytes, signature_key: bytes) -> int | None:
     except MLSError:
         return None  # join_external reports what is wrong with the GroupInfo
     return next((m.leaf_index for m in members if m.signature_key == signature_key), None)
+
+
+def _renewal_delay(token: RoomToken) -> float:
+    """Seconds until a room token is to be renewed: three quarters of its life, by its `ttl`
+    (a service from before `ttl`: by `expires_at` and this machine's clock)."""
+    life = token.ttl if token.ttl is not None else token.expires_at - time.time()
+    return max(MIN_RENEWAL_WAIT, life * 3 / 4)
 
 
 def _reason(exc: BaseException) -> str:
@@ -252,6 +261,8 @@ class Participant:
         self.removed = False
         self._resumed = False  # in a saved epoch: send nothing before a new one (connect_media)
         self._media_backoff = MEDIA_RETRY_FIRST
+        self._media_wanted = False  # connect_media was called: call in again when added back
+        self._token_renewal: asyncio.Task[None] | None = None
         self._names_by_epoch: dict[int, dict[int, str]] = {}
         self.client = self._load_client(cipher_suite)  # and the saved group, if any
         # Keys only for the stream contexts we use: a member sending under others would
@@ -581,6 +592,9 @@ class Participant:
         await self.top_up_key_packages()
         assert self.stream is not None
         await self.stream.subscribe(self.group.group_id, after=self.applied_seq)
+        if self._media_wanted and self.sfu is None:
+            # added back after a removal, which ended the media session: call in again
+            self._spawn(self._call_in(0.0))
 
     async def _installed(self) -> None:
         """A new epoch is in place: keys first, then state, then whoever waits for it."""
@@ -620,7 +634,9 @@ class Participant:
 
     async def _leave_media_session(self) -> None:
         """Out of the group: nothing more to send, nothing left to decrypt. Leave the room now
-        rather than when the room token runs out (the SFU's limit for a client that stays)."""
+        rather than when the room token runs out (the SFU's limit for a client that stays);
+        added back, this participant calls in again (`wait_for_welcome`)."""
+        self._stop_token_renewal()
         if self.sfu is not None:
             client, self.sfu = self.sfu, None
             with contextlib.suppress(Exception):
@@ -990,17 +1006,26 @@ class Participant:
             raise ServiceUnavailable(
                 f"cannot reach the SFU at {self.sfu_url}: {_reason(exc)}"
             ) from None
+        self._media_wanted = True
         self._spawn(self._follow_media_session(self.sfu))
-        self._spawn(self._renew_room_token(self.sfu, token.expires_at))
+        self._stop_token_renewal()
+        self._token_renewal = self._spawn(self._renew_room_token(self.sfu, token))
 
-    async def _renew_room_token(self, client: SFUClient, expires_at: int) -> None:
+    def _stop_token_renewal(self) -> None:
+        if self._token_renewal is not None:
+            self._token_renewal.cancel()
+            self._token_renewal = None
+
+    async def _renew_room_token(self, client: SFUClient, token: RoomToken) -> None:
         """Keep the media session's room token fresh: the SFU ends a session when its token
         expires. A new one is fetched when a quarter of the current one's life is left, again
         every few seconds while the delivery service cannot be reached; none once it says this
-        participant is no longer a member, so the session ends then, as it must."""
-        renew_at = time.time() + (expires_at - time.time()) * 3 / 4
+        participant is no longer a member, so the session ends then, as it must. Timed on the
+        loop's clock by the token's `ttl`: this machine's wall clock may be off."""
+        loop = asyncio.get_running_loop()
+        renew_at = loop.time() + _renewal_delay(token)
         while self.sfu is client:
-            await asyncio.sleep(max(0.0, renew_at - time.time()))
+            await asyncio.sleep(max(0.0, renew_at - loop.time()))
             if self.sfu is not client:
                 return
             try:
@@ -1010,16 +1035,16 @@ class Participant:
                     log.warning("%s: no longer a member: the media session ends with its room "
                                 "token", self.name)
                     return
-                renew_at = time.time() + TOKEN_RETRY
+                renew_at = loop.time() + TOKEN_RETRY
                 continue
             except (aiohttp.ClientError, OSError, ConclaveError):
-                renew_at = time.time() + TOKEN_RETRY
+                renew_at = loop.time() + TOKEN_RETRY
                 continue
             try:
                 await client.renew_token(token.token)
             except (aiohttp.ClientError, ConnectionError):
                 return  # the session is over: _follow_media_session calls in again
-            renew_at = time.time() + (token.expires_at - time.time()) * 3 / 4
+            renew_at = loop.time() + _renewal_delay(token)
 
     async def _follow_media_session(self, client: SFUClient) -> None:
         """Read the SFU session's events to its end and, if it ends while this participant is
@@ -1038,6 +1063,7 @@ class Participant:
                 break
         if self.sfu is not client:
             return
+        self._stop_token_renewal()
         log.warning("%s: the media session ended (%s); calling in again", self.name, reason)
         with contextlib.suppress(Exception):
             await client.close()
@@ -1046,6 +1072,11 @@ class Participant:
             wait = 0.0  # a session that lasted: call in again at once
         else:
             wait = self._next_media_backoff()
+        await self._call_in(wait)
+
+    async def _call_in(self, wait: float) -> None:
+        """Connect the media session again after `wait` seconds, retrying with a growing delay
+        until it works or the delivery service says this participant is not a member."""
         while True:
             await asyncio.sleep(wait)
             try:

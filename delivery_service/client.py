@@ -117,8 +117,9 @@ class Accepted:
 class RoomToken:
     room: str
     token: str = field(repr=False)
-    expires_at: int
+    expires_at: int  # Unix time, by the service's clock
     epoch: int
+    ttl: int | None = None  # its lifetime in seconds, whatever the two clocks say
 
 
 PushEvent = Message | WelcomeMessage | Removed | PushError
@@ -327,7 +328,9 @@ class DeliveryClient:
 
     async def room_token(self, group_id: bytes) -> RoomToken:
         a = await self._request("POST", f"/v1/groups/{group_id.hex()}/room_token")
-        return RoomToken(a["room"], a["token"], a["expires_at"], a["epoch"])
+        ttl = a.get("ttl")  # a service from before ttl was sent: none
+        return RoomToken(a["room"], a["token"], a["expires_at"], a["epoch"],
+                         ttl if isinstance(ttl, int) and not isinstance(ttl, bool) else None)
 
     async def connect(self, *, reconnect: bool = True) -> PushStream:
         stream = PushStream(self, reconnect=reconnect)

@@ -824,7 +824,7 @@ class DeliveryService:
         expires_at = now_s() + self.config.room_token_ttl
         token = issue_room_token(self.config.room_secret, room, identity, expires_at)
         return cbor_response({"room": room, "token": token, "expires_at": expires_at,
-                              "epoch": state.epoch}, 201)
+                              "ttl": self.config.room_token_ttl, "epoch": state.epoch}, 201)
 
     # -- push
 

@@ -62,7 +62,7 @@ _COUNTERS = (
         "signalling_rate_limited",
         "Signalling messages dropped over a socket's rate limit.",
     ),
-    ("tokens_refused", "tokens_refused", "Join attempts refused."),
+    ("tokens_refused", "tokens_refused", "Room tokens refused, at joins and renewals."),
 )
 
 

@@ -288,7 +288,12 @@ async def test_room_tokens_only_for_members(make_client: MakeClient, served: Ser
     gid, [(alice, _), (bob, _)] = await new_group(make_client, "alice", "bob")
     token = await bob.room_token(gid)
     assert token.room == gid.hex()
-    verify_room_token(served.service.config.room_secret, token.token, gid.hex(), "bob")
+    expires_at = verify_room_token(
+        served.service.config.room_secret, token.token, gid.hex(), "bob"
+    )
+    # ttl: what a client times its renewal by, whatever its own clock says
+    assert token.ttl == served.service.config.room_token_ttl
+    assert expires_at == token.expires_at
     await alice.send(gid, mlsmsg.commit(gid, 1), removes=["bob"])
     with pytest.raises(RequestFailed) as info:
         await bob.room_token(gid)
