@@ -20,12 +20,21 @@ __all__ = [
     "verified_ratchet_tree",
     "verify_group_info_confirmation",
     "verify_group_info_signature",
+    "verify_signed_by_member",
 ]
 
 
 def verify_group_info_signature(crypto: Crypto, gi: GroupInfo, signer_pub: bytes) -> None:
     if not crypto.verify_with_label(signer_pub, b"GroupInfoTBS", gi.tbs(), gi.signature):
         raise CryptoError("invalid GroupInfo signature")
+
+
+def verify_signed_by_member(crypto: Crypto, gi: GroupInfo, tree: RatchetTree) -> None:
+    """The GroupInfo is signed by the member at its `signer` leaf of `tree`."""
+    signer = tree.leaf_node(gi.signer)
+    if signer is None:
+        raise ValidationError(f"the GroupInfo signer leaf {gi.signer} is blank")
+    verify_group_info_signature(crypto, gi, signer.signature_key)
 
 
 def verify_group_info_confirmation(
@@ -67,10 +76,7 @@ def verified_ratchet_tree(
             "the GroupInfo carries no ratchet_tree extension: pass the tree out of band"
         )
     tree = RatchetTree(crypto, nodes)
-    signer = tree.leaf_node(gi.signer)
-    if signer is None:
-        raise ValidationError(f"the GroupInfo signer leaf {gi.signer} is blank")
-    verify_group_info_signature(crypto, gi, signer.signature_key)
+    verify_signed_by_member(crypto, gi, tree)
     validate_ratchet_tree(
         tree,
         group_id=context.group_id,

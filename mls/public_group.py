@@ -34,7 +34,7 @@ from .framing import (
 from .group_context import GroupContext
 from .group_epoch import EpochState
 from .group_framing import verify_content
-from .group_info import verified_ratchet_tree, verify_group_info_signature
+from .group_info import verified_ratchet_tree, verify_signed_by_member
 from .group_state import read_format_header, read_proposal_cache, write_proposal_cache
 from .group_types import PendingProposal
 from .proposals import Proposal
@@ -120,10 +120,7 @@ class PublicGroup(CommitRules):
             raise ValidationError("the GroupInfo carries no ratchet_tree extension")
         if ext.extension_data != st.tree.encode():
             raise ValidationError("the GroupInfo's ratchet tree is not the group's")
-        signer = st.tree.leaf_node(gi.signer)
-        if signer is None:
-            raise ValidationError(f"the GroupInfo signer leaf {gi.signer} is blank")
-        verify_group_info_signature(self._crypto, gi, signer.signature_key)
+        verify_signed_by_member(self._crypto, gi, st.tree)
 
     # --- properties ------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import pytest
 from conclave.cli import build_parser, main, parse_group
 from conclave.demo import DemoConfig
 from conclave.services import Services, display_db
+from tests.conclave.served import conclave_serve, create_room
 from tests.delivery_service.conftest import drop_schema, require_postgres
 from tests.delivery_service.procs import free_port
 
@@ -73,31 +74,10 @@ def test_a_log_file_that_cannot_be_read_is_not_a_failed_audit(
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
     """`conclave serve` with a room named `0xdeadbeef`, created by alice: audit's --ds and
     --state (the auditor identity's, registered by the first audit)."""
-    from conclave.participant import Participant
-
     state = tmp_path_factory.mktemp("served")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "conclave.cli", "serve", "--ds-port", "0", "--sfu-port", "0",
-         "--state", str(state)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        ds_url = proc.stdout.readline().split()[-1]
-
-        async def create_room() -> None:
-            alice = Participant("alice", ds_url, state_dir=state / "alice")
-            try:
-                await alice.start()
-                await alice.create("0xdeadbeef")
-            finally:
-                await alice.close()
-
-        asyncio.run(create_room())
+    with conclave_serve(state) as ds_url:
+        create_room(ds_url, state / "alice", "alice", "0xdeadbeef")
         yield ["--ds", ds_url, "--state", str(state / "auditor")]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_a_room_named_like_hex_is_audited_by_its_name(

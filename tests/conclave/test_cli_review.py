@@ -20,6 +20,7 @@ from conclave.participant import Participant
 from conclave.services import Services, display_db
 from mls import Client, Group
 from sfu import aiortc_hooks
+from tests.conclave.served import conclave_serve, create_room
 from tests.delivery_service.procs import free_port
 
 
@@ -193,28 +194,9 @@ def ops_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
     """`conclave serve --auditor ops`, with a room `ops[/]` created by `[b]alice`: the URL and
     a state directory."""
     state = tmp_path_factory.mktemp("ops")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "conclave.cli", "serve", "--ds-port", "0", "--sfu-port", "0",
-         "--state", str(state / "serve"), "--auditor", "ops"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        ds_url = proc.stdout.readline().split()[-1]
-
-        async def create_room() -> None:
-            alice = Participant("[b]alice", ds_url, state_dir=state / "alice")
-            try:
-                await alice.start()
-                await alice.create("ops[/]")
-            finally:
-                await alice.close()
-
-        asyncio.run(create_room())
+    with conclave_serve(state / "serve", "--auditor", "ops") as ds_url:
+        create_room(ds_url, state / "alice", "[b]alice", "ops[/]")
         yield ds_url, state
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.mark.usefixtures("wide")
