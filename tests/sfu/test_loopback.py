@@ -250,22 +250,28 @@ async def test_nacks_repair_five_percent_loss(harness: Harness) -> None:
     first = pub.encoders["video"].counter + 1  # the first frame encoded in the window
     await asyncio.sleep(4)
     last = pub.encoders["video"].counter - 2  # the last ones may still be on their way
-    frames = log.frames[start:]
-    counters = {f.counter for f in frames}
-    assert all(f.intact for f in frames)
-    metrics = harness.server.metrics
-    assert len(up_dropped) >= 5 and len(down_dropped) >= 5
-    assert metrics.nacks_sent > 0 and metrics.nacks_received > 0
-    assert metrics.retransmissions_sent > 0
     # Every frame the publisher encoded in the window, against what the subscriber got: ~2
     # packets per video frame, so unrepaired 5 % loss each way would lose ~20 % of frames, and a
     # lost keyframe packet would stall the stream. (Counting only the span of the frames that
     # arrived would not notice a stall: without the SFU's retransmissions 7 of 80 arrived.)
+    # Counted after a grace period, the loss still on: aiortc's receiver NACKs a packet again
+    # only when a new gap appears, so a packet lost upstream whose late repair is then lost
+    # downstream holds the frames behind it until the subscriber's next loss (~0.5 s at 5 %);
+    # at the window's end that hid up to 10 held frames (3 % of runs; CI failed on it twice).
     expected = set(range(first, last + 1))
-    assert len(counters & expected) >= 0.97 * len(expected), (
-        len(counters & expected),
+
+    def arrived() -> int:
+        return len({f.counter for f in log.frames[start:]} & expected)
+
+    assert await wait_until(lambda: arrived() >= 0.97 * len(expected), timeout=5), (
+        arrived(),
         len(expected),
     )
+    assert all(f.intact for f in log.frames[start:])
+    metrics = harness.server.metrics
+    assert len(up_dropped) >= 5 and len(down_dropped) >= 5
+    assert metrics.nacks_sent > 0 and metrics.nacks_received > 0
+    assert metrics.retransmissions_sent > 0
 
 
 class _Empty:
