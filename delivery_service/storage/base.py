@@ -26,6 +26,26 @@ def message_digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+# The layout of the tables. Raise it when the layout changes, and migrate databases of every
+# older version in both backends' `open`; a database of a newer version is refused
+# (`check_schema_version`): an older service would misread it, or write what the newer one
+# misreads. Databases made before the version was recorded read as 0 and are at version 1 once
+# their migrations (`expelled`, `handshake_digests`) have run.
+SCHEMA_VERSION = 1
+
+
+class SchemaVersionError(ValueError):
+    """The database was written by a newer delivery service, or by another application."""
+
+
+def check_schema_version(found: int, where: str) -> None:
+    if found > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{where} was written by a newer delivery service (schema version {found}; this one "
+            f"knows versions up to {SCHEMA_VERSION}): run that version, or a backup made before it"
+        )
+
+
 MAX_INT = (1 << 63) - 1  # the largest sequence number or id either database stores
 _Row = TypeVar("_Row")
 

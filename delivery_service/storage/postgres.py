@@ -23,6 +23,7 @@ from ..tracker import GroupState
 from .base import (
     HANDSHAKE_KINDS,
     MESSAGE_COLUMNS,
+    SCHEMA_VERSION,
     WELCOME_COLUMNS,
     IdentityRecord,
     KeyPackageRow,
@@ -31,6 +32,7 @@ from .base import (
     Storage,
     StoredMessage,
     WelcomeRecord,
+    check_schema_version,
     message_digest,
     read_bounded,
     stored_message,
@@ -88,6 +90,9 @@ ALTER TABLE removals ADD COLUMN IF NOT EXISTS expelled BOOLEAN NOT NULL DEFAULT 
 CREATE TABLE IF NOT EXISTS handshake_digests (
     group_id BYTEA NOT NULL, digest BYTEA NOT NULL, seq BIGINT NOT NULL,
     PRIMARY KEY (group_id, digest));
+-- One row: the layout's version (see base.SCHEMA_VERSION).
+CREATE TABLE IF NOT EXISTS conclave_schema (
+    one BOOLEAN PRIMARY KEY CHECK (one), version INTEGER NOT NULL);
 """
 # Run once, when `open` creates handshake_digests, in the same transaction: the messages stored
 # before it existed (the first of any repeats logged back then keeps its digest).
@@ -149,10 +154,20 @@ class PostgresStorage(Storage):
                 if self.schema:
                     await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
                     await conn.execute(f'SET LOCAL search_path TO "{self.schema}"')
+                version = 0
+                if await conn.fetchval("SELECT to_regclass('conclave_schema')") is not None:
+                    version = await conn.fetchval("SELECT max(version) FROM conclave_schema") or 0
+                check_schema_version(version, "the database")
                 fill = await conn.fetchval("SELECT to_regclass('handshake_digests')") is None
                 await conn.execute(SCHEMA)
                 if fill:
                     await conn.execute(FILL_DIGESTS, list(HANDSHAKE_KINDS))
+                if version < SCHEMA_VERSION:
+                    await conn.execute(
+                        "INSERT INTO conclave_schema VALUES (true, $1) ON CONFLICT (one) "
+                        "DO UPDATE SET version = excluded.version",
+                        SCHEMA_VERSION,
+                    )
         finally:
             await conn.close()
         self._pool = await asyncpg.create_pool(

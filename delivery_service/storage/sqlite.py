@@ -18,14 +18,17 @@ from ..tracker import GroupState
 from .base import (
     HANDSHAKE_KINDS,
     MESSAGE_COLUMNS,
+    SCHEMA_VERSION,
     WELCOME_COLUMNS,
     IdentityRecord,
     KeyPackageRow,
     NewMessage,
     Page,
+    SchemaVersionError,
     Storage,
     StoredMessage,
     WelcomeRecord,
+    check_schema_version,
     message_digest,
     read_bounded,
     stored_message,
@@ -79,6 +82,10 @@ FILL_DIGESTS = (
 )
 
 
+# SQLite's header field for "which application's file is this" (PRAGMA application_id): "Cncl".
+APPLICATION_ID = 0x436E636C
+
+
 class SQLiteStorage(Storage):
     def __init__(self, path: str) -> None:
         self.path = path
@@ -94,6 +101,11 @@ class SQLiteStorage(Storage):
     async def open(self) -> None:
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
         self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            version = await self._check_application()
+        except BaseException:
+            await self.close()  # aiosqlite's worker thread would keep the process alive
+            raise
         await self._db.execute("PRAGMA journal_mode=WAL")
         await self._db.execute("PRAGMA synchronous=FULL")
         await self._db.execute("PRAGMA busy_timeout=5000")
@@ -109,6 +121,26 @@ class SQLiteStorage(Storage):
             ) is None:
                 await self.db.execute(DIGESTS)
                 await self.db.execute(FILL_DIGESTS)
+            if version < SCHEMA_VERSION:
+                await self.db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                await self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    async def _check_application(self) -> int:
+        """The file's schema version, after checking that it is this service's database (or
+        empty) and not of a newer version; before anything is written to it."""
+        application = (await self._one("PRAGMA application_id", ()) or (0,))[0]
+        version = (await self._one("PRAGMA user_version", ()) or (0,))[0]
+        names = {r[0] for r in await self._all("SELECT name FROM sqlite_master", ())}
+        # A file from before the application id was set is known by its tables.
+        ours = not names or not names.isdisjoint(("identities", "messages", "removals"))
+        if application != APPLICATION_ID and (application or not ours):
+            raise SchemaVersionError(
+                "the file is not a Conclave delivery-service database (it has "
+                + (f"application id {application:#x}" if application else "other tables")
+                + "): give a new file, or the service's own"
+            )
+        check_schema_version(version, "the database")
+        return int(version)
 
     async def close(self) -> None:
         if self._db is not None:

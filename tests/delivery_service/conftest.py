@@ -8,6 +8,7 @@ skip, except under CI (CI set), where they fail: CI must test both backends.
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,27 @@ class Database:
         if self.schema:
             args += ["--pg-schema", self.schema]
         return args
+
+
+async def run_sql(database: Database, *statements: str) -> None:
+    """Statements run directly on the database, as a version before this one left it."""
+    if database.backend == "sqlite":
+        conn = sqlite3.connect(database.db)
+        try:
+            for sql in statements:
+                conn.execute(sql)
+            conn.commit()
+        finally:
+            conn.close()
+        return
+    import asyncpg
+
+    pg = await asyncpg.connect(database.db, server_settings={"search_path": database.schema or ""})
+    try:
+        for sql in statements:
+            await pg.execute(sql)
+    finally:
+        await pg.close()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

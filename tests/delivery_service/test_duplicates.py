@@ -5,7 +5,6 @@ twice for a replay by the service). Both storage backends."""
 from __future__ import annotations
 
 import os
-import sqlite3
 from dataclasses import replace
 
 import pytest
@@ -15,7 +14,7 @@ from delivery_service.storage import NewMessage, Storage
 from delivery_service.storage.base import HANDSHAKE_KINDS, message_digest
 from delivery_service.tracker import GroupState
 
-from .conftest import Database
+from .conftest import Database, run_sql
 from .mlsgroups import people, start_group
 
 NOW = 1_800_000_000
@@ -67,27 +66,6 @@ async def test_storage_keeps_each_handshake_message_once(
     assert (await storage.get_group(gid)) == replace(s1, last_seq=2)
 
 
-async def _run_sql(database: Database, *statements: str) -> None:
-    """Statements run directly on the database, as a version before this one left it."""
-    if database.backend == "sqlite":
-        conn = sqlite3.connect(database.db)
-        try:
-            for sql in statements:
-                conn.execute(sql)
-            conn.commit()
-        finally:
-            conn.close()
-        return
-    import asyncpg
-
-    pg = await asyncpg.connect(database.db, server_settings={"search_path": database.schema or ""})
-    try:
-        for sql in statements:
-            await pg.execute(sql)
-    finally:
-        await pg.close()
-
-
 async def test_a_database_from_before_the_digests_gets_them_when_opened(
     database: Database,
 ) -> None:
@@ -104,7 +82,7 @@ async def test_a_database_from_before_the_digests_gets_them_when_opened(
     finally:
         await storage.close()
     # Before: no digest table, and a repeat (seq 3 = seq 1) could be logged.
-    await _run_sql(
+    await run_sql(
         database,
         "DROP TABLE handshake_digests",
         "INSERT INTO messages SELECT group_id, 3, kind, epoch, sender, sender_index, created_ms,"
