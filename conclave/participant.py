@@ -979,6 +979,7 @@ class Participant:
         group_id = self.group_id
         try:
             token = await self.ds.room_token(group_id)
+            received = asyncio.get_running_loop().time()
         except RequestFailed as exc:
             if exc.status != 403:
                 raise
@@ -1009,27 +1010,29 @@ class Participant:
         self._media_wanted = True
         self._spawn(self._follow_media_session(self.sfu))
         self._stop_token_renewal()
-        self._token_renewal = self._spawn(self._renew_room_token(self.sfu, token))
+        self._token_renewal = self._spawn(self._renew_room_token(self.sfu, token, received))
 
     def _stop_token_renewal(self) -> None:
         if self._token_renewal is not None:
             self._token_renewal.cancel()
             self._token_renewal = None
 
-    async def _renew_room_token(self, client: SFUClient, token: RoomToken) -> None:
+    async def _renew_room_token(self, client: SFUClient, token: RoomToken, received: float) -> None:
         """Keep the media session's room token fresh: the SFU ends a session when its token
         expires. A new one is fetched when a quarter of the current one's life is left, again
         every few seconds while the delivery service cannot be reached; none once it says this
         participant is no longer a member, so the session ends then, as it must. Timed on the
-        loop's clock by the token's `ttl`: this machine's wall clock may be off."""
+        loop's clock by the token's `ttl` from when it arrived (`received`, not after the SFU
+        join or renewal that used it): this machine's wall clock may be off."""
         loop = asyncio.get_running_loop()
-        renew_at = loop.time() + _renewal_delay(token)
+        renew_at = received + _renewal_delay(token)
         while self.sfu is client:
             await asyncio.sleep(max(0.0, renew_at - loop.time()))
             if self.sfu is not client:
                 return
             try:
                 token = await self.ds.room_token(self.group_id)
+                received = loop.time()
             except RequestFailed as exc:
                 if exc.status == 403:
                     log.warning("%s: no longer a member: the media session ends with its room "
@@ -1044,7 +1047,7 @@ class Participant:
                 await client.renew_token(token.token)
             except (aiohttp.ClientError, ConnectionError):
                 return  # the session is over: _follow_media_session calls in again
-            renew_at = loop.time() + _renewal_delay(token)
+            renew_at = received + _renewal_delay(token)
 
     async def _follow_media_session(self, client: SFUClient) -> None:
         """Read the SFU session's events to its end and, if it ends while this participant is

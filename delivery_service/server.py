@@ -821,7 +821,9 @@ class DeliveryService:
         group_id = group_id_of(request)
         state = await self._member_group(group_id, identity)
         room = state.group_id.hex()
-        expires_at = now_s() + self.config.room_token_ttl
+        # Rounded up: the token lives `ttl` seconds at least, the lifetime clients time their
+        # renewals by (rounded down, a renewal at 3/4 of it had up to a second less margin).
+        expires_at = math.ceil(time.time()) + self.config.room_token_ttl
         token = issue_room_token(self.config.room_secret, room, identity, expires_at)
         return cbor_response({"room": room, "token": token, "expires_at": expires_at,
                               "ttl": self.config.room_token_ttl, "epoch": state.epoch}, 201)

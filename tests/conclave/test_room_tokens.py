@@ -15,7 +15,7 @@ from conclave.participant import MIN_RENEWAL_WAIT, Participant, _renewal_delay
 from conclave.services import Services
 from delivery_service.client import RoomToken
 
-TTL = 6  # seconds: a renewal (at 4.5 s) has 1.5 s to reach the SFU on a loaded machine
+TTL = 6  # seconds: a renewal (at 4.5 s after the token arrived) has 1.5 s to reach the SFU
 
 
 def _decodes(p: Participant, publisher: str, not_this: object = None) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from typing import Any
 
 import aiohttp
@@ -286,6 +287,7 @@ async def test_audit_log_lists_handshakes_only(make_client: MakeClient) -> None:
 
 async def test_room_tokens_only_for_members(make_client: MakeClient, served: Served) -> None:
     gid, [(alice, _), (bob, _)] = await new_group(make_client, "alice", "bob")
+    asked = time.time()
     token = await bob.room_token(gid)
     assert token.room == gid.hex()
     expires_at = verify_room_token(
@@ -294,6 +296,7 @@ async def test_room_tokens_only_for_members(make_client: MakeClient, served: Ser
     # ttl: what a client times its renewal by, whatever its own clock says
     assert token.ttl == served.service.config.room_token_ttl
     assert expires_at == token.expires_at
+    assert expires_at >= asked + token.ttl  # at least the lifetime renewals are timed by
     await alice.send(gid, mlsmsg.commit(gid, 1), removes=["bob"])
     with pytest.raises(RequestFailed) as info:
         await bob.room_token(gid)
