@@ -211,16 +211,24 @@ async def test_media_keeps_flowing_while_members_join_and_leave(
         # epoch changes: all they sent, from the first frame each got of the other (the
         # subscription takes a moment) to half a second ago (still in flight).
         cutoff = time.monotonic() - 0.5
-        expected = missing = 0
+        expected: list[tuple[str, tuple[int, int]]] = []  # (receiver, (kid, ctr))
         for r, s in (("alice", "carol"), ("carol", "alice")):
             got = people[r].opened
             frames = sorted((t, k) for k, (who, _, t) in _Counting.sent.items()
                             if who == s and t < cutoff)
             first = next(i for i, (_, k) in enumerate(frames) if k in got)
-            expected += len(frames) - first
-            missing += sum(1 for _, k in frames[first:] if k not in got)
-        assert expected > 200
-        assert missing <= expected // 100, f"{missing} of {expected} frames lost"
+            expected += [(r, k) for _, k in frames[first:]]
+        assert len(expected) > 200
+
+        def missing() -> int:
+            return sum(1 for r, k in expected if k not in people[r].opened)
+
+        # The set is fixed above; a frame late to arrive (a NACK repair still pending on a
+        # loaded machine) counts once it opens. One lost for good stays missing.
+        tolerance = len(expected) // 100
+        assert await until(lambda: missing() <= tolerance, 5), (
+            f"{missing()} of {len(expected)} frames lost"
+        )
 
         # A member decrypts nothing of the epochs before it joined or after it was removed.
         for n, p in people.items():

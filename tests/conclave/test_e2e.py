@@ -83,6 +83,13 @@ class TapParticipant(Participant):
 @dataclass
 class Outcome:
     names: list[str]
+    # The results of the scenario's waits: a wait that timed out is then the failure reported,
+    # rather than whatever it leaves unfinished further on.
+    all_decoding_before_join: bool = False
+    removal_committed: bool = False
+    bob_keys_expired: bool = False
+    race_converged: bool = False
+    dave_leave_committed: bool = False
     decoded_before_join: dict[tuple[str, str, str], int] = field(default_factory=dict)
     decoded_end: dict[tuple[str, str, str], int] = field(default_factory=dict)
     pre_join_frames: list[SentFrame] = field(default_factory=list)
@@ -147,6 +154,15 @@ def decoded(people: list[TapParticipant]) -> dict[tuple[str, str, str], int]:
     return {(p.name, pub, kind): r.decoded for p in people for (pub, kind), r in p.remote.items()}
 
 
+def all_decoding(people: list[TapParticipant]) -> bool:
+    """Each of `people` has decoded audio and video of each other one."""
+    counts = decoded(people)
+    return all(
+        counts.get((p.name, other.name, kind), 0) > 0
+        for p in people for other in people if other is not p for kind in ("audio", "video")
+    )
+
+
 async def _stay() -> None:
     pass
 
@@ -173,6 +189,9 @@ async def scenario(tmp: Path) -> Outcome:
         await create_and_invite(ROOM, alice, [bob, carol])
         for p in (alice, bob, carol):
             await p.connect_media()
+        # ICE, DTLS, the SFU's renegotiations, a keyframe and a decode per track: seconds on a
+        # loaded machine. Then PHASE more of media, for the frame counts asserted below.
+        out.all_decoding_before_join = await until(lambda: all_decoding([alice, bob, carol]), 15)
         await asyncio.sleep(PHASE)
         out.decoded_before_join = decoded([alice, bob, carol])
 
@@ -197,17 +216,25 @@ async def scenario(tmp: Path) -> Outcome:
         # alice asks for bob's removal; the first member to see the request commits it.
         before = dave.epoch or 0
         await alice.request_removal("bob")
-        await until(lambda: bob.removed and all((p.epoch or 0) > before
-                                                 for p in (alice, carol, dave)), 10)
+        out.removal_committed = await until(
+            lambda: bob.removed and all((p.epoch or 0) > before for p in (alice, carol, dave)), 10
+        )
         out.removal_epoch = min(p.epoch or 0 for p in (alice, carol, dave))
-        await asyncio.sleep(1.0)  # frames of the old epoch in flight
+        # bob keeps the last epoch's receive keys for the grace period (`retire`): frames of it
+        # still in flight open legitimately until then. Count from when they are gone (frames
+        # are decrypted in the event loop: none can open after this).
+        out.bob_keys_expired = await until(
+            lambda: bob.keys.retained_epochs == [], bob.keys.grace_period + 3
+        )
         out.bob_decrypted_at_removal = sum(r.stats.frames_decrypted for r in bob.remote.values())
         out.bob_failures_at_removal = sum(sum(r.stats.failures.values())
                                           for r in bob.remote.values())
 
         # Two members rotate at once: one wins, the other processes it and retries.
         await asyncio.gather(carol.rotate(), dave.rotate())
-        await until(lambda: len({p.epoch for p in (alice, carol, dave)}) == 1, 5)
+        out.race_converged = await until(
+            lambda: len({p.epoch for p in (alice, carol, dave)}) == 1, 5
+        )
         out.race_epochs = [p.epoch for p in (alice, carol, dave)]
         await asyncio.sleep(PHASE)
         out.bob_decrypted_end = sum(r.stats.frames_decrypted for r in bob.remote.values())
@@ -252,15 +279,16 @@ async def scenario(tmp: Path) -> Outcome:
                 for kind in ("audio", "video")
             )
 
-        await until(carol_decoded_anew, 15)
-        out.carol_decoded_anew = carol_decoded_anew()
+        out.carol_decoded_anew = await until(carol_decoded_anew, 15)
         m_lines_after = [len(p.sfu.pc.getTransceivers()) for p in (alice, dave) if p.sfu]
         out.m_lines = (m_lines_before, m_lines_after)
 
         # dave leaves: his own Remove proposal, committed by whoever sees it first.
         epoch = alice.epoch or 0
         await dave.leave()
-        await until(lambda: dave.removed and (alice.epoch or 0) > epoch, 10)
+        out.dave_leave_committed = await until(
+            lambda: dave.removed and (alice.epoch or 0) > epoch, 10
+        )
         out.dave_left = dave.removed
         out.members_after_leave = alice.member_names
 
@@ -282,6 +310,7 @@ def outcome(tmp_path_factory: pytest.TempPathFactory) -> Outcome:
 
 
 def test_three_participants_decode_each_others_audio_and_video(outcome: Outcome) -> None:
+    assert outcome.all_decoding_before_join, "not all 12 tracks decoded within 15 s"
     for who in ("alice", "bob", "carol"):
         for other in ("alice", "bob", "carol"):
             if who != other:
@@ -304,6 +333,9 @@ def test_the_fourth_cannot_decrypt_frames_sent_before_its_epoch(outcome: Outcome
 
 
 def test_the_removed_member_decrypts_nothing_after_the_transition(outcome: Outcome) -> None:
+    assert outcome.removal_committed, "bob's removal was not committed within 10 s"
+    # his receive keys went when the grace period ended
+    assert outcome.bob_keys_expired, "bob still holds receive keys after the grace period"
     # Frames kept arriving (they fail)...
     assert outcome.bob_failures_end > outcome.bob_failures_at_removal
     # ...and none decrypted, none of an epoch after the removal.
@@ -313,6 +345,8 @@ def test_the_removed_member_decrypts_nothing_after_the_transition(outcome: Outco
 
 
 def test_concurrent_commits_converge(outcome: Outcome) -> None:
+    assert outcome.removal_committed  # removal_epoch, below, is the epoch it made
+    assert outcome.race_converged, "the members did not reach one epoch within 5 s"
     assert len(set(outcome.race_epochs)) == 1
     assert outcome.race_epochs[0] is not None
     assert outcome.race_epochs[0] >= outcome.removal_epoch + 2  # both rotations landed
@@ -325,6 +359,7 @@ def test_every_track_carries_frames_of_the_publisher_the_sfu_named(outcome: Outc
 
 
 def test_members_share_the_safety_code(outcome: Outcome) -> None:
+    assert outcome.race_converged
     assert len(set(outcome.codes.values())) == 1
 
 
@@ -377,6 +412,7 @@ def test_a_restarted_participant_is_decoded_again_on_reused_m_lines(outcome: Out
 
 
 def test_a_member_leaves_by_its_own_remove_proposal(outcome: Outcome) -> None:
+    assert outcome.dave_leave_committed, "dave's leave was not committed within 10 s"
     assert outcome.dave_left
     assert outcome.members_after_leave == ["alice", "carol"]
 
@@ -393,6 +429,8 @@ def test_no_participant_reported_errors(outcome: Outcome) -> None:
 
 
 def test_audit_passes_on_the_log(outcome: Outcome, tmp_path: Path) -> None:
+    # the log is fetched after both removals: each must have been committed by then
+    assert outcome.removal_committed and outcome.dave_leave_committed
     report = audit(outcome.group_id, outcome.log)
     reasons = [r.reasons for r in report.rotations]
     assert ["add"] in reasons and ["external-join"] in reasons and ["remove"] in reasons
