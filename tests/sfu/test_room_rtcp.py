@@ -138,6 +138,9 @@ async def test_room_timers_share_one_wake_up_grid(monkeypatch) -> None:
             deadlines.append(when)
         return call_at(when, *args, **kwargs)
 
+    # start right after a grid point, ~45 ms before the next one: the two sleepers below read
+    # loop.time() one after the other, and a grid point between them would part their deadlines
+    await sleep_until_tick()
     monkeypatch.setattr(loop, "call_at", recording_call_at)
     await asyncio.gather(sleep_until_tick(), asyncio.sleep(0.003), sleep_until_tick())
     await asyncio.gather(asyncio.sleep(0.004), sleep_until_tick())
@@ -164,12 +167,16 @@ async def test_a_loop_that_runs_timers_early_does_not_make_the_room_timer_spin(
         return call_at(when - 0.002, *args, **kwargs)
 
     monkeypatch.setattr(loop, "call_at", early_call_at)
-    wake_ups = 0
-    start = time.monotonic()
-    while time.monotonic() - start < 5 * TICK_INTERVAL:
-        await sleep_until_tick()
-        wake_ups += 1
-    assert 2 <= wake_ups <= 8  # one per tick (it spun thousands of times a second before)
+    wake_ups = 6
+    async with asyncio.timeout(5):  # the timer does wake up: a hang fails here
+        start = time.monotonic()
+        for _ in range(wake_ups):
+            await sleep_until_tick()
+        elapsed = time.monotonic() - start
+    # one wake-up per tick: six of them span five whole ticks (it spun thousands of times a
+    # second before, waking six times within a few ms). Counting wake-ups over a fixed time
+    # instead would fail whenever a busy machine stalled the loop; a stall only adds time here.
+    assert elapsed >= (wake_ups - 1) * TICK_INTERVAL
 
 
 def _with_extension(packet: bytes, extension: bytes) -> bytes:
