@@ -41,6 +41,9 @@ REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=3
 # A 429 asking to wait at most this long (seconds) is waited out and retried, a few times.
 MAX_RETRY_WAIT = 5
 RETRIES_429 = 3
+# The largest answer read from the service: its pages are bounded (8 MiB of messages), and a
+# client must not read an unbounded one into memory from a service it does not trust.
+MAX_ANSWER = 32 << 20
 
 
 async def wait_healthy(
@@ -182,9 +185,23 @@ class DeliveryClient:
         async with self.http.request(
             method, self.base_url + path, data=data, headers=headers
         ) as resp:
-            raw = await resp.read()
+            chunks, size = [], 0
+            async for chunk in resp.content.iter_chunked(1 << 16):
+                size += len(chunk)
+                if size > MAX_ANSWER:
+                    raise RequestFailed(
+                        resp.status, "bad_answer",
+                        f"the delivery service's answer exceeds {MAX_ANSWER} bytes",
+                    )
+                chunks.append(chunk)
+            raw = b"".join(chunks)
             if resp.content_type == CBOR and raw:
-                return resp.status, cbor2.loads(raw)
+                try:
+                    return resp.status, cbor2.loads(raw)
+                except Exception:  # cbor2 raises several types on malformed input
+                    raise RequestFailed(
+                        resp.status, "bad_answer", "the delivery service's answer is not CBOR"
+                    ) from None
             return resp.status, None
 
     async def _request(
