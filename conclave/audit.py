@@ -8,9 +8,11 @@ member, with the ratchet tree in its extension) and follows the group with `mls.
 - the chain of epochs: each commit is for the epoch the chain has reached, exactly once;
 - the public tree: the first GroupInfo's tree is validated in full (§12.4.3.1), each UpdatePath's
   parent hashes and each new leaf as it arrives (§7.9, §7.3);
-- the transcript hashes: every later GroupInfo is checked against the chain (signature of its
-  signer, GroupContext with tree hash and confirmed transcript hash, confirmation tag), so a log
-  that forked or was reordered shows up even where the commits themselves verify;
+- the transcript hashes: every later GroupInfo is checked against the chain as the delivery
+  service checks one (`PublicGroup.check_group_info`: GroupContext with tree hash and confirmed
+  transcript hash, the confirmation tag the transcript follows from, the chain's very tree, a
+  member's signature), so a log that forked or was reordered shows up even where the commits
+  themselves verify;
 - one signature key per name: the delivery service registers a name's signature key once and
   for good, and refuses any leaf of that name with another key. So from the first GroupInfo's
   tree on, every leaf a name holds (added, joined externally, updated, or rewritten by an
@@ -22,8 +24,18 @@ member, with the ratchet tree in its extension) and follows the group with `mls.
   leaf's or KeyPackage's for an external commit or join request), its epoch is the chain's (the
   GroupInfo's own, for a GroupInfo), times never go backwards (by more than CLOCK_SKEW_MS:
   instances sharing one database stamp with their own clocks), and no message is logged twice
-  (a replay). Welcomes are checked as far as they are public: an MLS Welcome of the group's
-  cipher suite.
+  (a replay). A GroupInfo is logged as sent by the member that signed it (members post their
+  own). Welcomes are checked as far as they are public: an MLS Welcome of the group's cipher
+  suite, sent by a member, for KeyPackages that a commit of the log added (before the log's
+  first commit, whose Adds may precede the log, any).
+
+What it reports besides the rotations: each name's signature-key fingerprint (what ties a name
+to a person: members compare their own, `conclave audit --expect-key` checks them); whether a
+later message signed by a member builds on each commit ("confirmed": the service keeps every
+commit it was sent, one that lost the race for its epoch too, and could end a log with it);
+removal requests no commit of the log carried out; and a name that came back by external commit
+after a member removed it (the service refuses that). Times are the service's stamps, signed by
+no one, and removal latency runs from the first request in the log.
 
 Sequence numbers must grow but may skip: the service numbers every message of a group in one
 sequence, application data included, and its audit log leaves application data out.
@@ -40,15 +52,14 @@ request committed: it may rejoin), "update" (a member's Update proposal committe
 "external-join" (a new member's external commit), "rejoin" (an external commit that also
 removes the joiner's own old leaf, as a member that lost its state does: its name is listed as
 neither added nor removed), "periodic" (a commit with no proposal, only an UpdatePath: conclave
-participants make those only on their rotation timer), and "psk", "reinit", "extensions" for the
-other proposal types.
+participants make those on their rotation timer, and once when they resume from saved state),
+and "psk", "reinit", "extensions" for the other proposal types.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import hmac
 import io
 import os
 import stat
@@ -60,13 +71,13 @@ from typing import Any, Protocol
 
 import cbor2
 
-from mls.crypto import get_crypto
 from mls.errors import MLSError
 from mls.framing import ContentType, MLSMessage, PublicMessage, SenderType
 from mls.proposals import Add, Proposal, ProposalOrRefType, ProposalType, Remove
 from mls.public_group import PublicGroup
 
 from .errors import AuditFailure, ConclaveError
+from .safety import key_fingerprint
 
 LOG_FORMAT = "conclave-audit-log"
 LOG_VERSION = 1
@@ -76,6 +87,7 @@ MAX_SEQ = (1 << 63) - 1
 MAX_TIME_MS = (1 << 63) - 1
 MAX_EPOCH = (1 << 64) - 1
 MAX_TEXT = 1024
+MAX_LOG_BYTES = 1 << 30  # messages read from a service before the audit gives up (--max-log-mb)
 CLOCK_SKEW_MS = 5000  # how far one service instance's clock may be behind another's
 _ENTRY_FIELDS = ("seq", "kind", "epoch", "sender", "time_ms", "message")
 _LOG_FIELDS = {"format", "version", "group_id", "entries"}
@@ -178,6 +190,21 @@ class Rotation:
     # in the log).
     removal_latency_ms: dict[str, int | None]
     members: list[str]
+    # Whether a later message signed by a member in this epoch (or a later one) shows that the
+    # members took this commit: the service keeps every commit sent, those that lost a race
+    # for the epoch too, and could end a log with one that never took effect.
+    confirmed: bool = False
+    # What an auditor should know about this epoch (a rule of the service broken, ...).
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PendingRemoval:
+    """A request to remove a member that no commit of the log carried out."""
+
+    member: str
+    seq: int  # of the first request in this log
+    requester: str | None  # None: a request from outside the group
 
 
 @dataclass
@@ -195,6 +222,11 @@ class AuditReport:
     proposals_seen: int
     # The members in the first GroupInfo's tree.
     first_members: list[str] = field(default_factory=list)
+    last_seq: int = 0
+    # Each name's signature-key fingerprint (`safety.key_fingerprint`): the log's own account of
+    # who is who, to be checked against the members' (see `conclave audit --expect-key`).
+    keys: dict[str, str] = field(default_factory=dict)
+    pending_removals: list[PendingRemoval] = field(default_factory=list)
 
     @property
     def members(self) -> list[str]:
@@ -259,11 +291,14 @@ class Auditor:
         self.proposals_seen = 0
         # Proposals of the current epoch, by ProposalRef.
         self._proposals: dict[bytes, _PendingProposal] = {}
-        # The time of the first Remove proposal naming each leaf, kept across epochs until the
-        # leaf is removed: a request voided by another commit may be made again in a later one.
-        self._removal_requests: dict[int, int] = {}
-        # The confirmation tag of the commit that made the current epoch.
-        self._confirmation_tag: bytes | None = None
+        # The first Remove proposal naming each leaf (time, seq, proposer), kept across epochs
+        # until the leaf is removed: a request voided by another commit may be made again.
+        self._removal_requests: dict[int, tuple[int, int, str | None]] = {}
+        # KeyPackageRefs of every KeyPackage a commit of the log added: whom a Welcome may be for.
+        self._added: set[bytes] = set()
+        # Names removed by another member and not added back since: the service refuses their
+        # external joins.
+        self._expelled: set[str] = set()
         # Each name's signature key, and the seq of the entry where it first showed up.
         self._keys: dict[bytes, tuple[bytes, int]] = {}
         # A digest of each message so far, with its seq: a message logged twice is a replay.
@@ -370,6 +405,7 @@ class Auditor:
             except MLSError as exc:
                 raise AuditFailure(entry.seq, f"the first GroupInfo does not verify: {exc}") from None
             self._check_keys(entry.seq, self.pg)
+            self._check_signer(entry, self.pg, gi.signer)
             self.first_members = sorted(_name(m.identity) for m in self.pg.members)
             self.first_epoch = self.pg.epoch
             self.last_change_ms = entry.time_ms
@@ -380,17 +416,21 @@ class Auditor:
                 f"the GroupInfo's GroupContext of epoch {pg.epoch} differs from the chain's "
                 "(tree hash or confirmed transcript hash): the log forked or was altered",
             )
-        signer = pg.tree.leaf_node(gi.signer)
-        crypto = get_crypto(gi.group_context.cipher_suite)
-        if signer is None or not crypto.verify_with_label(
-            signer.signature_key, b"GroupInfoTBS", gi.tbs(), gi.signature
-        ):
-            raise AuditFailure(entry.seq, "the GroupInfo's signature does not verify")
-        if self._confirmation_tag is not None and not hmac.compare_digest(
-            gi.confirmation_tag, self._confirmation_tag
-        ):
+        # What a joiner needs, as the delivery service checks it: the confirmation tag the
+        # transcript follows from, the group's very tree, a member's signature.
+        try:
+            pg.check_group_info(entry.message)
+        except MLSError as exc:
+            raise AuditFailure(entry.seq, f"the GroupInfo does not match the chain: {exc}") from None
+        self._check_signer(entry, pg, gi.signer)
+
+    def _check_signer(self, entry: LogEntry, pg: PublicGroup, signer: int) -> None:
+        """A GroupInfo is logged as sent by whoever posted it: members post their own."""
+        leaf = pg.tree.leaf_node(signer)
+        name = _name(leaf.credential.identity) if leaf is not None else f"leaf {signer}"
+        if entry.sender != name:
             raise AuditFailure(
-                entry.seq, "the GroupInfo's confirmation tag is not the epoch's commit's"
+                entry.seq, f"the log says {entry.sender!r} sent the GroupInfo, but {name!r} signed it"
             )
 
     def _welcome(self, entry: LogEntry, pg: PublicGroup) -> None:
@@ -404,6 +444,19 @@ class Auditor:
             raise AuditFailure(
                 entry.seq,
                 f"the Welcome is for cipher suite {welcome.cipher_suite}, the group's is {suite}",
+            )
+        # Its sender: a member (the service logs who posted it); its recipients: KeyPackages
+        # that a commit of the log added (a Welcome of another group, or for nobody added, is
+        # not this group's). Before the log's first commit, the one that added them may
+        # precede the log.
+        if entry.sender not in {_name(m.identity) for m in pg.members}:
+            raise AuditFailure(
+                entry.seq, f"the log says {entry.sender!r} sent the Welcome, not a member"
+            )
+        unknown = any(s.new_member not in self._added for s in welcome.secrets)
+        if not welcome.secrets or (unknown and self.rotations):
+            raise AuditFailure(
+                entry.seq, "the Welcome is for a KeyPackage that no commit of the log added"
             )
         self.welcomes += 1
 
@@ -434,8 +487,23 @@ class Auditor:
             _name(proposer.credential.identity) if proposer is not None else None,
         )
         if isinstance(proposal.body, Remove):
-            self._removal_requests.setdefault(proposal.body.removed, entry.time_ms)
+            self._removal_requests.setdefault(
+                proposal.body.removed,
+                (entry.time_ms, entry.seq,
+                 _name(proposer.credential.identity) if proposer is not None else None),
+            )
+        if proposer is not None:
+            self._confirm(entry.epoch)
         self.proposals_seen += 1
+
+    def _confirm(self, epoch: int) -> None:
+        """A member signed a message in `epoch`: it holds that epoch, so the members took the
+        commits that led to it."""
+        for r in reversed(self.rotations):
+            if r.confirmed:
+                break
+            if r.epoch <= epoch:
+                r.confirmed = True
 
     def _commit(self, entry: LogEntry, pg: PublicGroup) -> None:
         body = _public_message(entry, ContentType.commit)
@@ -467,6 +535,9 @@ class Auditor:
         # A rejoin: an external commit that also removes the joiner's own old leaf.
         own_old = {i for i in processed.removed if external and old.get(i) == who}
         reasons: list[str] = []
+        added_names: set[str] = set()
+        expelled: set[str] = set()
+        left: set[str] = set()
         for por in commit.proposals:
             pending = None
             if por.type == ProposalOrRefType.proposal:
@@ -480,6 +551,11 @@ class Auditor:
                 proposal = pending.proposal
             if proposal.proposal_type == ProposalType.external_init:
                 continue  # the commit's sender says it: external-join or rejoin, first
+            if isinstance(proposal.body, Add):
+                self._added.add(
+                    pg.crypto.make_key_package_ref(proposal.body.key_package.encode())
+                )
+                added_names.add(_name(proposal.body.key_package.leaf_node.credential.identity))
             if isinstance(proposal.body, Remove):
                 removed_leaf = proposal.body.removed
                 if removed_leaf in own_old:
@@ -491,12 +567,23 @@ class Auditor:
                 ):
                     if "leave" not in reasons:
                         reasons.append("leave")
+                    left.add(old_names.get(removed_leaf, ""))
                     continue
+                expelled.add(old_names.get(removed_leaf, ""))
             reason = _REASONS.get(proposal.proposal_type, proposal.proposal_type.name)
             if reason not in reasons:
                 reasons.append(reason)
+        notes = []
         if external:
             reasons = ["rejoin" if own_old else "external-join", *reasons]
+            if committer in self._expelled:
+                notes.append(
+                    f"{committer} came back by external commit after a member removed it: the "
+                    "delivery service refuses that until a member adds it again"
+                )
+        else:
+            self._confirm(entry.epoch)  # a member's commit: it held the epoch it commits from
+        self._expelled = (self._expelled - added_names - left - {committer}) | expelled
         if not reasons:
             reasons = ["periodic"]
         rejoined = set(processed.added[-1:]) if own_old else set()
@@ -505,7 +592,8 @@ class Auditor:
         removed = [old_names.get(i, f"leaf {i}") for i in gone]
         latency = {
             old_names.get(i, f"leaf {i}"): (
-                entry.time_ms - self._removal_requests[i] if i in self._removal_requests else None
+                entry.time_ms - self._removal_requests[i][0]
+                if i in self._removal_requests else None
             )
             for i in gone
         }
@@ -517,19 +605,27 @@ class Auditor:
                 epoch=pg.epoch, seq=entry.seq, time_ms=entry.time_ms, committer=committer,
                 reasons=reasons, added=added, removed=removed, since_last_ms=since,
                 removal_latency_ms=latency,
-                members=sorted(_name(m.identity) for m in pg.members),
+                members=sorted(_name(m.identity) for m in pg.members), notes=notes,
             )
         )
         self.last_change_ms = entry.time_ms
         self._proposals.clear()
-        self._confirmation_tag = body.auth.confirmation_tag
 
     def report(self) -> AuditReport:
         if self.pg is None:
             raise AuditFailure(None, "the log holds no GroupInfo: nothing to start the chain from")
+        pending = [
+            PendingRemoval(_identity(self.pg, leaf), seq, requester)
+            for leaf, (_, seq, requester) in sorted(self._removal_requests.items(),
+                                                   key=lambda item: item[1][1])
+            if self.pg.tree.leaf_node(leaf) is not None
+        ]
         return AuditReport(
             self.group_id, self.first_epoch, self.pg.epoch, self.messages, self.rotations,
             self.group_infos, self.welcomes, self.proposals_seen, self.first_members,
+            last_seq=self.last_seq,
+            keys={_name(name): key_fingerprint(key) for name, (key, _) in sorted(self._keys.items())},
+            pending_removals=pending,
         )
 
 
@@ -548,18 +644,35 @@ class AuditLogSource(Protocol):
     async def audit_log(self, group_id: bytes, after: int = 0) -> list[Any]: ...
 
 
-async def read_log(ds: AuditLogSource, group_id: bytes) -> list[LogEntry]:
-    """The whole audit log of a group from a `DeliveryClient` (the service returns it in pages)."""
+async def read_log(
+    ds: AuditLogSource, group_id: bytes, max_bytes: int = MAX_LOG_BYTES
+) -> list[LogEntry]:
+    """The whole audit log of a group from a `DeliveryClient` (the service returns it in pages),
+    up to `max_bytes` of messages."""
     out: list[LogEntry] = []
+    size = 0
     while True:
         after = out[-1].seq if out else 0
-        page = await ds.audit_log(group_id, after=after)
-        if not page:
+        try:
+            page = await ds.audit_log(group_id, after=after)
+            # The service is not trusted: its answer is checked as strictly as a log file.
+            entries = [
+                LogEntry.checked(m.seq, m.kind, m.epoch, m.sender, m.time_ms, m.message)
+                for m in page
+            ]
+        except (KeyError, TypeError, AttributeError, ValueError):
+            raise AuditFailure(
+                None, "the delivery service's answer is not a page of the audit log"
+            ) from None
+        if not entries:
             return out
-        # The service is not trusted: its answer is checked as strictly as a log file.
-        entries = [
-            LogEntry.checked(m.seq, m.kind, m.epoch, m.sender, m.time_ms, m.message) for m in page
-        ]
+        size += sum(len(e.message) for e in entries)
+        if size > max_bytes:
+            raise AuditFailure(
+                entries[-1].seq,
+                f"the log goes on past {max_bytes >> 20} MiB of messages: this audit stops "
+                "there (a service sending ever newer pages would fill the memory)",
+            )
         # Every page must go strictly past the last: a service that repeats or rewinds a page
         # would otherwise keep this loop (and its memory) growing for ever.
         for entry in entries:
@@ -625,21 +738,34 @@ def load_log(path: Path) -> tuple[bytes, list[LogEntry]]:
     return group_id, [LogEntry.from_body(e, f" #{i + 1}") for i, e in enumerate(entries)]
 
 
+def shown_name(name: str) -> str:
+    """A name as the audit shows it, with the code points of a non-ASCII one spelled out: a
+    Cyrillic "а" in "аlice" must not pass for alice."""
+    return name if name.isascii() else f"{name} ({ascii(name)[1:-1]})"
+
+
 def format_report(report: AuditReport) -> list[list[str]]:
     """Rows of the key-rotation table: epoch, seq, committer, why, added, removed, since last,
     removal latency."""
     rows = []
     for r in report.rotations:
-        since = "-" if r.since_last_ms is None else f"{r.since_last_ms / 1000:.2f}s"
+        since = "-" if r.since_last_ms is None else _duration(r.since_last_ms)
         latency = ", ".join(
-            f"{who}: {'by value' if ms is None else f'{ms / 1000:.2f}s'}"
+            f"{shown_name(who)}: {'by value' if ms is None else _duration(ms)}"
             for who, ms in r.removal_latency_ms.items()
         )
+        why = "+".join(r.reasons) + ("" if r.confirmed else " (unconfirmed)")
         rows.append([
-            str(r.epoch), str(r.seq), r.committer, "+".join(r.reasons), ", ".join(r.added),
-            ", ".join(r.removed), since, latency or "-",
+            str(r.epoch), str(r.seq), shown_name(r.committer), why,
+            ", ".join(map(shown_name, r.added)), ", ".join(map(shown_name, r.removed)), since,
+            latency or "-",
         ])
     return rows
+
+
+def _duration(ms: int) -> str:
+    # The service's clocks, not signed by anyone: instances may differ by up to CLOCK_SKEW_MS.
+    return f"{ms / 1000:.2f}s" + (" (clock skew)" if ms < 0 else "")
 
 
 REPORT_COLUMNS = [

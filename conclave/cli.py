@@ -154,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --as NAME that has no saved state: register NAME, an auditor the "
                         "service names (--auditor), with a new key kept in the state directory")
     p.add_argument("--state", type=Path, default=None, help=STATE_HELP + " (with --ds)")
+    p.add_argument("--max-log-mb", type=positive_int, default=None, metavar="MB",
+                   help="with --ds: give up past this many MiB of messages (default 1024)")
+    p.add_argument("--expect-key", type=expected_key, action="append", default=[],
+                   metavar="NAME=FINGERPRINT",
+                   help="fail unless NAME shows up in the log with this signature-key "
+                        "fingerprint (the one `conclave join` prints for NAME); repeatable")
 
     p = sub.add_parser("bench", help="benchmarks: MLS, SFrame, SFU, end-to-end call")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
@@ -162,6 +168,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated subset: mls,sframe,sfu,ds,call, or scripts by the names "
                         "in the summary (e.g. sfu_forward)")
     return parser
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def expected_key(text: str) -> tuple[str, str]:
+    from .safety import normalize_fingerprint
+
+    name, sep, fingerprint = text.rpartition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError("give NAME=FINGERPRINT")
+    try:
+        return name, normalize_fingerprint(fingerprint)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_group(text: str) -> bytes:
@@ -371,7 +399,8 @@ async def cmd_join(args: argparse.Namespace) -> int:
         p.open_media()  # a bad --video fails here, before the call gains a member
         await until_stopped(stop, p.start())
         how = await until_stopped(stop, p.enter(args.room, knock=args.knock))
-        print(f"{how} room {args.room!r} as {args.name} (epoch {p.epoch})", flush=True)
+        print(f"{how} room {args.room!r} as {args.name} (epoch {p.epoch}); your key "
+              f"fingerprint {p.key_fingerprint}", flush=True)
         await until_stopped(stop, p.connect_media())
         last_epoch = None
         waited = 0.0
@@ -408,7 +437,8 @@ async def cmd_audit(args: argparse.Namespace) -> int:
         # These read from or save what the service sends: with a file, they would do nothing.
         given = [opt for opt, value in (("--save", args.save), ("--as", args.identity),
                                         ("--state", args.state),
-                                        ("--register", args.register or None)) if value is not None]
+                                        ("--register", args.register or None),
+                                        ("--max-log-mb", args.max_log_mb)) if value is not None]
         if given:
             raise ConclaveError(
                 f"{' and '.join(given)} only work with --ds, not with --log (which reads a "
@@ -424,7 +454,8 @@ async def cmd_audit(args: argparse.Namespace) -> int:
 
         entries = await fetch_log_as(args.ds, group_id, args.state or default_state_dir(),
                                      args.identity or DEFAULT_AUDITOR, fetch_log, label,
-                                     register=args.register)
+                                     register=args.register,
+                                     max_bytes=args.max_log_mb and args.max_log_mb << 20)
         if args.save is not None:
             try:
                 save_log(args.save, group_id, entries)
@@ -434,23 +465,76 @@ async def cmd_audit(args: argparse.Namespace) -> int:
                 ) from None
             print(f"saved {len(entries)} log entries to {args.save}")
     report = audit(group_id, entries)
+    check_expected_keys(report, args.expect_key)
     from rich.console import Console
+
+    from .audit import shown_name
 
     console = Console()
     console.print(report_table(
         f"key rotations of {label}: epochs {report.first_epoch}-{report.last_epoch}", report
     ))
     # Plain text, not markup: the members' names are theirs to choose.
+    for line in report_notes(report):
+        console.print(plain(line))
     console.print(plain(
         f"OK: {report.messages} messages, {len(report.rotations)} commits verified "
         f"(signatures, epoch chain, public tree), {report.group_infos_checked} GroupInfos "
-        f"matched the transcript; members at the end of this log: {', '.join(report.members)}"
+        f"matched the transcript; this log ends at epoch {report.last_epoch} (seq "
+        f"{report.last_seq}); members at the end of this log: "
+        f"{', '.join(map(shown_name, report.members))}"
     ))
     return 0
 
 
+def check_expected_keys(report: Any, expected: list[tuple[str, str]]) -> None:
+    for name, fingerprint in expected:
+        found = report.keys.get(name)
+        if found is None:
+            raise AuditFailure(None, f"{printable(name)!r} does not show up in this log")
+        if found != fingerprint:
+            raise AuditFailure(
+                None,
+                f"{printable(name)!r} signs with the key {found} in this log, not {fingerprint}: "
+                "that leaf is not the member you know",
+            )
+
+
+def report_notes(report: Any) -> list[str]:
+    """What the table alone would not say: the log's keys, what it leaves undone, and what no
+    audit can know."""
+    from .audit import shown_name
+
+    lines = [f"signature keys: {shown_name(name)} {fingerprint}"
+             for name, fingerprint in report.keys.items()]
+    lines.append(
+        "  (names are tied to people only by these fingerprints: compare each with the one "
+        "`conclave join` prints for that member, or pass --expect-key)"
+    )
+    for r in report.rotations:
+        lines += [f"epoch {r.epoch}: {note}" for note in r.notes]
+    unconfirmed = [r for r in report.rotations if not r.confirmed]
+    if unconfirmed:
+        first = unconfirmed[0]
+        lines.append(
+            f"unconfirmed: the commit{'s' if len(unconfirmed) > 1 else ''} from epoch "
+            f"{first.epoch} on (seq {first.seq}): no later message of a member shows the "
+            "members took it (the service keeps a commit that lost the race for its epoch too)"
+        )
+    for p in report.pending_removals:
+        by = f"by {p.requester}" if p.requester is not None else "from outside the group"
+        lines.append(f"removal requested, not carried out: {shown_name(p.member)} "
+                     f"(first request seq {p.seq}, {by})")
+    lines.append(
+        "times are the delivery service's, signed by no one; removal latency counts from the "
+        "first request in this log"
+    )
+    return lines
+
+
 async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fetch: Any,
-                       label: str | None = None, register: bool = False) -> Any:
+                       label: str | None = None, register: bool = False,
+                       max_bytes: int | None = None) -> Any:
     """The log read as `identity`: a member with saved state in `state` logs in with it; any
     other name is taken for an auditor's (a service's `--auditor`), registered as `fetch` does
     for `auditor`, its key saved in `state` for the next audit. A new name other than
@@ -472,9 +556,10 @@ async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fet
             "name on the service for good: check its spelling); for a member, pass its --state"
         )
     try:
+        limit = {} if max_bytes is None else {"max_bytes": max_bytes}
         if as_member:
-            return await _member_log(ds, group_id, state, identity)
-        return await fetch(ds, group_id, state, identity)
+            return await _member_log(ds, group_id, state, identity, **limit)
+        return await fetch(ds, group_id, state, identity, **limit)
     except RequestFailed as exc:
         if exc.code == "conflict":
             raise ConclaveError(
@@ -495,14 +580,15 @@ async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fet
         raise ConclaveError(f"the delivery service refused the audit log of {label}: {exc}") from None
 
 
-async def _member_log(ds: str, group_id: bytes, state: Path, identity: str) -> Any:
-    from .audit import read_log
+async def _member_log(ds: str, group_id: bytes, state: Path, identity: str,
+                      max_bytes: int | None = None) -> Any:
+    from .audit import MAX_LOG_BYTES, read_log
     from .participant import Participant
 
     p = Participant(identity, ds, state_dir=state)
     try:
         await p.ds.login()
-        return await read_log(p.ds, group_id)
+        return await read_log(p.ds, group_id, max_bytes or MAX_LOG_BYTES)
     finally:
         await p.ds.close()
 

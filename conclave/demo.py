@@ -19,7 +19,7 @@ from pathlib import Path
 
 from delivery_service.errors import RequestFailed
 
-from .audit import AuditReport, LogEntry, audit, read_log
+from .audit import MAX_LOG_BYTES, AuditReport, LogEntry, audit, read_log
 from .media import MediaSpec
 from .participant import Participant
 from .services import DEFAULT_AUDITOR, Services
@@ -58,7 +58,8 @@ class DemoConfig:
 
 
 async def fetch_log(
-    ds_url: str, group_id: bytes, state_dir: Path, identity: str = DEFAULT_AUDITOR
+    ds_url: str, group_id: bytes, state_dir: Path, identity: str = DEFAULT_AUDITOR,
+    max_bytes: int = MAX_LOG_BYTES,
 ) -> list[LogEntry]:
     """The group's audit log, read as an auditor identity of the service (registered if new,
     its key kept in `state_dir`)."""
@@ -76,7 +77,7 @@ async def fetch_log(
                 # file of it would only stand in the way of the right one.
                 path.unlink(missing_ok=True)
             raise
-        return await read_log(auditor.ds, group_id)
+        return await read_log(auditor.ds, group_id, max_bytes)
     finally:
         await auditor.ds.close()
 

@@ -65,7 +65,7 @@ from sfu.errors import SFUError
 
 from .errors import CommitFailed, ConclaveError, NotInGroup, ServiceUnavailable
 from .media import MediaSpec
-from .safety import safety_code
+from .safety import key_fingerprint, safety_code
 
 log = logging.getLogger(__name__)
 
@@ -376,6 +376,11 @@ class Participant:
         if self.group is None:
             return []
         return sorted(m.identity.decode("utf-8", "replace") for m in self.group.members)
+
+    @property
+    def key_fingerprint(self) -> str:
+        """This participant's signature key, as audits show it (`safety.key_fingerprint`)."""
+        return key_fingerprint(self.client.signature_key)
 
     @property
     def safety_code(self) -> str:
