@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,17 @@ from conclave.errors import AuditFailure
 from conclave.safety import key_fingerprint, normalize_fingerprint
 from mls import Client, Group
 from tests.conclave.test_audit import GID, LogBuilder, _replace, build_log
+
+
+def started(*members: Client) -> tuple[LogBuilder, Group, Any]:
+    """alice's group logged from its first GroupInfo, with `members` added by her first commit."""
+    log = LogBuilder()
+    ga = Group.create(Client(b"alice"), GID)
+    log.add("group_info", 0, "alice", 1000, ga.group_info())
+    added = ga.add([m.key_package() for m in members])
+    log.add("commit", 0, "alice", 1100, added.commit)
+    ga.merge_pending_commit()
+    return log, ga, added
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +57,8 @@ def test_only_commits_a_later_member_message_builds_on_are_confirmed(
 
 
 def test_a_losing_commit_at_the_end_of_a_log_is_unconfirmed_until_a_member_builds_on_it() -> None:
-    alice, bob = Client(b"alice"), Client(b"bob")
-    log = LogBuilder()
-    ga = Group.create(alice, GID)
-    log.add("group_info", 0, "alice", 1000, ga.group_info())
-    r = ga.add([bob.key_package()])
-    log.add("commit", 0, "alice", 1100, r.commit)
-    ga.merge_pending_commit()
+    bob = Client(b"bob")
+    log, ga, r = started(bob)
     assert r.welcome is not None
     gb = Group.join(bob, r.welcome)
     log.add("proposal", 1, "bob", 1200, gb.propose_update())
@@ -68,13 +75,8 @@ def test_a_losing_commit_at_the_end_of_a_log_is_unconfirmed_until_a_member_build
 
 
 def _requested_not_removed() -> tuple[list[LogEntry], int]:
-    alice, bob, carol = (Client(n) for n in (b"alice", b"bob", b"carol"))
-    log = LogBuilder()
-    ga = Group.create(alice, GID)
-    log.add("group_info", 0, "alice", 1000, ga.group_info())
-    r = ga.add([bob.key_package(), carol.key_package()])
-    log.add("commit", 0, "alice", 1100, r.commit)
-    ga.merge_pending_commit()
+    bob = Client(b"bob")
+    log, ga, r = started(bob, Client(b"carol"))
     assert r.welcome is not None
     gb = Group.join(bob, r.welcome)
     carol_leaf = next(m.leaf_index for m in gb.members if m.identity == b"carol")
@@ -100,13 +102,8 @@ def test_removals_carried_out_are_not_pending(
 
 
 def test_a_member_removed_by_another_that_comes_back_by_itself_is_noted() -> None:
-    alice, carol = Client(b"alice"), Client(b"carol")
-    log = LogBuilder()
-    ga = Group.create(alice, GID)
-    log.add("group_info", 0, "alice", 1000, ga.group_info())
-    r = ga.add([carol.key_package()])
-    log.add("commit", 0, "alice", 1100, r.commit)
-    ga.merge_pending_commit()
+    carol = Client(b"carol")
+    log, ga, _ = started(carol)
     carol_leaf = next(m.leaf_index for m in ga.members if m.identity == b"carol")
     r = ga.remove([carol_leaf])
     log.add("commit", 1, "alice", 1200, r.commit)
