@@ -315,7 +315,7 @@ class RatchetTree:
                     out.extend(2 * leaf for leaf in node.unmerged_leaves)  # type: ignore[union-attr]
                 else:
                     out.append(n)
-            elif n & 1:
+            elif n & 1 and not self._blank_subtree(n):
                 k = tm.level(n) - 1
                 stack.append(n ^ (3 << k))  # right child, popped second
                 stack.append(n ^ (1 << k))  # left child
@@ -325,17 +325,16 @@ class RatchetTree:
 
     def _has_nonblank(self, x: int) -> bool:
         """Whether the resolution of `x` is non-empty (a non-blank node in its subtree)."""
-        nodes = self._nodes
-        stack = [x]
-        while stack:
-            n = stack.pop()
-            if nodes[n] is not None:
-                return True
-            if n & 1:
-                k = tm.level(n) - 1
-                stack.append(n ^ (3 << k))
-                stack.append(n ^ (1 << k))
-        return False
+        return not self._blank_subtree(x)
+
+    def _blank_subtree(self, x: int) -> bool:
+        """Whether every node of the subtree under `x` is blank. The subtree is one contiguous
+        span of the array (x - 2^k + 1 .. x + 2^k - 1 at level k), so this is one count in C
+        rather than a walk in Python: a mostly blank tree of 2^16 leaves (a group that shrank,
+        or one a hostile GroupInfo made) would otherwise cost a walk of it per path."""
+        k = tm.level(x)
+        lo, hi = x - (1 << k) + 1, min(x + (1 << k), len(self._nodes))
+        return self._nodes[lo:hi].count(None) == hi - lo
 
     def filtered_direct_path(self, leaf_index: int) -> list[int]:
         """The direct path of the leaf without the nodes whose copath child has an empty
