@@ -24,18 +24,18 @@ member, with the ratchet tree in its extension) and follows the group with `mls.
   leaf's or KeyPackage's for an external commit or join request), its epoch is the chain's (the
   GroupInfo's own, for a GroupInfo), times never go backwards (by more than CLOCK_SKEW_MS:
   instances sharing one database stamp with their own clocks), and no message is logged twice
-  (a replay). A GroupInfo is logged as sent by the member that signed it (members post their
-  own). Welcomes are checked as far as they are public: an MLS Welcome of the group's cipher
-  suite, sent by a member, for KeyPackages that a commit of the log added (before the log's
-  first commit, whose Adds may precede the log, any).
+  (a replay). Welcomes are checked as far as they are public: an MLS Welcome of the group's
+  cipher suite, sent by a member.
 
 What it reports besides the rotations: each name's signature-key fingerprint (what ties a name
 to a person: members compare their own, `conclave audit --expect-key` checks them); whether a
-later message signed by a member builds on each commit ("confirmed": the service keeps every
-commit it was sent, one that lost the race for its epoch too, and could end a log with it);
-removal requests no commit of the log carried out; and a name that came back by external commit
-after a member removed it (the service refuses that). Times are the service's stamps, signed by
-no one, and removal latency runs from the first request in the log.
+member other than its committer signed a message in each commit's epoch or later ("confirmed":
+a dishonest service could end a log with a commit that lost the race for its epoch, which it
+receives too); removal requests no commit of the log carried out; a name that came back by
+external commit after a member removed it (the service refuses that); Welcomes for KeyPackages
+no commit of the log added (the service takes a Welcome for any KeyPackage a member claimed).
+Times are the service's stamps, signed by no one, and removal latency runs from the first
+request in the log.
 
 Sequence numbers must grow but may skip: the service numbers every message of a group in one
 sequence, application data included, and its audit log leaves application data out.
@@ -190,9 +190,10 @@ class Rotation:
     # in the log).
     removal_latency_ms: dict[str, int | None]
     members: list[str]
-    # Whether a later message signed by a member in this epoch (or a later one) shows that the
-    # members took this commit: the service keeps every commit sent, those that lost a race
-    # for the epoch too, and could end a log with one that never took effect.
+    # Whether a message signed in this epoch or a later one by a member other than the
+    # committer shows that others took this commit. A dishonest service could end a log with a
+    # commit that lost the race for its epoch (it receives those too); an honest log's latest
+    # commits read unconfirmed until another member builds on them.
     confirmed: bool = False
     # What an auditor should know about this epoch (a rule of the service broken, ...).
     notes: list[str] = field(default_factory=list)
@@ -227,6 +228,8 @@ class AuditReport:
     # who is who, to be checked against the members' (see `conclave audit --expect-key`).
     keys: dict[str, str] = field(default_factory=dict)
     pending_removals: list[PendingRemoval] = field(default_factory=list)
+    # What an auditor should know that breaks no rule the service enforces.
+    notes: list[str] = field(default_factory=list)
 
     @property
     def members(self) -> list[str]:
@@ -299,6 +302,10 @@ class Auditor:
         # Names removed by another member and not added back since: the service refuses their
         # external joins.
         self._expelled: set[str] = set()
+        # The latest epoch each name signed a proposal or commit in, as a member: what confirms
+        # the commits up to it (see Rotation.confirmed).
+        self._signed: dict[str, int] = {}
+        self.notes: list[str] = []
         # Each name's signature key, and the seq of the entry where it first showed up.
         self._keys: dict[bytes, tuple[bytes, int]] = {}
         # A digest of each message so far, with its seq: a message logged twice is a replay.
@@ -405,7 +412,6 @@ class Auditor:
             except MLSError as exc:
                 raise AuditFailure(entry.seq, f"the first GroupInfo does not verify: {exc}") from None
             self._check_keys(entry.seq, self.pg)
-            self._check_signer(entry, self.pg, gi.signer)
             self.first_members = sorted(_name(m.identity) for m in self.pg.members)
             self.first_epoch = self.pg.epoch
             self.last_change_ms = entry.time_ms
@@ -422,16 +428,7 @@ class Auditor:
             pg.check_group_info(entry.message)
         except MLSError as exc:
             raise AuditFailure(entry.seq, f"the GroupInfo does not match the chain: {exc}") from None
-        self._check_signer(entry, pg, gi.signer)
 
-    def _check_signer(self, entry: LogEntry, pg: PublicGroup, signer: int) -> None:
-        """A GroupInfo is logged as sent by whoever posted it: members post their own."""
-        leaf = pg.tree.leaf_node(signer)
-        name = _name(leaf.credential.identity) if leaf is not None else f"leaf {signer}"
-        if entry.sender != name:
-            raise AuditFailure(
-                entry.seq, f"the log says {entry.sender!r} sent the GroupInfo, but {name!r} signed it"
-            )
 
     def _welcome(self, entry: LogEntry, pg: PublicGroup) -> None:
         # Encrypted to the new members: only its framing and cipher suite are public.
@@ -445,18 +442,18 @@ class Auditor:
                 entry.seq,
                 f"the Welcome is for cipher suite {welcome.cipher_suite}, the group's is {suite}",
             )
-        # Its sender: a member (the service logs who posted it); its recipients: KeyPackages
-        # that a commit of the log added (a Welcome of another group, or for nobody added, is
-        # not this group's). Before the log's first commit, the one that added them may
-        # precede the log.
+        # Its sender: a member (the service takes Welcomes from members only). Its recipients
+        # should be KeyPackages a commit of the log added, but the service takes a Welcome for
+        # any KeyPackage a member claimed: noted, not refused. (Before the log's first commit,
+        # the one that added them may precede the log.)
         if entry.sender not in {_name(m.identity) for m in pg.members}:
             raise AuditFailure(
                 entry.seq, f"the log says {entry.sender!r} sent the Welcome, not a member"
             )
-        unknown = any(s.new_member not in self._added for s in welcome.secrets)
-        if not welcome.secrets or (unknown and self.rotations):
-            raise AuditFailure(
-                entry.seq, "the Welcome is for a KeyPackage that no commit of the log added"
+        if self.rotations and any(s.new_member not in self._added for s in welcome.secrets):
+            self.notes.append(
+                f"seq {entry.seq}: a Welcome from {entry.sender} for KeyPackages that no commit "
+                "of this log added (another group's, or for someone never added)"
             )
         self.welcomes += 1
 
@@ -482,28 +479,21 @@ class Auditor:
             identity = proposal.body.key_package.leaf_node.credential.identity
         self._check_sender(entry, identity, sender.sender_type.name)
         ref = pg.crypto.make_proposal_ref(body.authenticated_content().encode())
-        self._proposals[ref] = _PendingProposal(
-            proposal, entry.seq, entry.time_ms,
-            _name(proposer.credential.identity) if proposer is not None else None,
-        )
+        proposer_name = _name(proposer.credential.identity) if proposer is not None else None
+        self._proposals[ref] = _PendingProposal(proposal, entry.seq, entry.time_ms, proposer_name)
         if isinstance(proposal.body, Remove):
             self._removal_requests.setdefault(
-                proposal.body.removed,
-                (entry.time_ms, entry.seq,
-                 _name(proposer.credential.identity) if proposer is not None else None),
+                proposal.body.removed, (entry.time_ms, entry.seq, proposer_name)
             )
-        if proposer is not None:
-            self._confirm(entry.epoch)
+        if proposer_name is not None:
+            self._signed_in(proposer_name, entry.epoch)
         self.proposals_seen += 1
 
-    def _confirm(self, epoch: int) -> None:
-        """A member signed a message in `epoch`: it holds that epoch, so the members took the
-        commits that led to it."""
-        for r in reversed(self.rotations):
-            if r.confirmed:
-                break
-            if r.epoch <= epoch:
-                r.confirmed = True
+    def _signed_in(self, name: str, epoch: int) -> None:
+        """A member signed a message in `epoch` (its signature covers the epoch's GroupContext):
+        it took every commit up to that epoch."""
+        if epoch > self._signed.get(name, -1):
+            self._signed[name] = epoch
 
     def _commit(self, entry: LogEntry, pg: PublicGroup) -> None:
         body = _public_message(entry, ContentType.commit)
@@ -535,7 +525,6 @@ class Auditor:
         # A rejoin: an external commit that also removes the joiner's own old leaf.
         own_old = {i for i in processed.removed if external and old.get(i) == who}
         reasons: list[str] = []
-        added_names: set[str] = set()
         expelled: set[str] = set()
         left: set[str] = set()
         for por in commit.proposals:
@@ -555,7 +544,6 @@ class Auditor:
                 self._added.add(
                     pg.crypto.make_key_package_ref(proposal.body.key_package.encode())
                 )
-                added_names.add(_name(proposal.body.key_package.leaf_node.credential.identity))
             if isinstance(proposal.body, Remove):
                 removed_leaf = proposal.body.removed
                 if removed_leaf in own_old:
@@ -582,8 +570,11 @@ class Auditor:
                     "delivery service refuses that until a member adds it again"
                 )
         else:
-            self._confirm(entry.epoch)  # a member's commit: it held the epoch it commits from
-        self._expelled = (self._expelled - added_names - left - {committer}) | expelled
+            self._signed_in(committer, entry.epoch)  # it held the epoch it commits from
+        # Expelled: removed by another and not a member since (a resync may remove a name's old
+        # leaf and add it anew in one commit).
+        members = {_name(m.identity) for m in pg.members}
+        self._expelled = ((self._expelled | expelled) - left) - members
         if not reasons:
             reasons = ["periodic"]
         rejoined = set(processed.added[-1:]) if own_old else set()
@@ -605,7 +596,7 @@ class Auditor:
                 epoch=pg.epoch, seq=entry.seq, time_ms=entry.time_ms, committer=committer,
                 reasons=reasons, added=added, removed=removed, since_last_ms=since,
                 removal_latency_ms=latency,
-                members=sorted(_name(m.identity) for m in pg.members), notes=notes,
+                members=sorted(members), notes=notes,
             )
         )
         self.last_change_ms = entry.time_ms
@@ -614,6 +605,12 @@ class Auditor:
     def report(self) -> AuditReport:
         if self.pg is None:
             raise AuditFailure(None, "the log holds no GroupInfo: nothing to start the chain from")
+        # A rotation is confirmed by a member other than its committer that signed in its epoch
+        # or later (the committer's own messages only show that the service told it it won).
+        for r in self.rotations:
+            r.confirmed = any(
+                name != r.committer and epoch >= r.epoch for name, epoch in self._signed.items()
+            )
         pending = [
             PendingRemoval(_identity(self.pg, leaf), seq, requester)
             for leaf, (_, seq, requester) in sorted(self._removal_requests.items(),
@@ -625,7 +622,7 @@ class Auditor:
             self.group_infos, self.welcomes, self.proposals_seen, self.first_members,
             last_seq=self.last_seq,
             keys={_name(name): key_fingerprint(key) for name, (key, _) in sorted(self._keys.items())},
-            pending_removals=pending,
+            pending_removals=pending, notes=list(self.notes),
         )
 
 

@@ -363,6 +363,8 @@ async def cmd_demo(args: argparse.Namespace) -> int:
         console.print()
     if result.report is not None:
         console.print(report_table("key rotations (conclave audit)", result.report))
+        for line in report_notes(result.report, keys=False):
+            console.print(plain(line))
     for name, passed, detail in result.checks:
         # The detail may quote what a service or a peer said: plain text, not markup.
         console.print(Text.assemble(
@@ -491,35 +493,37 @@ def check_expected_keys(report: Any, expected: list[tuple[str, str]]) -> None:
     for name, fingerprint in expected:
         found = report.keys.get(name)
         if found is None:
-            raise AuditFailure(None, f"{printable(name)!r} does not show up in this log")
+            raise AuditFailure(None, f"'{printable(name)}' does not show up in this log")
         if found != fingerprint:
             raise AuditFailure(
                 None,
-                f"{printable(name)!r} signs with the key {found} in this log, not {fingerprint}: "
+                f"'{printable(name)}' signs with the key {found} in this log, not {fingerprint}: "
                 "that leaf is not the member you know",
             )
 
 
-def report_notes(report: Any) -> list[str]:
+def report_notes(report: Any, keys: bool = True) -> list[str]:
     """What the table alone would not say: the log's keys, what it leaves undone, and what no
     audit can know."""
     from .audit import shown_name
 
-    lines = [f"signature keys: {shown_name(name)} {fingerprint}"
-             for name, fingerprint in report.keys.items()]
-    lines.append(
-        "  (names are tied to people only by these fingerprints: compare each with the one "
-        "`conclave join` prints for that member, or pass --expect-key)"
-    )
+    lines = []
+    if keys:
+        lines = [f"signature keys: {shown_name(name)} {fingerprint}"
+                 for name, fingerprint in report.keys.items()]
+        lines.append(
+            "  (names are tied to people only by these fingerprints: compare each with the one "
+            "`conclave join` prints for that member, or pass --expect-key)"
+        )
     for r in report.rotations:
         lines += [f"epoch {r.epoch}: {note}" for note in r.notes]
-    unconfirmed = [r for r in report.rotations if not r.confirmed]
+    lines += report.notes
+    unconfirmed = [str(r.epoch) for r in report.rotations if not r.confirmed]
     if unconfirmed:
-        first = unconfirmed[0]
         lines.append(
-            f"unconfirmed: the commit{'s' if len(unconfirmed) > 1 else ''} from epoch "
-            f"{first.epoch} on (seq {first.seq}): no later message of a member shows the "
-            "members took it (the service keeps a commit that lost the race for its epoch too)"
+            f"unconfirmed (epoch {', '.join(unconfirmed)}): no member but its committer signed "
+            "anything in that epoch or later. Usual for a log's latest commits; but a dishonest "
+            "service could end a log with a commit that lost the race for its epoch"
         )
     for p in report.pending_removals:
         by = f"by {p.requester}" if p.requester is not None else "from outside the group"

@@ -10,6 +10,7 @@ import sys
 
 from aiohttp import web
 
+from .client import MAX_BODY_LIMIT
 from .server import Config, DeliveryService, make_app
 from .storage import make_storage
 from .tracker import BasicTracker, PublicGroupTracker
@@ -53,6 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if args.challenge_rate <= 0 or args.challenge_burst < 1:
         sys.exit("delivery service: --challenge-rate must be positive, --challenge-burst >= 1")
+    if not 1024 <= args.max_body <= MAX_BODY_LIMIT:
+        # A page of the log holds at least one message, whatever its size: clients read answers
+        # of up to client.MAX_ANSWER bytes.
+        sys.exit(f"delivery service: --max-body must be within 1024-{MAX_BODY_LIMIT} bytes")
     if not args.upload_rate > 0 or args.upload_burst < args.max_body:
         sys.exit("delivery service: --upload-rate must be positive, --upload-burst at least "
                  "--max-body")

@@ -41,9 +41,11 @@ REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=3
 # A 429 asking to wait at most this long (seconds) is waited out and retried, a few times.
 MAX_RETRY_WAIT = 5
 RETRIES_429 = 3
-# The largest answer read from the service: its pages are bounded (8 MiB of messages), and a
-# client must not read an unbounded one into memory from a service it does not trust.
+# The largest answer read from the service: its pages hold at most 8 MiB of messages, or one
+# message of up to its --max-body (at most MAX_BODY_LIMIT), and a client must not read an
+# unbounded one into memory from a service it does not trust.
 MAX_ANSWER = 32 << 20
+MAX_BODY_LIMIT = 16 << 20
 
 
 async def wait_healthy(

@@ -31,6 +31,7 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
          "invalid schema name"),
         (["--challenge-rate", "0"], {}, "--challenge-rate"),
         (["--room-token-ttl", "5"], {}, "--room-token-ttl"),
+        (["--max-body", str((16 << 20) + 1)], {}, "--max-body must be within"),
     ],
 )
 def test_startup_errors_are_one_clear_line(
