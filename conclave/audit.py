@@ -429,7 +429,6 @@ class Auditor:
         except MLSError as exc:
             raise AuditFailure(entry.seq, f"the GroupInfo does not match the chain: {exc}") from None
 
-
     def _welcome(self, entry: LogEntry, pg: PublicGroup) -> None:
         # Encrypted to the new members: only its framing and cipher suite are public.
         try:

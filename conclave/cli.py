@@ -457,7 +457,7 @@ async def cmd_audit(args: argparse.Namespace) -> int:
         entries = await fetch_log_as(args.ds, group_id, args.state or default_state_dir(),
                                      args.identity or DEFAULT_AUDITOR, fetch_log, label,
                                      register=args.register,
-                                     max_bytes=args.max_log_mb and args.max_log_mb << 20)
+                                     max_bytes=args.max_log_mb << 20 if args.max_log_mb else None)
         if args.save is not None:
             try:
                 save_log(args.save, group_id, entries)
@@ -560,10 +560,13 @@ async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fet
             "name on the service for good: check its spelling); for a member, pass its --state"
         )
     try:
-        limit = {} if max_bytes is None else {"max_bytes": max_bytes}
+        if max_bytes is None:
+            from .audit import MAX_LOG_BYTES
+
+            max_bytes = MAX_LOG_BYTES
         if as_member:
-            return await _member_log(ds, group_id, state, identity, **limit)
-        return await fetch(ds, group_id, state, identity, **limit)
+            return await _member_log(ds, group_id, state, identity, max_bytes)
+        return await fetch(ds, group_id, state, identity, max_bytes=max_bytes)
     except RequestFailed as exc:
         if exc.code == "conflict":
             raise ConclaveError(
@@ -585,14 +588,14 @@ async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fet
 
 
 async def _member_log(ds: str, group_id: bytes, state: Path, identity: str,
-                      max_bytes: int | None = None) -> Any:
-    from .audit import MAX_LOG_BYTES, read_log
+                      max_bytes: int) -> Any:
+    from .audit import read_log
     from .participant import Participant
 
     p = Participant(identity, ds, state_dir=state)
     try:
         await p.ds.login()
-        return await read_log(p.ds, group_id, max_bytes or MAX_LOG_BYTES)
+        return await read_log(p.ds, group_id, max_bytes)
     finally:
         await p.ds.close()
 

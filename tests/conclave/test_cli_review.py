@@ -262,6 +262,7 @@ def test_audit_as_a_member_with_its_state(
     (["--state", "{tmp}/st"], "--state"),
     (["--save", "{tmp}/copy.log", "--as", "ops"], "--save and --as"),
     (["--register"], "--register"),
+    (["--max-log-mb", "5"], "--max-log-mb"),
 ])
 def test_options_for_the_service_are_refused_with_a_log_file(
     extra: list[str], named: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
