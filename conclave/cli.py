@@ -47,26 +47,26 @@ def seconds_or_zero(text: str) -> float:
     return seconds(text, zero=True)
 
 
-def token_lifetime(text: str) -> int:
-    """An argparse type: a room token's lifetime, whole seconds from 10 to a day."""
+def whole_number(text: str, low: int, high: int | None, what: str) -> int:
+    """An argparse type's body: an integer from `low` to `high` (None: no bound), `what` named."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 10 <= value <= 86400:
-        raise argparse.ArgumentTypeError(f"{text} is not within 10-86400 seconds")
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if value < low or (high is not None and value > high):
+        bounds = f"at least {low}" if high is None else f"within {low}-{high}"
+        raise argparse.ArgumentTypeError(f"{text} is not {what} {bounds}")
     return value
+
+
+def token_lifetime(text: str) -> int:
+    """An argparse type: a room token's lifetime, whole seconds from 10 to a day."""
+    return whole_number(text, 10, 86400, "a number of seconds")
 
 
 def port(text: str) -> int:
     """An argparse type: a TCP port, 0 for any free one."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text} is not a port number (0-65535)")
-    return value
+    return whole_number(text, 0, 65535, "a port number")
 
 
 def http_url(text: str) -> str:
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --as NAME that has no saved state: register NAME, an auditor the "
                         "service names (--auditor), with a new key kept in the state directory")
     p.add_argument("--state", type=Path, default=None, help=STATE_HELP + " (with --ds)")
-    p.add_argument("--max-log-mb", type=positive_int, default=None, metavar="MB",
+    p.add_argument("--max-log-mb", type=megabytes, default=None, metavar="MB",
                    help="with --ds: give up past this many MiB of messages (default 1024)")
     p.add_argument("--expect-key", type=expected_key, action="append", default=[],
                    metavar="NAME=FINGERPRINT",
@@ -170,14 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
+def megabytes(text: str) -> int:
+    return whole_number(text, 1, None, "a number of MiB")
 
 
 def expected_key(text: str) -> tuple[str, str]:

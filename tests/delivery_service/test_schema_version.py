@@ -4,14 +4,16 @@ adopted with its data."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from delivery_service.storage import IdentityRecord, SQLiteStorage
+from delivery_service.storage import IdentityRecord, SQLiteStorage, Storage
 from delivery_service.storage.base import SCHEMA_VERSION, SchemaVersionError
 from delivery_service.storage.sqlite import APPLICATION_ID
 
@@ -49,22 +51,24 @@ async def _set_version(database: Database, version: int | None) -> None:
         await run_sql(database, f"UPDATE conclave_schema SET version = {version}")
 
 
-async def _has_identity(database: Database, identity: str) -> bool:
+@contextlib.asynccontextmanager
+async def _opened(database: Database) -> AsyncIterator[Storage]:
     storage = database.storage()
     await storage.open()
     try:
-        return await storage.get_identity(identity) is not None
+        yield storage
     finally:
         await storage.close()
+
+
+async def _has_identity(database: Database, identity: str) -> bool:
+    async with _opened(database) as storage:
+        return await storage.get_identity(identity) is not None
 
 
 async def _register(database: Database, identity: str) -> None:
-    storage = database.storage()
-    await storage.open()
-    try:
+    async with _opened(database) as storage:
         assert await storage.register_identity(IdentityRecord(identity, 1, b"k" * 32))
-    finally:
-        await storage.close()
 
 
 async def test_a_new_database_records_the_version(database: Database) -> None:
