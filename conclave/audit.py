@@ -25,16 +25,15 @@ member, with the ratchet tree in its extension) and follows the group with `mls.
   GroupInfo's own, for a GroupInfo), times never go backwards (by more than CLOCK_SKEW_MS:
   instances sharing one database stamp with their own clocks), and no message is logged twice
   (a replay). Welcomes are checked as far as they are public: an MLS Welcome of the group's
-  cipher suite, sent by a member.
+  cipher suite, for KeyPackages a commit of the log added, sent by that commit's poster; and a
+  GroupInfo is logged as posted by the member whose leaf signed it (the service refuses others).
 
 What it reports besides the rotations: each name's signature-key fingerprint (what ties a name
 to a person: members compare their own, `conclave audit --expect-key` checks them); whether a
 member other than its committer signed a message in each commit's epoch or later ("confirmed":
 a dishonest service could end a log with a commit that lost the race for its epoch, which it
 receives too); removal requests no commit of the log carried out; a name that came back by
-external commit after a member removed it (the service refuses that); Welcomes for KeyPackages
-no commit of the log added (the service takes a Welcome for any KeyPackage a member claimed).
-Times are the service's stamps, signed by no one, and removal latency runs from the first
+external commit after a member removed it (the service refuses that). Times are the service's stamps, signed by no one, and removal latency runs from the first
 request in the log.
 
 Sequence numbers must grow but may skip: the service numbers every message of a group in one
@@ -297,8 +296,9 @@ class Auditor:
         # The first Remove proposal naming each leaf (time, seq, proposer), kept across epochs
         # until the leaf is removed: a request voided by another commit may be made again.
         self._removal_requests: dict[int, tuple[int, int, str | None]] = {}
-        # KeyPackageRefs of every KeyPackage a commit of the log added: whom a Welcome may be for.
-        self._added: set[bytes] = set()
+        # KeyPackageRefs of every KeyPackage a commit of the log added, with that commit's
+        # poster: whom a Welcome may be for, and who sends it.
+        self._added: dict[bytes, str] = {}
         # Names removed by another member and not added back since: the service refuses their
         # external joins.
         self._expelled: set[str] = set()
@@ -411,6 +411,7 @@ class Auditor:
                 self.pg = PublicGroup.from_group_info(entry.message)
             except MLSError as exc:
                 raise AuditFailure(entry.seq, f"the first GroupInfo does not verify: {exc}") from None
+            self._check_signer(entry, self.pg, gi.signer)
             self._check_keys(entry.seq, self.pg)
             self.first_members = sorted(_name(m.identity) for m in self.pg.members)
             self.first_epoch = self.pg.epoch
@@ -428,6 +429,19 @@ class Auditor:
             pg.check_group_info(entry.message)
         except MLSError as exc:
             raise AuditFailure(entry.seq, f"the GroupInfo does not match the chain: {exc}") from None
+        self._check_signer(entry, pg, gi.signer)
+
+    @staticmethod
+    def _check_signer(entry: LogEntry, pg: PublicGroup, signer: int) -> None:
+        """The service takes a GroupInfo from the member whose leaf signed it only."""
+        names = {m.leaf_index: _name(m.identity) for m in pg.members}
+        if names.get(signer) != entry.sender:
+            raise AuditFailure(
+                entry.seq,
+                f"the log says {entry.sender!r} posted the GroupInfo, but leaf {signer} "
+                f"({names.get(signer)!r}) signed it (the service takes a GroupInfo from its "
+                "signer only)",
+            )
 
     def _welcome(self, entry: LogEntry, pg: PublicGroup) -> None:
         # Encrypted to the new members: only its framing and cipher suite are public.
@@ -441,19 +455,30 @@ class Auditor:
                 entry.seq,
                 f"the Welcome is for cipher suite {welcome.cipher_suite}, the group's is {suite}",
             )
-        # Its sender: a member (the service takes Welcomes from members only). Its recipients
-        # should be KeyPackages a commit of the log added, but the service takes a Welcome for
-        # any KeyPackage a member claimed: noted, not refused. (Before the log's first commit,
-        # the one that added them may precede the log.)
+        # Its sender: a member; its recipients: KeyPackages a commit of the log added, and its
+        # sender that commit's poster (the service refuses other Welcomes). Before the log's
+        # first commit, the one that added them may precede the log.
         if entry.sender not in {_name(m.identity) for m in pg.members}:
             raise AuditFailure(
                 entry.seq, f"the log says {entry.sender!r} sent the Welcome, not a member"
             )
-        if self.rotations and any(s.new_member not in self._added for s in welcome.secrets):
-            self.notes.append(
-                f"seq {entry.seq}: a Welcome from {entry.sender} for KeyPackages that no commit "
-                "of this log added (another group's, or for someone never added)"
-            )
+        if self.rotations:
+            for s in welcome.secrets:
+                committer = self._added.get(s.new_member)
+                if committer is None:
+                    raise AuditFailure(
+                        entry.seq,
+                        f"a Welcome from {entry.sender!r} for KeyPackageRef {s.new_member.hex()}, "
+                        "which no commit of this log added (the service refuses such Welcomes; "
+                        "or the log starts after that commit)",
+                    )
+                if committer != entry.sender:
+                    raise AuditFailure(
+                        entry.seq,
+                        f"the log says {entry.sender!r} sent the Welcome for KeyPackageRef "
+                        f"{s.new_member.hex()}, which {committer!r}'s commit added (the service "
+                        "takes a Welcome from its commit's poster only)",
+                    )
         self.welcomes += 1
 
     def _proposal(self, entry: LogEntry, pg: PublicGroup) -> None:
@@ -521,6 +546,7 @@ class Auditor:
         who = identity or b""  # `_check_sender` refused None
         self._check_keys(entry.seq, pg)
         committer = _name(who)
+        self._added.update(dict.fromkeys(processed.key_package_refs, entry.sender))
         # A rejoin: an external commit that also removes the joiner's own old leaf.
         own_old = {i for i in processed.removed if external and old.get(i) == who}
         reasons: list[str] = []
@@ -539,10 +565,6 @@ class Auditor:
                 proposal = pending.proposal
             if proposal.proposal_type == ProposalType.external_init:
                 continue  # the commit's sender says it: external-join or rejoin, first
-            if isinstance(proposal.body, Add):
-                self._added.add(
-                    pg.crypto.make_key_package_ref(proposal.body.key_package.encode())
-                )
             if isinstance(proposal.body, Remove):
                 removed_leaf = proposal.body.removed
                 if removed_leaf in own_old:

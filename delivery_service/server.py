@@ -663,7 +663,7 @@ class DeliveryService:
                 header = parse_group_info(group_info)
                 if header.group_id != group_id or header.epoch != new.epoch:
                     raise BadRequest("the GroupInfo is not for this group's new epoch")
-                self.tracker.check_group_info(new, group_info)
+                self.tracker.check_group_info(new, group_info, identity)
                 new = replace(new, group_info=group_info)
             return new, self._new_message(framed, identity, data)
 
@@ -714,6 +714,8 @@ class DeliveryService:
             if identity not in state.members:
                 raise Forbidden(f"{identity} is not a member of this group")
             self._refuse_copy(earlier, state, identity)
+            if self.tracker.knows_adds:
+                await self._check_welcomed_by_committer(group_id, unique, identity)
             group_suite = self.tracker.cipher_suite(state)
             if group_suite is not None and suite != group_suite:
                 raise BadRequest(
@@ -731,6 +733,26 @@ class DeliveryService:
 
         _, stored = await self._append(group_id, step)
         return cbor_response({"seq": stored.seq, "recipients": recipients}, 201)
+
+    async def _check_welcomed_by_committer(
+        self, group_id: bytes, refs: list[bytes], identity: str
+    ) -> None:
+        """A Welcome is for the KeyPackages a commit of the group added, from that commit's
+        poster (§12.4.3.1: the committer sends it): no member can hand a joiner a Welcome of its
+        own making, or one meant for another group."""
+        added = await self.storage.added_by(group_id, refs)
+        for ref in refs:
+            committer = added.get(ref)
+            if committer is None:
+                raise Conflict(
+                    f"no commit of this group added KeyPackageRef {ref.hex()}: post the commit "
+                    "that adds it first"
+                )
+            if committer != identity:
+                raise Forbidden(
+                    f"KeyPackageRef {ref.hex()} was added by {committer}'s commit: only "
+                    f"{committer} sends its Welcome"
+                )
 
     async def put_group_info(self, request: web.Request) -> web.Response:
         identity = await self.identity_of(request)
@@ -751,7 +773,7 @@ class DeliveryService:
             self._refuse_copy(earlier, state, identity)
             if header.epoch != state.epoch:
                 raise StaleEpoch(header.epoch, state.epoch)
-            self.tracker.check_group_info(state, data)
+            self.tracker.check_group_info(state, data, identity)
             # Logged for auditors; pushed to nobody (recipients empty).
             return replace(state, group_info=data), NewMessage(
                 "group_info", state.epoch, identity, None, int(time.time() * 1000), data, ()

@@ -46,6 +46,9 @@ class GroupState:
     # the service refuses their external joins until a member adds them again. Not persisted as
     # such: a state read from storage has it empty.
     expelled: frozenset[str] = frozenset()
+    # Likewise: the KeyPackageRefs of the KeyPackages that commit added (§5.2), recorded with
+    # its poster by the storage. Only that poster may send a Welcome for them.
+    key_package_refs: frozenset[bytes] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,10 @@ class MembershipHints:
 
 
 class GroupTracker(Protocol):
+    # Whether `accept` sets `GroupState.key_package_refs`, so that Welcomes can be checked
+    # against the commits that added their recipients.
+    knows_adds: bool
+
     def create(self, group_id: bytes, creator: str, group_info: bytes | None) -> GroupState:
         """The state of a new group whose only member is `creator` (epoch 0 unless GroupInfo)."""
         ...
@@ -79,9 +86,10 @@ class GroupTracker(Protocol):
         """(identity, signature key) of every member leaf, or None if the tracker cannot tell."""
         ...
 
-    def check_group_info(self, state: GroupState, group_info: bytes) -> None:
+    def check_group_info(self, state: GroupState, group_info: bytes, poster: str) -> None:
         """Raise unless `group_info` (same group and epoch, checked by the caller) describes
-        `state`, so that external joiners are not handed a bogus one."""
+        `state`, so that external joiners are not handed a bogus one, and is signed by
+        `poster`'s leaf, so that the log names who vouches for it."""
         ...
 
     def cipher_suite(self, state: GroupState) -> int | None:
@@ -92,10 +100,12 @@ class GroupTracker(Protocol):
 class BasicTracker:
     """Header checks and exactly-one-commit-per-epoch, with membership from hints."""
 
+    knows_adds = False
+
     def member_keys(self, state: GroupState) -> set[tuple[str, bytes]] | None:
         return None
 
-    def check_group_info(self, state: GroupState, group_info: bytes) -> None:
+    def check_group_info(self, state: GroupState, group_info: bytes, poster: str) -> None:
         return None
 
     def cipher_suite(self, state: GroupState) -> int | None:
@@ -161,6 +171,18 @@ def _verified_group_info(group_info: bytes, max_leaves: int) -> PublicGroup:
         raise BadRequest(f"the GroupInfo does not verify: {exc}") from None
 
 
+def _check_signer(group: PublicGroup, group_info: bytes, poster: str) -> None:
+    """The GroupInfo (verified against `group`) must be signed by one of `poster`'s leaves: the
+    log records who posted it, and an auditor takes that as who vouches for it."""
+    signer = parse_group_info(group_info).signer
+    owner = _leaf_owners(group).get(signer)
+    if owner != poster:
+        raise Forbidden(
+            f"the GroupInfo is signed by leaf {signer} ({owner!r}), not by {poster}: post a "
+            "GroupInfo of your own"
+        )
+
+
 def _identities(group: PublicGroup) -> set[tuple[str, bytes]]:
     pairs = set()
     for m in group.members:
@@ -190,6 +212,8 @@ MAX_CREATE_LEAVES = 4096
 
 class PublicGroupTracker:
     """Verifies every handshake message with the secret-free `mls.public_group.PublicGroup`."""
+
+    knows_adds = True
 
     def __init__(self, cache_size: int = 16, max_create_leaves: int = MAX_CREATE_LEAVES) -> None:
         self.max_create_leaves = max_create_leaves
@@ -226,6 +250,7 @@ class PublicGroupTracker:
         members = frozenset(i for i, _ in _identities(group))
         if creator not in members:
             raise Forbidden(f"{creator} is not a member of the group in the GroupInfo")
+        _check_signer(group, group_info, creator)
         tracker_state = group.to_bytes()
         self._remember(tracker_state, group)
         return GroupState(group_id, group.epoch, 0, members, group_info, tracker_state)
@@ -236,13 +261,15 @@ class PublicGroupTracker:
     def cipher_suite(self, state: GroupState) -> int:
         return int(self._view(state.tracker_state).group_context.cipher_suite)
 
-    def check_group_info(self, state: GroupState, group_info: bytes) -> None:
+    def check_group_info(self, state: GroupState, group_info: bytes, poster: str) -> None:
         # Compared with the tree this service already checked, not checked again: a commit's
         # GroupInfo costs a byte comparison and a signature, whatever size its tree claims.
+        view = self._view(state.tracker_state)
         try:
-            self._view(state.tracker_state).check_group_info(group_info)
+            view.check_group_info(group_info)
         except (MLSError, ValueError) as exc:
             raise BadRequest(f"the GroupInfo does not verify: {exc}") from None
+        _check_signer(view, group_info, poster)
 
     def accept(
         self,
@@ -294,7 +321,7 @@ class PublicGroupTracker:
         self._remember(tracker_state, group)
         return replace(
             state, epoch=group.epoch, members=members, tracker_state=tracker_state,
-            expelled=expelled,
+            expelled=expelled, key_package_refs=frozenset(processed.key_package_refs),
         )
 
 

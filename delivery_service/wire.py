@@ -3,7 +3,7 @@
 The service decodes every MLSMessage fully (`mls.framing.MLSMessage`), so malformed bytes are
 refused before anything is stored, and keeps only the public parts it needs: the group id, epoch,
 sender and content type of a PublicMessage or PrivateMessage (§6.2, §6.3), the KeyPackageRefs a
-Welcome is addressed to (§12.4.3.1), the group id and epoch of a GroupInfo (§12.4.3), and the
+Welcome is addressed to (§12.4.3.1), the group id, epoch and signer of a GroupInfo (§12.4.3), and the
 credential, lifetime and signature of a KeyPackage (§10). Checking a commit's signature and
 UpdatePath against the public tree belongs to the `GroupTracker` (see `tracker.py`).
 """
@@ -54,6 +54,7 @@ class GroupInfoHeader:
     cipher_suite: int
     group_id: bytes
     epoch: int
+    signer: int  # leaf index
 
 
 def decode(data: bytes, what: str) -> MLSMessage:
@@ -125,7 +126,7 @@ def parse_group_info(data: bytes) -> GroupInfoHeader:
     if not isinstance(body, GroupInfo):
         raise BadRequest("expected an MLSMessage holding a GroupInfo")
     ctx = body.group_context
-    return GroupInfoHeader(ctx.cipher_suite, ctx.group_id, ctx.epoch)
+    return GroupInfoHeader(ctx.cipher_suite, ctx.group_id, ctx.epoch, body.signer)
 
 
 def parse_key_package(data: bytes) -> KeyPackageInfo:

@@ -37,6 +37,7 @@ from .group_framing import verify_content
 from .group_info import verified_ratchet_tree, verify_signed_by_member
 from .group_state import read_format_header, read_proposal_cache, write_proposal_cache
 from .group_types import PendingProposal
+from .proposal_list import ProposalEffects
 from .proposals import Proposal
 from .ratchet_tree import RatchetTree
 from .tls import Reader, Writer
@@ -52,7 +53,9 @@ _FORMAT_VERSION = 1
 @dataclass(slots=True)
 class PublicProcessed:
     """What `PublicGroup.process` accepted: a "proposal" or a "commit", its sender and epoch.
-    For commits, `added` and `removed` list the leaf indices whose membership changed."""
+    For commits, `added` and `removed` list the leaf indices whose membership changed, and
+    `key_package_refs` the KeyPackageRefs of the KeyPackages its Add proposals carry (§5.2):
+    whom the commit's Welcome may be for."""
 
     kind: str
     sender: Sender
@@ -61,6 +64,7 @@ class PublicProcessed:
     commit: Commit | None = None
     added: tuple[int, ...] = ()
     removed: tuple[int, ...] = ()
+    key_package_refs: tuple[bytes, ...] = ()
 
 
 class PublicGroup(CommitRules):
@@ -155,16 +159,17 @@ class PublicGroup(CommitRules):
             st.proposals[ref] = PendingProposal(content.proposal, content.sender)
             return PublicProcessed("proposal", content.sender, content.epoch, content.proposal)
         assert content.commit is not None
-        new, added, removed = self._process_commit(st, ac)
+        new, effects, added = self._process_commit(st, ac)
         self._state = new
+        refs = tuple(self._crypto.make_key_package_ref(kp.encode()) for _, kp in effects.added)
         return PublicProcessed(
             "commit", content.sender, content.epoch, commit=content.commit,
-            added=added, removed=removed,
+            added=added, removed=tuple(effects.removed), key_package_refs=refs,
         )
 
     def _process_commit(
         self, st: EpochState, ac: AuthenticatedContent
-    ) -> tuple[EpochState, tuple[int, ...], tuple[int, ...]]:
+    ) -> tuple[EpochState, ProposalEffects, tuple[int, ...]]:
         """§12.4.2 without the secrets: the proposals, the UpdatePath's public keys, the new
         GroupContext and interim transcript hash (the confirmation tag cannot be checked)."""
         commit = ac.content.commit
@@ -185,7 +190,7 @@ class PublicGroup(CommitRules):
         )
         new.proposals = {}
         new.reinit = effects.reinit
-        return new, tuple(added), tuple(effects.removed)
+        return new, effects, tuple(added)
 
     # --- persistence -----------------------------------------------------------------------------
 

@@ -30,8 +30,10 @@ def message_digest(data: bytes) -> bytes:
 # older version in both backends' `open`; a database of a newer version is refused
 # (`check_schema_version`): an older service would misread it, or write what the newer one
 # misreads. Databases made before the version was recorded read as 0 and are at version 1 once
-# their migrations (`expelled`, `handshake_digests`) have run.
-SCHEMA_VERSION = 1
+# their migrations (`expelled`, `handshake_digests`) have run. Version 2 records the
+# KeyPackageRefs each commit added (`group_adds`): a version-1 service would not, and the
+# Welcomes for its commits' new members would then be refused.
+SCHEMA_VERSION = 2
 
 
 class SchemaVersionError(ValueError):
@@ -275,9 +277,16 @@ class Storage(abc.ABC):
         GroupInfo, tracker state) atomically, only if the group is still at `old.last_seq`; else
         raise `StorageConflict`. Returns the sequence number.
 
-        A handshake message (`HANDSHAKE_KINDS`) whose `message_digest` the group's log holds
-        already is not stored: raise `DuplicateMessage` with the seq of the one stored (enforced
+        The KeyPackageRefs `new.key_package_refs` are recorded as added by `message.sender`
+        (see `added_by`). A handshake message (`HANDSHAKE_KINDS`) whose `message_digest` the
+        group's log holds already is not stored: raise `DuplicateMessage` with the seq of the one stored (enforced
         by a unique key, so it holds for instances sharing a database)."""
+
+    @abc.abstractmethod
+    async def added_by(self, group_id: bytes, refs: list[bytes]) -> dict[bytes, str]:
+        """For each KeyPackageRef a commit of the group added (`GroupState.key_package_refs`,
+        recorded by `append`), the identity that posted that commit (the latest such commit's);
+        refs no commit of the group added are left out."""
 
     @abc.abstractmethod
     async def find_handshake(self, group_id: bytes, digest: bytes) -> StoredMessage | None:

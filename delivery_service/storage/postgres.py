@@ -90,6 +90,11 @@ ALTER TABLE removals ADD COLUMN IF NOT EXISTS expelled BOOLEAN NOT NULL DEFAULT 
 CREATE TABLE IF NOT EXISTS handshake_digests (
     group_id BYTEA NOT NULL, digest BYTEA NOT NULL, seq BIGINT NOT NULL,
     PRIMARY KEY (group_id, digest));
+-- The KeyPackageRefs each commit added, with its poster: whom a Welcome may be for and who may
+-- send it (version 2; a database of version 1 gains it empty).
+CREATE TABLE IF NOT EXISTS group_adds (
+    group_id BYTEA NOT NULL, ref BYTEA NOT NULL, committer TEXT NOT NULL, seq BIGINT NOT NULL,
+    PRIMARY KEY (group_id, ref));
 -- One row: the layout's version (see base.SCHEMA_VERSION).
 CREATE TABLE IF NOT EXISTS conclave_schema (
     one BOOLEAN PRIMARY KEY CHECK (one), version INTEGER NOT NULL);
@@ -513,6 +518,12 @@ class PostgresStorage(Storage):
                     "INSERT INTO welcomes (identity, group_id, seq) VALUES ($1, $2, $3)",
                     [(r, gid, seq) for r in message.recipients],
                 )
+            if new.key_package_refs:
+                await conn.executemany(
+                    "INSERT INTO group_adds VALUES ($1, $2, $3, $4) ON CONFLICT (group_id, ref) "
+                    "DO UPDATE SET committer = excluded.committer, seq = excluded.seq",
+                    [(gid, ref, message.sender, seq) for ref in new.key_package_refs],
+                )
             for note in self._notes(gid, seq, message.recipients):
                 await conn.execute("SELECT pg_notify($1, $2)", self._channel, note)
         return seq
@@ -537,6 +548,13 @@ class PostgresStorage(Storage):
             size += cost
         notes.append(json.dumps({**head, "r": chunk}))
         return notes
+
+    async def added_by(self, group_id: bytes, refs: list[bytes]) -> dict[bytes, str]:
+        rows = await self.pool.fetch(
+            "SELECT ref, committer FROM group_adds WHERE group_id = $1 AND ref = ANY($2::bytea[])",
+            group_id, refs,
+        )
+        return {bytes(r["ref"]): r["committer"] for r in rows}
 
     async def find_handshake(self, group_id: bytes, digest: bytes) -> StoredMessage | None:
         row = await self.pool.fetchrow(

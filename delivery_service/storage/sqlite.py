@@ -62,6 +62,9 @@ CREATE INDEX IF NOT EXISTS welcomes_by_message ON welcomes (group_id, seq, ident
 CREATE TABLE IF NOT EXISTS removals (
     group_id BLOB NOT NULL, identity TEXT NOT NULL, seq INTEGER NOT NULL,
     expelled INTEGER NOT NULL, PRIMARY KEY (group_id, identity, seq));
+CREATE TABLE IF NOT EXISTS group_adds (
+    group_id BLOB NOT NULL, ref BLOB NOT NULL, committer TEXT NOT NULL, seq INTEGER NOT NULL,
+    PRIMARY KEY (group_id, ref));
 """
 # A database made before removals recorded `expelled`: its past removals count as expulsions
 # (a leave cannot be told from one after the fact; refusing is the safe side, and a member can
@@ -418,7 +421,20 @@ class SQLiteStorage(Storage):
                     "INSERT INTO welcomes (identity, group_id, seq) VALUES (?, ?, ?)",
                     (r, gid, seq),
                 )
+            for ref in new.key_package_refs:
+                await self.db.execute(
+                    "INSERT OR REPLACE INTO group_adds VALUES (?, ?, ?, ?)",
+                    (gid, ref, message.sender, seq),
+                )
         return seq
+
+    async def added_by(self, group_id: bytes, refs: list[bytes]) -> dict[bytes, str]:
+        rows = await self._all(
+            "SELECT ref, committer FROM group_adds WHERE group_id = ? AND ref IN "
+            f"({', '.join('?' * len(refs))})",
+            (group_id, *refs),
+        )
+        return {bytes(r[0]): r[1] for r in rows}
 
     async def find_handshake(self, group_id: bytes, digest: bytes) -> StoredMessage | None:
         row = await self._one(

@@ -149,13 +149,17 @@ def test_every_name_is_reported_with_its_key_fingerprint(
     assert key_fingerprint(alice.signature_key) not in report.keys.values()  # another alice
 
 
-def test_a_welcome_must_come_from_a_member_and_one_for_no_one_added_is_noted(
+def test_a_welcome_comes_from_the_commit_that_added_its_recipients(
     built: tuple[list[LogEntry], dict[str, int]],
 ) -> None:
     entries, seqs = built
     welcome = next(e for e in entries if e.kind == "welcome")
     with pytest.raises(AuditFailure, match="'dave' sent the Welcome, not a member") as info:
         audit(GID, _replace(entries, welcome.seq, sender="dave"))
+    assert info.value.seq == welcome.seq
+    # a member other than the committer: the service takes it from the committer only
+    with pytest.raises(AuditFailure, match="which 'alice''s commit added") as info:
+        audit(GID, _replace(entries, welcome.seq, sender="bob"))
     assert info.value.seq == welcome.seq
     # a Welcome of another group (to erin), logged after the log's last commit
     other = Group.create(Client(b"alice"), b"another group")
@@ -164,10 +168,23 @@ def test_a_welcome_must_come_from_a_member_and_one_for_no_one_added_is_noted(
     last = entries[-1]
     log = [*entries, replace(welcome, seq=last.seq + 1, epoch=5, time_ms=last.time_ms,
                              message=foreign)]
-    # the service takes a Welcome for any KeyPackage a member claimed: noted, not refused
     assert audit(GID, entries).notes == []
-    [note] = audit(GID, log).notes
-    assert note.startswith(f"seq {last.seq + 1}: a Welcome from alice for KeyPackages that no")
+    with pytest.raises(AuditFailure, match="which no commit of this log added") as info:
+        audit(GID, log)
+    assert info.value.seq == last.seq + 1
+
+
+def test_a_group_info_is_logged_as_posted_by_its_signer(
+    built: tuple[list[LogEntry], dict[str, int]],
+) -> None:
+    entries, _ = built
+    infos = [e for e in entries if e.kind == "group_info"]
+    assert len(infos) >= 2 and infos[0].sender == "alice"
+    for entry in (infos[0], infos[-1]):
+        other = "bob" if entry.sender != "bob" else "alice"
+        with pytest.raises(AuditFailure, match=f"'{other}' posted the GroupInfo") as info:
+            audit(GID, _replace(entries, entry.seq, sender=other))
+        assert info.value.seq == entry.seq
 
 
 def test_durations_the_service_stamped_backwards_are_flagged(

@@ -9,13 +9,15 @@ import hashlib
 import os
 import sqlite3
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from delivery_service.storage import IdentityRecord, SQLiteStorage, Storage
+from delivery_service.storage import IdentityRecord, NewMessage, SQLiteStorage, Storage
 from delivery_service.storage.base import SCHEMA_VERSION, SchemaVersionError
 from delivery_service.storage.sqlite import APPLICATION_ID
+from delivery_service.tracker import GroupState
 
 from .conftest import Database, drop_schema, require_postgres, run_sql
 from .test_cli import run
@@ -86,6 +88,21 @@ async def test_a_database_from_before_the_version_is_adopted(database: Database)
     await _set_version(database, None)
     assert await _has_identity(database, "alice")
     assert await _version(database) == SCHEMA_VERSION
+
+
+async def test_a_version_1_database_gains_the_group_adds(database: Database) -> None:
+    await _register(database, "alice")
+    await run_sql(database, "DROP TABLE group_adds")
+    await _set_version(database, 1)
+    gid, ref = os.urandom(8), os.urandom(32)
+    async with _opened(database) as storage:
+        assert await _version(database) == SCHEMA_VERSION == 2
+        s0 = GroupState(gid, 0, 0, frozenset({"alice"}))
+        assert await storage.create_group(s0, "alice", 1)
+        s1 = replace(s0, epoch=1, key_package_refs=frozenset({ref}))
+        await storage.append(s0, s1, NewMessage("commit", 0, "alice", 0, 1000, b"commit"))
+        assert await storage.added_by(gid, [ref]) == {ref: "alice"}
+    assert await _has_identity(database, "alice")
 
 
 async def test_a_newer_database_is_refused_and_left_as_it_was(database: Database) -> None:

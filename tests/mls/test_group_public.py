@@ -11,6 +11,8 @@ from mls.errors import MLSError, ValidationError
 from mls.extensions import ExtensionType
 from mls.framing import MLSMessage
 from mls.group import Group
+from mls.group_framing import parse_key_package
+from mls.proposals import Add, Proposal
 from mls.public_group import PublicGroup
 from mls.tree_nodes import ratchet_tree_extension
 
@@ -36,6 +38,9 @@ def test_public_group_follows_members(suite: int) -> None:
     assert processed.kind == "commit" and processed.added == (2,)
     ga.process(result.commit)
     assert result.welcome is not None
+    # Whom the Welcome is for: the KeyPackageRefs of the commit's Adds.
+    secrets = MLSMessage.decode(result.welcome).welcome.secrets
+    assert processed.key_package_refs == tuple(s.new_member for s in secrets)
     gc = Group.join(carol, result.welcome)
     agrees(pub, ga)
     # Proposals by reference, including an Update.
@@ -73,6 +78,25 @@ def test_public_group_follows_members(suite: int) -> None:
     restored.process(update)
     ga.process(update)
     agrees(restored, ga)
+
+
+def test_a_commit_names_the_key_packages_it_adds_by_reference_too() -> None:
+    ga, gb = make_group(2, 1)
+    pub = PublicGroup.from_group_info(ga.group_info())
+    proposal = gb.propose_add(Client(b"carol", 1).key_package())
+    for g in (pub, ga):
+        g.process(proposal)
+    dave = parse_key_package(Client(b"dave", 1).key_package())
+    result = ga.commit([Proposal(Add(dave))])  # carol's Add by reference, dave's inline
+    processed = pub.process(result.commit)
+    assert result.welcome is not None
+    secrets = MLSMessage.decode(result.welcome).welcome.secrets
+    assert len(secrets) == 2 and len(set(processed.key_package_refs)) == 2
+    assert set(processed.key_package_refs) == {s.new_member for s in secrets}
+    # Proposals and commits without Adds name none.
+    gb.process(result.commit)
+    assert pub.process(gb.propose_update()).key_package_refs == ()
+    assert pub.process(gb.commit().commit).key_package_refs == ()
 
 
 def test_public_group_refuses_bad_messages_unchanged() -> None:

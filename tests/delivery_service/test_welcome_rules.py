@@ -1,0 +1,127 @@
+"""Who may post a Welcome and a GroupInfo, with the verifying tracker, on both storage backends.
+
+A Welcome is for the KeyPackages a commit of the group added, and comes from that commit's poster
+(RFC 9420 §12.4.3.1: the committer sends it); a GroupInfo is posted by the member whose leaf
+signed it (§12.4.3), so that the log names who vouches for it. Anything else is refused, and
+nothing of a refused request is logged or delivered."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import pytest
+
+from delivery_service.errors import RequestFailed
+from delivery_service.storage import NewMessage, Storage
+from delivery_service.tracker import GroupState
+from mls.group import Group
+
+from .mlsgroups import Person, people, start_group
+
+NOW = 1_800_000_000
+
+
+async def _refused(status: int, code: str, call: object) -> str:
+    with pytest.raises(RequestFailed) as info:
+        await call  # type: ignore[misc]
+    assert (info.value.status, info.value.code) == (status, code), info.value.reason
+    return info.value.reason
+
+
+async def _log(member: Person, gid: bytes) -> list[tuple[int, str, str]]:
+    return [(m.seq, m.kind, m.sender) for m in await member.ds.audit_log(gid)]
+
+
+async def test_a_welcome_comes_from_the_commit_that_added_its_recipients(url: str) -> None:
+    alice, bob, carol, dave = await people(url, "alice", "bob", "carol", "dave")
+    gid = await start_group(alice, bob)
+    assert alice.group is not None
+    kp = await alice.ds.claim_key_package("carol")
+    res = alice.group.add([kp])
+    await alice.ds.send(gid, res.commit, group_info=res.group_info)
+    alice.group.merge_pending_commit()
+    assert res.welcome is not None
+    before = await _log(alice, gid)
+    # Another member cannot send it: the Welcome of alice's commit is hers to send.
+    reason = await _refused(403, "forbidden", bob.ds.send_welcome(gid, res.welcome))
+    assert "alice" in reason
+    assert await _log(alice, gid) == before
+    assert await carol.ds.welcomes() == []
+    seq = await alice.ds.send_welcome(gid, res.welcome)
+    [w] = await carol.ds.welcomes()
+    assert (w.group_id, w.seq) == (gid, seq)
+
+    # A Welcome before its commit: refused (409), accepted once the commit is in.
+    kp = await alice.ds.claim_key_package("dave")
+    res = alice.group.add([kp])
+    assert res.welcome is not None
+    reason = await _refused(409, "conflict", alice.ds.send_welcome(gid, res.welcome))
+    assert "post the commit" in reason
+    await alice.ds.send(gid, res.commit, group_info=res.group_info)
+    alice.group.merge_pending_commit()
+    await alice.ds.send_welcome(gid, res.welcome)
+    assert len(await dave.ds.welcomes()) == 1
+
+    # The Welcome of one group posted to another where its recipient is a member too: no commit
+    # of that group added this KeyPackage.
+    other = await start_group(dave, carol)
+    reason = await _refused(409, "conflict", dave.ds.send_welcome(other, w.welcome))
+    assert "no commit of this group added" in reason
+    assert [k for _, k, _ in await _log(dave, other)].count("welcome") == 1
+
+
+async def test_a_group_info_is_posted_by_the_member_who_signed_it(url: str) -> None:
+    alice, bob, carol = await people(url, "alice", "bob", "carol")
+    gid = await start_group(alice, bob)
+    await bob.catch_up(gid)
+    assert alice.group is not None and bob.group is not None
+    before = await _log(alice, gid)
+    reason = await _refused(
+        403, "forbidden", bob.ds.publish_group_info(gid, alice.group.group_info())
+    )
+    assert "signed by leaf 0" in reason and "alice" in reason
+    assert await _log(alice, gid) == before
+    seq = await bob.ds.publish_group_info(gid, bob.group.group_info())
+    assert await _log(alice, gid) == [*before, (seq, "group_info", "bob")]
+
+    # With a commit: a GroupInfo of the new epoch that another member signed (having been
+    # shown the commit first) is refused, and the commit with it.
+    res = alice.group.update()
+    bob.group.process(res.commit)
+    epoch = (await alice.ds.group(gid))["epoch"]
+    reason = await _refused(
+        403, "forbidden", alice.ds.send(gid, res.commit, group_info=bob.group.group_info())
+    )
+    assert "bob" in reason
+    assert (await alice.ds.group(gid))["epoch"] == epoch
+    await alice.ds.send(gid, res.commit, group_info=res.group_info)
+
+    # Creating a group: its GroupInfo must be the creator's own.
+    other = os.urandom(16)
+    alice_view = Group.create(alice.mls, other)
+    res = alice_view.add([await alice.ds.claim_key_package("carol")])
+    alice_view.merge_pending_commit()
+    assert res.welcome is not None
+    carol_view = Group.join(carol.mls, res.welcome)
+    await _refused(403, "forbidden", carol.ds.create_group(other, alice_view.group_info()))
+    await _refused(404, "not_found", carol.ds.group(other))
+    assert await carol.ds.create_group(other, carol_view.group_info()) == 1
+
+
+async def test_the_storage_records_who_added_each_key_package(storage: Storage) -> None:
+    gid = os.urandom(8)
+    s0 = GroupState(gid, 0, 0, frozenset({"alice"}))
+    assert await storage.create_group(s0, "alice", NOW)
+    first, second = os.urandom(32), os.urandom(32)
+    s1 = replace(
+        s0, epoch=1, members=frozenset({"alice", "bob"}), key_package_refs=frozenset({first})
+    )
+    await storage.append(s0, s1, NewMessage("commit", 0, "alice", 0, NOW * 1000, b"c1"))
+    assert await storage.added_by(gid, [first, second]) == {first: "alice"}
+    assert await storage.added_by(os.urandom(8), [first]) == {}
+    # Added again (a last-resort KeyPackage, say) by another commit: its poster is the one now.
+    s1 = replace(s1, last_seq=1, key_package_refs=frozenset())
+    s2 = replace(s1, epoch=2, key_package_refs=frozenset({first, second}))
+    await storage.append(s1, s2, NewMessage("commit", 1, "bob", 1, NOW * 1000, b"c2"))
+    assert await storage.added_by(gid, [first, second]) == {first: "bob", second: "bob"}
