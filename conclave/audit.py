@@ -43,7 +43,8 @@ What it cannot check without the epoch secrets: membership tags and confirmation
 commits (the MACs of RFC 9420 §6.2 and §8.1), and anything inside PrivateMessages and Welcomes.
 Nor can it tell a log cut short or started late from a complete one: it verifies the log it is
 given, a prefix or suffix of the history included, so the members it reports are those at the
-end of that log.
+end of that log. Except against what a member knows first-hand: given the epoch a member's saved
+state has reached (`KnownEpoch`), the log must pass through it with the member's GroupContext.
 
 Reasons in the report: "add", "remove" (a member removed by another: the delivery service then
 refuses its external joins until a member adds it again), "leave" (a member's own Remove
@@ -207,6 +208,17 @@ class PendingRemoval:
     requester: str | None  # None: a request from outside the group
 
 
+@dataclass(frozen=True)
+class KnownEpoch:
+    """An epoch a member lived, from its saved state (`conclave audit --as MEMBER`): the log must
+    pass through that epoch with the very GroupContext (tree hash, confirmed transcript hash)
+    the member holds, or it is not the history that member took part in."""
+
+    name: str
+    epoch: int
+    group_context: bytes = field(repr=False)
+
+
 @dataclass
 class AuditReport:
     """What the log shows, from its first GroupInfo to its end: `members` are the members at the
@@ -278,8 +290,10 @@ def _public_message(entry: LogEntry, expected: ContentType) -> PublicMessage:
 class Auditor:
     """Feed it log entries in order (`check`), then read `report()`."""
 
-    def __init__(self, group_id: bytes) -> None:
+    def __init__(self, group_id: bytes, known: KnownEpoch | None = None) -> None:
         self.group_id = group_id
+        self.known = known
+        self.known_matched = False
         self.pg: PublicGroup | None = None
         self.first_epoch = 0
         self.first_members: list[str] = []
@@ -335,6 +349,7 @@ class Auditor:
         self.messages += 1
         if entry.kind == "group_info":
             self._group_info(entry)
+            self._check_known(entry.seq)
             return
         if entry.kind not in ("welcome", "proposal", "commit"):
             raise AuditFailure(entry.seq, f"unknown log entry kind {entry.kind!r}")
@@ -355,6 +370,20 @@ class Auditor:
             self._proposal(entry, pg)
         else:
             self._commit(entry, pg)
+            self._check_known(entry.seq)
+
+    def _check_known(self, seq: int) -> None:
+        known, pg = self.known, self.pg
+        if known is None or self.known_matched or pg is None or pg.epoch != known.epoch:
+            return
+        if pg.group_context.encode() != known.group_context:
+            raise AuditFailure(
+                seq,
+                f"the chain's GroupContext of epoch {known.epoch} is not the one "
+                f"{known.name!r}'s saved state holds: this log is not the history "
+                f"{known.name!r} took part in (forked or altered)",
+            )
+        self.known_matched = True
 
     def _check_keys(self, seq: int, pg: PublicGroup) -> None:
         """Every leaf's name must hold the signature key it first showed up with."""
@@ -626,6 +655,17 @@ class Auditor:
     def report(self) -> AuditReport:
         if self.pg is None:
             raise AuditFailure(None, "the log holds no GroupInfo: nothing to start the chain from")
+        known = self.known
+        if known is not None and not self.known_matched:
+            where = (
+                f"starts at epoch {self.first_epoch}, after" if known.epoch < self.first_epoch
+                else f"ends at epoch {self.pg.epoch}, before"
+            )
+            raise AuditFailure(
+                None,
+                f"this log {where} epoch {known.epoch}, which {known.name!r}'s saved state "
+                "has reached: commits are missing from it",
+            )
         # A rotation is confirmed by a member other than its committer that signed in its epoch
         # or later (the committer's own messages only show that the service told it it won).
         for r in self.rotations:
@@ -647,9 +687,12 @@ class Auditor:
         )
 
 
-def audit(group_id: bytes, entries: Iterable[LogEntry]) -> AuditReport:
-    """Check the whole log; raises `AuditFailure` naming the first message that breaks it."""
-    auditor = Auditor(group_id)
+def audit(
+    group_id: bytes, entries: Iterable[LogEntry], known: KnownEpoch | None = None
+) -> AuditReport:
+    """Check the whole log; raises `AuditFailure` naming the first message that breaks it.
+    With `known`, the log must also pass through that member's epoch as the member lived it."""
+    auditor = Auditor(group_id, known)
     for entry in entries:
         auditor.check(entry)
     return auditor.report()

@@ -429,6 +429,7 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     room = args.group is not None
     group_id = args.group if room else args.group_id
     label = group_label(group_id, room)
+    member = None
     if args.log is not None:
         # These read from or save what the service sends: with a file, they would do nothing.
         given = [opt for opt, value in (("--save", args.save), ("--as", args.identity),
@@ -448,10 +449,11 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     else:
         from .demo import fetch_log
 
-        entries = await fetch_log_as(args.ds, group_id, args.state or default_state_dir(),
-                                     args.identity or DEFAULT_AUDITOR, fetch_log, label,
-                                     register=args.register,
-                                     max_bytes=args.max_log_mb << 20 if args.max_log_mb else None)
+        entries, member = await fetch_log_as(
+            args.ds, group_id, args.state or default_state_dir(),
+            args.identity or DEFAULT_AUDITOR, fetch_log, label, register=args.register,
+            max_bytes=args.max_log_mb << 20 if args.max_log_mb else None,
+        )
         if args.save is not None:
             try:
                 save_log(args.save, group_id, entries)
@@ -460,7 +462,13 @@ async def cmd_audit(args: argparse.Namespace) -> int:
                     f"cannot save the log to {args.save}: {exc.strerror or exc}"
                 ) from None
             print(f"saved {len(entries)} log entries to {args.save}")
-    report = audit(group_id, entries)
+    known = None
+    if member is not None:
+        # A member auditing knows its own key and the epoch it has reached: a leaf of its name
+        # with another key, or a chain through another GroupContext, is not its history.
+        known, fingerprint = member
+        args.expect_key.append((known.name, fingerprint))
+    report = audit(group_id, entries, known)
     check_expected_keys(report, args.expect_key)
     from rich.console import Console
 
@@ -473,6 +481,11 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     # Plain text, not markup: the members' names are theirs to choose.
     for line in report_notes(report):
         console.print(plain(line))
+    if known is not None:
+        console.print(plain(
+            f"checked against {shown_name(known.name)}'s saved state: its signature key, and "
+            f"the group as it lived epoch {known.epoch}"
+        ))
     console.print(plain(
         f"OK: {report.messages} messages, {len(report.rotations)} commits verified "
         f"(signatures, epoch chain, public tree), {report.group_infos_checked} GroupInfos "
@@ -532,8 +545,10 @@ def report_notes(report: Any, keys: bool = True) -> list[str]:
 
 async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fetch: Any,
                        label: str | None = None, register: bool = False,
-                       max_bytes: int | None = None) -> Any:
-    """The log read as `identity`: a member with saved state in `state` logs in with it; any
+                       max_bytes: int | None = None) -> tuple[Any, tuple[Any, str] | None]:
+    """The log read as `identity`; with it, if `identity` is a member whose saved state holds
+    this group, the epoch it has reached (`audit.KnownEpoch`) and its key's fingerprint. A
+    member with saved state in `state` logs in with it; any
     other name is taken for an auditor's (a service's `--auditor`), registered as `fetch` does
     for `auditor`, its key saved in `state` for the next audit. A new name other than
     `auditor` needs `register`: registering claims the name for good (a typo, or a member who
@@ -560,7 +575,7 @@ async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fet
             max_bytes = MAX_LOG_BYTES
         if as_member:
             return await _member_log(ds, group_id, state, identity, max_bytes)
-        return await fetch(ds, group_id, state, identity, max_bytes=max_bytes)
+        return await fetch(ds, group_id, state, identity, max_bytes=max_bytes), None
     except RequestFailed as exc:
         if exc.code == "conflict":
             raise ConclaveError(
@@ -582,14 +597,20 @@ async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fet
 
 
 async def _member_log(ds: str, group_id: bytes, state: Path, identity: str,
-                      max_bytes: int) -> Any:
-    from .audit import read_log
+                      max_bytes: int) -> tuple[Any, tuple[Any, str] | None]:
+    from .audit import KnownEpoch, read_log
     from .participant import Participant
 
     p = Participant(identity, ds, state_dir=state)
+    member = None
+    group = p.group
+    if group is not None and group.group_id == group_id:
+        # Taken before the log is read: the log cannot be behind it.
+        known = KnownEpoch(identity, group.epoch, group.group_context.encode())
+        member = (known, p.key_fingerprint)
     try:
         await p.ds.login()
-        return await read_log(p.ds, group_id, max_bytes)
+        return await read_log(p.ds, group_id, max_bytes), member
     finally:
         await p.ds.close()
 

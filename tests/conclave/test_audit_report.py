@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from conclave.audit import (
+    KnownEpoch,
     LogEntry,
     PendingRemoval,
     audit,
@@ -185,6 +186,36 @@ def test_a_group_info_is_logged_as_posted_by_its_signer(
         with pytest.raises(AuditFailure, match=f"'{other}' posted the GroupInfo") as info:
             audit(GID, _replace(entries, entry.seq, sender=other))
         assert info.value.seq == entry.seq
+
+
+def test_a_member_auditing_holds_the_log_to_the_epoch_it_lived() -> None:
+    bob = Client(b"bob")
+    log, ga, r = started(bob)
+    assert r.welcome is not None
+    gb = Group.join(bob, r.welcome)
+    # alice rotates; the service shows bob's view of epoch 1 and a log through it
+    log.add("commit", 1, "alice", 1200, ga.update().commit)
+    ga.merge_pending_commit()
+    lived = KnownEpoch("bob", 1, gb.group_context.encode())
+    assert audit(GID, log.entries, lived).last_epoch == 2
+    assert audit(GID, log.entries, KnownEpoch("alice", 2, ga.group_context.encode()))
+    # the log of a fork: another group of the same id, which bob never was in
+    fork = LogBuilder()
+    gf = Group.create(Client(b"alice"), GID)
+    fork.add("group_info", 0, "alice", 1000, gf.group_info())
+    fork.add("commit", 0, "alice", 1100, gf.add([Client(b"bob").key_package()]).commit)
+    assert audit(GID, fork.entries).last_epoch == 1  # valid on its own
+    with pytest.raises(AuditFailure, match="not the history 'bob' took part in") as info:
+        audit(GID, fork.entries, lived)
+    assert info.value.seq == fork.entries[-1].seq
+    # commits left out: the log ends before bob's epoch, or starts after it
+    with pytest.raises(AuditFailure, match="ends at epoch 2, before epoch 3, which 'bob'"):
+        audit(GID, log.entries, replace(lived, epoch=3))
+    late = log.entries[2:]  # from epoch 1 on
+    late[0:0] = [LogEntry(0, "group_info", 1, "bob", 1150, gb.group_info())]
+    with pytest.raises(AuditFailure, match="starts at epoch 1, after epoch 0"):
+        audit(GID, [replace(e, seq=i + 1) for i, e in enumerate(late)],
+              replace(lived, epoch=0))
 
 
 def test_durations_the_service_stamped_backwards_are_flagged(

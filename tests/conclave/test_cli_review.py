@@ -17,6 +17,7 @@ from conclave.audit import LogEntry, load_log, read_log, save_log
 from conclave.cli import main
 from conclave.errors import AuditFailure, ConclaveError
 from conclave.participant import Participant
+from conclave.safety import key_fingerprint
 from conclave.services import Services, display_db
 from mls import Client, Group
 from sfu import aiortc_hooks
@@ -254,6 +255,25 @@ def test_audit_as_a_member_with_its_state(
     ds_url, state = ops_served
     assert main(["audit", "--group", "ops[/]", "--ds", ds_url, "--as", "[b]alice",
                  "--state", str(state / "alice")]) == 0
+    out = capsys.readouterr().out
+    assert "checked against [b]alice's saved state: its signature key, and the group as it " \
+        "lived epoch 0" in " ".join(out.split())
+
+
+def test_audit_as_a_member_expects_its_own_key(
+    ops_served: tuple[str, Path], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A member knows its own key: a log showing its name with another one fails the audit.
+    # (The service refuses such a leaf; a member whose key is not the log's stands for it.)
+    ds_url, state = ops_served
+    argv = ["audit", "--group", "ops[/]", "--ds", ds_url, "--as", "[b]alice",
+            "--state", str(state / "alice")]
+    other = key_fingerprint(b"\x01" * 32)
+    monkeypatch.setattr(Participant, "key_fingerprint", property(lambda self: other))
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "'[b]alice' signs with the key" in err and f"not {other}" in err
 
 
 @pytest.mark.parametrize(("extra", "named"), [
