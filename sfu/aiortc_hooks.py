@@ -41,8 +41,10 @@ short-circuits aiortc's media pipeline. The internals relied upon (aiortc 1.16.0
 
 from __future__ import annotations
 
+import fcntl
 import importlib.metadata
 import logging
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -105,7 +107,7 @@ def hook_transport(
     transport: RTCDtlsTransport,
     on_rtp: RtpHandler,
     on_rtcp: RtcpHandler,
-    on_rtp_now: Callable[[bytes], None] | None = None,
+    on_rtp_now: Callable[[bytes, int | None], None] | None = None,
     on_rtcp_now: Callable[[bytes], None] | None = None,
 ) -> bool:
     """Route the transport's decrypted RTP and RTCP to the SFU. Returns False if already hooked.
@@ -113,7 +115,7 @@ def hook_transport(
     With `on_rtp_now` and `on_rtcp_now` (synchronous), SRTP and SRTCP packets skip aiortc's
     receive loop altogether: they are unprotected and handed over inside the UDP protocol's
     `datagram_received` (see `_receive_directly`), saving the aioice queue and a task wake-up
-    per packet.
+    per packet; `on_rtp_now` also gets the datagram's arrival in the kernel (`arrival_ns`).
     """
     if getattr(transport, "_sfu_hooked", False):
         return False
@@ -139,9 +141,27 @@ def hook_transport(
     return True
 
 
+# ioctl SIOCGSTAMPNS (linux/sockios.h): the kernel's receive time (CLOCK_REALTIME) of the last
+# datagram read from a socket. The first call turns the stamping on and fails (no stamp yet).
+SIOCGSTAMPNS = 0x8907
+_TIMESPEC = struct.Struct("@qq")
+_NO_STAMP = bytes(_TIMESPEC.size)
+
+
+def arrival_ns(fd: int) -> int | None:
+    """When the last datagram read from socket `fd` arrived, in `time.time_ns()` terms: what
+    the forwarding latency counts from, so that time spent queued in the socket while the event
+    loop was busy counts too. None where the kernel has no stamp."""
+    try:
+        seconds, nanoseconds = _TIMESPEC.unpack(fcntl.ioctl(fd, SIOCGSTAMPNS, _NO_STAMP))
+    except (OSError, ValueError):  # no stamp yet, or no socket (-1)
+        return None
+    return seconds * 1_000_000_000 + nanoseconds
+
+
 def _receive_directly(
     transport: RTCDtlsTransport,
-    on_rtp: Callable[[bytes], None],
+    on_rtp: Callable[[bytes, int | None], None],
     on_rtcp: Callable[[bytes], None],
 ) -> None:
     """SRTP and SRTCP from the ICE connection straight to `on_rtp`/`on_rtcp`, synchronously.
@@ -160,7 +180,7 @@ def _receive_directly(
     length = ffi.new("int *")
     unprotect_rtp, unprotect_rtcp = lib.srtp_unprotect, lib.srtp_unprotect_rtcp
 
-    def take(data: bytes) -> bool:
+    def take(data: bytes, fd: int = -1) -> bool:
         if transport._state is not State.CONNECTED:
             return False
         session = transport._rx_srtp
@@ -176,7 +196,10 @@ def _receive_directly(
         if (unprotect_rtcp if rtcp else unprotect_rtp)(session._srtp[0], session._cdata, length):
             return True  # failed authentication or replay: dropped, as `_recv_next` does
         try:
-            (on_rtcp if rtcp else on_rtp)(buffer[0 : length[0]])
+            if rtcp:
+                on_rtcp(buffer[0 : length[0]])
+            else:
+                on_rtp(buffer[0 : length[0]], arrival_ns(fd) if fd >= 0 else None)
         except Exception:
             _log_failure("a packet")
         return True
@@ -189,16 +212,21 @@ def _receive_directly(
     for protocol in list(connection._protocols):
         shrink_receive_buffer(protocol.transport)
         stock_datagram_received = protocol.datagram_received
+        sock = protocol.transport.get_extra_info("socket") if protocol.transport else None
+        if sock is not None:
+            arrival_ns(sock.fileno())  # turns the stamping on for the datagrams to come
 
         def datagram_received(
             data: bytes | str,
             addr: tuple[Any, ...],
             stock: Callable[[bytes | str, tuple[Any, ...]], None] = stock_datagram_received,
             component: int = protocol.local_candidate.component,
+            fd: int = sock.fileno() if sock is not None else -1,
         ) -> None:
-            # RTP/RTCP is never STUN (RFC 7983 §7): skip the STUN parse attempt.
+            # RTP/RTCP is never STUN (RFC 7983 §7): skip the STUN parse attempt. Called right
+            # after the datagram was read: the socket's stamp is this datagram's.
             if len(data) > 12 and 127 < data[0] < 192:
-                if not take(data):  # type: ignore[arg-type]
+                if not take(data, fd):  # type: ignore[arg-type]
                     stock_data_received(data, component)
             else:
                 stock(data, addr)

@@ -452,8 +452,14 @@ class SourceStream:
 
     # --- RTP in ---------------------------------------------------------------------------------
 
-    def handle_rtp(self, data: bytes, now: float | None = None) -> None:
-        """Take one decrypted RTP packet from the publisher and forward it to every slot."""
+    def handle_rtp(
+        self, data: bytes, now: float | None = None, arrival_ns: int | None = None
+    ) -> None:
+        """Take one decrypted RTP packet from the publisher and forward it to every slot.
+
+        The forwarding latency counts from `arrival_ns` (the datagram's arrival in the kernel,
+        `time.time_ns()`) when given, so that a packet's wait in the socket is counted; else
+        from this call."""
         start = time.perf_counter()
         if now is None:
             now = time.monotonic()
@@ -517,7 +523,11 @@ class SourceStream:
         metrics = self.metrics
         metrics.packets_forwarded += sent
         metrics.bytes_forwarded += sent_bytes
-        self.metrics.forwarding_latency.observe(time.perf_counter() - start)
+        if arrival_ns is not None:
+            # a clock step could make it negative: count that as no delay
+            metrics.forwarding_latency.observe(max(0, time.time_ns() - arrival_ns) / 1e9)
+        else:
+            metrics.forwarding_latency.observe(time.perf_counter() - start)
 
     def _jumped(self, seq: int) -> bool:
         """True if `seq` is a jump to wait on (RFC 3550 Appendix A.1, `update_seq`).

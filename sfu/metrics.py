@@ -103,7 +103,10 @@ class Metrics:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
         h = self.forwarding_latency
         name = "sfu_forwarding_latency_seconds"
-        lines.append(f"# HELP {name} Time from RTP arrival (after SRTP) to the last copy sent.")
+        lines.append(
+            f"# HELP {name} Time from an RTP packet's arrival at the host (the socket's receive "
+            "stamp; where unknown, from after SRTP) to its last copy sent."
+        )
         lines.append(f"# TYPE {name} histogram")
         cumulative = 0
         for bound, count in zip(h.buckets, h.counts, strict=False):

@@ -492,8 +492,9 @@ class Participant:
     async def _on_rtp(self, data: bytes) -> None:
         self.on_rtp_now(data)
 
-    def on_rtp_now(self, data: bytes) -> None:
-        """One decrypted RTP packet from this participant: forward it, without awaiting."""
+    def on_rtp_now(self, data: bytes, arrival_ns: int | None = None) -> None:
+        """One decrypted RTP packet from this participant: forward it, without awaiting.
+        `arrival_ns`: when it reached the host (`time.time_ns()`), if known."""
         if len(data) < 12:
             return
         ssrc = int.from_bytes(data[8:12], "big")
@@ -501,7 +502,7 @@ class Participant:
         if source is None:
             source = self._source_by_mid(ssrc, data)
         if source is not None:
-            source.handle_rtp(data)
+            source.handle_rtp(data, arrival_ns=arrival_ns)
 
     def _source_by_mid(self, ssrc: int, data: bytes) -> SourceStream | None:
         """An unknown SSRC on a publishing m-line (RFC 8843 §9.2: found by its mid extension).

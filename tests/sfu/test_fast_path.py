@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 from aiortc.rtcdtlstransport import State
 
 from sfu import aiortc_hooks
-from sfu.aiortc_hooks import fast_sender, hook_transport
+from sfu.aiortc_hooks import arrival_ns, fast_sender, hook_transport
 
 KEY = bytes(range(30))
 
@@ -76,8 +77,38 @@ def _hooked() -> tuple[_Connection, SimpleNamespace, list[bytes], list[bytes]]:
     transport = _transport(connection)
     got: list[bytes] = []
     rtcp_got: list[bytes] = []
-    assert hook_transport(transport, _unused, _unused, got.append, rtcp_got.append)  # type: ignore[arg-type]
+    assert hook_transport(
+        transport, _unused, _unused, lambda data, arrival: got.append(data),  # type: ignore[arg-type]
+        rtcp_got.append,
+    )
     return connection, transport, got, rtcp_got
+
+
+def test_rtp_comes_with_its_arrival_in_the_kernel() -> None:
+    # Read from a real socket after waiting in it: the latency counts from the arrival.
+    connection = _Connection()
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        receiver.bind(("127.0.0.1", 0))
+        connection._protocols[0].transport = SimpleNamespace(get_extra_info=lambda name: receiver)
+        got: list[tuple[bytes, int | None]] = []
+        hook_transport(_transport(connection), _unused, _unused,
+                       lambda data, arrival: got.append((data, arrival)), _unused)  # type: ignore[arg-type]
+        tx = _session(True)
+        sent = time.time_ns()
+        sender.sendto(tx.protect(_rtp(1)), receiver.getsockname())
+        time.sleep(0.05)
+        connection._protocols[0].datagram_received(receiver.recv(2048), ("127.0.0.1", 9))
+        [(data, arrival)] = got
+        assert data == _rtp(1) and arrival is not None
+        assert sent - 5_000_000 <= arrival <= sent + 20_000_000  # then it sat 50 ms unread
+        assert time.time_ns() - arrival >= 50_000_000
+        # where the kernel has no stamp (no socket): none
+        assert arrival_ns(-1) is None
+    finally:
+        receiver.close()
+        sender.close()
 
 
 def test_rtp_is_unprotected_and_handed_over_inside_datagram_received() -> None:
@@ -131,7 +162,7 @@ def test_a_handler_error_does_not_escape_into_the_event_loop(caplog, monkeypatch
     monkeypatch.setattr(aiortc_hooks, "_failures", {"last": -1e9, "quiet": 0})
     connection = _Connection()
 
-    def boom(data: bytes) -> None:
+    def boom(data: bytes, *arrival: int | None) -> None:
         raise RuntimeError("boom")
 
     hook_transport(_transport(connection), _unused, _unused, boom, boom)  # type: ignore[arg-type]
