@@ -3,8 +3,8 @@
 The service decodes every MLSMessage fully (`mls.framing.MLSMessage`), so malformed bytes are
 refused before anything is stored, and keeps only the public parts it needs: the group id, epoch,
 sender and content type of a PublicMessage or PrivateMessage (§6.2, §6.3), the KeyPackageRefs a
-Welcome is addressed to (§12.4.3.1), the group id, epoch and signer of a GroupInfo (§12.4.3), and the
-credential, lifetime and signature of a KeyPackage (§10). Checking a commit's signature and
+Welcome is addressed to (§12.4.3.1), the group id, epoch and signer of a GroupInfo (§12.4.3), and
+the credential, lifetime and signature of a KeyPackage (§10). Checking a commit's signature and
 UpdatePath against the public tree belongs to the `GroupTracker` (see `tracker.py`).
 """
 

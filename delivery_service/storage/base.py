@@ -277,10 +277,11 @@ class Storage(abc.ABC):
         GroupInfo, tracker state) atomically, only if the group is still at `old.last_seq`; else
         raise `StorageConflict`. Returns the sequence number.
 
-        The KeyPackageRefs `new.key_package_refs` are recorded as added by `message.sender`
-        (see `added_by`). A handshake message (`HANDSHAKE_KINDS`) whose `message_digest` the
-        group's log holds already is not stored: raise `DuplicateMessage` with the seq of the one stored (enforced
-        by a unique key, so it holds for instances sharing a database)."""
+        For a commit, the KeyPackageRefs `new.key_package_refs` are recorded as added by
+        `message.sender` (see `added_by`). A handshake message (`HANDSHAKE_KINDS`) whose
+        `message_digest` the group's log holds already is not stored: raise `DuplicateMessage`
+        with the seq of the one stored (enforced by a unique key, so it holds for instances
+        sharing a database)."""
 
     @abc.abstractmethod
     async def added_by(self, group_id: bytes, refs: list[bytes]) -> dict[bytes, str]:

@@ -518,7 +518,7 @@ class PostgresStorage(Storage):
                     "INSERT INTO welcomes (identity, group_id, seq) VALUES ($1, $2, $3)",
                     [(r, gid, seq) for r in message.recipients],
                 )
-            if new.key_package_refs:
+            if new.key_package_refs and message.kind == "commit":
                 await conn.executemany(
                     "INSERT INTO group_adds VALUES ($1, $2, $3, $4) ON CONFLICT (group_id, ref) "
                     "DO UPDATE SET committer = excluded.committer, seq = excluded.seq",

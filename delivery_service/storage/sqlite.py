@@ -421,7 +421,7 @@ class SQLiteStorage(Storage):
                     "INSERT INTO welcomes (identity, group_id, seq) VALUES (?, ?, ?)",
                     (r, gid, seq),
                 )
-            for ref in new.key_package_refs:
+            for ref in new.key_package_refs if message.kind == "commit" else ():
                 await self.db.execute(
                     "INSERT OR REPLACE INTO group_adds VALUES (?, ?, ?, ?)",
                     (gid, ref, message.sender, seq),

@@ -125,3 +125,7 @@ async def test_the_storage_records_who_added_each_key_package(storage: Storage) 
     s2 = replace(s1, epoch=2, key_package_refs=frozenset({first, second}))
     await storage.append(s1, s2, NewMessage("commit", 1, "bob", 1, NOW * 1000, b"c2"))
     assert await storage.added_by(gid, [first, second]) == {first: "bob", second: "bob"}
+    # Only a commit adds: a state that still carries refs, appended with another message, does not.
+    s2 = replace(s2, last_seq=2)
+    await storage.append(s2, s2, NewMessage("proposal", 2, "carol", 1, NOW * 1000, b"p"))
+    assert await storage.added_by(gid, [first, second]) == {first: "bob", second: "bob"}
