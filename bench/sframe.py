@@ -24,7 +24,8 @@ Columns: seal = `encrypt` (allocates its output, like raw `AESGCM.encrypt`), int
 codec's clear prefix) for an Opus frame and VP8 frames; it has no target.
 
 Targets: GCM suites within 2 us of raw AES-GCM per frame and within 1.1x of it at 100 KB (seal and
-open); the short-tag suites add <= 8 B to an audio frame.
+open); the short-tag suites add <= 8 B to an audio frame. The last line of the output is
+`verdict: met` or `verdict: missed (<which>)`, shown by `conclave bench` in its summary.
 """
 
 from __future__ import annotations
@@ -258,7 +259,7 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
-    misses = 0
+    misses = checked = 0
     for suite in suites:
         params = suite_params(suite)
         for size in args.sizes:
@@ -277,6 +278,7 @@ def main() -> None:
                 ]
                 verdict = "MISS " + "+".join(failed) if failed else "ok"
                 misses += bool(failed)
+                checked += 1
             print(
                 f"{suite.name:<28}{size:>7}{med['seal']:>8.2f}{med['raw_seal']:>8.2f}"
                 f"{d_seal:>7.2f}{x_seal:>6.2f}{med['seal_into']:>8.2f}{d_into:>7.2f}{x_into:>6.2f}"
@@ -307,13 +309,27 @@ def main() -> None:
     ctrs = {"CTR 3 (0.1 s)": 3, "CTR 200 (4 s)": 200, "CTR 3000 (1 min)": 3000}
     ctrs["CTR 10^5 (33 min)"] = 100_000
     print(f"  {'suite':<28}" + "".join(f"{name:>19}" for name in ctrs) + "  target")
+    byte_misses = []
     for suite in CipherSuite:
         params = suite_params(suite)
         added = [len(encode_header(KID, ctr)) + params.Nt for ctr in ctrs.values()]
         mark = ("ok" if added[2] <= 8 else "MISS") if params.Nt <= 4 else "-"
+        if mark == "MISS":
+            byte_misses.append(suite.name)
         print(f"  {suite.name:<28}" + "".join(f"{a:>17} B" for a in added) + f"  {mark}")
     print("  target: <= 8 B added per audio frame with the 32-bit tag suite, at CTR 3000")
     print(f"\nGCM per-frame targets missed: {misses}")
+    print(verdict_line(misses, checked, byte_misses))
+
+
+def verdict_line(misses: int, checked: int, byte_misses: list[str]) -> str:
+    """The last line of the output, which `conclave bench` shows in its summary."""
+    reasons = []
+    if misses:
+        reasons.append(f"{misses} of {checked} GCM per-frame targets")
+    if byte_misses:
+        reasons.append("audio frame over 8 B added: " + ", ".join(byte_misses))
+    return "verdict: " + (f"missed ({'; '.join(reasons)})" if reasons else "met")
 
 
 if __name__ == "__main__":

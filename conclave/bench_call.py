@@ -8,8 +8,12 @@ keys, "plain" passes it through an identity transform. Measured per mode:
 - CPU per participant: this process's CPU time (all threads: encoders, decoders, crypto) over
   the window, divided by the number of participants, as % of one core; the services' CPU time
   (from /proc) separately;
-- bytes on the wire: RTP bytes (headers included) each participant sends to the SFU and receives
-  from it (SRTP adds the same 10-byte tag per packet in both modes);
+- RTP bytes (before SRTP): the RTP packets (headers included) each participant sends to the SFU,
+  counted before SRTP protection, and receives from it, counted after unprotection; not the
+  bytes on the wire: SRTP adds a 16-byte tag per packet (AEAD_AES_256_GCM, the profile aiortc
+  prefers), the same in both modes, and RTCP, DTLS, ICE and UDP/IP headers are not counted;
+- frames sent (each frame once, by its sender) and frames received summed over all receivers
+  (every frame reaches participants - 1 of them: about twice frames sent with 3 participants);
 - frame latency: from the sender's frame hook (after the encoder) to the receiver's frame hook
   (after the jitter buffer, decrypt included), matched by a hash of the bytes on the wire, at
   every receiver of the frame. SFrame makes every frame unique; without it the synthetic tone
@@ -20,6 +24,7 @@ keys, "plain" passes it through an identity transform. Measured per mode:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -54,10 +59,10 @@ class CallResult:
     seconds: float
     cpu_per_participant_pct: float
     services_cpu_pct: float
-    up_kbps: float  # per participant
-    down_kbps: float  # per participant
+    up_kbps: float  # per participant, RTP before SRTP protection
+    down_kbps: float  # per participant, RTP after SRTP unprotection
     frames_sent: int
-    frames_received: int
+    frames_received: int  # summed over the receivers: each frame counts once per receiver
     latencies_ms: list[float] = field(default_factory=list, repr=False)
     latencies_by_kind: dict[str, list[float]] = field(default_factory=dict, repr=False)
 
@@ -73,8 +78,11 @@ class CallResult:
             "seconds": round(self.seconds, 2),
             "cpu_per_participant_pct": round(self.cpu_per_participant_pct, 1),
             "services_cpu_pct": round(self.services_cpu_pct, 1),
-            "up_kbps": round(self.up_kbps, 1), "down_kbps": round(self.down_kbps, 1),
-            "frames_sent": self.frames_sent, "frames_received": self.frames_received,
+            # Counted in the clear on both sides of SRTP: not the bytes on the wire.
+            "rtp_up_kbps_before_srtp": round(self.up_kbps, 1),
+            "rtp_down_kbps_after_srtp": round(self.down_kbps, 1),
+            "frames_sent": self.frames_sent,
+            "frames_received_sum_over_receivers": self.frames_received,
             "latency_p50_ms": round(self.percentile(0.5), 2),
             "latency_p90_ms": round(self.percentile(0.9), 2),
             "audio_latency_p50_ms": round(self.percentile(0.5, "audio"), 2),
@@ -115,14 +123,35 @@ class ServiceProcess:
     def sfu_url(self) -> str:
         return f"http://127.0.0.1:{self.sfu_port}/v1/signal"
 
+    @property
+    def log(self) -> Path:
+        return self.state / "serve.log"
+
     async def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "conclave.cli", "serve", "--ds-port", str(self.ds_port),
-             "--sfu-port", str(self.sfu_port), "--state", str(self.state)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        if not await wait_healthy(self.ds_url, 20, interval=0.1):
+        """Start `conclave serve`; RuntimeError if it exits or does not answer within 20 s
+        (the caller still calls `stop`: the child may be running)."""
+        with self.log.open("wb") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "conclave.cli", "serve", "--ds-port", str(self.ds_port),
+                 "--sfu-port", str(self.sfu_port), "--state", str(self.state)],
+                stdout=subprocess.DEVNULL, stderr=log,
+            )
+        proc = self.proc
+        # `alive`: a child that died (a port taken, a broken install) fails at once, not in 20 s.
+        if await wait_healthy(self.ds_url, 20, alive=lambda: proc.poll() is None, interval=0.1):
+            return
+        code = proc.poll()
+        if code is None:
             raise RuntimeError("the services did not start within 20 s")
+        raise RuntimeError(f"the services exited with code {code} before answering"
+                           + self._last_log_line())
+
+    def _last_log_line(self) -> str:
+        try:
+            lines = self.log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return f": {lines[-1].strip()}" if lines else ""
 
     def cpu(self) -> float:
         return float("nan") if self.proc is None else _proc_cpu(self.proc.pid)
@@ -134,6 +163,7 @@ class ServiceProcess:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()  # reaped: no zombie left behind
             self.proc = None
 
 
@@ -227,7 +257,6 @@ async def measure_call(
         raise ValueError(f"mode must be one of {MODES}")
     with tempfile.TemporaryDirectory(prefix="conclave-bench-") as tmp:
         services = ServiceProcess(Path(tmp))
-        await services.start()
         probe = _Probe()
         people = [
             Participant(
@@ -237,7 +266,13 @@ async def measure_call(
             )
             for i in range(participants)
         ]
-        try:
+        # Undone in reverse, each step even if an earlier one raised: the participants are
+        # closed, then the services stopped, whether the start, the call or a close failed.
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(services.stop)
+            for p in people:
+                stack.push_async_callback(p.close)
+            await services.start()
             for p in people:
                 p.on_remote_track = probe.hook_receiver
                 await p.start()
@@ -257,10 +292,6 @@ async def measure_call(
                     progress((i + 1) / steps)
             cpu1, svc1, t1 = time.process_time(), services.cpu(), time.perf_counter()
             probe.measuring = False
-        finally:
-            for p in people:
-                await p.close()
-            services.stop()
     wall = t1 - t0
     return CallResult(
         mode, participants, wall,
@@ -272,3 +303,82 @@ async def measure_call(
         latencies_ms=[ms for values in probe.latencies.values() for ms in values],
         latencies_by_kind={k: list(v) for k, v in probe.latencies.items()},
     )
+
+
+def call_order(repeats: int) -> list[str]:
+    """The modes of `repeats` pairs of calls, the order alternating pair by pair (plain, e2ee,
+    e2ee, plain, ...): neither mode always runs first, on a machine that warms up or whose load
+    drifts during the run. The k-th call of each mode belong to the k-th pair."""
+    return [mode for k in range(repeats) for mode in (MODES if k % 2 == 0 else MODES[::-1])]
+
+
+def call_names(results: list[CallResult]) -> list[str]:
+    """Each call's name: its mode, and its number among the calls of that mode ("e2ee #2")."""
+    names: list[str] = []
+    for r in results:
+        names.append(f"{r.mode} #{sum(n.startswith(r.mode + ' ') for n in names) + 1}")
+    return names
+
+
+def call_problem(result: CallResult) -> str | None:
+    """Why `result` is not a measurement of a call (None if it is one): a call whose media
+    never flowed (the SFU died, ICE never connected) has no frames and no latencies."""
+    if result.frames_received == 0:
+        return f"{result.mode} call: no frames received (media never connected?)"
+    if not result.latencies_ms:
+        return f"{result.mode} call: no frame latency measured (no frame matched its send)"
+    return None
+
+
+# What the E2EE cost is reported on: (label, unit, value of one call).
+COST_METRICS: list[tuple[str, str, Callable[[CallResult], float]]] = [
+    ("CPU per participant", "points", lambda r: r.cpu_per_participant_pct),
+    ("upstream RTP", "kbit/s", lambda r: r.up_kbps),
+    ("latency p50", "ms", lambda r: r.percentile(0.5)),
+]
+
+
+@dataclass
+class Cost:
+    """e2ee minus plain for one metric over the pairs of calls."""
+
+    metric: str
+    unit: str
+    differences: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.differences)
+
+    @property
+    def noise(self) -> bool:
+        """The pairs disagree on the sign: the cost is not distinguishable from run-to-run noise
+        (one pair cannot show its noise: never called noise, see `text`)."""
+        return len(self.differences) > 1 and min(self.differences) <= 0 <= max(self.differences)
+
+    def text(self) -> str:
+        if len(self.differences) == 1:  # no spread to show (`cost_summary` says so once)
+            return f"{self.metric} {self.median:+.1f} {self.unit}"
+        return (f"{self.metric} {self.median:+.1f} {self.unit} ({min(self.differences):+.1f}.."
+                f"{max(self.differences):+.1f}"
+                + (", not distinguishable from noise" if self.noise else "") + ")")
+
+
+def e2ee_costs(results: list[CallResult]) -> list[Cost]:
+    """The paired differences e2ee - plain (the k-th call of each mode, `call_order`), per metric.
+    ValueError if the results do not pair up."""
+    plain = [r for r in results if r.mode == "plain"]
+    e2ee = [r for r in results if r.mode == "e2ee"]
+    if not plain or len(plain) != len(e2ee):
+        raise ValueError(f"{len(plain)} plain and {len(e2ee)} e2ee calls do not pair up")
+    return [Cost(label, unit, [value(b) - value(a) for a, b in zip(plain, e2ee, strict=True)])
+            for label, unit, value in COST_METRICS]
+
+
+def cost_summary(results: list[CallResult]) -> str:
+    """The E2EE cost as one line: median of the paired differences and their min..max."""
+    costs = e2ee_costs(results)
+    pairs = len(costs[0].differences)
+    what = (f"median of {pairs} paired differences (min..max)" if pairs > 1 else
+            "one pair of calls (its noise unknown: repeat the pairs to see it)")
+    return f"E2EE cost, {what}: " + "; ".join(c.text() for c in costs)

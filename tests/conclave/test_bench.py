@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import hashlib
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +43,17 @@ def test_csv_and_png(tmp_path: Path) -> None:
     assert [r["mode"] for r in rows] == ["plain", "e2ee"]
     assert rows[0]["latency_p50_ms"] == "80.0" and rows[1]["latency_p50_ms"] == "71.0"
     assert rows[0]["audio_latency_p50_ms"] == "70.0" and rows[0]["video_latency_p50_ms"] == "90.0"
+    assert [r["call"] for r in rows] == ["plain #1", "e2ee #1"]
+    # Labelled for what they count: RTP in the clear, frames at every receiver.
+    assert rows[0]["rtp_up_kbps_before_srtp"] == "690.0"
+    assert rows[0]["frames_received_sum_over_receivers"] == "1560"
     latency_rows = list(csv.reader((tmp_path / "e2e_latency.csv").open()))
-    assert latency_rows[0] == ["mode", "latency_ms"] and len(latency_rows) == 1 + 4 + 3
+    assert latency_rows[0] == ["call", "mode", "latency_ms"] and len(latency_rows) == 1 + 4 + 3
+    cost = list(csv.DictReader((tmp_path / "e2e_cost.csv").open()))
+    assert [(c["metric"], c["pairs"], c["distinguishable_from_noise"]) for c in cost] == [
+        ("CPU per participant", "1", "unknown"), ("upstream RTP", "1", "unknown"),
+        ("latency p50", "1", "unknown")]
+    assert cost[2]["median"] == "-9.00"  # p50 71 (e2ee) - 80 (plain)
     assert (tmp_path / "e2e_call.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -321,10 +333,56 @@ async def test_e2e_call_uses_the_height_and_fps_it_is_given(
         return result(mode, [60.0, 70.0, 80.0])
 
     monkeypatch.setattr(e2e, "measure_call", call)
-    await e2e.run(e2e.parse_args(["--height", "128", "--fps", "10", "--participants", "4"]))
+    assert await e2e.run(e2e.parse_args(
+        ["--height", "128", "--fps", "10", "--participants", "4", "--repeat", "1"])) == 0
     assert [(m.width, m.height, m.fps) if m else None for m in specs] == [(320, 128, 10.0)] * 2
     out = capsys.readouterr().out
     assert "4 participants" in out and "320x128 at 10 fps" in out and "environment:" in out
+
+
+async def test_e2e_call_alternates_the_order_and_reports_the_paired_cost_with_its_spread(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    e2e = load_bench_module("e2e_call", monkeypatch)
+    modes: list[str] = []
+    # e2ee - plain CPU per pair: +2, -1, +0.5 (spread covers zero); upstream always +10.
+    cpu = iter([10.0, 12.0, 11.0, 12.0, 10.0, 10.5])
+
+    async def call(mode: str, participants: int, seconds: float,
+                   media: MediaSpec | None = None) -> CallResult:
+        modes.append(mode)
+        r = result(mode, [60.0, 70.0, 80.0])
+        r.cpu_per_participant_pct = next(cpu)
+        r.up_kbps += 10.0 * (mode == "e2ee")
+        return r
+
+    monkeypatch.setattr(e2e, "measure_call", call)
+    assert await e2e.run(e2e.parse_args([])) == 0  # --repeat 3 by default
+    assert modes == ["plain", "e2ee", "e2ee", "plain", "plain", "e2ee"]
+    out = capsys.readouterr().out
+    cost = out.strip().splitlines()[-1]
+    assert cost.startswith("E2EE cost, median of 3 paired differences (min..max): ")
+    assert "CPU per participant +0.5 points (-1.0..+2.0, not distinguishable from noise)" in cost
+    assert "upstream RTP +10.0 kbit/s (+10.0..+10.0)" in cost
+    assert "plain #3" in out and "rtp_up_kbps_before_srtp" in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize("frames_received", [0, 5])
+async def test_e2e_call_refuses_a_call_that_measured_nothing(
+    frames_received: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    e2e = load_bench_module("e2e_call", monkeypatch)
+
+    async def call(mode: str, *args: Any, **kwargs: Any) -> CallResult:
+        r = result(mode, [])  # no latency sample: with no frame, or none matched its send
+        r.frames_received = frames_received
+        return r
+
+    monkeypatch.setattr(e2e, "measure_call", call)
+    assert await e2e.run(e2e.parse_args(["--repeat", "1"])) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: plain call: ") and "Traceback" not in err
+    assert ("no frames received" if frames_received == 0 else "no frame latency") in err
 
 
 def test_a_call_that_fails_is_reported_not_a_traceback(
@@ -340,3 +398,263 @@ def test_a_call_that_fails_is_reported_not_a_traceback(
         ("sframe", "ok"), ("e2e_call_plain", "error")]
     assert "the services did not start" in rows[1]["output"]
     assert not (tmp_path / "e2e_call.csv").exists()
+
+
+# -- the summary's target column: a script's last line `verdict: ...`
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("table\nGCM per-frame targets missed: 0\nverdict: met\n", "met"),
+    ("table\nverdict: missed (2 of 10 GCM per-frame targets)\n\n",
+     "missed (2 of 10 GCM per-frame targets)"),
+    ("table\nno targets here\n", "-"),
+    ("", "-"),
+    ("verdict: met\nTraceback (most recent call last):\n  ...\nValueError: x\n", "-"),  # not last
+    ("verdict: missed\n", "unreadable: verdict: missed"),  # no reason
+    ("verdict: fine\n", "unreadable: verdict: fine"),
+])
+def test_the_verdict_is_the_last_line_of_a_scripts_output(text: str, expected: str) -> None:
+    assert bench.verdict_of(text) == expected
+
+
+def test_a_missed_target_shows_in_the_summary_but_does_not_fail_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    outputs = {"mls_groups": "a  b  c\n1  2  3\n", "mls_tree": "verdict: met\n",
+               "sframe": "x  y  z\nverdict: missed (1 of 20 GCM per-frame targets)\n"}
+
+    async def run_script(path: Path, args: list[str], out: Path) -> tuple[int, float]:
+        out.write_text(outputs[out.stem])
+        return 0, 0.0
+
+    monkeypatch.setattr(bench, "run_script", run_script)
+    assert main(["bench", "--quick", "--out", str(tmp_path), "--only", "mls,sframe"]) == 0
+    rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert [(r["benchmark"], r["status"], r["target"]) for r in rows] == [
+        ("mls_groups", "ok", "-"), ("mls_tree", "ok", "met"),
+        ("sframe", "ok", "missed (1 of 20 GCM per-frame targets)")]
+    out = capsys.readouterr().out
+    assert "target" in out and "targets missed: sframe" in out
+
+
+def test_sfu_forward_runs_its_loopback_part_in_both_modes() -> None:
+    (_, _, _, full, quick), = [s for s in bench.SCRIPTS if s[0] == "sfu_forward"]
+    assert "--loopback" in full and "--loopback" in quick
+
+
+# -- leftover processes: a script's whole process group goes with it
+
+# Starts a child in its own process group's session (inherited), writes the child's pid, sleeps.
+# The child ignores nothing: SIGTERM ends it, as it does a delivery service.
+SPAWNER = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+open(sys.argv[1], "w").write(str(child.pid))
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie waiting for init to reap it is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+async def wait_for_file(path: Path) -> int:
+    for _ in range(400):
+        if path.exists() and path.read_text():
+            return int(path.read_text())
+        await asyncio.sleep(0.025)
+    raise AssertionError(f"{path} never written")
+
+
+@pytest.fixture
+def spawner(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "bench" / "spawner.py"
+    path.parent.mkdir()
+    path.write_text(SPAWNER)
+    yield path
+    pid_file = tmp_path / "child.pid"  # a failed test leaves no sleeper behind either
+    if pid_file.exists() and pid_file.read_text() and running(int(pid_file.read_text())):
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+async def test_a_timed_out_script_is_killed_with_its_children(
+    spawner: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bench, "SCRIPT_TIMEOUT", 1.5)
+    monkeypatch.setattr(bench, "KILL_GRACE", 2.0)
+    pid_file = tmp_path / "child.pid"
+    code, _ = await bench.run_script(spawner, [str(pid_file), "600"], tmp_path / "out.txt")
+    assert code == -1
+    child = int(pid_file.read_text())
+    assert not running(child)
+
+
+async def test_a_cancelled_script_is_killed_with_its_children(
+    spawner: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bench, "KILL_GRACE", 2.0)
+    pid_file = tmp_path / "child.pid"
+    task = asyncio.ensure_future(
+        bench.run_script(spawner, [str(pid_file), "600"], tmp_path / "out.txt"))
+    child = await wait_for_file(pid_file)
+    assert running(child)
+    task.cancel()  # what Ctrl-C does to `conclave bench`
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not running(child)
+
+
+async def test_what_a_script_leaves_behind_when_it_exits_is_killed(
+    spawner: Path, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "child.pid"
+    code, _ = await bench.run_script(spawner, [str(pid_file), "0"], tmp_path / "out.txt")
+    assert code == 0
+    assert not running(int(pid_file.read_text()))
+
+
+# -- a call that measured nothing is an error, not "ok"
+
+@pytest.mark.parametrize(("frames_received", "latencies", "message"), [
+    (0, [], "no frames received"),
+    (12, [], "no frame latency measured"),
+])
+def test_a_call_that_measured_nothing_fails_the_run(
+    frames_received: int, latencies: list[float], message: str,
+    ran: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def silent(mode: str, *args: Any, **kwargs: Any) -> CallResult:
+        r = result(mode, latencies)
+        r.frames_received = frames_received
+        return r
+
+    monkeypatch.setattr(bench, "measure_call", silent)
+    assert main(["bench", "--quick", "--out", str(tmp_path), "--only", "call"]) == 1
+    rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert [(r["benchmark"], r["status"]) for r in rows] == [("e2e_call_plain", "error")]
+    assert message in rows[0]["output"]
+    assert not (tmp_path / "e2e_call.csv").exists()
+
+
+def test_the_full_run_pairs_the_calls_in_alternating_order(
+    ran: list[str], tmp_path: Path
+) -> None:
+    assert asyncio.run(bench.run_benchmarks(tmp_path, only={"call"})) == 0
+    assert ran == ["call plain", "call e2ee", "call e2ee", "call plain", "call plain",
+                   "call e2ee"]
+    rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert [r["benchmark"] for r in rows] == [
+        "e2e_call_plain_1", "e2e_call_e2ee_1", "e2e_call_e2ee_2", "e2e_call_plain_2",
+        "e2e_call_plain_3", "e2e_call_e2ee_3"]
+    cost = list(csv.DictReader((tmp_path / "e2e_cost.csv").open()))
+    assert all(c["pairs"] == "3" for c in cost)
+
+
+def test_a_noisy_cost_is_called_noise_and_a_steady_one_is_not() -> None:
+    from conclave.bench_call import Cost
+
+    assert Cost("cpu", "points", [0.3, -0.2, 0.8]).text() == (
+        "cpu +0.3 points (-0.2..+0.8, not distinguishable from noise)")
+    assert Cost("cpu", "points", [0.9, 1.4, 1.1]).text() == "cpu +1.1 points (+0.9..+1.4)"
+    assert Cost("cpu", "points", [0.4]).text() == "cpu +0.4 points"  # no spread, no verdict
+
+
+# -- the call's services: stopped however the call ends
+
+class FakeServe:
+    """Stands in for `conclave serve`: a child that sleeps (or exits at once with `code`)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, code: int | None = None) -> None:
+        import conclave.bench_call as bench_call
+
+        self.procs: list[subprocess.Popen[bytes]] = []
+        real = subprocess.Popen
+        script = ("import time; time.sleep(600)" if code is None else
+                  f"import sys; print('port 1 is taken', file=sys.stderr); sys.exit({code})")
+
+        def popen(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+            self.procs.append(real([sys.executable, "-c", script], **kwargs))
+            return self.procs[-1]
+
+        monkeypatch.setattr(bench_call.subprocess, "Popen", popen)
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def serve(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., FakeServe]]:
+    """`FakeServe` factory; a failed test leaves no sleeper behind."""
+    made: list[FakeServe] = []
+
+    def make(code: int | None = None) -> FakeServe:
+        made.append(FakeServe(monkeypatch, code))
+        return made[-1]
+
+    yield make
+    for fake in made:
+        fake.kill()
+
+
+async def test_a_service_that_dies_fails_the_start_at_once_with_its_last_words(
+    tmp_path: Path, serve: Callable[..., FakeServe]
+) -> None:
+    from conclave.bench_call import ServiceProcess
+
+    fake = serve(code=3)
+    services = ServiceProcess(tmp_path)
+    task = asyncio.ensure_future(services.start())
+    # Well before the 20 s the health wait gives a live service: it saw the child exit.
+    done, _ = await asyncio.wait({task}, timeout=10)
+    assert task in done
+    with pytest.raises(RuntimeError, match="exited with code 3 before answering: port 1 is taken"):
+        task.result()
+    services.stop()
+    assert fake.procs[0].poll() == 3
+
+
+async def test_the_services_are_stopped_when_they_never_become_healthy(
+    monkeypatch: pytest.MonkeyPatch, serve: Callable[..., FakeServe]
+) -> None:
+    import conclave.bench_call as bench_call
+
+    fake = serve()
+
+    async def never(*args: Any, **kwargs: Any) -> bool:
+        return False
+
+    monkeypatch.setattr(bench_call, "wait_healthy", never)
+    with pytest.raises(RuntimeError, match="did not start"):
+        await measure_call("plain", 2, 0.1, warmup=0.0)
+    assert fake.procs[0].poll() is not None  # terminated, not orphaned
+
+
+async def test_the_services_are_stopped_even_when_closing_a_participant_fails(
+    monkeypatch: pytest.MonkeyPatch, serve: Callable[..., FakeServe]
+) -> None:
+    import conclave.bench_call as bench_call
+
+    fake = serve()
+
+    async def healthy(*args: Any, **kwargs: Any) -> bool:
+        return True
+
+    async def refuse(self: Any) -> None:
+        raise RuntimeError("cannot reach the delivery service")
+
+    async def broken_close(self: Any) -> None:
+        raise OSError("close failed")
+
+    monkeypatch.setattr(bench_call, "wait_healthy", healthy)
+    monkeypatch.setattr(bench_call.Participant, "start", refuse)
+    monkeypatch.setattr(bench_call.Participant, "close", broken_close)
+    with pytest.raises(OSError, match="close failed"):
+        await measure_call("plain", 2, 0.1, warmup=0.0)
+    assert fake.procs[0].poll() is not None
