@@ -77,6 +77,7 @@ from .wire import (
     parse_key_package,
     parse_welcome,
     proposed_key_package,
+    proposed_leaf,
 )
 
 log = logging.getLogger(__name__)
@@ -503,18 +504,34 @@ class DeliveryService:
         if old is not None:
             pairs -= self.tracker.member_keys(old) or set()
         for identity, key in pairs:
-            try:
-                check_identity_name(identity)
-            except BadRequest as exc:
-                raise BadRequest(f"the group has a leaf for {identity!r}: {exc.reason}") from None
-            record = await self.storage.get_identity(identity)
-            if record is None:
-                raise Forbidden(f"the group has a leaf for {identity!r}, which is not registered")
-            if record.signature_key != key:
-                raise Forbidden(
-                    f"the group has a leaf for {identity!r} with a signature key that is not the "
-                    "one registered for that identity"
-                )
+            await self._check_leaf_key(identity, key, "the group has a leaf")
+
+    async def _check_leaf_key(self, identity: str, key: bytes, what: str) -> None:
+        try:
+            check_identity_name(identity)
+        except BadRequest as exc:
+            raise BadRequest(f"{what} for {identity!r}: {exc.reason}") from None
+        record = await self.storage.get_identity(identity)
+        if record is None:
+            raise Forbidden(f"{what} for {identity!r}, which is not registered")
+        if record.signature_key != key:
+            raise Forbidden(
+                f"{what} for {identity!r} with a signature key that is not the one registered "
+                "for that identity"
+            )
+
+    async def _check_proposed_leaf(self, framed: FramedMessage) -> None:
+        """A member's Add or Update proposal must bring a leaf the service would let into the
+        tree (`_check_member_keys`): else every commit that carried it would be refused, and
+        one member could stop the others from committing anything proposed in the epoch."""
+        leaf = proposed_leaf(framed)
+        if leaf is None:
+            return
+        try:
+            identity = leaf[0].decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("the proposal's leaf has an identity that is not UTF-8") from None
+        await self._check_leaf_key(identity, leaf[1], "the proposal brings a leaf")
 
     async def post_group(self, request: web.Request) -> web.Response:
         identity = await self.identity_of(request)
@@ -618,6 +635,12 @@ class DeliveryService:
             if await self.storage.get_identity(added) is None:
                 raise BadRequest(f"cannot add {added!r}: no such identity")
 
+        if (
+            self.tracker.verifies
+            and framed.content_type == ContentType.proposal
+            and framed.sender_type == SenderType.member
+        ):
+            await self._check_proposed_leaf(framed)
         knocker = None
         not_yours = False
         if framed.sender_type == SenderType.new_member_proposal:
@@ -714,7 +737,7 @@ class DeliveryService:
             if identity not in state.members:
                 raise Forbidden(f"{identity} is not a member of this group")
             self._refuse_copy(earlier, state, identity)
-            if self.tracker.knows_adds:
+            if self.tracker.verifies:
                 await self._check_welcomed_by_committer(group_id, unique, identity)
             group_suite = self.tracker.cipher_suite(state)
             if group_suite is not None and suite != group_suite:

@@ -60,9 +60,10 @@ class MembershipHints:
 
 
 class GroupTracker(Protocol):
-    # Whether `accept` sets `GroupState.key_package_refs`, so that Welcomes can be checked
-    # against the commits that added their recipients.
-    knows_adds: bool
+    # Whether the tracker verifies handshake messages against the group's public tree (and
+    # sets `GroupState.key_package_refs`): the service then also checks what only such a
+    # tracker can tell apart, e.g. Welcomes against the commits that added their recipients.
+    verifies: bool
 
     def create(self, group_id: bytes, creator: str, group_info: bytes | None) -> GroupState:
         """The state of a new group whose only member is `creator` (epoch 0 unless GroupInfo)."""
@@ -100,7 +101,7 @@ class GroupTracker(Protocol):
 class BasicTracker:
     """Header checks and exactly-one-commit-per-epoch, with membership from hints."""
 
-    knows_adds = False
+    verifies = False
 
     def member_keys(self, state: GroupState) -> set[tuple[str, bytes]] | None:
         return None
@@ -213,7 +214,7 @@ MAX_CREATE_LEAVES = 4096
 class PublicGroupTracker:
     """Verifies every handshake message with the secret-free `mls.public_group.PublicGroup`."""
 
-    knows_adds = True
+    verifies = True
 
     def __init__(self, cache_size: int = 16, max_create_leaves: int = MAX_CREATE_LEAVES) -> None:
         self.max_create_leaves = max_create_leaves

@@ -96,6 +96,22 @@ def proposed_key_package(framed: FramedMessage) -> KeyPackageInfo:
     return _key_package_info(kp)
 
 
+def proposed_leaf(framed: FramedMessage) -> tuple[bytes, bytes] | None:
+    """(identity, signature key) of the leaf a PublicMessage Add or Update proposal brings into
+    the tree (unverified: the tracker checks the proposal), or None for other messages."""
+    body = framed.message.body
+    proposal = body.content.proposal if isinstance(body, PublicMessage) else None
+    if proposal is None:
+        return None
+    if proposal.proposal_type == ProposalType.add:
+        leaf = proposal.body.key_package.leaf_node  # type: ignore[union-attr]
+    elif proposal.proposal_type == ProposalType.update:
+        leaf = proposal.body.leaf_node  # type: ignore[union-attr]
+    else:
+        return None
+    return leaf.credential.identity, leaf.signature_key
+
+
 def _key_package_info(kp: KeyPackage) -> KeyPackageInfo:
     """What the service keeps of a KeyPackage of a supported suite; the ref is over the
     KeyPackage itself, without the MLSMessage header (§5.2)."""

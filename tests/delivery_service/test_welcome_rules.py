@@ -15,6 +15,7 @@ import pytest
 from delivery_service.errors import RequestFailed
 from delivery_service.storage import NewMessage, Storage
 from delivery_service.tracker import GroupState
+from mls.client import Client
 from mls.group import Group
 
 from .mlsgroups import Person, people, start_group
@@ -129,3 +130,30 @@ async def test_the_storage_records_who_added_each_key_package(storage: Storage) 
     s2 = replace(s2, last_seq=2)
     await storage.append(s2, s2, NewMessage("proposal", 2, "carol", 1, NOW * 1000, b"p"))
     assert await storage.added_by(gid, [first, second]) == {first: "bob", second: "bob"}
+
+
+@pytest.mark.parametrize(("name", "status", "code"), [
+    (b"zed", 403, "forbidden"),  # not registered
+    (b"carol", 403, "forbidden"),  # registered, with another key
+    (b"\xff\xfe", 400, "bad_request"),  # no one can register it
+])
+async def test_an_add_proposal_must_bring_a_leaf_the_service_would_let_in(
+    url: str, name: bytes, status: int, code: str
+) -> None:
+    # Else every commit carrying it is refused: one member could block the epoch's requests.
+    alice, bob, carol = await people(url, "alice", "bob", "carol")
+    gid = await start_group(alice, bob)
+    await bob.catch_up(gid)
+    assert alice.group is not None and bob.group is not None
+    before = await _log(alice, gid)
+    rogue = bob.group.propose_add(Client(name).key_package())
+    reason = await _refused(status, code, bob.ds.send(gid, rogue))
+    assert name.decode("utf-8", "replace") in reason or "UTF-8" in reason
+    assert await _log(alice, gid) == before
+    # carol's real KeyPackage is fine, and the commit of it goes through
+    proposal = bob.group.propose_add(await bob.ds.claim_key_package("carol"))
+    await bob.ds.send(gid, proposal)
+    alice.group.process(proposal)
+    res = alice.group.commit()
+    await alice.ds.send(gid, res.commit, group_info=res.group_info)
+    assert "carol" in (await alice.ds.group(gid))["members"]
