@@ -348,12 +348,17 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     def remember(step: str, people: list[Any]) -> None:
         last[:] = people
 
+    # Ctrl-C or SIGTERM: the demo's participants and services stop and its temporary
+    # directory goes (the default SIGTERM would end the process and leave it behind).
+    stop = stop_on_signals()
     if args.no_live:
-        result = await run_demo(config, remember)
+        result = await until_stopped(stop, run_demo(config, remember))
         console.print(table("done", last))
     else:
         with Live(table("starting", []), console=console, refresh_per_second=4) as live:
-            result = await run_demo(config, lambda step, people: live.update(table(step, people)))
+            result = await until_stopped(stop, run_demo(
+                config, lambda step, people: live.update(table(step, people))
+            ))
         console.print()
     if result.report is not None:
         console.print(report_table("key rotations (conclave audit)", result.report))

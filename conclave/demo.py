@@ -114,7 +114,11 @@ async def run_demo(
         services = Services(
             db=config.db or str(Path(tmp) / "ds.sqlite3"), pg_schema=config.pg_schema
         )
-        await services.start()
+        try:
+            await services.start()
+        except BaseException:  # cancelled half-way (SIGTERM): stop what did start
+            await services.stop()
+            raise
         names = ["alice", "bob", "carol", "dave"]
         people = [
             Participant(

@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import ipaddress
 import logging
 import os
 import random
 import re
+import tempfile
 import time
 import unicodedata
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -45,6 +48,8 @@ from aiortc import MediaStreamTrack, RTCRtpTransceiver
 from delivery_service.client import (
     DeliveryClient,
     Message,
+    PushError,
+    PushEvent,
     PushStream,
     Removed,
     RoomToken,
@@ -93,6 +98,15 @@ REMOVED_FROM_GROUP = "removed_from_group"
 # A Welcome arrives after its commit: messages this far back are re-read (and those of older
 # epochs skipped) so that nothing between the commit and the Welcome is missed.
 WELCOME_LOOKBACK = 64
+# A Welcome whose posting failed (the service or the network) is posted again this many times
+# in all, after 0.5, 1, 2... seconds: else the member added by its commit never learns it.
+WELCOME_ATTEMPTS = 6
+WELCOME_RETRY_FIRST = 0.5
+# Background failures kept in `errors`, and Welcomes kept for a later `wait_for_welcome`: a
+# hostile service sending garbage would otherwise grow them without end.
+MAX_ERRORS = 100
+MAX_KEPT_WELCOMES = 32
+ROTATION_RETRY_MAX = 30.0  # seconds before a failed periodic rotation is tried again, at most
 
 
 def _join_refused(room: str, exc: RequestFailed) -> ConclaveError:
@@ -119,6 +133,51 @@ def _renewal_delay(token: RoomToken) -> float:
     (a service from before `ttl`: by `expires_at` and this machine's clock)."""
     life = token.ttl if token.ttl is not None else token.expires_at - time.time()
     return max(MIN_RENEWAL_WAIT, life * 3 / 4)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a directory: the rename is all we can do
+    finally:
+        os.close(fd)
+
+
+def _add_refusal(message: bytes) -> str | None:
+    """Why an Add proposal (`message`, a PublicMessage) adds no one the delivery service could
+    ever take as a member (an identity that is not UTF-8, or not a valid name), else None.
+    Every commit that carried it would be refused: a member that took it in could commit no
+    other proposal of its epoch (RFC 9420 §12.2: invalid proposals are left out). Others
+    (not a proposal, undecodable) are for `Group.process` to judge."""
+    try:
+        body = MLSMessage.decode(message).body
+        if not isinstance(body, PublicMessage) or body.content.proposal is None:
+            return None
+        proposal = body.content.proposal
+        if proposal.proposal_type != ProposalType.add:
+            return None
+        identity = proposal.body.key_package.leaf_node.credential.identity  # type: ignore[union-attr]
+    except Exception:
+        return None
+    try:
+        check_name(identity.decode("utf-8"))
+    except (UnicodeDecodeError, ConclaveError):
+        return f"an Add proposal for the identity {identity!r}, which no one can register"
+    return None
+
+
+def _worth_retrying(exc: BaseException) -> bool:
+    """Whether a failed request may work if made again: the network, the service's trouble
+    (5xx, 429), or a 409 (for a Welcome: its commit is not in yet)."""
+    if isinstance(exc, RequestFailed):
+        return exc.status >= 500 or exc.status in (409, 429)
+    return isinstance(exc, aiohttp.ClientError | OSError)
 
 
 def _reason(exc: BaseException) -> str:
@@ -280,7 +339,13 @@ class Participant:
         self.epoch_changed = asyncio.Condition()
         self._lock = asyncio.Lock()  # one handshake operation at a time, in the service's order
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._welcomes: asyncio.Queue[WelcomeMessage] = asyncio.Queue()
+        # Welcomes not yet used, oldest first (the oldest dropped past the bound).
+        self._welcomes: deque[WelcomeMessage] = deque(maxlen=MAX_KEPT_WELCOMES)
+        self._welcome_arrived = asyncio.Event()
+        # Ids of the latest Welcomes taken in, from the push stream or a catch-up (which may
+        # bring one twice); a set, not a highest id, which one huge id would stop for good.
+        self._welcome_ids: deque[int] = deque(maxlen=4 * MAX_KEPT_WELCOMES)
+        self._state_lock: int | None = None  # the fd of <name>.lock while running
         self._player: object | None = None
         self._tracks: list[MediaStreamTrack] | None = None
         self._recorders: list[Any] = []
@@ -348,16 +413,58 @@ class Participant:
         }
         if self.group is not None:
             body["group"] = self.group.to_bytes()
-        tmp = path.with_suffix(".tmp")
+        data = cbor2.dumps(body)
+        tmp: str | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            # The state holds private keys: owner-only from the moment the file exists.
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            # A new file of our own (O_EXCL, mode 0600: it holds private keys), never one left
+            # by someone else with a looser mode; in the same directory, so that os.replace is
+            # a rename on one file system.
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             with os.fdopen(fd, "wb") as f:
-                f.write(cbor2.dumps(body))
-            os.replace(tmp, path)
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before it replaces the old state: a crash
+            os.replace(tmp, path)  # leaves one or the other whole, never an empty file
+            tmp = None
+            _fsync_dir(path.parent)  # and the rename itself
         except OSError as exc:
             raise ConclaveError(f"cannot save the state to {path}: {exc.strerror or exc}") from None
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+
+    def _lock_state(self) -> None:
+        """Hold `<name>.lock` in the state directory while this participant runs: two
+        processes with one identity's state would each save their own epoch over the other's,
+        and lose keys. A second one is refused before it writes anything."""
+        if self.state_dir is None or self._state_lock is not None:
+            return
+        path = self.state_dir / f"{self.name}.lock"
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            # (worded as `save` words it: the state directory is what cannot be used)
+            raise ConclaveError(
+                f"cannot save the state to {self._state_path}: {exc.strerror or exc}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ConclaveError(
+                f"{self.name} is running already with the state directory {self.state_dir} "
+                "(another `conclave join` with this name?): stop it first, or use another "
+                "--state"
+            ) from None
+        self._state_lock = fd
+
+    def _unlock_state(self) -> None:
+        if self._state_lock is not None:
+            os.close(self._state_lock)  # releases the flock
+            self._state_lock = None
 
     # -- properties -------------------------------------------------------------------------------
 
@@ -404,6 +511,7 @@ class Participant:
     async def start(self) -> None:
         """Register (idempotent), top up KeyPackages, open the push stream, and resume a saved
         group if there is one."""
+        self._lock_state()  # before the save: it would overwrite a running one's state
         # The signature key is registered for good: it must be on disk first, or a state
         # directory that cannot be written would leave the name registered to a lost key.
         self.save()
@@ -414,6 +522,8 @@ class Participant:
                 f"cannot reach the delivery service at {self.ds_url}: {_reason(exc)}"
             ) from None
         except RequestFailed as exc:
+            if exc.code == "bad_answer":
+                raise ServiceUnavailable(f"{self.ds_url}: {exc.reason}") from None
             raise ConclaveError(f"the delivery service refused to register {self.name}: {exc}") from None
         await self.top_up_key_packages()
         self.stream = await self.ds.connect()
@@ -428,9 +538,11 @@ class Participant:
             self._spawn(self._rotate_periodically())
 
     async def top_up_key_packages(self, target: int = KEY_PACKAGE_TARGET) -> int:
-        count = await self.ds.key_package_count()
-        if count < target:
-            fresh = [self.client.key_package() for _ in range(target - count)]
+        count = await self.ds.key_package_count()  # a non-negative int (the client checks)
+        # Never more than `target` at once, whatever count the service claims.
+        missing = max(0, min(target - count, target))
+        if missing:
+            fresh = [self.client.key_package() for _ in range(missing)]
             self.save()  # their private keys first: a Welcome may come at once
             count = await self.ds.upload_key_packages(fresh)
         return count
@@ -439,8 +551,10 @@ class Participant:
         """Others claim our KeyPackages to add us to groups: replace the ones they took."""
         while True:
             await asyncio.sleep(interval)
-            with contextlib.suppress(RequestFailed, aiohttp.ClientError, OSError):
+            try:
                 await self.top_up_key_packages()
+            except Exception as exc:  # whatever failed, try again at the next check
+                self._note(f"KeyPackage top-up: {_reason(exc)}")
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -452,25 +566,37 @@ class Participant:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
-            self.errors.append(f"{type(exc).__name__}: {exc}")
-            log.warning("%s: background task failed: %s", self.name, exc)
+            self._note(f"{type(exc).__name__}: {exc}")
+
+    def _note(self, error: str) -> None:
+        """A failure in the background: logged, and kept in `errors` (the latest few)."""
+        log.warning("%s: %s", self.name, error)
+        self.errors.append(error)
+        del self.errors[:-MAX_ERRORS]
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        for recorder in self._recorders:
+        """Stop everything and save the state; each step runs even if one before it failed."""
+        try:
+            for task in list(self._tasks):
+                task.cancel()
+            for task in list(self._tasks):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            for recorder in self._recorders:
+                with contextlib.suppress(Exception):
+                    await recorder.stop()
+            if self.sfu is not None:
+                with contextlib.suppress(Exception):
+                    await self.sfu.leave()
+            if self.stream is not None:
+                with contextlib.suppress(Exception):
+                    await self.stream.close()
             with contextlib.suppress(Exception):
-                await recorder.stop()
-        if self.sfu is not None:
-            with contextlib.suppress(Exception):
-                await self.sfu.leave()
-        if self.stream is not None:
-            await self.stream.close()
-        await self.ds.close()
-        self.save()
+                await self.ds.close()
+            if self._state_lock is not None:
+                self.save()  # not by one refused the lock: the state is another's
+        finally:
+            self._unlock_state()
 
     # -- creating and joining ---------------------------------------------------------------------
 
@@ -522,12 +648,26 @@ class Participant:
             return
         raise CommitFailed(f"could not join {room!r}: the group kept changing; try again")
 
-    async def knock(self, room: str, timeout: float = 15.0) -> None:
+    async def knock(self, room: str, timeout: float = 15.0) -> str:
         """Ask to join: an Add proposal from this client itself (sender new_member_proposal,
-        RFC 9420 §12.1.8). The first member to see it commits it; we join from the Welcome."""
+        RFC 9420 §12.1.8). The first member to see it commits it; we join from the Welcome
+        (of this room's group only). Returns "was let into", or "rejoined" if we were added
+        already but never got the Welcome: then we join by external commit in place of the
+        leaf we were given (as `join` does)."""
         gid = group_id_for_room(room)
         for _ in range(COMMIT_ATTEMPTS):
             gi = await self._room_group_info(gid, room)
+            if _own_leaf(gi, self.client.signature_key) is not None:
+                # An earlier knock was let in, and its Welcome lost (or still on its way). A
+                # second Add of our key would be refused (one leaf per key): use the Welcome if
+                # it is here, else take our leaf back by external commit.
+                if self._has_welcome(gid):
+                    await self.wait_for_welcome(timeout, group_id=gid)
+                    return "was let into"
+                log.warning("%s: already in room %r's group without its Welcome: rejoining by "
+                            "external commit", self.name, room)
+                await self.join(room)
+                return "rejoined"
             proposal = Group.new_member_add_proposal(self.client, gi)
             body = MLSMessage.decode(proposal).body
             assert isinstance(body, PublicMessage) and body.content.proposal is not None
@@ -543,8 +683,8 @@ class Participant:
                 continue
             except RequestFailed as exc:
                 raise _join_refused(room, exc) from None
-            await self.wait_for_welcome(timeout)
-            return
+            await self.wait_for_welcome(timeout, group_id=gid)
+            return "was let into"
         raise CommitFailed(f"could not ask to join {room!r}: the group kept changing; try again")
 
     async def create_or_join(self, room: str) -> str:
@@ -578,28 +718,73 @@ class Participant:
                 )
             return "rejoined"
         if knock:
-            await self.knock(room)
-            return "was let into"
+            return await self.knock(room)
         return await self.create_or_join(room)
 
-    async def wait_for_welcome(self, timeout: float = 15.0) -> None:
-        """Wait until someone adds this participant and its Welcome arrives; then join."""
-        try:
-            w = await asyncio.wait_for(self._welcomes.get(), timeout)
-        except TimeoutError:
-            raise ConclaveError(f"{self.name} was not invited within {timeout:.0f}s") from None
-        async with self._lock:
-            self.group, self.removed = Group.join(self.client, w.welcome), False
-            # The Welcome follows its commit: re-read a little and skip what is older.
-            self.applied_seq = max(0, w.seq - WELCOME_LOOKBACK)
-            self.welcome_cursor = max(self.welcome_cursor, w.id)
-            await self._installed()
+    def _has_welcome(self, group_id: bytes | None) -> bool:
+        return any(group_id is None or w.group_id == group_id for w in self._welcomes)
+
+    def _take_welcome(self, group_id: bytes | None) -> WelcomeMessage | None:
+        """The oldest kept Welcome (for `group_id` if given); other groups' stay kept."""
+        for w in self._welcomes:
+            if group_id is None or w.group_id == group_id:
+                self._welcomes.remove(w)
+                return w
+        return None
+
+    def _keep_welcome(self, w: WelcomeMessage) -> None:
+        if w.id in self._welcome_ids:
+            return  # had already (from the push stream and a catch-up both)
+        self._welcome_ids.append(w.id)
+        self._welcomes.append(w)
+        self._welcome_arrived.set()
+
+    async def wait_for_welcome(self, timeout: float = 15.0, *, group_id: bytes | None = None) -> None:
+        """Wait until someone adds this participant and its Welcome arrives; then join. With
+        `group_id`, only from a Welcome into that group: those for other groups are kept for
+        later, and one that cannot be used (garbage, not for us, for another group than the
+        service said) is skipped."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            w = self._take_welcome(group_id)
+            if w is None:
+                self._welcome_arrived.clear()
+                try:
+                    await asyncio.wait_for(self._welcome_arrived.wait(), deadline - loop.time())
+                except TimeoutError:
+                    raise ConclaveError(
+                        f"{self.name} was not invited within {timeout:.0f}s"
+                    ) from None
+                continue
+            if await self._join_from(w, group_id):
+                break
+        assert self.group is not None
         await self.top_up_key_packages()
         assert self.stream is not None
         await self.stream.subscribe(self.group.group_id, after=self.applied_seq)
         if self._media_wanted and self.sfu is None:
             # added back after a removal, which ended the media session: call in again
             self._spawn(self._call_in(0.0))
+
+    async def _join_from(self, w: WelcomeMessage, group_id: bytes | None) -> bool:
+        """Join the group of Welcome `w`; False (and nothing changed) if it cannot be used."""
+        async with self._lock:
+            try:
+                group = Group.join(self.client, w.welcome)
+            except Exception as exc:  # whatever the service sent: MLS, decoding, types
+                self._note(f"a Welcome (id {w.id}) that cannot be used: {_reason(exc)}")
+                return False
+            if group_id is not None and group.group_id != group_id:
+                # The service labelled it for our room; what it holds is another group.
+                self._note(f"a Welcome (id {w.id}) into another group than the one asked for")
+                return False
+            self.group, self.removed = group, False
+            # The Welcome follows its commit: re-read a little and skip what is older.
+            self.applied_seq = max(0, w.seq - WELCOME_LOOKBACK)
+            self.welcome_cursor = max(self.welcome_cursor, w.id)
+            await self._installed()
+        return True
 
     async def _installed(self) -> None:
         """A new epoch is in place: keys first, then state, then whoever waits for it."""
@@ -656,19 +841,39 @@ class Participant:
     # -- handshake messages -----------------------------------------------------------------------
 
     async def _pump(self) -> None:
+        """Apply the push stream's events in order, for as long as it runs: one event that
+        fails (a bug, a message we cannot use) is reported and the next one applied, for a
+        pump that stopped would leave this member in its epoch for good."""
         assert self.stream is not None
         async for event in self.stream:
-            if isinstance(event, Message):
-                if self.group is not None and event.group_id == self.group.group_id:
-                    async with self._lock:
-                        await self._handle(event)
-            elif isinstance(event, WelcomeMessage):
-                self._welcomes.put_nowait(event)
-            elif isinstance(event, Removed):
-                if self.group is not None and event.group_id == self.group.group_id:
-                    await self._mark_removed()
-            else:
-                self.errors.append(f"delivery service: {event.code}: {event.reason}")
+            try:
+                await self._on_event(event)
+            except Exception as exc:
+                self._note(f"could not apply a pushed {type(event).__name__}: "
+                           f"{type(exc).__name__}: {exc}")
+
+    async def _on_event(self, event: PushEvent) -> None:
+        if isinstance(event, Message):
+            if self.group is not None and event.group_id == self.group.group_id:
+                async with self._lock:
+                    await self._handle(event)
+        elif isinstance(event, WelcomeMessage):
+            self._keep_welcome(event)
+        elif isinstance(event, Removed):
+            if self.group is not None and event.group_id == self.group.group_id:
+                await self._mark_removed()
+        elif isinstance(event, PushError) and event.code == "bad_frame":
+            # The service pushed something malformed, perhaps a commit of our group: fetch
+            # what we may have missed instead of waiting in this epoch for good.
+            self._note(f"delivery service: {event.reason}")
+            await self._catch_up()
+            await self._catch_up_welcomes()
+        else:
+            self._note(f"delivery service: {event.code}: {event.reason}")
+
+    async def _catch_up_welcomes(self) -> None:
+        for w in await self.ds.welcomes(after=self.welcome_cursor):
+            self._keep_welcome(w)
 
     async def _handle(self, m: Message) -> None:
         group = self.group
@@ -678,9 +883,13 @@ class Participant:
         self.applied_seq = m.seq
         if m.kind not in ("commit", "proposal") or m.epoch < group.epoch:
             return  # application data is not used; older epochs are superseded
+        if m.kind == "proposal" and (refusal := _add_refusal(m.message)) is not None:
+            # Not taken in, so never committed: it would make every commit of this epoch fail.
+            self._note(f"seq {m.seq}: ignored {refusal}")
+            return
         try:
             processed = group.process(m.message)
-        except MLSError as exc:
+        except Exception as exc:  # MLSError, or a bug on input it should have refused
             log.warning("%s: refused %s at seq %d: %s", self.name, m.kind, m.seq, exc)
             if m.kind == "commit":
                 # The service accepted it, so the others moved on: we can only catch up by
@@ -688,7 +897,7 @@ class Participant:
                 self.resyncs += 1
                 self._spawn(self._resync())
             else:
-                self.errors.append(f"seq {m.seq}: {exc}")
+                self._note(f"seq {m.seq}: {exc}")
             return
         if processed.kind == "commit":
             if processed.removed or not group.active:
@@ -726,7 +935,7 @@ class Participant:
                 self.applied_seq = max(self.applied_seq, accepted.seq)
                 await self._installed()
                 return
-            self.errors.append("could not resynchronise with the group")
+            self._note("could not resynchronise with the group")
 
     def _schedule_commit(self) -> None:
         """Whoever sees a membership request first commits it (races end in a 409)."""
@@ -739,6 +948,10 @@ class Participant:
                 await self.commit_pending()
             except NotInGroup:
                 pass  # removed meanwhile, by a commit that came first: nothing left to commit
+            except Exception as exc:
+                # Refused or failed: the next proposal schedules another try (another member
+                # may commit these meanwhile).
+                self._note(f"committing the pending proposals: {_reason(exc)}")
             finally:
                 self._commit_scheduled = False
 
@@ -782,20 +995,55 @@ class Participant:
                     group.group_id, result.commit, adds=adds, removes=removes,
                     group_info=result.group_info,
                 )
+                seq = max(self.applied_seq, accepted.seq)  # anything that can fail: before
             except BaseException:
                 group.discard_pending_commit()
                 raise
+            # From the merge on, nothing may fail before the new epoch's keys and state are
+            # in place (a group in epoch N+1 with keys of N would send under stale keys).
             group.merge_pending_commit()
-            self.applied_seq = max(self.applied_seq, accepted.seq)
+            self.applied_seq = seq
             await self._installed()
             if result.welcome is not None:
-                await self.ds.send_welcome(group.group_id, result.welcome)
-            with contextlib.suppress(RequestFailed):
+                await self._send_welcome(group.group_id, result.welcome)
+            with contextlib.suppress(RequestFailed, aiohttp.ClientError, OSError):
                 # Logged for auditors: lets them check the transcript hash chain.
                 await self.ds.publish_group_info(group.group_id, result.group_info)
             return True
 
         return await self._in_current_epoch(step)
+
+    async def _send_welcome(self, group_id: bytes, welcome: bytes) -> None:
+        """Post the Welcome of our accepted commit. The commit is in: if the Welcome is lost,
+        its new members are in the tree but can never join from it, so a failure is retried
+        in the background (`_resend_welcome`) rather than raised."""
+        try:
+            await self.ds.send_welcome(group_id, welcome)
+        except Exception as exc:
+            if not _worth_retrying(exc):
+                self._note(f"the delivery service refused our Welcome: {_reason(exc)}")
+                return
+            log.warning("%s: posting a Welcome failed (%s): trying again", self.name,
+                        _reason(exc))
+            self._spawn(self._resend_welcome(group_id, welcome))
+
+    async def _resend_welcome(self, group_id: bytes, welcome: bytes) -> None:
+        wait = WELCOME_RETRY_FIRST
+        last: BaseException | None = None
+        for _ in range(WELCOME_ATTEMPTS - 1):
+            await asyncio.sleep(wait)
+            wait *= 2
+            try:
+                # The same bytes: the service answers a repeat of ours with the original.
+                await self.ds.send_welcome(group_id, welcome)
+                return
+            except Exception as exc:
+                if not _worth_retrying(exc):
+                    self._note(f"the delivery service refused our Welcome: {_reason(exc)}")
+                    return
+                last = exc
+        why = "" if last is None else f": {_reason(last)}"
+        self._note(f"gave up posting a Welcome after {WELCOME_ATTEMPTS} tries{why}")
 
     async def _catch_up(self) -> None:
         """Fetch what the push stream has not delivered (it reconnects by itself)."""
@@ -922,7 +1170,10 @@ class Participant:
                        if p.proposal.proposal_type == ProposalType.remove]
             if not pending or mine in removes:
                 return None  # nothing to do, or we are the one leaving: another member commits
-            added = [p.proposal.body.key_package.leaf_node.credential.identity.decode()  # type: ignore[union-attr]
+            # For the service's bookkeeping only: undecodable bytes must not stop the commit
+            # (`_handle` keeps out Adds of identities no one can register).
+            added = [p.proposal.body.key_package.leaf_node.credential.identity  # type: ignore[union-attr]
+                     .decode("utf-8", "replace")
                      for p in pending if p.proposal.proposal_type == ProposalType.add]
             # Members who asked at once to remove one member sent two Removes of one leaf:
             # `commit` takes one of them (RFC 9420 §12.2), and the others are void.
@@ -960,9 +1211,11 @@ class Participant:
             try:
                 if not await self.rotate(if_unchanged_since=self.group.epoch):
                     continue
-            except (ConclaveError, RequestFailed, MLSError) as exc:
-                self.errors.append(f"rotation: {exc}")
-                await asyncio.sleep(self.rotation_period)
+            except Exception as exc:  # (not CancelledError: close() ends the loop)
+                # The network, the service, anything: the timer must go on, or keys would
+                # never be rotated again in this run. Try again after a while.
+                self._note(f"rotation: {_reason(exc)}")
+                await asyncio.sleep(min(self.rotation_period, ROTATION_RETRY_MAX))
 
     # -- media ------------------------------------------------------------------------------------
 

@@ -76,11 +76,14 @@ class Services:
         try:
             storage = make_storage(self.db, schema=self.pg_schema)
             await storage.open()
-        except Exception as exc:  # sqlite3, asyncpg and OSError failures alike: one line
+        except BaseException as exc:  # sqlite3, asyncpg and OSError failures alike: one line
             if storage is not None:
-                # aiosqlite's worker thread would keep the process from exiting
+                # aiosqlite's worker thread would keep the process from exiting (also when
+                # cancelled meanwhile, by Ctrl-C or SIGTERM)
                 with contextlib.suppress(Exception):
                     await storage.close()
+            if not isinstance(exc, Exception):
+                raise
             raise ServiceUnavailable(  # the driver's message might quote the DSN
                 f"cannot open the database ({display_db(self.db)}): {scrub_db(str(exc), self.db)}"
             ) from None

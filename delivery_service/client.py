@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Self
 from urllib.parse import quote
@@ -46,6 +46,46 @@ RETRIES_429 = 3
 # unbounded one into memory from a service it does not trust.
 MAX_ANSWER = 32 << 20
 MAX_BODY_LIMIT = 16 << 20
+# Sequence numbers, epochs, ids and counts are stored as signed 64-bit integers (by the service,
+# and in a participant's saved state): anything else the service sends is malformed.
+MAX_INT = (1 << 63) - 1
+# A field of a push frame or error that is text is cut to this many characters.
+MAX_PUSH_TEXT = 500
+
+
+class Malformed(ValueError):
+    """A field of the service's answer or push frame is missing or of the wrong type."""
+
+
+def _count(body: dict[str, Any], key: str) -> int:
+    """`body[key]`, a non-negative integer that fits the service's 64-bit fields."""
+    value = body.get(key)
+    # `type(...) is int`: no bool, no float, no int subclass.
+    if type(value) is not int or not 0 <= value <= MAX_INT:
+        raise Malformed(f"{key!r} is not a whole number from 0 to 2^63-1")
+    return value
+
+
+def _optional_count(body: dict[str, Any], key: str) -> int | None:
+    return None if body.get(key) is None else _count(body, key)
+
+
+def _bytes(body: dict[str, Any], key: str) -> bytes:
+    value = body.get(key)
+    if type(value) is not bytes:
+        raise Malformed(f"{key!r} is not a byte string")
+    return value
+
+
+def _text(body: dict[str, Any], key: str) -> str:
+    value = body.get(key)
+    if type(value) is not str:
+        raise Malformed(f"{key!r} is not text")
+    return value
+
+
+def _bad_answer(exc: Malformed, status: int = 200) -> RequestFailed:
+    return RequestFailed(status, "bad_answer", f"the delivery service's answer is malformed: {exc}")
 
 
 async def wait_healthy(
@@ -85,8 +125,19 @@ class Message:
 
     @classmethod
     def from_body(cls, b: dict[str, Any]) -> Message:
+        """Unchecked: for the audit log, which the auditor checks field by field itself."""
         return cls(b["group_id"], b["seq"], b["kind"], b["epoch"], b["sender"],
                    b["sender_index"], b["time_ms"], b["message"])
+
+    @classmethod
+    def checked(cls, b: object) -> Message:
+        """From the service's answer or push frame, every field's type checked (`Malformed`):
+        a participant keeps `seq` and `epoch` in its saved state and compares them."""
+        if not isinstance(b, dict):
+            raise Malformed("a message is not a map")
+        return cls(_bytes(b, "group_id"), _count(b, "seq"), _text(b, "kind"), _count(b, "epoch"),
+                   _text(b, "sender"), _optional_count(b, "sender_index"), _count(b, "time_ms"),
+                   _bytes(b, "message"))
 
 
 @dataclass(frozen=True)
@@ -95,6 +146,12 @@ class WelcomeMessage:
     group_id: bytes
     seq: int
     welcome: bytes = field(repr=False)
+
+    @classmethod
+    def checked(cls, b: object) -> WelcomeMessage:
+        if not isinstance(b, dict):
+            raise Malformed("a Welcome is not a map")
+        return cls(_count(b, "id"), _bytes(b, "group_id"), _count(b, "seq"), _bytes(b, "welcome"))
 
 
 @dataclass(frozen=True)
@@ -128,6 +185,15 @@ class RoomToken:
 
 
 PushEvent = Message | WelcomeMessage | Removed | PushError
+
+
+@contextlib.contextmanager
+def _checking() -> Iterator[None]:
+    """Turns a malformed field of an answer into the client's `RequestFailed` (bad_answer)."""
+    try:
+        yield
+    except Malformed as exc:
+        raise _bad_answer(exc) from None
 
 
 class DeliveryClient:
@@ -222,14 +288,28 @@ class DeliveryClient:
             status, answer = await self._raw(method, path, body, auth)
         if status >= 400:
             answer = answer if isinstance(answer, dict) else {}
-            code = str(answer.pop("error", "http_error"))
-            reason = str(answer.pop("reason", f"HTTP {status}"))
-            cls = StaleEpochRejected if code == "stale_epoch" else RequestFailed
-            raise cls(status, code, reason, **answer)
+            code = str(answer.pop("error", "http_error"))[:MAX_PUSH_TEXT]
+            reason = str(answer.pop("reason", f"HTTP {status}"))[:MAX_PUSH_TEXT]
+            if code == "stale_epoch":
+                try:  # the caller waits for this epoch: it must be one
+                    _count(answer, "current_epoch")
+                except Malformed as exc:
+                    raise _bad_answer(exc, status) from None
+                raise StaleEpochRejected(status, code, reason, **answer)
+            raise RequestFailed(status, code, reason, **answer)
+        if not isinstance(answer, dict):
+            # An HTML page, say: something else than a Conclave delivery service answers here.
+            raise RequestFailed(
+                status, "bad_answer",
+                "not a Conclave delivery service, or a malformed answer (not a CBOR map)",
+            )
         return answer
 
+
     async def _proof(self) -> dict[str, Any]:
-        challenge = (await self._request("POST", "/v1/challenges", auth=False))["challenge"]
+        with _checking():
+            challenge = _bytes(await self._request("POST", "/v1/challenges", auth=False),
+                               "challenge")
         signature = sign_with_label(
             self.cipher_suite,
             self._signature_private,
@@ -244,11 +324,17 @@ class DeliveryClient:
         """Register the identity and its signature key (idempotent), and open a session."""
         body = await self._proof()
         body |= {"cipher_suite": self.cipher_suite, "signature_key": self.signature_public}
-        self.session = (await self._request("POST", "/v1/identities", body, auth=False))["session"]
+        with _checking():
+            self.session = _text(
+                await self._request("POST", "/v1/identities", body, auth=False), "session"
+            )
 
     async def login(self) -> None:
         body = await self._proof()
-        self.session = (await self._request("POST", "/v1/sessions", body, auth=False))["session"]
+        with _checking():
+            self.session = _text(
+                await self._request("POST", "/v1/sessions", body, auth=False), "session"
+            )
 
     async def logout(self) -> None:
         if self.session is not None:
@@ -265,14 +351,17 @@ class DeliveryClient:
         body: dict[str, Any] = {"key_packages": list(key_packages)}
         if last_resort is not None:
             body["last_resort"] = last_resort
-        return int((await self._request("POST", "/v1/key_packages", body))["count"])
+        with _checking():
+            return _count(await self._request("POST", "/v1/key_packages", body), "count")
 
     async def key_package_count(self) -> int:
-        return int((await self._request("GET", "/v1/key_packages/count"))["count"])
+        with _checking():
+            return _count(await self._request("GET", "/v1/key_packages/count"), "count")
 
     async def claim_key_package(self, identity: str) -> bytes:
         path = f"/v1/identities/{quote(identity, safe='')}/key_package"
-        return bytes((await self._request("POST", path))["key_package"])
+        with _checking():
+            return _bytes(await self._request("POST", path), "key_package")
 
     # -- groups
 
@@ -280,7 +369,8 @@ class DeliveryClient:
         body: dict[str, Any] = {"group_id": group_id}
         if group_info is not None:
             body["group_info"] = group_info
-        return int((await self._request("POST", "/v1/groups", body))["epoch"])
+        with _checking():
+            return _count(await self._request("POST", "/v1/groups", body), "epoch")
 
     async def group(self, group_id: bytes) -> dict[str, Any]:
         """{"group_id", "epoch", "seq", "members"} as the service sees the group."""
@@ -306,23 +396,29 @@ class DeliveryClient:
         if group_info is not None:
             body["group_info"] = group_info
         answer = await self._request("POST", f"/v1/groups/{group_id.hex()}/messages", body)
-        return Accepted(answer["seq"], answer["epoch"])
+        with _checking():
+            return Accepted(_count(answer, "seq"), _count(answer, "epoch"))
 
     async def send_welcome(self, group_id: bytes, welcome: bytes) -> int:
         answer = await self._request(
             "POST", f"/v1/groups/{group_id.hex()}/welcomes", {"welcome": welcome}
         )
-        return int(answer["seq"])
+        with _checking():
+            return _count(answer, "seq")
 
     async def publish_group_info(self, group_id: bytes, group_info: bytes) -> int:
         answer = await self._request(
             "PUT", f"/v1/groups/{group_id.hex()}/group_info", {"group_info": group_info}
         )
-        return int(answer["seq"])
+        with _checking():
+            return _count(answer, "seq")
 
     async def fetch_group_info(self, group_id: bytes) -> bytes:
-        return bytes((await self._request("GET", f"/v1/groups/{group_id.hex()}/group_info"))
-                     ["group_info"])
+        with _checking():
+            return _bytes(
+                await self._request("GET", f"/v1/groups/{group_id.hex()}/group_info"),
+                "group_info",
+            )
 
     async def messages(
         self, group_id: bytes, after: int = 0, limit: int = 500, since_epoch: int = 0
@@ -334,7 +430,11 @@ class DeliveryClient:
             f"/v1/groups/{group_id.hex()}/messages?after={after}&limit={limit}"
             f"&since_epoch={since_epoch}",
         )
-        return [Message.from_body(m) for m in answer["messages"]]
+        with _checking():
+            messages = answer.get("messages")
+            if not isinstance(messages, list):
+                raise Malformed("'messages' is not a list")
+            return [Message.checked(m) for m in messages]
 
     async def audit_log(self, group_id: bytes, after: int = 0) -> list[Message]:
         answer = await self._request("GET", f"/v1/groups/{group_id.hex()}/audit?after={after}")
@@ -342,14 +442,20 @@ class DeliveryClient:
 
     async def welcomes(self, after: int = 0) -> list[WelcomeMessage]:
         answer = await self._request("GET", f"/v1/welcomes?after={after}")
-        return [WelcomeMessage(w["id"], w["group_id"], w["seq"], w["welcome"])
-                for w in answer["welcomes"]]
+        with _checking():
+            welcomes = answer.get("welcomes")
+            if not isinstance(welcomes, list):
+                raise Malformed("'welcomes' is not a list")
+            return [WelcomeMessage.checked(w) for w in welcomes]
 
     async def room_token(self, group_id: bytes) -> RoomToken:
         a = await self._request("POST", f"/v1/groups/{group_id.hex()}/room_token")
-        ttl = a.get("ttl")  # a service from before ttl was sent: none
-        return RoomToken(a["room"], a["token"], a["expires_at"], a["epoch"],
-                         ttl if isinstance(ttl, int) and not isinstance(ttl, bool) else None)
+        with _checking():
+            # A service from before ttl was sent: none (any other non-count: none either).
+            ttl = a.get("ttl")
+            ttl = ttl if type(ttl) is int and 0 <= ttl <= MAX_INT else None
+            return RoomToken(_text(a, "room"), _text(a, "token"), _count(a, "expires_at"),
+                             _count(a, "epoch"), ttl)
 
     async def connect(self, *, reconnect: bool = True) -> PushStream:
         stream = PushStream(self, reconnect=reconnect)
@@ -417,47 +523,75 @@ class PushStream:
 
     async def _run(self) -> None:
         delay = 0.05
-        while not self._closed:
-            assert self._ws is not None
-            async for msg in self._ws:
-                if msg.type == aiohttp.WSMsgType.BINARY:
-                    self._dispatch(cbor2.loads(msg.data))
-                    delay = 0.05
-            self._connected.clear()
-            if self._closed or not self.reconnect:
-                break
+        try:
             while not self._closed:
-                await asyncio.sleep(delay)
-                try:
-                    await self._open()
+                assert self._ws is not None
+                async for msg in self._ws:
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        self._receive(msg.data)
+                        delay = 0.05
+                self._connected.clear()
+                if self._closed or not self.reconnect:
                     break
-                except (aiohttp.ClientError, OSError, RequestFailed) as exc:
-                    log.debug("reconnect failed: %s", exc)
-                    delay = min(delay * 2, 2.0)
-        self._events.put_nowait(None)
+                while not self._closed:
+                    await asyncio.sleep(delay)
+                    try:
+                        await self._open()
+                        break
+                    except Exception as exc:  # whatever the failure, keep trying
+                        log.debug("reconnect failed: %s", exc)
+                        delay = min(delay * 2, 2.0)
+        finally:
+            # However the stream ends (even by a bug), its reader must learn it: without the
+            # sentinel it would wait for ever.
+            self._events.put_nowait(None)
+
+    def _receive(self, data: bytes) -> None:
+        """One frame from the service, which is not trusted: a malformed one is reported as a
+        `PushError` (code "bad_frame") and dropped, and the stream reads on."""
+        try:
+            body = cbor2.loads(data)
+        except Exception:  # cbor2 raises several types on malformed input
+            self._bad_frame("a push frame that is not CBOR")
+            return
+        if not isinstance(body, dict):
+            self._bad_frame("a push frame that is not a map")
+            return
+        try:
+            self._dispatch(body)
+        except Malformed as exc:
+            self._bad_frame(f"a malformed {str(body.get('type'))[:40]!r} push frame: {exc}")
+
+    def _bad_frame(self, reason: str) -> None:
+        log.debug("delivery service: %s (dropped)", reason)
+        self._events.put_nowait(PushError("bad_frame", reason, None))
 
     def _dispatch(self, body: dict[str, Any]) -> None:
         kind = body.get("type")
         if kind == "message":
-            m = Message.from_body(body)
+            m = Message.checked(body)
             cursor = self.cursors.get(m.group_id)
             if cursor is None or m.seq <= cursor:
                 return  # a duplicate after a resubscribe, or an unsubscribed group
             self.cursors[m.group_id] = m.seq
             self._events.put_nowait(m)
         elif kind == "welcome":
-            w = WelcomeMessage(body["id"], body["group_id"], body["seq"], body["welcome"])
+            w = WelcomeMessage.checked(body)
             if self.welcome_cursor is not None and w.id <= self.welcome_cursor:
                 return
             self.welcome_cursor = w.id
             self._events.put_nowait(w)
         elif kind == "removed":
-            self.cursors.pop(body["group_id"], None)
-            self._events.put_nowait(Removed(body["group_id"], body["seq"]))
+            removed = Removed(_bytes(body, "group_id"), _count(body, "seq"))
+            self.cursors.pop(removed.group_id, None)
+            self._events.put_nowait(removed)
         elif kind == "error":
-            self._events.put_nowait(
-                PushError(body.get("error", ""), body.get("reason", ""), body.get("group_id"))
-            )
+            group_id = body.get("group_id")
+            self._events.put_nowait(PushError(
+                str(body.get("error", ""))[:MAX_PUSH_TEXT],
+                str(body.get("reason", ""))[:MAX_PUSH_TEXT],
+                group_id if type(group_id) is bytes else None,
+            ))
 
     async def next(self, timeout: float | None = None) -> PushEvent:
         event = await asyncio.wait_for(self._events.get(), timeout)
@@ -476,10 +610,19 @@ class PushStream:
             raise StopAsyncIteration from None
 
     async def close(self) -> None:
+        """Ends the stream; never raises (a stream that failed is closed all the same, so that
+        whoever closes it goes on to close the rest)."""
         self._closed = True
         if self._ws is not None:
-            await self._ws.close()
+            try:
+                await self._ws.close()
+            except Exception as exc:
+                log.debug("closing the push stream: %s", exc)
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._task
+            except asyncio.CancelledError:
+                pass
+            except Exception as exc:
+                log.warning("the push stream had failed: %s", exc)
