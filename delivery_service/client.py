@@ -305,7 +305,6 @@ class DeliveryClient:
             )
         return answer
 
-
     async def _proof(self) -> dict[str, Any]:
         with _checking():
             challenge = _bytes(await self._request("POST", "/v1/challenges", auth=False),
