@@ -142,7 +142,9 @@ def hook_transport(
 
 
 # ioctl SIOCGSTAMPNS (linux/sockios.h): the kernel's receive time (CLOCK_REALTIME) of the last
-# datagram read from a socket. The first call turns the stamping on and fails (no stamp yet).
+# datagram read from a socket. The first call turns the stamping on and fails (no stamp yet);
+# the kernel turns it on asynchronously, and a datagram that arrived before reads as stamped
+# when read (a latency from its handling on, as without stamps).
 SIOCGSTAMPNS = 0x8907
 _TIMESPEC = struct.Struct("@qq")
 _NO_STAMP = bytes(_TIMESPEC.size)

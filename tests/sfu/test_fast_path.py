@@ -95,6 +95,17 @@ def test_rtp_comes_with_its_arrival_in_the_kernel() -> None:
         got: list[tuple[bytes, int | None]] = []
         hook_transport(_transport(connection), _unused, _unused,
                        lambda data, arrival: got.append((data, arrival)), _unused)  # type: ignore[arg-type]
+        # The kernel turns stamping on asynchronously (a deferred static key): until it is on,
+        # the stamp read is the time of reading. Wait for a probe to come back stamped.
+        for _ in range(250):
+            sender.sendto(b"probe", receiver.getsockname())
+            time.sleep(0.02)
+            receiver.recv(64)
+            stamp = arrival_ns(receiver.fileno())
+            if stamp is not None and time.time_ns() - stamp >= 15_000_000:
+                break
+        else:
+            pytest.fail("the kernel never stamped a datagram's arrival")
         tx = _session(True)
         sent = time.time_ns()
         sender.sendto(tx.protect(_rtp(1)), receiver.getsockname())
