@@ -33,8 +33,8 @@ to a person: members compare their own, `conclave audit --expect-key` checks the
 member other than its committer signed a message in each commit's epoch or later ("confirmed":
 a dishonest service could end a log with a commit that lost the race for its epoch, which it
 receives too); removal requests no commit of the log carried out; a name that came back by
-external commit after a member removed it (the service refuses that). Times are the service's stamps, signed by no one, and removal latency runs from the first
-request in the log.
+external commit after a member removed it (the service refuses that). Times are the service's
+stamps, signed by no one, and removal latency runs from the first request in the log.
 
 Sequence numbers must grow but may skip: the service numbers every message of a group in one
 sequence, application data included, and its audit log leaves application data out.
@@ -297,6 +297,9 @@ class Auditor:
         self.pg: PublicGroup | None = None
         self.first_epoch = 0
         self.first_members: list[str] = []
+        # Who posted the first GroupInfo: a group created with several members (a branch or
+        # re-initialisation) has its creator welcome them, with no commit adding them.
+        self.creator: str | None = None
         self.rotations: list[Rotation] = []
         self.last_seq = 0
         self.last_time: tuple[int, int] | None = None  # (time_ms, seq) of the previous entry
@@ -442,6 +445,7 @@ class Auditor:
                 raise AuditFailure(entry.seq, f"the first GroupInfo does not verify: {exc}") from None
             self._check_signer(entry, self.pg, gi.signer)
             self._check_keys(entry.seq, self.pg)
+            self.creator = entry.sender
             self.first_members = sorted(_name(m.identity) for m in self.pg.members)
             self.first_epoch = self.pg.epoch
             self.last_change_ms = entry.time_ms
@@ -492,8 +496,11 @@ class Auditor:
                 entry.seq, f"the log says {entry.sender!r} sent the Welcome, not a member"
             )
         if self.rotations:
+            founders = len(self.first_members) > 1 and entry.sender == self.creator
             for s in welcome.secrets:
                 committer = self._added.get(s.new_member)
+                if committer is None and founders:
+                    continue  # the creator welcoming a member the group was created with
                 if committer is None:
                     raise AuditFailure(
                         entry.seq,

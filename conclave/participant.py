@@ -174,9 +174,12 @@ def _add_refusal(message: bytes) -> str | None:
 
 def _worth_retrying(exc: BaseException) -> bool:
     """Whether a failed request may work if made again: the network, the service's trouble
-    (5xx, 429), or a 409 (for a Welcome: its commit is not in yet)."""
+    (5xx, 429, a 409 "conflict": the group too busy). Not a 409 `not_added`: our commit is
+    in, so its recipients will not be added later."""
     if isinstance(exc, RequestFailed):
-        return exc.status >= 500 or exc.status in (409, 429)
+        return exc.status >= 500 or exc.status == 429 or (
+            exc.status == 409 and exc.code == "conflict"
+        )
     return isinstance(exc, aiohttp.ClientError | OSError)
 
 
@@ -661,6 +664,8 @@ class Participant:
                 # An earlier knock was let in, and its Welcome lost (or still on its way). A
                 # second Add of our key would be refused (one leaf per key): use the Welcome if
                 # it is here, else take our leaf back by external commit.
+                with contextlib.suppress(RequestFailed, aiohttp.ClientError, OSError):
+                    await self._catch_up_welcomes()  # the push stream may not have brought it
                 if self._has_welcome(gid):
                     await self.wait_for_welcome(timeout, group_id=gid)
                     return "was let into"
@@ -780,6 +785,10 @@ class Participant:
                 self._note(f"a Welcome (id {w.id}) into another group than the one asked for")
                 return False
             self.group, self.removed = group, False
+            # Other Welcomes kept for this group are older or copies: joining from one later
+            # would take us back to an old epoch.
+            for stale in [k for k in self._welcomes if k.group_id == group.group_id]:
+                self._welcomes.remove(stale)
             # The Welcome follows its commit: re-read a little and skip what is older.
             self.applied_seq = max(0, w.seq - WELCOME_LOOKBACK)
             self.welcome_cursor = max(self.welcome_cursor, w.id)
@@ -1003,9 +1012,13 @@ class Participant:
             # in place (a group in epoch N+1 with keys of N would send under stale keys).
             group.merge_pending_commit()
             self.applied_seq = seq
-            await self._installed()
-            if result.welcome is not None:
-                await self._send_welcome(group.group_id, result.welcome)
+            try:
+                await self._installed()
+            finally:
+                # The commit is in: its new members need the Welcome even if saving failed
+                # (`_send_welcome` never raises).
+                if result.welcome is not None:
+                    await self._send_welcome(group.group_id, result.welcome)
             with contextlib.suppress(RequestFailed, aiohttp.ClientError, OSError):
                 # Logged for auditors: lets them check the transcript hash chain.
                 await self.ds.publish_group_info(group.group_id, result.group_info)

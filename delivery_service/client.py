@@ -290,13 +290,16 @@ class DeliveryClient:
             answer = answer if isinstance(answer, dict) else {}
             code = str(answer.pop("error", "http_error"))[:MAX_PUSH_TEXT]
             reason = str(answer.pop("reason", f"HTTP {status}"))[:MAX_PUSH_TEXT]
+            # Extra fields become keyword arguments: only text keys that clash with none.
+            extra = {k: v for k, v in answer.items()
+                     if type(k) is str and k not in ("status", "code", "reason")}
             if code == "stale_epoch":
                 try:  # the caller waits for this epoch: it must be one
                     _count(answer, "current_epoch")
                 except Malformed as exc:
                     raise _bad_answer(exc, status) from None
-                raise StaleEpochRejected(status, code, reason, **answer)
-            raise RequestFailed(status, code, reason, **answer)
+                raise StaleEpochRejected(status, code, reason, **extra)
+            raise RequestFailed(status, code, reason, **extra)
         if not isinstance(answer, dict):
             # An HTML page, say: something else than a Conclave delivery service answers here.
             raise RequestFailed(

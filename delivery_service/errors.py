@@ -65,6 +65,13 @@ class Conflict(DeliveryServiceError):
     code = "conflict"
 
 
+class NotAdded(Conflict):
+    """A Welcome for KeyPackages no commit of the group added (yet): post the commit first. For
+    its committer, whose commit is in already, it will not work later either."""
+
+    code = "not_added"
+
+
 class StaleEpoch(Conflict):
     """A commit (or proposal) for an epoch that is no longer current: process the winner, retry."""
 

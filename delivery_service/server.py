@@ -36,6 +36,7 @@ from .errors import (
     Forbidden,
     Gone,
     KeyPackageLimit,
+    NotAdded,
     NotFound,
     PayloadTooLarge,
     RemovedFromGroup,
@@ -66,7 +67,7 @@ from .signatures import (
     verify_with_label,
 )
 from .storage import IdentityRecord, KeyPackageRow, NewMessage, Storage, StoredMessage
-from .storage.base import MAX_INT, message_digest
+from .storage.base import MAX_INT, founder_marker, message_digest
 from .tracker import GroupState, GroupTracker, MembershipHints, PublicGroupTracker
 from .wire import (
     ContentType,
@@ -738,7 +739,7 @@ class DeliveryService:
                 raise Forbidden(f"{identity} is not a member of this group")
             self._refuse_copy(earlier, state, identity)
             if self.tracker.verifies:
-                await self._check_welcomed_by_committer(group_id, unique, identity)
+                await self._check_welcomed_by_committer(group_id, unique, owners, identity)
             group_suite = self.tracker.cipher_suite(state)
             if group_suite is not None and suite != group_suite:
                 raise BadRequest(
@@ -746,7 +747,7 @@ class DeliveryService:
                 )
             missing = [r for r in recipients if r not in state.members]
             if missing:
-                raise Conflict(
+                raise NotAdded(
                     f"{', '.join(missing)} not added to the group yet: post the commit first"
                 )
             return state, NewMessage(
@@ -758,16 +759,26 @@ class DeliveryService:
         return cbor_response({"seq": stored.seq, "recipients": recipients}, 201)
 
     async def _check_welcomed_by_committer(
-        self, group_id: bytes, refs: list[bytes], identity: str
+        self, group_id: bytes, refs: list[bytes], owners: dict[bytes, str], identity: str
     ) -> None:
         """A Welcome is for the KeyPackages a commit of the group added, from that commit's
         poster (§12.4.3.1: the committer sends it): no member can hand a joiner a Welcome of its
-        own making, or one meant for another group."""
+        own making, or one meant for another group. A group created with several members (a
+        branch or re-initialisation) welcomes them without a commit: from its creator."""
         added = await self.storage.added_by(group_id, refs)
+        unknown = [ref for ref in refs if ref not in added]
+        if unknown:
+            founders = await self.storage.added_by(
+                group_id, [founder_marker(owners[ref]) for ref in unknown]
+            )
+            for ref in unknown:
+                creator = founders.get(founder_marker(owners[ref]))
+                if creator is not None:
+                    added[ref] = creator
         for ref in refs:
             committer = added.get(ref)
             if committer is None:
-                raise Conflict(
+                raise NotAdded(
                     f"no commit of this group added KeyPackageRef {ref.hex()}: post the commit "
                     "that adds it first"
                 )

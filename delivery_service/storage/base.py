@@ -36,6 +36,14 @@ def message_digest(data: bytes) -> bytes:
 SCHEMA_VERSION = 2
 
 
+def founder_marker(identity: str) -> bytes:
+    """The `group_adds` key that stands for a member a group was created with (a branch or a
+    re-initialisation keeps its members: no commit adds them), recorded as added by the group's
+    creator, who welcomes them. Never a KeyPackageRef: those are hashes, with no such prefix
+    (a collision would take a preimage)."""
+    return b"founder:" + identity.encode("utf-8")
+
+
 class SchemaVersionError(ValueError):
     """The database was written by a newer delivery service, or by another application."""
 
@@ -266,7 +274,8 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def create_group(self, state: GroupState, creator: str, now: int) -> bool:
-        """False if a group with this id exists."""
+        """False if a group with this id exists. The members other than `creator` are recorded
+        as added by `creator` (`founder_marker`, see `added_by`)."""
 
     @abc.abstractmethod
     async def get_group(self, group_id: bytes) -> GroupState | None: ...

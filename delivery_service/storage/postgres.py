@@ -33,6 +33,7 @@ from .base import (
     StoredMessage,
     WelcomeRecord,
     check_schema_version,
+    founder_marker,
     message_digest,
     read_bounded,
     stored_message,
@@ -445,6 +446,10 @@ class PostgresStorage(Storage):
             await conn.executemany(
                 "INSERT INTO group_members VALUES ($1, $2)",
                 [(state.group_id, m) for m in state.members],
+            )
+            await conn.executemany(
+                "INSERT INTO group_adds VALUES ($1, $2, $3, 0)",
+                [(state.group_id, founder_marker(m), creator) for m in state.members - {creator}],
             )
         return True
 

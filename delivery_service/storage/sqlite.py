@@ -29,6 +29,7 @@ from .base import (
     StoredMessage,
     WelcomeRecord,
     check_schema_version,
+    founder_marker,
     message_digest,
     read_bounded,
     stored_message,
@@ -351,6 +352,11 @@ class SQLiteStorage(Storage):
                     *(
                         ("INSERT INTO group_members VALUES (?, ?)", (state.group_id, m))
                         for m in state.members
+                    ),
+                    *(
+                        ("INSERT INTO group_adds VALUES (?, ?, ?, 0)",
+                         (state.group_id, founder_marker(m), creator))
+                        for m in state.members - {creator}
                     ),
                 ]
             )

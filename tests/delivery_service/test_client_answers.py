@@ -163,6 +163,15 @@ async def test_an_html_page_or_a_stale_epoch_without_its_epoch_is_a_bad_answer(
     with pytest.raises(StaleEpochRejected) as stale:
         await ds.send(GID, b"m")
     assert stale.value.current_epoch == 3
+    # An error map whose other fields clash with the error's own or are not text: the error,
+    # without them (they used to raise TypeError).
+    answer["status"] = 403
+    answer["body"] = {"error": "forbidden", "reason": "no", "status": 1, "code": "x", 7: "y",
+                      "hint": "h"}
+    with pytest.raises(RequestFailed) as failed:
+        await ds.send(GID, b"m")
+    assert (failed.value.status, failed.value.code, failed.value.reason) == (403, "forbidden", "no")
+    assert failed.value.extra == {"hint": "h"}
 
 
 async def test_malformed_push_frames_are_dropped_as_errors_and_the_stream_reads_on(

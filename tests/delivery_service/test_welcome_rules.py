@@ -57,7 +57,7 @@ async def test_a_welcome_comes_from_the_commit_that_added_its_recipients(url: st
     kp = await alice.ds.claim_key_package("dave")
     res = alice.group.add([kp])
     assert res.welcome is not None
-    reason = await _refused(409, "conflict", alice.ds.send_welcome(gid, res.welcome))
+    reason = await _refused(409, "not_added", alice.ds.send_welcome(gid, res.welcome))
     assert "post the commit" in reason
     await alice.ds.send(gid, res.commit, group_info=res.group_info)
     alice.group.merge_pending_commit()
@@ -67,9 +67,26 @@ async def test_a_welcome_comes_from_the_commit_that_added_its_recipients(url: st
     # The Welcome of one group posted to another where its recipient is a member too: no commit
     # of that group added this KeyPackage.
     other = await start_group(dave, carol)
-    reason = await _refused(409, "conflict", dave.ds.send_welcome(other, w.welcome))
+    reason = await _refused(409, "not_added", dave.ds.send_welcome(other, w.welcome))
     assert "no commit of this group added" in reason
     assert [k for _, k, _ in await _log(dave, other)].count("welcome") == 1
+
+
+async def test_a_group_created_with_members_welcomes_them_from_its_creator(url: str) -> None:
+    # A branch or re-initialisation starts with the members it had: no commit adds them, and
+    # its creator sends their Welcome.
+    alice, carol, dave = await people(url, "alice", "carol", "dave")
+    gid = os.urandom(16)
+    group = Group.create(alice.mls, gid)
+    res = group.add([await alice.ds.claim_key_package(n) for n in ("carol", "dave")])
+    group.merge_pending_commit()
+    assert res.welcome is not None
+    assert await alice.ds.create_group(gid, group.group_info()) == 1
+    reason = await _refused(403, "forbidden", carol.ds.send_welcome(gid, res.welcome))
+    assert "alice" in reason
+    seq = await alice.ds.send_welcome(gid, res.welcome)
+    assert [w.seq for w in await dave.ds.welcomes()] == [seq]
+    assert [w.seq for w in await carol.ds.welcomes()] == [seq]
 
 
 async def test_a_group_info_is_posted_by_the_member_who_signed_it(url: str) -> None:

@@ -110,11 +110,13 @@ def test_rtp_comes_with_its_arrival_in_the_kernel() -> None:
         sent = time.time_ns()
         sender.sendto(tx.protect(_rtp(1)), receiver.getsockname())
         time.sleep(0.05)
+        read = time.time_ns()
         connection._protocols[0].datagram_received(receiver.recv(2048), ("127.0.0.1", 9))
         [(data, arrival)] = got
         assert data == _rtp(1) and arrival is not None
-        assert sent - 5_000_000 <= arrival <= sent + 20_000_000  # then it sat 50 ms unread
-        assert time.time_ns() - arrival >= 50_000_000
+        # Stamped when it arrived, not when it was read 50 ms later. (One-sided with a wide
+        # margin: a loaded machine may stamp late, never before the send.)
+        assert arrival >= sent - 5_000_000 and read - arrival >= 25_000_000
         # where the kernel has no stamp (no socket): none
         assert arrival_ns(-1) is None
     finally:

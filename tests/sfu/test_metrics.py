@@ -145,12 +145,12 @@ def test_forwarded_counts_only_what_was_sent() -> None:
     assert samples["sfu_retransmissions_total"] == 1 and len(down.packets) == 4
     assert samples["sfu_forwarding_latency_seconds_count"] == 3  # duplicates are not timed
     # Timed from the packet's arrival at the host when known: 30 ms in the socket count.
-    assert samples["sfu_forwarding_latency_seconds_sum"] < 0.03
+    before = samples["sfu_forwarding_latency_seconds_sum"]
     source.handle_rtp(rtp_packet(5, 12000, DELTA), now=0.04,
                       arrival_ns=time.time_ns() - 30_000_000)
     samples = values(metrics)
     assert samples["sfu_forwarding_latency_seconds_count"] == 4
-    assert 0.03 <= samples["sfu_forwarding_latency_seconds_sum"] < 10
+    assert samples["sfu_forwarding_latency_seconds_sum"] - before >= 0.03
 
 
 def parse_seq(packet: bytes) -> int:
