@@ -175,6 +175,23 @@ def test_a_welcome_comes_from_the_commit_that_added_its_recipients(
     assert info.value.seq == last.seq + 1
 
 
+def test_a_group_created_with_members_has_its_creator_welcome_them() -> None:
+    # A branch: the first GroupInfo already holds carol; no commit of the log adds her, and the
+    # creator's Welcome for her may come after a commit.
+    ga = Group.create(Client(b"alice"), GID)
+    founding = ga.add([Client(b"carol").key_package()])
+    ga.merge_pending_commit()
+    assert founding.welcome is not None
+    log = LogBuilder()
+    log.add("group_info", 1, "alice", 1000, ga.group_info())
+    log.add("commit", 1, "alice", 1100, ga.update().commit)
+    ga.merge_pending_commit()
+    log.add("welcome", 2, "alice", 1200, founding.welcome)
+    assert audit(GID, log.entries).welcomes_seen == 1
+    with pytest.raises(AuditFailure, match="which no commit of this log added"):
+        audit(GID, _replace(log.entries, log.seq, sender="carol"))
+
+
 def test_a_group_info_is_logged_as_posted_by_its_signer(
     built: tuple[list[LogEntry], dict[str, int]],
 ) -> None:
