@@ -677,13 +677,10 @@ async def _metrics(session: Any, port: int) -> dict[str, float]:
 
 def _extension_ids(sdp: str) -> dict[str, int]:
     """URI -> id of the header extensions of the SDP's first media section (`a=extmap`)."""
-    ids: dict[str, int] = {}
-    sections = sdp.split("\nm=")
-    for line in (sections[1] if len(sections) > 1 else "").splitlines():
-        if line.startswith("a=extmap:"):
-            ident, uri = line[len("a=extmap:"):].split()[:2]
-            ids[uri] = int(ident.split("/")[0])
-    return ids
+    from aiortc.sdp import SessionDescription
+
+    media = SessionDescription.parse(sdp).media
+    return {ext.uri: ext.id for ext in media[0].rtp.headerExtensions} if media else {}
 
 
 def _histogram_quantile(before: dict[str, float], after: dict[str, float], q: float) -> float:

@@ -58,12 +58,8 @@ and "psk", "reinit", "extensions" for the other proposal types.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
-import os
-import stat
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +73,7 @@ from mls.proposals import Add, Proposal, ProposalOrRefType, ProposalType, Remove
 from mls.public_group import PublicGroup
 
 from .errors import AuditFailure, ConclaveError
+from .files import replace_file
 from .safety import key_fingerprint
 
 LOG_FORMAT = "conclave-audit-log"
@@ -759,21 +756,7 @@ def save_log(path: Path, group_id: bytes, entries: Iterable[LogEntry]) -> None:
     file size limit, Ctrl-C) leaves any earlier file there as it was, and no partial one."""
     body = {"format": LOG_FORMAT, "version": LOG_VERSION, "group_id": group_id,
             "entries": [e.to_body() for e in entries]}
-    data = cbor2.dumps(body)
-    # In the same directory, so that os.replace is a rename on one file system.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with contextlib.suppress(FileNotFoundError):  # a file replaced keeps its mode
-                os.fchmod(f.fileno(), stat.S_IMODE(os.stat(path).st_mode))
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    replace_file(path, cbor2.dumps(body), keep_mode=True)  # a file replaced keeps its mode
 
 
 def load_log(path: Path) -> tuple[bytes, list[LogEntry]]:

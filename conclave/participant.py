@@ -30,7 +30,6 @@ import logging
 import os
 import random
 import re
-import tempfile
 import time
 import unicodedata
 from collections import deque
@@ -69,6 +68,7 @@ from sfu.client import SFUClient
 from sfu.errors import SFUError
 
 from .errors import CommitFailed, ConclaveError, NotInGroup, ServiceUnavailable
+from .files import replace_file
 from .media import MediaSpec
 from .safety import key_fingerprint, safety_code
 
@@ -133,20 +133,6 @@ def _renewal_delay(token: RoomToken) -> float:
     (a service from before `ttl`: by `expires_at` and this machine's clock)."""
     life = token.ttl if token.ttl is not None else token.expires_at - time.time()
     return max(MIN_RENEWAL_WAIT, life * 3 / 4)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in `directory` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot sync a directory: the rename is all we can do
-    finally:
-        os.close(fd)
 
 
 def _add_refusal(message: bytes) -> str | None:
@@ -416,27 +402,11 @@ class Participant:
         }
         if self.group is not None:
             body["group"] = self.group.to_bytes()
-        data = cbor2.dumps(body)
-        tmp: str | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            # A new file of our own (O_EXCL, mode 0600: it holds private keys), never one left
-            # by someone else with a looser mode; in the same directory, so that os.replace is
-            # a rename on one file system.
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())  # on disk before it replaces the old state: a crash
-            os.replace(tmp, path)  # leaves one or the other whole, never an empty file
-            tmp = None
-            _fsync_dir(path.parent)  # and the rename itself
+            replace_file(path, cbor2.dumps(body))  # mode 0600: it holds private keys
         except OSError as exc:
             raise ConclaveError(f"cannot save the state to {path}: {exc.strerror or exc}") from None
-        finally:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
 
     def _lock_state(self) -> None:
         """Hold `<name>.lock` in the state directory while this participant runs: two

@@ -18,7 +18,7 @@ from mls.errors import MLSError
 from mls.framing import ContentType, MLSMessage, PrivateMessage, PublicMessage, SenderType
 from mls.framing import WireFormat as WireFormat
 from mls.key_package import KeyPackage
-from mls.proposals import ProposalType
+from mls.proposals import Proposal, ProposalType
 from mls.welcome import GroupInfo, Welcome
 
 from .errors import BadRequest
@@ -82,12 +82,17 @@ def parse_framed(data: bytes) -> FramedMessage:
     )
 
 
+def _proposal(framed: FramedMessage) -> Proposal | None:
+    """The proposal a PublicMessage carries, if it is one."""
+    body = framed.message.body
+    return body.content.proposal if isinstance(body, PublicMessage) else None
+
+
 def proposed_key_package(framed: FramedMessage) -> KeyPackageInfo:
     """The KeyPackage of the Add in a PublicMessage proposal from a `new_member_proposal` sender
     (RFC 9420 §12.1.8: such a proposal can only be an Add of the sender itself), unverified: the
     tracker checks the proposal's signature."""
-    body = framed.message.body
-    proposal = body.content.proposal if isinstance(body, PublicMessage) else None
+    proposal = _proposal(framed)
     if proposal is None or proposal.proposal_type != ProposalType.add:
         raise BadRequest("a proposal from a new_member_proposal sender must be an Add")
     kp = proposal.body.key_package  # type: ignore[union-attr]
@@ -99,8 +104,7 @@ def proposed_key_package(framed: FramedMessage) -> KeyPackageInfo:
 def proposed_leaf(framed: FramedMessage) -> tuple[bytes, bytes] | None:
     """(identity, signature key) of the leaf a PublicMessage Add or Update proposal brings into
     the tree (unverified: the tracker checks the proposal), or None for other messages."""
-    body = framed.message.body
-    proposal = body.content.proposal if isinstance(body, PublicMessage) else None
+    proposal = _proposal(framed)
     if proposal is None:
         return None
     if proposal.proposal_type == ProposalType.add:

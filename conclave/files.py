@@ -1,0 +1,46 @@
+"""Files written whole or not at all: a participant's state, a saved audit log."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+
+def replace_file(path: Path, data: bytes, *, keep_mode: bool = False) -> None:
+    """Put `data` at `path` so that a crash, a full disk or Ctrl-C leaves either the old file or
+    the new one whole, never a partial one. The new file is one of our own (O_EXCL, mode 0600),
+    never a leftover with a looser mode; `keep_mode` gives it the mode of the file it replaces.
+    Raises OSError."""
+    # In the same directory, so that os.replace is a rename on one file system.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if keep_mode:
+                with contextlib.suppress(FileNotFoundError):
+                    os.fchmod(f.fileno(), stat.S_IMODE(os.stat(path).st_mode))
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it replaces the old file
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)  # and the rename itself
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a directory: the rename is all we can do
+    finally:
+        os.close(fd)
