@@ -352,6 +352,8 @@ def wakeup_floors(participants: int, rate: int, seconds: float = 4.0) -> tuple[f
        `participants - 1` datagrams to distinct sockets of that (mostly sleeping) receiver. On
        loopback the sender pays for delivering into the receiver's socket and waking it, which
        the never-read sink of `sendto_floor` does not show.
+    3. Of those, the first of a burst alone: the one that wakes the receiver (the others find
+       it awake). A sender on a real network wakes no process of its own host.
     """
     import json
     import subprocess
@@ -382,15 +384,18 @@ def wakeup_floors(participants: int, rate: int, seconds: float = 4.0) -> tuple[f
         proc.send_signal(signal.SIGUSR1)
         cpu1 = float(proc.stdout.readline())
         burst = addrs[: max(1, participants - 1)]
-        sender_cpu = 0.0
+        sender_cpu = first_cpu = 0.0
         bursts = 0
         t = time.monotonic()
         end = t + seconds
         while t < end:
             c0 = time.thread_time()
-            for addr in burst:
+            out.sendto(data, burst[0])
+            c1 = time.thread_time()
+            for addr in burst[1:]:
                 out.sendto(data, addr)
             sender_cpu += time.thread_time() - c0
+            first_cpu += c1 - c0
             bursts += 1
             t += interval
             time.sleep(max(0.0, t - time.monotonic()))
@@ -398,17 +403,23 @@ def wakeup_floors(participants: int, rate: int, seconds: float = 4.0) -> tuple[f
     finally:
         proc.kill()
         proc.wait()
-    return (cpu1 - cpu0) / sent * 1e6, sender_cpu / (bursts * len(burst)) * 1e6
+    return (
+        (cpu1 - cpu0) / sent * 1e6,
+        sender_cpu / (bursts * len(burst)) * 1e6,
+        first_cpu / bursts * 1e6,
+    )
 
 
 def measure_floors(participants: int, rate: int) -> dict[str, float]:
-    wakeup, sendto_waking = wakeup_floors(participants, rate)
-    floors = {"sendto": sendto_floor(), "wakeup": wakeup, "sendto_waking": sendto_waking}
+    wakeup, sendto_waking, sendto_first = wakeup_floors(participants, rate)
+    floors = {"sendto": sendto_floor(), "wakeup": wakeup, "sendto_waking": sendto_waking,
+              "sendto_first": sendto_first}
     subscribers = participants - 1
     print(
         f"\nFloors on this machine: sendto of {PAYLOAD} B to a loopback UDP socket nobody reads "
         f"{floors['sendto']:.1f} us/call, to the sockets of a receiving process in bursts of "
-        f"{subscribers} as the SFU sends {floors['sendto_waking']:.1f} us/call; an asyncio "
+        f"{subscribers} as the SFU sends {floors['sendto_waking']:.1f} us/call (the first of "
+        f"each burst, which wakes the receiver, {floors['sendto_first']:.1f} us); an asyncio "
         f"process that only receives {participants * rate} datagrams/s on {participants} "
         f"sockets: {floors['wakeup']:.1f} us per datagram = "
         f"{floors['wakeup'] / subscribers:.1f} us per forwarded copy at {subscribers} subscribers"
