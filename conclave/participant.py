@@ -502,7 +502,10 @@ class Participant:
         self.stream = await self.ds.connect()
         if self.group is not None:  # resumed from the saved state (`_load_client`)
             self._remember_names()
-            self.keys.update(self.group)
+            # Frames this member received in the saved epoch could be replayed to it: their
+            # replay windows were not saved. The epoch goes, with no grace period, when the
+            # next one comes (`connect_media` commits one before calling in).
+            self.keys.update(self.group, restored=True)
             await self.stream.subscribe(self.group.group_id, after=self.applied_seq)
         await self.stream.subscribe_welcomes(after=self.welcome_cursor)
         self._spawn(self._pump())

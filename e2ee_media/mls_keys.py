@@ -96,6 +96,9 @@ class EpochKeys:
     senders: frozenset[int]
     base_key: bytes = field(repr=False)
     expires_at: float | None = None  # set when a newer epoch arrives
+    # Installed from a saved state: the replay windows of the frames received under it before
+    # were not saved, so a replay of those would open; no grace period when it is left.
+    restored: bool = False
 
 
 class MLSKeyManager:
@@ -187,11 +190,17 @@ class MLSKeyManager:
         self.expire()
         return sorted(keys.epoch for keys in self._epochs.values())
 
-    def update(self, group: ExporterGroup) -> bool:
+    def update(self, group: ExporterGroup, *, restored: bool = False) -> bool:
         """Install the group's current epoch if it is new; True if it was.
 
         An epoch of a group (by its ``group_id``, if it has one) is installed at most once:
-        after `retire`, only a newer epoch of that group is accepted."""
+        after `retire`, only a newer epoch of that group is accepted.
+
+        `restored`: the epoch comes from a saved state, in which this member may already have
+        received frames. Their replay windows were not saved, so a replay of any of them would
+        open (RFC 9605 §9.3): the epoch is deleted at once, with no grace period, when the next
+        one is installed or the member retires. Install a newer epoch (a commit) before
+        receiving media."""
         epoch = group.epoch
         if self.current is not None:
             if epoch == self.current.epoch:
@@ -219,6 +228,7 @@ class MLSKeyManager:
         now = self.clock()
         with self._send_lock:
             self._install(epoch, s, frozenset(members) - {leaf}, leaf, base_key, now)
+            self.current.restored = restored
             self._highest_epoch[group_id] = epoch
         self.expire(now)
         return True
@@ -233,7 +243,7 @@ class MLSKeyManager:
         with self._send_lock:
             self._drop_send_keys()
             if self.current is not None:
-                self.current.expires_at = now + self.grace_period
+                self._leave_epoch(self.current, now)
                 self.current = None
             self.leaf_index = None
         self.expire(now)
@@ -245,7 +255,7 @@ class MLSKeyManager:
         self._drop_send_keys()
         # Receiver: earlier epochs stay for the grace period.
         if self.current is not None:
-            self.current.expires_at = now + self.grace_period
+            self._leave_epoch(self.current, now)
         slot = epoch % (1 << self.epoch_bits)
         if slot in self._epochs:
             self._drop(slot, self._epochs.pop(slot))  # same low E bits: the RFC says remove it now
@@ -253,6 +263,11 @@ class MLSKeyManager:
         self._epochs[slot] = keys
         self.current = keys
         self.leaf_index = leaf
+
+    def _leave_epoch(self, keys: EpochKeys, now: float) -> None:
+        """`keys` is no longer the current epoch: it stays for the grace period, unless it was
+        restored from a saved state (see `update`)."""
+        keys.expires_at = now if keys.restored else now + self.grace_period
 
     def _drop_send_keys(self) -> None:  # under _send_lock
         for key in self._send.values():

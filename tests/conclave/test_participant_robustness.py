@@ -478,3 +478,33 @@ def test_the_demo_stopped_by_sigterm_leaves_no_temporary_directory(tmp_path: Pat
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert not any(tmp_path.glob("conclave-demo-*"))
+
+
+async def test_a_restarted_member_refuses_frames_it_received_before_the_restart(
+    trio: list[Participant], services: Services, tmp_path: Path
+) -> None:
+    # The replay windows are not saved: the saved epoch's keys must be gone by the time the
+    # restarted member calls in, or an SFU that kept its frames could play them to it again.
+    from conclave.media import MediaSpec
+    from e2ee_media.errors import SFrameError
+
+    alice, bob, _ = trio
+    toc = b"\x78"
+    frames = [toc + alice.keys.encrypt(toc, b"opus %d" % i) for i in range(20)]
+    for frame in frames:
+        bob.keys.decrypt(frame[:1], frame[1:])
+    saved = bob.epoch
+    await bob.close()
+    again = Participant("bob", services.ds_url, services.sfu_url, state_dir=tmp_path / "state",
+                        media=MediaSpec(audio=False))
+    try:
+        await again.start()
+        assert await again.enter("room") == "rejoined"
+        await again.connect_media()
+        assert again.epoch is not None and saved is not None and again.epoch > saved
+        assert saved not in again.keys.retained_epochs
+        for frame in frames:
+            with pytest.raises(SFrameError):
+                again.keys.decrypt(frame[:1], frame[1:])
+    finally:
+        await again.close()

@@ -250,6 +250,47 @@ def test_grace_period_is_configurable() -> None:
         bob.decrypt(b"", old)
 
 
+def test_a_restored_epoch_goes_at_once_when_the_next_arrives() -> None:
+    # Restored from a saved state: its replay windows are empty, so the frames received before
+    # the save would open again; it must not outlive the next epoch by a grace period.
+    clock = Clock(100.0)
+    world = FakeWorld(members={0, 1})
+    a, alice = member(world, 0, clock)
+    b = FakeGroup(world, 1)
+    bob = MLSKeyManager(clock=clock, grace_period=60.0)
+    assert bob.update(b, restored=True)
+    seen = alice.encrypt(b"", b"seen before the restart")
+    assert bob.decrypt(b"", seen) == b"seen before the restart"  # (a replay, to this bob)
+    world.commit()
+    b.sync()
+    bob.update(b)
+    assert bob.retained_epochs == [1]
+    with pytest.raises(UnknownKeyId):
+        bob.decrypt(b"", seen)
+    # the new epoch is not restored: it keeps its grace period as usual
+    a.sync()
+    alice.update(a)
+    in_epoch_1 = alice.encrypt(b"", b"epoch 1")
+    world.commit()
+    b.sync()
+    bob.update(b)
+    assert bob.retained_epochs == [1, 2]
+    assert bob.decrypt(b"", in_epoch_1) == b"epoch 1"
+
+
+def test_a_restored_epoch_goes_at_once_when_the_member_retires() -> None:
+    clock = Clock(100.0)
+    world = FakeWorld(members={0, 1})
+    a, alice = member(world, 0, clock)
+    b = FakeGroup(world, 1)
+    bob = MLSKeyManager(clock=clock, grace_period=60.0)
+    bob.update(b, restored=True)
+    bob.retire()
+    assert bob.retained_epochs == []
+    with pytest.raises(UnknownKeyId):
+        bob.decrypt(b"", alice.encrypt(b"", b"any"))
+
+
 def test_epoch_with_same_low_bits_replaces_old_one_at_once() -> None:
     clock = Clock(100.0)
     world = FakeWorld(members={0, 1})
