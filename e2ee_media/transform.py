@@ -31,6 +31,9 @@ FAILURE_REASONS = ("unknown_kid", "replay", "authentication", "malformed", "wron
 # How long a frame of the next epoch may wait for its keys: a commit reaches all members through
 # the delivery service within far less, and waiting delays the frames behind it.
 DEFAULT_HOLDBACK = 0.5
+# At most this many frames wait at once (half a second of 60 fps video and more); beyond, the
+# oldest is given up as if its wait had ended.
+MAX_HELD = 64
 
 T = TypeVar("T")
 
@@ -139,6 +142,12 @@ class FrameDecryptor:
     processed a commit before we did) wait up to `holdback` seconds for its keys, so that a key
     rotation loses no frame (RFC 9605 §4.4.4 allows buffering on a missing key). It needs
     `keys.awaits_kid(kid)` (`MLSKeyManager` has it); without it nothing waits.
+
+    The KID is not authenticated until the keys come, so anyone on the path can make a frame
+    look like the next epoch's. Only such frames wait: a frame that opens now is delivered at
+    once, even behind waiting ones, which keep their order among themselves. A forged header
+    thus delays nothing but itself; and an honest sender's last frames of the old epoch,
+    arriving after its first of the new, still come first.
     """
 
     def __init__(
@@ -186,11 +195,36 @@ class FrameDecryptor:
     def push(self, item: T, data: bytes, mime_type: str) -> list[tuple[T, bytes | bytearray]]:
         """Queue one frame; return the ``(item, plaintext)`` pairs ready now, in arrival order.
         Frames that fail are counted, reported to `on_failure` and left out."""
-        self._pending.append((self.clock() + self.holdback, item, data, mime_type.lower()))
-        ready = self.drain()
-        if self._pending and self._pending[-1][1] is item:
-            self.stats.frames_held += 1
+        mime_type = mime_type.lower()
+        ready: list[tuple[T, bytes | bytearray]] = self.drain() if self._pending else []
+        try:
+            plaintext = self._decrypt(data, mime_type)
+        except UnknownKeyId as exc:
+            if not self._may_wait(exc.kid):
+                self._fail(exc)
+            else:
+                if len(self._pending) >= MAX_HELD:
+                    self._give_up(self._pending.popleft())
+                self._pending.append((self.clock() + self.holdback, item, data, mime_type))
+                self.stats.frames_held += 1
+            return ready
+        except SFrameError as exc:
+            self._fail(exc)
+            return ready
+        # Delivered now, even behind waiting frames: their keys may never come.
+        self._decrypted(data, mime_type)
+        ready.append((item, plaintext))
         return ready
+
+    def _may_wait(self, kid: int) -> bool:
+        return self.holdback > 0 and self._awaits_kid is not None and self._awaits_kid(kid)
+
+    def _give_up(self, entry: tuple[float, Any, bytes, str]) -> None:
+        """A waiting frame whose keys did not come: failed as the unknown KID it has."""
+        try:
+            self._decrypt(entry[2], entry[3])
+        except SFrameError as exc:
+            self._fail(exc)
 
     def drain(self) -> list[tuple[Any, bytes | bytearray]]:
         """Retry the held frames (e.g. after new keys arrived); return those now ready."""
@@ -202,10 +236,10 @@ class FrameDecryptor:
             try:
                 plaintext = self._decrypt(data, mime_type)
             except UnknownKeyId as exc:
-                if self.holdback > 0 and self._awaits_kid is not None and self._awaits_kid(exc.kid):
+                if self._may_wait(exc.kid):
                     now = self.clock() if now is None else now
                     if now < deadline:
-                        break  # keep order: everything behind it waits too
+                        break  # the frames behind it wait too: they keep their order
                 pending.popleft()
                 self._fail(exc)
                 continue

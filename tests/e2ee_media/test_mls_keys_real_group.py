@@ -135,10 +135,11 @@ def test_rotation_while_frames_are_in_flight_loses_none() -> None:
     call.clock.now += 1.0
     for i, frame in enumerate([sent[2], sent[5]], start=4):
         received += bob_rx.push(i, frame, OPUS)
+    # Each as soon as it opens: epoch-1 frames at once, epoch-2 frames once Bob has the keys.
     assert [plaintext for _, plaintext in received] == [
         b"\x78e1-0",
-        b"\x78e2-0",
         b"\x78e1-1",
+        b"\x78e2-0",
         b"\x78e2-1",
         b"\x78e1-2",
         b"\x78e2-2",

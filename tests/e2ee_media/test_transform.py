@@ -28,9 +28,9 @@ from e2ee_media.errors import (
     SFrameError,
     UnknownKeyId,
 )
-from e2ee_media.header import decode_header
+from e2ee_media.header import decode_header, encode_header
 from e2ee_media.mls_keys import MLSKeyManager
-from e2ee_media.transform import FrameDecryptor, FrameEncryptor
+from e2ee_media.transform import MAX_HELD, FrameDecryptor, FrameEncryptor
 from tests.e2ee_media.fake_mls import Clock, FakeGroup, FakeWorld
 
 # A VP8 keyframe starts with a frame tag whose bit 0 is 0, then the start code 9d 01 2a.
@@ -189,19 +189,61 @@ def test_frames_of_the_next_epoch_wait_for_its_keys_in_order() -> None:
 
     assert decryptor.push("f0", frames[0], OPUS) == [("f0", b"\x78old0")]
     assert decryptor.push("f2", frames[2], OPUS) == []  # next epoch: held
-    assert decryptor.push("f1", frames[1], OPUS) == []  # behind a held frame: waits, in order
+    # Alice's last frame of the old epoch, late: it opens, so it need not wait
+    assert decryptor.push("f1", frames[1], OPUS) == [("f1", b"\x78old1")]
+    assert decryptor.push("f3", frames[3], OPUS) == []  # next epoch, behind f2
     clock.now = 0.3
     bob_group.sync()
     bob.update(bob_group)
-    assert decryptor.push("f3", frames[3], OPUS) == [
+    assert decryptor.push("f4", frames[4], OPUS) == [
         ("f2", b"\x78new0"),
-        ("f1", b"\x78old1"),
         ("f3", b"\x78new1"),
+        ("f4", b"\x78new2"),
     ]
     assert decryptor.waiting == 0
     assert sum(decryptor.stats.failures.values()) == 0
-    assert decryptor.stats.frames_decrypted == 4
+    assert decryptor.stats.frames_decrypted == 5
     assert decryptor.stats.frames_held == 2
+
+
+def test_a_forged_next_epoch_header_delays_only_itself() -> None:
+    # The KID is unauthenticated until the keys come: a path that slips in a frame under the
+    # next epoch's KID (no key needed) must not hold the track's real frames behind it.
+    world = FakeWorld(members={0, 1})
+    alice, bob = MLSKeyManager(), MLSKeyManager()
+    alice.update(FakeGroup(world, 0))
+    bob.update(FakeGroup(world, 1))
+    clock = Clock()
+    encryptor = FrameEncryptor(alice, OPUS)
+    decryptor = FrameDecryptor(bob, holdback=0.5, clock=clock)
+    next_kid = alice.kid(0, 1, bob.current.index_bits)  # alice's KID of epoch 1
+    forged = b"\x78" + encode_header(next_kid, 0) + bytes(16)
+    for i in range(10):
+        assert decryptor.push(("forged", i), forged, OPUS) == []
+        genuine = encryptor.encrypt_frame(b"\x78frame%d" % i)
+        assert decryptor.push(i, genuine, OPUS) == [(i, b"\x78frame%d" % i)]
+        clock.now += 0.1
+    # the forged ones wait out their holdback, at most MAX_HELD at a time, and then fail
+    assert 0 < decryptor.waiting <= MAX_HELD
+    assert decryptor.stats.frames_decrypted == 10
+    clock.now += 1.0
+    assert decryptor.drain() == []
+    assert decryptor.waiting == 0
+    assert decryptor.stats.failures["unknown_kid"] == 10
+
+
+def test_waiting_frames_are_bounded() -> None:
+    world = FakeWorld(members={0, 1})
+    alice, bob = MLSKeyManager(), MLSKeyManager()
+    alice.update(FakeGroup(world, 0))
+    bob.update(FakeGroup(world, 1))
+    decryptor = FrameDecryptor(bob, holdback=60.0, clock=Clock())
+    forged = b"\x78" + encode_header(alice.kid(0, 1, bob.current.index_bits), 0) + bytes(16)
+    for i in range(MAX_HELD + 5):
+        decryptor.push(i, forged, OPUS)
+    assert decryptor.waiting == MAX_HELD
+    assert decryptor.stats.failures["unknown_kid"] == 5
+    assert decryptor.stats.frames_held == MAX_HELD + 5
 
 
 def test_held_frames_are_dropped_after_the_holdback() -> None:
