@@ -26,6 +26,7 @@ from .codecs import (
 )
 from .context import LARGE_FRAME, MAX_OVERHEAD
 from .errors import MalformedFrame, SFrameError, UnknownKeyId
+from .header import decode_header
 
 FAILURE_REASONS = ("unknown_kid", "replay", "authentication", "malformed", "wrong_sender")
 # How long a frame of the next epoch may wait for its keys: a commit reaches all members through
@@ -36,6 +37,15 @@ DEFAULT_HOLDBACK = 0.5
 MAX_HELD = 64
 
 T = TypeVar("T")
+MAX_NAL_UNITS = 0xFFFF  # NAL units in one H.264 frame: their count is bound in 2 bytes
+
+
+def nal_unit_metadata(header: bytes, index: int, count: int, first: bytes) -> bytes:
+    """What each NAL unit's ciphertext authenticates besides its SFrame header: its NAL header,
+    its place and the frame's number of NAL units, and (after the first) the first one's SFrame
+    header (KID and CTR: unique to the frame). Sealed one by one, NAL units are otherwise
+    separate ciphertexts that a path could drop, reorder or move into another frame."""
+    return header + index.to_bytes(2, "big") + count.to_bytes(2, "big") + first
 
 
 class FrameKeys(Protocol):
@@ -119,14 +129,22 @@ class FrameEncryptor:
 
     def encrypt_nal_units(self, nal_units: Iterable[bytes]) -> list[bytes]:
         """H.264: each NAL unit keeps its header; its body becomes an escaped SFrame ciphertext
-        followed by a stop byte. One frame = all NAL units of one access unit."""
+        followed by a stop byte. One frame = all NAL units of one access unit, bound together
+        (`nal_unit_metadata`)."""
+        nals = list(nal_units)
         out = []
+        first = b""
         try:
-            for nal in nal_units:
+            if len(nals) > MAX_NAL_UNITS:
+                raise MalformedFrame(f"more than {MAX_NAL_UNITS} NAL units in one H.264 frame")
+            for index, nal in enumerate(nals):
                 if len(nal) < H264_NAL_HEADER:
                     raise MalformedFrame("empty H.264 NAL unit")
                 header = bytes(nal[:H264_NAL_HEADER])
-                ct = self.keys.encrypt(header, nal[H264_NAL_HEADER:], self.context)
+                metadata = nal_unit_metadata(header, index, len(nals), first)
+                ct = self.keys.encrypt(metadata, nal[H264_NAL_HEADER:], self.context)
+                if index == 0:
+                    first = bytes(ct[: decode_header(ct)[2]])
                 out.append(header + escape_emulation(ct) + bytes((H264_STOP_BYTE,)))
         except SFrameError:
             self.stats.encrypt_failures += 1
@@ -289,11 +307,18 @@ class FrameDecryptor:
             parts.append((header, unescape_emulation(nal[H264_NAL_HEADER:-1])))
         if not parts:
             raise MalformedFrame("H.264 frame without NAL units")
+        if len(parts) > MAX_NAL_UNITS:
+            raise MalformedFrame(f"more than {MAX_NAL_UNITS} NAL units in one H.264 frame")
+        first = bytes(parts[0][1][: decode_header(parts[0][1])[2]])
+        parts = [
+            (nal_unit_metadata(header, index, len(parts), first if index else b""), body)
+            for index, (header, body) in enumerate(parts)
+        ]
         if self._decrypt_all is not None:
             plaintexts = self._decrypt_all(parts)
         else:
             plaintexts = [self.keys.decrypt(header, body) for header, body in parts]
         out = []
-        for (header, _), plaintext in zip(parts, plaintexts, strict=True):
-            out += (ANNEX_B_START_CODE, header, plaintext)
+        for (metadata, _), plaintext in zip(parts, plaintexts, strict=True):
+            out += (ANNEX_B_START_CODE, metadata[:H264_NAL_HEADER], plaintext)
         return b"".join(out)

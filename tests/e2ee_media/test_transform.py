@@ -338,6 +338,33 @@ def test_an_h264_frame_refused_part_way_uses_none_of_its_ctrs(suite: int) -> Non
         decryptor.decrypt_frame(genuine, H264)
 
 
+def test_the_nal_units_of_an_h264_frame_cannot_be_dropped_reordered_or_moved() -> None:
+    world = FakeWorld(members={0, 1})
+    alice, bob = MLSKeyManager(), MLSKeyManager()
+    alice.update(FakeGroup(world, 0))
+    bob.update(FakeGroup(world, 1))
+    encryptor = FrameEncryptor(alice, H264, context=1)
+    a = encryptor.encrypt_nal_units([b"\x67SPS", b"\x68PPS", b"\x65slice-A-1", b"\x65slice-A-2"])
+    b = encryptor.encrypt_nal_units([b"\x41slice-B-1", b"\x41slice-B-2"])
+    decryptor = FrameDecryptor(bob, holdback=0)
+    for spliced in [
+        [a[0], a[1], a[2]],  # the last slice dropped
+        [a[1], a[0], a[2], a[3]],  # reordered
+        [a[0], a[1], a[3], a[2]],
+        [b[0], a[3]],  # a slice moved into another frame of the same length
+        [a[3], b[1], b[0]],
+    ]:
+        with pytest.raises(AuthenticationFailure):
+            decryptor.decrypt_frame(_annex_b(spliced), H264)
+    assert bob.sframe.recv_keys == {}  # no CTR used up by the refused frames
+    assert decryptor.decrypt_frame(_annex_b(a), H264) == _annex_b(
+        [b"\x67SPS", b"\x68PPS", b"\x65slice-A-1", b"\x65slice-A-2"]
+    )
+    assert decryptor.decrypt_frame(_annex_b(b), H264) == _annex_b(
+        [b"\x41slice-B-1", b"\x41slice-B-2"]
+    )
+
+
 def test_an_h264_frame_sealed_across_an_epoch_change_waits_whole() -> None:
     # The encoder thread may seal a frame's first NAL units under one epoch and the rest under
     # the next; a receiver one commit behind holds it until the commit reaches it.
