@@ -1404,14 +1404,16 @@ class Participant:
         return path
 
     def _remember_names(self) -> None:
-        """Leaf -> name of the current epoch, for naming the senders of frames (a few epochs:
-        frames of the previous ones still arrive for a moment)."""
+        """Leaf -> name of the current epoch, for naming the senders of frames; kept as long
+        as the key manager keeps the epoch's keys (frames of earlier epochs still arrive for
+        its grace period, however many commits came meanwhile)."""
         assert self.group is not None
         names = self._names_by_epoch
         names[self.group.epoch] = {
             m.leaf_index: m.identity.decode("utf-8", "replace") for m in self.group.members
         }
-        for epoch in sorted(names)[:-4]:
+        keep = {*self.keys.retained_epochs, self.group.epoch}
+        for epoch in [e for e in names if e not in keep]:
             del names[epoch]
 
     def _watch_epochs(self, remote: RemoteTrack) -> None:

@@ -59,3 +59,22 @@ async def test_an_sfu_that_hangs_up_after_each_join_is_called_with_a_growing_del
     assert 4 <= len(calls) <= 8, len(calls)
     gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
     assert gaps[-1] >= 0.35
+
+
+async def test_frames_of_every_retained_epoch_are_named_after_many_quick_commits(
+    trio: list[Participant],
+) -> None:
+    # A frame's sender is checked against the names of its epoch: those must last as long as
+    # the epoch's keys, or honest late frames would be refused as a wrong sender.
+    alice, bob, _ = trio
+    bob.keys.grace_period = 60.0  # the commits below may take a while on a loaded machine
+    toc = b"\x78"
+    late = toc + alice.keys.encrypt(toc, b"sent before six commits")
+    first = bob.epoch
+    for _ in range(6):
+        assert await alice.rotate()
+        assert alice.epoch is not None
+        await bob.wait_epoch(alice.epoch)
+    assert first in bob.keys.retained_epochs
+    publisher = participant_module._PublisherKeys(bob.keys, "alice", bob._names_by_epoch)
+    assert publisher.decrypt(late[:1], late[1:]) == b"sent before six commits"
