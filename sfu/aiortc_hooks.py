@@ -23,10 +23,17 @@ short-circuits aiortc's media pipeline. The internals relied upon (aiortc 1.16.0
   tasks run (they would send sender reports with zero timestamps) and no decoder thread starts.
 - `RTCRtpSender._ssrc`: the SSRC advertised in the SFU's SDP (`a=ssrc`), written into forwarded
   packets because aiortc receivers route by SSRC and payload type; it and `_rtx_ssrc` are
-  replaced (`renew_sender_ssrc`) when a reused m-line starts carrying another stream.
+  replaced (`renew_sender_ssrc`) when a reused m-line starts carrying another stream, and the
+  old SSRC's stream is removed from the sender's `transport._tx_srtp` (made with
+  `SSRC_ANY_OUTBOUND`, which also keeps a stream per SSRC protected under).
 - Fast receive path (`_receive_directly`): aioice's `StunProtocol.datagram_received` and
   `Connection.data_received` are replaced per instance; SRTP and SRTCP are unprotected with
   `RTCDtlsTransport._rx_srtp` through the same cffi calls, and handed to the SFU synchronously.
+  `_rx_srtp` is made with `Policy.SSRC_ANY_INBOUND` (`rtcdtlstransport.py:482`): libsrtp
+  (2.7.0 in pylibsrtp 1.0's wheels) then adds a stream to the session, for good, for every SSRC
+  it authenticates a packet under (RTP's SSRC, RTCP's sender SSRC), and looks streams up in a
+  linear list. The fast path keeps the streams to what the SFU uses (`_SrtpStreams`) and drops
+  the others with pylibsrtp's public `Session.remove_stream` (libsrtp's `srtp_remove_stream`).
 - `asyncio.selector_events._SelectorDatagramTransport.max_size` (the `recvfrom` size, 256 KiB)
   is lowered per transport to 65535 (`shrink_receive_buffer`).
 - `aioice.ice.get_host_addresses`: replaced by `restrict_ice_to_loopback` for tests and
@@ -102,6 +109,14 @@ for _name, (_found, _supported) in _versions.items():
 RtpHandler = Callable[[bytes], Awaitable[None]]
 RtcpHandler = Callable[[bytes], Awaitable[None]]
 
+# SRTCP sender SSRCs whose libsrtp streams a receiving session keeps. A client sends RTCP under
+# about one SSRC per m-line (aiortc: each transceiver's sender SSRC), and a full room of the
+# default 16 has 32 m-lines; a new one beyond this has its stream removed after its packet.
+MAX_RTCP_ONLY_STREAMS = 128
+# SRTP streams kept before those of SSRCs the SFU no longer takes RTP under (a stream that
+# restarted under another SSRC) are removed: a participant publishes at most 4 (media, RTX).
+MAX_RTP_STREAMS = 16
+
 
 def hook_transport(
     transport: RTCDtlsTransport,
@@ -109,6 +124,7 @@ def hook_transport(
     on_rtcp: RtcpHandler,
     on_rtp_now: Callable[[bytes, int | None], None] | None = None,
     on_rtcp_now: Callable[[bytes], None] | None = None,
+    uses_ssrc: Callable[[int], bool] | None = None,
 ) -> bool:
     """Route the transport's decrypted RTP and RTCP to the SFU. Returns False if already hooked.
 
@@ -116,6 +132,9 @@ def hook_transport(
     receive loop altogether: they are unprotected and handed over inside the UDP protocol's
     `datagram_received` (see `_receive_directly`), saving the aioice queue and a task wake-up
     per packet; `on_rtp_now` also gets the datagram's arrival in the kernel (`arrival_ns`).
+    `uses_ssrc(ssrc)`, asked after `on_rtp_now` handled a packet under a new SSRC, tells whether
+    the SFU takes RTP under it (libsrtp keeps a stream for it only then, see `_SrtpStreams`);
+    without it, no such stream is kept.
     """
     if getattr(transport, "_sfu_hooked", False):
         return False
@@ -137,8 +156,61 @@ def hook_transport(
     transport._handle_rtcp_data = handle_rtcp_data  # type: ignore[method-assign]
     transport._sfu_hooked = True  # type: ignore[attr-defined]
     if on_rtp_now is not None and on_rtcp_now is not None:
-        _receive_directly(transport, on_rtp_now, on_rtcp_now)
+        _receive_directly(transport, on_rtp_now, on_rtcp_now, uses_ssrc or _uses_none)
     return True
+
+
+def _uses_none(ssrc: int) -> bool:
+    return False
+
+
+class _SrtpStreams:
+    """The SSRCs a receiving SRTP session holds libsrtp streams for, kept to what the SFU uses.
+
+    libsrtp adds a stream for every SSRC an authentic packet comes under and never drops it, in
+    a list it walks for every packet: a peer (which holds the keys) sending under 40,000 fresh
+    SSRCs made each of its later packets cost ~400 us to unprotect, and ~0.5 kB of memory per
+    SSRC. So a new SSRC's stream stays only if the SFU took the RTP packet (`uses_ssrc`: a
+    published stream, or one it recognised by its mid) or, for RTCP, while fewer than
+    MAX_RTCP_ONLY_STREAMS are kept; otherwise it is removed once its packet was handled, and
+    the session is as before. (libsrtp adds the stream inside `srtp_unprotect`, once the packet
+    proved authentic: it can only be removed afterwards.)
+    """
+
+    __slots__ = ("session", "uses_ssrc", "rtp", "rtcp")
+
+    def __init__(self, session: Session, uses_ssrc: Callable[[int], bool]) -> None:
+        self.session = session
+        self.uses_ssrc = uses_ssrc
+        self.rtp: set[int] = set()  # SSRCs whose streams were kept for RTP
+        self.rtcp: set[int] = set()  # ... for RTCP only
+
+    def known(self, ssrc: int) -> bool:
+        return ssrc in self.rtp or ssrc in self.rtcp
+
+    def rtp_handled(self, ssrc: int) -> None:
+        """An authentic RTP packet under an SSRC not known before has been handled."""
+        if not self.uses_ssrc(ssrc):
+            self._remove(ssrc)
+            return
+        self.rtp.add(ssrc)
+        if len(self.rtp) > MAX_RTP_STREAMS:
+            for gone in [s for s in self.rtp if not self.uses_ssrc(s)]:
+                self.rtp.discard(gone)
+                self._remove(gone)
+
+    def rtcp_handled(self, ssrc: int) -> None:
+        """An authentic RTCP packet under a sender SSRC not known before has been handled."""
+        if len(self.rtcp) < MAX_RTCP_ONLY_STREAMS:
+            self.rtcp.add(ssrc)
+        else:
+            self._remove(ssrc)
+
+    def _remove(self, ssrc: int) -> None:
+        try:
+            self.session.remove_stream(ssrc)
+        except SrtpError:  # no such stream: nothing to undo
+            pass
 
 
 # ioctl SIOCGSTAMPNS (linux/sockios.h): the kernel's receive time (CLOCK_REALTIME) of the last
@@ -165,6 +237,7 @@ def _receive_directly(
     transport: RTCDtlsTransport,
     on_rtp: Callable[[bytes, int | None], None],
     on_rtcp: Callable[[bytes], None],
+    uses_ssrc: Callable[[int], bool],
 ) -> None:
     """SRTP and SRTCP from the ICE connection straight to `on_rtp`/`on_rtcp`, synchronously.
 
@@ -175,14 +248,17 @@ def _receive_directly(
     `Connection.data_received` (`ice.py:1277`) are replaced per instance: RTP and RTCP (first
     byte 128-191, RFC 7983; RTCP by its second byte, RFC 5761 §4) on a connected transport are
     unprotected with `_rx_srtp` on the spot; everything else (STUN, DTLS, media before DTLS
-    completes) takes the stock path unchanged.
+    completes) takes the stock path unchanged. The session keeps libsrtp streams only for the
+    SSRCs the SFU uses (`_SrtpStreams`).
     """
     connection = transport.transport._connection
     stock_data_received = connection.data_received
     length = ffi.new("int *")
     unprotect_rtp, unprotect_rtcp = lib.srtp_unprotect, lib.srtp_unprotect_rtcp
+    streams: _SrtpStreams | None = None
 
     def take(data: bytes, fd: int = -1) -> bool:
+        nonlocal streams
         if transport._state is not State.CONNECTED:
             return False
         session = transport._rx_srtp
@@ -191,7 +267,12 @@ def _receive_directly(
         n = len(data)
         if n > MAX_PROTECT_INPUT:
             return True  # longer than any SRTP packet the transport could have sent us: drop
+        if streams is None or streams.session is not session:
+            streams = _SrtpStreams(session, uses_ssrc)
         rtcp = 192 <= data[1] <= 208
+        # in the clear in SRTP and SRTCP (RFC 3711 §3.1, §3.4): RTP's SSRC, RTCP's sender SSRC
+        ssrc = int.from_bytes(data[4:8] if rtcp else data[8:12], "big")
+        known = streams.known(ssrc)
         buffer = session._buffer
         length[0] = n
         buffer[0:n] = data
@@ -204,6 +285,11 @@ def _receive_directly(
                 on_rtp(buffer[0 : length[0]], arrival_ns(fd) if fd >= 0 else None)
         except Exception:
             _log_failure("a packet")
+        if not known:
+            if rtcp:
+                streams.rtcp_handled(ssrc)
+            else:
+                streams.rtp_handled(ssrc)
         return True
 
     def data_received(data: bytes, component: int) -> None:
@@ -374,8 +460,18 @@ def renew_sender_ssrc(sender: RTCRtpSender) -> None:
     The next offer advertises them (`a=ssrc`, written from these attributes by
     `create_media_description_for_transceiver`, `rtcpeerconnection.py:240-250`).
     """
+    old = (sender._ssrc, sender._rtx_ssrc)
     sender._ssrc = random32()
     sender._rtx_ssrc = random32()
+    # libsrtp keeps a stream per SSRC protected under, for good: a member who leaves and joins
+    # again and again would otherwise grow every other member's session by one or two each time
+    session = getattr(sender.transport, "_tx_srtp", None)
+    if session is not None:
+        for ssrc in old:
+            try:
+                session.remove_stream(ssrc)
+            except SrtpError:  # nothing was sent under it
+                pass
 
 
 def sender_ssrc(sender: RTCRtpSender) -> int:

@@ -74,6 +74,12 @@ REMB_STALE = 5.0  # seconds after which a subscriber's estimate no longer counts
 # applies a REMB to the publisher's whole connection, whatever SSRCs it names, so this holds for
 # audio sources too.
 REMB_MIN = 150_000
+# Seconds between the SRs of one source forwarded to its slots. aiortc sends one every 0.5 to
+# 1.5 s, libwebrtc about every second for video (RFC 3550 §6.3.1 randomises the interval by 0.5
+# to 1.5), and a subscriber needs no more for lip sync; each costs a packet per subscriber, so
+# a compound of 47 SRs must not cost 47. One arriving sooner is held (the newest wins) and
+# forwarded once the interval is up.
+SR_INTERVAL = 0.5
 
 
 class Slot:
@@ -271,6 +277,19 @@ class Slot:
             parts.append(bytes(((ext_id << 4) | (len(value) - 1),)) + value)
         return b"".join(parts)
 
+    def handle_nack(
+        self, nack: rtcp.NackPacket, now: float | None = None, limit: int = CACHE_SIZE
+    ) -> int:
+        """A subscriber's generic NACK; returns how many sequence numbers were looked at.
+
+        Only the numbers the source's history could still hold (CACHE_SIZE behind the newest
+        sent) are expanded, at most `limit` (at most CACHE_SIZE): a NACK that fills a packet
+        names up to ~5,700 numbers, and any sender naming more than the history holds is
+        repeating itself."""
+        seqs, looked = nack.seqs(self.last_out_seq, CACHE_SIZE, min(limit, CACHE_SIZE))
+        self.retransmit(seqs, now)
+        return looked
+
     def retransmit(self, seqs: list[int], now: float | None = None) -> None:
         """Answer a subscriber's NACK (RFC 4585 §6.2.1) from the source's history.
 
@@ -377,6 +396,7 @@ class SourceStream:
         rtx_payload_type: int | None = None,
         pli_interval: float = 0.3,
         on_audio_level: Callable[[int], None] | None = None,
+        nack: bool = True,
     ) -> None:
         self.publisher = publisher
         self.kind = kind
@@ -392,6 +412,9 @@ class SourceStream:
         self.rtx_payload_type = rtx_payload_type
         self.pli_interval = pli_interval
         self.on_audio_level = on_audio_level
+        # whether the publisher negotiated generic NACK for this stream: feedback is sent only
+        # where negotiated (RFC 4585 §4.2); aiortc and browsers negotiate none for Opus
+        self.nack = nack
         self._audio_level_id = next(
             (i for i, uri in ext_uris.items() if uri == URI_AUDIO_LEVEL), None
         )
@@ -399,6 +422,8 @@ class SourceStream:
         self.left_ssrcs: deque[int] = deque(maxlen=8)  # SSRCs this stream restarted away from
         self.last_sr: int = 0  # middle 32 bits of the last SR's NTP timestamp (for RR's LSR)
         self.last_sr_time: float = 0.0
+        self._sr_forwarded = -SR_INTERVAL  # when an SR last went to the slots
+        self._sr_held: tuple[int, int] | None = None  # (NTP, RTP timestamp) of one held back
         self._reset_reception()
         self.last_nack_time = 0.0
         self.last_pli_time = -1e9
@@ -443,6 +468,8 @@ class SourceStream:
             # another source, none of whose SRs came yet (the same source renumbered keeps its
             # last SR: LSR/DLSR, §6.4.1, are per SSRC, not per sequence-number space)
             self.last_sr, self.last_sr_time = 0, 0.0
+        # a held SR is in the old numbering's timestamps; the new one needs its mapping at once
+        self._sr_held, self._sr_forwarded = None, -SR_INTERVAL
         self.ssrc = ssrc
         self._reset_reception()
         for slot in self.slots:
@@ -585,7 +612,8 @@ class SourceStream:
 
     def send_nacks(self, now: float | None = None) -> None:
         """NACK what is missing upstream, backing off (see NACK_RETRIES); forget it after
-        MISSING_GIVE_UP."""
+        MISSING_GIVE_UP. Without negotiated NACK nothing is sent, but what is missing is still
+        tracked: a late packet is still taken (`_account`)."""
         if not self.missing:
             return
         if now is None:
@@ -598,16 +626,18 @@ class SourceStream:
             elif sent < NACK_RETRIES and age >= NACK_RETRY_INTERVAL * ((1 << sent) - 1):
                 self.missing[seq] = (first, sent + 1)
                 lost.append(seq)
-        if lost:
+        if lost and self.nack:
             self.metrics.nacks_sent += len(lost)
             self._send(rtcp.pack_nack(self.rtcp_ssrc, self.ssrc, lost))
 
     def tick(self, now: float | None = None) -> None:
-        """Periodic work (every few tens of ms): NACK retries, pending and repeated PLIs."""
+        """Periodic work (every few tens of ms): NACK retries, pending and repeated PLIs, a
+        held-back SR."""
         if now is None:
             now = time.monotonic()
         self.send_nacks(now)
         self.relay_remb(now)
+        self._forward_held_sr(now)
         if self.kind != "video":
             return
         waiting = any(not s.started for s in self.slots)
@@ -667,15 +697,39 @@ class SourceStream:
     def handle_sender_report(
         self, ntp_timestamp: int, rtp_timestamp: int, now: float
     ) -> list[tuple[Slot, bytes]]:
-        """Note the publisher's SR (for our RR's LSR/DLSR) and map it onto every started slot."""
+        """Note the publisher's SR (for our RR's LSR/DLSR) and map it onto every started slot,
+        for the caller to send; within SR_INTERVAL of the last one forwarded it is held instead
+        (the newest held one goes out from `tick`), and nothing is returned."""
         self.last_sr = (ntp_timestamp >> 16) & 0xFFFFFFFF
         self.last_sr_time = now
+        if now - self._sr_forwarded < SR_INTERVAL:
+            self._sr_held = (ntp_timestamp, rtp_timestamp)
+            return []
+        return self._map_sr(ntp_timestamp, rtp_timestamp, now)
+
+    def _map_sr(
+        self, ntp_timestamp: int, rtp_timestamp: int, now: float
+    ) -> list[tuple[Slot, bytes]]:
         out = []
         for slot in self.slots:
             sr = slot.sender_report(ntp_timestamp, rtp_timestamp)
             if sr is not None:
                 out.append((slot, sr))
+        if out:  # none while no slot has started: the first one to start gets the next SR
+            self._sr_forwarded = now
+            self._sr_held = None
         return out
+
+    def _forward_held_sr(self, now: float) -> None:
+        held = self._sr_held
+        if held is None or now - self._sr_forwarded < SR_INTERVAL:
+            return
+        self._sr_held = None
+        for slot, sr in self._map_sr(held[0], held[1], now):
+            try:
+                slot.send(sr)
+            except ConnectionError:
+                pass  # the subscriber is going away
 
     def report_block(self, now: float) -> rtcp.ReportBlock | None:
         """Reception report for this source (RFC 3550 §6.4.1, Appendix A.3)."""

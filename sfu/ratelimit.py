@@ -1,4 +1,5 @@
-"""A token bucket: how many signalling messages one WebSocket may send."""
+"""A token bucket: how many signalling messages one WebSocket may send, how much NACK work one
+participant's feedback may cost."""
 
 from __future__ import annotations
 
@@ -20,10 +21,17 @@ class TokenBucket:
 
     def take(self, now: float) -> bool:
         """Spend a token if there is one: whether the caller may go on."""
-        tokens = min(self.burst, self._tokens + (now - self._when) * self.rate)
-        self._when = now
-        if tokens < 1:
-            self._tokens = tokens
+        if self.available(now) < 1:
             return False
-        self._tokens = tokens - 1
+        self._tokens -= 1
         return True
+
+    def available(self, now: float) -> float:
+        """The tokens there are at `now` (refilled for the time passed), to `spend` from."""
+        self._tokens = min(self.burst, self._tokens + (now - self._when) * self.rate)
+        self._when = now
+        return self._tokens
+
+    def spend(self, tokens: float) -> None:
+        """Spend what the work cost (at most what `available` said)."""
+        self._tokens -= tokens

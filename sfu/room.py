@@ -16,8 +16,11 @@ does (aiortc never starts a second track on a transceiver); browsers fire "track
 themselves when a transceiver turns back to receiving (WebRTC 1.0, the [[FiredDirection]] rules
 of setRemoteDescription).
 
-A publisher that restarts a stream under a new SSRC on the same m-line keeps every subscriber's
-slot: the SFU finds the m-line by the mid header extension and the slot continues its numbering.
+A publishing m-line's first SSRC comes from the answer (`a=ssrc`, which aiortc and browsers
+write for every m-line they send on): an answer that sends on one without it is refused, as the
+SFU would have no stream to forward. A publisher that restarts a stream under a new SSRC on the
+same m-line keeps every subscriber's slot: the SFU finds the m-line by the mid header extension
+(RFC 8843 §9.2) and the slot continues its numbering.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from sfu.config import SFUConfig
 from sfu.errors import SignallingError
 from sfu.forwarding import Slot, SourceStream
 from sfu.metrics import Metrics
+from sfu.ratelimit import TokenBucket
 from sfu.rtp import URI_MID, RtpParseError, parse_rtp
 from sfu.speaker import ActiveSpeakerDetector
 
@@ -63,6 +67,15 @@ TICK_INTERVAL = 0.05
 # address): aioice re-sorts its check list for every candidate it adds, so thousands of them
 # would keep the event loop, and every room of the process, busy. A client has a few.
 MAX_REMOTE_CANDIDATES = 32
+# Answers to one offer that are refused before no more are read (until the next offer): each
+# costs an SDP parse (a few ms for a maximal one), and a client needs one, or a few while
+# being fixed; the answer timer then ends the session.
+MAX_REFUSED_ANSWERS = 5
+# Sequence numbers a participant's NACKs may have the SFU look at, a second and at once: each
+# costs a fraction of a microsecond (more when resent). One NACK looks at most at CACHE_SIZE; a
+# subscriber losing a tenth of 15 streams NACKs a few hundred a second.
+NACK_SEQS_RATE = 4096.0
+NACK_SEQS_BURST = 4096
 RR_INTERVAL = 1.0
 TICK_EARLY = 0.005  # seconds a loop may run a timer early (sleep_until_tick)
 
@@ -111,6 +124,25 @@ def _candidate_problem(candidate: Any) -> str | None:
     return None
 
 
+def _count_m_lines(sdp: str) -> int:
+    """How many media sections `SessionDescription.parse(sdp)` would find (it makes one per line
+    starting with "m=", of `str.splitlines`), without parsing them."""
+    return sum(1 for line in sdp.splitlines() if line.startswith("m="))
+
+
+def _check_publishing(answer: SessionDescription, publishing: int) -> None:
+    """The first `publishing` m-lines are the participant's publishing ones (module docstring):
+    one it sends on must name its SSRCs, from which the SFU makes the stream it forwards.
+    (aiortc and browsers name them; the mid extension only follows a stream that restarts.)"""
+    for media in answer.media[:publishing]:
+        if media.port != 0 and media.direction in ("sendrecv", "sendonly") and not media.ssrc:
+            raise SignallingError(
+                "bad-sdp",
+                f"the answer's m-line {media.rtp.muxId!r} sends media but names no SSRC "
+                "(a=ssrc): the SFU needs it to forward the stream",
+            )
+
+
 def _check_answer(answer: SessionDescription) -> None:
     """What aiortc's parser lets through but fails on later, out of the SFU's sight."""
     for media in answer.media:
@@ -154,12 +186,16 @@ class Participant:
         self.sources_by_ssrc: dict[int, SourceStream] = {}
         self.slots_by_ssrc: dict[int, Slot] = {}
         self._fir_seqs: dict[int, int] = {}  # slot SSRC -> last FIR sequence number from it
+        self._nack_budget = TokenBucket(NACK_SEQS_RATE, NACK_SEQS_BURST, time.monotonic())
         self.slot_sources: dict[RTCRtpTransceiver, SourceStream | None] = {}
         # slot m-lines whose source ended, once the subscriber has answered them inactive
         self._free_m_lines: list[RTCRtpTransceiver] = []
         self._send_raw: Callable[..., None] | None = None
         self._negotiating = False
         self._renegotiate = False
+        # m-lines of the offer outstanding (None while it is being made), answers refused to it
+        self._offered_m_lines: int | None = None
+        self._refused_answers = 0
         self._closed = False
         self.started = False  # publishing m-lines created: slots may be added from now on
         self._next_rr = time.monotonic() + RR_INTERVAL
@@ -231,12 +267,15 @@ class Participant:
             return
         self._negotiating = True
         self._renegotiate = False
+        self._offered_m_lines = None
+        self._refused_answers = 0
         # What the offer's sendonly m-lines carry, taken with the directions the offer encodes:
         # a source may end while the offer is being made, and "streams" must match the SDP.
         feeding = [(t, source) for t, source in self.slot_sources.items() if source is not None]
         try:
             offer = await self.pc.createOffer()
             await self.pc.setLocalDescription(offer)
+            self._offered_m_lines = _count_m_lines(self.pc.localDescription.sdp)
             streams = {  # mid -> publisher
                 t.mid: {"identity": source.publisher, "kind": source.kind}
                 for t, source in feeding
@@ -254,32 +293,22 @@ class Participant:
             logger.debug("no offer to %r: %s", self.identity, exc)
 
     async def handle_answer(self, sdp: str) -> None:
-        if not self._negotiating:
+        if not self._negotiating or self._offered_m_lines is None:
             raise SignallingError("unexpected-answer", "no offer is outstanding")
-        try:
-            parsed = SessionDescription.parse(sdp)
-        except Exception as exc:
-            raise SignallingError("bad-sdp", "the answer is not parsable SDP") from exc
-        local = self.pc.localDescription
-        if local is None or len(parsed.media) != len(SessionDescription.parse(local.sdp).media):
-            raise SignallingError("bad-sdp", "the answer must have one m-line per offered m-line")
-        _check_answer(parsed)
-        # The answer's candidates count against the same cap as trickled ones: aiortc adds
-        # every answer's candidates to aioice, renegotiations included.
-        candidates = self._remote_candidates | {
-            (c.protocol.lower(), c.ip, c.port)
-            for media in parsed.media
-            if media.port != 0
-            for c in media.ice_candidates
-        }
-        if len(candidates) > MAX_REMOTE_CANDIDATES:
+        if self._refused_answers >= MAX_REFUSED_ANSWERS:
             raise SignallingError(
-                "bad-sdp", f"more than {MAX_REMOTE_CANDIDATES} ICE candidates in all"
+                "bad-sdp",
+                f"{MAX_REFUSED_ANSWERS} answers to this offer were refused: no more are read",
             )
         try:
-            await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
-        except Exception as exc:  # aiortc raises ValueError, OperationError, InvalidStateError...
-            raise SignallingError("bad-sdp", f"the answer was refused: {exc}") from exc
+            parsed, candidates = self._vet_answer(sdp)
+            try:
+                await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+            except Exception as exc:  # aiortc raises ValueError, OperationError, ...
+                raise SignallingError("bad-sdp", f"the answer was refused: {exc}") from exc
+        except SignallingError:
+            self._refused_answers += 1
+            raise
         self._remote_candidates = candidates
         self._negotiating = False
         self._cancel_answer_timer()
@@ -306,11 +335,42 @@ class Participant:
         for transceiver in self.pc.getTransceivers():
             transport = transceiver.receiver.transport
             if aiortc_hooks.hook_transport(
-                transport, self._on_rtp, self._on_rtcp, self.on_rtp_now, self.on_rtcp_now
+                transport,
+                self._on_rtp,
+                self._on_rtcp,
+                self.on_rtp_now,
+                self.on_rtcp_now,
+                uses_ssrc=self.sources_by_ssrc.__contains__,
             ):
                 self._send_raw = aiortc_hooks.fast_sender(transport)
         if self._renegotiate:
             await self.negotiate()
+
+    def _vet_answer(self, sdp: str) -> tuple[SessionDescription, set[tuple[str, str, int]]]:
+        """Refuse an answer aiortc would take but the SFU cannot use, cheapest checks first;
+        else return it parsed, and the remote ICE candidates (by address) there will be once
+        it is taken."""
+        if _count_m_lines(sdp) != self._offered_m_lines:
+            raise SignallingError("bad-sdp", "the answer must have one m-line per offered m-line")
+        try:
+            parsed = SessionDescription.parse(sdp)
+        except Exception as exc:
+            raise SignallingError("bad-sdp", "the answer is not parsable SDP") from exc
+        _check_answer(parsed)
+        _check_publishing(parsed, len(self.publish))
+        # The answer's candidates count against the same cap as trickled ones: aiortc adds
+        # every answer's candidates to aioice, renegotiations included.
+        candidates = self._remote_candidates | {
+            (c.protocol.lower(), c.ip, c.port)
+            for media in parsed.media
+            if media.port != 0
+            for c in media.ice_candidates
+        }
+        if len(candidates) > MAX_REMOTE_CANDIDATES:
+            raise SignallingError(
+                "bad-sdp", f"more than {MAX_REMOTE_CANDIDATES} ICE candidates in all"
+            )
+        return parsed, candidates
 
     def _cancel_answer_timer(self) -> None:
         if self._answer_overdue is not None:
@@ -393,6 +453,7 @@ class Participant:
             rtx_payload_type=rtx_pt,
             pli_interval=self.config.pli_interval,
             on_audio_level=lambda level: self.room.speaker.add_level(self.identity, level),
+            nack=any(fb.type == "nack" and not fb.parameter for fb in codec.rtcpFeedback),
         )
         self.sources[mid] = source
         self.sources_by_ssrc[source.ssrc] = source
@@ -561,11 +622,11 @@ class Participant:
                             slot.send(sr)
                         except ConnectionError:
                             pass
-            elif isinstance(packet, rtcp.RtcpRtpfbPacket):
-                if packet.fmt == rtcp.RTPFB_NACK:
-                    slot = self.slots_by_ssrc.get(packet.media_ssrc)
-                    if slot is not None:
-                        slot.retransmit([s & 0xFFFF for s in packet.lost])
+            elif isinstance(packet, rtcp.NackPacket):
+                slot = self.slots_by_ssrc.get(packet.media_ssrc)
+                budget = int(self._nack_budget.available(now))
+                if slot is not None and budget > 0:
+                    self._nack_budget.spend(slot.handle_nack(packet, now, budget))
             elif isinstance(packet, rtcp.RtcpPsfbPacket):
                 self._on_psfb(packet, now)
             # Receiver reports from subscribers end here: the SFU reports upstream itself.
@@ -578,13 +639,18 @@ class Participant:
                 bitrate, ssrcs = rtcp.unpack_remb_fci(packet.fci)
             except (ValueError, struct.error):
                 return
-            slots = [s for ssrc in ssrcs if (s := self.slots_by_ssrc.get(ssrc)) is not None]
+            # each SSRC once, each source once: a REMB may name one slot 255 times
+            slots = [
+                s
+                for ssrc in dict.fromkeys(ssrcs)
+                if (s := self.slots_by_ssrc.get(ssrc)) is not None
+            ]
             if slots:
                 self.metrics.rembs_received += 1  # one estimate, whatever streams it names
             for slot in slots:
                 slot.remb = (bitrate, now)
-                if slot.source is not None:
-                    slot.source.relay_remb(now)
+            for source in dict.fromkeys(s.source for s in slots if s.source is not None):
+                source.relay_remb(now)
             return
         targets: list[int] = []
         if packet.fmt == rtcp.PSFB_PLI:

@@ -1,12 +1,16 @@
 """RTCP the SFU sends and reads (RFC 3550 §6.4, RFC 4585 §6).
 
-Parsing reuses aiortc's public RTCP classes (`aiortc.rtp`); the packets the SFU sends are packed
-here so that sequence-number wrap-around in NACKs is handled (aiortc's packer does not).
+Parsing reuses aiortc's public RTCP classes (`aiortc.rtp`), except for RTP feedback: generic
+NACKs are read here (`NackPacket`), so that a NACK's sequence numbers are expanded only as far as
+they can be of use, and other RTPFB messages (transport-wide CC, which aiortc would expand as if
+they were NACKs) are skipped. The packets the SFU sends are packed here so that sequence-number
+wrap-around in NACKs is handled (aiortc's packer does not).
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 from aiortc.rtp import (
     AnyRtcpPacket,
@@ -22,6 +26,7 @@ from aiortc.rtp import (
 
 __all__ = [
     "AnyRtcpPacket",
+    "NackPacket",
     "RtcpByePacket",
     "RtcpPsfbPacket",
     "RtcpRrPacket",
@@ -53,7 +58,68 @@ def _header(packet_type: int, count: int, body_len: int) -> bytes:
     return struct.pack("!BBH", 0x80 | count, packet_type, (body_len + 4) // 4 - 1)
 
 
-def parse_rtcp(data: bytes) -> list[AnyRtcpPacket]:
+_FCI = struct.Struct("!HH")
+
+
+@dataclass
+class NackPacket:
+    """A generic NACK (RFC 4585 §6.2.1), its FCI entries (PID, BLP) as they came.
+
+    An entry names up to 17 sequence numbers: a NACK that fills a packet names thousands,
+    most of which no history could hold. `seqs` expands only those near a given number.
+    """
+
+    ssrc: int
+    media_ssrc: int
+    fci: list[tuple[int, int]]
+
+    @classmethod
+    def parse(cls, body: bytes) -> NackPacket:
+        """From the packet's body after the common header; raises ValueError."""
+        if len(body) < 8 or len(body) % 4:
+            raise ValueError("RTCP NACK length is invalid")
+        ssrc, media_ssrc = struct.unpack_from("!II", body)
+        return cls(ssrc, media_ssrc, list(_FCI.iter_unpack(body[8:])))
+
+    @property
+    def lost(self) -> list[int]:
+        """Every sequence number named, in FCI order (as aiortc's `RtcpRtpfbPacket.lost`)."""
+        return [seq for pid, blp in self.fci for seq in _named(pid, blp)]
+
+    def seqs(self, newest: int, depth: int, limit: int) -> tuple[list[int], int]:
+        """The sequence numbers named that are at most `depth - 1` behind `newest` (16-bit,
+        wrap-around safe), in FCI order, without repeats; and how many were looked at.
+
+        The work is bounded whatever the packet holds: a repeated entry is looked at once, an
+        entry wholly outside the range is skipped without expanding it, and expansion stops
+        after `limit` numbers in range (repeats included).
+        """
+        newest &= 0xFFFF
+        found: dict[int, None] = {}
+        looked = 0
+        for pid, blp in dict.fromkeys(self.fci):
+            if (newest - pid) & 0xFFFF >= depth + 16:
+                continue  # PID and the 16 after it are all out of range
+            for seq in _named(pid, blp):
+                if (newest - seq) & 0xFFFF < depth:
+                    found[seq] = None
+                    looked += 1
+                    if looked >= limit:
+                        return list(found), looked
+        return list(found), looked
+
+
+def _named(pid: int, blp: int) -> list[int]:
+    """The sequence numbers one FCI entry names: PID, and PID + i for each bit i - 1 of BLP."""
+    out = [pid]
+    while blp:
+        low = blp & -blp
+        out.append((pid + low.bit_length()) & 0xFFFF)
+        blp ^= low
+    return out
+
+
+def parse_rtcp(data: bytes) -> list[AnyRtcpPacket | NackPacket]:
     """Parse a compound RTCP packet (RFC 3550 §6.1) into the packets the SFU reads.
 
     Raises ValueError if the compound's framing is broken (version, length fields). Within a
@@ -61,7 +127,7 @@ def parse_rtcp(data: bytes) -> list[AnyRtcpPacket]:
     compound: one odd report must not hide the NACK or PLI beside it. SR and RR may end in
     profile-specific extensions (§6.4.1, §6.4.2), which aiortc refuses: they are cut off.
     """
-    packets: list[AnyRtcpPacket] = []
+    packets: list[AnyRtcpPacket | NackPacket] = []
     pos = 0
     while pos < len(data):
         if len(data) < pos + 4:
@@ -86,10 +152,23 @@ def parse_rtcp(data: bytes) -> list[AnyRtcpPacket]:
         if expected is not None and len(body) > expected:
             body = _header(packet_type, count, expected - 4) + body[4:expected]
         try:
-            packets.extend(RtcpPacket.parse(body))
+            if packet_type == RTCP_RTPFB:
+                if count == RTPFB_NACK:  # other RTP feedback: nothing the SFU reads
+                    packets.append(NackPacket.parse(_strip_padding(first, body[4:])))
+            else:
+                packets.extend(RtcpPacket.parse(body))
         except (ValueError, IndexError, struct.error):
             continue
     return packets
+
+
+def _strip_padding(first: int, payload: bytes) -> bytes:
+    """The packet's payload without its padding (RFC 3550 §6.4.1), checked as aiortc does."""
+    if not first & 0x20:
+        return payload
+    if not payload or not payload[-1] or payload[-1] > len(payload):
+        raise ValueError("RTCP packet padding length is invalid")
+    return payload[: -payload[-1]]
 
 
 def pack_pli(sender_ssrc: int, media_ssrc: int) -> bytes:

@@ -219,7 +219,7 @@ def test_upstream_gap_is_nacked_and_rtx_repair_forwarded() -> None:
     source.handle_rtp(rtp_packet(65534, 0, KEY), now=0.0)
     source.handle_rtp(rtp_packet(1, 3000, DELTA), now=0.01)  # 65535 and 0 lost
     source.send_nacks(now=0.02)
-    nacks = [p for p in rtcp.parse_rtcp(up.packets[-1]) if isinstance(p, rtcp.RtcpRtpfbPacket)]
+    nacks = [p for p in rtcp.parse_rtcp(up.packets[-1]) if isinstance(p, rtcp.NackPacket)]
     assert nacks and nacks[0].media_ssrc == 1111 and nacks[0].ssrc == 4242
     assert sorted(s & 0xFFFF for s in nacks[0].lost) == [0, 65535]
     # RTX (RFC 4588): original sequence number first in the payload, on the RTX SSRC and PT
@@ -288,7 +288,7 @@ def test_sequence_unwrapper_across_wrap() -> None:
 def test_nack_packing_across_wrap() -> None:
     packet = rtcp.pack_nack(1, 2, [65535, 0, 5, 40])
     [nack] = rtcp.parse_rtcp(packet)
-    assert isinstance(nack, rtcp.RtcpRtpfbPacket)
+    assert isinstance(nack, rtcp.NackPacket)
     assert sorted(s & 0xFFFF for s in nack.lost) == [0, 5, 40, 65535]
 
 
