@@ -452,7 +452,9 @@ def install_naive_relay() -> None:
 
     stock_hook = aiortc_hooks.hook_transport
 
-    def hook_without_fast_receive(transport: Any, on_rtp: Any, on_rtcp: Any, *_: Any) -> bool:
+    def hook_without_fast_receive(
+        transport: Any, on_rtp: Any, on_rtcp: Any, *_: Any, **__: Any
+    ) -> bool:
         return stock_hook(transport, on_rtp, on_rtcp)  # RTP through aiortc's receive loop
 
     aiortc_hooks.hook_transport = hook_without_fast_receive  # type: ignore[assignment]

@@ -658,3 +658,23 @@ async def test_the_services_are_stopped_even_when_closing_a_participant_fails(
     with pytest.raises(OSError, match="close failed"):
         await measure_call("plain", 2, 0.1, warmup=0.0)
     assert fake.procs[0].poll() is not None
+
+
+def test_the_sfu_forward_loopback_measures_both_relays_end_to_end() -> None:
+    # The loopback part drives the real SFU process and the naive relay built on its hooks: a
+    # change of the hooks' signatures must not leave the benchmark unable to run.
+    path = BENCH_DIR / "sfu_forward.py"
+    if not path.exists():
+        pytest.skip("bench/ is not in this checkout")
+    args = ["--loopback", "--participants", "2", "--repeat", "1", "--rate", "50",
+            "--seconds", "1", "--packets", "100"]
+    done = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split("  ")[0]: line.split() for line in done.stdout.splitlines()
+            if line.startswith(("naive aiortc relay ", "sfu (raw, fast send) "))}
+    assert set(rows) == {"naive aiortc relay", "sfu (raw, fast send)"}, done.stdout[-2000:]
+    for cells in rows.values():  # each forwarded what it was offered
+        forwarded = next(c for c in cells if c.endswith("%"))
+        assert float(forwarded[:-1]) >= 98.0, cells
+    assert done.stdout.rstrip().splitlines()[-1].startswith("verdict: ")
