@@ -227,8 +227,7 @@ class MLSKeyManager:
         base_key = group.export_secret(BASE_KEY_LABEL, b"", self.params.Nk)
         now = self.clock()
         with self._send_lock:
-            self._install(epoch, s, frozenset(members) - {leaf}, leaf, base_key, now)
-            self.current.restored = restored
+            self._install(epoch, s, frozenset(members) - {leaf}, leaf, base_key, now, restored)
             self._highest_epoch[group_id] = epoch
         self.expire(now)
         return True
@@ -249,7 +248,14 @@ class MLSKeyManager:
         self.expire(now)
 
     def _install(
-        self, epoch: int, s: int, senders: frozenset[int], leaf: int, base_key: bytes, now: float
+        self,
+        epoch: int,
+        s: int,
+        senders: frozenset[int],
+        leaf: int,
+        base_key: bytes,
+        now: float,
+        restored: bool = False,
     ) -> None:
         # Sender: the old epoch's send keys go at once (and with them their secrets).
         self._drop_send_keys()
@@ -259,7 +265,7 @@ class MLSKeyManager:
         slot = epoch % (1 << self.epoch_bits)
         if slot in self._epochs:
             self._drop(slot, self._epochs.pop(slot))  # same low E bits: the RFC says remove it now
-        keys = EpochKeys(epoch, s, senders, base_key)
+        keys = EpochKeys(epoch, s, senders, base_key, restored=restored)
         self._epochs[slot] = keys
         self.current = keys
         self.leaf_index = leaf

@@ -26,7 +26,6 @@ from .codecs import (
 )
 from .context import LARGE_FRAME, MAX_OVERHEAD
 from .errors import MalformedFrame, SFrameError, UnknownKeyId
-from .header import decode_header
 
 FAILURE_REASONS = ("unknown_kid", "replay", "authentication", "malformed", "wrong_sender")
 # How long a frame of the next epoch may wait for its keys: a commit reaches all members through
@@ -38,13 +37,16 @@ MAX_HELD = 64
 
 T = TypeVar("T")
 MAX_NAL_UNITS = 0xFFFF  # NAL units in one H.264 frame: their count is bound in 2 bytes
+MAX_HEADER = 17  # bytes of the longest SFrame header (RFC 9605 §4.3: config, 8 KID, 8 CTR)
 
 
 def nal_unit_metadata(header: bytes, index: int, count: int, first: bytes) -> bytes:
     """What each NAL unit's ciphertext authenticates besides its SFrame header: its NAL header,
-    its place and the frame's number of NAL units, and (after the first) the first one's SFrame
-    header (KID and CTR: unique to the frame). Sealed one by one, NAL units are otherwise
-    separate ciphertexts that a path could drop, reorder or move into another frame."""
+    its place and the frame's number of NAL units, and (after the first) the first MAX_HEADER
+    bytes of the first one's ciphertext, which hold its SFrame header (KID and CTR: unique to
+    the frame). Sealed one by one, NAL units are otherwise separate ciphertexts that a path
+    could drop, reorder or move into another frame. (Bytes, not the parsed header: keys that
+    do not encrypt, for benchmarks, write no header.)"""
     return header + index.to_bytes(2, "big") + count.to_bytes(2, "big") + first
 
 
@@ -144,7 +146,7 @@ class FrameEncryptor:
                 metadata = nal_unit_metadata(header, index, len(nals), first)
                 ct = self.keys.encrypt(metadata, nal[H264_NAL_HEADER:], self.context)
                 if index == 0:
-                    first = bytes(ct[: decode_header(ct)[2]])
+                    first = bytes(ct[:MAX_HEADER])
                 out.append(header + escape_emulation(ct) + bytes((H264_STOP_BYTE,)))
         except SFrameError:
             self.stats.encrypt_failures += 1
@@ -156,7 +158,7 @@ class FrameEncryptor:
 class FrameDecryptor:
     """Decrypts the encoded frames of one incoming track; counts successes and failures.
 
-    `push` keeps frames in order and lets a frame whose KID names the *next* epoch (the sender
+    `push` lets a frame whose KID names the *next* epoch (the sender
     processed a commit before we did) wait up to `holdback` seconds for its keys, so that a key
     rotation loses no frame (RFC 9605 §4.4.4 allows buffering on a missing key). It needs
     `keys.awaits_kid(kid)` (`MLSKeyManager` has it); without it nothing waits.
@@ -211,7 +213,8 @@ class FrameDecryptor:
         return out
 
     def push(self, item: T, data: bytes, mime_type: str) -> list[tuple[T, bytes | bytearray]]:
-        """Queue one frame; return the ``(item, plaintext)`` pairs ready now, in arrival order.
+        """Queue one frame; return the ``(item, plaintext)`` pairs ready now: the frames that
+        were waiting and opened, in their order, then this one if it opened.
         Frames that fail are counted, reported to `on_failure` and left out."""
         mime_type = mime_type.lower()
         ready: list[tuple[T, bytes | bytearray]] = self.drain() if self._pending else []
@@ -309,7 +312,7 @@ class FrameDecryptor:
             raise MalformedFrame("H.264 frame without NAL units")
         if len(parts) > MAX_NAL_UNITS:
             raise MalformedFrame(f"more than {MAX_NAL_UNITS} NAL units in one H.264 frame")
-        first = bytes(parts[0][1][: decode_header(parts[0][1])[2]])
+        first = bytes(parts[0][1][:MAX_HEADER])
         parts = [
             (nal_unit_metadata(header, index, len(parts), first if index else b""), body)
             for index, (header, body) in enumerate(parts)

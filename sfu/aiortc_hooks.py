@@ -116,6 +116,12 @@ MAX_RTCP_ONLY_STREAMS = 128
 # SRTP streams kept before those of SSRCs the SFU no longer takes RTP under (a stream that
 # restarted under another SSRC) are removed: a participant publishes at most 4 (media, RTX).
 MAX_RTP_STREAMS = 16
+# Streams of SSRCs the SFU did not take when their first packet came, kept a while (the oldest
+# removed past this many): one the SFU comes to take (its stream's parameters arrive after
+# DTLS, a restart's first packets may lack the mid) must keep its libsrtp stream, whose
+# rollover counter a stream made afresh after a sequence-number wrap would lack, refusing
+# every later packet.
+MAX_UNUSED_RTP_STREAMS = 32
 
 
 def hook_transport(
@@ -170,34 +176,49 @@ class _SrtpStreams:
     libsrtp adds a stream for every SSRC an authentic packet comes under and never drops it, in
     a list it walks for every packet: a peer (which holds the keys) sending under 40,000 fresh
     SSRCs made each of its later packets cost ~400 us to unprotect, and ~0.5 kB of memory per
-    SSRC. So a new SSRC's stream stays only if the SFU took the RTP packet (`uses_ssrc`: a
-    published stream, or one it recognised by its mid) or, for RTCP, while fewer than
-    MAX_RTCP_ONLY_STREAMS are kept; otherwise it is removed once its packet was handled, and
-    the session is as before. (libsrtp adds the stream inside `srtp_unprotect`, once the packet
-    proved authentic: it can only be removed afterwards.)
+    SSRC. So a new SSRC's stream stays if the SFU took the RTP packet (`uses_ssrc`: a
+    published stream, or one it recognised by its mid), among the MAX_UNUSED_RTP_STREAMS
+    latest if it did not (see there), or, for RTCP, while fewer than MAX_RTCP_ONLY_STREAMS are
+    kept; otherwise it is removed once its packet was handled, and the session is as before.
+    (libsrtp adds the stream inside `srtp_unprotect`, once the packet proved authentic: it can
+    only be removed afterwards.)
     """
 
-    __slots__ = ("session", "uses_ssrc", "rtp", "rtcp")
+    __slots__ = ("session", "uses_ssrc", "rtp", "unused", "rtcp")
 
     def __init__(self, session: Session, uses_ssrc: Callable[[int], bool]) -> None:
         self.session = session
         self.uses_ssrc = uses_ssrc
         self.rtp: set[int] = set()  # SSRCs whose streams were kept for RTP
+        self.unused: dict[int, None] = {}  # ... not taken at first, oldest first
         self.rtcp: set[int] = set()  # ... for RTCP only
 
     def known(self, ssrc: int) -> bool:
-        return ssrc in self.rtp or ssrc in self.rtcp
+        return ssrc in self.rtp or ssrc in self.unused or ssrc in self.rtcp
 
     def rtp_handled(self, ssrc: int) -> None:
         """An authentic RTP packet under an SSRC not known before has been handled."""
         if not self.uses_ssrc(ssrc):
-            self._remove(ssrc)
+            self.unused[ssrc] = None
+            if len(self.unused) > MAX_UNUSED_RTP_STREAMS:
+                self._sort_unused()
             return
         self.rtp.add(ssrc)
         if len(self.rtp) > MAX_RTP_STREAMS:
             for gone in [s for s in self.rtp if not self.uses_ssrc(s)]:
                 self.rtp.discard(gone)
                 self._remove(gone)
+
+    def _sort_unused(self) -> None:
+        """Move the unused SSRCs the SFU has come to take to `rtp`; remove the oldest others,
+        down to half the bound (so that a flood of new SSRCs sorts once in many packets)."""
+        for ssrc in [s for s in self.unused if self.uses_ssrc(s)]:
+            del self.unused[ssrc]
+            self.rtp.add(ssrc)
+        while len(self.unused) > MAX_UNUSED_RTP_STREAMS // 2:
+            ssrc = next(iter(self.unused))
+            del self.unused[ssrc]
+            self._remove(ssrc)
 
     def rtcp_handled(self, ssrc: int) -> None:
         """An authentic RTCP packet under a sender SSRC not known before has been handled."""

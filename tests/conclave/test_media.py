@@ -74,3 +74,19 @@ def test_a_rotation_period_must_be_positive(kwargs: dict[str, float]) -> None:
 def test_a_name_must_fit_an_identity(name: str) -> None:
     with pytest.raises(ConclaveError, match="participant name"):
         Participant(name, "http://127.0.0.1:9")
+
+
+def test_h264_frames_pass_the_plain_benchmark_transform() -> None:
+    # The benchmark's "plain" mode runs the same frame pipeline with keys that do not encrypt:
+    # the NAL-unit binding must not need an SFrame header there.
+    from conclave import participant as participant_module
+    from e2ee_media.codecs import H264
+    from e2ee_media.transform import FrameDecryptor, FrameEncryptor
+
+    keys = participant_module._IdentityKeys()
+    nals = [b"\x67\x4d\x00\x1f\x95\xa8", b"\x68\xee\x3c\x80", b"\x65" + bytes(range(100))]
+    sealed = FrameEncryptor(keys, H264).encrypt_nal_units(nals)
+    annex_b = b"".join(b"\x00\x00\x00\x01" + nal for nal in sealed)
+    assert FrameDecryptor(keys).decrypt_frame(annex_b, H264) == b"".join(
+        b"\x00\x00\x00\x01" + nal for nal in nals
+    )

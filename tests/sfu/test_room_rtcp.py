@@ -4,28 +4,12 @@ from __future__ import annotations
 
 import struct
 
-import pytest
-
 from sfu import rtcp
 from sfu.config import SFUConfig
 from sfu.metrics import Metrics
 from sfu.room import Participant, Room
+from tests.sfu.conftest import send_nothing
 from tests.sfu.test_forwarding import make_slot, make_source
-
-
-async def _send_json(message: dict) -> None:
-    pass
-
-
-@pytest.fixture
-async def sub():  # type: ignore[no-untyped-def]
-    """A participant in a room of its own, for feeding RTCP to."""
-    config = SFUConfig(token_secret=b"x" * 16)
-    room = Room("r", config, Metrics())
-    participant = Participant(room, "sub", [], _send_json, config, room.metrics)
-    yield participant
-    await participant.close()
-    await room.close()
 
 
 def _fir(sender_ssrc: int, targets: list[int]) -> bytes:
@@ -66,7 +50,7 @@ async def test_unknown_ssrcs_are_matched_to_publishing_m_lines_by_mid() -> None:
 
     config = SFUConfig(token_secret=b"x" * 16)
     room = Room("r", config, Metrics())
-    pub = Participant(room, "pub", ["video"], _send_json, config, room.metrics)
+    pub = Participant(room, "pub", ["video"], send_nothing, config, room.metrics)
     try:
         source, _ = make_source()  # mid "0", SSRC 1111, PT 97, RTX 1112/98, mid extension id 1
         pub.sources[source.mid] = source
@@ -239,7 +223,7 @@ async def test_a_participant_who_left_is_never_the_speaker_again() -> None:
     async def bob_json(message: dict) -> None:
         seen.append(message)
 
-    alice = Participant(room, "alice", ["audio"], _send_json, config, room.metrics)
+    alice = Participant(room, "alice", ["audio"], send_nothing, config, room.metrics)
     bob = Participant(room, "bob", [], bob_json, config, room.metrics)
     room.participants.update(alice=alice, bob=bob)
     try:

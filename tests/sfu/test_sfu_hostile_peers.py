@@ -27,12 +27,18 @@ from aiortc.rtp import pack_remb_fci
 
 from sfu import aiortc_hooks, rtcp
 from sfu import room as room_module
-from sfu.aiortc_hooks import MAX_RTCP_ONLY_STREAMS, MAX_RTP_STREAMS, hook_transport
+from sfu.aiortc_hooks import (
+    MAX_RTCP_ONLY_STREAMS,
+    MAX_RTP_STREAMS,
+    MAX_UNUSED_RTP_STREAMS,
+    hook_transport,
+)
 from sfu.config import SFUConfig
 from sfu.forwarding import CACHE_SIZE, SR_INTERVAL, SourceStream
 from sfu.metrics import Metrics
 from sfu.room import MAX_REFUSED_ANSWERS, NACK_SEQS_BURST, Participant, Room
 from sfu.rtp import URI_MID
+from tests.sfu.conftest import send_nothing
 from tests.sfu.harness import Harness, wait_until
 from tests.sfu.test_fast_path import _Connection, _session, _transport, _unused
 from tests.sfu.test_forwarding import DELTA, KEY, Sink, make_slot, make_source, rtp_packet
@@ -90,8 +96,28 @@ def test_rtp_under_ssrcs_the_sfu_does_not_take_leaves_no_srtp_stream_behind() ->
     receive(replayed, ("x", 1))
     assert len(got) == 2 + len(fresh)
     rx = transport._rx_srtp
-    assert not any(_has_stream(rx, ssrc) for ssrc in fresh)
+    kept = [ssrc for ssrc in fresh if _has_stream(rx, ssrc)]
+    assert len(kept) <= MAX_UNUSED_RTP_STREAMS and set(kept) <= set(fresh[-MAX_UNUSED_RTP_STREAMS:])
     assert _has_stream(rx, 1234)
+
+
+def test_an_ssrc_the_sfu_comes_to_take_keeps_its_stream_across_a_sequence_number_wrap() -> None:
+    # Its first packets came before the SFU took it (its parameters arrive after DTLS): a
+    # stream removed then and made afresh later would lack the rollover count after the wrap.
+    in_use: set[int] = set()
+    connection, transport, got, _ = _hooked_with(in_use.__contains__)
+    tx = _session(True)
+    receive = connection._protocols[0].datagram_received
+    receive(tx.protect(_rtp(65000, 777)), ("x", 1))  # not taken yet
+    for ssrc in range(0x20000000, 0x20000000 + MAX_UNUSED_RTP_STREAMS // 4):
+        receive(tx.protect(_rtp(1, ssrc)), ("x", 1))  # a few others meanwhile
+    in_use.add(777)
+    for seq in range(65001, 65536 + 700):
+        packet = tx.protect(_rtp(seq & 0xFFFF, 777))
+        if seq >= 65536 + 600:  # the ones between were lost: the next to come is past the wrap
+            receive(packet, ("x", 1))
+    # every packet of 777 that came authenticated
+    assert sum(1 for data in got if int.from_bytes(data[8:12], "big") == 777) == 1 + 100
 
 
 def test_rtp_streams_of_ssrcs_the_sfu_no_longer_takes_are_removed() -> None:
@@ -142,8 +168,8 @@ def test_a_renewed_slot_ssrc_leaves_no_srtp_stream_behind() -> None:
 
 
 async def test_the_sfu_keeps_srtp_streams_only_for_the_ssrcs_it_forwards() -> None:
-    """End to end: a publisher's packets under fresh SSRCs leave nothing in the SFU's SRTP
-    session, while a restart announced by the mid extension is still followed."""
+    """End to end: a publisher's packets under fresh SSRCs leave a bounded few streams in the
+    SFU's SRTP session, while a restart announced by the mid extension is still followed."""
     harness = Harness()
     await harness.start()
     try:
@@ -165,7 +191,7 @@ async def test_the_sfu_keeps_srtp_streams_only_for_the_ssrcs_it_forwards() -> No
         assert await wait_until(lambda: audio.ssrc == restarted, timeout=5)
         rx = participant.pc.getTransceivers()[0].receiver.transport._rx_srtp
         assert _has_stream(rx, restarted)
-        assert not any(_has_stream(rx, ssrc) for ssrc in fresh)
+        assert sum(_has_stream(rx, ssrc) for ssrc in fresh) <= MAX_UNUSED_RTP_STREAMS
     finally:
         await harness.stop()
 
@@ -200,7 +226,7 @@ def _srs(packets: list[bytes]) -> list[rtcp.RtcpSrPacket]:
 async def test_a_compound_of_many_sender_reports_reaches_each_subscriber_once() -> None:
     config = SFUConfig(token_secret=b"x" * 16)
     room = Room("r", config, Metrics())
-    pub = Participant(room, "pub", ["video"], _no_json, config, room.metrics)
+    pub = Participant(room, "pub", ["video"], send_nothing, config, room.metrics)
     try:
         source, _ = make_source()
         pub.sources_by_ssrc[source.ssrc] = source
@@ -242,18 +268,7 @@ def test_sender_reports_are_forwarded_at_most_once_per_interval_the_newest_last(
 # --- subscriber feedback (finding: unbounded NACK expansion, repeated REMB SSRCs) -----------------
 
 
-async def _no_json(message: dict) -> None:
-    pass
 
-
-@pytest.fixture
-async def sub():  # type: ignore[no-untyped-def]
-    config = SFUConfig(token_secret=b"x" * 16)
-    room = Room("r", config, Metrics())
-    participant = Participant(room, "sub", [], _no_json, config, room.metrics)
-    yield participant
-    await participant.close()
-    await room.close()
 
 
 def _nack(media_ssrc: int, fci: list[tuple[int, int]]) -> bytes:
@@ -366,7 +381,7 @@ def _publish_params(mime: str, pt: int, feedback: list[RTCRtcpFeedback]) -> RTCR
 async def test_nacks_go_upstream_only_for_streams_that_negotiated_them() -> None:
     config = SFUConfig(token_secret=b"x" * 16)
     room = Room("r", config, Metrics())
-    pub = Participant(room, "pub", ["audio", "video"], _no_json, config, room.metrics)
+    pub = Participant(room, "pub", ["audio", "video"], send_nothing, config, room.metrics)
     upstream: list[bytes] = []
     pub._send_raw = upstream.append
     try:
@@ -429,7 +444,7 @@ async def test_answers_are_refused_by_cheap_checks_first_and_only_a_few_are_pars
 ) -> None:
     config = SFUConfig(token_secret=b"x" * 16)
     room = Room("r", config, Metrics())
-    pub = Participant(room, "pub", ["audio"], _no_json, config, room.metrics)
+    pub = Participant(room, "pub", ["audio"], send_nothing, config, room.metrics)
     parses: list[str] = []
     parse = room_module.SessionDescription.parse
 
