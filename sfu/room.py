@@ -614,7 +614,9 @@ class Participant:
         for packet in packets:
             if isinstance(packet, rtcp.RtcpSrPacket):
                 source = self.sources_by_ssrc.get(packet.ssrc)
-                if source is not None:
+                # An RTX stream's own SR (libwebrtc sends them) would be taken for the media
+                # stream's: its counts and, for the RR's LSR, its NTP time are another stream's.
+                if source is not None and packet.ssrc == source.ssrc:
                     info = packet.sender_info
                     for slot, sr in source.handle_sender_report(
                         info.ntp_timestamp, info.rtp_timestamp, now

@@ -239,6 +239,28 @@ async def test_a_compound_of_many_sender_reports_reaches_each_subscriber_once() 
         await room.close()
 
 
+async def test_a_sender_report_of_the_rtx_stream_is_not_taken_for_the_media_streams() -> None:
+    config = SFUConfig(token_secret=b"x" * 16)
+    room = Room("r", config, Metrics())
+    pub = Participant(room, "pub", ["video"], send_nothing, config, room.metrics)
+    try:
+        source, _ = make_source()  # RTX SSRC 1112
+        assert source.rtx_ssrc is not None
+        pub.sources_by_ssrc[source.ssrc] = pub.sources_by_ssrc[source.rtx_ssrc] = source
+        slots = _started_slots(source, 2)
+        rtx_sr = struct.pack("!BBHIQIII", 0x80, 200, 6, source.rtx_ssrc, 5 << 32, 0, 0, 0)
+        pub.on_rtcp_now(rtx_sr)
+        assert [len(_srs(down.packets)) for _, down in slots] == [0, 0]
+        assert source.last_sr != (5 << 16) & 0xFFFFFFFF  # the RR's LSR is not the RTX SR's
+        media_sr = struct.pack("!BBHIQIII", 0x80, 200, 6, source.ssrc, 6 << 32, 0, 0, 0)
+        pub.on_rtcp_now(media_sr)
+        assert [len(_srs(down.packets)) for _, down in slots] == [1, 1]
+        assert source.last_sr == (6 << 16) & 0xFFFFFFFF
+    finally:
+        await pub.close()
+        await room.close()
+
+
 def test_sender_reports_are_forwarded_at_most_once_per_interval_the_newest_last() -> None:
     source, _ = make_source()
     slots = _started_slots(source, 2)
