@@ -217,7 +217,7 @@ class FrameDecryptor:
         were waiting and opened, in their order, then this one if it opened.
         Frames that fail are counted, reported to `on_failure` and left out."""
         mime_type = mime_type.lower()
-        ready: list[tuple[T, bytes | bytearray]] = self.drain() if self._pending else []
+        ready: list[tuple[T, bytes | bytearray]] = self.drain()
         try:
             plaintext = self._decrypt(data, mime_type)
         except UnknownKeyId as exc:

@@ -82,6 +82,16 @@ REMB_MIN = 150_000
 SR_INTERVAL = 0.5
 
 
+def send_reports(reports: list[tuple[Slot, bytes]]) -> None:
+    """Send each slot its mapped RTCP packet (`SourceStream.handle_sender_report`); a slot
+    whose subscriber is going away (ConnectionError) misses its own."""
+    for slot, packet in reports:
+        try:
+            slot.send(packet)
+        except ConnectionError:
+            pass
+
+
 class Slot:
     """One downstream RTP stream to one subscriber, with its own SSRC and numbering."""
 
@@ -725,11 +735,7 @@ class SourceStream:
         if held is None or now - self._sr_forwarded < SR_INTERVAL:
             return
         self._sr_held = None
-        for slot, sr in self._map_sr(held[0], held[1], now):
-            try:
-                slot.send(sr)
-            except ConnectionError:
-                pass  # the subscriber is going away
+        send_reports(self._map_sr(held[0], held[1], now))
 
     def report_block(self, now: float) -> rtcp.ReportBlock | None:
         """Reception report for this source (RFC 3550 §6.4.1, Appendix A.3)."""

@@ -50,7 +50,7 @@ from aiortc.sdp import SessionDescription
 from sfu import aiortc_hooks, rtcp
 from sfu.config import SFUConfig
 from sfu.errors import SignallingError
-from sfu.forwarding import Slot, SourceStream
+from sfu.forwarding import Slot, SourceStream, send_reports
 from sfu.metrics import Metrics
 from sfu.ratelimit import TokenBucket
 from sfu.rtp import URI_MID, RtpParseError, parse_rtp
@@ -618,13 +618,9 @@ class Participant:
                 # stream's: its counts and, for the RR's LSR, its NTP time are another stream's.
                 if source is not None and packet.ssrc == source.ssrc:
                     info = packet.sender_info
-                    for slot, sr in source.handle_sender_report(
-                        info.ntp_timestamp, info.rtp_timestamp, now
-                    ):
-                        try:
-                            slot.send(sr)
-                        except ConnectionError:
-                            pass
+                    send_reports(
+                        source.handle_sender_report(info.ntp_timestamp, info.rtp_timestamp, now)
+                    )
             elif isinstance(packet, rtcp.NackPacket):
                 slot = self.slots_by_ssrc.get(packet.media_ssrc)
                 budget = int(self._nack_budget.available(now))
