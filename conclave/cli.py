@@ -117,7 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "participants are new identities each run (default: a temporary SQLite)")
     p.add_argument("--pg-schema", default=None, help="PostgreSQL schema for the tables")
 
-    p = sub.add_parser("join", help="join (or create) a call as one participant")
+    from .commands import HELP as COMMANDS_HELP
+
+    p = sub.add_parser(
+        "join", help="join (or create) a call as one participant",
+        description="Join (or create) a call as one participant. During the call, type "
+                    "commands on standard input (unless it is the terminal of a background "
+                    "job, or --no-commands).",
+        epilog=COMMANDS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--room", required=True)
     p.add_argument("--name", required=True, help="your identity on the delivery service")
     p.add_argument("--ds", type=http_url, default=f"http://127.0.0.1:{DEFAULT_DS_PORT}")
@@ -136,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="end the call after this long, staying a member of the group, as Ctrl-C "
                         "does (0: until Ctrl-C)")
     p.add_argument("--state", type=Path, default=None, help=STATE_HELP)
+    p.add_argument("--no-commands", action="store_true",
+                   help="do not read commands from standard input")
 
     p = sub.add_parser("audit", help="verify a group's handshake log, report key rotations")
     which = p.add_mutually_exclusive_group(required=True)
@@ -377,7 +387,18 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 # -- join
 
 
+async def _first(*waits: Any) -> None:
+    """Return when the first of the awaitables `waits` does; cancel the others."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 async def cmd_join(args: argparse.Namespace) -> int:
+    from .commands import InCall, commands_wanted, read_lines
     from .media import MediaSpec
     from .participant import Participant, check_name, group_id_for_room
 
@@ -396,6 +417,7 @@ async def cmd_join(args: argparse.Namespace) -> int:
         media=media, record_dir=args.record,
     )
     stop = stop_on_signals()
+    commands: asyncio.Future[None] | None = None
     try:
         p.open_media()  # a bad --video fails here, before the call gains a member
         await until_stopped(stop, p.start())
@@ -403,23 +425,36 @@ async def cmd_join(args: argparse.Namespace) -> int:
         print(f"{how} room {args.room!r} as {args.name} (epoch {p.epoch}); your key "
               f"fingerprint {p.key_fingerprint}", flush=True)
         await until_stopped(stop, p.connect_media())
+        in_call = InCall(p, lambda text: print(text, flush=True))
+        if not args.no_commands and commands_wanted():
+            if sys.stdin.isatty():
+                print("type help for the commands", flush=True)
+            commands = asyncio.ensure_future(in_call.serve(
+                read_lines(asyncio.get_running_loop()),
+                lambda text: print(f"conclave join: {text}", file=sys.stderr, flush=True),
+            ))
         last_epoch = None
         waited = 0.0
-        while not stop.is_set() and not p.removed:
+        while not stop.is_set() and not p.removed and not in_call.quit.is_set():
             if p.epoch != last_epoch:
                 last_epoch = p.epoch
                 print(f"epoch {p.epoch}: members {printable(', '.join(p.member_names))}; "
                       f"safety code {p.safety_code}", flush=True)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
+                await asyncio.wait_for(_first(stop.wait(), in_call.quit.wait()), 1.0)
             waited += 1.0
             if args.duration and waited >= args.duration:
                 break
         if p.removed:
-            print("you were removed from the call", flush=True)
+            print("you left the call" if in_call.left else "you were removed from the call",
+                  flush=True)
         s = p.stats()
         print(f"sent {s.sent}, decrypted {s.decrypted}, decoded {s.decoded}, failed {s.failed}")
     finally:
+        if commands is not None:
+            commands.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await commands
         await p.close()
     return 0
 
@@ -675,19 +710,23 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + signal.SIGPIPE
         if args.debug:
             raise
-        from delivery_service.errors import DeliveryServiceError
-
-        if isinstance(exc, DeliveryServiceError):
-            print(f"conclave {args.command}: the delivery service said: {printable(str(exc))}",
-                  file=sys.stderr)
-        elif _is_network_error(exc):
-            print(f"conclave {args.command}: network error: {exc}", file=sys.stderr)
-        elif isinstance(exc, OSError):  # a file: the message names it
-            print(f"conclave {args.command}: {exc}", file=sys.stderr)
-        else:
-            print(f"conclave {args.command}: unexpected error {type(exc).__name__}: {exc} "
-                  "(run with --debug for details)", file=sys.stderr)
+        print(f"conclave {args.command}: {describe_error(exc)}", file=sys.stderr)
         return 2
+
+
+def describe_error(exc: Exception) -> str:
+    """One line for the user about `exc`, with no traceback."""
+    from delivery_service.errors import DeliveryServiceError
+
+    if isinstance(exc, ConclaveError):
+        return str(exc)
+    if isinstance(exc, DeliveryServiceError):
+        return f"the delivery service said: {printable(str(exc))}"
+    if _is_network_error(exc):
+        return f"network error: {exc}"
+    if isinstance(exc, OSError):  # a file: the message names it
+        return str(exc)
+    return f"unexpected error {type(exc).__name__}: {exc} (run with --debug for details)"
 
 
 def _stdout_gone() -> bool:

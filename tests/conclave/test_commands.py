@@ -1,0 +1,243 @@
+"""In-call commands of `conclave join`: parsing, carrying them out on a real call, and the
+command line end to end (a `conclave join` child process told what to do on its stdin)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from conclave.commands import (
+    MAX_LINE,
+    MAX_NAMES,
+    Command,
+    CommandError,
+    InCall,
+    commands_wanted,
+    parse_command,
+    read_lines,
+)
+from conclave.errors import ConclaveError
+from conclave.participant import Participant
+from conclave.services import Services
+
+
+@pytest.mark.parametrize(("line", "command"), [
+    ("", None),
+    ("  \n", None),
+    ("members\n", Command("members")),
+    ("  REMOVE bob  carol\r\n", Command("remove", ("bob", "carol"))),
+    ("invite bob bob dave", Command("invite", ("bob", "dave"))),
+    ("leave", Command("leave")),
+])
+def test_commands_parse(line: str, command: Command | None) -> None:
+    assert parse_command(line) == command
+
+
+@pytest.mark.parametrize(("line", "why"), [
+    ("kick bob", "unknown command 'kick'"),
+    ("\x1b[2Jnuke", "unknown command '\\x1b[2jnuke'"),
+    ("x" * 100, "unknown command '" + "x" * 40 + "...'"),
+    ("remove", "remove needs at least one name"),
+    ("invite", "invite needs at least one name"),
+    ("rotate now", "rotate takes no names"),
+    ("members bob", "members takes no names"),
+    ("remove " + " ".join(f"n{i}" for i in range(MAX_NAMES + 1)), f"at most {MAX_NAMES} names"),
+    ("remove bob" + " " * (MAX_LINE - 9), f"more than {MAX_LINE} bytes"),
+])
+def test_a_bad_line_says_what_is_wrong(line: str, why: str) -> None:
+    with pytest.raises(CommandError) as info:
+        parse_command(line)
+    assert why in str(info.value)
+
+
+def test_a_name_that_cannot_be_an_identity_is_refused_before_anything_happens() -> None:
+    with pytest.raises(ConclaveError):
+        parse_command("remove bo\x00b")
+
+
+def test_the_longest_line_is_taken() -> None:
+    names = tuple(f"{i:02}" + "b" * 253 for i in range(MAX_NAMES))
+    line = f"remove {' '.join(names)}".ljust(MAX_LINE)
+    assert parse_command(line + "\n") == Command("remove", names)
+
+
+async def test_lines_come_in_order_an_overlong_one_cut_then_the_end() -> None:
+    read, write = os.pipe()
+    with os.fdopen(write, "wb") as w:
+        w.write(b"members\n" + b"y" * (3 * MAX_LINE) + b"\nrotate\n\xffhelp\n")
+    with os.fdopen(read, "r") as stdin:
+        lines = read_lines(asyncio.get_running_loop(), stdin)
+        got = [await asyncio.wait_for(lines.get(), 5) for _ in range(5)]
+    assert got[0] == "members\n"
+    assert got[1] is not None and len(got[1]) == MAX_LINE + 1
+    with pytest.raises(CommandError, match="more than"):
+        parse_command(got[1])
+    assert got[2:] == ["rotate\n", "\ufffdhelp\n", None]
+
+
+def test_commands_are_read_from_a_pipe_not_from_nothing() -> None:
+    read, write = os.pipe()
+    with os.fdopen(read, "r") as pipe:
+        assert commands_wanted(pipe)
+    os.close(write)
+    closed = open(os.devnull)  # noqa: SIM115
+    closed.close()
+    assert not commands_wanted(closed)
+    assert not commands_wanted(io.StringIO("members\n"))  # no file descriptor
+
+
+class _Said:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, text: str) -> None:
+        self.lines.append(text)
+
+
+async def _until(check: object, timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():  # type: ignore[operator]
+            await asyncio.sleep(0.02)
+
+
+async def test_members_remove_invite_and_rotate_change_the_call(
+    trio: list[Participant],
+) -> None:
+    alice, bob, carol = trio
+    said = _Said()
+    call = InCall(alice, said)
+    await call.run(Command("members"))
+    assert said.lines[-1] == (f"epoch {alice.epoch}: members alice, bob, carol; safety code "
+                              f"{alice.safety_code}")
+
+    epoch = alice.epoch
+    await call.run(Command("remove", ("bob",)))
+    assert alice.epoch == epoch + 1 and alice.member_names == ["alice", "carol"]
+    assert said.lines[-1].startswith(f"removed bob: epoch {epoch + 1}, safety code ")
+    await _until(lambda: bob.removed)
+
+    await call.run(Command("invite", ("bob",)))
+    assert alice.epoch == epoch + 2 and alice.member_names == ["alice", "bob", "carol"]
+    assert said.lines[-1].startswith(f"added bob: epoch {epoch + 2}")
+    await bob.wait_for_welcome(5)  # the Welcome reaches him: he is back in
+    assert bob.epoch == epoch + 2 and not bob.removed
+
+    await call.run(Command("rotate"))
+    assert alice.epoch == epoch + 3
+    await carol.wait_epoch(epoch + 3)
+    assert said.lines[-1] == f"rotated the keys: epoch {epoch + 3}, safety code {carol.safety_code}"
+
+
+@pytest.mark.parametrize(("command", "why"), [
+    (Command("remove", ("bob", "mallory")), "not members of the call: mallory"),
+    (Command("remove", ("alice",)), "use leave"),
+    (Command("invite", ("dave", "carol")), "members of the call already: carol"),
+    (Command("invite", ("nobody",)), "cannot invite 'nobody'"),
+])
+async def test_a_command_that_cannot_be_done_changes_nothing(
+    trio: list[Participant], command: Command, why: str
+) -> None:
+    alice = trio[0]
+    dave = Participant("dave", alice.ds_url, state_dir=alice.state_dir)
+    await dave.start()  # registered, with KeyPackages: an Add of him alone would work
+    try:
+        epoch, members = alice.epoch, alice.member_names
+        with pytest.raises(ConclaveError, match=why):
+            await InCall(alice, _Said()).run(command)
+        assert (alice.epoch, alice.member_names) == (epoch, members)
+    finally:
+        await dave.close()
+
+
+async def test_leave_ends_the_call_once_a_member_commits_it(trio: list[Participant]) -> None:
+    alice, bob, _ = trio
+    said = _Said()
+    call = InCall(bob, said)
+    await call.run(Command("leave"))
+    assert call.left and "asked to leave" in said.lines[-1]
+    await _until(lambda: bob.removed)
+    await _until(lambda: alice.member_names == ["alice", "carol"])
+    with pytest.raises(CommandError, match="not a member"):
+        await call.run(Command("members"))
+
+
+async def test_the_last_member_cannot_leave(services: Services, tmp_path: Path) -> None:
+    alice = Participant("alice", services.ds_url, state_dir=tmp_path)
+    await alice.start()
+    try:
+        await alice.create("room")
+        call = InCall(alice, _Said())
+        with pytest.raises(CommandError, match="only member"):
+            await call.run(Command("leave"))
+        assert not call.left and alice.member_names == ["alice"] and not alice.removed
+    finally:
+        await alice.close()
+
+
+async def test_a_failing_command_is_reported_and_the_next_one_runs(
+    trio: list[Participant],
+) -> None:
+    said, errors = _Said(), _Said()
+    call = InCall(trio[0], said)
+    lines: asyncio.Queue[str | None] = asyncio.Queue()
+    for line in ("kick bob\n", "remove mallory\n", "\n", "members\n", "quit\n", None):
+        lines.put_nowait(line)
+    await asyncio.wait_for(call.serve(lines, errors), 10)
+    assert errors.lines == ["unknown command 'kick' (help lists them)",
+                            "not members of the call: mallory"]
+    assert said.lines[0].startswith(f"epoch {trio[0].epoch}: members alice, bob, carol")
+    assert call.quit.is_set()
+
+
+async def test_conclave_join_takes_commands_on_its_standard_input(
+    services: Services, tmp_path: Path
+) -> None:
+    """carol's `conclave join` is told `members`, then `remove bob`, then `leave`: alice (in
+    this process) commits the leave, and carol's command ends saying so."""
+    alice = Participant("alice", services.ds_url, state_dir=tmp_path / "a")
+    bob = Participant("bob", services.ds_url, state_dir=tmp_path / "b")
+    proc = None
+    try:
+        for p in (alice, bob):
+            await p.start()
+        await alice.create("r")
+        await bob.join("r")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "conclave.cli", "join", "--room", "r", "--name", "carol",
+            "--ds", services.ds_url, "--sfu", services.sfu_url, "--state", str(tmp_path / "c"),
+            "--no-audio", "--rotation", "0", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+
+        async def said(start: str) -> str:
+            while True:
+                line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()  # type: ignore[union-attr]
+                assert line, "conclave join ended early"
+                if line.startswith(start):
+                    return line
+
+        await said("joined room 'r' as carol")
+        proc.stdin.write(b"kick bob\nmembers\n")
+        assert "members alice, bob, carol;" in await said("epoch ")
+        proc.stdin.write(b"remove bob\n")
+        assert (await said("removed bob: epoch ")).endswith(f"safety code {alice.safety_code}\n")
+        await _until(lambda: bob.removed)
+        proc.stdin.write(b"leave\n")
+        await said("asked to leave")
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        assert "you left the call" in out.decode()
+        assert err.decode() == "conclave join: unknown command 'kick' (help lists them)\n"
+        await _until(lambda: alice.member_names == ["alice"])
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for p in (alice, bob):
+            await p.close()
