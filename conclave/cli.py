@@ -449,7 +449,9 @@ async def cmd_join(args: argparse.Namespace) -> int:
             print("you left the call" if in_call.left else "you were removed from the call",
                   flush=True)
         s = p.stats()
-        print(f"sent {s.sent}, decrypted {s.decrypted}, decoded {s.decoded}, failed {s.failed}")
+        sent = ", ".join(f"{n} {kind}" for kind, n in sorted(s.sent.items())) or "nothing"
+        print(f"frames: sent {sent}; received {s.decrypted} decrypted, {s.decoded} decoded, "
+              f"{s.failed} failed")
     finally:
         if commands is not None:
             commands.cancel()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -233,6 +234,8 @@ async def test_conclave_join_takes_commands_on_its_standard_input(
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, err.decode()
         assert "you left the call" in out.decode()
+        assert re.search(r"^frames: sent \d+ video; received \d+ decrypted, \d+ decoded, "
+                         r"\d+ failed$", out.decode(), re.M)
         assert err.decode() == "conclave join: unknown command 'kick' (help lists them)\n"
         await _until(lambda: alice.member_names == ["alice"])
     finally:
