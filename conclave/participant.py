@@ -1502,6 +1502,14 @@ class _PublisherKeys:
     def awaits_kid(self, kid: int) -> bool:
         return self.keys.awaits_kid(kid)
 
+    # The track's receiver retries its held frames when an epoch is installed: without these,
+    # a track that goes quiet after a rotation would deliver them only at their deadline.
+    def add_listener(self, callback: Callable[[], object]) -> None:
+        self.keys.add_listener(callback)
+
+    def remove_listener(self, callback: Callable[[], object]) -> None:
+        self.keys.remove_listener(callback)
+
 
 class _IdentityKeys:
     """Benchmarks' "without E2EE" mode: frames pass through the same hooks unchanged."""

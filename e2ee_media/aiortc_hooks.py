@@ -40,6 +40,7 @@ Receive side (`aiortc.rtcrtpreceiver.RTCRtpReceiver`):
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
@@ -294,7 +295,17 @@ class _FrameCheckingJitterBuffer(JitterBuffer):
 class _DecryptingQueue(queue.Queue):  # type: ignore[type-arg]
     """Stands in for the receiver's decoder queue: decrypts each frame on its way in (in the
     event loop thread, where aiortc calls `put`), drops the frames that fail and asks for a
-    keyframe when that can help."""
+    keyframe when that can help.
+
+    Frames of the next epoch wait in the decryptor (see `FrameDecryptor`). They are retried as
+    soon as the keys install a new epoch (a listener on keys that have ``add_listener``, as
+    `MLSKeyManager` does), and given up at their deadline (a timer on the running event loop),
+    without waiting for the track's next frame: a muted or paused track may send none for long.
+
+    Threading: `put`, the timer and the keys' listener all run in the event loop thread (aiortc
+    calls `put` there; the app installs epochs there), so the decryptor needs no lock. Only the
+    decoder thread reads the queue, through `queue.Queue`'s own locking.
+    """
 
     def __init__(
         self,
@@ -308,9 +319,20 @@ class _DecryptingQueue(queue.Queue):  # type: ignore[type-arg]
         self.clock = clock
         self._last_unknown_kid_pli = float("-inf")
         decryptor.on_failure = self._on_failure
+        self._closed = False
+        # The deadline timer: the decryptor's `next_deadline` it was set for, and its handle.
+        self._timer: tuple[float, asyncio.TimerHandle] | None = None
+        # Keys without a listener registry (test fakes, other FrameKeys) work as before: held
+        # frames are then retried by the next frame or at their deadline.
+        self._add_listener: Callable[[Callable[[], None]], None] | None = getattr(
+            decryptor.keys, "add_listener", None
+        )
+        if self._add_listener is not None:
+            self._add_listener(self._keys_changed)  # held weakly by MLSKeyManager
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         if item is None:
+            self.close()
             super().put(None, block, timeout)
             return
         codec, jitter_frame = item
@@ -320,10 +342,65 @@ class _DecryptingQueue(queue.Queue):  # type: ignore[type-arg]
             self.decryptor.stats.frames_lost += 1
             self.decoder_error.set()
             return
-        ready = self.decryptor.push(item, jitter_frame.data, codec.mimeType)
+        self._deliver(self.decryptor.push(item, jitter_frame.data, codec.mimeType), block, timeout)
+        self._schedule()
+
+    def close(self) -> None:
+        """The receiver stops: no more timer nor key listener (frames still waiting stay
+        where they are; the decoder is gone)."""
+        self._closed = True
+        self._cancel_timer()
+        remove = getattr(self.decryptor.keys, "remove_listener", None)
+        if self._add_listener is not None and remove is not None:
+            remove(self._keys_changed)
+
+    def _deliver(
+        self,
+        ready: list[tuple[Any, bytes | bytearray]],
+        block: bool = True,
+        timeout: float | None = None,
+    ) -> None:
         for (ready_codec, ready_frame), plaintext in ready:
             ready_frame.data = plaintext
             super().put((ready_codec, ready_frame), block, timeout)
+
+    def _keys_changed(self) -> None:
+        """New epoch keys: the waiting frames that open now go to the decoder at once."""
+        if self._closed or not self.decryptor.waiting:
+            return
+        self._deliver(self.decryptor.drain())
+        self._schedule()
+
+    def _deadline_passed(self) -> None:
+        self._timer = None
+        if self._closed:
+            return
+        # Fails the frames whose time is up; delivers any whose keys came meanwhile (keys
+        # without a listener registry).
+        self._deliver(self.decryptor.drain())
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """Keep one timer, at the first waiting frame's deadline (if any frame waits)."""
+        deadline = self.decryptor.next_deadline
+        if deadline is None or self._closed:
+            self._cancel_timer()
+            return
+        if self._timer is not None and self._timer[0] == deadline:
+            return  # the first waiting frame is the same: its timer stands
+        self._cancel_timer()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no event loop (driven by hand): the next frame retries, as `push` does
+        # The decryptor's clock may not be the loop's: only the delay is taken from it.
+        delay = max(0.0, deadline - self.decryptor.clock())
+        self._timer = (deadline, loop.call_later(delay, self._deadline_passed))
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer[1].cancel()
+            self._timer = None
 
     def _on_failure(self, exc: SFrameError) -> None:
         if exc.reason in ("authentication", "malformed"):
@@ -346,7 +423,9 @@ def decrypt_receiver(
 
     Call from ``pc.on("track")`` (before the receiver starts). Frames that fail are dropped and
     counted in the returned decryptor's `stats`; frames of the next epoch wait up to `holdback`
-    seconds for its keys (see `FrameDecryptor`).
+    seconds for its keys (see `FrameDecryptor`): they reach the decoder as soon as `keys`
+    install the epoch (if `keys` have ``add_listener``, as `MLSKeyManager` does), and are given
+    up at their deadline even if the track sends nothing more (`_DecryptingQueue`).
     """
     check_aiortc_version()
     if getattr(receiver, "_RTCRtpReceiver__decoder_thread", None) is not None:

@@ -22,8 +22,10 @@ This module needs only a group's exporter, epoch, leaf index and member list (`E
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -41,6 +43,8 @@ DEFAULT_GRACE_PERIOD = 2.0
 # screen ...). Every member can derive keys for any context, so without a bound one member could
 # make every receiver keep a key for each of millions of contexts.
 DEFAULT_MAX_CONTEXT = 7
+
+log = logging.getLogger(__name__)
 
 
 class ExporterGroup(Protocol):
@@ -109,7 +113,8 @@ class MLSKeyManager:
     retained epoch. Only stream contexts 0 to `max_context` are used, sending and receiving:
     a frame under any other context is an unknown KID, and no key is derived for it. `clock` is
     injectable for tests; expired epochs are deleted on the next `decrypt`, `update` or `expire`
-    call.
+    call. `add_listener` registers a callback run after each `update` that installs an epoch
+    (receivers holding frames of the next epoch retry them then).
     """
 
     def __init__(
@@ -146,6 +151,9 @@ class MLSKeyManager:
         # Group id -> the highest epoch whose keys were ever installed. Installing one of those
         # again (after `retire`) would restart its send CTRs at 0: AEAD nonces used twice.
         self._highest_epoch: dict[bytes | None, int] = {}
+        # Called after each installed epoch; held weakly, so that a receiver that ends without
+        # removing its callback (many tracks come and go in a long call) leaves nothing here.
+        self._listeners: list[weakref.ref[Callable[[], object]]] = []
 
     def __repr__(self) -> str:
         epoch = None if self.current is None else self.current.epoch
@@ -230,7 +238,38 @@ class MLSKeyManager:
             self._install(epoch, s, frozenset(members) - {leaf}, leaf, base_key, now, restored)
             self._highest_epoch[group_id] = epoch
         self.expire(now)
+        self._notify()
         return True
+
+    def add_listener(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` after each `update` that installs an epoch, in the thread that
+        calls `update` (the event loop's, in an aiortc app), once the new keys are in place.
+
+        Held weakly: a bound method is called as long as its object lives, a function as long
+        as something else holds it. Exceptions it raises are logged and do not stop `update`."""
+        self._listeners = [ref for ref in self._listeners if ref() is not None]  # prune the dead
+        ref: weakref.ref[Callable[[], object]]
+        if hasattr(callback, "__self__") and hasattr(callback, "__func__"):
+            ref = weakref.WeakMethod(callback)  # type: ignore[arg-type]
+        else:
+            ref = weakref.ref(callback)
+        self._listeners.append(ref)
+
+    def remove_listener(self, callback: Callable[[], object]) -> None:
+        """Stop calling `callback` (if it was added; nothing happens otherwise)."""
+        self._listeners = [
+            ref for ref in self._listeners if (held := ref()) is not None and held != callback
+        ]
+
+    def _notify(self) -> None:
+        # On a copy: a listener may add or remove listeners.
+        listeners = [held for ref in self._listeners if (held := ref()) is not None]
+        self._listeners = [ref for ref in self._listeners if ref() is not None]
+        for listener in listeners:
+            try:
+                listener()
+            except Exception:  # one receiver's bug must not stop the epoch change elsewhere
+                log.exception("an MLSKeyManager listener failed after an epoch change")
 
     def retire(self, now: float | None = None) -> None:
         """This member left the group (it was removed): its send keys go at once, so that it

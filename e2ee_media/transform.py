@@ -163,6 +163,11 @@ class FrameDecryptor:
     rotation loses no frame (RFC 9605 §4.4.4 allows buffering on a missing key). It needs
     `keys.awaits_kid(kid)` (`MLSKeyManager` has it); without it nothing waits.
 
+    This class does no I/O and keeps no timers: `push` and `drain` retry the waiting frames,
+    and whoever drives it calls `drain` when the keys change (`MLSKeyManager.add_listener`)
+    and at `next_deadline`, so that a track that goes quiet after a key rotation neither
+    keeps its frames waiting nor leaves them unaccounted for (`aiortc_hooks` does both).
+
     The KID is not authenticated until the keys come, so anyone on the path can make a frame
     look like the next epoch's. Only such frames wait: a frame that opens now is delivered at
     once, even behind waiting ones, which keep their order among themselves. A forged header
@@ -199,6 +204,13 @@ class FrameDecryptor:
     def waiting(self) -> int:
         """Frames held back for the keys of the next epoch."""
         return len(self._pending)
+
+    @property
+    def next_deadline(self) -> float | None:
+        """When (on `clock`) the first waiting frame is given up if its keys have not come;
+        None if nothing waits. A `drain` then fails it (and any others whose time is up)."""
+        # Frames wait in arrival order with the same holdback: the first ends first.
+        return self._pending[0][0] if self._pending else None
 
     def decrypt_frame(self, data: bytes, mime_type: str) -> bytes | bytearray:
         """The plaintext frame; raises (and counts) an `SFrameError` if it cannot be had.
@@ -248,7 +260,8 @@ class FrameDecryptor:
             self._fail(exc)
 
     def drain(self) -> list[tuple[Any, bytes | bytearray]]:
-        """Retry the held frames (e.g. after new keys arrived); return those now ready."""
+        """Retry the held frames (after new keys arrived, or at `next_deadline`); return those
+        now ready, in their order. Those whose keys did not come in time are failed."""
         ready = []
         now: float | None = None
         pending = self._pending

@@ -323,3 +323,38 @@ async def test_members_derive_keys_only_for_the_stream_contexts_in_use(
     with pytest.raises(UnknownKeyId):  # an authentic frame, under a context no one uses
         bob.keys.decrypt(b"", frame)
     assert kid not in bob.keys.sframe.recv_keys
+
+
+async def test_a_frame_held_for_the_next_epoch_reaches_the_decoder_when_its_commit_does(
+    trio: list[Participant],
+) -> None:
+    """A publisher that falls silent right after a rotation (muted): its last frame, held by a
+    member that has not processed the commit yet, is decrypted when the commit arrives, not
+    when (if ever) the track's next frame comes."""
+    import threading
+
+    from aiortc.jitterbuffer import JitterFrame
+    from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+
+    import conclave.participant as participant_module
+    from e2ee_media.aiortc_hooks import _DecryptingQueue
+    from e2ee_media.transform import FrameDecryptor
+
+    alice, bob, _ = trio
+    keys = participant_module._PublisherKeys(bob.keys, "alice", bob._names_by_epoch)
+    decryptor = FrameDecryptor(keys, holdback=60.0)
+    decoder_queue = _DecryptingQueue(decryptor, threading.Event())
+    opus = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, payloadType=111)
+    toc = b"\x78"
+    async with bob._lock:  # bob applies no commit meanwhile
+        assert await alice.rotate()
+        frame = toc + alice.keys.encrypt(toc, b"said, then muted")
+        decoder_queue.put((opus, JitterFrame(frame, 0)))
+        assert decryptor.waiting == 1 and decoder_queue.empty()
+    async with asyncio.timeout(10):
+        while decoder_queue.empty():
+            await asyncio.sleep(0.01)
+    assert bob.epoch == alice.epoch
+    assert bytes(decoder_queue.get_nowait()[1].data) == toc + b"said, then muted"
+    assert decryptor.waiting == 0 and not decryptor.stats.failures
+    decoder_queue.put(None)
