@@ -52,7 +52,8 @@ request committed: it may rejoin), "update" (a member's Update proposal committe
 "external-join" (a new member's external commit), "rejoin" (an external commit that also
 removes the joiner's own old leaf, as a member that lost its state does: its name is listed as
 neither added nor removed), "periodic" (a commit with no proposal, only an UpdatePath: conclave
-participants make those on their rotation timer, and once when they resume from saved state),
+participants make those on their rotation timer, once when they resume from saved state, and
+on a member's `rotate` command: the log cannot tell these apart),
 and "psk", "reinit", "extensions" for the other proposal types.
 """
 
