@@ -446,8 +446,13 @@ async def cmd_join(args: argparse.Namespace) -> int:
             if args.duration and waited >= args.duration:
                 break
         if p.removed:
-            print("you left the call" if in_call.left else "you were removed from the call",
-                  flush=True)
+            who = None if p.removed_by is None else printable(p.removed_by)
+            if in_call.left:
+                print("you left the call" + ("" if who is None else f" ({who} committed it)"),
+                      flush=True)
+            else:
+                print("you were removed from the call" + ("" if who is None else f" by {who}"),
+                      flush=True)
         s = p.stats()
         sent = ", ".join(f"{n} {kind}" for kind, n in sorted(s.sent.items())) or "nothing"
         print(f"frames: sent {sent}; received {s.decrypted} decrypted, {s.decoded} decoded, "

@@ -307,6 +307,9 @@ class Participant:
         self.applied_seq = 0
         self.welcome_cursor = 0
         self.removed = False
+        # Who committed our removal, from its signed commit (None: not known, e.g. the
+        # service's word came first, or we asked to leave and it was not seen yet).
+        self.removed_by: str | None = None
         self._resumed = False  # in a saved epoch: send nothing before a new one (connect_media)
         self._media_backoff = MEDIA_RETRY_FIRST
         self._media_wanted = False  # connect_media was called: call in again when added back
@@ -585,7 +588,7 @@ class Participant:
             await self.ds.create_group(group.group_id, gi)
         except RequestFailed as exc:
             raise ConclaveError(f"cannot create room {room!r}: {exc.reason}") from None
-        self.group, self.removed = group, False
+        self.group, self.removed, self.removed_by = group, False, None
         self.applied_seq = await self.ds.publish_group_info(group.group_id, gi)
         await self._installed()
         assert self.stream is not None
@@ -614,7 +617,7 @@ class Participant:
                 continue  # someone committed first: start again from the newer GroupInfo
             except RequestFailed as exc:
                 raise _join_refused(room, exc) from None
-            self.group, self.removed = group, False
+            self.group, self.removed, self.removed_by = group, False, None
             self.applied_seq = accepted.seq
             await self._installed()
             with contextlib.suppress(RequestFailed):
@@ -757,7 +760,7 @@ class Participant:
                 # The service labelled it for our room; what it holds is another group.
                 self._note(f"a Welcome (id {w.id}) into another group than the one asked for")
                 return False
-            self.group, self.removed = group, False
+            self.group, self.removed, self.removed_by = group, False, None
             # Other Welcomes kept for this group are older or copies: joining from one later
             # would take us back to an old epoch.
             for stale in [k for k in self._welcomes if k.group_id == group.group_id]:
@@ -885,6 +888,9 @@ class Participant:
             if processed.removed or not group.active:
                 # This commit removed us: our SFrame keys go now, not when the delivery
                 # service (which is not trusted, and may withhold it) pushes "removed".
+                if processed.sender is not None:
+                    names = self._names_by_epoch.get(processed.epoch, {})
+                    self.removed_by = names.get(processed.sender)
                 await self._mark_removed()
                 return
             await self._installed()

@@ -121,12 +121,13 @@ async def test_members_remove_invite_and_rotate_change_the_call(
     assert alice.epoch == epoch + 1 and alice.member_names == ["alice", "carol"]
     assert said.lines[-1].startswith(f"removed bob: epoch {epoch + 1}, safety code ")
     await _until(lambda: bob.removed)
+    assert bob.removed_by == "alice"  # from her signed commit
 
     await call.run(Command("invite", ("bob",)))
     assert alice.epoch == epoch + 2 and alice.member_names == ["alice", "bob", "carol"]
     assert said.lines[-1].startswith(f"added bob: epoch {epoch + 2}")
     await bob.wait_for_welcome(5)  # the Welcome reaches him: he is back in
-    assert bob.epoch == epoch + 2 and not bob.removed
+    assert bob.epoch == epoch + 2 and not bob.removed and bob.removed_by is None
 
     await call.run(Command("rotate"))
     assert alice.epoch == epoch + 3
@@ -233,7 +234,7 @@ async def test_conclave_join_takes_commands_on_its_standard_input(
         await said("asked to leave")
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, err.decode()
-        assert "you left the call" in out.decode()
+        assert "you left the call (alice committed it)\n" in out.decode()
         assert re.search(r"^frames: sent \d+ video; received \d+ decrypted, \d+ decoded, "
                          r"\d+ failed$", out.decode(), re.M)
         assert err.decode() == "conclave join: unknown command 'kick' (help lists them)\n"
