@@ -122,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "join", help="join (or create) a call as one participant",
         description="Join (or create) a call as one participant. During the call, type "
-                    "commands on standard input (unless it is the terminal of a background "
-                    "job, or --no-commands).",
+                    "commands on standard input (read while this is the terminal's foreground "
+                    "job; --no-commands: never).",
         epilog=COMMANDS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--room", required=True)
@@ -263,10 +263,12 @@ _HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 def printable(text: str) -> str:
     """`text` with every control or invisible character shown as an escape (`\\x1b`,
-    `\\u202e`): names come from peers and the service, and must read as what they are."""
+    `\\u202e`), and every space but the plain one (`\\xa0`, `\\u3000`): names come from
+    peers and the service, and must read as what they are."""
     return "".join(
         c.encode("unicode_escape", "backslashreplace").decode("ascii")
-        if unicodedata.category(c) in _HIDDEN_CATEGORIES else c
+        if unicodedata.category(c) in _HIDDEN_CATEGORIES or (c != " " and c.isspace())
+        else c
         for c in text
     )
 
@@ -398,7 +400,7 @@ async def _first(*waits: Any) -> None:
 
 
 async def cmd_join(args: argparse.Namespace) -> int:
-    from .commands import InCall, commands_wanted, read_lines
+    from .commands import InCall, commands_wanted, listed, read_lines
     from .media import MediaSpec
     from .participant import Participant, check_name, group_id_for_room
 
@@ -427,18 +429,21 @@ async def cmd_join(args: argparse.Namespace) -> int:
         await until_stopped(stop, p.connect_media())
         in_call = InCall(p, lambda text: print(text, flush=True))
         if not args.no_commands and commands_wanted():
-            if sys.stdin.isatty():
+            interactive = sys.stdin.isatty()
+            if interactive:
                 print("type help for the commands", flush=True)
             commands = asyncio.ensure_future(in_call.serve(
                 read_lines(asyncio.get_running_loop()),
                 lambda text: print(f"conclave join: {text}", file=sys.stderr, flush=True),
+                at_end="end of input: no more commands; Ctrl-C ends the call"
+                if interactive else None,
             ))
         last_epoch = None
         waited = 0.0
         while not stop.is_set() and not p.removed and not in_call.quit.is_set():
             if p.epoch != last_epoch:
                 last_epoch = p.epoch
-                print(f"epoch {p.epoch}: members {printable(', '.join(p.member_names))}; "
+                print(f"epoch {p.epoch}: members {listed(p.member_names)}; "
                       f"safety code {p.safety_code}", flush=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(_first(stop.wait(), in_call.quit.wait()), 1.0)
@@ -458,11 +463,14 @@ async def cmd_join(args: argparse.Namespace) -> int:
         print(f"frames: sent {sent}; received {s.decrypted} decrypted, {s.decoded} decoded, "
               f"{s.failed} failed")
     finally:
-        if commands is not None:
-            commands.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await commands
-        await p.close()
+        try:
+            if commands is not None:
+                await in_call.finish()  # an invite cut short would lose its Welcome
+                commands.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await commands
+        finally:
+            await p.close()
     return 0
 
 
@@ -722,18 +730,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def describe_error(exc: Exception) -> str:
-    """One line for the user about `exc`, with no traceback."""
+    """One line for the user about `exc`, with no traceback, its hidden characters shown as
+    escapes: messages may quote the delivery service or a peer."""
     from delivery_service.errors import DeliveryServiceError
 
     if isinstance(exc, ConclaveError):
-        return str(exc)
-    if isinstance(exc, DeliveryServiceError):
-        return f"the delivery service said: {printable(str(exc))}"
-    if _is_network_error(exc):
-        return f"network error: {exc}"
-    if isinstance(exc, OSError):  # a file: the message names it
-        return str(exc)
-    return f"unexpected error {type(exc).__name__}: {exc} (run with --debug for details)"
+        text = str(exc)
+    elif isinstance(exc, DeliveryServiceError):
+        text = f"the delivery service said: {exc}"
+    elif _is_network_error(exc):
+        text = f"network error: {exc}"
+    elif isinstance(exc, OSError):  # a file: the message names it
+        text = str(exc)
+    else:
+        text = f"unexpected error {type(exc).__name__}: {exc} (run with --debug for details)"
+    return printable(text)
 
 
 def _stdout_gone() -> bool:

@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
 import os
+import select
+import shlex
+import signal
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
@@ -18,11 +24,12 @@ if TYPE_CHECKING:
     from .participant import Participant
 
 HELP = """\
-commands, one per line:
+commands, one per line (quote a name that holds spaces: remove 'mallory x'):
   members          the epoch, its members and its safety code
   invite NAME...   add members now; each needs KeyPackages on the delivery service (one
                    `conclave join` of that name, or any run of it, uploads them)
-  remove NAME...   remove members now: no key of the next epoch reaches them
+  remove NAME...   remove members now: no key of the next epoch reaches them (a name as
+                   `members` shows it, escapes included, will do)
   rotate           fresh keys for everyone now
   leave            leave the call's group for good (another member commits it), then end
   quit             end the call and stay a member, as Ctrl-C does
@@ -34,7 +41,10 @@ VERBS: dict[str, tuple[int, int | None]] = {
     "leave": (0, 0), "quit": (0, 0), "help": (0, 0),
 }
 MAX_NAMES = 32  # per command, which is one commit
-MAX_LINE = 16384  # bytes: room for MAX_NAMES names of the longest (255 bytes)
+MAX_LINE = 16384  # bytes: room for MAX_NAMES names of the longest (255 bytes), quoted
+FINISH_TIMEOUT = 10.0  # seconds the end of the call waits for a command under way
+
+log = logging.getLogger(__name__)
 
 
 class CommandError(ConclaveError):
@@ -47,6 +57,20 @@ class Command:
     names: tuple[str, ...] = ()
 
 
+def _words(line: str) -> list[str]:
+    """The line's words, split at whitespace as a shell does, with quotes ('...' or "...")
+    keeping a name's spaces. A backslash is an ordinary character: the escapes that
+    `printable` shows (`\\xa0`) are typed as they are shown."""
+    lexer = shlex.shlex(line, posix=True)
+    lexer.whitespace_split = True
+    lexer.escape = ""
+    lexer.commenters = ""
+    try:
+        return list(lexer)
+    except ValueError:  # "No closing quotation"
+        raise CommandError("a quote is not closed") from None
+
+
 def parse_command(line: str) -> Command | None:
     """The command on `line`; None for a blank line. Raises `CommandError` saying what is
     wrong, before anything is done."""
@@ -54,7 +78,7 @@ def parse_command(line: str) -> Command | None:
 
     if len(line.rstrip("\r\n").encode("utf-8", "replace")) > MAX_LINE:
         raise CommandError(f"a line of more than {MAX_LINE} bytes: ignored")
-    words = line.split()
+    words = _words(line)
     if not words:
         return None
     verb, names = words[0].lower(), words[1:]
@@ -69,25 +93,49 @@ def parse_command(line: str) -> Command | None:
     if len(names) > MAX_NAMES:
         raise CommandError(f"{verb}: at most {MAX_NAMES} names at once")
     for name in names:
-        check_name(name)
+        try:
+            check_name(name)
+        except ConclaveError as exc:
+            raise CommandError(str(exc)) from None
     return Command(verb, tuple(dict.fromkeys(names)))
 
 
-def _listed(names: list[str] | tuple[str, ...]) -> str:
+def shown_name(name: str) -> str:
+    """`name` as the commands show it, and as `remove` takes it back: hidden characters as
+    escapes, and quoted if it has spaces, quotes or commas (a list's separator)."""
     from .cli import printable
 
-    return ", ".join(printable(n) for n in names)
+    text = printable(name)
+    if any(c in text for c in " '\","):
+        return "'" + text.replace("'", "'\"'\"'") + "'"  # as a shell quotes: 'o'"'"'brien'
+    return text
+
+
+def listed(names: Iterable[str]) -> str:
+    return ", ".join(shown_name(n) for n in names)
+
+
+def _member_named(members: list[str], typed: str) -> str | None:
+    """The member `typed` names: the name itself, or its escaped form as shown."""
+    from .cli import printable
+
+    if typed in members:
+        return typed
+    return next((m for m in members if typed == printable(m)), None)
 
 
 class InCall:
-    """Carries out commands for one participant in its call. `quit` is set by `quit` and
-    `leave`'s end; `left` says the member asked to leave (so its removal is no surprise)."""
+    """Carries out commands for one participant in its call, one at a time. `quit` is set by
+    the `quit` command; `left` says the member asked to leave (so its removal is no
+    surprise)."""
 
     def __init__(self, participant: Participant, out: Callable[[str], None]) -> None:
         self.participant = participant
         self.out = out
         self.quit = asyncio.Event()
         self.left = False
+        self._running: asyncio.Task[None] | None = None
+        self._running_verb = ""
 
     async def run(self, command: Command) -> None:
         p = self.participant
@@ -98,7 +146,7 @@ class InCall:
         elif p.group is None or p.removed:
             raise CommandError("you are not a member of the call now")
         elif command.verb == "members":
-            self.out(f"epoch {p.epoch}: members {_listed(p.member_names)}; safety code "
+            self.out(f"epoch {p.epoch}: members {listed(p.member_names)}; safety code "
                      f"{p.safety_code}")
         elif command.verb == "rotate":
             if await p.rotate():
@@ -110,28 +158,31 @@ class InCall:
         elif command.verb == "leave":
             await self._leave()
 
-    async def _remove(self, names: tuple[str, ...]) -> None:
+    async def _remove(self, typed: tuple[str, ...]) -> None:
         p = self.participant
+        members = p.member_names
+        found = {t: _member_named(members, t) for t in typed}
+        strangers = [t for t, name in found.items() if name is None]
+        if strangers:
+            raise CommandError(f"not members of the call: {listed(strangers)}")
+        names = list(dict.fromkeys(n for n in found.values() if n is not None))
         if p.name in names:
             raise CommandError("to remove yourself, use leave")
-        strangers = [n for n in names if n not in p.member_names]
-        if strangers:
-            raise CommandError(f"not members of the call: {_listed(strangers)}")
-        if await p.remove(list(names)):
-            self.out(f"removed {_listed(names)}: epoch {p.epoch}, safety code {p.safety_code}")
+        if await p.remove(names):
+            self.out(f"removed {listed(names)}: epoch {p.epoch}, safety code {p.safety_code}")
         else:  # they left, or were removed, meanwhile
-            self.out(f"{_listed(names)}: no longer members")
+            self.out(f"{listed(names)}: no longer members")
 
     async def _invite(self, names: tuple[str, ...]) -> None:
         p = self.participant
         members = [n for n in names if n in p.member_names]
         if members:
-            raise CommandError(f"members of the call already: {_listed(members)}")
+            raise CommandError(f"members of the call already: {listed(members)}")
         if await p.invite(list(names)):
-            self.out(f"added {_listed(names)}: epoch {p.epoch}, safety code {p.safety_code}; "
+            self.out(f"added {listed(names)}: epoch {p.epoch}, safety code {p.safety_code}; "
                      f"they are in the call when they run `conclave join` for this room")
         else:
-            self.out(f"{_listed(names)}: members already")
+            self.out(f"{listed(names)}: members already")
 
     async def _leave(self) -> None:
         p = self.participant
@@ -141,35 +192,85 @@ class InCall:
                                "quit ends the call and the group stays yours")
         await p.leave()
         self.left = True
-        self.out("asked to leave: the call ends when a member commits it (Ctrl-C stops "
-                 "waiting, and you stay a member)")
+        # The request stays with the service: a member may commit it after we quit, too.
+        self.out("asked to leave: the call ends when another member commits it (if you quit "
+                 "first, a member may still commit it later)")
 
-    async def serve(self, lines: asyncio.Queue[str | None], err: Callable[[str], None]) -> None:
-        """Carry out each line of `lines` (None: no more), one at a time; errors are printed
-        with `err` and the call goes on."""
+    async def serve(
+        self,
+        lines: asyncio.Queue[str | None],
+        err: Callable[[str], None],
+        *,
+        at_end: str | None = None,
+    ) -> None:
+        """Carry out each line of `lines` (None: no more, then `at_end` is said, if given), one
+        command at a time; `quit` and `help` at once, even while a command is under way.
+        Errors are printed with `err` and the call goes on."""
         from .cli import describe_error
 
-        while (line := await lines.get()) is not None:
-            try:
-                command = parse_command(line)
-                if command is not None:
-                    await self.run(command)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
+        def report(exc: Exception) -> None:
+            log.debug("in-call command failed", exc_info=exc)  # the details, with --debug
+            with contextlib.suppress(OSError, ValueError):  # stderr gone: nothing to tell
                 err(describe_error(exc))
+
+        todo: asyncio.Queue[Command | None] = asyncio.Queue()
+
+        async def work() -> None:
+            while (command := await todo.get()) is not None:
+                self._running_verb = command.verb
+                self._running = asyncio.ensure_future(self.run(command))
+                try:
+                    # Shielded: the end of the call waits for it (`finish`), not cancels it.
+                    await asyncio.shield(self._running)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    report(exc)
+
+        worker = asyncio.ensure_future(work())
+        try:
+            while (line := await lines.get()) is not None:
+                try:
+                    command = parse_command(line)
+                except CommandError as exc:
+                    report(exc)
+                    continue
+                if command is None:
+                    continue
+                if command.verb in ("quit", "help"):
+                    await self.run(command)
+                else:
+                    todo.put_nowait(command)
+            todo.put_nowait(None)
+            if at_end is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    self.out(at_end)
+            await worker  # the input ended: what it asked for is still done
+        finally:
+            worker.cancel()
+
+    async def finish(self, timeout: float = FINISH_TIMEOUT) -> None:
+        """Let the command under way end, for at most `timeout` seconds, then cancel it: cut
+        short after its commit, an invite would leave its invitee in the group without the
+        Welcome to join it."""
+        running = self._running
+        if running is None or running.done():
+            return
+        with contextlib.suppress(OSError, ValueError):
+            self.out(f"finishing {self._running_verb} first (at most {timeout:.0f} s)")
+        await asyncio.wait({running}, timeout=timeout)
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await running  # its error, if any, was the worker's to report
 
 
 def commands_wanted(stdin: TextIO | None = None) -> bool:
-    """Whether to read commands from standard input: it exists, and is not the terminal of a
-    background job (reading it would stop the whole process, SIGTTIN)."""
+    """Whether standard input can bring commands: it exists and has a file descriptor."""
     stdin = sys.stdin if stdin is None else stdin
-    if stdin is None or stdin.closed:
+    if stdin is None or getattr(stdin, "closed", True):
         return False
     try:
-        fd = stdin.fileno()
-        if os.isatty(fd):
-            return os.tcgetpgrp(fd) == os.getpgrp()
+        stdin.fileno()
     except (OSError, ValueError):
         return False
     return True
@@ -180,18 +281,50 @@ def read_lines(loop: asyncio.AbstractEventLoop, stdin: TextIO | None = None) -> 
     descriptor itself: a blocked read must not delay the exit, nor hold the lock of
     `sys.stdin`'s buffer at shutdown (a fatal error), and asyncio's pipe reader would make a
     terminal non-blocking, which the shell then inherits. Of an overlong line only its first
-    `MAX_LINE` + 1 bytes come, which `parse_command` refuses."""
+    `MAX_LINE` + 1 bytes come, which `parse_command` refuses.
+
+    A terminal is read only while this process is its foreground job: SIGTTIN, which would
+    stop the whole call when it reads in the background (`&`, or Ctrl-Z then `bg`), is
+    ignored, so such a read fails (EIO) instead, and is tried again a little later. Call from
+    the main thread (signal handlers are set there)."""
     fd = (sys.stdin if stdin is None else stdin).fileno()
     lines: asyncio.Queue[str | None] = asyncio.Queue()
+    tty = os.isatty(fd)
+    if tty:
+        signal.signal(signal.SIGTTIN, signal.SIG_IGN)
 
     def put(line: str | None) -> None:
         with contextlib.suppress(RuntimeError):  # the loop closed: the call is over
             loop.call_soon_threadsafe(lines.put_nowait, line)
 
+    def foreground() -> bool:
+        try:
+            return os.tcgetpgrp(fd) == os.getpgrp()
+        except OSError:
+            return True  # not our controlling terminal: no job control applies
+
+    def read() -> bytes:
+        while True:
+            if tty:
+                # Wait for input first, then read only in the foreground: a read begun in
+                # the foreground would otherwise take the shell's next line after the job
+                # lost the terminal.
+                if not select.select([fd], [], [], 0.2)[0]:
+                    continue
+                if not foreground():
+                    time.sleep(0.2)
+                    continue
+            try:
+                return os.read(fd, 65536)
+            except OSError as exc:
+                if exc.errno != errno.EIO:
+                    raise
+                time.sleep(0.2)  # a background job's terminal: wait to be in the foreground
+
     def reader() -> None:
         pending, skipping = b"", False
         try:
-            while chunk := os.read(fd, 65536):
+            while chunk := read():
                 pending += chunk
                 while (end := pending.find(b"\n")) >= 0:
                     line, pending = pending[: end + 1], pending[end + 1 :]

@@ -7,6 +7,7 @@ decoder (receive); `aiortc_hooks` installs them into aiortc. Keys come from any 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
@@ -26,6 +27,8 @@ from .codecs import (
 )
 from .context import LARGE_FRAME, MAX_OVERHEAD
 from .errors import MalformedFrame, SFrameError, UnknownKeyId
+
+log = logging.getLogger(__name__)
 
 FAILURE_REASONS = ("unknown_kid", "replay", "authentication", "malformed", "wrong_sender")
 # How long a frame of the next epoch may wait for its keys: a commit reaches all members through
@@ -166,7 +169,8 @@ class FrameDecryptor:
     This class does no I/O and keeps no timers: `push` and `drain` retry the waiting frames,
     and whoever drives it calls `drain` when the keys change (`MLSKeyManager.add_listener`)
     and at `next_deadline`, so that a track that goes quiet after a key rotation neither
-    keeps its frames waiting nor leaves them unaccounted for (`aiortc_hooks` does both).
+    keeps its frames waiting nor leaves their failure uncounted (`aiortc_hooks` does both).
+    Frames still waiting when the track ends are dropped uncounted: they were never late.
 
     The KID is not authenticated until the keys come, so anyone on the path can make a frame
     look like the next epoch's. Only such frames wait: a frame that opens now is delivered at
@@ -289,7 +293,10 @@ class FrameDecryptor:
     def _decrypted(self, data: bytes, mime_type: str) -> None:
         self.stats.frames_decrypted += 1
         if self.on_decrypted is not None:
-            self.on_decrypted(data, mime_type)
+            try:
+                self.on_decrypted(data, mime_type)
+            except Exception:  # an observer's bug must not lose frames already opened
+                log.exception("an on_decrypted observer failed")
 
     def _fail(self, exc: SFrameError) -> None:
         self.stats.failures[exc.reason] += 1

@@ -7,11 +7,13 @@ import asyncio
 import io
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conclave.cli import describe_error, printable
 from conclave.commands import (
     MAX_LINE,
     MAX_NAMES,
@@ -19,6 +21,7 @@ from conclave.commands import (
     CommandError,
     InCall,
     commands_wanted,
+    listed,
     parse_command,
     read_lines,
 )
@@ -34,6 +37,9 @@ from conclave.services import Services
     ("  REMOVE bob  carol\r\n", Command("remove", ("bob", "carol"))),
     ("invite bob bob dave", Command("invite", ("bob", "dave"))),
     ("leave", Command("leave")),
+    ("remove 'mallory x' \"o'brien\" eve", Command("remove", ("mallory x", "o'brien", "eve"))),
+    ("remove mal\\xa0lory", Command("remove", ("mal\\xa0lory",))),  # typed as shown
+    ("remove #1", Command("remove", ("#1",))),  # no comments
 ])
 def test_commands_parse(line: str, command: Command | None) -> None:
     assert parse_command(line) == command
@@ -44,6 +50,8 @@ def test_commands_parse(line: str, command: Command | None) -> None:
     ("\x1b[2Jnuke", "unknown command '\\x1b[2jnuke'"),
     ("x" * 100, "unknown command '" + "x" * 40 + "...'"),
     ("remove", "remove needs at least one name"),
+    ("remove 'mallory", "a quote is not closed"),
+    ("remove ''", "1 to 255 bytes"),
     ("invite", "invite needs at least one name"),
     ("rotate now", "rotate takes no names"),
     ("members bob", "members takes no names"),
@@ -54,6 +62,27 @@ def test_a_bad_line_says_what_is_wrong(line: str, why: str) -> None:
     with pytest.raises(CommandError) as info:
         parse_command(line)
     assert why in str(info.value)
+
+
+def test_names_are_shown_so_that_they_can_be_typed_back() -> None:
+    # Hidden characters and spaces other than U+0020 as escapes; quoted when they hold a
+    # space, a quote or a comma, so that a list of them reads unambiguously.
+    assert printable("mal\xa0lory\u3000\u2028\x1b") == "mal\\xa0lory\\u3000\\u2028\\x1b"
+    assert listed(["alice", "mallory x", "a,b", "o'brien", "mal\xa0lory", " eve"]) == (
+        "alice, 'mallory x', 'a,b', 'o'\"'\"'brien', mal\\xa0lory, ' eve'"
+    )
+    for name in ("mallory x", "a,b", "o'brien", " eve"):
+        assert parse_command(f"remove {listed([name])}") == Command("remove", (name,))
+
+
+def test_errors_show_what_the_service_said_without_escape_sequences() -> None:
+    from delivery_service.errors import RequestFailed
+
+    assert describe_error(ConclaveError("cannot invite 'dave': \x1b]0;pwned\x07")) == (
+        "cannot invite 'dave': \\x1b]0;pwned\\x07"
+    )
+    said = describe_error(RequestFailed(400, "bad", "no\x1b[2J"))
+    assert "\x1b" not in said and "no\\x1b[2J" in said
 
 
 def test_a_name_that_cannot_be_an_identity_is_refused_before_anything_happens() -> None:
@@ -196,6 +225,126 @@ async def test_a_failing_command_is_reported_and_the_next_one_runs(
     assert call.quit.is_set()
 
 
+class _SlowMember:
+    """What InCall uses of a participant, with a rotation that takes until `release`."""
+
+    name = "alice"
+    group = object()
+    removed = False
+    epoch = 7
+    member_names = ["alice", "bob"]
+    safety_code = "1"
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.rotating = asyncio.Event()
+        self.rotated = False
+
+    async def rotate(self) -> bool:
+        self.rotating.set()
+        await self.release.wait()
+        self.rotated = True
+        return True
+
+
+async def test_quit_and_help_do_not_wait_for_a_command_under_way() -> None:
+    member, said = _SlowMember(), _Said()
+    call = InCall(member, said)  # type: ignore[arg-type]
+    lines: asyncio.Queue[str | None] = asyncio.Queue()
+    serving = asyncio.ensure_future(call.serve(lines, _Said()))
+    lines.put_nowait("rotate\n")
+    await asyncio.wait_for(member.rotating.wait(), 5)
+    lines.put_nowait("help\n")
+    lines.put_nowait("quit\n")
+    await asyncio.wait_for(call.quit.wait(), 5)
+    assert said.lines[-1].startswith("commands, one per line") and not member.rotated
+    serving.cancel()
+
+
+async def test_the_end_of_the_call_lets_the_command_under_way_finish() -> None:
+    # Cut short after its commit, an invite would leave the invitee without its Welcome.
+    member, said = _SlowMember(), _Said()
+    call = InCall(member, said)  # type: ignore[arg-type]
+    lines: asyncio.Queue[str | None] = asyncio.Queue()
+    serving = asyncio.ensure_future(call.serve(lines, _Said()))
+    lines.put_nowait("rotate\n")
+    await asyncio.wait_for(member.rotating.wait(), 5)
+    serving.cancel()  # Ctrl-C: the call ends
+    asyncio.get_running_loop().call_later(0.2, member.release.set)
+    await asyncio.wait_for(call.finish(timeout=30), 10)
+    assert member.rotated
+    assert said.lines == ["finishing rotate first (at most 30 s)", "rotated the keys: epoch 7, "
+                          "safety code 1"]
+
+
+async def test_a_command_that_does_not_finish_in_time_is_cancelled() -> None:
+    member, said = _SlowMember(), _Said()
+    call = InCall(member, said)  # type: ignore[arg-type]
+    lines: asyncio.Queue[str | None] = asyncio.Queue()
+    serving = asyncio.ensure_future(call.serve(lines, _Said()))
+    lines.put_nowait("rotate\n")
+    await asyncio.wait_for(member.rotating.wait(), 5)
+    serving.cancel()
+    await asyncio.wait_for(call.finish(timeout=0.05), 10)
+    assert not member.rotated
+    await call.finish()  # nothing under way: at once
+
+
+async def test_the_end_of_the_input_is_said_and_what_it_asked_for_is_done() -> None:
+    member, said = _SlowMember(), _Said()
+    member.release.set()
+    call = InCall(member, said)  # type: ignore[arg-type]
+    lines: asyncio.Queue[str | None] = asyncio.Queue()
+    lines.put_nowait("rotate\n")
+    lines.put_nowait(None)
+    await asyncio.wait_for(call.serve(lines, _Said(), at_end="no more"), 5)
+    assert said.lines == ["no more", "rotated the keys: epoch 7, safety code 1"]
+
+
+async def test_a_member_with_spaces_or_hidden_characters_in_its_name_can_be_removed(
+    services: Services, tmp_path: Path
+) -> None:
+    names = ["alice", "mallory x", "mal\xa0lory"]
+    people = [Participant(n, services.ds_url, state_dir=tmp_path) for n in names]
+    try:
+        for p in people:
+            await p.start()
+        alice = people[0]
+        await alice.create("r")
+        for p in people[1:]:
+            await p.join("r")
+        await _until(lambda: len(alice.member_names) == 3)
+        said = _Said()
+        call = InCall(alice, said)
+        await call.run(Command("members"))
+        assert "members alice, 'mallory x', mal\\xa0lory;" in said.lines[-1]
+        # each as `members` shows it
+        for line in ("remove 'mallory x'", "remove mal\\xa0lory"):
+            command = parse_command(line)
+            assert command is not None
+            await call.run(command)
+        assert alice.member_names == ["alice"]
+    finally:
+        for p in people:
+            await p.close()
+
+
+@pytest.mark.parametrize("how", ["ctrl-z-bg", "loses-terminal"])
+def test_a_background_job_neither_stops_nor_takes_the_shells_input(
+    how: str, tmp_path: Path
+) -> None:
+    """Ctrl-Z then `bg` (or a job that lost the terminal): a line typed for the shell is not
+    read, the call is not stopped by SIGTTIN, and after `fg` commands are read again."""
+    log = tmp_path / "log"
+    subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("job_control.py")), how, str(log)],
+        check=True, timeout=120,
+    )
+    assert log.read_text().splitlines() == [
+        "job started", "job state: running", "job read: 'members\\n'"
+    ]
+
+
 async def test_conclave_join_takes_commands_on_its_standard_input(
     services: Services, tmp_path: Path
 ) -> None:
@@ -245,3 +394,42 @@ async def test_conclave_join_takes_commands_on_its_standard_input(
             await proc.wait()
         for p in (alice, bob):
             await p.close()
+
+
+async def test_the_call_ends_cleanly_when_an_error_cannot_even_be_printed(
+    services: Services, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stderr on a full disk: the refused command's message is lost, but the call goes on to
+    its end, and the participant is closed (its state saved, the SFU left, the lock freed)."""
+    import io
+
+    from conclave.cli import build_parser, cmd_join
+
+    read, write = os.pipe()
+    os.write(write, b"kick bob\n")
+    closed: list[str] = []
+    real_close = Participant.close
+
+    async def close(self: Participant) -> None:
+        closed.append(self.name)
+        await real_close(self)
+
+    class FullDisk(io.TextIOBase):
+        def write(self, s: str) -> int:
+            raise OSError(28, "No space left on device")
+
+    args = build_parser().parse_args([
+        "join", "--room", "r", "--name", "carol", "--ds", services.ds_url, "--sfu",
+        services.sfu_url, "--state", str(tmp_path), "--no-audio", "--rotation", "0",
+        "--duration", "2",
+    ])
+    with os.fdopen(read, "r") as stdin:
+        monkeypatch.setattr(Participant, "close", close)
+        monkeypatch.setattr(sys, "stdin", stdin)
+        monkeypatch.setattr(sys, "stderr", FullDisk())
+        try:
+            assert await cmd_join(args) == 0
+        finally:
+            monkeypatch.undo()
+            os.close(write)
+    assert closed == ["carol"]

@@ -317,3 +317,23 @@ def test_listeners_are_held_weakly() -> None:
     b.sync()
     bob.update(b)
     assert kept.calls == 1
+
+
+def test_an_observer_that_fails_loses_no_frame(caplog: pytest.LogCaptureFixture) -> None:
+    # `on_decrypted` (the app's epoch audit, the benchmark's probe) is an observer: its bug
+    # must not drop frames already opened, here or in a drain of held ones.
+    call = Rotation()
+
+    def observer(data: bytes, mime_type: str) -> None:
+        raise RuntimeError("observer bug")
+
+    decryptor = FrameDecryptor(call.bob_keys, holdback=30.0, on_decrypted=observer)
+    with caplog.at_level(logging.ERROR, logger="e2ee_media.transform"):
+        assert [p for _, p in decryptor.push(0, call.frame(b"old"), OPUS)] == [b"\x78old"]
+        call.alice_commits()
+        assert decryptor.push(1, call.frame(b"new-0"), OPUS) == []
+        assert decryptor.push(2, call.frame(b"new-1"), OPUS) == []
+        call.bob_catches_up()
+        assert [p for _, p in decryptor.drain()] == [b"\x78new-0", b"\x78new-1"]
+    assert decryptor.stats.frames_decrypted == 3 and decryptor.waiting == 0
+    assert caplog.text.count("on_decrypted observer failed") == 3
