@@ -700,6 +700,8 @@ class Participant:
             return "rejoined"
         if knock:
             return await self.knock(room)
+        if await self._join_from_kept_welcome(room):
+            return "was let into"
         return await self.create_or_join(room)
 
     def _has_welcome(self, group_id: bytes | None) -> bool:
@@ -740,6 +742,9 @@ class Participant:
                 continue
             if await self._join_from(w, group_id):
                 break
+        await self._joined_from_welcome()
+
+    async def _joined_from_welcome(self) -> None:
         assert self.group is not None
         await self.top_up_key_packages()
         assert self.stream is not None
@@ -748,8 +753,41 @@ class Participant:
             # added back after a removal, which ended the media session: call in again
             self._spawn(self._call_in(0.0))
 
-    async def _join_from(self, w: WelcomeMessage, group_id: bytes | None) -> bool:
-        """Join the group of Welcome `w`; False (and nothing changed) if it cannot be used."""
+    async def _join_from_kept_welcome(self, room: str) -> bool:
+        """Join `room`'s group from a Welcome that came while we were away (a member invited
+        us: `invite`), if it is still good: our leaf in the group today is the one it gave us.
+        A Welcome of an earlier Add whose leaf was removed or replaced since would put us in
+        an old epoch, from which catching up ends in our own removal. False if none is good."""
+        gid = group_id_for_room(room)
+        with contextlib.suppress(RequestFailed, aiohttp.ClientError, OSError):
+            await self._catch_up_welcomes()  # the push stream may not have brought them yet
+        kept = [w for w in self._welcomes if w.group_id == gid]
+        if not kept:
+            return False
+        try:
+            tree = PublicGroup.from_group_info(await self.ds.fetch_group_info(gid)).tree
+        except (RequestFailed, MLSError):
+            return False  # `create_or_join` tells why (removed, no such room)
+
+        def current(group: Group) -> bool:
+            now = tree.leaf_node(group.leaf_index)
+            return now is not None and now == group.tree.leaf_node(group.leaf_index)
+
+        for w in reversed(kept):  # the newest first: older ones are of earlier Adds
+            self._welcomes.remove(w)  # used or useless, as `_take_welcome` takes them
+            if await self._join_from(w, gid, check=current):
+                await self._joined_from_welcome()
+                return True
+        return False
+
+    async def _join_from(
+        self,
+        w: WelcomeMessage,
+        group_id: bytes | None,
+        check: Callable[[Group], bool] | None = None,
+    ) -> bool:
+        """Join the group of Welcome `w`; False (and nothing changed) if it cannot be used,
+        or `check` refuses the group it gives."""
         async with self._lock:
             try:
                 group = Group.join(self.client, w.welcome)
@@ -759,6 +797,8 @@ class Participant:
             if group_id is not None and group.group_id != group_id:
                 # The service labelled it for our room; what it holds is another group.
                 self._note(f"a Welcome (id {w.id}) into another group than the one asked for")
+                return False
+            if check is not None and not check(group):
                 return False
             self.group, self.removed, self.removed_by = group, False, None
             # Other Welcomes kept for this group are older or copies: joining from one later
