@@ -990,22 +990,42 @@ class Participant:
     async def _in_current_epoch(self, step: Callable[[Group], Awaitable[bool]]) -> bool:
         """Run `step` on the group, under the lock, until the service stops refusing it as
         stale: after a 409, process the commit that won (wait for its epoch) and run it again.
-        Returns what `step` returns."""
+        Returns what `step` returns.
+
+        Each attempt runs to its end even if our caller is cancelled meanwhile: the service
+        may have taken a commit whose answer is still on its way, and a commit taken must be
+        merged (or this member falls out of step) and its Welcome posted (or its invitees are
+        in the tree with no way in). A failure of an attempt no one awaits any more is noted."""
         for _ in range(COMMIT_ATTEMPTS):
-            async with self._lock:
-                group = self.group
-                if group is None or self.removed:
-                    raise NotInGroup(f"{self.name} is not a member of a call")
-                try:
-                    return await step(group)
-                except StaleEpochRejected as exc:
-                    target = exc.current_epoch
+            attempt = asyncio.ensure_future(self._attempt(step))
+            self._tasks.add(attempt)  # close() still ends it
+            attempt.add_done_callback(self._tasks.discard)
+            try:
+                done, result = await asyncio.shield(attempt)
+            except asyncio.CancelledError:
+                attempt.add_done_callback(self._task_done)  # to report its failure, if any
+                raise
+            if done:
+                return result
+            target = result
             try:
                 await self.wait_epoch(target)
             except TimeoutError:
                 await self._catch_up()
             await asyncio.sleep(random.uniform(0, 0.05))
         raise CommitFailed(f"{self.name}: the group kept moving; gave up after {COMMIT_ATTEMPTS} tries")
+
+    async def _attempt(self, step: Callable[[Group], Awaitable[bool]]) -> tuple[bool, Any]:
+        """One attempt of `_in_current_epoch`: (True, what `step` returned), or (False, the
+        epoch to wait for) after a 409."""
+        async with self._lock:
+            group = self.group
+            if group is None or self.removed:
+                raise NotInGroup(f"{self.name} is not a member of a call")
+            try:
+                return True, await step(group)
+            except StaleEpochRejected as exc:
+                return False, exc.current_epoch
 
     async def _commit(
         self, make: Callable[[Group], tuple[CommitResult, list[str], list[str]] | None]

@@ -414,3 +414,35 @@ async def test_a_welcome_whose_leaf_was_replaced_since_is_not_used(
     finally:
         await alice.close()
         await bob.close()
+
+
+async def test_an_invite_cancelled_after_the_service_took_its_commit_still_lets_them_in(
+    trio: list[Participant], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller gives up (Ctrl-C) while the service's answer to the commit is on its way:
+    the commit is in, so it is merged and its Welcome posted all the same."""
+    alice, bob, _ = trio
+    dave = Participant("dave", alice.ds_url, state_dir=alice.state_dir)
+    await dave.start()
+    try:
+        real_send = alice.ds.send
+        taken = asyncio.Event()
+
+        async def slow_answer(*args: Any, **kwargs: Any) -> Any:
+            answer = await real_send(*args, **kwargs)
+            taken.set()
+            await asyncio.sleep(0.3)  # the answer is on its way
+            return answer
+
+        monkeypatch.setattr(alice.ds, "send", slow_answer)
+        inviting = asyncio.ensure_future(alice.invite(["dave"]))
+        await asyncio.wait_for(taken.wait(), 5)
+        inviting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await inviting
+        await dave.wait_for_welcome(5)
+        await asyncio.wait_for(_until(lambda: alice.epoch == bob.epoch == dave.epoch), 5)
+        assert "dave" in alice.member_names and alice.safety_code == dave.safety_code
+        assert not alice.errors and alice.resyncs == 0
+    finally:
+        await dave.close()
