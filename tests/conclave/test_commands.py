@@ -247,13 +247,20 @@ class _SlowMember:
         return True
 
 
-async def test_quit_and_help_do_not_wait_for_a_command_under_way() -> None:
+async def _rotating() -> tuple[_SlowMember, _Said, InCall, asyncio.Queue[str | None],
+                                asyncio.Future[None]]:
+    """A call whose member is in the middle of a `rotate` typed on its input."""
     member, said = _SlowMember(), _Said()
     call = InCall(member, said)  # type: ignore[arg-type]
     lines: asyncio.Queue[str | None] = asyncio.Queue()
     serving = asyncio.ensure_future(call.serve(lines, _Said()))
     lines.put_nowait("rotate\n")
     await asyncio.wait_for(member.rotating.wait(), 5)
+    return member, said, call, lines, serving
+
+
+async def test_quit_and_help_do_not_wait_for_a_command_under_way() -> None:
+    member, said, call, lines, serving = await _rotating()
     lines.put_nowait("help\n")
     lines.put_nowait("quit\n")
     await asyncio.wait_for(call.quit.wait(), 5)
@@ -263,12 +270,7 @@ async def test_quit_and_help_do_not_wait_for_a_command_under_way() -> None:
 
 async def test_the_end_of_the_call_lets_the_command_under_way_finish() -> None:
     # Cut short after its commit, an invite would leave the invitee without its Welcome.
-    member, said = _SlowMember(), _Said()
-    call = InCall(member, said)  # type: ignore[arg-type]
-    lines: asyncio.Queue[str | None] = asyncio.Queue()
-    serving = asyncio.ensure_future(call.serve(lines, _Said()))
-    lines.put_nowait("rotate\n")
-    await asyncio.wait_for(member.rotating.wait(), 5)
+    member, said, call, _, serving = await _rotating()
     serving.cancel()  # Ctrl-C: the call ends
     asyncio.get_running_loop().call_later(0.2, member.release.set)
     await asyncio.wait_for(call.finish(timeout=30), 10)
@@ -278,12 +280,7 @@ async def test_the_end_of_the_call_lets_the_command_under_way_finish() -> None:
 
 
 async def test_a_command_that_does_not_finish_in_time_is_cancelled() -> None:
-    member, said = _SlowMember(), _Said()
-    call = InCall(member, said)  # type: ignore[arg-type]
-    lines: asyncio.Queue[str | None] = asyncio.Queue()
-    serving = asyncio.ensure_future(call.serve(lines, _Said()))
-    lines.put_nowait("rotate\n")
-    await asyncio.wait_for(member.rotating.wait(), 5)
+    member, _, call, _, serving = await _rotating()
     serving.cancel()
     await asyncio.wait_for(call.finish(timeout=0.05), 10)
     assert not member.rotated

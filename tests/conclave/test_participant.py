@@ -360,22 +360,30 @@ async def test_a_frame_held_for_the_next_epoch_reaches_the_decoder_when_its_comm
     decoder_queue.put(None)
 
 
+async def _invited_while_away(
+    services: Services, tmp_path: Path
+) -> tuple[Participant, Participant]:
+    """alice in a room of her own, who invited bob while he was away; bob started again."""
+    alice = Participant("alice", services.ds_url, state_dir=tmp_path)
+    bob = Participant("bob", services.ds_url, state_dir=tmp_path)
+    await alice.start()
+    await bob.start()  # registered, with KeyPackages
+    await bob.close()
+    await alice.create("room")
+    assert await alice.invite(["bob"])
+    bob = Participant("bob", services.ds_url, state_dir=tmp_path)
+    await bob.start()
+    return alice, bob
+
+
 async def test_an_invitee_that_was_away_joins_from_its_welcome(
     services: Services, tmp_path: Path
 ) -> None:
     """Invited while away (as `invite` in a call does), bob's next `enter` uses the Welcome:
     he is in the epoch that added him, with no commit of his own."""
-    alice = Participant("alice", services.ds_url, state_dir=tmp_path)
-    bob = Participant("bob", services.ds_url, state_dir=tmp_path)
+    alice, bob = await _invited_while_away(services, tmp_path)
     try:
-        await alice.start()
-        await bob.start()  # registered, with KeyPackages
-        await bob.close()
-        await alice.create("room")
-        assert await alice.invite(["bob"])
         epoch = alice.epoch
-        bob = Participant("bob", services.ds_url, state_dir=tmp_path)
-        await bob.start()
         assert await bob.enter("room") == "was let into"
         assert bob.epoch == alice.epoch == epoch
         assert bob.safety_code == alice.safety_code and not bob.removed
@@ -390,16 +398,8 @@ async def test_a_welcome_whose_leaf_was_replaced_since_is_not_used(
     """bob was invited while away, then took his leaf back by external commit, then lost his
     saved group: the old Welcome would put him in an old epoch, and catching up would end in
     the removal of its leaf. He joins by external commit instead, and stays a member."""
-    alice = Participant("alice", services.ds_url, state_dir=tmp_path)
-    bob = Participant("bob", services.ds_url, state_dir=tmp_path)
+    alice, bob = await _invited_while_away(services, tmp_path)
     try:
-        await alice.start()
-        await bob.start()
-        await bob.close()
-        await alice.create("room")
-        assert await alice.invite(["bob"])
-        bob = Participant("bob", services.ds_url, state_dir=tmp_path)
-        await bob.start()
         await bob.join("room")  # his leaf replaced: the Welcome's leaf is gone
         bob.group = None  # the saved group lost (his identity's keys kept)
         bob.save()
