@@ -26,10 +26,10 @@ from .group_context import GroupContext
 from .group_epoch import EpochState
 from .group_types import Member, PendingProposal
 from .key_package import LeafNodeSource
-from .leaf_validation import check_credential_successor
+from .leaf_validation import CredentialValidator, check_credential_successor
 from .proposal_list import ProposalEffects, ProposalEntry, apply_proposals, validate_proposal_list
 from .proposal_validation import validate_added_key_package, validate_member_leaf
-from .proposals import Add, ExternalInit, Proposal, ProposalOrRefType, Remove, Update
+from .proposals import Add, ExternalInit, Proposal, ProposalOrRefType, ReInit, Remove, Update
 from .ratchet_tree import RatchetTree
 from .transcript import confirmed_transcript_hash
 from .treekem import merge_update_path
@@ -81,7 +81,12 @@ class CommitRules:
 
     _crypto: Crypto
     _state: EpochState
+    # Application policy, checked on every leaf that enters the group (see `Group`,
+    # `PublicGroup`): §10.1 lifetimes cover the current time; §7.2 the maximum total lifetime
+    # (seconds) of a KeyPackage leaf; §5.3.1 the Authentication Service.
     check_lifetimes: bool
+    max_lifetime: int | None
+    credential_validator: CredentialValidator | None
 
     # --- the public view of the current epoch ----------------------------------------------------
 
@@ -119,13 +124,28 @@ class CommitRules:
             for i, leaf in self._state.tree.members()
         ]
 
+    @property
+    def pending_reinit(self) -> ReInit | None:
+        """The ReInit of the Commit that ended this group (§11.2), else None. Once set, the
+        group takes no more messages (§12.4.2): its members move to the new group."""
+        return self._state.reinit
+
     def _check_message_epoch(self, st: EpochState, group_id: bytes, epoch: int) -> None:
-        """A received message must be for this group and its current epoch (§6)."""
+        """A received message must be for this group and its current epoch (§6), and the group
+        must not have been reinitialised."""
         if group_id != st.context.group_id:
             raise ValidationError("the message is for another group")
         if epoch != st.context.epoch:
             raise ValidationError(
                 f"the message is for epoch {epoch}, the group is at epoch {st.context.epoch}"
+            )
+        if st.reinit is not None:
+            # §12.4.2: after a Commit with a ReInit "the client MUST NOT use the group to send
+            # messages anymore. Instead, it MUST wait for a Welcome": no member sends in it, and
+            # accepting a Commit would revive the group the ReInit ended.
+            raise ValidationError(
+                "the group was reinitialised by a ReInit Commit (§12.4.2) and takes no more"
+                " messages; join the new group from its Welcome"
             )
 
     # --- proposal lists (§12.2, §12.3: see `mls.proposal_list`) ----------------------------------
@@ -136,7 +156,10 @@ class CommitRules:
         validate_proposal_list(self._crypto, st, entries, committer, external)
 
     def _apply_proposals(self, new: EpochState, entries: list[ProposalEntry]) -> ProposalEffects:
-        return apply_proposals(self._crypto, new, entries, check_lifetimes=self.check_lifetimes)
+        return apply_proposals(
+            self._crypto, new, entries, check_lifetimes=self.check_lifetimes,
+            max_lifetime=self.max_lifetime, credential_validator=self.credential_validator,
+        )
 
     # --- senders and received proposals (§6.1, §12.1) --------------------------------------------
 
@@ -195,12 +218,13 @@ class CommitRules:
             assert sender.leaf_index is not None
             validate_member_leaf(
                 self._crypto, st.context, body.leaf_node, LeafNodeSource.update, st.tree,
-                sender.leaf_index,
+                sender.leaf_index, credential_validator=self.credential_validator,
             )
         if isinstance(body, Add):
             validate_added_key_package(
                 self._crypto, st.context, body.key_package, st.tree,
-                check_lifetime=self.check_lifetimes,
+                check_lifetime=self.check_lifetimes, max_lifetime=self.max_lifetime,
+                credential_validator=self.credential_validator,
             )
         if isinstance(body, Remove) and st.tree.leaf_node(body.removed) is None:
             raise ValidationError(f"Remove of leaf {body.removed}, which is not a member")
@@ -240,7 +264,7 @@ class CommitRules:
         holds only valid leaves)."""
         validate_member_leaf(
             self._crypto, st.context, path.leaf_node, LeafNodeSource.commit, new.tree, committer,
-            extensions,
+            extensions, self.credential_validator,
         )
 
     def _merge_path_public(

@@ -39,7 +39,8 @@ from .group_resumption import ResumptionMixin
 from .group_state import dump_group, load_group
 from .group_types import CommitResult, Member, PendingProposal, ProcessedMessage
 from .key_schedule import EpochSecrets
-from .leaf_validation import sign_leaf_node
+from .leaf_validation import CredentialValidator, sign_leaf_node
+from .proposal_list import check_external_senders
 from .proposal_validation import (
     check_group_extensions_supported,
     check_required,
@@ -82,6 +83,18 @@ class Group(
     `ratchet_window` (a `mls.secret_tree.RatchetWindow`) how far received messages may arrive
     out of order or ahead (§15.3), the attribute of that name changes it from the next epoch.
     The attribute `check_lifetimes` (default True) checks the lifetime of added KeyPackages.
+
+    Application policy on the leaves that enter the group (keywords of `create`, `join`,
+    `join_external` and `from_bytes`, and attributes of the same name; not stored by
+    `to_bytes`, so pass them again on restore):
+    `max_lifetime` (seconds, default None: no limit) refuses a KeyPackage leaf whose lifetime
+    spans longer (§7.2: "Applications MUST define a maximum total lifetime"), in Adds received
+    or sent and in the tree of a group joined; `credential_validator`, a callable
+    `(credential, signature_key)` that raises or returns False to refuse (default None: accept
+    all), is the Authentication Service of §5.3.1, asked before any state change about each
+    added KeyPackage, each Update or UpdatePath leaf with a new credential or signature key,
+    the joiner's leaf of an external Commit, every leaf and external sender of a group joined,
+    and the new entries of an external_senders extension.
     """
 
     # --- creation --------------------------------------------------------------------------------
@@ -97,6 +110,8 @@ class Group(
         ratchet_tree_extension: bool = True,
         psks: dict[bytes, bytes] | None = None,
         ratchet_window: RatchetWindow = DEFAULT_WINDOW,
+        max_lifetime: int | None = None,
+        credential_validator: CredentialValidator | None = None,
     ) -> Group:
         """A one-member group (§11) with `client` at leaf 0, epoch 0."""
         crypto = client.crypto
@@ -111,6 +126,9 @@ class Group(
             check_required(leaf, req, "the creator's leaf")
         # §13.4: every extension in use by the group is supported by all members.
         check_group_extensions_supported(leaf, extensions, "the creator's leaf")
+        if credential_validator is not None:
+            # §5.3.1: external senders are validated with the AS when added to the group.
+            check_external_senders(extensions, (), credential_validator)
         context = GroupContext(int(crypto.suite), group_id, 0, tree.tree_hash(), b"", extensions)
         secrets = EpochSecrets.from_init_secret(
             crypto, crypto.random_secret(), bytes(crypto.hash_length), context.encode()
@@ -129,6 +147,8 @@ class Group(
             ratchet_tree_extension=ratchet_tree_extension,
             psks=psks,
             ratchet_window=ratchet_window,
+            max_lifetime=max_lifetime,
+            credential_validator=credential_validator,
         )
 
     # --- persistence -----------------------------------------------------------------------------
@@ -137,5 +157,16 @@ class Group(
         return dump_group(self)
 
     @classmethod
-    def from_bytes(cls, data: bytes, client: Client | None = None) -> Group:
-        return load_group(cls, data, client)
+    def from_bytes(
+        cls,
+        data: bytes,
+        client: Client | None = None,
+        *,
+        max_lifetime: int | None = None,
+        credential_validator: CredentialValidator | None = None,
+    ) -> Group:
+        """The group `to_bytes` saved; the policy settings it does not store are given again."""
+        group = load_group(cls, data, client)
+        group.max_lifetime = max_lifetime
+        group.credential_validator = credential_validator
+        return group

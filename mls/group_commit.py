@@ -157,7 +157,8 @@ class CommitMixin(ProposalsMixin):
             effects.psks,
         )
         message = self._frame(st, ac)
-        new.reinit = effects.reinit
+        if effects.reinit is not None:  # a ReInit is never undone (§12.4.2)
+            new.reinit = effects.reinit
         if with_ratchet_tree is None:
             with_ratchet_tree = self.ratchet_tree_extension
         welcome = None

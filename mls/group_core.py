@@ -21,7 +21,8 @@ from .framing import (
 from .group_epoch import RESUMPTION_PSK_EPOCHS, EpochState, PendingCommit
 from .group_framing import membership_tag, mls_message, seal_private, sign_content
 from .key_schedule import EpochSecrets, derive_psk_secret
-from .proposals import PreSharedKeyID, PSKType, ReInit
+from .leaf_validation import CredentialValidator
+from .proposals import PreSharedKeyID, PSKType
 from .ratchet_tree import RatchetTree
 from .secret_tree import DEFAULT_WINDOW, RatchetWindow, SecretTree
 from .tls import Writer, encode_varint
@@ -45,6 +46,8 @@ class GroupCore(CommitRules):
         ratchet_tree_extension: bool = True,
         psks: dict[bytes, bytes] | None = None,
         ratchet_window: RatchetWindow = DEFAULT_WINDOW,
+        max_lifetime: int | None = None,
+        credential_validator: CredentialValidator | None = None,
     ) -> None:
         if handshake not in ("public", "private"):
             raise ValueError('handshake must be "public" or "private"')
@@ -60,6 +63,12 @@ class GroupCore(CommitRules):
         self._external_psks: dict[bytes, bytes] = dict(psks or {})
         # §10.1: the lifetime of a KeyPackage being added must cover the current time.
         self.check_lifetimes = True
+        # §7.2: the longest total lifetime (seconds) of a KeyPackage leaf this application
+        # accepts (None: no limit). Not stored by `to_bytes`: the application's policy.
+        self.max_lifetime = max_lifetime
+        # §5.3.1: the application's Authentication Service, asked about each credential that
+        # enters the group (None accepts all). Code, so not stored by `to_bytes` either.
+        self.credential_validator = credential_validator
         # Resumption PSKs of other groups (branch / reinit), by (group_id, epoch).
         self._other_resumption_psks: dict[tuple[bytes, int], bytes] = {}
         # How far received messages may be reordered (§15.3); applies to each new epoch's tree.
@@ -73,6 +82,8 @@ class GroupCore(CommitRules):
         ratchet_tree_extension: bool,
         psks: dict[bytes, bytes] | None,
         ratchet_window: RatchetWindow = DEFAULT_WINDOW,
+        max_lifetime: int | None = None,
+        credential_validator: CredentialValidator | None = None,
     ) -> Self:
         """A group object without state yet, for a join to fill in."""
         return cls(
@@ -82,6 +93,8 @@ class GroupCore(CommitRules):
             ratchet_tree_extension=ratchet_tree_extension,
             psks=psks,
             ratchet_window=ratchet_window,
+            max_lifetime=max_lifetime,
+            credential_validator=credential_validator,
         )
 
     def __repr__(self) -> str:
@@ -113,10 +126,6 @@ class GroupCore(CommitRules):
     def active(self) -> bool:
         """False once this member has been removed, or after a ReInit commit (§11.2)."""
         return self._state.active and self._state.reinit is None
-
-    @property
-    def pending_reinit(self) -> ReInit | None:
-        return self._state.reinit
 
     @property
     def has_pending_commit(self) -> bool:

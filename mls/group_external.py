@@ -14,7 +14,7 @@ from .group_epoch import EpochState
 from .group_framing import decode_message, mls_message, sign_content
 from .group_join import JoinMixin
 from .key_schedule import external_init_send
-from .leaf_validation import check_credential_successor
+from .leaf_validation import CredentialValidator, check_credential_successor
 from .proposal_list import ProposalEntry
 from .proposal_validation import check_group_extensions_supported
 from .proposals import Add, ExternalInit, Proposal, ProposalOrRef, Remove
@@ -41,15 +41,21 @@ class ExternalJoinMixin(JoinMixin, CommitMixin):
         handshake: str = "public",
         ratchet_tree_extension: bool = True,
         ratchet_window: RatchetWindow = DEFAULT_WINDOW,
+        max_lifetime: int | None = None,
+        credential_validator: CredentialValidator | None = None,
     ) -> tuple[Group, bytes]:
         """Joins by an external Commit (§12.4.3.2) from a GroupInfo with external_pub.
 
         Returns the new group (already in the new epoch) and the Commit (MLSMessage) to send.
         `remove_leaf` resyncs: the Commit also removes this client's old leaf.
+        `max_lifetime`, `credential_validator`: see `Group`; they apply to the tree joined
+        (§7.2, §5.3.1) and stay with the group.
         """
         crypto = client.crypto
         gi = decode_message(group_info).group_info
-        tree, _ = cls._state_from_group_info(client, gi, ratchet_tree, None, False)
+        tree, _ = cls._state_from_group_info(
+            client, gi, ratchet_tree, None, False, max_lifetime, credential_validator
+        )
         ext = find_extension(gi.extensions, ExtensionType.external_pub)
         if ext is None:
             raise ValidationError("the GroupInfo has no external_pub extension")
@@ -66,7 +72,10 @@ class ExternalJoinMixin(JoinMixin, CommitMixin):
                     old_leaf.credential, client.credential, f"remove_leaf {remove_leaf}"
                 )
             entries.append(ProposalEntry(Proposal(Remove(remove_leaf)), joiner, None))
-        group = cls._unjoined(client, handshake, ratchet_tree_extension, psks, ratchet_window)
+        group = cls._unjoined(
+            client, handshake, ratchet_tree_extension, psks, ratchet_window, max_lifetime,
+            credential_validator,
+        )
         # A stand-in state for the old epoch: public tree and transcript, no secrets.
         old = EpochState.public(
             context,

@@ -10,7 +10,8 @@ from .crypto import Crypto
 from .errors import CryptoError, ValidationError
 from .extensions import ExtensionType, check_unique_extension_types, find_extension
 from .key_schedule import EpochSecrets
-from .leaf_validation import validate_ratchet_tree
+from .leaf_validation import CredentialValidator, validate_ratchet_tree
+from .proposal_list import check_external_senders
 from .proposal_validation import required_capabilities
 from .ratchet_tree import RatchetTree
 from .tree_nodes import MAX_TREE_LEAVES, decode_ratchet_tree
@@ -57,11 +58,16 @@ def verified_ratchet_tree(
     *,
     now: int | None,
     max_leaves: int | None = None,
+    max_lifetime: int | None = None,
+    credential_validator: CredentialValidator | None = None,
 ) -> RatchetTree:
     """The GroupInfo's ratchet tree (`ratchet_tree` out of band, else its extension) once the
     GroupInfo's signature and the whole tree are valid (§12.4.3.1). `now` checks the leaves'
     lifetimes; None skips that check. `max_leaves` refuses a larger tree before checking it
-    (checking costs about 2 us per node)."""
+    (checking costs about 2 us per node). `max_lifetime` (seconds) bounds the total lifetime of
+    key_package leaves (§7.2). `credential_validator` (§5.3.1: "When a member receives a
+    GroupInfo object that it will use to join a group") is asked about every member's
+    credential and every external sender's."""
     context = gi.group_context
     check_unique_extension_types(gi.extensions, "GroupInfo.extensions")
     check_unique_extension_types(context.extensions, "GroupContext.extensions")
@@ -83,5 +89,9 @@ def verified_ratchet_tree(
         tree_hash=context.tree_hash,
         now=now,
         required_capabilities=required_capabilities(context.extensions),
+        credential_validator=credential_validator,
+        max_lifetime=max_lifetime,
     )
+    if credential_validator is not None:
+        check_external_senders(context.extensions, (), credential_validator)
     return tree

@@ -17,6 +17,7 @@ from .group_info import (
 )
 from .key_package import KeyPackage, LeafNode
 from .key_schedule import derive_psk_secret, derive_welcome_secret, welcome_key_and_nonce
+from .leaf_validation import CredentialValidator
 from .proposal_validation import check_group_extensions_supported
 from .proposals import PreSharedKeyID, PSKType, ResumptionPSKUsage
 from .ratchet_tree import RatchetTree
@@ -47,15 +48,22 @@ class JoinMixin(GroupCore):
         check_lifetimes: bool = False,
         previous: Group | None = None,
         ratchet_window: RatchetWindow = DEFAULT_WINDOW,
+        max_lifetime: int | None = None,
+        credential_validator: CredentialValidator | None = None,
     ) -> Group:
         """Joins a group from a Welcome (§12.4.3.1) with a KeyPackage `client` made.
 
         `ratchet_tree`: the tree when the Welcome's GroupInfo does not carry it. `psks`: external
         PSKs by id; `resumption_psks`: resumption PSKs of other groups by (group_id, epoch).
-        `previous`: the group a reinit or branch Welcome continues; its resumption PSKs are used
-        and §12.4.3.1's checks against it (ReInit parameters, version, suite, members) are made.
+        `previous`: the group a reinit or branch Welcome continues, required for such a Welcome;
+        its resumption PSKs are used and §12.4.3.1's checks against it (ReInit parameters,
+        version, suite, members) are made. `max_lifetime`, `credential_validator`: see `Group`;
+        they apply to the tree joined (§7.2, §5.3.1) and stay with the group.
         """
-        group = cls._unjoined(client, handshake, ratchet_tree_extension, psks, ratchet_window)
+        group = cls._unjoined(
+            client, handshake, ratchet_tree_extension, psks, ratchet_window, max_lifetime,
+            credential_validator,
+        )
         for (gid, ep), v in (resumption_psks or {}).items():
             group.add_resumption_psk(gid, ep, v)
         if previous is not None:
@@ -74,8 +82,17 @@ class JoinMixin(GroupCore):
         ]
         if len(special) > 1:
             raise ValidationError("a Welcome may name at most one reinit or branch PSK")
+        if special and previous is None:
+            # §12.4.3.1's checks on a reinit or branch group (a ReInit was committed, the same
+            # suite and members...) need the group it continues: the PSK alone (through
+            # `resumption_psks`) would let one member start a "reinit" of a group on its own.
+            raise ValidationError(
+                f"the Welcome names a {special[0].usage.name} resumption PSK: pass the group it"
+                " continues as `previous` so that §12.4.3.1's checks can be made"
+            )
         state = cls._state_from_group_info(
-            client, gi, ratchet_tree, kp.leaf_node, check_lifetimes
+            client, gi, ratchet_tree, kp.leaf_node, check_lifetimes, max_lifetime,
+            credential_validator,
         )
         context = gi.group_context
         if context.cipher_suite != kp.cipher_suite:
@@ -93,7 +110,7 @@ class JoinMixin(GroupCore):
             )
         if special and context.epoch != 1:
             raise ValidationError("a group joined with a reinit or branch PSK must be at epoch 1")
-        if special and previous is not None:
+        if special and previous is not None:  # None was refused above
             cls._check_resumption(special[0], gi, tree, previous)
         st = EpochState(
             context,
@@ -212,12 +229,15 @@ class JoinMixin(GroupCore):
         ratchet_tree: bytes | None,
         my_leaf_node: LeafNode | None,
         check_lifetimes: bool,
+        max_lifetime: int | None = None,
+        credential_validator: CredentialValidator | None = None,
     ) -> tuple[RatchetTree, int]:
         """The verified tree of a GroupInfo (§12.4.3.1) and my leaf index in it."""
         if gi.group_context.cipher_suite != int(client.cipher_suite):
             raise ValidationError("the GroupInfo's cipher suite differs from the client's")
         tree = verified_ratchet_tree(
-            client.crypto, gi, ratchet_tree, now=int(time.time()) if check_lifetimes else None
+            client.crypto, gi, ratchet_tree, now=int(time.time()) if check_lifetimes else None,
+            max_lifetime=max_lifetime, credential_validator=credential_validator,
         )
         if my_leaf_node is None:
             return tree, -1

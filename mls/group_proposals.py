@@ -105,7 +105,10 @@ class ProposalsMixin(GroupCore):
     def propose_add(self, key_package: bytes) -> bytes:
         kp = parse_key_package(key_package)
         st = self._state
-        validate_added_key_package(self._crypto, st.context, kp, st.tree)
+        validate_added_key_package(
+            self._crypto, st.context, kp, st.tree, check_lifetime=self.check_lifetimes,
+            max_lifetime=self.max_lifetime, credential_validator=self.credential_validator,
+        )
         return self._send_proposal(Proposal(Add(kp)))
 
     def propose_remove(self, leaf_index: int) -> bytes:

@@ -167,7 +167,8 @@ class ReceiveMixin(CommitMixin):
             st, new, ac, staged.extensions, init_secret, commit_secret, psk_secret, verify_tag=True
         )
         new.secrets.delete("joiner_secret", "welcome_secret")
-        new.reinit = effects.reinit
+        if effects.reinit is not None:  # a ReInit is never undone (§12.4.2)
+            new.reinit = effects.reinit
         return new, False
 
     def _process_update_path(

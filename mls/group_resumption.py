@@ -45,6 +45,8 @@ class ResumptionMixin(CommitMixin):
             ratchet_tree_extension=self.ratchet_tree_extension,
             psks=self._external_psks,
             ratchet_window=self.ratchet_window,
+            max_lifetime=self.max_lifetime,
+            credential_validator=self.credential_validator,
         )
         new_group.add_resumption_psk(self.group_id, self.epoch, self.resumption_psk())
         pid = PreSharedKeyID.resumption(

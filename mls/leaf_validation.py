@@ -6,7 +6,7 @@
 message naming the leaf or node at fault.
 
 Credential validation proper (§5.3.1: is this identity allowed, does the certificate chain verify)
-is the application's: pass a `credential_validator` that raises `ValidationError` to refuse one.
+is the application's: pass a `credential_validator` that raises (or returns False) to refuse one.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from cryptography import x509
 
 from .credential import Credential, CredentialType
 from .crypto import Crypto, SignaturePrivateKey
-from .errors import CryptoError, ValidationError
+from .errors import CryptoError, MLSError, ValidationError
 from .extensions import (
     DEFAULT_EXTENSION_TYPES,
     RequiredCapabilities,
@@ -30,6 +30,7 @@ from .ratchet_tree import RatchetTree
 
 __all__ = [
     "CredentialValidator",
+    "check_credential",
     "check_credential_successor",
     "resign_leaf_node",
     "sign_leaf_node",
@@ -38,10 +39,29 @@ __all__ = [
     "verify_leaf_signature",
 ]
 
-CredentialValidator = Callable[[Credential, bytes], None]
-"""Called with (credential, signature_key); raises `ValidationError` to refuse the credential."""
+CredentialValidator = Callable[[Credential, bytes], bool | None]
+"""The application's Authentication Service (§5.3.1): called with (credential, signature_key) of
+each credential introduced in a group; raises, or returns False, to refuse it."""
 
 LEAF_NODE_TBS_LABEL = b"LeafNodeTBS"
+
+
+def check_credential(
+    validator: CredentialValidator, credential: Credential, signature_key: bytes, where: str
+) -> None:
+    """Asks the application's `validator` about a credential (§5.3.1 "validated with the AS");
+    a refusal, whether raised or returned as False, is a `ValidationError` (an `MLSError` the
+    validator raised is passed on as it is)."""
+    try:
+        ok = validator(credential, signature_key)
+    except MLSError:
+        raise
+    except Exception as exc:  # the application's code: any refusal becomes an MLSError
+        raise ValidationError(
+            f"{where}: the credential_validator refused the credential ({exc})"
+        ) from exc
+    if ok is False:
+        raise ValidationError(f"{where}: the credential_validator refused the credential")
 
 
 def check_credential_successor(old: Credential, new: Credential, where: str) -> None:
@@ -223,14 +243,14 @@ def validate_leaf_node(
     - `now`: seconds since the epoch; when given, a key_package leaf's lifetime must cover it.
     - `max_lifetime`: seconds; when given, a key_package leaf whose lifetime spans longer is
       refused (§7.2: applications MUST set such a maximum).
+    - `credential_validator`: the application's AS (§5.3.1), asked about the leaf's credential
+      once the leaf's signature verifies (see `check_credential`).
     """
     where = "LeafNode" if leaf_index is None else f"leaf {leaf_index}"
     if source is not None and leaf.leaf_node_source != source:
         raise ValidationError(
             f"{where}: leaf_node_source is {leaf.leaf_node_source.name}, expected {source.name}"
         )
-    if credential_validator is not None:
-        credential_validator(leaf.credential, leaf.signature_key)
     verify_leaf_signature(crypto, leaf, group_id, leaf_index, where)
     try:
         crypto.check_hpke_public_key(leaf.encryption_key)
@@ -240,6 +260,9 @@ def validate_leaf_node(
     check_unique_extension_types(leaf.extensions, where)
     _check_capabilities(leaf, required_capabilities, where)
     _check_lifetime(leaf, now, max_lifetime, where)
+    if credential_validator is not None:
+        # After the leaf's own checks: the application is asked about signed leaves only.
+        check_credential(credential_validator, leaf.credential, leaf.signature_key, where)
     if tree is None:
         return
     replaced = None if leaf_index is None else tree.leaf_node(leaf_index)

@@ -20,6 +20,7 @@ from .framing import Sender, SenderType
 from .group_context import GroupContext, ProtocolVersion
 from .group_epoch import EpochState
 from .key_package import KeyPackage, LeafNodeSource
+from .leaf_validation import CredentialValidator, check_credential
 from .proposal_validation import (
     TreeIndex,
     check_group_extensions_supported,
@@ -241,10 +242,17 @@ def validate_proposal_list(
 
 
 def apply_proposals(
-    crypto: Crypto, new: EpochState, entries: list[ProposalEntry], *, check_lifetimes: bool
+    crypto: Crypto,
+    new: EpochState,
+    entries: list[ProposalEntry],
+    *,
+    check_lifetimes: bool,
+    max_lifetime: int | None = None,
+    credential_validator: CredentialValidator | None = None,
 ) -> ProposalEffects:
     """§12.3: applies the proposals to `new` in order, validating each new leaf against the
-    tree it joins (§7.3, §10.1)."""
+    tree it joins (§7.3, §10.1): its lifetime against `max_lifetime` (§7.2) and its credential,
+    if new to the group, with `credential_validator` (§5.3.1), as new external senders too."""
     ctx = new.context
     effects = ProposalEffects()
     types = {e.proposal.proposal_type for e in entries}
@@ -254,7 +262,7 @@ def apply_proposals(
         if isinstance(e.proposal.body, GroupContextExtensions):
             extensions = list(e.proposal.body.extensions)
             effects.extensions = extensions
-            check_external_senders(extensions)
+            check_external_senders(extensions, ctx.extensions, credential_validator)
     tree = new.tree
     for e in entries:
         body = e.proposal.body
@@ -264,7 +272,8 @@ def apply_proposals(
             if tree.leaf_node(index) is None:
                 raise ValidationError(f"Update from leaf {index}, which is not a member")
             validate_member_leaf(
-                crypto, ctx, body.leaf_node, LeafNodeSource.update, tree, index, extensions
+                crypto, ctx, body.leaf_node, LeafNodeSource.update, tree, index, extensions,
+                credential_validator,
             )
             tree.update_leaf(index, body.leaf_node)
             if index == new.leaf_index:
@@ -297,10 +306,11 @@ def apply_proposals(
             if tree_index is None:
                 tree_index = TreeIndex(tree)
             validate_added_key_package(
-                crypto, ctx, body.key_package, tree, extensions, check_lifetimes, tree_index
+                crypto, ctx, body.key_package, tree, extensions, check_lifetimes, tree_index,
+                max_lifetime, credential_validator,
             )
             index = tree.add_leaf(body.key_package.leaf_node)
-            tree_index.add(body.key_package.leaf_node)
+            tree_index.add(body.key_package.leaf_node, body.key_package.init_key)
             effects.added.append((index, body.key_package))
         elif isinstance(body, PreSharedKey):
             effects.psks.append(body.psk)
@@ -314,8 +324,26 @@ def apply_proposals(
     return effects
 
 
-def check_external_senders(extensions: Sequence[Extension]) -> None:
-    """An external_senders extension must parse (§12.1.8.1)."""
+def check_external_senders(
+    extensions: Sequence[Extension],
+    old_extensions: Sequence[Extension] = (),
+    credential_validator: CredentialValidator | None = None,
+) -> None:
+    """An external_senders extension must parse (§12.1.8.1); with `credential_validator`, each
+    sender not in `old_extensions`' list is validated with the AS (§5.3.1: "When an
+    external_senders extension is added to the group", "When an existing external_senders
+    extension is updated")."""
     ext = find_extension(extensions, ExtensionType.external_senders)
-    if ext is not None:
-        parse_external_senders(ext)
+    if ext is None:
+        return
+    senders = parse_external_senders(ext)
+    if credential_validator is None:
+        return
+    old_ext = find_extension(old_extensions, ExtensionType.external_senders)
+    known = [] if old_ext is None else parse_external_senders(old_ext)
+    for i, sender in enumerate(senders):
+        if sender not in known:
+            check_credential(
+                credential_validator, sender.credential, sender.signature_key,
+                f"external sender {i}",
+            )

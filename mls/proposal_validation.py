@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 
 from .crypto import Crypto
 from .errors import CryptoError, ValidationError
 from .extensions import (
     DEFAULT_EXTENSION_TYPES,
+    GREASE_VALUES,
     Extension,
     ExtensionType,
     RequiredCapabilities,
@@ -22,7 +24,7 @@ from .extensions import (
 )
 from .group_context import GroupContext, ProtocolVersion
 from .key_package import KeyPackage, LeafNode, LeafNodeSource
-from .leaf_validation import validate_leaf_node
+from .leaf_validation import CredentialValidator, validate_leaf_node
 from .proposals import DEFAULT_PROPOSAL_TYPES
 from .ratchet_tree import RatchetTree
 
@@ -63,10 +65,14 @@ class TreeIndex:
     """Per-commit summary of the members for §7.3's checks against the group, so that checking
     many new leaves (a batched Add) costs O(1) each instead of a scan of the tree."""
 
-    __slots__ = ("signature_keys", "encryption_keys", "credential_types", "supported_by_all")
+    __slots__ = (
+        "signature_keys", "encryption_keys", "init_keys", "credential_types", "supported_by_all"
+    )
 
     def __init__(self, tree: RatchetTree) -> None:
         self.signature_keys: set[bytes] = set()
+        # The init_keys of the KeyPackages added so far by this Commit.
+        self.init_keys: set[bytes] = set()
         self.credential_types: set[int] = set()
         self.supported_by_all: set[int] | None = None
         for _, leaf in tree.members():
@@ -82,10 +88,12 @@ class TreeIndex:
         else:
             self.supported_by_all &= creds
 
-    def add(self, leaf: LeafNode) -> None:
-        """Records a leaf that joined the tree."""
+    def add(self, leaf: LeafNode, init_key: bytes | None = None) -> None:
+        """Records a leaf that joined the tree (with the init_key of its KeyPackage)."""
         self._add_member(leaf)
         self.encryption_keys.add(leaf.encryption_key)
+        if init_key is not None:
+            self.init_keys.add(init_key)
 
     def check(self, leaf: LeafNode, where: str) -> None:
         ctype = int(leaf.credential.credential_type)
@@ -102,6 +110,28 @@ class TreeIndex:
             raise ValidationError(f"{where}: signature_key is already used by a member")
         if leaf.encryption_key in self.encryption_keys:
             raise ValidationError(f"{where}: encryption_key already appears in the ratchet tree")
+        if leaf.encryption_key in self.init_keys:
+            raise ValidationError(
+                f"{where}: encryption_key is the init_key of a KeyPackage this Commit adds"
+            )
+
+    def check_init_key(self, init_key: bytes) -> None:
+        check_init_key_unused(init_key, self.encryption_keys, self.init_keys)
+
+
+def check_init_key_unused(
+    init_key: bytes, tree_keys: AbstractSet[bytes], init_keys: AbstractSet[bytes] = frozenset()
+) -> None:
+    """§10: an init_key is unique to its KeyPackage, and an HPKE key serves one purpose. A
+    KeyPackage whose init_key is another's, or a key already in the tree, was copied (or made
+    to be): the Welcome encrypted to it is readable by the key's other holder, so it is
+    refused, not added."""
+    if init_key in init_keys:
+        raise ValidationError(
+            "KeyPackage init_key is also the init_key of another KeyPackage this Commit adds"
+        )
+    if init_key in tree_keys:
+        raise ValidationError("KeyPackage init_key is an encryption_key already in the ratchet tree")
 
 
 def validate_group_leaf(
@@ -117,12 +147,25 @@ def validate_group_leaf(
     check_lifetime: bool,
     tree_keys: set[bytes] | None = None,
     index: TreeIndex | None = None,
+    max_lifetime: int | None = None,
+    credential_validator: CredentialValidator | None = None,
 ) -> None:
     """§7.3 for a leaf arriving in a KeyPackage, Update or UpdatePath, against the group's tree
     (the leaf at `leaf_index`, which this one replaces, is left out of the uniqueness checks).
-    With `index` (new leaves only), the checks against the members use it instead of the tree."""
+    With `index` (new leaves only), the checks against the members use it instead of the tree.
+    `max_lifetime` (seconds) bounds a key_package leaf's lifetime (§7.2); `credential_validator`
+    is asked about the leaf's credential when it is new to the group (§5.3.1)."""
     where = "LeafNode" if leaf_index is None else f"leaf {leaf_index}"
     sig_index = None if source == LeafNodeSource.key_package else leaf_index
+    if credential_validator is not None and leaf_index is not None:
+        # §5.3.1: a credential is validated with the AS when it is introduced: a leaf that keeps
+        # the credential (and signature key) of the one it replaces introduces nothing.
+        old = tree.leaf_node(leaf_index)
+        if old is not None and (old.credential, old.signature_key) == (
+            leaf.credential,
+            leaf.signature_key,
+        ):
+            credential_validator = None
     if index is not None:
         index.check(leaf, where)
     validate_leaf_node(
@@ -134,6 +177,8 @@ def validate_group_leaf(
         tree=None if index is not None else tree,
         now=int(time.time()) if check_lifetime else None,
         required_capabilities=required_capabilities(extensions),
+        credential_validator=credential_validator,
+        max_lifetime=max_lifetime,
     )
     # §13.4: the capabilities indicate support for each extension in the GroupContext.
     check_group_extensions_supported(leaf, extensions, where)
@@ -160,6 +205,8 @@ def validate_key_package(
     check_lifetime: bool = True,
     tree_keys: set[bytes] | None = None,
     index: TreeIndex | None = None,
+    max_lifetime: int | None = None,
+    credential_validator: CredentialValidator | None = None,
 ) -> None:
     """§10.1 KeyPackage validation (with §7.3 on its leaf)."""
     if kp.cipher_suite != cipher_suite:
@@ -172,6 +219,8 @@ def validate_key_package(
         kp.leaf_node.signature_key, b"KeyPackageTBS", kp.tbs(), kp.signature
     ):
         raise ValidationError("invalid KeyPackage signature")
+    if index is None and tree_keys is None:
+        tree_keys = tree.encryption_keys()
     validate_group_leaf(
         crypto,
         kp.leaf_node,
@@ -184,6 +233,8 @@ def validate_key_package(
         check_lifetime=check_lifetime,
         tree_keys=tree_keys,
         index=index,
+        max_lifetime=max_lifetime,
+        credential_validator=credential_validator,
     )
     if kp.init_key == kp.leaf_node.encryption_key:
         raise ValidationError("KeyPackage init_key equals its leaf's encryption_key")
@@ -191,7 +242,23 @@ def validate_key_package(
         crypto.check_hpke_public_key(kp.init_key)
     except CryptoError as exc:
         raise ValidationError(f"KeyPackage: unusable init_key ({exc})") from None
+    if index is not None:
+        index.check_init_key(kp.init_key)
+    else:
+        assert tree_keys is not None
+        check_init_key_unused(kp.init_key, tree_keys)
     check_unique_extension_types(kp.extensions, "KeyPackage")
+    # §10: "Extensions included in the extensions or leaf_node.extensions fields MUST be
+    # included in the leaf_node.capabilities field" (default types are implied, §7.2). GREASE
+    # values are let through: §13.5 has receivers ignore them in KeyPackage.extensions, and
+    # asks that they be listed in the capabilities for LeafNode.extensions only.
+    for ext in kp.extensions:
+        t = int(ext.extension_type)
+        if t not in GREASE_VALUES and not leaf_supports_extension(kp.leaf_node, t):
+            raise ValidationError(
+                f"KeyPackage: carries extension type {t} that its leaf's capabilities do not"
+                " list (RFC 9420 §10)"
+            )
 
 
 def validate_member_leaf(
@@ -202,10 +269,12 @@ def validate_member_leaf(
     tree: RatchetTree,
     leaf_index: int,
     extensions: Sequence[Extension] | None = None,
+    credential_validator: CredentialValidator | None = None,
 ) -> None:
     """§7.3 on a leaf that replaces the member's at `leaf_index` (Update or UpdatePath) in the
     group of `context`, against `extensions` (default: the group's). Lifetimes are not checked:
-    §7.3 asks it of KeyPackage leaves only."""
+    §7.3 asks it of KeyPackage leaves only. `credential_validator` is asked about a credential
+    (or signature key) other than the replaced leaf's (§5.3.1)."""
     validate_group_leaf(
         crypto,
         leaf,
@@ -216,6 +285,7 @@ def validate_member_leaf(
         tree=tree,
         leaf_index=leaf_index,
         check_lifetime=False,
+        credential_validator=credential_validator,
     )
 
 
@@ -227,6 +297,8 @@ def validate_added_key_package(
     extensions: Sequence[Extension] | None = None,
     check_lifetime: bool = True,
     index: TreeIndex | None = None,
+    max_lifetime: int | None = None,
+    credential_validator: CredentialValidator | None = None,
 ) -> None:
     """§10.1 on a KeyPackage to add to `tree` in the group of `context`, against `extensions`
     (default: the group's)."""
@@ -239,6 +311,8 @@ def validate_added_key_package(
         tree=tree,
         check_lifetime=check_lifetime,
         index=index,
+        max_lifetime=max_lifetime,
+        credential_validator=credential_validator,
     )
 
 

@@ -35,10 +35,11 @@ from .group_context import GroupContext
 from .group_epoch import EpochState
 from .group_framing import verify_content
 from .group_info import verified_ratchet_tree, verify_signed_by_member
-from .group_state import read_format_header, read_proposal_cache, write_proposal_cache
+from .group_state import read_proposal_cache, write_proposal_cache
 from .group_types import PendingProposal
+from .leaf_validation import CredentialValidator
 from .proposal_list import ProposalEffects
-from .proposals import Proposal
+from .proposals import Proposal, ReInit
 from .ratchet_tree import RatchetTree
 from .tls import Reader, Writer
 from .transcript import interim_transcript_hash
@@ -47,7 +48,10 @@ from .welcome import GroupInfo
 __all__ = ["PublicGroup", "PublicProcessed"]
 
 _MAGIC = b"MLSP"
-_FORMAT_VERSION = 1
+# Version 2 adds the pending ReInit (§12.4.2: a reinitialised group takes no more messages, after
+# a restart too); version 1 state, which has none, still loads.
+_FORMAT_VERSION = 2
+_FORMAT_VERSIONS = (1, 2)
 
 
 @dataclass(slots=True)
@@ -70,11 +74,22 @@ class PublicProcessed:
 class PublicGroup(CommitRules):
     """The public state of a group: tree, GroupContext, transcript. Holds no secret."""
 
-    def __init__(self, crypto: Crypto, state: EpochState) -> None:
+    def __init__(
+        self,
+        crypto: Crypto,
+        state: EpochState,
+        *,
+        max_lifetime: int | None = None,
+        credential_validator: CredentialValidator | None = None,
+    ) -> None:
         self._crypto = crypto
         self._state = state
         # Lifetimes of added KeyPackages are the members' business; a DS accepts what they do.
         self.check_lifetimes = False
+        # Application policy as in `Group` (§7.2, §5.3.1), None by default; not stored by
+        # `to_bytes`: pass it again to `from_bytes`.
+        self.max_lifetime = max_lifetime
+        self.credential_validator = credential_validator
 
     def __repr__(self) -> str:
         st = self._state
@@ -87,18 +102,32 @@ class PublicGroup(CommitRules):
 
     @classmethod
     def from_group_info(
-        cls, group_info: bytes, ratchet_tree: bytes | None = None, max_leaves: int | None = None
+        cls,
+        group_info: bytes,
+        ratchet_tree: bytes | None = None,
+        max_leaves: int | None = None,
+        *,
+        max_lifetime: int | None = None,
+        credential_validator: CredentialValidator | None = None,
     ) -> PublicGroup:
         """Verifies a GroupInfo (MLSMessage or bare) and its tree, and starts following it.
-        `max_leaves` refuses a larger tree before any costly check."""
+        `max_leaves` refuses a larger tree before any costly check. `max_lifetime` (seconds)
+        and `credential_validator` (§7.2, §5.3.1, as in `Group`) apply to the tree and to every
+        leaf that enters the group later."""
         gi = _decode_group_info(group_info)
         context = gi.group_context
         crypto = get_crypto(context.cipher_suite)
-        tree = verified_ratchet_tree(crypto, gi, ratchet_tree, now=None, max_leaves=max_leaves)
+        tree = verified_ratchet_tree(
+            crypto, gi, ratchet_tree, now=None, max_leaves=max_leaves,
+            max_lifetime=max_lifetime, credential_validator=credential_validator,
+        )
         interim = interim_transcript_hash(
             crypto, context.confirmed_transcript_hash, gi.confirmation_tag
         )
-        return cls(crypto, EpochState.public(context, tree, interim))
+        return cls(
+            crypto, EpochState.public(context, tree, interim), max_lifetime=max_lifetime,
+            credential_validator=credential_validator,
+        )
 
     def check_group_info(self, group_info: bytes) -> None:
         """Raises unless `group_info` (MLSMessage or bare) describes this group as it is now,
@@ -189,7 +218,8 @@ class PublicGroup(CommitRules):
             self._crypto, new.context.confirmed_transcript_hash, ac.auth.confirmation_tag
         )
         new.proposals = {}
-        new.reinit = effects.reinit
+        if effects.reinit is not None:  # a ReInit is never undone (§12.4.2)
+            new.reinit = effects.reinit
         return new, effects, tuple(added)
 
     # --- persistence -----------------------------------------------------------------------------
@@ -204,21 +234,41 @@ class PublicGroup(CommitRules):
         w.opaque(st.tree.encode())
         w.opaque(st.interim_transcript_hash)
         write_proposal_cache(w, st.proposals)
+        w.optional(st.reinit, lambda w2, ri: ri.write(w2))
         return w.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> PublicGroup:
+    def from_bytes(
+        cls,
+        data: bytes,
+        *,
+        max_lifetime: int | None = None,
+        credential_validator: CredentialValidator | None = None,
+    ) -> PublicGroup:
+        """The view `to_bytes` saved; the policy settings it does not store are given again."""
         r = Reader(bytes(data))
-        read_format_header(r, _MAGIC, _FORMAT_VERSION, "PublicGroup")
+        if r.raw(len(_MAGIC), "PublicGroup.magic") != _MAGIC:
+            raise DecodeError("not a serialised mls.PublicGroup", "PublicGroup.magic")
+        version = r.uint16("PublicGroup.format_version")
+        if version not in _FORMAT_VERSIONS:
+            raise DecodeError(
+                f"PublicGroup state format {version} is not supported (expected one of"
+                f" {_FORMAT_VERSIONS})",
+                "PublicGroup.format_version",
+            )
         context = GroupContext.read(r)
         crypto = get_crypto(context.cipher_suite)
         tree = RatchetTree.decode(crypto, r.opaque("PublicGroup.tree"))
         interim = r.opaque("PublicGroup.interim_transcript_hash")
         proposals = read_proposal_cache(r, "PublicGroup")
+        reinit = r.optional(ReInit.read, "PublicGroup.reinit") if version >= 2 else None
         r.finish("PublicGroup")
         st = EpochState.public(context, tree, interim)
         st.proposals = proposals
-        return cls(crypto, st)
+        st.reinit = reinit
+        return cls(
+            crypto, st, max_lifetime=max_lifetime, credential_validator=credential_validator
+        )
 
 
 def _decode_group_info(group_info: bytes) -> GroupInfo:

@@ -317,7 +317,10 @@ def test_reinit_then_new_group() -> None:
     assert created.welcome is not None
     with pytest.raises(ValidationError, match="PSK"):
         Group.join(ga._client, created.welcome)
-    new_a = Group.join(ga._client, created.welcome, resumption_psks=psk)
+    # §12.4.3.1: the PSK alone does not do, the checks against the old group need it.
+    with pytest.raises(ValidationError, match="pass the group it continues as `previous`"):
+        Group.join(ga._client, created.welcome, resumption_psks=psk)
+    new_a = Group.join(ga._client, created.welcome, previous=ga)
     new_c = Group.join(gc._client, created.welcome, previous=gc)  # with §12.4.3.1's checks
     same_epoch(new_a, new_b, new_c)
 

@@ -159,6 +159,38 @@ def test_two_adds_of_one_client_rejected() -> None:
     rejects(gb, forge_commit(ga, [add(kp1), add(kp2)]), ValidationError, "signature_key")
 
 
+def test_two_adds_sharing_an_init_key_rejected() -> None:
+    """§10: an init_key is unique to its KeyPackage; two Adds with one (a copied KeyPackage key)
+    would make one Welcome readable by the other's holder. Nor may an added leaf's
+    encryption_key be another Add's init_key."""
+    ga, gb = make_group(2)
+    carol, dave = Client(b"carol"), Client(b"dave")
+    kp1 = key_package(carol)
+    kp2 = resign_kp(dave, key_package(dave, init_key=kp1.init_key))
+    match = "init_key is also the init_key of another KeyPackage this Commit adds"
+    rejects(gb, forge_commit(ga, [add(kp1), add(kp2)]), ValidationError, match)
+    with pytest.raises(ValidationError, match=match):
+        ga.add([MLSMessage(kp1).encode(), MLSMessage(kp2).encode()])
+    assert not ga.has_pending_commit
+    kp3 = kp_with_leaf(dave, encryption_key=kp1.init_key)
+    rejects(gb, forge_commit(ga, [add(kp1), add(kp3)]), ValidationError,
+            "encryption_key is the init_key of a KeyPackage this Commit adds")
+
+
+def test_add_whose_init_key_is_already_in_the_tree_rejected() -> None:
+    """§10: an init_key equal to an encryption key of the tree (here a member's leaf key) is
+    refused in a Commit, in a received Add proposal, and by the would-be proposer."""
+    ga, gb = make_group(2)
+    carol = Client(b"carol")
+    leaf_key = gb.tree.leaf_node(1).encryption_key  # type: ignore[union-attr]
+    kp = resign_kp(carol, key_package(carol, init_key=leaf_key))
+    match = "init_key is an encryption_key already in the ratchet tree"
+    rejects(gb, forge_commit(ga, [add(kp)]), ValidationError, match)
+    rejects(gb, ga._send_proposal(Proposal(Add(kp))), ValidationError, match)
+    with pytest.raises(ValidationError, match=match):
+        gb.propose_add(MLSMessage(kp).encode())
+
+
 def test_add_of_existing_member_rejected() -> None:
     ga, gb = make_group(2)
     rejects(gb, forge_commit(ga, [add(key_package(gb._client))]), ValidationError, "signature_key")
@@ -1084,6 +1116,21 @@ def test_reinit_welcome_dropping_a_member_rejected() -> None:
     welcome = _special_welcome(ga, ga, ResumptionPSKUsage.reinit, [gb.client.key_package()])
     refuses_join(gb.client, welcome, ValidationError, "member of the reinitialised group is missing",
                  previous=gb)
+
+
+@pytest.mark.parametrize(
+    "usage", [ResumptionPSKUsage.reinit, ResumptionPSKUsage.branch], ids=["reinit", "branch"]
+)
+def test_reinit_or_branch_welcome_without_previous_rejected(usage: ResumptionPSKUsage) -> None:
+    """§12.4.3.1's checks on a reinit or branch Welcome need the group it continues: with the
+    PSK alone (`resumption_psks`), one member could start a "reinit" that no ReInit Commit
+    announced, or drop members, and the joiner could not tell."""
+    ga, gb = make_group(2)
+    welcome = _special_welcome(ga, ga, usage, [gb.client.key_package()])
+    psks = {(ga.group_id, ga.epoch): ga.resumption_psk()}
+    refuses_join(gb.client, welcome, ValidationError,
+                 f"names a {usage.name} resumption PSK: pass the group it continues as `previous`",
+                 resumption_psks=psks)
 
 
 def test_branch_welcome_past_epoch_one_rejected() -> None:
