@@ -61,6 +61,8 @@ from e2ee_media.errors import WrongSender
 from e2ee_media.mls_keys import MLSKeyManager
 from e2ee_media.transform import FrameDecryptor, FrameEncryptor, TrackStats
 from mls import Client, CommitResult, Group, MLSError, PublicGroup
+from mls.client import MAX_LEAF_LIFETIME
+from mls.credential import Credential
 from mls.framing import MLSMessage, PublicMessage
 from mls.proposals import ProposalType
 from sfu import aiortc_hooks
@@ -381,7 +383,7 @@ class Participant:
                     raise ValueError("a counter or flag has the wrong type")
                 group = None
                 if "group" in saved and not removed:
-                    group = Group.from_bytes(saved["group"], client)
+                    group = Group.from_bytes(saved["group"], client, **self._group_policy())
             except _UNREADABLE_STATE as exc:
                 raise ConclaveError(
                     f"cannot read the saved state {path}: {exc}; move it away to start afresh "
@@ -393,6 +395,23 @@ class Participant:
                 self._resumed = True
             return client
         return Client(self.name.encode(), cipher_suite)
+
+    def _group_policy(self) -> dict[str, Any]:
+        """What each group of ours checks of every leaf that enters it, before taking it."""
+        return {"max_lifetime": MAX_LEAF_LIFETIME, "credential_validator": self._check_credential}
+
+    def _check_credential(self, credential: Credential, signature_key: bytes) -> bool:
+        """RFC 9420 §5.3.1, "validated with the AS", as far as a member can: the delivery
+        service registers a name with one key for good, so a leaf that brings a member's name
+        with another key is refused; only a dishonest service would let it in. (New names are
+        for the members to judge: they show in the member list, the safety code and the
+        audit.)"""
+        group = self.group
+        if group is None or self.removed:
+            return True
+        identity = credential.identity
+        return all(m.signature_key == signature_key for m in group.members
+                   if m.identity == identity)
 
     def save(self) -> None:
         path = self._state_path
@@ -582,7 +601,7 @@ class Participant:
     async def create(self, room: str) -> None:
         """Create the call's group (epoch 0) and publish its GroupInfo for external joiners and
         the auditor."""
-        group = Group.create(self.client, group_id_for_room(room))
+        group = Group.create(self.client, group_id_for_room(room), **self._group_policy())
         gi = group.group_info()
         try:
             await self.ds.create_group(group.group_id, gi)
@@ -608,7 +627,8 @@ class Participant:
             # A leaf of ours may already be there (a join interrupted after the service took
             # it, or a lost state): the commit replaces it, as a resync (§12.4.3.2)
             group, commit = Group.join_external(
-                self.client, gi, remove_leaf=_own_leaf(gi, self.client.signature_key)
+                self.client, gi, remove_leaf=_own_leaf(gi, self.client.signature_key),
+                **self._group_policy(),
             )
             try:
                 accepted = await self.ds.send(gid, commit, group_info=group.group_info())
@@ -790,7 +810,7 @@ class Participant:
         or `check` refuses the group it gives."""
         async with self._lock:
             try:
-                group = Group.join(self.client, w.welcome)
+                group = Group.join(self.client, w.welcome, **self._group_policy())
             except Exception as exc:  # whatever the service sent: MLS, decoding, types
                 self._note(f"a Welcome (id {w.id}) that cannot be used: {_reason(exc)}")
                 return False
@@ -948,7 +968,9 @@ class Participant:
             for _ in range(COMMIT_ATTEMPTS):
                 try:
                     gi = await self.ds.fetch_group_info(gid)
-                    new, commit = Group.join_external(self.client, gi, remove_leaf=old_leaf)
+                    new, commit = Group.join_external(
+                        self.client, gi, remove_leaf=old_leaf, **self._group_policy()
+                    )
                     accepted = await self.ds.send(gid, commit, group_info=new.group_info())
                 except StaleEpochRejected:
                     await asyncio.sleep(random.uniform(0.01, 0.1))

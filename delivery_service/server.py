@@ -25,6 +25,7 @@ from typing import Any
 import cbor2
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from mls.client import MAX_LEAF_LIFETIME
 from sfu.tokens import issue_room_token
 
 from .errors import (
@@ -441,6 +442,10 @@ class DeliveryService:
             raise BadRequest("the KeyPackage's cipher suite is not the identity's")
         if info.not_after <= now_s():
             raise BadRequest("the KeyPackage has expired (Lifetime.not_after is in the past)")
+        if info.not_after - info.not_before > MAX_LEAF_LIFETIME:
+            # Members refuse such a leaf in their group (§7.2): no commit could add it.
+            raise BadRequest(f"the KeyPackage's lifetime is longer than {MAX_LEAF_LIFETIME} s "
+                             "(RFC 9420 §7.2), which members refuse")
         # A Lifetime is uint64 seconds; the databases store signed 64-bit integers.
         return KeyPackageRow(info.ref, data, min(info.not_after, MAX_INT), last_resort)
 

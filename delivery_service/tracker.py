@@ -23,6 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from mls.client import MAX_LEAF_LIFETIME
 from mls.commit import Commit
 from mls.errors import MLSError
 from mls.framing import Sender
@@ -167,7 +168,9 @@ def _check_posted_to(state: GroupState, message: FramedMessage) -> None:
 
 def _verified_group_info(group_info: bytes, max_leaves: int) -> PublicGroup:
     try:
-        return PublicGroup.from_group_info(group_info, max_leaves=max_leaves)
+        return PublicGroup.from_group_info(
+            group_info, max_leaves=max_leaves, max_lifetime=MAX_LEAF_LIFETIME
+        )
     except (MLSError, ValueError) as exc:
         raise BadRequest(f"the GroupInfo does not verify: {exc}") from None
 
@@ -227,7 +230,7 @@ class PublicGroupTracker:
     def _view(self, tracker_state: bytes) -> PublicGroup:
         group = self._views.get(tracker_state)
         if group is None:
-            group = PublicGroup.from_bytes(tracker_state)
+            group = PublicGroup.from_bytes(tracker_state, max_lifetime=MAX_LEAF_LIFETIME)
             self._remember(tracker_state, group)
         else:
             self._views.move_to_end(tracker_state)
@@ -290,7 +293,7 @@ class PublicGroupTracker:
             )
         if message.epoch != state.epoch:
             raise StaleEpoch(message.epoch, state.epoch)
-        group = PublicGroup.from_bytes(state.tracker_state)
+        group = PublicGroup.from_bytes(state.tracker_state, max_lifetime=MAX_LEAF_LIFETIME)
         # Every stored group's identities are UTF-8 (`_identities` refuses others).
         owners = _leaf_owners(group)
         if message.sender_type == SenderType.member:

@@ -26,6 +26,10 @@ _MAGIC = b"MLSC"
 KEY_PACKAGE_LIFETIME = 90 * 24 * 3600
 # Clock skew tolerated for not_before.
 _CLOCK_SKEW = 3600
+# The longest total lifetime of a KeyPackage leaf that Conclave's clients and service accept
+# (§7.2: "Applications MUST define a maximum total lifetime"; `Group(max_lifetime=...)`): this
+# client's own (90 days and the skew) with room for a client that makes somewhat longer ones.
+MAX_LEAF_LIFETIME = 120 * 24 * 3600
 
 
 def default_capabilities(cipher_suite: int) -> Capabilities:

@@ -446,3 +446,28 @@ async def test_an_invite_cancelled_after_the_service_took_its_commit_still_lets_
         assert not alice.errors and alice.resyncs == 0
     finally:
         await dave.close()
+
+
+async def test_a_leaf_with_a_members_name_and_another_key_is_refused(
+    trio: list[Participant],
+) -> None:
+    """RFC 9420 §5.3.1: the service registers a name with one key, so only a dishonest one
+    could pass on an external commit under bob's name with another key: members refuse it, and
+    their group is as it was. Nor may a KeyPackage leaf live longer than MAX_LEAF_LIFETIME."""
+    from mls import Client, Group
+    from mls.client import _CLOCK_SKEW, MAX_LEAF_LIFETIME
+    from mls.framing import MLSMessage
+
+    alice, _, carol = trio
+    assert alice.group is not None
+    epoch, members = alice.epoch, alice.member_names
+    _, commit = Group.join_external(Client(b"bob"), alice.group.group_info())
+    with pytest.raises(MLSError, match="credential"):
+        alice.group.process(commit)
+    assert (alice.epoch, alice.member_names) == (epoch, members)
+    long_lived = MLSMessage.decode(
+        Client(b"dave").key_package(lifetime=MAX_LEAF_LIFETIME - _CLOCK_SKEW + 1)
+    ).body
+    with pytest.raises(MLSError, match="lifetime"):
+        carol.group.add([long_lived])  # type: ignore[union-attr, list-item]
+    assert (carol.epoch, carol.member_names) == (epoch, members)

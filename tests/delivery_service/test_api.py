@@ -139,6 +139,21 @@ async def test_expired_key_packages_are_refused(make_client: MakeClient) -> None
     assert info.value.status == 400 and "expired" in info.value.reason
 
 
+async def test_key_packages_that_live_longer_than_members_accept_are_refused(
+    make_client: MakeClient,
+) -> None:
+    from mls.client import _CLOCK_SKEW, MAX_LEAF_LIFETIME
+
+    alice, alice_mls = await make_client("alice")
+    longest = alice_mls.key_package(lifetime=MAX_LEAF_LIFETIME - _CLOCK_SKEW)
+    await alice.upload_key_packages([longest])
+    too_long = alice_mls.key_package(lifetime=MAX_LEAF_LIFETIME - _CLOCK_SKEW + 1)
+    with pytest.raises(RequestFailed) as info:
+        await alice.upload_key_packages([too_long])
+    assert info.value.status == 400 and "§7.2" in info.value.reason
+    assert await alice.key_package_count() == 1
+
+
 async def test_key_package_of_another_identity_is_refused(make_client: MakeClient) -> None:
     alice, _ = await make_client("alice")
     _, bob_mls = await make_client("bob")

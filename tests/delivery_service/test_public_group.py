@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from typing import Any
 
 import pytest
 
@@ -224,9 +225,9 @@ async def test_a_commit_parses_the_public_tree_once(url: str, monkeypatch) -> No
     parses = []
     original = PublicGroup.from_bytes.__func__  # type: ignore[attr-defined]
 
-    def counting(cls, data: bytes) -> PublicGroup:  # type: ignore[no-untyped-def]
+    def counting(cls, data: bytes, **kwargs: Any) -> PublicGroup:  # type: ignore[no-untyped-def]
         parses.append(len(data))
-        return original(cls, data)
+        return original(cls, data, **kwargs)
 
     monkeypatch.setattr(PublicGroup, "from_bytes", classmethod(counting))
     res = bob.group.update()
