@@ -261,13 +261,16 @@ async def until_stopped(stop: asyncio.Event, step: Any) -> Any:
 _HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
-def printable(text: str) -> str:
+def printable(text: str, *, backslashes: bool = True) -> str:
     """`text` with every control or invisible character shown as an escape (`\\x1b`,
-    `\\u202e`), and every space but the plain one (`\\xa0`, `\\u3000`): names come from
-    peers and the service, and must read as what they are."""
+    `\\u202e`), every space but the plain one (`\\xa0`, `\\u3000`), and a backslash as two:
+    names come from peers and the service, and must read as what they are. (`backslashes`
+    False: left as they are, for messages that quote names with `repr` already.)"""
     return "".join(
         c.encode("unicode_escape", "backslashreplace").decode("ascii")
         if unicodedata.category(c) in _HIDDEN_CATEGORIES or (c != " " and c.isspace())
+        # else a name holding the text `\\xa0` would read as one with a no-break space
+        or (backslashes and c == "\\")
         else c
         for c in text
     )
@@ -465,10 +468,12 @@ async def cmd_join(args: argparse.Namespace) -> int:
     finally:
         try:
             if commands is not None:
-                await in_call.finish()  # an invite cut short would lose its Welcome
+                # No command starts now; the one under way (shielded) may end, for an invite
+                # cut short would lose its Welcome.
                 commands.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await commands
+                await in_call.finish()
         finally:
             await p.close()
     return 0
@@ -715,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConclaveError as exc:
         if args.debug:
             raise
-        print(f"conclave {args.command}: {exc}", file=sys.stderr)
+        print(f"conclave {args.command}: {describe_error(exc)}", file=sys.stderr)
         return 2
     except Exception as exc:
         if isinstance(exc, BrokenPipeError) and _stdout_gone():
@@ -744,7 +749,7 @@ def describe_error(exc: Exception) -> str:
         text = str(exc)
     else:
         text = f"unexpected error {type(exc).__name__}: {exc} (run with --debug for details)"
-    return printable(text)
+    return printable(text, backslashes=False)
 
 
 def _stdout_gone() -> bool:

@@ -116,12 +116,12 @@ def listed(names: Iterable[str]) -> str:
 
 
 def _member_named(members: list[str], typed: str) -> str | None:
-    """The member `typed` names: the name itself, or its escaped form as shown."""
+    """The member `typed` names: the one shown so (no two are: `printable` is one-to-one),
+    else the one of that very name."""
     from .cli import printable
 
-    if typed in members:
-        return typed
-    return next((m for m in members if typed == printable(m)), None)
+    return next((m for m in members if printable(m) == typed),
+                typed if typed in members else None)
 
 
 class InCall:

@@ -786,8 +786,8 @@ class Participant:
             return False
         try:
             tree = PublicGroup.from_group_info(await self.ds.fetch_group_info(gid)).tree
-        except (RequestFailed, MLSError):
-            return False  # `create_or_join` tells why (removed, no such room)
+        except (RequestFailed, MLSError, ValueError):
+            return False  # `create_or_join` tells why (removed, no such room, bad GroupInfo)
 
         def current(group: Group) -> bool:
             now = tree.leaf_node(group.leaf_index)
@@ -798,6 +798,8 @@ class Participant:
             if await self._join_from(w, gid, check=current):
                 await self._joined_from_welcome()
                 return True
+        # (The cursor stays: it counts the Welcomes of every group, and another group's may
+        # be older than these. Trying these again at the next enter costs little.)
         return False
 
     async def _join_from(
@@ -1019,12 +1021,14 @@ class Participant:
         merged (or this member falls out of step) and its Welcome posted (or its invitees are
         in the tree with no way in). A failure of an attempt no one awaits any more is noted."""
         for _ in range(COMMIT_ATTEMPTS):
-            attempt = asyncio.ensure_future(self._attempt(step))
+            abandoned: list[bool] = []
+            attempt = asyncio.ensure_future(self._attempt(step, abandoned))
             self._tasks.add(attempt)  # close() still ends it
             attempt.add_done_callback(self._tasks.discard)
             try:
                 done, result = await asyncio.shield(attempt)
             except asyncio.CancelledError:
+                abandoned.append(True)  # not started yet (waiting for the lock): it never will
                 attempt.add_done_callback(self._task_done)  # to report its failure, if any
                 raise
             if done:
@@ -1037,10 +1041,15 @@ class Participant:
             await asyncio.sleep(random.uniform(0, 0.05))
         raise CommitFailed(f"{self.name}: the group kept moving; gave up after {COMMIT_ATTEMPTS} tries")
 
-    async def _attempt(self, step: Callable[[Group], Awaitable[bool]]) -> tuple[bool, Any]:
+    async def _attempt(
+        self, step: Callable[[Group], Awaitable[bool]], abandoned: list[bool]
+    ) -> tuple[bool, Any]:
         """One attempt of `_in_current_epoch`: (True, what `step` returned), or (False, the
-        epoch to wait for) after a 409."""
+        epoch to wait for) after a 409. Nothing is done if the caller gave up (`abandoned`)
+        before the lock was ours."""
         async with self._lock:
+            if abandoned:
+                return True, False
             group = self.group
             if group is None or self.removed:
                 raise NotInGroup(f"{self.name} is not a member of a call")

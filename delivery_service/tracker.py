@@ -308,6 +308,15 @@ class PublicGroupTracker:
             processed = group.process(data)
         except (MLSError, ValueError) as exc:
             raise BadRequest(f"the {message.content_type.name} does not verify: {exc}") from None
+        if group.pending_reinit is not None or (
+            processed.proposal is not None
+            and processed.proposal.proposal_type == ProposalType.reinit
+        ):
+            # A committed ReInit ends a group for good (RFC 9420 §12.4.2), and a room's group
+            # id is fixed by its name: one member could close the room to everyone. (`group`
+            # is this request's own copy: refusing leaves the stored group as it was.)
+            raise BadRequest("a ReInit is not taken: it would end the room's group for good "
+                             "(RFC 9420 §11.2), and the room with it")
         members = frozenset(i for i, _ in _identities(group))
         if message.sender_type == SenderType.new_member_commit:
             # The joiner is the committer's new leaf: it must be the poster's, else a second

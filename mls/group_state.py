@@ -35,16 +35,22 @@ _MAGIC = b"MLSG"
 _FORMAT_VERSION = 1
 
 
-def read_format_header(r: Reader, magic: bytes, version: int, what: str) -> None:
-    """Checks the magic and format version that start a serialised `what`."""
+def read_format_header(
+    r: Reader, magic: bytes, version: int | tuple[int, ...], what: str
+) -> int:
+    """Checks the magic and format version (one of `version`) that start a serialised
+    `what`; returns the version found."""
     if r.raw(len(magic), f"{what}.magic") != magic:
         raise DecodeError(f"not a serialised mls.{what}", f"{what}.magic")
     found = r.uint16(f"{what}.format_version")
-    if found != version:
+    versions = (version,) if isinstance(version, int) else version
+    if found not in versions:
+        expected = " or ".join(str(v) for v in versions)
         raise DecodeError(
-            f"{what} state format {found} is not supported (expected {version})",
+            f"{what} state format {found} is not supported (expected {expected})",
             f"{what}.format_version",
         )
+    return found
 
 
 def write_proposal_cache(w: Writer, proposals: dict[bytes, PendingProposal]) -> None:

@@ -35,7 +35,7 @@ from .group_context import GroupContext
 from .group_epoch import EpochState
 from .group_framing import verify_content
 from .group_info import verified_ratchet_tree, verify_signed_by_member
-from .group_state import read_proposal_cache, write_proposal_cache
+from .group_state import read_format_header, read_proposal_cache, write_proposal_cache
 from .group_types import PendingProposal
 from .leaf_validation import CredentialValidator
 from .proposal_list import ProposalEffects
@@ -49,8 +49,7 @@ __all__ = ["PublicGroup", "PublicProcessed"]
 
 _MAGIC = b"MLSP"
 # Version 2 adds the pending ReInit (§12.4.2: a reinitialised group takes no more messages, after
-# a restart too); version 1 state, which has none, still loads.
-_FORMAT_VERSION = 2
+# a restart too). A group with none is saved as version 1, as before version 2 existed.
 _FORMAT_VERSIONS = (1, 2)
 
 
@@ -229,12 +228,15 @@ class PublicGroup(CommitRules):
         st = self._state
         w = Writer()
         w.raw(_MAGIC)
-        w.uint16(_FORMAT_VERSION)
+        # Format 1 while no ReInit is pending: the same bytes as before format 2, which
+        # service instances of an older version, sharing one database, can still read.
+        w.uint16(1 if st.reinit is None else 2)
         st.context.write(w)
         w.opaque(st.tree.encode())
         w.opaque(st.interim_transcript_hash)
         write_proposal_cache(w, st.proposals)
-        w.optional(st.reinit, lambda w2, ri: ri.write(w2))
+        if st.reinit is not None:
+            w.optional(st.reinit, lambda w2, ri: ri.write(w2))
         return w.getvalue()
 
     @classmethod
@@ -247,21 +249,13 @@ class PublicGroup(CommitRules):
     ) -> PublicGroup:
         """The view `to_bytes` saved; the policy settings it does not store are given again."""
         r = Reader(bytes(data))
-        if r.raw(len(_MAGIC), "PublicGroup.magic") != _MAGIC:
-            raise DecodeError("not a serialised mls.PublicGroup", "PublicGroup.magic")
-        version = r.uint16("PublicGroup.format_version")
-        if version not in _FORMAT_VERSIONS:
-            raise DecodeError(
-                f"PublicGroup state format {version} is not supported (expected one of"
-                f" {_FORMAT_VERSIONS})",
-                "PublicGroup.format_version",
-            )
+        version = read_format_header(r, _MAGIC, _FORMAT_VERSIONS, "PublicGroup")
         context = GroupContext.read(r)
         crypto = get_crypto(context.cipher_suite)
         tree = RatchetTree.decode(crypto, r.opaque("PublicGroup.tree"))
         interim = r.opaque("PublicGroup.interim_transcript_hash")
         proposals = read_proposal_cache(r, "PublicGroup")
-        reinit = r.optional(ReInit.read, "PublicGroup.reinit") if version >= 2 else None
+        reinit = r.optional(ReInit.read, "PublicGroup.reinit") if version == 2 else None
         r.finish("PublicGroup")
         st = EpochState.public(context, tree, interim)
         st.proposals = proposals

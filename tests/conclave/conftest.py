@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from conclave.participant import Participant
 from conclave.services import Services
+
+WAIT = 30.0  # seconds: generous, for a loaded machine; the conditions hold long before
+
+
+async def until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
+    """Poll `condition` until it holds; fail the test after `timeout` seconds."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.02)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ Usage: python job_control.py (ctrl-z-bg | loses-terminal) LOG
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import pty
@@ -53,7 +54,16 @@ def _shell(how: str, log: str, slave: int, to_parent: int, from_parent: int) -> 
         os.setpgid(0, 0)
         os.dup2(slave, 0)
         os.execv(sys.executable, [sys.executable, "-c", JOB, log])
-    os.setpgid(job, job)
+    try:
+        _drive(how, log, slave, job, to_parent, from_parent)
+    finally:
+        os.kill(job, signal.SIGKILL)  # whatever happened: no job left behind
+        os.waitpid(job, 0)
+
+
+def _drive(how: str, log: str, slave: int, job: int, to_parent: int, from_parent: int) -> None:
+    with contextlib.suppress(OSError):  # as shells do; the job set it itself (or exec'd first)
+        os.setpgid(job, job)
     os.tcsetpgrp(slave, job)  # started in the foreground
     _wait_for(log, "job started")
     time.sleep(0.3)  # its read is under way
@@ -77,8 +87,6 @@ def _shell(how: str, log: str, slave: int, to_parent: int, from_parent: int) -> 
     os.kill(job, signal.SIGCONT)
     os.write(to_parent, b"f")  # type the job's line now
     _wait_for(log, "job read: 'members")
-    os.kill(job, signal.SIGKILL)
-    os.waitpid(job, 0)
 
 
 def main() -> None:
@@ -90,11 +98,14 @@ def main() -> None:
     shell = os.fork()
     if shell == 0:
         try:
-            os.close(master)
+            for fd in (master, up_read, down_write):
+                os.close(fd)
             _shell(how, log, slave, up_write, down_read)
         finally:
             os._exit(0)
-    os.close(slave)
+    # Only the shell holds these ends now: if it dies, the reads below end (EOF) at once.
+    for fd in (slave, up_write, down_read):
+        os.close(fd)
     os.read(up_read, 1)
     os.write(master, b"ls -l\n")  # at the shell's prompt
     os.write(down_write, b"t")

@@ -28,6 +28,7 @@ from conclave.commands import (
 from conclave.errors import ConclaveError
 from conclave.participant import Participant
 from conclave.services import Services
+from tests.conclave.conftest import until
 
 
 @pytest.mark.parametrize(("line", "command"), [
@@ -98,10 +99,12 @@ def test_the_longest_line_is_taken() -> None:
 
 async def test_lines_come_in_order_an_overlong_one_cut_then_the_end() -> None:
     read, write = os.pipe()
-    with os.fdopen(write, "wb") as w:
-        w.write(b"members\n" + b"y" * (3 * MAX_LINE) + b"\nrotate\n\xffhelp\n")
     with os.fdopen(read, "r") as stdin:
-        lines = read_lines(asyncio.get_running_loop(), stdin)
+        lines = read_lines(asyncio.get_running_loop(), stdin)  # reading before the writes
+        with os.fdopen(write, "wb") as w:
+            await asyncio.to_thread(
+                w.write, b"members\n" + b"y" * (3 * MAX_LINE) + b"\nrotate\n\xffhelp\n"
+            )
         got = [await asyncio.wait_for(lines.get(), 5) for _ in range(5)]
     assert got[0] == "members\n"
     assert got[1] is not None and len(got[1]) == MAX_LINE + 1
@@ -129,12 +132,6 @@ class _Said:
         self.lines.append(text)
 
 
-async def _until(check: object, timeout: float = 10) -> None:
-    async with asyncio.timeout(timeout):
-        while not check():  # type: ignore[operator]
-            await asyncio.sleep(0.02)
-
-
 async def test_members_remove_invite_and_rotate_change_the_call(
     trio: list[Participant],
 ) -> None:
@@ -149,7 +146,7 @@ async def test_members_remove_invite_and_rotate_change_the_call(
     await call.run(Command("remove", ("bob",)))
     assert alice.epoch == epoch + 1 and alice.member_names == ["alice", "carol"]
     assert said.lines[-1].startswith(f"removed bob: epoch {epoch + 1}, safety code ")
-    await _until(lambda: bob.removed)
+    await until(lambda: bob.removed)
     assert bob.removed_by == "alice"  # from her signed commit
 
     await call.run(Command("invite", ("bob",)))
@@ -191,8 +188,8 @@ async def test_leave_ends_the_call_once_a_member_commits_it(trio: list[Participa
     call = InCall(bob, said)
     await call.run(Command("leave"))
     assert call.left and "asked to leave" in said.lines[-1]
-    await _until(lambda: bob.removed)
-    await _until(lambda: alice.member_names == ["alice", "carol"])
+    await until(lambda: bob.removed)
+    await until(lambda: alice.member_names == ["alice", "carol"])
     with pytest.raises(CommandError, match="not a member"):
         await call.run(Command("members"))
 
@@ -301,7 +298,7 @@ async def test_the_end_of_the_input_is_said_and_what_it_asked_for_is_done() -> N
 async def test_a_member_with_spaces_or_hidden_characters_in_its_name_can_be_removed(
     services: Services, tmp_path: Path
 ) -> None:
-    names = ["alice", "mallory x", "mal\xa0lory"]
+    names = ["alice", "mallory x", "mal\xa0lory", "mal\\xa0lory"]  # a space; a backslash
     people = [Participant(n, services.ds_url, state_dir=tmp_path) for n in names]
     try:
         for p in people:
@@ -310,16 +307,19 @@ async def test_a_member_with_spaces_or_hidden_characters_in_its_name_can_be_remo
         await alice.create("r")
         for p in people[1:]:
             await p.join("r")
-        await _until(lambda: len(alice.member_names) == 3)
+        await until(lambda: len(alice.member_names) == 4)
         said = _Said()
         call = InCall(alice, said)
         await call.run(Command("members"))
-        assert "members alice, 'mallory x', mal\\xa0lory;" in said.lines[-1]
-        # each as `members` shows it
-        for line in ("remove 'mallory x'", "remove mal\\xa0lory"):
+        assert "members alice, mal\\\\xa0lory, 'mallory x', mal\\xa0lory;" in said.lines[-1]
+        # each as `members` shows it: the no-break space's first, then the backslash's
+        for line, left in (("remove mal\\xa0lory", names[3]), ("remove mal\\\\xa0lory", None),
+                           ("remove 'mallory x'", None)):
             command = parse_command(line)
             assert command is not None
             await call.run(command)
+            if left is not None:
+                assert left in alice.member_names and names[2] not in alice.member_names
         assert alice.member_names == ["alice"]
     finally:
         for p in people:
@@ -371,11 +371,17 @@ async def test_conclave_join_takes_commands_on_its_standard_input(
                     return line
 
         await said("joined room 'r' as carol")
+        first = await said("epoch ")  # the call's own line, on entering the epoch
         proc.stdin.write(b"kick bob\nmembers\n")
-        assert "members alice, bob, carol;" in await said("epoch ")
+        assert await said("epoch ") == first  # the answer to `members`: nothing changed
+        assert "members alice, bob, carol;" in first
         proc.stdin.write(b"remove bob\n")
-        assert (await said("removed bob: epoch ")).endswith(f"safety code {alice.safety_code}\n")
-        await _until(lambda: bob.removed)
+        removed = re.fullmatch(r"removed bob: epoch (\d+), safety code (.+)\n",
+                               await said("removed bob: "))
+        assert removed is not None
+        await alice.wait_epoch(int(removed[1]))
+        assert removed[2] == alice.safety_code
+        await until(lambda: bob.removed)
         proc.stdin.write(b"leave\n")
         await said("asked to leave")
         out, err = await asyncio.wait_for(proc.communicate(), 60)
@@ -384,7 +390,7 @@ async def test_conclave_join_takes_commands_on_its_standard_input(
         assert re.search(r"^frames: sent \d+ video; received \d+ decrypted, \d+ decoded, "
                          r"\d+ failed$", out.decode(), re.M)
         assert err.decode() == "conclave join: unknown command 'kick' (help lists them)\n"
-        await _until(lambda: alice.member_names == ["alice"])
+        await until(lambda: alice.member_names == ["alice"])
     finally:
         if proc is not None and proc.returncode is None:
             proc.kill()

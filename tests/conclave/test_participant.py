@@ -471,3 +471,18 @@ async def test_a_leaf_with_a_members_name_and_another_key_is_refused(
     with pytest.raises(MLSError, match="lifetime"):
         carol.group.add([long_lived])  # type: ignore[union-attr, list-item]
     assert (carol.epoch, carol.member_names) == (epoch, members)
+
+
+async def test_a_commit_given_up_before_it_started_is_not_made(trio: list[Participant]) -> None:
+    """Cancelled while it waits for the participant's lock (nothing sent yet), a removal is
+    dropped, not made later when the lock is free."""
+    alice, bob, _ = trio
+    epoch = alice.epoch
+    async with alice._lock:
+        removing = asyncio.ensure_future(alice.remove(["bob"]))
+        await asyncio.sleep(0.05)
+        removing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await removing
+    await asyncio.sleep(0.3)  # had it been made, it would be in by now
+    assert alice.epoch == epoch and "bob" in alice.member_names and not bob.removed

@@ -23,15 +23,7 @@ from delivery_service.client import PushError, PushStream, WelcomeMessage
 from delivery_service.errors import RequestFailed
 from delivery_service.server import DeliveryService
 from mls import Client, Group
-
-WAIT = 30.0  # seconds: generous, for a loaded machine; the conditions hold long before
-
-
-async def until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
-    """Poll `condition` until it holds; fail the test after `timeout` seconds."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.02)
+from tests.conclave.conftest import WAIT, until
 
 
 def saved_epoch(p: Participant) -> int:

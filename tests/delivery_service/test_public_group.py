@@ -262,3 +262,23 @@ def test_create_refuses_a_tree_over_the_limit_before_checking_it() -> None:
     ]
     with pytest.raises(BadRequest, match="more than 8 leaves"):
         tracker.create(gid, "alice", replace(gi, extensions=extensions).encode())
+
+
+async def test_a_reinit_is_refused_so_that_no_member_can_close_the_room(url: str) -> None:
+    """A committed ReInit ends a group for good (RFC 9420 §12.4.2) and a room's group id is
+    fixed by its name: the service takes neither a ReInit commit nor a ReInit proposal, and the
+    group goes on (here: someone joins by external commit)."""
+    alice, mallory, carol = await people(url, "alice", "mallory", "carol")
+    gid = await start_group(alice, mallory)
+    assert mallory.group is not None
+    res = mallory.group.reinit(group_id=b"elsewhere")
+    with pytest.raises(RequestFailed) as info:
+        await mallory.ds.send(gid, res.commit, group_info=res.group_info)
+    assert info.value.status == 400 and "ReInit" in info.value.reason
+    mallory.group.discard_pending_commit()
+    with pytest.raises(RequestFailed) as info:
+        await mallory.ds.send(gid, mallory.group.propose_reinit(group_id=b"elsewhere"))
+    assert info.value.status == 400 and "ReInit" in info.value.reason
+    carol.group, commit = Group.join_external(carol.mls, await carol.ds.fetch_group_info(gid))
+    assert (await carol.ds.send(gid, commit)).epoch == 2
+    assert (await alice.ds.group(gid))["members"] == ["alice", "carol", "mallory"]

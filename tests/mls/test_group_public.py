@@ -244,17 +244,20 @@ def test_from_group_info_refuses_a_tree_over_max_leaves_unchecked() -> None:
 
 def test_state_keeps_a_pending_reinit_and_format_1_still_loads() -> None:
     """Format 2 stores the ReInit that ended the group (§12.4.2: no message is accepted after
-    it, after a restart too); state in format 1 (which had none) still loads."""
+    it, after a restart too). A group with none is saved in format 1, the same bytes as before
+    format 2, which older service instances sharing the database still read."""
     ga, gb = make_group(2)
     pub = PublicGroup.from_group_info(ga.group_info())
     data = pub.to_bytes()
-    assert data[4:6] == b"\x00\x02" and data[-1:] == b"\x00"  # no ReInit: an empty optional
-    v1 = data[:4] + b"\x00\x01" + data[6:-1]
-    assert PublicGroup.from_bytes(v1).to_bytes() == data
+    assert data[4:6] == b"\x00\x01"  # no ReInit: format 1
+    assert PublicGroup.from_bytes(data).to_bytes() == data
     with pytest.raises(MLSError, match="format 3 is not supported"):
         PublicGroup.from_bytes(data[:4] + b"\x00\x03" + data[6:])
+    # format 2 with no ReInit (an empty optional) loads too
+    assert PublicGroup.from_bytes(data[:4] + b"\x00\x02" + data[6:] + b"\x00").to_bytes() == data
     result = ga.reinit(group_id=b"next")
     pub.process(result.commit)
+    assert pub.to_bytes()[4:6] == b"\x00\x02"
     restored = PublicGroup.from_bytes(pub.to_bytes())
     assert restored.pending_reinit is not None and restored.pending_reinit.group_id == b"next"
     assert restored.to_bytes() == pub.to_bytes()
