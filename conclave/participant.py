@@ -717,7 +717,12 @@ class Participant:
                     f"{self.state_dir}): a participant is in one call at a time; rejoin "
                     f"{saved!r}, or use another name or state directory for {room!r}"
                 )
-            return "rejoined"
+            # What happened while we were away, now rather than from the push stream: a
+            # member may have removed us (and perhaps added us back, with a Welcome).
+            with contextlib.suppress(RequestFailed, aiohttp.ClientError, OSError):
+                await self._catch_up()
+            if not self.removed:
+                return "rejoined"
         if knock:
             return await self.knock(room)
         if await self._join_from_kept_welcome(room):

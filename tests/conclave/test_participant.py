@@ -486,3 +486,28 @@ async def test_a_commit_given_up_before_it_started_is_not_made(trio: list[Partic
             await removing
     await asyncio.sleep(0.3)  # had it been made, it would be in by now
     assert alice.epoch == epoch and "bob" in alice.member_names and not bob.removed
+
+
+@pytest.mark.parametrize("added_back", [True, False])
+async def test_a_member_removed_while_away_learns_it_on_entering(
+    trio: list[Participant], added_back: bool
+) -> None:
+    """carol quits (staying a member, her group saved); alice removes her, and perhaps adds her
+    back. carol's next `enter` does not resume the group she is out of: she joins from the
+    Welcome, or is told that a member must add her again."""
+    alice, _, carol = trio
+    await carol.close()
+    assert await alice.remove(["carol"])
+    if added_back:
+        assert await alice.invite(["carol"])
+    carol = Participant("carol", alice.ds_url, state_dir=alice.state_dir)
+    trio[2] = carol  # closed by the fixture
+    await carol.start()
+    if added_back:
+        assert await carol.enter("room") == "was let into"
+        assert carol.epoch == alice.epoch and not carol.removed
+        assert carol.safety_code == alice.safety_code
+    else:
+        with pytest.raises(NotInGroup, match="removed from this group; a member must add you"):
+            await carol.enter("room")
+        assert carol.removed and alice.member_names == ["alice", "bob"]
