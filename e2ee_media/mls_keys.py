@@ -12,7 +12,9 @@ KID's sframe_key and sframe_salt come from base_key and that KID (§4.4.2).
 
 Transitions: the sender switches to the new epoch's keys at once; a receiver keeps earlier
 epochs for `grace_period` seconds, picks the key by the KID's epoch bits, then deletes them. An
-older epoch with the same low E bits as a new one is dropped when the new one arrives (§5.2).
+older epoch with the same low E bits as a new one is dropped when the new one arrives (§5.2),
+and (E > 1) so is one with the low bits of the epoch after it, whose frames may come first
+and must wait for their own keys: at most 2^E - 1 epochs are kept.
 
 Every member can derive every member's keys from base_key, so a frame that decrypts proves it
 came from a member of that epoch, not from the member its KID names (RFC 9605 §7.2).
@@ -308,6 +310,13 @@ class MLSKeyManager:
         self._epochs[slot] = keys
         self.current = keys
         self.leaf_index = leaf
+        following = (epoch + 1) % (1 << self.epoch_bits)
+        if following != slot and following in self._epochs and self.epoch_bits > 1:
+            # The next epoch's frames often come before its keys (its committer switches at
+            # once) and wait for them (`awaits_kid`), which needs its slot free: an epoch kept
+            # there, 2^E - 1 epochs old (many commits within the grace period, as when a room
+            # fills at a meeting's start), would open them as its own and fail them.
+            self._drop(following, self._epochs.pop(following))
 
     def _leave_epoch(self, keys: EpochKeys, now: float) -> None:
         """`keys` is no longer the current epoch: it stays for the grace period, unless it was

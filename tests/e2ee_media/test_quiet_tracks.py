@@ -337,3 +337,21 @@ def test_an_observer_that_fails_loses_no_frame(caplog: pytest.LogCaptureFixture)
         assert [p for _, p in decryptor.drain()] == [b"\x78new-0", b"\x78new-1"]
     assert decryptor.stats.frames_decrypted == 3 and decryptor.waiting == 0
     assert caplog.text.count("on_decrypted observer failed") == 3
+
+
+def test_the_next_epochs_frames_wait_even_after_2_to_the_e_quick_commits() -> None:
+    # With E epoch bits a receiver keeps at most 2^E epochs' keys. After 2^E - 1 quick
+    # commits (a room filling at a meeting's start) the oldest kept epoch would share its slot
+    # with the next one, and the next epoch's early frames would fail against its keys
+    # instead of waiting for their own.
+    call = Rotation()
+    call.bob_keys.grace_period = 600.0  # every old epoch is still kept
+    for _ in range((1 << call.bob_keys.epoch_bits) - 1):
+        call.alice_commits()
+        call.bob_catches_up()
+    call.alice_commits()  # the commit is on its way to Bob; Alice's frame is here first
+    decryptor = FrameDecryptor(call.bob_keys, holdback=30.0)
+    assert decryptor.push(0, call.frame(b"early"), OPUS) == []
+    assert decryptor.waiting == 1 and not decryptor.stats.failures
+    call.bob_catches_up()
+    assert [p for _, p in decryptor.drain()] == [b"\x78early"]
