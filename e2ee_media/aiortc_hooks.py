@@ -365,7 +365,8 @@ class _DecryptingQueue(queue.Queue):  # type: ignore[type-arg]
             super().put((ready_codec, ready_frame), block, timeout)
 
     def _keys_changed(self) -> None:
-        """New epoch keys: the waiting frames that open now go to the decoder at once."""
+        """New epoch keys, or a deadline passed: the waiting frames that open now go to the
+        decoder at once, and those whose time is up fail."""
         if self._closed or not self.decryptor.waiting:
             return
         self._deliver(self.decryptor.drain())
@@ -373,12 +374,8 @@ class _DecryptingQueue(queue.Queue):  # type: ignore[type-arg]
 
     def _deadline_passed(self) -> None:
         self._timer = None
-        if self._closed:
-            return
-        # Fails the frames whose time is up; delivers any whose keys came meanwhile (keys
-        # without a listener registry).
-        self._deliver(self.decryptor.drain())
-        self._schedule()
+        # (delivers too any frame whose keys came meanwhile: keys without a listener registry)
+        self._keys_changed()
 
     def _schedule(self) -> None:
         """Keep one timer, at the first waiting frame's deadline (if any frame waits)."""

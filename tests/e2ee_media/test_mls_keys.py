@@ -250,15 +250,21 @@ def test_grace_period_is_configurable() -> None:
         bob.decrypt(b"", old)
 
 
-def test_a_restored_epoch_goes_at_once_when_the_next_arrives() -> None:
-    # Restored from a saved state: its replay windows are empty, so the frames received before
-    # the save would open again; it must not outlive the next epoch by a grace period.
+def _restored_bob() -> tuple[FakeWorld, FakeGroup, MLSKeyManager, FakeGroup, MLSKeyManager]:
+    """Alice, and Bob whose epoch was restored from a saved state (60 s grace period)."""
     clock = Clock(100.0)
     world = FakeWorld(members={0, 1})
     a, alice = member(world, 0, clock)
     b = FakeGroup(world, 1)
     bob = MLSKeyManager(clock=clock, grace_period=60.0)
     assert bob.update(b, restored=True)
+    return world, a, alice, b, bob
+
+
+def test_a_restored_epoch_goes_at_once_when_the_next_arrives() -> None:
+    # Restored from a saved state: its replay windows are empty, so the frames received before
+    # the save would open again; it must not outlive the next epoch by a grace period.
+    world, a, alice, b, bob = _restored_bob()
     seen = alice.encrypt(b"", b"seen before the restart")
     assert bob.decrypt(b"", seen) == b"seen before the restart"  # (a replay, to this bob)
     world.commit()
@@ -279,12 +285,7 @@ def test_a_restored_epoch_goes_at_once_when_the_next_arrives() -> None:
 
 
 def test_a_restored_epoch_goes_at_once_when_the_member_retires() -> None:
-    clock = Clock(100.0)
-    world = FakeWorld(members={0, 1})
-    a, alice = member(world, 0, clock)
-    b = FakeGroup(world, 1)
-    bob = MLSKeyManager(clock=clock, grace_period=60.0)
-    bob.update(b, restored=True)
+    _, _, alice, _, bob = _restored_bob()
     bob.retire()
     assert bob.retained_epochs == []
     with pytest.raises(UnknownKeyId):

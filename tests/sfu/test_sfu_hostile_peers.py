@@ -503,14 +503,23 @@ async def test_answers_are_refused_by_cheap_checks_first_and_only_a_few_are_pars
         await room.close()
 
 
+async def _answer_without_ssrc(
+    ws: aiohttp.ClientWebSocketResponse, name: str, send_audio: bool
+) -> tuple[RTCPeerConnection, str]:
+    """Join as `name` publishing audio, and answer the SFU's offer with the `a=ssrc` lines
+    taken out; returns the client's connection and its genuine answer."""
+    await _joined(ws, name, ["audio"])
+    offer = await ws.receive_json(timeout=5)
+    pc, answer = await _answer_to(offer["sdp"], send_audio=send_audio)
+    no_ssrc = re.sub(r"a=ssrc(-group)?:[^\r\n]*\r\n", "", answer)
+    await ws.send_str(json.dumps({"type": "answer", "sdp": no_ssrc}))
+    return pc, answer
+
+
 async def test_an_answer_sending_on_a_publishing_m_line_without_an_ssrc_is_refused() -> None:
     async with running() as h:
         async with aiohttp.ClientSession() as session, session.ws_connect(h.url) as ws:
-            await _joined(ws, "pub", ["audio"])
-            offer = await ws.receive_json(timeout=5)
-            pc, answer = await _answer_to(offer["sdp"], send_audio=True)
-            no_ssrc = re.sub(r"a=ssrc(-group)?:[^\r\n]*\r\n", "", answer)
-            await ws.send_str(json.dumps({"type": "answer", "sdp": no_ssrc}))
+            pc, answer = await _answer_without_ssrc(ws, "pub", send_audio=True)
             reply = await ws.receive_json(timeout=5)
             assert reply["code"] == "bad-sdp" and "names no SSRC" in reply["message"], reply
             # nothing was taken from it: the genuine answer connects and is forwarded from
@@ -524,12 +533,8 @@ async def test_an_answer_sending_on_a_publishing_m_line_without_an_ssrc_is_refus
 async def test_an_answer_not_sending_on_its_publishing_m_line_needs_no_ssrc() -> None:
     async with running() as h:
         async with aiohttp.ClientSession() as session, session.ws_connect(h.url) as ws:
-            await _joined(ws, "quiet", ["audio"])
-            offer = await ws.receive_json(timeout=5)
-            pc, answer = await _answer_to(offer["sdp"], send_audio=False)
+            pc, answer = await _answer_without_ssrc(ws, "quiet", send_audio=False)
             assert "a=inactive" in answer
-            no_ssrc = re.sub(r"a=ssrc(-group)?:[^\r\n]*\r\n", "", answer)
-            await ws.send_str(json.dumps({"type": "answer", "sdp": no_ssrc}))
             await ws.send_str('{"type": "dance"}')  # its reply comes after the answer's, if any
             reply = await ws.receive_json(timeout=5)
             assert reply["code"] == "unknown-type", reply
