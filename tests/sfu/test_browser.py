@@ -4,7 +4,9 @@ Chromium publishes its fake camera and microphone (real VP8 and Opus from libweb
 decodes what it receives, so these tests check what the synthetic-frame tests cannot: that a
 browser's SDP, ICE (with and without trickle), header extensions and RTCP work with the SFU's
 offers, rewritten streams, keyframe requests and reused m-lines. The aiortc participants publish
-real VP8 and Opus too (aiortc's own encoders), which the browser must decode.
+real VP8 and Opus too (aiortc's own encoders), which the browser must decode. A browser can also
+send what an end-to-end encrypting client sends (WebRTC Encoded Transform, opaque frames), with
+libwebrtc's own VP8 payload descriptors in front.
 """
 
 from __future__ import annotations
@@ -179,3 +181,31 @@ async def test_a_leavers_streams_end_in_the_browser_and_its_m_lines_are_reused(
         lambda: second.frames.get(("ada", "video"), 0) >= 30, "second decodes ada's video"
     )
     assert browser.seen("ada")["errors"] == []
+
+
+async def test_a_browsers_opaque_frames_reach_subscribers_intact_from_a_keyframe(
+    sfu: Harness, browser: Browser
+) -> None:
+    # eve's browser replaces every encoded frame, as an end-to-end encrypting client does,
+    # with an opaque one (Encoded Transform) that keeps one VP8 byte in the clear: the SFU must
+    # forward what it cannot decode, and find keyframes behind libwebrtc's payload descriptors
+    await browser.start({**browser.spec("eve"), "opaque": 7})
+    await browser.until(lambda: browser.seen("eve").get("state") == "connected", "eve connects")
+    early = await sfu.join("early", ROOM, publish=False)
+    await asyncio.sleep(2)
+    late = await sfu.join("late", ROOM, publish=False)
+    for peer in (early, late):
+        await browser.until(
+            lambda p=peer: len(p.log("eve", "video").frames) >= 40  # type: ignore[misc]
+            and len(p.log("eve", "audio").frames) >= 50,
+            f"{peer.name} receives eve's frames",
+        )
+    for peer in (early, late):
+        for kind in ("audio", "video"):
+            frames = peer.log("eve", kind).frames
+            assert all(f.intact and f.publisher == 7 for f in frames), (peer.name, kind)
+            counters = [f.counter for f in frames]
+            assert counters == sorted(set(counters)), (peer.name, kind)  # in order, once each
+        assert peer.log("eve", "video").frames[0].keyframe, peer.name
+    # the late subscriber joined mid-stream: its video began at a keyframe asked for it
+    assert late.log("eve", "video").frames[0].counter > 1
