@@ -64,8 +64,17 @@ FLAGS = (
 class Browser:
     """One headless Chromium whose page holds any number of participants of one room."""
 
-    def __init__(self, signal_url: str, room: str, token: Callable[[str], str]) -> None:
+    def __init__(
+        self,
+        signal_url: str,
+        room: str,
+        token: Callable[[str], str],
+        audio_file: Path | None = None,
+    ) -> None:
+        """`audio_file`: a WAV file the fake microphone plays, looping (else Chromium's beep:
+        a short tone once a second)."""
         self.signal_url = signal_url.replace("http://", "ws://", 1)
+        self.audio_file = audio_file
         self.room = room
         self.token = token
         self.report: dict[str, Any] = {}
@@ -101,7 +110,17 @@ class Browser:
         url = f"http://127.0.0.1:{port}/participant.html#{quote(json.dumps(config))}"
         with open(self._stderr, "wb") as stderr:
             self._process = subprocess.Popen(
-                [executable, *FLAGS, f"--user-data-dir={self._profile.name}", url],
+                [
+                    executable,
+                    *FLAGS,
+                    f"--user-data-dir={self._profile.name}",
+                    *(
+                        [f"--use-file-for-fake-audio-capture={self.audio_file}"]
+                        if self.audio_file
+                        else []
+                    ),
+                    url,
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,3 +102,28 @@ async def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> 
             return True
         await asyncio.sleep(interval)
     return predicate()
+
+
+def drop_first_transmissions(
+    rate: float, seed: int, payload_type: int | None = None
+) -> tuple[Callable[[bytes], bool], list[int]]:
+    """A filter that drops `rate` of RTP packets the first time their (SSRC, seq) is seen."""
+    rng = random.Random(seed)
+    seen: set[tuple[int, int]] = set()
+    dropped: list[int] = []
+
+    def drop(data: bytes) -> bool:
+        if len(data) < 12 or 192 <= data[1] <= 223:  # RTCP
+            return False
+        if payload_type is not None and data[1] & 0x7F != payload_type:
+            return False
+        key = (int.from_bytes(data[8:12], "big"), int.from_bytes(data[2:4], "big"))
+        if key in seen:
+            return False
+        seen.add(key)
+        if rng.random() < rate:
+            dropped.append(key[1])
+            return True
+        return False
+
+    return drop, dropped

@@ -12,7 +12,11 @@ libwebrtc's own VP8 payload descriptors in front.
 from __future__ import annotations
 
 import asyncio
+import math
+import struct
+import wave
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +25,7 @@ from aiortc.mediastreams import AudioStreamTrack, MediaStreamError, VideoStreamT
 
 from sfu.client import SFUClient
 from tests.sfu.browser import Browser
-from tests.sfu.harness import Harness
+from tests.sfu.harness import Harness, drop_first_transmissions
 
 ROOM = "room"
 
@@ -209,3 +213,104 @@ async def test_a_browsers_opaque_frames_reach_subscribers_intact_from_a_keyframe
         assert peer.log("eve", "video").frames[0].keyframe, peer.name
     # the late subscriber joined mid-stream: its video began at a keyframe asked for it
     assert late.log("eve", "video").frames[0].counter > 1
+
+
+async def test_nacks_repair_loss_to_and_from_a_browser(
+    sfu: Harness, browser: Browser, aiortc_peers: list[AiortcPeer]
+) -> None:
+    await browser.start(browser.spec("ada"))
+    await browser.until(lambda: browser.seen("ada").get("state") == "connected", "ada connects")
+    py = await join_aiortc(sfu, aiortc_peers, "py")
+    await browser.until(lambda: decoding(browser, "ada", "py"), "ada decodes py's video")
+    await browser.until(lambda: py.frames.get(("ada", "video"), 0) >= 30, "py decodes ada's")
+    ada = sfu.server.rooms[ROOM].participants["ada"]
+    # 10 % of the video packets each way lost the first time they are sent, as on a lossy
+    # network (before SRTP: a repair must not look like a replay; audio is Opus, never NACKed):
+    # upstream, ada's to the SFU...
+    video_pt = next(s.payload_type for s in ada.sources.values() if s.kind == "video")
+    up_drop, up_dropped = drop_first_transmissions(0.1, 1, payload_type=video_pt)
+    connection = ada.pc.getTransceivers()[0].receiver.transport.transport._connection
+    for protocol in connection._protocols:
+
+        def lossy_received(data: Any, addr: Any, take: Any = protocol.datagram_received) -> None:
+            if not up_drop(data):
+                take(data, addr)
+
+        protocol.datagram_received = lossy_received
+    # ...and downstream, the SFU's to ada (each video slot's sends, resends included)
+    down_drop, down_dropped = drop_first_transmissions(0.1, 2)
+    for slot in ada.slots_by_ssrc.values():
+        if slot.kind != "video":
+            continue
+
+        def lossy_send(head: bytes, rest: bytes, send: Any = slot.send_parts) -> None:
+            if not down_drop(head):
+                send(head, rest)
+
+        slot.send_parts = lossy_send
+
+    def video(direction: str) -> dict[str, Any]:
+        if direction == "out":
+            streams = browser.seen("ada")["outbound"].values()
+            return dict(next(s for s in streams if s["kind"] == "video"))
+        return browser.inbound("ada", "py", "video")
+
+    sent, received = video("out"), video("in")
+    frames = py.frames[("ada", "video")]
+    metrics = sfu.server.metrics
+    nacks_sent, resent = metrics.nacks_sent, metrics.retransmissions_sent
+    await asyncio.sleep(6)
+    assert len(up_dropped) >= 8 and len(down_dropped) >= 8
+    # Lost for good is what the stats count as lost: a repair still on its way when they were
+    # taken counts too, hence up to 2 (unrepaired, 10 % loss loses ~18 packets here).
+    # Upstream: the SFU NACKed ada, whose browser resent (over RTX), and the SFU's receiver
+    # reports (what it could not repair) show next to nothing lost
+    after = video("out")
+    lost_up = after["receiverReport"]["lost"] - sent["receiverReport"]["lost"]
+    assert lost_up <= 2, (lost_up, len(up_dropped))
+    assert after["retransmitted"] > sent["retransmitted"]
+    assert metrics.nacks_sent > nacks_sent
+    # downstream: ada's browser NACKed the SFU, which resent from its cache: nothing stays lost
+    now = video("in")
+    lost_down = now["lost"] - received["lost"]
+    assert lost_down <= 2, (lost_down, len(down_dropped))
+    assert now["nacks"] > received["nacks"]
+    assert metrics.retransmissions_sent > resent
+    # and the media went on: py decoded about as many of ada's frames as her browser sent
+    decoded = py.frames[("ada", "video")] - frames
+    assert decoded >= 0.9 * (after["frames"] - sent["frames"]), decoded
+
+
+def write_tone(path: Path, seconds: float = 2.0, amplitude: float = 0.3) -> None:
+    """A 440 Hz tone, 48 kHz mono 16-bit WAV: a voice that does not pause."""
+    rate = 48_000
+    samples = (
+        int(amplitude * 32767 * math.sin(2 * math.pi * 440 * i / rate))
+        for i in range(int(seconds * rate))
+    )
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(b"".join(struct.pack("<h", s) for s in samples))
+
+
+async def test_a_browser_that_speaks_becomes_the_active_speaker(
+    sfu: Harness, aiortc_peers: list[AiortcPeer], tmp_path: Path
+) -> None:
+    # Chromium computes the RFC 6464 audio level of what its microphone hears and sends it in
+    # the header extension the SFU offered; the SFU names the speaker from it, without audio
+    tone = tmp_path / "tone.wav"
+    write_tone(tone)
+    speaking = Browser(sfu.url, ROOM, lambda i: sfu.token(ROOM, i, ttl=600), audio_file=tone)
+    try:
+        py = await join_aiortc(sfu, aiortc_peers, "py")
+        await speaking.start(speaking.spec("ada"))
+        event = await py.client.next_event("speaker", timeout=30)
+        assert event == {"type": "speaker", "identity": "ada"}
+        await speaking.until(
+            lambda: {"type": "speaker", "identity": "ada"} in speaking.seen("ada")["events"],
+            "ada hears that she is the speaker",
+        )
+    finally:
+        await speaking.close()

@@ -11,7 +11,7 @@ import pytest
 
 from sfu import rtcp
 from sfu.config import ANSWER_BYTES_PER_M_LINE
-from tests.sfu.harness import Harness, Peer, wait_until
+from tests.sfu.harness import Harness, Peer, drop_first_transmissions, wait_until
 
 
 @pytest.fixture
@@ -197,36 +197,13 @@ async def test_m_lines_of_leavers_are_reused_and_carry_the_next_publisher(
     assert _receivers_reporting() == 2 * 2  # the guests' old receivers were stopped
 
 
-def _drop_first_transmissions(rate: float, seed: int, payload_type: int | None = None):
-    """A filter that drops `rate` of RTP packets the first time their (SSRC, seq) is seen."""
-    rng = random.Random(seed)
-    seen: set[tuple[int, int]] = set()
-    dropped: list[int] = []
-
-    def drop(data: bytes) -> bool:
-        if len(data) < 12 or 192 <= data[1] <= 223:  # RTCP
-            return False
-        if payload_type is not None and data[1] & 0x7F != payload_type:
-            return False
-        key = (int.from_bytes(data[8:12], "big"), int.from_bytes(data[2:4], "big"))
-        if key in seen:
-            return False
-        seen.add(key)
-        if rng.random() < rate:
-            dropped.append(key[1])
-            return True
-        return False
-
-    return drop, dropped
-
-
 async def test_nacks_repair_five_percent_loss(harness: Harness) -> None:
     pub = await harness.join("pub")
     sub = await harness.join("sub", publish=False)
     assert await wait_until(lambda: _video_ok(sub, pub, 3), timeout=10)
     # upstream loss (publisher -> SFU): the SFU must NACK the publisher
     pub_transport = pub.client.pc.getTransceivers()[0].sender.transport
-    up_drop, up_dropped = _drop_first_transmissions(0.05, 1)
+    up_drop, up_dropped = drop_first_transmissions(0.05, 1)
     original_send = pub_transport._send_rtp
 
     async def lossy_send(data: bytes) -> None:
@@ -238,7 +215,7 @@ async def test_nacks_repair_five_percent_loss(harness: Harness) -> None:
     # Dropped as the network would, before SRTP: a packet dropped after the subscriber's SRTP
     # had seen it would make the retransmission a replay, which SRTP refuses.
     connection = sub.client.pc.getTransceivers()[0].receiver.transport.transport._connection
-    down_drop, down_dropped = _drop_first_transmissions(0.05, 2)
+    down_drop, down_dropped = drop_first_transmissions(0.05, 2)
     original_received = connection.data_received
 
     def lossy_received(data: bytes, component: int) -> None:
