@@ -1,13 +1,15 @@
-"""Chromium as an SFU participant: a headless browser runs `browser/participant.html`.
+"""Browsers as SFU participants: headless Chromium or Firefox runs `browser/participant.html`.
 
 The page signals with the SFU as any WebRTC client would (WebSocket JSON, the SFU's offers
-answered by the browser's own RTCPeerConnection) and publishes Chromium's fake camera and
-microphone (`--use-fake-device-for-media-stream`): real VP8 and Opus from libwebrtc, with its
-own header extensions, RTCP and ICE. This server hands the page its participants and
-commands and takes back what each one sees (`getStats`), every 200 ms.
+answered by the browser's own RTCPeerConnection) and publishes the browser's fake camera and
+microphone: real VP8 and Opus from libwebrtc (Chromium) or Firefox's own stack, with their own
+header extensions, RTCP and ICE. This server hands the page its participants and commands and
+takes back what each one sees (`getStats`), every 200 ms.
 
-Chromium comes from Debian's package (`.ci/chromium.sh`); without it these tests skip, except
-under CI, where they fail.
+Chromium runs on loopback. Firefox never pairs its ICE candidates with a loopback one, so it
+runs in a network namespace of the test's, joined to this one by a veth pair (`Namespace`).
+Both come from Debian's packages (`.ci/browsers.sh`); without them (or, for Firefox, without
+root and iproute2) these tests skip, except under CI, where they fail.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import quote
 
 import pytest
@@ -31,19 +33,84 @@ PAGE = Path(__file__).with_name("browser") / "participant.html"
 WAIT = 30.0  # seconds for what a browser should see (a cold Chromium start takes a few)
 
 
-def chromium_path() -> str:
-    """Chromium's executable (CONCLAVE_CHROMIUM, else `chromium` on PATH), or skip/fail."""
-    path = os.environ.get("CONCLAVE_CHROMIUM") or shutil.which("chromium")
-    if path:
-        return path
+ENGINES = ("chromium", "firefox")
+# Where each engine is looked for, after $CONCLAVE_CHROMIUM / $CONCLAVE_FIREFOX.
+_EXECUTABLES = {"chromium": ("chromium",), "firefox": ("firefox-esr", "firefox")}
+
+
+def skip_or_fail(why: str) -> NoReturn:
+    """A browser test cannot run here: fail under CI (which installs what they need), else
+    skip."""
     if os.environ.get("CI"):
-        pytest.fail("CI is set but chromium is not installed: run .ci/chromium.sh")
-    pytest.skip("no chromium on PATH (install Debian's chromium package, or set CONCLAVE_CHROMIUM)")
+        pytest.fail(f"CI is set but {why}: run .ci/browsers.sh")
+    pytest.skip(why)
 
 
-# The flags of a throwaway headless browser on a machine without network, with fake media
-# devices; `--allow-loopback-in-peer-connection` lets WebRTC use 127.0.0.1, where the SFU of the
-# tests listens, and mDNS host names (which aioice cannot resolve here) are turned off.
+def executable(engine: str) -> str:
+    """The engine's executable, or skip/fail."""
+    path = os.environ.get(f"CONCLAVE_{engine.upper()}")
+    for name in () if path else _EXECUTABLES[engine]:
+        path = shutil.which(name)
+        if path:
+            break
+    if not path:
+        skip_or_fail(
+            f"{engine} is not installed (Debian's {_EXECUTABLES[engine][0]} package, or set "
+            f"CONCLAVE_{engine.upper()})"
+        )
+    return path
+
+
+class Namespace:
+    """A network namespace joined to this one by a veth pair, for a browser that will not use
+    127.0.0.1: Firefox never pairs its own candidates with a loopback one, whatever its prefs
+    say. The SFU then listens and offers ICE candidates at `host` (this side of the pair), and
+    the browser runs in the namespace (`prefix`), at `peer`. Needs root and iproute2."""
+
+    _made = 0
+
+    def __init__(self) -> None:
+        Namespace._made += 1
+        tag = f"{os.getpid() % 100000}x{Namespace._made}"
+        self.name = f"conclave-{tag}"
+        self.link = f"cv{tag}"[:15]  # interface names are at most 15 bytes
+        # a /30 of 10.231/16 per namespace (test hosts only; collisions across runs unlikely)
+        block = (os.getpid() * 7 + Namespace._made) % (1 << 14)
+        base = (10 << 24) | (231 << 16) | (block << 2)
+        self.host = ".".join(str((base + 1) >> s & 255) for s in (24, 16, 8, 0))
+        self.peer = ".".join(str((base + 2) >> s & 255) for s in (24, 16, 8, 0))
+        self.prefix = ["ip", "netns", "exec", self.name]
+        self._created = False
+
+    def create(self) -> None:
+        if os.geteuid() != 0 or shutil.which("ip") is None:
+            skip_or_fail("Firefox's tests need root and iproute2 (a network namespace)")
+        steps = [
+            ["ip", "netns", "add", self.name],
+            ["ip", "link", "add", f"{self.link}a", "type", "veth", "peer", "name", f"{self.link}b"],
+            ["ip", "link", "set", f"{self.link}b", "netns", self.name],
+            ["ip", "addr", "add", f"{self.host}/30", "dev", f"{self.link}a"],
+            ["ip", "link", "set", f"{self.link}a", "up"],
+            [*self.prefix, "ip", "addr", "add", f"{self.peer}/30", "dev", f"{self.link}b"],
+            [*self.prefix, "ip", "link", "set", f"{self.link}b", "up"],
+            [*self.prefix, "ip", "link", "set", "lo", "up"],
+        ]
+        self._created = True
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True)
+            if done.returncode:
+                self.delete()
+                pytest.fail(f"{' '.join(step)} failed: {done.stderr.strip()}")
+
+    def delete(self) -> None:
+        if self._created:  # deleting the namespace deletes the veth pair
+            subprocess.run(["ip", "netns", "delete", self.name], capture_output=True)
+            self._created = False
+
+
+# Chromium's flags for a throwaway headless browser on a machine without network, with fake
+# media devices; `--allow-loopback-in-peer-connection` lets WebRTC use 127.0.0.1, where the SFU
+# of the tests listens, and mDNS host names (which aioice cannot resolve here) are turned off.
 FLAGS = (
     "--headless=new",
     "--no-sandbox",
@@ -59,21 +126,46 @@ FLAGS = (
     "--allow-loopback-in-peer-connection",
     "--disable-features=WebRtcHideLocalIpsWithMdns",
 )
+# Firefox's preferences (the profile's user.js) for the same: fake devices, no prompts, host
+# addresses in the clear, no first-run pages or background traffic.
+FIREFOX_PREFS = {
+    "media.navigator.streams.fake": True,
+    "media.navigator.permission.disabled": True,
+    "media.peerconnection.ice.obfuscate_host_addresses": False,
+    "media.autoplay.default": 0,
+    "browser.shell.checkDefaultBrowser": False,
+    "browser.aboutwelcome.enabled": False,
+    "browser.startup.homepage_override.mstone": "ignore",
+    "datareporting.policy.dataSubmissionEnabled": False,
+    "toolkit.telemetry.reportingpolicy.firstRun": False,
+    "app.update.auto": False,
+    "network.captive-portal-service.enabled": False,
+    "network.connectivity-service.enabled": False,
+    # a namespace without a default route looks offline, and an offline Firefox refuses new
+    # peer connections
+    "network.manage-offline-status": False,
+}
 
 
 class Browser:
-    """One headless Chromium whose page holds any number of participants of one room."""
+    """One headless browser whose page holds any number of participants of one room."""
 
     def __init__(
         self,
+        engine: str,
         signal_url: str,
         room: str,
         token: Callable[[str], str],
+        netns: Namespace | None = None,
         audio_file: Path | None = None,
     ) -> None:
-        """`audio_file`: a WAV file the fake microphone plays, looping (else Chromium's beep:
-        a short tone once a second)."""
+        """`engine`: "chromium" or "firefox"; `netns`: the namespace to run it in (the page is
+        served at its `host`, else at 127.0.0.1); `audio_file`: a WAV file Chromium's fake
+        microphone plays, looping (else its beep: a short tone once a second)."""
+        self.engine = engine
         self.signal_url = signal_url.replace("http://", "ws://", 1)
+        self.netns = netns
+        self.host = netns.host if netns else "127.0.0.1"
         self.audio_file = audio_file
         self.room = room
         self.token = token
@@ -96,34 +188,35 @@ class Browser:
         }
 
     async def start(self, *participants: dict[str, Any]) -> None:
-        executable = chromium_path()
+        path = executable(self.engine)
         app = web.Application()
         app.router.add_get("/participant.html", self._page)
         app.router.add_get("/commands", self._give_commands)
         app.router.add_post("/report", self._take_report)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, self.host, 0)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         config = {"url": self.signal_url, "room": self.room, "participants": list(participants)}
-        url = f"http://127.0.0.1:{port}/participant.html#{quote(json.dumps(config))}"
+        url = f"http://{self.host}:{port}/participant.html#{quote(json.dumps(config))}"
+        profile = self._profile.name
+        if self.engine == "firefox":
+            # the page's origin is not localhost: have it count as secure (getUserMedia, crypto)
+            settings = {**FIREFOX_PREFS, "dom.securecontext.allowlist": self.host}
+            prefs = "".join(
+                f"user_pref({json.dumps(k)}, {json.dumps(v)});\n" for k, v in settings.items()
+            )
+            Path(profile, "user.js").write_text(prefs)
+            command = [path, "--headless", "--no-remote", "--profile", profile, url]
+        else:
+            audio = [f"--use-file-for-fake-audio-capture={self.audio_file}"] if self.audio_file else []
+            command = [path, *FLAGS, f"--user-data-dir={profile}", *audio, url]
+        if self.netns is not None:
+            command = [*self.netns.prefix, *command]
         with open(self._stderr, "wb") as stderr:
             self._process = subprocess.Popen(
-                [
-                    executable,
-                    *FLAGS,
-                    f"--user-data-dir={self._profile.name}",
-                    *(
-                        [f"--use-file-for-fake-audio-capture={self.audio_file}"]
-                        if self.audio_file
-                        else []
-                    ),
-                    url,
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
             )
 
     async def _page(self, request: web.Request) -> web.StreamResponse:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aioice.ice
 from aiohttp import web
 from aiortc import MediaStreamTrack, RTCRtpTransceiver
 
@@ -43,7 +44,10 @@ class Peer:
 
 
 class Harness:
-    def __init__(self, **config: Any) -> None:
+    def __init__(self, host: str = "127.0.0.1", **config: Any) -> None:
+        """An SFU listening, and offering its only ICE candidate, at `host` (an address of
+        this machine's: loopback, or a test's own veth)."""
+        self.host = host
         self.config = SFUConfig(token_secret=SECRET, **config)
         self.server = SFUServer(self.config)
         self.runner: web.AppRunner | None = None
@@ -51,13 +55,16 @@ class Harness:
         self.peers: list[Peer] = []
 
     async def start(self) -> None:
-        aiortc_hooks.restrict_ice_to_loopback()
+        if self.host == "127.0.0.1":
+            aiortc_hooks.restrict_ice_to_loopback()
+        else:  # aiortc clients of the test gather here too: restored in `stop`
+            aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: [self.host]
         self.runner = web.AppRunner(self.server.app())
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        site = web.TCPSite(self.runner, self.host, 0)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}/v1/signal"
+        self.url = f"http://{self.host}:{port}/v1/signal"
 
     async def stop(self) -> None:
         for peer in self.peers:
