@@ -71,20 +71,49 @@ class Namespace:
 
     def __init__(self) -> None:
         Namespace._made += 1
-        tag = f"{os.getpid() % 100000}x{Namespace._made}"
+        tag = f"{os.getpid():x}x{Namespace._made}"
         self.name = f"conclave-{tag}"
-        self.link = f"cv{tag}"[:15]  # interface names are at most 15 bytes
-        # a /30 of 10.231/16 per namespace (test hosts only; collisions across runs unlikely)
-        block = (os.getpid() * 7 + Namespace._made) % (1 << 14)
-        base = (10 << 24) | (231 << 16) | (block << 2)
-        self.host = ".".join(str((base + 1) >> s & 255) for s in (24, 16, 8, 0))
-        self.peer = ".".join(str((base + 2) >> s & 255) for s in (24, 16, 8, 0))
+        self.link = f"cv{tag}"  # + "a"/"b": interface names are at most 15 bytes
         self.prefix = ["ip", "netns", "exec", self.name]
+        self.host = self.peer = ""
         self._created = False
+
+    @staticmethod
+    def _remove_stale() -> None:
+        """Delete the namespaces of test runs that were killed before they could."""
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        for line in listed.splitlines():
+            name = line.split()[0] if line.split() else ""
+            if not name.startswith("conclave-") or "x" not in name:
+                continue
+            try:
+                os.kill(int(name[len("conclave-") :].split("x")[0], 16), 0)
+            except ProcessLookupError:
+                subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+            except (ValueError, PermissionError):
+                pass
+
+    @staticmethod
+    def _free_block() -> int:
+        """A /30 of 10.231/16 that no interface of this machine has an address in."""
+        shown = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True).stdout
+        used = {
+            int(a.split(".")[2]) << 6 | int(a.split(".")[3].split("/")[0]) >> 2
+            for a in shown.split()
+            if a.startswith("10.231.")
+        }
+        start = os.getpid() * 7 + Namespace._made
+        return next(
+            b for i in range(1 << 14) if (b := (start + i) % (1 << 14)) not in used
+        )
 
     def create(self) -> None:
         if os.geteuid() != 0 or shutil.which("ip") is None:
             skip_or_fail("Firefox's tests need root and iproute2 (a network namespace)")
+        self._remove_stale()
+        base = (10 << 24) | (231 << 16) | (self._free_block() << 2)
+        self.host = ".".join(str((base + 1) >> s & 255) for s in (24, 16, 8, 0))
+        self.peer = ".".join(str((base + 2) >> s & 255) for s in (24, 16, 8, 0))
         steps = [
             ["ip", "netns", "add", self.name],
             ["ip", "link", "add", f"{self.link}a", "type", "veth", "peer", "name", f"{self.link}b"],
