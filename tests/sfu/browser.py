@@ -239,8 +239,12 @@ class Browser:
             Path(profile, "user.js").write_text(prefs)
             command = [path, "--headless", "--no-remote", "--profile", profile, url]
         else:
-            audio = [f"--use-file-for-fake-audio-capture={self.audio_file}"] if self.audio_file else []
-            command = [path, *FLAGS, f"--user-data-dir={profile}", *audio, url]
+            extra = []
+            if self.audio_file:
+                extra.append(f"--use-file-for-fake-audio-capture={self.audio_file}")
+            if self.netns is not None:  # the page's origin is not localhost: count it secure
+                extra.append(f"--unsafely-treat-insecure-origin-as-secure=http://{self.host}:{port}")
+            command = [path, *FLAGS, f"--user-data-dir={profile}", *extra, url]
         if self.netns is not None:
             command = [*self.netns.prefix, *command]
         with open(self._stderr, "wb") as stderr:

@@ -345,3 +345,31 @@ async def test_a_browser_that_speaks_becomes_the_active_speaker(
         )
     finally:
         await speaking.close()
+
+
+async def test_chromium_and_firefox_in_one_room_decode_each_other() -> None:
+    # both browsers in one namespace, the SFU on this side of it: libwebrtc's streams go to
+    # Firefox and Firefox's to libwebrtc, rewritten by the SFU on the way
+    for engine in ENGINES:
+        executable(engine)
+    namespace = Namespace()
+    namespace.create()
+    sfu = Harness(host=namespace.host)
+    browsers: list[Browser] = []
+    try:
+        await sfu.start()
+        for engine, identity in (("chromium", "chr"), ("firefox", "fox")):
+            browsers.append(open_browser(engine, sfu, namespace))
+            await browsers[-1].start(browsers[-1].spec(identity))
+        chromium, firefox = browsers
+        await chromium.until(lambda: decoding(chromium, "chr", "fox"), "chr decodes fox's video")
+        await firefox.until(lambda: decoding(firefox, "fox", "chr"), "fox decodes chr's video")
+        await chromium.until(lambda: hearing(chromium, "chr", "fox"), "chr plays fox's audio")
+        await firefox.until(lambda: hearing(firefox, "fox", "chr"), "fox plays chr's audio")
+        for seen in (chromium.seen("chr"), firefox.seen("fox")):
+            assert seen["errors"] == []
+    finally:
+        for opened in browsers:
+            await opened.close()
+        await sfu.stop()
+        namespace.delete()
