@@ -127,6 +127,15 @@ async def join_aiortc(sfu: Harness, peers: list[AiortcPeer], name: str) -> Aiort
     return peer
 
 
+async def start_connected(browser: Browser, spec: dict[str, Any]) -> None:
+    """Open the browser with one participant, and wait for its media to connect."""
+    await browser.start(spec)
+    identity = spec["identity"]
+    await browser.until(
+        lambda: browser.seen(identity).get("state") == "connected", f"{identity} connects"
+    )
+
+
 def decoding(browser: Browser, identity: str, publisher: str, frames: int = 30) -> bool:
     """`identity` (in the browser) has decoded `frames` video frames of `publisher`'s."""
     return browser.inbound(identity, publisher, "video").get("frames", 0) >= frames
@@ -141,8 +150,7 @@ def hearing(browser: Browser, identity: str, publisher: str) -> bool:
 async def test_browser_and_aiortc_participants_decode_each_other(
     sfu: Harness, browser: Browser, aiortc_peers: list[AiortcPeer], trickle: bool
 ) -> None:
-    await browser.start(browser.spec("ada", trickle=trickle))
-    await browser.until(lambda: browser.seen("ada").get("state") == "connected", "ada connects")
+    await start_connected(browser, browser.spec("ada", trickle=trickle))
     py = await join_aiortc(sfu, aiortc_peers, "py")
 
     # the browser decodes aiortc's VP8 and Opus, forwarded with rewritten SSRCs and numbers
@@ -168,8 +176,7 @@ async def test_browser_and_aiortc_participants_decode_each_other(
 async def test_a_late_browser_gets_video_from_a_keyframe_asked_of_a_browser(
     engine: str, sfu: Harness, browser: Browser
 ) -> None:
-    await browser.start(browser.spec("ada"))
-    await browser.until(lambda: browser.seen("ada").get("state") == "connected", "ada connects")
+    await start_connected(browser, browser.spec("ada"))
     await asyncio.sleep(3)  # ada's encoder is past its first keyframe
     plis_before = browser.seen("ada")["outbound"]
     browser.join(browser.spec("bea", publish=["audio"], trickle=True))
@@ -187,8 +194,7 @@ async def test_a_late_browser_gets_video_from_a_keyframe_asked_of_a_browser(
 async def test_a_leavers_streams_end_in_the_browser_and_its_m_lines_are_reused(
     sfu: Harness, browser: Browser, aiortc_peers: list[AiortcPeer]
 ) -> None:
-    await browser.start(browser.spec("ada"))
-    await browser.until(lambda: browser.seen("ada").get("state") == "connected", "ada connects")
+    await start_connected(browser, browser.spec("ada"))
     first = await join_aiortc(sfu, aiortc_peers, "first")
     await browser.until(lambda: decoding(browser, "ada", "first"), "ada decodes first's video")
     mids = {s["mid"] for s in browser.seen("ada")["inbound"].values() if s["publisher"] == "first"}
@@ -219,8 +225,7 @@ async def test_a_browsers_opaque_frames_reach_subscribers_intact_from_a_keyframe
     # eve's browser replaces every encoded frame, as an end-to-end encrypting client does,
     # with an opaque one (Encoded Transform) that keeps one VP8 byte in the clear: the SFU must
     # forward what it cannot decode, and find keyframes behind libwebrtc's payload descriptors
-    await browser.start({**browser.spec("eve"), "opaque": 7})
-    await browser.until(lambda: browser.seen("eve").get("state") == "connected", "eve connects")
+    await start_connected(browser, {**browser.spec("eve"), "opaque": 7})
     early = await sfu.join("early", ROOM, publish=False)
     await asyncio.sleep(2)
     late = await sfu.join("late", ROOM, publish=False)
@@ -244,8 +249,7 @@ async def test_a_browsers_opaque_frames_reach_subscribers_intact_from_a_keyframe
 async def test_nacks_repair_loss_to_and_from_a_browser(
     sfu: Harness, browser: Browser, aiortc_peers: list[AiortcPeer]
 ) -> None:
-    await browser.start(browser.spec("ada"))
-    await browser.until(lambda: browser.seen("ada").get("state") == "connected", "ada connects")
+    await start_connected(browser, browser.spec("ada"))
     py = await join_aiortc(sfu, aiortc_peers, "py")
     await browser.until(lambda: decoding(browser, "ada", "py"), "ada decodes py's video")
     await browser.until(lambda: py.frames.get(("ada", "video"), 0) >= 30, "py decodes ada's")
