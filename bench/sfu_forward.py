@@ -626,6 +626,11 @@ async def run_loopback(
             f"{r['pps']:>11.0f}  {r['delivered'] * 100:>8.1f}%  {r['e2e_p50']:>8.2f}  "
             f"{r['e2e_p99']:>8.2f}  {r['sfu_p50']:>8.3f}  {r['sfu_p99']:>8.3f}"
         )
+    # the spread the medians hide: the same code varies by a fifth between runs on a shared VM
+    spread = "; ".join(
+        f"{mode} " + ", ".join(f"{r['us_per_pkt']:.1f}" for r in rs) for mode, rs in runs.items()
+    )
+    print(f"us/pkt/sub of each run, in order: {spread}")
     sfu = dict(rows)["sfu"]
     misses = []
     # A relay that drops packets looks cheap per packet it did forward: not a measurement.
