@@ -16,17 +16,20 @@ member, with the ratchet tree in its extension) and follows the group with `mls.
 - one signature key per name: the delivery service registers a name's signature key once and
   for good, and refuses any leaf of that name with another key. So from the first GroupInfo's
   tree on, every leaf a name holds (added, joined externally, updated, or rewritten by an
-  UpdatePath) must hold the key that name first showed up with: a leaf with another key under a
-  member's name is a forgery by whoever made that key (the service itself can make one and join
-  by external commit from a public GroupInfo: only this check catches it);
+  UpdatePath), and every leaf a proposal brings, committed or not, must hold the key that name
+  first showed up with, under an identity that is UTF-8 (as the service requires): a leaf with
+  another key under a member's name is a forgery by whoever made that key (the service itself
+  can make one and join by external commit from a public GroupInfo: only this check catches
+  it);
 - the service's metadata: each entry's kind is its content's (a commit is not logged as a
   proposal), its sender is the MLS sender's identity (the member leaf's credential, or the new
   leaf's or KeyPackage's for an external commit or join request), its epoch is the chain's (the
   GroupInfo's own, for a GroupInfo), times never go backwards (by more than CLOCK_SKEW_MS:
   instances sharing one database stamp with their own clocks), and no message is logged twice
-  (a replay). Welcomes are checked as far as they are public: an MLS Welcome of the group's
-  cipher suite, for KeyPackages a commit of the log added, sent by that commit's poster; and a
-  GroupInfo is logged as posted by the member whose leaf signed it (the service refuses others).
+  (a replay, even with another membership tag). Welcomes are checked as far as they are
+  public: an MLS Welcome of the group's cipher suite, for KeyPackages a commit of the log added
+  (none precedes a log from epoch 0), sent by that commit's poster; and a GroupInfo is logged
+  as posted by the member whose leaf signed it (the service refuses others).
 
 What it reports besides the rotations: each name's signature-key fingerprint (what ties a name
 to a person: members compare their own, `conclave audit --expect-key` checks them); whether a
@@ -70,7 +73,7 @@ import cbor2
 
 from mls.errors import MLSError
 from mls.framing import ContentType, MLSMessage, PublicMessage, SenderType
-from mls.proposals import Add, Proposal, ProposalOrRefType, ProposalType, Remove
+from mls.proposals import Add, Proposal, ProposalOrRefType, ProposalType, Remove, Update
 from mls.public_group import PublicGroup
 
 from .errors import AuditFailure, ConclaveError
@@ -267,6 +270,19 @@ def _name(identity: bytes) -> str:
     return identity.decode("utf-8", "replace")
 
 
+def _replay_digest(message: bytes) -> bytes:
+    """What tells a message from a replay: for a PublicMessage, all but its membership tag (a
+    MAC no one can check without the epoch's secrets, so the service could log the same signed
+    message twice with another tag; an honest one always carries the same tag)."""
+    try:
+        body = MLSMessage.decode(message).body
+    except MLSError:
+        body = None  # its entry's check says what is wrong with it
+    if isinstance(body, PublicMessage):
+        return hashlib.sha256(b"public " + body.authenticated_content().encode()).digest()
+    return hashlib.sha256(b"other " + message).digest()
+
+
 def _public_message(entry: LogEntry, expected: ContentType) -> PublicMessage:
     """The entry's PublicMessage, checked to hold what the entry's kind says, before anything
     processes it (a commit logged as a proposal must not be applied as one)."""
@@ -342,7 +358,7 @@ class Auditor:
             )
         if self.last_time is None or entry.time_ms > self.last_time[0]:
             self.last_time = (entry.time_ms, entry.seq)
-        digest = hashlib.sha256(entry.message).digest()
+        digest = _replay_digest(entry.message)
         earlier = self._seen.get(digest)
         if earlier is not None:
             raise AuditFailure(entry.seq, f"a replay: the same message as seq {earlier}")
@@ -389,18 +405,30 @@ class Auditor:
     def _check_keys(self, seq: int, pg: PublicGroup) -> None:
         """Every leaf's name must hold the signature key it first showed up with."""
         for m in pg.members:
-            known = self._keys.get(m.identity)
-            if known is None:
-                self._keys[m.identity] = (m.signature_key, seq)
-            elif known[0] != m.signature_key:
-                name = _name(m.identity)
-                where = "" if known[1] == seq else f" at seq {known[1]}"
-                raise AuditFailure(
-                    seq,
-                    f"leaf {m.leaf_index} holds {name!r} with another signature key than "
-                    f"{name!r} had{where}: the delivery service registers one key per name for "
-                    "good, so a leaf of this name with another key is not that member's",
-                )
+            self._check_key(seq, m.identity, m.signature_key, f"leaf {m.leaf_index}")
+
+    def _check_key(self, seq: int, identity: bytes, key: bytes, what: str) -> None:
+        """A leaf (`what`) of `identity`, in the tree or brought by a proposal, must hold the
+        key that name first showed up with: the service refuses both otherwise."""
+        try:
+            name = identity.decode("utf-8")
+        except UnicodeDecodeError:
+            # Two such identities could read as one name (with U+FFFD) with two keys.
+            raise AuditFailure(
+                seq, f"{what} has an identity that is not UTF-8 (the delivery service refuses "
+                "such leaves)"
+            ) from None
+        known = self._keys.get(identity)
+        if known is None:
+            self._keys[identity] = (key, seq)
+        elif known[0] != key:
+            where = "" if known[1] == seq else f" at seq {known[1]}"
+            raise AuditFailure(
+                seq,
+                f"{what} holds {name!r} with another signature key than {name!r} had{where}: "
+                "the delivery service registers one key per name for good, so a leaf of this "
+                "name with another key is not that member's",
+            )
 
     def _check_sender(self, entry: LogEntry, identity: bytes | None, sender_type: str) -> None:
         if identity is None:
@@ -488,12 +516,13 @@ class Auditor:
             )
         # Its sender: a member; its recipients: KeyPackages a commit of the log added, and its
         # sender that commit's poster (the service refuses other Welcomes). Before the log's
-        # first commit, the one that added them may precede the log.
+        # first commit, the one that added them may precede the log; not when it starts at
+        # epoch 0, the group's creation, which no commit precedes.
         if entry.sender not in {_name(m.identity) for m in pg.members}:
             raise AuditFailure(
                 entry.seq, f"the log says {entry.sender!r} sent the Welcome, not a member"
             )
-        if self.rotations:
+        if self.rotations or self.first_epoch == 0:
             founders = len(self.first_members) > 1 and entry.sender == self.creator
             for s in welcome.secrets:
                 committer = self._added.get(s.new_member)
@@ -536,6 +565,13 @@ class Auditor:
         ):
             identity = proposal.body.key_package.leaf_node.credential.identity
         self._check_sender(entry, identity, sender.sender_type.name)
+        # A leaf it brings (an Add's KeyPackage, an Update): the service refuses one with
+        # another key than its name's, committed or not.
+        leaf = (proposal.body.key_package.leaf_node if isinstance(proposal.body, Add)
+                else proposal.body.leaf_node if isinstance(proposal.body, Update) else None)
+        if leaf is not None:
+            self._check_key(entry.seq, leaf.credential.identity, leaf.signature_key,
+                            "the proposal's leaf")
         ref = pg.crypto.make_proposal_ref(body.authenticated_content().encode())
         proposer_name = _name(proposer.credential.identity) if proposer is not None else None
         self._proposals[ref] = _PendingProposal(proposal, entry.seq, entry.time_ms, proposer_name)
