@@ -28,8 +28,9 @@ member, with the ratchet tree in its extension) and follows the group with `mls.
   instances sharing one database stamp with their own clocks), and no message is logged twice
   (a replay, even with another membership tag). Welcomes are checked as far as they are
   public: an MLS Welcome of the group's cipher suite, for KeyPackages a commit of the log added
-  (none precedes a log from epoch 0), sent by that commit's poster; and a GroupInfo is logged
-  as posted by the member whose leaf signed it (the service refuses others).
+  (none precedes a log from epoch 0), sent by that commit's poster, for names still members
+  where it is logged; and a GroupInfo is logged as posted by the member whose leaf signed it
+  (the service refuses others).
 
 What it reports besides the rotations: each name's signature-key fingerprint (what ties a name
 to a person: members compare their own, `conclave audit --expect-key` checks them); whether a
@@ -330,6 +331,9 @@ class Auditor:
         # KeyPackageRefs of every KeyPackage a commit of the log added, with that commit's
         # poster: whom a Welcome may be for, and who sends it.
         self._added: dict[bytes, str] = {}
+        # The name in each KeyPackage a commit of the log added, by KeyPackageRef: whom its
+        # Welcome is for.
+        self._added_names: dict[bytes, bytes] = {}
         # Names removed by another member and not added back since: the service refuses their
         # external joins.
         self._expelled: set[str] = set()
@@ -518,7 +522,8 @@ class Auditor:
         # sender that commit's poster (the service refuses other Welcomes). Before the log's
         # first commit, the one that added them may precede the log; not when it starts at
         # epoch 0, the group's creation, which no commit precedes.
-        if entry.sender not in {_name(m.identity) for m in pg.members}:
+        members = {m.identity for m in pg.members}
+        if entry.sender not in {_name(m) for m in members}:
             raise AuditFailure(
                 entry.seq, f"the log says {entry.sender!r} sent the Welcome, not a member"
             )
@@ -541,6 +546,13 @@ class Auditor:
                         f"the log says {entry.sender!r} sent the Welcome for KeyPackageRef "
                         f"{s.new_member.hex()}, which {committer!r}'s commit added (the service "
                         "takes a Welcome from its commit's poster only)",
+                    )
+                recipient = self._added_names.get(s.new_member)
+                if recipient is not None and recipient not in members:
+                    raise AuditFailure(
+                        entry.seq,
+                        f"a Welcome for {_name(recipient)!r}, who is no longer a member here "
+                        "(the service takes a Welcome only for members of the group's epoch)",
                     )
         self.welcomes += 1
 
@@ -633,6 +645,10 @@ class Auditor:
                 if pending is None:  # PublicGroup resolved it, so this cannot happen
                     raise AuditFailure(entry.seq, "the commit references an unknown proposal")
                 proposal = pending.proposal
+            if isinstance(proposal.body, Add):
+                key_package = proposal.body.key_package
+                ref = pg.crypto.make_key_package_ref(key_package.encode())
+                self._added_names[ref] = key_package.leaf_node.credential.identity
             if proposal.proposal_type == ProposalType.external_init:
                 continue  # the commit's sender says it: external-join or rejoin, first
             if isinstance(proposal.body, Remove):

@@ -84,3 +84,27 @@ def test_a_welcome_before_the_first_commit_of_a_log_from_epoch_0_is_tied_to_no_c
     with pytest.raises(AuditFailure, match="which no commit of this log added") as info:
         audit(GID, log.entries)
     assert info.value.seq == 2
+
+
+def test_a_welcome_logged_after_its_recipient_was_removed_is_refused() -> None:
+    # The service takes a Welcome only for members of the group as it stands: one logged after
+    # a later commit removed its recipient was never posted to it.
+    ga = Group.create(Client(b"alice"), GID)
+    log = LogBuilder()
+    log.add("group_info", 0, "alice", 1000, ga.group_info())
+    r = ga.add([Client(b"bob").key_package()])
+    log.add("commit", 0, "alice", 1100, r.commit)
+    ga.merge_pending_commit()
+    assert r.welcome is not None
+    bob_leaf = next(m.leaf_index for m in ga.members if m.identity == b"bob")
+    removal = ga.remove([bob_leaf])
+    log.add("commit", 1, "alice", 1200, removal.commit)
+    ga.merge_pending_commit()
+    log.add("welcome", 2, "alice", 1300, r.welcome)
+    with pytest.raises(AuditFailure, match="a Welcome for 'bob', who is no longer a member") as info:
+        audit(GID, log.entries)
+    assert info.value.seq == 4
+    # logged before the removal, as the service would, it passes
+    honest = [log.entries[0], log.entries[1], replace(log.entries[3], seq=3, epoch=1, time_ms=1150),
+              replace(log.entries[2], seq=4)]
+    audit(GID, honest)
