@@ -223,7 +223,8 @@ def get_str_list(body: dict[str, Any], key: str) -> frozenset[str]:
     value = body.get(key, [])
     if not isinstance(value, list) or len(value) > MAX_LIST:
         raise BadRequest(f"field {key!r} must be an array of identities")
-    return frozenset(get_identity({"x": v}, "x") for v in value)
+    # Each element is checked under its own name, so that the reason says which one is wrong.
+    return frozenset(get_identity({f"{key}[{i}]": v}, f"{key}[{i}]") for i, v in enumerate(value))
 
 
 _DECIMAL = re.compile(r"-?[0-9]+")

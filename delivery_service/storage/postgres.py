@@ -519,6 +519,10 @@ class PostgresStorage(Storage):
                 message.created_ms, message.data, message.recipients is not None,
             )
             if message.recipients:
+                # Readers page Welcomes by id ("after the last id seen"), and ids are taken at
+                # insert, not at commit: Welcome writers go one at a time (readers do not wait),
+                # so that no id commits after a greater one a reader may have seen already.
+                await conn.execute("LOCK TABLE welcomes IN EXCLUSIVE MODE")
                 await conn.executemany(
                     "INSERT INTO welcomes (identity, group_id, seq) VALUES ($1, $2, $3)",
                     [(r, gid, seq) for r in message.recipients],

@@ -2,12 +2,15 @@
 
 Writes are serialized by one lock (SQLite has one writer anyway) and committed with
 ``synchronous=FULL``, so an acknowledged message survives a crash of the process or the machine.
+Reads outside a write transaction use a second connection, which sees only committed data (WAL).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -94,7 +97,14 @@ class SQLiteStorage(Storage):
     def __init__(self, path: str) -> None:
         self.path = path
         self._db: aiosqlite.Connection | None = None
+        # Reads outside a transaction: on the writer's connection they would see the rows of a
+        # transaction in progress (another request's, at any await), which may still roll back.
+        self._reader: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        # Set in the task running a write transaction: its own reads go to the writer.
+        self._in_transaction: contextvars.ContextVar[bool] = contextvars.ContextVar(
+            "in_transaction", default=False
+        )
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -128,6 +138,11 @@ class SQLiteStorage(Storage):
             if version < SCHEMA_VERSION:
                 await self.db.execute(f"PRAGMA application_id={APPLICATION_ID}")
                 await self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if self.path in ("", ":memory:"):
+            self._reader = self._db  # a private database: a second connection is another one
+        else:
+            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._reader.execute("PRAGMA busy_timeout=5000")
 
     async def _check_application(self) -> int:
         """The file's schema version, after checking that it is this service's database (or
@@ -147,6 +162,9 @@ class SQLiteStorage(Storage):
         return int(version)
 
     async def close(self) -> None:
+        if self._reader is not None and self._reader is not self._db:
+            await self._reader.close()
+        self._reader = None
         if self._db is not None:
             await self._db.close()
             self._db = None
@@ -155,13 +173,17 @@ class SQLiteStorage(Storage):
     async def _transaction(self) -> AsyncIterator[None]:
         """One write transaction at a time: committed at the end, rolled back on any error."""
         async with self._lock:
-            await self.db.execute("BEGIN IMMEDIATE")
+            token = self._in_transaction.set(True)
             try:
-                yield
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
+                await self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                    await self.db.execute("COMMIT")
+                except BaseException:
+                    await self.db.execute("ROLLBACK")
+                    raise
+            finally:
+                self._in_transaction.reset(token)
 
     async def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> list[int]:
         """Run statements in one transaction; returns each statement's rowcount."""
@@ -172,12 +194,20 @@ class SQLiteStorage(Storage):
                 counts.append(cur.rowcount)
         return counts
 
+    @property
+    def _read_db(self) -> aiosqlite.Connection:
+        """The connection for a read: the writer's inside this task's transaction (it must see
+        its own writes), else the reader's (committed data only)."""
+        if self._in_transaction.get() or self._reader is None:
+            return self.db
+        return self._reader
+
     async def _one(self, sql: str, args: tuple[object, ...]) -> tuple | None:  # type: ignore[type-arg]
-        async with self.db.execute(sql, args) as cur:
+        async with self._read_db.execute(sql, args) as cur:
             return await cur.fetchone()  # type: ignore[return-value]
 
     async def _all(self, sql: str, args: tuple[object, ...]) -> list[tuple]:  # type: ignore[type-arg]
-        async with self.db.execute(sql, args) as cur:
+        async with self._read_db.execute(sql, args) as cur:
             return list(await cur.fetchall())  # type: ignore[arg-type]
 
     # -- identities and sessions
@@ -365,21 +395,21 @@ class SQLiteStorage(Storage):
         return True
 
     async def get_group(self, group_id: bytes) -> GroupState | None:
+        # One statement, so one snapshot: the row and the members of the same commit.
         row = await self._one(
-            "SELECT epoch, last_seq, group_info, tracker_state FROM groups WHERE group_id = ?",
+            "SELECT epoch, last_seq, group_info, tracker_state, (SELECT json_group_array(identity)"
+            " FROM group_members m WHERE m.group_id = g.group_id) FROM groups g"
+            " WHERE group_id = ?",
             (group_id,),
         )
         if row is None:
             return None
-        members = await self._all(
-            "SELECT identity FROM group_members WHERE group_id = ?", (group_id,)
-        )
-        epoch, last_seq, group_info, tracker_state = row
+        epoch, last_seq, group_info, tracker_state, members = row
         return GroupState(
             group_id,
             epoch,
             last_seq,
-            frozenset(m[0] for m in members),
+            frozenset(json.loads(members)),
             None if group_info is None else bytes(group_info),
             bytes(tracker_state),
         )
