@@ -209,8 +209,9 @@ class MLSKeyManager:
         `restored`: the epoch comes from a saved state, in which this member may already have
         received frames. Their replay windows were not saved, so a replay of any of them would
         open (RFC 9605 §9.3): the epoch is deleted at once, with no grace period, when the next
-        one is installed or the member retires. Install a newer epoch (a commit) before
-        receiving media."""
+        one is installed or the member retires. Its send CTRs were not saved either, so it
+        is never sent in (`encrypt` raises `KeyScheduleError`). Install a newer epoch (a
+        commit) before sending or receiving media."""
         epoch = group.epoch
         if self.current is not None:
             if epoch == self.current.epoch:
@@ -405,6 +406,14 @@ class MLSKeyManager:
             if key is None:
                 kid = self.send_kid(context)  # raises if no epoch is installed
                 assert self.current is not None
+                if self.current.restored:
+                    # This member may have sent in the epoch before the state was saved; its
+                    # CTRs were not saved, so counting from 0 again would reuse nonces (§9.1).
+                    raise KeyScheduleError(
+                        f"epoch {self.current.epoch} was restored from a saved state: sending "
+                        "in it could repeat CTRs used before the restart; install a newer "
+                        "epoch (a commit) before sending"
+                    )
                 key = self.sframe.add_send_key(kid, self.current.base_key)
                 self._send[context] = key
             return key
