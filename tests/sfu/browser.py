@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -203,7 +204,9 @@ class Browser:
         self._commands: list[dict[str, Any]] = []
         self._runner: web.AppRunner | None = None
         self._process: subprocess.Popen[bytes] | None = None
-        self._profile = tempfile.TemporaryDirectory(prefix="conclave-chromium-")
+        self._profile = tempfile.TemporaryDirectory(
+            prefix="conclave-browser-", ignore_cleanup_errors=True
+        )
         self._stderr = Path(self._profile.name) / "stderr.log"
 
     def spec(
@@ -249,7 +252,11 @@ class Browser:
             command = [*self.netns.prefix, *command]
         with open(self._stderr, "wb") as stderr:
             self._process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,  # one process group to stop in `close`
             )
 
     async def _page(self, request: web.Request) -> web.StreamResponse:
@@ -316,12 +323,30 @@ class Browser:
 
     async def close(self) -> None:
         if self._process is not None:
-            self._process.terminate()
+            # The browser and every process it started (its own session): a child still
+            # writing into the profile after the browser exits would make its removal fail.
+            self._signal_all(signal.SIGTERM)
             try:
                 await asyncio.to_thread(self._process.wait, 10)
             except subprocess.TimeoutExpired:
-                self._process.kill()
-                await asyncio.to_thread(self._process.wait)
+                pass
+            self._signal_all(signal.SIGKILL)
+            await asyncio.to_thread(self._process.wait)
         if self._runner is not None:
             await self._runner.cleanup()
-        self._profile.cleanup()
+        for _ in range(20):  # a killed child's last writes may still land: try again briefly
+            try:
+                shutil.rmtree(self._profile.name)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        self._profile.cleanup()  # whatever is left; with ignore_cleanup_errors it never raises
+
+    def _signal_all(self, signum: int) -> None:
+        assert self._process is not None
+        try:
+            os.killpg(self._process.pid, signum)
+        except ProcessLookupError:  # all gone already
+            pass
