@@ -44,6 +44,10 @@ MAX_EVENTS = 1000  # pushed signalling messages kept for `next_event` / `events`
 # The SFU is not trusted: what it sends is bounded before anything acts on it.
 JOIN_TIMEOUT = 15.0  # seconds for the SFU to answer a join
 MAX_M_LINES = 256  # per offer: two per participant of a room of 128 (aiortc: ~170 kB each)
+# distinct remote ICE candidates, over all offers: aioice pays a list search and a re-sort of
+# its check list for each one, so thousands would block the event loop for minutes (an SFU
+# host has a few addresses: the SFU caps a client's at 32 for the same reason)
+MAX_REMOTE_CANDIDATES = 64
 MAX_ERROR_TEXT = 300  # characters of an SFU's error message passed on
 # The codecs negotiated, by kind (MIME types as aiortc spells them; rtx is retransmission).
 CODECS: Mapping[str, Sequence[str]] = {
@@ -79,6 +83,7 @@ class SFUClient:
         self.offers_answered = 0
         self.answered = asyncio.Event()
         self._retired: set[RTCRtpTransceiver] = set()  # inactive m-lines, receivers stopped
+        self._remote_candidates: set[tuple[str, str, int]] = set()  # by address
         self._session: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -122,7 +127,11 @@ class SFUClient:
             ) from None
 
     async def _join_exchange(self) -> dict[str, Any]:
-        self._session = aiohttp.ClientSession()
+        # aiohttp follows HTTP redirects of the handshake, to any host and from TLS to plain:
+        # the join, and its room token, would go there. Only the SFU's "redirect" is followed.
+        refuse = aiohttp.TraceConfig()
+        refuse.on_request_redirect.append(_refuse_http_redirect)
+        self._session = aiohttp.ClientSession(trace_configs=[refuse])
         try:
             self._ws = await self._session.ws_connect(self.url, heartbeat=30)
         except aiohttp.WSServerHandshakeError as exc:
@@ -197,12 +206,22 @@ class SFUClient:
         # Each offer names the publisher of every m-line that carries media: the map is
         # replaced, not merged, so it holds what the latest offer said and no more.
         description = SessionDescription.parse(sdp)
+        candidates = self._remote_candidates | {
+            (c.protocol.lower(), c.ip, c.port)
+            for media in description.media
+            for c in media.ice_candidates
+        }
+        if len(candidates) > MAX_REMOTE_CANDIDATES:
+            raise ValueError(
+                f"an offer of {len(candidates)} ICE candidates (at most {MAX_REMOTE_CANDIDATES})"
+            )
         self._check_codecs(description)
         self.streams = _streams(message.get("streams", {}), m_lines)
         if self._retired:
             self._renew_reused(description)
         self._add_receivers(description)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
+        self._remote_candidates = candidates
         answer = await self.pc.createAnswer()
         await self.pc.setLocalDescription(answer)
         await self.send({"type": "answer", "sdp": self.pc.localDescription.sdp})
@@ -336,6 +355,17 @@ def _streams(value: object, m_lines: int) -> dict[str, dict[str, str]]:
             raise ValueError(f"an offer's stream entry for mid {str(mid)[:32]!r} is malformed")
         out[mid] = {"identity": info["identity"], "kind": info["kind"]}
     return out
+
+
+async def _refuse_http_redirect(
+    session: aiohttp.ClientSession,
+    context: object,
+    params: aiohttp.TraceRequestRedirectParams,
+) -> None:
+    location = params.response.headers.get("Location", "")
+    raise SignallingError(
+        "redirect", f"the SFU redirected the handshake to {_text(location)!r}: not followed"
+    )
 
 
 def _same_host(current: str, target: str) -> str:

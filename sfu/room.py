@@ -471,6 +471,11 @@ class Participant:
 
     def add_slot(self, source: SourceStream) -> None:
         """Add a downstream m-line for `source`; it starts forwarding once answered."""
+        if self._closed or self.pc.signalingState == "closed":
+            # aiortc closes the connection when the client's DTLS closes, before the signalling
+            # handler removes the participant: addTransceiver would raise in the publisher's
+            # connect task (`on_source_added`), ending its connection and others' slots.
+            return
         if source in self.slot_sources.values():
             return
         transceiver = self._free_m_line(source.kind)
