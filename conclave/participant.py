@@ -64,6 +64,7 @@ from mls import Client, CommitResult, Group, MLSError, PublicGroup
 from mls.client import MAX_LEAF_LIFETIME
 from mls.credential import Credential
 from mls.framing import MLSMessage, PublicMessage
+from mls.group_framing import parse_key_package
 from mls.proposals import ProposalType
 from sfu import aiortc_hooks
 from sfu.client import SFUClient
@@ -130,6 +131,16 @@ def _own_leaf(group_info: bytes, signature_key: bytes) -> int | None:
     return next((m.leaf_index for m in members if m.signature_key == signature_key), None)
 
 
+def _names_another_group(group_info: bytes, group_id: bytes) -> bool:
+    """Whether `group_info` is the GroupInfo of a group other than `group_id`: the service
+    answers for the room asked for, and an external commit or join request from another
+    group's would put us in that group. (One that does not decode: `join_external` says why.)"""
+    try:
+        return MLSMessage.decode(group_info).body.group_context.group_id != group_id  # type: ignore[union-attr]
+    except Exception:
+        return False
+
+
 def _renewal_delay(token: RoomToken) -> float:
     """Seconds until a room token is to be renewed: three quarters of its life, by its `ttl`
     (a service from before `ttl`: by `expires_at` and this machine's clock)."""
@@ -137,10 +148,17 @@ def _renewal_delay(token: RoomToken) -> float:
     return max(MIN_RENEWAL_WAIT, life * 3 / 4)
 
 
+# The proposals Conclave makes (invitations, removal requests, leaves, join requests). Others
+# (GroupContextExtensions, PreSharedKey, ReInit, ...) a member could make unusable (a required
+# capability no one has, a PSK no one holds), and then every commit that carried it would fail.
+TAKEN_PROPOSALS = frozenset({ProposalType.add, ProposalType.remove, ProposalType.update})
+
+
 def _add_refusal(message: bytes) -> str | None:
-    """Why an Add proposal (`message`, a PublicMessage) adds no one the delivery service could
-    ever take as a member (an identity that is not UTF-8, or not a valid name), else None.
-    Every commit that carried it would be refused: a member that took it in could commit no
+    """Why a proposal (`message`, a PublicMessage) is not taken in: one of a type Conclave never
+    makes (`TAKEN_PROPOSALS`), or an Add of no one the delivery service could ever take as a
+    member (an identity that is not UTF-8, or not a valid name); else None. Every commit that
+    carried such a proposal could fail or be refused: a member that took it in could commit no
     other proposal of its epoch (RFC 9420 §12.2: invalid proposals are left out). Others
     (not a proposal, undecodable) are for `Group.process` to judge."""
     try:
@@ -148,6 +166,9 @@ def _add_refusal(message: bytes) -> str | None:
         if not isinstance(body, PublicMessage) or body.content.proposal is None:
             return None
         proposal = body.content.proposal
+        if proposal.proposal_type not in TAKEN_PROPOSALS:
+            kind = getattr(proposal.proposal_type, "name", proposal.proposal_type)
+            return f"a {kind} proposal, which Conclave does not make"
         if proposal.proposal_type != ProposalType.add:
             return None
         identity = proposal.body.key_package.leaf_node.credential.identity  # type: ignore[union-attr]
@@ -317,6 +338,7 @@ class Participant:
         self._media_wanted = False  # connect_media was called: call in again when added back
         self._token_renewal: asyncio.Task[None] | None = None
         self._names_by_epoch: dict[int, dict[int, str]] = {}
+        self._read_state: bytes | None = None  # the state file as read (None: there was none)
         self.client = self._load_client(cipher_suite)  # and the saved group, if any
         # Keys only for the stream contexts we use: a member sending under others would
         # otherwise make us derive and keep a key for each.
@@ -367,7 +389,8 @@ class Participant:
             # Everything is read and checked now, before any request: a state that cannot be
             # used must fail here, and one that can is written back whole by `save`.
             try:
-                saved = cbor2.loads(path.read_bytes())
+                self._read_state = path.read_bytes()
+                saved = cbor2.loads(self._read_state)
                 if not isinstance(saved, dict):
                     raise ValueError("not a Conclave state file")
                 if saved.get("format") != STATE_FORMAT or saved.get("version") != STATE_VERSION:
@@ -425,10 +448,12 @@ class Participant:
         if self.group is not None:
             body["group"] = self.group.to_bytes()
         try:
+            data = cbor2.dumps(body)
             path.parent.mkdir(parents=True, exist_ok=True)
-            replace_file(path, cbor2.dumps(body))  # mode 0600: it holds private keys
+            replace_file(path, data)  # mode 0600: it holds private keys
         except OSError as exc:
             raise ConclaveError(f"cannot save the state to {path}: {exc.strerror or exc}") from None
+        self._read_state = data  # ours: no other run's (`_lock_state`)
 
     def _lock_state(self) -> None:
         """Hold `<name>.lock` in the state directory while this participant runs: two
@@ -454,6 +479,24 @@ class Participant:
                 "(another `conclave join` with this name?): stop it first, or use another "
                 "--state"
             ) from None
+        # The state was read before the lock was ours (at construction): a run of this name
+        # that ended meanwhile may have saved a later epoch (or a first identity), which
+        # saving what we read would undo.
+        path = self._state_path
+        assert path is not None
+        try:
+            now = path.read_bytes()
+        except FileNotFoundError:
+            now = None
+        except OSError as exc:
+            os.close(fd)
+            raise ConclaveError(f"cannot read the saved state {path}: {exc.strerror or exc}") from None
+        if now != self._read_state:
+            os.close(fd)
+            raise ConclaveError(
+                f"the saved state {path} changed since it was read (another run of "
+                f"{self.name} ended meanwhile?): start again"
+            )
         self._state_lock = fd
 
     def _unlock_state(self) -> None:
@@ -615,9 +658,15 @@ class Participant:
 
     async def _room_group_info(self, group_id: bytes, room: str) -> bytes:
         try:
-            return await self.ds.fetch_group_info(group_id)
+            gi = await self.ds.fetch_group_info(group_id)
         except RequestFailed as exc:
             raise _join_refused(room, exc) from None
+        if _names_another_group(gi, group_id):
+            raise ConclaveError(
+                f"cannot join room {room!r}: the delivery service gave the GroupInfo of "
+                "another group"
+            )
+        return gi
 
     async def join(self, room: str) -> None:
         """Join by an external commit from the published GroupInfo (RFC 9420 §12.4.3.2)."""
@@ -975,6 +1024,10 @@ class Participant:
             for _ in range(COMMIT_ATTEMPTS):
                 try:
                     gi = await self.ds.fetch_group_info(gid)
+                    if _names_another_group(gi, gid):
+                        self._note("could not resynchronise: the delivery service gave the "
+                                   "GroupInfo of another group")
+                        return
                     new, commit = Group.join_external(
                         self.client, gi, remove_leaf=old_leaf, **self._group_policy()
                     )
@@ -1151,9 +1204,24 @@ class Participant:
         key_packages = []
         for name in names:
             try:
-                key_packages.append(await self.ds.claim_key_package(name))
+                kp = await self.ds.claim_key_package(name)
             except RequestFailed as exc:
                 raise ConclaveError(f"cannot invite {name!r}: {exc.reason}") from None
+            # The service hands out KeyPackages: one of another identity (its own, say) would
+            # add someone else than the member was told, with a leaf whose keys they hold.
+            try:
+                identity = parse_key_package(kp).leaf_node.credential.identity
+            except Exception as exc:  # whatever the service sent
+                raise ConclaveError(
+                    f"cannot invite {name!r}: the delivery service gave a KeyPackage that "
+                    f"cannot be used ({_reason(exc)})"
+                ) from None
+            if identity != name.encode():
+                raise ConclaveError(
+                    f"cannot invite {name!r}: the delivery service gave a KeyPackage of "
+                    f"{identity.decode('utf-8', 'replace')!r}"
+                )
+            key_packages.append(kp)
 
         def make(group: Group) -> tuple[CommitResult, list[str], list[str]] | None:
             todo = [n for n in names if n not in self.member_names]
@@ -1333,6 +1401,10 @@ class Participant:
                 f"{self.name} is no longer a member of the call (removed while away?): a "
                 f"member must add {self.name} again"
             ) from None
+        if token.room != group_id.hex():
+            # The SFU room of a call is its group id's hex: with another room's token our
+            # frames would go to, and theirs come from, strangers.
+            raise ConclaveError("the delivery service gave a room token for another room")
         # (urlsplit, not string splitting: an IPv6 host is in brackets, http://[::1]:8443.)
         if is_loopback_host(urlsplit(self.sfu_url).hostname):
             aiortc_hooks.restrict_ice_to_loopback()
@@ -1387,6 +1459,10 @@ class Participant:
                 renew_at = loop.time() + TOKEN_RETRY
                 continue
             except (aiohttp.ClientError, OSError, ConclaveError):
+                renew_at = loop.time() + TOKEN_RETRY
+                continue
+            if token.room != client.room:
+                self._note("the delivery service gave a room token for another room")
                 renew_at = loop.time() + TOKEN_RETRY
                 continue
             try:
