@@ -329,11 +329,8 @@ class Auditor:
         # until the leaf is removed: a request voided by another commit may be made again.
         self._removal_requests: dict[int, tuple[int, int, str | None]] = {}
         # KeyPackageRefs of every KeyPackage a commit of the log added, with that commit's
-        # poster: whom a Welcome may be for, and who sends it.
-        self._added: dict[bytes, str] = {}
-        # The name in each KeyPackage a commit of the log added, by KeyPackageRef: whom its
-        # Welcome is for.
-        self._added_names: dict[bytes, bytes] = {}
+        # poster and the KeyPackage's name: whom a Welcome may be for, and who sends it.
+        self._added: dict[bytes, tuple[str, bytes]] = {}
         # Names removed by another member and not added back since: the service refuses their
         # external joins.
         self._expelled: set[str] = set()
@@ -530,16 +527,17 @@ class Auditor:
         if self.rotations or self.first_epoch == 0:
             founders = len(self.first_members) > 1 and entry.sender == self.creator
             for s in welcome.secrets:
-                committer = self._added.get(s.new_member)
-                if committer is None and founders:
+                added = self._added.get(s.new_member)
+                if added is None and founders:
                     continue  # the creator welcoming a member the group was created with
-                if committer is None:
+                if added is None:
                     raise AuditFailure(
                         entry.seq,
                         f"a Welcome from {entry.sender!r} for KeyPackageRef {s.new_member.hex()}, "
                         "which no commit of this log added (the service refuses such Welcomes; "
                         "or the log starts after that commit)",
                     )
+                committer, recipient = added
                 if committer != entry.sender:
                     raise AuditFailure(
                         entry.seq,
@@ -547,8 +545,7 @@ class Auditor:
                         f"{s.new_member.hex()}, which {committer!r}'s commit added (the service "
                         "takes a Welcome from its commit's poster only)",
                     )
-                recipient = self._added_names.get(s.new_member)
-                if recipient is not None and recipient not in members:
+                if recipient not in members:
                     raise AuditFailure(
                         entry.seq,
                         f"a Welcome for {_name(recipient)!r}, who is no longer a member here "
@@ -628,7 +625,6 @@ class Auditor:
         who = identity or b""  # `_check_sender` refused None
         self._check_keys(entry.seq, pg)
         committer = _name(who)
-        self._added.update(dict.fromkeys(processed.key_package_refs, entry.sender))
         # A rejoin: an external commit that also removes the joiner's own old leaf.
         own_old = {i for i in processed.removed if external and old.get(i) == who}
         reasons: list[str] = []
@@ -648,7 +644,7 @@ class Auditor:
             if isinstance(proposal.body, Add):
                 key_package = proposal.body.key_package
                 ref = pg.crypto.make_key_package_ref(key_package.encode())
-                self._added_names[ref] = key_package.leaf_node.credential.identity
+                self._added[ref] = (entry.sender, key_package.leaf_node.credential.identity)
             if proposal.proposal_type == ProposalType.external_init:
                 continue  # the commit's sender says it: external-join or rejoin, first
             if isinstance(proposal.body, Remove):

@@ -137,7 +137,7 @@ def _names_another_group(group_info: bytes, group_id: bytes) -> bool:
     group's would put us in that group. (One that does not decode: `join_external` says why.)"""
     try:
         return MLSMessage.decode(group_info).body.group_context.group_id != group_id  # type: ignore[union-attr]
-    except Exception:
+    except (MLSError, AttributeError):  # not decodable, or no GroupInfo
         return False
 
 
