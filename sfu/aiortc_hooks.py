@@ -36,6 +36,13 @@ short-circuits aiortc's media pipeline. The internals relied upon (aiortc 1.16.0
   the others with pylibsrtp's public `Session.remove_stream` (libsrtp's `srtp_remove_stream`).
 - `asyncio.selector_events._SelectorDatagramTransport.max_size` (the `recvfrom` size, 256 KiB)
   is lowered per transport to 65535 (`shrink_receive_buffer`).
+- `aioice.ice.StunProtocol.datagram_received` (aioice 0.13 `ice.py:284`), class-wide
+  (`demultiplex_stun`): aioice tries `stun.parse_message` on every datagram, which checks no
+  magic cookie, so an RTP packet whose sequence number equals its length minus 20 is parsed as
+  STUN, and a malformed attribute raises `struct.error` (only `ValueError` is caught): the
+  datagram is lost and asyncio logs a traceback, as it does for any malformed STUN datagram a
+  stranger sends to the port. The replacement hands what RFC 7983 says is not STUN (first byte
+  above 3) to `Connection.data_received` unparsed, and drops a STUN datagram aioice fails on.
 - `aioice.ice.get_host_addresses`: replaced by `restrict_ice_to_loopback` for tests and
   loopback-only deployments (aioice otherwise never offers 127.0.0.1).
 - Client side, `renew_receiver`: `RTCRtpTransceiver.__receiver` (`_RTCRtpTransceiver__receiver`)
@@ -498,6 +505,36 @@ def renew_sender_ssrc(sender: RTCRtpSender) -> None:
 def sender_ssrc(sender: RTCRtpSender) -> int:
     """The SSRC that the SFU's SDP advertises for this sender."""
     return int(sender._ssrc)
+
+
+_stock_stun_datagram_received = aioice.ice.StunProtocol.datagram_received
+_stun_drops = {"last": -FAILURE_LOG_INTERVAL, "quiet": 0}
+
+
+def _demultiplexed_datagram_received(
+    self: aioice.ice.StunProtocol, data: bytes | str, addr: tuple[Any, ...]
+) -> None:
+    if isinstance(data, bytes) and data and data[0] > 3:  # not STUN (RFC 7983 §7)
+        self.receiver.data_received(data, self.local_candidate.component)
+        return
+    try:
+        _stock_stun_datagram_received(self, data, addr)
+    except Exception as exc:  # aioice's STUN parser raises more than ValueError
+        now = time.monotonic()
+        if now - _stun_drops["last"] < FAILURE_LOG_INTERVAL:
+            _stun_drops["quiet"] += 1
+            return
+        quiet, _stun_drops["quiet"], _stun_drops["last"] = _stun_drops["quiet"], 0, now
+        logger.warning(
+            "dropped a malformed STUN datagram from %s:%s (%s; %d more since the last report)",
+            addr[0], addr[1], type(exc).__name__, quiet,
+        )
+
+
+def demultiplex_stun() -> None:
+    """Demultiplex ICE datagrams as RFC 7983 does, in every aioice connection of the process
+    (see the module's docstring). Idempotent; both the SFU and its clients call it."""
+    aioice.ice.StunProtocol.datagram_received = _demultiplexed_datagram_received  # type: ignore[method-assign]
 
 
 _original_get_host_addresses: Any = aioice.ice.get_host_addresses

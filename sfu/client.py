@@ -34,7 +34,7 @@ from aiortc import (
 from aiortc.rtcconfiguration import RTCBundlePolicy
 from aiortc.sdp import SessionDescription
 
-from sfu.aiortc_hooks import renew_receiver
+from sfu.aiortc_hooks import demultiplex_stun, renew_receiver
 from sfu.errors import Redirect, SignallingError
 
 logger = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class SFUClient:
         *,
         codecs: Mapping[str, Sequence[str]] = CODECS,
     ) -> None:
+        demultiplex_stun()
         self._codecs = {kind: _codec_preferences(kind, codecs) for kind in ("audio", "video")}
         self.url = url
         self.room = room

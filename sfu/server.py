@@ -52,6 +52,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
+from sfu import aiortc_hooks
 from sfu.config import SFUConfig
 from sfu.errors import LimitExceeded, Redirect, SignallingError, TokenError, Unavailable
 from sfu.metrics import Metrics
@@ -72,6 +73,7 @@ KINDS = ("audio", "video")
 
 class SFUServer:
     def __init__(self, config: SFUConfig) -> None:
+        aiortc_hooks.demultiplex_stun()
         self.config = config
         self.metrics = Metrics()
         self.rooms: dict[str, Room] = {}
