@@ -9,7 +9,7 @@ transcript-hash inputs of §8.2).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TypeVar
 
@@ -180,7 +180,8 @@ class FramedContent(Struct):
     sender: Sender
     authenticated_data: bytes
     content_type: ContentType
-    application_data: bytes | None = None
+    # Decrypted application data: confidential, so kept out of repr() (and so out of logs).
+    application_data: bytes | None = field(default=None, repr=False)
     proposal: Proposal | None = None
     commit: Commit | None = None
 
@@ -413,7 +414,7 @@ class PrivateMessageContent:
 
     content_type: ContentType
     auth: FramedContentAuthData
-    application_data: bytes | None = None
+    application_data: bytes | None = field(default=None, repr=False)  # plaintext: not for logs
     proposal: Proposal | None = None
     commit: Commit | None = None
     padding: int = 0
