@@ -69,6 +69,16 @@ def port(text: str) -> int:
     return whole_number(text, 0, 65535, "a port number")
 
 
+def listen_host(text: str) -> str:
+    """An argparse type: `serve --host`, not empty (an unset `--host "$HOST"`): aiohttp would
+    listen on every interface for it, and the URLs printed would have no host."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "give a host name or address to listen on (0.0.0.0: every IPv4 interface)"
+        )
+    return text
+
+
 def http_url(text: str) -> str:
     """An argparse type: an http:// or https:// URL with a host."""
     from urllib.parse import urlsplit
@@ -93,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the delivery service and the SFU on loopback")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", type=listen_host, default="127.0.0.1")
     p.add_argument("--ds-port", type=port, default=DEFAULT_DS_PORT)
     p.add_argument("--sfu-port", type=port, default=DEFAULT_SFU_PORT)
     p.add_argument("--db", default=None,
@@ -256,6 +266,36 @@ async def until_stopped(stop: asyncio.Event, step: Any) -> Any:
     return task.result()
 
 
+def in_daemon_thread(fn: Any) -> asyncio.Future[Any]:
+    """`fn()` run in a daemon thread, its result (or exception) in the future returned. For
+    blocking calls that nothing can interrupt (FFmpeg opening a silent stream or a FIFO): the
+    future may be cancelled and the process exit, leaving the thread behind, which a thread of
+    the default executor would keep alive at exit."""
+    import threading
+
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if future.done():  # cancelled meanwhile
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, exc = fn(), None
+        except BaseException as error:  # handed over to the loop's thread
+            result, exc = None, error
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, exc)
+
+    threading.Thread(target=run, name="conclave-blocking", daemon=True).start()
+    return future
+
+
 # Characters shown as escapes in names: control codes (ESC sequences would recolour or move the
 # cursor), invisible formatting (bidi overrides, zero-width) and line separators.
 _HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
@@ -321,11 +361,11 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     )
     stop = stop_on_signals()  # before the URLs: whoever reads them may stop us at once
     await services.start()
-    print(f"delivery service  {services.ds_url}")
-    print(f"SFU signalling    {services.sfu_url}")
-    print(f"database          {display_db(services.db)}")
-    print("Ctrl-C to stop.", flush=True)
-    try:
+    try:  # a failed print too (stdout's reader gone): else the database's thread keeps us alive
+        print(f"delivery service  {services.ds_url}")
+        print(f"SFU signalling    {services.sfu_url}")
+        print(f"database          {display_db(services.db)}")
+        print("Ctrl-C to stop.", flush=True)
         await stop.wait()
     finally:
         await services.stop()
@@ -424,7 +464,9 @@ async def cmd_join(args: argparse.Namespace) -> int:
     stop = stop_on_signals()
     commands: asyncio.Future[None] | None = None
     try:
-        p.open_media()  # a bad --video fails here, before the call gains a member
+        # A bad --video fails here, before the call gains a member. In a thread: opening a
+        # stream URL or a FIFO can block for good, where Ctrl-C or SIGTERM must still stop us.
+        await until_stopped(stop, in_daemon_thread(p.open_media))
         await until_stopped(stop, p.start())
         how = await until_stopped(stop, p.enter(args.room, knock=args.knock))
         print(f"{how} room {args.room!r} as {args.name} (epoch {p.epoch}); your key "

@@ -67,6 +67,11 @@ async def fetch_log(
     new = not path.exists()
     auditor = Participant(identity, ds_url, state_dir=state_dir)
     try:
+        if new:
+            # Another audit starting at once would make a key of its own too, save it over
+            # ours and, refused, delete the file: the name registered to a key no one holds.
+            # Locked, a second one is refused (the file changed since it looked).
+            auditor._lock_state()
         # The key on disk before it is registered for good (as `Participant.start` does).
         auditor.save()
         try:
@@ -76,9 +81,11 @@ async def fetch_log(
                 # The name is another key's: the new key was never registered, and a state
                 # file of it would only stand in the way of the right one.
                 path.unlink(missing_ok=True)
+                (state_dir / f"{identity}.lock").unlink(missing_ok=True)
             raise
         return await read_log(auditor.ds, group_id, max_bytes)
     finally:
+        auditor._unlock_state()
         await auditor.ds.close()
 
 

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import socket
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
@@ -72,6 +73,16 @@ class Services:
             raise ServiceUnavailable(
                 f"cannot open the database ({display_db(self.db)}): its directory does not exist"
             )
+        if is_sqlite:
+            # Opened once here, in this thread: aiosqlite's worker thread, failing to open it
+            # (a directory, no permission), would report its failure to a loop closed by then,
+            # with a traceback.
+            try:
+                sqlite3.connect(self.db).close()
+            except sqlite3.Error as exc:
+                raise ServiceUnavailable(
+                    f"cannot open the database ({display_db(self.db)}): {exc}"
+                ) from None
         storage = None
         try:
             storage = make_storage(self.db, schema=self.pg_schema)
@@ -93,10 +104,14 @@ class Services:
             ds_port = await self._serve(make_app(self.service, manage_storage=False), self.ds_port)
             sfu_port = await self._serve(self.sfu.app(), self.sfu_port)
             self._sfu_runner = self._runners[-1]
-        except OSError as exc:
+        except BaseException as exc:
+            # Whatever failed: the database's worker thread would keep the process alive.
             await self.stop()
-            if isinstance(exc, socket.gaierror):
+            # (UnicodeError: a host name the IDNA codec refuses, such as a label too long)
+            if isinstance(exc, socket.gaierror | UnicodeError):
                 raise ServiceUnavailable(f"cannot listen on {self.host}: unknown host") from None
+            if not isinstance(exc, OSError):
+                raise
             raise ServiceUnavailable(
                 f"cannot listen on {self.host}: {exc.strerror or exc}; pick other ports"
             ) from None
