@@ -78,17 +78,25 @@ from sfu.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 FAILURE_LOG_INTERVAL = 10.0  # seconds between logged tracebacks of packets the SFU failed on
-_failures = {"last": -FAILURE_LOG_INTERVAL, "quiet": 0}
+_failures: dict[str, float] = {"last": -FAILURE_LOG_INTERVAL, "quiet": 0}
+
+
+def _report_due(state: dict[str, float]) -> int | None:
+    """The number of quiet events since the last report if one is due now (at most one per
+    FAILURE_LOG_INTERVAL), else None, this event counted as quiet."""
+    now = time.monotonic()
+    if now - state["last"] < FAILURE_LOG_INTERVAL:
+        state["quiet"] += 1
+        return None
+    quiet, state["quiet"], state["last"] = int(state["quiet"]), 0, now
+    return quiet
 
 
 def _log_failure(what: str) -> None:
     """Log the current exception, at most once per FAILURE_LOG_INTERVAL: a peer that keeps
     sending a packet the SFU trips on must not flood the log."""
-    now = time.monotonic()
-    if now - _failures["last"] < FAILURE_LOG_INTERVAL:
-        _failures["quiet"] += 1
+    if (quiet := _report_due(_failures)) is None:
         return
-    quiet, _failures["quiet"], _failures["last"] = _failures["quiet"], 0, now
     logger.exception(
         "dropped %s the SFU failed to handle (%d more since the last report)", what, quiet
     )
@@ -508,7 +516,7 @@ def sender_ssrc(sender: RTCRtpSender) -> int:
 
 
 _stock_stun_datagram_received = aioice.ice.StunProtocol.datagram_received
-_stun_drops = {"last": -FAILURE_LOG_INTERVAL, "quiet": 0}
+_stun_drops: dict[str, float] = {"last": -FAILURE_LOG_INTERVAL, "quiet": 0}
 
 
 def _demultiplexed_datagram_received(
@@ -520,11 +528,8 @@ def _demultiplexed_datagram_received(
     try:
         _stock_stun_datagram_received(self, data, addr)
     except Exception as exc:  # aioice's STUN parser raises more than ValueError
-        now = time.monotonic()
-        if now - _stun_drops["last"] < FAILURE_LOG_INTERVAL:
-            _stun_drops["quiet"] += 1
+        if (quiet := _report_due(_stun_drops)) is None:
             return
-        quiet, _stun_drops["quiet"], _stun_drops["last"] = _stun_drops["quiet"], 0, now
         logger.warning(
             "dropped a malformed STUN datagram from %s:%s (%s; %d more since the last report)",
             addr[0], addr[1], type(exc).__name__, quiet,
