@@ -153,8 +153,12 @@ class Client:
 
     # --- persistence -----------------------------------------------------------------------------
 
-    def to_bytes(self) -> bytes:
-        """The client with its private keys, versioned. Store it as a secret."""
+    def to_bytes(self, *, key_packages: bool = True) -> bytes:
+        """The client with its private keys, versioned. Store it as a secret.
+
+        `key_packages=False` leaves out the private keys of its unused KeyPackages: what a
+        saved group keeps of its client, so that a KeyPackage used (and consumed) later does not
+        survive in an older blob (§16.8: delete the init key's private key once used)."""
         w = Writer()
         w.raw(_MAGIC)
         w.uint16(_CLIENT_FORMAT_VERSION)
@@ -162,7 +166,7 @@ class Client:
         w.opaque(self.identity)
         self.credential.write(w)
         w.opaque(self._signature_priv)
-        items = list(self._key_packages.items())
+        items = list(self._key_packages.items()) if key_packages else []
 
         def write_item(w2: Writer, item: tuple[bytes, KeyPackagePrivate]) -> None:
             ref, priv = item

@@ -152,7 +152,7 @@ def dump_group(group: Group) -> bytes:
     w = Writer()
     w.raw(_MAGIC)
     w.uint16(_FORMAT_VERSION)
-    w.opaque(group._client.to_bytes())
+    w.opaque(group._client.to_bytes(key_packages=False))  # the group needs none of them
     w.uint8(1 if group.handshake == "private" else 0)
     w.uint8(1 if group.ratchet_tree_extension else 0)
     w.uint8(1 if group.check_lifetimes else 0)

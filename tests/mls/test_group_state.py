@@ -60,6 +60,31 @@ def test_client_round_trip_keeps_key_packages() -> None:
     same_epoch(ga, gb)
 
 
+def test_saved_group_keeps_no_key_package_private_keys() -> None:
+    """A group's blob must not keep the client's unused KeyPackage private keys: once one is
+    used and consumed (§16.8), an older group blob would still hold its init key."""
+    alice, bob = Client(b"alice", 3), Client(b"bob", 3)
+    kp = bob.key_package()
+    spare = bob.key_package()
+    ga = Group.create(alice)
+    welcome = ga.add([kp]).welcome
+    ga.merge_pending_commit()
+    assert welcome is not None
+    gb = Group.join(bob, welcome)
+    assert len(bob.key_package_refs()) == 1  # `spare` is still the client's, as it should be
+    blob = gb.to_bytes()
+    for private in bob._key_packages.values():
+        assert private.init_priv not in blob and private.encryption_priv not in blob
+        assert private.key_package not in blob
+    assert spare not in blob
+    # the group restored without its client works, and carries no KeyPackages
+    restored = Group.from_bytes(blob)
+    assert restored._client.key_package_refs() == []
+    assert restored.process(ga.encrypt_application(b"hi")).data == b"hi"
+    # the client's own blob still keeps them: it is what joins with them later
+    assert Client.from_bytes(bob.to_bytes()).key_package_refs() == bob.key_package_refs()
+
+
 def test_corrupt_state_raises_decode_error() -> None:
     (ga,) = make_group(1)
     data = ga.to_bytes()
