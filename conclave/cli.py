@@ -454,7 +454,7 @@ async def cmd_join(args: argparse.Namespace) -> int:
     media = MediaSpec(audio=not args.no_audio, file=args.video, format=args.video_format)
     if args.record is not None:
         try:  # checked before the call gains a member, like --video
-            args.record.mkdir(parents=True, exist_ok=True)
+            args.record.mkdir(mode=0o700, parents=True, exist_ok=True)  # decrypted media
         except OSError as exc:
             raise ConclaveError(f"cannot record to {args.record}: {exc.strerror or exc}") from None
     p = Participant(

@@ -449,7 +449,7 @@ class Participant:
             body["group"] = self.group.to_bytes()
         try:
             data = cbor2.dumps(body)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # its file names say who calls
             replace_file(path, data)  # mode 0600: it holds private keys
         except OSError as exc:
             raise ConclaveError(f"cannot save the state to {path}: {exc.strerror or exc}") from None
@@ -463,7 +463,7 @@ class Participant:
             return
         path = self.state_dir / f"{self.name}.lock"
         try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             # (worded as `save` words it: the state directory is what cannot be used)
@@ -1558,7 +1558,7 @@ class Participant:
 
             relay = MediaRelay()
             consumer = relay.subscribe(track)
-            self.record_dir.mkdir(parents=True, exist_ok=True)
+            self.record_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # decrypted media
             recorder = MediaRecorder(str(self._recording_path(publisher, kind)))
             recorder.addTrack(relay.subscribe(track))
             self._recorders.append(recorder)

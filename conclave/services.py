@@ -20,6 +20,7 @@ from aiohttp import web
 
 from delivery_service.server import Config, DeliveryService, make_app
 from delivery_service.storage import make_storage
+from delivery_service.storage.sqlite import create_private
 from sfu import aiortc_hooks
 from sfu.config import SFUConfig
 from sfu.server import SFUServer
@@ -78,6 +79,7 @@ class Services:
             # (a directory, no permission), would report its failure to a loop closed by then,
             # with a traceback.
             try:
+                create_private(self.db)
                 sqlite3.connect(self.db).close()
             except sqlite3.Error as exc:
                 raise ServiceUnavailable(
@@ -205,5 +207,5 @@ def scrub_db(text: str, db: str) -> str:
 
 
 def default_db(state_dir: Path) -> str:
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     return str(state_dir / "conclave-ds.sqlite3")

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import contextvars
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 
@@ -93,6 +94,19 @@ FILL_DIGESTS = (
 APPLICATION_ID = 0x436E636C
 
 
+
+def create_private(path: str) -> None:
+    """Create a new database file readable by its owner only (0600): it holds who joined which
+    group when, and SQLite would create it (and its -wal and -shm files, which take the
+    database's mode) world-readable under the usual umask. An existing file keeps its mode;
+    any failure here is left for SQLite to report."""
+    if path in ("", ":memory:") or path.startswith("file:"):
+        return
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError:
+        pass
+
 class SQLiteStorage(Storage):
     def __init__(self, path: str) -> None:
         self.path = path
@@ -113,6 +127,7 @@ class SQLiteStorage(Storage):
         return self._db
 
     async def open(self) -> None:
+        create_private(self.path)
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
         self._db = await aiosqlite.connect(self.path, isolation_level=None)
         try:

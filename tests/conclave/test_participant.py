@@ -66,6 +66,10 @@ async def test_state_is_private_and_identity_is_kept(
     alice = trio[0]
     path = tmp_path / "state" / "alice.state"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    # the directory too: its file names say who calls (umask 022 would make it 0755)
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    # and the service's database, which `Services` opens once before the storage does
+    assert stat.S_IMODE((tmp_path / "ds.sqlite3").stat().st_mode) == 0o600
     # A second "alice" with other keys is refused by the service.
     impostor = Participant("alice", services.ds_url, state_dir=tmp_path / "elsewhere")
     with pytest.raises(ConclaveError, match="refused to register"):

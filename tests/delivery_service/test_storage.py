@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 from dataclasses import replace
 from pathlib import Path
 
@@ -188,6 +189,32 @@ async def test_sqlite_is_a_wal_file_synced_on_commit(tmp_path: Path) -> None:
     assert (await s._one("PRAGMA journal_mode", ())) == ("wal",)
     assert (await s._one("PRAGMA synchronous", ())) == (2,)  # FULL
     await s.close()
+
+
+async def test_a_new_sqlite_database_is_private_an_existing_one_keeps_its_mode(
+    tmp_path: Path,
+) -> None:
+    """Who joined which group when is the owner's to read: a new file (and its -wal and -shm,
+    which take its mode) is 0600 under the usual umask; an existing file keeps the mode its
+    owner gave it."""
+    old_umask = os.umask(0o022)
+    try:
+        path = tmp_path / "ds.sqlite3"
+        s = SQLiteStorage(str(path))
+        await s.open()
+        await s.put_challenge(b"c1", NOW + 60, NOW, 3)  # a write: the WAL file exists
+        for name in ("ds.sqlite3", "ds.sqlite3-wal", "ds.sqlite3-shm"):
+            assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+        await s.close()
+        shared = tmp_path / "shared.sqlite3"
+        shared.touch()
+        shared.chmod(0o640)
+        s = SQLiteStorage(str(shared))
+        await s.open()
+        await s.close()
+        assert stat.S_IMODE(shared.stat().st_mode) == 0o640
+    finally:
+        os.umask(old_umask)
 
 
 async def test_the_latest_removal_says_whether_an_identity_was_expelled(storage: Storage) -> None:
