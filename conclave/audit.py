@@ -90,6 +90,8 @@ MAX_TIME_MS = (1 << 63) - 1
 MAX_EPOCH = (1 << 64) - 1
 MAX_TEXT = 1024
 MAX_LOG_BYTES = 1 << 30  # messages read from a service before the audit gives up (--max-log-mb)
+# A saved log's file, at most: the messages' limit and room for each entry's CBOR framing.
+MAX_LOG_FILE_BYTES = 2 * MAX_LOG_BYTES
 CLOCK_SKEW_MS = 5000  # how far one service instance's clock may be behind another's
 _ENTRY_FIELDS = ("seq", "kind", "epoch", "sender", "time_ms", "message")
 _LOG_FIELDS = {"format", "version", "group_id", "entries"}
@@ -808,14 +810,22 @@ def save_log(path: Path, group_id: bytes, entries: Iterable[LogEntry]) -> None:
     replace_file(path, cbor2.dumps(body), keep_mode=True)  # a file replaced keeps its mode
 
 
-def load_log(path: Path) -> tuple[bytes, list[LogEntry]]:
-    """The group id and entries of a log saved by `save_log`. A file that cannot be read raises
-    `ConclaveError` (a usage error, not an audit's verdict); one that is not such a log raises
-    `AuditFailure`."""
+def load_log(path: Path, max_bytes: int = MAX_LOG_FILE_BYTES) -> tuple[bytes, list[LogEntry]]:
+    """The group id and entries of a log saved by `save_log`. A file that cannot be read, or
+    larger than `max_bytes`, raises `ConclaveError` (a usage error, not an audit's verdict); one
+    that is not such a log raises `AuditFailure`."""
     try:
-        data = path.read_bytes()
+        with path.open("rb") as f:
+            # Read one byte past the limit, not the whole file: a huge file, or one that never
+            # ends (a FIFO, /dev/zero), must not take all memory first.
+            data = f.read(max_bytes + 1)
     except OSError as exc:
         raise ConclaveError(f"cannot read the log file {path}: {exc.strerror or exc}") from None
+    if len(data) > max_bytes:
+        raise ConclaveError(
+            f"the log file {path} is larger than {max_bytes >> 20} MiB: not read (a larger "
+            "limit: --max-log-mb)"
+        )
     fp = io.BytesIO(data)
     try:
         body = cbor2.load(fp)

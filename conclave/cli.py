@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "service names (--auditor), with a new key kept in the state directory")
     p.add_argument("--state", type=Path, default=None, help=STATE_HELP + " (with --ds)")
     p.add_argument("--max-log-mb", type=megabytes, default=None, metavar="MB",
-                   help="with --ds: give up past this many MiB of messages (default 1024)")
+                   help="with --ds: give up past this many MiB of messages (default 1024); "
+                        "with --log: refuse a file larger than this (default 2048)")
     p.add_argument("--expect-key", type=expected_key, action="append", default=[],
                    metavar="NAME=FINGERPRINT",
                    help="fail unless NAME shows up in the log with this signature-key "
@@ -536,14 +537,15 @@ async def cmd_audit(args: argparse.Namespace) -> int:
         # These read from or save what the service sends: with a file, they would do nothing.
         given = [opt for opt, value in (("--save", args.save), ("--as", args.identity),
                                         ("--state", args.state),
-                                        ("--register", args.register or None),
-                                        ("--max-log-mb", args.max_log_mb)) if value is not None]
+                                        ("--register", args.register or None)) if value is not None]
         if given:
             raise ConclaveError(
                 f"{' and '.join(given)} only work with --ds, not with --log (which reads a "
                 "saved log: copy the file to keep another copy)"
             )
-        logged_group, entries = load_log(args.log)
+        logged_group, entries = (
+            load_log(args.log, args.max_log_mb << 20) if args.max_log_mb else load_log(args.log)
+        )
         if logged_group != group_id:
             raise ConclaveError(
                 f"{args.log} holds the log of {group_label(logged_group)}, not of {label}"

@@ -276,13 +276,33 @@ def test_audit_as_a_member_expects_its_own_key(
     assert "'[b]alice' signs with the key" in err and f"not {other}" in err
 
 
+def test_a_log_file_over_the_limit_is_refused_unread(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--log` reads at most --max-log-mb (default 2 GiB) of a file: a huge file or one that
+    never ends (/dev/zero) is refused with a usage error instead of taking all memory."""
+    log = tmp_path / "saved.log"
+    make_log(log, b"room", [b"bob"])
+    size = log.stat().st_size
+    with log.open("ab") as f:  # past 1 MiB: the smallest limit the option takes
+        f.write(bytes((1 << 20) + 1 - size))
+    assert main(["audit", "--group", "room", "--log", str(log), "--max-log-mb", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"conclave audit: the log file {log} is larger than 1 MiB: not read")
+    assert err.count("\n") == 1
+    assert main(["audit", "--group", "room", "--log", "/dev/zero", "--max-log-mb", "1"]) == 2
+    assert "/dev/zero is larger than 1 MiB" in capsys.readouterr().err
+    # within the limit the same file is read (and found to have trailing data: exit 1)
+    assert main(["audit", "--group", "room", "--log", str(log), "--max-log-mb", "2"]) == 1
+    assert "trailing data" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("extra", "named"), [
     (["--save", "{tmp}/copy.log"], "--save"),
     (["--as", "ops"], "--as"),
     (["--state", "{tmp}/st"], "--state"),
     (["--save", "{tmp}/copy.log", "--as", "ops"], "--save and --as"),
     (["--register"], "--register"),
-    (["--max-log-mb", "5"], "--max-log-mb"),
 ])
 def test_options_for_the_service_are_refused_with_a_log_file(
     extra: list[str], named: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
