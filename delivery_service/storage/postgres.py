@@ -454,22 +454,22 @@ class PostgresStorage(Storage):
         return True
 
     async def get_group(self, group_id: bytes) -> GroupState | None:
+        # One statement, one snapshot: in two, a commit landing between them would pair one
+        # epoch's row with another epoch's members.
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(
-                "SELECT epoch, last_seq, group_info, tracker_state FROM groups "
-                "WHERE group_id = $1",
+                "SELECT epoch, last_seq, group_info, tracker_state, ARRAY(SELECT identity FROM "
+                "group_members m WHERE m.group_id = g.group_id) FROM groups g "
+                "WHERE g.group_id = $1",
                 group_id,
             )
-            if row is None:
-                return None
-            members = await conn.fetch(
-                "SELECT identity FROM group_members WHERE group_id = $1", group_id
-            )
+        if row is None:
+            return None
         return GroupState(
             group_id,
             row[0],
             row[1],
-            frozenset(m[0] for m in members),
+            frozenset(row[4]),
             None if row[2] is None else bytes(row[2]),
             bytes(row[3]),
         )

@@ -217,6 +217,61 @@ async def test_a_new_sqlite_database_is_private_an_existing_one_keeps_its_mode(
         os.umask(old_umask)
 
 
+async def test_a_group_is_read_in_one_snapshot(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit landing while the group is read must not pair one epoch's row with another
+    epoch's members: another instance commits right after the read's first answer."""
+    reader, writer = database.storage(), database.storage()
+    await reader.open()
+    await writer.open()
+    try:
+        gid = os.urandom(8)
+        s0 = GroupState(gid, 0, 0, frozenset({"alice"}))
+        assert await writer.create_group(s0, "alice", NOW)
+        s1 = replace(s0, epoch=1, members=frozenset({"alice", "bob"}), tracker_state=b"t1")
+        committed = False
+
+        async def commit_meanwhile() -> None:
+            nonlocal committed
+            if not committed:
+                committed = True
+                await writer.append(s0, s1, message())
+
+        if database.backend == "postgres":
+            import asyncpg.pool
+
+            proxy = asyncpg.pool.PoolConnectionProxy
+            for name in ("fetchrow", "fetch"):
+                real = getattr(proxy, name)
+
+                async def answered(self: object, *args: object, _real: object = real,
+                                   **kwargs: object) -> object:
+                    result = await _real(self, *args, **kwargs)  # type: ignore[operator]
+                    await commit_meanwhile()
+                    return result
+
+                monkeypatch.setattr(proxy, name, answered)
+        else:
+            assert isinstance(reader, SQLiteStorage)
+            real_one = reader._one
+
+            async def one(*args: object) -> object:
+                result = await real_one(*args)  # type: ignore[arg-type]
+                await commit_meanwhile()
+                return result
+
+            monkeypatch.setattr(reader, "_one", one)
+        got = await reader.get_group(gid)
+        monkeypatch.undo()
+        assert committed  # the writer did commit during the read
+        assert got == replace(s0, last_seq=0)  # the state before that commit, whole
+        assert await reader.get_group(gid) == replace(s1, last_seq=1)  # and after it
+    finally:
+        await reader.close()
+        await writer.close()
+
+
 async def test_the_latest_removal_says_whether_an_identity_was_expelled(storage: Storage) -> None:
     gid = os.urandom(8)
     everyone = frozenset({"alice", "bob", "carol"})
