@@ -62,9 +62,18 @@ from .transform import DEFAULT_HOLDBACK, FrameDecryptor, FrameEncryptor, FrameKe
 
 TESTED_AIORTC_VERSIONS = ("1.16.",)
 
-# Failures that a keyframe can repair at once (a frame lost or damaged in transit) ask for one
-# immediately; an unknown KID (keys not there yet) asks at most this often.
+# Decrypt failures that a keyframe can repair (a frame damaged in transit, malformed) ask for
+# one at most this often per track and reason: aiortc sends a PLI with every packet after a
+# request, so a run of failing frames (a stream of forgeries, a broken sender) would otherwise
+# send one PLI per frame up this receiver's uplink. An unknown KID (keys not there yet) asks at
+# most once per UNKNOWN_KID_PLI_INTERVAL. The first failure of a kind asks at once.
+DECRYPT_FAILURE_PLI_INTERVAL = 0.5
 UNKNOWN_KID_PLI_INTERVAL = 1.0
+_PLI_INTERVALS = {
+    "authentication": DECRYPT_FAILURE_PLI_INTERVAL,
+    "malformed": DECRYPT_FAILURE_PLI_INTERVAL,
+    "unknown_kid": UNKNOWN_KID_PLI_INTERVAL,
+}
 # A video packet still missing after this long (while later ones keep coming) is given up: the
 # jitter buffer skips to the next frame and asks for a keyframe. aiortc would wait until 512
 # packets pile up behind the hole: 5 to 10 s of frozen video at ordinary bitrates. One second
@@ -297,7 +306,8 @@ class _DecryptingQueue(queue.Queue):  # type: ignore[type-arg]
     event loop thread, where aiortc calls `put`), drops the frames that fail and asks for a
     keyframe when that can help.
 
-    Frames of the next epoch wait in the decryptor (see `FrameDecryptor`). They are retried as
+    Frames of the next epochs (`MLSKeyManager.awaits_kid`) wait in the decryptor (see
+    `FrameDecryptor`). They are retried as
     soon as the keys install a new epoch (a listener on keys that have ``add_listener``, as
     `MLSKeyManager` does), and given up at their deadline (a timer on the running event loop),
     without waiting for the track's next frame: a muted or paused track may send none for long.
@@ -317,8 +327,10 @@ class _DecryptingQueue(queue.Queue):  # type: ignore[type-arg]
         self.decryptor = decryptor
         self.decoder_error = decoder_error
         self.clock = clock
-        self._last_unknown_kid_pli = float("-inf")
-        decryptor.on_failure = self._on_failure
+        # Per failure reason: when it last asked for a keyframe (see DECRYPT_FAILURE_PLI_INTERVAL).
+        self._last_pli: dict[str, float] = {}
+        # Not `on_failure`: that stays the application's (guarded) observer.
+        decryptor.failure_hook = self._on_failure
         self._closed = False
         # The deadline timer: the decryptor's `next_deadline` it was set for, and its handle.
         self._timer: tuple[float, asyncio.TimerHandle] | None = None
@@ -400,13 +412,14 @@ class _DecryptingQueue(queue.Queue):  # type: ignore[type-arg]
             self._timer = None
 
     def _on_failure(self, exc: SFrameError) -> None:
-        if exc.reason in ("authentication", "malformed"):
+        """Ask for a keyframe if one can help (never for a replay), throttled per reason."""
+        interval = _PLI_INTERVALS.get(exc.reason)
+        if interval is None:
+            return
+        now = self.clock()
+        if now - self._last_pli.get(exc.reason, float("-inf")) >= interval:
+            self._last_pli[exc.reason] = now
             self.decoder_error.set()
-        elif exc.reason == "unknown_kid":
-            now = self.clock()
-            if now - self._last_unknown_kid_pli >= UNKNOWN_KID_PLI_INTERVAL:
-                self._last_unknown_kid_pli = now
-                self.decoder_error.set()
 
 
 def decrypt_receiver(
@@ -419,10 +432,13 @@ def decrypt_receiver(
     """Decrypt every frame `receiver` gets before it reaches the decoder.
 
     Call from ``pc.on("track")`` (before the receiver starts). Frames that fail are dropped and
-    counted in the returned decryptor's `stats`; frames of the next epoch wait up to `holdback`
+    counted in the returned decryptor's `stats`; frames of the next epochs wait up to `holdback`
     seconds for its keys (see `FrameDecryptor`): they reach the decoder as soon as `keys`
     install the epoch (if `keys` have ``add_listener``, as `MLSKeyManager` does), and are given
-    up at their deadline even if the track sends nothing more (`_DecryptingQueue`).
+    up at their deadline even if the track sends nothing more (`_DecryptingQueue`). Failures ask
+    for a keyframe, throttled (DECRYPT_FAILURE_PLI_INTERVAL). The app may set the decryptor's
+    `on_failure` and `on_decrypted` observers; an exception they raise is logged, never passed
+    on to aiortc.
     """
     check_aiortc_version()
     if getattr(receiver, "_RTCRtpReceiver__decoder_thread", None) is not None:

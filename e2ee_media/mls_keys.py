@@ -14,7 +14,8 @@ Transitions: the sender switches to the new epoch's keys at once; a receiver kee
 epochs for `grace_period` seconds, picks the key by the KID's epoch bits, then deletes them. An
 older epoch with the same low E bits as a new one is dropped when the new one arrives (§5.2),
 and (E > 1) so is one with the low bits of the epoch after it, whose frames may come first
-and must wait for their own keys: at most 2^E - 1 epochs are kept.
+and must wait for their own keys: at most 2^E - 1 epochs are kept. Frames of up to
+`MAX_EPOCHS_AHEAD` epochs ahead whose slot is free may wait for their keys (`awaits_kid`).
 
 Every member can derive every member's keys from base_key, so a frame that decrypts proves it
 came from a member of that epoch, not from the member its KID names (RFC 9605 §7.2).
@@ -30,7 +31,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 from .cipher_suites import CipherSuite
 from .context import RecvKeyContext, SendKeyContext, SFrameContext
@@ -45,6 +46,11 @@ DEFAULT_GRACE_PERIOD = 2.0
 # screen ...). Every member can derive keys for any context, so without a bound one member could
 # make every receiver keep a key for each of millions of contexts.
 DEFAULT_MAX_CONTEXT = 7
+# Frames whose KID names an epoch up to this many ahead of the current one may wait for its keys
+# (`awaits_kid`): their sender processed commits this member has not yet, as when several
+# members join one after another. Never more than half the 2^E epoch slots, so that a slot
+# ahead is not mistaken for one behind.
+MAX_EPOCHS_AHEAD = 3
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +113,57 @@ class EpochKeys:
     restored: bool = False
 
 
+class _GracedSFrameContext(SFrameContext):
+    """The manager's SFrame context (`MLSKeyManager.sframe`): each of its decrypt methods first
+    deletes the epochs whose grace period has passed (`expire_due`), as the manager's own do,
+    so that a caller using the context directly cannot open a frame under a key that the
+    manager would have deleted already."""
+
+    def __init__(
+        self,
+        cipher_suite: int,
+        *,
+        replay_window: int,
+        resolver: Callable[[int], RecvKeyContext | None],
+        expire_due: Callable[[], None],
+    ) -> None:
+        super().__init__(cipher_suite, replay_window=replay_window, resolver=resolver)
+        self._expire_due = expire_due
+
+    @overload
+    def decrypt(
+        self, metadata: bytes, ciphertext: bytes | bytearray | memoryview
+    ) -> bytes | bytearray: ...
+
+    @overload
+    def decrypt(
+        self,
+        metadata: bytes,
+        ciphertext: bytes | bytearray | memoryview,
+        out: bytearray,
+        offset: int = 0,
+    ) -> int: ...
+
+    def decrypt(
+        self,
+        metadata: bytes,
+        ciphertext: bytes | bytearray | memoryview,
+        out: bytearray | None = None,
+        offset: int = 0,
+    ) -> bytes | bytearray | int:
+        # (`decrypt_into` comes through here too)
+        self._expire_due()
+        if out is None:
+            return super().decrypt(metadata, ciphertext)
+        return super().decrypt(metadata, ciphertext, out, offset)
+
+    def decrypt_all(
+        self, parts: Iterable[tuple[bytes, bytes | bytearray | memoryview]]
+    ) -> list[bytes]:
+        self._expire_due()
+        return super().decrypt_all(parts)
+
+
 class MLSKeyManager:
     """The SFrame key schedule of one member of an MLS group.
 
@@ -117,6 +174,10 @@ class MLSKeyManager:
     injectable for tests; expired epochs are deleted on the next `decrypt`, `update` or `expire`
     call. `add_listener` registers a callback run after each `update` that installs an epoch
     (receivers holding frames of the next epoch retry them then).
+
+    `sframe` is the underlying `SFrameContext` (its `send_keys` and `recv_keys` can be
+    inspected). Decrypting through it directly applies the same grace-period expiry as
+    `decrypt`: an epoch past its grace period opens nothing, whichever way it is asked.
     """
 
     def __init__(
@@ -135,8 +196,11 @@ class MLSKeyManager:
             raise ValueError("grace_period must not be negative")
         if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 0:
             raise ValueError(f"max_context must be an integer of at least 0, got {max_context!r}")
-        self.sframe = SFrameContext(
-            cipher_suite, replay_window=replay_window, resolver=self._resolve
+        self.sframe: SFrameContext = _GracedSFrameContext(
+            cipher_suite,
+            replay_window=replay_window,
+            resolver=self._resolve,
+            expire_due=self._expire_due,
         )
         self.params = self.sframe.params
         self.epoch_bits = epoch_bits
@@ -344,6 +408,12 @@ class MLSKeyManager:
                 next_expiry = keys.expires_at
         self._next_expiry = next_expiry
 
+    def _expire_due(self) -> None:
+        """`expire`, if an epoch's grace period may have passed (one comparison otherwise: it
+        runs before every frame is decrypted)."""
+        if self._next_expiry is not None and self.clock() >= self._next_expiry:
+            self.expire()
+
     def _retiring(self) -> bool:
         return any(keys.expires_at is not None for keys in self._epochs.values())
 
@@ -422,9 +492,9 @@ class MLSKeyManager:
         self, metadata: bytes, ciphertext: bytes | bytearray | memoryview
     ) -> bytes | bytearray:
         """Open a frame of any member of any retained epoch."""
-        if self._next_expiry is not None and self.clock() >= self._next_expiry:
-            self.expire()
-        return self.sframe.decrypt(metadata, ciphertext)
+        self._expire_due()
+        # The base class's: the check above is `sframe`'s own, done once.
+        return SFrameContext.decrypt(self.sframe, metadata, ciphertext)
 
     def decrypt_into(
         self,
@@ -435,33 +505,33 @@ class MLSKeyManager:
     ) -> int:
         """`decrypt`, writing the plaintext into `out` from `offset` (see
         `SFrameContext.decrypt_into`); returns the index in `out` after the plaintext."""
-        if self._next_expiry is not None and self.clock() >= self._next_expiry:
-            self.expire()
-        return self.sframe.decrypt_into(metadata, ciphertext, out, offset)
+        self._expire_due()
+        return SFrameContext.decrypt(self.sframe, metadata, ciphertext, out, offset)
 
     def decrypt_all(
         self, parts: Iterable[tuple[bytes, bytes | bytearray | memoryview]]
     ) -> list[bytes]:
         """Open the SFrame ciphertexts of one media frame, all or nothing (see
         `SFrameContext.decrypt_all`)."""
-        if self._next_expiry is not None and self.clock() >= self._next_expiry:
-            self.expire()
-        return self.sframe.decrypt_all(parts)
+        self._expire_due()
+        return SFrameContext.decrypt_all(self.sframe, parts)
 
     def awaits_kid(self, kid: int) -> bool:
-        """True if `kid` names the epoch after the current one: its keys should come with the
-        next commit, so a frame under it is worth holding back briefly."""
+        """True if `kid` names one of the next `MAX_EPOCHS_AHEAD` epochs after the current one
+        (at most half the 2^E slots) whose slot holds no retained epoch: its keys should come
+        with the next commits, so a frame under it is worth holding back briefly."""
         if self.current is None:
             return False
-        slot = kid & ((1 << self.epoch_bits) - 1)
-        return (
-            slot == (self.current.epoch + 1) % (1 << self.epoch_bits) and slot not in self._epochs
-        )
+        slots = 1 << self.epoch_bits
+        slot = kid & (slots - 1)
+        ahead = (slot - self.current.epoch) % slots
+        return 0 < ahead <= min(MAX_EPOCHS_AHEAD, slots // 2) and slot not in self._epochs
 
     def sender_of(self, ciphertext: bytes | bytearray | memoryview) -> tuple[int, int] | None:
         """``(epoch, sender leaf index)`` named by a frame's KID, if its epoch is retained. Once
         `decrypt` succeeds the epoch is authenticated; the sender only as some member of it."""
         kid, _, _ = decode_header(ciphertext)
+        self._expire_due()
         keys = self._epochs.get(kid & ((1 << self.epoch_bits) - 1))
         if keys is None:
             return None

@@ -37,8 +37,13 @@ DEFAULT_HOLDBACK = 0.5
 # At most this many frames wait at once (half a second of 60 fps video and more); beyond, the
 # oldest is given up as if its wait had ended.
 MAX_HELD = 64
+# An `on_failure` observer that raises is logged with its traceback at most this often per
+# track (failures are what a forger on the path controls: one log line per forged frame would
+# let it flood the log); the exceptions in between are counted in the next line.
+FAILURE_OBSERVER_LOG_INTERVAL = 10.0
 
 T = TypeVar("T")
+_Held = tuple[float, Any, bytes, str, int]  # a waiting frame (see FrameDecryptor._pending)
 MAX_NAL_UNITS = 0xFFFF  # NAL units in one H.264 frame: their count is bound in 2 bytes
 MAX_HEADER = 17  # bytes of the longest SFrame header (RFC 9605 §4.3: config, 8 KID, 8 CTR)
 
@@ -161,10 +166,10 @@ class FrameEncryptor:
 class FrameDecryptor:
     """Decrypts the encoded frames of one incoming track; counts successes and failures.
 
-    `push` lets a frame whose KID names the *next* epoch (the sender
-    processed a commit before we did) wait up to `holdback` seconds for its keys, so that a key
-    rotation loses no frame (RFC 9605 §4.4.4 allows buffering on a missing key). It needs
-    `keys.awaits_kid(kid)` (`MLSKeyManager` has it); without it nothing waits.
+    `push` lets a frame whose KID names an epoch ahead (the sender processed a commit, or a
+    few, before we did: `keys.awaits_kid(kid)` says which, `MLSKeyManager` has it; without it
+    nothing waits) wait up to `holdback` seconds for its keys, so that a key rotation loses no
+    frame (RFC 9605 §4.4.4 allows buffering on a missing key). At most `MAX_HELD` frames wait.
 
     This class does no I/O and keeps no timers: `push` and `drain` retry the waiting frames,
     and whoever drives it calls `drain` when the keys change (`MLSKeyManager.add_listener`)
@@ -174,8 +179,9 @@ class FrameDecryptor:
 
     The KID is not authenticated until the keys come, so anyone on the path can make a frame
     look like the next epoch's. Only such frames wait: a frame that opens now is delivered at
-    once, even behind waiting ones, which keep their order among themselves. A forged header
-    thus delays nothing but itself; and an honest sender's last frames of the old epoch,
+    once, even behind waiting ones, which keep their order among themselves (a waiting frame
+    that opens is not held back by one before it that still waits for a later epoch). A forged
+    header thus delays nothing but itself; and an honest sender's last frames of the old epoch,
     arriving after its first of the new, still come first.
     """
 
@@ -193,7 +199,14 @@ class FrameDecryptor:
         self.stats = stats if stats is not None else TrackStats()
         self.holdback = holdback
         self.clock = clock
+        # Called with each failure, after it is counted: an observer of the application (the
+        # receive path does not depend on it; an exception it raises is logged and swallowed).
         self.on_failure = on_failure
+        # The driver's own failure hook (`aiortc_hooks` asks for keyframes through it); apart
+        # from `on_failure`, so that an application setting that observer does not silence it.
+        self.failure_hook: Callable[[SFrameError], None] | None = None
+        self._observer_errors = 0  # on_failure exceptions not logged yet
+        self._observer_logged_at = float("-inf")
         # Called with the protected frame (and its lower-case MIME type) after each frame that
         # decrypted: for observers such as the app's epoch audit or the call benchmark.
         self.on_decrypted = on_decrypted
@@ -202,7 +215,8 @@ class FrameDecryptor:
         # H.264 frames are several SFrame ciphertexts: keys with `decrypt_all` (MLSKeyManager)
         # open them all or none, so that a frame refused part-way uses none of its CTRs.
         self._decrypt_all: Callable[..., list[bytes]] | None = getattr(keys, "decrypt_all", None)
-        self._pending: deque[tuple[float, Any, bytes, str]] = deque()
+        # Waiting frames: (deadline, item, data, mime type, the KID they wait for).
+        self._pending: deque[_Held] = deque()
 
     @property
     def waiting(self) -> int:
@@ -242,7 +256,9 @@ class FrameDecryptor:
             else:
                 if len(self._pending) >= MAX_HELD:
                     self._give_up(self._pending.popleft())
-                self._pending.append((self.clock() + self.holdback, item, data, mime_type))
+                self._pending.append(
+                    (self.clock() + self.holdback, item, data, mime_type, exc.kid)
+                )
                 self.stats.frames_held += 1
             return ready
         except SFrameError as exc:
@@ -256,7 +272,7 @@ class FrameDecryptor:
     def _may_wait(self, kid: int) -> bool:
         return self.holdback > 0 and self._awaits_kid is not None and self._awaits_kid(kid)
 
-    def _give_up(self, entry: tuple[float, Any, bytes, str]) -> None:
+    def _give_up(self, entry: _Held) -> None:
         """A waiting frame whose keys did not come: failed as the unknown KID it has."""
         try:
             self._decrypt(entry[2], entry[3])
@@ -265,29 +281,47 @@ class FrameDecryptor:
 
     def drain(self) -> list[tuple[Any, bytes | bytearray]]:
         """Retry the held frames (after new keys arrived, or at `next_deadline`); return those
-        now ready, in their order. Those whose keys did not come in time are failed."""
-        ready = []
-        now: float | None = None
+        now ready, in their order. Those whose keys did not come in time are failed; those
+        still waiting stay, in their order, and hold back none behind them that open now (a
+        frame of an epoch further ahead, or a forged KID, delays nothing but itself)."""
+        ready: list[tuple[Any, bytes | bytearray]] = []
         pending = self._pending
-        while pending:
-            deadline, item, data, mime_type = pending[0]
-            try:
-                plaintext = self._decrypt(data, mime_type)
-            except UnknownKeyId as exc:
-                if self._may_wait(exc.kid):
-                    now = self.clock() if now is None else now
-                    if now < deadline:
-                        break  # the frames behind it wait too: they keep their order
+        if not pending:
+            return ready
+        now: float | None = None
+        still: deque[_Held] = deque()
+        # KIDs found still waiting in this pass (keys do not change within it): the frames
+        # behind that wait for the same KID are not tried again until their deadline.
+        waiting_kids: set[int] = set()
+        try:
+            while pending:
+                deadline, item, data, mime_type, kid = pending[0]
+                if kid in waiting_kids and now is not None and now < deadline:
+                    still.append(pending.popleft())
+                    continue
+                try:
+                    plaintext = self._decrypt(data, mime_type)
+                except UnknownKeyId as exc:
+                    if self._may_wait(exc.kid):
+                        now = self.clock() if now is None else now
+                        if now < deadline:
+                            waiting_kids.add(exc.kid)
+                            still.append(pending.popleft())
+                            continue
+                    pending.popleft()
+                    self._fail(exc)
+                    continue
+                except SFrameError as exc:
+                    pending.popleft()
+                    self._fail(exc)
+                    continue
                 pending.popleft()
-                self._fail(exc)
-                continue
-            except SFrameError as exc:
-                pending.popleft()
-                self._fail(exc)
-                continue
-            pending.popleft()
-            self._decrypted(data, mime_type)
-            ready.append((item, plaintext))
+                self._decrypted(data, mime_type)
+                ready.append((item, plaintext))
+        finally:
+            # All arrived with the same holdback: kept in arrival order, deadlines stay sorted.
+            still.extend(pending)
+            self._pending = still
         return ready
 
     def _decrypted(self, data: bytes, mime_type: str) -> None:
@@ -300,8 +334,27 @@ class FrameDecryptor:
 
     def _fail(self, exc: SFrameError) -> None:
         self.stats.failures[exc.reason] += 1
+        if self.failure_hook is not None:
+            self.failure_hook(exc)
         if self.on_failure is not None:
-            self.on_failure(exc)
+            try:
+                self.on_failure(exc)
+            except Exception:  # an observer's bug must not lose the frames around this one
+                self._observer_failed()
+
+    def _observer_failed(self) -> None:
+        """Log an `on_failure` exception (being handled), at most once per interval."""
+        self._observer_errors += 1
+        now = self.clock()
+        if now - self._observer_logged_at < FAILURE_OBSERVER_LOG_INTERVAL:
+            return
+        self._observer_logged_at = now
+        count, self._observer_errors = self._observer_errors, 0
+        log.exception(
+            "an on_failure observer failed (%d time%s since the last report)",
+            count,
+            "" if count == 1 else "s",
+        )
 
     def _decrypt(self, data: bytes, mime_type: str) -> bytes | bytearray:
         if mime_type == H264:
