@@ -387,15 +387,16 @@ def test_every_forwarded_payload_is_sframe_ciphertext(outcome: Outcome) -> None:
 def test_no_key_object_is_reachable_from_the_sfu(outcome: Outcome) -> None:
     assert RTCPeerConnection in outcome.reachable_from_sfu  # the walk did reach the media
     assert outcome.reachable_count > 1000
-    forbidden = {MLSKeyManager, SFrameContext, SendKeyContext, RecvKeyContext, Group, Client,
-                 Participant, TapParticipant}
-    assert not (outcome.reachable_from_sfu & forbidden)
+    forbidden = (MLSKeyManager, SFrameContext, SendKeyContext, RecvKeyContext, Group, Client,
+                 Participant, TapParticipant)
+    # subclasses too: the key manager's context is one of SFrameContext's
+    assert not [t for t in outcome.reachable_from_sfu if issubclass(t, forbidden)]
 
 
 def test_the_walk_would_find_keys_next_to_the_sfu() -> None:
     holder = types.SimpleNamespace(keys=MLSKeyManager())
     found, _ = reachable_types(holder, outside_the_sfu)
-    assert MLSKeyManager in found and SFrameContext in found
+    assert MLSKeyManager in found and any(issubclass(t, SFrameContext) for t in found)
 
 
 def test_a_restarted_participant_rejoins_without_a_new_identity(outcome: Outcome) -> None:
