@@ -10,14 +10,18 @@
 
 Policy: handshake messages are applied in the delivery
 service's order; the author of a commit refused as stale (409) processes the winner and retries
-if its change is still needed; whoever first sees a Remove proposal (a removal request) commits
+if its change is still needed; the author of a commit whose answer is lost (the connection
+failed) learns from the service's log whether it went in, and if so merges it and posts its
+Welcome as if answered; whoever first sees a Remove proposal (a removal request) commits
 it; every `rotation_period` seconds the member whose timer fires commits an empty, path-only
 commit (the auditor reports it as "periodic"). SFrame keys are derived from every new epoch
 (RFC 9605 §5.2) before anything else runs in that epoch.
 
 State (the MLS client with its private keys, the group, the last applied sequence number) is
-written to `state_dir/<name>.state` (mode 0600) after every change, so a participant restarted
-with the same directory rejoins the group as the same member, without a new identity.
+written to `state_dir/<name>.state` (mode 0600) after every change, and with each commit of ours
+before it is posted, so a participant restarted with the same directory rejoins the group as the
+same member, without a new identity, and settles from the log a commit it posted just before it
+stopped (merged, with its Welcome, if the service took it; else dropped).
 """
 
 from __future__ import annotations
@@ -110,6 +114,10 @@ WELCOME_RETRY_FIRST = 0.5
 MAX_ERRORS = 100
 MAX_KEPT_WELCOMES = 32
 ROTATION_RETRY_MAX = 30.0  # seconds before a failed periodic rotation is tried again, at most
+# Reading the log for a commit of ours whose answer was lost: pages of this many messages, at
+# most this many pages (a service that pages without end is not read for ever).
+LOG_PAGE = 1000
+MAX_LOG_PAGES = 100
 
 
 def _join_refused(room: str, exc: RequestFailed) -> ConclaveError:
@@ -189,6 +197,15 @@ def _worth_retrying(exc: BaseException) -> bool:
         return exc.status >= 500 or exc.status == 429 or (
             exc.status == 409 and exc.code == "conflict"
         )
+    return isinstance(exc, aiohttp.ClientError | OSError)
+
+
+def _answer_lost(exc: BaseException) -> bool:
+    """Whether a failed post says nothing of whether the service took the message: the
+    connection failed or timed out (perhaps after the service stored it), or the service, or
+    a proxy before it, failed (5xx). A refusal (4xx), or a malformed answer, is an answer."""
+    if isinstance(exc, RequestFailed):
+        return exc.status >= 500
     return isinstance(exc, aiohttp.ClientError | OSError)
 
 
@@ -571,6 +588,11 @@ class Participant:
             # replay windows were not saved. The epoch goes, with no grace period, when the
             # next one comes (`connect_media` commits one before calling in).
             self.keys.update(self.group, restored=True)
+            if self.group.has_pending_commit:
+                # The last run posted a commit and ended before it learnt whether the service
+                # took it: the log says, before anything else is committed or applied.
+                async with self._lock:
+                    await self._settle_pending_commit(self.group)
             await self.stream.subscribe(self.group.group_id, after=self.applied_seq)
         await self.stream.subscribe_welcomes(after=self.welcome_cursor)
         self._spawn(self._pump())
@@ -988,6 +1010,8 @@ class Participant:
             # Not taken in, so never committed: it would make every commit of this epoch fail.
             self._note(f"seq {m.seq}: ignored {refusal}")
             return
+        # A commit of ours whose answer was lost may come back here: `process` knows it.
+        pending = group.pending_commit if m.kind == "commit" else None
         try:
             processed = group.process(m.message)
         except Exception as exc:  # MLSError, or a bug on input it should have refused
@@ -1009,7 +1033,10 @@ class Participant:
                     self.removed_by = names.get(processed.sender)
                 await self._mark_removed()
                 return
-            await self._installed()
+            if processed.own and pending is not None:
+                await self._commit_merged(group, pending)  # its Welcome is owed
+            else:
+                await self._installed()
         elif processed.kind == "proposal" and processed.proposal is not None:
             if processed.proposal.proposal_type in (ProposalType.remove, ProposalType.add,
                                                     ProposalType.update):
@@ -1111,6 +1138,12 @@ class Participant:
             group = self.group
             if group is None or self.removed:
                 raise NotInGroup(f"{self.name} is not a member of a call")
+            if group.has_pending_commit:
+                # Ours, of an earlier attempt whose fate is not known yet: settled first (a
+                # group holds one pending commit; and if it is in, its Welcome is owed).
+                await self._settle_pending_commit(group)
+                if self.removed:
+                    raise NotInGroup(f"{self.name} is not a member of a call")
             try:
                 return True, await step(group)
             except StaleEpochRejected as exc:
@@ -1127,32 +1160,153 @@ class Participant:
             if made is None:
                 return False
             result, adds, removes = made
+            # On disk before it is posted: a run that ends once the service has it (killed,
+            # say) finds it at its next start and learns from the log whether it went in.
+            self._save_before_posting()
             try:
                 accepted = await self.ds.send(
                     group.group_id, result.commit, adds=adds, removes=removes,
                     group_info=result.group_info,
                 )
                 seq = max(self.applied_seq, accepted.seq)  # anything that can fail: before
-            except BaseException:
-                group.discard_pending_commit()
-                raise
+            except Exception as exc:
+                if not _answer_lost(exc):
+                    group.discard_pending_commit()  # refused: nothing was stored
+                    raise
+                seq = await self._posted_without_answer(group, result, adds, removes, exc)
+            # (Anything else, a cancellation above all, says nothing of whether the service
+            # took the commit: it stays pending, in memory and in the saved state, until the
+            # log says (`_settle_pending_commit`, or `_handle` when its echo comes).)
             # From the merge on, nothing may fail before the new epoch's keys and state are
             # in place (a group in epoch N+1 with keys of N would send under stale keys).
             group.merge_pending_commit()
             self.applied_seq = seq
-            try:
-                await self._installed()
-            finally:
-                # The commit is in: its new members need the Welcome even if saving failed
-                # (`_send_welcome` never raises).
-                if result.welcome is not None:
-                    await self._send_welcome(group.group_id, result.welcome)
-            with contextlib.suppress(RequestFailed, aiohttp.ClientError, OSError):
-                # Logged for auditors: lets them check the transcript hash chain.
-                await self.ds.publish_group_info(group.group_id, result.group_info)
+            await self._commit_merged(group, result)
             return True
 
         return await self._in_current_epoch(step)
+
+    async def _commit_merged(self, group: Group, result: CommitResult) -> None:
+        """Our commit `result` is in and merged: the new epoch's keys and state, then its
+        Welcome and its GroupInfo."""
+        try:
+            await self._installed()
+        finally:
+            # The commit is in: its new members need the Welcome even if saving failed
+            # (`_send_welcome` never raises).
+            if result.welcome is not None:
+                await self._send_welcome(group.group_id, result.welcome)
+        with contextlib.suppress(RequestFailed, aiohttp.ClientError, OSError):
+            # Logged for auditors: lets them check the transcript hash chain.
+            await self.ds.publish_group_info(group.group_id, result.group_info)
+
+    def _save_before_posting(self) -> None:
+        """Save the state with the commit about to be posted. If that fails the commit is
+        posted all the same, as it was before it was saved first: a lost answer is still
+        settled from the log by this run, only a run killed meanwhile will not know."""
+        try:
+            self.save()
+        except ConclaveError as exc:
+            self._note(f"could not save the commit before posting it: {exc}")
+
+    async def _logged_commit(self, group: Group) -> Message | None:
+        """The commit the delivery service took for `group`'s epoch, from its log (it takes
+        one per epoch: the first of that epoch in the log); None if there is none yet."""
+        gid, epoch, after = group.group_id, group.epoch, self.applied_seq
+        for _ in range(MAX_LOG_PAGES):
+            page = await self.ds.messages(gid, after=after, limit=LOG_PAGE, since_epoch=epoch)
+            for m in page:
+                if m.kind == "commit" and m.epoch == epoch:
+                    return m
+            if not page or page[-1].seq <= after:  # the end (or a service that does not move)
+                return None
+            after = page[-1].seq
+        return None
+
+    async def _posted_without_answer(
+        self, group: Group, result: CommitResult, adds: list[str], removes: list[str],
+        exc: BaseException,
+    ) -> int:
+        """The service may have taken our commit (its answer was lost: `exc`): the seq at
+        which it is in the log, or after it turns out another commit won the epoch, what a
+        409 raises. If the log has no commit of the epoch, the same bytes are posted again:
+        the service answers a repeat of ours as it answered the first post, and takes it if
+        the first never came; either way the answer settles it. If nothing does (the service
+        still cannot be reached), the commit stays pending, to be settled before the next
+        change or at the next start, and `ServiceUnavailable` is raised."""
+        log.warning("%s: no answer to our commit (%s): looking for it in the log", self.name,
+                    _reason(exc))
+        try:
+            found = await self._logged_commit(group)
+            if found is None:
+                try:
+                    accepted = await self.ds.send(
+                        group.group_id, result.commit, adds=adds, removes=removes,
+                        group_info=result.group_info,
+                    )
+                    return max(self.applied_seq, accepted.seq)
+                except RequestFailed as refused:
+                    if refused.status != 409:
+                        raise
+                    # The first post may have gone in meanwhile (it was still on its way), and
+                    # made this one stale: the log says now.
+                    found = await self._logged_commit(group)
+                    if found is None:
+                        raise
+        except Exception as again:
+            if isinstance(again, RequestFailed) and not _worth_retrying(again) and not (
+                _answer_lost(again)
+            ):
+                group.discard_pending_commit()  # refused: nothing of ours was stored
+                raise
+            raise self._unsettled(exc, again) from None  # it stays pending
+        if found.message == result.commit:
+            log.info("%s: our commit is in the log at seq %d", self.name, found.seq)
+            return max(self.applied_seq, found.seq)
+        group.discard_pending_commit()
+        raise StaleEpochRejected(
+            409, "stale_epoch",
+            f"another commit (seq {found.seq}) won epoch {group.epoch}",
+            current_epoch=group.epoch + 1,
+        )
+
+    def _unsettled(self, exc: BaseException, again: BaseException) -> ServiceUnavailable:
+        return ServiceUnavailable(
+            f"{self.name}: no answer from the delivery service at {self.ds_url} to our commit "
+            f"({_reason(exc)}), and it could not be asked whether it took it "
+            f"({_reason(again)}): that is checked again before the next change, or at the "
+            "next start"
+        )
+
+    async def _settle_pending_commit(self, group: Group) -> None:
+        """A commit of ours whose fate is not known (its answer was lost and the service could
+        not be asked, or the run that posted it ended): if the log holds it, merge it and
+        post its Welcome (a repeat of a Welcome the service has is answered as the first);
+        else drop it: another commit won its epoch, or the service never took it (the post
+        ended long ago). Under the lock. `ServiceUnavailable` (and it stays pending) if the
+        log cannot be read."""
+        pending = group.pending_commit
+        if pending is None:
+            return
+        try:
+            found = await self._logged_commit(group)
+        except (RequestFailed, aiohttp.ClientError, OSError) as exc:
+            raise ServiceUnavailable(
+                f"{self.name}: cannot learn from the delivery service at {self.ds_url} whether "
+                f"it took our last commit ({_reason(exc)}); try again later"
+            ) from None
+        if found is None or found.message != pending.commit:
+            why = "not taken" if found is None else f"another commit (seq {found.seq}) won"
+            log.warning("%s: our unconfirmed commit for epoch %d was %s: dropped", self.name,
+                        group.epoch, why)
+            group.discard_pending_commit()
+            return
+        log.warning("%s: our unconfirmed commit for epoch %d is in (seq %d): merged", self.name,
+                    group.epoch, found.seq)
+        _ = pending.group_info  # built from the pending epoch: before the merge
+        group.merge_pending_commit()
+        self.applied_seq = max(self.applied_seq, found.seq)
+        await self._commit_merged(group, pending)
 
     async def _send_welcome(self, group_id: bytes, welcome: bytes) -> None:
         """Post the Welcome of our accepted commit. The commit is in: if the Welcome is lost,

@@ -101,6 +101,13 @@ class CommitMixin(ProposalsMixin):
         self._pending = pending
         return commit_result(pending)
 
+    @property
+    def pending_commit(self) -> CommitResult | None:
+        """This member's Commit not yet merged or discarded (one restored by `from_bytes` too),
+        with its Welcome and GroupInfo: to find it in the delivery service's log, or post its
+        Welcome, once the service's answer was lost. None if there is none."""
+        return None if self._pending is None else commit_result(self._pending)
+
     def merge_pending_commit(self) -> None:
         """Moves to the epoch of this member's pending Commit (after the DS accepted it)."""
         if self._pending is None:
