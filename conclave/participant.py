@@ -17,11 +17,12 @@ it; every `rotation_period` seconds the member whose timer fires commits an empt
 commit (the auditor reports it as "periodic"). SFrame keys are derived from every new epoch
 (RFC 9605 §5.2) before anything else runs in that epoch.
 
-State (the MLS client with its private keys, the group, the last applied sequence number) is
-written to `state_dir/<name>.state` (mode 0600) after every change, and with each commit of ours
-before it is posted, so a participant restarted with the same directory rejoins the group as the
-same member, without a new identity, and settles from the log a commit it posted just before it
-stopped (merged, with its Welcome, if the service took it; else dropped).
+State (the MLS client with its private keys, the group, the last applied sequence number, the
+Welcomes of our commits the service has not confirmed yet) is written to `state_dir/<name>.state`
+(mode 0600) after every change, and with each commit of ours before it is posted, so a
+participant restarted with the same directory rejoins the group as the same member, without a
+new identity, settles from the log a commit it posted just before it stopped (merged, with its
+Welcome, if the service took it; else dropped), and posts again the Welcomes it still owed.
 """
 
 from __future__ import annotations
@@ -113,6 +114,9 @@ WELCOME_RETRY_FIRST = 0.5
 # hostile service sending garbage would otherwise grow them without end.
 MAX_ERRORS = 100
 MAX_KEPT_WELCOMES = 32
+# Welcomes of our merged commits the service has not confirmed yet, kept in the saved state
+# (`owed_welcomes`) and posted again at each start: at most this many, the oldest dropped.
+MAX_OWED_WELCOMES = 32
 ROTATION_RETRY_MAX = 30.0  # seconds before a failed periodic rotation is tried again, at most
 # Reading the log for a commit of ours whose answer was lost: pages of this many messages, at
 # most this many pages (a service that pages without end is not read for ever).
@@ -304,6 +308,39 @@ class _Request:
     epoch: int | None = None  # of its latest proposal
 
 
+@dataclass(eq=False)
+class _OwedWelcome:
+    """The Welcome of a commit of ours that is in (merged), until the delivery service has it:
+    saved with the epoch its commit made (one save), so a run that ends first posts it at
+    its next start. Its bytes are encrypted to its recipients, but never logged anyway."""
+
+    group_id: bytes
+    welcome: bytes
+    seq: int  # of its commit in the group's log
+    epoch: int  # the epoch its commit made
+    posting: bool = False  # a post (or its retries) is under way in this run; not saved
+
+    def to_cbor(self) -> dict[str, Any]:
+        return {"group_id": self.group_id, "welcome": self.welcome, "seq": self.seq,
+                "epoch": self.epoch}
+
+    @classmethod
+    def from_cbor(cls, value: object) -> _OwedWelcome:
+        if not isinstance(value, dict):
+            raise ValueError("an owed Welcome is not a map")
+        group_id, welcome = value.get("group_id"), value.get("welcome")
+        seq, epoch = value.get("seq"), value.get("epoch")
+        if not (isinstance(group_id, bytes) and 0 < len(group_id) <= 255
+                and isinstance(welcome, bytes) and welcome
+                and _is_count(seq) and _is_count(epoch)):
+            raise ValueError("an owed Welcome has a field of the wrong type")
+        return cls(group_id, welcome, seq, epoch)  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        room = self.group_id.decode("utf-8", "replace")
+        return f"the Welcome of our commit at seq {self.seq} (room {room!r}, epoch {self.epoch})"
+
+
 @dataclass
 class ParticipantStats:
     name: str
@@ -356,6 +393,9 @@ class Participant:
         self._token_renewal: asyncio.Task[None] | None = None
         self._names_by_epoch: dict[int, dict[int, str]] = {}
         self._read_state: bytes | None = None  # the state file as read (None: there was none)
+        # Welcomes of our merged commits not yet confirmed by the service, oldest first: saved
+        # (`owed_welcomes`), and posted again at start.
+        self._owed_welcomes: list[_OwedWelcome] = []
         self.client = self._load_client(cipher_suite)  # and the saved group, if any
         # Keys only for the stream contexts we use: a member sending under others would
         # otherwise make us derive and keep a key for each.
@@ -416,6 +456,11 @@ class Participant:
                 welcome_cursor = saved.get("welcome_cursor", 0)
                 applied_seq = saved.get("applied_seq", 0)
                 removed = saved.get("removed", False)
+                # (An optional key: state files from before it have none, and owe nothing.)
+                owed_saved = saved.get("owed_welcomes", [])
+                if not isinstance(owed_saved, list):
+                    raise ValueError("the owed Welcomes are not a list")
+                owed = [_OwedWelcome.from_cbor(o) for o in owed_saved][-MAX_OWED_WELCOMES:]
                 if not (
                     _is_count(welcome_cursor) and _is_count(applied_seq)
                     and isinstance(removed, bool)
@@ -430,6 +475,7 @@ class Participant:
                     "(with a new identity name)"
                 ) from None
             self.welcome_cursor, self.removed = welcome_cursor, removed
+            self._owed_welcomes = owed
             if group is not None:
                 self.group, self.applied_seq = group, applied_seq
                 self._resumed = True
@@ -461,6 +507,7 @@ class Participant:
             "format": STATE_FORMAT, "version": STATE_VERSION, "client": self.client.to_bytes(),
             "applied_seq": self.applied_seq, "welcome_cursor": self.welcome_cursor,
             "removed": self.removed,
+            "owed_welcomes": [o.to_cbor() for o in self._owed_welcomes],
         }
         if self.group is not None:
             body["group"] = self.group.to_bytes()
@@ -582,6 +629,12 @@ class Participant:
             raise ConclaveError(f"the delivery service refused to register {self.name}: {exc}") from None
         await self.top_up_key_packages()
         self.stream = await self.ds.connect()
+        # Welcomes of our commits that the last run could not post (it ended first, or gave
+        # up): in the background, as a failed post is retried.
+        for owed in self._owed_welcomes:
+            if not owed.posting:
+                owed.posting = True
+                self._spawn(self._resend_welcome(owed, at_once=True))
         if self.group is not None:  # resumed from the saved state (`_load_client`)
             self._remember_names()
             # Frames this member received in the saved epoch could be replayed to it: their
@@ -1188,14 +1241,20 @@ class Participant:
 
     async def _commit_merged(self, group: Group, result: CommitResult) -> None:
         """Our commit `result` is in and merged: the new epoch's keys and state, then its
-        Welcome and its GroupInfo."""
+        Welcome and its GroupInfo. The Welcome is owed from the save that records the new
+        epoch (`_installed`) until the service has it: a run that ends before posts it at its
+        next start."""
+        owed = None
+        if result.welcome is not None:
+            owed = self._owe_welcome(group.group_id, result.welcome, self.applied_seq,
+                                     group.epoch)
         try:
             await self._installed()
         finally:
             # The commit is in: its new members need the Welcome even if saving failed
             # (`_send_welcome` never raises).
-            if result.welcome is not None:
-                await self._send_welcome(group.group_id, result.welcome)
+            if owed is not None and not owed.posting:
+                await self._send_welcome(owed)
         with contextlib.suppress(RequestFailed, aiohttp.ClientError, OSError):
             # Logged for auditors: lets them check the transcript hash chain.
             await self.ds.publish_group_info(group.group_id, result.group_info)
@@ -1308,37 +1367,92 @@ class Participant:
         self.applied_seq = max(self.applied_seq, found.seq)
         await self._commit_merged(group, pending)
 
-    async def _send_welcome(self, group_id: bytes, welcome: bytes) -> None:
+    def _owe_welcome(self, group_id: bytes, welcome: bytes, seq: int, epoch: int) -> _OwedWelcome:
+        """Keep the Welcome of a merged commit of ours as owed (saved with the next save); the
+        oldest is dropped, with a note, past `MAX_OWED_WELCOMES`."""
+        for owed in self._owed_welcomes:
+            if owed.group_id == group_id and owed.welcome == welcome:
+                return owed  # the same commit merged twice cannot be; owed once all the same
+        owed = _OwedWelcome(group_id, welcome, seq, epoch)
+        self._owed_welcomes.append(owed)
+        while len(self._owed_welcomes) > MAX_OWED_WELCOMES:
+            dropped = self._owed_welcomes.pop(0)
+            self._note(f"more than {MAX_OWED_WELCOMES} Welcomes not yet posted: dropped the "
+                       f"oldest, {dropped}; the members it adds cannot join from it")
+        return owed
+
+    def _welcome_settled(self, owed: _OwedWelcome) -> None:
+        """`owed` is no longer owed (the service has it, or refused it for good): out of the
+        saved state now, or a restart would post it again."""
+        owed.posting = False
+        if owed in self._owed_welcomes:
+            self._owed_welcomes.remove(owed)
+            try:
+                self.save()
+            except ConclaveError as exc:  # it is posted again at the next start: harmless
+                self._note(f"could not save that {owed} was posted: {exc}")
+
+    def _welcome_refused(self, owed: _OwedWelcome, exc: BaseException) -> bool:
+        """Whether the service's answer `exc` settles `owed` for good: a repeat it has
+        already (a 409 "duplicate": delivered), or a refusal that retrying cannot change (a
+        4xx other than a busy group or too many requests: noted, and not posted again)."""
+        if isinstance(exc, RequestFailed) and exc.code == "duplicate":
+            log.info("%s: %s is in the log already", self.name, owed)
+            self._welcome_settled(owed)
+            return True
+        if _worth_retrying(exc):
+            return False
+        self._note(f"the delivery service refused {owed} for good ({_reason(exc)}): not "
+                   "posted again; the members it adds cannot join from it")
+        self._welcome_settled(owed)
+        return True
+
+    async def _send_welcome(self, owed: _OwedWelcome) -> None:
         """Post the Welcome of our accepted commit. The commit is in: if the Welcome is lost,
         its new members are in the tree but can never join from it, so a failure is retried
-        in the background (`_resend_welcome`) rather than raised."""
+        in the background (`_resend_welcome`) rather than raised; it stays owed (saved) until
+        the service has it."""
+        owed.posting = True
         try:
-            await self.ds.send_welcome(group_id, welcome)
+            await self.ds.send_welcome(owed.group_id, owed.welcome)
+        except asyncio.CancelledError:
+            owed.posting = False  # (still owed: posted again at the next start)
+            raise
         except Exception as exc:
-            if not _worth_retrying(exc):
-                self._note(f"the delivery service refused our Welcome: {_reason(exc)}")
+            if self._welcome_refused(owed, exc):
                 return
-            log.warning("%s: posting a Welcome failed (%s): trying again", self.name,
+            log.warning("%s: posting %s failed (%s): trying again", self.name, owed,
                         _reason(exc))
-            self._spawn(self._resend_welcome(group_id, welcome))
+            self._spawn(self._resend_welcome(owed))
+            return
+        self._welcome_settled(owed)
 
-    async def _resend_welcome(self, group_id: bytes, welcome: bytes) -> None:
-        wait = WELCOME_RETRY_FIRST
-        last: BaseException | None = None
-        for _ in range(WELCOME_ATTEMPTS - 1):
-            await asyncio.sleep(wait)
-            wait *= 2
-            try:
-                # The same bytes: the service answers a repeat of ours with the original.
-                await self.ds.send_welcome(group_id, welcome)
+    async def _resend_welcome(self, owed: _OwedWelcome, *, at_once: bool = False) -> None:
+        """Post `owed` again (at once first if `at_once`: a Welcome the last run owed), after
+        0.5, 1, 2... seconds, `WELCOME_ATTEMPTS` posts in all. If all fail it stays owed, for
+        the next start."""
+        owed.posting = True
+        try:
+            wait = 0.0 if at_once else WELCOME_RETRY_FIRST
+            last: BaseException | None = None
+            for _ in range(WELCOME_ATTEMPTS if at_once else WELCOME_ATTEMPTS - 1):
+                await asyncio.sleep(wait)
+                wait = 2 * wait if wait else WELCOME_RETRY_FIRST
+                try:
+                    # The same bytes: the service answers a repeat of ours with the original.
+                    await self.ds.send_welcome(owed.group_id, owed.welcome)
+                except Exception as exc:
+                    if self._welcome_refused(owed, exc):
+                        return
+                    last = exc
+                    continue
+                self._welcome_settled(owed)
                 return
-            except Exception as exc:
-                if not _worth_retrying(exc):
-                    self._note(f"the delivery service refused our Welcome: {_reason(exc)}")
-                    return
-                last = exc
-        why = "" if last is None else f": {_reason(last)}"
-        self._note(f"gave up posting a Welcome after {WELCOME_ATTEMPTS} tries{why}")
+            why = "" if last is None else f" ({_reason(last)})"
+            self._note(f"gave up posting {owed} after {WELCOME_ATTEMPTS} tries{why}: kept, to "
+                       "be posted again at the next start")
+        finally:
+            owed.posting = False
 
     async def _catch_up(self) -> None:
         """Fetch what the push stream has not delivered (it reconnects by itself)."""
