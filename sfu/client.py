@@ -300,7 +300,7 @@ class SFUClient:
     async def renew_token(self, token: str) -> None:
         """Give the SFU a fresh room token before the one joined with expires (the SFU ends
         the session then). Its answer comes as an event: "token-accepted" with the new expiry,
-        or an "error" with code "token"."""
+        an "error" with code "token", or one with code "session-ended" if it came too late."""
         self._token = token
         await self.send({"type": "token", "token": token})
 

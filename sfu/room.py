@@ -42,7 +42,6 @@ from aiortc import (
     RTCRtpTransceiver,
     RTCSessionDescription,
 )
-from aiortc.exceptions import InvalidStateError
 from aiortc.rtcconfiguration import RTCBundlePolicy
 from aiortc.rtcrtpparameters import RTCRtpReceiveParameters, RTCRtpSendParameters
 from aiortc.sdp import SessionDescription
@@ -202,8 +201,10 @@ class Participant:
         self._next_rr = time.monotonic() + RR_INTERVAL
         # Called with a reason when the media connection fails or the client closed it, or when
         # an offer goes unanswered: the server then ends the signalling session, which removes
-        # the participant.
+        # the participant. Called once, through `end_session`.
         self.on_connection_lost: Callable[[str], None] = lambda reason: None
+        # Why the session is ending, once it is: nothing may extend or renew it any more.
+        self.ending: str | None = None
         # Unix time at which the latest room token given expires: the session ends then,
         # unless the client sends a fresher one (a member removed from the group gets none)
         self.token_expires_at = math.inf
@@ -224,15 +225,23 @@ class Participant:
             if self._connect_overdue is not None:
                 self._connect_overdue.cancel()
         elif state in ("failed", "closed") and not self._closed:
-            self.on_connection_lost("media connection lost")
+            self.end_session("media connection lost")
 
     def _not_connected(self) -> None:
         if self._closed or self.connected:
             return
         logger.info("%r did not connect within %s s", self, self.config.connect_timeout)
-        self.on_connection_lost(
+        self.end_session(
             f"no media connection within {self.config.connect_timeout:g} s of the answer"
         )
+
+    def end_session(self, reason: str) -> None:
+        """Have the server end this participant's session, once: the first reason is the one the
+        client is told (several causes may follow one another, e.g. a failed connection)."""
+        if self.ending is not None:
+            return
+        self.ending = reason
+        self.on_connection_lost(reason)
 
     # --- negotiation ----------------------------------------------------------------------------
 
@@ -258,11 +267,15 @@ class Participant:
     async def negotiate(self) -> None:
         """Send a new offer, or remember to once the current offer is answered.
 
-        Never raises: a participant whose connection or socket is going away is removed by its
-        own signalling handler, and other participants' leaves must not fail because of it.
+        Never raises (but when cancelled): other participants' joins and leaves must not fail
+        because of this one. If no offer can be sent, the session ends (`end_session`): a
+        participant left waiting for an offer would never get another stream, while a client
+        told its session ended can join again.
         """
         if self._closed or self.pc.signalingState == "closed":
             return  # aiortc closes the connection itself once every DTLS transport is closed
+        if self.ending is not None:
+            return  # no offer after "session-ended"
         if self._negotiating:
             self._renegotiate = True
             return
@@ -290,8 +303,28 @@ class Participant:
             await self.send_json(
                 {"type": "offer", "sdp": self.pc.localDescription.sdp, "streams": streams}
             )
-        except (ConnectionError, InvalidStateError, RuntimeError) as exc:
-            logger.debug("no offer to %r: %s", self.identity, exc)
+        except asyncio.CancelledError:
+            self._abandon_offer()
+            raise
+        except Exception as exc:
+            self._abandon_offer()
+            if (
+                self._closed
+                or self.pc.signalingState == "closed"
+                or isinstance(exc, ConnectionError)
+            ):
+                # the connection or the socket is going away: expected, and ended all the same
+                logger.debug("no offer to %r: %s", self, exc)
+            else:
+                logger.exception("could not make an offer to %r: its session ends", self)
+            self.end_session("the SFU could not renegotiate the media connection: join again")
+
+    def _abandon_offer(self) -> None:
+        """Forget an offer that was not sent, so that a later `negotiate` runs."""
+        self._negotiating = False
+        self._renegotiate = False
+        self._offered_m_lines = None
+        self._cancel_answer_timer()
 
     async def handle_answer(self, sdp: str) -> None:
         if not self._negotiating or self._offered_m_lines is None:
@@ -383,7 +416,7 @@ class Participant:
         if self._closed or not self._negotiating:
             return
         logger.info("%r did not answer an offer within %s s", self, self.config.answer_timeout)
-        self.on_connection_lost(f"no answer to the offer within {self.config.answer_timeout:g} s")
+        self.end_session(f"no answer to the offer within {self.config.answer_timeout:g} s")
 
     async def handle_ice(self, candidate: Any) -> None:
         # aiortc puts all candidates in the SDP; trickled ones are accepted if they parse.

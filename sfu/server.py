@@ -19,13 +19,15 @@ SFU to client:
 
 The SFU ends a session with code "session-ended" when the media connection fails, does not
 come up within `connect_timeout` of the first answer, or the client leaves an offer unanswered
-for `answer_timeout` (30 s each by default), and when its room token expires: a client renews
-it with a "token" message (a bad one gets code "token" and changes nothing). The delivery
-service gives tokens to members of the room's group only, so one removed from the group loses
-its seat when its last token expires. A client that stops reading its socket, so that
-more than 16 of the largest messages wait for it, is disconnected (`sfu.outbox`). A client
-that sends more than `signal_rate` messages a second (beyond a burst of `signal_burst`) has the
-excess dropped, and is told with code "rate-limited" at most once a second.
+for `answer_timeout` (30 s each by default), when no new offer can be made to it, and when its
+room token expires: a client renews it with a "token" message (a bad one gets code "token" and
+changes nothing; one that comes after the token expired, or once the session is ending, gets
+"session-ended", never "token-accepted"). The delivery service gives tokens to members of the
+room's group only, so one removed from the group loses its seat when its last token expires.
+A client that stops reading its socket, so that more than 16 of the largest messages wait for
+it, is disconnected (`sfu.outbox`). A client that sends more than `signal_rate` messages a
+second (beyond a burst of `signal_burst`) has the excess dropped, and is told with code
+"rate-limited" at most once a second.
 
 With several worker processes (`python -m sfu --workers N`), each room lives in one worker; a
 join sent to another worker is answered with code "redirect" and the URL to join at instead,
@@ -68,6 +70,7 @@ OUTBOX_MESSAGES = 16  # a client may fall this many largest messages behind befo
 MAX_TOKEN_LENGTH = 4096
 RATE_NOTICE_INTERVAL = 1.0  # seconds between "rate-limited" replies to one socket
 TOKEN_CHECK_INTERVAL = 30.0  # seconds between looks at the wall clock for a token's expiry
+TOKEN_EXPIRED = 'the room token expired: send a fresh one (type "token") before it does'
 KINDS = ("audio", "video")
 
 
@@ -85,6 +88,8 @@ class SFUServer:
         self._unjoined: dict[str, int] = {}  # sockets not joined yet, by client address
         # Whether worker i is up to take the joins redirected to it (worker 0 supervises them).
         self.worker_available: Callable[[int], bool] = lambda worker: True
+        # Unix time, for room tokens' expiry (tests set it)
+        self.wall_clock: Callable[[], float] = time.time
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -296,6 +301,11 @@ class SFUServer:
         except SignallingError as exc:
             await self._error(send_json, exc)
             return None, False
+        except Exception:  # a bug: the client is told, the traceback stays in the log
+            logger.exception("a join to a room failed")
+            await self._error(
+                send_json, SignallingError("internal", "the SFU could not join you: try again")
+            )
         return None, True
 
     def _decode(self, text: str) -> dict[str, Any]:
@@ -326,7 +336,9 @@ class SFUServer:
             or len(publish) > self.config.max_publish_streams
         ):
             raise SignallingError("bad-message", 'publish must be a subset of ["audio", "video"]')
-        expires_at = verify_room_token(self.config.token_secret, token, room_name, identity)
+        expires_at = verify_room_token(
+            self.config.token_secret, token, room_name, identity, now=self.wall_clock()
+        )
         worker = self.config.worker_for(room_name)
         if worker != self.config.worker_index:
             if not self.worker_available(worker):
@@ -334,6 +346,12 @@ class SFUServer:
                     "the SFU worker that serves this room is restarting; try again in a few seconds"
                 )
             raise Redirect(self.config.worker_urls[worker])
+        room = self.rooms.get(room_name)
+        old = room.participants.get(identity) if room is not None else None
+        if old is not None and old.ending is not None:
+            # Its session has ended and only its handler's cleanup is left (which waits for the
+            # socket to close): a client told so may join again at once, not be a "duplicate".
+            await self._leave(old)
         async with self._join_lock:
             room = self.rooms.get(room_name)
             if room is None:
@@ -381,10 +399,22 @@ class SFUServer:
             raise SignallingError("unknown-type", f"unknown message type {kind[:32]!r}")
 
     async def _renew_token(self, participant: Participant, token: str) -> None:
-        """A fresher room token for the session: it may last until that one expires."""
+        """A fresher room token for the session: it may last until that one expires.
+
+        Not once the session has expired or is ending (whether or not the expiry timer has
+        seen it yet): the reply is then "session-ended", never "token-accepted".
+        """
+        if participant.ending is not None:
+            raise SignallingError(
+                "session-ended", f"the session has ended ({participant.ending}): join again"
+            )
+        now = self.wall_clock()
+        if participant.token_expires_at <= now:
+            participant.end_session(TOKEN_EXPIRED)  # its "session-ended" is the reply
+            return
         try:
             expires_at = verify_room_token(
-                self.config.token_secret, token, participant.room.name, participant.identity
+                self.config.token_secret, token, participant.room.name, participant.identity, now
             )
         except TokenError as exc:  # the session goes on until the token it has expires
             self.metrics.tokens_refused += 1
@@ -397,12 +427,10 @@ class SFUServer:
     async def _end_at_token_expiry(self, participant: Participant) -> None:
         """End the session when its room token expires (the delivery service issues them to
         members only: a member removed from the group cannot renew it and so loses its seat)."""
-        while (left := participant.token_expires_at - time.time()) > 0:
+        while (left := participant.token_expires_at - self.wall_clock()) > 0:
             # in steps: the wall clock may be set meanwhile, the loop's clock does not follow
             await asyncio.sleep(min(left, TOKEN_CHECK_INTERVAL))
-        participant.on_connection_lost(
-            "the room token expired: send a fresh one (type \"token\") before it does"
-        )
+        participant.end_session(TOKEN_EXPIRED)
 
     async def _leave(self, participant: Participant) -> None:
         room = participant.room
