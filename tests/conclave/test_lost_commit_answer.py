@@ -222,6 +222,16 @@ async def _post_and_die(alice: Participant, *, stored: bool) -> bytes:
     return on_disk[0]
 
 
+async def _alice_and_bob_in_a_room(alice: Participant, bob: Participant, dave: Participant) -> int:
+    """All three started, alice and bob in a room (dave only registered): alice's epoch."""
+    for p in (alice, bob, dave):
+        await p.start()
+    await alice.create("room")
+    await alice.invite(["bob"])
+    await bob.wait_for_welcome(5)
+    return alice.epoch or 0
+
+
 async def test_a_commit_posted_by_a_run_that_died_is_merged_at_the_next_start(
     services: Services, tmp_path: Path
 ) -> None:
@@ -230,12 +240,7 @@ async def test_a_commit_posted_by_a_run_that_died_is_merged_at_the_next_start(
                         for n in ("alice", "bob", "dave"))
     again = Participant("alice-placeholder", services.ds_url)  # replaced below
     try:
-        for p in (alice, bob, dave):
-            await p.start()
-        await alice.create("room")
-        await alice.invite(["bob"])
-        await bob.wait_for_welcome(5)
-        epoch = alice.epoch or 0
+        epoch = await _alice_and_bob_in_a_room(alice, bob, dave)
         killed = await _post_and_die(alice, stored=True)
         assert saved_group(alice, killed).has_pending_commit  # saved before it was posted
         (state / "alice.state").write_bytes(killed)
@@ -260,12 +265,7 @@ async def test_a_commit_a_run_died_posting_that_did_not_go_in_is_dropped_at_star
                         for n in ("alice", "bob", "dave"))
     again = Participant("alice-placeholder", services.ds_url)  # replaced below
     try:
-        for p in (alice, bob, dave):
-            await p.start()
-        await alice.create("room")
-        await alice.invite(["bob"])
-        await bob.wait_for_welcome(5)
-        epoch = alice.epoch or 0
+        epoch = await _alice_and_bob_in_a_room(alice, bob, dave)
         killed = await _post_and_die(alice, stored=False)
         assert saved_group(alice, killed).has_pending_commit
         (state / "alice.state").write_bytes(killed)
