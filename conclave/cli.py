@@ -697,6 +697,11 @@ async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fet
                 f"{identity!r} may not read the audit log of {label}: it is neither a member "
                 f"nor an auditor of the delivery service{registered}"
             ) from None
+        if exc.code in ("http_error", "bad_answer"):
+            # an error without the service's own answer: not a delivery service (or a proxy's)
+            raise ConclaveError(
+                f"{ds} did not answer as a conclave delivery service ({exc}): check --ds"
+            ) from None
         raise ConclaveError(f"the delivery service refused the audit log of {label}: {exc}") from None
 
 

@@ -216,3 +216,40 @@ def test_serve_on_a_host_it_cannot_encode_exits(tmp_path: Path) -> None:
     proc = _serve(tmp_path, "--host", "x" * 300)
     assert proc.returncode == 2
     assert proc.stderr == f"conclave serve: cannot listen on {'x' * 300}: unknown host\n"
+
+
+@pytest.mark.parametrize("answer", ["plain", "json"])
+def test_audit_of_a_url_that_is_no_delivery_service_says_so(
+    answer: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another web server at --ds (a wrong port, say) is not "the delivery service refused the
+    audit log": the audit says the URL did not answer as a delivery service."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class NotADeliveryService(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            body = b"no such thing" if answer == "plain" else b'{"detail": "not found"}'
+            self.send_response(404)
+            self.send_header("Content-Type", "text/plain" if answer == "plain" else
+                             "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = _answer  # noqa: N815
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotADeliveryService)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert main(["audit", "--group", "room", "--ds", url, "--state", str(tmp_path)]) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err
+    assert err.startswith(f"conclave audit: {url} did not answer as a conclave delivery service")
+    assert "check --ds" in err and "refused" not in err and err.count("\n") == 1
