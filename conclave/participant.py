@@ -1295,6 +1295,7 @@ class Participant:
         change or at the next start, and `ServiceUnavailable` is raised."""
         log.warning("%s: no answer to our commit (%s): looking for it in the log", self.name,
                     _reason(exc))
+        refusal: RequestFailed | None = None  # the service's refusal of the post again
         try:
             found = await self._logged_commit(group)
             if found is None:
@@ -1305,18 +1306,18 @@ class Participant:
                     )
                     return max(self.applied_seq, accepted.seq)
                 except RequestFailed as refused:
-                    if refused.status != 409:
-                        raise
-                    # The first post may have gone in meanwhile (it was still on its way), and
-                    # made this one stale: the log says now.
-                    found = await self._logged_commit(group)
+                    if refused.status == 409:
+                        # The first post may have gone in meanwhile (it was still on its way),
+                        # and made this one stale: the log says now.
+                        found = await self._logged_commit(group)
                     if found is None:
+                        refusal = refused
                         raise
         except Exception as again:
-            if isinstance(again, RequestFailed) and not _worth_retrying(again) and not (
-                _answer_lost(again)
-            ):
-                group.discard_pending_commit()  # refused: nothing of ours was stored
+            # Only a refusal of the post again says that nothing of ours was stored; a log
+            # that cannot be read (whatever its answer) says nothing of our commit.
+            if again is refusal and not _worth_retrying(again) and not _answer_lost(again):
+                group.discard_pending_commit()
                 raise
             raise self._unsettled(exc, again) from None  # it stays pending
         if found.message == result.commit:
