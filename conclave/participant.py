@@ -206,10 +206,11 @@ def _worth_retrying(exc: BaseException) -> bool:
 
 def _answer_lost(exc: BaseException) -> bool:
     """Whether a failed post says nothing of whether the service took the message: the
-    connection failed or timed out (perhaps after the service stored it), or the service, or
-    a proxy before it, failed (5xx). A refusal (4xx), or a malformed answer, is an answer."""
+    connection failed or timed out (perhaps after the service stored it), the service, or a
+    proxy before it, failed (5xx), or it said yes (2xx) in words we cannot read. A refusal
+    (4xx) is an answer."""
     if isinstance(exc, RequestFailed):
-        return exc.status >= 500
+        return not 400 <= exc.status < 500
     return isinstance(exc, aiohttp.ClientError | OSError)
 
 
