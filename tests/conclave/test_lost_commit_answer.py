@@ -19,6 +19,7 @@ import pytest
 from conclave.errors import ServiceUnavailable
 from conclave.participant import Participant
 from conclave.services import Services
+from delivery_service.errors import RequestFailed
 from mls import Group
 from tests.conclave.conftest import until
 
@@ -162,8 +163,15 @@ async def test_a_commit_the_service_cannot_be_asked_about_is_settled_before_the_
     await _with_dave(trio, test)
 
 
+@pytest.mark.parametrize("log_failure", [
+    aiohttp.ClientConnectionError("connection refused"),
+    # An answer, but none about our commit: kept pending all the same, not dropped (dropping a
+    # commit the service took left its author out of step and the added members unwelcomed).
+    RequestFailed(200, "bad_answer", "the delivery service's answer is malformed: 'messages'"),
+    RequestFailed(403, "http_error", "HTTP 403"),  # a proxy in the way, say
+], ids=["unreachable", "malformed", "403"])
 async def test_a_commit_taken_while_the_service_could_not_be_asked_still_welcomes(
-    trio: list[Participant],
+    trio: list[Participant], log_failure: Exception
 ) -> None:
     alice, bob, carol = trio
     bob.auto_commit = carol.auto_commit = False
@@ -174,14 +182,14 @@ async def test_a_commit_taken_while_the_service_could_not_be_asked_still_welcome
         real_messages = alice.ds.messages
         reads = 0
 
-        async def unreachable_once(*args: Any, **kw: Any) -> Any:
+        async def unreadable_once(*args: Any, **kw: Any) -> Any:
             nonlocal reads
             reads += 1
             if reads == 1:
-                raise aiohttp.ClientConnectionError("connection refused")
+                raise log_failure
             return await real_messages(*args, **kw)
 
-        alice.ds.messages = unreachable_once  # type: ignore[method-assign]
+        alice.ds.messages = unreadable_once  # type: ignore[method-assign]
         LosingPosts(alice, stored=True)
         with pytest.raises(ServiceUnavailable, match="could not be asked"):
             await alice.invite(["dave"])

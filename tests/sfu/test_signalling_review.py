@@ -7,7 +7,6 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -18,17 +17,8 @@ from sfu.metrics import Metrics
 from sfu.outbox import Outbox
 from sfu.room import Participant, Room
 from sfu.tokens import issue_room_token
-from tests.sfu.harness import SECRET, Harness, wait_until
-
-
-@contextlib.asynccontextmanager
-async def running(**config: Any) -> AsyncIterator[Harness]:
-    h = Harness(**config)
-    await h.start()
-    try:
-        yield h
-    finally:
-        await h.stop()
+from tests.sfu.harness import SECRET, wait_until
+from tests.sfu.test_signalling import running
 
 
 def _join(identity: str, token: str) -> str:
