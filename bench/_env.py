@@ -11,6 +11,7 @@ import math
 import os
 import platform
 from collections.abc import Callable
+from pathlib import Path
 
 
 def positive(kind: Callable[[str], float] = float) -> Callable[[str], float]:
@@ -50,8 +51,29 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def idle_policy(sys_root: Path = Path("/sys")) -> str | None:
+    """How the kernel idles its CPUs (Linux cpuidle), None where it does not say.
+
+    A process woken for every packet, as the SFU is at low rates, also pays for the CPU's way
+    back from idle. On a VM guest with the haltpoll driver, `guest_halt_poll_ns` is how long an
+    idle vCPU polls before it halts (a VM exit; the host may run something else on the core
+    meanwhile): at 0 every wake-up comes from a halt. Printed so that runs on differently
+    configured machines are not compared as if alike."""
+    try:
+        driver = (sys_root / "devices/system/cpu/cpuidle/current_driver").read_text().strip()
+    except OSError:
+        return None
+    if driver != "haltpoll":
+        return f"cpuidle {driver}"
+    try:
+        ns = int((sys_root / "module/haltpoll/parameters/guest_halt_poll_ns").read_text())
+    except (OSError, ValueError):
+        return "cpuidle haltpoll"
+    return f"cpuidle haltpoll (guest halt poll {ns // 1000} us)"
+
+
 def environment() -> str:
-    """Python, OS, CPU (model, cores, load) and the crypto library: one line."""
+    """Python, OS, CPU (model, cores, load, idle policy) and the crypto library: one line."""
     parts = [
         f"{platform.python_implementation()} {platform.python_version()}",
         f"{platform.system()} {platform.release()} {platform.machine()}",
@@ -62,6 +84,8 @@ def environment() -> str:
         parts.append(f"load {load[0]:.2f}")
     except OSError:
         pass
+    if (idle := idle_policy()) is not None:
+        parts.append(idle)
     try:
         import cryptography
         from cryptography.hazmat.backends.openssl.backend import backend

@@ -23,7 +23,10 @@ back, and each publisher on its own clock (frame phases spread over the frame in
 step, all publishers' frames would reach the SFU in one burst, which flatters its CPU cost
 (fewer wake-ups) and hurts its latency (each burst queues behind itself). The cost per packet falls as the rate rises: a busier process sleeps and wakes less
 often per packet (the wake-up floor printed before each table shows it) and finds its caches
-warm. Each rate gets its own table and verdict; the low rate is the hardest case.
+warm. Each rate gets its own table and verdict; the low rate is the hardest case. There most
+packets wake the SFU from idle, which on a VM guest may be a VM exit (the environment line names
+the idle policy): runs on a shared host differ by a fifth or more, so compare the SFU with the
+naive relay of the same run, not with another run.
 
 Usage: python bench/sfu_forward.py [--participants 10] [--publishers 10] [--packets 3000]
        [--loopback --seconds 10 --rate 50,150,250]

@@ -678,3 +678,28 @@ def test_the_sfu_forward_loopback_measures_both_relays_end_to_end() -> None:
         forwarded = next(c for c in cells if c.endswith("%"))
         assert float(forwarded[:-1]) >= 50.0, cells
     assert done.stdout.rstrip().splitlines()[-1].startswith("verdict: ")
+
+
+def test_the_environment_line_says_how_the_cpus_idle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = load_bench_module("_env", monkeypatch)
+    assert env.idle_policy(tmp_path) is None  # no cpuidle in sysfs: nothing to say
+    driver = tmp_path / "devices/system/cpu/cpuidle/current_driver"
+    driver.parent.mkdir(parents=True)
+    driver.write_text("acpi_idle\n")
+    assert env.idle_policy(tmp_path) == "cpuidle acpi_idle"
+    driver.write_text("haltpoll\n")
+    assert env.idle_policy(tmp_path) == "cpuidle haltpoll"  # its window unreadable
+    window = tmp_path / "module/haltpoll/parameters/guest_halt_poll_ns"
+    window.parent.mkdir(parents=True)
+    window.write_text("200000\n")
+    assert env.idle_policy(tmp_path) == "cpuidle haltpoll (guest halt poll 200 us)"
+    window.write_text("0\n")
+    assert env.idle_policy(tmp_path) == "cpuidle haltpoll (guest halt poll 0 us)"
+    window.write_text("fast\n")
+    assert env.idle_policy(tmp_path) == "cpuidle haltpoll"
+    # `conclave bench` tells the environment line from table rows by its single spaces
+    monkeypatch.setattr(env, "idle_policy", lambda: "cpuidle haltpoll (guest halt poll 0 us)")
+    line = env.environment()
+    assert "cpuidle haltpoll (guest halt poll 0 us)" in line and "  " not in line
