@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
@@ -42,7 +43,8 @@ second; one silent for --hang-timeout seconds (a stuck loop) is killed. A worker
 is killed is restarted with a growing delay (1, 2, 4, then 8 s) and meanwhile worker 0 refuses
 joins for its rooms with code "unavailable"; at the 5th failure in a row the SFU stops with
 exit status 1. SIGTERM or SIGINT to worker 0 stops
-every worker; the others also stop by themselves if worker 0 dies.
+every worker (another one while they stop kills them at once); the others also stop by
+themselves if worker 0 dies.
 
 secret file: the room-token secret shared with the delivery service, in hex (the value of its
 CONCLAVE_ROOM_SECRET), at least 16 bytes; a file that is not hex is used as raw bytes. It is
@@ -71,7 +73,39 @@ async def _stopping(app: web.Application) -> None:
     notify("STOPPING=1")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Until aiohttp's handlers take over, SIGTERM stops start-up as Ctrl-C does, and either one
+    # ends it quietly with status 0 (not a traceback, nor death by the signal); a worker
+    # started already stops with the others (`_run`) or by itself (end of its stdin).
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_workers(supervisor: Supervisor) -> None:
+    """`supervisor.stop()`; another SIGTERM or SIGINT meanwhile (a second Ctrl-C) kills the
+    workers still running at once, rather than interrupting it with a traceback."""
+
+    def hurry(signum: int, frame: object) -> None:
+        supervisor.hurry()
+
+    previous = {sig: signal.signal(sig, hurry) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        supervisor.stop()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sfu",
         description=__doc__,
@@ -172,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             secret = bytes.fromhex(sys.stdin.buffer.readline().decode("ascii"))
         except ValueError:
+            secret = b""
+        if not secret:  # end of file: worker 0 is gone (or was never there)
             print("no token secret from worker 0 on stdin", file=sys.stderr)
             return 2
         stop_with_parent()
@@ -237,6 +273,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cannot listen on {args.host}:{port}: {exc.strerror or exc}", file=sys.stderr)
             return 2
 
+    try:
+        _serve(args, config, listening, supervisor, child)
+    finally:
+        if supervisor is not None:
+            _stop_workers(supervisor)
+    if supervisor is not None and supervisor.failed:
+        print(supervisor.failed, file=sys.stderr)
+        return 1
+    return 0
+
+
+def _serve(
+    args: argparse.Namespace,
+    config: SFUConfig,
+    listening: list[socket.socket],
+    supervisor: Supervisor | None,
+    child: bool,
+) -> None:
+    """Start the workers 1..N-1 (worker 0) and serve until SIGTERM/SIGINT."""
     from sfu import aiortc_hooks
     from sfu.server import SFUServer
 
@@ -275,15 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     # Everything imported so far lives as long as the process: keep it out of the cyclic GC's
     # full collections, which otherwise stall forwarding for tens of ms (the p99 latency).
     gc.freeze()
-    try:
-        web.run_app(app, sock=listening, print=None, shutdown_timeout=5)
-    finally:
-        if supervisor is not None:
-            supervisor.stop()
-    if supervisor is not None and supervisor.failed:
-        print(supervisor.failed, file=sys.stderr)
-        return 1
-    return 0
+    web.run_app(app, sock=listening, print=None, shutdown_timeout=5)
 
 
 if __name__ == "__main__":

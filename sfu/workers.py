@@ -83,13 +83,20 @@ class Supervisor:
     hang_timeout: float = HANG_TIMEOUT
     failed: str = ""  # why the SFU gave up, if it did
     stopping: bool = False
+    hurried: bool = False  # `stop` kills the workers still running now, not at STOP_TIMEOUT
 
     def start(self, worker: Worker) -> None:
         fds = [sock.fileno() for sock in worker.sockets]
         self._close_heartbeat(worker)
-        beat_read, beat_write = os.pipe()
-        os.set_blocking(beat_read, False)
         command = [*self.command, "--worker-index", str(worker.index)]
+        try:
+            # In the try: out of descriptors (EMFILE) is one more failure to retry, not an
+            # exception that ends `watch`, and with it every restart.
+            beat_read, beat_write = os.pipe()
+        except OSError as exc:
+            self._failed(worker, f"could not be started ({exc})")
+            return
+        os.set_blocking(beat_read, False)
         try:
             worker.proc = subprocess.Popen(
                 [
@@ -154,8 +161,7 @@ class Supervisor:
                     ):
                         worker.failures = 0
                     continue
-                if worker.proc.stdin is not None:
-                    worker.proc.stdin.close()
+                _close_stdin(worker.proc)
                 worker.proc = None
                 self._close_heartbeat(worker)
                 if worker.hung:
@@ -213,23 +219,42 @@ class Supervisor:
             delay,
         )
 
+    def hurry(self) -> None:
+        """Have `stop` kill the workers it still waits for (worker 0 got another signal)."""
+        self.hurried = True
+
     def stop(self) -> None:
+        """SIGTERM to every worker; SIGKILL to one still running STOP_TIMEOUT later (or at once,
+        after `hurry`)."""
         self.stopping = True
         procs = [w.proc for w in self.workers if w.proc is not None]
         for proc in procs:
             if proc.poll() is None:
                 proc.terminate()
         deadline = time.monotonic() + STOP_TIMEOUT
+        # Polled, not one `wait` each: `hurry`, from a signal handler, must end the wait.
+        while (
+            not self.hurried
+            and time.monotonic() < deadline
+            and any(proc.poll() is None for proc in procs)
+        ):
+            time.sleep(0.05)
         for proc in procs:
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            if proc.poll() is None:
                 proc.kill()
-                proc.wait()
-            if proc.stdin is not None:
-                proc.stdin.close()
+            proc.wait()
+            _close_stdin(proc)
         for worker in self.workers:
             self._close_heartbeat(worker)
+
+
+def _close_stdin(proc: subprocess.Popen[bytes]) -> None:
+    """Close worker 0's end of a worker's stdin, which may still hold a secret it never read."""
+    if proc.stdin is not None:
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass  # BrokenPipeError flushing it: the worker exited before reading it
 
 
 async def heartbeat(fd: int, interval: float = HEARTBEAT_INTERVAL) -> None:
@@ -249,7 +274,9 @@ async def heartbeat(fd: int, interval: float = HEARTBEAT_INTERVAL) -> None:
 
 
 def stop_with_parent() -> None:
-    """In workers 1..N-1: stop (as on SIGTERM) when stdin, held by worker 0, reaches its end."""
+    """In workers 1..N-1: stop (as on SIGTERM) when stdin, held by worker 0, reaches its end;
+    exit STOP_TIMEOUT later if still running (a stuck event loop never acts on the SIGTERM, and
+    no worker 0 is left to kill it: it would hold its port for ever)."""
 
     def watch() -> None:
         try:
@@ -258,5 +285,11 @@ def stop_with_parent() -> None:
         except OSError:
             pass
         os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(STOP_TIMEOUT)
+        try:  # not `logging`: a stuck main thread may hold its lock
+            os.write(2, b"worker 0 is gone and this worker did not stop: exiting\n")
+        except OSError:
+            pass
+        os._exit(1)
 
     threading.Thread(target=watch, name="sfu-parent-watch", daemon=True).start()
