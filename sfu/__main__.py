@@ -303,8 +303,19 @@ def _serve(
         sup = supervisor
         server.worker_available = sup.available
 
+        def watch_ended(task: asyncio.Task[None]) -> None:
+            # Without its watch no worker is restarted or checked for hangs, silently: an SFU
+            # that has lost it stops (status 1) rather than serve on half blind.
+            if task.cancelled() or (exc := task.exception()) is None or sup.stopping:
+                return
+            logging.getLogger("sfu").error("worker supervision failed", exc_info=exc)
+            if not sup.failed:
+                sup.failed = f"worker supervision failed ({exc!r}): stopping the SFU"
+            signal.raise_signal(signal.SIGTERM)  # run_app's graceful shutdown, exit status 1
+
         async def supervise(app: web.Application) -> AsyncIterator[None]:
             task = asyncio.ensure_future(sup.watch())
+            task.add_done_callback(watch_ended)
             yield
             task.cancel()
 

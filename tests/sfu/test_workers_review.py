@@ -230,3 +230,37 @@ def test_a_worker_started_without_a_secret_says_so(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip() == "no token secret from worker 0 on stdin"
+
+
+def test_a_supervision_that_fails_stops_the_sfu(tmp_path: Path, pids: list[int]) -> None:
+    # Before: an unexpected error in `Supervisor.watch` ended the task, and with it every
+    # restart and hang check, and the SFU served on without a word.
+    secret_file = tmp_path / "secret"
+    secret_file.write_bytes(SECRET)
+    port = _free_ports(2)
+    code = (
+        "import asyncio, sys\n"
+        "from sfu import workers\n"
+        "async def watch(self):\n"
+        "    await asyncio.sleep(0.5)\n"
+        "    raise RuntimeError('a bug in the watch')\n"
+        "workers.Supervisor.watch = watch\n"
+        "from sfu.__main__ import main\n"
+        f"sys.exit(main(['--host', '127.0.0.1', '--port', '{port}', '--token-secret-file', "
+        f"{str(secret_file)!r}, '--workers', '2', '--log-level', 'WARNING']))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
+    pids.append(proc.pid)
+    try:
+        _, stderr = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the SFU served on without its supervision") from None
+    text = stderr.decode()
+    assert proc.returncode == 1, text
+    assert "worker supervision failed (RuntimeError('a bug in the watch')): stopping the SFU" in (
+        text
+    )
+    deadline = time.monotonic() + 10  # worker 1 stopped with it
+    while not (_free(port) and _free(port + 1)):
+        assert time.monotonic() < deadline, "a port is still held"
+        time.sleep(0.05)
