@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import traceback
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,21 @@ def seconds(text: str, *, zero: bool = False) -> float:
 
 def seconds_or_zero(text: str) -> float:
     return seconds(text, zero=True)
+
+
+MIN_ROTATION = 1.0  # seconds: each rotation is a commit that every member fetches and applies
+
+
+def rotation_period(text: str) -> float:
+    """`join --rotation`: 0 (never), or at least MIN_ROTATION seconds (0.01, a slip for
+    minutes or milliseconds, would commit a hundred epochs a second)."""
+    value = seconds_or_zero(text)
+    if 0 < value < MIN_ROTATION:
+        raise argparse.ArgumentTypeError(
+            f"{text} seconds is too short a key rotation period: at least {MIN_ROTATION:g}, "
+            "or 0 for none"
+        )
+    return value
 
 
 def whole_number(text: str, low: int, high: int | None, what: str) -> int:
@@ -148,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ask the members to add you instead of joining by external commit")
     p.add_argument("--no-audio", action="store_true")
     p.add_argument("--record", type=Path, default=None, help="record what you receive here")
-    p.add_argument("--rotation", type=seconds_or_zero, default=30.0,
-                   help="commit a key rotation every this many seconds (0: never)")
+    p.add_argument("--rotation", type=rotation_period, default=30.0,
+                   help=f"commit a key rotation every this many seconds, at least "
+                        f"{MIN_ROTATION:g} (0: never; default 30)")
     p.add_argument("--duration", type=seconds_or_zero, default=0,
                    help="end the call after this long, staying a member of the group, as Ctrl-C "
                         "does (0: until Ctrl-C)")
@@ -540,8 +557,9 @@ async def cmd_audit(args: argparse.Namespace) -> int:
                                         ("--register", args.register or None)) if value is not None]
         if given:
             raise ConclaveError(
-                f"{' and '.join(given)} only work with --ds, not with --log (which reads a "
-                "saved log: copy the file to keep another copy)"
+                f"{' and '.join(given)} only {'works' if len(given) == 1 else 'work'} with "
+                "--ds, not with --log (which reads a saved log"
+                + ("; copy the file to keep another copy)" if args.save is not None else ")")
             )
         logged_group, entries = (
             load_log(args.log, args.max_log_mb << 20) if args.max_log_mb else load_log(args.log)
@@ -768,7 +786,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except ConclaveError as exc:
         if args.debug:
-            raise
+            # the traceback, and still the status without --debug (for audit, 1 says "the
+            # log is inconsistent": a network error must not read as that)
+            traceback.print_exc()
         print(f"conclave {args.command}: {describe_error(exc)}", file=sys.stderr)
         return 2
     except Exception as exc:
@@ -778,7 +798,7 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 128 + signal.SIGPIPE
         if args.debug:
-            raise
+            traceback.print_exc()
         print(f"conclave {args.command}: {describe_error(exc)}", file=sys.stderr)
         return 2
 

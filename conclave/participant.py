@@ -840,7 +840,7 @@ class Participant:
                 raise ConclaveError(
                     f"{self.name} is in the call of room {saved!r} (saved state in "
                     f"{self.state_dir}): a participant is in one call at a time; rejoin "
-                    f"{saved!r}, or use another name or state directory for {room!r}"
+                    f"{saved!r}, or use another name for {room!r}"
                 )
             # What happened while we were away, now rather than from the push stream: a
             # member may have removed us (and perhaps added us back, with a Welcome).
@@ -1836,20 +1836,25 @@ class Participant:
         self._spawn(self._consume(consumer, remote))
 
     def _recording_path(self, publisher: str, kind: str) -> Path:
-        """A new file in record_dir for a track. The publisher's name comes from the SFU, which
-        is not trusted: only letters, digits, '.', '_' and '-' of it make the file name, so
-        that it names a file in record_dir and nothing else; an existing file is not replaced
-        (a call-in again records anew)."""
+        """A new file in record_dir for a track, created empty with mode 0600 (it will hold
+        decrypted media; the recorder then writes into it). The publisher's name comes from
+        the SFU, which is not trusted: only letters, digits, '.', '_' and '-' of it make the
+        file name, so that it names a file in record_dir and nothing else; an existing file is
+        not replaced (a call-in again records anew), however the two races."""
         assert self.record_dir is not None
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", publisher)[:64].lstrip(".") or "unknown"
         kind = kind if kind in ("audio", "video") else "media"
         suffix = "wav" if kind == "audio" else "mp4"
         path = self.record_dir / f"{safe}-{kind}.{suffix}"
         n = 1
-        while path.exists():
-            n += 1
-            path = self.record_dir / f"{safe}-{kind}-{n}.{suffix}"
-        return path
+        while True:
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                n += 1
+                path = self.record_dir / f"{safe}-{kind}-{n}.{suffix}"
+                continue
+            return path
 
     def _remember_names(self) -> None:
         """Leaf -> name of the current epoch, for naming the senders of frames; kept as long

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -114,8 +115,10 @@ class Services:
                 raise ServiceUnavailable(f"cannot listen on {self.host}: unknown host") from None
             if not isinstance(exc, OSError):
                 raise
+            # in use: another port helps; not an address of this machine: another host does
+            advice = "pick other ports" if exc.errno == errno.EADDRINUSE else "check --host"
             raise ServiceUnavailable(
-                f"cannot listen on {self.host}: {exc.strerror or exc}; pick other ports"
+                f"cannot listen on {self.host}: {exc.strerror or exc}; {advice}"
             ) from None
         self.ds_url = f"http://{url_host(self.host)}:{ds_port}"
         self.sfu_url = f"http://{url_host(self.host)}:{sfu_port}/v1/signal"

@@ -80,6 +80,18 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
         yield ["--ds", ds_url, "--state", str(state / "auditor")]
 
 
+@pytest.mark.parametrize("where", ["log", "ds"])
+def test_debug_shows_the_traceback_and_keeps_the_exit_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    # Before: --debug re-raised, and Python exited 1, which for audit says "inconsistent log".
+    source = ["--log", str(tmp_path / "missing.log")] if where == "log" else [
+        "--ds", "http://127.0.0.1:9"]  # nothing listens on port 9 here
+    assert main(["--debug", "audit", "--group", "g", *source]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("conclave audit: ")
+
+
 def test_a_room_named_like_hex_is_audited_by_its_name(
     served: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -196,6 +208,8 @@ def test_a_bad_video_fails_before_contacting_anyone(
 
 @pytest.mark.parametrize("argv", [
     ["join", "--room", "r", "--name", "n", "--rotation", "-5"],
+    # a hundred commits a second for every member: a slip for minutes or milliseconds
+    ["join", "--room", "r", "--name", "n", "--rotation", "0.01"],
     ["join", "--room", "r", "--name", "n", "--duration", "nan"],
     ["demo", "--rotation", "0"],
     ["demo", "--phase", "soon"],

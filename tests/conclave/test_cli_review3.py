@@ -253,3 +253,18 @@ def test_audit_of_a_url_that_is_no_delivery_service_says_so(
     err = capsys.readouterr().err
     assert err.startswith(f"conclave audit: {url} did not answer as a conclave delivery service")
     assert "check --ds" in err and "refused" not in err and err.count("\n") == 1
+
+
+def test_serve_names_what_to_change_when_it_cannot_listen(tmp_path: Path) -> None:
+    # Before: "pick other ports" for an address this machine does not have as well.
+    proc = _serve(tmp_path, "--host", "192.0.2.1")  # TEST-NET-1: no interface holds it
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("conclave serve: cannot listen on 192.0.2.1: ")
+    assert proc.stderr.endswith("; check --host\n") and "ports" not in proc.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = _serve(tmp_path, "--ds-port", str(port))
+    assert proc.returncode == 2
+    assert proc.stderr.endswith("; pick other ports\n"), proc.stderr

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,23 @@ def test_recordings_stay_in_the_record_dir_whatever_the_sfu_calls_a_publisher(
         assert path.parent == record and not path.name.startswith(".")
         path.write_bytes(b"")  # the next one must not replace it
         assert p._recording_path(publisher, kind) != path
+
+
+def test_recordings_are_created_for_the_owner_alone(tmp_path: Path) -> None:
+    # Before: the recorder opened the file with the umask's mode (0644 at 022): decrypted
+    # media readable by every local user.
+    record = tmp_path / "rec"
+    record.mkdir()
+    p = Participant("alice", "http://127.0.0.1:9", record_dir=record)
+    old = os.umask(0o022)
+    try:
+        first = p._recording_path("bob", "video")
+        second = p._recording_path("bob", "video")
+    finally:
+        os.umask(old)
+    assert first != second  # the name is taken when it is chosen
+    for path in (first, second):
+        assert path.exists() and stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 async def test_an_sfu_that_hangs_up_after_each_join_is_called_with_a_growing_delay(

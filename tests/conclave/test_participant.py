@@ -127,8 +127,12 @@ async def test_a_restarted_participant_returns_to_its_own_room_only(
     again = Participant("erin", services.ds_url, state_dir=tmp_path)
     await again.start()
     try:
-        with pytest.raises(ConclaveError, match="in the call of room 'one'"):
+        with pytest.raises(ConclaveError, match="in the call of room 'one'") as refused:
             await again.enter("two")
+        # what it advises must work: a new state directory alone would be a new key for erin,
+        # which the service refuses
+        assert "use another name for 'two'" in str(refused.value)
+        assert "state" not in str(refused.value).split("at a time;")[1]
         assert await again.enter("one") == "rejoined"
         assert again.group_id == b"one"
     finally:
