@@ -460,6 +460,19 @@ async def _first(*waits: Any) -> None:
             task.cancel()
 
 
+async def check_sfu(url: str | None) -> None:
+    """Refuse a --sfu that does not lead to an SFU (`sfu.client.probe`), before joining."""
+    from sfu.client import probe
+    from sfu.errors import SignallingError
+
+    if url is None:
+        return
+    try:
+        await probe(url)
+    except SignallingError as exc:
+        raise ConclaveError(f"{exc} (check --sfu; nothing was joined)") from None
+
+
 async def cmd_join(args: argparse.Namespace) -> int:
     from .commands import InCall, commands_wanted, listed, read_lines
     from .media import MediaSpec
@@ -486,6 +499,9 @@ async def cmd_join(args: argparse.Namespace) -> int:
         # stream URL or a FIFO can block for good, where Ctrl-C or SIGTERM must still stop us.
         await until_stopped(stop, in_daemon_thread(p.open_media))
         await until_stopped(stop, p.start())
+        # The SFU before the group: a member that joined and then could not call in would be
+        # in the call's group for nothing (and a restarted one commits a new epoch each time).
+        await until_stopped(stop, check_sfu(p.sfu_url))
         how = await until_stopped(stop, p.enter(args.room, knock=args.knock))
         print(f"{how} room {args.room!r} as {args.name} (epoch {p.epoch}); your key "
               f"fingerprint {p.key_fingerprint}", flush=True)

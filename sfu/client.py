@@ -358,6 +358,43 @@ def _streams(value: object, m_lines: int) -> dict[str, dict[str, str]]:
     return out
 
 
+PROBE_TIMEOUT = 10.0  # seconds for `probe`
+
+
+async def probe(url: str, timeout: float = PROBE_TIMEOUT) -> None:
+    """Check, without joining, that `url` is an SFU's signalling WebSocket: open it, close it.
+
+    For a caller about to do what is hard to undo before it needs the SFU (a member joining
+    the group of the call). Raises SignallingError with code "unreachable" (no connection),
+    "not-an-sfu" (a server that refused the WebSocket handshake: a wrong port or path), or
+    "redirect" (an HTTP redirect, which no join follows either). Says nothing of the room
+    token: only a join can tell whether the SFU takes it.
+    """
+    refuse = aiohttp.TraceConfig()
+    refuse.on_request_redirect.append(_refuse_http_redirect)
+    try:
+        async with (
+            asyncio.timeout(timeout),
+            aiohttp.ClientSession(trace_configs=[refuse]) as session,
+            session.ws_connect(url) as ws,
+        ):
+            await ws.close()
+    except SignallingError:
+        raise
+    except aiohttp.WSServerHandshakeError as exc:
+        if exc.status == 429:
+            return  # an SFU, busy right now: the join will retry or say so
+        raise SignallingError(
+            "not-an-sfu",
+            f"{_text(url)} did not answer as an SFU's signalling WebSocket (HTTP {exc.status}): "
+            "the SFU's URL ends in /v1/signal",
+        ) from None
+    except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+        # (ValueError: a URL aiohttp cannot use, such as one with no host)
+        why = "no answer" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+        raise SignallingError("unreachable", f"cannot reach the SFU at {_text(url)}: {why}") from None
+
+
 async def _refuse_http_redirect(
     session: aiohttp.ClientSession,
     context: object,

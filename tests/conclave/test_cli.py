@@ -206,6 +206,26 @@ def test_a_bad_video_fails_before_contacting_anyone(
     assert "cannot play" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("sfu", ["closed port", "not an SFU"])
+def test_join_checks_the_sfu_before_it_joins_the_group(
+    served: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], sfu: str
+) -> None:
+    # Before: the room was created (or joined), and only then did the call-in fail: a member
+    # in the group for nothing, and a new epoch at each retry.
+    ds_url = served[1]
+    url = (f"http://127.0.0.1:{free_port()}/v1/signal" if sfu == "closed port"
+           else f"{ds_url}/v1/signal")  # a web server that 404s it
+    name = "nora" if sfu == "closed port" else "nils"  # one service for both: two names
+    code = main(["join", "--room", "lonely", "--name", name, "--ds", ds_url, "--sfu", url,
+                 "--state", str(tmp_path), "--no-audio", "--no-commands", "--duration", "1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.endswith("(check --sfu; nothing was joined)\n") and "Traceback" not in err
+    assert ("cannot reach the SFU" in err) == (sfu == "closed port")
+    assert main(["audit", "--group", "lonely", *served]) == 2  # no such group
+    assert "no room 'lonely'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv", [
     ["join", "--room", "r", "--name", "n", "--rotation", "-5"],
     # a hundred commits a second for every member: a slip for minutes or milliseconds

@@ -1,0 +1,70 @@
+"""`sfu.client.probe`: is this URL an SFU's signalling WebSocket, asked without joining."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from sfu.client import probe
+from sfu.errors import SignallingError
+from tests.sfu.test_signalling import running
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: nothing listens there
+
+
+@pytest.fixture
+async def web_server() -> AsyncIterator[str]:
+    """A web server that is no SFU: 404 everywhere but /moved, which redirects."""
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPFound("http://elsewhere.example/v1/signal")
+
+    app = web.Application()
+    app.router.add_get("/moved", moved)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+async def test_an_sfu_passes_and_nothing_joins() -> None:
+    async with running() as h:
+        await probe(h.url)
+        assert not h.server.rooms
+
+
+async def test_a_closed_port_is_unreachable() -> None:
+    with pytest.raises(SignallingError) as refused:
+        await probe(f"http://127.0.0.1:{_closed_port()}/v1/signal")
+    assert refused.value.code == "unreachable"
+    assert str(refused.value).startswith("cannot reach the SFU at http://127.0.0.1:")
+
+
+@pytest.mark.parametrize(("path", "code"), [("/v1/signal", "not-an-sfu"), ("/", "not-an-sfu"),
+                                            ("/moved", "redirect")])
+async def test_another_web_server_is_not_an_sfu(web_server: str, path: str, code: str) -> None:
+    with pytest.raises(SignallingError) as refused:
+        await probe(web_server + path)
+    assert refused.value.code == code
+    if code == "not-an-sfu":
+        assert "(HTTP 404): the SFU's URL ends in /v1/signal" in str(refused.value)
+
+
+async def test_no_answer_is_unreachable() -> None:
+    with socket.socket() as silent:  # accepts the connection (backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        with pytest.raises(SignallingError) as refused:
+            await probe(f"http://127.0.0.1:{port}/v1/signal", timeout=0.3)
+    assert refused.value.code == "unreachable" and str(refused.value).endswith(": no answer")
