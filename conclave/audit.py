@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -848,10 +849,22 @@ def load_log(path: Path, max_bytes: int = MAX_LOG_FILE_BYTES) -> tuple[bytes, li
     return group_id, [LogEntry.from_body(e, f" #{i + 1}") for i, e in enumerate(entries)]
 
 
+MAX_NAMED_CHARACTERS = 8  # distinct non-ASCII characters named after a name, at most
+
+
 def shown_name(name: str) -> str:
-    """A name as the audit shows it, with the code points of a non-ASCII one spelled out: a
-    Cyrillic "а" in "аlice" must not pass for alice."""
-    return name if name.isascii() else f"{name} ({ascii(name)[1:-1]})"
+    """A name as the audit shows it, the non-ASCII characters of a non-ASCII one named after
+    it: a Cyrillic "а" in "аlice" must not pass for alice. Named (U+0430 CYRILLIC SMALL LETTER
+    A), not escaped: a display that escapes what cannot be seen, as `conclave audit` does,
+    would escape the escapes once more."""
+    if name.isascii():
+        return name
+    found = list(dict.fromkeys(c for c in name if not c.isascii()))
+    named = [f"U+{ord(c):04X} {unicodedata.name(c, 'unnamed')}"
+             for c in found[:MAX_NAMED_CHARACTERS]]
+    if len(found) > MAX_NAMED_CHARACTERS:
+        named.append(f"{len(found) - MAX_NAMED_CHARACTERS} more")
+    return f"{name} ({', '.join(named)})"
 
 
 def format_report(report: AuditReport) -> list[list[str]]:

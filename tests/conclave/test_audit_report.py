@@ -248,7 +248,13 @@ def test_durations_the_service_stamped_backwards_are_flagged(
 
 def test_non_ascii_names_are_spelled_out() -> None:
     assert shown_name("alice") == "alice"
-    assert shown_name("\u0430lice") == "\u0430lice (\\u0430lice)"
+    assert shown_name("\u0430lice") == "\u0430lice (U+0430 CYRILLIC SMALL LETTER A)"
+    # no backslash of its own, which a display escaping invisible characters would double
+    assert shown_name("mal\xa0lory\u0430\xa0") == (
+        "mal\xa0lory\u0430\xa0 (U+00A0 NO-BREAK SPACE, U+0430 CYRILLIC SMALL LETTER A)"
+    )
+    many = "".join(chr(0x4E00 + i) for i in range(10))
+    assert shown_name(many).endswith("U+4E07 CJK UNIFIED IDEOGRAPH-4E07, 2 more)")
     alice, fake = Client(b"alice"), Client("\u0430lice".encode())
     log = LogBuilder()
     ga = Group.create(alice, GID)
@@ -256,7 +262,8 @@ def test_non_ascii_names_are_spelled_out() -> None:
     _, commit = Group.join_external(fake, ga.group_info())
     log.add("commit", 0, "\u0430lice", 1100, commit)
     [row] = format_report(audit(GID, log.entries))
-    assert row[2] == "\u0430lice (\\u0430lice)" and row[4] == "\u0430lice (\\u0430lice)"
+    shown = "\u0430lice (U+0430 CYRILLIC SMALL LETTER A)"
+    assert row[2] == shown and row[4] == shown
 
 
 # -- the CLI
