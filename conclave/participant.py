@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import ipaddress
 import logging
@@ -223,6 +224,16 @@ def _reason(exc: BaseException) -> str:
 
 def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _make_private_dir(path: Path) -> None:
+    """`path` as a directory, made 0700 if new. A file in its place is NotADirectoryError
+    ("Not a directory"), not mkdir's FileExistsError ("File exists"), which reads as if all
+    were well."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path)) from None
 
 
 def group_id_for_room(room: str) -> bytes:
@@ -514,7 +525,7 @@ class Participant:
             body["group"] = self.group.to_bytes()
         try:
             data = cbor2.dumps(body)
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # its file names say who calls
+            _make_private_dir(path.parent)  # its file names say who calls
             replace_file(path, data)  # mode 0600: it holds private keys
         except OSError as exc:
             raise ConclaveError(f"cannot save the state to {path}: {exc.strerror or exc}") from None
@@ -528,7 +539,7 @@ class Participant:
             return
         path = self.state_dir / f"{self.name}.lock"
         try:
-            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _make_private_dir(self.state_dir)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             # (worded as `save` words it: the state directory is what cannot be used)

@@ -501,3 +501,15 @@ async def test_a_restarted_member_refuses_frames_it_received_before_the_restart(
                 again.keys.decrypt(frame[:1], frame[1:])
     finally:
         await again.close()
+
+
+def test_a_file_where_the_state_directory_should_be_is_named_as_such(tmp_path: Path) -> None:
+    # Before: "cannot save the state to .../x/alice.state: File exists", as if all were well.
+    blocker = tmp_path / "x"
+    blocker.write_text("")
+    p = Participant("alice", "http://127.0.0.1:9", state_dir=blocker)
+    with pytest.raises(ConclaveError, match=r"x/alice\.state: Not a directory$"):
+        p._lock_state()
+    with pytest.raises(ConclaveError, match=r"x/alice\.state: Not a directory$"):
+        p.save()
+    assert blocker.read_text() == ""
