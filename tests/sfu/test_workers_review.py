@@ -4,6 +4,7 @@ must keep supervising, and workers that must not outlive worker 0."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import signal
@@ -11,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,21 @@ def _supervisor(command: list[str], sock: socket.socket) -> workers.Supervisor:
     return workers.Supervisor(command, SECRET, [workers.Worker(1, 1, [sock])], 5.0)
 
 
+@contextlib.asynccontextmanager
+async def _watching() -> AsyncIterator[tuple[workers.Supervisor, asyncio.Future[None]]]:
+    """A supervisor of one worker (a process that sleeps) and its running `watch`; at the end,
+    the watch cancelled and the worker stopped."""
+    with socket.socket() as sock:
+        supervisor = _supervisor([sys.executable, "-c", "import time; time.sleep(60)"], sock)
+        watch = asyncio.ensure_future(supervisor.watch())
+        try:
+            yield supervisor, watch
+        finally:
+            supervisor.stopping = True
+            watch.cancel()
+            supervisor.stop()
+
+
 @pytest.fixture
 def fast(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Short delays for `Supervisor.watch`; the give-up's SIGTERM is recorded, not raised."""
@@ -144,17 +160,10 @@ async def test_no_pipe_for_a_restart_is_one_more_failure(
         return real_pipe()
 
     monkeypatch.setattr(workers.os, "pipe", pipe)
-    with socket.socket() as sock:
-        supervisor = _supervisor([sys.executable, "-c", "import time; time.sleep(60)"], sock)
-        watch = asyncio.ensure_future(supervisor.watch())
-        try:
-            assert await _wait(lambda: supervisor.available(1) or watch.done(), 10)
-            assert not watch.done(), watch
-            assert supervisor.workers[0].failures == 1
-        finally:
-            supervisor.stopping = True
-            watch.cancel()
-            supervisor.stop()
+    async with _watching() as (supervisor, watch):
+        assert await _wait(lambda: supervisor.available(1) or watch.done(), 10)
+        assert not watch.done(), watch
+        assert supervisor.workers[0].failures == 1
     assert not fast
 
 
@@ -175,17 +184,10 @@ async def test_a_worker_that_exits_before_reading_its_secret_is_restarted(
         return proc
 
     monkeypatch.setattr(workers.subprocess, "Popen", popen)
-    with socket.socket() as sock:
-        supervisor = _supervisor([sys.executable, "-c", "import time; time.sleep(60)"], sock)
-        watch = asyncio.ensure_future(supervisor.watch())
-        try:
-            assert await _wait(lambda: len(started) >= 2 or watch.done(), 10)
-            assert not watch.done(), watch
-            assert supervisor.workers[0].failures == 1
-        finally:
-            supervisor.stopping = True
-            watch.cancel()
-            supervisor.stop()
+    async with _watching() as (supervisor, watch):
+        assert await _wait(lambda: len(started) >= 2 or watch.done(), 10)
+        assert not watch.done(), watch
+        assert supervisor.workers[0].failures == 1
     assert all(proc.returncode is not None for proc in started)
 
 
