@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -25,3 +27,15 @@ async def sub() -> AsyncIterator[Participant]:
     yield participant
     await participant.close()
     await room.close()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[int]]:
+    """Pids to SIGKILL at the end of the test, whatever happened."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass

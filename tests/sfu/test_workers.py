@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -72,18 +71,6 @@ def _start(secret_file: Path, port: int, workers: int, *options: str) -> subproc
         ],
         stderr=subprocess.PIPE,
     )  # fmt: skip
-
-
-@pytest.fixture
-def processes() -> Iterator[list[int]]:
-    """Pids to SIGKILL at the end of the test, whatever happened."""
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
 
 
 async def _healthy(session: aiohttp.ClientSession, port: int) -> bool:

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +23,6 @@ from tests.sfu.harness import SECRET
 from tests.sfu.test_workers import _alive, _children, _free_ports, _start, _start_healthy, _wait
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
-
-
-@pytest.fixture
-def pids() -> Iterator[list[int]]:
-    """Pids to SIGKILL (and SIGCONT, if stopped) at the end of the test, whatever happened."""
-    found: list[int] = []
-    yield found
-    for pid in found:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
 
 
 def _refused(port: int) -> bool:
@@ -56,11 +44,11 @@ def _free(port: int) -> bool:
 
 @pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM])
 async def test_a_second_signal_while_the_workers_stop_is_no_crash(
-    tmp_path: Path, pids: list[int], second: signal.Signals
+    tmp_path: Path, processes: list[int], second: signal.Signals
 ) -> None:
     # Before: once run_app returned, a second Ctrl-C (an impatient operator, while a worker took
     # its time to stop) was a KeyboardInterrupt traceback and status -2; a second SIGTERM, -15.
-    proc, port = await _start_healthy(tmp_path, 2, pids)
+    proc, port = await _start_healthy(tmp_path, 2, processes)
     [child] = _children(proc.pid)
     os.kill(child, signal.SIGSTOP)  # it cannot stop: worker 0 waits for it
     proc.send_signal(signal.SIGINT)
@@ -87,7 +75,7 @@ async def test_a_second_signal_while_the_workers_stop_is_no_crash(
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_while_starting_is_a_quiet_stop(
-    tmp_path: Path, pids: list[int], sig: signal.Signals
+    tmp_path: Path, processes: list[int], sig: signal.Signals
 ) -> None:
     # Before: a Ctrl-C while worker 0 imported aiortc was a traceback (status -2), a SIGTERM
     # killed it outright (-15): the README promises status 0 after SIGTERM/SIGINT.
@@ -95,12 +83,12 @@ def test_a_signal_while_starting_is_a_quiet_stop(
     secret_file.write_bytes(SECRET)
     port = _free_ports(2)
     proc = _start(secret_file, port, 2)
-    pids.append(proc.pid)
+    processes.append(proc.pid)
     deadline = time.monotonic() + 15
     while _refused(port):  # worker 0 binds before it imports the server: start-up goes on
         assert time.monotonic() < deadline and proc.poll() is None, "worker 0 did not bind"
         time.sleep(0.002)
-    pids.extend(_children(proc.pid))
+    processes.extend(_children(proc.pid))
     proc.send_signal(sig)
     try:
         _, stderr = proc.communicate(timeout=15)
@@ -191,7 +179,7 @@ async def test_a_worker_that_exits_before_reading_its_secret_is_restarted(
     assert all(proc.returncode is not None for proc in started)
 
 
-def test_a_wedged_worker_leaves_when_worker_0_is_gone(pids: list[int]) -> None:
+def test_a_wedged_worker_leaves_when_worker_0_is_gone(processes: list[int]) -> None:
     # Before: a worker whose event loop is stuck never acted on the SIGTERM `stop_with_parent`
     # sends, and with worker 0 gone nobody killed it: it held its port for ever.
     code = (
@@ -209,7 +197,7 @@ def test_a_wedged_worker_leaves_when_worker_0_is_gone(pids: list[int]) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    pids.append(proc.pid)
+    processes.append(proc.pid)
     assert proc.stdout is not None and proc.stdin is not None
     assert proc.stdout.readline() == b"ready\n"
     proc.stdin.close()  # worker 0 is gone
@@ -234,7 +222,7 @@ def test_a_worker_started_without_a_secret_says_so(tmp_path: Path) -> None:
     assert result.stderr.strip() == "no token secret from worker 0 on stdin"
 
 
-def test_a_supervision_that_fails_stops_the_sfu(tmp_path: Path, pids: list[int]) -> None:
+def test_a_supervision_that_fails_stops_the_sfu(tmp_path: Path, processes: list[int]) -> None:
     # Before: an unexpected error in `Supervisor.watch` ended the task, and with it every
     # restart and hang check, and the SFU served on without a word.
     secret_file = tmp_path / "secret"
@@ -252,7 +240,7 @@ def test_a_supervision_that_fails_stops_the_sfu(tmp_path: Path, pids: list[int])
         f"{str(secret_file)!r}, '--workers', '2', '--log-level', 'WARNING']))\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
-    pids.append(proc.pid)
+    processes.append(proc.pid)
     try:
         _, stderr = proc.communicate(timeout=30)
     except subprocess.TimeoutExpired:
