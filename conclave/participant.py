@@ -80,6 +80,7 @@ from .errors import CommitFailed, ConclaveError, NotInGroup, ServiceUnavailable
 from .files import replace_file
 from .media import MediaSpec
 from .safety import key_fingerprint, safety_code
+from .threads import in_daemon_thread
 
 log = logging.getLogger(__name__)
 
@@ -1689,7 +1690,9 @@ class Participant:
         # (urlsplit, not string splitting: an IPv6 host is in brackets, http://[::1]:8443.)
         if is_loopback_host(urlsplit(self.sfu_url).hostname):
             aiortc_hooks.restrict_ice_to_loopback()
-        tracks = self.open_media()
+        # In a thread: opening a device or a stream can take seconds or block for good, and
+        # when calling in again mid-call the loop also carries the group's messages.
+        tracks = await in_daemon_thread(self.open_media)
         self.sfu = SFUClient(self.sfu_url, token.room, self.name, token.token, tracks,
                              self._on_track)
         for sender in self.sfu.senders:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -513,3 +514,35 @@ def test_a_file_where_the_state_directory_should_be_is_named_as_such(tmp_path: P
     with pytest.raises(ConclaveError, match=r"x/alice\.state: Not a directory$"):
         p.save()
     assert blocker.read_text() == ""
+
+
+async def test_opening_the_media_for_a_call_in_leaves_the_loop_running(
+    trio: list[Participant], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: `connect_media` opened the media on the loop: a device or stream that takes
+    # seconds to open (or never does) stalled the group's messages too, at each call-in again.
+    alice = trio[0]
+    alice.sfu_url = "http://127.0.0.1:9/v1/signal"  # never reached: the open fails first
+    ticks = 0
+    seen: list[int] = []
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    def slow_open(self: Participant) -> list[Any]:
+        start = ticks
+        time.sleep(0.5)
+        seen.append(ticks - start)
+        raise ConclaveError("cannot play the device")
+
+    monkeypatch.setattr(Participant, "open_media", slow_open)
+    running = asyncio.ensure_future(ticker())
+    try:
+        with pytest.raises(ConclaveError, match="cannot play the device"):
+            await alice.connect_media()
+    finally:
+        running.cancel()
+    assert seen and seen[0] >= 10  # about 50 ticks of 10 ms while it opened
