@@ -7,6 +7,7 @@ import logging
 import os
 import sqlite3
 import sys
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -15,19 +16,41 @@ from .server import Config, DeliveryService, make_app
 from .storage import make_storage
 from .tracker import BasicTracker, PublicGroupTracker
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port number within 0-65535")
+    return value
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is none of {', '.join(LOG_LEVELS)}")
+    return text.upper()
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m delivery_service", description=__doc__)
-    p.add_argument("--db", default=os.environ.get("CONCLAVE_DS_DB", "conclave-ds.sqlite3"),
+    # `or`: an empty CONCLAVE_DS_DB (a systemd EnvironmentFile's `CONCLAVE_DS_DB=`) is unset,
+    # not "" (which SQLite takes as a temporary database, lost at every restart)
+    p.add_argument("--db", default=os.environ.get("CONCLAVE_DS_DB") or "conclave-ds.sqlite3",
                    help="SQLite file path, or a postgresql:// DSN (default: $CONCLAVE_DS_DB, "
                    "else conclave-ds.sqlite3); pass a DSN with a password in CONCLAVE_DS_DB, "
                    "since other users can read command lines")
     p.add_argument("--pg-schema", default=None,
                    help="PostgreSQL schema to keep the tables in (created if missing)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8470)
+    p.add_argument("--port", type=_port, default=8470)
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body, bytes")
-    p.add_argument("--session-ttl", type=int, default=3600, help="session lifetime, seconds")
+    p.add_argument("--session-ttl", type=int, default=3600,
+                   help="session lifetime, seconds (60-2592000)")
     p.add_argument("--room-token-ttl", type=int, default=600,
                    help="SFU room token lifetime, seconds: members renew theirs, so it bounds "
                         "how long a removed member keeps its media session")
@@ -45,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="public: verify every commit against the public ratchet tree (default); "
                    "basic: check headers and epochs only, membership from the poster's hints "
                    "(for load tests with synthetic messages)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", type=_log_level, default="INFO")
     return p.parse_args(argv)
 
 
@@ -63,6 +86,14 @@ def main(argv: list[str] | None = None) -> None:
                  "--max-body")
     if not 10 <= args.room_token_ttl <= 86400:
         sys.exit("delivery service: --room-token-ttl must be within 10-86400 seconds")
+    if not 60 <= args.session_ttl <= 30 * 86400:
+        # 0 or less: every session expired at once, and nobody could do anything
+        sys.exit("delivery service: --session-ttl must be within 60-2592000 seconds")
+    if not args.db:
+        sys.exit("delivery service: --db is empty: give a SQLite file path or a postgresql:// DSN")
+    if "://" in args.db and not args.db.startswith(POSTGRES_SCHEMES):
+        # not echoed: a DSN of another database may hold a password
+        sys.exit("delivery service: --db must be a SQLite file path or a postgresql:// DSN")
     config = Config(max_body=args.max_body, session_ttl=args.session_ttl,
                     room_token_ttl=args.room_token_ttl,
                     auditors=frozenset(args.auditor), challenge_rate=args.challenge_rate,
@@ -80,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
             "CONCLAVE_ROOM_SECRET unset: room tokens use a random per-process secret"
         )
     tracker = PublicGroupTracker() if args.tracker == "public" else BasicTracker()
-    is_sqlite = not args.db.startswith(("postgresql://", "postgres://"))
+    is_sqlite = not args.db.startswith(POSTGRES_SCHEMES)
     if is_sqlite and not os.path.isdir(os.path.dirname(os.path.abspath(args.db))):
         # Checked here: aiosqlite's failure surfaces from its worker thread as a traceback.
         sys.exit(f"delivery service: the directory of the SQLite file {args.db!r} does not exist")
@@ -88,7 +119,10 @@ def main(argv: list[str] | None = None) -> None:
         storage = make_storage(args.db, schema=args.pg_schema)
         service = DeliveryService(storage, config, tracker)
         web.run_app(make_app(service), host=args.host, port=args.port, print=None)
-    except (OSError, sqlite3.Error, ValueError) as exc:
+    except ImportError as exc:  # asyncpg, installed with the [postgres] extra only
+        sys.exit(f"delivery service: PostgreSQL needs asyncpg (pip install 'conclave[postgres]'): "
+                 f"{exc}")
+    except (OSError, sqlite3.Error, ValueError, OverflowError) as exc:
         # Startup failures (database unreachable, port taken, bad schema name) are the
         # operator's to fix: a one-line reason, no traceback. Never echo the DSN: it may hold a
         # password.
@@ -96,14 +130,20 @@ def main(argv: list[str] | None = None) -> None:
                  f"{describe_db(args.db)}: {exc}")
     except Exception as exc:
         if type(exc).__module__.startswith("asyncpg"):  # authentication, missing database...
-            sys.exit(f"delivery service: PostgreSQL refused the connection: {exc}")
+            # one line (asyncpg adds DETAIL and HINT lines); not always a refused connection:
+            # a schema holding another application's tables fails here too
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            sys.exit(f"delivery service: cannot start with {describe_db(args.db)}: {first}")
         raise
 
 
 def describe_db(db: str) -> str:
-    """The database for messages, without the credentials a DSN may carry."""
-    if db.startswith(("postgresql://", "postgres://")):
-        return "PostgreSQL at " + db.split("@", 1)[-1] if "@" in db else "PostgreSQL"
+    """The database for messages, without the credentials a DSN may carry (user and password
+    before the last '@' of its authority, or in its query: `?password=`)."""
+    if db.startswith(POSTGRES_SCHEMES):
+        parts = urlsplit(db)
+        where = parts.netloc.rpartition("@")[2] + parts.path
+        return f"PostgreSQL at {where}" if where else "PostgreSQL"
     return f"SQLite file {db!r}"
 
 
