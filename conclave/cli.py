@@ -140,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase", type=seconds_or_zero, default=2.5, help="seconds of media between steps")
     p.add_argument("--no-live", action="store_true", help="no live table, only the summary")
     p.add_argument("--db", default=None,
-                   help="SQLite file or postgresql:// DSN, best a fresh one: the demo's "
-                        "participants are new identities each run (default: a temporary SQLite)")
+                   help="SQLite file or postgresql:// DSN, a fresh one: the demo's participants "
+                        "are new identities each run, which a database that knows their names "
+                        "refuses (default: a temporary SQLite)")
     p.add_argument("--pg-schema", default=None, help="PostgreSQL schema for the tables")
 
     from .commands import HELP as COMMANDS_HELP

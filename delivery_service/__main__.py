@@ -105,7 +105,11 @@ def main(argv: list[str] | None = None) -> None:
         try:
             config.room_secret = bytes.fromhex(secret_hex)
         except ValueError:
-            sys.exit("CONCLAVE_ROOM_SECRET must be hex")
+            sys.exit("delivery service: CONCLAVE_ROOM_SECRET must be hex")
+        if len(config.room_secret) < 16:
+            # the SFU refuses a shorter one: tokens signed with it would be refused at every join
+            sys.exit("delivery service: CONCLAVE_ROOM_SECRET must be at least 16 bytes (32 hex "
+                     "digits), as the SFU requires")
     else:
         logging.getLogger(__name__).warning(
             "CONCLAVE_ROOM_SECRET unset: room tokens use a random per-process secret"

@@ -199,7 +199,7 @@ def _run(argv: list[str] | None) -> int:
         parser.error("--listen-fds is for worker 1 to N-1, started by worker 0")
     worker_tag = f"worker {args.worker_index} " if args.workers > 1 else ""
     logging.basicConfig(
-        level=args.log_level, format=f"%(asctime)s {worker_tag}%(name)s %(message)s"
+        level=args.log_level, format=f"%(asctime)s {worker_tag}%(levelname)s %(name)s %(message)s"
     )
 
     if child:

@@ -64,6 +64,7 @@ from sfu.room import Participant, Room
 from sfu.tokens import verify_room_token
 
 logger = logging.getLogger(__name__)
+BAD_SIGNATURE_LOG_INTERVAL = 60.0  # seconds between warnings of tokens with bad signatures
 
 MAX_NAME_LENGTH = 512  # the delivery service names a room by its MLS group id in hex (<= 255 B)
 OUTBOX_MESSAGES = 16  # a client may fall this many largest messages behind before it is dropped
@@ -79,6 +80,7 @@ class SFUServer:
         aiortc_hooks.demultiplex_stun()
         self.config = config
         self.metrics = Metrics()
+        self._bad_signature_logged = -BAD_SIGNATURE_LOG_INTERVAL
         self.rooms: dict[str, Room] = {}
         self.metrics.rooms = lambda: len(self.rooms)
         self.metrics.participants = lambda: sum(len(r.participants) for r in self.rooms.values())
@@ -295,6 +297,8 @@ class SFUServer:
             return await self._join(message, send_json, close_signalling), False
         except TokenError as exc:
             self.metrics.tokens_refused += 1
+            if exc.reason == "bad signature":
+                self._warn_bad_signature()
             await self._error(send_json, SignallingError("token", str(exc), exc.reason))
         except (LimitExceeded, Redirect, Unavailable) as exc:
             await self._error(send_json, exc)
@@ -440,6 +444,20 @@ class SFUServer:
             if not room.participants and self.rooms.get(room.name) is room:
                 del self.rooms[room.name]
                 await room.close()
+
+    def _warn_bad_signature(self) -> None:
+        """Log a join refused for a bad token signature, at most once per BAD_SIGNATURE_LOG_INTERVAL:
+        a client's forgery, or (if every join fails so) a secret the delivery service does not
+        share, which the clients' errors alone would not show the operator."""
+        now = time.monotonic()
+        if now - self._bad_signature_logged < BAD_SIGNATURE_LOG_INTERVAL:
+            return
+        self._bad_signature_logged = now
+        logger.warning(
+            "a join was refused: its room token has a bad signature (if every join is, the "
+            "delivery service signs with another secret: compare its CONCLAVE_ROOM_SECRET with "
+            "--token-secret-file)"
+        )
 
     async def _error(self, send_json: Any, exc: SignallingError) -> None:
         self.metrics.signalling_errors += 1

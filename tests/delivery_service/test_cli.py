@@ -44,6 +44,8 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         (["--session-ttl", "0"], {}, "--session-ttl must be within 60-2592000"),
         (["--db", ""], {}, "--db is empty"),
         (["--log-level", "chatty"], {}, "--log-level"),
+        # what the SFU would refuse: every room token would be refused at the join
+        ([], {"CONCLAVE_ROOM_SECRET": "abcd"}, "CONCLAVE_ROOM_SECRET must be at least 16 bytes"),
     ],
 )
 def test_startup_errors_are_one_clear_line(

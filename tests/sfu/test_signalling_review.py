@@ -18,7 +18,7 @@ from sfu.outbox import Outbox
 from sfu.room import Participant, Room
 from sfu.tokens import issue_room_token
 from tests.sfu.harness import SECRET, wait_until
-from tests.sfu.test_signalling import running
+from tests.sfu.test_signalling import _join_raw, running
 
 
 def _join(identity: str, token: str) -> str:
@@ -273,3 +273,21 @@ async def test_a_join_that_fails_unexpectedly_is_told_and_leaves_nothing_behind(
         assert messages[-1]["type"] == "error" and messages[-1]["code"] == "internal", messages
         assert "secret-ish" not in json.dumps(messages)
         assert h.server.rooms == {}
+
+
+async def test_tokens_of_another_secret_are_logged_for_the_operator(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Before: the clients were told, the SFU's log said nothing: a delivery service signing
+    # with another secret showed only in a counter.
+    async with running() as h:
+        with caplog.at_level(logging.WARNING, logger="sfu.server"):
+            for name in ("alice", "bob"):  # the second within the interval: not logged again
+                token = issue_room_token(b"another-secret-0123456789", "room", name,
+                                         int(time.time()) + 60)
+                await _join_raw(h.url, _join(name, token))
+            token = issue_room_token(SECRET, "room", "carol", int(time.time()) - 1)
+            await _join_raw(h.url, _join("carol", token))  # expired: not this
+    warnings = [r for r in caplog.records if "bad signature" in r.getMessage()]
+    assert len(warnings) == 1 and "CONCLAVE_ROOM_SECRET" in warnings[0].getMessage()
+    assert h.server.metrics.tokens_refused == 3
