@@ -1854,7 +1854,8 @@ class Participant:
         decrypted media; the recorder then writes into it). The publisher's name comes from
         the SFU, which is not trusted: only letters, digits, '.', '_' and '-' of it make the
         file name, so that it names a file in record_dir and nothing else; an existing file is
-        not replaced (a call-in again records anew), however the two races."""
+        not replaced (a call-in again records anew), even by a recorder opened at the same
+        moment (O_EXCL: the name is taken when it is chosen)."""
         assert self.record_dir is not None
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", publisher)[:64].lstrip(".") or "unknown"
         kind = kind if kind in ("audio", "video") else "media"
