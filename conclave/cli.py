@@ -432,13 +432,11 @@ async def _first(*waits: Any) -> None:
             task.cancel()
 
 
-async def check_sfu(url: str | None) -> None:
+async def check_sfu(url: str) -> None:
     """Refuse a --sfu that does not lead to an SFU (`sfu.client.probe`), before joining."""
     from sfu.client import probe
     from sfu.errors import SignallingError
 
-    if url is None:
-        return
     try:
         await probe(url)
     except SignallingError as exc:
@@ -473,7 +471,7 @@ async def cmd_join(args: argparse.Namespace) -> int:
         await until_stopped(stop, p.start())
         # The SFU before the group: a member that joined and then could not call in would be
         # in the call's group for nothing (and a restarted one commits a new epoch each time).
-        await until_stopped(stop, check_sfu(p.sfu_url))
+        await until_stopped(stop, check_sfu(args.sfu))
         how = await until_stopped(stop, p.enter(args.room, knock=args.knock))
         print(f"{how} room {args.room!r} as {args.name} (epoch {p.epoch}); your key "
               f"fingerprint {p.key_fingerprint}", flush=True)
