@@ -13,7 +13,6 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 from sfu import rtcp
 from sfu.metrics import Metrics
@@ -173,7 +172,8 @@ class Slot:
         self._resend_tokens = float(RESEND_BURST)  # octets that may be resent now
         self._resend_mark = 0  # octets forwarded live when the bucket was last refilled
         self._b1 = (payload_type, 0x80 | payload_type)  # by marker bit
-        self._tail_key = (tuple(sorted(ext_ids.items())), mid)
+        # a str, not a tuple: a str caches its hash, a tuple hashes its items on every lookup
+        self._tail_key = repr((sorted(ext_ids.items()), mid))
         self._mid_one_byte: bytes | None = None
         if self._mid_element is not None:
             mid_id, mid_value = self._mid_element
@@ -217,7 +217,7 @@ class Slot:
         keyframe: bool,
         elements: list[tuple[str, bytes]],
         now: float,
-        tails: dict[Any, tuple[int, bytes]],
+        tails: dict[str, tuple[int, bytes]],
     ) -> tuple[bytes, bytes] | None:
         """Rewrite one packet for this subscriber: (fixed header, rest), or None if it must not
         be sent (keyframe gate, too old).
@@ -545,14 +545,17 @@ class SourceStream:
             elements.append((uri, value))
         payload = data[header.payload_offset :]
         self.history[in_seq % CACHE_SIZE] = (in_seq, header, payload, elements)
-        tails: dict[Any, tuple[int, bytes]] = {}
+        tails: dict[str, tuple[int, bytes]] = {}
         sent = sent_bytes = 0
         for slot in list(self.slots):
             packet = slot.prepare(header, payload, in_seq, keyframe, elements, now, tails)
             if packet is None:
                 continue
             try:
-                slot.send_packet(packet)
+                if slot.send_parts is not None:  # `send_packet`, inlined: once per copy
+                    slot.send_parts(*packet)
+                else:
+                    slot.send(packet[0] + packet[1])
             except ConnectionError:
                 continue  # the subscriber is going away (its slot is removed on leave): not sent
             sent += 1
