@@ -111,6 +111,38 @@ def http_url(text: str) -> str:
     return text
 
 
+SFU_PATH = "/v1/signal"
+
+
+def sfu_url_for(ds: str) -> str:
+    """The SFU that `conclave serve` runs beside the delivery service at `ds`: the same scheme
+    and host, the default SFU port and path (`join`'s default --sfu). No user info: a
+    password for the delivery service is not the SFU's, and the URL is printed."""
+    from urllib.parse import urlsplit
+
+    from .participant import url_host
+
+    parts = urlsplit(ds)
+    host = parts.netloc.rpartition("@")[2]
+    # The host as written (brackets of an IPv6 literal, its case), without the port.
+    if host.startswith("["):
+        host = host[: host.index("]") + 1]
+    else:
+        host = host.rpartition(":")[0] if ":" in host else host
+    return f"{parts.scheme}://{url_host(host)}:{DEFAULT_SFU_PORT}{SFU_PATH}"
+
+
+def shown_url(url: str) -> str:
+    """`url` for printing: a password in it as ***."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="conclave",
@@ -121,8 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the delivery service and the SFU on loopback")
     p.add_argument("--host", type=listen_host, default="127.0.0.1")
-    p.add_argument("--ds-port", type=port, default=DEFAULT_DS_PORT)
-    p.add_argument("--sfu-port", type=port, default=DEFAULT_SFU_PORT)
+    p.add_argument("--ds-port", type=port, default=DEFAULT_DS_PORT,
+                   help=f"the delivery service's port (default {DEFAULT_DS_PORT}; 0: any free one)")
+    p.add_argument("--sfu-port", type=port, default=DEFAULT_SFU_PORT,
+                   help=f"the SFU's port (default {DEFAULT_SFU_PORT}, where `join` looks for it "
+                        "on --ds's host; with another, joiners give --sfu, as printed)")
     p.add_argument("--db", default=None,
                    help="SQLite file or postgresql:// DSN (default: $CONCLAVE_DS_DB, else "
                         "STATE/conclave-ds.sqlite3); give a DSN with a password in "
@@ -156,8 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--room", required=True)
     p.add_argument("--name", required=True, help="your identity on the delivery service")
-    p.add_argument("--ds", type=http_url, default=f"http://127.0.0.1:{DEFAULT_DS_PORT}")
-    p.add_argument("--sfu", type=http_url, default=f"http://127.0.0.1:{DEFAULT_SFU_PORT}/v1/signal")
+    default_ds = f"http://127.0.0.1:{DEFAULT_DS_PORT}"
+    p.add_argument("--ds", type=http_url, default=default_ds,
+                   help=f"the delivery service's URL (default: {default_ds})")
+    # None: derived from --ds after parsing (`parse_args`), as `serve` runs both on one host.
+    p.add_argument("--sfu", type=http_url, default=None,
+                   help=f"the SFU's signalling URL (default: the scheme and host of --ds, port "
+                        f"{DEFAULT_SFU_PORT}, path {SFU_PATH}, where `conclave serve` runs it: "
+                        f"{sfu_url_for(default_ds)} for the default --ds)")
     p.add_argument("--video", default=None,
                    help="file or device to publish, its audio and video (aiortc MediaPlayer)")
     p.add_argument("--video-format", default=None,
@@ -208,6 +249,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated subset: mls,sframe,sfu,ds,call, or scripts by the names "
                         "in the summary (e.g. sfu_forward)")
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with the defaults that depend on other options filled in."""
+    return resolve_sfu(build_parser().parse_args(argv))
+
+
+def resolve_sfu(args: argparse.Namespace) -> argparse.Namespace:
+    """`join` without --sfu: the SFU beside --ds's delivery service (`sfu_url_for`).
+    `args.sfu_derived` says which, for the messages that name the SFU tried."""
+    if args.command == "join" and not getattr(args, "sfu_derived", False):
+        args.sfu_derived = args.sfu is None
+        if args.sfu is None:
+            args.sfu = sfu_url_for(args.ds)
+    return args
 
 
 def megabytes(text: str) -> int:
@@ -355,11 +411,30 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         print(f"delivery service  {services.ds_url}")
         print(f"SFU signalling    {services.sfu_url}")
         print(f"database          {display_db(services.db)}")
+        for line in join_hint(services.host, services.ds_url, services.sfu_url):
+            print(line)
         print("Ctrl-C to stop.", flush=True)
         await stop.wait()
     finally:
         await services.stop()
     return 0
+
+
+def join_hint(host: str, ds_url: str, sfu_url: str) -> list[str]:
+    """The lines of `serve`'s output that say how to join: --sfu only where `join` would not
+    derive it from --ds (another SFU port), quoted for a shell (an IPv6 host's brackets glob)."""
+    import ipaddress
+    import shlex
+
+    command = f"conclave join --room ROOM --name NAME --ds {shlex.quote(ds_url)}"
+    if sfu_url_for(ds_url) != sfu_url:
+        command += f" --sfu {shlex.quote(sfu_url)}"
+    lines = [f"join with         {command}"]
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host).is_unspecified:  # 0.0.0.0 or ::: every interface
+            lines.append(f"                  (from another machine: this machine's address "
+                         f"for {host})")
+    return lines
 
 
 # -- demo
@@ -432,7 +507,7 @@ async def _first(*waits: Any) -> None:
             task.cancel()
 
 
-async def check_sfu(url: str) -> None:
+async def check_sfu(url: str, derived: bool = False) -> None:
     """Refuse a --sfu that does not lead to an SFU (`sfu.client.probe`), before joining."""
     from sfu.client import probe
     from sfu.errors import SignallingError
@@ -440,6 +515,11 @@ async def check_sfu(url: str) -> None:
     try:
         await probe(url)
     except SignallingError as exc:
+        if derived:  # name the URL tried: the user never typed it
+            raise ConclaveError(
+                f"{exc} (the SFU {url} was derived from --ds: give --sfu if it runs elsewhere; "
+                "nothing was joined)"
+            ) from None
         raise ConclaveError(f"{exc} (check --sfu; nothing was joined)") from None
 
 
@@ -448,6 +528,7 @@ async def cmd_join(args: argparse.Namespace) -> int:
     from .media import MediaSpec
     from .participant import Participant, check_name, group_id_for_room
 
+    resolve_sfu(args)  # (for callers of build_parser alone)
     # A bad room or name fails before anyone is contacted or any file or directory is made.
     group_id_for_room(args.room)
     check_name(args.name)
@@ -471,10 +552,13 @@ async def cmd_join(args: argparse.Namespace) -> int:
         await until_stopped(stop, p.start())
         # The SFU before the group: a member that joined and then could not call in would be
         # in the call's group for nothing (and a restarted one commits a new epoch each time).
-        await until_stopped(stop, check_sfu(args.sfu))
+        await until_stopped(stop, check_sfu(args.sfu, derived=args.sfu_derived))
         how = await until_stopped(stop, p.enter(args.room, knock=args.knock))
         print(f"{how} room {args.room!r} as {args.name} (epoch {p.epoch}); your key "
               f"fingerprint {p.key_fingerprint}", flush=True)
+        # Which SFU: a derived one is not what the user typed.
+        print(f"calling in to the SFU at {shown_url(args.sfu)}"
+              + (" (derived from --ds; --sfu to change)" if args.sfu_derived else ""), flush=True)
         await until_stopped(stop, p.connect_media())
         in_call = InCall(p, lambda text: print(text, flush=True))
         if not args.no_commands and commands_wanted():
@@ -754,7 +838,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.ERROR,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",

@@ -83,6 +83,9 @@ async def fetch_log(
                 path.unlink(missing_ok=True)
                 (state_dir / f"{identity}.lock").unlink(missing_ok=True)
             raise
+        if new:  # (locked: ours to save) confirmed, as `Participant.register` records it
+            auditor._registered = True
+            auditor.save()
         return await read_log(auditor.ds, group_id, max_bytes)
     finally:
         auditor._unlock_state()

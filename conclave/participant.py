@@ -406,6 +406,10 @@ class Participant:
         self._token_renewal: asyncio.Task[None] | None = None
         self._names_by_epoch: dict[int, dict[int, str]] = {}
         self._read_state: bytes | None = None  # the state file as read (None: there was none)
+        # Whether the service confirmed registering this key. A new key is saved before it is
+        # registered (registration is for good), so a first run that fails leaves one that is
+        # not: the next run registers it (idempotent for the same key) and says so if it fails.
+        self._registered = False
         # Welcomes of our merged commits not yet confirmed by the service, oldest first: saved
         # (`owed_welcomes`), and posted again at start.
         self._owed_welcomes: list[_OwedWelcome] = []
@@ -469,6 +473,9 @@ class Participant:
                 welcome_cursor = saved.get("welcome_cursor", 0)
                 applied_seq = saved.get("applied_seq", 0)
                 removed = saved.get("removed", False)
+                # (Optional: a state from before it is taken as registered, which is only
+                # the wording of errors.)
+                registered = saved.get("registered", True)
                 # (An optional key: state files from before it have none, and owe nothing.)
                 owed_saved = saved.get("owed_welcomes", [])
                 if not isinstance(owed_saved, list):
@@ -476,7 +483,7 @@ class Participant:
                 owed = [_OwedWelcome.from_cbor(o) for o in owed_saved][-MAX_OWED_WELCOMES:]
                 if not (
                     _is_count(welcome_cursor) and _is_count(applied_seq)
-                    and isinstance(removed, bool)
+                    and isinstance(removed, bool) and isinstance(registered, bool)
                 ):
                     raise ValueError("a counter or flag has the wrong type")
                 group = None
@@ -488,6 +495,7 @@ class Participant:
                     "(with a new identity name)"
                 ) from None
             self.welcome_cursor, self.removed = welcome_cursor, removed
+            self._registered = registered
             self._owed_welcomes = owed
             if group is not None:
                 self.group, self.applied_seq = group, applied_seq
@@ -519,7 +527,7 @@ class Participant:
         body: dict[str, Any] = {
             "format": STATE_FORMAT, "version": STATE_VERSION, "client": self.client.to_bytes(),
             "applied_seq": self.applied_seq, "welcome_cursor": self.welcome_cursor,
-            "removed": self.removed,
+            "removed": self.removed, "registered": self._registered,
             "owed_welcomes": [o.to_cbor() for o in self._owed_welcomes],
         }
         if self.group is not None:
@@ -626,20 +634,7 @@ class Participant:
     async def start(self) -> None:
         """Register (idempotent), top up KeyPackages, open the push stream, and resume a saved
         group if there is one."""
-        self._lock_state()  # before the save: it would overwrite a running one's state
-        # The signature key is registered for good: it must be on disk first, or a state
-        # directory that cannot be written would leave the name registered to a lost key.
-        self.save()
-        try:
-            await self.ds.register()
-        except (aiohttp.ClientError, OSError) as exc:
-            raise ServiceUnavailable(
-                f"cannot reach the delivery service at {self.ds_url}: {_reason(exc)}"
-            ) from None
-        except RequestFailed as exc:
-            if exc.code == "bad_answer":
-                raise ServiceUnavailable(f"{self.ds_url}: {exc.reason}") from None
-            raise ConclaveError(f"the delivery service refused to register {self.name}: {exc}") from None
+        await self.register()
         await self.top_up_key_packages()
         self.stream = await self.ds.connect()
         # Welcomes of our commits that the last run could not post (it ended first, or gave
@@ -665,6 +660,78 @@ class Participant:
         self._spawn(self._keep_key_packages())
         if self.rotation_period:
             self._spawn(self._rotate_periodically())
+
+    async def register(self) -> None:
+        """Register this participant's signature key with the delivery service (idempotent for
+        the same key), its state saved first. A first run's new key that the service refuses
+        (the name is another key's) is not kept; one that may not have reached it is, and the
+        next run registers it. Errors say which."""
+        new = self._read_state is None and self._state_lock is None  # no state file: a new key
+        self._lock_state()  # before the save: it would overwrite a running one's state
+        # The signature key is registered for good: it must be on disk first, or a state
+        # directory that cannot be written would leave the name registered to a lost key.
+        self.save()
+        path = self._state_path
+        # What a failure leaves: a key on disk that the service has not confirmed. (None: no
+        # state directory, or a registered key, which a failure leaves as it was.)
+        kept = (
+            "" if path is None or self._registered else
+            f"; the new key of {self.name} is kept in {path}, not registered yet: the next "
+            "run with this state directory registers it"
+        )
+        try:
+            await self.ds.register()
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ServiceUnavailable(
+                f"cannot reach the delivery service at {self.ds_url}: {_reason(exc)}{kept}"
+            ) from None
+        except RequestFailed as exc:
+            if exc.code == "bad_answer":
+                raise ServiceUnavailable(f"{self.ds_url}: {exc.reason}{kept}") from None
+            if exc.code == "conflict":
+                raise self._name_taken(new) from None
+            raise ConclaveError(
+                f"the delivery service refused to register {self.name}: {exc}{kept}"
+            ) from None
+        if not self._registered:
+            self._registered = True
+            self.save()
+
+    def _name_taken(self, new: bool) -> ConclaveError:
+        """The error for a registration refused because the name is another key's. A key made
+        by this run was sent to no service but this one, which refused it: it was never
+        registered, and its state file, left, would stand in the way of the right one (and
+        make the next run fail alike), so it goes. Any other state file stays: its key may
+        be registered elsewhere (another service), and it may hold a call."""
+        path = self._state_path
+        refused = (f"the delivery service at {self.ds_url} refused to register {self.name}: "
+                   "the name is registered with another key")
+        advice = ("join with the state directory that registered it (--state), or choose "
+                  "another --name")
+        if new and path is not None:
+            try:
+                path.unlink(missing_ok=True)
+                # While still locked, as `fetch_log` does (an empty file: harmless if it stays).
+                with contextlib.suppress(OSError):
+                    (path.parent / f"{self.name}.lock").unlink(missing_ok=True)
+            except OSError as exc:
+                return ConclaveError(
+                    f"{refused}: {advice}; this run's new key, never registered, could not be "
+                    f"removed ({exc.strerror or exc}): delete {path}"
+                )
+            finally:
+                self._unlock_state()  # and `close` saves nothing: no state of ours is left
+            return ConclaveError(
+                f"{refused}: {advice} (this run's new key was never registered: nothing was "
+                "saved)"
+            )
+        what = "" if path is None else f" than the one in {path}"
+        never = (
+            "" if self._registered or path is None else
+            " (no service confirmed registering that key: an earlier run failed first; move the "
+            f"file away unless another delivery service knows {self.name} with it)"
+        )
+        return ConclaveError(f"{refused}{what}: {advice}{never}")
 
     async def top_up_key_packages(self, target: int = KEY_PACKAGE_TARGET) -> int:
         count = await self.ds.key_package_count()  # a non-negative int (the client checks)
