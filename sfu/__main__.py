@@ -20,6 +20,7 @@ from sfu.sdnotify import notify, watchdog, watchdog_interval
 from sfu.workers import (
     HANG_TIMEOUT,
     HEARTBEAT_INTERVAL,
+    ParentLink,
     Supervisor,
     Worker,
     bind,
@@ -40,9 +41,9 @@ sfu_worker_info{worker,workers,port}: scrape every port. /healthz answers for it
 only. Worker 0 binds every port first (a port in use stops the whole SFU before anything
 serves), then starts the others. Each worker's event loop sends worker 0 a heartbeat every
 second; one silent for --hang-timeout seconds (a stuck loop) is killed. A worker that exits or
-is killed is restarted with a growing delay (1, 2, 4, then 8 s) and meanwhile worker 0 refuses
-joins for its rooms with code "unavailable"; at the 5th failure in a row the SFU stops with
-exit status 1. SIGTERM or SIGINT to worker 0 stops
+is killed is restarted with a growing delay (1, 2, 4, then 8 s) and meanwhile every worker
+refuses joins for its rooms with code "unavailable" (worker 0 tells the others which are down);
+at the 5th failure in a row the SFU stops with exit status 1. SIGTERM or SIGINT to worker 0 stops
 every worker (another one while they stop kills them at once); the others also stop by
 themselves if worker 0 dies.
 
@@ -88,6 +89,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """An event loop for `run_app`, built with SIGTERM/SIGINT held back: their KeyboardInterrupt
+    (`_interrupt`) inside the constructor leaves a half-built loop whose finaliser prints a
+    traceback (a worker stopped just as it starts serving). One that came meanwhile stops start-up
+    once the loop is whole."""
+    held: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        held.append(signum)
+
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        loop = asyncio.new_event_loop()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held:
+        loop.close()
+        raise KeyboardInterrupt
+    return loop
 
 
 def _stop_workers(supervisor: Supervisor) -> None:
@@ -202,15 +225,16 @@ def _run(argv: list[str] | None) -> int:
         level=args.log_level, format=f"%(asctime)s {worker_tag}%(levelname)s %(name)s %(message)s"
     )
 
+    parent: ParentLink | None = None
     if child:
-        try:
-            secret = bytes.fromhex(sys.stdin.buffer.readline().decode("ascii"))
-        except ValueError:
-            secret = b""
-        if not secret:  # end of file: worker 0 is gone (or was never there)
+        parent = ParentLink()
+        # Worker 0 puts the secret on stdin before it starts the worker: none is a worker not
+        # started by worker 0 (by hand), never one that a stopping worker 0 left behind.
+        secret = parent.secret()
+        if not secret:
             print("no token secret from worker 0 on stdin", file=sys.stderr)
             return 2
-        stop_with_parent()
+        stop_with_parent(parent)
     else:
         try:
             secret = read_token_secret(args.token_secret_file)
@@ -274,7 +298,7 @@ def _run(argv: list[str] | None) -> int:
             return 2
 
     try:
-        _serve(args, config, listening, supervisor, child)
+        _serve(args, config, listening, supervisor, parent)
     finally:
         if supervisor is not None:
             _stop_workers(supervisor)
@@ -289,9 +313,10 @@ def _serve(
     config: SFUConfig,
     listening: list[socket.socket],
     supervisor: Supervisor | None,
-    child: bool,
+    parent: ParentLink | None,
 ) -> None:
-    """Start the workers 1..N-1 (worker 0) and serve until SIGTERM/SIGINT."""
+    """Start the workers 1..N-1 (worker 0) and serve until SIGTERM/SIGINT. `parent`: worker 0,
+    as seen from worker 1..N-1."""
     from sfu import aiortc_hooks
     from sfu.server import SFUServer
 
@@ -326,7 +351,10 @@ def _serve(
         app.on_shutdown.insert(0, stop_restarting)
         for worker in sup.workers:
             sup.start(worker)
-    if child and args.heartbeat_fd >= 0:
+    if parent is not None:
+        # Worker 0 tells which workers are down: their rooms' joins are refused, not redirected.
+        server.worker_available = parent.available
+    if parent is not None and args.heartbeat_fd >= 0:
         beat_fd = args.heartbeat_fd
 
         async def beat(app: web.Application) -> AsyncIterator[None]:
@@ -335,13 +363,13 @@ def _serve(
             task.cancel()
 
         app.cleanup_ctx.append(beat)
-    if not child:
+    if parent is None:
         app.cleanup_ctx.append(_tell_systemd)
         app.on_shutdown.insert(0, _stopping)
     # Everything imported so far lives as long as the process: keep it out of the cyclic GC's
     # full collections, which otherwise stall forwarding for tens of ms (the p99 latency).
     gc.freeze()
-    web.run_app(app, sock=listening, print=None, shutdown_timeout=5)
+    web.run_app(app, sock=listening, print=None, shutdown_timeout=5, loop=_new_loop())
 
 
 if __name__ == "__main__":

@@ -30,6 +30,12 @@ HEARTBEAT_INTERVAL = 1.0
 HANG_TIMEOUT = 20.0
 STARTUP_TIMEOUT = 30.0  # until its first heartbeat (imports, start-up on a loaded machine)
 STOP_TIMEOUT = 10.0  # seconds a worker may take to stop after SIGTERM before it is killed
+# After the secret, worker 0 tells each worker on its stdin which workers are down, as a line
+# "down I J ..." ("down" alone: none), whenever that changes: a worker must not redirect a join
+# to a port that nobody serves (the port stays bound, so the client would hang until its join
+# timeout), but refuse it with code "unavailable" as worker 0 does.
+DOWN_NONE = b"down\n"
+MAX_LINE = 1 << 20  # bytes of one line on a worker's stdin (the secret's, in hex)
 
 
 def bind(host: str, port: int) -> list[socket.socket]:
@@ -62,6 +68,8 @@ class Worker:
     failures: int = 0
     restart_at: float = 0.0
     heartbeat_fd: int = -1  # worker 0's (non-blocking) end of the worker's heartbeat pipe
+    stdin_fd: int = -1  # worker 0's (non-blocking) end of the worker's stdin
+    told: bytes = DOWN_NONE  # the last "down" line the worker got (it starts with all up)
     last_beat: float = 0.0
     beating: bool = False  # a heartbeat came since the worker was started
     hung: bool = False  # killed by worker 0 for missing heartbeats
@@ -72,9 +80,10 @@ class Supervisor:
     """Worker 0's view of workers 1..N-1: starts them, restarts them, stops them.
 
     Each worker gets its listening sockets (bound by worker 0) by inheritance and the token
-    secret on its stdin, which it then watches: end of file means worker 0 is gone. It writes
-    heartbeats to a pipe of its own (`heartbeat`); one that stops for `hang_timeout` seconds is
-    killed and restarted like one that exited.
+    secret on its stdin, which it then watches (`ParentLink`): "down" lines say which workers
+    are down, end of file that worker 0 is gone. It writes heartbeats to a pipe of its own
+    (`heartbeat`); one that stops for `hang_timeout` seconds is killed and restarted like one
+    that exited.
     """
 
     command: list[str]
@@ -88,15 +97,33 @@ class Supervisor:
     def start(self, worker: Worker) -> None:
         fds = [sock.fileno() for sock in worker.sockets]
         self._close_heartbeat(worker)
+        self._close_stdin(worker)
         command = [*self.command, "--worker-index", str(worker.index)]
+        pipes: list[int] = []
         try:
             # In the try: out of descriptors (EMFILE) is one more failure to retry, not an
             # exception that ends `watch`, and with it every restart.
-            beat_read, beat_write = os.pipe()
+            pipes.extend(os.pipe())
+            pipes.extend(os.pipe())
         except OSError as exc:
+            for fd in pipes:
+                os.close(fd)
             self._failed(worker, f"could not be started ({exc})")
             return
+        beat_read, beat_write, stdin_read, stdin_write = pipes
         os.set_blocking(beat_read, False)
+        # The secret goes into the pipe before the worker exists: a signal that stops worker 0
+        # in the middle of Popen (which then drops the worker, unknown to `stop`) leaves a
+        # worker with its secret, which stops quietly at the end of its stdin, rather than one
+        # that complains it got none. (Only a secret larger than the pipe waits for Popen.)
+        worker.stdin_fd = stdin_write
+        worker.told = DOWN_NONE
+        os.set_blocking(stdin_write, False)
+        line = self.secret.hex().encode() + b"\n"
+        try:
+            line = line[os.write(stdin_write, line) :]
+        except BlockingIOError:
+            pass
         try:
             worker.proc = subprocess.Popen(
                 [
@@ -106,26 +133,30 @@ class Supervisor:
                     "--heartbeat-fd",
                     str(beat_write),
                 ],
-                stdin=subprocess.PIPE,
+                stdin=stdin_read,  # kept open by worker 0: its end of file tells the worker to stop
                 pass_fds=[*fds, beat_write],
                 # a terminal's Ctrl-C reaches worker 0 alone, which stops the others in order
                 start_new_session=True,
             )
         except OSError as exc:
             os.close(beat_read)
+            self._close_stdin(worker)
             self._failed(worker, f"could not be started ({exc})")
             return
         finally:
-            os.close(beat_write)  # the worker's end, now in the worker alone
+            os.close(beat_write)  # the worker's ends, now in the worker alone
+            os.close(stdin_read)
         worker.heartbeat_fd = beat_read
         worker.started = worker.last_beat = time.monotonic()
         worker.hung = worker.beating = False
-        assert worker.proc.stdin is not None
-        try:
-            worker.proc.stdin.write(self.secret.hex().encode() + b"\n")
-            worker.proc.stdin.flush()  # and kept open: its end of file tells the worker to stop
-        except BrokenPipeError:
-            pass  # it exited already: `watch` sees it
+        if line:  # a secret larger than the pipe: the rest, now that the worker reads it
+            os.set_blocking(stdin_write, True)
+            try:
+                while line:
+                    line = line[os.write(stdin_write, line) :]
+            except BrokenPipeError:
+                pass  # it exited already: `watch` sees it
+            os.set_blocking(stdin_write, False)
 
     def available(self, index: int) -> bool:
         """Whether worker `index` is running (or starting: its sockets queue connections)."""
@@ -135,7 +166,8 @@ class Supervisor:
         return True
 
     async def watch(self) -> None:
-        """Restart workers that exit, with a growing delay; give up after MAX_FAILURES."""
+        """Restart workers that exit, with a growing delay; give up after MAX_FAILURES; tell the
+        running workers which are down."""
         while not self.stopping and not self.failed:
             await asyncio.sleep(POLL_INTERVAL)
             now = time.monotonic()
@@ -161,7 +193,7 @@ class Supervisor:
                     ):
                         worker.failures = 0
                     continue
-                _close_stdin(worker.proc)
+                self._close_stdin(worker)
                 worker.proc = None
                 self._close_heartbeat(worker)
                 if worker.hung:
@@ -171,6 +203,7 @@ class Supervisor:
                 else:
                     how = f"exited ({status})"
                 self._failed(worker, how)
+            self._tell()
 
     def _check_heartbeat(self, worker: Worker, now: float) -> None:
         """Note the worker's heartbeats; kill it (`watch` then restarts it) once they stop."""
@@ -192,6 +225,31 @@ class Supervisor:
         )
         assert worker.proc is not None
         worker.proc.kill()
+
+    def _tell(self) -> None:
+        """Send each running worker the line of the workers down now, if it has not got it.
+
+        Not blocking: a worker that reads no more (stopped, or its pipe full) gets it at a later
+        poll. One line is at most PIPE_BUF bytes (4096: some 800 workers down), which a pipe
+        takes whole or not at all.
+        """
+        down = [w.index for w in self.workers if w.proc is None or w.proc.poll() is not None]
+        line = b" ".join([b"down", *(str(i).encode() for i in down)]) + b"\n"
+        for worker in self.workers:
+            if worker.proc is None or worker.stdin_fd < 0 or worker.told == line:
+                continue
+            try:
+                os.write(worker.stdin_fd, line)
+            except OSError:
+                continue  # full (BlockingIOError): next poll; or it exited: `watch` sees it
+            worker.told = line
+
+    @staticmethod
+    def _close_stdin(worker: Worker) -> None:
+        """Close worker 0's end of the worker's stdin: the worker stops at its end of file."""
+        if worker.stdin_fd >= 0:
+            os.close(worker.stdin_fd)
+            worker.stdin_fd = -1
 
     @staticmethod
     def _close_heartbeat(worker: Worker) -> None:
@@ -231,6 +289,11 @@ class Supervisor:
         for proc in procs:
             if proc.poll() is None:
                 proc.terminate()
+        for worker in self.workers:
+            if worker.proc is None:
+                # Started by a Popen that a signal interrupted (so worker 0 has no process to
+                # stop), or not started: the end of its stdin is its only stop.
+                self._close_stdin(worker)
         deadline = time.monotonic() + STOP_TIMEOUT
         # Polled, not one `wait` each: `hurry`, from a signal handler, must end the wait.
         while (
@@ -243,18 +306,9 @@ class Supervisor:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-            _close_stdin(proc)
         for worker in self.workers:
+            self._close_stdin(worker)
             self._close_heartbeat(worker)
-
-
-def _close_stdin(proc: subprocess.Popen[bytes]) -> None:
-    """Close worker 0's end of a worker's stdin, which may still hold a secret it never read."""
-    if proc.stdin is not None:
-        try:
-            proc.stdin.close()
-        except OSError:
-            pass  # BrokenPipeError flushing it: the worker exited before reading it
 
 
 async def heartbeat(fd: int, interval: float = HEARTBEAT_INTERVAL) -> None:
@@ -273,17 +327,69 @@ async def heartbeat(fd: int, interval: float = HEARTBEAT_INTERVAL) -> None:
         os.close(fd)
 
 
-def stop_with_parent() -> None:
-    """In workers 1..N-1: stop (as on SIGTERM) when stdin, held by worker 0, reaches its end;
-    exit STOP_TIMEOUT later if still running (a stuck event loop never acts on the SIGTERM, and
-    no worker 0 is left to kill it: it would hold its port for ever)."""
+class ParentLink:
+    """In workers 1..N-1: what worker 0 says on stdin (`fd`): the token secret in hex on the
+    first line, then "down I J ..." lines (`Supervisor._tell`); its end: worker 0 is gone.
+
+    Read unbuffered, in the main thread for the secret, then in `stop_with_parent`'s thread:
+    a buffered reader could take the "down" lines along with the secret.
+    """
+
+    def __init__(self, fd: int = 0) -> None:
+        self._fd = fd
+        self._buffer = bytearray()
+        # Replaced whole by the reading thread, read by the event loop: no lock needed.
+        self._down: frozenset[int] = frozenset()
+
+    def secret(self) -> bytes:
+        """The secret; empty if stdin ended (or held no hex) before a whole line."""
+        line = self._readline()
+        try:
+            return bytes.fromhex(line.decode("ascii")) if line is not None else b""
+        except ValueError:  # UnicodeDecodeError is one too
+            return b""
+
+    def available(self, index: int) -> bool:
+        """Whether worker `index` is up, as worker 0 last said (all are, until it says)."""
+        return index not in self._down
+
+    def follow(self) -> None:
+        """Note each "down" line until the end of stdin; lines it does not know are ignored."""
+        while (line := self._readline()) is not None:
+            words = line.split()
+            if words[:1] == [b"down"]:
+                try:
+                    self._down = frozenset(int(word) for word in words[1:])
+                except ValueError:
+                    pass
+
+    def _readline(self) -> bytes | None:
+        """The next line, without its end; None at the end of stdin (or on a read error)."""
+        while (end := self._buffer.find(b"\n")) < 0:
+            if len(self._buffer) > MAX_LINE:  # not worker 0 talking: drop it, go on
+                self._buffer.clear()
+                return b""
+            try:
+                chunk = os.read(self._fd, 65536)
+            except OSError:
+                return None
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 1]
+        return line
+
+
+def stop_with_parent(link: ParentLink | None = None) -> None:
+    """In workers 1..N-1: follow what worker 0 says on stdin (`link`, after the secret); stop
+    (as on SIGTERM) when stdin reaches its end; exit STOP_TIMEOUT later if still running (a
+    stuck event loop never acts on the SIGTERM, and no worker 0 is left to kill it: it would
+    hold its port for ever)."""
+    parent = link if link is not None else ParentLink()
 
     def watch() -> None:
-        try:
-            while os.read(0, 4096):
-                pass
-        except OSError:
-            pass
+        parent.follow()
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(STOP_TIMEOUT)
         try:  # not `logging`: a stuck main thread may hold its lock
