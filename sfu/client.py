@@ -112,7 +112,17 @@ class SFUClient:
                 return await self._join_once()
             except Redirect as exc:
                 self.url = _same_host(self.url, exc.url)  # the peer connection is still unused
-                return await self._join_once()
+                try:
+                    return await self._join_once()
+                except SignallingError as err:
+                    if err.code != "timeout":
+                        raise
+                    # A worker that died since the redirect: its port still queues connections
+                    raise SignallingError(
+                        "timeout",
+                        f"{err}: the room's worker process ({_url_text(self.url)}) may be "
+                        "restarting; try again in a few seconds",
+                    ) from None
         except BaseException:
             await self.close()
             raise
@@ -339,6 +349,19 @@ def _text(value: object) -> str:
     return "".join(c if c.isprintable() else "?" for c in str(value)[:MAX_ERROR_TEXT])
 
 
+def _url_text(url: str) -> str:
+    """`url` for a message (`_text`), a password in it shown as ***: errors get printed."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # (a bad port) no password parsed: shown as it is
+        return _text(url)
+    if password is None:
+        return _text(url)
+    host = parts.netloc.rpartition("@")[2]
+    return _text(urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}")))
+
+
 def _streams(value: object, m_lines: int) -> dict[str, dict[str, str]]:
     """An offer's "streams", checked: mid -> {"identity": str, "kind": "audio" | "video"}."""
     if not isinstance(value, dict) or len(value) > m_lines:
@@ -386,13 +409,15 @@ async def probe(url: str, timeout: float = PROBE_TIMEOUT) -> None:
             return  # an SFU, busy right now: the join will retry or say so
         raise SignallingError(
             "not-an-sfu",
-            f"{_text(url)} did not answer as an SFU's signalling WebSocket (HTTP {exc.status}): "
+            f"{_url_text(url)} did not answer as an SFU's signalling WebSocket (HTTP {exc.status}): "
             "the SFU's URL ends in /v1/signal",
         ) from None
     except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
         # (ValueError: a URL aiohttp cannot use, such as one with no host)
         why = "no answer" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
-        raise SignallingError("unreachable", f"cannot reach the SFU at {_text(url)}: {why}") from None
+        raise SignallingError(
+            "unreachable", f"cannot reach the SFU at {_url_text(url)}: {why}"
+        ) from None
 
 
 async def _refuse_http_redirect(

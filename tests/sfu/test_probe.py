@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from sfu.client import probe
+import sfu.client
+from sfu.client import SFUClient, probe
 from sfu.errors import SignallingError
 from tests.sfu.test_signalling import running
 
@@ -68,3 +69,54 @@ async def test_no_answer_is_unreachable() -> None:
         with pytest.raises(SignallingError) as refused:
             await probe(f"http://127.0.0.1:{port}/v1/signal", timeout=0.3)
     assert refused.value.code == "unreachable" and str(refused.value).endswith(": no answer")
+
+
+async def test_a_password_in_the_url_is_not_in_the_error(web_server: str) -> None:
+    # `conclave join` prints these errors: a password given in --sfu must not show
+    with pytest.raises(SignallingError) as unreachable:
+        await probe(f"http://alice:hunter22@127.0.0.1:{_closed_port()}/v1/signal")
+    with pytest.raises(SignallingError) as not_an_sfu:
+        await probe(web_server.replace("http://", "http://alice:hunter22@") + "/v1/signal")
+    for refused in (unreachable, not_an_sfu):
+        assert "hunter22" not in str(refused.value)
+        assert "alice:***@127.0.0.1:" in str(refused.value)
+
+
+async def test_a_join_redirected_to_a_silent_worker_says_it_may_be_restarting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A worker that died after the redirect: its port, held by worker 0, accepts connections
+    # and never answers. The timeout says what it may be, and that a retry may work.
+    monkeypatch.setattr(sfu.client, "JOIN_TIMEOUT", 0.3)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        target = f"http://127.0.0.1:{silent.getsockname()[1]}/v1/signal"
+
+        async def redirecting(request: web.Request) -> web.WebSocketResponse:
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            await ws.receive()  # the join
+            await ws.send_json({"type": "error", "code": "redirect", "url": target})
+            await ws.close()
+            return ws
+
+        app = web.Application()
+        app.router.add_get("/v1/signal", redirecting)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        client = SFUClient(f"http://127.0.0.1:{port}/v1/signal", "room", "alice", "v1.t.m")
+        try:
+            with pytest.raises(SignallingError) as refused:
+                await client.join()
+        finally:
+            await client.close()
+            await runner.cleanup()
+    assert refused.value.code == "timeout"
+    assert str(refused.value) == (
+        "the SFU did not answer the join within 0.3 s: the room's worker process "
+        f"({target}) may be restarting; try again in a few seconds"
+    )
