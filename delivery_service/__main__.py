@@ -7,13 +7,13 @@ import logging
 import os
 import sqlite3
 import sys
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from .client import MAX_BODY_LIMIT
 from .server import Config, DeliveryService, make_app
 from .storage import make_storage
+from .storage.base import describe_db
 from .tracker import BasicTracker, PublicGroupTracker
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -139,16 +139,6 @@ def main(argv: list[str] | None = None) -> None:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             sys.exit(f"delivery service: cannot start with {describe_db(args.db)}: {first}")
         raise
-
-
-def describe_db(db: str) -> str:
-    """The database for messages, without the credentials a DSN may carry (user and password
-    before the last '@' of its authority, or in its query: `?password=`)."""
-    if db.startswith(POSTGRES_SCHEMES):
-        parts = urlsplit(db)
-        where = parts.netloc.rpartition("@")[2] + parts.path
-        return f"PostgreSQL at {where}" if where else "PostgreSQL"
-    return f"SQLite file {db!r}"
 
 
 if __name__ == "__main__":

@@ -135,9 +135,13 @@ class Connection:
                 await self._handle(event)
         except asyncio.CancelledError:
             raise
-        except (ConnectionError, RuntimeError, *self.hub.storage.unavailable_errors) as exc:
-            # The socket went away, or the database did mid catch-up.
+        except (ConnectionError, RuntimeError) as exc:
+            # The socket went away (or the database did: both raise ConnectionError).
             log.info("push to %s stopped: %s", self.identity, exc)
+        except self.hub.storage.unavailable_errors as exc:
+            # The database went away mid catch-up: told once per outage, not per connection.
+            self.hub.storage.availability.lost(exc)
+            log.debug("push to %s stopped: %s", self.identity, exc)
         except Exception:
             log.exception("push to %s failed", self.identity)
         # Whatever failed, this connection can no longer promise every message in order: close

@@ -929,7 +929,8 @@ class DeliveryService:
             await asyncio.sleep(self.config.session_check_interval)
             try:
                 alive = await self.storage.get_session(token_hash, now_s()) is not None
-            except self.storage.unavailable_errors:
+            except self.storage.unavailable_errors as exc:
+                self.storage.availability.lost(exc)
                 continue
             if not alive:
                 await ws.close(code=WS_SESSION_ENDED,
@@ -982,7 +983,9 @@ class DeliveryService:
                 {"error": code.get(exc.status, "http_error"), "reason": exc.reason}, exc.status
             )
         except self.storage.unavailable_errors as exc:
-            log.warning("storage unavailable on %s %s: %s", request.method, request.path, exc)
+            # Expected while the database restarts: logged once per outage, not per request.
+            self.storage.availability.lost(exc)
+            log.debug("storage unavailable on %s %s: %s", request.method, request.path, exc)
             response = cbor_response(
                 {"error": "unavailable", "reason": "the database is unreachable: retry shortly"},
                 503,

@@ -13,8 +13,10 @@ import hashlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from ..tracker import GroupState
+from .availability import Availability
 
 # kind of a stored group message
 HANDSHAKE_KINDS = ("commit", "proposal", "welcome", "group_info")
@@ -179,6 +181,16 @@ Listener = Callable[[bytes, int, tuple[str, ...] | None], None]
 GapListener = Callable[[], None]
 
 
+def describe_db(db: str) -> str:
+    """The database for messages, without the credentials a DSN may carry (user and password
+    before the last '@' of its authority, or in its query: `?password=`)."""
+    if db.startswith(("postgresql://", "postgres://")):
+        parts = urlsplit(db)
+        where = parts.netloc.rpartition("@")[2] + parts.path
+        return f"PostgreSQL at {where}" if where else "PostgreSQL"
+    return f"SQLite file {db!r}"
+
+
 class Storage(abc.ABC):
     """Durable state of the delivery service. All times are Unix seconds unless named `_ms`."""
 
@@ -186,6 +198,27 @@ class Storage(abc.ABC):
     gap_listener: GapListener | None = None
     # Errors that mean "the database cannot be reached right now": the service answers 503.
     unavailable_errors: tuple[type[BaseException], ...] = (OSError,)
+    _availability: Availability | None = None
+
+    def describe(self) -> str:
+        """The database, for logs and messages: never a credential."""
+        return "the database"
+
+    @property
+    def availability(self) -> Availability:
+        """Reports of the database being unreachable, and its return: logged once each."""
+        if self._availability is None:
+            self._availability = Availability(self.describe(), self._probe)
+        return self._availability
+
+    async def _probe(self) -> None:
+        await self.get_group(b"\x00")  # what /healthz asks: the database answers
+
+    async def _close_availability(self) -> None:
+        # Kept, closed: a request still failing after the close must not start a new probe
+        # (it would never succeed). `open` starts afresh.
+        if self._availability is not None:
+            await self._availability.close()
 
     @abc.abstractmethod
     async def open(self) -> None:

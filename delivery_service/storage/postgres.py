@@ -33,6 +33,7 @@ from .base import (
     StoredMessage,
     WelcomeRecord,
     check_schema_version,
+    describe_db,
     founder_marker,
     message_digest,
     read_bounded,
@@ -150,6 +151,7 @@ class PostgresStorage(Storage):
         return self._pool
 
     async def open(self) -> None:
+        self._availability = None  # a storage closed and opened again reports afresh
         settings = {"search_path": self.schema} if self.schema else {}
         conn = await asyncpg.connect(self.dsn)
         try:
@@ -176,8 +178,12 @@ class PostgresStorage(Storage):
                     )
         finally:
             await conn.close()
+        # min_size=0: no connection floor for asyncpg to restore in the background, whose every
+        # failed attempt while the database is away is a traceback in the log (asyncpg 0.32);
+        # connections are made as requests need them, and `availability` probes for the
+        # database's return.
         self._pool = await asyncpg.create_pool(
-            self.dsn, min_size=1, max_size=self.pool_size, server_settings=settings
+            self.dsn, min_size=0, max_size=self.pool_size, server_settings=settings
         )
         self._closing = False
         await self._listen()
@@ -195,7 +201,8 @@ class PostgresStorage(Storage):
         # pushing what other instances accept. Reconnect, then have every stream catch up.
         if self._closing or (self._relisten_task is not None and not self._relisten_task.done()):
             return
-        log.warning("lost the PostgreSQL LISTEN connection; reconnecting")
+        # debug: a database that is away is told by `availability`, once, when a reconnect fails
+        log.debug("lost the PostgreSQL LISTEN connection; reconnecting")
         self._relisten_task = asyncio.get_running_loop().create_task(self._relisten())
 
     async def _check_listen(self) -> None:
@@ -226,10 +233,12 @@ class PostgresStorage(Storage):
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 delay = RELISTEN_DELAYS[min(attempt, len(RELISTEN_DELAYS) - 1)]
                 attempt += 1
+                self.availability.lost(exc)
                 log.debug("LISTEN reconnect failed (%s); retrying in %.2f s", exc, delay)
                 await asyncio.sleep(delay)
                 continue
-            log.warning("PostgreSQL LISTEN connection restored")
+            self.availability.reached()
+            log.debug("PostgreSQL LISTEN connection restored")
             if self.gap_listener is not None:
                 self.gap_listener()
             return
@@ -243,8 +252,12 @@ class PostgresStorage(Storage):
             channel = f"{CHANNEL}_h{hashlib.sha256(self.schema.encode()).hexdigest()[:40]}"
         return channel
 
+    def describe(self) -> str:
+        return describe_db(self.dsn)
+
     async def close(self) -> None:
         self._closing = True
+        await self._close_availability()
         if self._check_task is not None:
             self._check_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

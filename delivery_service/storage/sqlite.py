@@ -1,5 +1,9 @@
 """SQLite storage through aiosqlite: one file in WAL mode, for one service process.
 
+The storage holds an exclusive `flock` on the database file while it is open, so that a second
+process (or storage) on the same file is refused at `open`: each service process arbitrates
+commits and pushes in memory, and two on one file would break a call without a word.
+
 Writes are serialized by one lock (SQLite has one writer anyway) and committed with
 ``synchronous=FULL``, so an acknowledged message survives a crash of the process or the machine.
 Reads outside a write transaction use a second connection, which sees only committed data (WAL).
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import fcntl
 import json
 import os
 import time
@@ -94,6 +99,56 @@ FILL_DIGESTS = (
 APPLICATION_ID = 0x436E636C
 
 
+class DatabaseInUse(OSError):
+    """Another storage (another service process, as a rule) holds the SQLite file."""
+
+
+def lock_file(path: str) -> int | None:
+    """An exclusive lock on the database file itself, held until the returned descriptor is
+    closed (the kernel drops it when the process ends, however it ends); None for a private
+    database, which no one else can open.
+
+    `flock`, not `fcntl`: on Linux the two kinds of lock are independent, so SQLite's own
+    POSIX byte-range locks on the file are unaffected, and no lock file is left behind. The
+    descriptor must outlive SQLite's connections: closing any descriptor of a file drops the
+    POSIX locks the process holds on it (see `SQLiteStorage.close`)."""
+    if path in ("", ":memory:") or path.startswith("file:"):
+        return None
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(fd)
+        os.close(fd)
+        by = f" (pid {holder})" if holder is not None else ""
+        raise DatabaseInUse(
+            f"the file is in use by another delivery-service process{by}: one SQLite file "
+            "serves one process; stop that one first, or use PostgreSQL for several instances"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _lock_holder(fd: int) -> int | None:
+    """The pid holding a flock on the file, from Linux's /proc/locks (a best effort: None
+    elsewhere, or where the holder is not visible)."""
+    st = os.fstat(fd)
+    # /proc/locks names a file as MAJOR:MINOR:INODE, the device numbers in hex
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as locks:
+            for line in locks:
+                # "3: FLOCK  ADVISORY  WRITE 8494 fe:00:2621447 0 EOF"; waiters have "->"
+                fields = line.split()
+                if len(fields) >= 6 and fields[1:4] == ["FLOCK", "ADVISORY", "WRITE"] \
+                        and fields[5] == key and fields[4].isdigit():
+                    return int(fields[4])
+    except OSError:
+        pass
+    return None
+
 
 def create_private(path: str) -> None:
     """Create a new database file readable by its owner only (0600): it holds who joined which
@@ -108,13 +163,18 @@ def create_private(path: str) -> None:
         pass
 
 class SQLiteStorage(Storage):
-    def __init__(self, path: str) -> None:
+    """`lock=False` leaves the file unlocked: only for tests that open a second storage on
+    the file in one process, in the role of another instance (a service never does)."""
+
+    def __init__(self, path: str, *, lock: bool = True) -> None:
         self.path = path
+        self.lock = lock
         self._db: aiosqlite.Connection | None = None
         # Reads outside a transaction: on the writer's connection they would see the rows of a
         # transaction in progress (another request's, at any await), which may still roll back.
         self._reader: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        self._file_lock: int | None = None  # the descriptor holding the flock (`lock_file`)
         # Set in the task running a write transaction: its own reads go to the writer.
         self._in_transaction: contextvars.ContextVar[bool] = contextvars.ContextVar(
             "in_transaction", default=False
@@ -127,14 +187,20 @@ class SQLiteStorage(Storage):
         return self._db
 
     async def open(self) -> None:
+        self._availability = None  # a storage closed and opened again reports afresh
         create_private(self.path)
-        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        # Before anything reads or writes the file: a second process must not even migrate it.
+        self._file_lock = lock_file(self.path) if self.lock else None
         try:
-            version = await self._check_application()
+            await self._open()
         except BaseException:
             await self.close()  # aiosqlite's worker thread would keep the process alive
             raise
+
+    async def _open(self) -> None:
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
+        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        version = await self._check_application()
         await self._db.execute("PRAGMA journal_mode=WAL")
         await self._db.execute("PRAGMA synchronous=FULL")
         await self._db.execute("PRAGMA busy_timeout=5000")
@@ -176,13 +242,20 @@ class SQLiteStorage(Storage):
         check_schema_version(version, "the database")
         return int(version)
 
+    def describe(self) -> str:
+        return f"SQLite file {self.path!r}"
+
     async def close(self) -> None:
+        await self._close_availability()
         if self._reader is not None and self._reader is not self._db:
             await self._reader.close()
         self._reader = None
         if self._db is not None:
             await self._db.close()
             self._db = None
+        if self._file_lock is not None:  # last: see `lock_file`
+            os.close(self._file_lock)
+            self._file_lock = None
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[None]:

@@ -56,12 +56,16 @@ class Database:
     db: str
     schema: str | None
 
-    def storage(self) -> Storage:
+    def storage(self, *, another: bool = False) -> Storage:
+        """`another`: a second storage on the database while the first is open, in the role
+        of another instance. A SQLite file is refused to a second storage (one process per
+        file), so that one is opened without the file lock, to test what the database itself
+        guarantees to concurrent connections."""
         if self.backend == "postgres":
             from delivery_service.storage.postgres import PostgresStorage
 
             return PostgresStorage(self.db, schema=self.schema)
-        return SQLiteStorage(self.db)
+        return SQLiteStorage(self.db, lock=not another)
 
     def cli_args(self) -> list[str]:
         args = ["--db", self.db]

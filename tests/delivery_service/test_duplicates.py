@@ -54,7 +54,7 @@ async def test_storage_keeps_each_handshake_message_once(
     assert await storage.create_group(t0, "alice", NOW)
     assert await storage.append(t0, t0, _message("proposal", data)) == 1
     # A second instance on the same database is held to the same unique key.
-    second = database.storage()
+    second = database.storage(another=True)
     await second.open()
     try:
         s2 = replace(s1, last_seq=2)

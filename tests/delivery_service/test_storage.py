@@ -222,7 +222,7 @@ async def test_a_group_is_read_in_one_snapshot(
 ) -> None:
     """A commit landing while the group is read must not pair one epoch's row with another
     epoch's members: another instance commits right after the read's first answer."""
-    reader, writer = database.storage(), database.storage()
+    reader, writer = database.storage(), database.storage(another=True)
     await reader.open()
     await writer.open()
     try:
