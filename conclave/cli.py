@@ -20,6 +20,7 @@ from typing import Any
 
 from .errors import AuditFailure, ConclaveError
 from .threads import in_daemon_thread
+from .urls import shown_url
 
 DEFAULT_DS_PORT = 8470
 STATE_HELP = "state directory (default: $CONCLAVE_STATE, else ~/.conclave)"
@@ -130,17 +131,6 @@ def sfu_url_for(ds: str) -> str:
     else:
         host = host.rpartition(":")[0] if ":" in host else host
     return f"{parts.scheme}://{url_host(host)}:{DEFAULT_SFU_PORT}{SFU_PATH}"
-
-
-def shown_url(url: str) -> str:
-    """`url` for printing: a password in it as ***."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -775,7 +765,7 @@ async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fet
                 f"state directory that registered it (--state), or another --as"
             ) from None
         if exc.code == "not_found":
-            raise ConclaveError(f"no {label} on the delivery service {ds}") from None
+            raise ConclaveError(f"no {label} on the delivery service {shown_url(ds)}") from None
         if exc.code == "forbidden":
             registered = (
                 f" ({identity!r} is registered now, with the key in {state})"
@@ -788,7 +778,8 @@ async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fet
         if exc.code in ("http_error", "bad_answer"):
             # an error without the service's own answer: not a delivery service (or a proxy's)
             raise ConclaveError(
-                f"{ds} did not answer as a conclave delivery service ({exc}): check --ds"
+                f"{shown_url(ds)} did not answer as a conclave delivery service ({exc}): check "
+                "--ds"
             ) from None
         raise ConclaveError(f"the delivery service refused the audit log of {label}: {exc}") from None
 

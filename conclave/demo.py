@@ -64,8 +64,11 @@ async def fetch_log(
     """The group's audit log, read as an auditor identity of the service (registered if new,
     its key kept in `state_dir`)."""
     path = state_dir / f"{identity}.state"
-    new = not path.exists()
     auditor = Participant(identity, ds_url, state_dir=state_dir)
+    # New: no state file when the Participant read it (not a look before: a state saved in
+    # between, by another audit, may be registered, and a refusal would delete it). The lock
+    # then refuses one saved after.
+    new = auditor._read_state is None
     try:
         if new:
             # Another audit starting at once would make a key of its own too, save it over

@@ -81,6 +81,7 @@ from .files import replace_file
 from .media import MediaSpec
 from .safety import key_fingerprint, safety_code
 from .threads import in_daemon_thread
+from .urls import shown_url
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,9 @@ MAX_KEPT_WELCOMES = 32
 # Welcomes of our merged commits the service has not confirmed yet, kept in the saved state
 # (`owed_welcomes`) and posted again at each start: at most this many, the oldest dropped.
 MAX_OWED_WELCOMES = 32
+# Tries at `<name>.lock` when the file locked turns out removed (by a refused first run): each
+# try finds a new file, so more than a few means runs racing without end.
+LOCK_ATTEMPTS = 5
 ROTATION_RETRY_MAX = 30.0  # seconds before a failed periodic rotation is tried again, at most
 # Reading the log for a commit of ours whose answer was lost: pages of this many messages, at
 # most this many pages (a service that pages without end is not read for ever).
@@ -547,23 +551,26 @@ class Participant:
         if self.state_dir is None or self._state_lock is not None:
             return
         path = self.state_dir / f"{self.name}.lock"
-        try:
-            _make_private_dir(self.state_dir)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            # (worded as `save` words it: the state directory is what cannot be used)
-            raise ConclaveError(
-                f"cannot save the state to {self._state_path}: {exc.strerror or exc}"
-            ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        for _ in range(LOCK_ATTEMPTS):
+            fd = self._take_lock_file(path)
+            # A refused first run removes the lock file while holding it (`_name_taken`): a
+            # lock taken on that removed file excludes no one: lock the file now at the path.
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(path)):
+                    break
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                os.close(fd)
+                raise ConclaveError(
+                    f"cannot save the state to {self._state_path}: {exc.strerror or exc}"
+                ) from None
             os.close(fd)
+        else:
             raise ConclaveError(
-                f"{self.name} is running already with the state directory {self.state_dir} "
-                "(another `conclave join` with this name?): stop it first, or use another "
-                "--state"
-            ) from None
+                f"cannot lock {path}: it is removed and made again meanwhile (other runs of "
+                f"{self.name} starting?): start again"
+            )
         # The state was read before the lock was ours (at construction): a run of this name
         # that ended meanwhile may have saved a later epoch (or a first identity), which
         # saving what we read would undo.
@@ -583,6 +590,28 @@ class Participant:
                 f"{self.name} ended meanwhile?): start again"
             )
         self._state_lock = fd
+
+    def _take_lock_file(self, path: Path) -> int:
+        """`path` opened (made if need be) and flocked: its fd. Refused if another run holds it."""
+        assert self.state_dir is not None
+        try:
+            _make_private_dir(self.state_dir)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            # (worded as `save` words it: the state directory is what cannot be used)
+            raise ConclaveError(
+                f"cannot save the state to {self._state_path}: {exc.strerror or exc}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ConclaveError(
+                f"{self.name} is running already with the state directory {self.state_dir} "
+                "(another `conclave join` with this name?): stop it first, or use another "
+                "--state"
+            ) from None
+        return fd
 
     def _unlock_state(self) -> None:
         if self._state_lock is not None:
@@ -683,11 +712,12 @@ class Participant:
             await self.ds.register()
         except (aiohttp.ClientError, OSError) as exc:
             raise ServiceUnavailable(
-                f"cannot reach the delivery service at {self.ds_url}: {_reason(exc)}{kept}"
+                f"cannot reach the delivery service at {shown_url(self.ds_url)}: "
+                f"{_reason(exc)}{kept}"
             ) from None
         except RequestFailed as exc:
             if exc.code == "bad_answer":
-                raise ServiceUnavailable(f"{self.ds_url}: {exc.reason}{kept}") from None
+                raise ServiceUnavailable(f"{shown_url(self.ds_url)}: {exc.reason}{kept}") from None
             if exc.code == "conflict":
                 raise self._name_taken(new) from None
             raise ConclaveError(
@@ -704,8 +734,8 @@ class Participant:
         make the next run fail alike), so it goes. Any other state file stays: its key may
         be registered elsewhere (another service), and it may hold a call."""
         path = self._state_path
-        refused = (f"the delivery service at {self.ds_url} refused to register {self.name}: "
-                   "the name is registered with another key")
+        refused = (f"the delivery service at {shown_url(self.ds_url)} refused to register "
+                   f"{self.name}: the name is registered with another key")
         advice = ("join with the state directory that registered it (--state), or choose "
                   "another --name")
         if new and path is not None:
@@ -1412,7 +1442,8 @@ class Participant:
 
     def _unsettled(self, exc: BaseException, again: BaseException) -> ServiceUnavailable:
         return ServiceUnavailable(
-            f"{self.name}: no answer from the delivery service at {self.ds_url} to our commit "
+            f"{self.name}: no answer from the delivery service at {shown_url(self.ds_url)} to "
+            "our commit "
             f"({_reason(exc)}), and it could not be asked whether it took it "
             f"({_reason(again)}): that is checked again before the next change, or at the "
             "next start"
@@ -1432,7 +1463,8 @@ class Participant:
             found = await self._logged_commit(group)
         except (RequestFailed, aiohttp.ClientError, OSError) as exc:
             raise ServiceUnavailable(
-                f"{self.name}: cannot learn from the delivery service at {self.ds_url} whether "
+                f"{self.name}: cannot learn from the delivery service at "
+                f"{shown_url(self.ds_url)} whether "
                 f"it took our last commit ({_reason(exc)}); try again later"
             ) from None
         if found is None or found.message != pending.commit:
@@ -1774,7 +1806,7 @@ class Participant:
             raise ConclaveError(f"the SFU refused {self.name}: {exc}") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise ServiceUnavailable(
-                f"cannot reach the SFU at {self.sfu_url}: {_reason(exc)}"
+                f"cannot reach the SFU at {shown_url(self.sfu_url)}: {_reason(exc)}"
             ) from None
         self._media_wanted = True
         self._spawn(self._follow_media_session(self.sfu))
