@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import cbor2
-from aiohttp import web
+from aiohttp import ClientConnectionResetError, web
 
 from .metrics import Metrics
 from .storage import Storage, StoredMessage
@@ -135,13 +135,16 @@ class Connection:
                 await self._handle(event)
         except asyncio.CancelledError:
             raise
-        except (ConnectionError, RuntimeError) as exc:
-            # The socket went away (or the database did: both raise ConnectionError).
-            log.info("push to %s stopped: %s", self.identity, exc)
-        except self.hub.storage.unavailable_errors as exc:
-            # The database went away mid catch-up: told once per outage, not per connection.
-            self.hub.storage.availability.lost(exc)
-            log.debug("push to %s stopped: %s", self.identity, exc)
+        except (ConnectionError, RuntimeError, *self.hub.storage.unavailable_errors) as exc:
+            # Both the socket and the database (asyncpg's refused connect) raise
+            # ConnectionError: a write to a socket that went away raises aiohttp's own kind.
+            gone = self.ws.closed or isinstance(exc, ClientConnectionResetError)
+            if isinstance(exc, self.hub.storage.unavailable_errors) and not gone:
+                # The database went away mid catch-up: told once per outage, not per stream.
+                self.hub.storage.availability.lost(exc)
+                log.debug("push to %s stopped: %s", self.identity, exc)
+            else:
+                log.info("push to %s stopped: %s", self.identity, exc)
         except Exception:
             log.exception("push to %s failed", self.identity)
         # Whatever failed, this connection can no longer promise every message in order: close

@@ -983,9 +983,15 @@ class DeliveryService:
                 {"error": code.get(exc.status, "http_error"), "reason": exc.reason}, exc.status
             )
         except self.storage.unavailable_errors as exc:
-            # Expected while the database restarts: logged once per outage, not per request.
-            self.storage.availability.lost(exc)
-            log.debug("storage unavailable on %s %s: %s", request.method, request.path, exc)
+            if request.transport is None or request.transport.is_closing():
+                # The client hung up (aiohttp fails the body's read with ConnectionResetError):
+                # not the database, and no one to answer. An outage reported for it would
+                # also hold back the warning of a real one for a minute.
+                log.debug("client went away on %s %s: %s", request.method, request.path, exc)
+            else:
+                # Expected while the database restarts: logged once per outage, not per request.
+                self.storage.availability.lost(exc)
+                log.debug("storage unavailable on %s %s: %s", request.method, request.path, exc)
             response = cbor_response(
                 {"error": "unavailable", "reason": "the database is unreachable: retry shortly"},
                 503,

@@ -216,9 +216,9 @@ class Storage(abc.ABC):
 
     async def _close_availability(self) -> None:
         # Kept, closed: a request still failing after the close must not start a new probe
-        # (it would never succeed). `open` starts afresh.
-        if self._availability is not None:
-            await self._availability.close()
+        # (it would never succeed). Made now if there was no outage: else the first such
+        # request would make an open one. `open` starts afresh.
+        await self.availability.close()
 
     @abc.abstractmethod
     async def open(self) -> None:

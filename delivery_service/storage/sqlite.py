@@ -103,32 +103,64 @@ class DatabaseInUse(OSError):
     """Another storage (another service process, as a rule) holds the SQLite file."""
 
 
+# The files this process holds locked, by (device, inode), with the locking descriptor: a
+# second storage on one of them is refused without opening the file, since closing any
+# descriptor of a file drops every POSIX lock the process holds on it, SQLite's included.
+_held: dict[tuple[int, int], int] = {}
+
+
+def _in_use(holder: int | None) -> DatabaseInUse:
+    by = f" (pid {holder})" if holder is not None else ""
+    return DatabaseInUse(
+        f"the file is in use by another delivery-service process{by}: one SQLite file "
+        "serves one process; stop that one first, or use PostgreSQL for several instances"
+    )
+
+
 def lock_file(path: str) -> int | None:
-    """An exclusive lock on the database file itself, held until the returned descriptor is
-    closed (the kernel drops it when the process ends, however it ends); None for a private
-    database, which no one else can open.
+    """An exclusive lock on the database file itself, held until `unlock_file` (the kernel
+    drops it when the process ends, however it ends); None for a private database, which no
+    one else can open.
 
     `flock`, not `fcntl`: on Linux the two kinds of lock are independent, so SQLite's own
     POSIX byte-range locks on the file are unaffected, and no lock file is left behind. The
     descriptor must outlive SQLite's connections: closing any descriptor of a file drops the
-    POSIX locks the process holds on it (see `SQLiteStorage.close`)."""
+    POSIX locks the process holds on it (see `SQLiteStorage.close`); for the same reason a
+    file this process holds already is refused before it is opened again."""
     if path in ("", ":memory:") or path.startswith("file:"):
         return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        pass  # missing or unreadable: os.open below says which
+    else:
+        if (st.st_dev, st.st_ino) in _held:
+            raise _in_use(os.getpid())
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) in _held:  # replaced by a name of a held file meanwhile
+            raise _in_use(os.getpid())
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        # Held by another process (this one's are in `_held`): closing this descriptor drops
+        # no lock of ours.
         holder = _lock_holder(fd)
         os.close(fd)
-        by = f" (pid {holder})" if holder is not None else ""
-        raise DatabaseInUse(
-            f"the file is in use by another delivery-service process{by}: one SQLite file "
-            "serves one process; stop that one first, or use PostgreSQL for several instances"
-        ) from None
+        raise _in_use(holder) from None
     except BaseException:
         os.close(fd)
         raise
+    _held[(st.st_dev, st.st_ino)] = fd
     return fd
+
+
+def unlock_file(fd: int) -> None:
+    """Release a lock from `lock_file`, after every SQLite connection to the file is closed."""
+    for key, held in list(_held.items()):
+        if held == fd:
+            del _held[key]
+    os.close(fd)
 
 
 def _lock_holder(fd: int) -> int | None:
@@ -254,7 +286,7 @@ class SQLiteStorage(Storage):
             await self._db.close()
             self._db = None
         if self._file_lock is not None:  # last: see `lock_file`
-            os.close(self._file_lock)
+            unlock_file(self._file_lock)
             self._file_lock = None
 
     @contextlib.asynccontextmanager
