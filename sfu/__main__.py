@@ -20,6 +20,7 @@ from sfu.sdnotify import notify, watchdog, watchdog_interval
 from sfu.workers import (
     HANG_TIMEOUT,
     HEARTBEAT_INTERVAL,
+    MAX_SECRET,
     ParentLink,
     Supervisor,
     Worker,
@@ -240,6 +241,14 @@ def _run(argv: list[str] | None) -> int:
             secret = read_token_secret(args.token_secret_file)
         except OSError as exc:
             print(f"cannot read the token secret file: {exc}", file=sys.stderr)
+            return 2
+        if args.workers > 1 and len(secret) > MAX_SECRET:
+            # The workers would refuse it as junk on their stdin, each restart: say so now.
+            print(
+                f"the token secret is too long for --workers: {len(secret)} bytes, at most "
+                f"{MAX_SECRET}",
+                file=sys.stderr,
+            )
             return 2
     url_host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address
     try:

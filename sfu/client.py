@@ -350,16 +350,21 @@ def _text(value: object) -> str:
 
 
 def _url_text(url: str) -> str:
-    """`url` for a message (`_text`), a password in it shown as ***: errors get printed."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:  # (a bad port) no password parsed: shown as it is
-        return _text(url)
-    if password is None:
-        return _text(url)
-    host = parts.netloc.rpartition("@")[2]
-    return _text(urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}")))
+    """`url` for a message (`_text`), a password in it shown as ***: errors get printed.
+
+    Split by hand as urlsplit splits the authority (after "//", up to "/", "?" or "#"; the
+    user information up to its last "@"), not by urlsplit: the URLs worth an error are also
+    those it refuses (a bad IPv6 address), and one with no scheme still has a password.
+    """
+    before, slashes, rest = url.partition("//")
+    if not slashes:
+        before, rest = "", url
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    userinfo, at, host = rest[:end].rpartition("@")
+    if at and ":" in userinfo:
+        user = userinfo.partition(":")[0]
+        rest = f"{user}:***@{host}{rest[end:]}"
+    return _text(before + slashes + rest)
 
 
 def _streams(value: object, m_lines: int) -> dict[str, dict[str, str]]:
@@ -414,7 +419,13 @@ async def probe(url: str, timeout: float = PROBE_TIMEOUT) -> None:
         ) from None
     except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
         # (ValueError: a URL aiohttp cannot use, such as one with no host)
-        why = "no answer" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+        if isinstance(exc, TimeoutError):
+            why = "no answer"
+        elif isinstance(exc, ValueError | aiohttp.NonHttpUrlClientError):
+            # (InvalidURL is a ValueError) their text is the URL itself, password and all
+            why = "not a ws(s):// or http(s):// URL with a host and port it can use"
+        else:
+            why = str(exc) or type(exc).__name__
         raise SignallingError(
             "unreachable", f"cannot reach the SFU at {_url_text(url)}: {why}"
         ) from None

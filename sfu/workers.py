@@ -36,6 +36,7 @@ STOP_TIMEOUT = 10.0  # seconds a worker may take to stop after SIGTERM before it
 # timeout), but refuse it with code "unavailable" as worker 0 does.
 DOWN_NONE = b"down\n"
 MAX_LINE = 1 << 20  # bytes of one line on a worker's stdin (the secret's, in hex)
+MAX_SECRET = MAX_LINE // 2  # bytes of a token secret that workers 1..N-1 can take (hex)
 
 
 def bind(host: str, port: int) -> list[socket.socket]:
@@ -69,7 +70,11 @@ class Worker:
     restart_at: float = 0.0
     heartbeat_fd: int = -1  # worker 0's (non-blocking) end of the worker's heartbeat pipe
     stdin_fd: int = -1  # worker 0's (non-blocking) end of the worker's stdin
-    told: bytes = DOWN_NONE  # the last "down" line the worker got (it starts with all up)
+    told: bytes = DOWN_NONE  # the last "down" line sent (queued) to the worker
+    # What worker 0 still has to write to the worker's stdin: the part of a line (the secret,
+    # or a "down" line) its pipe did not take yet. Written before anything else, or the worker
+    # would read the start of one line glued to another.
+    unsent: bytes = field(default=b"", repr=False)  # the secret, at first: never in a repr
     last_beat: float = 0.0
     beating: bool = False  # a heartbeat came since the worker was started
     hung: bool = False  # killed by worker 0 for missing heartbeats
@@ -115,15 +120,12 @@ class Supervisor:
         # The secret goes into the pipe before the worker exists: a signal that stops worker 0
         # in the middle of Popen (which then drops the worker, unknown to `stop`) leaves a
         # worker with its secret, which stops quietly at the end of its stdin, rather than one
-        # that complains it got none. (Only a secret larger than the pipe waits for Popen.)
+        # that complains it got none. (The rest of one larger than the pipe: `_tell`, later.)
         worker.stdin_fd = stdin_write
-        worker.told = DOWN_NONE
+        worker.told = DOWN_NONE  # a new worker takes every worker to be up
         os.set_blocking(stdin_write, False)
-        line = self.secret.hex().encode() + b"\n"
-        try:
-            line = line[os.write(stdin_write, line) :]
-        except BlockingIOError:
-            pass
+        worker.unsent = self.secret.hex().encode() + b"\n"
+        self._send(worker)
         try:
             worker.proc = subprocess.Popen(
                 [
@@ -149,14 +151,8 @@ class Supervisor:
         worker.heartbeat_fd = beat_read
         worker.started = worker.last_beat = time.monotonic()
         worker.hung = worker.beating = False
-        if line:  # a secret larger than the pipe: the rest, now that the worker reads it
-            os.set_blocking(stdin_write, True)
-            try:
-                while line:
-                    line = line[os.write(stdin_write, line) :]
-            except BrokenPipeError:
-                pass  # it exited already: `watch` sees it
-            os.set_blocking(stdin_write, False)
+        # A secret larger than the pipe: `_tell` writes the rest as the worker reads it. Not
+        # here, blocking: worker 0's event loop would wait for a worker still importing (or stuck).
 
     def available(self, index: int) -> bool:
         """Whether worker `index` is running (or starting: its sockets queue connections)."""
@@ -229,20 +225,30 @@ class Supervisor:
     def _tell(self) -> None:
         """Send each running worker the line of the workers down now, if it has not got it.
 
-        Not blocking: a worker that reads no more (stopped, or its pipe full) gets it at a later
-        poll. One line is at most PIPE_BUF bytes (4096: some 800 workers down), which a pipe
-        takes whole or not at all.
+        Not blocking: what a worker's pipe does not take now (it reads no more, or a line longer
+        than PIPE_BUF, which a pipe may take in part) is written at a later poll.
         """
         down = [w.index for w in self.workers if w.proc is None or w.proc.poll() is not None]
         line = b" ".join([b"down", *(str(i).encode() for i in down)]) + b"\n"
         for worker in self.workers:
-            if worker.proc is None or worker.stdin_fd < 0 or worker.told == line:
+            if worker.proc is None or worker.stdin_fd < 0:
                 continue
-            try:
-                os.write(worker.stdin_fd, line)
-            except OSError:
-                continue  # full (BlockingIOError): next poll; or it exited: `watch` sees it
-            worker.told = line
+            if not self._send(worker):
+                continue  # the end of an earlier line first
+            if worker.told != line:
+                worker.told, worker.unsent = line, line
+                self._send(worker)
+
+    @staticmethod
+    def _send(worker: Worker) -> bool:
+        """Write what the pipe takes of `worker.unsent`; whether all of it is written now."""
+        try:
+            while worker.unsent:
+                written = os.write(worker.stdin_fd, worker.unsent)
+                worker.unsent = worker.unsent[written:]
+        except OSError:
+            return False  # full (BlockingIOError): a later poll; or it exited: `watch` sees it
+        return True
 
     @staticmethod
     def _close_stdin(worker: Worker) -> None:
@@ -250,6 +256,7 @@ class Supervisor:
         if worker.stdin_fd >= 0:
             os.close(worker.stdin_fd)
             worker.stdin_fd = -1
+        worker.unsent = b""
 
     @staticmethod
     def _close_heartbeat(worker: Worker) -> None:
