@@ -29,6 +29,8 @@ from sfu.workers import (
     stop_with_parent,
 )
 
+logger = logging.getLogger("sfu")
+
 EPILOG = """\
 ports: worker i of --workers N listens on PORT+i (HTTP, on --host): WebSocket signalling at
 /v1/signal, Prometheus metrics at /metrics, a liveness check at /healthz. Clients join at
@@ -39,7 +41,10 @@ workers: each room lives in one worker (a hash of its name). --max-rooms counts 
 (N workers hold up to N x --max-rooms rooms); --max-participants is per room. Each worker has
 its own /metrics, counting only its rooms, and names itself in
 sfu_worker_info{worker,workers,port}: scrape every port. /healthz answers for its own worker
-only. Worker 0 binds every port first (a port in use stops the whole SFU before anything
+only, and hangs while that worker is down (worker 0 holds its port): worker 0's
+/healthz?worker=all (or ?worker=I) answers at once with each worker's state, 503 unless all
+are up, and its /metrics has sfu_worker_up, sfu_workers_down and sfu_worker_restarts_total.
+Worker 0 binds every port first (a port in use stops the whole SFU before anything
 serves), then starts the others. Each worker's event loop sends worker 0 a heartbeat every
 second; one silent for --hang-timeout seconds (a stuck loop) is killed. A worker that exits or
 is killed is restarted with a growing delay (1, 2, 4, then 8 s) and meanwhile every worker
@@ -336,13 +341,14 @@ def _serve(
     if supervisor is not None:
         sup = supervisor
         server.worker_available = sup.available
+        server.worker_status = sup.status
 
         def watch_ended(task: asyncio.Task[None]) -> None:
             # Without its watch no worker is restarted or checked for hangs, silently: an SFU
             # that has lost it stops (status 1) rather than serve on half blind.
             if task.cancelled() or (exc := task.exception()) is None or sup.stopping:
                 return
-            logging.getLogger("sfu").error("worker supervision failed", exc_info=exc)
+            logger.error("worker supervision failed", exc_info=exc)
             if not sup.failed:
                 sup.failed = f"worker supervision failed ({exc!r}): stopping the SFU"
             signal.raise_signal(signal.SIGTERM)  # run_app's graceful shutdown, exit status 1
@@ -354,7 +360,7 @@ def _serve(
             task.cancel()
 
         async def stop_restarting(app: web.Application) -> None:
-            sup.stopping = True
+            sup.begin_stop()  # logged here, at the signal, not after worker 0's own shutdown
 
         app.cleanup_ctx.append(supervise)
         app.on_shutdown.insert(0, stop_restarting)
@@ -375,10 +381,18 @@ def _serve(
     if parent is None:
         app.cleanup_ctx.append(_tell_systemd)
         app.on_shutdown.insert(0, _stopping)
+    if parent is None and supervisor is None:
+        # One process: say when it stops, as worker 0 of --workers does (`Supervisor.stop`).
+        async def log_stopping(app: web.Application) -> None:
+            logger.info("stopping")
+
+        app.on_shutdown.insert(0, log_stopping)
     # Everything imported so far lives as long as the process: keep it out of the cyclic GC's
     # full collections, which otherwise stall forwarding for tens of ms (the p99 latency).
     gc.freeze()
     web.run_app(app, sock=listening, print=None, shutdown_timeout=5, loop=_new_loop())
+    if parent is None and supervisor is None:
+        logger.info("stopped")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 LATENCY_BUCKETS = (
     0.00005,
@@ -116,3 +117,39 @@ class Metrics:
         lines.append(f"{name}_sum {h.sum}")
         lines.append(f"{name}_count {h.count}")
         return "\n".join(lines) + "\n"
+
+
+class WorkerStatus(NamedTuple):
+    """One worker of `--workers`, as worker 0 sees it."""
+
+    index: int
+    port: int | None
+    state: str  # "up", "starting" or "down"
+    restarts: Mapping[str, int] | None  # by reason; None: worker 0, which nothing restarts
+
+
+def render_workers(workers: Sequence[WorkerStatus]) -> str:
+    """Worker 0's metrics of every worker (the others' own /metrics do not answer while they
+    are down): whether each is up, how many are not, and their restarts by reason."""
+    lines = [
+        "# HELP sfu_worker_up Whether the worker serves (1), or is down or starting (0).",
+        "# TYPE sfu_worker_up gauge",
+    ]
+    lines += [
+        f'sfu_worker_up{{worker="{w.index}",port="{w.port}"}} {int(w.state == "up")}'
+        for w in workers
+    ]
+    down = sum(w.state != "up" for w in workers)
+    lines += [
+        "# HELP sfu_workers_down Workers down or starting (not serving their rooms).",
+        "# TYPE sfu_workers_down gauge",
+        f"sfu_workers_down {down}",
+        "# HELP sfu_worker_restarts_total Workers ended and restarted by worker 0, by reason.",
+        "# TYPE sfu_worker_restarts_total counter",
+    ]
+    for w in workers:
+        for reason, count in (w.restarts or {}).items():
+            lines.append(
+                f'sfu_worker_restarts_total{{worker="{w.index}",reason="{reason}"}} {count}'
+            )
+    return "\n".join(lines) + "\n"

@@ -57,7 +57,7 @@ from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 from sfu import aiortc_hooks
 from sfu.config import SFUConfig
 from sfu.errors import LimitExceeded, Redirect, SignallingError, TokenError, Unavailable
-from sfu.metrics import Metrics
+from sfu.metrics import Metrics, WorkerStatus, render_workers
 from sfu.outbox import Outbox
 from sfu.ratelimit import TokenBucket
 from sfu.room import Participant, Room
@@ -90,6 +90,9 @@ class SFUServer:
         self._unjoined: dict[str, int] = {}  # sockets not joined yet, by client address
         # Whether worker i is up to take the joins redirected to it (worker 0 supervises them).
         self.worker_available: Callable[[int], bool] = lambda worker: True
+        # Worker 0 of --workers: workers 1..N-1 as it sees them, for /metrics and /healthz?worker=
+        # (a worker's own port hangs while it is down: worker 0 keeps it bound).
+        self.worker_status: Callable[[], list[WorkerStatus]] | None = None
         # Unix time, for room tokens' expiry (tests set it)
         self.wall_clock: Callable[[], float] = time.time
 
@@ -117,26 +120,56 @@ class SFUServer:
             await room.close()
         self.rooms.clear()
 
+    def _port(self, index: int) -> int | None:
+        """Worker `index`'s port, from its URL (None without --workers, or not a URL with one)."""
+        try:
+            return urlsplit(self.config.worker_urls[index]).port
+        except (IndexError, ValueError):
+            return None
+
+    def _workers(self) -> list[WorkerStatus]:
+        """This worker (up: it answers) and, on worker 0 of --workers, the others."""
+        index = self.config.worker_index
+        own = WorkerStatus(index, self._port(index), "up", None)
+        return [own, *(self.worker_status() if self.worker_status is not None else [])]
+
     async def handle_metrics(self, request: web.Request) -> web.Response:
         text = self.metrics.render()
         if self.config.worker_urls:  # each worker counts only its own rooms: say which it is
             index, workers = self.config.worker_index, len(self.config.worker_urls)
-            try:
-                port = urlsplit(self.config.worker_urls[index]).port
-            except ValueError:  # not a URL with a port: label it anyway
-                port = None
+            port = self._port(index)  # None: not a URL with a port; labelled anyway
             text += (
                 "# HELP sfu_worker_info The worker process these metrics are from.\n"
                 "# TYPE sfu_worker_info gauge\n"
                 f'sfu_worker_info{{worker="{index}",workers="{workers}",port="{port}"}} 1\n'
             )
+        if self.worker_status is not None:
+            text += render_workers(self._workers())
         return web.Response(
             text=text,
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
         )
 
     async def handle_health(self, request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+        """`/healthz`: this worker answers. `/healthz?worker=all` (or `=I`), on worker 0: each
+        worker's state, 503 unless every one asked about is up (without --workers: worker 0)."""
+        which = request.query.get("worker")
+        if which is None:
+            return web.Response(text="ok\n")
+        if self.config.worker_urls and self.worker_status is None:
+            # Workers 1..N-1 know which workers are down, not which are starting or hung.
+            return web.Response(
+                status=404, text=f"ask worker 0 (port {self._port(0)}): it watches the workers\n"
+            )
+        workers = self._workers()
+        if which != "all":
+            workers = [w for w in workers if str(w.index) == which]
+            if not workers:  # the query not echoed: it is the client's, of any size
+                return web.Response(status=404, text="no such worker: worker=all, or 0 to N-1\n")
+        text = "".join(
+            f"worker {w.index}{f' (port {w.port})' if w.port else ''}: {w.state}\n" for w in workers
+        )
+        return web.Response(status=200 if all(w.state == "up" for w in workers) else 503, text=text)
 
     # --- signalling -----------------------------------------------------------------------------
 

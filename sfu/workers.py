@@ -13,6 +13,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from sfu.metrics import WorkerStatus
+
 logger = logging.getLogger("sfu.workers")
 
 # A worker that exits is restarted after RESTART_DELAY, doubled after each failure in a row up
@@ -37,6 +39,11 @@ STOP_TIMEOUT = 10.0  # seconds a worker may take to stop after SIGTERM before it
 DOWN_NONE = b"down\n"
 MAX_LINE = 1 << 20  # bytes of one line on a worker's stdin (the secret's, in hex)
 MAX_SECRET = MAX_LINE // 2  # bytes of a token secret that workers 1..N-1 can take (hex)
+# Why worker 0 restarts a worker: the `reason` label of sfu_worker_restarts_total.
+EXITED = "exited"  # it exited, or a signal not from worker 0 killed it (the OOM killer...)
+KILLED_HUNG = "killed-hung"  # worker 0 killed it: no heartbeat for the hang timeout
+FAILED_TO_START = "failed-to-start"  # no pipe or process could be made for it
+RESTART_REASONS = (EXITED, KILLED_HUNG, FAILED_TO_START)
 
 
 def bind(host: str, port: int) -> list[socket.socket]:
@@ -78,6 +85,7 @@ class Worker:
     last_beat: float = 0.0
     beating: bool = False  # a heartbeat came since the worker was started
     hung: bool = False  # killed by worker 0 for missing heartbeats
+    ended: str = ""  # how it last ended, for the restart's log line
 
 
 @dataclass
@@ -98,6 +106,9 @@ class Supervisor:
     failed: str = ""  # why the SFU gave up, if it did
     stopping: bool = False
     hurried: bool = False  # `stop` kills the workers still running now, not at STOP_TIMEOUT
+    # Worker restarts by (worker index, reason), for /metrics: an alert on a crash-looping
+    # worker needs a count, the log lines alone do not make one.
+    restarts: dict[tuple[int, str], int] = field(default_factory=dict)
 
     def start(self, worker: Worker) -> None:
         fds = [sock.fileno() for sock in worker.sockets]
@@ -113,7 +124,7 @@ class Supervisor:
         except OSError as exc:
             for fd in pipes:
                 os.close(fd)
-            self._failed(worker, f"could not be started ({exc})")
+            self._failed(worker, f"could not be started ({exc})", FAILED_TO_START)
             return
         beat_read, beat_write, stdin_read, stdin_write = pipes
         os.set_blocking(beat_read, False)
@@ -143,7 +154,7 @@ class Supervisor:
         except OSError as exc:
             os.close(beat_read)
             self._close_stdin(worker)
-            self._failed(worker, f"could not be started ({exc})")
+            self._failed(worker, f"could not be started ({exc})", FAILED_TO_START)
             return
         finally:
             os.close(beat_write)  # the worker's ends, now in the worker alone
@@ -161,6 +172,29 @@ class Supervisor:
                 return worker.proc is not None and worker.proc.poll() is None
         return True
 
+    @staticmethod
+    def state(worker: Worker) -> str:
+        """Its state: "up" (its event loop beats), "starting" (running, no heartbeat yet: its
+        port queues connections) or "down" (exited, killed, or waiting for its restart)."""
+        if worker.proc is None or worker.hung or worker.proc.poll() is not None:
+            return "down"
+        return "up" if worker.beating else "starting"
+
+    def status(self) -> list[WorkerStatus]:
+        """Each worker's state and restarts, for worker 0's /metrics and /healthz."""
+        return [
+            WorkerStatus(
+                worker.index,
+                worker.port,
+                self.state(worker),
+                {
+                    reason: self.restarts.get((worker.index, reason), 0)
+                    for reason in RESTART_REASONS
+                },
+            )
+            for worker in self.workers
+        ]
+
     async def watch(self) -> None:
         """Restart workers that exit, with a growing delay; give up after MAX_FAILURES; tell the
         running workers which are down."""
@@ -172,7 +206,12 @@ class Supervisor:
                     return
                 if worker.proc is None:
                     if now >= worker.restart_at:
-                        logger.warning("restarting worker %d (port %d)", worker.index, worker.port)
+                        logger.warning(
+                            "restarting worker %d (port %d), which %s",
+                            worker.index,
+                            worker.port,
+                            worker.ended,
+                        )
                         self.start(worker)
                     continue
                 status = worker.proc.poll()
@@ -193,12 +232,12 @@ class Supervisor:
                 worker.proc = None
                 self._close_heartbeat(worker)
                 if worker.hung:
-                    how = "sent no heartbeats and was killed"
+                    how, reason = "sent no heartbeats and was killed", KILLED_HUNG
                 elif status < 0:
-                    how = f"was killed by signal {-status}"
+                    how, reason = f"was killed by signal {-status}", EXITED
                 else:
-                    how = f"exited ({status})"
-                self._failed(worker, how)
+                    how, reason = f"exited ({status})", EXITED
+                self._failed(worker, how, reason)
             self._tell()
 
     def _check_heartbeat(self, worker: Worker, now: float) -> None:
@@ -264,8 +303,11 @@ class Supervisor:
             os.close(worker.heartbeat_fd)
             worker.heartbeat_fd = -1
 
-    def _failed(self, worker: Worker, how: str) -> None:
+    def _failed(self, worker: Worker, how: str, reason: str) -> None:
         """Schedule the restart of a worker that `how` ended, or give up."""
+        key = (worker.index, reason)
+        self.restarts[key] = self.restarts.get(key, 0) + 1
+        worker.ended = how
         worker.failures += 1
         if worker.failures >= MAX_FAILURES:
             self.failed = (
@@ -288,10 +330,16 @@ class Supervisor:
         """Have `stop` kill the workers it still waits for (worker 0 got another signal)."""
         self.hurried = True
 
+    def begin_stop(self) -> None:
+        """Restart no more workers; say so once (at SIGTERM/SIGINT, or in `stop`)."""
+        if not self.stopping:
+            self.stopping = True
+            logger.info("stopping %d workers", len(self.workers) + 1)  # worker 0 included
+
     def stop(self) -> None:
         """SIGTERM to every worker; SIGKILL to one still running STOP_TIMEOUT later (or at once,
         after `hurry`)."""
-        self.stopping = True
+        self.begin_stop()
         procs = [w.proc for w in self.workers if w.proc is not None]
         for proc in procs:
             if proc.poll() is None:
@@ -316,6 +364,7 @@ class Supervisor:
         for worker in self.workers:
             self._close_stdin(worker)
             self._close_heartbeat(worker)
+        logger.info("stopped")
 
 
 async def heartbeat(fd: int, interval: float = HEARTBEAT_INTERVAL) -> None:
@@ -397,6 +446,9 @@ def stop_with_parent(link: ParentLink | None = None) -> None:
 
     def watch() -> None:
         parent.follow()
+        # Worker 0 closes the pipe only once this worker has stopped, or if it never knew of it
+        # (a Popen that a signal interrupted): an end here is a worker 0 gone or going.
+        logger.warning("worker 0 is gone: this worker stops")
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(STOP_TIMEOUT)
         try:  # not `logging`: a stuck main thread may hold its lock
