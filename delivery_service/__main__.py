@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sqlite3
 import sys
@@ -18,6 +19,8 @@ from .tracker import BasicTracker, PublicGroupTracker
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+log = logging.getLogger("delivery_service")
 
 
 def _port(text: str) -> int:
@@ -75,13 +78,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    if args.challenge_rate <= 0 or args.challenge_burst < 1:
+    # aiosqlite logs two lines per SQL call at DEBUG, with its parameters (whole messages):
+    # they would bury the service's own debug lines, and fill the disk.
+    logging.getLogger("aiosqlite").setLevel(max(logging.INFO, logging.getLevelName(args.log_level)))
+    # `not > 0`, `isfinite`: a NaN rate compares false with everything, and would turn the
+    # limit off without a word
+    if not (math.isfinite(args.challenge_rate) and args.challenge_rate > 0) \
+            or args.challenge_burst < 1:
         sys.exit("delivery service: --challenge-rate must be positive, --challenge-burst >= 1")
     if not 1024 <= args.max_body <= MAX_BODY_LIMIT:
         # A page of the log holds at least one message, whatever its size: clients read answers
         # of up to client.MAX_ANSWER bytes.
         sys.exit(f"delivery service: --max-body must be within 1024-{MAX_BODY_LIMIT} bytes")
-    if not args.upload_rate > 0 or args.upload_burst < args.max_body:
+    if not (math.isfinite(args.upload_rate) and args.upload_rate > 0) \
+            or args.upload_burst < args.max_body:
         sys.exit("delivery service: --upload-rate must be positive, --upload-burst at least "
                  "--max-body")
     if not 10 <= args.room_token_ttl <= 86400:
@@ -111,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit("delivery service: CONCLAVE_ROOM_SECRET must be at least 16 bytes (32 hex "
                      "digits), as the SFU requires")
     else:
-        logging.getLogger(__name__).warning(
+        log.warning(
             "CONCLAVE_ROOM_SECRET unset: room tokens use a random per-process secret"
         )
     tracker = PublicGroupTracker() if args.tracker == "public" else BasicTracker()
@@ -122,7 +132,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         storage = make_storage(args.db, schema=args.pg_schema)
         service = DeliveryService(storage, config, tracker)
-        web.run_app(make_app(service), host=args.host, port=args.port, print=None)
+        # aiohttp calls `print` once every socket is bound: an operator sees that the service is
+        # up, where, and on which database (never the DSN's credentials).
+        web.run_app(make_app(service), host=args.host, port=args.port,
+                    print=lambda _banner: log.info("serving on %s:%s with %s", args.host,
+                                                   args.port, describe_db(args.db)))
     except ImportError as exc:  # asyncpg, installed with the [postgres] extra only
         sys.exit(f"delivery service: PostgreSQL needs asyncpg (pip install 'conclave[postgres]'): "
                  f"{exc}")

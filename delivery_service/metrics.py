@@ -58,4 +58,13 @@ def service_metrics() -> Metrics:
     m.describe("ds_groups_created_total", "counter", "Groups created.")
     m.describe("ds_key_packages_claimed_total", "counter", "KeyPackages claimed.")
     m.describe("ds_sessions_issued_total", "counter", "Sessions issued after a proof of possession.")
+    m.describe("ds_database_up", "gauge",
+               "1 while the database answers, 0 while this instance finds it unreachable.")
+    m.describe("ds_database_outages_total", "counter",
+               "Times this instance found the database unreachable (one per outage).")
+    # Gauges and counters with a sample from the start: an absent series reads as "no data"
+    # in Prometheus, not as 0 (an alert on `ds_database_up == 0` needs the 1 before).
+    m.set("ds_websockets", 0)
+    m.set("ds_database_up", 1)
+    m.set("ds_database_outages_total", 0)
     return m

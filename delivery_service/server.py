@@ -959,6 +959,11 @@ class DeliveryService:
         return web.Response(text="ok\n")
 
     async def metrics_page(self, request: web.Request) -> web.Response:
+        # As this instance last saw the database (a request, the PostgreSQL LISTEN connection or
+        # the outage probe): a scrape does not query it, so /metrics answers during an outage.
+        availability = self.storage.availability
+        self.metrics.set("ds_database_up", 1 if availability.available else 0)
+        self.metrics.set("ds_database_outages_total", availability.outages)
         # The exposition format's own media type (Prometheus negotiates on its version).
         return web.Response(
             body=self.metrics.render().encode(),

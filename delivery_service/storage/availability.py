@@ -48,6 +48,8 @@ class Availability:
         self.repeat = repeat
         self.clock = clock
         self.available = True
+        # Outages seen since start-up, for /metrics (a counter: a scrape may miss a short one).
+        self.outages = 0
         self._since = 0.0  # when the current outage began
         self._reason = ""
         self._warned = False  # the current outage's warning was logged
@@ -61,6 +63,7 @@ class Availability:
             log.debug("%s still unreachable: %s", self.where, one_line(exc))
             return
         self.available = False
+        self.outages += 1
         self._since = self.clock()
         self._reason = one_line(exc)
         self._warned = False

@@ -185,14 +185,27 @@ def _lock_holder(fd: int) -> int | None:
 def create_private(path: str) -> None:
     """Create a new database file readable by its owner only (0600): it holds who joined which
     group when, and SQLite would create it (and its -wal and -shm files, which take the
-    database's mode) world-readable under the usual umask. An existing file keeps its mode;
-    any failure here is left for SQLite to report."""
+    database's mode) world-readable under the usual umask. An existing file keeps its mode.
+
+    A file that cannot be made is refused here with the reason: else `lock_file`, which opens
+    it next, would report it as "No such file or directory", when the directory is read-only
+    or not the service user's to write."""
     if path in ("", ":memory:") or path.startswith("file:"):
         return
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except OSError:
+    except FileExistsError:
         pass
+    except OSError as exc:
+        if os.path.lexists(path):  # made meanwhile, or a dangling link: SQLite tells
+            return
+        directory = os.path.dirname(os.path.abspath(path))
+        raise OSError(
+            exc.errno,
+            f"cannot create the database file in {directory!r} ({exc.strerror}): the service "
+            "needs a directory it may write to, for the file and SQLite's -wal and -shm files "
+            "beside it",
+        ) from None
 
 class SQLiteStorage(Storage):
     """`lock=False` leaves the file unlocked: only for tests that open a second storage on
