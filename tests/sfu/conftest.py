@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
@@ -39,3 +40,19 @@ def processes() -> Iterator[list[int]]:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+
+
+@pytest.fixture
+def no_pipe_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker 0's first `os.pipe()` fails with EMFILE (out of descriptors), later ones work."""
+    from sfu import workers
+
+    real_pipe = os.pipe
+    fail = [True]
+
+    def pipe() -> tuple[int, int]:
+        if fail and fail.pop():
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_pipe()
+
+    monkeypatch.setattr(workers.os, "pipe", pipe)

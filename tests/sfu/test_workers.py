@@ -73,6 +73,21 @@ def _start(secret_file: Path, port: int, workers: int, *options: str) -> subproc
     )  # fmt: skip
 
 
+def _code_with_restart_delay(
+    secret_file: Path, port: int, workers: int, restart_delay: float, log_level: str
+) -> str:
+    """`python -c` code of `python -m sfu --workers` whose restarts wait `restart_delay` s
+    (long enough for a test to look at the SFU while a worker is down)."""
+    return (
+        "import sys\n"
+        "from sfu import workers\n"
+        f"workers.RESTART_DELAY = workers.MAX_RESTART_DELAY = {restart_delay}\n"
+        "from sfu.__main__ import main\n"
+        f"sys.exit(main(['--host', '127.0.0.1', '--port', '{port}', '--token-secret-file', "
+        f"{str(secret_file)!r}, '--workers', '{workers}', '--log-level', '{log_level}']))\n"
+    )
+
+
 async def _healthy(session: aiohttp.ClientSession, port: int) -> bool:
     try:
         async with session.get(f"http://127.0.0.1:{port}/healthz") as resp:

@@ -22,7 +22,15 @@ from sfu.client import SFUClient
 from sfu.errors import SignallingError
 from sfu.tokens import issue_room_token
 from tests.sfu.harness import SECRET
-from tests.sfu.test_workers import _alive, _children, _free_ports, _healthy, _room_of, _wait
+from tests.sfu.test_workers import (
+    _alive,
+    _children,
+    _code_with_restart_delay,
+    _free_ports,
+    _healthy,
+    _room_of,
+    _wait,
+)
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 
@@ -58,14 +66,7 @@ async def test_every_worker_refuses_joins_for_a_dead_workers_room(
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET.hex() + "\n")
     port = _free_ports(3)
-    code = (
-        "import sys\n"
-        "from sfu import workers\n"
-        f"workers.RESTART_DELAY = workers.MAX_RESTART_DELAY = {RESTART_DELAY}\n"
-        "from sfu.__main__ import main\n"
-        f"sys.exit(main(['--host', '127.0.0.1', '--port', '{port}', '--token-secret-file', "
-        f"{str(secret_file)!r}, '--workers', '3', '--log-level', 'WARNING']))\n"
-    )
+    code = _code_with_restart_delay(secret_file, port, 3, RESTART_DELAY, "WARNING")
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
     processes.append(proc.pid)
     async with aiohttp.ClientSession() as session:

@@ -4,7 +4,6 @@ log lines of starting, restarting and stopping workers."""
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import signal
@@ -18,7 +17,14 @@ import pytest
 
 from sfu import workers
 from tests.sfu.harness import SECRET
-from tests.sfu.test_workers import _alive, _children, _free_ports, _healthy, _wait
+from tests.sfu.test_workers import (
+    _alive,
+    _children,
+    _code_with_restart_delay,
+    _free_ports,
+    _healthy,
+    _wait,
+)
 from tests.sfu.test_workers_down import _index
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
@@ -34,14 +40,7 @@ def _start_logged(
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET.hex() + "\n")
     log = tmp_path / "stderr"
-    code = (
-        "import sys\n"
-        "from sfu import workers\n"
-        f"workers.RESTART_DELAY = workers.MAX_RESTART_DELAY = {RESTART_DELAY}\n"
-        "from sfu.__main__ import main\n"
-        f"sys.exit(main(['--host', '127.0.0.1', '--port', '{port}', '--token-secret-file', "
-        f"{str(secret_file)!r}, '--workers', '{count}', '--log-level', 'INFO']))\n"
-    )
+    code = _code_with_restart_delay(secret_file, port, count, RESTART_DELAY, "INFO")
     with log.open("wb") as stderr:
         proc = subprocess.Popen([sys.executable, "-c", code], stderr=stderr)
     processes.append(proc.pid)
@@ -196,18 +195,9 @@ def fast(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 async def test_restarts_are_counted_by_reason(
-    monkeypatch: pytest.MonkeyPatch, fast: list[int], caplog: pytest.LogCaptureFixture
+    no_pipe_once: None, fast: list[int], caplog: pytest.LogCaptureFixture
 ) -> None:
     # Before: no count of restarts, and the restart's log line did not say why.
-    real_pipe = os.pipe
-    fail = [True]
-
-    def pipe() -> tuple[int, int]:
-        if fail and fail.pop():
-            raise OSError(errno.EMFILE, "Too many open files")
-        return real_pipe()
-
-    monkeypatch.setattr(workers.os, "pipe", pipe)
     caplog.set_level(logging.WARNING, logger="sfu.workers")
     never_beats = [sys.executable, "-c", "import time; time.sleep(60)"]
     with socket.socket() as sock:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 import signal
 import socket
@@ -134,20 +133,11 @@ def fast(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 async def test_no_pipe_for_a_restart_is_one_more_failure(
-    monkeypatch: pytest.MonkeyPatch, fast: list[int]
+    no_pipe_once: None, fast: list[int]
 ) -> None:
     # Before: os.pipe() raising (EMFILE: worker 0 out of descriptors, as under a flood of
     # connections) escaped `start` and ended the watch task: no restart, no hang detection ever
     # again, and the worker's rooms "unavailable" for good, with nothing logged.
-    real_pipe = os.pipe
-    fail = [True]
-
-    def pipe() -> tuple[int, int]:
-        if fail and fail.pop():
-            raise OSError(errno.EMFILE, "Too many open files")
-        return real_pipe()
-
-    monkeypatch.setattr(workers.os, "pipe", pipe)
     async with _watching() as (supervisor, watch):
         assert await _wait(lambda: supervisor.available(1) or watch.done(), 10)
         assert not watch.done(), watch
