@@ -18,7 +18,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
-from .errors import AuditFailure, ConclaveError
+from .errors import AuditFailure, ConclaveError, WrongSFU
 from .threads import in_daemon_thread
 from .urls import shown_url
 
@@ -549,7 +549,18 @@ async def cmd_join(args: argparse.Namespace) -> int:
         # Which SFU: a derived one is not what the user typed.
         print(f"calling in to the SFU at {shown_url(args.sfu)}"
               + (" (derived from --ds; --sfu to change)" if args.sfu_derived else ""), flush=True)
-        await until_stopped(stop, p.connect_media())
+        try:
+            await until_stopped(stop, p.connect_media())
+        except WrongSFU as exc:
+            # Found only now: the SFU checks a token, which only a member gets. The user needs
+            # which SFU to give, and that the join itself went through.
+            fix = ("it was derived from --ds: give the SFU that `conclave serve` printed "
+                   "with --sfu" if args.sfu_derived else "check --sfu")
+            raise ConclaveError(
+                f"{exc}: the SFU at {shown_url(args.sfu)} is not the one this delivery service "
+                f"issues room tokens for ({fix}); {args.name} stays a member of room "
+                f"{args.room!r}, and the next join with the right SFU calls in"
+            ) from None
         in_call = InCall(p, lambda text: print(text, flush=True))
         if not args.no_commands and commands_wanted():
             interactive = sys.stdin.isatty()
@@ -829,7 +840,12 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C right after Enter: reading the command line imports the participant's
+        # modules (a third of a second), and a traceback there would read as a crash.
+        return 130
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.ERROR,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",

@@ -26,3 +26,8 @@ class AuditFailure(ConclaveError):
         self.seq = seq
         where = f"message seq {seq}: " if seq is not None else ""
         super().__init__(where + message)
+
+
+class WrongSFU(ConclaveError):
+    """The SFU refused the delivery service's room token as signed with another secret: it is
+    not the SFU that this delivery service issues tokens for (a wrong --sfu)."""

@@ -74,9 +74,9 @@ from mls.group_framing import parse_key_package
 from mls.proposals import ProposalType
 from sfu import aiortc_hooks
 from sfu.client import SFUClient
-from sfu.errors import SFUError
+from sfu.errors import SFUError, SignallingError
 
-from .errors import CommitFailed, ConclaveError, NotInGroup, ServiceUnavailable
+from .errors import CommitFailed, ConclaveError, NotInGroup, ServiceUnavailable, WrongSFU
 from .files import replace_file
 from .media import MediaSpec
 from .safety import key_fingerprint, safety_code
@@ -608,8 +608,9 @@ class Participant:
             os.close(fd)
             raise ConclaveError(
                 f"{self.name} is running already with the state directory {self.state_dir} "
-                "(another `conclave join` with this name?): stop it first, or use another "
-                "--state"
+                "(another `conclave join` with this name?): stop it first, or join under "
+                "another name (another --state alone is refused: its new key is not the "
+                "one the delivery service holds for this name)"
             ) from None
         return fd
 
@@ -1587,6 +1588,14 @@ class Participant:
             try:
                 kp = await self.ds.claim_key_package(name)
             except RequestFailed as exc:
+                if exc.status == 410:
+                    # The service's "no KeyPackage left" does not say how to get one, and
+                    # reads the same for a misspelt name that never joined.
+                    raise ConclaveError(
+                        f"cannot invite {name!r}: the delivery service has no KeyPackage of "
+                        f"{name!r} (check the spelling; any run of `conclave join` under that "
+                        "name uploads some)"
+                    ) from None
                 raise ConclaveError(f"cannot invite {name!r}: {exc.reason}") from None
             # The service hands out KeyPackages: one of another identity (its own, say) would
             # add someone else than the member was told, with a leaf whose keys they hold.
@@ -1803,7 +1812,13 @@ class Participant:
         try:
             await self.sfu.join()
         except SFUError as exc:
-            raise ConclaveError(f"the SFU refused {self.name}: {exc}") from None
+            # A token the SFU cannot verify was issued under another secret: not a fault of
+            # ours or the service's, but an SFU that is not this delivery service's.
+            wrong_sfu = (isinstance(exc, SignallingError) and exc.code == "token"
+                         and exc.reason == "bad signature")
+            raise (WrongSFU if wrong_sfu else ConclaveError)(
+                f"the SFU refused {self.name}: {exc}"
+            ) from None
         except (aiohttp.ClientError, OSError) as exc:
             raise ServiceUnavailable(
                 f"cannot reach the SFU at {shown_url(self.sfu_url)}: {_reason(exc)}"
