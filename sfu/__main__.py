@@ -45,13 +45,13 @@ only, and hangs while that worker is down (worker 0 holds its port): worker 0's
 /healthz?worker=all (or ?worker=I) answers at once with each worker's state, 503 unless all
 are up, and its /metrics has sfu_worker_up, sfu_workers_down and sfu_worker_restarts_total.
 Worker 0 binds every port first (a port in use stops the whole SFU before anything
-serves), then starts the others. Each worker's event loop sends worker 0 a heartbeat every
-second; one silent for --hang-timeout seconds (a stuck loop) is killed. A worker that exits or
-is killed is restarted with a growing delay (1, 2, 4, then 8 s) and meanwhile every worker
-refuses joins for its rooms with code "unavailable" (worker 0 tells the others which are down);
-at the 5th failure in a row the SFU stops with exit status 1. SIGTERM or SIGINT to worker 0 stops
-every worker (another one while they stop kills them at once); the others also stop by
-themselves if worker 0 dies.
+serves), then starts the others. The event loop of each of workers 1..N-1 sends worker 0 a
+heartbeat every second; one silent for --hang-timeout seconds (a stuck loop) is killed. A
+worker that exits or is killed is restarted with a growing delay (1, 2, 4, then 8 s) and
+meanwhile every worker refuses joins for its rooms with code "unavailable" (worker 0 tells the
+others which are down); at the 5th failure in a row the SFU stops with exit status 1. SIGTERM
+or SIGINT to worker 0 stops every worker (another one while they stop kills them at once); the
+others also stop by themselves if worker 0 dies.
 
 secret file: the room-token secret shared with the delivery service, in hex (the value of its
 CONCLAVE_ROOM_SECRET), at least 16 bytes; a file that is not hex is used as raw bytes. It is
