@@ -6,6 +6,7 @@ import argparse
 import logging
 import math
 import os
+import socket
 import sqlite3
 import sys
 
@@ -31,6 +32,44 @@ def _port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"{text} is not a port number within 0-65535")
     return value
+
+
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address of `host`, made before the database is opened: a
+    port in use stops the start-up before it creates (and migrates) a new SQLite file. Port 0
+    takes the port the kernel picks for the first address, and the same one for the others,
+    so that the start-up line names one port a client can use."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    try:
+        for family, kind, proto, _name, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            # as asyncio's create_server does: a restart need not wait out TIME_WAIT, and an
+            # IPv6 socket leaves the IPv4 port to its own socket
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address[0], port, *address[2:]))
+            # listen now: with SO_REUSEADDR, a bound socket that does not listen yet does not
+            # keep another process from binding the port
+            sock.listen(128)
+            port = sock.getsockname()[1]
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def where(socks: list[socket.socket]) -> str:
+    """HOST:PORT of each socket, as bound ([HOST]:PORT for IPv6)."""
+    names = []
+    for sock in socks:
+        host, port = sock.getsockname()[:2]
+        names.append(f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}")
+    return ", ".join(names)
 
 
 def _log_level(text: str) -> str:
@@ -129,14 +168,17 @@ def main(argv: list[str] | None = None) -> None:
     if is_sqlite and not os.path.isdir(os.path.dirname(os.path.abspath(args.db))):
         # Checked here: aiosqlite's failure surfaces from its worker thread as a traceback.
         sys.exit(f"delivery service: the directory of the SQLite file {args.db!r} does not exist")
+    socks: list[socket.socket] = []
     try:
+        socks = bind(args.host, args.port)
         storage = make_storage(args.db, schema=args.pg_schema)
         service = DeliveryService(storage, config, tracker)
-        # aiohttp calls `print` once every socket is bound: an operator sees that the service is
-        # up, where, and on which database (never the DSN's credentials).
-        web.run_app(make_app(service), host=args.host, port=args.port,
-                    print=lambda _banner: log.info("serving on %s:%s with %s", args.host,
-                                                   args.port, describe_db(args.db)))
+        # aiohttp calls `print` once the database is open and the sockets serve: an operator
+        # sees that the service is up, where (the port bound, for --port 0), and on which
+        # database (never the DSN's credentials).
+        web.run_app(make_app(service), sock=socks,
+                    print=lambda _banner: log.info("serving on %s with %s", where(socks),
+                                                   describe_db(args.db)))
     except ImportError as exc:  # asyncpg, installed with the [postgres] extra only
         sys.exit(f"delivery service: PostgreSQL needs asyncpg (pip install 'conclave[postgres]'): "
                  f"{exc}")
@@ -153,6 +195,9 @@ def main(argv: list[str] | None = None) -> None:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             sys.exit(f"delivery service: cannot start with {describe_db(args.db)}: {first}")
         raise
+    finally:
+        for sock in socks:  # closed already if the service ran; not if the start failed
+            sock.close()
 
 
 if __name__ == "__main__":

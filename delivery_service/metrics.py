@@ -62,6 +62,9 @@ def service_metrics() -> Metrics:
                "1 while the database answers, 0 while this instance finds it unreachable.")
     m.describe("ds_database_outages_total", "counter",
                "Times this instance found the database unreachable (one per outage).")
+    m.describe("ds_database_refusals_total", "counter",
+               "Requests the database declined for now (503), by condition: full, readonly, "
+               "io, locked, contention, resources.")
     # Gauges and counters with a sample from the start: an absent series reads as "no data"
     # in Prometheus, not as 0 (an alert on `ds_database_up == 0` needs the 1 before).
     m.set("ds_websockets", 0)

@@ -964,6 +964,8 @@ class DeliveryService:
         availability = self.storage.availability
         self.metrics.set("ds_database_up", 1 if availability.available else 0)
         self.metrics.set("ds_database_outages_total", availability.outages)
+        for condition, count in availability.refusals.items():
+            self.metrics.set("ds_database_refusals_total", count, condition=condition)
         # The exposition format's own media type (Prometheus negotiates on its version).
         return web.Response(
             body=self.metrics.render().encode(),
@@ -1002,11 +1004,23 @@ class DeliveryService:
                 503,
             )
             response.headers["Retry-After"] = "1"
-        except Exception:
-            log.exception("unhandled error on %s %s", request.method, request.path)
-            response = cbor_response(
-                {"error": "internal", "reason": "internal error; the service logged it"}, 500
-            )
+        except Exception as exc:
+            refusal = self.storage.cannot_store(exc)
+            if refusal is None:
+                log.exception("unhandled error on %s %s", request.method, request.path)
+                response = cbor_response(
+                    {"error": "internal", "reason": "internal error; the service logged it"}, 500
+                )
+            else:
+                # Expected while the disk is full or a lock is held: a warning per condition
+                # (`refused`), no traceback; the storage rolled the transaction back.
+                self.storage.availability.refused(refusal.condition, exc)
+                reading = request.method in ("GET", "HEAD")
+                reason = (f"the database cannot {'answer' if reading else 'store'} it now: "
+                          f"{refusal.reason}{'' if reading else '; nothing was stored'}: "
+                          f"retry in {refusal.retry_after} s or later")
+                response = cbor_response({"error": "unavailable", "reason": reason}, 503)
+                response.headers["Retry-After"] = str(refusal.retry_after)
         self.metrics.inc(
             "ds_http_requests_total", route=_route_name(request), status=str(response.status)
         )

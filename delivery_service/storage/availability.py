@@ -56,6 +56,24 @@ class Availability:
         self._last_warning: float | None = None
         self._probe_task: asyncio.Task[None] | None = None
         self._closed = False
+        # Requests the database declined (`Storage.cannot_store`), by condition, for /metrics;
+        # and when each condition's warning was last logged.
+        self.refusals: dict[str, int] = {}
+        self._refusal_warned: dict[str, float] = {}
+
+    def refused(self, condition: str, exc: BaseException) -> None:
+        """The database answers but declined a request (a full disk, a lock held too long...):
+        one warning per condition, repeated at most once per `repeat` seconds while it goes on,
+        not a line per request. Not an outage: reads may go on, and nothing probes."""
+        self.refusals[condition] = self.refusals.get(condition, 0) + 1
+        now = self.clock()
+        last = self._refusal_warned.get(condition)
+        if last is not None and now - last < self.repeat:
+            log.debug("%s declined a request (%s): %s", self.where, condition, one_line(exc))
+            return
+        self._refusal_warned[condition] = now
+        log.warning("%s cannot store now (%s: %s): such requests get 503 until it can",
+                    self.where, condition, one_line(exc))
 
     def lost(self, exc: BaseException) -> None:
         """A request or a connection found the database unreachable."""

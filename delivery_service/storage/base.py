@@ -191,6 +191,17 @@ def describe_db(db: str) -> str:
     return f"SQLite file {db!r}"
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """The database declined a request, and may take it later: `condition` names the cause for
+    the log and /metrics (full, readonly, io, locked, contention), `reason` says it to the
+    client, `retry_after` is the seconds to suggest before trying again."""
+
+    condition: str
+    reason: str
+    retry_after: int
+
+
 class Storage(abc.ABC):
     """Durable state of the delivery service. All times are Unix seconds unless named `_ms`."""
 
@@ -203,6 +214,12 @@ class Storage(abc.ABC):
     def describe(self) -> str:
         """The database, for logs and messages: never a credential."""
         return "the database"
+
+    def cannot_store(self, exc: BaseException) -> Refusal | None:
+        """What to tell a client when `exc` is the database declining a request for now (a full
+        disk, a read-only file, a lock held too long...), which a retry may get through; None
+        for any other error. The transaction it was in has been rolled back."""
+        return None
 
     @property
     def availability(self) -> Availability:

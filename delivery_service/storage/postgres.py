@@ -29,6 +29,7 @@ from .base import (
     KeyPackageRow,
     NewMessage,
     Page,
+    Refusal,
     Storage,
     StoredMessage,
     WelcomeRecord,
@@ -106,6 +107,22 @@ CREATE TABLE IF NOT EXISTS conclave_schema (
 FILL_DIGESTS = (
     "INSERT INTO handshake_digests SELECT group_id, sha256(data), min(seq) FROM messages "
     "WHERE kind = ANY($1) GROUP BY group_id, sha256(data)"
+)
+
+# SQLSTATEs that mean "not now", answered 503 with Retry-After (the transaction was rolled
+# back). Those of a server that is away (57P01 admin shutdown, 53300 too many connections...)
+# are `unavailable_errors`, checked first. A deadlock or serialization loser is not retried
+# in the service: the client's retry re-reads what the request's checks depend on.
+PG_REFUSALS: tuple[tuple[type[asyncpg.PostgresError], Refusal], ...] = (
+    (asyncpg.DiskFullError, Refusal("full", "the database's disk is full", 10)),  # 53100
+    (asyncpg.InsufficientResourcesError,  # 53000, 53200 out of memory, 53400 config limit
+     Refusal("resources", "the database is short of resources", 5)),
+    (asyncpg.ReadOnlySQLTransactionError,  # 25006: a standby, or default_transaction_read_only
+     Refusal("readonly", "the database is read-only", 10)),
+    (asyncpg.PostgresIOError, Refusal("io", "a disk I/O error on the database server", 5)),
+    (asyncpg.LockNotAvailableError, Refusal("locked", "a lock was not granted in time", 1)),
+    (asyncpg.TransactionRollbackError,  # 40001 serialization failure, 40P01 deadlock
+     Refusal("contention", "the transaction conflicted with another one", 1)),
 )
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -254,6 +271,9 @@ class PostgresStorage(Storage):
 
     def describe(self) -> str:
         return describe_db(self.dsn)
+
+    def cannot_store(self, exc: BaseException) -> Refusal | None:
+        return next((r for kind, r in PG_REFUSALS if isinstance(exc, kind)), None)
 
     async def close(self) -> None:
         self._closing = True

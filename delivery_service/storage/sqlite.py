@@ -16,7 +16,9 @@ import contextlib
 import contextvars
 import fcntl
 import json
+import logging
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 
@@ -33,6 +35,7 @@ from .base import (
     KeyPackageRow,
     NewMessage,
     Page,
+    Refusal,
     SchemaVersionError,
     Storage,
     StoredMessage,
@@ -94,6 +97,19 @@ FILL_DIGESTS = (
     " GROUP BY group_id, conclave_sha256(data)"
 )
 
+
+log = logging.getLogger(__name__)
+
+# SQLite's primary result codes (an extended code's low byte) that mean "not now": the service
+# answers 503 with Retry-After, and the transaction was rolled back. Others (a corrupt file, a
+# bug's SQL error) stay 500s: a retry would not help.
+SQLITE_REFUSALS = {
+    5: Refusal("locked", "another connection holds the database locked", 1),  # SQLITE_BUSY
+    6: Refusal("locked", "another connection holds the database locked", 1),  # SQLITE_LOCKED
+    8: Refusal("readonly", "the database is read-only", 10),  # SQLITE_READONLY
+    10: Refusal("io", "a disk I/O error", 5),  # SQLITE_IOERR
+    13: Refusal("full", "the disk or the database is full", 10),  # SQLITE_FULL
+}
 
 # SQLite's header field for "which application's file is this" (PRAGMA application_id): "Cncl".
 APPLICATION_ID = 0x436E636C
@@ -290,6 +306,10 @@ class SQLiteStorage(Storage):
     def describe(self) -> str:
         return f"SQLite file {self.path!r}"
 
+    def cannot_store(self, exc: BaseException) -> Refusal | None:
+        code = getattr(exc, "sqlite_errorcode", None) if isinstance(exc, sqlite3.Error) else None
+        return None if code is None else SQLITE_REFUSALS.get(code & 0xFF)
+
     async def close(self) -> None:
         await self._close_availability()
         if self._reader is not None and self._reader is not self._db:
@@ -308,15 +328,30 @@ class SQLiteStorage(Storage):
         async with self._lock:
             token = self._in_transaction.set(True)
             try:
+                if self.db.in_transaction:
+                    # A ROLLBACK that failed (an I/O error) left one open: BEGIN would fail
+                    # "within a transaction" on every write from now on.
+                    await self.db.execute("ROLLBACK")
                 await self.db.execute("BEGIN IMMEDIATE")
                 try:
                     yield
                     await self.db.execute("COMMIT")
                 except BaseException:
-                    await self.db.execute("ROLLBACK")
+                    await self._rollback()
                     raise
             finally:
                 self._in_transaction.reset(token)
+
+    async def _rollback(self) -> None:
+        """Roll back after an error, which stays the one raised. SQLite may have rolled back
+        already (a full disk or an I/O error at COMMIT, SQLite's documented behaviour), and
+        then ROLLBACK fails "no transaction is active": that would replace the real reason."""
+        if not self.db.in_transaction:
+            return
+        try:
+            await self.db.execute("ROLLBACK")
+        except sqlite3.Error as exc:  # still open: the next `_transaction` retries it
+            log.debug("ROLLBACK failed on %s: %s", self.describe(), exc)
 
     async def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> list[int]:
         """Run statements in one transaction; returns each statement's rowcount."""
