@@ -877,7 +877,7 @@ def format_report(report: AuditReport) -> list[list[str]]:
             f"{shown_name(who)}: {'by value' if ms is None else _duration(ms)}"
             for who, ms in r.removal_latency_ms.items()
         )
-        why = "+".join(r.reasons) + ("" if r.confirmed else " (unconfirmed)")
+        why = ", ".join(r.reasons) + ("" if r.confirmed else " (unconfirmed)")
         rows.append([
             str(r.epoch), str(r.seq), shown_name(r.committer), why,
             ", ".join(map(shown_name, r.added)), ", ".join(map(shown_name, r.removed)), since,

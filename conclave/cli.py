@@ -24,6 +24,8 @@ from .urls import shown_url
 
 DEFAULT_DS_PORT = 8470
 STATE_HELP = "state directory (default: $CONCLAVE_STATE, else ~/.conclave)"
+PG_SCHEMA_HELP = ("PostgreSQL schema for the tables, created if missing (default: the DSN's "
+                  "search_path)")
 DEFAULT_SFU_PORT = 8443
 DEMO_COLUMNS = ["name", "epoch", "members", "safety code", "sent a/v", "decrypted", "failed",
                 "status"]
@@ -137,12 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="conclave",
         description="End-to-end encrypted group calls: MLS keys, SFrame media, an untrusted SFU.",
+        epilog="exit status: 0 success (for join: the call ended, by Ctrl-C or quit too); 1 a "
+               "failed demo check, audit or benchmark; 2 an error, usage included; 130 Ctrl-C "
+               "while joining, or during demo or audit (the README's Exit statuses lists them)",
     )
-    parser.add_argument("--debug", action="store_true", help="log everything, show tracebacks")
+    parser.add_argument("--debug", action="store_true",
+                        help="log everything and show tracebacks (default: errors only, as one "
+                             "line)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the delivery service and the SFU on loopback")
-    p.add_argument("--host", type=listen_host, default="127.0.0.1")
+    p.add_argument("--host", type=listen_host, default="127.0.0.1",
+                   help="the address both services listen on (default 127.0.0.1: this machine "
+                        "only; 0.0.0.0 for every IPv4 interface)")
     p.add_argument("--ds-port", type=port, default=DEFAULT_DS_PORT,
                    help=f"the delivery service's port (default {DEFAULT_DS_PORT}; 0: any free one)")
     p.add_argument("--sfu-port", type=port, default=DEFAULT_SFU_PORT,
@@ -152,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SQLite file or postgresql:// DSN (default: $CONCLAVE_DS_DB, else "
                         "STATE/conclave-ds.sqlite3); give a DSN with a password in "
                         "CONCLAVE_DS_DB, since other users can read command lines")
-    p.add_argument("--pg-schema", default=None, help="PostgreSQL schema for the tables")
+    p.add_argument("--pg-schema", default=None, help=PG_SCHEMA_HELP)
     p.add_argument("--state", type=Path, default=None, help=STATE_HELP)
     p.add_argument("--auditor", action="append", default=None,
                    help="identity allowed to read every group's audit log (default: auditor)")
@@ -161,14 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "theirs, so this bounds how long a removed member's media session lasts")
 
     p = sub.add_parser("demo", help="serve plus four participants in one call, with checks")
-    p.add_argument("--rotation", type=seconds, default=4.0, help="key rotation period, seconds")
-    p.add_argument("--phase", type=seconds_or_zero, default=2.5, help="seconds of media between steps")
-    p.add_argument("--no-live", action="store_true", help="no live table, only the summary")
+    p.add_argument("--rotation", type=seconds, default=4.0, metavar="SECONDS",
+                   help="each participant's key rotation period (default 4)")
+    p.add_argument("--phase", type=seconds_or_zero, default=2.5, metavar="SECONDS",
+                   help="media between the demo's steps (default 2.5)")
+    p.add_argument("--no-live", action="store_true",
+                   help="print the table once at the end instead of a live one (default: live)")
     p.add_argument("--db", default=None,
                    help="SQLite file or postgresql:// DSN, a fresh one: the demo's participants "
                         "are new identities each run, which a database that knows their names "
                         "refuses (default: a temporary SQLite)")
-    p.add_argument("--pg-schema", default=None, help="PostgreSQL schema for the tables")
+    p.add_argument("--pg-schema", default=None, help=PG_SCHEMA_HELP)
 
     from .commands import HELP as COMMANDS_HELP
 
@@ -179,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "job; --no-commands: never).",
         epilog=COMMANDS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--room", required=True)
+    p.add_argument("--room", required=True,
+                   help="the call's room: joined, or created if it does not exist yet")
     p.add_argument("--name", required=True, help="your identity on the delivery service")
     default_ds = f"http://127.0.0.1:{DEFAULT_DS_PORT}"
     p.add_argument("--ds", type=http_url, default=default_ds,
@@ -190,22 +203,28 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_SFU_PORT}, path {SFU_PATH}, where `conclave serve` runs it: "
                         f"{sfu_url_for(default_ds)} for the default --ds)")
     p.add_argument("--video", default=None,
-                   help="file or device to publish, its audio and video (aiortc MediaPlayer)")
+                   help="file or device to publish, its audio and video (aiortc MediaPlayer; "
+                        "default: a synthetic tone and test pattern)")
     p.add_argument("--video-format", default=None,
-                   help="input format for a device, e.g. v4l2 or avfoundation")
+                   help="input format for a device, e.g. v4l2 or avfoundation (default: "
+                        "guessed from --video)")
     p.add_argument("--knock", action="store_true",
-                   help="ask the members to add you instead of joining by external commit")
-    p.add_argument("--no-audio", action="store_true")
-    p.add_argument("--record", type=Path, default=None, help="record what you receive here")
+                   help="ask the members to add you instead of joining by external commit "
+                        "(default: join by external commit)")
+    p.add_argument("--no-audio", action="store_true",
+                   help="publish no audio, only video (default: both)")
+    p.add_argument("--record", type=Path, default=None, metavar="DIR",
+                   help="record the decrypted media you receive in this directory (default: "
+                        "no recording)")
     p.add_argument("--rotation", type=rotation_period, default=30.0,
                    help=f"commit a key rotation every this many seconds, at least "
                         f"{MIN_ROTATION:g} (0: never; default 30)")
     p.add_argument("--duration", type=seconds_or_zero, default=0,
                    help="end the call after this long, staying a member of the group, as Ctrl-C "
-                        "does (0: until Ctrl-C)")
+                        "does (default 0: until Ctrl-C)")
     p.add_argument("--state", type=Path, default=None, help=STATE_HELP)
     p.add_argument("--no-commands", action="store_true",
-                   help="do not read commands from standard input")
+                   help="do not read commands from standard input (default: read them)")
 
     p = sub.add_parser("audit", help="verify a group's handshake log, report key rotations")
     which = p.add_mutually_exclusive_group(required=True)
@@ -214,15 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--group-id", type=parse_group_id, metavar="HEX",
                        help="the MLS group id in hex (0x optional), instead of a room name")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ds", type=http_url, help="delivery service URL (read as an auditor identity)")
-    src.add_argument("--log", type=Path, help="a log saved with --save")
-    p.add_argument("--save", type=Path, default=None, help="save the fetched log to this file")
+    src.add_argument("--ds", type=http_url,
+                     help="the delivery service's URL, to read the log from (as --as)")
+    src.add_argument("--log", type=Path, help="a log saved with --save, to audit offline")
+    p.add_argument("--save", type=Path, default=None, metavar="FILE",
+                   help="with --ds: save the fetched log to this file (default: not saved)")
     p.add_argument("--as", dest="identity", default=None,
                    help="identity to read the log as (with --ds): an auditor (default: auditor, "
                         "registered at its first audit), or a member with saved state")
     p.add_argument("--register", action="store_true",
                    help="with --as NAME that has no saved state: register NAME, an auditor the "
-                        "service names (--auditor), with a new key kept in the state directory")
+                        "service names (--auditor), with a new key kept in the state directory "
+                        "(default: only `auditor` is registered by itself)")
     p.add_argument("--state", type=Path, default=None, help=STATE_HELP + " (with --ds)")
     p.add_argument("--max-log-mb", type=megabytes, default=None, metavar="MB",
                    help="with --ds: give up past this many MiB of messages (default 1024); "
@@ -230,14 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expect-key", type=expected_key, action="append", default=[],
                    metavar="NAME=FINGERPRINT",
                    help="fail unless NAME shows up in the log with this signature-key "
-                        "fingerprint (the one `conclave join` prints for NAME); repeatable")
+                        "fingerprint (the one `conclave join` prints for NAME); repeatable "
+                        "(default: none; with --as a member, its own key is checked)")
 
     p = sub.add_parser("bench", help="benchmarks: MLS, SFrame, SFU, end-to-end call")
-    p.add_argument("--out", type=Path, default=Path("bench-results"))
-    p.add_argument("--quick", action="store_true", help="shorter runs")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), metavar="DIR",
+                   help="directory for the results (default: bench-results)")
+    p.add_argument("--quick", action="store_true",
+                   help="shorter runs, for a smoke test (default: full runs)")
     p.add_argument("--only", type=bench_names, default=None,
                    help="comma-separated subset: mls,sframe,sfu,ds,call, or scripts by the names "
-                        "in the summary (e.g. sfu_forward)")
+                        "in the summary (e.g. sfu_forward; default: everything)")
     return parser
 
 
@@ -360,27 +385,108 @@ def plain(text: str) -> Any:
     return Text(printable(text))
 
 
-def compact_table(title: str, columns: list[str], rows: list[list[Any]]) -> Any:
-    """A rich table with columns one space apart, so that it fits an 80-column terminal.
+# Columns whose cells are names (members' to choose, up to 255 bytes): they fold where they
+# must, so that no part of a name is hidden. Every other column's cells are the program's own
+# short words, which a narrow terminal must not break mid-word.
+NAME_COLUMNS = frozenset({"name", "committer", "added", "removed", "removal latency"})
+# Cells read as one unit, never wrapped (a safety code is compared as a whole).
+UNWRAPPED_COLUMNS = frozenset({"safety code", "status"})
+
+
+def _cell_text(cell: Any) -> str:
+    return cell.plain if hasattr(cell, "plain") else printable(str(cell))
+
+
+def fit_widths(columns: list[str], rows: list[list[Any]], width: int) -> list[int] | None:
+    """Each column's width for a table one space between columns and at each edge, within
+    `width` if it can be: the widest column gives way first, a name column (`NAME_COLUMNS`)
+    down to its heading's longest word (its names then fold), any other down to its longest
+    word, heading or cell. None if even that does not fit: the table then folds as it may,
+    mid-word, rather than cropping a column away.
+
+    (rich alone, short of room, narrows every column alike, cutting "committer" to
+    "committe" over "r", and gives no column a minimum it keeps.)"""
+    from rich.cells import cell_len
+
+    texts = [[col] + [_cell_text(row[i]) for row in rows] for i, col in enumerate(columns)]
+    natural = [max(cell_len(line) for text in column for line in text.split("\n") or [""])
+               for column in texts]
+    lowest = []
+    for col, column, full in zip(columns, texts, natural, strict=True):
+        if col in UNWRAPPED_COLUMNS:
+            lowest.append(full)
+        else:
+            words = column[:1] if col in NAME_COLUMNS else column
+            lowest.append(max((cell_len(w) for text in words for w in text.split()), default=1))
+    widths = list(natural)
+    excess = sum(widths) + len(columns) + 1 - width
+    while excess > 0:
+        # the widest column that can still give way gives one cell
+        able = [i for i in range(len(columns)) if widths[i] > lowest[i]]
+        if not able:
+            return None
+        widest = max(able, key=lambda i: widths[i])
+        widths[widest] -= 1
+        excess -= 1
+    return widths
+
+
+def compact_table(title: str, columns: list[str], rows: list[list[Any]],
+                  width: int | None = None) -> Any:
+    """A rich table with columns one space apart, so that it fits an 80-column terminal (or
+    file: rich lays out a pipe at 80 columns); given the console's `width`, laid out by
+    `fit_widths`, so that headings and the program's own words stay whole.
 
     The title and every `str` cell are plain text (see `plain`): they hold names and rooms that
-    members or the service chose. Pass a `rich.text.Text` for a styled cell. Long cells fold
-    instead of ending in an ellipsis, so that no part of a name is hidden."""
+    members or the service chose. Pass a `rich.text.Text` for a styled cell. Long cells of
+    `NAME_COLUMNS` fold instead of ending in an ellipsis, so that no part of a name is
+    hidden."""
     from rich import box
     from rich.table import Table
 
+    widths = fit_widths(columns, rows, width) if width is not None else None
     t = Table(title=plain(title), box=box.SIMPLE_HEAD, padding=0)
-    for col in columns:
-        t.add_column(col, no_wrap=col in ("safety code", "status", "why"), overflow="fold")
+    for i, col in enumerate(columns):
+        t.add_column(col, no_wrap=col in UNWRAPPED_COLUMNS, overflow="fold",
+                     width=None if widths is None else widths[i])
     for row in rows:
         t.add_row(*(plain(cell) if isinstance(cell, str) else cell for cell in row))
     return t
 
 
-def report_table(title: str, report: Any) -> Any:
+def report_table(title: str, report: Any, width: int | None = None) -> Any:
     from .audit import REPORT_COLUMNS, format_report
 
-    return compact_table(title, REPORT_COLUMNS, format_report(report))
+    return compact_table(title, REPORT_COLUMNS, format_report(report), width)
+
+
+def print_block(console: Any, renderable: Any) -> None:
+    """Print a rich renderable; to a file or pipe, without the spaces rich pads each line
+    with to the full width (noise in a saved report, and in `less`)."""
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    with console.capture() as captured:
+        console.print(renderable)
+    console.file.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+
+
+def print_lines(console: Any, lines: list[str]) -> None:
+    """Print report lines as plain text (see `plain`), each wrapped at whole words to the
+    console's width, its continuation lines indented two more spaces than the line itself, so
+    that where one note ends and the next begins stays clear at 80 columns and in a file."""
+    import textwrap
+
+    for line in lines:
+        text = printable(line)
+        indent = " " * (len(text) - len(text.lstrip(" ")))
+        wrapped = textwrap.wrap(
+            text, max(console.width, 20), subsequent_indent=indent + "  ",
+            break_long_words=False, break_on_hyphens=False,  # no fingerprint or name cut
+        ) or [""]
+        # soft_wrap: the lines are laid out already; rich must not wrap them again.
+        console.print("\n".join(wrapped), markup=False, highlight=False, emoji=False,
+                      soft_wrap=True)
 
 
 # -- serve
@@ -449,7 +555,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
                 str(s.failed),
                 Text("removed", "red") if s.removed else Text("in call", "green"),
             ])
-        return compact_table(f"conclave demo: {step}", DEMO_COLUMNS, rows)
+        return compact_table(f"conclave demo: {step}", DEMO_COLUMNS, rows, console.width)
 
     config = DemoConfig(rotation_period=args.rotation, phase=args.phase, db=args.db,
                         pg_schema=args.pg_schema)
@@ -463,7 +569,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     stop = stop_on_signals()
     if args.no_live:
         result = await until_stopped(stop, run_demo(config, remember))
-        console.print(table("done", last))
+        print_block(console, table("done", last))
     else:
         with Live(table("starting", []), console=console, refresh_per_second=4) as live:
             result = await until_stopped(stop, run_demo(
@@ -471,9 +577,9 @@ async def cmd_demo(args: argparse.Namespace) -> int:
             ))
         console.print()
     if result.report is not None:
-        console.print(report_table("key rotations (conclave audit)", result.report))
-        for line in report_notes(result.report, keys=False):
-            console.print(plain(line))
+        print_block(console, report_table("key rotations (conclave audit)", result.report,
+                                          console.width))
+        print_lines(console, report_notes(result.report, keys=False))
     for name, passed, detail in result.checks:
         # The detail may quote what a service or a peer said: plain text, not markup.
         console.print(Text.assemble(
@@ -668,24 +774,25 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     from .audit import shown_name
 
     console = Console()
-    console.print(report_table(
-        f"key rotations of {label}: epochs {report.first_epoch}-{report.last_epoch}", report
+    print_block(console, report_table(
+        f"key rotations of {label}: epochs {report.first_epoch}-{report.last_epoch}", report,
+        console.width,
     ))
     # Plain text, not markup: the members' names are theirs to choose.
-    for line in report_notes(report):
-        console.print(plain(line))
+    lines = report_notes(report)
     if known is not None:
-        console.print(plain(
+        lines.append(
             f"checked against {shown_name(known.name)}'s saved state: its signature key, and "
             f"the group as it lived epoch {known.epoch}"
-        ))
-    console.print(plain(
+        )
+    lines.append(
         f"OK: {report.messages} messages, {len(report.rotations)} commits verified "
         f"(signatures, epoch chain, public tree), {report.group_infos_checked} GroupInfos "
         f"matched the transcript; this log ends at epoch {report.last_epoch} (seq "
         f"{report.last_seq}); members at the end of this log: "
         f"{', '.join(map(shown_name, report.members))}"
-    ))
+    )
+    print_lines(console, lines)
     return 0
 
 
@@ -705,12 +812,19 @@ def check_expected_keys(report: Any, expected: list[tuple[str, str]]) -> None:
 def report_notes(report: Any, keys: bool = True) -> list[str]:
     """What the table alone would not say: the log's keys, what it leaves undone, and what no
     audit can know."""
+    from rich.cells import cell_len
+
     from .audit import shown_name
 
     lines = []
-    if keys:
-        lines = [f"signature keys: {shown_name(name)} {fingerprint}"
-                 for name, fingerprint in report.keys.items()]
+    if keys and report.keys:
+        # One heading, then a name and its fingerprint a line, the fingerprints lined up
+        # (compared by eye with those `conclave join` prints); a very long name is not padded.
+        shown = {shown_name(name): fingerprint for name, fingerprint in report.keys.items()}
+        pad = min(max(map(cell_len, shown)), 24)
+        lines.append("signature keys:")
+        lines += [f"  {name}{' ' * (pad - cell_len(name))}  {fingerprint}"
+                  for name, fingerprint in shown.items()]
         lines.append(
             "  (names are tied to people only by these fingerprints: compare each with the one "
             "`conclave join` prints for that member, or pass --expect-key)"

@@ -124,6 +124,23 @@ def _member_named(members: list[str], typed: str) -> str | None:
                 typed if typed in members else None)
 
 
+def _backslash_hint(typed: tuple[str, ...], strangers: list[str]) -> str:
+    """For a name typed as a shell would take it, `a\\ b` (here two words, "a\\" and "b": a
+    backslash is an ordinary character, so that names are typed as `members` shows them): how
+    to type it, quoted. Empty if no word that names no member ends with a backslash."""
+    for start, word in enumerate(typed):
+        if word in strangers and word.endswith("\\"):
+            # the words the backslashes would have joined: `a\\ b\\ c` is 'a b c'
+            end = start
+            while end + 1 < len(typed) and typed[end].endswith("\\"):
+                end += 1
+            joined = " ".join(w.removesuffix("\\") for w in typed[start:end + 1]).strip()
+            example = shown_name(joined) if " " in joined else "'a b'"
+            return (f" (a backslash does not escape a space here: quote a name with spaces, "
+                    f"remove {example})")
+    return ""
+
+
 class InCall:
     """Carries out commands for one participant in its call, one at a time. `quit` is set by
     the `quit` command; `left` says the member asked to leave (so its removal is no
@@ -164,7 +181,8 @@ class InCall:
         found = {t: _member_named(members, t) for t in typed}
         strangers = [t for t, name in found.items() if name is None]
         if strangers:
-            raise CommandError(f"not members of the call: {listed(strangers)}")
+            raise CommandError(f"not members of the call: {listed(strangers)}"
+                               + _backslash_hint(typed, strangers))
         names = list(dict.fromkeys(n for n in found.values() if n is not None))
         if p.name in names:
             raise CommandError("to remove yourself, use leave")

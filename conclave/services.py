@@ -103,8 +103,12 @@ class Services:
             ) from None
         self.service = DeliveryService(storage, config)
         self.sfu = SFUServer(SFUConfig(token_secret=self.room_secret))
+        # Which port is being bound, for the message if it is in use: `conclave serve`'s
+        # option that changes it, and what listens there.
+        binding = (self.ds_port, "--ds-port", "the delivery service")
         try:
             ds_port = await self._serve(make_app(self.service, manage_storage=False), self.ds_port)
+            binding = (self.sfu_port, "--sfu-port", "the SFU")
             sfu_port = await self._serve(self.sfu.app(), self.sfu_port)
             self._sfu_runner = self._runners[-1]
         except BaseException as exc:
@@ -115,10 +119,19 @@ class Services:
                 raise ServiceUnavailable(f"cannot listen on {self.host}: unknown host") from None
             if not isinstance(exc, OSError):
                 raise
-            # in use: another port helps; not an address of this machine: another host does
-            advice = "pick other ports" if exc.errno == errno.EADDRINUSE else "check --host"
-            raise ServiceUnavailable(
-                f"cannot listen on {self.host}: {exc.strerror or exc}; {advice}"
+            if exc.errno != errno.EADDRINUSE:  # not an address of this machine: another host
+                raise ServiceUnavailable(
+                    f"cannot listen on {self.host}: {exc.strerror or exc}; check --host"
+                ) from None
+            # in use: name the port and the option that moves it
+            port, option, whose = binding
+            if option == "--sfu-port" and self.sfu_port == self.ds_port:
+                advice = "--sfu-port is the same as --ds-port: give them different ports"
+            else:
+                advice = f"give it another with {option}"
+            raise ServiceUnavailable(  # (asyncio's strerror repeats the address)
+                f"cannot listen on {self.host} port {port} for {whose}: the port is in use; "
+                f"{advice}"
             ) from None
         self.ds_url = f"http://{url_host(self.host)}:{ds_port}"
         self.sfu_url = f"http://{url_host(self.host)}:{sfu_port}/v1/signal"

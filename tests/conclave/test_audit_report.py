@@ -281,10 +281,13 @@ def test_the_cli_prints_keys_pending_removals_unconfirmed_commits_and_its_limits
 ) -> None:
     entries, request = _requested_not_removed()
     assert _cli(tmp_path, entries) == 0
-    out = " ".join(capsys.readouterr().out.split())
+    printed = capsys.readouterr().out
+    out = " ".join(printed.split())
     report = audit(GID, entries)
+    # one heading, then each name with its key's fingerprint on a line of its own
+    assert printed.count("signature keys:") == 1
     for name, fingerprint in report.keys.items():
-        assert f"signature keys: {name} {fingerprint}" in out
+        assert f"\n  {name.ljust(5)}  {fingerprint}\n" in printed
     assert f"removal requested, not carried out: carol (first request seq {request}, by bob)" in out
     # alice's two periodic commits: only bob (epoch 1) signed anything besides her
     assert "unconfirmed (epoch 2, 3): no member but its committer signed anything" in out

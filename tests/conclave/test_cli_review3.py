@@ -267,4 +267,8 @@ def test_serve_names_what_to_change_when_it_cannot_listen(tmp_path: Path) -> Non
         port = taken.getsockname()[1]
         proc = _serve(tmp_path, "--ds-port", str(port))
     assert proc.returncode == 2
-    assert proc.stderr.endswith("; pick other ports\n"), proc.stderr
+    # Updated (tests/conclave/test_cli_polish.py): which port is in use, and the option that
+    # changes it, instead of "pick other ports".
+    assert proc.stderr == (f"conclave serve: cannot listen on 127.0.0.1 port {port} for the "
+                           "delivery service: the port is in use; give it another with "
+                           "--ds-port\n"), proc.stderr
