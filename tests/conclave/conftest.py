@@ -30,6 +30,22 @@ async def services(tmp_path: Path) -> AsyncIterator[Services]:
 
 
 @pytest.fixture
+async def two_services(tmp_path: Path) -> AsyncIterator[tuple[Services, Services]]:
+    """Two delivery services (and SFUs) with databases of their own: one name, two keys."""
+    one = Services(db=str(tmp_path / "one.sqlite3"))
+    two = Services(db=str(tmp_path / "two.sqlite3"))
+    await one.start()
+    try:
+        await two.start()
+        try:
+            yield one, two
+        finally:
+            await two.stop()
+    finally:
+        await one.stop()
+
+
+@pytest.fixture
 async def trio(services: Services, tmp_path: Path) -> AsyncIterator[list[Participant]]:
     """alice, bob and carol in one call (alice created it and invited the others)."""
     people = [

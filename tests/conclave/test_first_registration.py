@@ -113,35 +113,28 @@ async def test_a_refusal_other_than_a_taken_name_keeps_the_new_key(
 
 
 async def test_a_registered_state_stays_when_another_service_refuses_it(
-    tmp_path: Path,
+    tmp_path: Path, two_services: tuple[Services, Services]
 ) -> None:
-    one = Services(db=str(tmp_path / "one.sqlite3"))
-    two = Services(db=str(tmp_path / "two.sqlite3"))
-    await one.start()
-    await two.start()
-    try:
-        home = tmp_path / "home"
-        dave = Participant("dave", one.ds_url, state_dir=home)
-        await dave.start()
-        await dave.create("r")
-        await dave.close()
-        other = Participant("dave", two.ds_url, state_dir=tmp_path / "other")
-        await other.start()
-        await other.close()
-        before = (home / "dave.state").read_bytes()
-        lost = Participant("dave", two.ds_url, state_dir=home)
-        with pytest.raises(ConclaveError) as info:
-            await lost.start()
-        await lost.close()
-        assert str(info.value) == (
-            f"the delivery service at {two.ds_url} refused to register dave: the name is "
-            f"registered with another key than the one in {home / 'dave.state'}: join with the "
-            "state directory that registered it (--state), or choose another --name"
-        )
-        assert (home / "dave.state").read_bytes() == before  # its call and its key
-    finally:
-        await one.stop()
-        await two.stop()
+    one, two = two_services
+    home = tmp_path / "home"
+    dave = Participant("dave", one.ds_url, state_dir=home)
+    await dave.start()
+    await dave.create("r")
+    await dave.close()
+    other = Participant("dave", two.ds_url, state_dir=tmp_path / "other")
+    await other.start()
+    await other.close()
+    before = (home / "dave.state").read_bytes()
+    lost = Participant("dave", two.ds_url, state_dir=home)
+    with pytest.raises(ConclaveError) as info:
+        await lost.start()
+    await lost.close()
+    assert str(info.value) == (
+        f"the delivery service at {two.ds_url} refused to register dave: the name is "
+        f"registered with another key than the one in {home / 'dave.state'}: join with the "
+        "state directory that registered it (--state), or choose another --name"
+    )
+    assert (home / "dave.state").read_bytes() == before  # its call and its key
 
 
 async def test_an_earlier_runs_unregistered_key_is_kept_and_explained(

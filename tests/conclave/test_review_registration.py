@@ -63,34 +63,27 @@ async def _registered_state(ds_url: str, state: Path, name: str) -> bytes:
 
 
 async def test_an_audit_keeps_a_registered_state_that_appeared_as_it_started(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, two_services: tuple[Services, Services]
 ) -> None:
     # fetch_log judged "new" by the file's absence before it read the state: an auditor state
     # saved meanwhile by another audit (registered with the service it used) was deleted when
     # this service refused the name.
-    one = Services(db=str(tmp_path / "one.sqlite3"))
-    two = Services(db=str(tmp_path / "two.sqlite3"))
-    await one.start()
-    await two.start()
-    try:
-        registered = await _registered_state(one.ds_url, tmp_path / "one", DEFAULT_AUDITOR)
-        await _registered_state(two.ds_url, tmp_path / "two", DEFAULT_AUDITOR)  # another key
-        home = tmp_path / "home"
-        home.mkdir()
+    one, two = two_services
+    registered = await _registered_state(one.ds_url, tmp_path / "one", DEFAULT_AUDITOR)
+    await _registered_state(two.ds_url, tmp_path / "two", DEFAULT_AUDITOR)  # another key
+    home = tmp_path / "home"
+    home.mkdir()
 
-        def appearing(*args: Any, **kwargs: Any) -> Participant:
-            # The other audit finishes between fetch_log's look and its read.
-            (home / f"{DEFAULT_AUDITOR}.state").write_bytes(registered)
-            return Participant(*args, **kwargs)
+    def appearing(*args: Any, **kwargs: Any) -> Participant:
+        # The other audit finishes between fetch_log's look and its read.
+        (home / f"{DEFAULT_AUDITOR}.state").write_bytes(registered)
+        return Participant(*args, **kwargs)
 
-        monkeypatch.setattr(demo, "Participant", appearing)
-        with pytest.raises(RequestFailed) as info:
-            await demo.fetch_log(two.ds_url, b"\x01" * 32, home)
-        assert info.value.code == "conflict"
-        assert (home / f"{DEFAULT_AUDITOR}.state").read_bytes() == registered
-    finally:
-        await one.stop()
-        await two.stop()
+    monkeypatch.setattr(demo, "Participant", appearing)
+    with pytest.raises(RequestFailed) as info:
+        await demo.fetch_log(two.ds_url, b"\x01" * 32, home)
+    assert info.value.code == "conflict"
+    assert (home / f"{DEFAULT_AUDITOR}.state").read_bytes() == registered
 
 
 async def test_a_password_in_ds_is_not_in_the_errors(tmp_path: Path, services: Services) -> None:
