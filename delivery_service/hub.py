@@ -145,8 +145,17 @@ class Connection:
                 log.debug("push to %s stopped: %s", self.identity, exc)
             else:
                 log.info("push to %s stopped: %s", self.identity, exc)
-        except Exception:
-            log.exception("push to %s failed", self.identity)
+        except Exception as exc:
+            refusal = self.hub.storage.cannot_store(exc)
+            if refusal is not None:
+                # The database declined the catch-up's read for now (a lock held past
+                # busy_timeout, an I/O error): as for an outage, one warning per condition,
+                # and the close below makes the client reconnect and catch up then. Unlike a
+                # ConnectionError, never the socket's: so told even if the client left too.
+                self.hub.storage.availability.refused(refusal.condition, exc)
+                log.debug("push to %s stopped: %s", self.identity, exc)
+            else:
+                log.exception("push to %s failed", self.identity)
         # Whatever failed, this connection can no longer promise every message in order: close
         # it, so that the client reconnects and resumes from its cursors.
         with contextlib.suppress(Exception):

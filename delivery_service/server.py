@@ -932,6 +932,16 @@ class DeliveryService:
             except self.storage.unavailable_errors as exc:
                 self.storage.availability.lost(exc)
                 continue
+            except Exception as exc:
+                refusal = self.storage.cannot_store(exc)
+                if refusal is None:
+                    raise
+                # Declined for now (a lock held past busy_timeout, an I/O error): told once per
+                # condition like a request's, and asked again at the next interval. Ending the
+                # watcher instead would leave the session unchecked for the socket's lifetime.
+                self.storage.availability.refused(refusal.condition, exc)
+                log.debug("session check declined by the database: %s", exc)
+                continue
             if not alive:
                 await ws.close(code=WS_SESSION_ENDED,
                                message=b"session expired or revoked: log in again")

@@ -123,6 +123,10 @@ class DatabaseInUse(OSError):
 # second storage on one of them is refused without opening the file, since closing any
 # descriptor of a file drops every POSIX lock the process holds on it, SQLite's included.
 _held: dict[tuple[int, int], int] = {}
+# Descriptors of a held file that `lock_file` opened by a name renamed to it meanwhile: kept
+# open, by the held file's key, until its holder unlocks it (`unlock_file`), when no SQLite
+# connection of that storage is left to lose its locks; closing one before would drop them.
+_parked: dict[tuple[int, int], list[int]] = {}
 
 
 def _in_use(holder: int | None) -> DatabaseInUse:
@@ -156,6 +160,9 @@ def lock_file(path: str) -> int | None:
     try:
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) in _held:  # replaced by a name of a held file meanwhile
+            # Not closed: that would drop SQLite's POSIX locks on the held file (see `_parked`).
+            _parked.setdefault((st.st_dev, st.st_ino), []).append(fd)
+            fd = -1
             raise _in_use(os.getpid())
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -165,7 +172,8 @@ def lock_file(path: str) -> int | None:
         os.close(fd)
         raise _in_use(holder) from None
     except BaseException:
-        os.close(fd)
+        if fd >= 0:  # -1: parked, not ours to close
+            os.close(fd)
         raise
     _held[(st.st_dev, st.st_ino)] = fd
     return fd
@@ -176,6 +184,8 @@ def unlock_file(fd: int) -> None:
     for key, held in list(_held.items()):
         if held == fd:
             del _held[key]
+            for parked in _parked.pop(key, []):
+                os.close(parked)
     os.close(fd)
 
 
