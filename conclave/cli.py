@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="End-to-end encrypted group calls: MLS keys, SFrame media, an untrusted SFU.",
         epilog="exit status: 0 success (for join: the call ended, by Ctrl-C or quit too); 1 a "
                "failed demo check, audit or benchmark; 2 an error, usage included; 130 Ctrl-C "
-               "while joining, or during demo or audit (the README's Exit statuses lists them)",
+               "(or SIGTERM) while joining, or during demo or audit (the README's Exit statuses "
+               "lists them)",
     )
     parser.add_argument("--debug", action="store_true",
                         help="log everything and show tracebacks (default: errors only, as one "
@@ -720,6 +721,12 @@ async def cmd_join(args: argparse.Namespace) -> int:
 
 
 async def cmd_audit(args: argparse.Namespace) -> int:
+    # SIGTERM as Ctrl-C (130): by default it would end the process at once, with a status of
+    # its own and an auditor's state lock and connections not let go of in order.
+    return await until_stopped(stop_on_signals(), _audit(args))
+
+
+async def _audit(args: argparse.Namespace) -> int:
     from .audit import audit, load_log, save_log
     from .services import DEFAULT_AUDITOR
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from delivery_service.errors import RequestFailed
 
 from .audit import MAX_LOG_BYTES, AuditReport, LogEntry, audit, read_log
+from .errors import ConclaveError, StateInUse
 from .media import MediaSpec
 from .participant import Participant
 from .services import DEFAULT_AUDITOR, Services
@@ -70,11 +71,19 @@ async def fetch_log(
     # then refuses one saved after.
     new = auditor._read_state is None
     try:
-        if new:
-            # Another audit starting at once would make a key of its own too, save it over
-            # ours and, refused, delete the file: the name registered to a key no one holds.
-            # Locked, a second one is refused (the file changed since it looked).
+        # Locked whether new or not, as `conclave join` locks it. New: another audit starting
+        # at once would make a key of its own too, save it over ours and, refused, delete the
+        # file: the name registered to a key no one holds (locked, the second one is refused:
+        # the file changed since it looked). Saved: a running join under this name would have
+        # its state, a later epoch, overwritten by the one read here.
+        try:
             auditor._lock_state()
+        except StateInUse:
+            raise ConclaveError(
+                f"{identity} is running with the state directory {state_dir} (a `conclave "
+                "join` under this name?): reading the log as it would save its state over the "
+                "running one's; stop it first, or audit with another --as"
+            ) from None
         # The key on disk before it is registered for good (as `Participant.start` does).
         auditor.save()
         try:

@@ -11,6 +11,10 @@ class ServiceUnavailable(ConclaveError):
     """The delivery service or the SFU cannot be reached."""
 
 
+class StateInUse(ConclaveError):
+    """Another run holds the lock on an identity's saved state (`Participant._lock_state`)."""
+
+
 class NotInGroup(ConclaveError):
     """An operation needs membership of the call's MLS group."""
 

@@ -76,7 +76,14 @@ from sfu import aiortc_hooks
 from sfu.client import SFUClient
 from sfu.errors import SFUError, SignallingError
 
-from .errors import CommitFailed, ConclaveError, NotInGroup, ServiceUnavailable, WrongSFU
+from .errors import (
+    CommitFailed,
+    ConclaveError,
+    NotInGroup,
+    ServiceUnavailable,
+    StateInUse,
+    WrongSFU,
+)
 from .files import replace_file
 from .media import MediaSpec
 from .safety import key_fingerprint, safety_code
@@ -606,7 +613,7 @@ class Participant:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise ConclaveError(
+            raise StateInUse(
                 f"{self.name} is running already with the state directory {self.state_dir} "
                 "(another `conclave join` with this name?): stop it first, or join under "
                 "another name (another --state alone is refused: its new key is not the "
