@@ -7,6 +7,7 @@ skip, except under CI (CI set), where they fail: CI must test both backends.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -114,6 +115,17 @@ async def storage(database: Database) -> AsyncIterator[Storage]:
     await s.close()
 
 
+@contextlib.asynccontextmanager
+async def serving(service: DeliveryService) -> AsyncIterator[str]:
+    """`service` on an ephemeral port of 127.0.0.1, its storage left to the caller: its URL."""
+    server = TestServer(make_app(service, manage_storage=False), host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
+
+
 @dataclass
 class Served:
     url: str
@@ -127,10 +139,8 @@ async def served(storage: Storage) -> AsyncIterator[Served]:
     service = DeliveryService(
         storage, Config(max_body=64 * 1024, auditors=frozenset({"auditor"})), BasicTracker()
     )
-    server = TestServer(make_app(service, manage_storage=False), host="127.0.0.1")
-    await server.start_server()
-    yield Served(str(server.make_url("")).rstrip("/"), service)
-    await server.close()
+    async with serving(service) as url:
+        yield Served(url, service)
 
 
 MakeClient = Callable[..., Awaitable[tuple[DeliveryClient, Client]]]
@@ -157,11 +167,8 @@ async def make_client(served: Served) -> AsyncIterator[MakeClient]:
 @pytest.fixture
 async def url(storage: Storage) -> AsyncIterator[str]:
     """A service with the default tracker (PublicGroupTracker): real MLS groups only."""
-    service = DeliveryService(storage, Config())
-    server = TestServer(make_app(service, manage_storage=False), host="127.0.0.1")
-    await server.start_server()
-    yield str(server.make_url("")).rstrip("/")
-    await server.close()
+    async with serving(DeliveryService(storage, Config())) as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)

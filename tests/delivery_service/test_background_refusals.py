@@ -16,17 +16,17 @@ from pathlib import Path
 import aiohttp
 import cbor2
 import pytest
-from aiohttp.test_utils import TestServer
 
 from delivery_service.client import DeliveryClient
-from delivery_service.server import WS_SESSION_ENDED, Config, DeliveryService, make_app
+from delivery_service.server import WS_SESSION_ENDED, Config, DeliveryService
 from delivery_service.storage import SQLiteStorage
 from delivery_service.storage.base import IdentityRecord
 from delivery_service.storage.sqlite import DatabaseInUse, _parked
 from delivery_service.tracker import BasicTracker
 
+from .conftest import serving
 from .procs import ds_client
-from .test_review_outage import read_identities_elsewhere
+from .test_review_outage import assert_sqlite_locks_kept
 
 
 def sqlite_error(message: str, code: int) -> sqlite3.OperationalError:
@@ -49,16 +49,15 @@ async def running(tmp_path: Path) -> AsyncIterator[Running]:
     storage = SQLiteStorage(str(tmp_path / "ds.sqlite3"))
     await storage.open()
     service = DeliveryService(storage, Config(session_check_interval=0.05), BasicTracker())
-    server = TestServer(make_app(service, manage_storage=False), host="127.0.0.1")
-    await server.start_server()
-    url = str(server.make_url("")).rstrip("/")
-    alice = ds_client(url, "alice")
     try:
-        await alice.register()
-        yield Running(service, storage, url, alice)
+        async with serving(service) as url:
+            alice = ds_client(url, "alice")
+            try:
+                await alice.register()
+                yield Running(service, storage, url, alice)
+            finally:
+                await alice.close()
     finally:
-        await alice.close()
-        await server.close()
         await storage.close()
 
 
@@ -178,10 +177,7 @@ async def test_a_rename_to_a_held_file_during_the_lock_keeps_its_sqlite_locks(
         await second.close()
         assert os.path.samefile(other, db)  # the race did happen
         assert os.getpid() in posix_lock_holders(db)
-        assert read_identities_elsewhere(db) == ["alice"]
-        assert (tmp_path / "ds.sqlite3-wal").exists()  # not taken for the last connection
-        await first.register_identity(IdentityRecord("bob", 1, b"b" * 32))
-        assert sorted(read_identities_elsewhere(db)) == ["alice", "bob"]
+        await assert_sqlite_locks_kept(first, db)
     finally:
         await first.close()
     assert _parked == {}  # released with the lock it was parked for: no descriptor leaks

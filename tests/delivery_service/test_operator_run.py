@@ -13,16 +13,15 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 
 from delivery_service.__main__ import main
 from delivery_service.client import wait_healthy
-from delivery_service.server import Config, DeliveryService, make_app
+from delivery_service.server import Config, DeliveryService
 from delivery_service.storage import SQLiteStorage
 from delivery_service.storage.postgres import PostgresStorage
 from delivery_service.tracker import BasicTracker
 
-from .conftest import drop_schema, require_postgres
+from .conftest import drop_schema, require_postgres, serving
 from .pgproxy import PgProxy
 from .procs import ROOM_SECRET, ds_client, free_port
 
@@ -203,13 +202,10 @@ def test_a_rate_that_is_not_a_number_is_refused(option: str, value: str) -> None
 async def sqlite_served(tmp_path: Path) -> AsyncIterator[tuple[str, SQLiteStorage]]:
     storage = SQLiteStorage(str(tmp_path / "ds.sqlite3"))
     await storage.open()
-    server = TestServer(make_app(DeliveryService(storage, Config(), BasicTracker()),
-                                 manage_storage=False), host="127.0.0.1")
-    await server.start_server()
     try:
-        yield str(server.make_url("")).rstrip("/"), storage
+        async with serving(DeliveryService(storage, Config(), BasicTracker())) as url:
+            yield url, storage
     finally:
-        await server.close()
         await storage.close()
 
 
@@ -247,21 +243,17 @@ async def test_metrics_show_a_postgresql_outage_without_any_request(tmp_path: Pa
     await proxy.start()
     storage = PostgresStorage(proxy.dsn, schema=schema)
     await storage.open()
-    server = TestServer(make_app(DeliveryService(storage, Config(), BasicTracker()),
-                                 manage_storage=False), host="127.0.0.1")
-    await server.start_server()
-    url = str(server.make_url("")).rstrip("/")
     try:
-        assert metric(await scrape(url), "ds_database_up") == 1
-        proxy.mode = "down"
-        proxy.drop()  # the LISTEN connection is cut: the instance notices by itself
-        text = await until_metric(url, "ds_database_up", 0)
-        assert metric(text, "ds_database_outages_total") == 1
-        proxy.mode = "up"
-        text = await until_metric(url, "ds_database_up", 1)
-        assert metric(text, "ds_database_outages_total") == 1
+        async with serving(DeliveryService(storage, Config(), BasicTracker())) as url:
+            assert metric(await scrape(url), "ds_database_up") == 1
+            proxy.mode = "down"
+            proxy.drop()  # the LISTEN connection is cut: the instance notices by itself
+            text = await until_metric(url, "ds_database_up", 0)
+            assert metric(text, "ds_database_outages_total") == 1
+            proxy.mode = "up"
+            text = await until_metric(url, "ds_database_up", 1)
+            assert metric(text, "ds_database_outages_total") == 1
     finally:
-        await server.close()
         await storage.close()
         await proxy.close()
         await drop_schema(dsn, schema)

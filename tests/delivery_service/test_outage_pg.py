@@ -11,17 +11,16 @@ from collections.abc import AsyncIterator
 import aiohttp
 import cbor2
 import pytest
-from aiohttp.test_utils import TestServer
 
 from delivery_service.client import DeliveryClient, wait_healthy
 from delivery_service.errors import RequestFailed
-from delivery_service.server import Config, DeliveryService, make_app
+from delivery_service.server import Config, DeliveryService
 from delivery_service.storage.availability import Availability
 from delivery_service.storage.postgres import PostgresStorage
 from delivery_service.tracker import BasicTracker
 
 from . import mlsmsg
-from .conftest import drop_schema, require_postgres
+from .conftest import drop_schema, require_postgres, serving
 from .pgproxy import PgProxy
 from .procs import ds_client
 
@@ -42,13 +41,10 @@ async def proxied() -> AsyncIterator[tuple[PgProxy, str, PostgresStorage]]:
     await proxy.start()
     storage = PostgresStorage(with_password(proxy.dsn), schema=schema)
     await storage.open()
-    server = TestServer(make_app(DeliveryService(storage, Config(), BasicTracker()),
-                                 manage_storage=False), host="127.0.0.1")
-    await server.start_server()
     try:
-        yield proxy, str(server.make_url("")).rstrip("/"), storage
+        async with serving(DeliveryService(storage, Config(), BasicTracker())) as url:
+            yield proxy, url, storage
     finally:
-        await server.close()
         await storage.close()
         await proxy.close()
         await drop_schema(dsn, schema)

@@ -35,6 +35,16 @@ def read_identities_elsewhere(db: Path) -> list[str]:
     return [name for name in done.stdout.strip().split(",") if name]
 
 
+async def assert_sqlite_locks_kept(first: SQLiteStorage, db: Path) -> None:
+    """That `first`, which holds `db` with alice registered, still has SQLite's locks after a
+    second storage was refused on the file: another process reads it, without taking itself
+    for the last connection (which deletes the live -wal), and a later write is seen."""
+    assert read_identities_elsewhere(db) == ["alice"]
+    assert db.with_name(db.name + "-wal").exists()
+    await first.register_identity(IdentityRecord("bob", 1, b"b" * 32))
+    assert sorted(read_identities_elsewhere(db)) == ["alice", "bob"]
+
+
 async def test_a_refused_second_open_keeps_the_first_storages_sqlite_locks(
     tmp_path: Path,
 ) -> None:
@@ -51,10 +61,7 @@ async def test_a_refused_second_open_keeps_the_first_storages_sqlite_locks(
         with pytest.raises(DatabaseInUse):
             await second.open()
         await second.close()
-        assert read_identities_elsewhere(db) == ["alice"]
-        assert (tmp_path / "ds.sqlite3-wal").exists()  # not taken for the last connection
-        await first.register_identity(IdentityRecord("bob", 1, b"b" * 32))
-        assert sorted(read_identities_elsewhere(db)) == ["alice", "bob"]
+        await assert_sqlite_locks_kept(first, db)
     finally:
         await first.close()
 
@@ -138,41 +145,41 @@ async def test_a_push_catch_up_refused_by_the_database_is_the_outage_warning(
     """With the database away, asyncpg's connect is refused with ConnectionRefusedError, a
     ConnectionError like a client's socket going away: a push stream's catch-up failing so
     is the outage (told once), not an info line per stream and per reconnection."""
-    from aiohttp.test_utils import TestServer
-
-    from delivery_service.server import Config, DeliveryService, make_app
+    from delivery_service.server import Config, DeliveryService
     from delivery_service.tracker import BasicTracker
 
+    from .conftest import serving
     from .procs import ds_client
 
     caplog.set_level(logging.DEBUG, logger="delivery_service")
     storage = SQLiteStorage(str(tmp_path / "ds.sqlite3"))
     await storage.open()
-    server = TestServer(make_app(DeliveryService(storage, Config(), BasicTracker()),
-                                 manage_storage=False), host="127.0.0.1")
-    await server.start_server()
-    alice = ds_client(str(server.make_url("")).rstrip("/"), "alice")
     try:
-        await alice.register()
-        gid = os.urandom(16)
-        await alice.create_group(gid)
-        stream = await alice.connect(reconnect=False)
+        async with serving(DeliveryService(storage, Config(), BasicTracker())) as url:
+            alice = ds_client(url, "alice")
+            try:
+                await alice.register()
+                gid = os.urandom(16)
+                await alice.create_group(gid)
+                stream = await alice.connect(reconnect=False)
 
-        async def refused(group_id: bytes) -> None:
-            raise ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 5432)")
+                async def refused(group_id: bytes) -> None:
+                    raise ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 5432)")
 
-        monkeypatch.setattr(storage, "get_group", refused)
-        await stream.subscribe(gid)
-        async with asyncio.timeout(15):
-            while not any("push to alice stopped" in r.getMessage() for r in caplog.records):
-                await asyncio.sleep(0.02)
-        stopped = [r for r in caplog.records if "push to alice stopped" in r.getMessage()]
-        assert [r.levelno for r in stopped] == [logging.DEBUG]
-        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-        assert len(warnings) == 1 and "is unreachable (" in warnings[0]
-        monkeypatch.undo()
-        await stream.close()
+                monkeypatch.setattr(storage, "get_group", refused)
+                await stream.subscribe(gid)
+                async with asyncio.timeout(15):
+                    while not any("push to alice stopped" in r.getMessage() for r in caplog.records):
+                        await asyncio.sleep(0.02)
+                stopped = [
+                    r for r in caplog.records if "push to alice stopped" in r.getMessage()
+                ]
+                assert [r.levelno for r in stopped] == [logging.DEBUG]
+                warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+                assert len(warnings) == 1 and "is unreachable (" in warnings[0]
+                monkeypatch.undo()
+                await stream.close()
+            finally:
+                await alice.close()
     finally:
-        await alice.close()
-        await server.close()
         await storage.close()

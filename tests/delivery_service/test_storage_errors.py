@@ -16,16 +16,15 @@ from pathlib import Path
 import aiohttp
 import cbor2
 import pytest
-from aiohttp.test_utils import TestServer
 
 from delivery_service.client import DeliveryClient
 from delivery_service.errors import RequestFailed
-from delivery_service.server import Config, DeliveryService, make_app
+from delivery_service.server import Config, DeliveryService
 from delivery_service.storage import SQLiteStorage, Storage
 from delivery_service.tracker import BasicTracker
 
 from . import mlsmsg
-from .conftest import drop_schema, require_postgres
+from .conftest import drop_schema, require_postgres, serving
 from .procs import ds_client
 
 STORAGE_LOG = "delivery_service.storage.availability"
@@ -43,18 +42,15 @@ class Running:
 async def running(storage: Storage) -> AsyncIterator[Running]:
     """A service on an open `storage`, with alice registered and her group created."""
     service = DeliveryService(storage, Config(max_body=64 * 1024), BasicTracker())
-    server = TestServer(make_app(service, manage_storage=False), host="127.0.0.1")
-    await server.start_server()
-    url = str(server.make_url("")).rstrip("/")
-    alice = ds_client(url, "alice")
-    try:
-        await alice.register()
-        gid = os.urandom(16)
-        await alice.create_group(gid)
-        yield Running(storage, url, alice, gid)
-    finally:
-        await alice.close()
-        await server.close()
+    async with serving(service) as url:
+        alice = ds_client(url, "alice")
+        try:
+            await alice.register()
+            gid = os.urandom(16)
+            await alice.create_group(gid)
+            yield Running(storage, url, alice, gid)
+        finally:
+            await alice.close()
 
 
 @pytest.fixture
