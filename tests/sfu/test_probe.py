@@ -11,6 +11,7 @@ from aiohttp import web
 import sfu.client
 from sfu.client import SFUClient, probe
 from sfu.errors import SignallingError
+from tests.sfu.test_hostile_review import _server
 from tests.sfu.test_signalling import running
 
 
@@ -101,14 +102,8 @@ async def test_a_join_redirected_to_a_silent_worker_says_it_may_be_restarting(
             await ws.close()
             return ws
 
-        app = web.Application()
-        app.router.add_get("/v1/signal", redirecting)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        client = SFUClient(f"http://127.0.0.1:{port}/v1/signal", "room", "alice", "v1.t.m")
+        runner, url = await _server("127.0.0.1", redirecting)
+        client = SFUClient(url, "room", "alice", "v1.t.m")
         try:
             with pytest.raises(SignallingError) as refused:
                 await client.join()
