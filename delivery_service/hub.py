@@ -152,7 +152,9 @@ class Connection:
                 # busy_timeout, an I/O error): as for an outage, one warning per condition,
                 # and the close below makes the client reconnect and catch up then. Unlike a
                 # ConnectionError, never the socket's: so told even if the client left too.
-                self.hub.storage.availability.refused(refusal.condition, exc)
+                self.hub.storage.availability.refused(
+                    refusal.condition, exc, lasting=not refusal.transient
+                )
                 log.debug("push to %s stopped: %s", self.identity, exc)
             else:
                 log.exception("push to %s failed", self.identity)

@@ -934,14 +934,23 @@ class DeliveryService:
                 continue
             except Exception as exc:
                 refusal = self.storage.cannot_store(exc)
+                if refusal is not None and refusal.transient:
+                    # Declined for now (a lock held past busy_timeout, an I/O error): told once
+                    # per condition like a request's, and asked again at the next interval.
+                    self.storage.availability.refused(refusal.condition, exc)
+                    log.debug("session check declined by the database: %s", exc)
+                    continue
                 if refusal is None:
-                    raise
-                # Declined for now (a lock held past busy_timeout, an I/O error): told once per
-                # condition like a request's, and asked again at the next interval. Ending the
-                # watcher instead would leave the session unchecked for the socket's lifetime.
-                self.storage.availability.refused(refusal.condition, exc)
-                log.debug("session check declined by the database: %s", exc)
-                continue
+                    log.exception("session check of a push socket failed: closing the socket")
+                else:  # a damaged database: told once per condition, as requests tell it
+                    self.storage.availability.refused(refusal.condition, exc, lasting=True)
+                    log.debug("session check failed: %s", exc)
+                # The session can no longer be checked: a socket left open would outlive its
+                # session if revoked. The client reconnects, and its login is checked then.
+                with contextlib.suppress(Exception):
+                    await ws.close(code=WSCloseCode.INTERNAL_ERROR,
+                                   message=b"session check failed: reconnect")
+                return
             if not alive:
                 await ws.close(code=WS_SESSION_ENDED,
                                message=b"session expired or revoked: log in again")
@@ -1020,6 +1029,16 @@ class DeliveryService:
                 log.exception("unhandled error on %s %s", request.method, request.path)
                 response = cbor_response(
                     {"error": "internal", "reason": "internal error; the service logged it"}, 500
+                )
+            elif not refusal.transient:
+                # A damaged database: no retry gets through until the operator acts. Told once
+                # per condition (`refused`), not a traceback per request; SQLite's words stay
+                # in the log.
+                self.storage.availability.refused(refusal.condition, exc, lasting=True)
+                log.debug("database failed on %s %s: %s", request.method, request.path, exc)
+                response = cbor_response(
+                    {"error": "internal",
+                     "reason": f"{refusal.reason}: the service's operator was told"}, 500
                 )
             else:
                 # Expected while the disk is full or a lock is held: a warning per condition

@@ -61,10 +61,13 @@ class Availability:
         self.refusals: dict[str, int] = {}
         self._refusal_warned: dict[str, float] = {}
 
-    def refused(self, condition: str, exc: BaseException) -> None:
+    def refused(self, condition: str, exc: BaseException, *, lasting: bool = False) -> None:
         """The database answers but declined a request (a full disk, a lock held too long...):
         one warning per condition, repeated at most once per `repeat` seconds while it goes on,
-        not a line per request. Not an outage: reads may go on, and nothing probes."""
+        not a line per request. Not an outage: reads may go on, and nothing probes.
+
+        `lasting`: no retry gets through until the operator acts (a damaged file): told as
+        an error, with what to do, at the same pace."""
         self.refusals[condition] = self.refusals.get(condition, 0) + 1
         now = self.clock()
         last = self._refusal_warned.get(condition)
@@ -72,8 +75,12 @@ class Availability:
             log.debug("%s declined a request (%s): %s", self.where, condition, one_line(exc))
             return
         self._refusal_warned[condition] = now
-        log.warning("%s cannot store now (%s: %s): such requests get 503 until it can",
-                    self.where, condition, one_line(exc))
+        if lasting:
+            log.error("%s cannot serve requests (%s: %s): those that need it get 500 until it is "
+                      "repaired or restored from a backup", self.where, condition, one_line(exc))
+        else:
+            log.warning("%s cannot store now (%s: %s): such requests get 503 until it can",
+                        self.where, condition, one_line(exc))
 
     def lost(self, exc: BaseException) -> None:
         """A request or a connection found the database unreachable."""

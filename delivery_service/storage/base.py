@@ -194,12 +194,19 @@ def describe_db(db: str) -> str:
 @dataclass(frozen=True)
 class Refusal:
     """The database declined a request, and may take it later: `condition` names the cause for
-    the log and /metrics (full, readonly, io, locked, contention), `reason` says it to the
-    client, `retry_after` is the seconds to suggest before trying again."""
+    the log and /metrics (full, readonly, io, locked, contention, timeout...), `reason` says it
+    to the client, `retry_after` is the seconds to suggest before trying again.
+
+    `retry_after` None: a condition no retry gets through until the operator acts (a damaged
+    file), answered 500; still told once per condition rather than a traceback per request."""
 
     condition: str
     reason: str
-    retry_after: int
+    retry_after: int | None
+
+    @property
+    def transient(self) -> bool:
+        return self.retry_after is not None
 
 
 class Storage(abc.ABC):
@@ -217,8 +224,9 @@ class Storage(abc.ABC):
 
     def cannot_store(self, exc: BaseException) -> Refusal | None:
         """What to tell a client when `exc` is the database declining a request for now (a full
-        disk, a read-only file, a lock held too long...), which a retry may get through; None
-        for any other error. The transaction it was in has been rolled back."""
+        disk, a read-only file, a lock held too long...), which a retry may get through, or for
+        good (a damaged file: `Refusal.transient` False); None for any other error. The
+        transaction it was in has been rolled back."""
         return None
 
     @property
@@ -255,7 +263,8 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def put_challenge(self, challenge: bytes, expires_at: int, now: int, limit: int) -> bool:
         """Store a challenge unless `limit` unexpired ones are outstanding (then False); expired
-        ones are dropped first, so the table stays bounded whoever asks for challenges."""
+        ones are dropped first, so the table stays bounded whoever asks for challenges. Calls
+        racing each other, on any instance, cannot overshoot `limit` together."""
 
     @abc.abstractmethod
     async def take_challenge(self, challenge: bytes, now: int) -> bool:

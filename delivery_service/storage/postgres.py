@@ -57,6 +57,9 @@ CLOSE_TIMEOUT = 5.0  # seconds `close` waits for the database before cutting its
 # 8000 bytes or more.
 MAX_CHANNEL = 63
 MAX_PAYLOAD = 7999
+# The advisory lock `put_challenge` serializes on (its second key: the schema), beside
+# `open`'s 7243001 (a one-key lock, another key space).
+CHALLENGE_LOCK = 7243002
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS identities (
@@ -121,6 +124,8 @@ PG_REFUSALS: tuple[tuple[type[asyncpg.PostgresError], Refusal], ...] = (
      Refusal("readonly", "the database is read-only", 10)),
     (asyncpg.PostgresIOError, Refusal("io", "a disk I/O error on the database server", 5)),
     (asyncpg.LockNotAvailableError, Refusal("locked", "a lock was not granted in time", 1)),
+    # 57014: statement_timeout, or an operator's pg_cancel_backend
+    (asyncpg.QueryCanceledError, Refusal("timeout", "a statement took too long", 5)),
     (asyncpg.TransactionRollbackError,  # 40001 serialization failure, 40P01 deadlock
      Refusal("contention", "the transaction conflicted with another one", 1)),
 )
@@ -311,8 +316,14 @@ class PostgresStorage(Storage):
     # -- identities and sessions
 
     async def put_challenge(self, challenge: bytes, expires_at: int, now: int, limit: int) -> bool:
-        # Instances racing past the limit together overshoot it by at most their number.
         async with self.pool.acquire() as conn, conn.transaction():
+            # Issuers wait for each other here, on every instance of this schema: else each
+            # transaction counts without the others' uncommitted inserts, and requests racing
+            # each other all find room past the cap. Held for a count and an insert only.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext(coalesce(current_schema(), '')))",
+                CHALLENGE_LOCK,
+            )
             await conn.execute("DELETE FROM challenges WHERE expires_at <= $1", now)
             if await conn.fetchval("SELECT count(*) FROM challenges") >= limit:
                 return False

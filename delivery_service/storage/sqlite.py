@@ -101,14 +101,21 @@ FILL_DIGESTS = (
 log = logging.getLogger(__name__)
 
 # SQLite's primary result codes (an extended code's low byte) that mean "not now": the service
-# answers 503 with Retry-After, and the transaction was rolled back. Others (a corrupt file, a
-# bug's SQL error) stay 500s: a retry would not help.
+# answers 503 with Retry-After, and the transaction was rolled back. A damaged file is no
+# "not now" (a retry fails alike until the operator restores it): 500, but told once per
+# condition, not a traceback per request. Others (a bug's SQL error) stay 500s with a traceback.
+DAMAGED = Refusal("corrupt", "the database is damaged", None)
 SQLITE_REFUSALS = {
     5: Refusal("locked", "another connection holds the database locked", 1),  # SQLITE_BUSY
     6: Refusal("locked", "another connection holds the database locked", 1),  # SQLITE_LOCKED
     8: Refusal("readonly", "the database is read-only", 10),  # SQLITE_READONLY
     10: Refusal("io", "a disk I/O error", 5),  # SQLITE_IOERR
+    11: DAMAGED,  # SQLITE_CORRUPT
     13: Refusal("full", "the disk or the database is full", 10),  # SQLITE_FULL
+    # Mid-run (a temporary file, descriptors exhausted, a directory's rights changed under the
+    # service): fixed without restoring anything, as a read-only file is.
+    14: Refusal("cantopen", "a database file cannot be opened", 10),  # SQLITE_CANTOPEN
+    26: DAMAGED,  # SQLITE_NOTADB: the header overwritten
 }
 
 # SQLite's header field for "which application's file is this" (PRAGMA application_id): "Cncl".

@@ -201,7 +201,8 @@ async def test_another_sqlite_error_is_still_a_500(
     sqlite_storage: SQLiteStorage, caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # A bug's SQL error, or a corrupt file, will not pass on a retry: logged with its traceback.
+    # A bug's SQL error will not pass on a retry: logged with its traceback. (A damaged file is
+    # told once per condition: test_lasting_db_errors.py.)
     async with running(sqlite_storage) as run:
         async def failing(*_args: object) -> int:
             raise sqlite3.OperationalError("no such column: x")
