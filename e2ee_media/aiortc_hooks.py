@@ -358,10 +358,11 @@ class _DecryptingQueue(queue.Queue):  # type: ignore[type-arg]
         self._schedule()
 
     def close(self) -> None:
-        """The receiver stops: no more timer nor key listener (frames still waiting stay
-        where they are; the decoder is gone)."""
+        """The receiver stops: no more timer nor key listener; the frames still waiting are
+        dropped and counted (`FrameDecryptor.close`): the decoder is gone."""
         self._closed = True
         self._cancel_timer()
+        self.decryptor.close()
         remove = getattr(self.decryptor.keys, "remove_listener", None)
         if self._add_listener is not None and remove is not None:
             remove(self._keys_changed)

@@ -35,7 +35,7 @@ from typing import Any, Protocol, overload
 
 from .cipher_suites import CipherSuite
 from .context import RecvKeyContext, SendKeyContext, SFrameContext
-from .errors import KeyScheduleError
+from .errors import KeyScheduleError, KeyUsageError
 from .header import decode_header
 from .replay import DEFAULT_WINDOW
 
@@ -419,9 +419,14 @@ class MLSKeyManager:
 
     def _drop(self, slot: int, keys: EpochKeys) -> None:
         mask = (1 << self.epoch_bits) - 1
-        for kid in [kid for kid in self.sframe.recv_keys if kid & mask == slot]:
-            self.sframe.remove_key(kid)
+        sframe = self.sframe
+        held = [*sframe.recv_keys, *sframe.unauthenticated_keys]
+        for kid in [k for k in held if k & mask == slot]:
+            sframe.remove_key(kid)
         keys.base_key = b""
+        # The slot's next epoch has other keys under these KIDs: their removal ends here.
+        removed = self.sframe.removed_kids
+        removed.difference_update([kid for kid in removed if kid & mask == slot])
 
     def _resolve(self, kid: int) -> RecvKeyContext | None:
         """Derive the receive key of a KID of a retained epoch, for a member other than us."""
@@ -446,7 +451,14 @@ class MLSKeyManager:
         key = self._send.get(context)
         if key is None:
             key = self._new_send_key(context)
-        return key.encrypt(metadata, plaintext)
+        try:
+            return key.encrypt(metadata, plaintext)
+        except KeyUsageError:
+            if not key.removed:
+                raise
+            # `update` or `retire` ran (in the event loop) while this thread sealed the frame:
+            # sealed again under the current key, or refused if this member has none.
+            return self._new_send_key(context).encrypt(metadata, plaintext)
 
     def encrypt_at(
         self,
@@ -461,7 +473,12 @@ class MLSKeyManager:
         key = self._send.get(context)
         if key is None:
             key = self._new_send_key(context)
-        return key.encrypt_at(metadata, plaintext, out, offset)
+        try:
+            return key.encrypt_at(metadata, plaintext, out, offset)
+        except KeyUsageError:
+            if not key.removed:
+                raise
+            return self._new_send_key(context).encrypt_at(metadata, plaintext, out, offset)
 
     def _new_send_key(self, context: int) -> SendKeyContext:
         # aiortc encodes in executor threads while `update` runs in the event loop: the KID, the

@@ -84,6 +84,9 @@ class TrackStats:
     # before decryption, so that a loss is never counted as a failure (which would look like
     # an attack).
     frames_lost: int = 0
+    # Still waiting for their keys when the track stopped (`FrameDecryptor.close`): never
+    # decrypted, and not failures either (neither late nor shown to be forged).
+    frames_dropped_at_stop: int = 0
     encrypt_failures: int = 0
     failures: Counter[str] = field(default_factory=Counter)
 
@@ -93,6 +96,7 @@ class TrackStats:
             "frames_decrypted": self.frames_decrypted,
             "frames_held": self.frames_held,
             "frames_lost": self.frames_lost,
+            "frames_dropped_at_stop": self.frames_dropped_at_stop,
             "encrypt_failures": self.encrypt_failures,
         }
         for reason in FAILURE_REASONS:
@@ -175,7 +179,8 @@ class FrameDecryptor:
     and whoever drives it calls `drain` when the keys change (`MLSKeyManager.add_listener`)
     and at `next_deadline`, so that a track that goes quiet after a key rotation neither
     keeps its frames waiting nor leaves their failure uncounted (`aiortc_hooks` does both).
-    Frames still waiting when the track ends are dropped uncounted: they were never late.
+    When the track ends, `close` drops the frames still waiting and counts them in
+    `stats.frames_dropped_at_stop` (not as failures: they were never late).
 
     The KID is not authenticated until the keys come, so anyone on the path can make a frame
     look like the next epoch's. Only such frames wait: a frame that opens now is delivered at
@@ -217,6 +222,7 @@ class FrameDecryptor:
         self._decrypt_all: Callable[..., list[bytes]] | None = getattr(keys, "decrypt_all", None)
         # Waiting frames: (deadline, item, data, mime type, the KID they wait for).
         self._pending: deque[_Held] = deque()
+        self._closed = False
 
     @property
     def waiting(self) -> int:
@@ -253,6 +259,9 @@ class FrameDecryptor:
         except UnknownKeyId as exc:
             if not self._may_wait(exc.kid):
                 self._fail(exc)
+            elif self._closed:
+                # Nothing would retry it (the driver's timer and key listener are gone).
+                self.stats.frames_dropped_at_stop += 1
             else:
                 if len(self._pending) >= MAX_HELD:
                     self._give_up(self._pending.popleft())
@@ -268,6 +277,15 @@ class FrameDecryptor:
         self._decrypted(data, mime_type)
         ready.append((item, plaintext))
         return ready
+
+    def close(self) -> int:
+        """The track ended: drop the frames still waiting for their keys, counted in
+        `stats.frames_dropped_at_stop`, and hold none from now on; returns how many."""
+        self._closed = True
+        dropped = len(self._pending)
+        self._pending.clear()
+        self.stats.frames_dropped_at_stop += dropped
+        return dropped
 
     def _may_wait(self, kid: int) -> bool:
         return self.holdback > 0 and self._awaits_kid is not None and self._awaits_kid(kid)

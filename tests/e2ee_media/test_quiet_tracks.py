@@ -146,9 +146,10 @@ async def test_a_stopped_receiver_takes_no_frame_after_its_end() -> None:
     call.bob_catches_up()
     assert drained(live_queue) == [b"\x78new-1"]
     assert drained(stopped_queue) == [None]
-    assert stopped.waiting == 1  # left where it was: its timer is cancelled too
+    # Dropped and counted when the receiver stopped: its timer is cancelled too.
+    assert stopped.waiting == 0 and stopped.stats.frames_dropped_at_stop == 1
     await asyncio.sleep(0.2)
-    assert stopped.waiting == 1 and not stopped.stats.failures
+    assert stopped.waiting == 0 and not stopped.stats.failures
     live_queue.put(None)
 
 

@@ -72,6 +72,7 @@ def test_clear_prefix_is_kept_and_authenticated(mime: str, frame: bytes, prefix:
         "frames_decrypted": 1,
         "frames_held": 0,
         "frames_lost": 0,
+        "frames_dropped_at_stop": 0,
         "encrypt_failures": 0,
         "failed_unknown_kid": 0,
         "failed_replay": 0,
