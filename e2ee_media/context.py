@@ -144,7 +144,10 @@ class SendKeyContext:
     def erase(self) -> None:
         """Removed from its context (`SFrameContext.remove_key`): drop the key and salt, so
         that whoever still holds this object seals nothing more with it. A frame another
-        thread is sealing meanwhile is refused as it ends (`encrypt` checks `removed` last)."""
+        thread is sealing meanwhile is refused as it ends (`encrypt` checks `removed` last).
+
+        In this order: a thread that reads the zeroed salt reads the refusing functions too
+        (it reads the salt first), so no frame is ever sealed under a nonce of salt 0."""
         self.removed = True
         self._seal = _refusing(functools.partial(_send_key_removed, self.kid))
         self._seal_into = None
@@ -182,8 +185,11 @@ class SendKeyContext:
             header = self._prefixes[n] + ctr.to_bytes(n, "big")
         nonce = (self._salt ^ ctr).to_bytes(12, "big")
         size = len(plaintext)
+        # Read once, after the salt (`erase` swaps the functions before it zeroes the salt):
+        # `erase` in another thread between a check and a call would make it a call of None.
+        seal_into = self._seal_into
         out: bytes | bytearray
-        if size < LARGE_FRAME or self._seal_into is None:
+        if size < LARGE_FRAME or seal_into is None:
             out = header + self._seal(nonce, plaintext, header + metadata if metadata else header)
         else:
             hlen = len(header)
@@ -192,7 +198,7 @@ class SendKeyContext:
             # dropped unseen.
             out = uninitialized(hlen + size + self._Nt)
             out[:hlen] = header
-            self._seal_into(
+            seal_into(
                 nonce, plaintext, header + metadata if metadata else header, memoryview(out)[hlen:]
             )
         if self.removed:  # removed while another thread sealed this frame: it must not leave
@@ -217,10 +223,11 @@ class SendKeyContext:
         out[offset:start] = header
         nonce = (self._salt ^ ctr).to_bytes(12, "big")
         aad = header + metadata if metadata else header
-        if self._seal_into is None:
+        seal_into = self._seal_into  # read once, as in `encrypt`
+        if seal_into is None:
             out[start:end] = self._seal(nonce, plaintext, aad)
         else:
-            self._seal_into(nonce, plaintext, aad, memoryview(out)[start:end])
+            seal_into(nonce, plaintext, aad, memoryview(out)[start:end])
         if self.removed:  # as in `encrypt`; the caller discards `out` on an error
             raise self._removed_error()
         return end

@@ -79,7 +79,8 @@ class TrackStats:
 
     frames_encrypted: int = 0
     frames_decrypted: int = 0
-    frames_held: int = 0  # delayed to wait for the next epoch's keys (then decrypted or failed)
+    # Delayed to wait for the next epoch's keys (then decrypted, failed or dropped at stop).
+    frames_held: int = 0
     # Released by the jitter buffer without their first packets (lost in transit): dropped
     # before decryption, so that a loss is never counted as a failure (which would look like
     # an attack).
