@@ -106,6 +106,12 @@ STATE_FORMAT = "conclave-participant"
 STATE_VERSION = 1
 KEY_PACKAGE_TARGET = 4
 KEY_PACKAGE_CHECK = 30.0  # seconds between KeyPackage top-ups
+# KeyPackages claimed by invites that failed before a commit with them could have gone in,
+# kept for the next invite of the same names: at most this many in all (the oldest dropped),
+# and one is not used once less than SPARE_KEY_PACKAGE_MARGIN seconds of its life are left
+# (the other members check its lifetime too, when they process the commit, on their clocks).
+MAX_SPARE_KEY_PACKAGES = 64
+SPARE_KEY_PACKAGE_MARGIN = 3600
 COMMIT_ATTEMPTS = 8
 CATCH_UP_TIMEOUT = 10.0
 # KID context values (RFC 9605 §5.2): one per outgoing stream of a participant.
@@ -227,11 +233,71 @@ def _answer_lost(exc: BaseException) -> bool:
     return isinstance(exc, aiohttp.ClientError | OSError)
 
 
+# A URL's scheme and authority in a text (up to the path, query, fragment, a space or a quote).
+_URL_AUTHORITY = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/?#\s'\"<>]*)")
+
+
+def _masked_urls(text: str) -> str:
+    """`text` with the password of every URL in it as *** (as `shown_url` shows one URL):
+    aiohttp quotes a URL it cannot use (InvalidUrlClientError) whole, user information and
+    all. The user information ends at the authority's last "@", as urlsplit reads it."""
+
+    def mask(m: re.Match[str]) -> str:
+        userinfo, at, host = m[2].rpartition("@")
+        if not at or ":" not in userinfo:
+            return m[0]
+        return f"{m[1]}{userinfo.partition(':')[0]}:***@{host}"
+
+    return _URL_AUTHORITY.sub(mask, text)
+
+
 def _reason(exc: BaseException) -> str:
-    """Why a request failed, in words: some aiohttp errors (timeouts) have an empty message."""
+    """Why a request failed, in words: some aiohttp errors (timeouts) have an empty message,
+    and some quote a URL, whose password is masked."""
     if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError is one too
         return "no answer in time"
-    return str(exc) or type(exc).__name__
+    return _masked_urls(str(exc)) or type(exc).__name__
+
+
+def _wall_clock() -> int:
+    """This machine's time (seconds since the epoch), as KeyPackage lifetimes count it."""
+    return int(time.time())
+
+
+def _utc(seconds: int) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(seconds))
+    except (OverflowError, OSError, ValueError):  # a lifetime no calendar holds
+        return f"{seconds} s after 1970"
+
+
+def _lifetime_refusal(name: str, key_package: Any, now: int) -> str | None:
+    """Why `name`'s KeyPackage cannot be added now by this machine's clock (RFC 9420 §10.1:
+    its lifetime must cover the current time), in words for the inviter; None if it can.
+
+    The service hands out only KeyPackages unexpired by its own clock, and a run of
+    `conclave join` of the invitee uploads fresh ones only in place of those the service
+    counts as expired: so one this machine finds expired (or not valid yet) means that a
+    clock is wrong, and inviting again, or the invitee joining again, would not help."""
+    lifetime = key_package.leaf_node.lifetime
+    if lifetime is None:
+        return None  # not this check's to judge: the MLS library says what is wrong
+    if now > lifetime.not_after:
+        return (
+            f"cannot invite {name!r}: the delivery service gave a KeyPackage of {name!r} that "
+            f"expired at {_utc(lifetime.not_after)} by this machine's clock "
+            f"({_utc(now)}); the service hands out only KeyPackages that are unexpired by "
+            "its clock, so this machine's clock or the service's is wrong: set it right, "
+            "then invite again"
+        )
+    if now < lifetime.not_before:
+        return (
+            f"cannot invite {name!r}: the delivery service gave a KeyPackage of {name!r} that "
+            f"is valid only from {_utc(lifetime.not_before)} by this machine's clock "
+            f"({_utc(now)}): the clock of this machine or of {name}'s is wrong; set it "
+            "right, then invite again"
+        )
+    return None
 
 
 def _is_count(value: object) -> bool:
@@ -424,6 +490,9 @@ class Participant:
         # Welcomes of our merged commits not yet confirmed by the service, oldest first: saved
         # (`owed_welcomes`), and posted again at start.
         self._owed_welcomes: list[_OwedWelcome] = []
+        # Invitee name -> KeyPackages claimed for it and in no commit that may have gone in,
+        # oldest first (`invite`). In memory only: a restart loses them, which is safe.
+        self._spare_key_packages: dict[str, list[bytes]] = {}
         self.client = self._load_client(cipher_suite)  # and the saved group, if any
         # Keys only for the stream contexts we use: a member sending under others would
         # otherwise make us derive and keep a key for each.
@@ -778,7 +847,22 @@ class Participant:
         if missing:
             fresh = [self.client.key_package() for _ in range(missing)]
             self.save()  # their private keys first: a Welcome may come at once
-            count = await self.ds.upload_key_packages(fresh)
+            try:
+                count = await self.ds.upload_key_packages(fresh)
+            except RequestFailed as exc:
+                if exc.status == 400 and "expired" in exc.reason:
+                    # Made just now, valid for weeks by this machine's clock: the clocks
+                    # differ, and each run would make and be refused new ones alike.
+                    until = parse_key_package(fresh[0]).leaf_node.lifetime
+                    valid = "" if until is None else f" until {_utc(until.not_after)}"
+                    raise ConclaveError(
+                        f"the delivery service refused {self.name}'s new KeyPackages as "
+                        f"expired, though made just now, valid{valid} by this machine's "
+                        "clock: this machine's clock is behind the service's (or the "
+                        "service's is ahead); set it right, then run `conclave join` again to "
+                        f"upload fresh ones (until then no one can invite {self.name})"
+                    ) from None
+                raise
         return count
 
     async def _keep_key_packages(self, interval: float = KEY_PACKAGE_CHECK) -> None:
@@ -800,7 +884,7 @@ class Participant:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
-            self._note(f"{type(exc).__name__}: {exc}")
+            self._note(f"{type(exc).__name__}: {_reason(exc)}")
 
     def _note(self, error: str) -> None:
         """A failure in the background: logged, and kept in `errors` (the latest few)."""
@@ -1144,7 +1228,7 @@ class Participant:
                 await self._on_event(event)
             except Exception as exc:
                 self._note(f"could not apply a pushed {type(event).__name__}: "
-                           f"{type(exc).__name__}: {exc}")
+                           f"{type(exc).__name__}: {_reason(exc)}")
 
     async def _on_event(self, event: PushEvent) -> None:
         if isinstance(event, Message):
@@ -1321,10 +1405,14 @@ class Participant:
                 return False, exc.current_epoch
 
     async def _commit(
-        self, make: Callable[[Group], tuple[CommitResult, list[str], list[str]] | None]
+        self,
+        make: Callable[[Group], tuple[CommitResult, list[str], list[str]] | None],
+        refused: Callable[[], None] | None = None,
     ) -> bool:
         """Create a commit with `make` and post it; after a 409 process the winner and retry
-        while `make` still has something to commit. True if a commit of ours was accepted."""
+        while `make` still has something to commit. True if a commit of ours was accepted.
+        `refused` is called each time the commit `make` made last is known not to be in
+        (refused, or another won its epoch), and so never will be."""
 
         async def step(group: Group) -> bool:
             made = make(group)
@@ -1335,16 +1423,23 @@ class Participant:
             # say) finds it at its next start and learns from the log whether it went in.
             self._save_before_posting()
             try:
-                accepted = await self.ds.send(
-                    group.group_id, result.commit, adds=adds, removes=removes,
-                    group_info=result.group_info,
-                )
-                seq = max(self.applied_seq, accepted.seq)  # anything that can fail: before
-            except Exception as exc:
-                if not _answer_lost(exc):
-                    group.discard_pending_commit()  # refused: nothing was stored
-                    raise
-                seq = await self._posted_without_answer(group, result, adds, removes, exc)
+                try:
+                    accepted = await self.ds.send(
+                        group.group_id, result.commit, adds=adds, removes=removes,
+                        group_info=result.group_info,
+                    )
+                    seq = max(self.applied_seq, accepted.seq)  # anything that can fail: before
+                except Exception as exc:
+                    if not _answer_lost(exc):
+                        group.discard_pending_commit()  # refused: nothing was stored
+                        raise
+                    seq = await self._posted_without_answer(group, result, adds, removes, exc)
+            except BaseException:
+                # Discarded only once the service's answer or log says it is not in; still
+                # pending, it may be (a lost answer, a cancellation).
+                if refused is not None and not group.has_pending_commit:
+                    refused()
+                raise
             # (Anything else, a cancellation above all, says nothing of whether the service
             # took the commit: it stays pending, in memory and in the saved state, until the
             # log says (`_settle_pending_commit`, or `_handle` when its echo comes).)
@@ -1589,45 +1684,115 @@ class Participant:
         return [names[i] for i in leaves if i in names]
 
     async def invite(self, names: list[str]) -> bool:
-        """Add members by their KeyPackages (one commit; they join from the Welcome)."""
-        key_packages = []
-        for name in names:
-            try:
-                kp = await self.ds.claim_key_package(name)
-            except RequestFailed as exc:
-                if exc.status == 410:
-                    # The service's "no KeyPackage left" does not say how to get one, and
-                    # reads the same for a misspelt name that never joined.
-                    raise ConclaveError(
-                        f"cannot invite {name!r}: the delivery service has no KeyPackage of "
-                        f"{name!r} (check the spelling; any run of `conclave join` under that "
-                        "name uploads some)"
-                    ) from None
-                raise ConclaveError(f"cannot invite {name!r}: {exc.reason}") from None
-            # The service hands out KeyPackages: one of another identity (its own, say) would
-            # add someone else than the member was told, with a leaf whose keys they hold.
-            try:
-                identity = parse_key_package(kp).leaf_node.credential.identity
-            except Exception as exc:  # whatever the service sent
-                raise ConclaveError(
-                    f"cannot invite {name!r}: the delivery service gave a KeyPackage that "
-                    f"cannot be used ({_reason(exc)})"
-                ) from None
-            if identity != name.encode():
-                raise ConclaveError(
-                    f"cannot invite {name!r}: the delivery service gave a KeyPackage of "
-                    f"{identity.decode('utf-8', 'replace')!r}"
-                )
-            key_packages.append(kp)
+        """Add members by their KeyPackages (one commit; they join from the Welcome).
+
+        The service hands out each KeyPackage once. One claimed by an invite that fails before
+        a commit with it could have gone in (another name cannot be invited, the service
+        refused the commit, the group kept changing) is kept, in memory, for the next invite
+        of that name: failed invites do not use up the invitee's KeyPackages. One in a commit
+        that may be in (its answer was lost and the service could not be asked; the invite
+        was cancelled while it was posted) is never used again, even if that commit turns out
+        later not to be in: an init key must not serve two Welcomes (RFC 9420 §16.8)."""
+        names = list(dict.fromkeys(names))  # one KeyPackage, one leaf, per name
+        key_packages: dict[str, bytes] = {}
+        try:
+            for name in names:
+                key_packages[name] = await self._key_package_for(name)
+        except BaseException:
+            self._keep_spare(key_packages)  # claimed, and in no commit
+            raise
+        # The names whose KeyPackages are in the last commit made, until it is known not in;
+        # with `spent`, all of them (make failed on one, or we were cancelled mid-attempt).
+        in_play: set[str] = set()
+        spent = False
 
         def make(group: Group) -> tuple[CommitResult, list[str], list[str]] | None:
+            nonlocal spent
             todo = [n for n in names if n not in self.member_names]
             if not todo:
                 return None
-            kps = [kp for n, kp in zip(names, key_packages, strict=True) if n in todo]
-            return group.add(kps), todo, []
+            try:
+                result = group.add([key_packages[n] for n in todo])
+            except MLSError as exc:
+                spent = True  # which one is bad, the library does not say: keep none
+                raise ConclaveError(
+                    f"cannot invite {', '.join(map(repr, todo))}: a KeyPackage the delivery "
+                    f"service gave cannot be added ({_reason(exc)})"
+                ) from None
+            in_play.update(todo)
+            return result, todo, []
 
-        return await self._commit(make)
+        try:
+            return await self._commit(make, refused=in_play.clear)
+        except asyncio.CancelledError:
+            spent = True  # the attempt under way runs on without us, and may use them yet
+            raise
+        finally:
+            if not spent:
+                self._keep_spare({n: kp for n, kp in key_packages.items() if n not in in_play})
+
+    async def _key_package_for(self, name: str) -> bytes:
+        """A KeyPackage of `name` to add it with: a spare one (`_keep_spare`) with time left,
+        else one claimed from the service, checked (its identity, its lifetime)."""
+        now = _wall_clock()
+        spare = self._spare_key_packages.pop(name, [])
+        while spare:
+            kp = spare.pop(0)
+            lifetime = parse_key_package(kp).leaf_node.lifetime  # parsed at its claim
+            if lifetime is not None and lifetime.not_after - SPARE_KEY_PACKAGE_MARGIN >= now:
+                if spare:
+                    self._spare_key_packages[name] = spare
+                return kp
+            log.info("%s: a spare KeyPackage of %r expired: dropped", self.name, name)
+        try:
+            kp = await self.ds.claim_key_package(name)
+        except RequestFailed as exc:
+            if exc.status == 410:
+                # The service's "no KeyPackage left" does not say how to get one, and
+                # reads the same for a misspelt name that never joined.
+                raise ConclaveError(
+                    f"cannot invite {name!r}: the delivery service has no KeyPackage of "
+                    f"{name!r} (check the spelling; any run of `conclave join` under that "
+                    "name uploads some)"
+                ) from None
+            raise ConclaveError(f"cannot invite {name!r}: {exc.reason}") from None
+        # The service hands out KeyPackages: one of another identity (its own, say) would
+        # add someone else than the member was told, with a leaf whose keys they hold.
+        try:
+            parsed = parse_key_package(kp)
+            identity = parsed.leaf_node.credential.identity
+        except Exception as exc:  # whatever the service sent
+            raise ConclaveError(
+                f"cannot invite {name!r}: the delivery service gave a KeyPackage that "
+                f"cannot be used ({_reason(exc)})"
+            ) from None
+        if identity != name.encode():
+            raise ConclaveError(
+                f"cannot invite {name!r}: the delivery service gave a KeyPackage of "
+                f"{identity.decode('utf-8', 'replace')!r}"
+            )
+        # Not kept: with this machine's clock wrong, a kept one would fail alike.
+        refusal = _lifetime_refusal(name, parsed, now)
+        if refusal is not None:
+            raise ConclaveError(refusal)
+        return kp
+
+    def _keep_spare(self, key_packages: dict[str, bytes]) -> None:
+        """Keep KeyPackages that were claimed and are in no commit that may be in, for the
+        next invite of their names. Past `MAX_SPARE_KEY_PACKAGES`, those of the names kept
+        first go first."""
+        for name, kp in key_packages.items():
+            self._spare_key_packages.setdefault(name, []).append(kp)
+        excess = sum(map(len, self._spare_key_packages.values())) - MAX_SPARE_KEY_PACKAGES
+        for name in list(self._spare_key_packages):
+            if excess <= 0:
+                break
+            kept = self._spare_key_packages[name]
+            dropped = min(excess, len(kept))
+            del kept[:dropped]
+            excess -= dropped
+            if not kept:
+                del self._spare_key_packages[name]
 
     async def remove(self, names: list[str]) -> bool:
         """Commit the removal of members at once (by value)."""
@@ -1916,8 +2081,8 @@ class Participant:
                 return
             except (ConclaveError, RequestFailed, aiohttp.ClientError, OSError) as exc:
                 wait = self._next_media_backoff()
-                log.warning("%s: cannot call in again (%s); next try in %.0f s", self.name, exc,
-                            wait)
+                log.warning("%s: cannot call in again (%s); next try in %.0f s", self.name,
+                            _reason(exc), wait)
             else:
                 log.info("%s: back in the media session", self.name)
                 return
