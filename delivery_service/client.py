@@ -20,8 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Self
 from urllib.parse import quote
@@ -51,6 +52,23 @@ MAX_BODY_LIMIT = 16 << 20
 MAX_INT = (1 << 63) - 1
 # A field of a push frame or error that is text is cut to this many characters.
 MAX_PUSH_TEXT = 500
+# A push stream's wait before reconnecting: doubled at each reconnection that brought nothing,
+# back to the first once one delivers an event.
+RECONNECT_DELAY = 0.05
+MAX_RECONNECT_DELAY = 2.0
+# A connection that lasted this many seconds was a good one, even in a quiet group: the next
+# reconnection waits the first delay again.
+LASTING_CONNECTION = 30.0
+
+
+def _without_password(url: str) -> str:
+    """`url` with the password of its user information, if any, as *** (for repr and logs)."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.partition(':')[0]}:***@{host}{slash}{path}"
 
 
 class Malformed(ValueError):
@@ -217,7 +235,7 @@ class DeliveryClient:
         self.session: str | None = None
 
     def __repr__(self) -> str:
-        return f"DeliveryClient({self.base_url!r}, {self.identity!r})"
+        return f"DeliveryClient({_without_password(self.base_url)!r}, {self.identity!r})"
 
     async def __aenter__(self) -> Self:
         return self
@@ -479,6 +497,7 @@ class PushStream:
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._closed = False
+        self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # tests record waits
 
     async def start(self) -> None:
         await self._open()
@@ -524,69 +543,80 @@ class PushStream:
         await self._send({"type": "unsubscribe", "group_id": group_id})
 
     async def _run(self) -> None:
-        delay = 0.05
+        delay = RECONNECT_DELAY
         try:
             while not self._closed:
                 assert self._ws is not None
+                opened = time.monotonic()
                 async for msg in self._ws:
-                    if msg.type == aiohttp.WSMsgType.BINARY:
-                        self._receive(msg.data)
-                        delay = 0.05
+                    if msg.type == aiohttp.WSMsgType.BINARY and self._receive(msg.data):
+                        delay = RECONNECT_DELAY
+                if time.monotonic() - opened >= LASTING_CONNECTION:
+                    delay = RECONNECT_DELAY
                 self._connected.clear()
                 if self._closed or not self.reconnect:
                     break
                 while not self._closed:
-                    await asyncio.sleep(delay)
+                    # Only an event resets the delay, not "subscribed": a service that accepts
+                    # each reconnection and then fails it (1011: a damaged table, a catch-up
+                    # the database declines) would otherwise be asked every 50 ms by every
+                    # client. Jittered: clients cut off together do not come back in step.
+                    await self._sleep(delay * (0.5 + random.random() / 2))
+                    delay = min(delay * 2, MAX_RECONNECT_DELAY)
                     try:
                         await self._open()
                         break
                     except Exception as exc:  # whatever the failure, keep trying
                         log.debug("reconnect failed: %s", exc)
-                        delay = min(delay * 2, 2.0)
         finally:
             # However the stream ends (even by a bug), its reader must learn it: without the
             # sentinel it would wait for ever.
             self._events.put_nowait(None)
 
-    def _receive(self, data: bytes) -> None:
+    def _receive(self, data: bytes) -> bool:
         """One frame from the service, which is not trusted: a malformed one is reported as a
-        `PushError` (code "bad_frame") and dropped, and the stream reads on."""
+        `PushError` (code "bad_frame") and dropped, and the stream reads on. True if it was a
+        new message, welcome or removal (the stream made progress)."""
         try:
             body = cbor2.loads(data)
         except Exception:  # cbor2 raises several types on malformed input
             self._bad_frame("a push frame that is not CBOR")
-            return
+            return False
         if not isinstance(body, dict):
             self._bad_frame("a push frame that is not a map")
-            return
+            return False
         try:
-            self._dispatch(body)
+            return self._dispatch(body)
         except Malformed as exc:
             self._bad_frame(f"a malformed {str(body.get('type'))[:40]!r} push frame: {exc}")
+            return False
 
     def _bad_frame(self, reason: str) -> None:
         log.debug("delivery service: %s (dropped)", reason)
         self._events.put_nowait(PushError("bad_frame", reason, None))
 
-    def _dispatch(self, body: dict[str, Any]) -> None:
+    def _dispatch(self, body: dict[str, Any]) -> bool:
         kind = body.get("type")
         if kind == "message":
             m = Message.checked(body)
             cursor = self.cursors.get(m.group_id)
             if cursor is None or m.seq <= cursor:
-                return  # a duplicate after a resubscribe, or an unsubscribed group
+                return False  # a duplicate after a resubscribe, or an unsubscribed group
             self.cursors[m.group_id] = m.seq
             self._events.put_nowait(m)
+            return True
         elif kind == "welcome":
             w = WelcomeMessage.checked(body)
             if self.welcome_cursor is not None and w.id <= self.welcome_cursor:
-                return
+                return False
             self.welcome_cursor = w.id
             self._events.put_nowait(w)
+            return True
         elif kind == "removed":
             removed = Removed(_bytes(body, "group_id"), _count(body, "seq"))
             self.cursors.pop(removed.group_id, None)
             self._events.put_nowait(removed)
+            return True
         elif kind == "error":
             group_id = body.get("group_id")
             self._events.put_nowait(PushError(
@@ -594,6 +624,7 @@ class PushStream:
                 str(body.get("reason", ""))[:MAX_PUSH_TEXT],
                 group_id if type(group_id) is bytes else None,
             ))
+        return False  # "subscribed", an error: no progress
 
     async def next(self, timeout: float | None = None) -> PushEvent:
         event = await asyncio.wait_for(self._events.get(), timeout)

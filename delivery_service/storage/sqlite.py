@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -117,6 +118,9 @@ SQLITE_REFUSALS = {
     14: Refusal("cantopen", "a database file cannot be opened", 10),  # SQLITE_CANTOPEN
     26: DAMAGED,  # SQLITE_NOTADB: the header overwritten
 }
+
+# Seconds a failed connect waits for aiosqlite's worker thread to end (it has nothing to do).
+CONNECT_STOP_TIMEOUT = 5.0
 
 # SQLite's header field for "which application's file is this" (PRAGMA application_id): "Cncl".
 APPLICATION_ID = 0x436E636C
@@ -240,6 +244,22 @@ def create_private(path: str) -> None:
             "beside it",
         ) from None
 
+async def _connect(path: str) -> aiosqlite.Connection:
+    """`aiosqlite.connect` (transactions explicit), whose worker thread has ended if it fails.
+
+    On a failed connect (SQLITE_CANTOPEN: a directory, a file it may not open) aiosqlite
+    stops its thread without waiting for it; a thread still answering once the process's loop
+    has closed prints a traceback after the service's one-line reason for not starting."""
+    conn = aiosqlite.connect(path, isolation_level=None)
+    try:
+        return await conn
+    except BaseException:
+        thread = getattr(conn, "_thread", None)  # aiosqlite's own: no public way to wait
+        if isinstance(thread, threading.Thread) and thread.is_alive():
+            await asyncio.to_thread(thread.join, CONNECT_STOP_TIMEOUT)
+        raise
+
+
 class SQLiteStorage(Storage):
     """`lock=False` leaves the file unlocked: only for tests that open a second storage on
     the file in one process, in the role of another instance (a service never does)."""
@@ -277,7 +297,7 @@ class SQLiteStorage(Storage):
 
     async def _open(self) -> None:
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        self._db = await _connect(self.path)
         version = await self._check_application()
         await self._db.execute("PRAGMA journal_mode=WAL")
         await self._db.execute("PRAGMA synchronous=FULL")
@@ -300,7 +320,7 @@ class SQLiteStorage(Storage):
         if self.path in ("", ":memory:"):
             self._reader = self._db  # a private database: a second connection is another one
         else:
-            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+            self._reader = await _connect(self.path)
             await self._reader.execute("PRAGMA busy_timeout=5000")
 
     async def _check_application(self) -> int:

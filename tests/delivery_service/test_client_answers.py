@@ -202,3 +202,17 @@ async def test_malformed_push_frames_are_dropped_as_errors_and_the_stream_reads_
     assert PushError("7", "['x']", None) in events
     messages = [e for e in events if isinstance(e, Message)]
     assert [(m.seq, m.epoch) for m in messages] == [(5, 1)]
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://alice:hunter2@127.0.0.1:8470", "http://alice:***@127.0.0.1:8470"),
+        ("https://a:b:c@ds.example/prefix", "https://a:***@ds.example/prefix"),
+        ("http://alice@127.0.0.1:8470", "http://alice@127.0.0.1:8470"),
+        ("http://127.0.0.1:8470", "http://127.0.0.1:8470"),
+    ],
+)
+async def test_a_client_s_repr_shows_no_password(url: str, shown: str) -> None:
+    async with client_module.DeliveryClient(url, "alice", 1, b"\x00" * 32, b"\x00" * 32) as c:
+        assert repr(c) == f"DeliveryClient({shown!r}, 'alice')"

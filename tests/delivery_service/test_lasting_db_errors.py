@@ -11,20 +11,24 @@ SQLite's damage and PostgreSQL's timeout are made for real under a running servi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import cbor2
 import pytest
 
-from delivery_service.client import DeliveryClient
+from delivery_service import client as client_module
+from delivery_service.client import DeliveryClient, PushStream
 from delivery_service.server import Config, DeliveryService
 from delivery_service.storage import SQLiteStorage, Storage
 from delivery_service.tracker import BasicTracker
@@ -203,6 +207,45 @@ async def test_a_clobbered_sqlite_header_closes_push_sockets_without_tracebacks(
         assert not tracebacks(caplog), caplog.text
 
 
+@pytest.mark.parametrize("lasting", [False, True], ids=["short-lived", "lasting"])
+async def test_a_push_stream_closed_with_1011_before_any_event_waits_longer_each_time(
+    sqlite_storage: SQLiteStorage, monkeypatch: pytest.MonkeyPatch, lasting: bool
+) -> None:
+    # The messages table damaged, sessions and groups intact: every reconnect is accepted and
+    # subscribed, then its catch-up fails and the service closes it with 1011. Before, the
+    # "subscribed" frame reset the client's delay: it reconnected every 50 ms for good (about
+    # 20 handshakes a second per client, all clients in step), however long the damage lasted.
+    async with running(sqlite_storage) as run:
+        await overwrite_pages(sqlite_storage, "messages")
+        waits: list[float] = []
+        enough = asyncio.Event()
+
+        async def pause(seconds: float) -> None:
+            waits.append(seconds)
+            if len(waits) >= 6:
+                enough.set()
+            await asyncio.sleep(0)
+
+        # the low end of the jitter, to know each wait exactly
+        monkeypatch.setattr(client_module, "random", SimpleNamespace(random=lambda: 0.0),
+                            raising=False)
+        if lasting:  # every connection counted as one that lasted: a good one, however quiet
+            monkeypatch.setattr(client_module, "LASTING_CONNECTION", 0.0)
+        stream = PushStream(run.alice)
+        stream._sleep = pause  # type: ignore[method-assign]
+        await stream.start()
+        try:
+            await stream.subscribe(run.gid)
+            await asyncio.wait_for(enough.wait(), 10)
+        finally:
+            await stream.close()
+    first = 0.05 / 2  # half the first delay: 50 ms
+    if lasting:
+        assert waits[:6] == [first] * 6, waits
+    else:
+        assert waits[:6] == [first, 2 * first, 4 * first, 8 * first, 16 * first, 32 * first], waits
+
+
 async def test_sqlite_cannot_open_answers_503(
     sqlite_storage: SQLiteStorage, caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
@@ -223,6 +266,21 @@ async def test_sqlite_cannot_open_answers_503(
         assert "cannot be opened" in body["reason"], body
         assert retry == "10"
         assert not tracebacks(caplog), caplog.text
+
+
+async def test_a_sqlite_file_that_cannot_be_opened_at_start_leaves_no_worker_thread(
+    tmp_path: Path,
+) -> None:
+    # SQLITE_CANTOPEN at start-up is no 503: `open` raises, and the service exits with a line
+    # (__main__). Before, aiosqlite's worker thread was left to end on its own, and when the
+    # process's loop closed first, the thread printed a traceback after that line.
+    storage = SQLiteStorage(str(tmp_path))  # a directory: "unable to open database file"
+    before = set(threading.enumerate())
+    with pytest.raises(sqlite3.OperationalError, match="unable to open"):
+        await storage.open()
+    left = [t for t in threading.enumerate() if t not in before]
+    # aiosqlite's worker (Thread-N (_connection_worker_thread)), not the loop's executor
+    assert [t for t in left if "connection_worker" in t.name] == [], left
 
 
 # -- PostgreSQL statement_timeout
