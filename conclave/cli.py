@@ -100,9 +100,11 @@ def listen_host(text: str) -> str:
 
 
 def http_url(text: str) -> str:
-    """An argparse type: an http:// or https:// URL with a host."""
+    """An argparse type: an http:// or https:// URL with a host; an IPv6 zone in the URL form
+    (RFC 6874: `[fe80::1%25eth0]`) given back as the zone itself (`[fe80::1%eth0]`)."""
     from urllib.parse import urlsplit
 
+    text = zone_decoded(text)
     try:
         parts = urlsplit(text)
         ok = parts.scheme in ("http", "https") and bool(parts.hostname)
@@ -112,6 +114,52 @@ def http_url(text: str) -> str:
     if not ok:
         raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL")
     return text
+
+
+# What a zone (a network interface's name or number) may hold: no space, nothing a URL's
+# authority would read otherwise.
+_ZONE_REFUSED = frozenset("/%[]@?#:\\")
+
+
+def zone_decoded(text: str) -> str:
+    """`text` with the zone of its IPv6 host in the URL form (RFC 6874: `%25` then the zone,
+    percent-encoded) decoded: aiohttp connects to the host as the URL spells it, and would ask
+    the resolver for the zone `25eth0` ("Name or service not known"). A zone after a bare `%`
+    (as curl takes it) stays. Raises ArgumentTypeError for an empty or impossible zone, or one
+    on an address that is not link-local (fe80::/10), where no resolver takes it."""
+    import ipaddress
+    from urllib.parse import unquote
+
+    scheme, sep, rest = text.partition("://")
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    userinfo, at, hostport = rest[:end].rpartition("@")
+    if not sep or not hostport.startswith("[") or "]" not in hostport:
+        return text
+    close = hostport.index("]")
+    address, pct, zone = hostport[1:close].partition("%")
+    if not pct:
+        return text
+    if zone.startswith("25"):
+        zone = unquote(zone[2:])
+    if not zone:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: an empty zone: name the network interface after %25, as in "
+            "http://[fe80::1%25eth0]:8470"
+        )
+    if any(c in _ZONE_REFUSED or not c.isprintable() or c.isspace() for c in zone):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {zone!r} is no network interface (the zone after %25)"
+        )
+    try:
+        link_local = ipaddress.IPv6Address(address).is_link_local
+    except ValueError:
+        return text  # not an IPv6 address: the URL check refuses it
+    if not link_local:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a zone (%25{zone}) goes only with a link-local IPv6 address "
+            f"(fe80::...), not {address}: leave it out"
+        )
+    return f"{scheme}://{userinfo}{at}[{address}%{zone}{hostport[close:]}{rest[end:]}"
 
 
 SFU_PATH = "/v1/signal"
@@ -141,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="End-to-end encrypted group calls: MLS keys, SFrame media, an untrusted SFU.",
         epilog="exit status: 0 success (for join: the call ended, by Ctrl-C or quit too); 1 a "
                "failed demo check, audit or benchmark; 2 an error, usage included; 130 Ctrl-C "
-               "(or SIGTERM) while joining, or during demo or audit (the README's Exit statuses "
-               "lists them)",
+               "(or SIGTERM) while joining, or during demo, audit or bench (the README's Exit "
+               "statuses lists them)",
     )
     parser.add_argument("--debug", action="store_true",
                         help="log everything and show tracebacks (default: errors only, as one "
@@ -951,7 +999,11 @@ def bench_names(text: str) -> set[str]:
 async def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_benchmarks
 
-    return await run_benchmarks(args.out, quick=args.quick, only=args.only)
+    # SIGTERM as Ctrl-C (130): by default it would end the process at once, leaving the running
+    # script's process group (a session of its own: the signal never reaches it), the call's
+    # services and its temporary directory behind. Cancelled, each is let go of in order.
+    return await until_stopped(stop_on_signals(),
+                               run_benchmarks(args.out, quick=args.quick, only=args.only))
 
 
 COMMANDS = {

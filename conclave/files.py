@@ -14,31 +14,48 @@ def replace_file(path: Path, data: bytes, *, keep_mode: bool = False) -> None:
     """Put `data` at `path` so that a crash, a full disk or Ctrl-C leaves either the old file or
     the new one whole, never a partial one. The new file is one of our own (O_EXCL, mode 0600),
     never a leftover with a looser mode; `keep_mode` gives it the mode of the file it replaces.
-    Raises OSError, also for a `path` that is no regular file (nor a link to one): a rename
-    would put the data in place of a device, a FIFO or a socket (as root, of /dev/null)."""
-    for look in (os.lstat, os.stat):  # the name itself, then what a link names
-        try:
-            mode = look(path).st_mode
-        except FileNotFoundError:
-            break
-        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+    A symbolic link stays one: the file it names is replaced (in that file's directory), as a
+    state kept on another volume through a link must be. Raises OSError, also for a `path`
+    that is no regular file (nor a link to one: a rename would put the data in place of a
+    device, a FIFO or a socket, as root of /dev/null), and for a link to nothing, naming where
+    it points (an unmounted volume: a file made there would be a new one, in the wrong place)."""
+    target = _link_target(path)
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISREG(os.lstat(target).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
     # In the same directory, so that os.replace is a rename on one file system.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             if keep_mode:
                 with contextlib.suppress(FileNotFoundError):
-                    os.fchmod(f.fileno(), stat.S_IMODE(os.stat(path).st_mode))
+                    os.fchmod(f.fileno(), stat.S_IMODE(os.stat(target).st_mode))
             f.write(data)
             f.flush()
             os.fsync(f.fileno())  # on disk before it replaces the old file
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)  # and the rename itself
+    _fsync_dir(target.parent)  # and the rename itself
+
+
+def _link_target(path: Path) -> Path:
+    """`path`, or the file it names at the end of its links (which must exist: see
+    `replace_file`); OSError for a loop of links."""
+    try:
+        if not stat.S_ISLNK(os.lstat(path).st_mode):
+            return path
+    except FileNotFoundError:
+        return path
+    target = Path(os.path.realpath(path))
+    try:
+        os.stat(path)  # a loop raises ELOOP here
+    except FileNotFoundError:
+        raise OSError(errno.ENOENT, f"a symbolic link to {target}, which does not exist",
+                      str(path)) from None
+    return target
 
 
 def _fsync_dir(directory: Path) -> None:
