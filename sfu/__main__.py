@@ -41,9 +41,10 @@ workers: each room lives in one worker (a hash of its name). --max-rooms counts 
 (N workers hold up to N x --max-rooms rooms); --max-participants is per room. Each worker has
 its own /metrics, counting only its rooms, and names itself in
 sfu_worker_info{worker,workers,port}: scrape every port. /healthz answers for its own worker
-only, and hangs while that worker is down (worker 0 holds its port): worker 0's
-/healthz?worker=all (or ?worker=I) answers at once with each worker's state, 503 unless all
-are up, and its /metrics has sfu_worker_up, sfu_workers_down and sfu_worker_restarts_total.
+only (while that worker is down, worker 0 answers 503 on its port, and refuses joins there);
+worker 0's /healthz?worker=all (or ?worker=I) answers with each worker's state (up, starting,
+late: no heartbeat for 3 s, or down), 503 unless all are up, and its /metrics has
+sfu_worker_up, sfu_workers_down and sfu_worker_restarts_total.
 Worker 0 binds every port first (a port in use stops the whole SFU before anything
 serves), then starts the others. The event loop of each of workers 1..N-1 sends worker 0 a
 heartbeat every second; one silent for --hang-timeout seconds (a stuck loop) is killed. A
@@ -358,6 +359,7 @@ def _serve(
             task.add_done_callback(watch_ended)
             yield
             task.cancel()
+            await sup.close_stand_ins()  # worker 0's answers on the ports of workers down
 
         async def stop_restarting(app: web.Application) -> None:
             sup.begin_stop()  # logged here, at the signal, not after worker 0's own shutdown

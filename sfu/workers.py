@@ -11,8 +11,12 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from aiohttp import web
+
+from sfu.errors import Unavailable
 from sfu.metrics import WorkerStatus
 
 logger = logging.getLogger("sfu.workers")
@@ -30,6 +34,10 @@ POLL_INTERVAL = 0.2
 # event loop holds its rooms' media and signalling hostage without ever exiting.
 HEARTBEAT_INTERVAL = 1.0
 HANG_TIMEOUT = 20.0
+# A worker whose last heartbeat is older than LATE_AFTER is reported "late", not "up" (in
+# /healthz?worker= and sfu_worker_up), well before the hang timeout kills it: a load balancer
+# stops sending it clients, while a mere pause (a swapping machine) is not yet worth a kill.
+LATE_AFTER = 3 * HEARTBEAT_INTERVAL
 STARTUP_TIMEOUT = 30.0  # until its first heartbeat (imports, start-up on a loaded machine)
 STOP_TIMEOUT = 10.0  # seconds a worker may take to stop after SIGTERM before it is killed
 # After the secret, worker 0 tells each worker on its stdin which workers are down, as a line
@@ -44,6 +52,13 @@ EXITED = "exited"  # it exited, or a signal not from worker 0 killed it (the OOM
 KILLED_HUNG = "killed-hung"  # worker 0 killed it: no heartbeat for the hang timeout
 FAILED_TO_START = "failed-to-start"  # no pipe or process could be made for it
 RESTART_REASONS = (EXITED, KILLED_HUNG, FAILED_TO_START)
+# While a worker is down, worker 0 answers on its port (a "stand-in"), else connections queue
+# there unanswered: a join redirected just before worker 0 noticed the death would wait for the
+# client's join timeout. A join gets code "unavailable" once sent (within STAND_IN_TIMEOUT),
+# anything else 503; at most MAX_STAND_IN connections at once (more: 503 at once).
+STAND_IN_TIMEOUT = 5.0
+MAX_STAND_IN = 256
+UNAVAILABLE = "the SFU worker that serves this room is restarting; try again in a few seconds"
 
 
 def bind(host: str, port: int) -> list[socket.socket]:
@@ -86,6 +101,11 @@ class Worker:
     beating: bool = False  # a heartbeat came since the worker was started
     hung: bool = False  # killed by worker 0 for missing heartbeats
     ended: str = ""  # how it last ended, for the restart's log line
+    # Worker 0's servers on the worker's port while it is down (`Supervisor._stand_in`), and
+    # their handler, kept across restarts for the final shutdown of its connections.
+    stand_in: list[asyncio.AbstractServer] = field(default_factory=list, repr=False)
+    standing_in: bool = False  # tried: a socket it could not serve is not retried each poll
+    stand_in_handler: web.Server | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -109,8 +129,12 @@ class Supervisor:
     # Worker restarts by (worker index, reason), for /metrics: an alert on a crash-looping
     # worker needs a count, the log lines alone do not make one.
     restarts: dict[tuple[int, str], int] = field(default_factory=dict)
+    stand_in_connections: int = 0  # open now, on every stand-in: at most MAX_STAND_IN
 
     def start(self, worker: Worker) -> None:
+        # The new worker alone accepts on its port from now: connections that worker 0 took
+        # already get their answers, those that queue from here on are the worker's.
+        self._end_stand_in(worker)
         fds = [sock.fileno() for sock in worker.sockets]
         self._close_heartbeat(worker)
         self._close_stdin(worker)
@@ -172,13 +196,20 @@ class Supervisor:
                 return worker.proc is not None and worker.proc.poll() is None
         return True
 
-    @staticmethod
-    def state(worker: Worker) -> str:
+    @classmethod
+    def state(cls, worker: Worker) -> str:
         """Its state: "up" (its event loop beats), "starting" (running, no heartbeat yet: its
-        port queues connections) or "down" (exited, killed, or waiting for its restart)."""
+        port queues connections), "late" (no heartbeat for LATE_AFTER: stuck, or paused; killed
+        at the hang timeout) or "down" (exited, killed, or waiting for its restart)."""
         if worker.proc is None or worker.hung or worker.proc.poll() is not None:
             return "down"
-        return "up" if worker.beating else "starting"
+        now = time.monotonic()
+        # Read here too, not only at `watch`'s polls: after a pause of worker 0's own event
+        # loop, the beats waiting in the pipe are news, not a late worker.
+        cls._note_beats(worker, now)
+        if not worker.beating:
+            return "starting"
+        return "up" if now - worker.last_beat <= LATE_AFTER else "late"
 
     def status(self) -> list[WorkerStatus]:
         """Each worker's state and restarts, for worker 0's /metrics and /healthz."""
@@ -213,6 +244,8 @@ class Supervisor:
                             worker.ended,
                         )
                         self.start(worker)
+                    else:
+                        await self._stand_in(worker)  # one that could not be started
                     continue
                 status = worker.proc.poll()
                 if status is None:
@@ -231,23 +264,43 @@ class Supervisor:
                 self._close_stdin(worker)
                 worker.proc = None
                 self._close_heartbeat(worker)
+                # ERROR for a failure; WARNING for a stop someone asked for (status 0, or
+                # SIGTERM/SIGINT not from worker 0: an operator, systemd's KillMode=control-group)
+                # and for the kill of a hung worker, whose ERROR came with the kill.
+                level = logging.ERROR
                 if worker.hung:
                     how, reason = "sent no heartbeats and was killed", KILLED_HUNG
+                    level = logging.WARNING
+                elif status in (-signal.SIGTERM, -signal.SIGINT):
+                    how, reason = f"was stopped by signal {-status}", EXITED
+                    level = logging.WARNING
                 elif status < 0:
                     how, reason = f"was killed by signal {-status}", EXITED
+                elif status == 0:
+                    how, reason = "stopped (exit status 0, on a SIGTERM or SIGINT)", EXITED
+                    level = logging.WARNING
                 else:
                     how, reason = f"exited ({status})", EXITED
-                self._failed(worker, how, reason)
+                self._failed(worker, how, reason, level)
+                if not self.failed and not self.stopping:
+                    await self._stand_in(worker)  # before its down line goes out: at once
             self._tell()
 
-    def _check_heartbeat(self, worker: Worker, now: float) -> None:
-        """Note the worker's heartbeats; kill it (`watch` then restarts it) once they stop."""
+    @staticmethod
+    def _note_beats(worker: Worker, now: float) -> None:
+        """Take the heartbeats waiting in the worker's pipe, if any."""
+        if worker.heartbeat_fd < 0:
+            return
         try:
             if os.read(worker.heartbeat_fd, 4096):
                 worker.last_beat = now
                 worker.beating = True
         except OSError:
             pass  # none since the last look (or its end closed: it exited, `poll` will tell)
+
+    def _check_heartbeat(self, worker: Worker, now: float) -> None:
+        """Note the worker's heartbeats; kill it (`watch` then restarts it) once they stop."""
+        self._note_beats(worker, now)
         timeout = self.hang_timeout if worker.beating else max(self.hang_timeout, STARTUP_TIMEOUT)
         if worker.hung or now - worker.last_beat < timeout:
             return
@@ -303,8 +356,8 @@ class Supervisor:
             os.close(worker.heartbeat_fd)
             worker.heartbeat_fd = -1
 
-    def _failed(self, worker: Worker, how: str, reason: str) -> None:
-        """Schedule the restart of a worker that `how` ended, or give up."""
+    def _failed(self, worker: Worker, how: str, reason: str, level: int = logging.ERROR) -> None:
+        """Schedule the restart of a worker that `how` ended (logged at `level`), or give up."""
         key = (worker.index, reason)
         self.restarts[key] = self.restarts.get(key, 0) + 1
         worker.ended = how
@@ -314,17 +367,106 @@ class Supervisor:
                 f"worker {worker.index} (port {worker.port}) {how}, "
                 f"{worker.failures} times in a row: stopping the SFU"
             )
+            logger.error("%s", self.failed)  # whatever the level of this one exit
             signal.raise_signal(signal.SIGTERM)  # run_app's graceful shutdown, exit status 1
             return
         delay = min(MAX_RESTART_DELAY, RESTART_DELAY * 2 ** (worker.failures - 1))
         worker.restart_at = time.monotonic() + delay
-        logger.error(
+        logger.log(
+            level,
             "worker %d (port %d) %s; restarting it in %g s; its rooms are unavailable",
             worker.index,
             worker.port,
             how,
             delay,
         )
+
+    async def _stand_in(self, worker: Worker) -> None:
+        """Answer on the down `worker`'s port until `start` (`_answer`); a socket that cannot be
+        served is left to queue, with a warning."""
+        if worker.standing_in:
+            return
+        worker.standing_in = True
+        if worker.stand_in_handler is None:
+            # keepalive: an idle connection is closed soon (each answer closes it anyway)
+            worker.stand_in_handler = web.Server(self._answer(worker), keepalive_timeout=5)
+        loop = asyncio.get_running_loop()
+        for sock in worker.sockets:
+            try:
+                if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    continue  # not a listening socket: nothing queues there
+                # A duplicate: closing the server closes it, and not the worker's socket.
+                dup = sock.dup()
+            except OSError as exc:
+                logger.warning("cannot answer on port %d meanwhile: %s", worker.port, exc)
+                continue
+            try:
+                server = await loop.create_server(worker.stand_in_handler, sock=dup, backlog=128)
+            except OSError as exc:
+                dup.close()
+                logger.warning("cannot answer on port %d meanwhile: %s", worker.port, exc)
+                continue
+            worker.stand_in.append(server)
+
+    @staticmethod
+    def _end_stand_in(worker: Worker) -> None:
+        """Stop accepting on the worker's port (at once); accepted connections get answered."""
+        for server in worker.stand_in:
+            server.close()
+        worker.stand_in.clear()
+        worker.standing_in = False
+
+    def _answer(self, worker: Worker) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+        """Worker 0's answers on the port of `worker` while it is down: a join, code
+        "unavailable" (as every worker refuses one for its rooms meanwhile); anything else, 503."""
+        port_0 = worker.port - worker.index
+        down = web.Response(
+            status=503,
+            text=f"worker {worker.index} (port {worker.port}) is down; worker 0 restarts it "
+            f"(GET /healthz?worker=all on port {port_0})\n",
+        )
+
+        async def answer(request: web.BaseRequest) -> web.StreamResponse:
+            ws = web.WebSocketResponse(max_msg_size=65536, timeout=STAND_IN_TIMEOUT)
+            if (
+                request.path != "/v1/signal"
+                or not ws.can_prepare(request).ok
+                or self.stand_in_connections >= MAX_STAND_IN
+            ):
+                response = web.Response(status=down.status, text=down.text)
+                response.force_close()  # the next request on it may be the restarted worker's
+                return response
+            self.stand_in_connections += 1
+            try:
+                await ws.prepare(request)
+                # The join first: the error then answers it, as a worker's refusal does.
+                async with asyncio.timeout(STAND_IN_TIMEOUT):
+                    message = await ws.receive()
+                if message.type == web.WSMsgType.TEXT:
+                    exc = Unavailable(UNAVAILABLE)
+                    await ws.send_json({"type": "error", "code": exc.code, "message": str(exc)})
+                await ws.close()
+            except (TimeoutError, ConnectionError, RuntimeError):
+                pass  # a client gone, or silent
+            finally:
+                self.stand_in_connections -= 1
+            if not ws.prepared:  # the client left during the handshake
+                return web.Response(status=down.status)
+            if not ws.closed:  # a silent client
+                try:
+                    await ws.close()
+                except (ConnectionError, RuntimeError):
+                    pass
+            return ws
+
+        return answer
+
+    async def close_stand_ins(self, timeout: float = 1.0) -> None:
+        """Stop every stand-in and close its connections (worker 0 stopping)."""
+        for worker in self.workers:
+            self._end_stand_in(worker)
+            if worker.stand_in_handler is not None:
+                await worker.stand_in_handler.shutdown(timeout)
 
     def hurry(self) -> None:
         """Have `stop` kill the workers it still waits for (worker 0 got another signal)."""
@@ -340,6 +482,8 @@ class Supervisor:
         """SIGTERM to every worker; SIGKILL to one still running STOP_TIMEOUT later (or at once,
         after `hurry`)."""
         self.begin_stop()
+        for worker in self.workers:
+            self._end_stand_in(worker)
         procs = [w.proc for w in self.workers if w.proc is not None]
         for proc in procs:
             if proc.poll() is None:
