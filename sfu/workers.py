@@ -4,6 +4,7 @@ port, starts workers 1..N-1, restarts one that exits or hangs, and stops them al
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -58,6 +59,7 @@ RESTART_REASONS = (EXITED, KILLED_HUNG, FAILED_TO_START)
 # anything else 503; at most MAX_STAND_IN connections at once (more: 503 at once).
 STAND_IN_TIMEOUT = 5.0
 MAX_STAND_IN = 256
+STAND_IN_ACCEPTS = 128  # connections taken at one wake-up: a flood does not hold the loop
 UNAVAILABLE = "the SFU worker that serves this room is restarting; try again in a few seconds"
 
 
@@ -101,9 +103,12 @@ class Worker:
     beating: bool = False  # a heartbeat came since the worker was started
     hung: bool = False  # killed by worker 0 for missing heartbeats
     ended: str = ""  # how it last ended, for the restart's log line
-    # Worker 0's servers on the worker's port while it is down (`Supervisor._stand_in`), and
-    # their handler, kept across restarts for the final shutdown of its connections.
-    stand_in: list[asyncio.AbstractServer] = field(default_factory=list, repr=False)
+    # Worker 0's duplicates of the worker's listening sockets, each accepted on by the loop
+    # while the worker is down (`Supervisor._stand_in`), and their handler, kept across
+    # restarts for the final shutdown of its connections.
+    stand_in: list[tuple[socket.socket, asyncio.AbstractEventLoop]] = field(
+        default_factory=list, repr=False
+    )
     standing_in: bool = False  # tried: a socket it could not serve is not retried each poll
     stand_in_handler: web.Server | None = field(default=None, repr=False)
 
@@ -130,6 +135,9 @@ class Supervisor:
     # worker needs a count, the log lines alone do not make one.
     restarts: dict[tuple[int, str], int] = field(default_factory=dict)
     stand_in_connections: int = 0  # open now, on every stand-in: at most MAX_STAND_IN
+    # Connections a stand-in accepted whose transport is not made yet: still answered after
+    # the stand-in ends, awaited by `close_stand_ins`.
+    _handing_over: set[asyncio.Task[object]] = field(default_factory=set, repr=False)
 
     def start(self, worker: Worker) -> None:
         # The new worker alone accepts on its port from now: connections that worker 0 took
@@ -245,7 +253,7 @@ class Supervisor:
                         )
                         self.start(worker)
                     else:
-                        await self._stand_in(worker)  # one that could not be started
+                        self._stand_in(worker)  # one that could not be started
                     continue
                 status = worker.proc.poll()
                 if status is None:
@@ -283,7 +291,7 @@ class Supervisor:
                     how, reason = f"exited ({status})", EXITED
                 self._failed(worker, how, reason, level)
                 if not self.failed and not self.stopping:
-                    await self._stand_in(worker)  # before its down line goes out: at once
+                    self._stand_in(worker)  # before its down line goes out: at once
             self._tell()
 
     @staticmethod
@@ -381,7 +389,7 @@ class Supervisor:
             delay,
         )
 
-    async def _stand_in(self, worker: Worker) -> None:
+    def _stand_in(self, worker: Worker) -> None:
         """Answer on the down `worker`'s port until `start` (`_answer`); a socket that cannot be
         served is left to queue, with a warning."""
         if worker.standing_in:
@@ -395,25 +403,60 @@ class Supervisor:
             try:
                 if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
                     continue  # not a listening socket: nothing queues there
-                # A duplicate: closing the server closes it, and not the worker's socket.
+                # A duplicate: closing it leaves the worker's socket open. Accepted on by hand,
+                # not by an asyncio server: a closed server drops (unanswered, unclosed until a
+                # garbage collection) the connections it accepted in the loop's last turn.
                 dup = sock.dup()
             except OSError as exc:
                 logger.warning("cannot answer on port %d meanwhile: %s", worker.port, exc)
                 continue
             try:
-                server = await loop.create_server(worker.stand_in_handler, sock=dup, backlog=128)
-            except OSError as exc:
+                dup.setblocking(False)
+                loop.add_reader(dup, self._accept, worker, dup)
+            except (OSError, ValueError) as exc:
                 dup.close()
                 logger.warning("cannot answer on port %d meanwhile: %s", worker.port, exc)
                 continue
-            worker.stand_in.append(server)
+            worker.stand_in.append((dup, loop))
+
+    def _accept(self, worker: Worker, listening: socket.socket) -> None:
+        """Hand the connections queued on a stand-in's socket to `_answer`."""
+        handler = worker.stand_in_handler
+        assert handler is not None
+        for _ in range(STAND_IN_ACCEPTS):
+            try:
+                conn, _ = listening.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return  # none left (or one gone before it was taken)
+            except OSError as exc:
+                # Out of descriptors, say: this socket stays readable, and a reader on it would
+                # spin the loop. The rest queue for the restarted worker, as before stand-ins.
+                logger.warning("cannot answer on port %d meanwhile: %s", worker.port, exc)
+                self._end_one_stand_in(worker, listening)
+                return
+            loop = asyncio.get_running_loop()
+            task = loop.create_task(loop.connect_accepted_socket(handler, conn))
+            self._handing_over.add(task)
+            task.add_done_callback(functools.partial(self._handed_over, conn))
+
+    def _handed_over(self, conn: socket.socket, task: asyncio.Task[object]) -> None:
+        self._handing_over.discard(task)
+        if task.cancelled() or task.exception() is not None:
+            conn.close()  # no transport took it (worker 0 stopping, say): nobody else would
 
     @staticmethod
-    def _end_stand_in(worker: Worker) -> None:
+    def _end_one_stand_in(worker: Worker, listening: socket.socket) -> None:
+        """Stop accepting on `listening`, one of the worker's stand-in sockets, and close it."""
+        for entry in [e for e in worker.stand_in if e[0] is listening]:
+            entry[1].remove_reader(listening)  # before the close: the fd number may be reused
+            listening.close()
+            worker.stand_in.remove(entry)
+
+    @classmethod
+    def _end_stand_in(cls, worker: Worker) -> None:
         """Stop accepting on the worker's port (at once); accepted connections get answered."""
-        for server in worker.stand_in:
-            server.close()
-        worker.stand_in.clear()
+        for listening, _ in list(worker.stand_in):
+            cls._end_one_stand_in(worker, listening)
         worker.standing_in = False
 
     def _answer(self, worker: Worker) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
@@ -465,6 +508,9 @@ class Supervisor:
         """Stop every stand-in and close its connections (worker 0 stopping)."""
         for worker in self.workers:
             self._end_stand_in(worker)
+        if self._handing_over:  # their connections first, so that the shutdowns close them
+            await asyncio.wait(self._handing_over, timeout=timeout)
+        for worker in self.workers:
             if worker.stand_in_handler is not None:
                 await worker.stand_in_handler.shutdown(timeout)
 
