@@ -87,7 +87,7 @@ from .errors import (
 from .files import replace_file
 from .media import MediaSpec
 from .safety import key_fingerprint, safety_code
-from .threads import in_daemon_thread
+from .threads import LatestOnly, in_daemon_thread
 from .urls import shown_url
 
 log = logging.getLogger(__name__)
@@ -483,6 +483,9 @@ class Participant:
         self._token_renewal: asyncio.Task[None] | None = None
         self._names_by_epoch: dict[int, dict[int, str]] = {}
         self._read_state: bytes | None = None  # the state file as read (None: there was none)
+        # Writes the state (fsyncs and all) off the loop, which runs the call's media: the
+        # newest snapshot only, after the one under way (`_save`).
+        self._state_writer = LatestOnly(f"conclave-save-{name}")
         # Whether the service confirmed registering this key. A new key is saved before it is
         # registered (registration is for good), so a first run that fails leaves one that is
         # not: the next run registers it (idempotent for the same key) and says so if it fails.
@@ -601,9 +604,26 @@ class Participant:
                    if m.identity == identity)
 
     def save(self) -> None:
+        """Write the state now, blocking: for callers off the loop (tools, tests). On the loop,
+        `await self._save()`."""
+        write = self._state_snapshot()
+        if write is not None:
+            self._state_writer.run(write)  # after any write under way, never before it
+
+    async def _save(self) -> None:
+        """Write the state in another thread, awaiting it: the loop runs on meanwhile. The
+        snapshot is taken now, on the loop (whole, of one moment); snapshots are written in
+        the order taken, and one not started yet gives way to a newer one. A write handed over
+        runs to its end even if the caller is cancelled, and before the process exits."""
+        write = self._state_snapshot()
+        if write is not None:
+            await self._state_writer.run_later(write)
+
+    def _state_snapshot(self) -> Callable[[], None] | None:
+        """The state as it is now, and what writes it (None: no state directory)."""
         path = self._state_path
         if path is None:
-            return
+            return None
         body: dict[str, Any] = {
             "format": STATE_FORMAT, "version": STATE_VERSION, "client": self.client.to_bytes(),
             "applied_seq": self.applied_seq, "welcome_cursor": self.welcome_cursor,
@@ -612,13 +632,19 @@ class Participant:
         }
         if self.group is not None:
             body["group"] = self.group.to_bytes()
-        try:
-            data = cbor2.dumps(body)
-            _make_private_dir(path.parent)  # its file names say who calls
-            replace_file(path, data)  # mode 0600: it holds private keys
-        except OSError as exc:
-            raise ConclaveError(f"cannot save the state to {path}: {exc.strerror or exc}") from None
-        self._read_state = data  # ours: no other run's (`_lock_state`)
+        data = cbor2.dumps(body)
+
+        def write() -> None:
+            try:
+                _make_private_dir(path.parent)  # its file names say who calls
+                replace_file(path, data)  # mode 0600: it holds private keys
+            except OSError as exc:
+                raise ConclaveError(
+                    f"cannot save the state to {path}: {exc.strerror or exc}"
+                ) from None
+            self._read_state = data  # ours: no other run's (`_lock_state`)
+
+        return write
 
     def _lock_state(self) -> None:
         """Hold `<name>.lock` in the state directory while this participant runs: two
@@ -776,7 +802,7 @@ class Participant:
         self._lock_state()  # before the save: it would overwrite a running one's state
         # The signature key is registered for good: it must be on disk first, or a state
         # directory that cannot be written would leave the name registered to a lost key.
-        self.save()
+        await self._save()
         path = self._state_path
         # What a failure leaves: a key on disk that the service has not confirmed. (None: no
         # state directory, or a registered key, which a failure leaves as it was.)
@@ -802,7 +828,7 @@ class Participant:
             ) from None
         if not self._registered:
             self._registered = True
-            self.save()
+            await self._save()
 
     def _name_taken(self, new: bool) -> ConclaveError:
         """The error for a registration refused because the name is another key's. A key made
@@ -846,7 +872,7 @@ class Participant:
         missing = max(0, min(target - count, target))
         if missing:
             fresh = [self.client.key_package() for _ in range(missing)]
-            self.save()  # their private keys first: a Welcome may come at once
+            await self._save()  # their private keys first: a Welcome may come at once
             try:
                 count = await self.ds.upload_key_packages(fresh)
             except RequestFailed as exc:
@@ -912,8 +938,11 @@ class Participant:
             with contextlib.suppress(Exception):
                 await self.ds.close()
             if self._state_lock is not None:
-                self.save()  # not by one refused the lock: the state is another's
+                await self._save()  # not by one refused the lock: the state is another's
         finally:
+            # Cut short, its last write still runs: the lock is ours until it ends (another
+            # run would read the state before it).
+            self._state_writer.wait_idle()
             self._unlock_state()
 
     # -- creating and joining ---------------------------------------------------------------------
@@ -999,7 +1028,7 @@ class Participant:
             body = MLSMessage.decode(proposal).body
             assert isinstance(body, PublicMessage) and body.content.proposal is not None
             key_package = body.content.proposal.body.key_package  # type: ignore[union-attr]
-            self.save()  # the KeyPackage's private keys, before anyone can use it
+            await self._save()  # the KeyPackage's private keys, before anyone can use it
             # The service forwards a Welcome only to KeyPackages it knows: register this one
             # (as last resort: it was not handed out, the proposal carries it).
             await self.ds.upload_key_packages([], last_resort=MLSMessage(key_package).encode())
@@ -1171,7 +1200,7 @@ class Participant:
         if self.keys.update(self.group):
             self._expire_keys_after_grace()
         self._epoch_since = time.monotonic()
-        self.save()
+        await self._save()
         self._forget_done_requests()
         if self._requests:
             self._spawn(self._renew_requests())
@@ -1196,7 +1225,7 @@ class Participant:
         self.keys.retire()
         self._expire_keys_after_grace()
         await self._leave_media_session()
-        self.save()
+        await self._save()
         async with self.epoch_changed:
             self.epoch_changed.notify_all()
 
@@ -1421,7 +1450,7 @@ class Participant:
             result, adds, removes = made
             # On disk before it is posted: a run that ends once the service has it (killed,
             # say) finds it at its next start and learns from the log whether it went in.
-            self._save_before_posting()
+            await self._save_before_posting()
             try:
                 try:
                     accepted = await self.ds.send(
@@ -1472,12 +1501,12 @@ class Participant:
             # Logged for auditors: lets them check the transcript hash chain.
             await self.ds.publish_group_info(group.group_id, result.group_info)
 
-    def _save_before_posting(self) -> None:
+    async def _save_before_posting(self) -> None:
         """Save the state with the commit about to be posted. If that fails the commit is
         posted all the same, as it was before it was saved first: a lost answer is still
         settled from the log by this run, only a run killed meanwhile will not know."""
         try:
-            self.save()
+            await self._save()
         except ConclaveError as exc:
             self._note(f"could not save the commit before posting it: {exc}")
 
@@ -1597,30 +1626,30 @@ class Participant:
                        f"oldest, {dropped}; the members it adds cannot join from it")
         return owed
 
-    def _welcome_settled(self, owed: _OwedWelcome) -> None:
+    async def _welcome_settled(self, owed: _OwedWelcome) -> None:
         """`owed` is no longer owed (the service has it, or refused it for good): out of the
         saved state now, or a restart would post it again."""
         owed.posting = False
         if owed in self._owed_welcomes:
             self._owed_welcomes.remove(owed)
             try:
-                self.save()
+                await self._save()
             except ConclaveError as exc:  # it is posted again at the next start: harmless
                 self._note(f"could not save that {owed} was posted: {exc}")
 
-    def _welcome_refused(self, owed: _OwedWelcome, exc: BaseException) -> bool:
+    async def _welcome_refused(self, owed: _OwedWelcome, exc: BaseException) -> bool:
         """Whether the service's answer `exc` settles `owed` for good: a repeat it has
         already (a 409 "duplicate": delivered), or a refusal that retrying cannot change (a
         4xx other than a busy group or too many requests: noted, and not posted again)."""
         if isinstance(exc, RequestFailed) and exc.code == "duplicate":
             log.info("%s: %s is in the log already", self.name, owed)
-            self._welcome_settled(owed)
+            await self._welcome_settled(owed)
             return True
         if _worth_retrying(exc):
             return False
         self._note(f"the delivery service refused {owed} for good ({_reason(exc)}): not "
                    "posted again; the members it adds cannot join from it")
-        self._welcome_settled(owed)
+        await self._welcome_settled(owed)
         return True
 
     async def _send_welcome(self, owed: _OwedWelcome) -> None:
@@ -1635,13 +1664,13 @@ class Participant:
             owed.posting = False  # (still owed: posted again at the next start)
             raise
         except Exception as exc:
-            if self._welcome_refused(owed, exc):
+            if await self._welcome_refused(owed, exc):
                 return
             log.warning("%s: posting %s failed (%s): trying again", self.name, owed,
                         _reason(exc))
             self._spawn(self._resend_welcome(owed))
             return
-        self._welcome_settled(owed)
+        await self._welcome_settled(owed)
 
     async def _resend_welcome(self, owed: _OwedWelcome, *, at_once: bool = False) -> None:
         """Post `owed` again (at once first if `at_once`: a Welcome the last run owed), after
@@ -1658,11 +1687,11 @@ class Participant:
                     # The same bytes: the service answers a repeat of ours with the original.
                     await self.ds.send_welcome(owed.group_id, owed.welcome)
                 except Exception as exc:
-                    if self._welcome_refused(owed, exc):
+                    if await self._welcome_refused(owed, exc):
                         return
                     last = exc
                     continue
-                self._welcome_settled(owed)
+                await self._welcome_settled(owed)
                 return
             why = "" if last is None else f" ({_reason(last)})"
             self._note(f"gave up posting {owed} after {WELCOME_ATTEMPTS} tries{why}: kept, to "
