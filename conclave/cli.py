@@ -212,8 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "CONCLAVE_DS_DB, since other users can read command lines")
     p.add_argument("--pg-schema", default=None, help=PG_SCHEMA_HELP)
     p.add_argument("--state", type=Path, default=None, help=STATE_HELP)
-    p.add_argument("--auditor", action="append", default=None,
-                   help="identity allowed to read every group's audit log (default: auditor)")
+    p.add_argument("--auditor", action="append", default=None, metavar="NAME[=KEYHEX]",
+                   help="identity allowed to read every group's audit log (default: auditor; "
+                        "repeatable): its key is made (or read) in STATE/NAME.state, where "
+                        "`conclave audit --state STATE` finds it, and nobody else can take the "
+                        "name; =KEYHEX: that signature key instead, an auditor elsewhere's")
     p.add_argument("--room-token-ttl", type=token_lifetime, default=600, metavar="SECONDS",
                    help="how long a room token admits to the SFU (default 600): members renew "
                         "theirs, so this bounds how long a removed member's media session lasts")
@@ -542,20 +545,68 @@ def print_lines(console: Any, lines: list[str]) -> None:
 
 
 async def cmd_serve(args: argparse.Namespace) -> int:
-    from .services import DEFAULT_AUDITOR, Services, default_db, display_db
+    import shlex
+
+    from delivery_service.__main__ import AuditorOptionError, parse_auditor
+
+    from .services import (
+        DEFAULT_AUDITOR,
+        Services,
+        auditor_identity,
+        default_db,
+        display_db,
+        forget_new_auditor,
+    )
 
     state = args.state or default_state_dir()
-    services = Services(
-        db=args.db or os.environ.get("CONCLAVE_DS_DB") or default_db(state), pg_schema=args.pg_schema, host=args.host, ds_port=args.ds_port,
-        sfu_port=args.sfu_port, auditors=frozenset(args.auditor or [DEFAULT_AUDITOR]),
-        room_token_ttl=args.room_token_ttl,
-    )
-    stop = stop_on_signals()  # before the URLs: whoever reads them may stop us at once
-    await services.start()
+    # Every auditor's key is pinned: a name the service only named would be whoever registered
+    # it first's, and read every room's log. None: serve's own key, in the state directory.
+    keys: dict[str, bytes | None] = {}
+    for value in args.auditor or [DEFAULT_AUDITOR]:
+        try:
+            name, key = parse_auditor(value)
+        except AuditorOptionError as exc:
+            raise ConclaveError(str(exc)) from None
+        if keys.get(name, key) != key:
+            raise ConclaveError(f"--auditor {name!r} is given twice, with different keys")
+        keys[name] = key
+    db = args.db or os.environ.get("CONCLAVE_DS_DB") or default_db(state)
+    own: dict[str, Any] = {}
+    made: list[str] = []  # keys made by this run: removed if it does not serve them
+    services: Services | None = None
+    try:
+        for name in (n for n, k in keys.items() if k is None):
+            own[name], new = auditor_identity(state, name)
+            if new:
+                made.append(name)
+        services = Services(
+            db=db, pg_schema=args.pg_schema, host=args.host, ds_port=args.ds_port,
+            sfu_port=args.sfu_port, auditors=frozenset(),
+            auditor_keys={n: k for n, k in keys.items() if k is not None},
+            own_auditors=tuple(own.values()), room_token_ttl=args.room_token_ttl,
+        )
+        stop = stop_on_signals()  # before the URLs: whoever reads them may stop us at once
+        await services.start()
+    except BaseException:
+        for name in made:
+            # (registered: the database holds that key, and the next start uses it again)
+            if services is None or name not in services.registered_auditors:
+                forget_new_auditor(state, name)
+        raise
     try:  # a failed print too (stdout's reader gone): else the database's thread keeps us alive
         print(f"delivery service  {services.ds_url}")
         print(f"SFU signalling    {services.sfu_url}")
         print(f"database          {display_db(services.db)}")
+        for name, key in keys.items():
+            # printable: the operator's names, but they may hold what a terminal acts on
+            if key is not None:
+                print(f"auditor           {printable(name)} (the key given with --auditor)")
+                continue
+            command = f"conclave audit --state {shlex.quote(str(state))}"
+            if name != DEFAULT_AUDITOR:
+                command += f" --as {shlex.quote(name)}"
+            print(f"auditor           {printable(name)} (its key in "
+                  f"{printable(str(state / f'{name}.state'))}: {printable(command)} ...)")
         for line in join_hint(services.host, services.ds_url, services.sfu_url):
             print(line)
         print("Ctrl-C to stop.", flush=True)
@@ -939,6 +990,8 @@ async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fet
             return await _member_log(ds, group_id, state, identity, max_bytes)
         return await fetch(ds, group_id, state, identity, max_bytes=max_bytes), None
     except RequestFailed as exc:
+        if exc.code == "reserved_name":
+            raise ConclaveError(_reserved_for_another_key(ds, state, identity)) from None
         if exc.code == "conflict":
             raise ConclaveError(
                 f"the identity {identity!r} is registered with another key: audit with the "
@@ -962,6 +1015,26 @@ async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fet
                 "--ds"
             ) from None
         raise ConclaveError(f"the delivery service refused the audit log of {label}: {exc}") from None
+
+
+def _reserved_for_another_key(ds: str, state: Path, identity: str) -> str:
+    """Why a service that pins `identity`'s key refused the one in `state`, and the two ways on:
+    the state directory holding the pinned key, or that key pinned instead (for an auditor on
+    another machine than the service, whose operator pins the key it is sent)."""
+    from .participant import Participant
+
+    key = ""
+    with contextlib.suppress(ConclaveError, OSError):
+        # the key this audit registered with, kept in `state` (only a name's conflict drops it)
+        if (state / f"{identity}.state").exists():
+            key = Participant(identity, ds, state_dir=state).client.signature_key.hex()
+    pin = (f"; or, if the service has not registered {identity!r} yet, have its operator pin "
+           f"this key, kept in {state}: --auditor {identity}={key}" if key else "")
+    return (
+        f"{identity!r} is reserved for an auditor of the delivery service {shown_url(ds)}, with "
+        f"another key than the one in {state}: audit with the state directory that holds its key "
+        f"(`conclave serve` prints it at start){pin}"
+    )
 
 
 async def _member_log(ds: str, group_id: bytes, state: Path, identity: str,

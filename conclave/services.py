@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import sqlite3
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
@@ -20,14 +21,14 @@ from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
 from aiohttp import web
 
 from delivery_service.server import Config, DeliveryService, make_app
-from delivery_service.storage import make_storage
+from delivery_service.storage import IdentityRecord, make_storage
 from delivery_service.storage.sqlite import create_private
 from sfu import aiortc_hooks
 from sfu.config import SFUConfig
 from sfu.server import SFUServer
 
-from .errors import ServiceUnavailable
-from .participant import is_loopback_host, url_host
+from .errors import ConclaveError, ServiceUnavailable, StateInUse
+from .participant import Participant, is_loopback_host, url_host
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,16 @@ class Services:
     host: str = "127.0.0.1"
     ds_port: int = 0
     sfu_port: int = 0
+    # Auditors named alone: whoever registers the name first (tests, the demo's own database).
     auditors: frozenset[str] = frozenset({DEFAULT_AUDITOR})
+    # Auditors whose signature key is pinned: nobody else can register the name.
+    auditor_keys: Mapping[str, bytes] = field(default_factory=dict)
+    # Pinned auditors registered here before the service listens (`conclave serve`'s own):
+    # `conclave audit` on this machine logs in with the key at once.
+    own_auditors: tuple[IdentityRecord, ...] = ()
+    # Names of `own_auditors` the database holds with their key (registered now or before):
+    # a start that fails later (a port in use) must not lose such a key.
+    registered_auditors: set[str] = field(default_factory=set)
     room_secret: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
     # seconds a room token admits to the SFU: how long a member removed from the group can keep
     # its media session (participants renew theirs while they are members)
@@ -61,8 +71,10 @@ class Services:
             # 127.0.0.1 candidates even for ::1: media goes over IPv4 loopback, which a machine
             # with ::1 has too, whatever address the signalling uses.
             aiortc_hooks.restrict_ice_to_loopback()
+        pinned = {**self.auditor_keys, **{r.identity: r.signature_key for r in self.own_auditors}}
         config = Config(
-            room_secret=self.room_secret, auditors=self.auditors, room_token_ttl=self.room_token_ttl
+            room_secret=self.room_secret, auditors=self.auditors, auditor_keys=pinned,
+            room_token_ttl=self.room_token_ttl,
         )
         is_sqlite = not self.db.startswith(("postgresql://", "postgres://"))
         if is_sqlite and "://" in self.db:
@@ -102,6 +114,11 @@ class Services:
                 f"cannot open the database ({display_db(self.db)}): {scrub_db(str(exc), self.db)}"
             ) from None
         self.service = DeliveryService(storage, config)
+        try:
+            await self._register_auditors()
+        except BaseException:
+            await self.stop()
+            raise
         self.sfu = SFUServer(SFUConfig(token_secret=self.room_secret))
         # Which port is being bound, for the message if it is in use: `conclave serve`'s
         # option that changes it, and what listens there.
@@ -135,6 +152,29 @@ class Services:
             ) from None
         self.ds_url = f"http://{url_host(self.host)}:{ds_port}"
         self.sfu_url = f"http://{url_host(self.host)}:{sfu_port}/v1/signal"
+
+    async def _register_auditors(self) -> None:
+        """Register the own auditors' keys, before anyone can ask for the names; refuse to serve
+        a pinned name this database holds with another key (taken before it was pinned): its
+        auditor could read nothing."""
+        assert self.service is not None
+        storage = self.service.storage
+        for record in self.own_auditors:
+            if await storage.register_identity(record) \
+                    or await storage.get_identity(record.identity) == record:
+                self.registered_auditors.add(record.identity)
+        taken = []
+        for name, key in sorted(self.service.config.auditor_keys.items()):
+            existing = await storage.get_identity(name)
+            if existing is not None and existing.signature_key != key:
+                taken.append(name)
+        if taken:
+            names = ", ".join(map(repr, taken))
+            raise ConclaveError(
+                f"the auditor {names} is registered in this database ({display_db(self.db)}) "
+                "with another key than the one pinned for it (someone took the name before it "
+                "was reserved?): serve with another --auditor NAME, or another database"
+            )
 
     async def _serve(self, app: web.Application, port: int) -> int:
         runner = web.AppRunner(app, handle_signals=False)
@@ -220,6 +260,39 @@ def scrub_db(text: str, db: str) -> str:
     for secret in sorted(_db_secrets(db), key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
+
+
+def auditor_identity(state_dir: Path, name: str) -> tuple[IdentityRecord, bool]:
+    """Auditor `name`'s identity, its key kept in `state_dir/<name>.state`: the file `conclave
+    audit --as NAME --state STATE_DIR` logs in with. Made and saved now if there is none (then
+    True: `forget_new_auditor` removes it if the service cannot take it)."""
+    auditor = Participant(name, "", state_dir=state_dir)
+    new = auditor._read_state is None
+    if new:
+        # Locked as `conclave audit` locks it: a first audit making a key at the same moment
+        # would save its own over this one.
+        try:
+            auditor._lock_state()
+        except StateInUse:
+            raise ConclaveError(
+                f"{name} is running with the state directory {state_dir}: stop it first, or "
+                "serve another --auditor"
+            ) from None
+        try:
+            auditor._registered = True  # by `Services.start`, before it serves
+            auditor.save()
+        finally:
+            auditor._unlock_state()
+    client = auditor.client
+    return IdentityRecord(name, int(client.cipher_suite), client.signature_key), new
+
+
+def forget_new_auditor(state_dir: Path, name: str) -> None:
+    """Remove the key `auditor_identity` just made: never registered, it would only stand in
+    the way of the right one (as `conclave audit` removes a refused new key)."""
+    for suffix in (".state", ".lock"):
+        with contextlib.suppress(OSError):
+            (state_dir / f"{name}{suffix}").unlink(missing_ok=True)
 
 
 def default_db(state_dir: Path) -> str:

@@ -13,7 +13,9 @@ import sys
 from aiohttp import web
 
 from .client import MAX_BODY_LIMIT
-from .server import Config, DeliveryService, make_app
+from .errors import BadRequest
+from .server import MAX_IDENTITY, Config, DeliveryService, check_identity_name, make_app
+from .signatures import SUPPORTED_SUITES, is_public_key
 from .storage import make_storage
 from .storage.base import describe_db
 from .tracker import BasicTracker, PublicGroupTracker
@@ -78,6 +80,56 @@ def _log_level(text: str) -> str:
     return text.upper()
 
 
+class AuditorOptionError(ValueError):
+    """An --auditor value that names no identity or pins no key: the start stops."""
+
+
+def parse_auditor(value: str) -> tuple[str, bytes | None]:
+    """One `--auditor NAME[=KEYHEX]` value: the name, and the signature key pinned for it."""
+    name, eq, key_hex = value.rpartition("=")
+    if not eq:
+        name = value
+    if not name:
+        raise AuditorOptionError(f"--auditor {value!r} names no identity")
+    try:
+        check_identity_name(name)
+    except BadRequest as exc:
+        raise AuditorOptionError(f"--auditor {name!r}: {exc.reason}") from None
+    if len(name.encode()) > MAX_IDENTITY:
+        raise AuditorOptionError(f"--auditor {name!r}: longer than {MAX_IDENTITY} bytes")
+    if not eq:
+        return name, None
+    try:
+        key = bytes.fromhex(key_hex)
+    except ValueError:
+        key = b""
+    if not any(is_public_key(suite, key) for suite in SUPPORTED_SUITES):
+        raise AuditorOptionError(
+            f"--auditor {name}=...: {key_hex!r} is not a signature public key in hex")
+    return name, key
+
+
+def parse_auditors(values: list[str]) -> tuple[frozenset[str], dict[str, bytes]]:
+    """`--auditor NAME` or `--auditor NAME=KEYHEX` values: every auditor's name, and the
+    signature keys pinned for some. A name without a key is warned of: whoever registers it
+    first reads every group's log."""
+    names: set[str] = set()
+    keys: dict[str, bytes] = {}
+    for value in values:
+        name, key = parse_auditor(value)
+        if key is not None:
+            if keys.get(name, key) != key:
+                raise AuditorOptionError(f"--auditor {name!r} is given two keys")
+            keys[name] = key
+        names.add(name)
+    for name in sorted(names - keys.keys()):
+        log.warning(
+            "auditor %r has no pinned key: the first to register it becomes the auditor and "
+            "reads every group's log; pin its key with --auditor %s=SIGNATURE_KEY_HEX", name, name
+        )
+    return frozenset(names), keys
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m delivery_service", description=__doc__)
     # `or`: an empty CONCLAVE_DS_DB (a systemd EnvironmentFile's `CONCLAVE_DS_DB=`) is unset,
@@ -104,8 +156,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="bytes per second one identity may post to be stored, per instance "
                    "(default: %(default).0f, bursts of --upload-burst); beyond: 429")
     p.add_argument("--upload-burst", type=int, default=32 << 20)
-    p.add_argument("--auditor", action="append", default=[],
-                   help="identity allowed to read every group's audit log (repeatable)")
+    p.add_argument("--auditor", action="append", default=[], metavar="NAME[=KEYHEX]",
+                   help="identity allowed to read every group's audit log (repeatable); with "
+                   "=KEYHEX, the only signature key NAME can be registered with (without: the "
+                   "first to register NAME is the auditor)")
     p.add_argument("--tracker", choices=["public", "basic"], default="public",
                    help="public: verify every commit against the public ratchet tree (default); "
                    "basic: check headers and epochs only, membership from the poster's hints "
@@ -143,9 +197,13 @@ def main(argv: list[str] | None = None) -> None:
     if "://" in args.db and not args.db.startswith(POSTGRES_SCHEMES):
         # not echoed: a DSN of another database may hold a password
         sys.exit("delivery service: --db must be a SQLite file path or a postgresql:// DSN")
+    try:
+        auditors, auditor_keys = parse_auditors(args.auditor)
+    except AuditorOptionError as exc:
+        sys.exit(f"delivery service: {exc}")
     config = Config(max_body=args.max_body, session_ttl=args.session_ttl,
-                    room_token_ttl=args.room_token_ttl,
-                    auditors=frozenset(args.auditor), challenge_rate=args.challenge_rate,
+                    room_token_ttl=args.room_token_ttl, auditors=auditors,
+                    auditor_keys=auditor_keys, challenge_rate=args.challenge_rate,
                     challenge_burst=args.challenge_burst, upload_rate=args.upload_rate,
                     upload_burst=args.upload_burst)
     # Room tokens are checked by the SFU with the same secret; instances of one deployment share it.

@@ -18,7 +18,7 @@ import os
 import re
 import time
 import unicodedata
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -100,6 +100,22 @@ APPEND_ATTEMPTS = 100
 WS_SESSION_ENDED = 4001
 
 
+class ReservedName(Forbidden):
+    """An auditor's name whose key the service pins, with another key."""
+
+    code = "reserved_name"
+
+
+class AuditorReadsOnly(Forbidden):
+    """An auditor trying to take part in a group: it reads logs, it is no member."""
+
+    code = "auditor_reads_only"
+
+    def __init__(self, identity: str) -> None:
+        super().__init__(f"{identity!r} is an auditor of this service: it reads logs and joins "
+                         "no group")
+
+
 @dataclass
 class Config:
     max_body: int = 1 << 20
@@ -107,7 +123,11 @@ class Config:
     challenge_ttl: int = 120
     room_token_ttl: int = 600
     room_secret: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
+    # Identities that read every group's log. Named alone, the first to register the name is
+    # the auditor; a key in `auditor_keys` (its name an auditor's too) is the only one the name
+    # can be registered with, so that nobody else can take it.
     auditors: frozenset[str] = frozenset()
+    auditor_keys: Mapping[str, bytes] = field(default_factory=dict)
     max_key_packages_per_upload: int = 100
     # Unclaimed packages one identity may keep stored: enough to be added to many groups,
     # not a way to fill the database.
@@ -297,6 +317,40 @@ class DeliveryService:
             self.config.challenge_rate, self.config.challenge_burst
         )
         self.upload_limiter = RateLimiter(self.config.upload_rate, self.config.upload_burst)
+        self.auditors = self.config.auditors | frozenset(self.config.auditor_keys)
+
+    def _refuse_auditor(self, identity: str) -> None:
+        """Auditors read every log: as members too they would be in the groups they judge, and
+        a name that reads everything would be worth taking a member's place for."""
+        if identity in self.auditors:
+            raise AuditorReadsOnly(identity)
+
+    def _check_pinned(self, record: IdentityRecord) -> None:
+        """Refuse an auditor's pinned name with another key than the pinned one."""
+        pinned = self.config.auditor_keys.get(record.identity)
+        if pinned is not None and record.signature_key != pinned:
+            raise ReservedName(
+                f"{record.identity!r} is reserved for an auditor of this service (it reads logs "
+                "and joins no group), registered with another key than this one: choose "
+                "another name"
+            )
+
+    async def check_auditors(self) -> list[str]:
+        """What is wrong with the pinned auditors in the database (logged as errors): a name
+        registered with another key before its key was pinned. Its holder is refused every
+        request (`_session_of`), and the pinned key cannot register the name."""
+        problems = []
+        for name, key in sorted(self.config.auditor_keys.items()):
+            record = await self.storage.get_identity(name)
+            if record is not None and record.signature_key != key:
+                problems.append(
+                    f"auditor {name!r} is registered with another key than the one pinned for "
+                    "it (taken before it was pinned?): that key is refused every request, and "
+                    f"{name!r} cannot read any log; name another auditor"
+                )
+        for problem in problems:
+            log.error("%s", problem)
+        return problems
 
     async def _charge_upload(self, identity: str, request: web.Request) -> None:
         """Take the request body's bytes from the identity's upload bucket, or refuse (429)."""
@@ -325,7 +379,21 @@ class DeliveryService:
         identity = await self.storage.get_session(token_hash, now_s())
         if identity is None:
             raise Unauthorized("session expired, revoked or unknown: prove possession again")
+        if identity in self.config.auditor_keys:
+            # A session opened before the key was pinned, by whoever had taken the name.
+            record = await self.storage.get_identity(identity)
+            if record is not None:
+                self._check_registered(record)
         return identity, token_hash
+
+    def _check_registered(self, record: IdentityRecord) -> None:
+        try:
+            self._check_pinned(record)
+        except ReservedName:
+            raise ReservedName(
+                f"{record.identity!r} is reserved for an auditor of this service and was "
+                "registered with another key before: the service accepts that key no more"
+            ) from None
 
     async def _check_proof(self, body: dict[str, Any], record: IdentityRecord) -> None:
         challenge = get_bytes(body, "challenge", max_len=64)
@@ -376,6 +444,7 @@ class DeliveryService:
         )
         if not is_public_key(suite, record.signature_key):
             raise BadRequest(f"signature_key is not a public key of cipher suite {suite}")
+        self._check_pinned(record)  # before the proof: a refusal uses up no challenge
         await self._check_proof(body, record)
         if not await self.storage.register_identity(record):
             existing = await self.storage.get_identity(record.identity)
@@ -388,6 +457,7 @@ class DeliveryService:
         record = await self.storage.get_identity(get_identity(body, "identity"))
         if record is None:
             raise Unauthorized("unknown identity: register it first")
+        self._check_registered(record)
         await self._check_proof(body, record)
         return cbor_response(await self._new_session(record.identity), 201)
 
@@ -401,6 +471,7 @@ class DeliveryService:
 
     async def post_key_packages(self, request: web.Request) -> web.Response:
         identity = await self.identity_of(request)
+        self._refuse_auditor(identity)
         body = await read_body(request)
         await self._charge_upload(identity, request)
         packages = body.get("key_packages", [])
@@ -456,6 +527,7 @@ class DeliveryService:
 
     async def claim_key_package(self, request: web.Request) -> web.Response:
         claimer = await self.identity_of(request)
+        self._refuse_auditor(claimer)
         target = check_identity_name(request.match_info["identity"])
         data = await self.storage.claim_key_package(target, claimer, now_s())
         if data is None:
@@ -518,6 +590,9 @@ class DeliveryService:
             check_identity_name(identity)
         except BadRequest as exc:
             raise BadRequest(f"{what} for {identity!r}: {exc.reason}") from None
+        if identity in self.auditors:
+            raise Forbidden(f"{what} for {identity!r}, an auditor of this service: it reads logs "
+                            "and joins no group")
         record = await self.storage.get_identity(identity)
         if record is None:
             raise Forbidden(f"{what} for {identity!r}, which is not registered")
@@ -542,6 +617,7 @@ class DeliveryService:
 
     async def post_group(self, request: web.Request) -> web.Response:
         identity = await self.identity_of(request)
+        self._refuse_auditor(identity)
         body = await read_body(request)
         await self._charge_upload(identity, request)
         group_id = get_bytes(body, "group_id", max_len=MAX_GROUP_ID)
@@ -561,7 +637,7 @@ class DeliveryService:
         return cbor_response({"group_id": group_id, "epoch": state.epoch, "seq": 0}, 201)
 
     async def _member_or_auditor_group(self, group_id: bytes, identity: str) -> GroupState:
-        if identity in self.config.auditors:
+        if identity in self.auditors:
             return await self._group(group_id)
         return await self._member_group(group_id, identity)
 
@@ -621,6 +697,7 @@ class DeliveryService:
 
     async def post_message(self, request: web.Request) -> web.Response:
         identity = await self.identity_of(request)
+        self._refuse_auditor(identity)
         group_id = group_id_of(request)
         body = await read_body(request)
         await self._charge_upload(identity, request)
@@ -717,6 +794,7 @@ class DeliveryService:
 
     async def post_welcome(self, request: web.Request) -> web.Response:
         identity = await self.identity_of(request)
+        self._refuse_auditor(identity)
         group_id = group_id_of(request)
         body = await read_body(request)
         await self._charge_upload(identity, request)
@@ -796,6 +874,7 @@ class DeliveryService:
 
     async def put_group_info(self, request: web.Request) -> web.Response:
         identity = await self.identity_of(request)
+        self._refuse_auditor(identity)
         group_id = group_id_of(request)
         body = await read_body(request)
         await self._charge_upload(identity, request)
@@ -880,6 +959,7 @@ class DeliveryService:
 
     async def post_room_token(self, request: web.Request) -> web.Response:
         identity = await self.identity_of(request)
+        self._refuse_auditor(identity)
         group_id = group_id_of(request)
         state = await self._member_group(group_id, identity)
         room = state.group_id.hex()
@@ -1101,6 +1181,7 @@ def make_app(service: DeliveryService, *, manage_storage: bool = True) -> web.Ap
 
         async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
             await service.storage.open()
+            await service.check_auditors()
             yield
             await service.storage.close()
 

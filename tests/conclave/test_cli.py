@@ -73,11 +73,11 @@ def test_a_log_file_that_cannot_be_read_is_not_a_failed_audit(
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
     """`conclave serve` with a room named `0xdeadbeef`, created by alice: audit's --ds and
-    --state (the auditor identity's, registered by the first audit)."""
+    --state (serve's, which holds the key it pinned for `auditor`)."""
     state = tmp_path_factory.mktemp("served")
     with conclave_serve(state) as ds_url:
         create_room(ds_url, state / "alice", "alice", "0xdeadbeef")
-        yield ["--ds", ds_url, "--state", str(state / "auditor")]
+        yield ["--ds", ds_url, "--state", str(state)]
 
 
 @pytest.mark.parametrize("where", ["log", "ds"])

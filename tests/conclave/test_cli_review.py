@@ -206,17 +206,21 @@ def ops_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
 def test_audit_as_an_auditor_named_by_serve(
     ops_served: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    ds_url, _ = ops_served
+    ds_url, served_state = ops_served
     state, log = tmp_path / "st", tmp_path / "ops.log"
     argv = ["audit", "--group", "ops[/]", "--ds", ds_url, "--as", "ops", "--state", str(state)]
     assert main(argv) == 2  # a new name is registered only when asked to
     assert "add --register" in capsys.readouterr().err and not state.exists()
-    assert main([*argv, "--register", "--save", str(log)]) == 0  # registers ops, keeps its key
+    # serve pinned the key it made for ops in its state: no other key can take the name
+    assert main([*argv, "--register"]) == 2
+    assert "'ops' is reserved for an auditor" in capsys.readouterr().err
+    serve_argv = ["audit", "--group", "ops[/]", "--ds", ds_url, "--as", "ops",
+                  "--state", str(served_state / "serve")]
+    assert main([*serve_argv, "--save", str(log)]) == 0
     out = capsys.readouterr().out
     assert "key rotations of room 'ops[/]'" in out
     assert "members at the end of this log: [b]alice" in out
-    assert (state / "ops.state").exists()
-    assert main(argv) == 0  # again, logged in with the saved key
+    assert main(serve_argv) == 0  # again, logged in with the saved key
     assert main(["audit", "--group", "ops[/]", "--log", str(log)]) == 0
 
 

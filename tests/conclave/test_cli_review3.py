@@ -158,7 +158,8 @@ def test_audit_save_to_a_fifo_is_a_usage_error(
     os.mkfifo(fifo)
     with conclave_serve(tmp_path / "serve") as ds_url:
         create_room(ds_url, tmp_path / "alice", "alice", "r")
-        assert main(["audit", "--group", "r", "--ds", ds_url, "--state", str(tmp_path / "a"),
+        # (serve's state: the auditor's key it pinned)
+        assert main(["audit", "--group", "r", "--ds", ds_url, "--state", str(tmp_path / "serve"),
                      "--save", str(fifo)]) == 2
     assert capsys.readouterr().err == (
         f"conclave audit: cannot save the log to {fifo}: not a regular file\n"

@@ -79,7 +79,7 @@ serve = subprocess.Popen(
 try:
     ds = serve.stdout.readline().split()[-1]  # http://[fe80::1%lo]:PORT
     audit = subprocess.run(
-        [sys.executable, "-m", "conclave", "audit", "--group", "r", "--state", state + "/a",
+        [sys.executable, "-m", "conclave", "audit", "--group", "r", "--state", state + "/serve",
          "--ds", ds.replace("%", "%25")],
         capture_output=True, text=True, timeout=60,
     )
