@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
-from .errors import ConclaveError
+from .errors import ConclaveError, ServiceUnavailable
 
 if TYPE_CHECKING:
     from .participant import Participant
@@ -149,12 +149,45 @@ class InCall:
     def __init__(self, participant: Participant, out: Callable[[str], None]) -> None:
         self.participant = participant
         self.out = out
+        # The participant's notices (the delivery service lost, back) are lines of the call
+        # like the others; `join` makes this object once it is in the call.
+        participant.on_notice = out
         self.quit = asyncio.Event()
         self.left = False
         self._running: asyncio.Task[None] | None = None
         self._running_verb = ""
 
     async def run(self, command: Command) -> None:
+        """Carry out `command`; a delivery service that cannot be reached makes a
+        `CommandError` that says whether it was done and what to do."""
+        import aiohttp
+
+        from .participant import CommitUnconfirmed, _reason
+        from .urls import shown_url
+
+        verb = command.verb
+        again = f"type {verb} again once the delivery service is back"
+        try:
+            await self._run(command)
+        except CommitUnconfirmed as exc:
+            raise CommandError(
+                f"{verb} may have been done: {exc}; if no new epoch line shows once the "
+                f"delivery service is back, {again}"
+            ) from None
+        except ServiceUnavailable as exc:
+            raise CommandError(f"{verb} was not done: {exc}; {again}") from None
+        except aiohttp.ClientConnectorError as exc:  # no connection: nothing was sent
+            raise CommandError(
+                f"{verb} was not done: cannot reach the delivery service at "
+                f"{shown_url(self.participant.ds_url)} ({_reason(exc)}); {again}"
+            ) from None
+        except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
+            raise CommandError(
+                f"{verb} may not have reached the delivery service at "
+                f"{shown_url(self.participant.ds_url)} ({_reason(exc)}); {again}"
+            ) from None
+
+    async def _run(self, command: Command) -> None:
         p = self.participant
         if command.verb == "help":
             self.out(HELP)
@@ -198,7 +231,8 @@ class InCall:
             raise CommandError(f"members of the call already: {listed(members)}")
         if await p.invite(list(names)):
             self.out(f"added {listed(names)}: epoch {p.epoch}, safety code {p.safety_code}; "
-                     f"they are in the call when they run `conclave join` for this room")
+                     "they are in the call when they run `conclave join` for this room "
+                     "(one in another room's call must leave it first)")
         else:
             self.out(f"{listed(names)}: members already")
 

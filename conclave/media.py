@@ -7,11 +7,14 @@ import fractions
 import math
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame, VideoFrame
+from av.frame import Frame
 
 from .errors import ConclaveError
 
@@ -124,3 +127,60 @@ class MediaSpec:
         if not tracks:
             raise ConclaveError(f"{self.file!r} has no audio or video stream to publish")
         return tracks, player
+
+
+# MP4 in fragments (one per keyframe), the index first, each written out at once: what was
+# recorded up to the last keyframe before a crash or SIGKILL plays, where a plain MP4 is
+# unplayable without the index written at its end.
+_MP4_OPTIONS = {"movflags": "frag_keyframe+empty_moov", "flush_packets": "1"}
+
+
+class _Recorded(MediaStreamTrack):
+    """`track` for a recorder, its first frame (already read) first; `ended` is set when the
+    track ends."""
+
+    def __init__(self, track: MediaStreamTrack, first: Frame) -> None:
+        super().__init__()
+        self.kind = track.kind
+        self._track = track
+        self._first: Frame | None = first
+        self.ended = asyncio.Event()
+
+    async def recv(self) -> Frame:
+        if self._first is not None:
+            frame, self._first = self._first, None
+            return frame
+        try:
+            return await self._track.recv()
+        except MediaStreamError:
+            self.ended.set()
+            raise
+
+
+async def record_track(track: MediaStreamTrack, new_file: Callable[[], Path]) -> Path | None:
+    """Record a received `track` into the file `new_file` makes at its first frame, and finish
+    the file when the track ends (its publisher left, the media session ended) or this is
+    cancelled (the call ends): a file per track, playable as soon as its track is over. A
+    track that ends without a frame makes no file. Returns the file, if any."""
+    from aiortc.contrib.media import MediaRecorder
+
+    try:
+        first = await track.recv()
+    except MediaStreamError:
+        return None
+    path = new_file()
+    try:
+        recorder = MediaRecorder(str(path), options=_MP4_OPTIONS if path.suffix == ".mp4" else None)
+        source = _Recorded(track, first)
+        recorder.addTrack(source)
+        await recorder.start()
+    except BaseException:
+        path.unlink(missing_ok=True)  # empty: no use to anyone
+        raise
+    try:
+        await source.ended.wait()
+    finally:
+        # (Also when cancelled: stop() writes the encoder's last frames and the file's end,
+        # and never waits.)
+        await recorder.stop()
+    return path

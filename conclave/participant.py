@@ -36,6 +36,7 @@ import logging
 import os
 import random
 import re
+import shlex
 import time
 import unicodedata
 from collections import deque
@@ -85,7 +86,7 @@ from .errors import (
     WrongSFU,
 )
 from .files import replace_file
-from .media import MediaSpec
+from .media import MediaSpec, record_track
 from .safety import key_fingerprint, safety_code
 from .threads import LatestOnly, in_daemon_thread
 from .urls import shown_url
@@ -136,6 +137,10 @@ MAX_OWED_WELCOMES = 32
 # Tries at `<name>.lock` when the file locked turns out removed (by a refused first run): each
 # try finds a new file, so more than a few means runs racing without end.
 LOCK_ATTEMPTS = 5
+# The push stream's connection to the delivery service is looked at this often (seconds), and
+# told lost once down this long (its reconnections take well under a second when it is up).
+SERVICE_CHECK = 1.0
+SERVICE_LOST_AFTER = 5.0
 ROTATION_RETRY_MAX = 30.0  # seconds before a failed periodic rotation is tried again, at most
 # Reading the log for a commit of ours whose answer was lost: pages of this many messages, at
 # most this many pages (a service that pages without end is not read for ever).
@@ -230,6 +235,8 @@ def _answer_lost(exc: BaseException) -> bool:
     (4xx) is an answer."""
     if isinstance(exc, RequestFailed):
         return not 400 <= exc.status < 500
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return False  # no connection was made: nothing was sent
     return isinstance(exc, aiohttp.ClientError | OSError)
 
 
@@ -431,6 +438,15 @@ class _OwedWelcome:
         return f"the Welcome of our commit at seq {self.seq} (room {room!r}, epoch {self.epoch})"
 
 
+class CommitUnconfirmed(ServiceUnavailable):
+    """A commit of ours was posted and no answer came, nor could the service be asked whether
+    it took it: it may be in (settled before the next change, or at the next start)."""
+
+
+class _NoWelcome(ConclaveError):
+    """`wait_for_welcome` timed out: no one let us in (yet)."""
+
+
 @dataclass
 class ParticipantStats:
     name: str
@@ -506,7 +522,10 @@ class Participant:
         )
         self.stream: PushStream | None = None
         self.sfu: SFUClient | None = None
-        self.encryptors: dict[str, FrameEncryptor] = {}
+        self.encryptors: dict[str, FrameEncryptor] = {}  # of the current media session
+        # Frames sent per kind over every media session of this run: a session called in
+        # again gets new encryptors, and "sent" must not start from 0 then.
+        self._sent: dict[str, TrackStats] = {}
         self.remote: dict[tuple[str, str], RemoteTrack] = {}
         self.errors: list[str] = []
         self.epoch_changed = asyncio.Condition()
@@ -521,7 +540,6 @@ class Participant:
         self._state_lock: int | None = None  # the fd of <name>.lock while running
         self._player: object | None = None
         self._tracks: list[MediaStreamTrack] | None = None
-        self._recorders: list[Any] = []
         self._on_epoch: list[Callable[[Participant], None]] = []
         self._commit_scheduled = False
         self._requests: list[_Request] = []  # proposals of ours not yet committed
@@ -529,6 +547,9 @@ class Participant:
         self.e2ee = True
         # Called with each new RemoteTrack (benchmarks and tests hook the decryptor here).
         self.on_remote_track: Callable[[RemoteTrack], None] | None = None
+        # Called with each one-line notice for the user (the delivery service lost or back):
+        # `conclave join` prints them with its other lines. Without it they are logged.
+        self.on_notice: Callable[[str], None] | None = None
         self._epoch_since = time.monotonic()
 
     def __repr__(self) -> str:
@@ -756,7 +777,7 @@ class Participant:
         failed = sum(sum(r.stats.failures.values()) for r in self.remote.values())
         return ParticipantStats(
             self.name, self.epoch, len(self.member_names),
-            {k: e.stats.frames_encrypted for k, e in self.encryptors.items()},
+            {k: s.frames_encrypted for k, s in self._sent.items()},
             decrypted, sum(r.decoded for r in self.remote.values()), failed, self.removed,
             self.safety_code if self.group is not None and not self.removed else "-",
         )
@@ -790,6 +811,7 @@ class Participant:
         await self.stream.subscribe_welcomes(after=self.welcome_cursor)
         self._spawn(self._pump())
         self._spawn(self._keep_key_packages())
+        self._spawn(self._watch_delivery_service())
         if self.rotation_period:
             self._spawn(self._rotate_periodically())
 
@@ -821,8 +843,16 @@ class Participant:
         except RequestFailed as exc:
             if exc.code == "bad_answer":
                 raise ServiceUnavailable(f"{shown_url(self.ds_url)}: {exc.reason}{kept}") from None
-            if exc.code == "conflict":
-                raise self._name_taken(new) from None
+            if exc.code in ("conflict", "reserved_name"):
+                raise self._name_taken(new, reserved=exc.code == "reserved_name") from None
+            if exc.status == 404:
+                # No registration route: the URL is another server's, or has a path too much
+                # (the service's routes start at /v1), not a refusal of the name.
+                raise ConclaveError(
+                    f"the server at {shown_url(self.ds_url)} is not a Conclave delivery "
+                    f"service (check --ds: it is the URL `conclave serve` prints for the "
+                    f"delivery service, with no path){kept}"
+                ) from None
             raise ConclaveError(
                 f"the delivery service refused to register {self.name}: {exc}{kept}"
             ) from None
@@ -830,17 +860,24 @@ class Participant:
             self._registered = True
             await self._save()
 
-    def _name_taken(self, new: bool) -> ConclaveError:
-        """The error for a registration refused because the name is another key's. A key made
-        by this run was sent to no service but this one, which refused it: it was never
-        registered, and its state file, left, would stand in the way of the right one (and
-        make the next run fail alike), so it goes. Any other state file stays: its key may
-        be registered elsewhere (another service), and it may hold a call."""
+    def _name_taken(self, new: bool, *, reserved: bool = False) -> ConclaveError:
+        """The error for a registration refused because the name is another key's, or (with
+        `reserved`) kept by the service for an auditor's key. A key made by this run was sent
+        to no service but this one, which refused it: it was never registered, and its state
+        file, left, would stand in the way of the right one (and make the next run fail
+        alike), so it goes. Any other state file stays: its key may be registered elsewhere
+        (another service), and it may hold a call."""
         path = self._state_path
-        refused = (f"the delivery service at {shown_url(self.ds_url)} refused to register "
-                   f"{self.name}: the name is registered with another key")
-        advice = ("join with the state directory that registered it (--state), or choose "
-                  "another --name")
+        if reserved:
+            refused = (f"the delivery service at {shown_url(self.ds_url)} refused to register "
+                       f"{self.name}: the name is reserved for an auditor of that service, "
+                       "which reads logs and joins no call")
+            advice = "choose another --name"
+        else:
+            refused = (f"the delivery service at {shown_url(self.ds_url)} refused to register "
+                       f"{self.name}: the name is registered with another key")
+            advice = ("join with the state directory that registered it (--state), or choose "
+                      "another --name")
         if new and path is not None:
             try:
                 path.unlink(missing_ok=True)
@@ -912,6 +949,46 @@ class Participant:
             exc = task.exception()
             self._note(f"{type(exc).__name__}: {_reason(exc)}")
 
+    def _notice(self, text: str) -> None:
+        """A line for the user (`on_notice`), not an error: logged too."""
+        if self.on_notice is None:
+            log.warning("%s: %s", self.name, text)
+            return
+        log.info("%s: %s", self.name, text)
+        try:
+            self.on_notice(text)
+        except Exception as exc:  # stdout gone, say: the call goes on
+            log.debug("%s: notice not shown: %s", self.name, exc)
+
+    async def _watch_delivery_service(self) -> None:
+        """Tell the user, once each, that the push stream lost its connection to the delivery
+        service (for `SERVICE_LOST_AFTER`: a quick reconnection is no news) and that it has it
+        again. Meanwhile the call's media goes on, but nothing is committed (invites, removals,
+        leaves, rotations) and no one joins. The failures of each request go to `_note`, which
+        `conclave join` shows only with --debug."""
+        where = shown_url(self.ds_url)
+        loop = asyncio.get_running_loop()
+        down_since: float | None = None
+        told = False
+        while True:
+            await asyncio.sleep(SERVICE_CHECK)
+            if self.stream is None:
+                continue
+            if self.stream.connected:
+                if told:
+                    self._notice(f"the delivery service at {where} is back: invites, removals, "
+                                 "leaving and key rotations work again")
+                down_since, told = None, False
+            elif down_since is None:
+                down_since = loop.time()
+            elif not told and loop.time() - down_since >= SERVICE_LOST_AFTER:
+                told = True
+                self._notice(
+                    f"lost the connection to the delivery service at {where} (trying again): "
+                    "the call's media goes on, but no one can be invited, removed, leave or "
+                    "join, and keys are not rotated, until it is back (a line will say so)"
+                )
+
     def _note(self, error: str) -> None:
         """A failure in the background: logged, and kept in `errors` (the latest few)."""
         log.warning("%s: %s", self.name, error)
@@ -926,9 +1003,6 @@ class Participant:
             for task in list(self._tasks):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-            for recorder in self._recorders:
-                with contextlib.suppress(Exception):
-                    await recorder.stop()
             if self.sfu is not None:
                 with contextlib.suppress(Exception):
                     await self.sfu.leave()
@@ -1010,7 +1084,11 @@ class Participant:
         leaf we were given (as `join` does)."""
         gid = group_id_for_room(room)
         for _ in range(COMMIT_ATTEMPTS):
-            gi = await self._room_group_info(gid, room)
+            try:
+                gi = await self._room_group_info(gid, room)
+            except ConclaveError:
+                await self._no_room_to_knock_on(gid, room)
+                raise
             if _own_leaf(gi, self.client.signature_key) is not None:
                 # An earlier knock was let in, and its Welcome lost (or still on its way). A
                 # second Add of our key would be refused (one leaf per key): use the Welcome if
@@ -1039,9 +1117,34 @@ class Participant:
                 continue
             except RequestFailed as exc:
                 raise _join_refused(room, exc) from None
-            await self.wait_for_welcome(timeout, group_id=gid)
+            try:
+                await self.wait_for_welcome(timeout, group_id=gid)
+            except _NoWelcome:
+                again = shlex.join(["conclave", "join", "--room", room, "--name", self.name,
+                                    "--knock"])
+                raise ConclaveError(
+                    f"no member let {self.name} into room {room!r} within {timeout:g} s; the "
+                    "request stands (it cannot be taken back), and the first member online "
+                    f"lets {self.name} in: then `{again}` enters the call (run before that, it "
+                    "asks again and waits)"
+                ) from None
             return "was let into"
         raise CommitFailed(f"could not ask to join {room!r}: the group kept changing; try again")
+
+    async def _no_room_to_knock_on(self, gid: bytes, room: str) -> None:
+        """Raise a clear error if the room `knock` could not read has no group at all (the
+        service's "no group <hex>" names neither the room nor what to do); else return."""
+        try:
+            await self.ds.fetch_group_info(gid)
+        except RequestFailed as exc:
+            if exc.status == 404 and exc.code != REMOVED_FROM_GROUP:
+                raise ConclaveError(
+                    f"there is no room {room!r} on the delivery service at "
+                    f"{shown_url(self.ds_url)}: --knock asks the members of an existing room "
+                    "to let you in; without --knock, `conclave join` creates the room"
+                ) from None
+        except (aiohttp.ClientError, OSError):
+            pass  # the first error says what went wrong
 
     async def create_or_join(self, room: str) -> str:
         """Join the room's group if it exists, else create it; returns "created" or "joined"."""
@@ -1067,6 +1170,7 @@ class Participant:
         if self.group is not None and not self.removed:
             if self.group.group_id != group_id_for_room(room):
                 saved = self.group.group_id.decode("utf-8", "replace")
+                await self._invited_elsewhere(room, saved)
                 raise ConclaveError(
                     f"{self.name} is in the call of room {saved!r} (saved state in "
                     f"{self.state_dir}): a participant is in one call at a time; rejoin "
@@ -1083,6 +1187,23 @@ class Participant:
         if await self._join_from_kept_welcome(room):
             return "was let into"
         return await self.create_or_join(room)
+
+    async def _invited_elsewhere(self, room: str, saved: str) -> None:
+        """In the call of room `saved`, asked for `room`: if a member of `room` invited us (its
+        Welcome is here), raise an error that says so and how to take it; else return. The
+        Welcome stays good while our leaf in `room` does (`_join_from_kept_welcome`)."""
+        with contextlib.suppress(RequestFailed, aiohttp.ClientError, OSError):
+            await self._catch_up_welcomes()
+        if not self._has_welcome(group_id_for_room(room)):
+            return
+        here = shlex.join(["conclave", "join", "--room", saved, "--name", self.name])
+        there = shlex.join(["conclave", "join", "--room", room, "--name", self.name])
+        raise ConclaveError(
+            f"{self.name} was invited to room {room!r}, but is in the call of room {saved!r} "
+            f"(saved state in {self.state_dir}), and a participant is in one call at a time: "
+            f"to take the invitation, leave the call of {saved!r} first (`leave` in `{here}`; "
+            f"another member of it commits that), then run `{there}`"
+        )
 
     def _has_welcome(self, group_id: bytes | None) -> bool:
         return any(group_id is None or w.group_id == group_id for w in self._welcomes)
@@ -1116,9 +1237,7 @@ class Participant:
                 try:
                     await asyncio.wait_for(self._welcome_arrived.wait(), deadline - loop.time())
                 except TimeoutError:
-                    raise ConclaveError(
-                        f"{self.name} was not invited within {timeout:.0f}s"
-                    ) from None
+                    raise _NoWelcome(f"{self.name} was not invited within {timeout:g} s") from None
                 continue
             if await self._join_from(w, group_id):
                 break
@@ -1573,7 +1692,7 @@ class Participant:
         )
 
     def _unsettled(self, exc: BaseException, again: BaseException) -> ServiceUnavailable:
-        return ServiceUnavailable(
+        return CommitUnconfirmed(
             f"{self.name}: no answer from the delivery service at {shown_url(self.ds_url)} to "
             "our commit "
             f"({_reason(exc)}), and it could not be asked whether it took it "
@@ -1597,7 +1716,8 @@ class Participant:
             raise ServiceUnavailable(
                 f"{self.name}: cannot learn from the delivery service at "
                 f"{shown_url(self.ds_url)} whether "
-                f"it took our last commit ({_reason(exc)}); try again later"
+                f"it took our last commit ({_reason(exc)}): nothing more is committed until "
+                "it can (asked again at the next change, or at the next start)"
             ) from None
         if found is None or found.message != pending.commit:
             why = "not taken" if found is None else f"another commit (seq {found.seq}) won"
@@ -1856,6 +1976,9 @@ class Participant:
             await self.ds.send(group.group_id, proposal)
         except StaleEpochRejected:
             raise
+        except aiohttp.ClientConnectorError:
+            group.withdraw_proposal(proposal)  # never sent: no one else has it
+            raise
         except RequestFailed as exc:
             group.withdraw_proposal(proposal)  # no one else has it: never commit it
             raise ConclaveError(f"the delivery service refused the proposal: {exc}") from None
@@ -2006,7 +2129,7 @@ class Participant:
                              self._on_track)
         for sender in self.sfu.senders:
             kind = sender.track.kind
-            stats = TrackStats()
+            stats = self._sent.setdefault(kind, TrackStats())
             self.encryptors[kind] = encrypt_sender(
                 sender, self._frame_keys(), context=STREAM_CONTEXT[kind], stats=stats
             )
@@ -2153,15 +2276,14 @@ class Participant:
             self.on_remote_track(remote)
         consumer: MediaStreamTrack = track
         if self.record_dir is not None:
-            from aiortc.contrib.media import MediaRecorder, MediaRelay
+            from aiortc.contrib.media import MediaRelay
 
             relay = MediaRelay()
             consumer = relay.subscribe(track)
-            self.record_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # decrypted media
-            recorder = MediaRecorder(str(self._recording_path(publisher, kind)))
-            recorder.addTrack(relay.subscribe(track))
-            self._recorders.append(recorder)
-            self._spawn(recorder.start())
+            # Finished when the track ends, not at the end of the run (a peer who left would
+            # leave an unplayable file until then); no file for a track without frames.
+            self._spawn(record_track(relay.subscribe(track),
+                                     partial(self._recording_path, publisher, kind)))
         self._spawn(self._consume(consumer, remote))
 
     def _recording_path(self, publisher: str, kind: str) -> Path:
@@ -2172,6 +2294,7 @@ class Participant:
         not replaced (a call-in again records anew), even by a recorder opened at the same
         moment (O_EXCL: the name is taken when it is chosen)."""
         assert self.record_dir is not None
+        self.record_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # decrypted media
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", publisher)[:64].lstrip(".") or "unknown"
         kind = kind if kind in ("audio", "video") else "media"
         suffix = "wav" if kind == "audio" else "mp4"

@@ -626,6 +626,11 @@ class PushStream:
             ))
         return False  # "subscribed", an error: no progress
 
+    @property
+    def connected(self) -> bool:
+        """Whether the stream's WebSocket is open now (False while it reconnects)."""
+        return self._connected.is_set()
+
     async def next(self, timeout: float | None = None) -> PushEvent:
         event = await asyncio.wait_for(self._events.get(), timeout)
         if event is None:
