@@ -529,6 +529,9 @@ class DeliveryService:
         claimer = await self.identity_of(request)
         self._refuse_auditor(claimer)
         target = check_identity_name(request.match_info["identity"])
+        # An auditor's KeyPackage (uploaded before it was named one) could only be used up:
+        # no commit may add it.
+        self._refuse_auditor(target)
         data = await self.storage.claim_key_package(target, claimer, now_s())
         if data is None:
             raise Gone(f"no KeyPackage left for {target!r}")
@@ -716,6 +719,11 @@ class DeliveryService:
         else:
             earlier = None
         for added in hints.adds:
+            if added in self.auditors:
+                # The header-only tracker takes membership from these hints: an auditor named
+                # here would become a member without any leaf check refusing it.
+                raise Forbidden(f"cannot add {added!r}, an auditor of this service: it reads "
+                                "logs and joins no group")
             if await self.storage.get_identity(added) is None:
                 raise BadRequest(f"cannot add {added!r}: no such identity")
 
