@@ -91,6 +91,10 @@ def parse_auditor(value: str) -> tuple[str, bytes | None]:
         name = value
     if not name:
         raise AuditorOptionError(f"--auditor {value!r} names no identity")
+    if name != name.strip():
+        # `--auditor "auditor =KEY"` would pin "auditor ", and leave `auditor` no auditor.
+        raise AuditorOptionError(
+            f"--auditor {value!r}: the name starts or ends with a space; leave it out")
     try:
         check_identity_name(name)
     except BadRequest as exc:

@@ -130,6 +130,8 @@ def test_auditor_options_pin_keys_and_warn_of_unpinned_names(
     ("auditor=" + "00" * 31, "not a signature public key in hex"),
     ("=" + "00" * 32, "names no identity"),
     ("a/b", "must not contain '/'"),
+    ("auditor =" + "00" * 32, "starts or ends with a space"),
+    (" auditor", "starts or ends with a space"),
 ])
 def test_a_bad_auditor_option_stops_the_start_with_a_reason(
     value: str, says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
