@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -32,7 +33,20 @@ DEMO_COLUMNS = ["name", "epoch", "members", "safety code", "sent a/v", "decrypte
 
 
 def default_state_dir() -> Path:
-    return Path(os.environ.get("CONCLAVE_STATE", Path.home() / ".conclave"))
+    # An empty CONCLAVE_STATE (`CONCLAVE_STATE= conclave ...`) is unset: Path("") is the
+    # current directory, where the private keys would go.
+    return Path(os.environ.get("CONCLAVE_STATE") or Path.home() / ".conclave")
+
+
+def state_dir(text: str) -> Path:
+    """An argparse type: `--state DIR`, not empty (an unset `--state "$DIR"` would put the
+    private keys in the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "give a directory for the state, or leave --state out for the default "
+            "($CONCLAVE_STATE, else ~/.conclave)"
+        )
+    return Path(text)
 
 
 def seconds(text: str, *, zero: bool = False) -> float:
@@ -99,6 +113,9 @@ def listen_host(text: str) -> str:
     return text
 
 
+NOT_HTTP = "is not an http:// or https:// URL"
+
+
 def http_url(text: str) -> str:
     """An argparse type: an http:// or https:// URL with a host; an IPv6 zone in the URL form
     (RFC 6874: `[fe80::1%25eth0]`) given back as the zone itself (`[fe80::1%eth0]`)."""
@@ -112,8 +129,25 @@ def http_url(text: str) -> str:
     except ValueError:
         ok = False
     if not ok:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL")
+        raise argparse.ArgumentTypeError(f"{text!r} {NOT_HTTP}")
     return text
+
+
+def sfu_url(text: str) -> str:
+    """An argparse type: `join --sfu`, an http(s):// URL as `http_url` takes it, or the same as
+    ws:// or wss:// (the signalling is a WebSocket), given back as http:// or https://, the
+    URLs the SFU client and the messages use."""
+    scheme, sep, rest = text.partition("://")
+    websocket = {"ws": "http", "wss": "https"}.get(scheme.lower()) if sep else None
+    try:
+        return http_url(f"{websocket}://{rest}" if websocket else text)
+    except argparse.ArgumentTypeError as exc:
+        if not str(exc).endswith(NOT_HTTP):
+            raise  # a zone's own message
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an http://, https://, ws:// or wss:// URL: give the SFU "
+            "signalling URL that `conclave serve` prints"
+        ) from None
 
 
 # What a zone (a network interface's name or number) may hold: no space, nothing a URL's
@@ -211,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "STATE/conclave-ds.sqlite3); give a DSN with a password in "
                         "CONCLAVE_DS_DB, since other users can read command lines")
     p.add_argument("--pg-schema", default=None, help=PG_SCHEMA_HELP)
-    p.add_argument("--state", type=Path, default=None, help=STATE_HELP)
+    p.add_argument("--state", type=state_dir, default=None, help=STATE_HELP)
     p.add_argument("--auditor", action="append", default=None, metavar="NAME[=KEYHEX]",
                    help="identity allowed to read every group's audit log (default: auditor; "
                         "repeatable): its key is made (or read) in STATE/NAME.state, where "
@@ -250,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ds", type=http_url, default=default_ds,
                    help=f"the delivery service's URL (default: {default_ds})")
     # None: derived from --ds after parsing (`parse_args`), as `serve` runs both on one host.
-    p.add_argument("--sfu", type=http_url, default=None,
-                   help=f"the SFU's signalling URL (default: the scheme and host of --ds, port "
+    p.add_argument("--sfu", type=sfu_url, default=None,
+                   help=f"the SFU's signalling URL, http(s):// or ws(s):// (default: the scheme and host of --ds, port "
                         f"{DEFAULT_SFU_PORT}, path {SFU_PATH}, where `conclave serve` runs it: "
                         f"{sfu_url_for(default_ds)} for the default --ds)")
     p.add_argument("--video", default=None,
@@ -274,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=seconds_or_zero, default=0,
                    help="end the call after this long, staying a member of the group, as Ctrl-C "
                         "does (default 0: until Ctrl-C)")
-    p.add_argument("--state", type=Path, default=None, help=STATE_HELP)
+    p.add_argument("--state", type=state_dir, default=None, help=STATE_HELP)
     p.add_argument("--no-commands", action="store_true",
                    help="do not read commands from standard input (default: read them)")
 
@@ -297,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --as NAME that has no saved state: register NAME, an auditor the "
                         "service names (--auditor), with a new key kept in the state directory "
                         "(default: only `auditor` is registered by itself)")
-    p.add_argument("--state", type=Path, default=None, help=STATE_HELP + " (with --ds)")
+    p.add_argument("--state", type=state_dir, default=None, help=STATE_HELP + " (with --ds)")
     p.add_argument("--max-log-mb", type=megabytes, default=None, metavar="MB",
                    help="with --ds: give up past this many MiB of messages (default 1024); "
                         "with --log: refuse a file larger than this (default 2048)")
@@ -512,6 +546,20 @@ def report_table(title: str, report: Any, width: int | None = None) -> Any:
     return compact_table(title, REPORT_COLUMNS, format_report(report), width)
 
 
+def new_console() -> Any:
+    """A rich console for the commands' output, whose reader going away (`| head -1`) is a
+    BrokenPipeError, which `main` turns into 141 as for any command: rich's own
+    `on_broken_pipe` exits with status 1, which reads as a failed audit or demo."""
+    from rich.console import Console
+
+    class PipedConsole(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True  # nothing more to write: a Live's last refresh, say
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+    return PipedConsole()
+
+
 def print_block(console: Any, renderable: Any) -> None:
     """Print a rich renderable; to a file or pipe, without the spaces rich pads each line
     with to the full width (noise in a saved report, and in `less`)."""
@@ -570,28 +618,36 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         if keys.get(name, key) != key:
             raise ConclaveError(f"--auditor {name!r} is given twice, with different keys")
         keys[name] = key
-    db = args.db or os.environ.get("CONCLAVE_DS_DB") or default_db(state)
+    db = args.db or os.environ.get("CONCLAVE_DS_DB")
+    services = Services(
+        db=db or str(state / "conclave-ds.sqlite3"), pg_schema=args.pg_schema, host=args.host,
+        ds_port=args.ds_port, sfu_port=args.sfu_port, auditors=frozenset(),
+        auditor_keys={n: k for n, k in keys.items() if k is not None},
+        room_token_ttl=args.room_token_ttl,
+    )
+    # Both ports first, as `python -m delivery_service` binds its own: a serve that cannot
+    # listen leaves no state directory, database or auditor's key behind.
+    services.bind()
+    new_dirs = missing_dirs(state)
     own: dict[str, Any] = {}
     made: list[str] = []  # keys made by this run: removed if it does not serve them
-    services: Services | None = None
     try:
+        if db is None:
+            default_db(state)  # (its directory)
         for name in (n for n, k in keys.items() if k is None):
             own[name], new = auditor_identity(state, name)
             if new:
                 made.append(name)
-        services = Services(
-            db=db, pg_schema=args.pg_schema, host=args.host, ds_port=args.ds_port,
-            sfu_port=args.sfu_port, auditors=frozenset(),
-            auditor_keys={n: k for n, k in keys.items() if k is not None},
-            own_auditors=tuple(own.values()), room_token_ttl=args.room_token_ttl,
-        )
+        services.own_auditors = tuple(own.values())
         stop = stop_on_signals()  # before the URLs: whoever reads them may stop us at once
         await services.start()
     except BaseException:
+        await services.stop()  # (the sockets, if it failed before they were served)
         for name in made:
             # (registered: the database holds that key, and the next start uses it again)
-            if services is None or name not in services.registered_auditors:
+            if name not in services.registered_auditors:
                 forget_new_auditor(state, name)
+        remove_empty(new_dirs)
         raise
     try:  # a failed print too (stdout's reader gone): else the database's thread keeps us alive
         print(f"delivery service  {services.ds_url}")
@@ -637,13 +693,12 @@ def join_hint(host: str, ds_url: str, sfu_url: str) -> list[str]:
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.live import Live
     from rich.text import Text
 
     from .demo import DemoConfig, run_demo
 
-    console = Console()
+    console = new_console()
 
     def table(step: str, people: list[Any]) -> Any:
         rows = []
@@ -719,7 +774,40 @@ async def check_sfu(url: str, derived: bool = False) -> None:
         raise ConclaveError(f"{exc} (check --sfu; nothing was joined)") from None
 
 
+def missing_dirs(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first: what a run that
+    makes `path` leaves behind if it fails."""
+    missing = []
+    for each in (path, *path.parents):
+        if each.exists() or each.is_symlink():
+            break
+        missing.append(each)
+    return missing
+
+
+def remove_empty(dirs: list[Path]) -> None:
+    """Remove `dirs` (deepest first) while they are empty: nothing a run kept (a new key it
+    could not register yet) is lost, and nothing another process put there."""
+    for each in dirs:
+        try:
+            each.rmdir()
+        except OSError:  # not empty, or gone: its parents are not to remove either
+            return
+
+
 async def cmd_join(args: argparse.Namespace) -> int:
+    # A join refused (a name taken, Ctrl-C while joining) leaves no empty directory it made.
+    made = missing_dirs(args.state or default_state_dir())
+    if args.record is not None:
+        made += missing_dirs(args.record)
+    try:
+        return await _join(args)
+    except BaseException:
+        remove_empty(made)
+        raise
+
+
+async def _join(args: argparse.Namespace) -> int:
     from .commands import InCall, commands_wanted, listed, read_lines
     from .media import MediaSpec
     from .participant import Participant, check_name, group_id_for_room
@@ -733,6 +821,11 @@ async def cmd_join(args: argparse.Namespace) -> int:
     if args.record is not None:
         try:  # checked before the call gains a member, like --video
             args.record.mkdir(mode=0o700, parents=True, exist_ok=True)  # decrypted media
+        except FileExistsError:  # (mkdir's message, "File exists", reads as if all were well)
+            raise ConclaveError(
+                f"cannot record to {args.record}: it is not a directory (give a directory for "
+                "the recordings, new or existing)"
+            ) from None
         except OSError as exc:
             raise ConclaveError(f"cannot record to {args.record}: {exc.strerror or exc}") from None
     p = Participant(
@@ -790,6 +883,7 @@ async def cmd_join(args: argparse.Namespace) -> int:
             waited += 1.0
             if args.duration and waited >= args.duration:
                 break
+        call_ended(args)
         if p.removed:
             who = None if p.removed_by is None else printable(p.removed_by)
             if in_call.left:
@@ -814,6 +908,35 @@ async def cmd_join(args: argparse.Namespace) -> int:
         finally:
             await p.close()
     return 0
+
+
+def call_ended(args: argparse.Namespace) -> None:
+    """Mark `join`'s call as ended (0, README's Exit statuses): a second Ctrl-C or SIGTERM
+    from now on does not make it 130. While the call closes, the signals only set the event
+    set already; once `asyncio.run` has closed its loop, `main` sees to the rest."""
+    args.call_ended = True
+
+
+def _exit_at_once_on_signals(status: int) -> None:
+    """For the rest of this process: Ctrl-C or SIGTERM ends it at once, with `status`.
+
+    Called once the command is done (a join's state saved): what is left is the
+    interpreter's exit, where SIGINT would raise KeyboardInterrupt anywhere (a traceback)
+    or, once Python has reset its handlers, kill the process (130 to the shell)."""
+    import atexit
+
+    def hurry(signum: int, frame: Any) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(status)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, hurry)
+    # After the exit's wait for other threads (which `hurry` can still cut short): ignored,
+    # since Python resets a handler of its own to the default before it frees its modules.
+    atexit.register(lambda: [signal.signal(s, signal.SIG_IGN)
+                             for s in (signal.SIGINT, signal.SIGTERM)])
 
 
 # -- audit
@@ -875,11 +998,9 @@ async def _audit(args: argparse.Namespace) -> int:
         args.expect_key.append((known.name, fingerprint))
     report = audit(group_id, entries, known)
     check_expected_keys(report, args.expect_key)
-    from rich.console import Console
-
     from .audit import shown_name
 
-    console = Console()
+    console = new_console()
     print_block(console, report_table(
         f"key rotations of {label}: epochs {report.first_epoch}-{report.last_epoch}", report,
         console.width,
@@ -1015,6 +1136,16 @@ async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fet
                 "--ds"
             ) from None
         raise ConclaveError(f"the delivery service refused the audit log of {label}: {exc}") from None
+    except Exception as exc:  # (after RequestFailed, which it would catch too)
+        if not _is_network_error(exc):
+            raise  # (an OSError of the state directory's files names its file itself)
+        from .participant import _reason
+
+        # As `join` says it: which URL, why, what to check.
+        raise ConclaveError(
+            f"cannot reach the delivery service at {shown_url(ds)}: {_reason(exc)} (check "
+            "--ds, and that the service is running)"
+        ) from None
 
 
 def _reserved_for_another_key(ds: str, state: Path, identity: str) -> str:
@@ -1101,9 +1232,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("aiohttp", "aiortc", "aioice", "sfu", "delivery_service", "asyncio"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
-        return asyncio.run(COMMANDS[args.command](args))
+        status = asyncio.run(COMMANDS[args.command](args))
     except KeyboardInterrupt:
-        return 130
+        # (after a call ended: a second Ctrl-C as asyncio.run closed its loop)
+        status = 0 if getattr(args, "call_ended", False) else 130
     except AuditFailure as exc:
         print(f"conclave audit: FAILED: {exc}", file=sys.stderr)
         return 1
@@ -1124,6 +1256,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"conclave {args.command}: {describe_error(exc)}", file=sys.stderr)
         return 2
+    if argv is None and getattr(args, "call_ended", False):
+        # This process is the command (not a caller's, whose signals are its own): the call
+        # has ended and its state is saved, so a second Ctrl-C only hurries the exit.
+        _exit_at_once_on_signals(status)
+    return status
 
 
 def describe_error(exc: Exception) -> str:

@@ -20,6 +20,7 @@ from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
 
 from aiohttp import web
 
+from delivery_service.__main__ import bind as listening_sockets
 from delivery_service.server import Config, DeliveryService, make_app
 from delivery_service.storage import IdentityRecord, make_storage
 from delivery_service.storage.sqlite import create_private
@@ -64,9 +65,61 @@ class Services:
     sfu: SFUServer | None = None
     _runners: list[web.AppRunner] = field(default_factory=list)
     _sfu_runner: web.AppRunner | None = None
+    # Listening before the database is opened (`bind`), served by `start`.
+    _ds_socks: list[socket.socket] = field(default_factory=list)
+    _sfu_socks: list[socket.socket] = field(default_factory=list)
+
+    def bind(self) -> None:
+        """Listen on both ports now, before anything is made (the database, an auditor's key):
+        a start that cannot listen leaves nothing behind. `start` binds them if not done yet;
+        `stop` closes them."""
+        if self._ds_socks:
+            return
+        self.host = self.host.removeprefix("[").removesuffix("]")  # --host [::1] as ::1
+        # Which port is being bound, for the message if it is in use: `conclave serve`'s
+        # option that changes it, and what listens there.
+        binding = (self.ds_port, "--ds-port", "the delivery service")
+        try:
+            self._ds_socks = listening_sockets(self.host, self.ds_port)
+            binding = (self.sfu_port, "--sfu-port", "the SFU")
+            self._sfu_socks = listening_sockets(self.host, self.sfu_port)
+        except BaseException as exc:
+            self._close_sockets()
+            # (UnicodeError: a host name the IDNA codec refuses, such as a label too long)
+            if isinstance(exc, socket.gaierror | UnicodeError):
+                raise ServiceUnavailable(f"cannot listen on {self.host}: unknown host") from None
+            if not isinstance(exc, OSError):
+                raise
+            if exc.errno != errno.EADDRINUSE:  # not an address of this machine: another host
+                raise ServiceUnavailable(
+                    f"cannot listen on {self.host}: {exc.strerror or exc}; check --host"
+                ) from None
+            # in use: name the port and the option that moves it
+            port, option, whose = binding
+            if option == "--sfu-port" and self.sfu_port == self.ds_port:
+                advice = "--sfu-port is the same as --ds-port: give them different ports"
+            else:
+                advice = f"give it another with {option}"
+            raise ServiceUnavailable(
+                f"cannot listen on {self.host} port {port} for {whose}: the port is in use; "
+                f"{advice}"
+            ) from None
+
+    def _close_sockets(self) -> None:
+        # (those served are closed by their runner already: closing again does nothing)
+        for sock in self._ds_socks + self._sfu_socks:
+            sock.close()
+        self._ds_socks, self._sfu_socks = [], []
 
     async def start(self) -> None:
-        self.host = self.host.removeprefix("[").removesuffix("]")  # --host [::1] as ::1
+        self.bind()
+        try:
+            await self._start()
+        except BaseException:
+            self._close_sockets()  # (a failure before they were served)
+            raise
+
+    async def _start(self) -> None:
         if is_loopback_host(self.host):
             # 127.0.0.1 candidates even for ::1: media goes over IPv4 loopback, which a machine
             # with ::1 has too, whatever address the signalling uses.
@@ -120,36 +173,15 @@ class Services:
             await self.stop()
             raise
         self.sfu = SFUServer(SFUConfig(token_secret=self.room_secret))
-        # Which port is being bound, for the message if it is in use: `conclave serve`'s
-        # option that changes it, and what listens there.
-        binding = (self.ds_port, "--ds-port", "the delivery service")
         try:
-            ds_port = await self._serve(make_app(self.service, manage_storage=False), self.ds_port)
-            binding = (self.sfu_port, "--sfu-port", "the SFU")
-            sfu_port = await self._serve(self.sfu.app(), self.sfu_port)
+            ds_port = await self._serve(make_app(self.service, manage_storage=False),
+                                        self._ds_socks)
+            sfu_port = await self._serve(self.sfu.app(), self._sfu_socks)
             self._sfu_runner = self._runners[-1]
-        except BaseException as exc:
+        except BaseException:
             # Whatever failed: the database's worker thread would keep the process alive.
             await self.stop()
-            # (UnicodeError: a host name the IDNA codec refuses, such as a label too long)
-            if isinstance(exc, socket.gaierror | UnicodeError):
-                raise ServiceUnavailable(f"cannot listen on {self.host}: unknown host") from None
-            if not isinstance(exc, OSError):
-                raise
-            if exc.errno != errno.EADDRINUSE:  # not an address of this machine: another host
-                raise ServiceUnavailable(
-                    f"cannot listen on {self.host}: {exc.strerror or exc}; check --host"
-                ) from None
-            # in use: name the port and the option that moves it
-            port, option, whose = binding
-            if option == "--sfu-port" and self.sfu_port == self.ds_port:
-                advice = "--sfu-port is the same as --ds-port: give them different ports"
-            else:
-                advice = f"give it another with {option}"
-            raise ServiceUnavailable(  # (asyncio's strerror repeats the address)
-                f"cannot listen on {self.host} port {port} for {whose}: the port is in use; "
-                f"{advice}"
-            ) from None
+            raise
         self.ds_url = f"http://{url_host(self.host)}:{ds_port}"
         self.sfu_url = f"http://{url_host(self.host)}:{sfu_port}/v1/signal"
 
@@ -176,15 +208,16 @@ class Services:
                 "was reserved?): serve with another --auditor NAME, or another database"
             )
 
-    async def _serve(self, app: web.Application, port: int) -> int:
+    async def _serve(self, app: web.Application, socks: list[socket.socket] | int) -> int:
+        """Serve `app` on the listening sockets `socks` (or a port, bound now); their port."""
+        if isinstance(socks, int):
+            socks = listening_sockets(self.host, socks)
         runner = web.AppRunner(app, handle_signals=False)
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, self.host, port)
-        await site.start()
-        server = site._server
-        assert server is not None
-        return int(server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        for sock in socks:
+            await web.SockSite(runner, sock).start()
+        return int(socks[0].getsockname()[1])
 
     async def restart_sfu(self, down_for: float = 0.0) -> None:
         """Stop the SFU (ending every media session) and, `down_for` seconds later, start a
@@ -205,6 +238,7 @@ class Services:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
+        self._close_sockets()
         if self.service is not None:
             await self.service.storage.close()
             self.service = None
