@@ -306,12 +306,13 @@ async def run_benchmarks(out: Path, *, quick: bool = False, only: set[str] | Non
     summary's target column but is not a failure of the run."""
     if only is not None:
         only = parse_only(",".join(only))  # an unknown name would otherwise select nothing
-    from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
+    from .cli import new_console
+
     out.mkdir(parents=True, exist_ok=True)
-    console = Console()
+    console = new_console()  # a reader gone away is 141, not rich's 1 (a failed run)
     # benchmark, status, target, seconds, output
     summary: list[tuple[str, str, str, float, str]] = []
     failed = False

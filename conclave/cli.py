@@ -616,7 +616,9 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         except AuditorOptionError as exc:
             raise ConclaveError(str(exc)) from None
         if keys.get(name, key) != key:
-            raise ConclaveError(f"--auditor {name!r} is given twice, with different keys")
+            how = ("with two keys" if None not in (key, keys[name]) else
+                   "with a key and without one (serve's own)")
+            raise ConclaveError(f"--auditor {name!r} is given {how}: give it once")
         keys[name] = key
     db = args.db or os.environ.get("CONCLAVE_DS_DB")
     services = Services(

@@ -301,6 +301,14 @@ def auditor_identity(state_dir: Path, name: str) -> tuple[IdentityRecord, bool]:
     audit --as NAME --state STATE_DIR` logs in with. Made and saved now if there is none (then
     True: `forget_new_auditor` removes it if the service cannot take it)."""
     auditor = Participant(name, "", state_dir=state_dir)
+    if auditor.group is not None:
+        # A member's state (a `conclave join --name NAME` with this state directory): pinned,
+        # its key would be an auditor's, which posts to no group, its own call's included.
+        room = auditor.group.group_id.decode("utf-8", "replace")
+        raise ConclaveError(
+            f"{auditor._state_path} is the state of a member of room {room!r}, not an "
+            f"auditor's: serve another --auditor, or another --state"
+        )
     new = auditor._read_state is None
     if new:
         # Locked as `conclave audit` locks it: a first audit making a key at the same moment

@@ -83,3 +83,24 @@ async def test_serve_refuses_a_database_where_its_auditor_was_taken(tmp_path: Pa
     with pytest.raises(ConclaveError, match="registered in this database .* with another key"):
         await pinned.start()
     assert pinned.service is None  # stopped: nothing serves
+
+
+def test_serve_does_not_pin_a_members_key_as_its_auditor(served: tuple[str, Path]) -> None:
+    from conclave.services import auditor_identity
+
+    _, state = served
+    # owner's state holds the call of room `private`: pinned, owner could post to it no more
+    with pytest.raises(ConclaveError, match="is the state of a member of room 'private'"):
+        auditor_identity(state / "owner", "owner")
+
+
+def test_an_auditor_given_with_and_without_a_key_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = Client(b"auditor", 1).signature_key.hex()
+    argv = ["serve", "--ds-port", "0", "--sfu-port", "0", "--state", str(tmp_path / "s"),
+            "--auditor", "auditor", "--auditor", f"auditor={key}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "'auditor' is given with a key and without one (serve's own): give it once" in err
+    assert not (tmp_path / "s").exists()  # refused before anything was made

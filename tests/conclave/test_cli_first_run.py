@@ -70,6 +70,20 @@ def test_demo_exits_141_when_its_reader_goes_away() -> None:
     assert proc.returncode == SIGPIPE_STATUS and proc.stderr == ""
 
 
+def test_bench_exits_141_when_its_reader_goes_away(tmp_path: Path) -> None:
+    # One benchmark, a script that prints a line and ends: its summary is what is printed.
+    (tmp_path / "quick.py").write_text("print('done')\n")
+    setup = textwrap.dedent(f"""
+        from pathlib import Path
+        import conclave.bench
+        conclave.bench.BENCH_DIR = Path({str(tmp_path)!r})
+        conclave.bench.SCRIPTS = [("sframe", "sframe", "quick.py", [], [])]
+    """)
+    proc = _with_stdout_gone("bench", "--only", "sframe", "--out", str(tmp_path / "out"),
+                             setup=setup)
+    assert proc.returncode == SIGPIPE_STATUS and proc.stderr == ""
+
+
 # -- 2. an empty CONCLAVE_STATE is unset, not the current directory
 
 
