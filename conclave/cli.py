@@ -1097,7 +1097,9 @@ async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fet
     check_name(identity)  # before its state file is looked for or written
     label = label or group_label(group_id)
     known = (state / f"{identity}.state").exists()
-    as_member = identity != DEFAULT_AUDITOR and known
+    # A member's state holds its call's group; an auditor's none (it logs in, registering
+    # again if the service is new to it: idempotent for the same key).
+    as_member = identity != DEFAULT_AUDITOR and known and _holds_a_group(state, identity, ds)
     if not known and identity != DEFAULT_AUDITOR and not register:
         raise ConclaveError(
             f"no saved state for {identity!r} in {state}: for an auditor the delivery service "
@@ -1127,9 +1129,12 @@ async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fet
                 f" ({identity!r} is registered now, with the key in {state})"
                 if register and not known else ""
             )
+            key = "" if as_member else _saved_key(state, identity, ds)
+            pin = (f"; to audit as {identity!r}, have the service's operator pin its key: "
+                   f"--auditor {identity}={key}" if key else "")
             raise ConclaveError(
                 f"{identity!r} may not read the audit log of {label}: it is neither a member "
-                f"nor an auditor of the delivery service{registered}"
+                f"nor an auditor of the delivery service{registered}{pin}"
             ) from None
         if exc.code in ("http_error", "bad_answer"):
             # an error without the service's own answer: not a delivery service (or a proxy's)
@@ -1150,17 +1155,30 @@ async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fet
         ) from None
 
 
+def _holds_a_group(state: Path, identity: str, ds: str) -> bool:
+    """Whether `identity`'s saved state in `state` is a member's (it holds a call's group)."""
+    from .participant import Participant
+
+    return Participant(identity, ds, state_dir=state).group is not None
+
+
+def _saved_key(state: Path, identity: str, ds: str) -> str:
+    """The signature key in hex of `identity`'s saved state in `state`, or "" if none."""
+    from .participant import Participant
+
+    with contextlib.suppress(ConclaveError, OSError):
+        if (state / f"{identity}.state").exists():
+            return Participant(identity, ds, state_dir=state).client.signature_key.hex()
+    return ""
+
+
 def _reserved_for_another_key(ds: str, state: Path, identity: str) -> str:
     """Why a service that pins `identity`'s key refused the one in `state`, and the two ways on:
     the state directory holding the pinned key, or that key pinned instead (for an auditor on
     another machine than the service, whose operator pins the key it is sent)."""
-    from .participant import Participant
 
-    key = ""
-    with contextlib.suppress(ConclaveError, OSError):
-        # the key this audit registered with, kept in `state` (only a name's conflict drops it)
-        if (state / f"{identity}.state").exists():
-            key = Participant(identity, ds, state_dir=state).client.signature_key.hex()
+    # the key this audit registered with, kept in `state` (only a name's conflict drops it)
+    key = _saved_key(state, identity, ds)
     pin = (f"; or, if the service has not registered {identity!r} yet, have its operator pin "
            f"this key, kept in {state}: --auditor {identity}={key}" if key else "")
     return (

@@ -104,3 +104,24 @@ def test_an_auditor_given_with_and_without_a_key_says_so(
     err = capsys.readouterr().err
     assert "'auditor' is given with a key and without one (serve's own): give it once" in err
     assert not (tmp_path / "s").exists()  # refused before anything was made
+
+
+def test_an_auditor_on_another_machine_is_told_its_key_and_reads_once_pinned(
+    served: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The README's flow: `audit --as NAME --register` elsewhere makes a key and, refused, says
+    # what to pin; the operator serves with it; the same audit (its state: an auditor's, no
+    # group) then logs in, registering where the service is new to it, and reads.
+    monkeypatch.setenv("COLUMNS", "200")
+    ds_url, state = served
+    remote = tmp_path / "remote"
+    argv = ["audit", "--group", "private", "--as", "aud2", "--state", str(remote)]
+    assert main([*argv, "--ds", ds_url, "--register"]) == 2
+    err = capsys.readouterr().err
+    assert "--auditor aud2=" in err, err
+    key = err.split("--auditor aud2=")[1].split()[0].rstrip(".;)")
+    with conclave_serve(tmp_path / "serve2", "--auditor", f"aud2={key}") as other:
+        create_room(other, tmp_path / "owner2", "owner2", "private")
+        assert main([*argv, "--ds", other]) == 0, capsys.readouterr().err
+    assert "members at the end of this log: owner2" in capsys.readouterr().out

@@ -235,10 +235,12 @@ def test_audit_as_a_name_that_is_no_auditor_is_refused(
                  "--state", str(tmp_path), *register]) == 2
     err = capsys.readouterr().err
     registered = f" ({identity!r} is registered now, with the key in {tmp_path})"
+    key = Participant(identity, ds_url, state_dir=tmp_path).client.signature_key.hex()
     assert err == (
         f"conclave audit: {identity!r} may not read the audit log of room 'ops[/]': it is "
         "neither a member nor an auditor of the delivery service"
-        f"{registered if register else ''}\n"
+        f"{registered if register else ''}; to audit as {identity!r}, have the service's "
+        f"operator pin its key: --auditor {identity}={key}\n"
     )
 
 
