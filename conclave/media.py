@@ -11,10 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import av
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame, VideoFrame
+from av.container import OutputContainer
 from av.frame import Frame
+from av.stream import Stream
 
 from .errors import ConclaveError
 
@@ -131,56 +134,99 @@ class MediaSpec:
 
 # MP4 in fragments (one per keyframe), the index first, each written out at once: what was
 # recorded up to the last keyframe before a crash or SIGKILL plays, where a plain MP4 is
-# unplayable without the index written at its end.
+# unplayable without the index written at its end. WAV packets are written out at once too:
+# a full disk is then told when it happens, not at the end of the call.
 _MP4_OPTIONS = {"movflags": "frag_keyframe+empty_moov", "flush_packets": "1"}
+_WAV_OPTIONS = {"flush_packets": "1"}
 
 
-class _Recorded(MediaStreamTrack):
-    """`track` for a recorder, its first frame (already read) first; `ended` is set when the
-    track ends."""
-
-    def __init__(self, track: MediaStreamTrack, first: Frame) -> None:
-        super().__init__()
-        self.kind = track.kind
-        self._track = track
-        self._first: Frame | None = first
-        self.ended = asyncio.Event()
-
-    async def recv(self) -> Frame:
-        if self._first is not None:
-            frame, self._first = self._first, None
-            return frame
-        try:
-            return await self._track.recv()
-        except MediaStreamError:
-            self.ended.set()
-            raise
+def _open_recording(path: Path, kind: str) -> tuple[OutputContainer, Stream]:
+    """The container and stream of a recording into `path`, with the codecs aiortc's
+    MediaRecorder would choose (PCM in a WAV, else AAC; H.264 for video)."""
+    options = _MP4_OPTIONS if path.suffix == ".mp4" else _WAV_OPTIONS
+    container = av.open(str(path), mode="w", options=options)
+    try:
+        if kind == "audio":
+            codec = "pcm_s16le" if container.format.name == "wav" else "aac"
+            return container, container.add_stream(codec)
+        stream = container.add_stream("libx264", rate=30)
+        stream.pix_fmt = "yuv420p"
+        return container, stream
+    except BaseException:
+        container.close()
+        raise
 
 
 async def record_track(track: MediaStreamTrack, new_file: Callable[[], Path]) -> Path | None:
     """Record a received `track` into the file `new_file` makes at its first frame, and finish
     the file when the track ends (its publisher left, the media session ended) or this is
     cancelled (the call ends): a file per track, playable as soon as its track is over. A
-    track that ends without a frame makes no file. Returns the file, if any."""
-    from aiortc.contrib.media import MediaRecorder
+    track that ends without a frame makes no file. Returns the file, if any.
+
+    The recording owns `track` (a relay's subscription): it is stopped however the recording
+    ends, for a subscription no one reads keeps every frame relayed to it. A file that cannot
+    be written (a full disk, say) ends the recording with a `ConclaveError`; what was written
+    stays. The frames are encoded here rather than by aiortc's MediaRecorder, whose task dies
+    of such an error unseen (the recording then waits for ever for a track end no one reads)
+    and then muxes again into the failed file, which crashes FFmpeg."""
+    try:
+        try:
+            frame = await track.recv()
+        except MediaStreamError:
+            return None
+        path = new_file()
+        try:
+            container, stream = _open_recording(path, track.kind)
+        except Exception as exc:
+            path.unlink(missing_ok=True)  # empty: no use to anyone
+            raise ConclaveError(f"cannot record into {path}: {_why(exc)}") from None
+        await _write(track, frame, path, container, stream)
+        return path
+    finally:
+        track.stop()
+
+
+async def _write(
+    track: MediaStreamTrack, frame: Frame, path: Path, container: OutputContainer, stream: Stream
+) -> None:
+    """Encode `frame` and the rest of `track` into `container`, then finish the file (also
+    when cancelled: the encoder's last frames and the file's end). After a failed write FFmpeg
+    is given nothing more but the close."""
+    muxed = 0
+    failure: Exception | None = None
+
+    def put(frame: Frame | None) -> bool:  # None: what the encoder holds back
+        nonlocal muxed, failure
+        try:
+            for packet in stream.encode(frame):
+                container.mux(packet)
+                muxed += 1
+        except Exception as exc:
+            failure = exc
+            return False
+        return True
 
     try:
-        first = await track.recv()
-    except MediaStreamError:
-        return None
-    path = new_file()
-    try:
-        recorder = MediaRecorder(str(path), options=_MP4_OPTIONS if path.suffix == ".mp4" else None)
-        source = _Recorded(track, first)
-        recorder.addTrack(source)
-        await recorder.start()
-    except BaseException:
-        path.unlink(missing_ok=True)  # empty: no use to anyone
-        raise
-    try:
-        await source.ended.wait()
+        if isinstance(frame, VideoFrame):  # the file's size is its first frame's
+            stream.width, stream.height = frame.width, frame.height
+        while put(frame):
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                break
     finally:
-        # (Also when cancelled: stop() writes the encoder's last frames and the file's end,
-        # and never waits.)
-        await recorder.stop()
-    return path
+        if failure is None:
+            put(None)
+        try:
+            container.close()
+        except Exception as exc:
+            failure = failure or exc
+        if muxed == 0 and failure is not None:
+            path.unlink(missing_ok=True)  # nothing in it
+    if failure is not None:
+        done = "stopped recording into" if muxed else "cannot record into"
+        raise ConclaveError(f"{done} {path}: {_why(failure)}") from None
+
+
+def _why(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
