@@ -570,7 +570,8 @@ class PushStream:
                         log.debug("reconnect failed: %s", exc)
         finally:
             # However the stream ends (even by a bug), its reader must learn it: without the
-            # sentinel it would wait for ever.
+            # sentinel it would wait for ever. (And `connected` must not say it is open.)
+            self._connected.clear()
             self._events.put_nowait(None)
 
     def _receive(self, data: bytes) -> bool:

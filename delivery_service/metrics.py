@@ -63,8 +63,8 @@ def service_metrics() -> Metrics:
     m.describe("ds_database_outages_total", "counter",
                "Times this instance found the database unreachable (one per outage).")
     m.describe("ds_database_refusals_total", "counter",
-               "Requests the database declined for now (503), by condition: full, readonly, "
-               "io, locked, contention, resources.")
+               "Requests the database declined, by condition: for now (503) full, readonly, "
+               "io, locked, contention, resources, timeout, cantopen; damaged (500) corrupt.")
     # Gauges and counters with a sample from the start: an absent series reads as "no data"
     # in Prometheus, not as 0 (an alert on `ds_database_up == 0` needs the 1 before).
     m.set("ds_websockets", 0)

@@ -1062,7 +1062,18 @@ class DeliveryService:
     # -- operations
 
     async def healthz(self, request: web.Request) -> web.Response:
-        await self.storage.get_group(b"\x00")  # the database answers
+        try:
+            await self.storage.get_group(b"\x00")  # the database answers
+        except Exception as exc:
+            refusal = self.storage.cannot_store(exc)
+            if refusal is None or refusal.transient:
+                raise  # 503 (or a bug's 500), as for any request: `errors`
+            # A damaged database is not healthy: 503 as documented for /healthz, not the 500
+            # a request gets (told once per condition all the same).
+            self.storage.availability.refused(refusal.condition, exc, lasting=True)
+            return cbor_response(
+                {"error": "unavailable", "reason": f"{refusal.reason}: the service's operator "
+                 "was told"}, 503)
         return web.Response(text="ok\n")
 
     async def metrics_page(self, request: web.Request) -> web.Response:

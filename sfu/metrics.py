@@ -132,7 +132,7 @@ def render_workers(workers: Sequence[WorkerStatus]) -> str:
     """Worker 0's metrics of every worker (the others' own /metrics do not answer while they
     are down): whether each is up, how many are not, and their restarts by reason."""
     lines = [
-        "# HELP sfu_worker_up Whether the worker serves (1), or is down or starting (0).",
+        "# HELP sfu_worker_up Whether the worker serves (1), or is down, starting or late (0).",
         "# TYPE sfu_worker_up gauge",
     ]
     lines += [
@@ -141,7 +141,7 @@ def render_workers(workers: Sequence[WorkerStatus]) -> str:
     ]
     down = sum(w.state != "up" for w in workers)
     lines += [
-        "# HELP sfu_workers_down Workers down or starting (not serving their rooms).",
+        "# HELP sfu_workers_down Workers down, starting or late (not serving their rooms).",
         "# TYPE sfu_workers_down gauge",
         f"sfu_workers_down {down}",
         "# HELP sfu_worker_restarts_total Workers ended and restarted by worker 0, by reason.",

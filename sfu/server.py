@@ -165,7 +165,8 @@ class SFUServer:
         if which != "all":
             workers = [w for w in workers if str(w.index) == which]
             if not workers:  # the query not echoed: it is the client's, of any size
-                return web.Response(status=404, text="no such worker: worker=all, or 0 to N-1\n")
+                last = len(self._workers()) - 1
+                return web.Response(status=404, text=f"no such worker: worker=all, or 0 to {last}\n")
         text = "".join(
             f"worker {w.index}{f' (port {w.port})' if w.port else ''}: {w.state}\n" for w in workers
         )
