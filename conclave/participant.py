@@ -527,6 +527,8 @@ class Participant:
         # again gets new encryptors, and "sent" must not start from 0 then.
         self._sent: dict[str, TrackStats] = {}
         self.remote: dict[tuple[str, str], RemoteTrack] = {}
+        # Tracks a later media session's replaced in `remote`: their frames count in `stats`.
+        self._earlier_remote: list[RemoteTrack] = []
         self.errors: list[str] = []
         self.epoch_changed = asyncio.Condition()
         self._lock = asyncio.Lock()  # one handshake operation at a time, in the service's order
@@ -773,12 +775,13 @@ class Participant:
         return safety_code(self.group.epoch_authenticator)
 
     def stats(self) -> ParticipantStats:
-        decrypted = sum(r.stats.frames_decrypted for r in self.remote.values())
-        failed = sum(sum(r.stats.failures.values()) for r in self.remote.values())
+        received = [*self._earlier_remote, *self.remote.values()]  # every media session's
+        decrypted = sum(r.stats.frames_decrypted for r in received)
+        failed = sum(sum(r.stats.failures.values()) for r in received)
         return ParticipantStats(
             self.name, self.epoch, len(self.member_names),
             {k: s.frames_encrypted for k, s in self._sent.items()},
-            decrypted, sum(r.decoded for r in self.remote.values()), failed, self.removed,
+            decrypted, sum(r.decoded for r in received), failed, self.removed,
             self.safety_code if self.group is not None and not self.removed else "-",
         )
 
@@ -2271,6 +2274,9 @@ class Participant:
         remote = RemoteTrack(publisher, kind, stats, decryptor)
         if self.e2ee:
             self._watch_epochs(remote)
+        earlier = self.remote.get((publisher, kind))
+        if earlier is not None:  # a media session before this one: its frames still count
+            self._earlier_remote.append(earlier)
         self.remote[(publisher, kind)] = remote
         if self.on_remote_track is not None:
             self.on_remote_track(remote)
@@ -2282,9 +2288,17 @@ class Participant:
             consumer = relay.subscribe(track)
             # Finished when the track ends, not at the end of the run (a peer who left would
             # leave an unplayable file until then); no file for a track without frames.
-            self._spawn(record_track(relay.subscribe(track),
+            self._spawn(self._record(relay.subscribe(track),
                                      partial(self._recording_path, publisher, kind)))
         self._spawn(self._consume(consumer, remote))
+
+    async def _record(self, track: MediaStreamTrack, new_file: Callable[[], Path]) -> None:
+        """`record_track`, a failure of which (a full disk) is told to the user, as a line of
+        the call: a background note would show only with --debug."""
+        try:
+            await record_track(track, new_file)
+        except ConclaveError as exc:
+            self._notice(str(exc))
 
     def _recording_path(self, publisher: str, kind: str) -> Path:
         """A new file in record_dir for a track, created empty with mode 0600 (it will hold

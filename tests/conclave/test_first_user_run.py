@@ -204,6 +204,23 @@ async def test_frames_sent_count_every_media_session_not_the_latest(
         await p.close()
 
 
+async def test_frames_received_count_every_media_session_not_the_latest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: a new session's track replaced the last one in `remote`, and its counts with it:
+    # alice, 7 minutes in a call across reconnects, printed "received 97 decrypted".
+    p = _recorder(tmp_path, monkeypatch)
+    p.record_dir = None
+    try:
+        for frames in (20, 30):  # dave's video in two media sessions
+            p._on_track(_Frames("video", frames), SimpleNamespace(receiver=None),
+                        {"identity": "dave", "kind": "video"})
+            await until(lambda n=frames: p.remote[("dave", "video")].decoded == n)
+        assert p.stats().decoded == 50
+    finally:
+        await p.close()
+
+
 @pytest.mark.parametrize("where", ["sfu", "path"])
 async def test_a_wrong_ds_url_is_told_as_such_not_as_a_refused_name(
     services: Services, tmp_path: Path, where: str
