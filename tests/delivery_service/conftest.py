@@ -177,3 +177,27 @@ async def close_people() -> AsyncIterator[None]:
     yield
     while OPEN:
         await OPEN.pop().ds.close()
+
+
+# A storage of each backend, opened, for tests that serve on one (storage errors).
+@pytest.fixture
+async def sqlite_storage(tmp_path: Path) -> AsyncIterator[SQLiteStorage]:
+    storage = SQLiteStorage(str(tmp_path / "ds.sqlite3"))
+    await storage.open()
+    yield storage
+    await storage.close()
+
+
+@pytest.fixture
+async def pg_storage() -> AsyncIterator[Storage]:
+    from delivery_service.storage.postgres import PostgresStorage
+
+    dsn = require_postgres()
+    schema = "ds_test_" + os.urandom(6).hex()
+    storage = PostgresStorage(dsn, schema=schema)
+    await storage.open()
+    try:
+        yield storage
+    finally:
+        await storage.close()
+        await drop_schema(dsn, schema)

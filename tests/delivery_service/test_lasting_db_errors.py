@@ -18,7 +18,6 @@ import os
 import sqlite3
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -28,58 +27,19 @@ import cbor2
 import pytest
 
 from delivery_service import client as client_module
-from delivery_service.client import DeliveryClient, PushStream
-from delivery_service.server import Config, DeliveryService
+from delivery_service.client import PushStream
+from delivery_service.server import Config
 from delivery_service.storage import SQLiteStorage, Storage
-from delivery_service.tracker import BasicTracker
 
-from .conftest import drop_schema, require_postgres, serving
-from .procs import ds_client
-
-
-@dataclass
-class Running:
-    storage: Storage
-    url: str
-    alice: DeliveryClient
-    gid: bytes  # alice's group
+from . import test_storage_errors as storage_errors
+from .test_storage_errors import Running, metrics_text
 
 
 @contextlib.asynccontextmanager
 async def running(storage: Storage) -> AsyncIterator[Running]:
-    service = DeliveryService(storage, Config(session_check_interval=0.05), BasicTracker())
-    async with serving(service) as url:
-        alice = ds_client(url, "alice")
-        try:
-            await alice.register()
-            gid = os.urandom(16)
-            await alice.create_group(gid)
-            yield Running(storage, url, alice, gid)
-        finally:
-            await alice.close()
-
-
-@pytest.fixture
-async def sqlite_storage(tmp_path: Path) -> AsyncIterator[SQLiteStorage]:
-    storage = SQLiteStorage(str(tmp_path / "ds.sqlite3"))
-    await storage.open()
-    yield storage
-    await storage.close()
-
-
-@pytest.fixture
-async def pg_storage() -> AsyncIterator[Storage]:
-    from delivery_service.storage.postgres import PostgresStorage
-
-    dsn = require_postgres()
-    schema = "ds_test_" + os.urandom(6).hex()
-    storage = PostgresStorage(dsn, schema=schema)
-    await storage.open()
-    try:
-        yield storage
-    finally:
-        await storage.close()
-        await drop_schema(dsn, schema)
+    """As test_storage_errors', with session checks every 50 ms."""
+    async with storage_errors.running(storage, Config(session_check_interval=0.05)) as run:
+        yield run
 
 
 async def request(
@@ -93,11 +53,6 @@ async def request(
                  "Authorization": f"Bearer {run.alice.session}"},
     ) as r:
         return r.status, cbor2.loads(await r.read()), r.headers.get("Retry-After")
-
-
-async def metrics_text(url: str) -> str:
-    async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as r:
-        return await r.text()
 
 
 def tracebacks(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:

@@ -11,7 +11,6 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 import cbor2
@@ -24,7 +23,7 @@ from delivery_service.storage import SQLiteStorage, Storage
 from delivery_service.tracker import BasicTracker
 
 from . import mlsmsg
-from .conftest import drop_schema, require_postgres, serving
+from .conftest import serving
 from .procs import ds_client
 
 STORAGE_LOG = "delivery_service.storage.availability"
@@ -39,9 +38,10 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def running(storage: Storage) -> AsyncIterator[Running]:
+async def running(storage: Storage, config: Config | None = None) -> AsyncIterator[Running]:
     """A service on an open `storage`, with alice registered and her group created."""
-    service = DeliveryService(storage, Config(max_body=64 * 1024), BasicTracker())
+    config = config or Config(max_body=64 * 1024)
+    service = DeliveryService(storage, config, BasicTracker())
     async with serving(service) as url:
         alice = ds_client(url, "alice")
         try:
@@ -51,14 +51,6 @@ async def running(storage: Storage) -> AsyncIterator[Running]:
             yield Running(storage, url, alice, gid)
         finally:
             await alice.close()
-
-
-@pytest.fixture
-async def sqlite_storage(tmp_path: Path) -> AsyncIterator[SQLiteStorage]:
-    storage = SQLiteStorage(str(tmp_path / "ds.sqlite3"))
-    await storage.open()
-    yield storage
-    await storage.close()
 
 
 async def refused(call: object, condition_text: str) -> RequestFailed:
@@ -242,21 +234,6 @@ async def test_a_transaction_left_open_by_a_failed_rollback_does_not_block_every
 
 
 # -- PostgreSQL
-
-
-@pytest.fixture
-async def pg_storage() -> AsyncIterator[Storage]:
-    from delivery_service.storage.postgres import PostgresStorage
-
-    dsn = require_postgres()
-    schema = "ds_test_" + os.urandom(6).hex()
-    storage = PostgresStorage(dsn, schema=schema)
-    await storage.open()
-    try:
-        yield storage
-    finally:
-        await storage.close()
-        await drop_schema(dsn, schema)
 
 
 async def test_a_read_only_postgresql_answers_503_and_stores_nothing(
