@@ -83,16 +83,20 @@ def _supervisor(code: str, port: int, hang_timeout: float = 60.0) -> workers.Sup
     return workers.Supervisor(command, SECRET, [workers.Worker(1, port, sockets)], hang_timeout)
 
 
+def crashing_worker(supervised: Run) -> tuple[int, workers.Supervisor, workers.Worker]:
+    """A supervised worker 1 that exits (3) at once, each time it is started: its port, its
+    supervisor, the worker."""
+    port, supervisor, worker = crashing_worker(supervised)
+    return port, supervisor, worker
+
+
 async def test_worker_0_answers_joins_on_a_dead_workers_port(
     slow_restart: list[int], supervised: Run
 ) -> None:
     # Before: worker 0 held the dead worker's port and nobody accepted there: a join redirected
     # just before worker 0 noticed the death waited, unanswered, for the client's join timeout
     # (15 s), as did /healthz and /metrics on that port, until the restart.
-    port = _free_ports(1)
-    supervisor = _supervisor("raise SystemExit(3)", port)
-    supervised(supervisor)
-    [worker] = supervisor.workers
+    port, supervisor, worker = crashing_worker(supervised)
     token = issue_room_token(SECRET, "room-1", "alice", int(time.time()) + 60)
     reply = await _reply(port, "room-1", token)  # queued, then answered once it is seen dead
     assert reply["type"] == "error" and reply["code"] == "unavailable", reply
@@ -115,10 +119,7 @@ async def test_worker_0_answers_joins_on_a_dead_workers_port(
 async def test_the_stand_in_lets_go_of_the_port_when_the_worker_restarts(
     slow_restart: list[int], supervised: Run
 ) -> None:
-    port = _free_ports(1)
-    supervisor = _supervisor("raise SystemExit(3)", port)
-    supervised(supervisor)
-    [worker] = supervisor.workers
+    port, supervisor, worker = crashing_worker(supervised)
     async with aiohttp.ClientSession() as session, asyncio.timeout(5):
         async with session.get(f"http://127.0.0.1:{port}/healthz") as resp:
             assert resp.status == 503

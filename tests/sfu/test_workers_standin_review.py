@@ -14,7 +14,13 @@ from typing import Any
 import pytest
 
 from tests.sfu.test_workers import _free_ports, _wait
-from tests.sfu.test_workers_standin import Run, _supervisor, slow_restart, supervised
+from tests.sfu.test_workers_standin import (
+    Run,
+    _supervisor,
+    crashing_worker,
+    slow_restart,
+    supervised,
+)
 
 __all__ = ["slow_restart", "supervised"]  # fixtures, used by name
 
@@ -35,10 +41,7 @@ async def test_a_connection_accepted_as_the_worker_restarts_is_answered(
     # accepted in the same turn of the event loop (its transport not made yet) was dropped
     # without an answer (asyncio's Server._attach on a closed server), the client left with an
     # empty reply, not the 503 (or "unavailable") that says "try again".
-    port = _free_ports(1)
-    supervisor = _supervisor("raise SystemExit(3)", port)
-    supervised(supervisor)
-    [worker] = supervisor.workers
+    port, supervisor, worker = crashing_worker(supervised)
     assert await _wait(lambda: worker.stand_in, 10), "no stand-in"
     client = socket.create_connection(("127.0.0.1", port))  # in the port's queue at once
     try:
@@ -62,10 +65,7 @@ async def test_a_connection_near_the_restart_is_answered_or_left_queued(
 ) -> None:
     # Whatever the turn of the restart: either worker 0 answers the connection, or it is left
     # in the port's queue for the new worker, never dropped.
-    port = _free_ports(1)
-    supervisor = _supervisor("raise SystemExit(3)", port)
-    supervised(supervisor)
-    [worker] = supervisor.workers
+    port, supervisor, worker = crashing_worker(supervised)
     assert await _wait(lambda: worker.stand_in, 10), "no stand-in"
     client = socket.create_connection(("127.0.0.1", port))
     try:
