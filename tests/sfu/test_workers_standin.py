@@ -86,7 +86,10 @@ def _supervisor(code: str, port: int, hang_timeout: float = 60.0) -> workers.Sup
 def crashing_worker(supervised: Run) -> tuple[int, workers.Supervisor, workers.Worker]:
     """A supervised worker 1 that exits (3) at once, each time it is started: its port, its
     supervisor, the worker."""
-    port, supervisor, worker = crashing_worker(supervised)
+    port = _free_ports(1)
+    supervisor = _supervisor("raise SystemExit(3)", port)
+    supervised(supervisor)
+    [worker] = supervisor.workers
     return port, supervisor, worker
 
 
