@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import math
 import os
@@ -248,6 +249,9 @@ def main(argv: list[str] | None = None) -> None:
         # Startup failures (database unreachable, port taken, bad schema name) are the
         # operator's to fix: a one-line reason, no traceback. Never echo the DSN: it may hold a
         # password.
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+            sys.exit(f"delivery service: cannot start on {args.host}:{args.port}: the port is in "
+                     "use (another service, or one still running): stop it, or give --port")
         sys.exit(f"delivery service: cannot start on {args.host}:{args.port} with "
                  f"{describe_db(args.db)}: {exc}")
     except Exception as exc:
