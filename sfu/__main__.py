@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.abc import BaseRequest
+from aiohttp.web_log import AccessLogger as _AiohttpAccessLogger
 
 from sfu.config import SFUConfig, read_token_secret
 from sfu.errors import SFUError
@@ -30,6 +32,39 @@ from sfu.workers import (
 )
 
 logger = logging.getLogger("sfu")
+
+# Polled every few seconds by load balancers and Prometheus: one access line each would bury
+# everything else in the log. Logged only at --log-level DEBUG.
+QUIET_PATHS = frozenset({"/healthz", "/metrics"})
+# Libraries whose INFO lines are per-connection chatter (aioice: every ICE check's state).
+CHATTY_LIBRARIES = ("aioice",)
+
+
+class AccessLogger(_AiohttpAccessLogger):
+    """aiohttp's access log, without the lines for health checks and scrapes unless DEBUG."""
+
+    def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if request.path in QUIET_PATHS and not self.logger.isEnabledFor(logging.DEBUG):
+            return
+        super().log(request, response, time)
+
+
+def quiet_libraries(level: str) -> None:
+    """Raise the chatty libraries to WARNING, unless the operator asked for DEBUG."""
+    if level != "DEBUG":
+        for name in CHATTY_LIBRARIES:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def where(socks: list[socket.socket]) -> str:
+    """HOST:PORT of each socket, as bound ([HOST]:PORT for IPv6), as the delivery service
+    names them."""
+    names = []
+    for sock in socks:
+        host, port = sock.getsockname()[:2]
+        names.append(f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}")
+    return ", ".join(names)
+
 
 EPILOG = """\
 ports: worker i of --workers N listens on PORT+i (HTTP, on --host): WebSocket signalling at
@@ -231,6 +266,7 @@ def _run(argv: list[str] | None) -> int:
     logging.basicConfig(
         level=args.log_level, format=f"%(asctime)s {worker_tag}%(levelname)s %(name)s %(message)s"
     )
+    quiet_libraries(args.log_level)
 
     parent: ParentLink | None = None
     if child:
@@ -392,7 +428,16 @@ def _serve(
     # Everything imported so far lives as long as the process: keep it out of the cyclic GC's
     # full collections, which otherwise stall forwarding for tens of ms (the p99 latency).
     gc.freeze()
-    web.run_app(app, sock=listening, print=None, shutdown_timeout=5, loop=_new_loop())
+    # aiohttp calls `print` once every socket serves: the operator sees each worker is up
+    # (its worker tag on the line) and where.
+    web.run_app(
+        app,
+        sock=listening,
+        print=lambda _banner: logger.info("serving on %s", where(listening)),
+        access_log_class=AccessLogger,
+        shutdown_timeout=5,
+        loop=_new_loop(),
+    )
     if parent is None and supervisor is None:
         logger.info("stopped")
 
