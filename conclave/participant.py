@@ -496,6 +496,7 @@ class Participant:
         self._resumed = False  # in a saved epoch: send nothing before a new one (connect_media)
         self._media_backoff = MEDIA_RETRY_FIRST
         self._media_wanted = False  # connect_media was called: call in again when added back
+        self._media_lost = False  # the media session ended and is not back: the user was told
         self._token_renewal: asyncio.Task[None] | None = None
         self._names_by_epoch: dict[int, dict[int, str]] = {}
         self._read_state: bytes | None = None  # the state file as read (None: there was none)
@@ -966,9 +967,10 @@ class Participant:
     async def _watch_delivery_service(self) -> None:
         """Tell the user, once each, that the push stream lost its connection to the delivery
         service (for `SERVICE_LOST_AFTER`: a quick reconnection is no news) and that it has it
-        again. Meanwhile the call's media goes on, but nothing is committed (invites, removals,
-        leaves, rotations) and no one joins. The failures of each request go to `_note`, which
-        `conclave join` shows only with --debug."""
+        again. Meanwhile nothing is committed (invites, removals, leaves, rotations) and no one
+        joins; media goes on only if the media session is up (with `conclave serve` stopped,
+        the SFU is gone too). The failures of each request go to `_note`, which `conclave join`
+        shows only with --debug."""
         where = shown_url(self.ds_url)
         loop = asyncio.get_running_loop()
         down_since: float | None = None
@@ -986,10 +988,13 @@ class Participant:
                 down_since = loop.time()
             elif not told and loop.time() - down_since >= SERVICE_LOST_AFTER:
                 told = True
+                # Said of the media only while true: the SFU may be down with it.
+                media = ("the call's media goes on, but " if self.sfu is not None
+                         and not self._media_lost else "")
                 self._notice(
                     f"lost the connection to the delivery service at {where} (trying again): "
-                    "the call's media goes on, but no one can be invited, removed, leave or "
-                    "join, and keys are not rotated, until it is back (a line will say so)"
+                    f"{media}no one can be invited, removed, leave or join, and keys are not "
+                    "rotated, until it is back (a line will say so)"
                 )
 
     def _note(self, error: str) -> None:
@@ -2215,6 +2220,13 @@ class Participant:
             return
         self._stop_token_renewal()
         log.warning("%s: the media session ended (%s); calling in again", self.name, reason)
+        if not self._media_lost:  # once per outage, not per try to call in again
+            self._media_lost = True
+            self._notice(
+                f"lost the media session at {shown_url(self.sfu_url or '')} ({reason}; calling "
+                "in again): the call's keys and membership go on, but no audio or video flows "
+                "until it is back (a line will say so)"
+            )
         with contextlib.suppress(Exception):
             await client.close()
         if time.monotonic() - started >= MEDIA_STABLE_SESSION:
@@ -2239,7 +2251,11 @@ class Participant:
                 log.warning("%s: cannot call in again (%s); next try in %.0f s", self.name,
                             _reason(exc), wait)
             else:
-                log.info("%s: back in the media session", self.name)
+                if self._media_lost:
+                    self._media_lost = False
+                    self._notice("back in the media session: audio and video flow again")
+                else:
+                    log.info("%s: back in the media session", self.name)
                 return
 
     def _next_media_backoff(self) -> float:
