@@ -285,8 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the delivery service's URL (default: {default_ds})")
     # None: derived from --ds after parsing (`parse_args`), as `serve` runs both on one host.
     p.add_argument("--sfu", type=sfu_url, default=None,
-                   help=f"the SFU's signalling URL, http(s):// or ws(s):// (default: the scheme and host of --ds, port "
-                        f"{DEFAULT_SFU_PORT}, path {SFU_PATH}, where `conclave serve` runs it: "
+                   help=f"the SFU's signalling URL, http(s):// or ws(s):// (default: the scheme "
+                        f"and host of --ds, port {DEFAULT_SFU_PORT}, path {SFU_PATH}, where "
+                        "`conclave serve` runs it: "
                         f"{sfu_url_for(default_ds)} for the default --ds)")
     p.add_argument("--video", default=None,
                    help="file or device to publish, its audio and video (aiortc MediaPlayer; "
