@@ -1237,6 +1237,28 @@ COMMANDS = {
 }
 
 
+async def _run_command(args: argparse.Namespace, as_program: bool) -> int:
+    """Run the command; once a call has ended (its state saved), a second Ctrl-C or SIGTERM
+    exits at once from here on, while the loop still runs: `asyncio.run`'s teardown can wait
+    for good on a worker thread (a getaddrinfo to a network gone away), where the loop's own
+    handlers would only set an event set already, and once it closes the loop, the default
+    handlers (130, SIGTERM's kill) would be back until `main` installs ours."""
+    status = await COMMANDS[args.command](args)
+    if as_program and getattr(args, "call_ended", False):
+        loop = asyncio.get_running_loop()
+        signals = {signal.SIGINT, signal.SIGTERM}
+        # Held back while the loop lets go of them (it resets them to the defaults): one
+        # coming meanwhile is delivered to ours.
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+        try:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            _exit_at_once_on_signals(status)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
@@ -1253,7 +1275,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("aiohttp", "aiortc", "aioice", "sfu", "delivery_service", "asyncio"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
-        status = asyncio.run(COMMANDS[args.command](args))
+        status = asyncio.run(_run_command(args, as_program=argv is None))
     except KeyboardInterrupt:
         # (after a call ended: a second Ctrl-C as asyncio.run closed its loop)
         status = 0 if getattr(args, "call_ended", False) else 130
