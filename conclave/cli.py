@@ -1301,7 +1301,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if argv is None and getattr(args, "call_ended", False):
         # This process is the command (not a caller's, whose signals are its own): the call
-        # has ended and its state is saved, so a second Ctrl-C only hurries the exit.
+        # has ended and its state is saved, so a second Ctrl-C only hurries the exit. (Done
+        # already by `_run_command`, unless a Ctrl-C got out of `asyncio.run` first.)
         _exit_at_once_on_signals(status)
     return status
 

@@ -153,9 +153,6 @@ class SendKeyContext:
         self._seal_into = None
         self._salt = 0
 
-    def _removed_error(self) -> KeyUsageError:
-        return _send_key_removed(self.kid)
-
     def _exhausted(self) -> CounterExhausted:
         return CounterExhausted(
             f"KID {self.kid:#x} has used all {self.max_counter + 1} CTR values; "
@@ -202,7 +199,7 @@ class SendKeyContext:
                 nonce, plaintext, header + metadata if metadata else header, memoryview(out)[hlen:]
             )
         if self.removed:  # removed while another thread sealed this frame: it must not leave
-            raise self._removed_error()
+            raise _send_key_removed(self.kid)
         return out
 
     def encrypt_at(
@@ -229,7 +226,7 @@ class SendKeyContext:
         else:
             seal_into(nonce, plaintext, aad, memoryview(out)[start:end])
         if self.removed:  # as in `encrypt`; the caller discards `out` on an error
-            raise self._removed_error()
+            raise _send_key_removed(self.kid)
         return end
 
     def encrypt_into(
@@ -573,7 +570,9 @@ class SFrameContext:
             keys[kid].window.accept(ctr)
         for kid, key in keys.items():
             self.recv_keys.setdefault(kid, key)
-            self.unauthenticated_keys.pop(kid, None)
+        if self.unauthenticated_keys:  # (empty but while forged or new KIDs come)
+            for kid in keys:
+                self.unauthenticated_keys.pop(kid, None)
         return plaintexts
 
     def _resolve(self, kid: int) -> RecvKeyContext:

@@ -201,3 +201,10 @@ async def pg_storage() -> AsyncIterator[Storage]:
     finally:
         await storage.close()
         await drop_schema(dsn, schema)
+
+
+def sqlite_error(message: str, code: int) -> sqlite3.OperationalError:
+    """The exception SQLite raises for `code` (an extended result code), as aiosqlite passes it."""
+    exc = sqlite3.OperationalError(message)
+    exc.sqlite_errorcode = code  # type: ignore[attr-defined]
+    return exc

@@ -5,44 +5,28 @@ auditor being handed out to a member."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from delivery_service.errors import RequestFailed
 from delivery_service.server import Config, DeliveryService
-from delivery_service.storage import Storage, make_storage
+from delivery_service.storage import Storage
 from delivery_service.tracker import BasicTracker
 from mls.client import Client
 
 from . import mlsmsg
 from .conftest import serving
 from .procs import ds_client
-
-
-@pytest.fixture
-async def storage(tmp_path: Path) -> AsyncIterator[Storage]:
-    s = make_storage(str(tmp_path / "ds.sqlite3"))
-    await s.open()
-    yield s
-    await s.close()
-
-
-def _service(storage: Storage, **auditor_keys: bytes) -> DeliveryService:
-    return DeliveryService(
-        storage, Config(auditors=frozenset({"auditor"}), auditor_keys=auditor_keys),
-        BasicTracker(),
-    )
+from .test_auditor_names import _service
 
 
 @pytest.mark.parametrize("pinned", [False, True])
 async def test_a_commit_hinting_an_auditor_as_added_is_refused(
-    storage: Storage, pinned: bool
+    sqlite_storage: Storage, pinned: bool
 ) -> None:
     auditor_mls = Client(b"auditor", 1)
     keys = {"auditor": auditor_mls.signature_key} if pinned else {}
-    async with serving(_service(storage, **keys)) as url:
+    async with serving(_service(sqlite_storage, **keys)) as url:
         auditor = ds_client(url, "auditor", auditor_mls)
         await auditor.register()
         owner = ds_client(url, "owner")
@@ -63,20 +47,20 @@ async def test_a_commit_hinting_an_auditor_as_added_is_refused(
             await c.close()
 
 
-async def test_an_auditors_key_package_from_before_is_not_handed_out(storage: Storage) -> None:
+async def test_an_auditors_key_package_from_before_is_not_handed_out(sqlite_storage: Storage) -> None:
     auditor_mls = Client(b"auditor", 1)
     # `auditor` was an ordinary member's name, with KeyPackages stored, before it was named
-    async with serving(DeliveryService(storage, Config(), BasicTracker())) as url:
+    async with serving(DeliveryService(sqlite_storage, Config(), BasicTracker())) as url:
         auditor = ds_client(url, "auditor", auditor_mls)
         await auditor.register()
         await auditor.upload_key_packages([auditor_mls.key_package()])
         await auditor.close()
-    async with serving(_service(storage, auditor=auditor_mls.signature_key)) as url:
+    async with serving(_service(sqlite_storage, auditor=auditor_mls.signature_key)) as url:
         owner = ds_client(url, "owner")
         await owner.register()
         with pytest.raises(RequestFailed) as info:
             await owner.claim_key_package("auditor")
         assert (info.value.status, info.value.code) == (403, "auditor_reads_only")
         assert "'auditor' is an auditor of this service" in info.value.reason
-        assert await storage.count_key_packages("auditor", 0) == 1  # not used up
+        assert await sqlite_storage.count_key_packages("auditor", 0) == 1  # not used up
         await owner.close()

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from delivery_service.errors import RequestFailed
 from delivery_service.server import Config, DeliveryService
-from delivery_service.storage import IdentityRecord, Storage, make_storage
+from delivery_service.storage import IdentityRecord, Storage
 from delivery_service.tracker import BasicTracker
 from mls.client import Client
 
@@ -23,19 +22,12 @@ from .procs import ds_client
 READS_ONLY = "'auditor' is an auditor of this service: it reads logs and joins no group"
 
 
-@pytest.fixture
-async def storage(tmp_path: Path) -> AsyncIterator[Storage]:
-    s = make_storage(str(tmp_path / "ds.sqlite3"))
-    await s.open()
-    yield s
-    await s.close()
-
-
-async def _serve(storage: Storage, **auditor_keys: bytes):  # type: ignore[no-untyped-def]
-    config = Config(auditors=frozenset({"auditor"}))
-    if auditor_keys:
-        config.auditor_keys = auditor_keys
-    return serving(DeliveryService(storage, config, BasicTracker()))
+def _service(storage: Storage, **auditor_keys: bytes) -> DeliveryService:
+    """A service naming `auditor`, pinned to the keys given."""
+    return DeliveryService(
+        storage, Config(auditors=frozenset({"auditor"}), auditor_keys=auditor_keys),
+        BasicTracker(),
+    )
 
 
 async def _refused(call, code: str, says: str) -> None:  # type: ignore[no-untyped-def]
@@ -45,13 +37,13 @@ async def _refused(call, code: str, says: str) -> None:  # type: ignore[no-untyp
     assert says in info.value.reason
 
 
-async def test_a_pinned_auditor_name_refuses_every_other_key(storage: Storage) -> None:
+async def test_a_pinned_auditor_name_refuses_every_other_key(sqlite_storage: Storage) -> None:
     real = Client(b"auditor", 1)
-    async with await _serve(storage, auditor=real.signature_key) as url:
+    async with serving(_service(sqlite_storage, auditor=real.signature_key)) as url:
         squatter = ds_client(url, "auditor")
         await _refused(squatter.register(), "reserved_name",
                        "'auditor' is reserved for an auditor of this service")
-        assert await storage.get_identity("auditor") is None  # nothing registered
+        assert await sqlite_storage.get_identity("auditor") is None  # nothing registered
         await squatter.close()
         # the pinned key's holder registers, and reads a group it is no member of
         owner = ds_client(url, "owner")
@@ -66,17 +58,17 @@ async def test_a_pinned_auditor_name_refuses_every_other_key(storage: Storage) -
             await c.close()
 
 
-async def test_a_name_taken_before_it_was_pinned_gets_nothing(storage: Storage) -> None:
+async def test_a_name_taken_before_it_was_pinned_gets_nothing(sqlite_storage: Storage) -> None:
     squatter_mls = Client(b"auditor", 1)
     # registered when the service named `auditor` without a key: first come
-    await storage.register_identity(
+    await sqlite_storage.register_identity(
         IdentityRecord("auditor", 1, squatter_mls.signature_key))
-    async with await _serve(storage) as url:  # unpinned: the squatter gets a session
+    async with serving(_service(sqlite_storage)) as url:  # unpinned: the squatter gets a session
         squatter = ds_client(url, "auditor", squatter_mls)
         await squatter.login()
         old_session = squatter.session
     real = Client(b"auditor", 1)
-    async with await _serve(storage, auditor=real.signature_key) as url:
+    async with serving(_service(sqlite_storage, auditor=real.signature_key)) as url:
         owner = ds_client(url, "owner")
         await owner.register()
         gid = os.urandom(16)
@@ -89,8 +81,8 @@ async def test_a_name_taken_before_it_was_pinned_gets_nothing(storage: Storage) 
             await c.close()
 
 
-async def test_an_auditor_joins_no_group(storage: Storage) -> None:
-    async with await _serve(storage) as url:  # also an auditor named without a key
+async def test_an_auditor_joins_no_group(sqlite_storage: Storage) -> None:
+    async with serving(_service(sqlite_storage)) as url:  # also an auditor named without a key
         auditor_mls = Client(b"auditor", 1)
         auditor = ds_client(url, "auditor", auditor_mls)
         await auditor.register()
@@ -106,7 +98,7 @@ async def test_an_auditor_joins_no_group(storage: Storage) -> None:
         await _refused(auditor.claim_key_package("owner"), "auditor_reads_only", READS_ONLY)
         # nothing changed: the group is as the owner left it, and no KeyPackage is stored
         assert (await owner.group(gid))["members"] == ["owner"]
-        assert await storage.count_key_packages("auditor", 0) == 0
+        assert await sqlite_storage.count_key_packages("auditor", 0) == 0
         for c in (owner, auditor):
             await c.close()
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,16 +23,9 @@ from delivery_service.storage.base import IdentityRecord
 from delivery_service.storage.sqlite import DatabaseInUse, _parked
 from delivery_service.tracker import BasicTracker
 
-from .conftest import serving
+from .conftest import serving, sqlite_error
 from .procs import ds_client
 from .test_review_outage import assert_sqlite_locks_kept
-
-
-def sqlite_error(message: str, code: int) -> sqlite3.OperationalError:
-    """The exception SQLite raises for `code` (an extended result code), as aiosqlite passes it."""
-    exc = sqlite3.OperationalError(message)
-    exc.sqlite_errorcode = code  # type: ignore[attr-defined]
-    return exc
 
 
 @dataclass

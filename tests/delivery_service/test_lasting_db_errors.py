@@ -32,6 +32,7 @@ from delivery_service.server import Config
 from delivery_service.storage import SQLiteStorage, Storage
 
 from . import test_storage_errors as storage_errors
+from .conftest import sqlite_error
 from .test_storage_errors import Running, metrics_text
 
 
@@ -215,9 +216,7 @@ async def test_sqlite_cannot_open_answers_503(
     caplog.set_level(logging.DEBUG, logger="delivery_service")
     async with running(sqlite_storage) as run:
         async def cannot_open(*_args: object) -> object:
-            exc = sqlite3.OperationalError("unable to open database file")
-            exc.sqlite_errorcode = 14  # type: ignore[attr-defined]
-            raise exc
+            raise sqlite_error("unable to open database file", 14)  # SQLITE_CANTOPEN
 
         monkeypatch.setattr(sqlite_storage, "get_group", cannot_open)
         status, body, retry = await request(run, "GET", f"/v1/groups/{run.gid.hex()}")

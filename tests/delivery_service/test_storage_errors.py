@@ -23,7 +23,7 @@ from delivery_service.storage import SQLiteStorage, Storage
 from delivery_service.tracker import BasicTracker
 
 from . import mlsmsg
-from .conftest import serving
+from .conftest import serving, sqlite_error
 from .procs import ds_client
 
 STORAGE_LOG = "delivery_service.storage.availability"
@@ -179,9 +179,7 @@ async def test_a_sqlite_io_error_answers_503(
     caplog.set_level(logging.DEBUG, logger="delivery_service")
     async with running(sqlite_storage) as run:
         async def failing(*_args: object) -> int:
-            exc = sqlite3.OperationalError("disk I/O error")
-            exc.sqlite_errorcode = 778  # type: ignore[attr-defined]
-            raise exc
+            raise sqlite_error("disk I/O error", 778)  # SQLITE_IOERR_WRITE
 
         monkeypatch.setattr(sqlite_storage, "append", failing)
         await refused(run.alice.send(run.gid, mlsmsg.application(run.gid, 0)), "I/O error")

@@ -25,6 +25,17 @@ def _pair(**kwargs: object) -> tuple[FakeWorld, FakeGroup, FakeGroup, MLSKeyMana
     return world, a, b, alice, bob
 
 
+def _committer(world: FakeWorld, group: FakeGroup, manager: MLSKeyManager) -> Callable[[], None]:
+    """A commit of the world, which `group`'s member processes and hands to `manager`."""
+
+    def commit() -> None:
+        world.commit()
+        group.sync()
+        manager.update(group)
+
+    return commit
+
+
 def _while_sealing(manager: MLSKeyManager, event: Callable[[], object]) -> None:
     """Run `event` (as the event loop would, in its own thread) while the encoder thread is
     inside the next seal under `manager`'s current send key: the interleaving, made certain."""
@@ -54,12 +65,7 @@ def test_a_frame_sealed_while_the_epoch_changes_goes_under_the_new_key() -> None
     alice.encrypt(b"", b"first")  # the send key exists
     old_kid = alice.send_kid()
 
-    def commit() -> None:
-        world.commit()
-        a.sync()
-        alice.update(a)
-
-    _while_sealing(alice, commit)
+    _while_sealing(alice, _committer(world, a, alice))
     frame = alice.encrypt(b"", b"sealed as the epoch changed")
     assert decode_header(frame)[0] == alice.send_kid() != old_kid
     b.sync()

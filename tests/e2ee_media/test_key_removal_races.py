@@ -13,18 +13,8 @@ from e2ee_media.codecs import H264
 from e2ee_media.context import LARGE_FRAME
 from e2ee_media.errors import SFrameError
 from e2ee_media.header import decode_header
-from e2ee_media.mls_keys import MLSKeyManager
 from e2ee_media.transform import FrameEncryptor
-from tests.e2ee_media.fake_mls import Clock, FakeGroup, FakeWorld
-
-
-def _pair() -> tuple[FakeWorld, FakeGroup, FakeGroup, MLSKeyManager, MLSKeyManager]:
-    world = FakeWorld(members={0, 1})
-    a, b = FakeGroup(world, 0), FakeGroup(world, 1)
-    alice, bob = MLSKeyManager(clock=Clock(100.0)), MLSKeyManager(clock=Clock(100.0))
-    alice.update(a)
-    bob.update(b)
-    return world, a, b, alice, bob
+from tests.e2ee_media.test_key_removal import _committer, _pair
 
 
 def _inside_large_seal(monkeypatch: pytest.MonkeyPatch, event: Callable[[], object]) -> None:
@@ -49,12 +39,7 @@ def test_a_large_frame_sealed_while_the_epoch_changes_goes_under_the_new_key(
     alice.encrypt(b"", b"first")  # the send key exists
     old_kid = alice.send_kid()
 
-    def commit() -> None:
-        world.commit()
-        a.sync()
-        alice.update(a)
-
-    _inside_large_seal(monkeypatch, commit)
+    _inside_large_seal(monkeypatch, _committer(world, a, alice))
     plaintext = bytes(range(256)) * (LARGE_FRAME // 256 + 1)
     frame = alice.encrypt(b"meta", plaintext)  # was a TypeError: None is not callable
     assert decode_header(frame)[0] == alice.send_kid() != old_kid
