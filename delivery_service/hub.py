@@ -107,10 +107,19 @@ class Connection:
         self.lagging = False
         self.task = asyncio.create_task(self._run())
 
-    async def command(self, command: Subscribe | Unsubscribe | SubscribeWelcomes) -> None:
-        """Queue a client's command; waits (so stops reading the socket) while many are queued."""
-        await self.command_slots.acquire()
+    async def command(self, command: Subscribe | Unsubscribe | SubscribeWelcomes) -> bool:
+        """Queue a client's command; waits (so stops reading the socket) while many are queued.
+        False once this connection's writer has stopped (it closed the socket): nothing would
+        ever take the command, nor free a slot for the next."""
+        acquire = asyncio.ensure_future(self.command_slots.acquire())
+        try:
+            await asyncio.wait((acquire, self.task), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            acquire.cancel()
+        if self.task.done():
+            return False
         self.queue.put_nowait(command)
+        return True
 
     def offer(self, event: Appended) -> None:
         if self.lagging:
@@ -180,11 +189,17 @@ class Connection:
     async def _command(self, event: Subscribe | Unsubscribe | SubscribeWelcomes) -> None:
         storage = self.hub.storage
         if isinstance(event, Subscribe):
+            # Announced from now on, before the read: what it does not see is queued, and the
+            # catch-up below stops at what it saw (each later message's announcement says
+            # whether this identity is still a member when it is pushed).
+            self.hub.by_group.setdefault(event.group_id, set()).add(self)
             state = await storage.get_group(event.group_id)
             if state is None:
+                self._drop(event.group_id)
                 await self._error("not_found", "no such group", event.group_id)
                 return
             if self.identity not in state.members:
+                self._drop(event.group_id)
                 removed = await storage.removed_at(event.group_id, self.identity)
                 if removed is None:
                     await self._error("forbidden", f"{self.identity} is not a member",
@@ -193,7 +208,6 @@ class Connection:
                     self.cursors[event.group_id] = event.after
                     await self._end(event.group_id, removed)
                 return
-            self.hub.by_group.setdefault(event.group_id, set()).add(self)
             self.cursors[event.group_id] = event.after
             await self.send({"type": "subscribed", "group_id": event.group_id,
                              "last_seq": state.last_seq, "epoch": state.epoch})
@@ -251,7 +265,7 @@ class Connection:
         learns of its removal by processing that commit, RFC 9420 §12.1.3), nothing after."""
         cursor = self.cursors.get(group_id)
         if cursor is not None and cursor < removed_seq:
-            await self._catch_up(group_id, removed_seq, upto=removed_seq)
+            await self._catch_up(group_id, removed_seq)
         self._drop(group_id)
         await self.send({"type": "removed", "group_id": group_id, "seq": removed_seq})
 
@@ -277,15 +291,16 @@ class Connection:
         await self.ws.send_bytes(frame if frame is not None else push_frame(m))
         self.hub.metrics.inc("ds_pushed_total")
 
-    async def _catch_up(self, group_id: bytes, known_seq: int, upto: int | None = None) -> None:
-        """Send everything after the cursor (up to `upto`); `known_seq` was committed before
-        this read."""
+    async def _catch_up(self, group_id: bytes, known_seq: int) -> None:
+        """Send what follows the cursor, up to `known_seq`: committed before this read, and
+        checked to be for this member. Never past it: a commit appended meanwhile may remove
+        the member, and is pushed (then `removed`) when its announcement is handled."""
         while True:
             cursor = self.cursors[group_id]
             fetched = await self.hub.storage.messages_after(
                 group_id, cursor, self.identity, BATCH, max_bytes=BATCH_BYTES
             )
-            batch = [m for m in fetched if upto is None or m.seq <= upto]
+            batch = [m for m in fetched if m.seq <= known_seq]
             for m in batch:
                 await self._push(m)
             if batch:

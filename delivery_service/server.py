@@ -1004,7 +1004,8 @@ class DeliveryService:
                 except BadRequest as exc:
                     await conn.send({"type": "error", **exc.body()})
                 else:
-                    await conn.command(command)
+                    if not await conn.command(command):
+                        break  # its writer stopped, and closed the socket
         finally:
             watch.cancel()
             await self.hub.remove(conn)
