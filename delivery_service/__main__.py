@@ -13,6 +13,8 @@ import sys
 
 from aiohttp import web
 
+from sfu.httplog import quiet_bad_requests
+
 from .client import MAX_BODY_LIMIT
 from .errors import BadRequest
 from .server import MAX_IDENTITY, Config, DeliveryService, check_identity_name, make_app
@@ -179,6 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     # aiosqlite logs two lines per SQL call at DEBUG, with its parameters (whole messages):
     # they would bury the service's own debug lines, and fill the disk.
     logging.getLogger("aiosqlite").setLevel(max(logging.INFO, logging.getLevelName(args.log_level)))
+    # A malformed request (an oversized header, say) is a stranger's: one short line, rate
+    # limited, not aiohttp's traceback at ERROR (a filter on aiohttp's logger, see sfu.httplog).
+    quiet_bad_requests()
     # `not > 0`, `isfinite`: a NaN rate compares false with everything, and would turn the
     # limit off without a word
     if not (math.isfinite(args.challenge_rate) and args.challenge_rate > 0) \

@@ -24,6 +24,8 @@ Modules:
   metrics       counters and the forwarding-latency histogram
   ratelimit     the token bucket that limits each socket's signalling messages
   sdnotify      systemd notifications: READY, STOPPING, a watchdog sent from the event loop
+  httplog       one short line, not aiohttp's traceback, for a malformed HTTP request (the
+                delivery service uses it too)
   aiortc_hooks  every use of aiortc/aioice/pylibsrtp internals (version-checked at import)
   client        a signalling client for aiortc endpoints (tests, app, benchmark)
 

@@ -18,6 +18,7 @@ from aiohttp.web_log import AccessLogger as _AiohttpAccessLogger
 
 from sfu.config import SFUConfig, read_token_secret
 from sfu.errors import SFUError
+from sfu.httplog import quiet_bad_requests
 from sfu.sdnotify import notify, watchdog, watchdog_interval
 from sfu.workers import (
     HANG_TIMEOUT,
@@ -267,6 +268,7 @@ def _run(argv: list[str] | None) -> int:
         level=args.log_level, format=f"%(asctime)s {worker_tag}%(levelname)s %(name)s %(message)s"
     )
     quiet_libraries(args.log_level)
+    quiet_bad_requests()  # a malformed request is a line, not aiohttp's traceback (sfu.httplog)
 
     parent: ParentLink | None = None
     if child:
