@@ -213,6 +213,8 @@ class Participant:
         self.connected = False  # the media connection has been up
         # remote ICE candidates given so far (answers and trickles), by address
         self._remote_candidates: set[tuple[str, str, int]] = set()
+        # trickled before the first answer, by address: given to aiortc once it is taken
+        self._early_candidates: dict[tuple[str, str, int], Any] = {}
         self.pc.on("connectionstatechange", self._on_connection_state)
 
     def __repr__(self) -> str:
@@ -343,11 +345,14 @@ class Participant:
         except SignallingError:
             self._refused_answers += 1
             raise
-        self._remote_candidates = candidates
+        early, self._early_candidates = self._early_candidates, {}
+        self._remote_candidates = candidates  # the early ones are in it (`_vet_answer`)
         self._negotiating = False
         self._cancel_answer_timer()
         if self._closed or self.pc.signalingState == "closed":
             return
+        for candidate in early.values():  # trickled before the first answer (`handle_ice`)
+            await self.pc.addIceCandidate(candidate)
         if (
             self._connect_overdue is None
             and self.pc.connectionState != "connected"
@@ -451,6 +456,11 @@ class Participant:
                 )
             self._remote_candidates.add(address)
         parsed.sdpMid, parsed.sdpMLineIndex = mid, index
+        if self.pc.remoteDescription is None:
+            # Before the first answer aiortc takes a candidate but logs a WARNING for each one
+            # (a flood at the signalling rate): kept until the answer, one per address (the cap).
+            self._early_candidates[address] = parsed
+            return
         await self.pc.addIceCandidate(parsed)
 
     # --- publishing -----------------------------------------------------------------------------
