@@ -147,22 +147,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "since other users can read command lines")
     p.add_argument("--pg-schema", default=None,
                    help="PostgreSQL schema to keep the tables in (created if missing)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_port, default=8470)
-    p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body, bytes")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=_port, default=8470, help="port to listen on (default: %(default)s)")
+    p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body, bytes (default: %(default)s)")
     p.add_argument("--session-ttl", type=int, default=3600,
-                   help="session lifetime, seconds (60-2592000)")
+                   help="session lifetime, seconds (60-2592000; default: %(default)s)")
     p.add_argument("--room-token-ttl", type=int, default=600,
                    help="SFU room token lifetime, seconds: members renew theirs, so it bounds "
-                        "how long a removed member keeps its media session")
+                        "how long a removed member keeps its media session (default: %(default)s)")
     p.add_argument("--challenge-rate", type=float, default=50.0,
                    help="challenges per second one client address may request (default: "
                    "%(default)s, bursts of --challenge-burst)")
-    p.add_argument("--challenge-burst", type=int, default=1000)
+    p.add_argument("--challenge-burst", type=int, default=1000,
+                   help="challenges one client address may request at once (default: %(default)s)")
     p.add_argument("--upload-rate", type=float, default=float(1 << 20),
                    help="bytes per second one identity may post to be stored, per instance "
                    "(default: %(default).0f, bursts of --upload-burst); beyond: 429")
-    p.add_argument("--upload-burst", type=int, default=32 << 20)
+    p.add_argument("--upload-burst", type=int, default=32 << 20,
+                   help="bytes one identity may post at once, at least --max-body "
+                   "(default: %(default)s)")
     p.add_argument("--auditor", action="append", default=[], metavar="NAME[=KEYHEX]",
                    help="identity allowed to read every group's audit log (repeatable); with "
                    "=KEYHEX, the only signature key NAME can be registered with (without: the "
@@ -171,7 +174,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="public: verify every commit against the public ratchet tree (default); "
                    "basic: check headers and epochs only, membership from the poster's hints "
                    "(for load tests with synthetic messages)")
-    p.add_argument("--log-level", type=_log_level, default="INFO")
+    p.add_argument("--log-level", type=_log_level, default="INFO", help="(default: %(default)s)")
     return p.parse_args(argv)
 
 

@@ -178,7 +178,7 @@ def _run(argv: list[str] | None) -> int:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument(
         "--port",
         type=int,
@@ -227,13 +227,14 @@ def _run(argv: list[str] | None) -> int:
     parser.add_argument(
         "--loopback-ice",
         action="store_true",
-        help="offer only 127.0.0.1 ICE candidates (default when --host is 127.0.0.1)",
+        help="offer only 127.0.0.1 ICE candidates (default when --host is 127.0.0.1 or localhost)",
     )
     parser.add_argument(
         "--workers",
         type=int,
         default=1,
-        help="processes, one per core: worker i listens on PORT+i and serves its share of rooms",
+        help="processes, one per core: worker i listens on PORT+i and serves its share of rooms "
+        "(default 1)",
     )
     parser.add_argument(
         "--hang-timeout",
@@ -252,6 +253,7 @@ def _run(argv: list[str] | None) -> int:
         default="INFO",
         type=str.upper,
         choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        help="(default INFO)",
     )
     args = parser.parse_args(argv)
     if args.workers < 1:
