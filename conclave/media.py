@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fractions
 import math
+import queue
+import threading
 import time
 from array import array
 from collections.abc import Callable
@@ -61,7 +64,10 @@ class ToneTrack(_Paced):
         # One period-aligned buffer reused for every frame: content matters little, CPU does.
         self._pcm = array(
             "h",
-            (int(6000 * math.sin(2 * math.pi * frequency * i / AUDIO_RATE)) for i in range(samples)),
+            (
+                int(6000 * math.sin(2 * math.pi * frequency * i / AUDIO_RATE))
+                for i in range(samples)
+            ),
         ).tobytes()
         self._samples = samples
 
@@ -125,8 +131,11 @@ class MediaSpec:
             player = MediaPlayer(self.file, format=self.format)
         except Exception as exc:  # av raises many types for missing files and bad formats
             raise ConclaveError(f"cannot play {self.file!r}: {exc}") from None
-        tracks = [t for t in (player.audio if self.audio else None,
-                              player.video if self.video else None) if t is not None]
+        tracks = [
+            t
+            for t in (player.audio if self.audio else None, player.video if self.video else None)
+            if t is not None
+        ]
         if not tracks:
             raise ConclaveError(f"{self.file!r} has no audio or video stream to publish")
         return tracks, player
@@ -157,75 +166,231 @@ def _open_recording(path: Path, kind: str) -> tuple[OutputContainer, Stream]:
         raise
 
 
-async def record_track(track: MediaStreamTrack, new_file: Callable[[], Path]) -> Path | None:
+class RecordingIncomplete(ConclaveError):
+    """A recording that lacks part of its track: a write failed (a full disk), the file was
+    not finished in time at the call's end, or frames were left out while the encoder was
+    behind. The message is a line for the user; what was written stays in `path`."""
+
+    def __init__(self, message: str, path: Path, dropped: int, frames: int) -> None:
+        super().__init__(message)
+        self.path, self.dropped, self.frames = path, dropped, frames
+
+
+# Frames received and not yet encoded, at most (per recording): 72 of 640x480 (about 5 s at
+# 15 fps), ten of 1080p. Beyond it, frames are left out (and counted) rather than queued: the
+# relay already queues without bound what this does not read, and the recording cannot make
+# its track slow down.
+QUEUE_BYTES = 32 << 20
+# How long the call's end waits for a recording's file to be finished: the queue's frames and
+# the encoder's lookahead, a fraction of a second unless the disk hangs.
+FINISH_WAIT = 10.0
+
+
+async def record_track(
+    track: MediaStreamTrack,
+    new_file: Callable[[], Path],
+    tell: Callable[[str], None] | None = None,
+) -> Path | None:
     """Record a received `track` into the file `new_file` makes at its first frame, and finish
     the file when the track ends (its publisher left, the media session ended) or this is
     cancelled (the call ends): a file per track, playable as soon as its track is over. A
     track that ends without a frame makes no file. Returns the file, if any.
 
+    The frames are encoded and written by a thread of the recording's own (`_Recorder`): an
+    H.264 frame takes milliseconds to encode, which on the event loop would hold up the call's
+    own media. When the encoder falls behind by `QUEUE_BYTES` of frames, the frames received
+    meanwhile are left out and counted. A recording that lacks anything (frames left out, a
+    failed write, a file not finished within `FINISH_WAIT` at the call's end) ends in a
+    `RecordingIncomplete` saying so: that is the line the user is told. Cancelled, it hands
+    that line to `tell` and lets the cancellation go on (without `tell`, it raises the error).
+
     The recording owns `track` (a relay's subscription): it is stopped however the recording
     ends, for a subscription no one reads keeps every frame relayed to it. A file that cannot
-    be written (a full disk, say) ends the recording with a `ConclaveError`; what was written
-    stays. The frames are encoded here rather than by aiortc's MediaRecorder, whose task dies
-    of such an error unseen (the recording then waits for ever for a track end no one reads)
-    and then muxes again into the failed file, which crashes FFmpeg."""
+    be written (a full disk, say) ends the recording at once; what was written stays. The
+    frames are encoded here rather than by aiortc's MediaRecorder, whose task dies of such an
+    error unseen (the recording then waits for ever for a track end no one reads) and then
+    muxes again into the failed file, which crashes FFmpeg."""
     try:
         try:
             frame = await track.recv()
         except MediaStreamError:
             return None
-        path = new_file()
-        try:
-            container, stream = _open_recording(path, track.kind)
-        except Exception as exc:
-            path.unlink(missing_ok=True)  # empty: no use to anyone
-            raise ConclaveError(f"cannot record into {path}: {_why(exc)}") from None
-        await _write(track, frame, path, container, stream)
-        return path
+        recorder = _Recorder(new_file(), track.kind)
+        recorder.put(frame)
+        return await recorder.record(track, tell)
     finally:
         track.stop()
 
 
-async def _write(
-    track: MediaStreamTrack, frame: Frame, path: Path, container: OutputContainer, stream: Stream
-) -> None:
-    """Encode `frame` and the rest of `track` into `container`, then finish the file (also
-    when cancelled: the encoder's last frames and the file's end). After a failed write FFmpeg
-    is given nothing more but the close."""
-    muxed = 0
-    failure: Exception | None = None
+class _Recorder:
+    """One recording's file, encoded and written by a thread of its own from a queue that the
+    event loop fills: frames stay in order, and a slow or failing file holds up no other.
 
-    def put(frame: Frame | None) -> bool:  # None: what the encoder holds back
-        nonlocal muxed, failure
+    The thread is a daemon: a file on a disk that hangs must not keep the process from
+    exiting once the call's end has given up waiting for it."""
+
+    def __init__(self, path: Path, kind: str) -> None:
+        self.path = path
+        self.kind = kind
+        self.frames = 0  # received, including those left out
+        self.dropped = 0
+        self.muxed = 0  # packets written (by the thread)
+        self.failure: Exception | None = None  # set by the thread, read once it is done
+        self._queue: queue.SimpleQueue[Frame | None] = queue.SimpleQueue()  # None: the end
+        # Bytes queued = put - taken; each counter written by one side only, so no lock.
+        self._put_bytes = 0
+        self._taken_bytes = 0
+        self._abandoned = False  # the loop gave up waiting: the thread takes no more frames
+        self._over = False  # the thread takes no more frames (a failed write)
+        self._loop = asyncio.get_running_loop()
+        self._done: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._run, name=f"conclave-record {path.name}", daemon=True
+        )
         try:
-            for packet in stream.encode(frame):
-                container.mux(packet)
-                muxed += 1
-        except Exception as exc:
-            failure = exc
-            return False
-        return True
+            self._thread.start()
+        except RuntimeError as exc:  # (no thread to be had)
+            path.unlink(missing_ok=True)
+            raise ConclaveError(f"cannot record into {path}: {exc}") from None
 
-    try:
-        if isinstance(frame, VideoFrame):  # the file's size is its first frame's
-            stream.width, stream.height = frame.width, frame.height
-        while put(frame):
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
+    def put(self, frame: Frame) -> None:
+        """Queue `frame` for the encoder, or leave it out (counted) if `QUEUE_BYTES` of frames
+        wait already. (On the event loop.)"""
+        if self._over:
+            return  # (the end is near: not counted as left out)
+        self.frames += 1
+        size = sum(plane.buffer_size for plane in frame.planes)
+        queued = self._put_bytes - self._taken_bytes
+        if queued and queued + size > QUEUE_BYTES:  # (one frame always fits)
+            self.dropped += 1
+            return
+        self._put_bytes += size
+        self._queue.put(frame)
+
+    async def record(self, track: MediaStreamTrack, tell: Callable[[str], None] | None) -> Path:
+        """Queue the rest of `track` until it ends, this is cancelled, or the thread stops (a
+        failed write: the track is let go of at once, not at its next frame); then finish the
+        file, and say what it lacks."""
+        feeding = asyncio.ensure_future(self._feed(track))
+        cancelled = False
+        try:
+            await asyncio.wait({feeding, self._done}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            cancelled = True
+        feeding.cancel()
+        self._queue.put(None)
+        # Cancelled (the call ends): the file is finished all the same, so a cancellation
+        # meanwhile waits for it, within FINISH_WAIT; `close()` cancels once and waits.
+        deadline: float | None = None
+        while not (feeding.done() and self._done.done()):
+            if cancelled and deadline is None:
+                deadline = self._loop.time() + FINISH_WAIT
+            left = None if deadline is None else deadline - self._loop.time()
+            if left is not None and left <= 0:
                 break
-    finally:
-        if failure is None:
-            put(None)
+            try:
+                await asyncio.wait({feeding, self._done}, timeout=left)
+            except asyncio.CancelledError:
+                cancelled = True
+        if self._done.done():
+            self._thread.join(1.0)  # (at its last line: gone at once; none outlives the call)
+        else:
+            self._abandoned = True
+        told = self._told()
+        if told is not None and cancelled and tell is not None:
+            tell(told)
+        elif told is not None:
+            raise RecordingIncomplete(told, self.path, self.dropped, self.frames) from None
+        failed = feeding.exception() if feeding.done() and not feeding.cancelled() else None
+        if failed is not None:
+            raise failed  # (the track's own error, not its end)
+        if cancelled:
+            raise asyncio.CancelledError
+        return self.path
+
+    async def _feed(self, track: MediaStreamTrack) -> None:
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                self.put(await track.recv())
+
+    def _told(self) -> str | None:
+        """What the user is told of the recording: None if it has everything."""
+        left_out = (
+            f"{self.dropped} of its {self.frames} frames left out (the encoder fell behind)"
+            if self.dropped
+            else ""
+        )
+        if not self._done.done():
+            why = f"the file was not finished within {FINISH_WAIT:g} s"
+            text = f"stopped recording into {self.path}: {why}"
+        elif self.failure is not None:
+            done = "stopped recording into" if self.muxed else "cannot record into"
+            text = f"{done} {self.path}: {_why(self.failure)}"
+        elif left_out:
+            return f"recorded {self.path} with {left_out}"
+        else:
+            return None
+        return f"{text}; {left_out}" if left_out else text
+
+    def _run(self) -> None:
+        """The thread: encode and write, then tell the loop. Nothing escapes it (a traceback
+        on stderr): an unexpected error is the recording's failure."""
         try:
-            container.close()
+            self._write()
         except Exception as exc:
-            failure = failure or exc
-        if muxed == 0 and failure is not None:
-            path.unlink(missing_ok=True)  # nothing in it
-    if failure is not None:
-        done = "stopped recording into" if muxed else "cannot record into"
-        raise ConclaveError(f"{done} {path}: {_why(failure)}") from None
+            self.failure = self.failure or exc
+        finally:
+            self._over = True
+            # (a loop already closed: the call's end gave up on this file)
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._finished)
+
+    def _finished(self) -> None:
+        if not self._done.done():
+            self._done.set_result(None)
+
+    def _write(self) -> None:
+        """Open the file, encode the queue's frames into it until its end, then finish the
+        file (the encoder's last frames and the file's end). After a failed write FFmpeg is
+        given nothing more but the close."""
+        try:
+            container, stream = _open_recording(self.path, self.kind)
+        except Exception as exc:
+            self.failure = exc
+            self.path.unlink(missing_ok=True)  # empty: no use to anyone
+            return
+
+        def put(frame: Frame | None) -> bool:  # None: what the encoder holds back
+            try:
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+                    self.muxed += 1
+            except Exception as exc:
+                self.failure = exc
+                return False
+            return True
+
+        try:
+            first = True
+            while not self._abandoned:
+                frame = self._queue.get()
+                if frame is None:
+                    break
+                self._taken_bytes += sum(plane.buffer_size for plane in frame.planes)
+                if first and isinstance(frame, VideoFrame):  # the file's size is its first frame's
+                    stream.width, stream.height = frame.width, frame.height
+                first = False
+                if not put(frame):
+                    break
+        finally:
+            if self.failure is None:  # (abandoned too: what it encoded is worth a playable file)
+                put(None)
+            try:
+                container.close()
+            except Exception as exc:
+                self.failure = self.failure or exc
+            if self.muxed == 0 and self.failure is not None:
+                self.path.unlink(missing_ok=True)  # nothing in it
 
 
 def _why(exc: BaseException) -> str:
