@@ -63,8 +63,11 @@ and "psk", "reinit", "extensions" for the other proposal types.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import os
+import stat
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -816,9 +819,16 @@ def load_log(path: Path, max_bytes: int = MAX_LOG_FILE_BYTES) -> tuple[bytes, li
     larger than `max_bytes`, raises `ConclaveError` (a usage error, not an audit's verdict); one
     that is not such a log raises `AuditFailure`."""
     try:
-        with path.open("rb") as f:
-            # Read one byte past the limit, not the whole file: a huge file, or one that never
-            # ends (a FIFO, /dev/zero), must not take all memory first.
+        # Only a regular file, as `--save` writes: a FIFO or a terminal would wait for good for
+        # a writer (the open, where Ctrl-C cannot stop it), a device such as /dev/zero never
+        # ends. Looked at before it is opened (opening a device may act), and again once open
+        # (without waiting, O_NONBLOCK: it may have been replaced meanwhile).
+        _regular_file(path, os.stat(path).st_mode)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
+            _regular_file(path, os.fstat(f.fileno()).st_mode)
+            # Read one byte past the limit, not the whole file: a huge one must not take all
+            # memory first.
             data = f.read(max_bytes + 1)
     except OSError as exc:
         raise ConclaveError(f"cannot read the log file {path}: {exc.strerror or exc}") from None
@@ -847,6 +857,26 @@ def load_log(path: Path, max_bytes: int = MAX_LOG_FILE_BYTES) -> tuple[bytes, li
     if type(entries) is not list or type(group_id) is not bytes:
         raise AuditFailure(None, "the audit log has no group id or no entries")
     return group_id, [LogEntry.from_body(e, f" #{i + 1}") for i, e in enumerate(entries)]
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (a pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _regular_file(path: Path, mode: int) -> None:
+    """OSError unless `mode` is a regular file's: what `load_log` reads."""
+    if not stat.S_ISREG(mode):
+        kind = next((what for test, what in _FILE_KINDS if test(mode)), "of another kind")
+        raise OSError(
+            errno.EINVAL,
+            f"it is {kind}, not a regular file: give a file saved with --save",
+            str(path),
+        )
 
 
 MAX_NAMED_CHARACTERS = 8  # distinct non-ASCII characters named after a name, at most

@@ -21,7 +21,7 @@ from typing import Any
 
 from .errors import AuditFailure, ConclaveError, WrongSFU
 from .threads import in_daemon_thread
-from .urls import shown_url
+from .urls import shown_url, shown_urls
 
 DEFAULT_DS_PORT = 8470
 STATE_HELP = "state directory (default: $CONCLAVE_STATE, else ~/.conclave)"
@@ -121,16 +121,16 @@ def http_url(text: str) -> str:
     (RFC 6874: `[fe80::1%25eth0]`) given back as the zone itself (`[fe80::1%eth0]`)."""
     from urllib.parse import urlsplit
 
-    text = zone_decoded(text)
+    url = zone_decoded(text)
     try:
-        parts = urlsplit(text)
+        parts = urlsplit(url)
         ok = parts.scheme in ("http", "https") and bool(parts.hostname)
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
         ok = False
     if not ok:
-        raise argparse.ArgumentTypeError(f"{text!r} {NOT_HTTP}")
-    return text
+        raise argparse.ArgumentTypeError(f"{text!r} {NOT_HTTP}")  # as typed, its zone too
+    return url
 
 
 def sfu_url(text: str) -> str:
@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "line)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("serve", help="run the delivery service and the SFU on loopback")
+    p = sub.add_parser("serve", help="run the delivery service and the SFU (on loopback unless --host)")
     p.add_argument("--host", type=listen_host, default="127.0.0.1",
                    help="the address both services listen on (default 127.0.0.1: this machine "
                         "only; 0.0.0.0 for every IPv4 interface)")
@@ -769,12 +769,13 @@ async def check_sfu(url: str, derived: bool = False) -> None:
     try:
         await probe(url)
     except SignallingError as exc:
+        said = shown_urls(str(exc))  # it names `url`, its zone decoded
         if derived:  # name the URL tried: the user never typed it
             raise ConclaveError(
-                f"{exc} (the SFU {url} was derived from --ds: give --sfu if it runs elsewhere; "
-                "nothing was joined)"
+                f"{said} (the SFU {shown_url(url)} was derived from --ds: give --sfu if it runs "
+                "elsewhere; nothing was joined)"
             ) from None
-        raise ConclaveError(f"{exc} (check --sfu; nothing was joined)") from None
+        raise ConclaveError(f"{said} (check --sfu; nothing was joined)") from None
 
 
 def missing_dirs(path: Path) -> list[Path]:
@@ -1317,7 +1318,7 @@ def describe_error(exc: Exception) -> str:
     elif isinstance(exc, DeliveryServiceError):
         text = f"the delivery service said: {exc}"
     elif _is_network_error(exc):
-        text = f"network error: {exc}"
+        text = f"network error: {shown_urls(str(exc))}"  # it may quote a URL of ours
     elif isinstance(exc, OSError):  # a file: the message names it
         text = str(exc)
     else:

@@ -41,6 +41,27 @@ def replace_file(path: Path, data: bytes, *, keep_mode: bool = False) -> None:
     _fsync_dir(target.parent)  # and the rename itself
 
 
+def remove_file(path: Path) -> Path:
+    """Remove the file at `path`, as `replace_file` writes it: a symbolic link stays, and the
+    file it names (at the end of its links) goes; the file removed is returned. Nothing is
+    done for a missing file or a link to nothing. Raises OSError for a loop of links, and for
+    a `path` (or the file it names) that is no regular file."""
+    try:
+        target = _link_target(path)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:  # a link to nothing: no file of ours to remove
+            return path
+        raise
+    try:
+        if not stat.S_ISREG(os.lstat(target).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(target))
+        os.unlink(target)
+    except FileNotFoundError:
+        return target
+    _fsync_dir(target.parent)
+    return target
+
+
 def _link_target(path: Path) -> Path:
     """`path`, or the file it names at the end of its links (which must exist: see
     `replace_file`); OSError for a loop of links."""
@@ -53,8 +74,9 @@ def _link_target(path: Path) -> Path:
     try:
         os.stat(path)  # a loop raises ELOOP here
     except FileNotFoundError:
-        raise OSError(errno.ENOENT, f"a symbolic link to {target}, which does not exist",
-                      str(path)) from None
+        raise OSError(
+            errno.ENOENT, f"a symbolic link to {target}, which does not exist", str(path)
+        ) from None
     return target
 
 

@@ -85,11 +85,11 @@ from .errors import (
     StateInUse,
     WrongSFU,
 )
-from .files import replace_file
+from .files import remove_file, replace_file
 from .media import MediaSpec, record_track
 from .safety import key_fingerprint, safety_code
 from .threads import LatestOnly, in_daemon_thread
-from .urls import shown_url
+from .urls import shown_url, shown_urls
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,10 @@ LOCK_ATTEMPTS = 5
 # told lost once down this long (its reconnections take well under a second when it is up).
 SERVICE_CHECK = 1.0
 SERVICE_LOST_AFTER = 5.0
+# A media session that ended is told lost once it is not back this long after (seconds), as
+# the delivery service is (`SERVICE_LOST_AFTER`): calling in again takes a second or two (a
+# token, an offer and its answer, ICE), and a session back by then is no news.
+MEDIA_LOST_AFTER = 5.0
 ROTATION_RETRY_MAX = 30.0  # seconds before a failed periodic rotation is tried again, at most
 # Reading the log for a commit of ours whose answer was lost: pages of this many messages, at
 # most this many pages (a service that pages without end is not read for ever).
@@ -240,22 +244,11 @@ def _answer_lost(exc: BaseException) -> bool:
     return isinstance(exc, aiohttp.ClientError | OSError)
 
 
-# A URL's scheme and authority in a text (up to the path, query, fragment, a space or a quote).
-_URL_AUTHORITY = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/?#\s'\"<>]*)")
-
-
 def _masked_urls(text: str) -> str:
-    """`text` with the password of every URL in it as *** (as `shown_url` shows one URL):
-    aiohttp quotes a URL it cannot use (InvalidUrlClientError) whole, user information and
-    all. The user information ends at the authority's last "@", as urlsplit reads it."""
-
-    def mask(m: re.Match[str]) -> str:
-        userinfo, at, host = m[2].rpartition("@")
-        if not at or ":" not in userinfo:
-            return m[0]
-        return f"{m[1]}{userinfo.partition(':')[0]}:***@{host}"
-
-    return _URL_AUTHORITY.sub(mask, text)
+    """`text` with every URL in it as `shown_url` shows one (`shown_urls`): the password as
+    ***, since aiohttp quotes a URL it cannot use (InvalidUrlClientError) whole, user
+    information and all, and an IPv6 zone as RFC 6874 writes it."""
+    return shown_urls(text)
 
 
 def _reason(exc: BaseException) -> str:
@@ -496,7 +489,11 @@ class Participant:
         self._resumed = False  # in a saved epoch: send nothing before a new one (connect_media)
         self._media_backoff = MEDIA_RETRY_FIRST
         self._media_wanted = False  # connect_media was called: call in again when added back
-        self._media_lost = False  # the media session ended and is not back: the user was told
+        self._media_lost = False  # the media session ended and is not back yet
+        # The user was told so (`MEDIA_LOST_AFTER`), and is told when it is back; and the task
+        # that tells it once the session is not back in time.
+        self._media_lost_told = False
+        self._media_lost_notice: asyncio.Task[None] | None = None
         self._token_renewal: asyncio.Task[None] | None = None
         self._names_by_epoch: dict[int, dict[int, str]] = {}
         self._read_state: bytes | None = None  # the state file as read (None: there was none)
@@ -883,21 +880,31 @@ class Participant:
             advice = ("join with the state directory that registered it (--state), or choose "
                       "another --name")
         if new and path is not None:
+            # A `<name>.state` that is a symbolic link stays one, as `replace_file` keeps it:
+            # the user made it (Conclave makes none), to keep the state elsewhere (another
+            # volume), and this run's save wrote the file it names, which is what goes. Removing
+            # the link instead would leave the refused key there, and the user's link gone.
+            linked = path.is_symlink()
             try:
-                path.unlink(missing_ok=True)
+                removed = remove_file(path)
                 # While still locked, as `fetch_log` does (an empty file: harmless if it stays).
                 with contextlib.suppress(OSError):
                     (path.parent / f"{self.name}.lock").unlink(missing_ok=True)
             except OSError as exc:
+                where = exc.filename or path
                 return ConclaveError(
                     f"{refused}: {advice}; this run's new key, never registered, could not be "
-                    f"removed ({exc.strerror or exc}): delete {path}"
+                    f"removed ({exc.strerror or exc}): delete {where}"
+                    + (f" (the file that the link {path} names)" if linked else "")
                 )
             finally:
                 self._unlock_state()  # and `close` saves nothing: no state of ours is left
+            kept = (
+                f"; {path} stays, a link to {removed}, which is removed" if removed != path else ""
+            )
             return ConclaveError(
                 f"{refused}: {advice} (this run's new key was never registered: nothing was "
-                "saved)"
+                f"saved{kept})"
             )
         what = "" if path is None else f" than the one in {path}"
         never = (
@@ -2149,7 +2156,7 @@ class Participant:
             wrong_sfu = (isinstance(exc, SignallingError) and exc.code == "token"
                          and exc.reason == "bad signature")
             raise (WrongSFU if wrong_sfu else ConclaveError)(
-                f"the SFU refused {self.name}: {exc}"
+                f"the SFU refused {self.name}: {_masked_urls(str(exc))}"
             ) from None
         except (aiohttp.ClientError, OSError) as exc:
             raise ServiceUnavailable(
@@ -2222,11 +2229,7 @@ class Participant:
         log.warning("%s: the media session ended (%s); calling in again", self.name, reason)
         if not self._media_lost:  # once per outage, not per try to call in again
             self._media_lost = True
-            self._notice(
-                f"lost the media session at {shown_url(self.sfu_url or '')} ({reason}; calling "
-                "in again): the call's keys and membership go on, but no audio or video flows "
-                "until it is back (a line will say so)"
-            )
+            self._media_lost_notice = self._spawn(self._tell_media_lost(reason))
         with contextlib.suppress(Exception):
             await client.close()
         if time.monotonic() - started >= MEDIA_STABLE_SESSION:
@@ -2251,12 +2254,29 @@ class Participant:
                 log.warning("%s: cannot call in again (%s); next try in %.0f s", self.name,
                             _reason(exc), wait)
             else:
-                if self._media_lost:
-                    self._media_lost = False
+                if self._media_lost_told:
                     self._notice("back in the media session: audio and video flow again")
-                else:
+                else:  # (a quick reconnection: the user was told nothing)
                     log.info("%s: back in the media session", self.name)
+                self._media_lost = self._media_lost_told = False
+                if self._media_lost_notice is not None:
+                    self._media_lost_notice.cancel()
+                    self._media_lost_notice = None
                 return
+
+    async def _tell_media_lost(self, reason: str) -> None:
+        """Tell the user that the media session is lost, once it is not back after
+        `MEDIA_LOST_AFTER` (`_call_in` cancels this when it is)."""
+        await asyncio.sleep(MEDIA_LOST_AFTER)
+        self._media_lost_notice = None
+        if not self._media_lost:
+            return
+        self._media_lost_told = True
+        self._notice(
+            f"lost the media session at {shown_url(self.sfu_url or '')} ({reason}; calling in "
+            "again): the call's keys and membership go on, but no audio or video flows until "
+            "it is back (a line will say so)"
+        )
 
     def _next_media_backoff(self) -> float:
         """The delay before the next call-in: 1, 2, 4 ... 30 s, across short-lived sessions."""
@@ -2312,7 +2332,7 @@ class Participant:
         """`record_track`, a failure of which (a full disk) is told to the user, as a line of
         the call: a background note would show only with --debug."""
         try:
-            await record_track(track, new_file)
+            await record_track(track, new_file, self._notice)  # (`_notice`: at the call's end)
         except ConclaveError as exc:
             self._notice(str(exc))
 

@@ -1,4 +1,5 @@
-"""The delivery service and the SFU in this process, on loopback: what `conclave serve` runs.
+"""The delivery service and the SFU in this process (on loopback unless `--host` says
+otherwise): what `conclave serve` runs.
 
 Both share one room-token secret (the delivery service issues tokens, the SFU checks them) and
 the delivery service keeps its state in SQLite (or PostgreSQL with a `postgresql://` DSN).

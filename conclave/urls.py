@@ -2,17 +2,44 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+import re
+from urllib.parse import quote, urlsplit, urlunsplit
+
+# A URL's scheme and authority in a text (up to the path, query, fragment, a space or a quote).
+_URL_AUTHORITY = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/?#\s'\"<>]*)")
+# An IPv6 host with a zone, as Conclave holds it (`[fe80::1%eth0]`: see `cli.zone_decoded`).
+_ZONED_HOST = re.compile(r"\[([^\]%]*)%([^\]]*)\]")
 
 
 def shown_url(url: str) -> str:
-    """`url` for printing (output and errors): a password in it as ***."""
+    """`url` for printing (output and errors): a password in it as ***, and the zone of an IPv6
+    host as RFC 6874 writes it (`http://[fe80::1%25eth0]:8470`), the form `--ds` and `--sfu`
+    take: the URLs Conclave holds have it decoded (`[fe80::1%eth0]`, what aiohttp connects
+    to), which the user did not type (`--ds 'http://[fe80::1%eth0]:8470'`, as curl takes it,
+    is taken too, and shown in the one form)."""
     try:
         parts = urlsplit(url)
         password = parts.password
-    except ValueError:  # not a URL urlsplit takes (a bad port, say): nothing to find in it
-        return url
+    except ValueError:  # not a URL urlsplit takes (a bad port, say): read as in a text
+        return shown_urls(url)
     if password is None:
-        return url
+        return shown_urls(url)
     host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    return shown_urls(urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}")))
+
+
+def shown_urls(text: str) -> str:
+    """`text` with every URL in it shown as `shown_url` shows one: the password as ***, an IPv6
+    zone as `%25` and the zone, percent-encoded. For the texts of errors about URLs Conclave
+    holds (aiohttp quotes a URL it cannot use whole, user information and all; the SFU client
+    names the SFU's), never for what the user typed, whose `%25` would be encoded again. The
+    user information ends at the authority's last "@", as urlsplit reads it."""
+
+    def shown(m: re.Match[str]) -> str:
+        userinfo, at, host = m[2].rpartition("@")
+        if at and ":" in userinfo:
+            userinfo = f"{userinfo.partition(':')[0]}:***"
+        host = _ZONED_HOST.sub(lambda h: f"[{h[1]}%25{quote(h[2], safe='')}]", host)
+        return f"{m[1]}{userinfo}{at}{host}"
+
+    return _URL_AUTHORITY.sub(shown, text)

@@ -1,0 +1,307 @@
+"""Four small defects, one section each: the media session's lost line waits for a grace period;
+a refused first run removes its state through a symbolic link as saves write it (the file the
+link names goes, the link stays); URLs with an IPv6 zone are shown as RFC 6874 writes them; and
+`audit --log` refuses what is no regular file instead of waiting for it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from conclave import participant as participant_module
+from conclave.cli import check_sfu, http_url, main
+from conclave.errors import ConclaveError, ServiceUnavailable
+from conclave.participant import Participant
+from conclave.urls import shown_url, shown_urls
+
+ZONED_SFU = "http://[fe80::1%zz9]:8443/v1/signal"  # as Conclave holds it: the zone decoded
+
+# -- 1. the media session's lost line waits MEDIA_LOST_AFTER, and "back" follows only "lost"
+
+
+def _session() -> Any:
+    """What _follow_media_session reads of an SFU client: its events, and close()."""
+
+    async def close() -> None:
+        return None
+
+    return SimpleNamespace(events=asyncio.Queue(), close=close)
+
+
+def _participant(lines: list[str]) -> Participant:
+    p = Participant("alice", "http://127.0.0.1:9", ZONED_SFU)
+    p.on_notice = lines.append
+    p._media_backoff = 0.0  # retries at once: the test waits for nothing
+    return p
+
+
+async def test_a_quick_reconnection_of_the_media_session_tells_the_user_nothing(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: "lost the media session" at once, then "back in the media session", for a
+    # session back within a second.
+    monkeypatch.setattr(participant_module, "MEDIA_LOST_AFTER", 3600.0)  # never over in here
+    lines: list[str] = []
+    p = _participant(lines)
+    tries = 0
+
+    async def connect_media(*, e2ee: bool = True) -> None:
+        nonlocal tries
+        tries += 1
+        p.sfu = _session()
+        if tries < 2:
+            raise ServiceUnavailable("cannot reach the SFU")
+
+    monkeypatch.setattr(p, "connect_media", connect_media)
+    first = _session()
+    p.sfu = first
+    caplog.set_level(logging.INFO, logger=participant_module.log.name)
+    await first.events.put({"type": "closed"})
+    await p._follow_media_session(first)
+    assert tries == 2
+    assert lines == []
+    async with asyncio.timeout(30):  # no lost line pending for later either: it ends at once
+        await asyncio.gather(*p._tasks, return_exceptions=True)
+    assert lines == []
+    assert not p._media_lost
+    logged = caplog.text
+    assert "the media session ended" in logged and "back in the media session" in logged
+
+
+async def test_a_media_session_not_back_in_time_is_told_lost_and_then_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(participant_module, "MEDIA_LOST_AFTER", 0.0)
+    lines: list[str] = []
+    p = _participant(lines)
+
+    async def connect_media(*, e2ee: bool = True) -> None:
+        p.sfu = _session()
+        if not lines:  # back only once the grace period is over and "lost" told
+            raise ServiceUnavailable("cannot reach the SFU")
+
+    monkeypatch.setattr(p, "connect_media", connect_media)
+    first = _session()
+    p.sfu = first
+    await first.events.put({"type": "error", "code": "session-ended", "message": "SFU restart"})
+    await first.events.put({"type": "closed"})
+    async with asyncio.timeout(30):
+        await p._follow_media_session(first)
+    lost, back = lines
+    assert "lost the media session" in lost and "SFU restart" in lost
+    assert "[fe80::1%25zz9]" in lost  # (3.) the zone as RFC 6874 writes it
+    assert "back in the media session" in back
+
+
+async def test_the_ds_lost_line_knows_the_media_is_down_within_its_grace_period(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The media session down and not told yet: the delivery service's line must not claim
+    # that the media goes on.
+    monkeypatch.setattr(participant_module, "MEDIA_LOST_AFTER", 3600.0)
+    monkeypatch.setattr(participant_module, "SERVICE_CHECK", 0.01)
+    monkeypatch.setattr(participant_module, "SERVICE_LOST_AFTER", 0.02)
+    lines: list[str] = []
+    p = _participant(lines)
+    calling = asyncio.Event()
+
+    async def connect_media(*, e2ee: bool = True) -> None:
+        calling.set()
+        await asyncio.Event().wait()  # the SFU does not answer while the test runs
+
+    monkeypatch.setattr(p, "connect_media", connect_media)
+    first = _session()
+    p.sfu = first
+    await first.events.put({"type": "closed"})
+    follow = asyncio.ensure_future(p._follow_media_session(first))
+    p.stream = SimpleNamespace(connected=False)  # type: ignore[assignment]
+    try:
+        async with asyncio.timeout(30):
+            await calling.wait()
+            watch = asyncio.ensure_future(p._watch_delivery_service())
+            try:
+                while not lines:
+                    await asyncio.sleep(0.01)
+            finally:
+                watch.cancel()
+        [line] = lines  # the delivery service's: the media's is not told yet
+        assert "lost the connection to the delivery service" in line
+        assert "media goes on" not in line
+    finally:
+        follow.cancel()
+        for task in list(p._tasks):
+            task.cancel()
+
+
+# -- 2. a refused first run's state behind a symbolic link: the file it names goes, the link stays
+
+
+async def test_a_refused_first_runs_state_behind_a_link_is_removed_and_the_link_kept(
+    tmp_path: Path,
+) -> None:
+    # Before: the link was unlinked, and the refused key left in the file it named.
+    state, volume = tmp_path / "state", tmp_path / "volume"
+    volume.mkdir()
+    p = Participant("alice", "http://127.0.0.1:9", state_dir=state)
+    p._lock_state()
+    target = volume / "alice.state"
+    link = state / "alice.state"
+    link.symlink_to(target)  # the user's: this name's state lives on another volume
+    # (A file there: a save refuses a link to nothing, so a first run gets here only when the
+    # file the link names appeared after the state was read.)
+    target.write_bytes(b"")
+    await p._save()  # as `register` saves the new key before registering it: through the link
+    assert target.stat().st_size > 0 and link.is_symlink()
+    error = p._name_taken(True)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert not target.exists()  # the refused key is not kept
+    assert sorted(x.name for x in state.iterdir()) == ["alice.state"]  # the lock is gone too
+    assert p._state_lock is None
+    assert "this run's new key was never registered: nothing was saved" in str(error)
+    assert f"{link} stays, a link to {target}, which is removed" in str(error)
+
+
+async def test_a_refused_first_runs_own_state_file_is_removed(tmp_path: Path) -> None:
+    p = Participant("bob", "http://127.0.0.1:9", state_dir=tmp_path)
+    p._lock_state()
+    await p._save()
+    error = p._name_taken(True)
+    assert list(tmp_path.iterdir()) == []
+    assert str(error).endswith("(this run's new key was never registered: nothing was saved)")
+
+
+# -- 3. a URL with an IPv6 zone is shown as RFC 6874 writes it, the form --ds takes
+
+
+@pytest.mark.parametrize(
+    ("held", "shown"),
+    [
+        ("http://[fe80::1%eth0]:8470", "http://[fe80::1%25eth0]:8470"),
+        ("https://u:p@[FE80::1%en0]:8470/x?y", "https://u:***@[FE80::1%25en0]:8470/x?y"),
+        ("http://[fe80::1%3]/", "http://[fe80::1%253]/"),
+        ("http://[fe80::1%é]:8470", "http://[fe80::1%25%C3%A9]:8470"),
+        ("http://[::1]:8470", "http://[::1]:8470"),
+        ("http://127.0.0.1:8470", "http://127.0.0.1:8470"),
+    ],
+)
+def test_a_zone_is_shown_in_the_url_form(held: str, shown: str) -> None:
+    # Before: shown decoded, `[fe80::1%eth0]`, which the user typed as `%25eth0`.
+    assert shown_url(held) == shown
+    assert shown_urls(f"cannot reach {held}: refused") == f"cannot reach {shown}: refused"
+
+
+@pytest.mark.parametrize("typed", ["http://[fe80::1%25eth0]:8470", "http://[fe80::1%eth0]:8470"])
+def test_what_is_shown_is_taken_back_as_it_was(typed: str) -> None:
+    held = http_url(typed)
+    assert http_url(shown_url(held)) == held
+
+
+def test_a_url_refused_is_quoted_as_typed() -> None:
+    typed = "ftp://[fe80::1%25eth0]:8470"
+    with pytest.raises(argparse.ArgumentTypeError, match="is not an http") as info:
+        http_url(typed)
+    assert repr(typed) in str(info.value)
+
+
+def _no_such_interface() -> str:
+    names = {name for _, name in socket.if_nameindex()}
+    assert "zz9" not in names
+    return "zz9"
+
+
+async def test_the_error_for_a_derived_sfu_shows_its_zone_in_the_url_form() -> None:
+    zone = _no_such_interface()
+    with pytest.raises(ConclaveError) as info:
+        await check_sfu(f"http://[fe80::1%{zone}]:9/v1/signal", derived=True)
+    said = str(info.value)
+    # (aiohttp's own words name the host, not a URL: `fe80::1%zz9`, as the system writes it)
+    assert "[fe80::1%25zz9]:9" in said and "%zz9]" not in said
+    assert "was derived from --ds" in said
+
+
+async def test_the_delivery_service_unreached_shows_its_zone_in_the_url_form(
+    tmp_path: Path,
+) -> None:
+    zone = _no_such_interface()
+    p = Participant("alice", f"http://[fe80::1%{zone}]:9", state_dir=tmp_path)
+    try:
+        with pytest.raises(ServiceUnavailable) as info:
+            await p.start()
+    finally:
+        await p.close()
+    said = str(info.value)
+    assert said.startswith("cannot reach the delivery service at http://[fe80::1%25zz9]:9: ")
+    assert "%zz9]" not in said
+
+
+def test_audit_names_the_delivery_service_with_its_zone_in_the_url_form(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _no_such_interface()
+    typed = "http://[fe80::1%25zz9]:9"
+    argv = ["audit", "--group", "r", "--ds", typed, "--state", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach the delivery service at {typed}: " in err
+    assert "%zz9]" not in err and "Traceback" not in err
+
+
+# -- 4. `audit --log` refuses what is no regular file, at once
+
+
+def _audit_log(path: Path) -> str:
+    """`conclave audit --log path`, refused as a missing file is (status 2, one line): its
+    stderr. A process of its own, killed after a minute: a regression (an open waiting for a
+    FIFO's writer, which Ctrl-C could not stop) fails the test instead of hanging it."""
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "conclave", "audit", "--group", "room", "--log", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"conclave audit waited on {path}")
+    assert run.returncode == 2, run.stderr
+    err = run.stderr
+    assert err.startswith(f"conclave audit: cannot read the log file {path}: it is ")
+    assert err.count("\n") == 1 and "Traceback" not in err and "FAILED" not in err
+    return err
+
+
+def test_a_fifo_given_as_the_log_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    # Before: the open waited for good for a writer, and Ctrl-C could not stop it.
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    err = _audit_log(fifo)
+    assert "a FIFO (a pipe), not a regular file: give a file saved with --save" in err
+
+
+def test_a_link_to_a_fifo_is_refused_too(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "log.fifo")
+    (tmp_path / "log.cbor").symlink_to("log.fifo")
+    assert "a FIFO" in _audit_log(tmp_path / "log.cbor")
+
+
+@pytest.mark.parametrize(
+    ("where", "kind"), [("/dev/null", "a character device"), (".", "a directory")]
+)
+def test_a_device_or_a_directory_given_as_the_log_is_refused(
+    where: str, kind: str, tmp_path: Path
+) -> None:
+    # Before: /dev/null read as an empty log, a failed audit (status 1).
+    path = tmp_path / where if where == "." else Path(where)
+    if not path.exists():
+        pytest.skip(f"no {where} here")
+    assert f"it is {kind}, not a regular file" in _audit_log(path)
