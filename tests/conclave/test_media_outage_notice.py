@@ -23,8 +23,8 @@ def _session() -> Any:
     return SimpleNamespace(events=asyncio.Queue(), close=close)
 
 
-def _participant(lines: list[str]) -> Participant:
-    p = Participant("alice", "http://127.0.0.1:9", "http://127.0.0.1:9/v1/signal")
+def _participant(lines: list[str], sfu: str = "http://127.0.0.1:9/v1/signal") -> Participant:
+    p = Participant("alice", "http://127.0.0.1:9", sfu)
     p.on_notice = lines.append
     p._media_backoff = 0.0  # retries at once: the test waits for nothing
     return p

@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
@@ -24,25 +23,16 @@ from conclave.errors import ConclaveError, ServiceUnavailable
 from conclave.participant import Participant
 from conclave.urls import shown_url, shown_urls
 
+from .test_media_outage_notice import _participant as _outage_participant
+from .test_media_outage_notice import _session
+
 ZONED_SFU = "http://[fe80::1%zz9]:8443/v1/signal"  # as Conclave holds it: the zone decoded
 
 # -- 1. the media session's lost line waits MEDIA_LOST_AFTER, and "back" follows only "lost"
 
 
-def _session() -> Any:
-    """What _follow_media_session reads of an SFU client: its events, and close()."""
-
-    async def close() -> None:
-        return None
-
-    return SimpleNamespace(events=asyncio.Queue(), close=close)
-
-
 def _participant(lines: list[str]) -> Participant:
-    p = Participant("alice", "http://127.0.0.1:9", ZONED_SFU)
-    p.on_notice = lines.append
-    p._media_backoff = 0.0  # retries at once: the test waits for nothing
-    return p
+    return _outage_participant(lines, ZONED_SFU)
 
 
 async def test_a_quick_reconnection_of_the_media_session_tells_the_user_nothing(

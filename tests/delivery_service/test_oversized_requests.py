@@ -3,31 +3,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from delivery_service.client import wait_healthy
+from tests.sfu.test_oversized_requests import BAD_REQUESTS, bad_request_lines, send_raw
 
 from .procs import ROOM_SECRET, free_port
-
-BAD_REQUESTS = [
-    b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
-    b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n",
-]
-
-
-async def send_raw(port: int, request: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        return await asyncio.wait_for(reader.readline(), 10)
-    finally:
-        writer.close()
 
 
 async def test_a_malformed_request_is_one_line_not_a_traceback(tmp_path: Path) -> None:
@@ -55,7 +39,7 @@ async def test_a_malformed_request_is_one_line_not_a_traceback(tmp_path: Path) -
     text = log.read_text(errors="replace")
     assert "Traceback" not in text and "ERROR" not in text, text
     assert "Error handling request" not in text, text
-    lines = [line for line in text.splitlines() if "malformed HTTP request" in line]
+    lines = bad_request_lines(text)
     assert len(lines) == 1, text  # the first at INFO, the others within the minute at DEBUG
     assert "INFO aiohttp.server malformed HTTP request from 127.0.0.1 refused: " in lines[0]
     assert len(lines[0]) < 250, lines[0]
