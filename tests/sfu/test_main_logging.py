@@ -3,12 +3,14 @@ scrapes, no aioice chatter unless --log-level DEBUG."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
@@ -18,31 +20,42 @@ from aiohttp.test_utils import make_mocked_request
 from tests.sfu.test_main import SECRET, _free_port, _wait_healthy
 
 
-async def test_each_worker_logs_where_it_serves_and_checks_are_not_logged(
-    tmp_path: Path,
-) -> None:
+@contextlib.asynccontextmanager
+async def two_workers(tmp_path: Path) -> AsyncIterator[SimpleNamespace]:
+    """`python -m sfu --workers 2` on 127.0.0.1, both workers healthy: `port` (worker 0's),
+    `session`; `err`, its stderr, once it stopped on SIGTERM (with status 0)."""
     secret_file = tmp_path / "secret"
     secret_file.write_bytes(SECRET)
-    port = _free_port()
+    run = SimpleNamespace(port=_free_port(), err="")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sfu", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "sfu", "--host", "127.0.0.1", "--port", str(run.port),
          "--token-secret-file", str(secret_file), "--workers", "2"],
         stderr=subprocess.PIPE,
         text=True,
-    )
+    )  # fmt: skip
     try:
-        async with aiohttp.ClientSession() as session:
-            for p in (port, port + 1):
-                base = f"http://127.0.0.1:{p}"
-                await _wait_healthy(session, base)
-                async with session.get(base + "/metrics") as resp:
-                    await resp.read()
-                async with session.get(base + "/no-such-page") as resp:
-                    assert resp.status == 404
+        async with aiohttp.ClientSession() as run.session:
+            for p in (run.port, run.port + 1):
+                await _wait_healthy(run.session, f"http://127.0.0.1:{p}")
+            yield run
     finally:
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
+        _, run.err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, run.err
+
+
+async def test_each_worker_logs_where_it_serves_and_checks_are_not_logged(
+    tmp_path: Path,
+) -> None:
+    async with two_workers(tmp_path) as run:
+        port = run.port
+        for p in (port, port + 1):
+            base = f"http://127.0.0.1:{p}"
+            async with run.session.get(base + "/metrics") as resp:
+                await resp.read()
+            async with run.session.get(base + "/no-such-page") as resp:
+                assert resp.status == 404
+    err = run.err
     lines = err.splitlines()
     for i in (0, 1):
         assert any(

@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import aiohttp
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 from sfu.httplog import AIOHTTP_MESSAGE, AIOHTTP_SERVER_LOGGER, BadRequestLogFilter
-from tests.sfu.test_main import SECRET, _free_port, _wait_healthy
+from tests.sfu.test_main_logging import two_workers
 
 # Each over aiohttp's max_line_size / max_field_size (8190 bytes), or not a valid header.
 BAD_REQUESTS = [
@@ -45,29 +41,15 @@ def bad_request_lines(log: str) -> list[str]:
 async def test_sfu_logs_a_malformed_request_as_one_line_on_every_worker(tmp_path: Path) -> None:
     # Before: "ERROR aiohttp.server Error handling request from 127.0.0.1" and a traceback
     # ending in LineTooLong or BadHttpMessage, for each request, on every worker's port.
-    secret_file = tmp_path / "secret"
-    secret_file.write_bytes(SECRET)
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sfu", "--host", "127.0.0.1", "--port", str(port),
-         "--token-secret-file", str(secret_file), "--workers", "2"],
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    try:
-        async with aiohttp.ClientSession() as session:
-            for p in (port, port + 1):
-                await _wait_healthy(session, f"http://127.0.0.1:{p}")
-                for request in BAD_REQUESTS:
-                    status = await send_raw(p, request)
-                    assert status.split()[1:2] == [b"400"], status
-                # still serving
-                async with session.get(f"http://127.0.0.1:{p}/healthz") as resp:
-                    assert resp.status == 200
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
+    async with two_workers(tmp_path) as run:
+        for p in (run.port, run.port + 1):
+            for request in BAD_REQUESTS:
+                status = await send_raw(p, request)
+                assert status.split()[1:2] == [b"400"], status
+            # still serving
+            async with run.session.get(f"http://127.0.0.1:{p}/healthz") as resp:
+                assert resp.status == 200
+    err = run.err
     assert "Traceback" not in err and "ERROR" not in err, err
     assert "LineTooLong" not in err and "Error handling request" not in err, err
     # one INFO line per worker (the first); the others within the minute only at DEBUG
