@@ -112,14 +112,20 @@ class Connection:
         False once this connection's writer has stopped (it closed the socket): nothing would
         ever take the command, nor free a slot for the next."""
         acquire = asyncio.ensure_future(self.command_slots.acquire())
+        queued = False
         try:
             await asyncio.wait((acquire, self.task), return_when=asyncio.FIRST_COMPLETED)
+            if not self.task.done():  # then `acquire` is done: a slot is ours
+                self.queue.put_nowait(command)
+                queued = True
         finally:
-            acquire.cancel()
-        if self.task.done():
-            return False
-        self.queue.put_nowait(command)
-        return True
+            if not queued:
+                # A slot acquired already (the wait cancelled, or the writer stopped, in the
+                # same turn) is given back: cancelling a finished acquire would not.
+                acquire.cancel()
+                if acquire.done() and not acquire.cancelled() and acquire.exception() is None:
+                    self.command_slots.release()
+        return queued
 
     def offer(self, event: Appended) -> None:
         if self.lagging:
@@ -241,9 +247,14 @@ class Connection:
         if cursor is None or event.seq <= cursor:
             return
         members = event.members
+        known = event.seq
         if members is None:
             state = await self.hub.storage.get_group(event.group_id)
             members = state.members if state is not None else frozenset()
+            if state is not None:
+                # Committed, and read with this member's membership (as a subscribe's): the
+                # catch-up may go that far, and the burst's later announcements cost nothing.
+                known = max(known, state.last_seq)
         if self.identity not in members:
             # Announced by this instance, `members` are those after message `seq`: it removed
             # this member. Else they are today's, and storage knows which commit did.
@@ -258,7 +269,7 @@ class Connection:
                 await self._push(m, event.frame)
             self.cursors[event.group_id] = event.seq
         else:
-            await self._catch_up(event.group_id, event.seq)
+            await self._catch_up(event.group_id, known)
 
     async def _end(self, group_id: bytes, removed_seq: int) -> None:
         """This member was removed by the commit at `removed_seq`: push up to it (the member
@@ -297,17 +308,20 @@ class Connection:
         the member, and is pushed (then `removed`) when its announcement is handled."""
         while True:
             cursor = self.cursors[group_id]
+            # No more rows than seqs up to `known_seq`: rows past it would be read for nothing,
+            # again at each announcement of a burst (a row's data may be as large as a request).
+            limit = max(1, min(BATCH, known_seq - cursor))
             fetched = await self.hub.storage.messages_after(
-                group_id, cursor, self.identity, BATCH, max_bytes=BATCH_BYTES
+                group_id, cursor, self.identity, limit, max_bytes=BATCH_BYTES
             )
             batch = [m for m in fetched if m.seq <= known_seq]
             for m in batch:
                 await self._push(m)
             if batch:
                 self.cursors[group_id] = batch[-1].seq
-            # fewer than BATCH is the end, unless BATCH_BYTES cut the read short (`Page.cut`)
-            if len(batch) < len(fetched) or (
-                len(fetched) < BATCH and not getattr(fetched, "cut", False)
+            # fewer than `limit` is the end, unless BATCH_BYTES cut the read short (`Page.cut`)
+            if self.cursors[group_id] >= known_seq or len(batch) < len(fetched) or (
+                len(fetched) < limit and not getattr(fetched, "cut", False)
             ):
                 break
         self.cursors[group_id] = max(self.cursors[group_id], known_seq)
