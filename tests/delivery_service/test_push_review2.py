@@ -224,14 +224,13 @@ async def test_a_subscribe_after_past_the_last_seq_pushes_from_there(storage: St
     await hub.remove(conn)
 
 
+@pytest.mark.parametrize("database", ["postgres"], indirect=True)  # announced by NOTIFY
 @pytest.mark.parametrize("when", ["before_read", "after_read"])
 async def test_two_instances_a_subscribe_racing_another_instances_appends(
     database: Database, storage: Storage, monkeypatch: pytest.MonkeyPatch, when: str
 ) -> None:
     # Bob subscribes on this instance while alice's instance appends: its NOTIFY reaches this
     # instance before or after the subscribe reads the group. Every message once, in order.
-    if database.backend != "postgres":
-        pytest.skip("announcements between instances: PostgreSQL's NOTIFY")
     other = database.storage(another=True)
     await other.open()
     try:
