@@ -19,7 +19,7 @@ deletes the used key). Out-of-order generations are accepted within a configurab
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -91,6 +91,9 @@ class PendingKey:
     # Only set when the generation is at or past the ratchet's next generation.
     _next_secret: bytes | None = field(repr=False, default=None)
     _skipped: tuple[RatchetKey, ...] = field(repr=False, default=())
+    # The leaf's ratchets, derived by `key_for` but not yet part of the tree (the first message
+    # received from the leaf): `consume` installs them.
+    _detached_pair: tuple[HashRatchet, HashRatchet] | None = field(repr=False, default=None)
 
     @property
     def generation(self) -> int:
@@ -340,7 +343,25 @@ class SecretTree:
             pair = self._init_leaf(leaf_index)
         return pair[0] if ratchet_type is RatchetType.HANDSHAKE else pair[1]
 
-    def _init_leaf(self, leaf_index: int) -> tuple[HashRatchet, HashRatchet]:
+    def _init_leaf(
+        self, leaf_index: int, pair: tuple[HashRatchet, HashRatchet] | None = None
+    ) -> tuple[HashRatchet, HashRatchet]:
+        """Derives the leaf's ratchets (or installs `pair`, derived from the same secret by
+        `key_for`) and deletes the tree secrets that are no longer needed (§9.2)."""
+        start, siblings, leaf_secret = self._plan_leaf(leaf_index)
+        # The parent is no longer needed once both children exist: the retained ancestor is
+        # replaced by the siblings of the path below it, and the leaf secret by its ratchets.
+        del self._nodes[start]
+        self._nodes.update(siblings)
+        if pair is None:
+            pair = self._ratchet_pair(leaf_secret)
+        self._ratchets[leaf_index] = pair
+        return pair
+
+    def _plan_leaf(self, leaf_index: int) -> tuple[int, dict[int, bytes], bytes]:
+        """What deriving the leaf's secret takes, without changing the tree: (the lowest
+        retained ancestor, which derivation deletes; the secrets of the siblings of the path
+        below it, which it keeps; the leaf secret)."""
         if not 0 <= leaf_index < self._n_leaves:
             raise ValidationError(
                 f"leaf index {leaf_index} is outside the group's tree of {self._n_leaves} leaves"
@@ -348,22 +369,28 @@ class SecretTree:
         c = self._crypto
         target = 2 * leaf_index
         node = root(self._width_leaves)
-        # Walk down to the lowest retained ancestor, then expand each node into both children
-        # and delete it (§9.2: the parent is no longer needed once both children exist).
+        # Walk down to the lowest retained ancestor, then expand each node into both children.
         while node not in self._nodes:
             node = left(node) if target < node else right(node)
             if level(node) == 0 and node not in self._nodes:
                 # Below a retained node every path node is retained, so this means the
                 # leaf's ratchets were built before and dropped; that cannot happen here.
                 raise SecretReuseError(f"the secret of leaf {leaf_index} has been deleted")
+        start, secret = node, self._nodes[node]
+        siblings: dict[int, bytes] = {}
         while node != target:
-            secret = self._nodes.pop(node)
             lo, hi = left(node), right(node)
-            self._nodes[lo] = c.expand_with_label(secret, b"tree", b"left", c.hash_length)
-            self._nodes[hi] = c.expand_with_label(secret, b"tree", b"right", c.hash_length)
-            node = lo if target < node else hi
-        leaf_secret = self._nodes.pop(target)
-        pair = (
+            lo_secret = c.expand_with_label(secret, b"tree", b"left", c.hash_length)
+            hi_secret = c.expand_with_label(secret, b"tree", b"right", c.hash_length)
+            if target < node:
+                siblings[hi], node, secret = hi_secret, lo, lo_secret
+            else:
+                siblings[lo], node, secret = lo_secret, hi, hi_secret
+        return start, siblings, secret
+
+    def _ratchet_pair(self, leaf_secret: bytes) -> tuple[HashRatchet, HashRatchet]:
+        c = self._crypto
+        return (
             HashRatchet(
                 c, c.expand_with_label(leaf_secret, b"handshake", b"", c.hash_length), self._window
             ),
@@ -373,8 +400,6 @@ class SecretTree:
                 self._window,
             ),
         )
-        self._ratchets[leaf_index] = pair
-        return pair
 
     def delete_all(self) -> None:
         """Forgets every secret and key of the tree (§9.2: its epoch is over); later use raises
@@ -394,17 +419,32 @@ class SecretTree:
     def key_for(self, leaf_index: int, ratchet_type: RatchetType, generation: int) -> PendingKey:
         """Receiving: the key for (leaf, generation), not yet consumed.
 
-        Deriving the leaf's path is the only change this may make; it keeps every secret
-        still needed, so a message that later fails leaves all keys usable as before.
+        Changes nothing: for a leaf whose ratchets are not derived yet they are derived apart
+        and installed by `consume`, so that a message that fails later leaves the tree exactly
+        as it was (its saved state too), not with a leaf expanded at a forger's request.
         """
-        ratchet = self.ratchet(leaf_index, ratchet_type)
+        pair = self._ratchets.get(leaf_index)
+        detached = pair is None
+        if pair is None:
+            pair = self._ratchet_pair(self._plan_leaf(leaf_index)[2])
+        ratchet = pair[0] if ratchet_type is RatchetType.HANDSHAKE else pair[1]
         key, next_secret, skipped = ratchet.prepare(generation)
         return PendingKey(
-            leaf_index, ratchet_type, key, ratchet, ratchet._version, next_secret, skipped
+            leaf_index, ratchet_type, key, ratchet, ratchet._version, next_secret, skipped,
+            pair if detached else None,
         )
 
     def consume(self, pending: PendingKey) -> None:
         """Mark a received generation used after its message decrypted and verified (§9.2)."""
+        if pending._detached_pair is not None:
+            if pending.leaf_index not in self._ratchets:
+                self._init_leaf(pending.leaf_index, pending._detached_pair)
+            else:
+                # Another message of the leaf was consumed since: check against its ratchet.
+                installed = self.ratchet(pending.leaf_index, pending.ratchet_type)
+                pending = replace(
+                    pending, _ratchet=installed, _state_version=-1, _detached_pair=None
+                )
         pending._ratchet.commit(pending)
 
     # --- persistence (a group's saved state) -----------------------------------------------------
