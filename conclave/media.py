@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import fractions
 import math
+import os
 import queue
 import threading
 import time
@@ -149,11 +150,48 @@ _MP4_OPTIONS = {"movflags": "frag_keyframe+empty_moov", "flush_packets": "1"}
 _WAV_OPTIONS = {"flush_packets": "1"}
 
 
-def _open_recording(path: Path, kind: str) -> tuple[OutputContainer, Stream]:
-    """The container and stream of a recording into `path`, with the codecs aiortc's
+class _Output:
+    """A recording's file as FFmpeg writes it: through Python's `os` calls, which let go of
+    the GIL while the disk takes its time. FFmpeg's own file I/O does not for the file's
+    opening, header, trailer and close (PyAV holds the GIL around them): a disk that hangs
+    there (a stalled NFS mount, a FIFO without a reader) would stop every thread, the call's
+    event loop with it, and `FINISH_WAIT` would never come."""
+
+    def __init__(self, path: Path) -> None:
+        self.name = str(path)  # (the container's format is guessed from it)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.lseek(self.fd, 0, os.SEEK_CUR)
+            self._seekable = True
+        except OSError:  # a FIFO, say: FFmpeg then writes it without going back
+            self._seekable = False
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        while view:  # (FFmpeg takes a short count for an error)
+            view = view[os.write(self.fd, view) :]
+        return len(data)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return os.lseek(self.fd, offset, whence)
+
+    def tell(self) -> int:
+        return os.lseek(self.fd, 0, os.SEEK_CUR)
+
+    def seekable(self) -> bool:
+        return self._seekable
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+def _open_recording(output: _Output, kind: str) -> tuple[OutputContainer, Stream]:
+    """The container and stream of a recording into `output`, with the codecs aiortc's
     MediaRecorder would choose (PCM in a WAV, else AAC; H.264 for video)."""
-    options = _MP4_OPTIONS if path.suffix == ".mp4" else _WAV_OPTIONS
-    container = av.open(str(path), mode="w", options=options)
+    options = _MP4_OPTIONS if output.name.endswith(".mp4") else _WAV_OPTIONS
+    container = av.open(output, mode="w", options=options)
     try:
         if kind == "audio":
             codec = "pcm_s16le" if container.format.name == "wav" else "aac"
@@ -184,6 +222,14 @@ QUEUE_BYTES = 32 << 20
 # How long the call's end waits for a recording's file to be finished: the queue's frames and
 # the encoder's lookahead, a fraction of a second unless the disk hangs.
 FINISH_WAIT = 10.0
+# What a queued frame takes beyond its planes (FFmpeg's AVFrame and buffer references, PyAV's
+# objects, the allocator's rounding): about 1.8 KiB measured, with PyAV 18. Counted, so that
+# small frames (audio, a tiny video) do not take several times QUEUE_BYTES.
+FRAME_OVERHEAD = 2048
+
+
+def _frame_bytes(frame: Frame) -> int:
+    return FRAME_OVERHEAD + sum(plane.buffer_size for plane in frame.planes)
 
 
 async def record_track(
@@ -215,7 +261,14 @@ async def record_track(
             frame = await track.recv()
         except MediaStreamError:
             return None
-        recorder = _Recorder(new_file(), track.kind)
+        try:
+            path = new_file()
+        except OSError as exc:  # (record_dir cannot be made, or written)
+            where = exc.filename or "its file"
+            raise ConclaveError(
+                f"cannot record a {track.kind} track into {where}: {_why(exc)}"
+            ) from None
+        recorder = _Recorder(path, track.kind)
         recorder.put(frame)
         return await recorder.record(track, tell)
     finally:
@@ -259,7 +312,7 @@ class _Recorder:
         if self._over:
             return  # (the end is near: not counted as left out)
         self.frames += 1
-        size = sum(plane.buffer_size for plane in frame.planes)
+        size = _frame_bytes(frame)
         queued = self._put_bytes - self._taken_bytes
         if queued and queued + size > QUEUE_BYTES:  # (one frame always fits)
             self.dropped += 1
@@ -354,10 +407,17 @@ class _Recorder:
         file (the encoder's last frames and the file's end). After a failed write FFmpeg is
         given nothing more but the close."""
         try:
-            container, stream = _open_recording(self.path, self.kind)
-        except Exception as exc:
+            output = _Output(self.path)
+        except OSError as exc:
             self.failure = exc
             self.path.unlink(missing_ok=True)  # empty: no use to anyone
+            return
+        try:
+            container, stream = _open_recording(output, self.kind)
+        except Exception as exc:
+            output.close()
+            self.failure = exc
+            self.path.unlink(missing_ok=True)
             return
 
         def put(frame: Frame | None) -> bool:  # None: what the encoder holds back
@@ -376,7 +436,7 @@ class _Recorder:
                 frame = self._queue.get()
                 if frame is None:
                     break
-                self._taken_bytes += sum(plane.buffer_size for plane in frame.planes)
+                self._taken_bytes += _frame_bytes(frame)
                 if first and isinstance(frame, VideoFrame):  # the file's size is its first frame's
                     stream.width, stream.height = frame.width, frame.height
                 first = False
@@ -388,6 +448,10 @@ class _Recorder:
             try:
                 container.close()
             except Exception as exc:
+                self.failure = self.failure or exc
+            try:
+                output.close()
+            except OSError as exc:  # (a network file system's last write)
                 self.failure = self.failure or exc
             if self.muxed == 0 and self.failure is not None:
                 self.path.unlink(missing_ok=True)  # nothing in it

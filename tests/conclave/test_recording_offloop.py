@@ -7,6 +7,9 @@ behind."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +28,9 @@ from .test_first_user_run import _Frames, _frames_in, _recorder
 
 FULL_DISK = Path("/dev/full")  # every write fails with ENOSPC
 HOLD = WAIT  # an encode is held this long at most: a loop it blocks fails a test, not hangs it
-FRAME_BYTES = 64 * 48 * 3 // 2  # a frame of `_Frames`' video (yuv420p)
+# A frame of `_Frames`' video (yuv420p) as the queue counts it: its planes and what it takes
+# besides them.
+FRAME_BYTES = 64 * 48 * 3 // 2 + media.FRAME_OVERHEAD
 
 
 class _Held:
@@ -238,3 +243,92 @@ async def test_a_track_without_frames_starts_no_thread(tmp_path: Path) -> None:
     track = _Frames("video", 0)
     assert await asyncio.wait_for(record_track(track, lambda: tmp_path / "x.mp4"), WAIT) is None
     assert _recording_threads() == [] and not (tmp_path / "x.mp4").exists()
+
+
+_HUNG_DISK_RECORDER = """
+import asyncio, sys
+from pathlib import Path
+from conclave import media
+from tests.conclave.test_first_user_run import _Frames
+
+media.FINISH_WAIT = 0.5
+
+class Endless(_Frames):
+    async def recv(self):
+        if self.n >= self.count:
+            await asyncio.Event().wait()  # a peer still in the call
+        return await super().recv()
+
+async def main():
+    recording = asyncio.ensure_future(
+        media.record_track(Endless("video", 5), lambda: Path(sys.argv[1]), print)
+    )
+    await asyncio.sleep(0.5)
+    recording.cancel()  # the call ends
+    try:
+        await recording
+    except asyncio.CancelledError:
+        print("cancelled")
+
+asyncio.run(main())
+"""
+
+
+def test_a_file_whose_open_hangs_is_given_up_and_the_process_exits(tmp_path: Path) -> None:
+    # Before: FFmpeg opened (and wrote the header and trailer of) the file holding the GIL:
+    # a file whose open hangs (a FIFO without a reader here; a stalled NFS mount) stopped
+    # the event loop too: FINISH_WAIT never came, and the process hung (Ctrl-C included).
+    path = tmp_path / "dave-video.mp4"
+    os.mkfifo(path)
+    done = subprocess.run(
+        [sys.executable, "-c", _HUNG_DISK_RECORDER, str(path)],
+        cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=WAIT,
+    )
+    assert (done.returncode, done.stderr) == (0, "")  # the daemon thread, still blocked
+    assert done.stdout.splitlines() == [
+        f"stopped recording into {path}: the file was not finished within 0.5 s",
+        "cancelled",
+    ]
+
+
+async def test_a_recording_whose_file_cannot_be_made_is_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: the OSError of `_recording_path` ended the task unseen by the user (a note,
+    # shown with --debug only), as if the track were recorded.
+    p = _recorder(tmp_path, monkeypatch)
+    (tmp_path / "rec").write_bytes(b"")  # not a directory: --record cannot make its files
+    notices: list[str] = []
+    p.on_notice = notices.append
+    try:
+        p._on_track(_Frames("video", 3), SimpleNamespace(receiver=None),
+                    {"identity": "dave", "kind": "video"})
+        await until(lambda: len(notices) > 0)
+    finally:
+        await p.close()
+    assert notices == [f"cannot record a video track into {tmp_path / 'rec'}: File exists"]
+    assert _recording_threads() == []
+
+
+async def test_small_frames_are_queued_at_what_they_take_in_memory(
+    tmp_path: Path, held: _Held, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: a frame counted as its planes' bytes alone: a 16x16 frame as 384 bytes, which
+    # takes over 2 KB queued (its AVFrame, buffers and objects): small frames (audio, a tiny
+    # video) took several times QUEUE_BYTES.
+    class _Tiny(_AfterTheFirst):
+        async def recv(self) -> AudioFrame | VideoFrame:
+            frame = await super().recv()
+            tiny = VideoFrame(16, 16, "yuv420p")
+            tiny.pts, tiny.time_base = frame.pts, frame.time_base
+            return tiny
+
+    monkeypatch.setattr(media, "QUEUE_BYTES", 64 << 10)
+    track = _Tiny("video", 200, held)
+    recording = asyncio.ensure_future(record_track(track, lambda: tmp_path / "dave-video.mp4"))
+    await until(lambda: track.readyState == "ended")  # read to its end, the encoder held
+    held.go.set()
+    with pytest.raises(RecordingIncomplete) as told:
+        await asyncio.wait_for(recording, WAIT)
+    kept = told.value.frames - told.value.dropped
+    assert 1 < kept <= 1 + (64 << 10) // 2048  # (the first, being encoded, and the queue's)
