@@ -256,6 +256,8 @@ def _reason(exc: BaseException) -> str:
     and some quote a URL, whose password is masked."""
     if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError is one too
         return "no answer in time"
+    if isinstance(exc, ConclaveError):  # our words, its URLs shown already: a zone's %25 once
+        return str(exc) or type(exc).__name__
     return _masked_urls(str(exc)) or type(exc).__name__
 
 
@@ -1368,6 +1370,9 @@ class Participant:
         rather than when the room token runs out (the SFU's limit for a client that stays);
         added back, this participant calls in again (`wait_for_welcome`)."""
         self._stop_token_renewal()
+        # An outage's lost line still to come would say "calling in again": the session ends
+        # with the membership, which the call tells ("you were removed", "you left").
+        self._cancel_media_lost_notice()
         if self.sfu is not None:
             client, self.sfu = self.sfu, None
             with contextlib.suppress(Exception):
@@ -2248,6 +2253,16 @@ class Participant:
                 await self.connect_media(e2ee=self.e2ee)
             except NotInGroup as exc:
                 log.warning("%s: not calling in again: %s", self.name, exc)
+                # The lost line still to come would say "calling in again", and one told
+                # promised a line when the session is back: this one says why it is not (unless
+                # the removal was seen, which the call tells).
+                self._cancel_media_lost_notice()
+                if self._media_lost and not self.removed:
+                    self._media_lost_told = True  # added back, "back in the media session"
+                    self._notice(
+                        f"lost the media session at {shown_url(self.sfu_url or '')}, and not "
+                        f"calling in again: {exc}"
+                    )
                 return
             except (ConclaveError, RequestFailed, aiohttp.ClientError, OSError) as exc:
                 wait = self._next_media_backoff()
@@ -2259,10 +2274,14 @@ class Participant:
                 else:  # (a quick reconnection: the user was told nothing)
                     log.info("%s: back in the media session", self.name)
                 self._media_lost = self._media_lost_told = False
-                if self._media_lost_notice is not None:
-                    self._media_lost_notice.cancel()
-                    self._media_lost_notice = None
+                self._cancel_media_lost_notice()
                 return
+
+    def _cancel_media_lost_notice(self) -> None:
+        """No lost line of the media session to come (`_tell_media_lost`)."""
+        if self._media_lost_notice is not None:
+            self._media_lost_notice.cancel()
+            self._media_lost_notice = None
 
     async def _tell_media_lost(self, reason: str) -> None:
         """Tell the user that the media session is lost, once it is not back after

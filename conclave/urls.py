@@ -6,9 +6,14 @@ import re
 from urllib.parse import quote, urlsplit, urlunsplit
 
 # A URL's scheme and authority in a text (up to the path, query, fragment, a space or a quote).
-_URL_AUTHORITY = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/?#\s'\"<>]*)")
-# An IPv6 host with a zone, as Conclave holds it (`[fe80::1%eth0]`: see `cli.zone_decoded`).
-_ZONED_HOST = re.compile(r"\[([^\]%]*)%([^\]]*)\]")
+# Tried only where a run of the scheme's characters starts, the scheme being that run from its
+# first letter (`shown`): tried at each of the run's characters, a long run with no "://" (a
+# word, a 1 MB error text) took time growing with its square.
+_URL_AUTHORITY = re.compile(r"(?<![A-Za-z0-9+.-])([A-Za-z0-9+.-]+://)([^/?#\s'\"<>]*)")
+_SCHEME_START = re.compile(r"[A-Za-z]")
+# An IPv6 host with a zone, as Conclave holds it (`[fe80::1%eth0]`: see `cli.zone_decoded`);
+# no "[" inside, for the same reason (an authority of many "[").
+_ZONED_HOST = re.compile(r"\[([^\[\]%]*)%([^\[\]]*)\]")
 
 
 def shown_url(url: str) -> str:
@@ -36,6 +41,9 @@ def shown_urls(text: str) -> str:
     user information ends at the authority's last "@", as urlsplit reads it."""
 
     def shown(m: re.Match[str]) -> str:
+        start = _SCHEME_START.search(m[1])
+        if start is None:  # no letter before "://": no scheme
+            return m[0]
         userinfo, at, host = m[2].rpartition("@")
         if at and ":" in userinfo:
             userinfo = f"{userinfo.partition(':')[0]}:***"
