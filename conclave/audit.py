@@ -819,16 +819,16 @@ def load_log(path: Path, max_bytes: int = MAX_LOG_FILE_BYTES) -> tuple[bytes, li
     larger than `max_bytes`, raises `ConclaveError` (a usage error, not an audit's verdict); one
     that is not such a log raises `AuditFailure`."""
     try:
-        # Only a regular file, as `--save` writes: a FIFO or a terminal would wait for good for
-        # a writer (the open, where Ctrl-C cannot stop it), a device such as /dev/zero never
-        # ends. Looked at before it is opened (opening a device may act), and again once open
-        # (without waiting, O_NONBLOCK: it may have been replaced meanwhile).
-        _regular_file(path, os.stat(path).st_mode)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        with os.fdopen(fd, "rb") as f:
-            _regular_file(path, os.fstat(f.fileno()).st_mode)
-            # Read one byte past the limit, not the whole file: a huge one must not take all
-            # memory first.
+        # A file, as `--save` writes it, or a pipe (`--log /dev/stdin`, `<(zcat log.gz)`, a
+        # FIFO, whose open waits for a writer as `cat`'s does: `conclave audit` reads in a
+        # daemon thread, so that Ctrl-C still ends it). No directory, device (a terminal,
+        # /dev/zero, which never ends) or socket: looked at before the open (opening a device
+        # may act) and again after it (the name may have been given another file meanwhile).
+        _file_or_pipe(path, os.stat(path).st_mode)
+        with path.open("rb") as f:
+            _file_or_pipe(path, os.fstat(f.fileno()).st_mode)
+            # Read one byte past the limit, not the whole file: a huge one, or a pipe that never
+            # ends, must not take all memory first.
             data = f.read(max_bytes + 1)
     except OSError as exc:
         raise ConclaveError(f"cannot read the log file {path}: {exc.strerror or exc}") from None
@@ -861,20 +861,19 @@ def load_log(path: Path, max_bytes: int = MAX_LOG_FILE_BYTES) -> tuple[bytes, li
 
 _FILE_KINDS = (
     (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO (a pipe)"),
     (stat.S_ISCHR, "a character device"),
     (stat.S_ISBLK, "a block device"),
     (stat.S_ISSOCK, "a socket"),
 )
 
 
-def _regular_file(path: Path, mode: int) -> None:
-    """OSError unless `mode` is a regular file's: what `load_log` reads."""
-    if not stat.S_ISREG(mode):
+def _file_or_pipe(path: Path, mode: int) -> None:
+    """OSError unless `mode` is a regular file's or a pipe's: what `load_log` reads."""
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
         kind = next((what for test, what in _FILE_KINDS if test(mode)), "of another kind")
         raise OSError(
             errno.EINVAL,
-            f"it is {kind}, not a regular file: give a file saved with --save",
+            f"it is {kind}, not a file or a pipe: give a file saved with --save",
             str(path),
         )
 

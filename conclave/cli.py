@@ -971,8 +971,11 @@ async def _audit(args: argparse.Namespace) -> int:
                 "--ds, not with --log (which reads a saved log"
                 + ("; copy the file to keep another copy)" if args.save is not None else ")")
             )
-        logged_group, entries = (
-            load_log(args.log, args.max_log_mb << 20) if args.max_log_mb else load_log(args.log)
+        limit = args.max_log_mb << 20 if args.max_log_mb else None
+        # In a daemon thread: a FIFO's open waits for a writer, a pipe's read for its data, and
+        # nothing interrupts them but the end of the process (Ctrl-C, SIGTERM: 130).
+        logged_group, entries = await in_daemon_thread(
+            lambda: load_log(args.log, limit) if limit is not None else load_log(args.log)
         )
         if logged_group != group_id:
             raise ConclaveError(

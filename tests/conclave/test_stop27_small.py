@@ -9,9 +9,11 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -246,23 +248,30 @@ def test_audit_names_the_delivery_service_with_its_zone_in_the_url_form(
     assert "%zz9]" not in err and "Traceback" not in err
 
 
-# -- 4. `audit --log` refuses what is no regular file, at once
+# -- 4. `audit --log` reads a file or a pipe; refuses a device or a directory at once; a FIFO
+# with no writer waits, as `cat` does, and Ctrl-C ends the wait
 
 
-def _audit_log(path: Path) -> str:
-    """`conclave audit --log path`, refused as a missing file is (status 2, one line): its
-    stderr. A process of its own, killed after a minute: a regression (an open waiting for a
-    FIFO's writer, which Ctrl-C could not stop) fails the test instead of hanging it."""
+def _audit_log(path: Path, data: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    """`conclave audit --group room --log path` in a process of its own (`data` on its standard
+    input), killed after a minute: a regression (a read that nothing interrupts) fails the test
+    instead of hanging it."""
     try:
         run = subprocess.run(
             [sys.executable, "-m", "conclave", "audit", "--group", "room", "--log", str(path)],
-            capture_output=True,
-            text=True,
+            input=data, stdin=subprocess.DEVNULL if data is None else None, capture_output=True,
             timeout=60,
-            stdin=subprocess.DEVNULL,
-        )
+        )  # fmt: skip
     except subprocess.TimeoutExpired:
         pytest.fail(f"conclave audit waited on {path}")
+    return subprocess.CompletedProcess(
+        run.args, run.returncode, run.stdout.decode(), run.stderr.decode()
+    )
+
+
+def _refused(path: Path) -> str:
+    """The one-line refusal (status 2) of `_audit_log(path)`: its stderr."""
+    run = _audit_log(path)
     assert run.returncode == 2, run.stderr
     err = run.stderr
     assert err.startswith(f"conclave audit: cannot read the log file {path}: it is ")
@@ -270,28 +279,92 @@ def _audit_log(path: Path) -> str:
     return err
 
 
-def test_a_fifo_given_as_the_log_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
-    # Before: the open waited for good for a writer, and Ctrl-C could not stop it.
+def _saved_log(tmp_path: Path) -> Path:
+    from conclave.audit import save_log
+    from conclave.participant import group_id_for_room
+
+    path = tmp_path / "room.log"
+    save_log(path, group_id_for_room("room"), [])
+    return path
+
+
+def _as_read_from_the_file(run: subprocess.CompletedProcess[str], saved: Path, given: Path) -> None:
+    """`run` did what the audit of the file `saved` itself does (the name aside)."""
+    direct = _audit_log(saved)
+    assert "cannot read the log file" not in direct.stderr, direct.stderr
+    assert (run.returncode, run.stdout, run.stderr.replace(str(given), str(saved))) == (
+        direct.returncode, direct.stdout, direct.stderr
+    )
+
+
+def test_a_log_piped_into_dev_stdin_is_read(tmp_path: Path) -> None:
+    # Before (3b44107): refused as "a FIFO (a pipe)"; `cat log | conclave audit --log
+    # /dev/stdin` and `--log <(zcat log.gz)` had worked until then.
+    saved = _saved_log(tmp_path)
+    run = _audit_log(Path("/dev/stdin"), saved.read_bytes())
+    _as_read_from_the_file(run, saved, Path("/dev/stdin"))
+
+
+def test_a_pipe_that_never_ends_is_read_up_to_the_limit(tmp_path: Path) -> None:
+    endless = subprocess.Popen(["yes"], stdout=subprocess.PIPE)
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "conclave", "audit", "--group", "room", "--log", "/dev/stdin",
+             "--max-log-mb", "1"],
+            stdin=endless.stdout, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        endless.kill()
+        endless.wait()
+    assert run.returncode == 2, run.stderr
+    assert run.stderr == (
+        "conclave audit: the log file /dev/stdin is larger than 1 MiB: not read (a larger "
+        "limit: --max-log-mb)\n"
+    )
+
+
+def test_a_fifo_given_as_the_log_is_read_once_its_writer_comes(tmp_path: Path) -> None:
+    saved = _saved_log(tmp_path)
     fifo = tmp_path / "log.fifo"
     os.mkfifo(fifo)
-    err = _audit_log(fifo)
-    assert "a FIFO (a pipe), not a regular file: give a file saved with --save" in err
+    writer = subprocess.Popen(["sh", "-c", f"sleep 0.5; cat {saved} > {fifo}"])
+    try:
+        run = _audit_log(fifo)
+    finally:
+        writer.wait(60)
+    _as_read_from_the_file(run, saved, fifo)
 
 
-def test_a_link_to_a_fifo_is_refused_too(tmp_path: Path) -> None:
-    os.mkfifo(tmp_path / "log.fifo")
-    (tmp_path / "log.cbor").symlink_to("log.fifo")
-    assert "a FIFO" in _audit_log(tmp_path / "log.cbor")
+def test_ctrl_c_ends_the_wait_for_a_fifos_writer(tmp_path: Path) -> None:
+    # Before: the open waited for good for a writer, and Ctrl-C could not stop it (the
+    # loop's signal handler only ran once the open returned).
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conclave", "audit", "--group", "room", "--log", str(fifo)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(2)  # (any moment will do: waiting for the writer, or not there yet)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize(
-    ("where", "kind"), [("/dev/null", "a character device"), (".", "a directory")]
+    ("path", "kind"),
+    [
+        (Path("/dev/null"), "a character device"),
+        (Path("/dev/zero"), "a character device"),
+        (Path("."), "a directory"),
+    ],
 )
-def test_a_device_or_a_directory_given_as_the_log_is_refused(
-    where: str, kind: str, tmp_path: Path
-) -> None:
+def test_a_device_or_a_directory_given_as_the_log_is_refused(path: Path, kind: str) -> None:
     # Before: /dev/null read as an empty log, a failed audit (status 1).
-    path = tmp_path / where if where == "." else Path(where)
-    if not path.exists():
-        pytest.skip(f"no {where} here")
-    assert f"it is {kind}, not a regular file" in _audit_log(path)
+    assert f"it is {kind}, not a file or a pipe" in _refused(path.resolve())
