@@ -93,9 +93,12 @@ from .urls import shown_url, shown_urls
 
 log = logging.getLogger(__name__)
 
-# Seconds before calling the SFU again after a media session ended, doubling up to the maximum.
+# Seconds before calling the SFU again after a media session ended, doubling up to the maximum:
+# 1, 2, 4, 8, then every 10 s. A low maximum: after an outage that made the delay grow, a
+# restarted SFU is called again within 10 s, and one that stays down gets one call-in per
+# participant every 10 s.
 MEDIA_RETRY_FIRST = 1.0
-MEDIA_RETRY_MAX = 30.0
+MEDIA_RETRY_MAX = 10.0
 # A media session that ended sooner than this after it began does not reset the retry delay:
 # an SFU that accepts each join and then hangs up would otherwise be called hundreds of times
 # a second.
@@ -249,6 +252,33 @@ def _masked_urls(text: str) -> str:
     ***, since aiohttp quotes a URL it cannot use (InvalidUrlClientError) whole, user
     information and all, and an IPv6 zone as RFC 6874 writes it."""
     return shown_urls(text)
+
+
+# The SFU's word for a room token it did not sign with its secret (sfu.tokens): one issued by
+# a delivery service given another secret than the SFU.
+BAD_SIGNATURE = "bad signature"
+MAX_SFU_TEXT = 200  # characters of the SFU's own words shown to the user, at most
+
+
+def _sfu_text(value: object) -> str:
+    """Words of the SFU's, to show: printable and not too long (an SFU may send anything)."""
+    return "".join(c if c.isprintable() else "?" for c in str(value)[:MAX_SFU_TEXT])
+
+
+def _session_end_reason(said: str | None, renewal_refused: str | None) -> str:
+    """Why the SFU ended a media session, for the user: its own words (`said`, those of its
+    first "session-ended"), except for a room token that ran out, which it tells client
+    developers as 'send a fresh one (type "token") before it does': the user is told what
+    happened, and the SFU's reason for refusing the fresh one if it did (`renewal_refused`)."""
+    if said is None:
+        return "the SFU closed the connection"
+    # (also inside "the session has ended (<reason>): join again", the answer to a renewal
+    # sent as the session ended)
+    if "room token expired" in said:
+        if renewal_refused is not None:
+            return f"its room token ran out: the SFU refused a fresh one ({renewal_refused})"
+        return "its room token ran out before a fresh one reached the SFU"
+    return _sfu_text(said)
 
 
 def _reason(exc: BaseException) -> str:
@@ -496,6 +526,9 @@ class Participant:
         # that tells it once the session is not back in time.
         self._media_lost_told = False
         self._media_lost_notice: asyncio.Task[None] | None = None
+        # The user was told that the SFU refuses the delivery service's room tokens (a call-in
+        # or a renewal refused for a bad signature): once until the media session is back.
+        self._sfu_refusal_told = False
         self._token_renewal: asyncio.Task[None] | None = None
         self._names_by_epoch: dict[int, dict[int, str]] = {}
         self._read_state: bytes | None = None  # the state file as read (None: there was none)
@@ -2221,15 +2254,27 @@ class Participant:
         no longer a member.
         """
         started = time.monotonic()
-        reason = "the SFU closed the connection"
+        said: str | None = None  # the SFU's reason for ending the session
+        refused: str | None = None  # its reason for refusing the last renewal of the token
         while True:
             event = await client.events.get()
-            if event.get("type") == "error" and event.get("code") == "session-ended":
-                reason = str(event.get("message") or reason)
-            elif event.get("type") == "closed":
+            kind, code = event.get("type"), event.get("code")
+            if kind == "error" and code == "session-ended":
+                if said is None:  # the first: a renewal sent meanwhile gets "has ended (...)"
+                    said = str(event.get("message") or "the SFU closed the connection")
+            elif kind == "error" and code == "token":
+                # (`_renew_room_token`'s fresh token: the session goes on with the old one
+                # until it runs out)
+                refused = _sfu_text(event.get("reason") or event.get("message") or "refused")
+                self._renewal_refused(refused)
+            elif kind == "token-accepted":
+                refused = None
+                self._sfu_refusal_told = False  # (fixed before the session ended)
+            elif kind == "closed":
                 break
         if self.sfu is not client:
             return
+        reason = _session_end_reason(said, refused)
         self._stop_token_renewal()
         log.warning("%s: the media session ended (%s); calling in again", self.name, reason)
         if not self._media_lost:  # once per outage, not per try to call in again
@@ -2268,14 +2313,61 @@ class Participant:
                 wait = self._next_media_backoff()
                 log.warning("%s: cannot call in again (%s); next try in %.0f s", self.name,
                             _reason(exc), wait)
+                if isinstance(exc, WrongSFU):
+                    # The operator may fix it: the calls in go on, on the same schedule.
+                    self._call_in_refused()
             else:
                 if self._media_lost_told:
                     self._notice("back in the media session: audio and video flow again")
                 else:  # (a quick reconnection: the user was told nothing)
                     log.info("%s: back in the media session", self.name)
                 self._media_lost = self._media_lost_told = False
+                self._sfu_refusal_told = False
                 self._cancel_media_lost_notice()
                 return
+
+    def _sfu_refuses_tokens(self) -> str:
+        """What is wrong when the SFU refuses the delivery service's room tokens for their
+        signature, and who can fix it: not the user, nor a retry."""
+        return (
+            f"the SFU at {shown_url(self.sfu_url or '')} refuses this delivery service's room "
+            f"tokens ({BAD_SIGNATURE}): the two were given different secrets, and its operator "
+            "must fix that"
+        )
+
+    def _call_in_refused(self) -> None:
+        """Tell the user, once per outage, that calling in again was refused because the SFU
+        does not take the delivery service's room tokens: no retry can help until its operator
+        fixes it (`_call_in` goes on trying, in case they do)."""
+        if self._sfu_refusal_told:
+            return
+        self._sfu_refusal_told = True
+        if self._media_lost_told:
+            self._notice(f"{self._sfu_refuses_tokens()}; calling in again meanwhile")
+            return
+        # The lost line, due soon, would name a lesser cause: this one says it all.
+        self._cancel_media_lost_notice()
+        self._media_lost_told = True  # a line says when the session is back
+        self._notice(
+            f"lost the media session: {self._sfu_refuses_tokens()}; calling in again "
+            "meanwhile: the call's keys and membership go on, but no audio or video flows "
+            "until it is back (a line will say so)"
+        )
+
+    def _renewal_refused(self, reason: str) -> None:
+        """The SFU refused a fresh room token for the media session (`_renew_room_token`):
+        the session goes on until the token it has runs out. One with a bad signature is the
+        operator's to fix, and the user is told so (once per outage)."""
+        log.warning("%s: the SFU refused to renew the media session's room token (%s)",
+                    self.name, reason)
+        if reason != BAD_SIGNATURE or self._sfu_refusal_told:
+            return
+        self._sfu_refusal_told = True
+        self._notice(
+            f"{self._sfu_refuses_tokens()}: audio and video go on until the room token of "
+            "this media session runs out, and then stop until that is fixed (calling in "
+            "again until it is)"
+        )
 
     def _cancel_media_lost_notice(self) -> None:
         """No lost line of the media session to come (`_tell_media_lost`)."""
@@ -2298,7 +2390,8 @@ class Participant:
         )
 
     def _next_media_backoff(self) -> float:
-        """The delay before the next call-in: 1, 2, 4 ... 30 s, across short-lived sessions."""
+        """The delay before the next call-in: 1, 2, 4, 8, then every 10 s (`MEDIA_RETRY_MAX`),
+        across short-lived sessions."""
         wait = self._media_backoff
         self._media_backoff = min(2 * wait, MEDIA_RETRY_MAX)
         return wait
