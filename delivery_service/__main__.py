@@ -18,7 +18,7 @@ from sfu.httplog import quiet_bad_requests
 from .client import MAX_BODY_LIMIT
 from .errors import BadRequest
 from .server import MAX_IDENTITY, Config, DeliveryService, check_identity_name, make_app
-from .signatures import SUPPORTED_SUITES, is_public_key
+from .signatures import SUPPORTED_SUITES, has_small_order, is_public_key
 from .storage import make_storage
 from .storage.base import describe_db
 from .tracker import BasicTracker, PublicGroupTracker
@@ -110,6 +110,11 @@ def parse_auditor(value: str) -> tuple[str, bytes | None]:
         key = bytes.fromhex(key_hex)
     except ValueError:
         key = b""
+    if any(has_small_order(suite, key) for suite in SUPPORTED_SUITES):
+        # 32 zero bytes, say: hex, and the length of an Ed25519 key, but no key anyone holds
+        raise AuditorOptionError(
+            f"--auditor {name}=...: {key_hex!r} is a point of small order, not a signature "
+            "public key: give the auditor's own key")
     if not any(is_public_key(suite, key) for suite in SUPPORTED_SUITES):
         raise AuditorOptionError(
             f"--auditor {name}=...: {key_hex!r} is not a signature public key in hex")
@@ -135,6 +140,10 @@ def parse_auditors(values: list[str]) -> tuple[frozenset[str], dict[str, bytes]]
             "reads every group's log; pin its key with --auditor %s=SIGNATURE_KEY_HEX", name, name
         )
     return frozenset(names), keys
+
+
+async def _log_stopping(app: web.Application) -> None:
+    log.info("stopping")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -244,12 +253,21 @@ def main(argv: list[str] | None = None) -> None:
         socks = bind(args.host, args.port)
         storage = make_storage(args.db, schema=args.pg_schema)
         service = DeliveryService(storage, config, tracker)
+        app = make_app(service)
+        # The SFU's words: "stopping" at SIGTERM or SIGINT, before the push streams close and
+        # the requests in flight finish; "stopped" once the database is closed.
+        app.on_shutdown.insert(0, _log_stopping)
+        database = describe_db(args.db)
+        if args.pg_schema and not is_sqlite:
+            # which schema: instances meant to share one deployment must name the same
+            database += f", schema {args.pg_schema}"
         # aiohttp calls `print` once the database is open and the sockets serve: an operator
         # sees that the service is up, where (the port bound, for --port 0), and on which
         # database (never the DSN's credentials).
-        web.run_app(make_app(service), sock=socks,
+        web.run_app(app, sock=socks,
                     print=lambda _banner: log.info("serving on %s with %s", where(socks),
-                                                   describe_db(args.db)))
+                                                   database))
+        log.info("stopped")
     except ImportError as exc:  # asyncpg, installed with the [postgres] extra only
         sys.exit(f"delivery service: PostgreSQL needs asyncpg (pip install 'conclave[postgres]'): "
                  f"{exc}")

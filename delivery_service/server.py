@@ -64,6 +64,7 @@ from .signatures import (
     CHALLENGE_LABEL,
     SUPPORTED_SUITES,
     challenge_content,
+    has_small_order,
     is_public_key,
     verify_with_label,
 )
@@ -155,6 +156,18 @@ def now_s() -> int:
 
 def cbor_response(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=cbor2.dumps(body), status=status, content_type=CBOR)
+
+
+# Answered in text, errors included: what a load balancer's check or an operator's curl reads.
+PLAIN_PATHS = frozenset({"/healthz"})
+
+
+def error_response(request: web.Request, error: str, reason: str, status: int) -> web.Response:
+    """The error body of the API doc (`{"error", "reason"}` in CBOR), or for `PLAIN_PATHS` the
+    same in one line of text: `unavailable: the database is unreachable: retry shortly`."""
+    if request.path in PLAIN_PATHS:
+        return web.Response(text=f"{error}: {reason}\n", status=status)
+    return cbor_response({"error": error, "reason": reason}, status)
 
 
 # -- request helpers
@@ -442,6 +455,10 @@ class DeliveryService:
             get_identity(body, "identity"), suite,
             get_bytes(body, "signature_key", max_len=256),
         )
+        if has_small_order(suite, record.signature_key):
+            # no private key has it: a key anyone could "sign" for in a lax library
+            raise BadRequest(f"signature_key is a point of small order, not a public key of "
+                             f"cipher suite {suite}: register a key of your own")
         if not is_public_key(suite, record.signature_key):
             raise BadRequest(f"signature_key is not a public key of cipher suite {suite}")
         self._check_pinned(record)  # before the proof: a refusal uses up no challenge
@@ -1072,9 +1089,8 @@ class DeliveryService:
             # A damaged database is not healthy: 503 as documented for /healthz, not the 500
             # a request gets (told once per condition all the same).
             self.storage.availability.refused(refusal.condition, exc, lasting=True)
-            return cbor_response(
-                {"error": "unavailable", "reason": f"{refusal.reason}: the service's operator "
-                 "was told"}, 503)
+            return error_response(request, "unavailable", f"{refusal.reason}: the service's "
+                                  "operator was told", 503)
         return web.Response(text="ok\n")
 
     async def metrics_page(self, request: web.Request) -> web.Response:
@@ -1098,15 +1114,16 @@ class DeliveryService:
         try:
             response = await handler(request)
         except DeliveryServiceError as exc:
-            response = cbor_response(exc.body(), exc.status)
+            response = (error_response(request, exc.code, exc.reason, exc.status)
+                        if request.path in PLAIN_PATHS else cbor_response(exc.body(), exc.status))
             if isinstance(exc, TooManyRequests):
                 response.headers["Retry-After"] = str(exc.retry_after)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
             code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
-            response = cbor_response(
-                {"error": code.get(exc.status, "http_error"), "reason": exc.reason}, exc.status
+            response = error_response(
+                request, code.get(exc.status, "http_error"), exc.reason, exc.status
             )
         except self.storage.unavailable_errors as exc:
             if request.transport is None or request.transport.is_closing():
@@ -1118,17 +1135,16 @@ class DeliveryService:
                 # Expected while the database restarts: logged once per outage, not per request.
                 self.storage.availability.lost(exc)
                 log.debug("storage unavailable on %s %s: %s", request.method, request.path, exc)
-            response = cbor_response(
-                {"error": "unavailable", "reason": "the database is unreachable: retry shortly"},
-                503,
+            response = error_response(
+                request, "unavailable", "the database is unreachable: retry shortly", 503
             )
             response.headers["Retry-After"] = "1"
         except Exception as exc:
             refusal = self.storage.cannot_store(exc)
             if refusal is None:
                 log.exception("unhandled error on %s %s", request.method, request.path)
-                response = cbor_response(
-                    {"error": "internal", "reason": "internal error; the service logged it"}, 500
+                response = error_response(
+                    request, "internal", "internal error; the service logged it", 500
                 )
             elif not refusal.transient:
                 # A damaged database: no retry gets through until the operator acts. Told once
@@ -1136,9 +1152,8 @@ class DeliveryService:
                 # in the log.
                 self.storage.availability.refused(refusal.condition, exc, lasting=True)
                 log.debug("database failed on %s %s: %s", request.method, request.path, exc)
-                response = cbor_response(
-                    {"error": "internal",
-                     "reason": f"{refusal.reason}: the service's operator was told"}, 500
+                response = error_response(
+                    request, "internal", f"{refusal.reason}: the service's operator was told", 500
                 )
             else:
                 # Expected while the disk is full or a lock is held: a warning per condition
@@ -1148,7 +1163,7 @@ class DeliveryService:
                 reason = (f"the database cannot {'answer' if reading else 'store'} it now: "
                           f"{refusal.reason}{'' if reading else '; nothing was stored'}: "
                           f"retry in {refusal.retry_after} s or later")
-                response = cbor_response({"error": "unavailable", "reason": reason}, 503)
+                response = error_response(request, "unavailable", reason, 503)
                 response.headers["Retry-After"] = str(refusal.retry_after)
         self.metrics.inc(
             "ds_http_requests_total", route=_route_name(request), status=str(response.status)

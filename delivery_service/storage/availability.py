@@ -4,7 +4,8 @@ While PostgreSQL is down every request fails with the same error (and gets 503):
 request, or a traceback per reconnect attempt, would bury the log. Requests and background
 tasks report failures with `lost`; the first one of an outage logs one warning, naming the
 database without credentials, and starts a probe that asks the database every second or so;
-when it answers (or a new connection is made anyway: `reached`), one info line.
+when it answers (or a new connection is made anyway: `reached`), one more warning: an operator
+who alerts on warnings (`--log-level WARNING`) sees the outage end as well as begin.
 """
 
 from __future__ import annotations
@@ -117,7 +118,9 @@ class Availability:
             return
         self.available = True
         if self._warned:
-            log.info("%s is reachable again after %.1f s", self.where, self.clock() - self._since)
+            # a warning, as the outage's: at --log-level WARNING an outage that began must end
+            log.warning("%s is reachable again after %.1f s", self.where,
+                        self.clock() - self._since)
         else:
             log.debug("%s is reachable again", self.where)
 

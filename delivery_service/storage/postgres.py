@@ -163,6 +163,9 @@ class PostgresStorage(Storage):
         self._pool: asyncpg.Pool | None = None
         self._listen_conn: asyncpg.Connection | None = None
         self._relisten_task: asyncio.Task[None] | None = None
+        # A LISTEN connection that stopped answering was warned of: its restoration is a warning
+        # too, so that the log at --log-level WARNING does not leave it "reconnecting" forever.
+        self._listen_warned = False
         self._check_task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -245,6 +248,7 @@ class PostgresStorage(Storage):
                     "the PostgreSQL LISTEN connection did not answer within %g s; reconnecting",
                     timeout,
                 )
+                self._listen_warned = True
                 conn.terminate()  # its termination listener reconnects (`_on_listen_lost`)
 
     async def _relisten(self) -> None:
@@ -260,7 +264,11 @@ class PostgresStorage(Storage):
                 await asyncio.sleep(delay)
                 continue
             self.availability.reached()
-            log.debug("PostgreSQL LISTEN connection restored")
+            if self._listen_warned:
+                self._listen_warned = False
+                log.warning("the PostgreSQL LISTEN connection is restored")
+            else:
+                log.debug("PostgreSQL LISTEN connection restored")
             if self.gap_listener is not None:
                 self.gap_listener()
             return

@@ -137,7 +137,13 @@ async def _statuses(url: str, session: str, gid: bytes, n: int) -> list[tuple[in
         for path in [f"/v1/groups/{gid.hex()}"] * (n - 1) + ["/healthz"]:
             async with http.get(url + path, headers={"Authorization": f"Bearer {session}"}) as r:
                 raw = await r.read()
-                out.append((r.status, cbor2.loads(raw) if r.status != 200 else {}))
+                if r.status == 200:
+                    out.append((r.status, {}))
+                elif path == "/healthz":  # text: `ERROR: REASON`
+                    error, _, reason = raw.decode().partition(": ")
+                    out.append((r.status, {"error": error, "reason": reason}))
+                else:
+                    out.append((r.status, cbor2.loads(raw)))
     return out
 
 

@@ -1,5 +1,5 @@
-"""PostgreSQL unreachable: clients get 503, the log gets one warning and one info line per outage
-(no traceback, no credentials), and a request refused meanwhile stored nothing."""
+"""PostgreSQL unreachable: clients get 503, the log gets two warnings per outage, its start and its
+end (no traceback, no credentials), and a request refused meanwhile stored nothing."""
 
 from __future__ import annotations
 
@@ -66,6 +66,9 @@ async def raw(url: str, method: str, path: str, session: str, body: object = Non
         method, url + path, headers=headers, data=data
     ) as r:
         raw_body = await r.read()
+        if r.content_type == "text/plain":  # /healthz: `ERROR: REASON`, one line
+            error, _, reason = raw_body.decode().rstrip("\n").partition(": ")
+            return r.status, {"error": error, "reason": reason}, r.headers.get("Retry-After")
         return r.status, cbor2.loads(raw_body) if raw_body else {}, r.headers.get("Retry-After")
 
 
@@ -75,7 +78,7 @@ async def wait_for_record(caplog: pytest.LogCaptureFixture, text: str) -> None:
             await asyncio.sleep(0.05)
 
 
-async def test_an_outage_is_one_warning_and_one_info_line(
+async def test_an_outage_is_a_warning_when_it_begins_and_one_when_it_ends(
     proxied: tuple[PgProxy, str, PostgresStorage], caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Before: asyncpg's pool logged a traceback at every attempt to restore its connection
@@ -108,11 +111,11 @@ async def test_an_outage_is_one_warning_and_one_info_line(
         records = [r for r in caplog.records if r.levelno >= logging.INFO]
         where = f"PostgreSQL at 127.0.0.1:{proxy.port}/"
         warnings = [r for r in records if r.levelno >= logging.WARNING]
-        assert len(warnings) == 1, [r.getMessage() for r in warnings]
+        assert len(warnings) == 2, [r.getMessage() for r in warnings]
         assert "unreachable" in warnings[0].getMessage() and where in warnings[0].getMessage()
-        infos = [r for r in records if "reachable again" in r.getMessage()]
-        assert len(infos) == 1 and where in infos[0].getMessage()
-        assert infos[0].levelno == logging.INFO
+        # its end at the same level: an operator alerting on warnings sees it end
+        ends = [r for r in records if "reachable again" in r.getMessage()]
+        assert ends == warnings[1:] and where in ends[0].getMessage()
         # no traceback from any logger (asyncpg's pool included), no password, no user name
         assert [r.getMessage() for r in caplog.records if r.exc_info] == []
         text = "\n".join(r.getMessage() for r in caplog.records)
@@ -190,7 +193,7 @@ async def test_a_flapping_database_is_not_a_warning_per_outage(
         availability.lost(OSError("again"))  # the same outage: nothing new
         clock.now += 5
         availability.reached()
-        assert [level for level, _ in lines()] == [logging.WARNING, logging.INFO]
+        assert [level for level, _ in lines()] == [logging.WARNING, logging.WARNING]
         assert "PostgreSQL at db:5432/x is unreachable (Connect call failed)" in lines()[0][1]
         assert "reachable again after 5.0 s" in lines()[1][1]
         for _ in range(5):  # flapping within the minute: silent
@@ -207,6 +210,6 @@ async def test_a_flapping_database_is_not_a_warning_per_outage(
         assert len(lines()) == 3 and lines()[2][0] == logging.WARNING
         assert "unreachable" in lines()[2][1]
         availability.reached()
-        assert len(lines()) == 4 and lines()[3][0] == logging.INFO
+        assert len(lines()) == 4 and lines()[3][0] == logging.WARNING
     finally:
         await availability.close()
