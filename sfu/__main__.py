@@ -13,41 +13,28 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
-from aiohttp.abc import BaseRequest
-from aiohttp.web_log import AccessLogger as _AiohttpAccessLogger
 
-from sfu.config import SFUConfig, read_token_secret
-from sfu.errors import SFUError
-from sfu.httplog import quiet_bad_requests
+from sfu.config import MAX_TOKEN_SECRETS, SFUConfig, read_token_secrets
+from sfu.errors import ConfigError, SFUError
+from sfu.httplog import AccessLogger, quiet_bad_requests
 from sfu.sdnotify import notify, watchdog, watchdog_interval
 from sfu.workers import (
     HANG_TIMEOUT,
     HEARTBEAT_INTERVAL,
-    MAX_SECRET,
+    MAX_LINE,
     ParentLink,
     Supervisor,
     Worker,
     bind,
     heartbeat,
+    secrets_line,
     stop_with_parent,
 )
 
 logger = logging.getLogger("sfu")
 
-# Polled every few seconds by load balancers and Prometheus: one access line each would bury
-# everything else in the log. Logged only at --log-level DEBUG.
-QUIET_PATHS = frozenset({"/healthz", "/metrics"})
 # Libraries whose INFO lines are per-connection chatter (aioice: every ICE check's state).
 CHATTY_LIBRARIES = ("aioice",)
-
-
-class AccessLogger(_AiohttpAccessLogger):
-    """aiohttp's access log, without the lines for health checks and scrapes unless DEBUG."""
-
-    def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
-        if request.path in QUIET_PATHS and not self.logger.isEnabledFor(logging.DEBUG):
-            return
-        super().log(request, response, time)
 
 
 def quiet_libraries(level: str) -> None:
@@ -91,15 +78,19 @@ or SIGINT to worker 0 stops every worker (another one while they stop kills them
 others also stop by themselves if worker 0 dies.
 
 secret file: the room-token secret shared with the delivery service, in hex (the value of its
-CONCLAVE_ROOM_SECRET), at least 16 bytes; a file that is not hex is used as raw bytes. It is
-read once, at start-up, by worker 0.
+CONCLAVE_ROOM_SECRET alone, no NAME=), at least 16 bytes (32 digits). It may hold up to
+{MAX_TOKEN_SECRETS} secrets, one per line, to rotate the secret without refusing tokens: a token
+verifies if any of them signed it. A file of text that is not such hex (a digit lost, a NAME=
+prefix) stops the SFU at start-up, saying what is wrong where; a binary file (any byte other
+than printable ASCII) is one raw secret, at least 16 bytes. It is read once, at start-up, by
+worker 0: change it by restarting the SFU (README.md: rotating the secret).
 
 loopback ICE: with --host 127.0.0.1 or localhost (or --loopback-ice) the SFU offers only
 127.0.0.1 ICE candidates, for clients on the same machine; otherwise every local address.
 
 exit status: 0 after SIGTERM/SIGINT, 1 when a worker keeps failing, 2 for a start-up error
-(bad arguments, unreadable secret file, a port that cannot be bound).
-"""
+(bad arguments, a secret file unreadable or with a mistake, a port that cannot be bound).
+""".replace("{MAX_TOKEN_SECRETS}", str(MAX_TOKEN_SECRETS))  # braces of its own above
 
 
 async def _tell_systemd(app: web.Application) -> AsyncIterator[None]:
@@ -190,7 +181,9 @@ def _run(argv: list[str] | None) -> int:
         required=True,
         type=Path,
         help="file holding the room-token secret shared with the delivery service, in hex "
-        "(the value of its CONCLAVE_ROOM_SECRET); a non-hex file is used as raw bytes",
+        "(the value of its CONCLAVE_ROOM_SECRET, no NAME=); while rotating it, up to "
+        f"{MAX_TOKEN_SECRETS} secrets, one per line, any of which verifies a token. Text that "
+        "is not such hex is a start-up error; a binary file is one raw secret",
     )
     parser.add_argument(
         "--max-rooms", type=int, default=100, help="rooms per worker process (default 100)"
@@ -275,31 +268,34 @@ def _run(argv: list[str] | None) -> int:
     parent: ParentLink | None = None
     if child:
         parent = ParentLink()
-        # Worker 0 puts the secret on stdin before it starts the worker: none is a worker not
+        # Worker 0 puts the secrets on stdin before it starts the worker: none is a worker not
         # started by worker 0 (by hand), never one that a stopping worker 0 left behind.
-        secret = parent.secret()
-        if not secret:
+        secrets = parent.secrets()
+        if not secrets:
             print("no token secret from worker 0 on stdin", file=sys.stderr)
             return 2
         stop_with_parent(parent)
     else:
         try:
-            secret = read_token_secret(args.token_secret_file)
+            secrets = read_token_secrets(args.token_secret_file)
         except OSError as exc:
             print(f"cannot read the token secret file: {exc}", file=sys.stderr)
             return 2
-        if args.workers > 1 and len(secret) > MAX_SECRET:
+        except ConfigError as exc:  # one line, naming the file (and line) and what is wrong
+            print(exc, file=sys.stderr)
+            return 2
+        if args.workers > 1 and (size := len(secrets_line(secrets)) - 1) > MAX_LINE:
             # The workers would refuse it as junk on their stdin, each restart: say so now.
             print(
-                f"the token secret is too long for --workers: {len(secret)} bytes, at most "
-                f"{MAX_SECRET}",
+                f"the token secret is too long for --workers: {size} bytes in hex, at most "
+                f"{MAX_LINE}",
                 file=sys.stderr,
             )
             return 2
     url_host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address
     try:
         config = SFUConfig(
-            token_secret=secret,
+            token_secrets=secrets,
             max_rooms=args.max_rooms,
             max_participants_per_room=args.max_participants,
             max_unjoined=args.max_unjoined,
@@ -340,7 +336,7 @@ def _run(argv: list[str] | None) -> int:
         listening = workers[0].sockets
         supervisor = Supervisor(
             [sys.executable, "-m", "sfu", *(argv if argv is not None else sys.argv[1:])],
-            secret,
+            secrets,
             workers[1:],
             hang_timeout=args.hang_timeout,
         )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import string
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +15,10 @@ from sfu.errors import ConfigError
 # in every m-line: about 1.2 kB per m-line with one candidate, some 90 bytes more per candidate.
 ANSWER_BYTES_PER_M_LINE = 2048
 MIN_MESSAGE_BYTES = 64 * 1024
+# Room-token secrets the SFU accepts at once: the delivery service's one, and during a rotation
+# the one before it (a few spare lines, not a store of every secret ever used).
+MAX_TOKEN_SECRETS = 4
+MIN_TOKEN_SECRET_BYTES = 16
 
 
 def message_bytes_for(max_participants_per_room: int) -> int:
@@ -26,7 +33,11 @@ def message_bytes_for(max_participants_per_room: int) -> int:
 
 @dataclass(frozen=True)
 class SFUConfig:
-    token_secret: bytes = field(repr=False)
+    # The room-token secrets: a token verifies if any of them signed it (`token_secrets`, at
+    # most MAX_TOKEN_SECRETS, none special) or the only one (`token_secret`: the first of
+    # `token_secrets` once made). Give one of the two.
+    token_secret: bytes = field(default=b"", repr=False)
+    token_secrets: tuple[bytes, ...] = field(default=(), repr=False)
     max_rooms: int = 100
     max_participants_per_room: int = 16
     # the largest signalling message (an SDP answer, mostly); 0: `message_bytes_for` the room
@@ -54,8 +65,23 @@ class SFUConfig:
     worker_urls: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if len(self.token_secret) < 16:
-            raise ConfigError("the room-token secret must be at least 16 bytes")
+        secrets = tuple(self.token_secrets)
+        if not secrets:
+            secrets = (self.token_secret,)
+        elif self.token_secret and self.token_secret != secrets[0]:
+            # (equal: a `dataclasses.replace` of a config, which passes both)
+            raise ConfigError("give token_secret or token_secrets, not both")
+        if len(secrets) > MAX_TOKEN_SECRETS:
+            raise ConfigError(
+                f"{len(secrets)} room-token secrets: at most {MAX_TOKEN_SECRETS} (the delivery "
+                "service's, and the one before it while rotating)"
+            )
+        if any(len(secret) < MIN_TOKEN_SECRET_BYTES for secret in secrets):
+            raise ConfigError(
+                f"the room-token secret must be at least {MIN_TOKEN_SECRET_BYTES} bytes"
+            )
+        object.__setattr__(self, "token_secrets", secrets)
+        object.__setattr__(self, "token_secret", secrets[0])
         if min(self.join_timeout, self.answer_timeout, self.connect_timeout) <= 0:
             raise ConfigError("timeouts must be positive")
         if self.max_rooms < 1 or self.max_participants_per_room < 1:
@@ -79,14 +105,88 @@ class SFUConfig:
         return zlib.crc32(room.encode()) % len(self.worker_urls)
 
 
-def read_token_secret(path: Path) -> bytes:
-    """The room-token secret from a file: hex, as the delivery service's CONCLAVE_ROOM_SECRET.
+# What a secret file made of text may hold besides hex digits: blanks around them, line ends.
+_TEXT_BYTES = frozenset(string.printable.encode("ascii"))
+_HEX_DIGITS = frozenset(string.hexdigits)
+_ASSIGNMENT = re.compile(r"(export\s+)?[A-Za-z_][A-Za-z0-9_]*\s*=")
+_UTF8_BOM = b"\xef\xbb\xbf"
 
-    The same hex string configures both services; a file that is not hex is taken as the raw
-    secret bytes. Surrounding whitespace (a trailing newline) is ignored. Raises OSError.
+
+def read_token_secrets(path: Path) -> tuple[bytes, ...]:
+    """The room-token secrets in a file (`--token-secret-file`), for the SFU to verify with.
+
+    A file of text (printable ASCII only, with blanks and line ends) holds one secret per line,
+    each in hex as the delivery service's CONCLAVE_ROOM_SECRET, at least 16 bytes; blank lines
+    and the blanks around a line are ignored; no line is special (a token verifies if any
+    secret signed it). Anything else in it (an odd number of digits, a character that is not a
+    hex digit, a ``NAME=`` prefix, a line too short) is a mistake the SFU would otherwise take
+    silently as another secret, refusing every join with "bad signature": ConfigError, naming
+    the file and the line. A file with any other byte is binary: all of it (less blanks at its
+    ends) is one raw secret of at least 16 bytes.
+
+    Raises OSError if the file cannot be read, ConfigError if it holds no usable secrets.
     """
-    text = path.read_bytes().strip()
-    try:
-        return bytes.fromhex(text.decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        return text
+    data = path.read_bytes()
+
+    def refuse(what: str, line: int | None = None) -> ConfigError:
+        where = f"{path}, line {line}" if line is not None else str(path)
+        return ConfigError(f"token secret file {where}: {what}")
+
+    if data.startswith(_UTF8_BOM) and _TEXT_BYTES.issuperset(data[len(_UTF8_BOM) :]):
+        raise refuse("starts with a UTF-8 byte-order mark: save it as plain ASCII hex")
+    if not _TEXT_BYTES.issuperset(data):  # binary: the raw secret (blanks at its ends aside)
+        secret = data.strip()
+        if len(secret) < MIN_TOKEN_SECRET_BYTES:
+            raise refuse(
+                f"a binary secret of {len(secret)} bytes is too short: at least "
+                f"{MIN_TOKEN_SECRET_BYTES} bytes"
+            )
+        return (secret,)
+    secrets: list[bytes] = []
+    for number, raw in enumerate(data.decode("ascii").splitlines(), start=1):
+        line = raw.strip()
+        if line:
+            offset = len(raw) - len(raw.lstrip())  # for positions counted from the line's start
+            secrets.append(_hex_secret(line, offset, lambda what, n=number: refuse(what, n)))
+    if not secrets:
+        raise refuse(
+            f"empty: it must hold the room-token secret in hex ({2 * MIN_TOKEN_SECRET_BYTES} "
+            "digits or more), the value of the delivery service's CONCLAVE_ROOM_SECRET"
+        )
+    if len(secrets) > MAX_TOKEN_SECRETS:
+        raise refuse(
+            f"{len(secrets)} secrets: at most {MAX_TOKEN_SECRETS} (the delivery service's, and "
+            "the one before it while rotating)"
+        )
+    return tuple(secrets)
+
+
+def _hex_secret(line: str, offset: int, refuse: Callable[[str], ConfigError]) -> bytes:
+    """The secret in one (stripped) line of a text secret file, or `refuse`'s error."""
+    if _ASSIGNMENT.match(line):
+        name = line.split("=", 1)[0].split()[-1]
+        raise refuse(f"{name}= prefix: give the hex value only")
+    if line[0] in "\"'":
+        raise refuse("quoted: give the hex value only, without quotes")
+    if line[:2] in ("0x", "0X"):
+        raise refuse("0x prefix: give the hex digits only")
+    for index, char in enumerate(line):
+        if char not in _HEX_DIGITS:
+            raise refuse(f"not hex at position {offset + index + 1} ({char!r})")
+    if len(line) % 2:
+        raise refuse(f"odd length: {len(line)} hex digits (one lost or one too many?)")
+    if len(line) < 2 * MIN_TOKEN_SECRET_BYTES:
+        raise refuse(
+            f"too short: {len(line) // 2} bytes ({len(line)} hex digits), at least "
+            f"{MIN_TOKEN_SECRET_BYTES} bytes ({2 * MIN_TOKEN_SECRET_BYTES} digits)"
+        )
+    return bytes.fromhex(line)
+
+
+def read_token_secret(path: Path) -> bytes:
+    """The only room-token secret in a file (`read_token_secrets`); ConfigError if it holds
+    several (the SFU reads them all)."""
+    secrets = read_token_secrets(path)
+    if len(secrets) > 1:
+        raise ConfigError(f"token secret file {path}: {len(secrets)} secrets, expected one")
+    return secrets[0]

@@ -15,6 +15,10 @@ again: tracebacks come back, nothing is lost (tests/sfu/test_oversized_requests.
 
 The SFU and the delivery service both install it (`quiet_bad_requests`); the delivery service
 may import `sfu` (tests/test_layers.py).
+
+`AccessLogger` is the SFU's access log: aiohttp's, without the lines of health checks and
+scrapes (`QUIET_PATHS`) unless the access logger is at DEBUG. Every HTTP server of the SFU uses
+it: each worker's, and worker 0's stand-in on the port of a worker that is down.
 """
 
 from __future__ import annotations
@@ -23,12 +27,27 @@ import logging
 import time
 from collections.abc import Callable
 
+from aiohttp import web
+from aiohttp.abc import BaseRequest
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_log import AccessLogger as _AiohttpAccessLogger
 
 AIOHTTP_SERVER_LOGGER = "aiohttp.server"
 AIOHTTP_MESSAGE = "Error handling request from %s"  # aiohttp's, in RequestHandler.handle_error
 LOG_INTERVAL = 60.0  # seconds between INFO lines for bad requests
 MAX_REASON = 100  # characters of the parser's reason in the line (it quotes the request)
+# Polled every few seconds by load balancers and Prometheus: one access line each would bury
+# everything else in the log. Logged only at --log-level DEBUG.
+QUIET_PATHS = frozenset({"/healthz", "/metrics"})
+
+
+class AccessLogger(_AiohttpAccessLogger):
+    """aiohttp's access log, without the lines for health checks and scrapes unless DEBUG."""
+
+    def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if request.path in QUIET_PATHS and not self.logger.isEnabledFor(logging.DEBUG):
+            return
+        super().log(request, response, time)
 
 
 class BadRequestLogFilter(logging.Filter):

@@ -85,6 +85,9 @@ class Metrics:
         self.signalling_errors = 0
         self.signalling_rate_limited = 0
         self.tokens_refused = 0
+        # Room tokens accepted (at joins and renewals), by the secret that signed them: index i
+        # is the (i+1)th secret of the token secret file (`SFUServer` sizes it).
+        self.tokens_accepted: list[int] = []
         self.forwarding_latency = Histogram()
         # Gauges are read from the server when rendering.
         self.rooms: Callable[[], int] = lambda: 0
@@ -102,6 +105,17 @@ class Metrics:
         ]
         for name, kind, help_text, value in samples:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        if self.tokens_accepted:
+            name = "sfu_tokens_accepted_total"
+            lines.append(
+                f"# HELP {name} Room tokens accepted, at joins and renewals, by the secret that "
+                "signed them (1: the first of the token secret file)."
+            )
+            lines.append(f"# TYPE {name} counter")
+            lines += [
+                f'{name}{{secret="{i}"}} {count}'
+                for i, count in enumerate(self.tokens_accepted, start=1)
+            ]
         h = self.forwarding_latency
         name = "sfu_forwarding_latency_seconds"
         lines.append(

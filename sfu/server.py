@@ -61,7 +61,7 @@ from sfu.metrics import Metrics, WorkerStatus, render_workers
 from sfu.outbox import Outbox
 from sfu.ratelimit import TokenBucket
 from sfu.room import Participant, Room
-from sfu.tokens import verify_room_token
+from sfu.tokens import check_room_token
 
 logger = logging.getLogger(__name__)
 BAD_SIGNATURE_LOG_INTERVAL = 60.0  # seconds between warnings of tokens with bad signatures
@@ -81,6 +81,8 @@ class SFUServer:
         self.config = config
         self.metrics = Metrics()
         self._bad_signature_logged = -BAD_SIGNATURE_LOG_INTERVAL
+        self.metrics.tokens_accepted = [0] * len(config.token_secrets)
+        self._older_secrets_logged: set[int] = set()  # secrets past the first, seen in use
         self.rooms: dict[str, Room] = {}
         self.metrics.rooms = lambda: len(self.rooms)
         self.metrics.participants = lambda: sum(len(r.participants) for r in self.rooms.values())
@@ -374,9 +376,7 @@ class SFUServer:
             or len(publish) > self.config.max_publish_streams
         ):
             raise SignallingError("bad-message", 'publish must be a subset of ["audio", "video"]')
-        expires_at = verify_room_token(
-            self.config.token_secret, token, room_name, identity, now=self.wall_clock()
-        )
+        expires_at = self._verify(token, room_name, identity, self.wall_clock())
         worker = self.config.worker_for(room_name)
         if worker != self.config.worker_index:
             if not self.worker_available(worker):
@@ -451,11 +451,11 @@ class SFUServer:
             participant.end_session(TOKEN_EXPIRED)  # its "session-ended" is the reply
             return
         try:
-            expires_at = verify_room_token(
-                self.config.token_secret, token, participant.room.name, participant.identity, now
-            )
+            expires_at = self._verify(token, participant.room.name, participant.identity, now)
         except TokenError as exc:  # the session goes on until the token it has expires
             self.metrics.tokens_refused += 1
+            if exc.reason == "bad signature":
+                self._warn_bad_signature("a token renewal")
             raise SignallingError("token", str(exc), exc.reason) from None
         participant.token_expires_at = max(participant.token_expires_at, expires_at)
         await participant.send_json(
@@ -479,18 +479,39 @@ class SFUServer:
                 del self.rooms[room.name]
                 await room.close()
 
-    def _warn_bad_signature(self) -> None:
-        """Log a join refused for a bad token signature, at most once per BAD_SIGNATURE_LOG_INTERVAL:
-        a client's forgery, or (if every join fails so) a secret the delivery service does not
-        share, which the clients' errors alone would not show the operator."""
+    def _verify(self, token: str, room: str, identity: str, now: float) -> int:
+        """`check_room_token` with every secret of the SFU: when the token expires. Counts the
+        secret that signed it; says once (INFO) when one past the first still signs tokens: the
+        delivery service (or an instance of it) has not been given the first yet."""
+        secrets = self.config.token_secrets
+        expires_at, signer = check_room_token(secrets, token, room, identity, now)
+        self.metrics.tokens_accepted[signer] += 1
+        if signer and signer not in self._older_secrets_logged:
+            self._older_secrets_logged.add(signer)
+            logger.info(
+                "a room token was signed with secret %d of %d of the token secret file, not the "
+                "first: a delivery service still signs with it (said once; "
+                'sfu_tokens_accepted_total{secret="%d"} counts them)',
+                signer + 1,
+                len(secrets),
+                signer + 1,
+            )
+        return expires_at
+
+    def _warn_bad_signature(self, what: str = "a join") -> None:
+        """Log `what` (a join, a token renewal) refused for a bad token signature, at most once
+        per BAD_SIGNATURE_LOG_INTERVAL in all: a client's forgery, or (if every join fails so) a
+        secret the delivery service does not share, which the clients' errors alone would not
+        show the operator."""
         now = time.monotonic()
         if now - self._bad_signature_logged < BAD_SIGNATURE_LOG_INTERVAL:
             return
         self._bad_signature_logged = now
         logger.warning(
-            "a join was refused: its room token has a bad signature (if every join is, the "
+            "%s was refused: its room token has a bad signature (if every join is, the "
             "delivery service signs with another secret: compare its CONCLAVE_ROOM_SECRET with "
-            "--token-secret-file)"
+            "--token-secret-file)",
+            what,
         )
 
     async def _error(self, send_json: Any, exc: SignallingError) -> None:

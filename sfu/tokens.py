@@ -7,6 +7,9 @@ Format (version 1)::
 with ``payload`` the canonical JSON ``{"exp": int, "id": identity, "room": room}`` (sorted keys,
 no spaces, UTF-8) and ``b64url`` URL-safe base64 without padding. A token binds one identity to
 one room until ``exp`` (Unix seconds); the SFU refuses it for any other room or identity.
+
+The SFU may hold several secrets (while the delivery service's is rotated): a token verifies if
+any of them signed it (`check_room_token`).
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ import hmac
 import json
 import re
 import time
+from collections.abc import Sequence
 
 from sfu.errors import TokenError
 
-__all__ = ["issue_room_token", "verify_room_token"]
+__all__ = ["check_room_token", "issue_room_token", "verify_room_token"]
 
 _VERSION = "v1"
 # The decoder in `base64` silently skips characters outside the alphabet; refuse them instead.
@@ -67,6 +71,18 @@ def verify_room_token(
     Raises `TokenError` with `reason` "malformed", "bad signature", "expired", "wrong room" or
     "wrong identity". The signature is checked before anything in the payload is trusted.
     """
+    return check_room_token((secret,), token, room, identity, now)[0]
+
+
+def check_room_token(
+    secrets: Sequence[bytes], token: str, room: str, identity: str, now: float | None = None
+) -> tuple[int, int]:
+    """`verify_room_token` with several secrets: the token's signature may be any one's.
+
+    Returns when it expires (Unix seconds) and the index in `secrets` of the one that signed
+    it. Every secret is compared (in constant time, `hmac.compare_digest`), whichever matches:
+    the time taken does not tell which one did.
+    """
     if not isinstance(token, str) or not token.isascii():
         raise TokenError("malformed")
     parts = token.split(".")
@@ -75,8 +91,12 @@ def verify_room_token(
     payload_b64, mac_b64 = parts[1], parts[2]
     payload = _b64url_decode(payload_b64)
     mac = _b64url_decode(mac_b64)
-    expected = _mac(secret, f"{_VERSION}.{payload_b64}")
-    if not hmac.compare_digest(mac, expected):
+    signed_part = f"{_VERSION}.{payload_b64}"
+    signer = -1
+    for index, secret in enumerate(secrets):
+        if hmac.compare_digest(mac, _mac(secret, signed_part)) and signer < 0:
+            signer = index
+    if signer < 0:
         raise TokenError(
             "bad signature", "room token refused: bad signature (not issued for this SFU)"
         )
@@ -103,4 +123,4 @@ def verify_room_token(
         raise TokenError("wrong room", "room token refused: issued for another room")
     if not hmac.compare_digest(obj["id"].encode(), identity.encode()):
         raise TokenError("wrong identity", "room token refused: issued for another identity")
-    return obj["exp"]
+    return obj["exp"], signer

@@ -12,12 +12,13 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from sfu.errors import Unavailable
+from sfu.httplog import AccessLogger
 from sfu.metrics import WorkerStatus
 
 logger = logging.getLogger("sfu.workers")
@@ -46,8 +47,7 @@ STOP_TIMEOUT = 10.0  # seconds a worker may take to stop after SIGTERM before it
 # to a port that nobody serves (the port stays bound, so the client would hang until its join
 # timeout), but refuse it with code "unavailable" as worker 0 does.
 DOWN_NONE = b"down\n"
-MAX_LINE = 1 << 20  # bytes of one line on a worker's stdin (the secret's, in hex)
-MAX_SECRET = MAX_LINE // 2  # bytes of a token secret that workers 1..N-1 can take (hex)
+MAX_LINE = 1 << 20  # bytes of one line on a worker's stdin (the secrets', in hex)
 # Why worker 0 restarts a worker: the `reason` label of sfu_worker_restarts_total.
 EXITED = "exited"  # it exited, or a signal not from worker 0 killed it (the OOM killer...)
 KILLED_HUNG = "killed-hung"  # worker 0 killed it: no heartbeat for the hang timeout
@@ -61,6 +61,14 @@ STAND_IN_TIMEOUT = 5.0
 MAX_STAND_IN = 256
 STAND_IN_ACCEPTS = 128  # connections taken at one wake-up: a flood does not hold the loop
 UNAVAILABLE = "the SFU worker that serves this room is restarting; try again in a few seconds"
+
+
+def secrets_line(secrets: bytes | Sequence[bytes]) -> bytes:
+    """The first line worker 0 writes on a worker's stdin: the token secrets (or the one) in
+    hex, separated by commas, and its end of line."""
+    if isinstance(secrets, bytes):
+        secrets = (secrets,)
+    return b",".join(secret.hex().encode() for secret in secrets) + b"\n"
 
 
 def bind(host: str, port: int) -> list[socket.socket]:
@@ -125,7 +133,7 @@ class Supervisor:
     """
 
     command: list[str]
-    secret: bytes = field(repr=False)
+    secret: bytes | tuple[bytes, ...] = field(repr=False)  # the token secret, or all of them
     workers: list[Worker]
     hang_timeout: float = HANG_TIMEOUT
     failed: str = ""  # why the SFU gave up, if it did
@@ -167,7 +175,7 @@ class Supervisor:
         worker.stdin_fd = stdin_write
         worker.told = DOWN_NONE  # a new worker takes every worker to be up
         os.set_blocking(stdin_write, False)
-        worker.unsent = self.secret.hex().encode() + b"\n"
+        worker.unsent = secrets_line(self.secret)
         self._send(worker)
         try:
             worker.proc = subprocess.Popen(
@@ -397,7 +405,10 @@ class Supervisor:
         worker.standing_in = True
         if worker.stand_in_handler is None:
             # keepalive: an idle connection is closed soon (each answer closes it anyway)
-            worker.stand_in_handler = web.Server(self._answer(worker), keepalive_timeout=5)
+            # and the access log of the workers' own servers: /healthz and /metrics only at DEBUG
+            worker.stand_in_handler = web.Server(
+                self._answer(worker), keepalive_timeout=5, access_log_class=AccessLogger
+            )
         loop = asyncio.get_running_loop()
         for sock in worker.sockets:
             try:
@@ -574,8 +585,9 @@ async def heartbeat(fd: int, interval: float = HEARTBEAT_INTERVAL) -> None:
 
 
 class ParentLink:
-    """In workers 1..N-1: what worker 0 says on stdin (`fd`): the token secret in hex on the
-    first line, then "down I J ..." lines (`Supervisor._tell`); its end: worker 0 is gone.
+    """In workers 1..N-1: what worker 0 says on stdin (`fd`): the token secrets in hex on the
+    first line (`secrets_line`), then "down I J ..." lines (`Supervisor._tell`); its end:
+    worker 0 is gone.
 
     Read unbuffered, in the main thread for the secret, then in `stop_with_parent`'s thread:
     a buffered reader could take the "down" lines along with the secret.
@@ -587,13 +599,20 @@ class ParentLink:
         # Replaced whole by the reading thread, read by the event loop: no lock needed.
         self._down: frozenset[int] = frozenset()
 
-    def secret(self) -> bytes:
-        """The secret; empty if stdin ended (or held no hex) before a whole line."""
+    def secrets(self) -> tuple[bytes, ...]:
+        """The secrets; none if stdin ended (or held no hex) before a whole line."""
         line = self._readline()
+        if not line:
+            return ()
         try:
-            return bytes.fromhex(line.decode("ascii")) if line is not None else b""
+            secrets = tuple(bytes.fromhex(part.decode("ascii")) for part in line.split(b","))
         except ValueError:  # UnicodeDecodeError is one too
-            return b""
+            return ()
+        return secrets if all(secrets) else ()
+
+    def secret(self) -> bytes:
+        """The first line's secret, as `secrets` (for one; the first of several); empty if none."""
+        return next(iter(self.secrets()), b"")
 
     def available(self, index: int) -> bool:
         """Whether worker `index` is up, as worker 0 last said (all are, until it says)."""

@@ -54,7 +54,7 @@ async def _wait_healthy(session: aiohttp.ClientSession, base: str) -> None:
 
 async def test_python_m_sfu_serves_signalling_and_metrics(tmp_path: Path) -> None:
     secret_file = tmp_path / "secret"
-    secret_file.write_bytes(SECRET + b"\n")  # trailing newline is stripped
+    secret_file.write_text(SECRET.hex() + "\n")  # trailing newline is stripped
     port = _free_port()
     proc = _start_sfu(secret_file, port)
     try:
@@ -88,7 +88,7 @@ def test_missing_secret_file_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_short_secret_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "s").write_bytes(b"short")
+    (tmp_path / "s").write_text("00" * 15)  # hex, 15 bytes
     result = _run_sfu("--token-secret-file", str(tmp_path / "s"))
     assert result.returncode == 2 and "at least 16 bytes" in result.stderr
 
@@ -97,7 +97,7 @@ async def test_workers_split_rooms_and_redirect_joins(tmp_path: Path) -> None:
     from sfu.config import SFUConfig
 
     secret_file = tmp_path / "secret"
-    secret_file.write_bytes(SECRET)
+    secret_file.write_text(SECRET.hex())
     port = _free_port()
     while True:  # two consecutive free ports
         try:
@@ -133,7 +133,7 @@ async def test_workers_split_rooms_and_redirect_joins(tmp_path: Path) -> None:
 
 
 def test_port_in_use_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
-    (tmp_path / "s").write_bytes(SECRET)
+    (tmp_path / "s").write_text(SECRET.hex())
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -143,14 +143,14 @@ def test_port_in_use_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
 
 
 def test_bad_arguments_are_usage_errors(tmp_path: Path) -> None:
-    (tmp_path / "s").write_bytes(SECRET)
+    (tmp_path / "s").write_text(SECRET.hex())
     for args in (("--log-level", "loud"), ("--port", "70000")):
         result = _run_sfu(*args, "--token-secret-file", str(tmp_path / "s"))
         assert result.returncode == 2 and "usage:" in result.stderr, args
 
 
 def test_the_unjoined_socket_limits_are_options(tmp_path: Path) -> None:
-    (tmp_path / "s").write_bytes(SECRET)
+    (tmp_path / "s").write_text(SECRET.hex())
     result = _run_sfu("--token-secret-file", str(tmp_path / "s"), "--max-unjoined-per-address", "0")
     assert result.returncode == 2 and "sockets not joined yet" in result.stderr
     help_text = _run_sfu("--help").stdout

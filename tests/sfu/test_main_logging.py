@@ -25,7 +25,7 @@ async def two_workers(tmp_path: Path) -> AsyncIterator[SimpleNamespace]:
     """`python -m sfu --workers 2` on 127.0.0.1, both workers healthy: `port` (worker 0's),
     `session`; `err`, its stderr, once it stopped on SIGTERM (with status 0)."""
     secret_file = tmp_path / "secret"
-    secret_file.write_bytes(SECRET)
+    secret_file.write_text(SECRET.hex())
     run = SimpleNamespace(port=_free_port(), err="")
     proc = subprocess.Popen(
         [sys.executable, "-m", "sfu", "--host", "127.0.0.1", "--port", str(run.port),

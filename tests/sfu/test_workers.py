@@ -197,7 +197,7 @@ async def test_a_hung_worker_is_killed_and_restarted(tmp_path: Path, processes: 
 
 @pytest.mark.parametrize("value", ["1", "nan", "soon"])
 def test_a_bad_hang_timeout_is_one_clear_error(tmp_path: Path, value: str) -> None:
-    (tmp_path / "s").write_bytes(SECRET)
+    (tmp_path / "s").write_text(SECRET.hex())
     result = subprocess.run(
         [sys.executable, "-m", "sfu", "--workers", "2", "--hang-timeout", value,
          "--port", str(_free_ports(2)), "--token-secret-file", str(tmp_path / "s")],
@@ -211,7 +211,7 @@ def test_a_busy_port_of_a_later_worker_stops_everything(
     tmp_path: Path, processes: list[int]
 ) -> None:
     secret_file = tmp_path / "secret"
-    secret_file.write_bytes(SECRET)
+    secret_file.write_text(SECRET.hex())
     port = _free_ports(3)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", port + 2))
@@ -233,7 +233,7 @@ def test_a_busy_port_of_a_later_worker_stops_everything(
 
 
 def test_bad_host_with_workers_is_one_clear_error(tmp_path: Path) -> None:
-    (tmp_path / "s").write_bytes(SECRET)
+    (tmp_path / "s").write_text(SECRET.hex())
     result = subprocess.run(
         [sys.executable, "-m", "sfu", "--host", "no-such-host.invalid", "--workers", "3",
          "--port", str(_free_ports(3)), "--token-secret-file", str(tmp_path / "s")],

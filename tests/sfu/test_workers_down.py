@@ -237,7 +237,7 @@ def test_a_worker_orphaned_while_starting_stops_quietly(
 
 @pytest.mark.parametrize("stdin", ["devnull", "empty pipe"])
 def test_a_worker_run_by_hand_without_a_secret_still_says_so(tmp_path: Path, stdin: str) -> None:
-    (tmp_path / "s").write_bytes(SECRET)
+    (tmp_path / "s").write_text(SECRET.hex())
     command = [
         sys.executable, "-m", "sfu", "--workers", "2", "--worker-index", "1",
         "--listen-fds", "1000", "--token-secret-file", str(tmp_path / "s"),

@@ -79,7 +79,7 @@ def test_a_signal_while_starting_is_a_quiet_stop(
     # Before: a Ctrl-C while worker 0 imported aiortc was a traceback (status -2), a SIGTERM
     # killed it outright (-15): the README promises status 0 after SIGTERM/SIGINT.
     secret_file = tmp_path / "secret"
-    secret_file.write_bytes(SECRET)
+    secret_file.write_text(SECRET.hex())
     port = _free_ports(2)
     proc = _start(secret_file, port, 2)
     processes.append(proc.pid)
@@ -202,7 +202,7 @@ def test_a_wedged_worker_leaves_when_worker_0_is_gone(processes: list[int]) -> N
 def test_a_worker_started_without_a_secret_says_so(tmp_path: Path) -> None:
     # Before: end of file on stdin (worker 0 died before sending the secret) was an empty secret,
     # reported as "bad configuration: ... at least 16 bytes", which points the operator at the file.
-    (tmp_path / "s").write_bytes(SECRET)
+    (tmp_path / "s").write_text(SECRET.hex())
     result = subprocess.run(
         [sys.executable, "-m", "sfu", "--workers", "2", "--worker-index", "1",
          "--listen-fds", "1000", "--token-secret-file", str(tmp_path / "s")],
@@ -216,7 +216,7 @@ def test_a_supervision_that_fails_stops_the_sfu(tmp_path: Path, processes: list[
     # Before: an unexpected error in `Supervisor.watch` ended the task, and with it every
     # restart and hang check, and the SFU served on without a word.
     secret_file = tmp_path / "secret"
-    secret_file.write_bytes(SECRET)
+    secret_file.write_text(SECRET.hex())
     port = _free_ports(2)
     code = (
         "import asyncio, sys\n"
