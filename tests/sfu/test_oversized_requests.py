@@ -74,6 +74,11 @@ class Clock:
 @pytest.fixture
 def server_logger(caplog: pytest.LogCaptureFixture) -> Iterator[tuple[logging.Logger, Clock]]:
     logger = logging.getLogger(AIOHTTP_SERVER_LOGGER)
+    # The one `quiet_bad_requests` installed for good, if a test ran a server in this process
+    # before: it would have these records first, on its own clock.
+    earlier = [f for f in logger.filters if isinstance(f, BadRequestLogFilter)]
+    for f in earlier:
+        logger.removeFilter(f)
     clock = Clock()
     installed = BadRequestLogFilter(interval=60.0, clock=clock)
     logger.addFilter(installed)
@@ -81,6 +86,8 @@ def server_logger(caplog: pytest.LogCaptureFixture) -> Iterator[tuple[logging.Lo
         yield logger, clock
     finally:
         logger.removeFilter(installed)
+        for f in earlier:
+            logger.addFilter(f)
 
 
 def log_bad_request(logger: logging.Logger, exc: BaseException) -> None:
