@@ -80,6 +80,8 @@ class SFUConfig:
             raise ConfigError(
                 f"the room-token secret must be at least {MIN_TOKEN_SECRET_BYTES} bytes"
             )
+        if len(set(secrets)) != len(secrets):
+            raise ConfigError("a room-token secret given twice: each is given once")
         object.__setattr__(self, "token_secrets", secrets)
         object.__setattr__(self, "token_secret", secrets[0])
         if min(self.join_timeout, self.answer_timeout, self.connect_timeout) <= 0:
@@ -108,8 +110,19 @@ class SFUConfig:
 # What a secret file made of text may hold besides hex digits: blanks around them, line ends.
 _TEXT_BYTES = frozenset(string.printable.encode("ascii"))
 _HEX_DIGITS = frozenset(string.hexdigits)
-_ASSIGNMENT = re.compile(r"(export\s+)?[A-Za-z_][A-Za-z0-9_]*\s*=")
+_ASSIGNMENT = re.compile(r"(export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*\S")
+# Names an error may quote: whatever else matched `_ASSIGNMENT` may be a secret (base64 ends
+# in "=", and without + or / all of it looks like a name).
+_KNOWN_NAMES = frozenset({"CONCLAVE_ROOM_SECRET"})
 _UTF8_BOM = b"\xef\xbb\xbf"
+# A file of hex with a stray byte that is not printable ASCII (a non-breaking space pasted with
+# it) rather than a raw binary secret: 32 hex digits in a row, which random bytes (8.6% of them
+# hex digits) all but never are.
+_HEX_RUN = re.compile(rb"[0-9A-Fa-f]{32}")
+# Widths at which tools wrap hex: `xxd -p` (60 digits), `basenc --base16` (76). One secret so
+# wrapped was one secret for the old reader (`bytes.fromhex` of the whole file) and is for the
+# delivery service; read a line at a time, it would be several, none of them its secret.
+_WRAP_WIDTHS = frozenset({60, 76})
 
 
 def read_token_secrets(path: Path) -> tuple[bytes, ...]:
@@ -119,10 +132,12 @@ def read_token_secrets(path: Path) -> tuple[bytes, ...]:
     each in hex as the delivery service's CONCLAVE_ROOM_SECRET, at least 16 bytes; blank lines
     and the blanks around a line are ignored; no line is special (a token verifies if any
     secret signed it). Anything else in it (an odd number of digits, a character that is not a
-    hex digit, a ``NAME=`` prefix, a line too short) is a mistake the SFU would otherwise take
+    hex digit, a ``NAME=`` prefix, a line too short, one secret wrapped over lines, a secret
+    twice, hex with a stray byte that is not ASCII) is a mistake the SFU would otherwise take
     silently as another secret, refusing every join with "bad signature": ConfigError, naming
-    the file and the line. A file with any other byte is binary: all of it (less blanks at its
-    ends) is one raw secret of at least 16 bytes.
+    the file and the line, never quoting a character of it. A file with any other byte and no
+    run of 32 hex digits is binary: all of it (less blanks at its ends) is one raw secret of
+    at least 16 bytes.
 
     Raises OSError if the file cannot be read, ConfigError if it holds no usable secrets.
     """
@@ -134,25 +149,55 @@ def read_token_secrets(path: Path) -> tuple[bytes, ...]:
 
     if data.startswith(_UTF8_BOM) and _TEXT_BYTES.issuperset(data[len(_UTF8_BOM) :]):
         raise refuse("starts with a UTF-8 byte-order mark: save it as plain ASCII hex")
-    if not _TEXT_BYTES.issuperset(data):  # binary: the raw secret (blanks at its ends aside)
-        secret = data.strip()
+    if not _TEXT_BYTES.issuperset(data):
+        stray = next(i for i, byte in enumerate(data) if byte not in _TEXT_BYTES)
+        if _HEX_RUN.search(data):  # hex, with a byte pasted along: not a raw secret
+            start = data.rfind(b"\n", 0, stray) + 1
+            raise refuse(
+                f"a byte that is not printable ASCII at position {stray - start + 1} (a "
+                "non-breaking or zero-width space, a byte-order mark?): save the hex as plain "
+                "ASCII",
+                data.count(b"\n", 0, stray) + 1,
+            )
+        secret = data.strip()  # binary: the raw secret (blanks at its ends aside)
         if len(secret) < MIN_TOKEN_SECRET_BYTES:
             raise refuse(
                 f"a binary secret of {len(secret)} bytes is too short: at least "
                 f"{MIN_TOKEN_SECRET_BYTES} bytes"
             )
         return (secret,)
-    secrets: list[bytes] = []
+    lines: list[tuple[int, str]] = []  # (number, the line without blanks around it)
     for number, raw in enumerate(data.decode("ascii").splitlines(), start=1):
         line = raw.strip()
         if line:
             offset = len(raw) - len(raw.lstrip())  # for positions counted from the line's start
-            secrets.append(_hex_secret(line, offset, lambda what, n=number: refuse(what, n)))
-    if not secrets:
+            _check_hex(line, offset, lambda what, n=number: refuse(what, n))
+            lines.append((number, line))
+    if not lines:
         raise refuse(
             f"empty: it must hold the room-token secret in hex ({2 * MIN_TOKEN_SECRET_BYTES} "
             "digits or more), the value of the delivery service's CONCLAVE_ROOM_SECRET"
         )
+    widths = {len(line) for _, line in lines[:-1]}
+    if len(widths) == 1 and (width := widths.pop()) in _WRAP_WIDTHS and len(lines[-1][1]) < width:
+        raise refuse(
+            f"{len(lines) - 1} line(s) of {width} hex digits and a shorter one: one secret "
+            "wrapped over lines (as `xxd -p` or `basenc` write it)? Put it on one line, the "
+            "value of CONCLAVE_ROOM_SECRET (several secrets of these lengths: the shortest "
+            "first)"
+        )
+    secrets: list[bytes] = []
+    seen: dict[bytes, int] = {}
+    for number, line in lines:
+        secret = _hex_secret(line, lambda what, n=number: refuse(what, n))
+        if secret in seen:
+            raise refuse(
+                f"the secret of line {seen[secret]} again: a secret is given once (a rotation's "
+                "new secret is a new one: openssl rand -hex 32)",
+                number,
+            )
+        seen[secret] = number
+        secrets.append(secret)
     if len(secrets) > MAX_TOKEN_SECRETS:
         raise refuse(
             f"{len(secrets)} secrets: at most {MAX_TOKEN_SECRETS} (the delivery service's, and "
@@ -161,10 +206,11 @@ def read_token_secrets(path: Path) -> tuple[bytes, ...]:
     return tuple(secrets)
 
 
-def _hex_secret(line: str, offset: int, refuse: Callable[[str], ConfigError]) -> bytes:
-    """The secret in one (stripped) line of a text secret file, or `refuse`'s error."""
-    if _ASSIGNMENT.match(line):
-        name = line.split("=", 1)[0].split()[-1]
+def _check_hex(line: str, offset: int, refuse: Callable[[str], ConfigError]) -> None:
+    """`refuse`'s error unless a (stripped) line of a text secret file is hex digits only. The
+    error places what is wrong but never quotes it: it may be a character of the secret."""
+    if match := _ASSIGNMENT.match(line):
+        name = match.group(2) if match.group(2) in _KNOWN_NAMES else "a NAME"
         raise refuse(f"{name}= prefix: give the hex value only")
     if line[0] in "\"'":
         raise refuse("quoted: give the hex value only, without quotes")
@@ -172,7 +218,17 @@ def _hex_secret(line: str, offset: int, refuse: Callable[[str], ConfigError]) ->
         raise refuse("0x prefix: give the hex digits only")
     for index, char in enumerate(line):
         if char not in _HEX_DIGITS:
-            raise refuse(f"not hex at position {offset + index + 1} ({char!r})")
+            why = (
+                " (a blank: one secret per line, its digits together)"
+                if char.isspace()
+                else " (a raw secret of text? give its hex, the value of CONCLAVE_ROOM_SECRET)"
+            )
+            raise refuse(f"not hex at position {offset + index + 1}{why}")
+
+
+def _hex_secret(line: str, refuse: Callable[[str], ConfigError]) -> bytes:
+    """The secret in one (stripped, `_check_hex`ed) line of a text secret file, or `refuse`'s
+    error."""
     if len(line) % 2:
         raise refuse(f"odd length: {len(line)} hex digits (one lost or one too many?)")
     if len(line) < 2 * MIN_TOKEN_SECRET_BYTES:

@@ -376,7 +376,7 @@ class SFUServer:
             or len(publish) > self.config.max_publish_streams
         ):
             raise SignallingError("bad-message", 'publish must be a subset of ["audio", "video"]')
-        expires_at = self._verify(token, room_name, identity, self.wall_clock())
+        expires_at, signer = self._verify(token, room_name, identity, self.wall_clock())
         worker = self.config.worker_for(room_name)
         if worker != self.config.worker_index:
             if not self.worker_available(worker):
@@ -384,6 +384,7 @@ class SFUServer:
                     "the SFU worker that serves this room is restarting; try again in a few seconds"
                 )
             raise Redirect(self.config.worker_urls[worker])
+        self._count_signer(signer)  # here, not in a worker that redirects: counted once
         room = self.rooms.get(room_name)
         old = room.participants.get(identity) if room is not None else None
         if old is not None and old.ending is not None:
@@ -451,12 +452,15 @@ class SFUServer:
             participant.end_session(TOKEN_EXPIRED)  # its "session-ended" is the reply
             return
         try:
-            expires_at = self._verify(token, participant.room.name, participant.identity, now)
+            expires_at, signer = self._verify(
+                token, participant.room.name, participant.identity, now
+            )
         except TokenError as exc:  # the session goes on until the token it has expires
             self.metrics.tokens_refused += 1
             if exc.reason == "bad signature":
                 self._warn_bad_signature("a token renewal")
             raise SignallingError("token", str(exc), exc.reason) from None
+        self._count_signer(signer)
         participant.token_expires_at = max(participant.token_expires_at, expires_at)
         await participant.send_json(
             {"type": "token-accepted", "expires_at": int(participant.token_expires_at)}
@@ -479,12 +483,15 @@ class SFUServer:
                 del self.rooms[room.name]
                 await room.close()
 
-    def _verify(self, token: str, room: str, identity: str, now: float) -> int:
-        """`check_room_token` with every secret of the SFU: when the token expires. Counts the
-        secret that signed it; says once (INFO) when one past the first still signs tokens: the
-        delivery service (or an instance of it) has not been given the first yet."""
-        secrets = self.config.token_secrets
-        expires_at, signer = check_room_token(secrets, token, room, identity, now)
+    def _verify(self, token: str, room: str, identity: str, now: float) -> tuple[int, int]:
+        """`check_room_token` with every secret of the SFU: when the token expires, and the
+        index of the secret that signed it (for `_count_signer`)."""
+        return check_room_token(self.config.token_secrets, token, room, identity, now)
+
+    def _count_signer(self, signer: int) -> None:
+        """Count a token accepted here (a join this worker serves, a renewal) by the secret that
+        signed it; say once (INFO) when one past the first still signs tokens: the delivery
+        service (or an instance of it) has not been given the first yet."""
         self.metrics.tokens_accepted[signer] += 1
         if signer and signer not in self._older_secrets_logged:
             self._older_secrets_logged.add(signer)
@@ -493,10 +500,9 @@ class SFUServer:
                 "first: a delivery service still signs with it (said once; "
                 'sfu_tokens_accepted_total{secret="%d"} counts them)',
                 signer + 1,
-                len(secrets),
+                len(self.config.token_secrets),
                 signer + 1,
             )
-        return expires_at
 
     def _warn_bad_signature(self, what: str = "a join") -> None:
         """Log `what` (a join, a token renewal) refused for a bad token signature, at most once

@@ -83,6 +83,9 @@ def check_room_token(
     it. Every secret is compared (in constant time, `hmac.compare_digest`), whichever matches:
     the time taken does not tell which one did.
     """
+    if not secrets or not all(secrets):
+        # An empty key is one anybody can sign with: every token is refused (fail closed).
+        raise TokenError("bad signature", "room token refused: the SFU has no usable secret")
     if not isinstance(token, str) or not token.isascii():
         raise TokenError("malformed")
     parts = token.split(".")
