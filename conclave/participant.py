@@ -1406,6 +1406,9 @@ class Participant:
         # An outage's lost line still to come would say "calling in again": the session ends
         # with the membership, which the call tells ("you were removed", "you left").
         self._cancel_media_lost_notice()
+        # So does the SFU's refusal of its tokens, if told: added back, a refused call-in is
+        # told again (`_call_in_refused`), not left unsaid as told already.
+        self._sfu_refusal_told = False
         if self.sfu is not None:
             client, self.sfu = self.sfu, None
             with contextlib.suppress(Exception):
@@ -2265,11 +2268,20 @@ class Participant:
             elif kind == "error" and code == "token":
                 # (`_renew_room_token`'s fresh token: the session goes on with the old one
                 # until it runs out)
-                refused = _sfu_text(event.get("reason") or event.get("message") or "refused")
-                self._renewal_refused(refused)
+                again = _sfu_text(event.get("reason") or event.get("message") or "refused")
+                # The same refusal again (an SFU may send any number) is logged once; and
+                # none is told once the session is left (removed: the refusal of a renewal
+                # sent just before is no news then).
+                self._renewal_refused(again, repeated=again == refused,
+                                      current=self.sfu is client)
+                refused = again
             elif kind == "token-accepted":
                 refused = None
-                self._sfu_refusal_told = False  # (fixed before the session ended)
+                # (After a refusal, `_renew_room_token` sends the next renewal at three
+                # quarters of the refused token's life, past the end of this session's: an
+                # acceptance then is the SFU's own, or that of an earlier renewal.)
+                if self.sfu is client:
+                    self._sfu_refusal_over()
             elif kind == "closed":
                 break
         if self.sfu is not client:
@@ -2302,6 +2314,9 @@ class Participant:
                 # promised a line when the session is back: this one says why it is not (unless
                 # the removal was seen, which the call tells).
                 self._cancel_media_lost_notice()
+                # Out of the call, the outage is over: added back, a refused call-in is told
+                # again (`_call_in_refused`).
+                self._sfu_refusal_told = False
                 if self._media_lost and not self.removed:
                     self._media_lost_told = True  # added back, "back in the media session"
                     self._notice(
@@ -2319,10 +2334,11 @@ class Participant:
             else:
                 if self._media_lost_told:
                     self._notice("back in the media session: audio and video flow again")
-                else:  # (a quick reconnection: the user was told nothing)
+                    self._sfu_refusal_told = False  # (said by the back line)
+                else:  # (a quick reconnection: the user was told nothing of it)
                     log.info("%s: back in the media session", self.name)
+                    self._sfu_refusal_over()  # told of a refused renewal, say
                 self._media_lost = self._media_lost_told = False
-                self._sfu_refusal_told = False
                 self._cancel_media_lost_notice()
                 return
 
@@ -2354,13 +2370,18 @@ class Participant:
             "until it is back (a line will say so)"
         )
 
-    def _renewal_refused(self, reason: str) -> None:
+    def _renewal_refused(self, reason: str, *, repeated: bool = False,
+                         current: bool = True) -> None:
         """The SFU refused a fresh room token for the media session (`_renew_room_token`):
         the session goes on until the token it has runs out. One with a bad signature is the
-        operator's to fix, and the user is told so (once per outage)."""
-        log.warning("%s: the SFU refused to renew the media session's room token (%s)",
-                    self.name, reason)
-        if reason != BAD_SIGNATURE or self._sfu_refusal_told:
+        operator's to fix, and the user is told so (once per outage), if the session is still
+        this participant's (`current`: not once it left the room). A refusal `repeated` in
+        the session (the same reason as the one before) is logged at DEBUG: an SFU may send
+        any number of them."""
+        log.log(logging.DEBUG if repeated else logging.WARNING,
+                "%s: the SFU refused to renew the media session's room token (%s)",
+                self.name, reason)
+        if reason != BAD_SIGNATURE or self._sfu_refusal_told or not current:
             return
         self._sfu_refusal_told = True
         self._notice(
@@ -2368,6 +2389,17 @@ class Participant:
             "this media session runs out, and then stop until that is fixed (calling in "
             "again until it is)"
         )
+
+    def _sfu_refusal_over(self) -> None:
+        """The SFU takes the delivery service's room tokens again (a renewal accepted, a
+        call-in that worked): said if the user was told that it refused them, with no lost line
+        (whose back line says it), as that line said media would stop until it is fixed."""
+        if self._sfu_refusal_told and not self._media_lost_told:
+            self._notice(
+                f"the SFU at {shown_url(self.sfu_url or '')} takes this delivery service's room "
+                "tokens again: audio and video go on"
+            )
+        self._sfu_refusal_told = False
 
     def _cancel_media_lost_notice(self) -> None:
         """No lost line of the media session to come (`_tell_media_lost`)."""
