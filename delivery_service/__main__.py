@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import errno
 import logging
 import math
 import os
+import signal
 import socket
 import sqlite3
 import sys
@@ -144,6 +147,22 @@ def parse_auditors(values: list[str]) -> tuple[frozenset[str], dict[str, bytes]]
 
 async def _log_stopping(app: web.Application) -> None:
     log.info("stopping")
+    # aiohttp's own handlers would raise out of the stop at a second signal, the database left
+    # open: the SQLite connections' threads then held the process forever, without a word.
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):  # no loop signal handlers (Windows)
+            loop.add_signal_handler(sig, _hurry, sig)
+
+
+def _hurry(sig: int) -> None:
+    """Another SIGTERM or SIGINT while stopping (a second Ctrl-C): exit now, with status 1, as
+    after a crash (the database keeps what was committed), rather than wait for the requests in
+    flight (up to aiohttp's shutdown timeout) or hang."""
+    log.warning("%s while stopping: exiting now, without waiting for the requests in flight",
+                signal.Signals(sig).name)
+    logging.shutdown()  # the warning written out: os._exit flushes nothing
+    os._exit(1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

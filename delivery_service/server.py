@@ -621,6 +621,14 @@ class DeliveryService:
                 f"{what} for {identity!r} with a signature key that is not the one registered "
                 "for that identity"
             )
+        if has_small_order(record.cipher_suite, key):
+            # Registered before such keys were refused: it cannot log in any more, but its
+            # KeyPackage or leaf could be forged by anyone (MLS verifies it with OpenSSL's
+            # EdDSA, which takes R = a small-order point, S = 0) and put in a group.
+            raise Forbidden(
+                f"{what} for {identity!r}, whose registered signature key is a point of small "
+                "order, which no one holds: that identity can join no group"
+            )
 
     async def _check_proposed_leaf(self, framed: FramedMessage) -> None:
         """A member's Add or Update proposal must bring a leaf the service would let into the
