@@ -138,6 +138,37 @@ def _opaque(data: bytes) -> bytes:
     return encode_varint(len(data)) + data
 
 
+# The y coordinates (little-endian, the sign bit of x left out) of the Edwards points of small
+# order (RFC 8032 curves: cofactor 8 for Ed25519, 4 for Ed448), canonical and not (y + p). A
+# signature made without the private key (R = a small-order point, S = 0) verifies under such a
+# key in OpenSSL's EdDSA (and so cryptography's) for every message or many: no private key has
+# one as its public key, and whoever put one in a leaf let anyone sign as that leaf. Refused as
+# libsodium's crypto_core_ed25519_is_valid_point refuses the same Ed25519 list.
+_ED25519_P = 2**255 - 19
+_ED25519_SMALL_ORDER = frozenset(y.to_bytes(32, "little") for y in (
+    0, 1,  # order 4 (x = ±sqrt(-1)); the neutral element
+    0x05FC536D880238B13933C6D305ACDFD5F098EFF289F4C345B027B2C28F95E826,  # order 8
+    0x7A03AC9277FDC74EC6CC392CFA53202A0F67100D760B3CBA4FD84D3D706A17C7,  # order 8
+    _ED25519_P - 1,  # order 2
+    _ED25519_P, _ED25519_P + 1,  # 0 and 1 again, not reduced
+))  # fmt: skip
+_ED448_P = 2**448 - 2**224 - 1
+_ED448_SMALL_ORDER = frozenset(y.to_bytes(56, "little") for y in (
+    0, 1, _ED448_P - 1,  # order 4 (x = ±1, y = 0), 1, 2
+    _ED448_P, _ED448_P + 1,  # 0 and 1 again, not reduced
+))  # fmt: skip
+
+
+def has_small_order(scheme: SignatureScheme, public: bytes) -> bool:
+    """Whether `public` is an EdDSA point of small order, in any encoding. (The ECDSA curves
+    have prime order: no such points.)"""
+    if scheme is SignatureScheme.ed25519 and len(public) == 32:
+        return public[:31] + bytes([public[31] & 0x7F]) in _ED25519_SMALL_ORDER
+    if scheme is SignatureScheme.ed448 and len(public) == 57:
+        return public[56] & 0x7F == 0 and public[:56] in _ED448_SMALL_ORDER
+    return False
+
+
 # Public keys are not secret and parsing them (point decompression and validation) costs about as
 # much as a verification, so parsed public keys are cached. Private keys are never cached here.
 
@@ -396,7 +427,12 @@ class Crypto:
         return key.sign(message)  # type: ignore[no-any-return]
 
     def verify(self, public: bytes, message: bytes, signature: bytes) -> bool:
-        """Signature.Verify; False for a wrong signature, CryptoError for a malformed key."""
+        """Signature.Verify; False for a wrong signature, CryptoError for a malformed key (one of
+        small order too: `has_small_order`)."""
+        if has_small_order(self.signature_scheme, public):
+            raise CryptoError(
+                f"invalid {self.signature_scheme.name} signature public key: a point of small order"
+            )
         key = _signature_public_key(self.signature_scheme, public)
         try:
             if self.signature_scheme in _ECDSA:

@@ -28,7 +28,6 @@ import aiohttp
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
 
-from delivery_service import signatures
 from delivery_service.errors import RequestFailed
 from delivery_service.signatures import (
     CHALLENGE_LABEL,
@@ -38,13 +37,13 @@ from delivery_service.signatures import (
     verify_with_label,
 )
 from delivery_service.storage import IdentityRecord, Storage
-from mls.crypto import get_crypto
+from mls import crypto as mls_crypto
 from mls.framing import MLSMessage
 from mls.key_package import KeyPackage
 
 from .conftest import Served, sqlite_error
 from .mlsgroups import people, start_group
-from .test_operator_review27 import _challenge, _post
+from .test_operator_review27 import _challenge, _post, openssl_verifies
 from .test_operator_run import Running, until_logged
 
 Point = tuple[int, int]
@@ -132,7 +131,7 @@ def test_the_ed25519_list_is_exactly_the_torsion_subgroup(ed25519_points: set[Po
     # y + p fits 255 bits for y < 19: only 0 and 1 among them; 5 points' ys, 7 values
     expected = {y.to_bytes(32, "little") for y in ys} | \
         {(y + p).to_bytes(32, "little") for y in ys if y + p < 2**255}
-    assert signatures._ED25519_SMALL_ORDER == expected
+    assert mls_crypto._ED25519_SMALL_ORDER == expected
     keys = encodings(ED25519, ed25519_points)
     assert len(keys) == 14  # libsodium's 7, with either sign bit
     for key in keys:
@@ -148,7 +147,7 @@ def test_the_ed448_list_is_exactly_the_torsion_subgroup(ed448_points: set[Point]
     ys = {y for _, y in ed448_points}
     expected = {y.to_bytes(56, "little") for y in ys} | \
         {(y + p).to_bytes(56, "little") for y in ys if y + p < 2**448}
-    assert signatures._ED448_SMALL_ORDER == expected
+    assert mls_crypto._ED448_SMALL_ORDER == expected
     keys = encodings(ED448, ed448_points)
     assert len(keys) == 10
     for key in keys:
@@ -167,8 +166,8 @@ def test_ed448s_last_byte_check_leaves_out_only_what_openssl_refuses() -> None:
         for last in (0x01, 0x40, 0x7F, 0x81, 0xFF):
             key = y.to_bytes(56, "little") + bytes([last])
             assert not has_small_order(4, key)
-            assert not any(get_crypto(4).verify_with_label(key, CHALLENGE_LABEL, content,
-                                                           r + bytes(57)) for r in rs)
+            assert not any(openssl_verifies(key, CHALLENGE_LABEL, content, r + bytes(57))
+                           for r in rs)
 
 
 def _forgery_448(key: bytes, content: bytes) -> bytes | None:
@@ -177,7 +176,7 @@ def _forgery_448(key: bytes, content: bytes) -> bytes | None:
     for y in (0, 1, p - 1):
         for sign in (0, 0x80):
             signature = y.to_bytes(56, "little") + bytes([sign]) + bytes(57)
-            if get_crypto(4).verify_with_label(key, CHALLENGE_LABEL, content, signature):
+            if openssl_verifies(key, CHALLENGE_LABEL, content, signature):
                 return signature
     return None
 
@@ -242,8 +241,17 @@ async def test_a_leaf_of_an_identity_registered_with_a_small_order_key_is_refuse
     kp.signature = forgery
     assert isinstance(kp, KeyPackage)
     assert alice.group is not None
-    res = alice.group.add([MLSMessage(kp).encode()])  # MLS itself takes the forgery
+    with pytest.MonkeyPatch.context() as lax:  # a client that takes the forgery, as MLS did
+        lax.setattr(mls_crypto, "has_small_order", lambda scheme, public: False)
+        res = alice.group.add([MLSMessage(kp).encode()])
+    # The tracker's MLS refuses the key now (mls.crypto); and were it lax, the service's own
+    # check of a new leaf's registered key would (`_check_leaf_key`).
     with pytest.raises(RequestFailed) as refused:
+        await alice.ds.send(gid, res.commit, group_info=res.group_info)
+    assert refused.value.status == 400, refused.value
+    assert "point of small order" in refused.value.reason
+    with pytest.MonkeyPatch.context() as lax, pytest.raises(RequestFailed) as refused:
+        lax.setattr(mls_crypto, "has_small_order", lambda scheme, public: False)
         await alice.ds.send(gid, res.commit, group_info=res.group_info)
     assert refused.value.status == 403, refused.value
     assert "point of small order" in refused.value.reason
