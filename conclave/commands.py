@@ -31,7 +31,8 @@ commands, one per line (quote a name that holds spaces: remove 'mallory x'):
   remove NAME...   remove members now: no key of the next epoch reaches them (a name as
                    `members` shows it, escapes included, will do)
   rotate           fresh keys for everyone now
-  leave            leave the call's group for good (another member commits it), then end
+  leave            leave the call's group for good (another member commits it; the only
+                   member leaves at once, by itself), then end
   quit             end the call and stay a member, as Ctrl-C does
   help             this list"""
 
@@ -238,10 +239,20 @@ class InCall:
 
     async def _leave(self) -> None:
         p = self.participant
-        if p.member_names == [p.name]:
-            # A member cannot commit its own removal (RFC 9420 §12.2): no one else would.
-            raise CommandError("you are the only member, so no one can commit your leaving; "
-                               "quit ends the call and the group stays yours")
+        if p.alone:
+            # A member cannot commit its own removal (RFC 9420 §12.2), and no one else would:
+            # the group ends here, as for a removed member. (No confirmation, as for `leave`
+            # with others: no command asks for one.)
+            room = p.group_id.decode("utf-8", "replace")
+            await p.leave_alone()
+            self.left = True
+            self.out(f"left room {room!r} for good: you were its only member, so you left it "
+                     f"by yourself (its keys and its saved group are erased here, and {p.name} "
+                     "may join another room); the room stays on the delivery service with no "
+                     "one in its call and no member who can invite anyone, but "
+                     f"`conclave join --room {shlex.quote(room)}` still enters it by itself "
+                     "(an external commit), and finds your old leaf there")
+            return
         await p.leave()
         self.left = True
         # The request stays with the service: a member may commit it after we quit, too.

@@ -686,7 +686,8 @@ class Participant:
             "removed": self.removed, "registered": self._registered,
             "owed_welcomes": [o.to_cbor() for o in self._owed_welcomes],
         }
-        if self.group is not None:
+        if self.group is not None and not self.removed:
+            # (Out of the group, its state goes from the file: RFC 9420 §12.4.2.)
             body["group"] = self.group.to_bytes()
         data = cbor2.dumps(body)
 
@@ -1221,10 +1222,17 @@ class Participant:
             if self.group.group_id != group_id_for_room(room):
                 saved = self.group.group_id.decode("utf-8", "replace")
                 await self._invited_elsewhere(room, saved)
+                # Alone in it (as saved), `leave` frees the name: say so, for a room of one
+                # is most likely a typo's, and rejoining it alone is no way out.
+                way_out = (
+                    f"rejoin {saved!r} and `leave` it (you were its only member when last "
+                    "saved, so `leave` ends the group for you at once and frees the name)"
+                    if self.alone else f"rejoin {saved!r}"
+                )
                 raise ConclaveError(
                     f"{self.name} is in the call of room {saved!r} (saved state in "
-                    f"{self.state_dir}): a participant is in one call at a time; rejoin "
-                    f"{saved!r}, or use another name for {room!r}"
+                    f"{self.state_dir}): a participant is in one call at a time; {way_out}, "
+                    f"or use another name for {room!r}"
                 )
             # What happened while we were away, now rather than from the push stream: a
             # member may have removed us (and perhaps added us back, with a Welcome).
@@ -1252,7 +1260,9 @@ class Participant:
             f"{self.name} was invited to room {room!r}, but is in the call of room {saved!r} "
             f"(saved state in {self.state_dir}), and a participant is in one call at a time: "
             f"to take the invitation, leave the call of {saved!r} first (`leave` in `{here}`; "
-            f"another member of it commits that), then run `{there}`"
+            + ("you were its only member when last saved, so it ends the group for you at once"
+               if self.alone else "another member of it commits that")
+            + f"), then run `{there}`"
         )
 
     def _has_welcome(self, group_id: bytes | None) -> bool:
@@ -2085,6 +2095,28 @@ class Participant:
         if self.group is None or self.removed:
             return
         await self._propose(lambda group: group.leave(), lambda group: True)
+
+    @property
+    def alone(self) -> bool:
+        """Whether this participant is the only member of its group (as last seen or saved)."""
+        return self.group is not None and not self.removed and self.member_names == [self.name]
+
+    async def leave_alone(self) -> None:
+        """Leave, for good, a group whose only member we are. No member can commit its own
+        removal (RFC 9420 §12.2), and no other member would: the group ends here as for a
+        removed member (§12.4.2): its secrets go, its state goes from the saved state, the
+        media session ends, and the name is free for another room. The delivery service
+        keeps the group as it was (the commits, the last GroupInfo, our leaf): an external
+        commit still enters it, and finds our leaf there."""
+        async with self._lock:
+            group = self.group
+            if group is None or self.removed:
+                return
+            if not self.alone:
+                raise ConclaveError("others are members of the call: `leave` asks them to "
+                                    "commit your leaving")
+            group.forget()  # (RFC 9420 §12.4.2, as when a commit removes us)
+            await self._mark_removed()
 
     async def commit_pending(self) -> bool:
         """Commit every proposal received in this epoch (by reference)."""

@@ -218,6 +218,16 @@ class GroupCore(CommitRules):
 
     # --- epoch transitions -----------------------------------------------------------------------
 
+    def forget(self) -> None:
+        """Leave the group without a Commit, as a member whose removal was committed does
+        (§12.4.2: it "SHOULD promptly delete its group state and secret tree"): the group keeps
+        its public state, inactive, and of its secrets only the epoch authenticator; those of
+        the epoch and of any pending Commit are deleted. For an application whose member cannot
+        be removed by anyone else (the group's only member): MLS has no Commit for leaving."""
+        new = self._state.clone()
+        new.forget_removed()
+        self._enter_state(new)
+
     def _enter_state(self, new: EpochState) -> None:
         """Makes `new` the group's state and drops any pending Commit. The superseded epoch's
         secrets (init_secret, sender data, membership, confirmation, exporter, external,
