@@ -19,7 +19,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
-from .errors import AuditFailure, ConclaveError, WrongSFU
+from .errors import AuditFailure, ConclaveError, WrongSFU, connection_failure
 from .threads import in_daemon_thread
 from .urls import shown_url, shown_urls
 
@@ -129,8 +129,27 @@ def http_url(text: str) -> str:
     except ValueError:
         ok = False
     if not ok:
-        raise argparse.ArgumentTypeError(f"{text!r} {NOT_HTTP}")  # as typed, its zone too
+        # as typed, its zone too
+        raise argparse.ArgumentTypeError(f"{text!r} {NOT_HTTP}{_scheme_hint(text)}")
     return url
+
+
+def _scheme_hint(text: str) -> str:
+    """For a URL typed without its scheme (`127.0.0.1:8470`, `callhost`): what to give
+    instead, the same with http:// before it; "" for anything else."""
+    import re
+    from urllib.parse import urlsplit
+
+    if not re.fullmatch(r"(\[[^\[\]/]+\]|[A-Za-z0-9._-]+)(:[0-9]+)?(/(?!/)\S*)?", text):
+        return ""
+    try:
+        parts = urlsplit(zone_decoded(f"http://{text}"))
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except (ValueError, argparse.ArgumentTypeError):
+        return ""
+    if not parts.hostname or parts.username is not None:
+        return ""
+    return f": did you mean 'http://{text}'?"
 
 
 def sfu_url(text: str) -> str:
@@ -142,11 +161,11 @@ def sfu_url(text: str) -> str:
     try:
         return http_url(f"{websocket}://{rest}" if websocket else text)
     except argparse.ArgumentTypeError as exc:
-        if not str(exc).endswith(NOT_HTTP):
+        if NOT_HTTP not in str(exc):
             raise  # a zone's own message
+        hint = _scheme_hint(text) or ": give the SFU signalling URL that `conclave serve` prints"
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not an http://, https://, ws:// or wss:// URL: give the SFU "
-            "signalling URL that `conclave serve` prints"
+            f"{text!r} is not an http://, https://, ws:// or wss:// URL{hint}"
         ) from None
 
 
@@ -1154,10 +1173,26 @@ async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fet
         from .participant import _reason
 
         # As `join` says it: which URL, why, what to check.
+        words = connection_failure(exc, "the delivery service")
+        if words is not None:
+            raise ConclaveError(
+                f"cannot reach the delivery service at {shown_url(ds)}: {words} (check --ds)"
+            ) from None
         raise ConclaveError(
-            f"cannot reach the delivery service at {shown_url(ds)}: {_reason(exc)} (check "
-            "--ds, and that the service is running)"
+            f"cannot reach the delivery service at {shown_url(ds)}: {_reason(exc)}"
+            f"{_tls_hint(exc, ds)} (check --ds, and that the service is running)"
         ) from None
+
+
+def _tls_hint(exc: BaseException, url: str) -> str:
+    """A hint for an http:// URL whose server closed the connection without answering: a
+    TLS server does that with a request in plain HTTP (a proxy answers 400 instead, in its
+    own words)."""
+    import aiohttp
+
+    if isinstance(exc, aiohttp.ServerDisconnectedError) and url.lower().startswith("http://"):
+        return "; if the server speaks TLS at that address, give the URL as https://"
+    return ""
 
 
 def _holds_a_group(state: Path, identity: str, ds: str) -> bool:
@@ -1321,7 +1356,8 @@ def describe_error(exc: Exception) -> str:
     elif isinstance(exc, DeliveryServiceError):
         text = f"the delivery service said: {exc}"
     elif _is_network_error(exc):
-        text = f"network error: {shown_urls(str(exc))}"  # it may quote a URL of ours
+        words = connection_failure(exc) or shown_urls(str(exc))  # it may quote a URL of ours
+        text = f"network error: {words}"
     elif isinstance(exc, OSError):  # a file: the message names it
         text = str(exc)
     else:

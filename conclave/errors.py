@@ -35,3 +35,55 @@ class AuditFailure(ConclaveError):
 class WrongSFU(ConclaveError):
     """The SFU refused the delivery service's room token as signed with another secret: it is
     not the SFU that this delivery service issues tokens for (a wrong --sfu)."""
+
+
+def connection_failure(exc: BaseException, service: str = "the service") -> str | None:
+    """Why a connection to a server could not be made, in words for the user, or None if
+    `exc` is not such a failure (aiohttp's ClientConnectorError) or its words say no more than
+    aiohttp's own. aiohttp's text ("Cannot connect to host H:P ssl:default [Connect call failed
+    ('H', P)]") names its TLS settings even for an http:// URL, and not what to check:
+
+    - connection refused: nothing accepts connections at that address: is `service` running,
+      on that port?
+    - TLS asked of a server that does not speak it (an https:// URL of a plain-HTTP service,
+      "WRONG_VERSION_NUMBER"): give the URL as http://.
+    - any other OS error (a name that does not resolve, no route): its own reason, without
+      the ssl noise."""
+    import os
+    import ssl
+
+    import aiohttp
+
+    if not isinstance(exc, aiohttp.ClientConnectorError) or isinstance(
+        exc, aiohttp.ClientConnectorCertificateError
+    ):
+        return None
+    where = _host_port(exc.host, exc.port)
+    os_error = exc.os_error
+    if isinstance(os_error, ssl.SSLError):
+        if os_error.reason == "WRONG_VERSION_NUMBER":
+            return (
+                f"the server at {where} does not speak TLS (https://) there: if it is a "
+                f"plain-HTTP service (as `conclave serve` runs its services), give its URL as "
+                f"http://{where}"
+            )
+        return None  # another TLS failure: aiohttp's words name it
+    reason = os_error.strerror or str(os_error) or type(os_error).__name__
+    if os_error.errno is not None and reason.startswith("Connect call failed"):
+        reason = os.strerror(os_error.errno)  # asyncio's words, for any errno: the OS's
+    if isinstance(os_error, ConnectionRefusedError):
+        return (
+            f"nothing accepts connections at {where} ({reason}): is `conclave serve` (or "
+            f"{service}) running, on that port?"
+        )
+    return f"cannot connect to {where}: {reason}"
+
+
+def _host_port(host: str, port: int | None) -> str:
+    """HOST:PORT as a URL's authority writes it: an IPv6 address in brackets, its zone as RFC
+    6874 writes it (`[fe80::1%25eth0]`), the form `--ds` and `--sfu` take."""
+    from .urls import shown_urls
+
+    shown = f"[{host}]" if ":" in host else host
+    authority = shown if port is None else f"{shown}:{port}"
+    return shown_urls(f"tcp://{authority}").removeprefix("tcp://")

@@ -84,6 +84,7 @@ from .errors import (
     ServiceUnavailable,
     StateInUse,
     WrongSFU,
+    connection_failure,
 )
 from .files import remove_file, replace_file
 from .media import MediaSpec, record_track
@@ -288,7 +289,8 @@ def _reason(exc: BaseException) -> str:
         return "no answer in time"
     if isinstance(exc, ConclaveError):  # our words, its URLs shown already: a zone's %25 once
         return str(exc) or type(exc).__name__
-    return _masked_urls(str(exc)) or type(exc).__name__
+    # (a connection that could not be made: in words, what to check, no "ssl:default")
+    return connection_failure(exc) or _masked_urls(str(exc)) or type(exc).__name__
 
 
 def _wall_clock() -> int:
