@@ -95,7 +95,7 @@ def test_a_signal_while_starting_is_a_quiet_stop(
         raise AssertionError("worker 0 did not exit") from None
     text = stderr.decode()
     assert "Traceback" not in text, text
-    assert proc.returncode == 0
+    assert proc.returncode == 0, text
     deadline = time.monotonic() + 10  # a worker started already stops too
     while not (_free(port) and _free(port + 1)):
         assert time.monotonic() < deadline, "a port is still held"
