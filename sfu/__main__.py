@@ -123,6 +123,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _forget_interrupts()
+
+
+def _forget_interrupts() -> None:
+    """Keep a KeyboardInterrupt handled here from ending `python -m sfu` by SIGINT (-2).
+
+    CPython marks a KeyboardInterrupt that leaves code run by `exec`/`eval` of a *string* as
+    unhandled, even if it is caught later, and `python -m` then ends the process by SIGINT
+    instead of with its exit status (no traceback). Such code runs at start-up: the methods of
+    a dataclass or namedtuple, built while the server's modules are imported; `_interrupt`
+    there (a SIGTERM as worker 0 starts) made status 0 into -2. The next such run that ends
+    normally clears the mark: this one. A KeyboardInterrupt that leaves `main` marks it again."""
+    exec("")  # noqa: S102 - a string on purpose: see above
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

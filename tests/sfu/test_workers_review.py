@@ -102,6 +102,24 @@ def test_a_signal_while_starting_is_a_quiet_stop(
         time.sleep(0.05)
 
 
+def test_an_interrupt_inside_exec_of_a_string_is_still_a_quiet_stop(tmp_path: Path) -> None:
+    # Before: a SIGTERM while worker 0 built a dataclass or namedtuple (code that `exec`/`eval`
+    # runs from a string) made CPython mark its KeyboardInterrupt as unhandled, though `main`
+    # caught it: `python -m sfu` then ended by SIGINT (-2), with no traceback (rare, under load).
+    (tmp_path / "interrupted.py").write_text(
+        "import sys\n"
+        "import sfu.__main__ as m\n"
+        "m._run = lambda argv: exec('raise KeyboardInterrupt')\n"
+        "sys.exit(m.main([]))\n"
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "interrupted"], cwd=tmp_path, env=env, capture_output=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+
+
 def _supervisor(command: list[str], sock: socket.socket) -> workers.Supervisor:
     return workers.Supervisor(command, SECRET, [workers.Worker(1, 1, [sock])], 5.0)
 
