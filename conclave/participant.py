@@ -74,7 +74,7 @@ from mls.framing import MLSMessage, PublicMessage
 from mls.group_framing import parse_key_package
 from mls.proposals import ProposalType
 from sfu import aiortc_hooks
-from sfu.client import SFUClient
+from sfu.client import SFUClient, printable_text
 from sfu.errors import SFUError, SignallingError
 
 from .errors import (
@@ -248,13 +248,6 @@ def _answer_lost(exc: BaseException) -> bool:
     return isinstance(exc, aiohttp.ClientError | OSError)
 
 
-def _masked_urls(text: str) -> str:
-    """`text` with every URL in it as `shown_url` shows one (`shown_urls`): the password as
-    ***, since aiohttp quotes a URL it cannot use (InvalidUrlClientError) whole, user
-    information and all, and an IPv6 zone as RFC 6874 writes it."""
-    return shown_urls(text)
-
-
 # The SFU's word for a room token it did not sign with its secret (sfu.tokens): one issued by
 # a delivery service given another secret than the SFU.
 BAD_SIGNATURE = "bad signature"
@@ -263,7 +256,7 @@ MAX_SFU_TEXT = 200  # characters of the SFU's own words shown to the user, at mo
 
 def _sfu_text(value: object) -> str:
     """Words of the SFU's, to show: printable and not too long (an SFU may send anything)."""
-    return "".join(c if c.isprintable() else "?" for c in str(value)[:MAX_SFU_TEXT])
+    return printable_text(value, MAX_SFU_TEXT)
 
 
 def _session_end_reason(said: str | None, renewal_refused: str | None) -> str:
@@ -290,7 +283,8 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, ConclaveError):  # our words, its URLs shown already: a zone's %25 once
         return str(exc) or type(exc).__name__
     # (a connection that could not be made: in words, what to check, no "ssl:default")
-    return connection_failure(exc) or _masked_urls(str(exc)) or type(exc).__name__
+    # (aiohttp quotes a URL it cannot use whole, password and all: `shown_urls` masks it)
+    return connection_failure(exc) or shown_urls(str(exc)) or type(exc).__name__
 
 
 def _wall_clock() -> int:
@@ -2231,7 +2225,7 @@ class Participant:
             wrong_sfu = (isinstance(exc, SignallingError) and exc.code == "token"
                          and exc.reason == "bad signature")
             raise (WrongSFU if wrong_sfu else ConclaveError)(
-                f"the SFU refused {self.name}: {_masked_urls(str(exc))}"
+                f"the SFU refused {self.name}: {shown_urls(str(exc))}"
             ) from None
         except (aiohttp.ClientError, OSError) as exc:
             raise ServiceUnavailable(

@@ -162,12 +162,15 @@ def cbor_response(body: Any, status: int = 200) -> web.Response:
 PLAIN_PATHS = frozenset({"/healthz"})
 
 
-def error_response(request: web.Request, error: str, reason: str, status: int) -> web.Response:
-    """The error body of the API doc (`{"error", "reason"}` in CBOR), or for `PLAIN_PATHS` the
-    same in one line of text: `unavailable: the database is unreachable: retry shortly`."""
+def error_response(
+    request: web.Request, error: str, reason: str, status: int, **extra: Any
+) -> web.Response:
+    """The error body of the API doc (`{"error", "reason", ...extra}`) in CBOR, or for
+    `PLAIN_PATHS` its error and reason in one line of text: `unavailable: the database is
+    unreachable: retry shortly`."""
     if request.path in PLAIN_PATHS:
         return web.Response(text=f"{error}: {reason}\n", status=status)
-    return cbor_response({"error": error, "reason": reason}, status)
+    return cbor_response({"error": error, "reason": reason, **extra}, status)
 
 
 # -- request helpers
@@ -1122,8 +1125,7 @@ class DeliveryService:
         try:
             response = await handler(request)
         except DeliveryServiceError as exc:
-            response = (error_response(request, exc.code, exc.reason, exc.status)
-                        if request.path in PLAIN_PATHS else cbor_response(exc.body(), exc.status))
+            response = error_response(request, exc.code, exc.reason, exc.status, **exc.extra)
             if isinstance(exc, TooManyRequests):
                 response.headers["Retry-After"] = str(exc.retry_after)
         except web.HTTPException as exc:

@@ -26,16 +26,14 @@ def challenge_content(challenge: bytes, identity: str) -> bytes:
 def verify_with_label(
     suite: int, public_key: bytes, label: bytes, content: bytes, signature: bytes
 ) -> bool:
-    """False for a bad signature, and for a public key that is not one of the suite's or has
-    small order: OpenSSL's Ed25519 (cryptography's) takes R = the neutral point, S = 0 as a
-    signature of anything under the neutral point as a key (and of some messages under the
-    others), so an identity registered with one before they were refused could be logged into
-    by anyone."""
-    if suite not in SUPPORTED_SUITES or has_small_order(suite, public_key):
+    """False for a bad signature, and for a public key that is not one of the suite's, one of
+    small order included (mls.crypto refuses those: an identity registered with one before
+    they were refused cannot be logged into by a forgery)."""
+    if suite not in SUPPORTED_SUITES:
         return False
     try:
         return get_crypto(suite).verify_with_label(public_key, label, content, signature)
-    except MLSError:  # CryptoError: not a valid public key
+    except MLSError:  # CryptoError: not a valid public key, or one of small order
         return False
 
 
@@ -47,12 +45,12 @@ def has_small_order(suite: int, public_key: bytes) -> bool:
 
 def is_public_key(suite: int, public_key: bytes) -> bool:
     """Whether `public_key` is a signature public key of the suite's scheme, and not one of small
-    order (`has_small_order`)."""
+    order (which mls.crypto refuses as no key)."""
     try:
         get_crypto(suite).verify_with_label(public_key, b"", b"", b"")
     except MLSError:
         return False
-    return not has_small_order(suite, public_key)
+    return True
 
 
 def sign_with_label(suite: int, private_key: bytes, label: bytes, content: bytes) -> bytes:

@@ -173,9 +173,9 @@ class SFUClient:
                 raise Redirect(msg["url"])
             reason = msg.get("reason")
             raise SignallingError(
-                _text(msg["code"]),
-                _text(msg.get("message", "")),
-                reason=_text(reason) if reason else None,
+                printable_text(msg["code"]),
+                printable_text(msg.get("message", "")),
+                reason=printable_text(reason) if reason else None,
             )
         self._reader = asyncio.ensure_future(self._read())
         return msg
@@ -255,9 +255,10 @@ class SFUClient:
             offered = {c.mimeType.lower() for c in media.rtp.codecs}
             if not ours & offered:
                 raise ValueError(
-                    f"the SFU offered {media.kind} (mid {_text(media.rtp.muxId)!r}) in "
-                    f"{_text(', '.join(sorted(offered)) or 'no codec')} only; this client takes "
-                    f"{', '.join(sorted(ours))}, which end-to-end encryption protects whole"
+                    f"the SFU offered {media.kind} (mid {printable_text(media.rtp.muxId)!r}) in "
+                    f"{printable_text(', '.join(sorted(offered)) or 'no codec')} only; this "
+                    f"client takes {', '.join(sorted(ours))}, which end-to-end encryption "
+                    "protects whole"
                 )
 
     def _add_receivers(self, description: SessionDescription) -> None:
@@ -344,9 +345,9 @@ def _codec_preferences(kind: str, codecs: Mapping[str, Sequence[str]]) -> list[A
     return found
 
 
-def _text(value: object) -> str:
-    """An SFU's text for people to read: printable, and not too long."""
-    return "".join(c if c.isprintable() else "?" for c in str(value)[:MAX_ERROR_TEXT])
+def printable_text(value: object, limit: int = MAX_ERROR_TEXT) -> str:
+    """An SFU's text for people to read: printable, and at most `limit` characters."""
+    return "".join(c if c.isprintable() else "?" for c in str(value)[:limit])
 
 
 def _url_text(url: str) -> str:
@@ -364,7 +365,7 @@ def _url_text(url: str) -> str:
     if at and ":" in userinfo:
         user = userinfo.partition(":")[0]
         rest = f"{user}:***@{host}{rest[end:]}"
-    return _text(before + slashes + rest)
+    return printable_text(before + slashes + rest)
 
 
 def _streams(value: object, m_lines: int) -> dict[str, dict[str, str]]:
@@ -438,7 +439,8 @@ async def _refuse_http_redirect(
 ) -> None:
     location = params.response.headers.get("Location", "")
     raise SignallingError(
-        "redirect", f"the SFU redirected the handshake to {_text(location)!r}: not followed"
+        "redirect",
+        f"the SFU redirected the handshake to {printable_text(location)!r}: not followed",
     )
 
 
@@ -466,7 +468,8 @@ def _same_host(current: str, target: str) -> str:
         ok = False
     if not ok or old.hostname is None:
         raise SignallingError(
-            "redirect", f"the SFU redirected to {_text(target)!r}, not to one of its own workers"
+            "redirect",
+            f"the SFU redirected to {printable_text(target)!r}, not to one of its own workers",
         )
     host = f"[{old.hostname}]" if ":" in old.hostname else old.hostname
     netloc = host if port is None else f"{host}:{port}"

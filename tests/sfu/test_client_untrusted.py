@@ -11,7 +11,8 @@ from aiortc import AudioStreamTrack, RTCPeerConnection, RTCRtpSender, VideoStrea
 from aiortc.sdp import SessionDescription
 
 from sfu import client as client_module
-from sfu.client import SFUClient, _same_host, _streams, _text
+from sfu.client import SFUClient, _same_host, _streams
+from sfu.client import printable_text as _text
 from sfu.errors import SignallingError
 
 
