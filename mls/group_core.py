@@ -235,6 +235,11 @@ class GroupCore(CommitRules):
         it holds itself (resumption PSKs are copied into it)."""
         old, pending = self._state, self._pending
         self._state, self._pending = new, None
+        if not new.active:
+            # Removed or forgotten: the PSKs given for this group are of no more use (§12.4.2
+            # "delete its group state"), and would otherwise stay in memory and in `to_bytes`.
+            self._external_psks = {}
+            self._other_resumption_psks = {}
         if old is not None:
             old.forget_secrets(keep=new)
         if pending is not None:

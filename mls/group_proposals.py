@@ -161,6 +161,7 @@ class ProposalsMixin(GroupCore):
 
     def propose_psk(self, psk_id: bytes) -> bytes:
         """A PreSharedKey proposal for an external PSK registered with `add_external_psk`."""
+        self._require_active()  # a removed member's PSKs are deleted: say why, not "unknown"
         if psk_id not in self._external_psks:
             raise ValidationError("unknown external PSK id: register it with add_external_psk")
         pid = PreSharedKeyID.external(bytes(psk_id), self._crypto.random_secret())

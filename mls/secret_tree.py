@@ -94,6 +94,8 @@ class PendingKey:
     # The leaf's ratchets, derived by `key_for` but not yet part of the tree (the first message
     # received from the leaf): `consume` installs them.
     _detached_pair: tuple[HashRatchet, HashRatchet] | None = field(repr=False, default=None)
+    # The tree `key_for` computed this for: a detached pair must not be installed elsewhere.
+    _tree: SecretTree | None = field(repr=False, compare=False, default=None)
 
     @property
     def generation(self) -> int:
@@ -431,11 +433,14 @@ class SecretTree:
         key, next_secret, skipped = ratchet.prepare(generation)
         return PendingKey(
             leaf_index, ratchet_type, key, ratchet, ratchet._version, next_secret, skipped,
-            pair if detached else None,
+            pair if detached else None, self,
         )
 
     def consume(self, pending: PendingKey) -> None:
         """Mark a received generation used after its message decrypted and verified (§9.2)."""
+        if pending._tree is not self:
+            # Installing another tree's ratchets would silently corrupt this one.
+            raise ValidationError("this pending key belongs to another secret tree")
         if pending._detached_pair is not None:
             if pending.leaf_index not in self._ratchets:
                 self._init_leaf(pending.leaf_index, pending._detached_pair)
