@@ -824,9 +824,9 @@ def load_log(path: Path, max_bytes: int = MAX_LOG_FILE_BYTES) -> tuple[bytes, li
         # daemon thread, so that Ctrl-C still ends it). No directory, device (a terminal,
         # /dev/zero, which never ends) or socket: looked at before the open (opening a device
         # may act) and again after it (the name may have been given another file meanwhile).
-        _file_or_pipe(path, os.stat(path).st_mode)
+        _file_or_pipe(path, os.stat(path))
         with path.open("rb") as f:
-            _file_or_pipe(path, os.fstat(f.fileno()).st_mode)
+            _file_or_pipe(path, os.fstat(f.fileno()))
             # Read one byte past the limit, not the whole file: a huge one, or a pipe that never
             # ends, must not take all memory first.
             data = f.read(max_bytes + 1)
@@ -867,15 +867,43 @@ _FILE_KINDS = (
 )
 
 
-def _file_or_pipe(path: Path, mode: int) -> None:
-    """OSError unless `mode` is a regular file's or a pipe's: what `load_log` reads."""
+def _file_or_pipe(path: Path, st: os.stat_result) -> None:
+    """OSError unless `st` is a regular file's or a pipe's: what `load_log` reads."""
+    mode = st.st_mode
     if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        if _terminal(st):
+            # `--log /dev/stdin` at a shell prompt: the user meant to pipe the log in
+            raise OSError(
+                errno.EINVAL,
+                "it is a terminal, not a file or a pipe: give a file saved with --save, or "
+                "pipe one in (`--log /dev/stdin < FILE`)",
+                str(path),
+            )
         kind = next((what for test, what in _FILE_KINDS if test(mode)), "of another kind")
         raise OSError(
             errno.EINVAL,
             f"it is {kind}, not a file or a pipe: give a file saved with --save",
             str(path),
         )
+
+
+def _terminal(st: os.stat_result) -> bool:
+    """Whether `st` is a terminal's, told without opening it: the one on our standard input,
+    output or error (`--log /dev/stdin` typed at a prompt), or the controlling one (/dev/tty)."""
+    if not stat.S_ISCHR(st.st_mode):
+        return False
+    ours: list[int] = []
+    for fd in (0, 1, 2):
+        try:
+            if os.isatty(fd):
+                ours.append(os.fstat(fd).st_rdev)
+        except OSError:  # closed
+            continue
+    try:
+        ours.append(os.stat("/dev/tty").st_rdev)
+    except OSError:  # (no such device here)
+        pass
+    return st.st_rdev in ours
 
 
 MAX_NAMED_CHARACTERS = 8  # distinct non-ASCII characters named after a name, at most

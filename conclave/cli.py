@@ -919,6 +919,11 @@ async def _join(args: argparse.Namespace) -> int:
         sent = ", ".join(f"{n} {kind}" for kind, n in sorted(s.sent.items())) or "nothing"
         print(f"frames: sent {sent}; received {s.decrypted} decrypted, {s.decoded} decoded, "
               f"{s.failed} failed")
+    except KeyboardInterrupt:
+        # Ctrl-C or SIGTERM before the call: `main` says where that leaves the user.
+        args.stopped_member = (p.group is not None and not p.removed
+                               and p.group.group_id == group_id_for_room(args.room))
+        raise
     finally:
         try:
             if commands is not None:
@@ -931,6 +936,18 @@ async def _join(args: argparse.Namespace) -> int:
         finally:
             await p.close()
     return 0
+
+
+def stopped_joining(args: argparse.Namespace) -> str:
+    """The line for a join stopped by Ctrl-C or SIGTERM before its call (130): whether the user
+    is a member of the room, and that the same command again goes on from there (a commit
+    the service took before the stop is replaced by the next join's, as a resync)."""
+    who, room = printable(args.name), printable(repr(args.room), backslashes=False)
+    if getattr(args, "stopped_member", False):
+        return (f"conclave join: stopped: {who} is a member of room {room} but not in its "
+                "call; the same `conclave join` again calls in")
+    return (f"conclave join: stopped while joining room {room} as {who}: not in its call; the "
+            "same `conclave join` again joins it")
 
 
 def call_ended(args: argparse.Namespace) -> None:
@@ -1318,6 +1335,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         # (after a call ended: a second Ctrl-C as asyncio.run closed its loop)
         status = 0 if getattr(args, "call_ended", False) else 130
+        if status == 130 and args.command == "join":
+            print(stopped_joining(args), file=sys.stderr, flush=True)
     except AuditFailure as exc:
         print(f"conclave audit: FAILED: {exc}", file=sys.stderr)
         return 1
