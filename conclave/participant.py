@@ -106,6 +106,14 @@ MEDIA_RETRY_MAX = 10.0
 MEDIA_STABLE_SESSION = 10.0
 TOKEN_RETRY = 5.0  # seconds between tries to renew the SFU room token while the service fails
 MIN_RENEWAL_WAIT = 1.0  # seconds: renewals never come faster, whatever a token claims
+# A renewal the SFU refused (its secret changed, say) is tried again after 2, 4, 8, 16, then
+# every 30 s, while the session's token is still good, at most this many times: an operator
+# who fixes it in time then costs no media gap. (The default token's 150 s after its renewal
+# take 7 tries.)
+RENEWAL_RETRY_FIRST = 2.0
+RENEWAL_RETRY_MAX = 30.0
+RENEWAL_RETRIES = 8
+MAX_RENEWAL_ANSWERS = 4  # the SFU's answers to renewals not read yet, kept at most
 
 STATE_FORMAT = "conclave-participant"
 STATE_VERSION = 1
@@ -185,11 +193,26 @@ def _names_another_group(group_info: bytes, group_id: bytes) -> bool:
         return False
 
 
+def _token_life(token: RoomToken) -> float:
+    """Seconds a room token lasts from when it arrived: its `ttl` (a service from before
+    `ttl`: by `expires_at` and this machine's clock)."""
+    return token.ttl if token.ttl is not None else token.expires_at - time.time()
+
+
 def _renewal_delay(token: RoomToken) -> float:
-    """Seconds until a room token is to be renewed: three quarters of its life, by its `ttl`
-    (a service from before `ttl`: by `expires_at` and this machine's clock)."""
-    life = token.ttl if token.ttl is not None else token.expires_at - time.time()
-    return max(MIN_RENEWAL_WAIT, life * 3 / 4)
+    """Seconds until a room token is to be renewed: three quarters of its life."""
+    return max(MIN_RENEWAL_WAIT, _token_life(token) * 3 / 4)
+
+
+def _renewal_retry_at(retries: int, now: float, held_until: float) -> float | None:
+    """When to try again a renewal the SFU refused, `retries` tries after the first (loop
+    time): `RENEWAL_RETRY_FIRST` doubling up to `RENEWAL_RETRY_MAX`. None past
+    `RENEWAL_RETRIES`, or once the session's token (good until `held_until`) would be gone by
+    then: the session ends with it, and calling in again takes over."""
+    if retries >= RENEWAL_RETRIES:
+        return None
+    at = now + min(RENEWAL_RETRY_FIRST * 2**retries, RENEWAL_RETRY_MAX)
+    return at if at < held_until else None
 
 
 # The proposals Conclave makes (invitations, removal requests, leaves, join requests). Others
@@ -522,6 +545,8 @@ class Participant:
         # that tells it once the session is not back in time.
         self._media_lost_told = False
         self._media_lost_notice: asyncio.Task[None] | None = None
+        # The task calling in again (`_call_in`): one at a time, the newest intent winning.
+        self._call_in_task: asyncio.Task[Any] | None = None
         # The user was told that the SFU refuses the delivery service's room tokens (a call-in
         # or a renewal refused for a bad signature): once until the media session is back.
         self._sfu_refusal_told = False
@@ -1306,7 +1331,8 @@ class Participant:
         await self.stream.subscribe(self.group.group_id, after=self.applied_seq)
         if self._media_wanted and self.sfu is None:
             # added back after a removal, which ended the media session: call in again
-            self._spawn(self._call_in(0.0))
+            self._stop_other_call_in()
+            self._call_in_task = self._spawn(self._call_in(0.0, added_back=True))
 
     async def _join_from_kept_welcome(self, room: str) -> bool:
         """Join `room`'s group from a Welcome that came while we were away (a member invited
@@ -1409,9 +1435,14 @@ class Participant:
         rather than when the room token runs out (the SFU's limit for a client that stays);
         added back, this participant calls in again (`wait_for_welcome`)."""
         self._stop_token_renewal()
+        # Nor calling in again: added back, a call-in of its own starts (`_joined_from_welcome`),
+        # and one still under way from before would join a second session beside it.
+        self._stop_other_call_in()
         # An outage's lost line still to come would say "calling in again": the session ends
-        # with the membership, which the call tells ("you were removed", "you left").
+        # with the membership, which the call tells ("you were removed", "you left"); added
+        # back, a call-in that fails is a new outage (`_call_in`).
         self._cancel_media_lost_notice()
+        self._media_lost = False
         # So does the SFU's refusal of its tokens, if told: added back, a refused call-in is
         # told again (`_call_in_refused`), not left unsaid as told already.
         self._sfu_refusal_told = False
@@ -2182,6 +2213,9 @@ class Participant:
         self.e2ee = e2ee
         if self.sfu_url is None:
             raise ConclaveError("no SFU URL given")
+        # One call-in at a time, the newest winning: a loop calling in again (`_call_in`)
+        # would otherwise join a second session beside this one.
+        self._stop_other_call_in()
         if self._resumed:
             # This process may have sent frames in the saved epoch before it restarted, and
             # its SFrame counters start at 0 again: under the same keys that would repeat
@@ -2232,26 +2266,50 @@ class Participant:
                 f"cannot reach the SFU at {shown_url(self.sfu_url)}: {_reason(exc)}"
             ) from None
         self._media_wanted = True
-        self._spawn(self._follow_media_session(self.sfu))
+        # The SFU's answers to our renewals: a few (an SFU may send any number unasked).
+        answers: asyncio.Queue[bool] = asyncio.Queue(maxsize=MAX_RENEWAL_ANSWERS)
+        self._spawn(self._follow_media_session(self.sfu, answers))
         self._stop_token_renewal()
-        self._token_renewal = self._spawn(self._renew_room_token(self.sfu, token, received))
+        self._token_renewal = self._spawn(
+            self._renew_room_token(self.sfu, token, received, answers)
+        )
 
     def _stop_token_renewal(self) -> None:
         if self._token_renewal is not None:
             self._token_renewal.cancel()
             self._token_renewal = None
 
-    async def _renew_room_token(self, client: SFUClient, token: RoomToken, received: float) -> None:
+    async def _renew_room_token(
+        self, client: SFUClient, token: RoomToken, received: float, answers: asyncio.Queue[bool]
+    ) -> None:
         """Keep the media session's room token fresh: the SFU ends a session when its token
         expires. A new one is fetched when a quarter of the current one's life is left, again
         every few seconds while the delivery service cannot be reached; none once it says this
-        participant is no longer a member, so the session ends then, as it must. Timed on the
-        loop's clock by the token's `ttl` from when it arrived (`received`, not after the SFU
-        join or renewal that used it): this machine's wall clock may be off."""
+        participant is no longer a member, so the session ends then, as it must. One the SFU
+        refuses (`answers`, from `_follow_media_session`: True for accepted) is tried again
+        with a fresh token a few times while the session's token is good (`_renewal_retry_at`).
+        Timed on the loop's clock by the token's `ttl` from when it arrived (`received`, not
+        after the SFU join or renewal that used it): this machine's wall clock may be off."""
         loop = asyncio.get_running_loop()
         renew_at = received + _renewal_delay(token)
+        held_until = received + _token_life(token)  # the end of the token the SFU holds
+        sent_until: float | None = None  # that of the renewal sent and not answered yet
+        retries = 0  # tries again since the SFU last accepted one
         while self.sfu is client:
-            await asyncio.sleep(max(0.0, renew_at - loop.time()))
+            try:
+                async with asyncio.timeout_at(renew_at):
+                    accepted = await answers.get()
+            except TimeoutError:
+                pass  # time to renew
+            else:
+                if sent_until is None:
+                    continue  # an answer to no renewal (an SFU may send any): none sent
+                if accepted:
+                    held_until, retries = sent_until, 0
+                elif (at := _renewal_retry_at(retries, loop.time(), held_until)) is not None:
+                    renew_at, retries = at, retries + 1
+                sent_until = None
+                continue
             if self.sfu is not client:
                 return
             try:
@@ -2276,10 +2334,15 @@ class Participant:
             except (aiohttp.ClientError, ConnectionError):
                 return  # the session is over: _follow_media_session calls in again
             renew_at = received + _renewal_delay(token)
+            sent_until = received + _token_life(token)
 
-    async def _follow_media_session(self, client: SFUClient) -> None:
+    async def _follow_media_session(
+        self, client: SFUClient, answers: asyncio.Queue[bool] | None = None
+    ) -> None:
         """Read the SFU session's events to its end and, if it ends while this participant is
         still in the call (the SFU restarted, the media connection failed), call in again.
+        The SFU's answers to the renewals of the room token go to `answers` (True: accepted),
+        which `_renew_room_token` reads.
 
         Retries with a growing delay; stops once the delivery service says this participant is
         no longer a member.
@@ -2303,12 +2366,13 @@ class Participant:
                 self._renewal_refused(again, repeated=again == refused,
                                       current=self.sfu is client)
                 refused = again
+                if answers is not None and self.sfu is client and not answers.full():
+                    answers.put_nowait(False)  # tried again while the session's token is good
             elif kind == "token-accepted":
                 refused = None
-                # (After a refusal, `_renew_room_token` sends the next renewal at three
-                # quarters of the refused token's life, past the end of this session's: an
-                # acceptance then is the SFU's own, or that of an earlier renewal.)
                 if self.sfu is client:
+                    if answers is not None and not answers.full():
+                        answers.put_nowait(True)
                     self._sfu_refusal_over()
             elif kind == "closed":
                 break
@@ -2329,9 +2393,34 @@ class Participant:
             wait = self._next_media_backoff()
         await self._call_in(wait)
 
-    async def _call_in(self, wait: float) -> None:
+    def _stop_other_call_in(self) -> None:
+        """Stop the task calling in again (`_call_in`), unless it is the one running this:
+        the newest intent to call in wins (or a removal ends them all)."""
+        task = self._call_in_task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            self._call_in_task = None
+
+    async def _call_in(self, wait: float, *, added_back: bool = False) -> None:
         """Connect the media session again after `wait` seconds, retrying with a growing delay
-        until it works or the delivery service says this participant is not a member."""
+        until it works or the delivery service says this participant is not a member. One
+        at a time: this task is the one (`_call_in_task`), any other stops."""
+        me = asyncio.current_task()
+        self._stop_other_call_in()
+        self._call_in_task = me
+        try:
+            await self._calling_in(wait, added_back)
+        except asyncio.CancelledError:
+            # Stopped by `_stop_other_call_in` (no longer `_call_in_task`): over, and no error
+            # for the task this ran in (`_follow_media_session`). Any other cancel (`close`)
+            # goes on.
+            if me is None or self._call_in_task is me or me.uncancel() > 0:
+                raise
+        finally:
+            if self._call_in_task is me:
+                self._call_in_task = None
+
+    async def _calling_in(self, wait: float, added_back: bool) -> None:
         while True:
             await asyncio.sleep(wait)
             try:
@@ -2351,11 +2440,19 @@ class Participant:
                         f"lost the media session at {shown_url(self.sfu_url or '')}, and not "
                         f"calling in again: {exc}"
                     )
+                self._media_lost = False  # the outage ends here: added back, a new one
                 return
             except (ConclaveError, RequestFailed, aiohttp.ClientError, OSError) as exc:
                 wait = self._next_media_backoff()
                 log.warning("%s: cannot call in again (%s); next try in %.0f s", self.name,
                             _reason(exc), wait)
+                if not self._media_lost:
+                    # No session ended: added back after a removal, the first call-in failed.
+                    # Told as a lost session is, after the same grace period.
+                    self._media_lost = True
+                    self._media_lost_notice = self._spawn(
+                        self._tell_media_lost(_reason(exc), added_back=added_back)
+                    )
                 if isinstance(exc, WrongSFU):
                     # The operator may fix it: the calls in go on, on the same schedule.
                     self._call_in_refused()
@@ -2386,11 +2483,11 @@ class Participant:
         if self._sfu_refusal_told:
             return
         self._sfu_refusal_told = True
+        # The lost line, due soon, would name a lesser cause: this one says it all.
+        self._cancel_media_lost_notice()
         if self._media_lost_told:
             self._notice(f"{self._sfu_refuses_tokens()}; calling in again meanwhile")
             return
-        # The lost line, due soon, would name a lesser cause: this one says it all.
-        self._cancel_media_lost_notice()
         self._media_lost_told = True  # a line says when the session is back
         self._notice(
             f"lost the media session: {self._sfu_refuses_tokens()}; calling in again "
@@ -2435,18 +2532,25 @@ class Participant:
             self._media_lost_notice.cancel()
             self._media_lost_notice = None
 
-    async def _tell_media_lost(self, reason: str) -> None:
+    async def _tell_media_lost(self, reason: str, *, added_back: bool = False) -> None:
         """Tell the user that the media session is lost, once it is not back after
-        `MEDIA_LOST_AFTER` (`_call_in` cancels this when it is)."""
+        `MEDIA_LOST_AFTER` (`_call_in` cancels this when it is); or, `added_back` to the call
+        after a removal, that calling in failed so far."""
         await asyncio.sleep(MEDIA_LOST_AFTER)
         self._media_lost_notice = None
         if not self._media_lost:
             return
         self._media_lost_told = True
+        where = shown_url(self.sfu_url or "")
+        if added_back:
+            # (the SFU's URL once: `reason` may name it already, "cannot reach the SFU at")
+            at = "" if where in reason else f" at {where}"
+            lost = f"added back to the call, but not in the media session{at} yet"
+        else:
+            lost = f"lost the media session at {where}"
         self._notice(
-            f"lost the media session at {shown_url(self.sfu_url or '')} ({reason}; calling in "
-            "again): the call's keys and membership go on, but no audio or video flows until "
-            "it is back (a line will say so)"
+            f"{lost} ({reason}; calling in again): the call's keys and membership go on, but "
+            "no audio or video flows until it is back (a line will say so)"
         )
 
     def _next_media_backoff(self) -> float:
