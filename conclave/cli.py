@@ -612,6 +612,17 @@ def print_lines(console: Any, lines: list[str]) -> None:
 # -- serve
 
 
+def check_pg_schema(db: str | None, pg_schema: str | None, given: str = "--db") -> None:
+    """Refuse `--pg-schema` without a PostgreSQL database, as the delivery service does: the
+    user meant PostgreSQL (a $CONCLAVE_DS_DB unset here, say), and would find the groups in a
+    SQLite file instead."""
+    if pg_schema is not None and not (db or "").startswith(("postgresql://", "postgres://")):
+        raise ConclaveError(
+            "--pg-schema applies to PostgreSQL only, and the database is a SQLite file: leave "
+            f"it out, or give a postgresql:// DSN ({given})"
+        )
+
+
 async def cmd_serve(args: argparse.Namespace) -> int:
     import shlex
 
@@ -641,6 +652,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
             raise ConclaveError(f"--auditor {name!r} is given {how}: give it once")
         keys[name] = key
     db = args.db or os.environ.get("CONCLAVE_DS_DB")
+    check_pg_schema(db, args.pg_schema, "--db or $CONCLAVE_DS_DB")
     services = Services(
         db=db or str(state / "conclave-ds.sqlite3"), pg_schema=args.pg_schema, host=args.host,
         ds_port=args.ds_port, sfu_port=args.sfu_port, auditors=frozenset(),
@@ -734,6 +746,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
             ])
         return compact_table(f"conclave demo: {step}", DEMO_COLUMNS, rows, console.width)
 
+    check_pg_schema(args.db, args.pg_schema)
     config = DemoConfig(rotation_period=args.rotation, phase=args.phase, db=args.db,
                         pg_schema=args.pg_schema)
     last: list[Any] = []

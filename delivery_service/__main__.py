@@ -207,6 +207,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        _run(argv)
+    finally:
+        _forget_interrupts()
+
+
+def _forget_interrupts() -> None:
+    """Keep a KeyboardInterrupt handled here from ending `python -m delivery_service` by SIGINT.
+
+    A private copy of sfu/__main__.py's `_forget_interrupts` (not imported from there: the
+    packages stay apart): CPython 3.11 marks a KeyboardInterrupt that leaves code run by
+    `exec`/`eval` of a *string* (the methods of a dataclass or namedtuple being built) as
+    unhandled, even once caught, and `python -m` then ends by SIGINT (-2) instead of with the
+    exit status. aiohttp's run_app catches a KeyboardInterrupt of start-up or shutdown (before
+    its signal handlers are set, after they are removed). The next such run that ends normally
+    clears the mark: this one. A KeyboardInterrupt that leaves `main` marks it again."""
+    exec("")  # noqa: S102 - a string on purpose: see above
+
+
+def _run(argv: list[str] | None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # aiosqlite logs two lines per SQL call at DEBUG, with its parameters (whole messages):
@@ -238,6 +258,13 @@ def main(argv: list[str] | None = None) -> None:
     if "://" in args.db and not args.db.startswith(POSTGRES_SCHEMES):
         # not echoed: a DSN of another database may hold a password
         sys.exit("delivery service: --db must be a SQLite file path or a postgresql:// DSN")
+    if args.pg_schema is not None and not args.db.startswith(POSTGRES_SCHEMES):
+        # Said rather than ignored: the operator meant a PostgreSQL database (a CONCLAVE_DS_DB
+        # unset here, say), and would find the groups in a SQLite file instead. Status 2, as
+        # argparse's usage errors.
+        print("delivery service: --pg-schema applies to PostgreSQL only, and --db is a SQLite "
+              "file: leave it out, or give a postgresql:// DSN", file=sys.stderr)
+        sys.exit(2)
     try:
         auditors, auditor_keys = parse_auditors(args.auditor)
     except AuditorOptionError as exc:
@@ -277,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         # the requests in flight finish; "stopped" once the database is closed.
         app.on_shutdown.insert(0, _log_stopping)
         database = describe_db(args.db)
-        if args.pg_schema and not is_sqlite:
+        if args.pg_schema:  # PostgreSQL's (refused with SQLite above)
             # which schema: instances meant to share one deployment must name the same
             database += f", schema {args.pg_schema}"
         # aiohttp calls `print` once the database is open and the sockets serve: an operator

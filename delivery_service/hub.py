@@ -26,6 +26,7 @@ from aiohttp import ClientConnectionResetError, web
 
 from .metrics import Metrics
 from .storage import Storage, StoredMessage
+from .tracker import GroupState
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,42 @@ def push_frame(m: StoredMessage) -> bytes:
     return cbor2.dumps({"type": "message", **message_body(m)})
 
 
+class GroupRead:
+    """A group's state read from storage once for all the connections an announcement from
+    another instance reaches (before: one read per subscribed socket at each NOTIFY), by the
+    first that needs it. Any connection could have been that first one, so each still gets
+    what it got before. A read that failed is the failure of the connection that made it
+    only: the others read again, each for itself, as they did before."""
+
+    def __init__(self, storage: Storage, group_id: bytes) -> None:
+        self.storage = storage
+        self.group_id = group_id
+        self._read: asyncio.Future[GroupState | None] | None = None
+
+    async def get(self) -> GroupState | None:
+        if self._read is None:
+            # a task, awaited shielded: a connection closed while it reads leaves the read
+            # to the others
+            self._read = asyncio.ensure_future(self.storage.get_group(self.group_id))
+            self._read.add_done_callback(_retrieved)
+            return await asyncio.shield(self._read)
+        try:
+            return await asyncio.shield(self._read)
+        except asyncio.CancelledError:
+            if self._read.cancelled():  # the read's own cancellation, not this connection's
+                return await self.storage.get_group(self.group_id)
+            raise
+        except Exception:
+            return await self.storage.get_group(self.group_id)
+
+
+def _retrieved(read: asyncio.Future[GroupState | None]) -> None:
+    # A read whose connection closed meanwhile, and that no other awaited, would be logged as
+    # "exception never retrieved": its failure is no one's (the others read for themselves).
+    if not read.cancelled():
+        read.exception()
+
+
 @dataclass(frozen=True)
 class Appended:
     group_id: bytes
@@ -69,6 +106,8 @@ class Appended:
     members: frozenset[str] | None = None
     # The push frame of `message`, encoded once for all its subscribers.
     frame: bytes | None = None
+    # Announced by another instance (`members` None): the group's state, read once for all.
+    state: GroupRead | None = None
 
 
 @dataclass(frozen=True)
@@ -249,7 +288,10 @@ class Connection:
         members = event.members
         known = event.seq
         if members is None:
-            state = await self.hub.storage.get_group(event.group_id)
+            if event.state is not None:
+                state = await event.state.get()
+            else:
+                state = await self.hub.storage.get_group(event.group_id)
             members = state.members if state is not None else frozenset()
             if state is not None:
                 # Committed, and read with this member's membership (as a subscribe's): the
@@ -364,7 +406,7 @@ class Hub:
         storage.set_listener(self._remote, self._gap)
 
     def _remote(self, group_id: bytes, seq: int, recipients: tuple[str, ...] | None) -> None:
-        self.publish(Appended(group_id, seq, recipients))
+        self.publish(Appended(group_id, seq, recipients, state=GroupRead(self.storage, group_id)))
 
     def _gap(self) -> None:
         for conn in self.connections:

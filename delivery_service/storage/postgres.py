@@ -166,6 +166,10 @@ class PostgresStorage(Storage):
         # A LISTEN connection that stopped answering was warned of: its restoration is a warning
         # too, so that the log at --log-level WARNING does not leave it "reconnecting" forever.
         self._listen_warned = False
+        # When that warning was last logged, and the connections replaced since without one:
+        # a connection that flaps is told at most once per `availability.repeat` seconds.
+        self._listen_warned_at: float | None = None
+        self._listen_unwarned = 0
         self._check_task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -244,12 +248,27 @@ class PostgresStorage(Storage):
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 if self._closing or conn is not self._listen_conn:
                     continue
-                log.warning(
-                    "the PostgreSQL LISTEN connection did not answer within %g s; reconnecting",
-                    timeout,
-                )
-                self._listen_warned = True
+                self._warn_listen_lost(timeout)
                 conn.terminate()  # its termination listener reconnects (`_on_listen_lost`)
+
+    def _warn_listen_lost(self, timeout: float) -> None:
+        """A warning, and one for the restoration, at most once per `availability.repeat`
+        seconds (as the outage's): else a connection that stops answering at every check logs
+        two lines every ~20 s forever. Those within the interval are at DEBUG, and counted in
+        the next warning."""
+        text = "the PostgreSQL LISTEN connection did not answer within %g s; reconnecting%s"
+        now = self.availability.clock()
+        last = self._listen_warned_at
+        if last is not None and now - last < self.availability.repeat:
+            self._listen_unwarned += 1
+            log.debug(text, timeout, "")
+            return
+        n = self._listen_unwarned
+        more = f" (replaced {n} more time{'s' if n > 1 else ''} since the last warning)" if n else ""
+        log.warning(text, timeout, more)
+        self._listen_warned_at = now
+        self._listen_unwarned = 0
+        self._listen_warned = True
 
     async def _relisten(self) -> None:
         attempt = 0

@@ -164,3 +164,29 @@ def test_an_interrupt_inside_exec_of_a_string_still_exits_with_the_status(tmp_pa
     )
     assert proc.returncode == 130, proc.stderr.decode()
     assert b"Traceback" not in proc.stderr
+
+
+# -- 4. --pg-schema without PostgreSQL is refused, as the delivery service refuses it
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_a_schema_without_postgresql_is_refused_before_anything_starts(
+    command: str, tmp_path: Path
+) -> None:
+    # Before: ignored; the groups went to a SQLite file the user did not mean.
+    env = {k: v for k, v in os.environ.items() if k != "CONCLAVE_DS_DB"}
+    args = [sys.executable, "-m", "conclave", command, "--pg-schema", "calls"]
+    if command == "serve":
+        args += ["--state", str(tmp_path / "state"), "--ds-port", "0", "--sfu-port", "0"]
+    else:
+        args += ["--no-live", "--phase", "0"]
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=PATIENCE)
+    assert done.returncode == 2, done
+    given = "--db or $CONCLAVE_DS_DB" if command == "serve" else "--db"
+    assert done.stderr == (
+        f"conclave {command}: --pg-schema applies to PostgreSQL only, and the database is a "
+        f"SQLite file: leave it out, or give a postgresql:// DSN ({given})\n"
+    ), done.stderr
+    assert done.stdout == ""
+    assert not (tmp_path / "state" / "conclave-ds.sqlite3").exists()

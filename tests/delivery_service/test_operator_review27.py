@@ -296,9 +296,9 @@ async def test_the_start_up_line_names_the_schema_without_credentials(
 
 
 async def test_a_sqlite_start_up_line_names_no_schema(tmp_path: Path) -> None:
-    # --pg-schema means nothing to SQLite: the line does not pretend otherwise
+    # (--pg-schema with SQLite is refused: test_stop28_small.py)
     db = tmp_path / "ds.sqlite3"
-    ds = Running(tmp_path, "--db", str(db), "--pg-schema", "ignored", "--log-level", "INFO")
+    ds = Running(tmp_path, "--db", str(db), "--log-level", "INFO")
     try:
         text = await until_logged(ds.log, "serving on 127.0.0.1")
     finally:
