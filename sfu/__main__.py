@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import gc
-import logging
 import signal
-import socket
-import sys
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-from aiohttp import web
+if __name__ == "__main__":
+    # SIGHUP reloads the token secrets (`Hangup`); during the imports below (half a second)
+    # its default action would end the process: ignored (the file is read after them).
+    signal.signal(signal.SIGHUP, lambda signum, frame: None)
 
-from sfu.config import MAX_TOKEN_SECRETS, SFUConfig, read_token_secrets
-from sfu.errors import ConfigError, SFUError
-from sfu.httplog import AccessLogger, quiet_bad_requests
-from sfu.sdnotify import notify, watchdog, watchdog_interval
-from sfu.workers import (
+import argparse  # noqa: E402 - after the SIGHUP guard above
+import asyncio  # noqa: E402
+import gc  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import AsyncIterator, Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+from aiohttp import web  # noqa: E402
+
+from sfu.config import MAX_TOKEN_SECRETS, SFUConfig, read_token_secrets  # noqa: E402
+from sfu.errors import ConfigError, SFUError  # noqa: E402
+from sfu.httplog import AccessLogger, quiet_bad_requests  # noqa: E402
+from sfu.sdnotify import notify, watchdog, watchdog_interval  # noqa: E402
+from sfu.workers import (  # noqa: E402
     HANG_TIMEOUT,
     HEARTBEAT_INTERVAL,
     MAX_LINE,
@@ -30,6 +38,9 @@ from sfu.workers import (
     secrets_line,
     stop_with_parent,
 )
+
+if TYPE_CHECKING:
+    from sfu.server import SFUServer  # imported where it serves: see `_serve`
 
 logger = logging.getLogger("sfu")
 
@@ -82,8 +93,11 @@ CONCLAVE_ROOM_SECRET alone, no NAME=), at least 16 bytes (32 digits). It may hol
 {MAX_TOKEN_SECRETS} secrets, one per line, to rotate the secret without refusing tokens: a token
 verifies if any of them signed it. A file of text that is not such hex (a digit lost, a NAME=
 prefix) stops the SFU at start-up, saying what is wrong where; a binary file (any byte other
-than printable ASCII) is one raw secret, at least 16 bytes. It is read once, at start-up, by
-worker 0: change it by restarting the SFU (README.md: rotating the secret).
+than printable ASCII) is one raw secret, at least 16 bytes. Worker 0 reads it at start-up and
+again on SIGHUP (kill -HUP to worker 0, the main process), and hands the secrets to the other
+workers: joins and token renewals are verified with the new set from then on, calls go on
+(README.md: rotating the secret). A file with a mistake then keeps the secrets loaded, with a
+warning. A SIGHUP to another worker alone is ignored, with a warning.
 
 loopback ICE: with --host 127.0.0.1 or localhost (or --loopback-ice) the SFU offers only
 127.0.0.1 ICE candidates, for clients on the same machine; otherwise every local address.
@@ -112,17 +126,58 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+class Hangup:
+    """SIGHUP: `action` (reload the token secrets), run in the event loop while it serves.
+
+    A Python-level handler for the whole of `main`, never the event loop's
+    `add_signal_handler`, whose removal (the loop closing) puts back the default action, death
+    by SIGHUP: a SIGHUP while starting or stopping then changes nothing (one after the file was
+    read at start-up, `pending`, is acted on once serving).
+    """
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.action: Callable[[], None] = lambda: None
+        self.pending = False
+
+    def signalled(self, signum: int, frame: object) -> None:
+        loop = self.loop
+        if loop is None:
+            self.pending = True
+            return
+        try:
+            loop.call_soon_threadsafe(self.action)
+        except RuntimeError:  # the loop closed meanwhile: stopping
+            pass
+
+    async def serving(self, app: web.Application) -> AsyncIterator[None]:
+        """A cleanup context: act on SIGHUP while the app serves."""
+        self.loop = asyncio.get_running_loop()
+        if self.pending:
+            self.pending = False
+            self.action()
+        yield
+        self.loop = None
+
+
+_hangup = Hangup()  # this run of `main`'s
+
+
 def main(argv: list[str] | None = None) -> int:
     # Until aiohttp's handlers take over, SIGTERM stops start-up as Ctrl-C does, and either one
     # ends it quietly with status 0 (not a traceback, nor death by the signal); a worker
     # started already stops with the others (`_run`) or by itself (end of its stdin).
+    global _hangup
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    _hangup = Hangup()
+    previous_hangup = signal.signal(signal.SIGHUP, _hangup.signalled)
     try:
         return _run(argv)
     except KeyboardInterrupt:
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGHUP, previous_hangup)
         _forget_interrupts()
 
 
@@ -175,7 +230,16 @@ def _stop_workers(supervisor: Supervisor) -> None:
             signal.signal(sig, handler)
 
 
+def _too_long_for_workers(secrets: tuple[bytes, ...]) -> str:
+    """Why the workers would refuse `secrets` as junk on their stdin (each restart, or a
+    reload), or "" if they would not."""
+    if (size := len(secrets_line(secrets)) - 1) > MAX_LINE:
+        return f"the token secret is too long for --workers: {size} bytes in hex, at most {MAX_LINE}"
+    return ""
+
+
 def _run(argv: list[str] | None) -> int:
+    hangup = _hangup
     parser = argparse.ArgumentParser(
         prog="python -m sfu",
         description=__doc__,
@@ -289,6 +353,7 @@ def _run(argv: list[str] | None) -> int:
             return 2
         stop_with_parent(parent)
     else:
+        hangup.pending = False  # a SIGHUP until now: the file is read now
         try:
             secrets = read_token_secrets(args.token_secret_file)
         except OSError as exc:
@@ -297,13 +362,9 @@ def _run(argv: list[str] | None) -> int:
         except ConfigError as exc:  # one line, naming the file (and line) and what is wrong
             print(exc, file=sys.stderr)
             return 2
-        if args.workers > 1 and (size := len(secrets_line(secrets)) - 1) > MAX_LINE:
+        if args.workers > 1 and (why := _too_long_for_workers(secrets)):
             # The workers would refuse it as junk on their stdin, each restart: say so now.
-            print(
-                f"the token secret is too long for --workers: {size} bytes in hex, at most "
-                f"{MAX_LINE}",
-                file=sys.stderr,
-            )
+            print(why, file=sys.stderr)
             return 2
     url_host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address
     try:
@@ -362,7 +423,7 @@ def _run(argv: list[str] | None) -> int:
             return 2
 
     try:
-        _serve(args, config, listening, supervisor, parent)
+        _serve(args, config, listening, supervisor, parent, hangup)
     finally:
         if supervisor is not None:
             _stop_workers(supervisor)
@@ -378,9 +439,10 @@ def _serve(
     listening: list[socket.socket],
     supervisor: Supervisor | None,
     parent: ParentLink | None,
+    hangup: Hangup,
 ) -> None:
-    """Start the workers 1..N-1 (worker 0) and serve until SIGTERM/SIGINT. `parent`: worker 0,
-    as seen from worker 1..N-1."""
+    """Start the workers 1..N-1 (worker 0) and serve until SIGTERM/SIGINT; reload the token
+    secrets on SIGHUP. `parent`: worker 0, as seen from worker 1..N-1."""
     from sfu import aiortc_hooks
     from sfu.server import SFUServer
 
@@ -388,6 +450,46 @@ def _serve(
         aiortc_hooks.restrict_ice_to_loopback()
     server = SFUServer(config)
     app = server.app()
+    app.cleanup_ctx.append(hangup.serving)
+    if parent is None:
+        hangup.action = lambda: _reload_secrets(server, args.token_secret_file, supervisor)
+    else:
+        link = parent
+        parent_pid = os.getppid()
+
+        def ignore_hangup() -> None:
+            # Worker 0 alone reads the file, and sends every worker the same set.
+            logger.warning(
+                "SIGHUP to this worker alone: ignored; send it to worker 0 (pid %d), which "
+                "reloads the token secrets of every worker",
+                parent_pid,
+            )
+
+        def reloaded(secrets: tuple[bytes, ...]) -> None:
+            try:
+                server.set_token_secrets(secrets)
+            except ConfigError as exc:
+                logger.warning("token secrets from worker 0 not taken: %s", exc)
+                return
+            logger.info(
+                "token secrets reloaded by worker 0: %d now verify room tokens", len(secrets)
+            )
+
+        async def follow_reloads(app: web.Application) -> AsyncIterator[None]:
+            loop = asyncio.get_running_loop()
+
+            def from_thread(secrets: tuple[bytes, ...]) -> None:
+                try:
+                    loop.call_soon_threadsafe(reloaded, secrets)
+                except RuntimeError:  # the loop closed: stopping
+                    pass
+
+            link.on_secrets(from_thread)
+            yield
+            link.on_secrets(None)
+
+        hangup.action = ignore_hangup
+        app.cleanup_ctx.append(follow_reloads)
     if supervisor is not None:
         sup = supervisor
         server.worker_available = sup.available
@@ -455,5 +557,45 @@ def _serve(
         logger.info("stopped")
 
 
+def _reload_secrets(server: SFUServer, path: Path, supervisor: Supervisor | None) -> None:
+    """SIGHUP, in worker 0: verify with the secrets of the file from now on (and have every
+    worker do so), or keep those loaded if it cannot be read or has a mistake. Neither log line
+    quotes a character of a secret (`read_token_secrets`'s errors do not)."""
+    loaded = len(server.config.token_secrets)
+    try:
+        secrets = read_token_secrets(path)
+        if supervisor is not None and (why := _too_long_for_workers(secrets)):
+            raise ConfigError(why)
+        server.set_token_secrets(secrets)
+    except OSError as exc:
+        logger.warning(
+            "SIGHUP: token secrets not reloaded, cannot read the token secret file (%s): still "
+            "verifying with the %d loaded",
+            exc,
+            loaded,
+        )
+        return
+    except ConfigError as exc:
+        logger.warning(
+            "SIGHUP: token secrets not reloaded (%s): still verifying with the %d loaded",
+            exc,
+            loaded,
+        )
+        return
+    if supervisor is not None:
+        supervisor.reload(secrets)
+    logger.info(
+        "SIGHUP: token secrets reloaded from %s: %d now verify room tokens%s",
+        path,
+        len(secrets),
+        " (sent to every worker)" if supervisor is not None else "",
+    )
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # Ignored by the kernel from here on: the interpreter's finalization puts back the default
+    # action (death) of a signal with a Python handler, and a SIGHUP then would end a quiet
+    # stop by the signal.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    sys.exit(status)

@@ -64,6 +64,12 @@ _COUNTERS = (
         "Signalling messages dropped over a socket's rate limit.",
     ),
     ("tokens_refused", "tokens_refused", "Room tokens refused, at joins and renewals."),
+    (
+        "token_secret_reloads",
+        "token_secret_reloads",
+        "Token secret sets taken on a reload (SIGHUP), each starting "
+        "sfu_tokens_accepted_total again from 0.",
+    ),
 )
 
 
@@ -86,8 +92,10 @@ class Metrics:
         self.signalling_rate_limited = 0
         self.tokens_refused = 0
         # Room tokens accepted (at joins and renewals), by the secret that signed them: index i
-        # is the (i+1)th secret of the token secret file (`SFUServer` sizes it).
+        # is the (i+1)th secret of the token secret file as last (re)loaded (`SFUServer` sizes
+        # it, and zeroes it on a reload: the (i+1)th line may now be another secret).
         self.tokens_accepted: list[int] = []
+        self.token_secret_reloads = 0
         self.forwarding_latency = Histogram()
         # Gauges are read from the server when rendering.
         self.rooms: Callable[[], int] = lambda: 0
@@ -106,10 +114,16 @@ class Metrics:
         for name, kind, help_text, value in samples:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
         if self.tokens_accepted:
+            name = "sfu_token_secrets"
+            lines += [
+                f"# HELP {name} Room-token secrets loaded (lines of the token secret file).",
+                f"# TYPE {name} gauge",
+                f"{name} {len(self.tokens_accepted)}",
+            ]
             name = "sfu_tokens_accepted_total"
             lines.append(
                 f"# HELP {name} Room tokens accepted, at joins and renewals, by the secret that "
-                "signed them (1: the first of the token secret file)."
+                "signed them (1: the first of the token secret file; from 0 at each reload)."
             )
             lines.append(f"# TYPE {name} counter")
             lines += [

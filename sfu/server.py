@@ -44,10 +44,12 @@ After a refused join the socket is closed; other errors leave it open.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
 import time
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -72,6 +74,10 @@ MAX_TOKEN_LENGTH = 4096
 RATE_NOTICE_INTERVAL = 1.0  # seconds between "rate-limited" replies to one socket
 TOKEN_CHECK_INTERVAL = 30.0  # seconds between looks at the wall clock for a token's expiry
 TOKEN_EXPIRED = 'the room token expired: send a fresh one (type "token") before it does'
+SECRET_WITHDRAWN = (
+    "the secret that signed its room token is no longer accepted (rotated): join again with a "
+    "fresh token"
+)
 KINDS = ("audio", "video")
 
 
@@ -83,6 +89,12 @@ class SFUServer:
         self._bad_signature_logged = -BAD_SIGNATURE_LOG_INTERVAL
         self.metrics.tokens_accepted = [0] * len(config.token_secrets)
         self._older_secrets_logged: set[int] = set()  # secrets past the first, seen in use
+        # Each session's room tokens by the secret that signed them: when the latest of each
+        # expires. A reload that drops a secret ends what only that secret's tokens prolonged
+        # (one with a leaked secret can sign any expiry), as a restart would have.
+        self._expiry_by_secret: weakref.WeakKeyDictionary[Participant, dict[bytes, float]] = (
+            weakref.WeakKeyDictionary()
+        )
         self.rooms: dict[str, Room] = {}
         self.metrics.rooms = lambda: len(self.rooms)
         self.metrics.participants = lambda: sum(len(r.participants) for r in self.rooms.values())
@@ -377,6 +389,7 @@ class SFUServer:
         ):
             raise SignallingError("bad-message", 'publish must be a subset of ["audio", "video"]')
         expires_at, signer = self._verify(token, room_name, identity, self.wall_clock())
+        signed_with = self.config.token_secrets[signer]  # the set may be reloaded meanwhile
         worker = self.config.worker_for(room_name)
         if worker != self.config.worker_index:
             if not self.worker_available(worker):
@@ -402,11 +415,14 @@ class SFUServer:
                 raise SignallingError("duplicate", "this identity is already in the room")
             if len(room.participants) >= self.config.max_participants_per_room:
                 raise LimitExceeded("the room is full")
+            if signed_with not in self.config.token_secrets:  # reloaded since `_verify`
+                raise TokenError("bad signature", "room token refused: its secret was withdrawn")
             participant = Participant(
                 room, identity, list(publish), send_json, self.config, self.metrics
             )
             participant.on_connection_lost = close_signalling
             participant.token_expires_at = expires_at
+            self._expiry_by_secret[participant] = {signed_with: expires_at}
             others = list(room.participants)
             room.participants[identity] = participant
         try:
@@ -462,6 +478,9 @@ class SFUServer:
             raise SignallingError("token", str(exc), exc.reason) from None
         self._count_signer(signer)
         participant.token_expires_at = max(participant.token_expires_at, expires_at)
+        by_secret = self._expiry_by_secret.setdefault(participant, {})
+        signed_with = self.config.token_secrets[signer]
+        by_secret[signed_with] = max(by_secret.get(signed_with, 0.0), expires_at)
         await participant.send_json(
             {"type": "token-accepted", "expires_at": int(participant.token_expires_at)}
         )
@@ -487,6 +506,35 @@ class SFUServer:
         """`check_room_token` with every secret of the SFU: when the token expires, and the
         index of the secret that signed it (for `_count_signer`)."""
         return check_room_token(self.config.token_secrets, token, room, identity, now)
+
+    def set_token_secrets(self, secrets: tuple[bytes, ...]) -> None:
+        """Verify joins and token renewals with `secrets` from now on (a reload: SIGHUP).
+
+        Sessions go on, but each only as long as its tokens signed by a secret still held say:
+        one that only a dropped secret's tokens admitted ends now (code "session-ended"; a
+        client then joins again with a fresh token). sfu_tokens_accepted_total starts again
+        from 0 (its label is a line of the file: after a reload, another secret's, maybe).
+        Raises ConfigError (and changes nothing) for a set SFUConfig refuses.
+        """
+        # token_secret=b"": `replace` would pass the old first secret along with the new set
+        self.config = dataclasses.replace(self.config, token_secret=b"", token_secrets=secrets)
+        self.metrics.tokens_accepted = [0] * len(self.config.token_secrets)
+        self.metrics.token_secret_reloads += 1
+        self._older_secrets_logged.clear()
+        held = set(self.config.token_secrets)
+        now = self.wall_clock()
+        for room in list(self.rooms.values()):
+            for participant in list(room.participants.values()):
+                by_secret = self._expiry_by_secret.get(participant)
+                if by_secret is None or set(by_secret) <= held:
+                    continue
+                by_secret = {s: e for s, e in by_secret.items() if s in held}
+                self._expiry_by_secret[participant] = by_secret
+                expires_at = max(by_secret.values(), default=0.0)
+                if expires_at < participant.token_expires_at:
+                    participant.token_expires_at = expires_at  # `_end_at_token_expiry` sees it
+                if expires_at <= now:
+                    participant.end_session(SECRET_WITHDRAWN)
 
     def _count_signer(self, signer: int) -> None:
         """Count a token accepted here (a join this worker serves, a renewal) by the secret that

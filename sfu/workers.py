@@ -48,6 +48,10 @@ STOP_TIMEOUT = 10.0  # seconds a worker may take to stop after SIGTERM before it
 # timeout), but refuse it with code "unavailable" as worker 0 does.
 DOWN_NONE = b"down\n"
 MAX_LINE = 1 << 20  # bytes of one line on a worker's stdin (the secrets', in hex)
+# Worker 0 reloads the token secrets on SIGHUP and sends them to every worker on its stdin as
+# a line "secrets HEX,HEX..." (`reload_line`): worker 0 alone reads the file, so every worker
+# verifies with the same set, and one (re)started later gets that set as its first line.
+RELOAD_WORD = b"secrets"
 # Why worker 0 restarts a worker: the `reason` label of sfu_worker_restarts_total.
 EXITED = "exited"  # it exited, or a signal not from worker 0 killed it (the OOM killer...)
 KILLED_HUNG = "killed-hung"  # worker 0 killed it: no heartbeat for the hang timeout
@@ -69,6 +73,21 @@ def secrets_line(secrets: bytes | Sequence[bytes]) -> bytes:
     if isinstance(secrets, bytes):
         secrets = (secrets,)
     return b",".join(secret.hex().encode() for secret in secrets) + b"\n"
+
+
+def reload_line(secrets: Sequence[bytes]) -> bytes:
+    """The line worker 0 writes on every worker's stdin when it has reloaded the token secrets
+    (SIGHUP): RELOAD_WORD and `secrets_line`."""
+    return RELOAD_WORD + b" " + secrets_line(secrets)
+
+
+def _parse_secrets(text: bytes) -> tuple[bytes, ...]:
+    """The secrets of a `secrets_line` (without its end); none if it is not one."""
+    try:
+        secrets = tuple(bytes.fromhex(part.decode("ascii")) for part in text.split(b","))
+    except ValueError:  # UnicodeDecodeError is one too
+        return ()
+    return secrets if all(secrets) else ()
 
 
 def bind(host: str, port: int) -> list[socket.socket]:
@@ -241,6 +260,18 @@ class Supervisor:
             )
             for worker in self.workers
         ]
+
+    def reload(self, secrets: tuple[bytes, ...]) -> None:
+        """Have every worker verify with `secrets` from now on (worker 0 reloaded them): sent on
+        each running worker's stdin after what it still has to read (`_tell` writes what its
+        pipe does not take now); a worker started later gets them as its first line."""
+        self.secret = secrets
+        line = reload_line(secrets)
+        for worker in self.workers:
+            if worker.stdin_fd < 0:
+                continue  # not running: `start` gives it `self.secret`
+            worker.unsent += line  # after the rest of an earlier line: lines stay whole
+            self._send(worker)
 
     async def watch(self) -> None:
         """Restart workers that exit, with a growing delay; give up after MAX_FAILURES; tell the
@@ -586,8 +617,8 @@ async def heartbeat(fd: int, interval: float = HEARTBEAT_INTERVAL) -> None:
 
 class ParentLink:
     """In workers 1..N-1: what worker 0 says on stdin (`fd`): the token secrets in hex on the
-    first line (`secrets_line`), then "down I J ..." lines (`Supervisor._tell`); its end:
-    worker 0 is gone.
+    first line (`secrets_line`), then "down I J ..." lines (`Supervisor._tell`) and the secrets
+    reloaded (`reload_line`, `on_secrets`); its end: worker 0 is gone.
 
     Read unbuffered, in the main thread for the secret, then in `stop_with_parent`'s thread:
     a buffered reader could take the "down" lines along with the secret.
@@ -598,17 +629,27 @@ class ParentLink:
         self._buffer = bytearray()
         # Replaced whole by the reading thread, read by the event loop: no lock needed.
         self._down: frozenset[int] = frozenset()
+        # Secrets reloaded by worker 0 (RELOAD_WORD lines): handed to `_on_secrets` by the
+        # reading thread, or kept here until there is one (the event loop not serving yet).
+        self._lock = threading.Lock()
+        self._on_secrets: Callable[[tuple[bytes, ...]], None] | None = None
+        self._reloaded: tuple[bytes, ...] | None = None
 
     def secrets(self) -> tuple[bytes, ...]:
         """The secrets; none if stdin ended (or held no hex) before a whole line."""
         line = self._readline()
         if not line:
             return ()
-        try:
-            secrets = tuple(bytes.fromhex(part.decode("ascii")) for part in line.split(b","))
-        except ValueError:  # UnicodeDecodeError is one too
-            return ()
-        return secrets if all(secrets) else ()
+        return _parse_secrets(line)
+
+    def on_secrets(self, callback: Callable[[tuple[bytes, ...]], None] | None) -> None:
+        """Call `callback` with each set of secrets worker 0 sends from now on (from the reading
+        thread), and at once with the latest one it sent before, if any; None: keep them."""
+        with self._lock:  # held while calling: the sets reach `callback` in the order sent
+            self._on_secrets = callback
+            if callback is not None and self._reloaded is not None:
+                callback(self._reloaded)
+                self._reloaded = None
 
     def secret(self) -> bytes:
         """The first line's secret, as `secrets` (for one; the first of several); empty if none."""
@@ -627,6 +668,13 @@ class ParentLink:
                     self._down = frozenset(int(word) for word in words[1:])
                 except ValueError:
                     pass
+            elif words[:1] == [RELOAD_WORD] and len(words) == 2:
+                if secrets := _parse_secrets(words[1]):
+                    with self._lock:
+                        if self._on_secrets is not None:
+                            self._on_secrets(secrets)
+                        else:
+                            self._reloaded = secrets
 
     def _readline(self) -> bytes | None:
         """The next line, without its end; None at the end of stdin (or on a read error)."""
