@@ -139,16 +139,26 @@ class Hangup:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.action: Callable[[], None] = lambda: None
         self.pending = False
+        # A run of `action` is queued in the loop: more SIGHUPs until it runs add none (it reads
+        # the file as it is then), so a burst reloads once, not once per signal.
+        self._queued = False
 
     def signalled(self, signum: int, frame: object) -> None:
         loop = self.loop
         if loop is None:
             self.pending = True
             return
+        if self._queued:
+            return
         try:
-            loop.call_soon_threadsafe(self.action)
+            loop.call_soon_threadsafe(self._act)
         except RuntimeError:  # the loop closed meanwhile: stopping
-            pass
+            return
+        self._queued = True
+
+    def _act(self) -> None:
+        self._queued = False  # first: a SIGHUP while `action` runs queues one more after it
+        self.action()
 
     async def serving(self, app: web.Application) -> AsyncIterator[None]:
         """A cleanup context: act on SIGHUP while the app serves."""

@@ -52,6 +52,7 @@ MAX_LINE = 1 << 20  # bytes of one line on a worker's stdin (the secrets', in he
 # a line "secrets HEX,HEX..." (`reload_line`): worker 0 alone reads the file, so every worker
 # verifies with the same set, and one (re)started later gets that set as its first line.
 RELOAD_WORD = b"secrets"
+LONGEST_LINE = len(RELOAD_WORD) + 1 + MAX_LINE  # a reload's line, with the secrets' hex
 # Why worker 0 restarts a worker: the `reason` label of sfu_worker_restarts_total.
 EXITED = "exited"  # it exited, or a signal not from worker 0 killed it (the OOM killer...)
 KILLED_HUNG = "killed-hung"  # worker 0 killed it: no heartbeat for the hang timeout
@@ -126,6 +127,9 @@ class Worker:
     # or a "down" line) its pipe did not take yet. Written before anything else, or the worker
     # would read the start of one line glued to another.
     unsent: bytes = field(default=b"", repr=False)  # the secret, at first: never in a repr
+    # The latest reloaded secrets' line not begun yet, written after `unsent`: a reload replaces
+    # it, so a burst of SIGHUPs for a worker that reads no more queues one line, not one each.
+    reload_unsent: bytes = field(default=b"", repr=False)
     last_beat: float = 0.0
     beating: bool = False  # a heartbeat came since the worker was started
     hung: bool = False  # killed by worker 0 for missing heartbeats
@@ -264,13 +268,14 @@ class Supervisor:
     def reload(self, secrets: tuple[bytes, ...]) -> None:
         """Have every worker verify with `secrets` from now on (worker 0 reloaded them): sent on
         each running worker's stdin after what it still has to read (`_tell` writes what its
-        pipe does not take now); a worker started later gets them as its first line."""
+        pipe does not take now), in place of an earlier set not sent yet; a worker started later
+        gets them as its first line."""
         self.secret = secrets
         line = reload_line(secrets)
         for worker in self.workers:
             if worker.stdin_fd < 0:
                 continue  # not running: `start` gives it `self.secret`
-            worker.unsent += line  # after the rest of an earlier line: lines stay whole
+            worker.reload_unsent = line  # after the rest of an earlier line: lines stay whole
             self._send(worker)
 
     async def watch(self) -> None:
@@ -380,11 +385,16 @@ class Supervisor:
 
     @staticmethod
     def _send(worker: Worker) -> bool:
-        """Write what the pipe takes of `worker.unsent`; whether all of it is written now."""
+        """Write what the pipe takes of `worker.unsent`, then of a reload's line; whether all of
+        it is written now."""
         try:
-            while worker.unsent:
-                written = os.write(worker.stdin_fd, worker.unsent)
-                worker.unsent = worker.unsent[written:]
+            while worker.unsent or worker.reload_unsent:
+                if worker.unsent:
+                    written = os.write(worker.stdin_fd, worker.unsent)
+                    worker.unsent = worker.unsent[written:]
+                else:  # a reload's line, begun now: its rest goes first, a later one after it
+                    written = os.write(worker.stdin_fd, worker.reload_unsent)
+                    worker.unsent, worker.reload_unsent = worker.reload_unsent[written:], b""
         except OSError:
             return False  # full (BlockingIOError): a later poll; or it exited: `watch` sees it
         return True
@@ -395,7 +405,7 @@ class Supervisor:
         if worker.stdin_fd >= 0:
             os.close(worker.stdin_fd)
             worker.stdin_fd = -1
-        worker.unsent = b""
+        worker.unsent = worker.reload_unsent = b""
 
     @staticmethod
     def _close_heartbeat(worker: Worker) -> None:
@@ -627,6 +637,7 @@ class ParentLink:
     def __init__(self, fd: int = 0) -> None:
         self._fd = fd
         self._buffer = bytearray()
+        self._dropping = False  # in a line too long, until its end
         # Replaced whole by the reading thread, read by the event loop: no lock needed.
         self._down: frozenset[int] = frozenset()
         # Secrets reloaded by worker 0 (RELOAD_WORD lines): handed to `_on_secrets` by the
@@ -678,10 +689,16 @@ class ParentLink:
 
     def _readline(self) -> bytes | None:
         """The next line, without its end; None at the end of stdin (or on a read error)."""
-        while (end := self._buffer.find(b"\n")) < 0:
-            if len(self._buffer) > MAX_LINE:  # not worker 0 talking: drop it, go on
+        while (end := self._buffer.find(b"\n")) < 0 or self._dropping:
+            if end >= 0:  # the end of a line too long, whose start was dropped: dropped too
+                del self._buffer[: end + 1]
+                self._dropping = False
+                continue
+            if self._dropping or len(self._buffer) > LONGEST_LINE:
                 self._buffer.clear()
-                return b""
+                if not self._dropping:  # not worker 0 talking: drop it, up to its end; go on
+                    self._dropping = True
+                    return b""
             try:
                 chunk = os.read(self._fd, 65536)
             except OSError:
