@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Self
 
 from .commit import Commit
 from .commit_rules import CommitRules
-from .errors import CryptoError, ValidationError
+from .errors import CryptoError, SecretReuseError, ValidationError
 from .extensions import Extension, ExtensionType, ExternalPub
 from .framing import (
     AuthenticatedContent,
@@ -132,13 +132,16 @@ class GroupCore(CommitRules):
         return self._pending is not None
 
     def add_external_psk(self, psk_id: bytes, psk: bytes) -> None:
+        self._require_member()  # a forgotten group keeps no PSK (nor would use one)
         self._external_psks[bytes(psk_id)] = bytes(psk)
 
     def add_resumption_psk(self, group_id: bytes, epoch: int, psk: bytes) -> None:
         """A resumption PSK of another group (for branch and reinit Welcomes)."""
+        self._require_member()
         self._other_resumption_psks[(bytes(group_id), epoch)] = bytes(psk)
 
     def resumption_psk(self, epoch: int | None = None) -> bytes:
+        self._require_member()  # else "no resumption PSK kept": say why
         e = self.epoch if epoch is None else epoch
         try:
             return self._state.resumption_psks[e]
@@ -147,6 +150,11 @@ class GroupCore(CommitRules):
 
     def export_secret(self, label: bytes, context: bytes, length: int) -> bytes:
         """MLS-Exporter(label, context, length) of the current epoch (§8.5)."""
+        if not self._state.active:  # say why the exporter secret is gone
+            raise SecretReuseError(
+                "this member has been removed from the group: its epoch secrets are deleted"
+                " (RFC 9420 §12.4.2)"
+            )
         return self._state.secrets.export(label, context, length)
 
     def ratchet_tree(self) -> bytes:
@@ -184,6 +192,7 @@ class GroupCore(CommitRules):
         self, *, with_ratchet_tree: bool | None = None, external_pub: bool = True
     ) -> bytes:
         """A signed GroupInfo (MLSMessage) of the current epoch, for external joins."""
+        self._require_member()  # its external_pub and confirmation tag need deleted secrets
         st = self._state
         return mls_message(
             self._make_group_info(
@@ -195,9 +204,15 @@ class GroupCore(CommitRules):
 
     # --- sending helpers -------------------------------------------------------------------------
 
-    def _require_active(self) -> None:
-        if not self._state.active:
+    def _require_member(self) -> None:
+        """Refuses what needs the epoch's secrets once this member was removed or `forget()` was
+        called (§12.4.2): the reason, not which deleted secret is missing. (A group being joined
+        has no state yet.)"""
+        if self._state is not None and not self._state.active:
             raise ValidationError("this member has been removed from the group")
+
+    def _require_active(self) -> None:
+        self._require_member()
         if self._state.reinit is not None:
             raise ValidationError("the group was reinitialised (§11.2); use the new group")
 

@@ -119,6 +119,11 @@ class EpochState:
         self.private_state = None
         self.own_update_privs = {}
         self.resumption_psks = {}
+        # Cached proposals (decrypted private handshakes among them), this member's sent ones
+        # and a ReInit are of no use to a member that can neither commit nor follow the group.
+        self.proposals = {}
+        self.sent_proposals = {}
+        self.reinit = None
         self.secrets = self.secrets.subset("epoch_authenticator")
         self.secret_tree = SecretTree.deleted(
             self.secrets.crypto, self.tree.n_leaves, self.secret_tree.window

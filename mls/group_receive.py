@@ -32,6 +32,7 @@ class ReceiveMixin(CommitMixin):
 
         Raises an `MLSError` and leaves the group unchanged if any check fails.
         """
+        self._require_member()  # before the epoch checks: a message of a later epoch too
         pending = self._pending
         if pending is not None and bytes(message) == pending.message:
             # Our own Commit came back from the delivery service: it was accepted.
@@ -64,8 +65,6 @@ class ReceiveMixin(CommitMixin):
         group_id = body.content.group_id if isinstance(body, PublicMessage) else body.group_id
         epoch = body.content.epoch if isinstance(body, PublicMessage) else body.epoch
         self._check_message_epoch(st, group_id, epoch)
-        if not st.active:
-            raise ValidationError("this member has been removed from the group")
         crypto = self._crypto
         pending_key = None
         if isinstance(body, PrivateMessage):

@@ -35,6 +35,7 @@ class ResumptionMixin(CommitMixin):
         usage: ResumptionPSKUsage,
     ) -> tuple[Group, CommitResult]:
         """A new group seeded with this group's resumption PSK, adding `key_packages`."""
+        self._require_member()  # a removed or forgotten group's resumption PSKs are deleted
         if cipher_suite != int(client.cipher_suite):
             raise ValidationError("the client's cipher suite differs from the new group's")
         new_group = type(self).create(  # type: ignore[attr-defined]
@@ -87,6 +88,7 @@ class ResumptionMixin(CommitMixin):
         self, client: Client | None, key_packages: Iterable[bytes]
     ) -> tuple[Group, CommitResult]:
         """After a ReInit Commit (§11.2): the new group with the ReInit's parameters."""
+        self._require_member()
         reinit = self._state.reinit
         if reinit is None:
             raise ValidationError("the last Commit did not hold a ReInit proposal")
