@@ -242,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="End-to-end encrypted group calls: MLS keys, SFrame media, an untrusted SFU.",
         epilog="exit status: 0 success (for join: the call ended, by Ctrl-C or quit too); 1 a "
                "failed demo check, audit or benchmark; 2 an error, usage included; 130 Ctrl-C "
-               "(or SIGTERM) while joining, or during demo, audit or bench (the README's Exit "
-               "statuses lists them)",
+               "(or SIGTERM, or SIGHUP) while joining, or during demo, audit or bench (the "
+               "README's Exit statuses lists them)",
     )
     parser.add_argument("--debug", action="store_true",
                         help="log everything and show tracebacks (default: errors only, as one "
@@ -433,14 +433,56 @@ def group_label(group_id: bytes, room: bool = True) -> str:
     return f"group 0x{group_id.hex()}"
 
 
+def stop_signals() -> tuple[int, ...]:
+    """The signals that stop a command as Ctrl-C does: SIGINT, SIGTERM and SIGHUP (the terminal
+    closed, an ssh session dropped), whose default would end the process at once (a `--record`
+    video without its frames, a call never left). Not SIGHUP if it is ignored (`nohup`): the
+    user asked for the command to outlive the terminal."""
+    hangup = getattr(signal, "SIGHUP", None)
+    if hangup is None or signal.getsignal(hangup) == signal.SIG_IGN:
+        return (signal.SIGINT, signal.SIGTERM)
+    return (signal.SIGINT, signal.SIGTERM, hangup)
+
+
 def stop_on_signals() -> asyncio.Event:
-    """An event set by Ctrl-C or SIGTERM, so that commands shut down cleanly."""
+    """An event set by Ctrl-C, SIGTERM or SIGHUP (`stop_signals`), so that commands shut down
+    cleanly."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+
+    def hung_up() -> None:
+        _forget_terminal()
+        stop.set()
+
+    for sig in stop_signals():
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+            hangup = sig not in (signal.SIGINT, signal.SIGTERM)
+            loop.add_signal_handler(sig, hung_up if hangup else stop.set)
     return stop
+
+
+def _forget_terminal() -> None:
+    """After SIGHUP: standard output and error that went to the terminal, or to a reader gone
+    meanwhile, go to /dev/null from now on. A write there fails (EIO, EPIPE), and would cut
+    the end of the command short (a join's last lines come before it saves) or change its
+    status; a file or a live pipe (a log) still gets the rest."""
+    for stream in (sys.__stdout__, sys.__stderr__):
+        try:
+            fd = stream.fileno()  # type: ignore[union-attr]
+        except (AttributeError, OSError, ValueError):  # none, or not a file descriptor
+            continue
+        if os.isatty(fd) or _output_gone(fd):
+            _to_devnull(fd)
+
+
+def _to_devnull(fd: int) -> None:
+    """Point the file descriptor `fd` at /dev/null (what is buffered for it then goes there)."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
 
 
 async def until_stopped(stop: asyncio.Event, step: Any) -> Any:
@@ -971,7 +1013,7 @@ def call_ended(args: argparse.Namespace) -> None:
 
 
 def _exit_at_once_on_signals(status: int) -> None:
-    """For the rest of this process: Ctrl-C or SIGTERM ends it at once, with `status`.
+    """For the rest of this process: Ctrl-C, SIGTERM or SIGHUP ends it at once, with `status`.
 
     Called once the command is done (a join's state saved): what is left is the
     interpreter's exit, where SIGINT would raise KeyboardInterrupt anywhere (a traceback)
@@ -984,12 +1026,12 @@ def _exit_at_once_on_signals(status: int) -> None:
                 stream.flush()
         os._exit(status)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    signals = stop_signals()  # (SIGHUP: still ignored, as by `nohup`, if it was)
+    for sig in signals:
         signal.signal(sig, hurry)
     # After the exit's wait for other threads (which `hurry` can still cut short): ignored,
     # since Python resets a handler of its own to the default before it frees its modules.
-    atexit.register(lambda: [signal.signal(s, signal.SIG_IGN)
-                             for s in (signal.SIGINT, signal.SIGTERM)])
+    atexit.register(lambda: [signal.signal(s, signal.SIG_IGN) for s in signals])
 
 
 # -- audit
@@ -1315,7 +1357,7 @@ async def _run_command(args: argparse.Namespace, as_program: bool) -> int:
     status = await COMMANDS[args.command](args)
     if as_program and getattr(args, "call_ended", False):
         loop = asyncio.get_running_loop()
-        signals = {signal.SIGINT, signal.SIGTERM}
+        signals = set(stop_signals())
         # Held back while the loop lets go of them (it resets them to the defaults): one
         # coming meanwhile is delivered to ours.
         signal.pthread_sigmask(signal.SIG_BLOCK, signals)
@@ -1399,13 +1441,21 @@ def describe_error(exc: Exception) -> str:
 
 def _stdout_gone() -> bool:
     """Whether standard output is a pipe (or socket) whose reader has closed it."""
+    try:
+        return _output_gone(sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no usable stdout
+        return False
+
+
+def _output_gone(fd: int) -> bool:
+    """Whether `fd` is a pipe or socket whose reader has closed it, or a terminal hung up."""
     import select
 
     try:
         poller = select.poll()
-        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        poller.register(fd, select.POLLOUT)
         return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
-    except (OSError, ValueError, AttributeError):  # no usable stdout
+    except (OSError, ValueError):  # not a usable file descriptor
         return False
 
 
