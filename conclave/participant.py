@@ -1326,13 +1326,14 @@ class Participant:
 
     async def _joined_from_welcome(self) -> None:
         assert self.group is not None
+        if self._media_wanted and self.sfu is None:
+            # added back after a removal, which ended the media session: call in again. First:
+            # a top-up the service fails would raise, and leave this member never calling in.
+            self._stop_other_call_in()
+            self._call_in_task = self._spawn(self._call_in(0.0, added_back=True))
         await self.top_up_key_packages()
         assert self.stream is not None
         await self.stream.subscribe(self.group.group_id, after=self.applied_seq)
-        if self._media_wanted and self.sfu is None:
-            # added back after a removal, which ended the media session: call in again
-            self._stop_other_call_in()
-            self._call_in_task = self._spawn(self._call_in(0.0, added_back=True))
 
     async def _join_from_kept_welcome(self, room: str) -> bool:
         """Join `room`'s group from a Welcome that came while we were away (a member invited
@@ -2243,17 +2244,21 @@ class Participant:
         # In a thread: opening a device or a stream can take seconds or block for good, and
         # when calling in again mid-call the loop also carries the group's messages.
         tracks = await in_daemon_thread(self.open_media)
-        self.sfu = SFUClient(self.sfu_url, token.room, self.name, token.token, tracks,
-                             self._on_track)
-        for sender in self.sfu.senders:
+        if self.removed:  # a removal seen meanwhile: the service's token came before it
+            raise self._removed_while_calling_in()
+        client = self.sfu = SFUClient(self.sfu_url, token.room, self.name, token.token,
+                                      tracks, self._on_track)
+        for sender in client.senders:
             kind = sender.track.kind
             stats = self._sent.setdefault(kind, TrackStats())
             self.encryptors[kind] = encrypt_sender(
                 sender, self._frame_keys(), context=STREAM_CONTEXT[kind], stats=stats
             )
         try:
-            await self.sfu.join()
+            await client.join()
         except SFUError as exc:
+            if self.removed:  # the removal left this client, which cut the join short
+                raise self._removed_while_calling_in() from None
             # A token the SFU cannot verify was issued under another secret: not a fault of
             # ours or the service's, but an SFU that is not this delivery service's.
             wrong_sfu = (isinstance(exc, SignallingError) and exc.code == "token"
@@ -2262,9 +2267,19 @@ class Participant:
                 f"the SFU refused {self.name}: {shown_urls(str(exc))}"
             ) from None
         except (aiohttp.ClientError, OSError) as exc:
+            if self.removed:
+                raise self._removed_while_calling_in() from None
             raise ServiceUnavailable(
                 f"cannot reach the SFU at {shown_url(self.sfu_url)}: {_reason(exc)}"
             ) from None
+        if self.removed or self.sfu is not client:
+            # Removed during the join: `_leave_media_session` left this client (or, if the
+            # SFU answered first, leaves nothing). No session, no follower, no renewal.
+            if self.sfu is client:
+                self.sfu = None
+            with contextlib.suppress(Exception):
+                await client.leave()
+            raise self._removed_while_calling_in()
         self._media_wanted = True
         # The SFU's answers to our renewals: a few (an SFU may send any number unasked).
         answers: asyncio.Queue[bool] = asyncio.Queue(maxsize=MAX_RENEWAL_ANSWERS)
@@ -2273,6 +2288,11 @@ class Participant:
         self._token_renewal = self._spawn(
             self._renew_room_token(self.sfu, token, received, answers)
         )
+
+    def _removed_while_calling_in(self) -> NotInGroup:
+        by = "" if self.removed_by is None else f" by {printable_text(self.removed_by)}"
+        return NotInGroup(f"{self.name} was removed from the call{by} while calling in to the "
+                          f"SFU: a member must add {self.name} again")
 
     def _stop_token_renewal(self) -> None:
         if self._token_renewal is not None:
@@ -2386,6 +2406,10 @@ class Participant:
             self._media_lost_notice = self._spawn(self._tell_media_lost(reason))
         with contextlib.suppress(Exception):
             await client.close()
+        if self.sfu is not client:
+            # Left meanwhile (a removal, which called off the lost line): nothing to call in
+            # again to; added back, a call-in of its own starts (`_joined_from_welcome`).
+            return
         if time.monotonic() - started >= MEDIA_STABLE_SESSION:
             self._media_backoff = MEDIA_RETRY_FIRST
             wait = 0.0  # a session that lasted: call in again at once
@@ -2441,6 +2465,9 @@ class Participant:
                         f"calling in again: {exc}"
                     )
                 self._media_lost = False  # the outage ends here: added back, a new one
+                # No session, and none coming: the ended one's client (closed) must not pass
+                # for one, or added back (`_joined_from_welcome`) this member never calls in.
+                self.sfu = None
                 return
             except (ConclaveError, RequestFailed, aiohttp.ClientError, OSError) as exc:
                 wait = self._next_media_backoff()
