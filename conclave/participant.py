@@ -551,6 +551,10 @@ class Participant:
         # or a renewal refused for a bad signature): once until the media session is back.
         self._sfu_refusal_told = False
         self._token_renewal: asyncio.Task[None] | None = None
+        # Renewals of the room token sent to the current session's SFU (`self.sfu`) and not
+        # answered yet: only answers to those make lines (`_renewal_answered`), for an SFU
+        # (untrusted) may send any number unasked.
+        self._renewals_unanswered = 0
         self._names_by_epoch: dict[int, dict[int, str]] = {}
         self._read_state: bytes | None = None  # the state file as read (None: there was none)
         # Writes the state (fsyncs and all) off the loop, which runs the call's media: the
@@ -2281,6 +2285,7 @@ class Participant:
                 await client.leave()
             raise self._removed_while_calling_in()
         self._media_wanted = True
+        self._renewals_unanswered = 0  # a new session: none sent to it yet
         # The SFU's answers to our renewals: a few (an SFU may send any number unasked).
         answers: asyncio.Queue[bool] = asyncio.Queue(maxsize=MAX_RENEWAL_ANSWERS)
         self._spawn(self._follow_media_session(self.sfu, answers))
@@ -2349,6 +2354,8 @@ class Participant:
                 self._note("the delivery service gave a room token for another room")
                 renew_at = loop.time() + TOKEN_RETRY
                 continue
+            # Counted before it goes: the answer may be read before this task runs again.
+            self._renewals_unanswered += 1
             try:
                 await client.renew_token(token.token)
             except (aiohttp.ClientError, ConnectionError):
@@ -2376,6 +2383,13 @@ class Participant:
             if kind == "error" and code == "session-ended":
                 if said is None:  # the first: a renewal sent meanwhile gets "has ended (...)"
                     said = str(event.get("message") or "the SFU closed the connection")
+            elif (kind == "token-accepted" or (kind == "error" and code == "token")) and (
+                not self._renewal_answered(client, answers)
+            ):
+                # Unasked (or to an old session): a line for each would let the SFU print
+                # "refuses", "takes ... again" without end on the user's terminal.
+                log.debug("%s: an answer of the SFU to no renewal of the room token sent: "
+                          "ignored", self.name)
             elif kind == "error" and code == "token":
                 # (`_renew_room_token`'s fresh token: the session goes on with the old one
                 # until it runs out)
@@ -2417,6 +2431,21 @@ class Participant:
             wait = self._next_media_backoff()
         await self._call_in(wait)
 
+    def _renewal_answered(
+        self, client: SFUClient, answers: asyncio.Queue[bool] | None
+    ) -> bool:
+        """Whether an answer of the SFU of session `client` ("token-accepted", or a refusal) is
+        one to a renewal sent (`_renew_room_token` counts them) and not answered yet: one
+        answer each, so the lines of a refusal and of its end come at most once per renewal.
+        Without `answers` (no renewal task, so no count: a caller that drives the session's
+        renewals itself, as tests do) every answer counts."""
+        if answers is None:
+            return True
+        if self.sfu is not client or self._renewals_unanswered <= 0:
+            return False
+        self._renewals_unanswered -= 1
+        return True
+
     def _stop_other_call_in(self) -> None:
         """Stop the task calling in again (`_call_in`), unless it is the one running this:
         the newest intent to call in wins (or a removal ends them all)."""
@@ -2447,6 +2476,8 @@ class Participant:
     async def _calling_in(self, wait: float, added_back: bool) -> None:
         while True:
             await asyncio.sleep(wait)
+            if self._removal_applied():
+                return
             try:
                 await self.connect_media(e2ee=self.e2ee)
             except NotInGroup as exc:
@@ -2470,6 +2501,9 @@ class Participant:
                 self.sfu = None
                 return
             except (ConclaveError, RequestFailed, aiohttp.ClientError, OSError) as exc:
+                # (before any lost line: the removal ended the outage, `_leave_media_session`)
+                if self._removal_applied():
+                    return
                 wait = self._next_media_backoff()
                 log.warning("%s: cannot call in again (%s); next try in %.0f s", self.name,
                             _reason(exc), wait)
@@ -2493,6 +2527,14 @@ class Participant:
                 self._media_lost = self._media_lost_told = False
                 self._cancel_media_lost_notice()
                 return
+
+    def _removal_applied(self) -> bool:
+        """A removal was applied (`_mark_removed`, which stops the call-in under way, unless
+        it is the task that applied it): no further call-in; added back, the re-add starts
+        its own (`_joined_from_welcome`)."""
+        if self.removed:
+            log.info("%s: not calling in again: removed from the call", self.name)
+        return self.removed
 
     def _sfu_refuses_tokens(self) -> str:
         """What is wrong when the SFU refuses the delivery service's room tokens for their

@@ -168,7 +168,9 @@ def _added_back(p: Participant, monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(p, "top_up_key_packages", top_up_key_packages)
     p.stream = SimpleNamespace(subscribe=subscribe)  # type: ignore[assignment]
+    # As `_join_from` does: the Welcome's group, and the removal (if any) over.
     p.group = SimpleNamespace(group_id=bytes.fromhex(ROOM))  # type: ignore[assignment]
+    p.removed, p.removed_by = False, None
     p._media_wanted = True
 
 
