@@ -2,29 +2,50 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import contextlib
-import errno
-import logging
-import math
-import os
 import signal
-import socket
-import sqlite3
-import sys
 
-from aiohttp import web
+# SIGTERM and SIGINT during start-up: noted (`_hold`), and acted on where stopping is clean (see
+# `main`). Set before the imports below (half a second): a SIGTERM would end the process by the
+# signal, a Ctrl-C with a traceback, from the middle of an import.
+_signalled: list[int] = []
 
-from sfu.httplog import quiet_bad_requests
 
-from .client import MAX_BODY_LIMIT
-from .errors import BadRequest
-from .server import MAX_IDENTITY, Config, DeliveryService, check_identity_name, make_app
-from .signatures import SUPPORTED_SUITES, has_small_order, is_public_key
-from .storage import make_storage
-from .storage.base import describe_db
-from .tracker import BasicTracker, PublicGroupTracker
+def _hold(signum: int, frame: object) -> None:
+    _signalled.append(signum)
+
+
+if __name__ == "__main__":
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_sig, _hold)
+
+import argparse  # noqa: E402 - after the signal guard above
+import asyncio  # noqa: E402
+import contextlib  # noqa: E402
+import errno  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import socket  # noqa: E402
+import sqlite3  # noqa: E402
+import sys  # noqa: E402
+
+from aiohttp import web  # noqa: E402
+
+from sfu.httplog import quiet_bad_requests  # noqa: E402
+
+from .client import MAX_BODY_LIMIT  # noqa: E402
+from .errors import BadRequest  # noqa: E402
+from .server import (  # noqa: E402
+    MAX_IDENTITY,
+    Config,
+    DeliveryService,
+    check_identity_name,
+    make_app,
+)
+from .signatures import SUPPORTED_SUITES, has_small_order, is_public_key  # noqa: E402
+from .storage import make_storage  # noqa: E402
+from .storage.base import describe_db  # noqa: E402
+from .tracker import BasicTracker, PublicGroupTracker  # noqa: E402
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -207,10 +228,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the service. A SIGTERM or SIGINT before it serves is a quiet stop (status 0, as the
+    SFU's): held (`_hold`) until the event loop runs, then acted on by `_take_signals`, the
+    first start-up step, before the database opens; from there on the start-up is stopped as
+    the service would be (`_stop`: the database closed again by `make_app`, a second signal
+    exits at once). Nothing is interrupted half-way: not an import, the sockets being bound,
+    nor the loop being built."""
+    previous = {sig: signal.signal(sig, _hold) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        _run(argv)
+        if not _signalled:  # one during the imports: nothing made yet
+            _run(argv)
+    except KeyboardInterrupt:  # run_app's: it catches most, not one as its loop closes
+        pass
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _signalled.clear()
         _forget_interrupts()
+
+
+async def _take_signals(app: web.Application) -> None:
+    """First at start-up, once run_app has set its signal handlers: ours instead (`_stop`),
+    and a stop for a signal held before (the database not open yet)."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):  # no loop signal handlers (Windows)
+            loop.add_signal_handler(sig, _stop, sig)
+    if _signalled:
+        _stop(_signalled[0])
+
+
+def _stop(sig: int) -> None:
+    """SIGTERM or SIGINT: stop, as aiohttp's handler does (GracefulExit: a start-up is cancelled,
+    the database closed again by `make_app`'s cleanup); another one meanwhile exits at once
+    (`_hurry`). aiohttp's handler would raise out of that stop, and a database half closed
+    (its aiosqlite threads) would keep the process alive."""
+    loop = asyncio.get_event_loop()
+    for other in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(other, _hurry, other)
+    raise web.GracefulExit
 
 
 def _forget_interrupts() -> None:
@@ -303,6 +360,7 @@ def _run(argv: list[str] | None) -> None:
         # The SFU's words: "stopping" at SIGTERM or SIGINT, before the push streams close and
         # the requests in flight finish; "stopped" once the database is closed.
         app.on_shutdown.insert(0, _log_stopping)
+        app.on_startup.insert(0, _take_signals)  # before the database opens
         database = describe_db(args.db)
         if args.pg_schema:  # PostgreSQL's (refused with SQLite above)
             # which schema: instances meant to share one deployment must name the same
@@ -310,9 +368,15 @@ def _run(argv: list[str] | None) -> None:
         # aiohttp calls `print` once the database is open and the sockets serve: an operator
         # sees that the service is up, where (the port bound, for --port 0), and on which
         # database (never the DSN's credentials).
-        web.run_app(app, sock=socks,
-                    print=lambda _banner: log.info("serving on %s with %s", where(socks),
-                                                   database))
+        try:
+            web.run_app(app, sock=socks,
+                        print=lambda _banner: log.info("serving on %s with %s", where(socks),
+                                                       database))
+        finally:
+            # Closing, the loop put back the default actions (death by SIGTERM): everything
+            # is closed now, and a signal changes nothing more.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, _hold)
         log.info("stopped")
     except ImportError as exc:  # asyncpg, installed with the [postgres] extra only
         sys.exit(f"delivery service: PostgreSQL needs asyncpg (pip install 'conclave[postgres]'): "

@@ -1226,7 +1226,14 @@ def make_app(service: DeliveryService, *, manage_storage: bool = True) -> web.Ap
 
         async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
             await service.storage.open()
-            await service.check_auditors()
+            try:
+                await service.check_auditors()
+            except BaseException:
+                # aiohttp runs no cleanup for a start-up that fails or is stopped by a signal
+                # (cancelled) before it ends: the open database's aiosqlite threads would keep
+                # the process alive for good.
+                await service.storage.close()
+                raise
             yield
             await service.storage.close()
 
