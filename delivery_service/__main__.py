@@ -107,6 +107,11 @@ def _log_level(text: str) -> str:
     return text.upper()
 
 
+# The lengths of the suites' signature public keys: Ed25519, Ed448, uncompressed P-256, P-384,
+# P-521 points.
+_SIGNATURE_KEY_LENGTHS = frozenset({32, 57, 65, 97, 133})
+
+
 class AuditorOptionError(ValueError):
     """An --auditor value that names no identity or pins no key: the start stops."""
 
@@ -140,6 +145,12 @@ def parse_auditor(value: str) -> tuple[str, bytes | None]:
             f"--auditor {name}=...: {key_hex!r} is a point of small order, not a signature "
             "public key: give the auditor's own key")
     if not any(is_public_key(suite, key) for suite in SUPPORTED_SUITES):
+        if len(key) in _SIGNATURE_KEY_LENGTHS:
+            # hex of a key's length that decodes to no point: a typo, most likely; started, the
+            # service would pin a key that nothing verifies under
+            raise AuditorOptionError(
+                f"--auditor {name}=...: {key_hex!r} has the length of a signature public key "
+                "but is no point of its curve (a typo?): give the auditor's own key")
         raise AuditorOptionError(
             f"--auditor {name}=...: {key_hex!r} is not a signature public key in hex")
     return name, key

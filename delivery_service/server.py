@@ -65,7 +65,7 @@ from .signatures import (
     SUPPORTED_SUITES,
     challenge_content,
     has_small_order,
-    is_public_key,
+    public_key_problem,
     verify_with_label,
 )
 from .storage import IdentityRecord, KeyPackageRow, NewMessage, Storage, StoredMessage
@@ -462,8 +462,11 @@ class DeliveryService:
             # no private key has it: a key anyone could "sign" for in a lax library
             raise BadRequest(f"signature_key is a point of small order, not a public key of "
                              f"cipher suite {suite}: register a key of your own")
-        if not is_public_key(suite, record.signature_key):
-            raise BadRequest(f"signature_key is not a public key of cipher suite {suite}")
+        problem = public_key_problem(suite, record.signature_key)
+        if problem is not None:
+            # no point of the curve, say: nothing would ever verify under it
+            raise BadRequest(f"signature_key is not a public key of cipher suite {suite}: "
+                             f"{problem}")
         self._check_pinned(record)  # before the proof: a refusal uses up no challenge
         await self._check_proof(body, record)
         if not await self.storage.register_identity(record):

@@ -7,7 +7,7 @@ replayed as an MLS signature, and no MLS signature can be replayed here.
 
 from __future__ import annotations
 
-from mls.crypto import CipherSuite, get_crypto
+from mls.crypto import CipherSuite, get_crypto, signature_key_problem
 from mls.crypto import has_small_order as crypto_has_small_order
 from mls.errors import MLSError
 from mls.tls import Writer
@@ -43,14 +43,20 @@ def has_small_order(suite: int, public_key: bytes) -> bool:
     return crypto_has_small_order(get_crypto(suite).signature_scheme, public_key)
 
 
+def public_key_problem(suite: int, public_key: bytes) -> str | None:
+    """Why `public_key` is no signature public key of the suite's scheme (of small order, or no
+    point of the curve: `mls.crypto.signature_key_problem`), None for one someone can hold.
+    Keys arriving here come with no signature to check them: OpenSSL takes any 32 or 57 bytes
+    as an EdDSA key, and a key that is no point then only fails every verification."""
+    if suite not in SUPPORTED_SUITES:
+        return f"unsupported cipher suite {suite}"
+    return signature_key_problem(CipherSuite(suite), public_key)
+
+
 def is_public_key(suite: int, public_key: bytes) -> bool:
-    """Whether `public_key` is a signature public key of the suite's scheme, and not one of small
-    order (which mls.crypto refuses as no key)."""
-    try:
-        get_crypto(suite).verify_with_label(public_key, b"", b"", b"")
-    except MLSError:
-        return False
-    return True
+    """Whether `public_key` is a signature public key of the suite's scheme that someone can
+    hold: a point of the curve, and not one of small order."""
+    return public_key_problem(suite, public_key) is None
 
 
 def sign_with_label(suite: int, private_key: bytes, label: bytes, content: bytes) -> bytes:

@@ -37,6 +37,8 @@ __all__ = [
     "SignaturePrivateKey",
     "SignatureScheme",
     "get_crypto",
+    "is_valid_public_key",
+    "signature_key_problem",
 ]
 
 # §5.1.2, §5.1.3, §8: every label is prefixed with the protocol version string.
@@ -186,6 +188,78 @@ def _signature_public_key(scheme: SignatureScheme, public: bytes) -> Any:
         return ec.EllipticCurvePublicKey.from_encoded_point(curve, public)
     except _KEY_ERRORS:
         raise CryptoError(f"invalid {scheme.name} signature public key") from None
+
+
+# RFC 8032 §5.1.3 / §5.2.3 point decoding, with Python ints (a few modular exponentiations).
+# OpenSSL keeps a raw EdDSA public key as given and decodes it only when verifying, where a key
+# that is no point fails every signature without an error: checked here where keys arrive with
+# no signature to verify (pins, registrations, external senders).
+_ED25519_D = -121665 * pow(121666, -1, _ED25519_P) % _ED25519_P
+_ED25519_SQRT_M1 = pow(2, (_ED25519_P - 1) // 4, _ED25519_P)
+_ED448_D = -39081 % _ED448_P
+
+
+def _ed25519_decodes(public: bytes) -> bool:
+    """RFC 8032 §5.1.3."""
+    if len(public) != 32:
+        return False
+    p = _ED25519_P
+    n = int.from_bytes(public, "little")
+    x_0, y = n >> 255, n & ((1 << 255) - 1)
+    if y >= p:
+        return False
+    u, v = (y * y - 1) % p, (_ED25519_D * y * y + 1) % p
+    x = u * pow(v, 3, p) * pow(u * pow(v, 7, p), (p - 5) // 8, p) % p
+    if (v * x * x - u) % p:
+        if (v * x * x + u) % p:
+            return False  # u/v is no square: no x for this y
+        x = x * _ED25519_SQRT_M1 % p
+    return not (x == 0 and x_0 == 1)
+
+
+def _ed448_decodes(public: bytes) -> bool:
+    """RFC 8032 §5.2.3 (bits 448-454 set make y >= p)."""
+    if len(public) != 57:
+        return False
+    p = _ED448_P
+    n = int.from_bytes(public, "little")
+    x_0, y = n >> 455, n & ((1 << 455) - 1)
+    if y >= p:
+        return False
+    u, v = (y * y - 1) % p, (_ED448_D * y * y - 1) % p
+    x = pow(u, 3, p) * v * pow(pow(u, 5, p) * pow(v, 3, p), (p - 3) // 4, p) % p
+    if (v * x * x - u) % p:
+        return False  # u/v is no square: no x for this y
+    return not (x == 0 and x_0 == 1)
+
+
+def signature_key_problem(scheme: SignatureScheme | CipherSuite, public: bytes) -> str | None:
+    """Why `public` is no signature public key of `scheme` (or of the suite's scheme), for an
+    error message; None for a key someone can hold: an EdDSA point that decodes (RFC 8032) and
+    is not of small order, or an uncompressed point of the ECDSA curve (SEC 1, which
+    cryptography checks)."""
+    if isinstance(scheme, CipherSuite):
+        scheme = _PARAMS[scheme].signature
+    if scheme is SignatureScheme.ed25519 or scheme is SignatureScheme.ed448:
+        size = 32 if scheme is SignatureScheme.ed25519 else 57
+        if len(public) != size:
+            return f"{len(public)} bytes, not the {size} of an {scheme.name} key"
+        if has_small_order(scheme, public):
+            return "a point of small order, which no private key has"
+        decodes = _ed25519_decodes if scheme is SignatureScheme.ed25519 else _ed448_decodes
+        if not decodes(public):
+            return f"not the encoding of a point of the {scheme.name} curve"
+        return None
+    try:
+        _signature_public_key(scheme, public)
+    except CryptoError:
+        return f"not an uncompressed point of the {scheme.name} curve"
+    return None
+
+
+def is_valid_public_key(scheme: SignatureScheme | CipherSuite, public: bytes) -> bool:
+    """Whether `public` is a signature public key someone can hold (`signature_key_problem`)."""
+    return signature_key_problem(scheme, public) is None
 
 
 @lru_cache(maxsize=4096)

@@ -126,9 +126,8 @@ class Group(
             check_required(leaf, req, "the creator's leaf")
         # §13.4: every extension in use by the group is supported by all members.
         check_group_extensions_supported(leaf, extensions, "the creator's leaf")
-        if credential_validator is not None:
-            # §5.3.1: external senders are validated with the AS when added to the group.
-            check_external_senders(extensions, (), credential_validator)
+        # §12.1.8.1; §5.3.1: external senders are validated with the AS when added to the group.
+        check_external_senders(crypto, extensions, (), credential_validator)
         context = GroupContext(int(crypto.suite), group_id, 0, tree.tree_hash(), b"", extensions)
         secrets = EpochSecrets.from_init_secret(
             crypto, crypto.random_secret(), bytes(crypto.hash_length), context.encode()

@@ -92,6 +92,5 @@ def verified_ratchet_tree(
         credential_validator=credential_validator,
         max_lifetime=max_lifetime,
     )
-    if credential_validator is not None:
-        check_external_senders(context.extensions, (), credential_validator)
+    check_external_senders(crypto, context.extensions, (), credential_validator)
     return tree

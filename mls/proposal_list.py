@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .crypto import Crypto, get_crypto
+from .crypto import Crypto, get_crypto, signature_key_problem
 from .errors import MLSError, ValidationError
 from .extensions import (
     Extension,
@@ -262,7 +262,7 @@ def apply_proposals(
         if isinstance(e.proposal.body, GroupContextExtensions):
             extensions = list(e.proposal.body.extensions)
             effects.extensions = extensions
-            check_external_senders(extensions, ctx.extensions, credential_validator)
+            check_external_senders(crypto, extensions, ctx.extensions, credential_validator)
     tree = new.tree
     for e in entries:
         body = e.proposal.body
@@ -325,18 +325,28 @@ def apply_proposals(
 
 
 def check_external_senders(
+    crypto: Crypto,
     extensions: Sequence[Extension],
     old_extensions: Sequence[Extension] = (),
     credential_validator: CredentialValidator | None = None,
 ) -> None:
-    """An external_senders extension must parse (§12.1.8.1); with `credential_validator`, each
-    sender not in `old_extensions`' list is validated with the AS (§5.3.1: "When an
-    external_senders extension is added to the group", "When an existing external_senders
-    extension is updated")."""
+    """An external_senders extension must parse (§12.1.8.1) and hold signature keys of the
+    group's scheme that someone can hold: no key enters the group unchecked (a leaf's is checked
+    by its signature). With `credential_validator`, each sender not in `old_extensions`' list is
+    validated with the AS (§5.3.1: "When an external_senders extension is added to the group",
+    "When an existing external_senders extension is updated")."""
     ext = find_extension(extensions, ExtensionType.external_senders)
     if ext is None:
         return
     senders = parse_external_senders(ext)
+    for i, sender in enumerate(senders):
+        # Every sender, old ones too: cheap, and a kept bad key is as bad as a new one.
+        problem = signature_key_problem(crypto.signature_scheme, sender.signature_key)
+        if problem is not None:
+            raise ValidationError(
+                f"external sender {i}'s signature key is no {crypto.signature_scheme.name} "
+                f"public key: {problem}"
+            )
     if credential_validator is None:
         return
     old_ext = find_extension(old_extensions, ExtensionType.external_senders)
