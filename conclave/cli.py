@@ -844,12 +844,57 @@ async def check_sfu(url: str, derived: bool = False) -> None:
         await probe(url)
     except SignallingError as exc:
         said = shown_urls(str(exc))  # it names `url`, its zone decoded
+        # A connection not made: in the words --ds's failures get, with what to check.
+        words = connection_failure(exc.__cause__, "the SFU", url)
+        if exc.code == "unreachable" and words is not None:
+            said = f"cannot reach the SFU at {shown_url(url)}: {words}"
+        elif exc.code == "not-an-sfu" and await _is_delivery_service(url):
+            # (the first port `conclave serve` prints, or --ds's URL with the SFU's path)
+            default = sfu_url_for(url)
+            at = "" if default == url else f": {shown_url(default)}"
+            said = (
+                f"{shown_url(url)} is the delivery service, not the SFU: `conclave serve` runs "
+                f"the SFU on a port of its own (--sfu-port, default {DEFAULT_SFU_PORT}{at}) "
+                "and prints its URL as \"SFU signalling\""
+            )
         if derived:  # name the URL tried: the user never typed it
             raise ConclaveError(
                 f"{said} (the SFU {shown_url(url)} was derived from --ds: give --sfu if it runs "
                 "elsewhere; nothing was joined)"
             ) from None
         raise ConclaveError(f"{said} (check --sfu; nothing was joined)") from None
+
+
+DS_PROBE_TIMEOUT = 5.0  # seconds for `_is_delivery_service`
+
+
+async def _is_delivery_service(url: str) -> bool:
+    """Whether the server of the SFU URL `url` answers as a Conclave delivery service: a GET
+    of the service's KeyPackage count (under `url`'s path without the SFU's, for a service
+    behind a path prefix) without a session is its 401 "unauthorized", in CBOR. A read that
+    changes nothing, and no other server answers so; False for any failure."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    import aiohttp
+    import cbor2
+
+    try:
+        parts = urlsplit(url)
+        base = parts.path.rstrip("/").removesuffix(SFU_PATH)
+        target = urlunsplit(parts._replace(path=f"{base}/v1/key_packages/count", query="",
+                                           fragment=""))
+        async with (
+            asyncio.timeout(DS_PROBE_TIMEOUT),
+            aiohttp.ClientSession() as session,
+            session.get(target, allow_redirects=False) as answer,
+        ):
+            if (answer.status != 401 or answer.content_type != "application/cbor"
+                    or not 0 < (answer.content_length or 0) <= 4096):  # (its answer is short)
+                return False
+            body = cbor2.loads(await answer.read())
+    except Exception:  # (no answer, or not CBOR: not the service)
+        return False
+    return isinstance(body, dict) and body.get("error") == "unauthorized"
 
 
 def missing_dirs(path: Path) -> list[Path]:
@@ -1423,10 +1468,13 @@ def main(argv: list[str] | None = None) -> int:
 def describe_error(exc: Exception) -> str:
     """One line for the user about `exc`, with no traceback, its hidden characters shown as
     escapes: messages may quote the delivery service or a peer."""
-    from delivery_service.errors import DeliveryServiceError
+    from delivery_service.errors import DeliveryServiceError, RequestFailed
 
     if isinstance(exc, ConclaveError):
         text = str(exc)
+    elif isinstance(exc, RequestFailed):
+        # Its reason in words: the status and code are for --debug (its traceback names them).
+        text = f"the delivery service said: {exc.reason}"
     elif isinstance(exc, DeliveryServiceError):
         text = f"the delivery service said: {exc}"
     elif _is_network_error(exc):

@@ -37,7 +37,8 @@ class WrongSFU(ConclaveError):
     not the SFU that this delivery service issues tokens for (a wrong --sfu)."""
 
 
-def connection_failure(exc: BaseException, service: str = "the service") -> str | None:
+def connection_failure(exc: BaseException | None, service: str = "the service",
+                       url: str | None = None) -> str | None:
     """Why a connection to a server could not be made, in words for the user, or None if
     `exc` is not such a failure (aiohttp's ClientConnectorError) or its words say no more than
     aiohttp's own. aiohttp's text ("Cannot connect to host H:P ssl:default [Connect call failed
@@ -46,7 +47,8 @@ def connection_failure(exc: BaseException, service: str = "the service") -> str 
     - connection refused: nothing accepts connections at that address: is `service` running,
       on that port?
     - TLS asked of a server that does not speak it (an https:// URL of a plain-HTTP service,
-      "WRONG_VERSION_NUMBER"): give the URL as http://.
+      "WRONG_VERSION_NUMBER"): give the URL as http:// (`url` so, if given: the whole URL
+      tried, path and all, where the host and port alone are no URL to give, as for the SFU).
     - any other OS error (a name that does not resolve, no route): its own reason, without
       the ssl noise."""
     import os
@@ -62,10 +64,15 @@ def connection_failure(exc: BaseException, service: str = "the service") -> str 
     os_error = exc.os_error
     if isinstance(os_error, ssl.SSLError):
         if os_error.reason == "WRONG_VERSION_NUMBER":
+            plain = f"http://{where}"
+            if url is not None and url[:8].lower() == "https://":
+                from .urls import shown_url
+
+                plain = shown_url("http://" + url[8:])
             return (
                 f"the server at {where} does not speak TLS (https://) there: if it is a "
                 f"plain-HTTP service (as `conclave serve` runs its services), give its URL as "
-                f"http://{where}"
+                f"{plain}"
             )
         return None  # another TLS failure: aiohttp's words name it
     reason = os_error.strerror or str(os_error) or type(os_error).__name__

@@ -131,7 +131,7 @@ class MediaSpec:
         try:
             player = MediaPlayer(self.file, format=self.format)
         except Exception as exc:  # av raises many types for missing files and bad formats
-            raise ConclaveError(f"cannot play {self.file!r}: {exc}") from None
+            raise ConclaveError(f"cannot play {self.file!r}: {_open_failure(exc)}") from None
         tracks = [
             t
             for t in (player.audio if self.audio else None, player.video if self.video else None)
@@ -455,6 +455,17 @@ class _Recorder:
                 self.failure = self.failure or exc
             if self.muxed == 0 and self.failure is not None:
                 self.path.unlink(missing_ok=True)  # nothing in it
+
+
+def _open_failure(exc: BaseException) -> str:
+    """Why FFmpeg could not open a file or device to play, in words: its text for an FFmpeg
+    error carries FFmpeg's own error number ("[Errno 1094995529]", no OS error) and the name
+    the message names already."""
+    if isinstance(exc, av.error.InvalidDataError):
+        return "it is not a video (or audio) file that PyAV/FFmpeg can read"
+    if isinstance(exc, av.error.FFmpegError) and exc.strerror:
+        return str(exc.strerror)
+    return str(exc) or type(exc).__name__
 
 
 def _why(exc: BaseException) -> str:

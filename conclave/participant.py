@@ -850,7 +850,17 @@ class Participant:
         """Register (idempotent), top up KeyPackages, open the push stream, and resume a saved
         group if there is one."""
         await self.register()
-        await self.top_up_key_packages()
+        try:
+            await self.top_up_key_packages()
+        except RequestFailed as exc:
+            if exc.code != "auditor_reads_only":
+                raise
+            # Logged in with an auditor's key (a state directory `conclave serve` shares):
+            # the service's reason, and what to do, not its status and code.
+            raise ConclaveError(
+                f"the delivery service at {shown_url(self.ds_url)} refused {self.name}: "
+                f"{printable_text(exc.reason)}: choose another --name"
+            ) from None
         self.stream = await self.ds.connect()
         # Welcomes of our commits that the last run could not post (it ended first, or gave
         # up): in the background, as a failed post is retried.

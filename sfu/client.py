@@ -388,6 +388,7 @@ def _streams(value: object, m_lines: int) -> dict[str, dict[str, str]]:
 
 
 PROBE_TIMEOUT = 10.0  # seconds for `probe`
+SIGNAL_PATH = "/v1/signal"  # where `sfu.server` serves the signalling WebSocket
 
 
 async def probe(url: str, timeout: float = PROBE_TIMEOUT) -> None:
@@ -397,7 +398,8 @@ async def probe(url: str, timeout: float = PROBE_TIMEOUT) -> None:
     the group of the call). Raises SignallingError with code "unreachable" (no connection),
     "not-an-sfu" (a server that refused the WebSocket handshake: a wrong port or path), or
     "redirect" (an HTTP redirect, which no join follows either). Says nothing of the room
-    token: only a join can tell whether the SFU takes it.
+    token: only a join can tell whether the SFU takes it. An "unreachable" for a connection
+    that could not be made has aiohttp's ClientConnectorError as its `__cause__`.
     """
     refuse = aiohttp.TraceConfig()
     refuse.on_request_redirect.append(_refuse_http_redirect)
@@ -415,8 +417,8 @@ async def probe(url: str, timeout: float = PROBE_TIMEOUT) -> None:
             return  # an SFU, busy right now: the join will retry or say so
         raise SignallingError(
             "not-an-sfu",
-            f"{_url_text(url)} did not answer as an SFU's signalling WebSocket (HTTP {exc.status}): "
-            "the SFU's URL ends in /v1/signal",
+            f"{_url_text(url)} did not answer as an SFU's signalling WebSocket (HTTP {exc.status})"
+            f"{_path_hint(url)}",
         ) from None
     except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
         # (ValueError: a URL aiohttp cannot use, such as one with no host)
@@ -427,9 +429,28 @@ async def probe(url: str, timeout: float = PROBE_TIMEOUT) -> None:
             why = "not a ws(s):// or http(s):// URL with a host and port it can use"
         else:
             why = str(exc) or type(exc).__name__
+        # aiohttp's connection failure stays the cause, for a caller to put in its own words
+        # (its text names the host and port, no more of the URL: no password)
         raise SignallingError(
             "unreachable", f"cannot reach the SFU at {_url_text(url)}: {why}"
-        ) from None
+        ) from (exc if isinstance(exc, aiohttp.ClientConnectorError) else None)
+
+
+def _path_hint(url: str) -> str:
+    """For a URL whose path is not the SFU's signalling path (`SIGNAL_PATH`), what it is: with
+    no path at all, the same URL with it to try; "" for one that has it (the path is right:
+    the server is no SFU, and the path no clue)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return ""
+    if parts.path == SIGNAL_PATH:
+        return ""
+    hint = f": an SFU's signalling URL ends in {SIGNAL_PATH}"
+    if parts.path.strip("/") or parts.query or parts.fragment:
+        return hint  # another path: a prefix of a proxy's, or a typo, not to guess
+    fixed = urlunsplit(parts._replace(path=SIGNAL_PATH))
+    return f"{hint}: did you mean '{_url_text(fixed)}'?"
 
 
 async def _refuse_http_redirect(

@@ -58,8 +58,13 @@ async def test_another_web_server_is_not_an_sfu(web_server: str, path: str, code
     with pytest.raises(SignallingError) as refused:
         await probe(web_server + path)
     assert refused.value.code == code
-    if code == "not-an-sfu":
-        assert "(HTTP 404): the SFU's URL ends in /v1/signal" in str(refused.value)
+    if path == "/v1/signal":  # the path is right: no hint about it
+        assert str(refused.value).endswith("(HTTP 404)")
+    elif code == "not-an-sfu":  # no path: the signalling path, to try
+        assert str(refused.value).endswith(
+            f"(HTTP 404): an SFU's signalling URL ends in /v1/signal: did you mean "
+            f"'{web_server}/v1/signal'?"
+        )
 
 
 async def test_no_answer_is_unreachable() -> None:
