@@ -10,14 +10,27 @@ import sys
 def main() -> int:
     """`conclave.cli.main`, imported here so that Ctrl-C while it loads exits 130 quietly (as
     Ctrl-C later does: the README's Exit statuses)."""
+    loaded = False
     try:
         from .cli import main as cli_main
 
+        loaded = True
         return cli_main()
     except KeyboardInterrupt:
+        if not loaded:
+            stopped_starting(sys.argv[1:])
         return 130
     finally:
         _forget_interrupts()
+
+
+def stopped_starting(argv: list[str]) -> None:
+    """For a `join` stopped by Ctrl-C or SIGTERM before its command line was read (modules
+    still loading): the line README promises a stopped join, saying where it leaves the user."""
+    command = next((word for word in argv if not word.startswith("-")), None)
+    if command == "join":
+        print("conclave join: stopped while starting: nothing was joined; the same "
+              "`conclave join` again joins", file=sys.stderr, flush=True)
 
 
 def _forget_interrupts() -> None:

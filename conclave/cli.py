@@ -1421,6 +1421,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         # Ctrl-C right after Enter: reading the command line imports the participant's
         # modules (a third of a second), and a traceback there would read as a crash.
+        from .__main__ import stopped_starting
+
+        stopped_starting(sys.argv[1:] if argv is None else argv)
         return 130
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.ERROR,

@@ -190,3 +190,51 @@ def test_a_schema_without_postgresql_is_refused_before_anything_starts(
     ), done.stderr
     assert done.stdout == ""
     assert not (tmp_path / "state" / "conclave-ds.sqlite3").exists()
+
+
+# -- 5. a join stopped while its modules load or its command line is read still says so
+
+
+_LOADING = """
+import sys, types
+
+class Loading(types.ModuleType):
+    def __getattr__(self, name):  # `from .cli import main`: Ctrl-C while it loads
+        raise KeyboardInterrupt
+
+sys.modules["conclave.cli"] = Loading("conclave.cli")
+sys.argv = ["conclave", *sys.argv[1:]]
+from conclave.__main__ import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("command", ["join", "demo"])
+def test_a_join_stopped_while_its_modules_load_says_nothing_was_joined(
+    command: str, tmp_path: Path
+) -> None:
+    # Before: status 130 and not a word, where README promises a line for a stopped join.
+    args = ["--debug", command, "--room", "r", "--name", "a"] if command == "join" else [command]
+    done = subprocess.run([sys.executable, "-c", _LOADING, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=PATIENCE)
+    assert done.returncode == 130, done
+    expected = ("conclave join: stopped while starting: nothing was joined; the same "
+                "`conclave join` again joins\n") if command == "join" else ""
+    assert done.stderr == expected and done.stdout == "", done
+
+
+def test_a_join_stopped_while_its_command_line_is_read_says_nothing_was_joined(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conclave import cli
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["join", "--room", "r", "--name", "a"]) == 130
+    out, err = capsys.readouterr()
+    assert out == "" and err == ("conclave join: stopped while starting: nothing was joined; "
+                                 "the same `conclave join` again joins\n")
+    assert cli.main(["audit", "--group", "r"]) == 130
+    assert capsys.readouterr() == ("", "")
