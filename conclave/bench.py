@@ -59,20 +59,39 @@ CALL_REPEATS = 3  # pairs of e2e calls (plain and e2ee, alternating order); 1 wi
 CALL = "call"  # the end-to-end call's group; `e2e_call` (its script's name) selects it too
 GROUPS = ["mls", "sframe", "sfu", "ds", CALL]
 ALIASES = [name for name, *_ in SCRIPTS if name not in GROUPS] + ["e2e_call"]
+# The call's rows in the summary (numbered when it runs more than one pair): each selects the
+# whole call, as a mode alone has no pair to give the E2EE cost.
+CALL_ROWS = {f"e2e_call_{mode}{suffix}" for mode in MODES
+             for suffix in ["", *(f"_{n}" for n in range(1, CALL_REPEATS + 1))]}
 
 
 def parse_only(text: str) -> set[str]:
     """The benchmarks `--only` names, comma-separated: groups (mls, sframe, sfu, ds, call) or
-    the scripts' names shown in the summary (mls_tree, sfu_forward, ...); raises ValueError
-    naming the valid ones for an unknown name or an empty list."""
+    the names shown in the summary (mls_tree, sfu_forward, e2e_call_plain, ...); raises
+    ValueError naming the valid ones for an unknown name or an empty list."""
     names = {name.strip() for name in text.split(",")} - {""}
-    unknown = sorted(names - set(GROUPS) - set(ALIASES))
+    unknown = sorted(names - set(GROUPS) - set(ALIASES) - CALL_ROWS)
     if unknown or not names:
         what = (f"unknown benchmark {', '.join(map(repr, unknown))}" if unknown
                 else "no benchmark named")
         raise ValueError(f"{what}: choose from {', '.join(GROUPS)} "
-                         f"(or one script: {', '.join(ALIASES)})")
+                         f"(or one script: {', '.join(ALIASES)}, also as its summary rows "
+                         f"{', '.join(f'e2e_call_{mode}' for mode in MODES)})")
     return names
+
+
+def call_labels(order: list[str]) -> list[str]:
+    """The summary's rows of the calls of `order` (`call_order`): e2e_call_<mode>, numbered
+    when a mode runs more than once (one call per mode, --quick, keeps the names it always
+    had)."""
+    numbered = len(order) > len(MODES)
+    return [f"e2e_call_{mode}" + (f"_{order[: i + 1].count(mode)}" if numbered else "")
+            for i, mode in enumerate(order)]
+
+
+def runs_call(only: set[str] | None) -> bool:
+    """Whether `only` (as `parse_only` returns it; None: everything) selects the e2e call."""
+    return only is None or CALL in only or "e2e_call" in only or bool(only & CALL_ROWS)
 
 
 async def run_script(path: Path, args: list[str], out: Path) -> tuple[int, float]:
@@ -338,11 +357,16 @@ async def run_benchmarks(out: Path, *, quick: bool = False, only: set[str] | Non
         results: list[CallResult] = []
         seconds = 4.0 if quick else 10.0
         order = call_order(1 if quick else CALL_REPEATS)
-        if only is None or CALL in only or "e2e_call" in only:
-            for mode in order:
+        if runs_call(only):
+            labels = call_labels(order)
+            asked = sorted(only & CALL_ROWS) if only is not None else []
+            if asked:  # a row of one mode named: say that both modes' rows run
+                console.print(
+                    f"{', '.join(asked)}: the end-to-end call runs its plain and e2ee calls in "
+                    f"pairs (the E2EE cost is their difference): running rows {', '.join(labels)}",
+                    markup=False, highlight=False)
+            for mode, label in zip(order, labels, strict=True):
                 number = sum(r.mode == mode for r in results) + 1
-                # One call per mode (--quick) keeps the names the summary always had.
-                label = f"e2e_call_{mode}" + (f"_{number}" if len(order) > len(MODES) else "")
                 task = progress.add_task(f"e2e call, {mode}" + (
                     f" ({number}/{len(order) // len(MODES)})" if len(order) > len(MODES) else ""),
                     total=1.0)

@@ -1085,7 +1085,14 @@ def _exit_at_once_on_signals(status: int) -> None:
 async def cmd_audit(args: argparse.Namespace) -> int:
     # SIGTERM as Ctrl-C (130): by default it would end the process at once, with a status of
     # its own and an auditor's state lock and connections not let go of in order.
-    return await until_stopped(stop_on_signals(), _audit(args))
+    # A refused audit (a typo in --state, its new key refused) leaves no empty directory it
+    # made; a key it kept (registered, or maybe so) keeps its directory.
+    made = missing_dirs(args.state or default_state_dir()) if args.log is None else []
+    try:
+        return await until_stopped(stop_on_signals(), _audit(args))
+    except BaseException:
+        remove_empty(made)
+        raise
 
 
 async def _audit(args: argparse.Namespace) -> int:
@@ -1334,13 +1341,14 @@ def _reserved_for_another_key(ds: str, state: Path, identity: str) -> str:
     the state directory holding the pinned key, or that key pinned instead (for an auditor on
     another machine than the service, whose operator pins the key it is sent)."""
 
-    # the key this audit registered with, kept in `state` (only a name's conflict drops it)
+    # the key saved in `state` before this audit (a new one, never registered, is not kept)
     key = _saved_key(state, identity, ds)
     pin = (f"; or, if the service has not registered {identity!r} yet, have its operator pin "
            f"this key, kept in {state}: --auditor {identity}={key}" if key else "")
+    which = f"the one in {state}" if key else f"a new one, not kept (no key of it in {state})"
     return (
         f"{identity!r} is reserved for an auditor of the delivery service {shown_url(ds)}, with "
-        f"another key than the one in {state}: audit with the state directory that holds its key "
+        f"another key than {which}: audit with the state directory that holds its key "
         f"(`conclave serve` prints it at start){pin}"
     )
 

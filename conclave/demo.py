@@ -89,9 +89,10 @@ async def fetch_log(
         try:
             await auditor.ds.register()
         except RequestFailed as exc:
-            if new and exc.code == "conflict":
-                # The name is another key's: the new key was never registered, and a state
-                # file of it would only stand in the way of the right one.
+            if new and exc.code in ("conflict", "reserved_name"):
+                # The name is another key's (registered, or pinned by the service): the new
+                # key was never registered, and a state file of it would only stand in the way
+                # of the right one (a typo in --state would leave a key no one uses).
                 path.unlink(missing_ok=True)
                 (state_dir / f"{identity}.lock").unlink(missing_ok=True)
             raise

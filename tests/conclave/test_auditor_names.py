@@ -57,10 +57,10 @@ def test_audit_with_serves_state_reads_any_log_and_another_key_is_refused(
     assert main([*argv, "--state", str(other)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("conclave audit: 'auditor' is reserved for an auditor of "), err
-    assert "--auditor auditor=" in err  # the key to pin, for an auditor elsewhere
     assert err.count("\n") == 1
-    # the key it made stays, so that the one pinned is the one it has
-    assert (other / "auditor.state").exists()
+    # the key it made, never registered, is not kept, nor the directory made for it
+    assert "a new one, not kept" in err and "--auditor auditor=" not in err
+    assert not other.exists()
     assert main([*argv, "--state", str(serve_state)]) == 0  # the real one still reads
 
 

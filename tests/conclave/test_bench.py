@@ -141,7 +141,7 @@ def test_only_takes_groups_and_the_names_in_the_summary(text: str) -> None:
 
 
 @pytest.mark.parametrize("argv", [["--only", "nosuch"], ["--only", ""], ["--only", ","],
-                                  ["--only", "mls,nosuch"], ["--only", "e2e_call_plain"]])
+                                  ["--only", "mls,nosuch"]])
 def test_an_unknown_only_name_is_a_usage_error(
     argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
