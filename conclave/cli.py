@@ -19,7 +19,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
-from .errors import AuditFailure, ConclaveError, WrongSFU, connection_failure
+from .errors import AuditFailure, ConclaveError, WrongSFU, connection_failure, refusal_reason
 from .threads import in_daemon_thread
 from .urls import shown_url, shown_urls
 
@@ -1290,7 +1290,11 @@ async def fetch_log_as(ds: str, group_id: bytes, state: Path, identity: str, fet
                 f"{shown_url(ds)} did not answer as a conclave delivery service ({exc}): check "
                 "--ds"
             ) from None
-        raise ConclaveError(f"the delivery service refused the audit log of {label}: {exc}") from None
+        # The service's reason and when to try again, not its status and code.
+        raise ConclaveError(
+            f"the delivery service {shown_url(ds)} refused the audit log of {label}: "
+            f"{refusal_reason(exc)}"
+        ) from None
     except Exception as exc:  # (after RequestFailed, which it would catch too)
         if not _is_network_error(exc):
             raise  # (an OSError of the state directory's files names its file itself)
@@ -1484,8 +1488,9 @@ def describe_error(exc: Exception) -> str:
     if isinstance(exc, ConclaveError):
         text = str(exc)
     elif isinstance(exc, RequestFailed):
-        # Its reason in words: the status and code are for --debug (its traceback names them).
-        text = f"the delivery service said: {exc.reason}"
+        # Its reason in words (and when to try again): the status and code are for --debug
+        # (its traceback names them).
+        text = f"the delivery service said: {refusal_reason(exc)}"
     elif isinstance(exc, DeliveryServiceError):
         text = f"the delivery service said: {exc}"
     elif _is_network_error(exc):

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from delivery_service.errors import RequestFailed
+
 
 class ConclaveError(Exception):
     """Base class: the message says what went wrong and what to do about it."""
@@ -35,6 +40,28 @@ class AuditFailure(ConclaveError):
 class WrongSFU(ConclaveError):
     """The SFU refused the delivery service's room token as signed with another secret: it is
     not the SFU that this delivery service issues tokens for (a wrong --sfu)."""
+
+
+# A refusal that passes: too many requests, or the service (or a proxy before it) unavailable.
+TRY_AGAIN_STATUSES = (429, 502, 503, 504)
+
+
+def refusal_reason(exc: RequestFailed) -> str:
+    """Why the delivery service refused a request, in words for the user: its reason, without
+    the HTTP status and error code (`RequestFailed`'s text: for --debug), and for a refusal
+    that passes (`TRY_AGAIN_STATUSES`) when to try again, which the user must not lose: in
+    the seconds the service asked for (its reason says "retry after the given seconds", and
+    gives them in a field of its answer), or later."""
+    reason = exc.reason or f"HTTP {exc.status}"
+    wait = exc.extra.get("retry_after")
+    if type(wait) is int and wait > 0:
+        if "the given seconds" in reason:
+            return reason.replace("the given seconds", f"{wait} s")
+        return f"{reason} (try again in {wait} s)"
+    said = reason.lower()
+    if exc.status in TRY_AGAIN_STATUSES and "retry" not in said and "try again" not in said:
+        return f"{reason}: try again later"
+    return reason
 
 
 def connection_failure(exc: BaseException | None, service: str = "the service",

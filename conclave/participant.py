@@ -85,6 +85,7 @@ from .errors import (
     StateInUse,
     WrongSFU,
     connection_failure,
+    refusal_reason,
 )
 from .files import remove_file, replace_file
 from .media import MediaSpec, record_track
@@ -305,6 +306,8 @@ def _reason(exc: BaseException) -> str:
         return "no answer in time"
     if isinstance(exc, ConclaveError):  # our words, its URLs shown already: a zone's %25 once
         return str(exc) or type(exc).__name__
+    if isinstance(exc, RequestFailed):  # the service's reason, not its status and code
+        return printable_text(refusal_reason(exc))
     # (a connection that could not be made: in words, what to check, no "ssl:default")
     # (aiohttp quotes a URL it cannot use whole, password and all: `shown_urls` masks it)
     return connection_failure(exc) or shown_urls(str(exc)) or type(exc).__name__
@@ -925,8 +928,10 @@ class Participant:
                     f"service (check --ds: it is the URL `conclave serve` prints for the "
                     f"delivery service, with no path){kept}"
                 ) from None
+            # The service's reason and when to try again, not its status and code.
             raise ConclaveError(
-                f"the delivery service refused to register {self.name}: {exc}{kept}"
+                f"the delivery service at {shown_url(self.ds_url)} refused to register "
+                f"{self.name}: {printable_text(refusal_reason(exc))}{kept}"
             ) from None
         if not self._registered:
             self._registered = True
@@ -2089,7 +2094,10 @@ class Participant:
             raise
         except RequestFailed as exc:
             group.withdraw_proposal(proposal)  # no one else has it: never commit it
-            raise ConclaveError(f"the delivery service refused the proposal: {exc}") from None
+            raise ConclaveError(
+                f"the delivery service refused the proposal: "
+                f"{printable_text(refusal_reason(exc))}: nothing was proposed"
+            ) from None
         request.epoch = group.epoch
         if request not in self._requests:
             self._requests.append(request)

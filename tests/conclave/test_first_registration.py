@@ -99,8 +99,8 @@ async def test_a_refusal_other_than_a_taken_name_keeps_the_new_key(
         await carol.start()
     await carol.close()
     assert str(info.value) == (
-        "the delivery service refused to register carol: 503 unavailable: the database is "
-        f"unreachable; the new key of carol is kept in {tmp_path / 'carol.state'}, not "
+        f"the delivery service at {services.ds_url} refused to register carol: the database "
+        f"is unreachable: try again later; the new key of carol is kept in {tmp_path / 'carol.state'}, not "
         "registered yet: the next run with this state directory registers it"
     )
     assert _saved(tmp_path, "carol")["registered"] is False
