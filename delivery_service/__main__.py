@@ -281,6 +281,25 @@ def _stop(sig: int) -> None:
     raise web.GracefulExit
 
 
+def _holding_loop() -> asyncio.AbstractEventLoop:
+    """run_app's event loop, whose removal of a SIGINT or SIGTERM handler puts back `_hold`
+    rather than the default action. aiohttp removes its handlers at the end of the stop, and the
+    loop then still finalises tasks and async generators and closes: a SIGTERM there (a second
+    one, while "stopping") ended the process by the signal (-15), as if it had crashed, though
+    the database is closed by then. Held instead: the stop ends as it would have."""
+    loop = asyncio.new_event_loop()
+    remove = loop.remove_signal_handler
+
+    def remove_signal_handler(sig: int) -> bool:
+        removed = remove(sig)
+        if removed and sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _hold)
+        return removed
+
+    loop.remove_signal_handler = remove_signal_handler  # type: ignore[method-assign]
+    return loop
+
+
 def _forget_interrupts() -> None:
     """Keep a KeyboardInterrupt handled here from ending `python -m delivery_service` by SIGINT.
 
@@ -380,12 +399,12 @@ def _run(argv: list[str] | None) -> None:
         # sees that the service is up, where (the port bound, for --port 0), and on which
         # database (never the DSN's credentials).
         try:
-            web.run_app(app, sock=socks,
+            web.run_app(app, sock=socks, loop=_holding_loop(),
                         print=lambda _banner: log.info("serving on %s with %s", where(socks),
                                                        database))
         finally:
-            # Closing, the loop put back the default actions (death by SIGTERM): everything
-            # is closed now, and a signal changes nothing more.
+            # Everything is closed now, and a signal changes nothing more (the loop put back
+            # `_hold` already, see `_holding_loop`; this covers a run_app that made no loop).
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, _hold)
         log.info("stopped")
