@@ -3,7 +3,6 @@ review left."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,14 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .procs import ROOM_SECRET
-
-ROOT = str(Path(__file__).resolve().parents[2])
-
-
-def _env() -> dict[str, str]:
-    path = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path, "CONCLAVE_ROOM_SECRET": ROOM_SECRET}
+from .test_startup_signals import _env, late_signal_script
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -29,27 +21,7 @@ def test_a_signal_once_aiohttp_removed_its_handlers_is_no_death_by_the_signal(
     # is left (an async generator here) and closes. Before: that removal put back the default
     # action, and a SIGTERM there (a second one while "stopping") ended the service by the
     # signal (-15), without "stopped". Now held, as once run_app returned: status 0.
-    (tmp_path / "late.py").write_text(
-        "import asyncio, signal, sys\n"
-        "import delivery_service.__main__ as m\n"
-        "real = m.web.run_app\n"
-        "async def left_open():\n"
-        "    try:\n"
-        "        yield\n"
-        "    finally:\n"
-        f"        signal.raise_signal({int(sig)})\n"
-        "kept = []\n"
-        "async def serving(app):\n"
-        "    kept.append(left_open())\n"
-        "    await kept[0].__anext__()\n"
-        "    asyncio.get_running_loop().call_later(0.1, signal.raise_signal, signal.SIGTERM)\n"
-        "def run_app(app, **kwargs):\n"
-        "    app.on_startup.append(serving)\n"
-        "    real(app, **kwargs)\n"
-        "m.web.run_app = run_app\n"
-        "m.main(['--db', sys.argv[1], '--port', '0', '--log-level', 'INFO'])\n"
-        "print('returned')\n"
-    )
+    (tmp_path / "late.py").write_text(late_signal_script(sig) + "print('returned')\n")
     proc = subprocess.run(
         [sys.executable, "-m", "late", str(tmp_path / "ds.sqlite3")],
         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60,

@@ -219,11 +219,10 @@ def test_a_signal_once_run_app_returned_changes_nothing(tmp_path: Path, sig: sig
     assert proc.returncode == 0, proc.stderr
 
 
-def test_a_ctrl_c_as_the_loop_closes_is_no_traceback(tmp_path: Path) -> None:
-    # Once aiohttp removed its handlers (the database closed), a SIGINT raises Python's
-    # KeyboardInterrupt again, until run_app returns: before, out of run_app with a traceback.
-    # Here it comes as the loop finalises an async generator left open, after a normal stop.
-    (tmp_path / "interrupted.py").write_text(
+def late_signal_script(sig: int) -> str:
+    """A `python -m` script that serves, stops by SIGTERM, and gets `sig` as the loop finalises
+    an async generator left open, after aiohttp removed its signal handlers."""
+    return (
         "import asyncio, signal, sys\n"
         "import delivery_service.__main__ as m\n"
         "real = m.web.run_app\n"
@@ -231,7 +230,7 @@ def test_a_ctrl_c_as_the_loop_closes_is_no_traceback(tmp_path: Path) -> None:
         "    try:\n"
         "        yield\n"
         "    finally:\n"
-        "        signal.raise_signal(signal.SIGINT)\n"
+        f"        signal.raise_signal({int(sig)})\n"
         "kept = []\n"
         "async def serving(app):\n"
         "    kept.append(left_open())\n"
@@ -243,6 +242,13 @@ def test_a_ctrl_c_as_the_loop_closes_is_no_traceback(tmp_path: Path) -> None:
         "m.web.run_app = run_app\n"
         "m.main(['--db', sys.argv[1], '--port', '0', '--log-level', 'INFO'])\n"
     )
+
+
+def test_a_ctrl_c_as_the_loop_closes_is_no_traceback(tmp_path: Path) -> None:
+    # Once aiohttp removed its handlers (the database closed), a SIGINT raises Python's
+    # KeyboardInterrupt again, until run_app returns: before, out of run_app with a traceback.
+    # Here it comes as the loop finalises an async generator left open, after a normal stop.
+    (tmp_path / "interrupted.py").write_text(late_signal_script(signal.SIGINT))
     proc = subprocess.run(
         [sys.executable, "-m", "interrupted", str(tmp_path / "ds.sqlite3")],
         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60,
