@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,14 @@ async def trio(services: Services, tmp_path: Path) -> AsyncIterator[list[Partici
     yield people
     for p in people:
         await p.close()
+
+
+@pytest.fixture
+def silent() -> Iterator[socket.socket]:
+    """A TCP server that accepts connections and never answers (a join that waits on it)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.settimeout(60.0)
+    yield server
+    server.close()

@@ -210,17 +210,6 @@ def test_a_join_started_with_sighup_ignored_ignores_it(
     assert out.splitlines()[-1].startswith("frames: sent ")
 
 
-@pytest.fixture
-def silent() -> Iterator[socket.socket]:
-    """A TCP server that accepts connections and never answers."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen()
-    server.settimeout(PATIENCE)
-    yield server
-    server.close()
-
-
 def test_sighup_while_joining_is_130_as_sigterm(silent: socket.socket, tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{silent.getsockname()[1]}"
     proc = subprocess.Popen(

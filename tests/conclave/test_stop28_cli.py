@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,17 +19,6 @@ PATIENCE = 60.0  # seconds: far more than any step here takes on a loaded machin
 ROOT = str(Path(__file__).resolve().parents[2])
 
 # -- 1. a join stopped before its call says whether the user is a member, and what to do
-
-
-@pytest.fixture
-def silent() -> Iterator[socket.socket]:
-    """A TCP server that accepts connections and never answers."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen()
-    server.settimeout(PATIENCE)
-    yield server
-    server.close()
 
 
 @pytest.mark.parametrize("member", [True, False], ids=["member", "not-member"])
