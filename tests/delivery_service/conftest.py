@@ -24,6 +24,7 @@ from delivery_service.tracker import BasicTracker
 from mls.client import Client
 
 from .mlsgroups import OPEN
+from .pgproxy import PgProxy
 from .procs import ds_client
 
 PG_DSN = os.environ.get("CONCLAVE_PG_DSN")
@@ -47,6 +48,25 @@ async def drop_schema(dsn: str, schema: str) -> None:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     finally:
         await conn.close()
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[PgProxy]:
+    """A TCP proxy to the test PostgreSQL server that a test can stall or cut."""
+    proxy = PgProxy(require_postgres())
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
+@pytest.fixture
+async def schema() -> AsyncIterator[str]:
+    """A fresh PostgreSQL schema name, dropped after the test."""
+    name = "ds_test_" + os.urandom(6).hex()
+    yield name
+    await drop_schema(require_postgres(), name)
 
 
 @dataclass

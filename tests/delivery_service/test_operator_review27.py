@@ -19,7 +19,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from delivery_service.storage.availability import Availability
 from delivery_service.storage.postgres import PostgresStorage
 from mls.crypto import LABEL_PREFIX, _opaque
 
-from .conftest import Served, drop_schema, require_postgres, sqlite_error
+from .conftest import Served, require_postgres, sqlite_error
 from .pgproxy import PgProxy
 from .procs import ROOM_SECRET, free_port
 from .test_operator_run import Running, until_logged
@@ -168,23 +167,6 @@ async def test_the_end_of_an_outage_is_a_warning_as_its_start(
     assert [level for level, _ in lines] == [logging.WARNING, logging.WARNING], lines
     assert "PostgreSQL at db:5432/x is unreachable" in lines[0][1]
     assert "PostgreSQL at db:5432/x is reachable again after" in lines[1][1]
-
-
-@pytest.fixture
-async def proxy() -> AsyncIterator[PgProxy]:
-    proxy = PgProxy(require_postgres())
-    await proxy.start()
-    try:
-        yield proxy
-    finally:
-        await proxy.close()
-
-
-@pytest.fixture
-async def schema() -> AsyncIterator[str]:
-    name = "ds_test_" + os.urandom(6).hex()
-    yield name
-    await drop_schema(require_postgres(), name)
 
 
 async def stop(ds: Running, sig: int = signal.SIGTERM) -> int:

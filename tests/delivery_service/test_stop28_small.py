@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from delivery_service.storage import Storage
 from delivery_service.storage.postgres import PostgresStorage
 from delivery_service.tracker import GroupState
 
-from .conftest import Database, drop_schema, require_postgres
+from .conftest import Database
 from .pgproxy import PgProxy
 from .procs import ROOM_SECRET
 from .test_push_review import Socket, until
@@ -89,23 +88,6 @@ def test_an_interrupt_inside_exec_of_a_string_is_still_a_quiet_stop(tmp_path: Pa
 
 
 # -- 3. a LISTEN connection that flaps is warned of once a minute
-
-
-@pytest.fixture
-async def proxy() -> AsyncIterator[PgProxy]:
-    proxy = PgProxy(require_postgres())
-    await proxy.start()
-    try:
-        yield proxy
-    finally:
-        await proxy.close()
-
-
-@pytest.fixture
-async def schema() -> AsyncIterator[str]:
-    name = "ds_test_" + os.urandom(6).hex()
-    yield name
-    await drop_schema(require_postgres(), name)
 
 
 def _listen_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
