@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 HELP = """\
 commands, one per line (quote a name that holds spaces: remove 'mallory x'):
-  members          the epoch, its members and its safety code
+  members          the epoch, its members and its safety code, and who of them is in the
+                   media session now (as the SFU says)
   invite NAME...   add members now; each needs KeyPackages on the delivery service (one
                    `conclave join` of that name, or any run of it, uploads them)
   remove NAME...   remove members now: no key of the next epoch reaches them (a name as
@@ -142,6 +143,26 @@ def _backslash_hint(typed: tuple[str, ...], strangers: list[str]) -> str:
     return ""
 
 
+def presence_line(p: Participant) -> str:
+    """Which members are in the media session now, as the SFU says (it may lie: it is not
+    authenticated for this, though it cannot inject media that decrypts), or that this is
+    unknown while the session is lost: never an ended session's word."""
+    presence = p.media_presence()
+    if presence is None:
+        if p.media_lost:
+            return "in the media session: unknown while it is lost (calling in again)"
+        return "in the media session: unknown, as you are not in it now"
+    shown = [shown_name(n) + (" (you)" if n == p.name else "") for n in presence.present]
+    line = f"in the media session, as the SFU says: {', '.join(shown)}"
+    if presence.absent:
+        line += f"; not in it: {listed(presence.absent)}"
+    if presence.strangers:
+        # (a removed member whose room token has not run out yet, say: it gets no keys)
+        line += (f"; and {presence.strangers} the SFU lists who "
+                 f"{'is not a member' if presence.strangers == 1 else 'are not members'}")
+    return line
+
+
 class InCall:
     """Carries out commands for one participant in its call, one at a time. `quit` is set by
     the `quit` command; `left` says the member asked to leave (so its removal is no
@@ -199,6 +220,8 @@ class InCall:
         elif command.verb == "members":
             self.out(f"epoch {p.epoch}: members {listed(p.member_names)}; safety code "
                      f"{p.safety_code}")
+            if p.media_wanted:  # (a run with no media session has nothing to say of it)
+                self.out(presence_line(p))
         elif command.verb == "rotate":
             if await p.rotate():
                 self.out(f"rotated the keys: epoch {p.epoch}, safety code {p.safety_code}")

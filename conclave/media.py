@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fractions
+import hashlib
 import math
 import os
 import queue
+import re
 import threading
 import time
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import av
 from aiortc import MediaStreamTrack
@@ -24,6 +27,9 @@ from av.frame import Frame
 from av.stream import Stream
 
 from .errors import ConclaveError
+
+if TYPE_CHECKING:
+    from aiortc.contrib.media import MediaPlayer
 
 AUDIO_RATE = 48000
 AUDIO_PTIME = 0.02
@@ -116,9 +122,16 @@ class MediaSpec:
     height: int = 120
     fps: float = 15.0
     seed: int = 0
+    # Play a file (a regular file: not a device, a FIFO or a stream URL) over and over until
+    # the call ends: a clip shorter than the call would leave the others a frozen picture.
+    loop: bool = True
 
-    def tracks(self) -> tuple[list[MediaStreamTrack], object | None]:
-        """The tracks and, for a file, the MediaPlayer that must stay referenced."""
+    def tracks(
+        self, on_end: Callable[[str], None] | None = None
+    ) -> tuple[list[MediaStreamTrack], object | None]:
+        """The tracks and, for a file, what plays it (which must stay referenced). `on_end`
+        is told once, in a line, that a source that is not looped ended: nothing more is
+        sent from then on."""
         if self.file is None:
             tracks: list[MediaStreamTrack] = []
             if self.audio:
@@ -126,20 +139,150 @@ class MediaSpec:
             if self.video:
                 tracks.append(PatternTrack(self.width, self.height, self.fps, self.seed))
             return tracks, None
-        from aiortc.contrib.media import MediaPlayer
-
-        try:
-            player = MediaPlayer(self.file, format=self.format)
-        except Exception as exc:  # av raises many types for missing files and bad formats
-            raise ConclaveError(f"cannot play {self.file!r}: {_open_failure(exc)}") from None
-        tracks = [
-            t
-            for t in (player.audio if self.audio else None, player.video if self.video else None)
-            if t is not None
+        looped = self.loop and os.path.isfile(self.file)
+        source = _FileSource(self.file, self.format, looped, on_end)
+        kinds = [
+            kind
+            for kind, wanted in (("audio", self.audio), ("video", self.video))
+            if wanted and source.has(kind)
         ]
-        if not tracks:
+        if not kinds:
             raise ConclaveError(f"{self.file!r} has no audio or video stream to publish")
-        return tracks, player
+        return [_FileTrack(source, kind) for kind in kinds], source
+
+
+def _open_player(file: str, format: str | None) -> MediaPlayer:
+    from aiortc.contrib.media import MediaPlayer
+
+    try:
+        return MediaPlayer(file, format=format)
+    except Exception as exc:  # av raises many types for missing files and bad formats
+        raise ConclaveError(f"cannot play {file!r}: {_open_failure(exc)}") from None
+
+
+class _FileSource:
+    """A file or device played through aiortc's MediaPlayer; a looped file through a new
+    MediaPlayer each time round (MediaPlayer's own `loop` ends at the file's end all the same
+    with PyAV 18, and would restart the timestamps, which the receivers' decoders take for
+    old frames). Each round is shared by the audio and video tracks: the first to reach the
+    end of a round opens the next."""
+
+    def __init__(
+        self, file: str, format: str | None, looped: bool, on_end: Callable[[str], None] | None
+    ) -> None:
+        self.file, self.format, self.looped = file, format, looped
+        self._on_end = on_end
+        self._told = False
+        self.player = _open_player(file, format)  # (what must stay referenced)
+        self.round = 0
+        self.over = False  # the end of a source that is not looped: nothing more to play
+
+    def has(self, kind: str) -> bool:
+        return getattr(self.player, kind) is not None
+
+    def track(self, kind: str, round_: int) -> MediaStreamTrack | None:
+        """The `kind` track of round `round_` (the current one or the next), None if the file
+        cannot be played again (gone, or without that stream now)."""
+        if round_ > self.round:
+            try:
+                self.player = _open_player(self.file, self.format)
+            except ConclaveError as exc:
+                self.over = True
+                self.ended(f"{exc}: nothing more is sent from it")
+                return None
+            self.round = round_
+        track: MediaStreamTrack | None = getattr(self.player, kind)
+        return track
+
+    def ended(self, line: str) -> None:
+        """Tell the user once (not once per track) that nothing more is sent."""
+        if not self._told and self._on_end is not None:
+            self._told = True
+            self._on_end(line)
+
+
+class _FileTrack(MediaStreamTrack):
+    """A track of a `_FileSource`: its frames, round after round for a looped file, with
+    timestamps that go on from one round to the next."""
+
+    def __init__(self, source: _FileSource, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self._source = source
+        self._round = source.round
+        self._inner: MediaStreamTrack | None = source.track(kind, self._round)
+        self._offset = 0  # added to this round's pts (in the track's time base)
+        self._next_pts = 0  # the pts that follows the last frame sent
+        self._last_pts: int | None = None  # this round's last pts, before the offset
+        self._frames = 0  # this round's
+        self._t0: float | None = None  # the loop's time of pts 0
+
+    async def recv(self) -> Frame:
+        while True:
+            if self._inner is None:  # (ended, as MediaPlayer's own do: a new media session
+                self.stop()  # opens the file again, `Participant.open_media`)
+            if self.readyState != "live":
+                raise MediaStreamError
+            if self._frames == 0 and self._source.over:
+                self._inner = None  # (the other track's end closed the player)
+                continue
+            if self._frames == 0 and self._round < self._source.round:
+                # A round the other track finished before this one began: its player is
+                # closed (MediaPlayer closes its file once its started tracks stopped).
+                self._round = self._source.round
+                self._inner = self._source.track(self.kind, self._round)
+                continue
+            assert self._inner is not None
+            try:
+                frame = await self._inner.recv()
+            except MediaStreamError:
+                if self.readyState != "live":
+                    raise
+                self._next_round()
+                continue
+            pts = frame.pts or 0
+            base = frame.time_base or fractions.Fraction(1, VIDEO_CLOCK)
+            if isinstance(frame, AudioFrame):
+                step = max(frame.samples, 1)
+            else:  # (a frame lasts until the next: as the last one did)
+                step = pts - self._last_pts if self._last_pts is not None else 0
+                # At least 1/15 s: a clip of one frame (a picture) is not sent at the speed
+                # it can be opened again.
+                step = max(step, math.ceil(1 / (15 * base)), 1)
+            self._last_pts = pts
+            self._frames += 1
+            frame.pts = pts + self._offset
+            self._next_pts = frame.pts + step
+            # Paced on the timestamps that go on (MediaPlayer paces a round from its start).
+            loop = asyncio.get_running_loop()
+            if self._t0 is None:
+                self._t0 = loop.time() - float(frame.pts * base)
+            wait = self._t0 + float(frame.pts * base) - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            return frame
+
+    def _next_round(self) -> None:
+        """The round's frames ended: play the file again, or tell the user that nothing
+        more is sent."""
+        source = self._source
+        if not source.looped or self._frames == 0:  # (a round without frames: no busy loop)
+            what = "file" if os.path.isfile(source.file) else "source"
+            source.ended(
+                f"the {what} {source.file!r} ended: nothing more is sent from it (the others "
+                "see its last picture)"
+            )
+            source.over = True
+            self._inner = None
+            return
+        self._round = max(self._round + 1, source.round)  # (the rounds this one is behind)
+        self._inner = source.track(self.kind, self._round)
+        self._offset, self._last_pts, self._frames = self._next_pts, None, 0
+
+    def stop(self) -> None:
+        super().stop()
+        if self._inner is not None:  # (lets the player's thread end, and close the file)
+            self._inner.stop()
 
 
 # MP4 in fragments (one per keyframe), the index first, each written out at once: what was
@@ -273,6 +416,46 @@ async def record_track(
         return await recorder.record(track, tell)
     finally:
         track.stop()
+
+
+_RECORDING = re.compile(r"(.*)-(?:audio|video|media)(?:-\d+)?\.(?:wav|mp4)")
+
+
+def recording_path(record_dir: Path, publisher: str, kind: str) -> Path:
+    """A new file in `record_dir` for a track of `publisher`, created empty with mode 0600 (it
+    will hold decrypted media; the recorder then writes into it): `bob-video.mp4`, then
+    `bob-video-2.mp4`... for bob's next tracks. The publisher's name comes from the SFU, which
+    is not trusted: only letters, digits, '.', '_' and '-' of it make the file name, so that it
+    names a file in record_dir and nothing else. An existing file is not replaced, even by a
+    recorder opened at the same moment (O_EXCL: the name is taken when it is chosen).
+
+    Two members whose names differ only by case ("Bob", "bob") get names that differ
+    whatever the case too: on a case-insensitive file system (macOS's, Windows') or once
+    copied there, their files would be one. The one whose recordings come second (in the
+    directory, from this call or an earlier one) is told apart by a short hash of its exact
+    name: `bob~1a2b3c-video.mp4`."""
+    record_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # decrypted media
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", publisher)[:64].lstrip(".") or "unknown"
+    owners = {
+        m.group(1) for m in map(_RECORDING.fullmatch, os.listdir(record_dir)) if m is not None
+    }
+    if any(o != safe and o.casefold() == safe.casefold() for o in owners):
+        safe += "~" + hashlib.sha256(publisher.encode("utf-8", "replace")).hexdigest()[:6]
+    kind = kind if kind in ("audio", "video") else "media"
+    suffix = "wav" if kind == "audio" else "mp4"
+    taken = {name.casefold() for name in os.listdir(record_dir)}
+    n = 1
+    while True:
+        name = f"{safe}-{kind}.{suffix}" if n == 1 else f"{safe}-{kind}-{n}.{suffix}"
+        n += 1
+        if name.casefold() in taken:
+            continue
+        path = record_dir / name
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            continue
+        return path
 
 
 class _Recorder:

@@ -35,7 +35,6 @@ import ipaddress
 import logging
 import os
 import random
-import re
 import shlex
 import time
 import unicodedata
@@ -88,7 +87,7 @@ from .errors import (
     refusal_reason,
 )
 from .files import remove_file, replace_file
-from .media import MediaSpec, record_track
+from .media import MediaSpec, record_track, recording_path
 from .safety import key_fingerprint, safety_code
 from .threads import LatestOnly, in_daemon_thread
 from .urls import shown_url, shown_urls
@@ -276,6 +275,9 @@ def _answer_lost(exc: BaseException) -> bool:
 # a delivery service given another secret than the SFU.
 BAD_SIGNATURE = "bad signature"
 MAX_SFU_TEXT = 200  # characters of the SFU's own words shown to the user, at most
+# Names the SFU says are in the media session, kept at most (beyond them, only current
+# members'): an SFU may send any number of "participant-joined".
+MAX_PRESENCE = 1024
 
 
 def _sfu_text(value: object) -> str:
@@ -443,6 +445,16 @@ class RemoteTrack:
         return bool(self.senders - {self.publisher})
 
 
+@dataclass(frozen=True)
+class MediaPresence:
+    """Who of the group is in the media session now, as the SFU says: its word only (it is
+    not authenticated for this and may lie), never used for membership or any MLS decision."""
+
+    present: list[str]  # members in the session, this participant included
+    absent: list[str]  # members not in it
+    strangers: int  # names the SFU lists that are not members (a removed one, say)
+
+
 @dataclass(eq=False)
 class _Request:
     """A proposal of ours (a removal request, or our leave) until a commit carries it out."""
@@ -558,6 +570,10 @@ class Participant:
         # answered yet: only answers to those make lines (`_renewal_answered`), for an SFU
         # (untrusted) may send any number unasked.
         self._renewals_unanswered = 0
+        # Who the SFU says is in the current media session besides us, from its "joined",
+        # "participant-joined" and "participant-left" (`media_presence`); None while there is
+        # no session (none yet, lost, calling in again): unknown rather than stale.
+        self._in_session: set[str] | None = None
         self._names_by_epoch: dict[int, dict[int, str]] = {}
         self._read_state: bytes | None = None  # the state file as read (None: there was none)
         # Writes the state (fsyncs and all) off the loop, which runs the call's media: the
@@ -823,6 +839,53 @@ class Participant:
         if self.group is None:
             return []
         return sorted(m.identity.decode("utf-8", "replace") for m in self.group.members)
+
+    @property
+    def media_wanted(self) -> bool:
+        """This run called in to the media session (and calls in again if it is lost)."""
+        return self._media_wanted
+
+    @property
+    def media_lost(self) -> bool:
+        """The media session ended, and this run is calling in again."""
+        return self._media_lost
+
+    def media_presence(self) -> MediaPresence | None:
+        """Which members are in the media session now, as the SFU says; None while that is
+        unknown (no session: lost, or calling in). Names the SFU lists that are not members
+        add no one: they are only counted."""
+        if self._in_session is None or self.group is None:
+            return None
+        members = self.member_names
+        listed = self._in_session | {self.name}
+        return MediaPresence(
+            present=[m for m in members if m in listed],
+            absent=[m for m in members if m not in listed],
+            strangers=len(listed - set(members)),
+        )
+
+    def _session_joined(self, joined: object) -> None:
+        """A new media session: those present are the SFU's "joined" message's participants."""
+        self._in_session = set()
+        participants = joined.get("participants") if isinstance(joined, dict) else None
+        if isinstance(participants, list):
+            for identity in participants:
+                self._sfu_presence(identity, present=True)
+
+    def _sfu_presence(self, identity: object, *, present: bool) -> None:
+        """The SFU says `identity` is (or no longer is) in the media session. Its word only:
+        shown by `members`, nothing else. Our own name is ignored (we know whether we are)."""
+        if self._in_session is None or not isinstance(identity, str) or identity == self.name:
+            return
+        if not present:
+            self._in_session.discard(identity)
+            return
+        try:
+            check_name(identity)  # no member has a name the service would not register
+        except ConclaveError:
+            return
+        if len(self._in_session) < MAX_PRESENCE or identity in self.member_names:
+            self._in_session.add(identity)
 
     @property
     def key_fingerprint(self) -> str:
@@ -1466,6 +1529,7 @@ class Participant:
         # So does the SFU's refusal of its tokens, if told: added back, a refused call-in is
         # told again (`_call_in_refused`), not left unsaid as told already.
         self._sfu_refusal_told = False
+        self._in_session = None
         if self.sfu is not None:
             client, self.sfu = self.sfu, None
             with contextlib.suppress(Exception):
@@ -2270,6 +2334,7 @@ class Participant:
             raise self._removed_while_calling_in()
         client = self.sfu = SFUClient(self.sfu_url, token.room, self.name, token.token,
                                       tracks, self._on_track)
+        self._in_session = None  # an earlier session's presence is not this one's
         for sender in client.senders:
             kind = sender.track.kind
             stats = self._sent.setdefault(kind, TrackStats())
@@ -2277,7 +2342,7 @@ class Participant:
                 sender, self._frame_keys(), context=STREAM_CONTEXT[kind], stats=stats
             )
         try:
-            await client.join()
+            joined = await client.join()
         except SFUError as exc:
             if self.removed:  # the removal left this client, which cut the join short
                 raise self._removed_while_calling_in() from None
@@ -2303,6 +2368,7 @@ class Participant:
                 await client.leave()
             raise self._removed_while_calling_in()
         self._media_wanted = True
+        self._session_joined(joined)
         self._renewals_unanswered = 0  # a new session: none sent to it yet
         # The SFU's answers to our renewals: a few (an SFU may send any number unasked).
         answers: asyncio.Queue[bool] = asyncio.Queue(maxsize=MAX_RENEWAL_ANSWERS)
@@ -2426,10 +2492,15 @@ class Participant:
                     if answers is not None and not answers.full():
                         answers.put_nowait(True)
                     self._sfu_refusal_over()
+            elif kind in ("participant-joined", "participant-left"):
+                if self.sfu is client:  # not an ended session's, nor one left meanwhile
+                    self._sfu_presence(event.get("identity"),
+                                       present=kind == "participant-joined")
             elif kind == "closed":
                 break
         if self.sfu is not client:
             return
+        self._in_session = None  # unknown until a session is back
         reason = _session_end_reason(said, refused)
         self._stop_token_renewal()
         log.warning("%s: the media session ended (%s); calling in again", self.name, reason)
@@ -2654,7 +2725,7 @@ class Participant:
         Opened again once its tracks ended: aiortc stops a sender's track when its peer
         connection closes, so a new media session needs new tracks (a file restarts)."""
         if self._tracks is None or any(t.readyState == "ended" for t in self._tracks):
-            self._tracks, self._player = self.media.tracks()
+            self._tracks, self._player = self.media.tracks(on_end=self._notice)
         return self._tracks
 
     def _frame_keys(self) -> Any:
@@ -2700,27 +2771,10 @@ class Participant:
             self._notice(str(exc))
 
     def _recording_path(self, publisher: str, kind: str) -> Path:
-        """A new file in record_dir for a track, created empty with mode 0600 (it will hold
-        decrypted media; the recorder then writes into it). The publisher's name comes from
-        the SFU, which is not trusted: only letters, digits, '.', '_' and '-' of it make the
-        file name, so that it names a file in record_dir and nothing else; an existing file is
-        not replaced (a call-in again records anew), even by a recorder opened at the same
-        moment (O_EXCL: the name is taken when it is chosen)."""
+        """A new file in record_dir for a track (`media.recording_path`: the SFU's name for
+        the publisher made safe, 0600, never an existing file, none two members share)."""
         assert self.record_dir is not None
-        self.record_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # decrypted media
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", publisher)[:64].lstrip(".") or "unknown"
-        kind = kind if kind in ("audio", "video") else "media"
-        suffix = "wav" if kind == "audio" else "mp4"
-        path = self.record_dir / f"{safe}-{kind}.{suffix}"
-        n = 1
-        while True:
-            try:
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            except FileExistsError:
-                n += 1
-                path = self.record_dir / f"{safe}-{kind}-{n}.{suffix}"
-                continue
-            return path
+        return recording_path(self.record_dir, publisher, kind)
 
     def _remember_names(self) -> None:
         """Leaf -> name of the current epoch, for naming the senders of frames; kept as long
