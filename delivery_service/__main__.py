@@ -37,6 +37,7 @@ from .client import MAX_BODY_LIMIT  # noqa: E402
 from .errors import BadRequest  # noqa: E402
 from .server import (  # noqa: E402
     MAX_IDENTITY,
+    SERVICE,
     Config,
     DeliveryService,
     check_identity_name,
@@ -262,22 +263,30 @@ async def _take_signals(app: web.Application) -> None:
     """First at start-up, once run_app has set its signal handlers: ours instead (`_stop`),
     and a stop for a signal held before (the database not open yet)."""
     loop = asyncio.get_running_loop()
+    service = app[SERVICE]
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):  # no loop signal handlers (Windows)
-            loop.add_signal_handler(sig, _stop, sig)
+            loop.add_signal_handler(sig, _stop, sig, service)
     if _signalled:
-        _stop(_signalled[0])
+        _stop(_signalled[0], service)
 
 
-def _stop(sig: int) -> None:
+def _stop(sig: int, service: DeliveryService | None = None) -> None:
     """SIGTERM or SIGINT: stop, as aiohttp's handler does (GracefulExit: a start-up is cancelled,
     the database closed again by `make_app`'s cleanup); another one meanwhile exits at once
     (`_hurry`). aiohttp's handler would raise out of that stop, and a database half closed
-    (its aiosqlite threads) would keep the process alive."""
+    (its aiosqlite threads) would keep the process alive.
+
+    A start-up that failed is stopping already: the signal changes nothing. GracefulExit would
+    cancel the database's close (its aiosqlite threads then held the process for good) or,
+    once the start-up ended (run_app leaves our handlers set then), leave run_app before its
+    loop closed, the failure's one-line reason untold."""
     loop = asyncio.get_event_loop()
     for other in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(other, _hurry, other)
+    if service is not None and service.start_failed:
+        return
     raise web.GracefulExit
 
 

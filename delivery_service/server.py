@@ -334,6 +334,10 @@ class DeliveryService:
         )
         self.upload_limiter = RateLimiter(self.config.upload_rate, self.config.upload_burst)
         self.auditors = self.config.auditors | frozenset(self.config.auditor_keys)
+        # Set by `make_app`'s start-up once it failed (an error, not a stop), as it closes the
+        # storage again: `python -m delivery_service` then lets no signal cut that short, nor
+        # the failure's reason.
+        self.start_failed = False
 
     def _refuse_auditor(self, identity: str) -> None:
         """Auditors read every log: as members too they would be in the groups they judge, and
@@ -1228,14 +1232,20 @@ def make_app(service: DeliveryService, *, manage_storage: bool = True) -> web.Ap
     if manage_storage:
 
         async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
-            await service.storage.open()
+            opened = False
             try:
+                await service.storage.open()  # closes what it opened, if it fails
+                opened = True
                 await service.check_auditors()
-            except BaseException:
-                # aiohttp runs no cleanup for a start-up that fails or is stopped by a signal
-                # (cancelled) before it ends: the open database's aiosqlite threads would keep
-                # the process alive for good.
-                await service.storage.close()
+            except BaseException as exc:
+                # an error, not a stop (a signal cancels the start-up): noted before the
+                # close, which a signal then leaves alone (see __main__'s `_stop`)
+                service.start_failed = isinstance(exc, Exception)
+                if opened:
+                    # aiohttp runs no cleanup for a start-up that fails or is stopped by a
+                    # signal (cancelled) before it ends: the open database's aiosqlite threads
+                    # would keep the process alive for good.
+                    await service.storage.close()
                 raise
             yield
             await service.storage.close()

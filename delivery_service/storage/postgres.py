@@ -215,13 +215,26 @@ class PostgresStorage(Storage):
             self.dsn, min_size=0, max_size=self.pool_size, server_settings=settings
         )
         self._closing = False
-        await self._listen()
+        try:
+            await self._listen()
+        except BaseException:
+            # A failed or stopped start (a SIGTERM cancels it) leaves nothing open, as SQLite's:
+            # the caller closes only a storage that opened, and a process that goes on (tests, a
+            # library caller, a retry) would keep the pool for good.
+            await self.close()
+            raise
         self._check_task = asyncio.get_running_loop().create_task(self._check_listen())
 
     async def _listen(self) -> None:
         settings = {"search_path": self.schema} if self.schema else {}
         conn = await asyncpg.connect(self.dsn, server_settings=settings)
-        await conn.add_listener(self._channel, self._on_notify)
+        try:
+            await conn.add_listener(self._channel, self._on_notify)
+        except BaseException:
+            # not ours yet (`close` would not see it): cut at once, a cancellation waits for
+            # nothing (the server ends its session at the reset)
+            conn.terminate()
+            raise
         conn.add_termination_listener(self._on_listen_lost)
         self._listen_conn = conn
 
