@@ -225,7 +225,9 @@ async def test_a_welcome_refused_for_good_at_the_next_start_is_dropped(
         if noted:
             assert len(again.errors) == 1
             assert "refused the Welcome of our commit" in again.errors[0]
-            assert "for good" in again.errors[0] and str(refusal) in again.errors[0]
+            assert "for good" in again.errors[0] and refusal.reason in again.errors[0]
+            # in words: the reason, not the status and code (`refusal_reason`)
+            assert f"{refusal.status} {refusal.code}" not in again.errors[0]
         else:
             assert again.errors == []
         await again.close()
