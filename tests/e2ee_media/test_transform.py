@@ -320,8 +320,13 @@ def test_an_h264_frame_refused_part_way_uses_none_of_its_ctrs(suite: int) -> Non
     alice, bob = MLSKeyManager(suite), MLSKeyManager(suite)
     alice.update(FakeGroup(world, 0))
     bob.update(FakeGroup(world, 1))
-    nals = [b"\x67SPS", b"\x68PPS", b"\x65" + os.urandom(200)]
-    sealed = FrameEncryptor(alice, H264).encrypt_nal_units(nals)
+    while True:
+        nals = [b"\x67SPS", b"\x68PPS", b"\x65" + os.urandom(200)]
+        sealed = FrameEncryptor(alice, H264).encrypt_nal_units(nals)
+        # Without its stop byte, a NAL whose escaped tag ends in 0x80 (1 in 256) still reads
+        # as stopped, and fails authentication instead: not the case below.
+        if sealed[2][-2] != 0x80:
+            break
     genuine = _annex_b(sealed)
     corrupt = bytearray(sealed[2])
     corrupt[-5] ^= 1
