@@ -44,6 +44,7 @@ After a refused join the socket is closed; other errors leave it open.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -109,6 +110,11 @@ class SFUServer:
         self.worker_status: Callable[[], list[WorkerStatus]] | None = None
         # Unix time, for room tokens' expiry (tests set it)
         self.wall_clock: Callable[[], float] = time.time
+        # Set when a session's token expiry is cut (a reload): its `_end_at_token_expiry`, asleep
+        # until the expiry it saw, looks again at once.
+        self._expiry_cut: weakref.WeakKeyDictionary[Participant, asyncio.Event] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -488,9 +494,14 @@ class SFUServer:
     async def _end_at_token_expiry(self, participant: Participant) -> None:
         """End the session when its room token expires (the delivery service issues them to
         members only: a member removed from the group cannot renew it and so loses its seat)."""
+        cut = self._expiry_cut.setdefault(participant, asyncio.Event())
+        # Each wake-up looks at `token_expires_at` again: one for an expiry a renewal has since
+        # extended sleeps on (renewals only extend it, so they need not wake it).
         while (left := participant.token_expires_at - self.wall_clock()) > 0:
+            cut.clear()
             # in steps: the wall clock may be set meanwhile, the loop's clock does not follow
-            await asyncio.sleep(min(left, TOKEN_CHECK_INTERVAL))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(cut.wait(), min(left, TOKEN_CHECK_INTERVAL))
         participant.end_session(TOKEN_EXPIRED)
 
     async def _leave(self, participant: Participant) -> None:
@@ -532,7 +543,9 @@ class SFUServer:
                 self._expiry_by_secret[participant] = by_secret
                 expires_at = max(by_secret.values(), default=0.0)
                 if expires_at < participant.token_expires_at:
-                    participant.token_expires_at = expires_at  # `_end_at_token_expiry` sees it
+                    participant.token_expires_at = expires_at
+                    if (cut := self._expiry_cut.get(participant)) is not None:
+                        cut.set()  # ends it then, not at its next TOKEN_CHECK_INTERVAL look
                 if expires_at <= now:
                     participant.end_session(SECRET_WITHDRAWN)
 
