@@ -60,6 +60,14 @@ MAX_PAYLOAD = 7999
 # The advisory lock `put_challenge` serializes on (its second key: the schema), beside
 # `open`'s 7243001 (a one-key lock, another key space).
 CHALLENGE_LOCK = 7243002
+# Expired challenges, deleted by every put_challenge and take_challenge. A row another transaction
+# holds is skipped, not waited for: a take_challenge holds the row it took while it sweeps, so two
+# sweeps that waited could each wait for a row the other holds (a deadlock, 40P01, a 503). A row
+# skipped is being deleted by its holder, or swept by a later request.
+SWEEP_CHALLENGES = (
+    "DELETE FROM challenges WHERE challenge IN "
+    "(SELECT challenge FROM challenges WHERE expires_at <= $1 FOR UPDATE SKIP LOCKED)"
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS identities (
@@ -364,7 +372,7 @@ class PostgresStorage(Storage):
                 "SELECT pg_advisory_xact_lock($1, hashtext(coalesce(current_schema(), '')))",
                 CHALLENGE_LOCK,
             )
-            await conn.execute("DELETE FROM challenges WHERE expires_at <= $1", now)
+            await conn.execute(SWEEP_CHALLENGES, now)
             if await conn.fetchval("SELECT count(*) FROM challenges") >= limit:
                 return False
             await conn.execute("INSERT INTO challenges VALUES ($1, $2)", challenge, expires_at)
@@ -375,7 +383,7 @@ class PostgresStorage(Storage):
             expires = await conn.fetchval(
                 "DELETE FROM challenges WHERE challenge = $1 RETURNING expires_at", challenge
             )
-            await conn.execute("DELETE FROM challenges WHERE expires_at <= $1", now)
+            await conn.execute(SWEEP_CHALLENGES, now)
         return expires is not None and expires > now
 
     async def register_identity(self, record: IdentityRecord) -> bool:
