@@ -13,6 +13,14 @@ from pathlib import Path
 @contextlib.contextmanager
 def conclave_serve(state: Path, *options: str) -> Iterator[str]:
     """`conclave serve --state STATE OPTIONS` on free ports: its delivery service's URL."""
+    with conclave_serve_urls(state, *options) as (ds_url, _):
+        yield ds_url
+
+
+@contextlib.contextmanager
+def conclave_serve_urls(state: Path, *options: str) -> Iterator[tuple[str, str]]:
+    """`conclave serve --state STATE OPTIONS` on free ports: its delivery service's URL and its
+    SFU's signalling URL (the two lines it prints first)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "conclave.cli", "serve", "--ds-port", "0", "--sfu-port", "0",
          "--state", str(state), *options],
@@ -20,7 +28,8 @@ def conclave_serve(state: Path, *options: str) -> Iterator[str]:
     )
     try:
         assert proc.stdout is not None
-        yield proc.stdout.readline().split()[-1]
+        ds_url = proc.stdout.readline().split()[-1]  # "delivery service  URL"
+        yield ds_url, proc.stdout.readline().split()[-1]  # "SFU signalling    URL"
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -158,8 +158,8 @@ def test_an_unknown_only_name_is_a_usage_error(
     assert not (tmp_path / "out").exists()
 
 
-@pytest.fixture
-def ran(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+@pytest.fixture(name="ran")
+def ran_fixture(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Stand-ins for the scripts and the call: the names of what would have run."""
     names: list[str] = []
 

@@ -5,11 +5,8 @@ change of membership), and unknown while the session is lost rather than stale."
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
-import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +18,7 @@ from conclave.errors import NotInGroup
 from conclave.participant import MAX_PRESENCE, Participant
 from mls import Client, Group
 
+from .served import conclave_serve_urls
 from .test_media_outage_notice import _participant
 from .test_participant_callin28 import SFU, _tokens, _until
 
@@ -204,25 +202,8 @@ async def test_an_sfu_flooding_presence_events_is_bounded_and_members_still_show
 # -- end to end: `conclave serve`, bob and carol in `conclave join`; carol quits -------------
 
 
-@contextlib.contextmanager
-def _serve(state: Path) -> Iterator[tuple[str, str]]:
-    """`conclave serve` on free ports (as `served.conclave_serve`): its two URLs."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "conclave.cli", "serve", "--ds-port", "0", "--sfu-port", "0",
-         "--state", str(state)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        ds_url = proc.stdout.readline().split()[-1]
-        yield ds_url, proc.stdout.readline().split()[-1]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
 async def test_members_shows_a_member_that_quit_as_not_in_the_call(tmp_path: Path) -> None:
-    with _serve(tmp_path / "serve") as (ds_url, sfu_url):
+    with conclave_serve_urls(tmp_path / "serve") as (ds_url, sfu_url):
         procs: list[asyncio.subprocess.Process] = []
 
         async def join(name: str) -> asyncio.subprocess.Process:

@@ -18,25 +18,16 @@ from conclave.media import MediaSpec
 from delivery_service.errors import RequestFailed
 from tests.delivery_service.procs import free_port
 
+from .served import conclave_serve_urls
+
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     """One `conclave serve` on free ports for the module: its URLs (`ds`, `sfu`) and state."""
     state = tmp_path_factory.mktemp("serve")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "conclave.cli", "serve", "--ds-port", "0", "--sfu-port", "0",
-         "--state", str(state)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        # "delivery service  URL", then "SFU signalling    URL"
-        ds, sfu = (proc.stdout.readline().split()[-1] for _ in range(2))
+    with conclave_serve_urls(state) as (ds, sfu):
         assert sfu.endswith("/v1/signal"), sfu
         yield SimpleNamespace(ds=ds, sfu=sfu, state=state)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def _join(tmp_path: Path, name: str, *options: str) -> str:

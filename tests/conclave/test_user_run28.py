@@ -7,14 +7,12 @@ from __future__ import annotations
 import csv
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from conclave import bench
-from conclave.bench_call import CallResult
 from conclave.cli import main
 from tests.conclave.served import conclave_serve, create_room
+from tests.conclave.test_bench import ran_fixture  # noqa: F401 - the fixture `ran`
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -67,30 +65,6 @@ def test_a_refused_audit_keeps_a_saved_key(
     err = capsys.readouterr().err
     assert f"than the one in {kept}" in err and "--auditor auditor=" in err
     assert (kept / "auditor.state").read_bytes() == before
-
-
-def _result(mode: str) -> CallResult:
-    return CallResult(mode, 3, 4.0, 15.0, 7.5, 690.0, 1380.0, 780, 1560, [60.0, 70.0, 80.0],
-                      {"audio": [60.0, 70.0], "video": [80.0]})
-
-
-@pytest.fixture
-def ran(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Stand-ins for the scripts and the call: the names of what would have run."""
-    names: list[str] = []
-
-    async def run_script(path: Path, args: list[str], out: Path) -> tuple[int, float]:
-        names.append(out.stem)
-        out.write_text("")
-        return 0, 0.0
-
-    async def call(mode: str, *args: Any, **kwargs: Any) -> CallResult:
-        names.append(f"call {mode}")
-        return _result(mode)
-
-    monkeypatch.setattr(bench, "run_script", run_script)
-    monkeypatch.setattr(bench, "measure_call", call)
-    return names
 
 
 @pytest.mark.parametrize("row", ["e2e_call_plain", "e2e_call_e2ee"])
