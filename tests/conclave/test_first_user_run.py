@@ -379,13 +379,15 @@ async def test_a_delivery_service_outage_is_told_once_and_commands_say_what_happ
         assert alice.epoch == epoch and alice.group is not None
         assert not alice.group.has_pending_commit  # nothing was sent: nothing to settle
         await _start_ds(services)
-        await until(lambda: any("delivery service" in t and "is back" in t for t in lines))
+        # (" is back:": the lost line says "until it is back" too)
+        await until(lambda: any(t.startswith("the delivery service at") and " is back:" in t
+                                for t in lines))
         await in_call.run(Command("rotate"))  # as the message said
         assert alice.epoch == (epoch or 0) + 1
         assert [t for t in lines if "delivery service" in t and ("lost" in t or "back" in t)] \
-            == lines[:1] + [t for t in lines[1:] if "is back" in t]
+            == lines[:1] + [t for t in lines[1:] if " is back:" in t]
         assert sum("lost the connection" in t for t in lines) == 1
-        assert sum("is back" in t for t in lines) == 1
+        assert sum(" is back:" in t for t in lines) == 1
     finally:
         for p in (alice, bob):
             await p.close()
