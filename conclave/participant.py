@@ -2448,12 +2448,13 @@ class Participant:
             sent_until = received + _token_life(token)
 
     async def _follow_media_session(
-        self, client: SFUClient, answers: asyncio.Queue[bool] | None = None
+        self, client: SFUClient, answers: asyncio.Queue[bool]
     ) -> None:
         """Read the SFU session's events to its end and, if it ends while this participant is
         still in the call (the SFU restarted, the media connection failed), call in again.
         The SFU's answers to the renewals of the room token go to `answers` (True: accepted),
-        which `_renew_room_token` reads.
+        which `_renew_room_token` reads; only answers to renewals it sent count
+        (`_renewal_answered`).
 
         Retries with a growing delay; stops once the delivery service says this participant is
         no longer a member.
@@ -2468,7 +2469,7 @@ class Participant:
                 if said is None:  # the first: a renewal sent meanwhile gets "has ended (...)"
                     said = str(event.get("message") or "the SFU closed the connection")
             elif (kind == "token-accepted" or (kind == "error" and code == "token")) and (
-                not self._renewal_answered(client, answers)
+                not self._renewal_answered(client)
             ):
                 # Unasked (or to an old session): a line for each would let the SFU print
                 # "refuses", "takes ... again" without end on the user's terminal.
@@ -2484,12 +2485,12 @@ class Participant:
                 self._renewal_refused(again, repeated=again == refused,
                                       current=self.sfu is client)
                 refused = again
-                if answers is not None and self.sfu is client and not answers.full():
+                if self.sfu is client and not answers.full():
                     answers.put_nowait(False)  # tried again while the session's token is good
             elif kind == "token-accepted":
                 refused = None
                 if self.sfu is client:
-                    if answers is not None and not answers.full():
+                    if not answers.full():
                         answers.put_nowait(True)
                     self._sfu_refusal_over()
             elif kind in ("participant-joined", "participant-left"):
@@ -2520,16 +2521,10 @@ class Participant:
             wait = self._next_media_backoff()
         await self._call_in(wait)
 
-    def _renewal_answered(
-        self, client: SFUClient, answers: asyncio.Queue[bool] | None
-    ) -> bool:
+    def _renewal_answered(self, client: SFUClient) -> bool:
         """Whether an answer of the SFU of session `client` ("token-accepted", or a refusal) is
         one to a renewal sent (`_renew_room_token` counts them) and not answered yet: one
-        answer each, so the lines of a refusal and of its end come at most once per renewal.
-        Without `answers` (no renewal task, so no count: a caller that drives the session's
-        renewals itself, as tests do) every answer counts."""
-        if answers is None:
-            return True
+        answer each, so the lines of a refusal and of its end come at most once per renewal."""
         if self.sfu is not client or self._renewals_unanswered <= 0:
             return False
         self._renewals_unanswered -= 1

@@ -12,6 +12,8 @@ import pytest
 from conclave import participant as participant_module
 from conclave.participant import Participant
 
+from .test_media_outage_notice import _answers
+
 
 @pytest.mark.parametrize(
     "publisher", ["../../escaped", "/tmp/abs", "..", "", "a/b\\c", "bob\x00", "é" * 100]
@@ -67,7 +69,7 @@ async def test_an_sfu_that_hangs_up_after_each_join_is_called_with_a_growing_del
         calls.append(asyncio.get_running_loop().time())
         client = _HungUp()
         p.sfu = client  # type: ignore[assignment]
-        p._spawn(p._follow_media_session(client))  # type: ignore[arg-type]
+        p._spawn(p._follow_media_session(client, _answers()))  # type: ignore[arg-type]
 
     monkeypatch.setattr(p, "connect_media", connect_media)
     await connect_media()

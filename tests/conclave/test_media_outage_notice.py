@@ -23,6 +23,12 @@ def _session() -> Any:
     return SimpleNamespace(events=asyncio.Queue(), close=close)
 
 
+def _answers() -> asyncio.Queue[bool]:
+    """The queue of the SFU's answers to renewals that connect_media gives a session's
+    follower (and its `_renew_room_token`)."""
+    return asyncio.Queue(maxsize=participant_module.MAX_RENEWAL_ANSWERS)
+
+
 def _participant(lines: list[str], sfu: str = "http://127.0.0.1:9/v1/signal") -> Participant:
     p = Participant("alice", "http://127.0.0.1:9", sfu)
     p.on_notice = lines.append
@@ -55,7 +61,7 @@ async def test_a_lost_media_session_and_its_return_are_one_line_each(
     p.sfu = first
     await first.events.put({"type": "closed"})
     async with asyncio.timeout(30):
-        await p._follow_media_session(first)
+        await p._follow_media_session(first, _answers())
     assert tries >= 3
     assert len(lines) == 2, lines
     lost, back = lines
@@ -70,7 +76,7 @@ async def test_an_intended_end_of_the_media_session_is_no_outage() -> None:
     first = _session()
     p.sfu = None  # left the room on purpose (_leave_media_session)
     await first.events.put({"type": "closed"})
-    await p._follow_media_session(first)
+    await p._follow_media_session(first, _answers())
     assert lines == []
 
 
@@ -111,7 +117,7 @@ async def test_the_ds_lost_line_does_not_claim_media_when_the_sfu_is_down_too(
     first = _session()
     p.sfu = first
     await first.events.put({"type": "closed"})
-    follow = asyncio.ensure_future(p._follow_media_session(first))
+    follow = asyncio.ensure_future(p._follow_media_session(first, _answers()))
     try:
         async with asyncio.timeout(5):
             while not lines:

@@ -15,7 +15,7 @@ from conclave.errors import ServiceUnavailable, WrongSFU
 from conclave.participant import Participant
 from sfu.server import TOKEN_EXPIRED
 
-from .test_media_outage_notice import _participant, _session
+from .test_media_outage_notice import _answers, _participant, _session
 
 SFU = "http://127.0.0.1:9/v1/signal"
 # What connect_media raises for a call-in the SFU refuses for the token's signature.
@@ -42,7 +42,7 @@ def _says_secrets_differ(line: str) -> bool:
 
 async def _follow(p: Participant, session: Any) -> None:
     async with asyncio.timeout(30):
-        await p._follow_media_session(session)
+        await p._follow_media_session(session, _answers())
 
 
 # -- 1. a call-in refused for a bad signature -------------------------------------------------
@@ -138,6 +138,7 @@ async def test_a_renewal_refused_for_a_bad_signature_is_told_in_words_for_a_user
     follow = asyncio.ensure_future(_follow(p, session))
     try:
         await session.events.put({"type": "speaker", "identity": "bob"})
+        p._renewals_unanswered += 1  # a renewal sent (`_renew_room_token`), which the SFU refuses
         await session.events.put(RENEWAL_REFUSED)
         async with asyncio.timeout(30):  # told as the refusal comes, the session still up
             while not lines:
@@ -196,12 +197,22 @@ async def test_a_renewal_refused_for_another_reason_is_logged_not_told(
     # say) is a fault for the log, and the session's end says the rest.
     lines: list[str] = []
     p = _participant(lines, SFU)
-    session = _session()  # (not p.sfu: the session is not called again when it ends)
+    session = _session()
+    p.sfu = session
     caplog.set_level(logging.WARNING, logger=participant_module.log.name)
-    await session.events.put({"type": "error", "code": "token", "reason": "wrong identity",
-                              "message": "room token refused: wrong identity"})
-    await session.events.put({"type": "closed"})
-    await _follow(p, session)
+    follow = asyncio.ensure_future(_follow(p, session))
+    try:
+        p._renewals_unanswered += 1  # a renewal sent (`_renew_room_token`), which the SFU refuses
+        await session.events.put({"type": "error", "code": "token", "reason": "wrong identity",
+                                  "message": "room token refused: wrong identity"})
+        async with asyncio.timeout(30):
+            while not session.events.empty():  # read (and acted on) by the session
+                await asyncio.sleep(0)
+        p.sfu = None  # then left on purpose: the session is not called again when it ends
+        await session.events.put({"type": "closed"})
+        await follow
+    finally:
+        follow.cancel()
     assert lines == []
     assert "refused to renew the media session's room token (wrong identity)" in caplog.text
 

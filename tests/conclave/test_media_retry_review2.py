@@ -17,7 +17,7 @@ from conclave import participant as participant_module
 from conclave.errors import NotInGroup, ServiceUnavailable, WrongSFU
 from conclave.participant import _session_end_reason, _sfu_text
 
-from .test_media_outage_notice import _participant
+from .test_media_outage_notice import _answers, _participant
 
 SFU = "http://127.0.0.1:9/v1/signal"
 
@@ -80,9 +80,16 @@ class _Call:
         self._start()
 
     def _start(self) -> None:
+        # As connect_media starts a session: none of its renewals sent yet, its own answers.
         session = _session()
         self.p.sfu = session
-        self.follow = asyncio.ensure_future(self.p._follow_media_session(session))
+        self.p._renewals_unanswered = 0
+        self.follow = asyncio.ensure_future(self.p._follow_media_session(session, _answers()))
+
+    def _renewal_sent(self) -> None:
+        """A renewal sent to the session's SFU, counted as `_renew_room_token` counts it: the
+        SFU's next answer is one to it (an answer to none is ignored)."""
+        self.p._renewals_unanswered += 1
 
     async def _put(self, *events: dict[str, Any]) -> None:
         session = self.p.sfu
@@ -94,8 +101,10 @@ class _Call:
     async def step(self, action: str, *args: Any) -> None:
         async with asyncio.timeout(30):
             if action == "renewal refused":
+                self._renewal_sent()
                 await self._put(_refusal(args[0]))
             elif action == "renewal accepted":
+                self._renewal_sent()
                 await self._put({"type": "token-accepted", "expires_at": 2_000_000_000})
             elif action == "session ends":  # then the call-ins, each of args[0]
                 self.outcomes.extend(args[0])
@@ -105,6 +114,8 @@ class _Call:
                 await ended
             elif action == "removed":  # the session left; then its last events (args[0])
                 session, ended, self.follow = self.p.sfu, self.follow, None
+                for _ in args[0]:  # answers to renewals sent before the leave
+                    self._renewal_sent()
                 await self.p._leave_media_session()
                 for event in args[0]:
                     await session.events.put(event)

@@ -22,7 +22,7 @@ from conclave.participant import (
 )
 from delivery_service.client import RoomToken
 
-from .test_media_outage_notice import _participant
+from .test_media_outage_notice import _answers, _participant
 
 SFU = "http://127.0.0.1:9/v1/signal"
 ROOM = "ab" * 16
@@ -263,7 +263,9 @@ async def test_removed_and_added_back_while_calling_in_makes_one_call_in(
     first = _SFU([])
     p.sfu = first  # type: ignore[assignment]
     p._media_wanted = True
-    follow = asyncio.ensure_future(p._follow_media_session(first))  # type: ignore[arg-type]
+    follow = asyncio.ensure_future(
+        p._follow_media_session(first, _answers())  # type: ignore[arg-type]
+    )
     await first.events.put({"type": "closed"})  # the SFU restarted, say: calling in again
     await _until(lambda: call_ins.calls == 1)
     await p._mark_removed()
@@ -291,7 +293,9 @@ async def test_removed_while_the_session_was_lost_and_added_back_to_an_sfu_down_
     first = _SFU([])
     p.sfu = first  # type: ignore[assignment]
     p._media_wanted = True
-    follow = asyncio.ensure_future(p._follow_media_session(first))  # type: ignore[arg-type]
+    follow = asyncio.ensure_future(
+        p._follow_media_session(first, _answers())  # type: ignore[arg-type]
+    )
     await first.events.put({"type": "closed"})
     await _until(lambda: call_ins.calls == 1)  # the session lost, calling in again
     await p._mark_removed()

@@ -20,7 +20,7 @@ from delivery_service.client import RoomToken
 from delivery_service.errors import RequestFailed
 from sfu.errors import SignallingError
 
-from .test_media_outage_notice import _participant
+from .test_media_outage_notice import _answers, _participant
 from .test_participant_callin28 import _SFU, ROOM, SFU, _added_back, _tokens, _until
 
 NOT_A_MEMBER = "alice is no longer a member of the call (removed while away?)"
@@ -90,7 +90,9 @@ async def test_a_removal_while_a_lost_session_closes_calls_in_no_more_and_tells_
     first = _SlowToClose()
     p.sfu = first  # type: ignore[assignment]
     p._media_wanted = True
-    follow = asyncio.ensure_future(p._follow_media_session(first))  # type: ignore[arg-type]
+    follow = asyncio.ensure_future(
+        p._follow_media_session(first, _answers())  # type: ignore[arg-type]
+    )
     try:
         await first.events.put({"type": "closed"})  # the SFU restarted, say
         await _until(first.closing.is_set)
@@ -251,7 +253,9 @@ async def test_added_back_after_a_call_in_refused_as_not_a_member_calls_in_again
     first = _SFU([])
     p.sfu = first  # type: ignore[assignment]
     p._media_wanted = True
-    follow = asyncio.ensure_future(p._follow_media_session(first))  # type: ignore[arg-type]
+    follow = asyncio.ensure_future(
+        p._follow_media_session(first, _answers())  # type: ignore[arg-type]
+    )
     try:
         await first.events.put({"type": "closed"})
         async with asyncio.timeout(10):

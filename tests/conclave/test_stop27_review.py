@@ -19,8 +19,8 @@ from conclave.errors import NotInGroup, ServiceUnavailable
 from conclave.participant import Participant, _reason
 from conclave.urls import shown_url, shown_urls
 
+from .test_media_outage_notice import _answers, _session
 from .test_media_outage_notice import _participant as _outage_participant
-from .test_media_outage_notice import _session
 
 ZONED_SFU = "http://[fe80::1%zz9]:8443/v1/signal"  # as Conclave holds it: the zone decoded
 NOT_A_MEMBER = "alice is no longer a member of the call (removed while away?)"
@@ -63,7 +63,7 @@ async def test_a_removal_within_the_grace_period_tells_no_lost_line(
     first = _session()
     p.sfu = first
     await first.events.put({"type": "closed"})
-    follow = asyncio.ensure_future(p._follow_media_session(first))
+    follow = asyncio.ensure_future(p._follow_media_session(first, _answers()))
     async with asyncio.timeout(30):
         await calling.wait()
         await p._mark_removed()  # the commit that removed us, within the grace period
@@ -91,7 +91,7 @@ async def test_not_a_member_any_more_within_the_grace_period_is_told_at_once(
     p.sfu = first
     await first.events.put({"type": "closed"})
     async with asyncio.timeout(30):
-        await p._follow_media_session(first)
+        await p._follow_media_session(first, _answers())
     await _settled(p)
     [line] = lines
     assert line.startswith("lost the media session at http://[fe80::1%25zz9]:8443/v1/signal, "
@@ -118,7 +118,7 @@ async def test_a_lost_line_told_is_followed_by_why_the_session_is_not_back(
     p.sfu = first
     await first.events.put({"type": "closed"})
     async with asyncio.timeout(30):
-        await p._follow_media_session(first)
+        await p._follow_media_session(first, _answers())
     await _settled(p)
     lost, why = lines
     assert "lost the media session" in lost and "a line will say so" in lost

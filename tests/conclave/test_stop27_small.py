@@ -25,8 +25,8 @@ from conclave.errors import ConclaveError, ServiceUnavailable
 from conclave.participant import Participant
 from conclave.urls import shown_url, shown_urls
 
+from .test_media_outage_notice import _answers, _session
 from .test_media_outage_notice import _participant as _outage_participant
-from .test_media_outage_notice import _session
 
 ZONED_SFU = "http://[fe80::1%zz9]:8443/v1/signal"  # as Conclave holds it: the zone decoded
 
@@ -59,7 +59,7 @@ async def test_a_quick_reconnection_of_the_media_session_tells_the_user_nothing(
     p.sfu = first
     caplog.set_level(logging.INFO, logger=participant_module.log.name)
     await first.events.put({"type": "closed"})
-    await p._follow_media_session(first)
+    await p._follow_media_session(first, _answers())
     assert tries == 2
     assert lines == []
     async with asyncio.timeout(30):  # no lost line pending for later either: it ends at once
@@ -88,7 +88,7 @@ async def test_a_media_session_not_back_in_time_is_told_lost_and_then_back(
     await first.events.put({"type": "error", "code": "session-ended", "message": "SFU restart"})
     await first.events.put({"type": "closed"})
     async with asyncio.timeout(30):
-        await p._follow_media_session(first)
+        await p._follow_media_session(first, _answers())
     lost, back = lines
     assert "lost the media session" in lost and "SFU restart" in lost
     assert "[fe80::1%25zz9]" in lost  # (3.) the zone as RFC 6874 writes it
@@ -115,7 +115,7 @@ async def test_the_ds_lost_line_knows_the_media_is_down_within_its_grace_period(
     first = _session()
     p.sfu = first
     await first.events.put({"type": "closed"})
-    follow = asyncio.ensure_future(p._follow_media_session(first))
+    follow = asyncio.ensure_future(p._follow_media_session(first, _answers()))
     p.stream = SimpleNamespace(connected=False)  # type: ignore[assignment]
     try:
         async with asyncio.timeout(30):
