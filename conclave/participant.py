@@ -2479,20 +2479,19 @@ class Participant:
                 # (`_renew_room_token`'s fresh token: the session goes on with the old one
                 # until it runs out)
                 again = _sfu_text(event.get("reason") or event.get("message") or "refused")
-                # The same refusal again (an SFU may send any number) is logged once; and
-                # none is told once the session is left (removed: the refusal of a renewal
-                # sent just before is no news then).
-                self._renewal_refused(again, repeated=again == refused,
-                                      current=self.sfu is client)
+                # The same refusal again (an SFU may send any number) is logged once. (Only
+                # the current session's answers get here, `_renewal_answered`: none is told
+                # once the session is left, when the refusal of a renewal sent just before is
+                # no news.)
+                self._renewal_refused(again, repeated=again == refused)
                 refused = again
-                if self.sfu is client and not answers.full():
+                if not answers.full():
                     answers.put_nowait(False)  # tried again while the session's token is good
             elif kind == "token-accepted":
                 refused = None
-                if self.sfu is client:
-                    if not answers.full():
-                        answers.put_nowait(True)
-                    self._sfu_refusal_over()
+                if not answers.full():
+                    answers.put_nowait(True)
+                self._sfu_refusal_over()
             elif kind in ("participant-joined", "participant-left"):
                 if self.sfu is client:  # not an ended session's, nor one left meanwhile
                     self._sfu_presence(event.get("identity"),
@@ -2648,18 +2647,16 @@ class Participant:
             "until it is back (a line will say so)"
         )
 
-    def _renewal_refused(self, reason: str, *, repeated: bool = False,
-                         current: bool = True) -> None:
+    def _renewal_refused(self, reason: str, *, repeated: bool = False) -> None:
         """The SFU refused a fresh room token for the media session (`_renew_room_token`):
         the session goes on until the token it has runs out. One with a bad signature is the
-        operator's to fix, and the user is told so (once per outage), if the session is still
-        this participant's (`current`: not once it left the room). A refusal `repeated` in
+        operator's to fix, and the user is told so (once per outage). A refusal `repeated` in
         the session (the same reason as the one before) is logged at DEBUG: an SFU may send
         any number of them."""
         log.log(logging.DEBUG if repeated else logging.WARNING,
                 "%s: the SFU refused to renew the media session's room token (%s)",
                 self.name, reason)
-        if reason != BAD_SIGNATURE or self._sfu_refusal_told or not current:
+        if reason != BAD_SIGNATURE or self._sfu_refusal_told:
             return
         self._sfu_refusal_told = True
         self._notice(
