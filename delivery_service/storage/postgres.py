@@ -373,7 +373,9 @@ class PostgresStorage(Storage):
                 CHALLENGE_LOCK,
             )
             await conn.execute(SWEEP_CHALLENGES, now)
-            if await conn.fetchval("SELECT count(*) FROM challenges") >= limit:
+            # live ones only: the sweep skips expired rows another request holds
+            live = "SELECT count(*) FROM challenges WHERE expires_at > $1"
+            if await conn.fetchval(live, now) >= limit:
                 return False
             await conn.execute("INSERT INTO challenges VALUES ($1, $2)", challenge, expires_at)
         return True

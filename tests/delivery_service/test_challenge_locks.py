@@ -95,3 +95,29 @@ async def test_sweeps_of_expired_challenges_do_not_deadlock(
     assert not await storage.take_challenge(b"none", NOW)
     names = {bytes(r[0]) for r in await pool.fetch("SELECT challenge FROM challenges")}
     assert names == ({b"new"} if first == "put" else set())
+
+
+async def test_an_expired_challenge_held_elsewhere_takes_no_room(pg_storage: Storage) -> None:
+    # Before: the sweep skipped the expired row another transaction held, and the count then
+    # took it for a live challenge: at the cap, a new challenge was refused (a 503 "too many
+    # open challenges") though only expired ones filled it.
+    assert PG_DSN is not None
+    storage = pg_storage
+    pool = storage.pool  # type: ignore[attr-defined]
+    assert await storage.put_challenge(b"live", NOW + 60, NOW, 2)
+    await pool.execute("INSERT INTO challenges VALUES ($1, $2)", b"old", EXPIRED)
+    settings = {"search_path": storage.schema}  # type: ignore[attr-defined]
+    holder = await asyncpg.connect(PG_DSN, server_settings=settings)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT 1 FROM challenges WHERE challenge = 'old' FOR UPDATE")
+        # one live challenge under a cap of two: room for one more, the held row expired
+        assert await storage.put_challenge(b"new", NOW + 60, NOW, 2)
+        # and the cap still holds for live ones
+        assert not await storage.put_challenge(b"more", NOW + 60, NOW, 2)
+        await tx.rollback()
+    finally:
+        await holder.close()
+    names = {bytes(r[0]) for r in await pool.fetch("SELECT challenge FROM challenges")}
+    assert names == {b"old", b"live", b"new"}
