@@ -934,7 +934,8 @@ def format_report(report: AuditReport) -> list[list[str]]:
             f"{shown_name(who)}: {'by value' if ms is None else _duration(ms)}"
             for who, ms in r.removal_latency_ms.items()
         )
-        why = ", ".join(r.reasons) + ("" if r.confirmed else " (unconfirmed)")
+        # (Ordinary for a log's latest commits, until another member speaks: no alarm.)
+        why = ", ".join(r.reasons) + ("" if r.confirmed else " (not yet confirmed)")
         rows.append([
             str(r.epoch), str(r.seq), shown_name(r.committer), why,
             ", ".join(map(shown_name, r.added)), ", ".join(map(shown_name, r.removed)), since,

@@ -314,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video-format", default=None,
                    help="input format for a device, e.g. v4l2 or avfoundation (default: "
                         "guessed from --video)")
+    p.add_argument("--no-loop", action="store_true",
+                   help="play the --video file once: at its end its tracks end and you stay in "
+                        "the call, as muted (a line says so; default: a regular file plays over "
+                        "and over until the call ends; a device or stream is never looped, so "
+                        "--no-loop with one is refused)")
     p.add_argument("--knock", action="store_true",
                    help="ask the members to add you instead of joining by external commit "
                         "(default: join by external commit)")
@@ -930,6 +935,28 @@ async def cmd_join(args: argparse.Namespace) -> int:
         raise
 
 
+def check_no_loop(args: argparse.Namespace) -> None:
+    """`--no-loop` only means something for a regular file (`MediaSpec.loop`): refused
+    without --video, or with a device or a stream, which are never looped. A path not there
+    is left to the open, whose message says so."""
+    if not args.no_loop:
+        return
+    video = args.video
+    if video is None:
+        raise ConclaveError(
+            "--no-loop only works with --video FILE (the synthetic tone and test pattern play "
+            "until the call ends)"
+        )
+    if not os.path.isfile(video) and (
+        os.path.exists(video) or "://" in video or args.video_format is not None
+    ):
+        raise ConclaveError(
+            f"--no-loop only works with a regular file for --video, and {shown_url(video)!r} "
+            "is not one: a device or a stream plays as it comes, never looped (leave out "
+            "--no-loop)"
+        )
+
+
 async def _join(args: argparse.Namespace) -> int:
     from .commands import InCall, commands_wanted, listed, read_lines
     from .media import MediaSpec
@@ -939,8 +966,10 @@ async def _join(args: argparse.Namespace) -> int:
     # A bad room or name fails before anyone is contacted or any file or directory is made.
     group_id_for_room(args.room)
     check_name(args.name)
+    check_no_loop(args)
     state = args.state or default_state_dir()
-    media = MediaSpec(audio=not args.no_audio, file=args.video, format=args.video_format)
+    media = MediaSpec(audio=not args.no_audio, file=args.video, format=args.video_format,
+                      loop=not args.no_loop)
     if args.record is not None:
         try:  # checked before the call gains a member, like --video
             args.record.mkdir(mode=0o700, parents=True, exist_ok=True)  # decrypted media
@@ -1212,9 +1241,10 @@ def report_notes(report: Any, keys: bool = True) -> list[str]:
     unconfirmed = [str(r.epoch) for r in report.rotations if not r.confirmed]
     if unconfirmed:
         lines.append(
-            f"unconfirmed (epoch {', '.join(unconfirmed)}): no member but its committer signed "
-            "anything in that epoch or later. Usual for a log's latest commits; but a dishonest "
-            "service could end a log with a commit that lost the race for its epoch"
+            f"not yet confirmed (epoch {', '.join(unconfirmed)}): no member but its committer "
+            "signed anything in that epoch or later. Usual for a log's latest commits, until "
+            "another member speaks; but a dishonest service could end a log with a commit that "
+            "lost the race for its epoch"
         )
     for p in report.pending_removals:
         by = f"by {p.requester}" if p.requester is not None else "from outside the group"

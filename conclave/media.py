@@ -14,7 +14,7 @@ import threading
 import time
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -125,6 +125,9 @@ class MediaSpec:
     # Play a file (a regular file: not a device, a FIFO or a stream URL) over and over until
     # the call ends: a clip shorter than the call would leave the others a frozen picture.
     loop: bool = True
+    # The kinds of a file played once (`loop` off) that ended: a new media session sends
+    # nothing from it, where opening it again would present the clip a second time.
+    _spent: list[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def tracks(
         self, on_end: Callable[[str], None] | None = None
@@ -139,8 +142,10 @@ class MediaSpec:
             if self.video:
                 tracks.append(PatternTrack(self.width, self.height, self.fps, self.seed))
             return tracks, None
-        looped = self.loop and os.path.isfile(self.file)
-        source = _FileSource(self.file, self.format, looped, on_end)
+        if self._spent is not None:
+            return [_Spent(kind) for kind in self._spent], None
+        regular = os.path.isfile(self.file)
+        source = _FileSource(self.file, self.format, self.loop and regular, on_end)
         kinds = [
             kind
             for kind, wanted in (("audio", self.audio), ("video", self.video))
@@ -148,6 +153,8 @@ class MediaSpec:
         ]
         if not kinds:
             raise ConclaveError(f"{self.file!r} has no audio or video stream to publish")
+        if not self.loop and regular:  # (a device or a stream opens again: a camera is back)
+            source.on_over = lambda: setattr(self, "_spent", kinds)
         return [_FileTrack(source, kind) for kind in kinds], source
 
 
@@ -176,6 +183,7 @@ class _FileSource:
         self.player = _open_player(file, format)  # (what must stay referenced)
         self.round = 0
         self.over = False  # the end of a source that is not looped: nothing more to play
+        self.on_over: Callable[[], None] | None = None  # told when `over` is set
 
     def has(self, kind: str) -> bool:
         return getattr(self.player, kind) is not None
@@ -187,12 +195,17 @@ class _FileSource:
             try:
                 self.player = _open_player(self.file, self.format)
             except ConclaveError as exc:
-                self.over = True
+                self.set_over()
                 self.ended(f"{exc}: nothing more is sent from it")
                 return None
             self.round = round_
         track: MediaStreamTrack | None = getattr(self.player, kind)
         return track
+
+    def set_over(self) -> None:
+        self.over = True
+        if self.on_over is not None:
+            self.on_over()
 
     def ended(self, line: str) -> None:
         """Tell the user once (not once per track) that nothing more is sent."""
@@ -272,7 +285,7 @@ class _FileTrack(MediaStreamTrack):
                 f"the {what} {source.file!r} ended: nothing more is sent from it (the others "
                 "see its last picture)"
             )
-            source.over = True
+            source.set_over()
             self._inner = None
             return
         self._round = max(self._round + 1, source.round)  # (the rounds this one is behind)
@@ -283,6 +296,19 @@ class _FileTrack(MediaStreamTrack):
         super().stop()
         if self._inner is not None:  # (lets the player's thread end, and close the file)
             self._inner.stop()
+
+
+class _Spent(MediaStreamTrack):
+    """A track of a file played once that ended already (`MediaSpec._spent`): it ends at
+    the first frame asked, as the file's own did."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    async def recv(self) -> Frame:
+        self.stop()
+        raise MediaStreamError
 
 
 # MP4 in fragments (one per keyframe), the index first, each written out at once: what was

@@ -53,7 +53,7 @@ def test_only_commits_a_later_member_message_builds_on_are_confirmed(
     entries, seqs = built
     report = audit(GID, entries)
     assert [r.confirmed for r in report.rotations] == [True, True, True, True, False]
-    assert format_report(report)[-1][3] == "update (unconfirmed)"
+    assert format_report(report)[-1][3] == "update (not yet confirmed)"
     # the log cut after dave's external commit: epochs 3 and 4 are then unconfirmed
     cut = [e for e in entries if e.seq <= seqs["external"]]
     assert [r.confirmed for r in audit(GID, cut).rotations] == [True, True, False, False]
@@ -290,7 +290,7 @@ def test_the_cli_prints_keys_pending_removals_unconfirmed_commits_and_its_limits
         assert f"\n  {name.ljust(5)}  {fingerprint}\n" in printed
     assert f"removal requested, not carried out: carol (first request seq {request}, by bob)" in out
     # alice's two periodic commits: only bob (epoch 1) signed anything besides her
-    assert "unconfirmed (epoch 2, 3): no member but its committer signed anything" in out
+    assert "not yet confirmed (epoch 2, 3): no member but its committer signed anything" in out
     assert "times are the delivery service's, signed by no one" in out
     assert "this log ends at epoch 3 (seq 5)" in out
 
