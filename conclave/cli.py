@@ -663,7 +663,9 @@ def check_pg_schema(db: str | None, pg_schema: str | None, given: str = "--db") 
     """Refuse `--pg-schema` without a PostgreSQL database, as the delivery service does: the
     user meant PostgreSQL (a $CONCLAVE_DS_DB unset here, say), and would find the groups in a
     SQLite file instead."""
-    if pg_schema is not None and not (db or "").startswith(("postgresql://", "postgres://")):
+    from delivery_service.storage import is_postgres
+
+    if pg_schema is not None and not is_postgres(db or ""):
         raise ConclaveError(
             "--pg-schema applies to PostgreSQL only, and the database is a SQLite file: leave "
             f"it out, or give a postgresql:// DSN ({given})"

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from delivery_service.__main__ import bind as listening_sockets
 from delivery_service.server import Config, DeliveryService, make_app
-from delivery_service.storage import IdentityRecord, make_storage
+from delivery_service.storage import IdentityRecord, is_postgres, make_storage
 from delivery_service.storage.sqlite import create_private
 from sfu import aiortc_hooks
 from sfu.config import SFUConfig
@@ -130,7 +130,7 @@ class Services:
             room_secret=self.room_secret, auditors=self.auditors, auditor_keys=pinned,
             room_token_ttl=self.room_token_ttl,
         )
-        is_sqlite = not self.db.startswith(("postgresql://", "postgres://"))
+        is_sqlite = not is_postgres(self.db)
         if is_sqlite and "://" in self.db:
             raise ServiceUnavailable(
                 f"cannot open the database {self.db.split('://')[0]}://...: give a SQLite file "
@@ -248,7 +248,7 @@ class Services:
 def display_db(db: str) -> str:
     """The database for people to read: a PostgreSQL DSN without its passwords (the user's in
     `user:password@`, and any `password=` or `sslpassword=` parameter, in any case)."""
-    if not db.startswith(("postgresql://", "postgres://")):
+    if not is_postgres(db):
         return f"SQLite file {db}"
     try:
         parts = urlsplit(db)
@@ -274,7 +274,7 @@ def _is_password_key(key: str) -> bool:
 
 def _db_secrets(db: str) -> list[str]:
     """The passwords a PostgreSQL DSN holds, as written and decoded: never to be printed."""
-    if not db.startswith(("postgresql://", "postgres://")):
+    if not is_postgres(db):
         return []
     try:
         parts = urlsplit(db)

@@ -31,6 +31,7 @@ import sys  # noqa: E402
 
 from aiohttp import web  # noqa: E402
 
+from mls.crypto import CipherSuite, signature_public_key_length  # noqa: E402
 from sfu.httplog import quiet_bad_requests  # noqa: E402
 
 from .client import MAX_BODY_LIMIT  # noqa: E402
@@ -44,12 +45,11 @@ from .server import (  # noqa: E402
     make_app,
 )
 from .signatures import SUPPORTED_SUITES, has_small_order, is_public_key  # noqa: E402
-from .storage import make_storage  # noqa: E402
+from .storage import is_postgres, make_storage  # noqa: E402
 from .storage.base import describe_db  # noqa: E402
 from .tracker import BasicTracker, PublicGroupTracker  # noqa: E402
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 log = logging.getLogger("delivery_service")
 
@@ -108,13 +108,16 @@ def _log_level(text: str) -> str:
     return text.upper()
 
 
-# The lengths of the suites' signature public keys: Ed25519, Ed448, uncompressed P-256, P-384,
-# P-521 points.
-_SIGNATURE_KEY_LENGTHS = frozenset({32, 57, 65, 97, 133})
+# The lengths of the supported suites' signature public keys (Ed25519, Ed448, uncompressed
+# P-256, P-384, P-521 points).
+_SIGNATURE_KEY_LENGTHS = frozenset(
+    signature_public_key_length(CipherSuite(suite)) for suite in SUPPORTED_SUITES
+)
 
 
 class AuditorOptionError(ValueError):
-    """An --auditor value that names no identity or pins no key: the start stops."""
+    """An --auditor value that names no identity or pins no key: a usage error (status 2),
+    the start stops before anything is made."""
 
 
 def parse_auditor(value: str) -> tuple[str, bytes | None]:
@@ -351,10 +354,10 @@ def _run(argv: list[str] | None) -> None:
         sys.exit("delivery service: --session-ttl must be within 60-2592000 seconds")
     if not args.db:
         sys.exit("delivery service: --db is empty: give a SQLite file path or a postgresql:// DSN")
-    if "://" in args.db and not args.db.startswith(POSTGRES_SCHEMES):
+    if "://" in args.db and not is_postgres(args.db):
         # not echoed: a DSN of another database may hold a password
         sys.exit("delivery service: --db must be a SQLite file path or a postgresql:// DSN")
-    if args.pg_schema is not None and not args.db.startswith(POSTGRES_SCHEMES):
+    if args.pg_schema is not None and not is_postgres(args.db):
         # Said rather than ignored: the operator meant a PostgreSQL database (a CONCLAVE_DS_DB
         # unset here, say), and would find the groups in a SQLite file instead. Status 2, as
         # argparse's usage errors.
@@ -364,7 +367,10 @@ def _run(argv: list[str] | None) -> None:
     try:
         auditors, auditor_keys = parse_auditors(args.auditor)
     except AuditorOptionError as exc:
-        sys.exit(f"delivery service: {exc}")
+        # A usage error: status 2, as argparse's and `conclave serve`'s for the same value;
+        # checked before the port is bound or the database made.
+        print(f"delivery service: {exc}", file=sys.stderr)
+        sys.exit(2)
     config = Config(max_body=args.max_body, session_ttl=args.session_ttl,
                     room_token_ttl=args.room_token_ttl, auditors=auditors,
                     auditor_keys=auditor_keys, challenge_rate=args.challenge_rate,
@@ -386,7 +392,7 @@ def _run(argv: list[str] | None) -> None:
             "CONCLAVE_ROOM_SECRET unset: room tokens use a random per-process secret"
         )
     tracker = PublicGroupTracker() if args.tracker == "public" else BasicTracker()
-    is_sqlite = not args.db.startswith(POSTGRES_SCHEMES)
+    is_sqlite = not is_postgres(args.db)
     if is_sqlite and not os.path.isdir(os.path.dirname(os.path.abspath(args.db))):
         # Checked here: aiosqlite's failure surfaces from its worker thread as a traceback.
         sys.exit(f"delivery service: the directory of the SQLite file {args.db!r} does not exist")

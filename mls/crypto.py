@@ -233,6 +233,18 @@ def _ed448_decodes(public: bytes) -> bool:
     return not (x == 0 and x_0 == 1)
 
 
+def signature_public_key_length(scheme: SignatureScheme | CipherSuite) -> int:
+    """The length of a signature public key of `scheme` (or of the suite's scheme): an EdDSA
+    point (RFC 8032), or an uncompressed ECDSA point (SEC 1: 0x04, then x and y)."""
+    if isinstance(scheme, CipherSuite):
+        scheme = _PARAMS[scheme].signature
+    if scheme is SignatureScheme.ed25519:
+        return 32
+    if scheme is SignatureScheme.ed448:
+        return 57
+    return 1 + 2 * _ECDSA[scheme][2]
+
+
 def signature_key_problem(scheme: SignatureScheme | CipherSuite, public: bytes) -> str | None:
     """Why `public` is no signature public key of `scheme` (or of the suite's scheme), for an
     error message; None for a key someone can hold: an EdDSA point that decodes (RFC 8032) and
@@ -241,7 +253,7 @@ def signature_key_problem(scheme: SignatureScheme | CipherSuite, public: bytes) 
     if isinstance(scheme, CipherSuite):
         scheme = _PARAMS[scheme].signature
     if scheme is SignatureScheme.ed25519 or scheme is SignatureScheme.ed448:
-        size = 32 if scheme is SignatureScheme.ed25519 else 57
+        size = signature_public_key_length(scheme)
         if len(public) != size:
             return f"{len(public)} bytes, not the {size} of an {scheme.name} key"
         if has_small_order(scheme, public):

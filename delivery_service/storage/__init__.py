@@ -9,6 +9,7 @@ from .base import (
     Storage,
     StoredMessage,
     WelcomeRecord,
+    is_postgres,
 )
 from .sqlite import SQLiteStorage
 
@@ -20,13 +21,15 @@ __all__ = [
     "Storage",
     "StoredMessage",
     "WelcomeRecord",
+    "is_postgres",
     "make_storage",
 ]
 
 
 def make_storage(db: str, schema: str | None = None) -> Storage:
-    """`postgresql://...` (or `postgres://`) selects PostgreSQL; anything else is a SQLite path."""
-    if db.startswith(("postgresql://", "postgres://")):
+    """`postgresql://...` (or `postgres://`, any case) selects PostgreSQL; anything else is a
+    SQLite path."""
+    if is_postgres(db):
         from .postgres import PostgresStorage  # asyncpg is an optional dependency
 
         return PostgresStorage(db, schema=schema)

@@ -181,10 +181,17 @@ Listener = Callable[[bytes, int, tuple[str, ...] | None], None]
 GapListener = Callable[[], None]
 
 
+def is_postgres(db: str) -> bool:
+    """Whether `db` (a --db value) names a PostgreSQL database: a `postgresql://` or
+    `postgres://` DSN, the scheme in any case (RFC 3986 3.1; asyncpg takes `POSTGRESQL://`
+    too). Anything else is a SQLite file path."""
+    return db[:len("postgresql://")].lower().startswith(("postgresql://", "postgres://"))
+
+
 def describe_db(db: str) -> str:
     """The database for messages, without the credentials a DSN may carry (user and password
     before the last '@' of its authority, or in its query: `?password=`)."""
-    if db.startswith(("postgresql://", "postgres://")):
+    if is_postgres(db):
         parts = urlsplit(db)
         where = parts.netloc.rpartition("@")[2] + parts.path
         return f"PostgreSQL at {where}" if where else "PostgreSQL"

@@ -125,8 +125,8 @@ def test_the_service_does_not_start_with_a_pin_that_is_no_point(tmp_path: Path) 
     key = _ed25519(2).hex()
     done = _run(["-m", "delivery_service", "--db", str(tmp_path / "ds.sqlite3"), "--port",
                  str(free_port()), "--auditor", f"auditor={key}"], tmp_path)
-    # Status 1, as the service's other --auditor refusals (test_operator_review27).
-    assert done.returncode == 1, done.stderr
+    # Status 2, a usage error, as the service's other --auditor refusals (test_auditor_usage).
+    assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == [
         f"delivery service: --auditor auditor=...: {key!r} has the length of a signature public "
         "key but is no point of its curve (a typo?): give the auditor's own key"

@@ -315,7 +315,7 @@ def test_the_service_does_not_start_with_an_all_zero_auditor_key() -> None:
         capture_output=True, text=True, timeout=60,
         env={**os.environ, "CONCLAVE_ROOM_SECRET": ROOM_SECRET},
     )
-    assert done.returncode == 1, done.stderr
+    assert done.returncode == 2, done.stderr  # a usage error (test_auditor_usage)
     assert done.stderr == (
         f"delivery service: --auditor auditor=...: {'00' * 32!r} is a point of small order, not "
         "a signature public key: give the auditor's own key\n"

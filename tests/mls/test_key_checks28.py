@@ -19,8 +19,10 @@ from mls.crypto import (
     SignatureScheme,
     _ed448_decodes,
     _ed25519_decodes,
+    get_crypto,
     is_valid_public_key,
     signature_key_problem,
+    signature_public_key_length,
 )
 from mls.errors import ValidationError
 from mls.extensions import Extension, ExternalSender, external_senders_extension
@@ -238,3 +240,13 @@ def test_a_welcome_or_group_info_with_a_bad_external_sender_is_refused(
         PublicGroup.from_group_info(group_info)
     with pytest.raises(ValidationError, match=says):
         Group.join_external(Client(b"carol"), group_info)
+
+
+@pytest.mark.parametrize("suite", list(CipherSuite), ids=lambda s: s.name)
+def test_signature_public_key_length_is_that_of_the_keys_the_suite_makes(
+    suite: CipherSuite,
+) -> None:
+    public = get_crypto(suite).signature_key_pair()[1]
+    assert signature_public_key_length(suite) == len(public)
+    assert signature_key_problem(suite, public) is None
+    assert signature_key_problem(suite, public + b"\0") is not None  # one byte too many
