@@ -535,7 +535,10 @@ class SFUServer:
         held = set(self.config.token_secrets)
         now = self.wall_clock()
         for room in list(self.rooms.values()):
+            # the new config, so that no copy of a withdrawn secret outlives the reload
+            room.config = self.config
             for participant in list(room.participants.values()):
+                participant.config = self.config
                 by_secret = self._expiry_by_secret.get(participant)
                 if by_secret is None or set(by_secret) <= held:
                     continue

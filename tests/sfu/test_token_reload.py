@@ -68,6 +68,21 @@ async def test_a_reload_verifies_with_the_new_set_and_zeroes_the_counts() -> Non
     assert "sfu_token_secrets 1" in metrics and "sfu_token_secret_reloads_total 2" in metrics
 
 
+async def test_no_room_or_session_keeps_a_withdrawn_secret() -> None:
+    # Before: each room and session kept the config it was made with, the withdrawn secret
+    # (a leaked one, say) in it, until the last room made before the reload closed.
+    async with serving(NEW, OLD) as h, aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(h.url)
+        await ws.send_str(_join("room", "alice", _token(NEW, "room", "alice", 600)))
+        assert (await ws.receive_json(timeout=5))["type"] == "joined"
+        h.server.set_token_secrets((NEW,))
+        holders = [*h.server.rooms.values(),
+                   *(p for r in h.server.rooms.values() for p in r.participants.values())]
+        assert len(holders) == 2
+        assert all(x.config.token_secrets == (NEW,) for x in holders)
+        await ws.close()
+
+
 async def test_a_session_only_a_dropped_secret_admitted_ends_at_the_reload() -> None:
     # Its token may carry any expiry (whoever has a leaked secret signs what they like): a
     # restart used to end it, and a reload does too. One renewed with a secret kept goes on,
