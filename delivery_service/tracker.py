@@ -308,6 +308,13 @@ class PublicGroupTracker:
             processed = group.process(data)
         except (MLSError, ValueError) as exc:
             raise BadRequest(f"the {message.content_type.name} does not verify: {exc}") from None
+        if processed.proposal_ref is not None and processed.proposal_ref in cache:
+            # The same signed proposal as one of this epoch's, in other bytes: only the
+            # membership tag (which this view cannot check) can differ, so only its sender, or
+            # someone who altered the tag, posts it. Logged twice, it would be taken for the
+            # service's replay by every audit of the log.
+            raise BadRequest("this proposal is in this epoch's log already (the same signed "
+                             "content, under another membership tag): it is not stored twice")
         if group.pending_reinit is not None or (
             processed.proposal is not None
             and processed.proposal.proposal_type == ProposalType.reinit

@@ -68,6 +68,7 @@ class PublicProcessed:
     added: tuple[int, ...] = ()
     removed: tuple[int, ...] = ()
     key_package_refs: tuple[bytes, ...] = ()
+    proposal_ref: bytes | None = None  # a proposal's ProposalRef (§5.2)
 
 
 class PublicGroup(CommitRules):
@@ -185,7 +186,8 @@ class PublicGroup(CommitRules):
             self._check_received_proposal(st, content.proposal, content.sender)
             ref = self._crypto.make_proposal_ref(ac.encode())
             st.proposals[ref] = PendingProposal(content.proposal, content.sender)
-            return PublicProcessed("proposal", content.sender, content.epoch, content.proposal)
+            return PublicProcessed("proposal", content.sender, content.epoch, content.proposal,
+                                   proposal_ref=ref)
         assert content.commit is not None
         new, effects, added = self._process_commit(st, ac)
         self._state = new

@@ -264,6 +264,27 @@ def test_create_refuses_a_tree_over_the_limit_before_checking_it() -> None:
         tracker.create(gid, "alice", replace(gi, extensions=extensions).encode())
 
 
+async def test_a_proposal_under_another_membership_tag_is_not_logged_twice(url: str) -> None:
+    # Before: the copy verified (the public view cannot check the tag) and was logged beside
+    # the original, and every audit of the log then failed on "a replay" by the service.
+    alice, bob = await people(url, "alice", "bob")
+    gid = await start_group(alice, bob)
+    assert bob.group is not None
+    epoch = bob.group.epoch
+    bye = bob.group.leave()
+    assert (await bob.ds.send(gid, bye)).epoch == epoch  # a proposal: the same epoch
+    retagged = MLSMessage.decode(bye)
+    tag = retagged.public_message.membership_tag
+    assert tag is not None
+    retagged.public_message.membership_tag = bytes(b ^ 1 for b in tag)
+    with pytest.raises(RequestFailed) as info:
+        await bob.ds.send(gid, retagged.encode())
+    assert info.value.status == 400 and "not stored twice" in info.value.reason
+    log = await alice.ds.messages(gid)
+    assert sum(m.kind == "proposal" for m in log) == 1
+    assert (await bob.ds.send(gid, bye)).epoch == epoch  # the poster's retry: the first answer
+
+
 async def test_a_reinit_is_refused_so_that_no_member_can_close_the_room(url: str) -> None:
     """A committed ReInit ends a group for good (RFC 9420 §12.4.2) and a room's group id is
     fixed by its name: the service takes neither a ReInit commit nor a ReInit proposal, and the
