@@ -104,6 +104,7 @@ MEDIA_RETRY_MAX = 10.0
 # an SFU that accepts each join and then hangs up would otherwise be called hundreds of times
 # a second.
 MEDIA_STABLE_SESSION = 10.0
+MEDIA_CLOSE_WAIT = 5.0  # seconds to close the SFU client of a call-in called off, at most
 TOKEN_RETRY = 5.0  # seconds between tries to renew the SFU room token while the service fails
 MIN_RENEWAL_WAIT = 1.0  # seconds: renewals never come faster, whatever a token claims
 # A renewal the SFU refused (its secret changed, say) is tried again after 2, 4, 8, 16, then
@@ -1160,6 +1161,11 @@ class Participant:
             if self.sfu is not None:
                 with contextlib.suppress(Exception):
                     await self.sfu.leave()
+            # Opened and held for a next media session (a call-in that failed or was called
+            # off): a file's player and decoder, or a device, let go.
+            for track in self._tracks or ():
+                with contextlib.suppress(Exception):
+                    track.stop()
             if self.stream is not None:
                 with contextlib.suppress(Exception):
                     await self.stream.close()
@@ -2343,6 +2349,17 @@ class Participant:
             )
         try:
             joined = await client.join()
+        except asyncio.CancelledError:
+            # Called off by a newer call-in (`_stop_other_call_in`, which takes `sfu`) or by
+            # `close`: this client is no session, and nothing else would close it (its
+            # WebSocket and peer connection). Its tracks stay cached for the next
+            # (`open_media`); `close` stops them.
+            if self.sfu is client:
+                self.sfu = None
+            with contextlib.suppress(Exception):  # (TimeoutError too)
+                async with asyncio.timeout(MEDIA_CLOSE_WAIT):
+                    await client.close()
+            raise
         except SFUError as exc:
             if self.removed:  # the removal left this client, which cut the join short
                 raise self._removed_while_calling_in() from None
