@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,35 +52,50 @@ def test_recordings_are_created_for_the_owner_alone(tmp_path: Path) -> None:
 async def test_an_sfu_that_hangs_up_after_each_join_is_called_with_a_growing_delay(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(participant_module, "MEDIA_RETRY_FIRST", 0.05)
-    monkeypatch.setattr(participant_module, "MEDIA_RETRY_MAX", 0.4)
+    # Each join "works", then the SFU hangs up at once: called in again at once each time,
+    # that would be a call storm. The waits between call-ins are recorded, not waited for.
     p = Participant("alice", "http://127.0.0.1:9")
-    p._media_backoff = 0.05
-    calls: list[float] = []
+    real_sleep = asyncio.sleep
+    waits: list[float] = []  # the waits `_calling_in` asks for before each call-in
+    calls = 0
+    last = 7  # the call-in whose session the SFU keeps: the schedule ends there
+
+    async def sleep(delay: float, result: object = None) -> object:
+        if sys._getframe(1).f_code.co_name != "_calling_in":
+            return await real_sleep(delay, result)  # (the lost line's grace period, say)
+        waits.append(delay)
+        return await real_sleep(0, result)
 
     class _HungUp:
-        def __init__(self) -> None:
+        def __init__(self, hang_up: bool) -> None:
             self.events: asyncio.Queue[dict] = asyncio.Queue()
-            self.events.put_nowait({"type": "closed"})  # joined, then the SFU hung up
+            if hang_up:
+                self.events.put_nowait({"type": "closed"})  # joined, then the SFU hung up
 
         async def close(self) -> None:
             pass
 
     async def connect_media(e2ee: bool = True) -> None:
-        calls.append(asyncio.get_running_loop().time())
-        client = _HungUp()
+        nonlocal calls
+        calls += 1
+        client = _HungUp(hang_up=calls < last)
         p.sfu = client  # type: ignore[assignment]
         p._spawn(p._follow_media_session(client, _answers()))  # type: ignore[arg-type]
 
+    monkeypatch.setattr(asyncio, "sleep", sleep)
     monkeypatch.setattr(p, "connect_media", connect_media)
-    await connect_media()
-    await asyncio.sleep(1.5)
-    for task in list(p._tasks):
-        task.cancel()
-    # 0.05, 0.1, 0.2, 0.4, 0.4, ... s apart: a handful, not hundreds
-    assert 4 <= len(calls) <= 8, len(calls)
-    gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
-    assert gaps[-1] >= 0.35
+    try:
+        await connect_media()
+        async with asyncio.timeout(10):
+            while calls < last or p._call_in_task is not None:
+                await real_sleep(0.005)
+        # 1, 2, 4, 8 s, then every 10 s (MEDIA_RETRY_MAX): the delay doubles up to its cap.
+        assert waits == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+        assert calls == last
+    finally:
+        for task in list(p._tasks):
+            task.cancel()
+        await asyncio.gather(*p._tasks, return_exceptions=True)
 
 
 async def test_frames_of_every_retained_epoch_are_named_after_many_quick_commits(

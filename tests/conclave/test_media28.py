@@ -95,8 +95,13 @@ async def test_a_clip_is_played_once_when_asked_and_the_user_told_in_one_line(
     write_clip(clip, frames=4, audio=True)
     told: list[str] = []
     tracks, _ = MediaSpec(file=str(clip), loop=False).tracks(on_end=told.append)
+    # Read together, as the call's senders do: one round exactly (a fifth of a second), no
+    # more, none missing.
+    played = await asyncio.gather(*(_frames(t, 100) for t in tracks))
+    assert {t.kind: len(got) for t, got in zip(tracks, played, strict=True)} == {
+        "video": 4, "audio": 10
+    }
     for t in tracks:
-        assert len(await _frames(t, 100)) < 20
         assert t.readyState == "ended"  # (a new media session opens the file again)
     assert told == [f"the file {str(clip)!r} ended: nothing more is sent from it (the others "
                     "see its last picture)"]
@@ -123,6 +128,7 @@ async def test_a_source_that_is_no_regular_file_is_not_played_again(tmp_path: Pa
     assert 0 < len(await _frames(video, 100)) <= 4
     assert len(told) == 1 and "source" in told[0] and "nothing more is sent" in told[0]
     feeder.join(5)
+    assert not feeder.is_alive()  # the whole stream was read: the writer is not left blocked
 
 
 # -- 2. recordings of "Bob" and "bob"

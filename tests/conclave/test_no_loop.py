@@ -19,6 +19,8 @@ from conclave.media import MediaSpec
 from .test_media28 import _frames, write_clip
 
 JOIN = ["join", "--room", "r", "--name", "n", "--no-commands"]
+# The frames of one round of `write_clip(frames=4, audio=True)`: a fifth of a second.
+ONE_ROUND = {"video": 4, "audio": 10}
 
 
 def _join_args(*extra: str) -> argparse.Namespace:
@@ -114,9 +116,9 @@ async def test_a_clip_played_once_ends_its_tracks_and_says_so_once(tmp_path: Pat
     assert sorted(t.kind for t in tracks) == ["audio", "video"]
     # Read together, as the call's senders do.
     played = await asyncio.gather(*(_frames(t, 100) for t in tracks))
-    for t, got in zip(tracks, played, strict=True):
-        assert 0 < len(got) < 20  # one round (4 video frames, 10 audio ones), no more
-        assert t.readyState == "ended"
+    # One round exactly: 4 video frames, 10 audio ones (20 ms each), no more, none missing.
+    assert {t.kind: len(got) for t, got in zip(tracks, played, strict=True)} == ONE_ROUND
+    assert all(t.readyState == "ended" for t in tracks)
     assert len(told) == 1
     assert told[0].startswith(f"the file {str(clip)!r} ended: nothing more is sent from it")
 
@@ -162,4 +164,10 @@ async def test_a_clip_cut_short_by_a_new_media_session_plays_in_the_next(tmp_pat
     assert len(await _frames(video, 1)) == 1
     video.stop()
     (again,), _ = spec.tracks()
-    assert 0 < len(await _frames(again, 100)) <= 4
+    try:
+        # The whole clip from its start, not the rest of it from where the last one stopped.
+        played = await _frames(again, 100)
+        assert len(played) == ONE_ROUND["video"]
+        assert played[0].pts == 0
+    finally:
+        again.stop()

@@ -96,7 +96,7 @@ async def test_a_refused_renewal_is_tried_again_before_the_token_runs_out(
     loop = asyncio.get_running_loop()
     # The session's token is at three quarters of its life: renewed at once, 150 s left.
     joined = RoomToken(ROOM, "joined", 2_000_000_000, 1, ttl=TTL)
-    answers: asyncio.Queue[bool] = asyncio.Queue()
+    answers = _answers()  # as connect_media makes it: bounded
     follow = asyncio.ensure_future(p._follow_media_session(sfu, answers))  # type: ignore[arg-type]
     renew = asyncio.ensure_future(
         p._renew_room_token(sfu, joined, loop.time() - TTL * 3 / 4, answers)  # type: ignore[arg-type]

@@ -306,6 +306,9 @@ async def test_an_old_sessions_answers_reach_no_renewal_of_the_new_one(
     old_answers: asyncio.Queue[bool] = asyncio.Queue(maxsize=participant_module.MAX_RENEWAL_ANSWERS)
     new_answers: asyncio.Queue[bool] = asyncio.Queue(maxsize=participant_module.MAX_RENEWAL_ANSWERS)
     p.sfu = new  # type: ignore[assignment]
+    # A renewal sent to the new session and not answered yet: without it no answer would
+    # count whichever session it came from, and the test would prove nothing.
+    p._renewals_unanswered = 1
     follow = asyncio.ensure_future(
         p._follow_media_session(old, old_answers)  # type: ignore[arg-type]
     )
@@ -324,5 +327,6 @@ async def test_an_old_sessions_answers_reach_no_renewal_of_the_new_one(
             await asyncio.sleep(0)
         assert old_answers.empty() and new_answers.empty()
         assert issued == [] and new.renewals == [] and not renew.done()
+        assert p._renewals_unanswered == 1  # still waiting for the new session's answer
     finally:
         await _stop(p, follow, renew)
