@@ -6,8 +6,42 @@ import asyncio
 import contextlib
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
+
+PATIENCE = 60.0  # seconds: far more than any step here takes on a loaded machine
+
+
+def lines_until(
+    proc: subprocess.Popen[str], start: str, what: str, patience: float = PATIENCE
+) -> list[str]:
+    """Read `proc`'s stdout up to the first line that starts with `start`: the lines read, that
+    one last. Fails, saying that `what` was awaited and what was read, if the output ends first
+    or `patience` seconds go by (a plain readline would hang the run for good)."""
+    stdout = proc.stdout
+    assert stdout is not None
+    lines: list[str] = []
+
+    def read() -> None:
+        while line := stdout.readline():
+            lines.append(line)
+            if line.startswith(start):
+                return
+
+    # A thread, not select: the text stream may hold lines in its buffer already. It stops at
+    # the line: the caller reads on (or `communicate`s) alone. After a timeout it ends at EOF,
+    # once the caller's clean-up has stopped the process.
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(patience)
+    if reader.is_alive():
+        pytest.fail(f"no {what} within {patience:g} s; the output so far: {lines[:]!r}")
+    if not lines or not lines[-1].startswith(start):
+        pytest.fail(f"no {what}: the output ended (status {proc.poll()}) after {lines!r}")
+    return lines
 
 
 @contextlib.contextmanager
@@ -27,12 +61,17 @@ def conclave_serve_urls(state: Path, *options: str) -> Iterator[tuple[str, str]]
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     try:
-        assert proc.stdout is not None
-        ds_url = proc.stdout.readline().split()[-1]  # "delivery service  URL"
-        yield ds_url, proc.stdout.readline().split()[-1]  # "SFU signalling    URL"
+        ds_url = lines_until(proc, "delivery service", "delivery service URL from serve")
+        sfu_url = lines_until(proc, "SFU signalling", "SFU signalling URL from serve")
+        yield ds_url[-1].split()[-1], sfu_url[-1].split()[-1]  # each line's last word
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        try:
+            proc.wait(timeout=PATIENCE)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # not left running after the tests
+            proc.wait()
+            pytest.fail(f"conclave serve did not stop within {PATIENCE:g} s of SIGTERM")
 
 
 def create_room(ds_url: str, state: Path, name: str, room: str) -> None:

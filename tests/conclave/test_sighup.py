@@ -19,7 +19,8 @@ from pathlib import Path
 import av
 import pytest
 
-PATIENCE = 60.0  # seconds: far more than any step here takes on a loaded machine
+from .served import PATIENCE, lines_until
+
 CONCLAVE = [sys.executable, "-m", "conclave"]
 
 
@@ -33,15 +34,6 @@ def _running(proc: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
         proc.wait()
 
 
-def _lines_until(proc: subprocess.Popen[str], start: str) -> str:
-    """Read `proc`'s stdout until a line that starts with `start`: that line ('' at its end)."""
-    assert proc.stdout is not None
-    while line := proc.stdout.readline():
-        if line.startswith(start):
-            return line
-    return ""
-
-
 @pytest.fixture(scope="module")
 def call(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """`conclave serve`, and alice in room 'r' sending audio and video: (--ds, --sfu)."""
@@ -51,8 +43,8 @@ def call(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     with _running(serve):
-        ds = _lines_until(serve, "delivery service").split()[-1]
-        sfu = _lines_until(serve, "SFU signalling").split()[-1]
+        ds = lines_until(serve, "delivery service", "delivery service URL")[-1].split()[-1]
+        sfu = lines_until(serve, "SFU signalling", "SFU signalling URL")[-1].split()[-1]
         alice = subprocess.Popen(
             [*CONCLAVE, "join", "--room", "r", "--name", "alice", "--ds", ds, "--sfu", sfu,
              "--state", str(where / "alice"), "--no-commands"],
@@ -60,7 +52,7 @@ def call(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
             text=True,
         )  # fmt: skip
         with _running(alice):
-            assert _lines_until(alice, "epoch 0:"), "alice did not call in"
+            lines_until(alice, "epoch 0:", "call-in line from alice")
             yield ds, sfu
             alice.terminate()
         serve.terminate()
@@ -192,7 +184,7 @@ def test_a_join_started_with_sighup_ignored_ignores_it(
     )  # fmt: skip
     with _running(proc):
         assert proc.stdin is not None
-        assert _lines_until(proc, "epoch "), "the join did not call in"
+        lines_until(proc, "epoch ", "call-in line from the join")
         # Its handlers are set by now (before it joins): SIGHUP is still ignored, not caught.
         ignored, caught = _signal_masks(proc.pid)
         assert ignored & _bit(signal.SIGHUP) and not caught & _bit(signal.SIGHUP)
@@ -200,9 +192,11 @@ def test_a_join_started_with_sighup_ignored_ignores_it(
         proc.send_signal(signal.SIGHUP)
         proc.stdin.write("members\n")  # answered after the SIGHUP: the call goes on
         proc.stdin.flush()
-        answer = _lines_until(proc, "epoch ")
-        assert answer, "the join ended at SIGHUP"
-        assert "members " in answer and proc.poll() is None
+        # The answer: its epoch line, as the join prints at each new epoch too (a rotation,
+        # say), then the media session's, which only `members` prints.
+        lines = lines_until(proc, "in the media session", "answer to `members` after SIGHUP")
+        assert len(lines) >= 2 and lines[-2].startswith("epoch "), lines
+        assert ": members " in lines[-2] and proc.poll() is None
         proc.stdin.write("quit\n")
         proc.stdin.flush()
         out, err = proc.communicate(timeout=PATIENCE)
@@ -237,7 +231,7 @@ def test_sighup_stops_serve_as_sigterm(tmp_path: Path) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     with _running(proc):
-        assert _lines_until(proc, "Ctrl-C to stop."), "serve did not start"
+        lines_until(proc, "Ctrl-C to stop.", "line that serve started")
         proc.send_signal(signal.SIGHUP)
         _, err = proc.communicate(timeout=PATIENCE)
     assert proc.returncode == 0, err

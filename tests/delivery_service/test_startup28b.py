@@ -24,7 +24,7 @@ from .conftest import drop_schema, require_postgres
 from .procs import ROOM_SECRET
 
 ROOT = str(Path(__file__).resolve().parents[2])
-DEADLINE = 20.0
+DEADLINE = 60.0  # seconds: far more than a whole `python -m` start and stop takes, loaded
 SIGNALS = [signal.SIGTERM, signal.SIGINT]
 
 
