@@ -237,12 +237,3 @@ def _hex_secret(line: str, refuse: Callable[[str], ConfigError]) -> bytes:
             f"{MIN_TOKEN_SECRET_BYTES} bytes ({2 * MIN_TOKEN_SECRET_BYTES} digits)"
         )
     return bytes.fromhex(line)
-
-
-def read_token_secret(path: Path) -> bytes:
-    """The only room-token secret in a file (`read_token_secrets`); ConfigError if it holds
-    several (the SFU reads them all)."""
-    secrets = read_token_secrets(path)
-    if len(secrets) > 1:
-        raise ConfigError(f"token secret file {path}: {len(secrets)} secrets, expected one")
-    return secrets[0]

@@ -662,10 +662,6 @@ class ParentLink:
                 callback(self._reloaded)
                 self._reloaded = None
 
-    def secret(self) -> bytes:
-        """The first line's secret, as `secrets` (for one; the first of several); empty if none."""
-        return next(iter(self.secrets()), b"")
-
     def available(self, index: int) -> bool:
         """Whether worker `index` is up, as worker 0 last said (all are, until it says)."""
         return index not in self._down

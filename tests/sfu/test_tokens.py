@@ -86,18 +86,18 @@ def test_validly_signed_but_bad_payload_is_malformed() -> None:
 
 
 def test_secret_file_is_hex_like_the_delivery_services_or_raw(tmp_path) -> None:  # noqa: ANN001
-    from sfu.config import read_token_secret
+    from sfu.config import read_token_secrets
     from sfu.errors import ConfigError
 
     secret = bytes(range(32))
     (tmp_path / "hex").write_text(secret.hex() + "\n")
     # the delivery service reads CONCLAVE_ROOM_SECRET with bytes.fromhex: the same string
     # must give the same key, or every token it issues is refused as "bad signature"
-    assert read_token_secret(tmp_path / "hex") == secret
+    assert read_token_secrets(tmp_path / "hex") == (secret,)
     # binary (a byte that is not printable ASCII): the raw secret
     (tmp_path / "raw").write_bytes(b"\x00not hex: a raw secret\n")
-    assert read_token_secret(tmp_path / "raw") == b"\x00not hex: a raw secret"
+    assert read_token_secrets(tmp_path / "raw") == (b"\x00not hex: a raw secret",)
     # text that is not hex is a mistake, not a raw secret (tests/sfu/test_token_secrets.py)
     (tmp_path / "text").write_bytes(b"not hex: a raw secret\n")
     with pytest.raises(ConfigError, match="not hex at position 1"):
-        read_token_secret(tmp_path / "text")
+        read_token_secrets(tmp_path / "text")

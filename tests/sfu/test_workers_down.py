@@ -127,19 +127,19 @@ def _link(data: bytes) -> workers.ParentLink:
 
 def test_a_worker_follows_what_worker_0_says_is_down() -> None:
     link = _link(SECRET.hex().encode() + b"\ndown 2 3\n")
-    assert link.secret() == SECRET
+    assert link.secrets() == (SECRET,)
     assert all(link.available(i) for i in range(4))  # nothing said yet: all up
     link.follow()
     assert [link.available(i) for i in range(4)] == [True, True, False, False]
     link = _link(b"00" * 16 + b"\ndown 2\nsomething new\ndown x\ndown\n")
-    assert link.secret() == b"\0" * 16
+    assert link.secrets() == (b"\0" * 16,)
     link.follow()  # lines it does not know are ignored, the last state holds
     assert all(link.available(i) for i in range(4))
 
 
 @pytest.mark.parametrize("data", [b"", b"not hex\n", b"00" * 16])  # the last: no end of line
 def test_no_secret_line_is_no_secret(data: bytes) -> None:
-    assert _link(data).secret() == b""
+    assert _link(data).secrets() == ()
 
 
 async def test_the_supervisor_tells_running_workers_which_are_down(
