@@ -202,6 +202,22 @@ class _FileSource:
         track: MediaStreamTrack | None = getattr(self.player, kind)
         return track
 
+    def alone(self, kind: str) -> MediaStreamTrack | None:
+        """The `kind` track of a new player of a file played once, for a track that had not
+        started when the other one ended the file (a clip shorter than the time between the
+        two senders' starts), None if there is none. The ended player is closed: MediaPlayer
+        closes its file once its started tracks stopped, with this track's frames unread, and
+        fails a track started afterwards. A file from its start gives the same frames; a device
+        or a stream would not (and a looped file ended only when it could not be played)."""
+        if self.looped or not os.path.isfile(self.file):
+            return None
+        try:
+            player = _open_player(self.file, self.format)
+        except ConclaveError:  # (gone meanwhile: told at the end already)
+            return None
+        track: MediaStreamTrack | None = getattr(player, kind)
+        return track
+
     def set_over(self) -> None:
         self.over = True
         if self.on_over is not None:
@@ -229,6 +245,7 @@ class _FileTrack(MediaStreamTrack):
         self._last_pts: int | None = None  # this round's last pts, before the offset
         self._frames = 0  # this round's
         self._t0: float | None = None  # the loop's time of pts 0
+        self._alone = False  # playing a file played once on a player of its own (`alone`)
 
     async def recv(self) -> Frame:
         while True:
@@ -236,8 +253,13 @@ class _FileTrack(MediaStreamTrack):
                 self.stop()  # opens the file again, `Participant.open_media`)
             if self.readyState != "live":
                 raise MediaStreamError
-            if self._frames == 0 and self._source.over:
-                self._inner = None  # (the other track's end closed the player)
+            if self._frames == 0 and self._source.over and not self._alone:
+                # The other track's end closed the player before this one began: its frames
+                # are played from the file again, once (none of it was sent).
+                if self._inner is not None:
+                    self._inner.stop()  # (not started: nothing to close)
+                self._alone = True
+                self._inner = self._source.alone(self.kind)
                 continue
             if self._frames == 0 and self._round < self._source.round:
                 # A round the other track finished before this one began: its player is
@@ -367,6 +389,10 @@ def _open_recording(output: _Output, kind: str) -> tuple[OutputContainer, Stream
             return container, container.add_stream(codec)
         stream = container.add_stream("libx264", rate=30)
         stream.pix_fmt = "yuv420p"
+        # The frames' own clock (RTP's), not 1/30 s: at 1/30 s, two frames less than 1/30 s
+        # apart (60 fps, a camera's jitter) would get one timestamp, which FFmpeg refuses
+        # ("Invalid argument"), ending the recording.
+        stream.codec_context.time_base = fractions.Fraction(1, VIDEO_CLOCK)
         return container, stream
     except BaseException:
         container.close()
@@ -399,6 +425,102 @@ FRAME_OVERHEAD = 2048
 
 def _frame_bytes(frame: Frame) -> int:
     return FRAME_OVERHEAD + sum(plane.buffer_size for plane in frame.planes)
+
+
+# An audio track's frames that never came (lost on the network and not repaired, or that failed
+# to decrypt or decode) leave a hole in their timestamps, which PCM in a WAV does not keep: every
+# later sound would play early by the hole's length, and the recording drift from its video (an
+# MP4 keeps its frames' timestamps, holes included). So a hole is filled with silence as long,
+# within bounds, for the timestamps come from the SFU, which is not trusted, and across a
+# stream's restart (the SFU goes on from the time elapsed; aiortc's TimestampMapper takes a
+# lower RTP timestamp for a wrap: a jump of up to 2**32 samples, 25 hours):
+# - a hole gets at most SILENCE_MOST seconds: a jump of hours is no hole to fill;
+# - silence never takes the file past the time since its first frame came, plus SILENCE_SLACK
+#   (frames' delays vary): without it, a jump of 10 s at every 20 ms frame would write 100 MB/s;
+# - a jump backwards (an overlap), a frame without a timestamp or at another sample rate starts
+#   the count afresh: nothing to fill.
+SILENCE_MOST = 10.0
+SILENCE_SLACK = 2.0
+_clock = time.monotonic  # when a frame came (its own name: the tests' clock replaces it)
+
+
+class _Timeline:
+    """Where an audio recording's frames fall in its file: the silence before each (a hole's)
+    and the frame's timestamp there."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None  # when the first frame came (`_clock`)
+        self.rate = 0  # the last frame's sample rate: what `at` and `end` count
+        self.at = 0  # samples written: frames and silence
+        self.end: int | None = None  # the sample after the last frame's, by its timestamp
+
+    def place(self, frame: AudioFrame, came: float) -> list[AudioFrame]:
+        """The silence to write before `frame`, which came at `came` (mostly none); `frame` is
+        given its timestamp in the file. Those go on from frame to frame, whatever the frames'
+        own do: a jump backwards would be refused by FFmpeg ("Invalid argument"), and end the
+        recording."""
+        rate = frame.sample_rate
+        if self.first is None:
+            self.first = came
+        if not rate:  # (nothing to count in: the encoder says what is wrong)
+            return []
+        if rate != self.rate:
+            self.at = self.at * rate // self.rate if self.rate else 0
+            self.end, self.rate = None, rate
+        hole = 0
+        if frame.pts is None or frame.time_base is None:
+            self.end = None
+        else:
+            start = round(frame.pts * frame.time_base * rate)
+            if self.end is not None:
+                hole = start - self.end
+            self.end = start + frame.samples
+        most = min(SILENCE_MOST, came - self.first + SILENCE_SLACK - self.at / rate)
+        hole = max(0, min(hole, int(most * rate)))
+        silence = _silence(frame, hole, self.at)
+        frame.pts, frame.time_base = self.at + hole, fractions.Fraction(1, rate)
+        self.at += hole + frame.samples
+        return silence
+
+
+class _Pictures:
+    """A video recording's timestamps: the frames' own (an MP4 keeps them, holes included),
+    except that they never go back nor stand still, which FFmpeg refuses ("Invalid
+    argument"), ending the recording: a frame that would is put just after the last one, and
+    the frames after it go on from there (a new start)."""
+
+    def __init__(self) -> None:
+        self.shift = 0  # added to the frames' timestamps, at VIDEO_CLOCK
+        self.last: int | None = None
+
+    def place(self, frame: VideoFrame) -> None:
+        if frame.pts is None or frame.time_base is None:
+            at = 0 if self.last is None else self.last + 1
+        else:
+            at = round(frame.pts * frame.time_base * VIDEO_CLOCK) + self.shift
+        if self.last is not None and at <= self.last:
+            self.shift += self.last + 1 - at
+            at = self.last + 1
+        frame.pts, frame.time_base = at, fractions.Fraction(1, VIDEO_CLOCK)
+        self.last = at
+
+
+def _silence(like: AudioFrame, samples: int, pts: int) -> list[AudioFrame]:
+    """`samples` of silence from `pts` (in samples) in frames of at most a second, in `like`'s
+    format, layout and rate."""
+    quiet = b"\x80" if like.format.name.startswith("u8") else b"\x00"  # (unsigned: 128)
+    frames = []
+    while samples:
+        n = min(samples, like.sample_rate)
+        frame = AudioFrame(format=like.format.name, layout=like.layout.name, samples=n)
+        for plane in frame.planes:
+            plane.update(quiet * plane.buffer_size)
+        frame.sample_rate = like.sample_rate
+        frame.pts, frame.time_base = pts, fractions.Fraction(1, like.sample_rate)
+        frames.append(frame)
+        pts += n
+        samples -= n
+    return frames
 
 
 async def record_track(
@@ -498,7 +620,8 @@ class _Recorder:
         self.dropped = 0
         self.muxed = 0  # packets written (by the thread)
         self.failure: Exception | None = None  # set by the thread, read once it is done
-        self._queue: queue.SimpleQueue[Frame | None] = queue.SimpleQueue()  # None: the end
+        # Each frame with when it came (`_clock`); None: the end.
+        self._queue: queue.SimpleQueue[tuple[Frame, float] | None] = queue.SimpleQueue()
         # Bytes queued = put - taken; each counter written by one side only, so no lock.
         self._put_bytes = 0
         self._taken_bytes = 0
@@ -527,7 +650,7 @@ class _Recorder:
             self.dropped += 1
             return
         self._put_bytes += size
-        self._queue.put(frame)
+        self._queue.put((frame, _clock()))
 
     async def record(self, track: MediaStreamTrack, tell: Callable[[str], None] | None) -> Path:
         """Queue the rest of `track` until it ends, this is cancelled, or the thread stops (a
@@ -639,16 +762,25 @@ class _Recorder:
                 return False
             return True
 
+        # (Each frame's timestamp is set to its place in the file: the encoder sets it to its
+        # own time base in place all the same, in the frame the call's other readers share.)
+        timeline, pictures = _Timeline(), _Pictures()
         try:
             first = True
             while not self._abandoned:
-                frame = self._queue.get()
-                if frame is None:
+                item = self._queue.get()
+                if item is None:
                     break
+                frame, came = item
                 self._taken_bytes += _frame_bytes(frame)
                 if first and isinstance(frame, VideoFrame):  # the file's size is its first frame's
                     stream.width, stream.height = frame.width, frame.height
                 first = False
+                if isinstance(frame, AudioFrame):  # (frames left out by `put` are a hole too)
+                    if not all(map(put, timeline.place(frame, came))):
+                        break
+                elif isinstance(frame, VideoFrame):
+                    pictures.place(frame)
                 if not put(frame):
                     break
         finally:
