@@ -301,6 +301,11 @@ class PublicGroupTracker:
                 raise Forbidden(f"leaf {message.sender_index} of this group is not {poster}'s")
         elif message.sender_type == SenderType.new_member_proposal:
             pass  # anyone may ask to join; the proposal carries the joiner's signed KeyPackage
+        elif message.sender_type == SenderType.external:
+            # A member can name a key of its own in an external_senders extension, and the view
+            # would verify that key's proposals; but the log could not name their signer (no
+            # leaf, no registered key), and every audit would blame the service for them.
+            raise Forbidden("external senders are not configured for groups on this service")
         elif message.sender_type != SenderType.new_member_commit and poster not in state.members:
             raise Forbidden(f"{poster} is not a member of this group")
         cache = _proposal_cache(group)
