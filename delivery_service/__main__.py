@@ -237,7 +237,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tracker", choices=["public", "basic"], default="public",
                    help="public: verify every commit against the public ratchet tree (default); "
                    "basic: check headers and epochs only, membership from the poster's hints "
-                   "(for load tests with synthetic messages)")
+                   "(for load tests with synthetic messages: any member can then make its "
+                   "group's log fail `conclave audit`, which is no evidence against it)")
     p.add_argument("--log-level", type=_log_level, default="INFO", help="(default: %(default)s)")
     return p.parse_args(argv)
 
