@@ -2,9 +2,7 @@
 
 Input is the delivery service's audit log of one group (commits, proposals, Welcomes and
 GroupInfos, in the service's order). The auditor starts from the first GroupInfo (signed by a
-member, with the ratchet tree in its extension) and follows the group with `mls.PublicGroup`
-(the service logs no GroupInfo when a group is created: entries before the one its creator
-publishes, if it does so late, are noted as not checked):
+member, with the ratchet tree in its extension) and follows the group with `mls.PublicGroup`:
 
 - every proposal's and commit's signature against the public ratchet tree (§6.1);
 - the chain of epochs: each commit is for the epoch the chain has reached, exactly once;
@@ -350,8 +348,6 @@ class Auditor:
         self._keys: dict[bytes, tuple[bytes, int]] = {}
         # A digest of each message so far, with its seq: a message logged twice is a replay.
         self._seen: dict[bytes, int] = {}
-        # (seq, kind, epoch) of the entries before the log's first GroupInfo (see `check`).
-        self._before_start: list[tuple[int, str, int]] = []
 
     def check(self, entry: LogEntry) -> None:
         # Sequence numbers may skip (the service numbers application data too, and leaves it
@@ -383,12 +379,9 @@ class Auditor:
             raise AuditFailure(entry.seq, f"unknown log entry kind {entry.kind!r}")
         pg = self.pg
         if pg is None:
-            # No tree to check it against. The service logs no GroupInfo when a group is
-            # created: its creator publishes one (conclave does at once), and one that does not,
-            # or only later, starts an honest log so. Left out, with a note; its epoch is checked
-            # against the first GroupInfo's.
-            self._before_start.append((entry.seq, entry.kind, entry.epoch))
-            return
+            raise AuditFailure(
+                entry.seq, f"a {entry.kind} before any GroupInfo: the log has no starting point"
+            )
         if entry.epoch != pg.epoch:
             raise AuditFailure(
                 entry.seq,
@@ -485,7 +478,6 @@ class Auditor:
                 raise AuditFailure(entry.seq, f"the first GroupInfo does not verify: {exc}") from None
             self._check_signer(entry, self.pg, gi.signer)
             self._check_keys(entry.seq, self.pg)
-            self._check_before_start(entry.seq, self.pg.epoch)
             self.creator = entry.sender
             self.first_members = sorted(_name(m.identity) for m in self.pg.members)
             self.first_epoch = self.pg.epoch
@@ -504,27 +496,6 @@ class Auditor:
         except MLSError as exc:
             raise AuditFailure(entry.seq, f"the GroupInfo does not match the chain: {exc}") from None
         self._check_signer(entry, pg, gi.signer)
-
-    def _check_before_start(self, seq: int, epoch: int) -> None:
-        """The entries before the first GroupInfo (of `epoch`, at `seq`): epochs never go back in
-        an honest log, so none is of a later epoch (a commit, of a later epoch than the one it
-        leads to); the rest of them is noted as not checked."""
-        if not self._before_start:
-            return
-        for before, kind, at in self._before_start:
-            if at > epoch - (kind == "commit"):
-                raise AuditFailure(
-                    before,
-                    f"a {kind} before any GroupInfo, for epoch {at}, but the log's first "
-                    f"GroupInfo (seq {seq}) is of epoch {epoch}: epochs went backwards",
-                )
-        count = len(self._before_start)
-        entries = "1 entry" if count == 1 else f"{count} entries"
-        self.notes.append(
-            f"{entries} before seq {seq}, the log's first GroupInfo, not checked (no tree to "
-            "check them against): the service logs no GroupInfo when a group is created, its "
-            "creator publishes one, and this log's first came later"
-        )
 
     @staticmethod
     def _check_signer(entry: LogEntry, pg: PublicGroup, signer: int) -> None:
@@ -565,10 +536,6 @@ class Auditor:
                 added = self._added.get(s.new_member)
                 if added is None and founders:
                     continue  # the creator welcoming a member the group was created with
-                if added is None and self._before_start:
-                    # A commit before the log's first GroupInfo, which no tree could check,
-                    # may have added it: its Welcome may come after any later commit.
-                    continue
                 if added is None:
                     raise AuditFailure(
                         entry.seq,
@@ -746,11 +713,7 @@ class Auditor:
 
     def report(self) -> AuditReport:
         if self.pg is None:
-            before = (f" (its {len(self._before_start)} entries are all before any GroupInfo: "
-                      "no member has published one)") if self._before_start else ""
-            raise AuditFailure(
-                None, f"the log holds no GroupInfo: nothing to start the chain from{before}"
-            )
+            raise AuditFailure(None, "the log holds no GroupInfo: nothing to start the chain from")
         known = self.known
         if known is not None and not self.known_matched:
             where = (
