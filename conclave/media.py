@@ -487,7 +487,10 @@ class _Pictures:
     """A video recording's timestamps: the frames' own (an MP4 keeps them, holes included),
     except that they never go back nor stand still, which FFmpeg refuses ("Invalid
     argument"), ending the recording: a frame that would is put just after the last one, and
-    the frames after it go on from there (a new start)."""
+    the frames after it go on from there (a new start). Nor do they jump ahead by more than
+    SILENCE_MOST, as an audio hole at most: aiortc takes an RTP timestamp one tick lower than
+    the last (an SFU's to send) for a wrap, 2**32 ticks on, which the MP4 muxer refuses (its
+    gaps stay under 2**31), ending the recording too."""
 
     def __init__(self) -> None:
         self.shift = 0  # added to the frames' timestamps, at VIDEO_CLOCK
@@ -501,6 +504,9 @@ class _Pictures:
         if self.last is not None and at <= self.last:
             self.shift += self.last + 1 - at
             at = self.last + 1
+        elif self.last is not None and at - self.last > SILENCE_MOST * VIDEO_CLOCK:
+            self.shift -= at - self.last - int(SILENCE_MOST * VIDEO_CLOCK)
+            at = self.last + int(SILENCE_MOST * VIDEO_CLOCK)
         frame.pts, frame.time_base = at, fractions.Fraction(1, VIDEO_CLOCK)
         self.last = at
 

@@ -179,3 +179,13 @@ async def test_a_video_whose_timestamps_go_back_is_recorded_whole(tmp_path: Path
     assert len(times) == 6
     assert times == sorted(set(times))  # in order, none at the time of another
     assert times[4] - times[3] == pytest.approx(1 / 15)  # (going on from the new start)
+
+
+async def test_a_video_whose_timestamps_wrap_ahead_is_recorded_whole(tmp_path: Path) -> None:
+    # aiortc takes an RTP timestamp one tick lower than the last for a wrap: 2**32 ticks on.
+    # Before: the MP4 muxer refused that gap, and the recording ended there.
+    jump = 2**32 - 1
+    pts = [0, 6000, 12000, 12000 + jump, 18000 + jump]
+    times = await _video_times(tmp_path, pts)
+    assert times == pytest.approx([0, 1 / 15, 2 / 15, 2 / 15 + media.SILENCE_MOST,
+                                   3 / 15 + media.SILENCE_MOST])
