@@ -784,7 +784,13 @@ class DeliveryService:
             )
 
         async def step(state: GroupState) -> tuple[GroupState, NewMessage]:
-            self._refuse_copy(earlier, state, identity)
+            copied = earlier
+            if copied is None and framed.content_type != ContentType.application:
+                # Logged since the read above (the poster's retry racing its first post, say):
+                # said as a copy, not checked again as new (the tracker would refuse a proposal
+                # it holds already, in other words).
+                copied = await self._logged(group_id, data)
+            self._refuse_copy(copied, state, identity)
             if framed.sender_type in _COMING_BACK:
                 await self._check_not_expelled(state, identity)
             if knocker is not None:

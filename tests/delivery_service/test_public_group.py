@@ -9,10 +9,13 @@ from typing import Any
 import pytest
 
 from delivery_service.errors import RequestFailed, StaleEpochRejected
+from delivery_service.server import Config, DeliveryService
+from delivery_service.storage import Storage
 from mls.client import Client
 from mls.framing import MLSMessage
 from mls.group import Group
 
+from .conftest import serving
 from .mlsgroups import people, start_group
 
 
@@ -303,3 +306,31 @@ async def test_a_reinit_is_refused_so_that_no_member_can_close_the_room(url: str
     carol.group, commit = Group.join_external(carol.mls, await carol.ds.fetch_group_info(gid))
     assert (await carol.ds.send(gid, commit)).epoch == 2
     assert (await alice.ds.group(gid))["members"] == ["alice", "carol", "mallory"]
+
+
+async def test_a_copy_logged_while_it_was_checked_is_told_as_a_copy(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The poster's retry read the log before its first post was stored (a slow database).
+    # Before: it went on to the tracker, which refused it as "under another membership tag",
+    # untrue; now it is a duplicate, as the storage's unique key would say.
+    service = DeliveryService(storage, Config())
+    async with serving(service) as url:
+        alice, bob = await people(url, "alice", "bob")
+        gid = await start_group(alice, bob)
+        assert bob.group is not None
+        bye = bob.group.leave()
+        first = await bob.ds.send(gid, bye)
+        logged = service._logged
+        calls = 0
+
+        async def late(group_id: bytes, data: bytes) -> Any:
+            nonlocal calls
+            calls += 1
+            return None if calls == 1 else await logged(group_id, data)  # the first read missed
+
+        monkeypatch.setattr(service, "_logged", late)
+        with pytest.raises(RequestFailed) as info:
+            await bob.ds.send(gid, bye)
+        assert (info.value.status, info.value.code, info.value.extra["seq"]) == (
+            409, "duplicate", first.seq)
