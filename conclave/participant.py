@@ -2351,9 +2351,9 @@ class Participant:
             joined = await client.join()
         except asyncio.CancelledError:
             # Called off by a newer call-in (`_stop_other_call_in`, which takes `sfu`) or by
-            # `close`: this client is no session, and nothing else would close it (its
-            # WebSocket and peer connection). Its tracks stay cached for the next
-            # (`open_media`); `close` stops them.
+            # `close`: this client is no session, and `sfu` must not stay at it. (SFUClient's
+            # join closes it as it is cancelled; closed here too, bounded, whatever the client.)
+            # Its tracks stay cached for the next (`open_media`); `close` stops them.
             if self.sfu is client:
                 self.sfu = None
             with contextlib.suppress(Exception):  # (TimeoutError too)
