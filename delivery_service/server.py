@@ -70,7 +70,13 @@ from .signatures import (
 )
 from .storage import IdentityRecord, KeyPackageRow, NewMessage, Storage, StoredMessage
 from .storage.base import MAX_INT, founder_marker, message_digest
-from .tracker import GroupState, GroupTracker, MembershipHints, PublicGroupTracker
+from .tracker import (
+    GroupState,
+    GroupTracker,
+    MembershipHints,
+    ProposalHeld,
+    PublicGroupTracker,
+)
 from .wire import (
     ContentType,
     FramedMessage,
@@ -784,13 +790,7 @@ class DeliveryService:
             )
 
         async def step(state: GroupState) -> tuple[GroupState, NewMessage]:
-            copied = earlier
-            if copied is None and framed.content_type != ContentType.application:
-                # Logged since the read above (the poster's retry racing its first post, say):
-                # said as a copy, not checked again as new (the tracker would refuse a proposal
-                # it holds already, in other words).
-                copied = await self._logged(group_id, data)
-            self._refuse_copy(copied, state, identity)
+            self._refuse_copy(earlier, state, identity)
             if framed.sender_type in _COMING_BACK:
                 await self._check_not_expelled(state, identity)
             if knocker is not None:
@@ -801,7 +801,13 @@ class DeliveryService:
                         "a new_member_proposal must add its poster: the KeyPackage's "
                         "credential or signature key is not yours"
                     )
-            new = self.tracker.accept(state, framed, data, identity, hints)
+            try:
+                new = self.tracker.accept(state, framed, data, identity, hints)
+            except ProposalHeld:
+                # Perhaps this very message, logged since the read above (the poster's retry
+                # racing its first post): said as a copy, as the storage's unique key would.
+                self._refuse_copy(await self._logged(group_id, data), state, identity)
+                raise
             if new.tracker_state != state.tracker_state:
                 await self._check_member_keys(state, new)
             if knocker is not None:

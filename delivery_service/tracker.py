@@ -34,6 +34,10 @@ from .errors import BadRequest, Forbidden, StaleEpoch
 from .wire import ContentType, FramedMessage, SenderType, WireFormat, parse_group_info
 
 
+class ProposalHeld(BadRequest):
+    """A proposal the epoch holds already, in other bytes (`PublicGroupTracker.accept`)."""
+
+
 @dataclass(frozen=True)
 class GroupState:
     group_id: bytes
@@ -318,8 +322,8 @@ class PublicGroupTracker:
             # membership tag (which this view cannot check) can differ, so only its sender, or
             # someone who altered the tag, posts it. Logged twice, it would be taken for the
             # service's replay by every audit of the log.
-            raise BadRequest("this proposal is in this epoch's log already (the same signed "
-                             "content, under another membership tag): it is not stored twice")
+            raise ProposalHeld("this proposal is in this epoch's log already (the same signed "
+                               "content, under another membership tag): it is not stored twice")
         if group.pending_reinit is not None or (
             processed.proposal is not None
             and processed.proposal.proposal_type == ProposalType.reinit
